@@ -1,0 +1,45 @@
+"""Prometheus metrics of the CA service (one registry per app, so tests can run several)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from ca_server.core.authority import Issued
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.issuances = Counter("meshbridge_ca_issuances_total", "Intermediate certificates issued",
+                                 ["kind"], registry=self.registry)
+        self.issuance_seconds = Histogram(
+            "meshbridge_ca_issuance_seconds", "Time to authenticate, sign, verify, store and audit one issuance",
+            ["kind"], registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0))
+        self.not_after = Gauge("meshbridge_ca_intermediate_not_after_seconds",
+                               "notAfter of each cluster's current intermediate (Unix time)", ["cluster"],
+                               registry=self.registry)
+        self.requests = Counter("meshbridge_ca_http_responses_total", "HTTP responses by status class",
+                                ["status"], registry=self.registry)
+        self.errors = Counter("meshbridge_ca_errors_total", "Requests answered with a problem, by type",
+                              ["type"], registry=self.registry)
+        self.up = Gauge("meshbridge_ca_ready", "1 when the database and the signing key are usable",
+                        registry=self.registry)
+
+    def issued(self, kind: str, seconds: float, issued: Issued) -> None:
+        self.issuances.labels(kind).inc()
+        self.issuance_seconds.labels(kind).observe(seconds)
+        self.not_after.labels(issued.cluster).set(issued.not_after.timestamp())
+
+    def forget_cluster(self, name: str) -> None:
+        try:
+            self.not_after.remove(name)
+        except KeyError:
+            pass
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,47 @@
+"""The one table from core errors to HTTP status, and RFC 9457 problem responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from ca_server.core import errors as e
+
+STATUS: list[tuple[type[e.CAError], int]] = [
+    (e.BadProof, 403),
+    (e.InvalidInput, 400),
+    (e.Unauthenticated, 401),
+    (e.Forbidden, 403),
+    (e.NotFound, 404),
+    (e.Conflict, 409),
+    (e.PayloadTooLarge, 413),
+    (e.RateLimited, 429),
+    (e.Unavailable, 503),
+]
+
+PROBLEM_BASE = "https://meshbridge.dev/problems/"
+
+
+def status_of(exc: e.CAError) -> int:
+    for cls, status in STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def problem(status: int, title: str, detail: str, *, type_: str | None = None,
+            headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    body = {"type": PROBLEM_BASE + (type_ or title.lower().replace(" ", "-")), "title": title,
+            "status": status, "detail": detail, **extra}
+    return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
+
+
+def problem_for(exc: e.CAError) -> JSONResponse:
+    status = status_of(exc)
+    headers: dict[str, str] = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, e.RateLimited):
+        headers["Retry-After"] = str(exc.retry_after)
+    return problem(status, exc.title, exc.detail, type_=type(exc).__name__.lower(), headers=headers or None)

@@ -1,0 +1,253 @@
+"""HTTP routes: parse → authorise → call the core → render. Nothing else happens here."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from ca_server.api import wire as w
+from ca_server.api.metrics import Metrics
+from ca_server.api.watcher import RevisionWatcher
+from ca_server.core.authority import Authority, Issued, desired_state
+from ca_server.core.errors import NotFound, Unauthenticated
+from ca_server.core.models import CertificateRecord, Cluster, Root
+from ca_server.core.validation import require_dns_label
+
+PEM = "application/x-pem-file"
+NamePath = Annotated[str, Path(min_length=1, max_length=63)]
+
+
+def iso(dt: datetime | None) -> str:
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ") if dt else ""
+
+
+def authority(request: Request) -> Authority:
+    return request.app.state.authority  # type: ignore[no-any-return]
+
+
+def metrics(request: Request) -> Metrics:
+    return request.app.state.metrics  # type: ignore[no-any-return]
+
+
+def _bearer(authorization: str | None) -> str:
+    if not authorization or not authorization.lower().startswith("bearer "):
+        raise Unauthenticated("an 'Authorization: Bearer <token>' header is required")
+    return authorization[7:].strip()
+
+
+def admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+    return authority(request).authenticate_admin(_bearer(authorization))
+
+
+def agent(request: Request, name: NamePath, authorization: Annotated[str | None, Header()] = None) -> Cluster:
+    require_dns_label(name, what="cluster name")
+    return authority(request).authenticate_agent(_bearer(authorization), name)
+
+
+Admin = Annotated[str, Depends(admin)]
+Agent = Annotated[Cluster, Depends(agent)]
+
+
+def cluster_out(c: Cluster, cert: CertificateRecord | None) -> w.ClusterOut:
+    inter = None
+    if cert is not None:
+        inter = w.IntermediateOut(serial=cert.serial, not_before=iso(cert.not_before),
+                                  not_after=iso(cert.not_after), root_id=cert.root_id)
+    return w.ClusterOut(name=c.name, status=c.status.value, generation=c.generation,  # type: ignore[arg-type]
+                        trust_domain=c.trust_domain, gateway=c.gateway, rotation_pending=c.rotation_pending,
+                        intermediate=inter, agent_status=c.agent_status)
+
+
+def root_out(r: Root) -> w.RootOut:
+    return w.RootOut(id=r.id, status=r.status.value, not_after=iso(r.not_after),  # type: ignore[arg-type]
+                     certificate=r.cert_pem)
+
+
+def bundle_out(issued: Issued) -> w.BundleOut:
+    b = issued.bundle
+    return w.BundleOut(ca_cert=b.ca_cert, cert_chain=b.cert_chain, root_cert=b.root_cert, crl=b.crl)
+
+
+public = APIRouter(tags=["public"])
+admin_api = APIRouter(prefix="/v1", tags=["admin"])
+agent_api = APIRouter(prefix="/v1", tags=["agent"])
+
+
+# ----------------------------------------------------------------------------- public
+@public.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@public.get("/readyz", responses={503: {"description": "database or signing key not usable"}})
+def readyz(request: Request) -> dict[str, str]:
+    request.app.state.check_ready()
+    return {"status": "ready"}
+
+
+@public.get("/metrics", response_class=Response)
+def metrics_endpoint(request: Request) -> Response:
+    body, ctype = metrics(request).render()
+    return Response(body, media_type=ctype)
+
+
+@public.get("/v1/trust-bundle", response_class=Response, responses={200: {"content": {PEM: {}}}})
+def trust_bundle(request: Request) -> Response:
+    return Response(authority(request).snapshot().trust_bundle, media_type=PEM)
+
+
+@public.get("/v1/crl", response_class=Response,
+            responses={200: {"content": {"application/pkix-crl": {}, PEM: {}}}})
+def crl(request: Request, format: Annotated[str, Query(pattern="^(der|pem)$")] = "der") -> Response:
+    a = authority(request)
+    if format == "pem":
+        return Response(a.snapshot().crl_pem, media_type=PEM)
+    return Response(a.crl_der(), media_type="application/pkix-crl")
+
+
+# ----------------------------------------------------------------------------- admin
+@admin_api.post("/clusters", status_code=201, response_model=w.ClusterCreated)
+def create_cluster(request: Request, body: w.ClusterCreate, actor: Admin) -> w.ClusterCreated:
+    made = authority(request).create_cluster(
+        name=body.name, trust_domain=body.trust_domain,
+        gateway=body.gateway.model_dump() if body.gateway else None, actor=actor)
+    return w.ClusterCreated(name=made.cluster.name, status=made.cluster.status.value,
+                            generation=made.cluster.generation, bootstrap_token=made.bootstrap_token,
+                            bootstrap_expires_at=iso(made.bootstrap_expires_at))
+
+
+@admin_api.get("/clusters", response_model=w.ClusterList)
+def list_clusters(request: Request, actor: Admin) -> w.ClusterList:
+    return w.ClusterList(items=[cluster_out(c, cert) for c, cert in authority(request).list_clusters()])
+
+
+@admin_api.get("/clusters/{name}", response_model=w.ClusterOut)
+def get_cluster(request: Request, name: NamePath, actor: Admin) -> w.ClusterOut:
+    require_dns_label(name, what="cluster name")
+    return cluster_out(*authority(request).get_cluster(name))
+
+
+@admin_api.post("/clusters/{name}/bootstrap-token", status_code=201, response_model=w.BootstrapTokenOut)
+def bootstrap_token(request: Request, name: NamePath, actor: Admin) -> w.BootstrapTokenOut:
+    require_dns_label(name, what="cluster name")
+    token, expires = authority(request).new_bootstrap_token(name, actor=actor)
+    return w.BootstrapTokenOut(bootstrap_token=token, bootstrap_expires_at=iso(expires))
+
+
+@admin_api.post("/clusters/{name}/rotate", status_code=202, response_model=w.RotateOut)
+def rotate(request: Request, name: NamePath, actor: Admin, body: w.Empty | None = None) -> w.RotateOut:
+    require_dns_label(name, what="cluster name")
+    return w.RotateOut(generation=authority(request).rotate(name, actor=actor))
+
+
+@admin_api.post("/clusters/{name}/revoke", response_model=w.ClusterOut)
+def revoke_cluster(request: Request, name: NamePath, actor: Admin, body: w.RevokeIn | None = None) -> w.ClusterOut:
+    require_dns_label(name, what="cluster name")
+    a = authority(request)
+    a.revoke_cluster(name, reason=(body or w.RevokeIn()).reason, actor=actor)
+    metrics(request).forget_cluster(name)
+    return cluster_out(*a.get_cluster(name))
+
+
+@admin_api.post("/certificates/{serial}/revoke", response_model=w.CertRevoked)
+def revoke_certificate(request: Request, serial: Annotated[str, Path(max_length=64)], actor: Admin,
+                       body: w.RevokeIn | None = None) -> w.CertRevoked:
+    rec = authority(request).revoke_certificate(serial, reason=(body or w.RevokeIn()).reason, actor=actor)
+    return w.CertRevoked(serial=rec.serial, revoked_at=iso(rec.revoked_at), reason=rec.revocation_reason or "")
+
+
+@admin_api.get("/roots", response_model=w.RootList)
+def list_roots(request: Request, actor: Admin) -> w.RootList:
+    return w.RootList(items=[root_out(r) for r in authority(request).list_roots()])
+
+
+@admin_api.post("/roots", status_code=201, response_model=w.RootOut)
+def add_root(request: Request, actor: Admin, body: w.RootIn | None = None) -> w.RootOut:
+    from ca_server.keys.base import parse_key_type
+
+    kt = parse_key_type(body.key_type) if body and body.key_type else None
+    return root_out(authority(request).add_root(key_type=kt, actor=actor))
+
+
+@admin_api.post("/roots/{root_id}/activate", response_model=w.RootOut)
+def activate_root(request: Request, root_id: Annotated[str, Path(max_length=64)], actor: Admin) -> w.RootOut:
+    return root_out(authority(request).activate_root(root_id, actor=actor))
+
+
+@admin_api.post("/roots/{root_id}/retire", response_model=w.RootOut)
+def retire_root(request: Request, root_id: Annotated[str, Path(max_length=64)], actor: Admin) -> w.RootOut:
+    return root_out(authority(request).retire_root(root_id, actor=actor))
+
+
+@admin_api.get("/audit", response_model=w.AuditList)
+def audit(request: Request, actor: Admin, after: Annotated[int, Query(ge=0)] = 0,
+          limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> w.AuditList:
+    items = authority(request).audit(after=after, limit=limit)
+    return w.AuditList(items=[w.AuditOut(id=e.id, at=e.at.isoformat(), actor=e.actor, action=e.action,
+                                         subject=e.subject, details=e.details, hash=e.hash) for e in items])
+
+
+# ----------------------------------------------------------------------------- agent
+@agent_api.post("/enroll", status_code=201, response_model=w.EnrollOut)
+def enroll(request: Request, body: w.EnrollIn) -> w.EnrollOut:
+    m = metrics(request)
+    started = time.perf_counter()
+    done = authority(request).enroll(cluster_name=body.cluster, bootstrap_token=body.bootstrap_token,
+                                     csr_pem=body.csr)
+    m.issued("enroll", time.perf_counter() - started, done.issued)
+    return w.EnrollOut(agent_token=done.agent_token, generation=done.issued.generation,
+                       bundle=bundle_out(done.issued))
+
+
+@agent_api.post("/clusters/{name}/intermediate", status_code=201, response_model=w.RenewOut)
+def renew(request: Request, body: w.RenewIn, cluster: Agent) -> w.RenewOut:
+    m = metrics(request)
+    started = time.perf_counter()
+    issued = authority(request).renew(cluster, csr_pem=body.csr, proof_b64=body.proof)
+    m.issued("renew", time.perf_counter() - started, issued)
+    return w.RenewOut(generation=issued.generation, bundle=bundle_out(issued))
+
+
+@agent_api.get("/clusters/{name}/desired", response_model=w.DesiredOut)
+async def desired(request: Request, name: NamePath, cluster: Agent,
+                  revision: Annotated[str | None, Query(max_length=64)] = None,
+                  wait: Annotated[float, Query(ge=0)] = 0) -> dict[str, Any]:
+    watcher: RevisionWatcher = request.app.state.watcher
+    deadline = time.monotonic() + min(wait, 60.0)
+    while True:
+        snap = watcher.snapshot or await run_in_threadpool(authority(request).snapshot)
+        current = snap.clusters.get(name)
+        if current is None:
+            raise NotFound(f"no cluster named {name}")
+        body = desired_state(snap, current)
+        remaining = deadline - time.monotonic()
+        if revision is None or body["revision"] != revision or remaining <= 0:
+            return body
+        changed = await watcher.wait_for_change(snap.revision, timeout=remaining)
+        if not changed and await request.is_disconnected():
+            return body
+
+
+@agent_api.put("/clusters/{name}/exports", response_model=w.ExportsIn)
+def put_exports(request: Request, body: w.ExportsIn, cluster: Agent) -> dict[str, Any]:
+    return authority(request).put_exports(cluster, body.model_dump(exclude_none=True))
+
+
+@agent_api.get("/clusters/{name}/imports", response_model=w.ImportList)
+def imports(request: Request, cluster: Agent) -> dict[str, Any]:
+    return {"items": authority(request).imports(cluster.name)}
+
+
+@agent_api.put("/clusters/{name}/status", response_model=w.StatusIn)
+def put_status(request: Request, body: w.StatusIn, cluster: Agent) -> dict[str, Any]:
+    return authority(request).put_status(cluster, body.model_dump())
+
+
+async def sleep_forever() -> None:  # pragma: no cover - helper for background tasks
+    await asyncio.Event().wait()

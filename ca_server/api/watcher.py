@@ -1,0 +1,76 @@
+"""Wakes long-polls when the fleet revision changes, on this replica or any other.
+
+Local changes poke it at once; other replicas' changes are seen by polling the store's revision
+counter (a one-row read) every ``interval`` seconds. The fleet snapshot is rebuilt once per
+revision here, so a thousand waiting agents cost one database read, not a thousand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from ca_server.core.authority import Authority, FleetSnapshot
+
+log = logging.getLogger("meshbridge.ca.watcher")
+
+
+class RevisionWatcher:
+    def __init__(self, authority: Authority, *, interval: float = 0.25) -> None:
+        self.authority = authority
+        self.interval = interval
+        self.snapshot: FleetSnapshot | None = None
+        self._cond: asyncio.Condition | None = None
+        self._poke: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.listeners: list[Callable[[FleetSnapshot], None]] = []
+        self.healthy = True
+
+    def poke(self) -> None:
+        """Thread-safe: something changed here, look now."""
+        loop, ev = self._loop, self._poke
+        if loop is not None and ev is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(ev.set)
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._cond = asyncio.Condition()
+        self._poke = asyncio.Event()
+        while True:
+            try:
+                snap = await asyncio.to_thread(self.authority.snapshot)
+                self.healthy = True
+                if self.snapshot is None or snap.revision != self.snapshot.revision:
+                    self.snapshot = snap
+                    for fn in self.listeners:
+                        try:
+                            fn(snap)
+                        except Exception:
+                            log.exception("snapshot listener failed")
+                    async with self._cond:
+                        self._cond.notify_all()
+            except Exception as exc:  # the store is down: keep serving what we have, retry
+                if self.healthy:
+                    log.warning("cannot read the fleet revision: %s", type(exc).__name__)
+                self.healthy = False
+            try:
+                await asyncio.wait_for(self._poke.wait(), timeout=self.interval)
+            except TimeoutError:
+                pass
+            self._poke.clear()
+
+    async def wait_for_change(self, revision: int, *, timeout: float) -> bool:
+        if self._cond is None:
+            await asyncio.sleep(min(timeout, self.interval))
+            return False
+
+        def moved() -> bool:
+            return self.snapshot is not None and self.snapshot.revision != revision
+
+        async with self._cond:
+            try:
+                await asyncio.wait_for(self._cond.wait_for(moved), timeout=timeout)
+            except TimeoutError:
+                return False
+        return True

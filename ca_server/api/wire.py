@@ -1,0 +1,209 @@
+"""Pydantic wire models: what the REST API accepts and returns (API.md)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ca_server.core.validation import is_dns_label
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+PROTOCOLS = Literal["HTTP", "HTTP2", "HTTPS", "GRPC", "TCP", "TLS"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Gateway(Strict):
+    address: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:\-]+$")
+    port: int = Field(ge=1, le=65535)
+
+
+class ClusterCreate(Strict):
+    name: str = Field(min_length=1, max_length=63)
+    trust_domain: str = Field(default="cluster.local", min_length=1, max_length=253)
+    gateway: Gateway | None = None
+
+
+class BootstrapTokenOut(BaseModel):
+    bootstrap_token: str
+    bootstrap_expires_at: str
+
+
+class ClusterCreated(BootstrapTokenOut):
+    name: str
+    status: str
+    generation: int
+
+
+class IntermediateOut(BaseModel):
+    serial: str
+    not_before: str
+    not_after: str
+    root_id: str
+
+
+class ClusterOut(BaseModel):
+    name: str
+    status: Literal["pending", "active", "revoked"]
+    generation: int
+    trust_domain: str
+    gateway: dict[str, Any] | None
+    rotation_pending: bool
+    intermediate: IntermediateOut | None
+    agent_status: dict[str, Any] | None
+
+
+class ClusterList(BaseModel):
+    items: list[ClusterOut]
+
+
+class Empty(Strict):
+    pass
+
+
+class RotateOut(BaseModel):
+    generation: int
+
+
+class RevokeIn(Strict):
+    reason: str = Field(default="unspecified", max_length=32)
+
+
+class CertRevoked(BaseModel):
+    serial: str
+    revoked_at: str
+    reason: str
+
+
+class RootIn(Strict):
+    key_type: Literal["ecdsa-p256", "ecdsa-p384", "rsa-3072", "rsa-4096"] | None = None
+
+
+class RootOut(BaseModel):
+    id: str
+    status: Literal["trusted", "active", "retired"]
+    not_after: str
+    certificate: str
+
+
+class RootList(BaseModel):
+    items: list[RootOut]
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: str
+    actor: str
+    action: str
+    subject: str
+    details: dict[str, Any]
+    hash: str
+
+
+class AuditList(BaseModel):
+    items: list[AuditOut]
+
+
+class BundleOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    ca_cert: str = Field(alias="ca-cert.pem")
+    cert_chain: str = Field(alias="cert-chain.pem")
+    root_cert: str = Field(alias="root-cert.pem")
+    crl: str = Field(alias="crl.pem")
+
+
+class EnrollIn(Strict):
+    cluster: str = Field(min_length=1, max_length=63)
+    bootstrap_token: str = Field(min_length=1, max_length=256)
+    csr: str = Field(min_length=1, max_length=16384)
+
+
+class EnrollOut(BaseModel):
+    agent_token: str
+    generation: int
+    bundle: BundleOut
+
+
+class RenewIn(Strict):
+    csr: str = Field(min_length=1, max_length=16384)
+    proof: str = Field(default="", max_length=4096)
+
+
+class RenewOut(BaseModel):
+    generation: int
+    bundle: BundleOut
+
+
+class Port(Strict):
+    number: int = Field(ge=1, le=65535)
+    protocol: PROTOCOLS = "HTTP"
+    name: str | None = Field(default=None, max_length=63)
+
+
+class Identities(Strict):
+    ingress: str = Field(min_length=10, max_length=512)
+    egress: str = Field(min_length=10, max_length=512)
+
+
+class ExportedService(Strict):
+    name: str = Field(min_length=3, max_length=127, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\.[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    namespace: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL)
+    service: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL)
+    ports: list[Port] = Field(min_length=1, max_length=32)
+    consumers: list[str] = Field(default_factory=list, max_length=1000)
+
+    @field_validator("consumers")
+    @classmethod
+    def _labels(cls, v: list[str]) -> list[str]:
+        for c in v:
+            if not is_dns_label(c):
+                raise ValueError("each consumer must be a cluster name (a DNS label)")
+        return sorted(set(v))
+
+
+class ExportsIn(Strict):
+    gateway: Gateway
+    identities: Identities
+    services: list[ExportedService] = Field(default_factory=list, max_length=2000)
+
+
+class ImportOut(BaseModel):
+    name: str
+    cluster: str
+    ports: list[dict[str, Any]]
+    gateway: dict[str, Any] | None
+    identity: str | None
+
+
+class ImportList(BaseModel):
+    items: list[ImportOut]
+
+
+class PeerOut(BaseModel):
+    name: str
+    trust_domain: str
+    identities: dict[str, Any]
+
+
+class DesiredOut(BaseModel):
+    revision: str
+    generation: int
+    rotate_required: bool
+    trust_bundle: str
+    crl: str
+    imports: list[ImportOut]
+    peers: list[PeerOut]
+    status: str
+
+
+class StatusIn(Strict):
+    installed_generation: int | None = Field(default=None, ge=0)
+    installed_serial: str | None = Field(default=None, max_length=64)
+    last_reconcile_at: str | None = Field(default=None, max_length=64)
+    imports_applied: int | None = Field(default=None, ge=0)
+    errors: list[str] = Field(default_factory=list, max_length=100)
+    cacerts_not_after: str | None = Field(default=None, max_length=64)
+    ca_reachable: bool | None = None

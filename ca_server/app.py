@@ -1,0 +1,177 @@
+"""The composition root: wires the core, the store, the key backend and the HTTP surface."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ca_server.api import routes
+from ca_server.api.metrics import Metrics
+from ca_server.api.problems import problem, problem_for
+from ca_server.api.watcher import RevisionWatcher
+from ca_server.core.authority import Authority
+from ca_server.core.errors import CAError, Unavailable
+
+log = logging.getLogger("meshbridge.ca.http")
+
+BODY_LIMIT = 64 * 1024
+
+
+class BodyLimit:
+    """Refuses request bodies over ``limit`` bytes with 413, whether declared or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int = BODY_LIMIT) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for k, v in scope.get("headers", []):
+            if k == b"content-length":
+                try:
+                    declared = int(v)
+                except ValueError:
+                    declared = self.limit + 1
+                if declared > self.limit:
+                    await self._refuse(scope, receive, send)
+                    return
+        seen = 0
+        too_big = False
+
+        async def limited() -> Message:
+            nonlocal seen, too_big
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    too_big = True
+                    raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        resp = problem(413, "Payload too large", f"request bodies are limited to {self.limit} bytes",
+                       type_="payloadtoolarge")
+        await resp(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")  # never echo the input: it may be a token
+    return "; ".join(parts)
+
+
+def create_app(
+    authority: Authority,
+    *,
+    ready_check: Callable[[], None] | None = None,
+    background: list[Callable[[], Awaitable[None]]] | None = None,
+    watch_interval: float = 0.25,
+) -> FastAPI:
+    watcher = RevisionWatcher(authority, interval=watch_interval)
+    authority.on_change.append(watcher.poke)
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(watcher.run())]
+        tasks += [asyncio.create_task(fn()) for fn in background or []]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    app = FastAPI(
+        title="meshbridge CA service",
+        version="1.0.0",
+        description="Shared root of trust for separate Istio meshes: enrollment, intermediate issuance, "
+        "rotation, revocation, audit, and the exchange of exports between clusters.",
+        lifespan=lifespan,
+    )
+    app.state.authority = authority
+    app.state.metrics = metrics
+    app.state.watcher = watcher
+
+    def check_ready() -> None:
+        try:
+            authority.store.ping()
+            authority.check_signing_key()
+        except CAError:
+            metrics.up.set(0)
+            raise
+        except Exception as exc:
+            metrics.up.set(0)
+            raise Unavailable("not ready") from exc
+        metrics.up.set(1)
+        if ready_check is not None:
+            ready_check()
+
+    app.state.check_ready = check_ready
+
+    @app.exception_handler(CAError)
+    async def _ca_error(request: Request, exc: CAError) -> Response:
+        metrics.errors.labels(type(exc).__name__).inc()
+        if isinstance(exc, Unavailable):
+            log.warning("unavailable: %s", exc.detail, extra={"path": request.url.path})
+        return problem_for(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        metrics.errors.labels("InvalidInput").inc()
+        return problem(400, "Invalid input", _validation_detail(exc), type_="invalidinput")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        return problem(exc.status_code, str(exc.detail) if exc.status_code != 404 else "Not found",
+                       "no such resource" if exc.status_code == 404 else str(exc.detail),
+                       headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unexpected error", exc_info=exc, extra={"path": request.url.path})
+        return problem(500, "Internal error", "the CA service failed; see its log", type_="internal")
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        metrics.requests.labels(f"{response.status_code // 100}xx").inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request", extra={"method": request.method, "path": request.url.path,
+                                        "status": response.status_code,
+                                        "ms": round((time.perf_counter() - started) * 1000, 2)})
+        return response
+
+    app.add_middleware(BodyLimit)  # type: ignore[arg-type]
+    app.include_router(routes.public)
+    app.include_router(routes.admin_api)
+    app.include_router(routes.agent_api)
+    return app
+
+
+def _unused(*_: Any) -> None:  # keeps type checkers quiet about Message import on older starlette
+    return None

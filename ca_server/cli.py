@@ -1,0 +1,351 @@
+"""`meshbridge-ca`: initialise, serve, operate and audit the CA service."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+
+from ca_server.core.errors import CAError
+
+EPILOG = """\
+examples:
+  meshbridge-ca init --data-dir ./.meshbridge
+  meshbridge-ca serve --data-dir ./.meshbridge --listen 127.0.0.1:8443
+  meshbridge-ca cluster add a --trust-domain a.mesh --data-dir ./.meshbridge
+  meshbridge-ca cluster list --data-dir ./.meshbridge
+  meshbridge-ca audit verify --data-dir ./.meshbridge
+"""
+
+
+class CLIError(Exception):
+    """A message for the operator saying what to fix; exit code 2 unless given."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ----------------------------------------------------------------------------- init / serve / audit
+def cmd_init(args: argparse.Namespace) -> int:
+    from ca_server import runtime
+    from ca_server.core.authority import Authority, Policy
+    from ca_server.keys.base import parse_key_type
+
+    data_dir = Path(args.data_dir)
+    if (data_dir / runtime.SETTINGS_FILE).exists() or (data_dir / "root-cert.pem").exists():
+        raise CLIError(f"{data_dir} already holds a CA; refusing to overwrite it")
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key_type = parse_key_type(args.key_type)
+    settings = runtime.CASettings(org=args.org, key_backend=args.key_backend, root_key_type=key_type.value,
+                                  database_url=args.database_url)
+    if args.key_backend == "pkcs11":
+        if not args.pkcs11_token:
+            raise CLIError("--key-backend pkcs11 needs --pkcs11-token LABEL (and the PIN in MESHBRIDGE_PKCS11_PIN "
+                           "or --pkcs11-pin-file)")
+        settings.pkcs11 = {"module": args.pkcs11_module, "token_label": args.pkcs11_token,
+                           "pin_file": str(Path(args.pkcs11_pin_file).resolve()) if args.pkcs11_pin_file else None}
+    url = runtime.database_url(data_dir, settings, args.database_url)
+    store = runtime.open_store(url)
+    keys = runtime.key_backend(data_dir, settings, passphrase_file=_path(args.passphrase_file), create=True)
+    authority = Authority(store, keys, policy=Policy(org=args.org, root_key_type=key_type))
+    if args.import_cert:
+        if not args.import_key_ref:
+            raise CLIError("--import-cert needs --import-key-ref (file:<path> inside the data dir, or pkcs11:…)")
+        root, admin = authority.import_root(
+            cert_pem=Path(args.import_cert).read_text(),
+            chain_pem=Path(args.import_chain).read_text() if args.import_chain else "",
+            key_ref=args.import_key_ref)
+    else:
+        root, admin = authority.init_root(key_type=key_type)
+    runtime.write_private(data_dir / runtime.SETTINGS_FILE, settings.to_json())
+    runtime.write_private(data_dir / "admin-token", admin + "\n")
+    runtime.write_public(data_dir / "root-cert.pem", authority.trust_bundle_from(authority.list_roots()))
+    out = {"data_dir": str(data_dir), "root_id": root.id, "root_cert": str(data_dir / "root-cert.pem"),
+           "admin_token_file": str(data_dir / "admin-token"), "key": keys.describe(root.key_ref),
+           "database": "sqlite (embedded)" if url.startswith("sqlite") else "postgresql"}
+    if (data_dir / "key-passphrase").exists():
+        out["passphrase_file"] = str(data_dir / "key-passphrase")
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"CA initialised in {data_dir}")
+        print(f"  root {root.id} ({key_type.value}), key: {out['key']}")
+        print(f"  trust anchor: {out['root_cert']}")
+        print(f"  admin token:  {out['admin_token_file']} (mode 0600)")
+        if "passphrase_file" in out:
+            print(f"  key passphrase: {out['passphrase_file']} (mode 0600) — back it up separately")
+        print(f"  database: {out['database']}")
+    return 0
+
+
+def _path(p: str | None) -> Path | None:
+    return Path(p) if p else None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ca_server.server import serve
+
+    return serve(args)
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from ca_server import runtime
+    from ca_server.core.audit import verify_chain
+
+    data_dir = Path(args.data_dir)
+    settings = runtime.load_settings(data_dir)
+    store = runtime.open_store(runtime.database_url(data_dir, settings, args.database_url), migrate=False)
+    report = verify_chain(store.iter_audit(), head=store.audit_head())
+    if args.json:
+        print(json.dumps({"ok": report.ok, "checked": report.checked, "problem": report.problem}))
+    elif report.ok:
+        print(f"audit chain intact: {report.checked} entries")
+    else:
+        print(f"audit chain BROKEN after {report.checked} good entries: {report.problem}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+# ----------------------------------------------------------------------------- operator client
+class Client:
+    def __init__(self, args: argparse.Namespace) -> None:
+        d = Path(args.data_dir) if getattr(args, "data_dir", None) else None
+        url = args.url or os.environ.get("MESHBRIDGE_URL")
+        if not url and d and (d / "server-url").exists():
+            url = (d / "server-url").read_text().strip()
+        if not url:
+            raise CLIError("no server: give --url, MESHBRIDGE_URL, or --data-dir of a served CA")
+        bundle = args.ca_bundle or (str(d / "root-cert.pem") if d and (d / "root-cert.pem").exists() else None)
+        token = os.environ.get("MESHBRIDGE_ADMIN_TOKEN")
+        token_file = args.token_file or (str(d / "admin-token") if d and (d / "admin-token").exists() else None)
+        if token_file:
+            token = Path(token_file).read_text().strip()
+        if not token:
+            raise CLIError("no admin token: give --token-file, MESHBRIDGE_ADMIN_TOKEN, or --data-dir")
+        verify: Any = bundle if bundle else True
+        self.http = httpx.Client(base_url=url, verify=verify, timeout=30,
+                                 headers={"Authorization": f"Bearer {token}"})
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        try:
+            r = self.http.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise CLIError(f"cannot reach the CA service at {self.http.base_url}: {type(exc).__name__}: {exc}",
+                           code=3) from exc
+        if r.status_code >= 400:
+            try:
+                p = r.json()
+                msg = f"{p.get('title', 'error')} ({r.status_code}): {p.get('detail', '')}"
+            except ValueError:
+                msg = f"HTTP {r.status_code}"
+            raise CLIError(msg, code=1)
+        return r.json()
+
+
+def _days_left(not_after: str | None) -> str:
+    if not not_after:
+        return "-"
+    end = datetime.strptime(not_after, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    return f"{(end - datetime.now(UTC)).total_seconds() / 86400:.1f}"
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip()
+             for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def print_clusters(items: list[dict[str, Any]]) -> None:
+    rows = []
+    for c in items:
+        st = c.get("agent_status") or {}
+        inter = c.get("intermediate") or {}
+        rows.append([c["name"], c["status"], c["trust_domain"], str(c["generation"]),
+                     str(st.get("installed_generation", "-")), "yes" if c["rotation_pending"] else "no",
+                     inter.get("serial", "-")[:16], _days_left(inter.get("not_after")),
+                     str(len(st.get("errors") or [])) if st else "-"])
+    print(table(rows, ["NAME", "STATUS", "TRUST DOMAIN", "DESIRED", "INSTALLED", "ROTATING", "SERIAL",
+                       "DAYS LEFT", "ERRORS"]))
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    c = Client(args)
+    op = args.cluster_cmd
+    if op == "add":
+        body: dict[str, Any] = {"name": args.name, "trust_domain": args.trust_domain}
+        if args.gateway:
+            host, _, port = args.gateway.rpartition(":")
+            if not host or not port.isdigit():
+                raise CLIError("--gateway must be ADDRESS:PORT, e.g. 203.0.113.10:15443")
+            body["gateway"] = {"address": host, "port": int(port)}
+        out = c.call("POST", "/v1/clusters", body)
+        if args.token_out:
+            from ca_server.runtime import write_private
+
+            write_private(Path(args.token_out), out["bootstrap_token"] + "\n")
+            out = {**out, "bootstrap_token": f"<written to {args.token_out}>"}
+    elif op == "list":
+        out = c.call("GET", "/v1/clusters")
+        if not args.json:
+            print_clusters(out["items"])
+            return 0
+    elif op == "show":
+        out = c.call("GET", f"/v1/clusters/{args.name}")
+    elif op == "rotate":
+        out = c.call("POST", f"/v1/clusters/{args.name}/rotate", {})
+    elif op == "revoke":
+        out = c.call("POST", f"/v1/clusters/{args.name}/revoke", {"reason": args.reason})
+    elif op == "token":
+        out = c.call("POST", f"/v1/clusters/{args.name}/bootstrap-token")
+        if args.token_out:
+            from ca_server.runtime import write_private
+
+            write_private(Path(args.token_out), out["bootstrap_token"] + "\n")
+            out = {**out, "bootstrap_token": f"<written to {args.token_out}>"}
+    else:  # pragma: no cover - argparse restricts choices
+        raise CLIError(f"unknown cluster command {op}")
+    print(json.dumps(out, indent=None if args.json else 2))
+    return 0
+
+
+def cmd_root(args: argparse.Namespace) -> int:
+    c = Client(args)
+    op = args.root_cmd
+    if op == "list":
+        out = c.call("GET", "/v1/roots")
+        if not args.json:
+            rows = [[r["id"], r["status"], r["not_after"]] for r in out["items"]]
+            print(table(rows, ["ID", "STATUS", "NOT AFTER"]))
+            return 0
+    elif op == "add":
+        out = c.call("POST", "/v1/roots", {"key_type": args.key_type} if args.key_type else {})
+    elif op == "activate":
+        out = c.call("POST", f"/v1/roots/{args.id}/activate")
+    elif op == "retire":
+        out = c.call("POST", f"/v1/roots/{args.id}/retire")
+    else:  # pragma: no cover
+        raise CLIError(f"unknown root command {op}")
+    if not args.json and "certificate" in out:
+        out = {k: v for k, v in out.items() if k != "certificate"}
+    print(json.dumps(out, indent=None if args.json else 2))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def _client_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help="CA service URL (default: MESHBRIDGE_URL or D/server-url)")
+    p.add_argument("--ca-bundle", help="trust anchor PEM for the CA service (default: D/root-cert.pem)")
+    p.add_argument("--token-file", help="admin token file (default: MESHBRIDGE_ADMIN_TOKEN or D/admin-token)")
+    p.add_argument("--data-dir", help="a CA data directory to take the three defaults from")
+    p.add_argument("--json", action="store_true", help="print what the API returned, as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshbridge-ca", description="meshbridge CA service: one root of trust for "
+                                "separate Istio meshes.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    i = sub.add_parser("init", help="create the root CA, database and admin token")
+    i.add_argument("--data-dir", required=True)
+    i.add_argument("--key-type", default="ecdsa-p256", help="ecdsa-p256 (default), ecdsa-p384, rsa-3072, rsa-4096")
+    i.add_argument("--key-backend", choices=["file", "pkcs11"], default="file")
+    i.add_argument("--pkcs11-module", default="/usr/lib/softhsm/libsofthsm2.so")
+    i.add_argument("--pkcs11-token", help="token label (PKCS#11 backend)")
+    i.add_argument("--pkcs11-pin-file", help="file holding the token PIN (else MESHBRIDGE_PKCS11_PIN)")
+    i.add_argument("--org", default="meshbridge", help="organisation in the root's subject")
+    i.add_argument("--database-url", help="postgresql+psycopg://… (default: SQLite in the data dir)")
+    i.add_argument("--passphrase-file", help="root key passphrase file (else MESHBRIDGE_CA_KEY_PASSPHRASE, "
+                   "else generated into D/key-passphrase)")
+    i.add_argument("--import-cert", help="adopt this existing root or issuing CA certificate instead")
+    i.add_argument("--import-chain", help="certificates above --import-cert up to its self-signed root")
+    i.add_argument("--import-key-ref", help="key of --import-cert: file:<path relative to D> or pkcs11:…")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_init)
+
+    s = sub.add_parser("serve", help="serve the REST API over HTTPS")
+    s.add_argument("--data-dir", required=True)
+    s.add_argument("--listen", default="127.0.0.1:8443")
+    s.add_argument("--database-url")
+    s.add_argument("--server-name", action="append", default=[], help="DNS name for the server certificate "
+                   "(repeatable); the first one goes into D/server-url")
+    s.add_argument("--tls-cert")
+    s.add_argument("--tls-key")
+    s.add_argument("--passphrase-file")
+    s.add_argument("--log-level", default="info")
+    s.add_argument("--insecure-http", action="store_true", help="plain HTTP (only for benchmarks behind TLS "
+                   "termination; never in production)")
+    s.set_defaults(fn=cmd_serve)
+
+    c = sub.add_parser("cluster", help="register and manage clusters")
+    csub = c.add_subparsers(dest="cluster_cmd", required=True)
+    for name, helptext in [("add", "register a cluster and print its bootstrap token"),
+                           ("list", "table of clusters: desired and installed generation, days to expiry"),
+                           ("show", "one cluster"), ("rotate", "ask the cluster's agent to renew now"),
+                           ("revoke", "revoke the cluster: intermediates into the CRL, token dead"),
+                           ("token", "a new one-time bootstrap token (re-enrollment)")]:
+        cp = csub.add_parser(name, help=helptext)
+        if name != "list":
+            cp.add_argument("name")
+        if name == "add":
+            cp.add_argument("--trust-domain", default="cluster.local")
+            cp.add_argument("--gateway", help="ADDRESS:PORT of its ingress gateway")
+        if name in ("add", "token"):
+            cp.add_argument("--token-out", help="write the bootstrap token to this file (0600) instead of printing")
+        if name == "revoke":
+            cp.add_argument("--reason", default="cessationOfOperation")
+        _client_opts(cp)
+        cp.set_defaults(fn=cmd_cluster)
+
+    r = sub.add_parser("root", help="root rotation: list, add (phase 2), activate (3), retire (4)")
+    rsub = r.add_subparsers(dest="root_cmd", required=True)
+    for name in ("list", "add", "activate", "retire"):
+        rp = rsub.add_parser(name)
+        if name in ("activate", "retire"):
+            rp.add_argument("id")
+        if name == "add":
+            rp.add_argument("--key-type")
+        _client_opts(rp)
+        rp.set_defaults(fn=cmd_root)
+
+    a = sub.add_parser("audit", help="audit log")
+    asub = a.add_subparsers(dest="audit_cmd", required=True)
+    av = asub.add_parser("verify", help="check the hash chain straight from the database")
+    av.add_argument("--data-dir", required=True)
+    av.add_argument("--database-url")
+    av.add_argument("--json", action="store_true")
+    av.set_defaults(fn=cmd_audit_verify)
+
+    return p
+
+
+def die(message: str, code: int) -> NoReturn:
+    print(f"meshbridge-ca: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc: int = args.fn(args)
+        return rc
+    except CLIError as exc:
+        die(str(exc), exc.code)
+    except CAError as exc:
+        die(exc.detail, 2)
+    except FileNotFoundError as exc:
+        die(f"file not found: {exc.filename}", 2)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

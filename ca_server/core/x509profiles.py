@@ -1,0 +1,526 @@
+"""The certificate profiles of API.md ("Certificate profiles"), as pure functions.
+
+Nothing here reads a clock, a file or the network: time comes in as ``now`` and keys are used
+only through a ``Signer``. Profile decisions worth knowing:
+
+* CA certificates carry no EKU: Envoy (BoringSSL) applies the TLS purpose to CA certificates too,
+  and istiod's Go check passes a CA certificate without EKU.
+* The root has no pathlen (a root with ``pathlen:0`` breaks every workload chain in Envoy);
+  cluster intermediates get ``pathlen:0``.
+* A cluster intermediate carries a critical nameConstraints extension permitting the URI subtree
+  of its trust domain. For URIs, RFC 5280 compares the host: ``a.mesh`` matches exactly the host
+  ``a.mesh`` (a leading ``.`` would mean "subdomains"), and SPIFFE IDs are
+  ``spiffe://<trust domain>/…``, so the permitted subtree is the bare trust domain. A URI-only
+  constraint does not restrict DNS SANs, so istiod's own DNS certificate keeps working.
+* ``verify_issued`` checks every freshly signed certificate with cryptography's own path
+  validator (``x509.verification``) before it is handed out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from ipaddress import IPv4Address, IPv6Address
+from typing import NamedTuple
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    Policy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
+
+from ca_server.core.errors import BadCSR, Conflict, InvalidInput, UnsupportedKey
+from ca_server.core.keytypes import Signer
+
+ROOT_VALIDITY = timedelta(days=3652)  # ten years, leap days included
+INTERMEDIATE_VALIDITY = timedelta(days=90)
+SERVER_CERT_VALIDITY = timedelta(hours=24)
+DEFAULT_BACKDATE = timedelta(minutes=5)  # tolerates clocks a little behind the CA's
+SERIAL_BYTES = 20  # 159 random bits after clearing the sign bit; RFC 5280 allows 20 octets
+ACCEPTED_CSR_KEYS = "ECDSA P-256 or P-384, or RSA with 2048 to 4096 bits"
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+
+# RFC 5280 reason names (removeFromCRL only exists in delta CRLs, which we do not issue)
+REVOCATION_REASONS: dict[str, x509.ReasonFlags] = {
+    "unspecified": x509.ReasonFlags.unspecified,
+    "keyCompromise": x509.ReasonFlags.key_compromise,
+    "cACompromise": x509.ReasonFlags.ca_compromise,
+    "affiliationChanged": x509.ReasonFlags.affiliation_changed,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessationOfOperation": x509.ReasonFlags.cessation_of_operation,
+    "certificateHold": x509.ReasonFlags.certificate_hold,
+    "privilegeWithdrawn": x509.ReasonFlags.privilege_withdrawn,
+    "aACompromise": x509.ReasonFlags.aa_compromise,
+}
+_REASONS_BY_LOWER = {name.lower(): name for name in REVOCATION_REASONS}
+
+_CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
+_TRUST_DOMAIN = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_DNS_NAME = re.compile(r"(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?")
+_MAX_DN_VALUE = 64  # ub-common-name, ub-organization-name, ub-organizational-unit-name
+
+
+class SignedCertificateInvalid(RuntimeError):
+    """Internal error: something the CA just signed does not verify. Never shown to clients as-is."""
+
+
+class RevokedEntry(NamedTuple):
+    serial: int
+    revoked_at: datetime
+    reason: str | None = None
+
+
+# --- small helpers -------------------------------------------------------------------------
+
+
+def random_serial() -> int:
+    """A positive serial with 159 random bits (20 bytes, top bit cleared)."""
+    while True:
+        raw = bytearray(os.urandom(SERIAL_BYTES))
+        raw[0] &= 0x7F
+        serial = int.from_bytes(raw, "big")
+        if serial:
+            return serial
+
+
+def cert_pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def serial_hex(cert: x509.Certificate | int) -> str:
+    """Lowercase hex, no separators, no leading zeros (the API's serial format)."""
+    serial = cert if isinstance(cert, int) else cert.serial_number
+    return format(serial, "x")
+
+
+def parse_serial_hex(text: str) -> int:
+    """The inverse of ``serial_hex``; InvalidInput for anything that is not 1-40 hex digits."""
+    if not re.fullmatch(r"[0-9a-fA-F]{1,40}", text):
+        raise InvalidInput("serial must be 1 to 40 hexadecimal digits")
+    return int(text, 16)
+
+
+def load_pem_certificates(text: str | bytes) -> list[x509.Certificate]:
+    """Every certificate in a PEM bundle, in order; InvalidInput if none or malformed."""
+    data = text.encode() if isinstance(text, str) else text
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise InvalidInput("expected one or more PEM certificates") from None
+
+
+def public_key_fingerprint(public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey) -> str:
+    """SHA-256 of the SubjectPublicKeyInfo DER, lowercase hex (finds a certificate by its key)."""
+    spki = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()
+
+
+def verify_proof(public_key: object, data: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` over ``data`` was made by ``public_key`` (ECDSA DER or RSA PKCS#1
+    v1.5, both SHA-256). False for any failure, never raises on bad input."""
+    try:
+        if isinstance(public_key, ec.EllipticCurvePublicKey):
+            public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(public_key, rsa.RSAPublicKey):
+            public_key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            return False
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
+def validate_trust_domain(trust_domain: str) -> str:
+    """A SPIFFE trust domain: lowercase letters, digits, '-', '_' and dots, at most 255 chars."""
+    if len(trust_domain) > 255 or not _TRUST_DOMAIN.fullmatch(trust_domain):
+        raise InvalidInput(
+            "trust domain must be lowercase letters, digits, '-', '_' in dot-separated labels "
+            "(at most 255 characters), e.g. 'a.mesh'"
+        )
+    return trust_domain
+
+
+def parse_revocation_reason(name: str) -> str:
+    """The RFC 5280 spelling of a reason name given in any case; InvalidInput if unknown."""
+    canonical = _REASONS_BY_LOWER.get(name.lower())
+    if canonical is None:
+        raise InvalidInput(f"unknown revocation reason; accepted: {', '.join(REVOCATION_REASONS)}")
+    return canonical
+
+
+def _dn_value(value: str, what: str) -> str:
+    if not 0 < len(value) <= _MAX_DN_VALUE or not value.isprintable():
+        raise InvalidInput(f"{what} must be 1 to {_MAX_DN_VALUE} printable characters")
+    return value
+
+
+def default_root_subject(org: str, *, label: str | None = None) -> x509.Name:
+    """``O=<org>, CN=meshbridge root CA[ <label>]``. Give each root a distinct ``label`` (an id or
+    a date) so two roots in one trust bundle never share a subject."""
+    common_name = "meshbridge root CA" + (f" {label}" if label else "")
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, _dn_value(org, "organization")),
+            x509.NameAttribute(NameOID.COMMON_NAME, _dn_value(common_name, "root label")),
+        ]
+    )
+
+
+def intermediate_subject(cluster: str, trust_domain: str, org: str) -> x509.Name:
+    """``O=<org>, OU=<trust domain>, CN=<cluster>`` (OU left out when the trust domain is too long)."""
+    if not _DNS_LABEL.fullmatch(cluster):
+        raise InvalidInput("cluster name must be a DNS label")
+    attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, _dn_value(org, "organization"))]
+    if len(validate_trust_domain(trust_domain)) <= _MAX_DN_VALUE:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, trust_domain))
+    attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, cluster))
+    return x509.Name(attributes)
+
+
+def _require_aware(value: datetime, what: str) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{what} must be timezone-aware")
+    return value
+
+
+def _validity_window(
+    issuer: x509.Certificate, now: datetime, validity: timedelta, backdate: timedelta
+) -> tuple[datetime, datetime]:
+    """[now - backdate, now + validity], kept inside the issuer's own validity."""
+    _require_aware(now, "now")
+    not_before = max(now - backdate, issuer.not_valid_before_utc)
+    not_after = min(now + validity, issuer.not_valid_after_utc)
+    if not_after <= now or not_after <= not_before:
+        raise Conflict("the issuing CA certificate has expired or is not yet valid")
+    return not_before, not_after
+
+
+def _authority_key_identifier(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    try:
+        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(_ca_public_key(issuer.public_key()))
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def _ca_public_key(public_key: object) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
+    """``public_key`` if it is acceptable for a CA certificate, else UnsupportedKey."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        if public_key.curve.name in ("secp256r1", "secp384r1"):
+            return public_key
+    elif isinstance(public_key, rsa.RSAPublicKey):
+        exponent = public_key.public_numbers().e
+        if 2048 <= public_key.key_size <= 4096 and exponent >= 3 and exponent % 2 == 1:
+            return public_key
+    raise UnsupportedKey(f"unsupported key {_describe_key(public_key)}; accepted: {ACCEPTED_CSR_KEYS}")
+
+
+def _describe_key(public_key: object) -> str:
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return f"ECDSA {public_key.curve.name}"
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return f"RSA {public_key.key_size} bits"
+    return type(public_key).__name__.removesuffix("PublicKey").removeprefix("_") or "of unknown type"
+
+
+def _builder(
+    *,
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+    not_before: datetime,
+    not_after: datetime,
+) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(random_serial())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+
+
+# --- profiles ------------------------------------------------------------------------------
+
+
+def build_root(
+    signer: Signer,
+    *,
+    subject: x509.Name,
+    now: datetime,
+    validity: timedelta = ROOT_VALIDITY,
+    backdate: timedelta = DEFAULT_BACKDATE,
+) -> x509.Certificate:
+    """Self-signed root: BC CA:TRUE (no pathlen), KU keyCertSign+cRLSign+digitalSignature, SKI."""
+    _require_aware(now, "now")
+    builder = (
+        _builder(
+            subject=subject,
+            issuer=subject,
+            public_key=signer.public_key(),
+            not_before=now - backdate,
+            not_after=now + validity,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(_CA_KEY_USAGE, critical=True)
+    )
+    return signer.sign_certificate(builder)
+
+
+def parse_csr(pem: str | bytes) -> x509.CertificateSigningRequest:
+    """A PKCS#10 CSR (PEM or DER) with a valid self-signature and an acceptable key."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            csr = x509.load_pem_x509_csr(data)
+        else:
+            csr = x509.load_der_x509_csr(data)
+    except ValueError:
+        raise BadCSR("not a PEM or DER PKCS#10 certificate signing request") from None
+    try:
+        public_key = csr.public_key()
+    except (UnsupportedAlgorithm, ValueError):
+        raise UnsupportedKey(f"unsupported CSR key; accepted: {ACCEPTED_CSR_KEYS}") from None
+    _ca_public_key(public_key)
+    try:
+        valid = csr.is_signature_valid
+    except (UnsupportedAlgorithm, ValueError):
+        valid = False
+    if not valid:
+        raise BadCSR("the CSR's signature does not verify with its public key")
+    return csr
+
+
+def issue_intermediate(
+    *,
+    csr: x509.CertificateSigningRequest,
+    issuer: x509.Certificate,
+    signer: Signer,
+    subject: x509.Name,
+    trust_domain: str,
+    now: datetime,
+    validity: timedelta = INTERMEDIATE_VALIDITY,
+    backdate: timedelta = DEFAULT_BACKDATE,
+) -> x509.Certificate:
+    """A cluster intermediate for the CSR's key. Only the key is taken from the CSR: subject and
+    extensions are the CA's (pathlen 0, nameConstraints = ``trust_domain``)."""
+    public_key = _ca_public_key(csr.public_key())
+    name_constraints = x509.NameConstraints(
+        permitted_subtrees=[x509.UniformResourceIdentifier(validate_trust_domain(trust_domain))],
+        excluded_subtrees=None,
+    )
+    not_before, not_after = _validity_window(issuer, now, validity, backdate)
+    builder = (
+        _builder(
+            subject=subject,
+            issuer=issuer.subject,
+            public_key=public_key,
+            not_before=not_before,
+            not_after=not_after,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_CA_KEY_USAGE, critical=True)
+        .add_extension(_authority_key_identifier(issuer), critical=False)
+        .add_extension(name_constraints, critical=True)
+    )
+    return signer.sign_certificate(builder)
+
+
+def issue_server_cert(
+    *,
+    issuer: x509.Certificate,
+    signer: Signer,
+    public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+    dns_names: Sequence[str],
+    ip_addresses: Sequence[IPv4Address | IPv6Address],
+    now: datetime,
+    validity: timedelta = SERVER_CERT_VALIDITY,
+    backdate: timedelta = DEFAULT_BACKDATE,
+) -> x509.Certificate:
+    """The CA service's own TLS certificate: not a CA, EKU serverAuth, the given SANs."""
+    names = _server_names(dns_names, ip_addresses)
+    public_key = _ca_public_key(public_key)
+    not_before, not_after = _validity_window(issuer, now, validity, backdate)
+    key_usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=isinstance(public_key, rsa.RSAPublicKey),  # TLS 1.2 RSA key exchange
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    builder = (
+        _builder(
+            subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshbridge CA service")]),
+            issuer=issuer.subject,
+            public_key=public_key,
+            not_before=not_before,
+            not_after=not_after,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(key_usage, critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(_authority_key_identifier(issuer), critical=False)
+    )
+    return signer.sign_certificate(builder)
+
+
+def _server_names(
+    dns_names: Sequence[str], ip_addresses: Sequence[IPv4Address | IPv6Address]
+) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for dns_name in dict.fromkeys(dns_names):
+        if len(dns_name) > 253 or not _DNS_NAME.fullmatch(dns_name):
+            raise InvalidInput(f"not a DNS name: {dns_name[:64]!r}")
+        names.append(x509.DNSName(dns_name.rstrip(".").lower()))
+    names.extend(x509.IPAddress(ip) for ip in dict.fromkeys(ip_addresses))
+    if not names:
+        raise InvalidInput("a server certificate needs at least one DNS name or IP address")
+    return names
+
+
+def build_crl(
+    *,
+    issuer: x509.Certificate,
+    signer: Signer,
+    revoked: Sequence[RevokedEntry],
+    now: datetime,
+    next_update: timedelta,
+    crl_number: int,
+) -> x509.CertificateRevocationList:
+    """A CRL of ``revoked`` by ``issuer``: AKI, CRL number, a reasonCode per entry unless the
+    reason is absent or ``unspecified`` (RFC 5280 5.3.1: omit rather than say unspecified)."""
+    _require_aware(now, "now")
+    if next_update <= timedelta(0):
+        raise InvalidInput("next_update must be positive")
+    if not 0 <= crl_number < 1 << 159:
+        raise InvalidInput("CRL number must be a non-negative integer of at most 20 octets")
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer.subject)
+        .last_update(now)
+        .next_update(now + next_update)
+        .add_extension(_authority_key_identifier(issuer), critical=False)
+        .add_extension(x509.CRLNumber(crl_number), critical=False)
+    )
+    for entry in revoked:
+        builder = builder.add_revoked_certificate(_revoked_certificate(entry))
+    return signer.sign_crl(builder)
+
+
+def _revoked_certificate(entry: RevokedEntry) -> x509.RevokedCertificate:
+    if entry.serial <= 0:
+        raise InvalidInput("revoked serial numbers must be positive")
+    builder = (
+        x509.RevokedCertificateBuilder()
+        .serial_number(entry.serial)
+        .revocation_date(_require_aware(entry.revoked_at, "revoked_at"))
+    )
+    if entry.reason is not None:
+        flag = REVOCATION_REASONS[parse_revocation_reason(entry.reason)]
+        if flag is not x509.ReasonFlags.unspecified:
+            builder = builder.add_extension(x509.CRLReason(flag), critical=False)
+    return builder.build()
+
+
+# --- verification of what was signed -------------------------------------------------------
+
+
+def _require_ca(_policy: Policy, _cert: x509.Certificate, value: x509.BasicConstraints) -> None:
+    if not value.ca:
+        raise ValueError("basicConstraints must assert CA:TRUE")
+
+
+def _require_cert_sign(_policy: Policy, _cert: x509.Certificate, value: x509.KeyUsage) -> None:
+    if not value.key_cert_sign:
+        raise ValueError("keyUsage must include keyCertSign")
+
+
+# The certificate under test is a CA, so the usual end-entity policy (which forbids CA:TRUE)
+# does not fit: accept any extension, but demand the CA essentials.
+_ISSUED_CA_POLICY = (
+    ExtensionPolicy.permit_all()
+    .require_present(x509.BasicConstraints, Criticality.CRITICAL, _require_ca)
+    .require_present(x509.KeyUsage, Criticality.CRITICAL, _require_cert_sign)
+)
+_ISSUED_LEAF_POLICY = ExtensionPolicy.permit_all()
+_CA_POLICY = ExtensionPolicy.webpki_defaults_ca()
+
+
+class ChainVerifier:
+    """Path validation against a fixed set of roots; build once per root set, reuse freely."""
+
+    def __init__(self, roots: Sequence[x509.Certificate]) -> None:
+        if not roots:
+            raise ValueError("ChainVerifier needs at least one root")
+        self._store = Store(list(roots))
+
+    def verify(
+        self,
+        cert: x509.Certificate,
+        now: datetime,
+        intermediates: Sequence[x509.Certificate] = (),
+        *,
+        expect_ca: bool = True,
+    ) -> list[x509.Certificate]:
+        """The validated chain, ``cert`` first; SignedCertificateInvalid if there is none."""
+        policy = _ISSUED_CA_POLICY if expect_ca else _ISSUED_LEAF_POLICY
+        verifier = (
+            PolicyBuilder()
+            .store(self._store)
+            .time(_require_aware(now, "now"))
+            .extension_policies(ca_policy=_CA_POLICY, ee_policy=policy)
+            .build_client_verifier()
+        )
+        try:
+            chain = verifier.verify(cert, list(intermediates)).chain
+            if cert.issuer == cert.subject and len(chain) == 1:
+                cert.verify_directly_issued_by(cert)  # a trust anchor is not checked otherwise
+        except (VerificationError, InvalidSignature, ValueError, TypeError) as exc:
+            raise SignedCertificateInvalid(
+                f"certificate {serial_hex(cert)} does not verify against the trusted roots: {exc}"
+            ) from exc
+        return chain
+
+
+def verify_issued(
+    cert: x509.Certificate,
+    *,
+    roots: Sequence[x509.Certificate],
+    intermediates: Sequence[x509.Certificate] = (),
+    now: datetime,
+) -> None:
+    """Check that a freshly signed CA certificate chains to one of ``roots`` at ``now``.
+    For many checks against the same roots, keep a ``ChainVerifier`` instead."""
+    ChainVerifier(roots).verify(cert, now, intermediates)

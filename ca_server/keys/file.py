@@ -1,0 +1,161 @@
+"""CA keys as passphrase-encrypted PKCS#8 PEM files under the data directory.
+
+Files are written once (mode 0600, temp file + hard link, so a crash never leaves half a key and
+an existing key is never replaced) and decrypted once per process: ``load`` keeps the signer.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from ca_server.core.errors import InvalidInput, UnsupportedKey
+from ca_server.core.keytypes import KeyType, LocalKeySigner, generate_private_key
+from ca_server.keys.base import KeyExists, KeyUnavailable, WrongPassphrase, validate_label
+
+PASSPHRASE_ENV = "MESHBRIDGE_CA_KEY_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
+DEFAULT_PASSPHRASE_FILE = "key-passphrase"  # noqa: S105 (a file name)
+KEY_DIR = "roots"
+_HOW_TO_SET = (
+    f"set {PASSPHRASE_ENV}, pass --passphrase-file, or keep one in <data dir>/{DEFAULT_PASSPHRASE_FILE}"
+)
+
+
+def resolve_passphrase(
+    data_dir: str | os.PathLike[str],
+    *,
+    passphrase_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] = os.environ,
+    create: bool = False,
+) -> bytes:
+    """The key passphrase: ``$MESHBRIDGE_CA_KEY_PASSPHRASE``, else ``passphrase_file``, else
+    ``<data_dir>/key-passphrase``; with ``create`` a missing default file is generated (0600)."""
+    from_env = env.get(PASSPHRASE_ENV)
+    if from_env:
+        return from_env.encode()
+    if passphrase_file is not None:
+        return _read_passphrase(Path(passphrase_file))
+    default = Path(data_dir) / DEFAULT_PASSPHRASE_FILE
+    if default.exists():
+        return _read_passphrase(default)
+    if not create:
+        raise KeyUnavailable(f"no key passphrase: {_HOW_TO_SET}")
+    passphrase = secrets.token_urlsafe(32).encode()
+    write_new_file(default, passphrase + b"\n")
+    return passphrase
+
+
+def _read_passphrase(path: Path) -> bytes:
+    try:
+        passphrase = path.read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        raise KeyUnavailable(f"cannot read passphrase file {path}: {exc.strerror}") from exc
+    if not passphrase:
+        raise KeyUnavailable(f"passphrase file {path} is empty")
+    return passphrase
+
+
+def write_new_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file with mode 0600, atomically; KeyExists if ``path`` exists."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(tmp, path)  # unlike rename, never replaces an existing file
+        except FileExistsError as exc:
+            raise KeyExists(f"{path} already exists; refusing to overwrite it") from exc
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileKeyBackend:
+    """Keys in ``<data_dir>/roots/<label>.key.pem``, encrypted with ``passphrase``."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], passphrase: bytes) -> None:
+        if not passphrase:
+            raise InvalidInput("key passphrase must not be empty")
+        self._data_dir = Path(data_dir)
+        self._passphrase = passphrase
+        self._signers: dict[str, LocalKeySigner] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"FileKeyBackend(data_dir={str(self._data_dir)!r}, passphrase=<hidden>)"
+
+    def generate(self, key_type: KeyType, label: str) -> tuple[str, LocalKeySigner]:
+        relative = f"{KEY_DIR}/{validate_label(label)}.key.pem"
+        key_ref = f"file:{relative}"
+        path = self._data_dir / relative
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.exists():
+            raise KeyExists(f"{path} already exists; refusing to overwrite it")
+        private_key = generate_private_key(key_type)
+        pem = private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(self._passphrase),
+        )
+        write_new_file(path, pem)
+        signer = LocalKeySigner(private_key)
+        with self._lock:
+            self._signers[key_ref] = signer
+        return key_ref, signer
+
+    def load(self, key_ref: str) -> LocalKeySigner:
+        with self._lock:
+            cached = self._signers.get(key_ref)
+        if cached is not None:
+            return cached
+        signer = self._decrypt(self._path(key_ref))
+        with self._lock:
+            return self._signers.setdefault(key_ref, signer)
+
+    def describe(self, key_ref: str) -> str:
+        return f"encrypted key file {self._path(key_ref)}"
+
+    def _path(self, key_ref: str) -> Path:
+        scheme, _, relative = key_ref.partition(":")
+        parts = PurePosixPath(relative).parts
+        if scheme != "file" or not parts or PurePosixPath(relative).is_absolute() or ".." in parts:
+            raise InvalidInput("file key reference must be 'file:<path relative to the data directory>'")
+        return self._data_dir.joinpath(*parts)
+
+    def _decrypt(self, path: Path) -> LocalKeySigner:
+        try:
+            pem = path.read_bytes()
+        except OSError as exc:
+            raise KeyUnavailable(f"cannot read key file {path}: {exc.strerror}") from exc
+        if b"-----BEGIN ENCRYPTED PRIVATE KEY-----" not in pem:
+            raise KeyUnavailable(f"key file {path} is not an encrypted PKCS#8 key")
+        try:
+            private_key = serialization.load_pem_private_key(pem, password=self._passphrase)
+        except (ValueError, TypeError):
+            # ``from None``: the library's message adds nothing, and tracebacks stay short
+            raise WrongPassphrase(
+                f"cannot decrypt key file {path}: wrong passphrase or damaged file ({_HOW_TO_SET})"
+            ) from None
+        if not isinstance(private_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise KeyUnavailable(f"key file {path} holds an unsupported key type")
+        try:
+            return LocalKeySigner(private_key)
+        except UnsupportedKey as exc:
+            raise KeyUnavailable(f"key file {path}: {exc.detail}") from exc

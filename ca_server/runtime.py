@@ -1,0 +1,92 @@
+"""Builds a running CA from a data directory: settings file, store, key backend, authority.
+
+``D/ca.json`` records what ``init`` chose (key backend, organisation, database URL when not the
+embedded SQLite) so ``serve`` and ``audit verify`` need only ``--data-dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ca_server.core.authority import Authority, Policy
+from ca_server.core.errors import InvalidInput
+from ca_server.keys.base import KeyBackend, KeyType
+from ca_server.storage.migrate import upgrade
+from ca_server.storage.repository import SqlStore, sqlite_url
+
+SETTINGS_FILE = "ca.json"
+
+
+@dataclass
+class CASettings:
+    org: str = "meshbridge"
+    key_backend: str = "file"
+    root_key_type: str = "ecdsa-p256"
+    database_url: str | None = None
+    pkcs11: dict[str, Any] = field(default_factory=dict)  # module, token_label, pin_file (never the PIN)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True) + "\n"
+
+
+def write_private(path: Path, data: bytes | str, *, mode: int = 0o600) -> None:
+    """Atomically create ``path`` with ``mode`` (never world-readable, even for a moment)."""
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.write(fd, raw)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def write_public(path: Path, text: str) -> None:
+    write_private(path, text, mode=0o644)
+
+
+def load_settings(data_dir: Path) -> CASettings:
+    path = data_dir / SETTINGS_FILE
+    if not path.exists():
+        raise InvalidInput(f"{data_dir} holds no CA: run `meshbridge-ca init --data-dir {data_dir}` first")
+    raw = json.loads(path.read_text())
+    return CASettings(**{k: v for k, v in raw.items() if k in CASettings.__dataclass_fields__})
+
+
+def database_url(data_dir: Path, settings: CASettings, override: str | None) -> str:
+    return override or os.environ.get("MESHBRIDGE_DATABASE_URL") or settings.database_url or sqlite_url(data_dir)
+
+
+def open_store(url: str, *, migrate: bool = True) -> SqlStore:
+    store = SqlStore(url)
+    if migrate:
+        upgrade(store.engine)
+    return store
+
+
+def key_backend(data_dir: Path, settings: CASettings, *, passphrase_file: Path | None = None,
+                create: bool = False) -> KeyBackend:
+    if settings.key_backend == "pkcs11":
+        from ca_server.keys.pkcs11 import Pkcs11KeyBackend, resolve_pkcs11_pin  # optional dependency at runtime
+
+        p = settings.pkcs11
+        pin = resolve_pkcs11_pin(pin_file=Path(p["pin_file"]) if p.get("pin_file") else None)
+        return Pkcs11KeyBackend(p.get("module") or "/usr/lib/softhsm/libsofthsm2.so", p["token_label"], pin)
+    from ca_server.keys.file import FileKeyBackend, resolve_passphrase
+
+    passphrase = resolve_passphrase(data_dir, passphrase_file=passphrase_file, create=create)
+    return FileKeyBackend(data_dir, passphrase)
+
+
+def build_authority(data_dir: Path, *, database_url_override: str | None = None,
+                    passphrase_file: Path | None = None, migrate: bool = True) -> Authority:
+    settings = load_settings(data_dir)
+    store = open_store(database_url(data_dir, settings, database_url_override), migrate=migrate)
+    keys = key_backend(data_dir, settings, passphrase_file=passphrase_file)
+    policy = Policy(org=settings.org, root_key_type=KeyType(settings.root_key_type))
+    return Authority(store, keys, policy=policy)

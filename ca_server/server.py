@@ -1,0 +1,147 @@
+"""`meshbridge-ca serve`: HTTPS with a server certificate from the active root, kept fresh.
+
+The certificate and its key live in memory (the key is written only to a private temporary
+directory long enough for the ssl module to load it, then removed). A background task re-issues it
+before expiry and as soon as another root becomes active; ``D/root-cert.pem`` follows the trust
+bundle, and CRLs are re-signed before their nextUpdate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import ssl
+import tempfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import uvicorn
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca_server import logs, runtime
+from ca_server.app import create_app
+from ca_server.core.authority import Authority, FleetSnapshot
+from ca_server.core.x509profiles import cert_pem
+
+log = logging.getLogger("meshbridge.ca.server")
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        raise ValueError(f"--listen must be HOST:PORT, got {listen!r}")
+    return host, int(port)
+
+
+class ServerCertificate:
+    """Issues and re-issues the CA service's own TLS certificate into one SSLContext."""
+
+    def __init__(self, authority: Authority, *, names: list[str]) -> None:
+        self.authority = authority
+        self.names = names
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.cert: x509.Certificate | None = None
+        self.root_id = ""
+
+    def _split(self) -> tuple[list[str], list[str]]:
+        dns, ips = [], []
+        for n in self.names:
+            try:
+                ipaddress.ip_address(n)
+                ips.append(n)  # parsed again below
+            except ValueError:
+                dns.append(n)
+        return dns, ips
+
+    def refresh(self) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        dns, ips = self._split()
+        cert, root = self.authority.issue_server_certificate(key.public_key(), dns_names=dns, ip_addresses=ips)
+        chain = cert_pem(cert) + root.chain_pem if root.chain_pem else cert_pem(cert)
+        with tempfile.TemporaryDirectory(prefix="meshbridge-tls-") as d:
+            os.chmod(d, 0o700)
+            cpath, kpath = Path(d) / "tls.crt", Path(d) / "tls.key"
+            cpath.write_text(chain)
+            fd = os.open(kpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+            os.close(fd)
+            self.ctx.load_cert_chain(cpath, kpath)
+        self.cert, self.root_id = cert, root.id
+        log.info("server certificate issued", extra={"root": root.id})
+
+    def due(self, snap: FleetSnapshot | None) -> bool:
+        if self.cert is None:
+            return True
+        now = datetime.now(UTC)
+        life = self.cert.not_valid_after_utc - self.cert.not_valid_before_utc
+        if self.cert.not_valid_after_utc - now < life / 3:
+            return True
+        active = [r for r in self.authority.list_roots() if r.status.value == "active"]
+        return bool(active) and active[0].id != self.root_id
+
+
+def serve(args: argparse.Namespace) -> int:
+    logs.setup(args.log_level)
+    data_dir = Path(args.data_dir)
+    authority = runtime.build_authority(data_dir, database_url_override=args.database_url,
+                                        passphrase_file=Path(args.passphrase_file) if args.passphrase_file else None)
+    host, port = split_listen(args.listen)
+    names = list(dict.fromkeys([*args.server_name, host]))
+    server_cert: ServerCertificate | None = None
+    if not args.insecure_http and not args.tls_cert:
+        server_cert = ServerCertificate(authority, names=names)
+        server_cert.refresh()
+
+    def write_trust_bundle(snap: FleetSnapshot) -> None:
+        path = data_dir / "root-cert.pem"
+        if not path.exists() or path.read_text() != snap.trust_bundle:
+            runtime.write_public(path, snap.trust_bundle)
+            log.info("trust bundle written to root-cert.pem")
+
+    async def keep_crls_fresh() -> None:
+        while True:
+            try:
+                n = await asyncio.to_thread(authority.refresh_crls)
+                if n:
+                    log.info("re-signed %d CRL(s)", n)
+            except Exception as exc:
+                log.warning("CRL refresh failed: %s", type(exc).__name__)
+            await asyncio.sleep(60)
+
+    async def keep_server_cert_fresh() -> None:
+        while server_cert is not None:
+            await asyncio.sleep(5)
+            try:
+                if await asyncio.to_thread(server_cert.due, None):
+                    await asyncio.to_thread(server_cert.refresh)
+            except Exception as exc:
+                log.warning("server certificate refresh failed: %s", type(exc).__name__)
+
+    app = create_app(authority, background=[keep_crls_fresh, keep_server_cert_fresh])
+    app.state.watcher.listeners.append(write_trust_bundle)
+    scheme = "http" if args.insecure_http else "https"
+    url_host = args.server_name[0] if args.server_name else host
+    if ":" in url_host:
+        url_host = f"[{url_host}]"
+    runtime.write_public(data_dir / "server-url", f"{scheme}://{url_host}:{port}\n")
+    write_trust_bundle(authority.snapshot())
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                            ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, timeout_keep_alive=75,
+                            backlog=4096)
+    config.load()
+    if server_cert is not None:
+        config.ssl = server_cert.ctx
+    log.info("serving", extra={"path": f"{scheme}://{host}:{port}"})
+    uvicorn.Server(config).run()
+    return 0
+
+
+_ = timedelta  # re-exported for tests that pin validity

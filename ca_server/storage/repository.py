@@ -1,0 +1,306 @@
+"""SQL implementation of the core's Store/Tx ports (SQLAlchemy Core, SQLite or PostgreSQL).
+
+Database errors are translated here, once: a database that cannot be reached, is read-only or is
+full becomes ``Unavailable`` (503); a uniqueness race becomes ``Conflict``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.pool import QueuePool
+
+from ca_server.core.audit import GENESIS, entry_hash
+from ca_server.core.errors import CAError, Conflict, Unavailable
+from ca_server.core.models import (
+    AdminToken,
+    AuditEntry,
+    BootstrapToken,
+    CertificateRecord,
+    Cluster,
+    ClusterStatus,
+    CRLRecord,
+    Root,
+    RootStatus,
+)
+from ca_server.storage import tables as t
+
+
+def sqlite_url(data_dir: Path) -> str:
+    return f"sqlite:///{(data_dir / 'meshbridge.db').resolve()}"
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, poolclass=QueuePool, pool_size=8, max_overflow=8,
+                               connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (BEGIN IMMEDIATE for writes)
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def _root(r: Row[Any]) -> Root:
+    return Root(id=r.id, status=RootStatus(r.status), cert_pem=r.cert_pem, chain_pem=r.chain_pem,
+                key_ref=r.key_ref, not_after=r.not_after, created_at=r.created_at, anchor_pem=r.anchor_pem)
+
+
+def _cluster(r: Row[Any]) -> Cluster:
+    return Cluster(name=r.name, trust_domain=r.trust_domain, status=ClusterStatus(r.status),
+                   generation=r.generation, rotation_pending=bool(r.rotation_pending), gateway=r.gateway,
+                   created_at=r.created_at, agent_token_id=r.agent_token_id, agent_token_hash=r.agent_token_hash,
+                   exports=r.exports, agent_status=r.agent_status, revoked_at=r.revoked_at)
+
+
+def _cert(r: Row[Any]) -> CertificateRecord:
+    return CertificateRecord(serial=r.serial, cluster=r.cluster, root_id=r.root_id, generation=r.generation,
+                             cert_pem=r.cert_pem, public_key_fp=r.public_key_fp, not_before=r.not_before,
+                             not_after=r.not_after, issued_at=r.issued_at, revoked_at=r.revoked_at,
+                             revocation_reason=r.revocation_reason, id=r.id)
+
+
+def _audit(r: Row[Any]) -> AuditEntry:
+    return AuditEntry(id=r.id, at=r.at, actor=r.actor, action=r.action, subject=r.subject,
+                      details=json.loads(r.details), prev_hash=r.prev_hash, hash=r.hash)
+
+
+class SqlTx:
+    def __init__(self, conn: Connection, *, postgres: bool) -> None:
+        self.c = conn
+        self.postgres = postgres
+
+    # roots
+    def list_roots(self) -> list[Root]:
+        return [_root(r) for r in self.c.execute(select(t.roots))]
+
+    def get_root(self, root_id: str) -> Root | None:
+        r = self.c.execute(select(t.roots).where(t.roots.c.id == root_id)).first()
+        return _root(r) if r else None
+
+    def add_root(self, root: Root) -> None:
+        self.c.execute(insert(t.roots).values(
+            id=root.id, status=root.status.value, cert_pem=root.cert_pem, chain_pem=root.chain_pem,
+            anchor_pem=root.anchor_pem, key_ref=root.key_ref, not_after=root.not_after, created_at=root.created_at))
+
+    def set_root_status(self, root_id: str, status: str) -> None:
+        self.c.execute(update(t.roots).where(t.roots.c.id == root_id).values(status=status))
+
+    # clusters
+    def get_cluster(self, name: str, *, for_update: bool = False) -> Cluster | None:
+        q = select(t.clusters).where(t.clusters.c.name == name)
+        if for_update and self.postgres:
+            q = q.with_for_update()
+        r = self.c.execute(q).first()
+        return _cluster(r) if r else None
+
+    def list_clusters(self) -> list[Cluster]:
+        return [_cluster(r) for r in self.c.execute(select(t.clusters))]
+
+    def add_cluster(self, cluster: Cluster) -> None:
+        self.c.execute(insert(t.clusters).values(**self._cluster_values(cluster)))
+
+    def save_cluster(self, cluster: Cluster) -> None:
+        values = self._cluster_values(cluster)
+        del values["name"]
+        self.c.execute(update(t.clusters).where(t.clusters.c.name == cluster.name).values(**values))
+
+    @staticmethod
+    def _cluster_values(c: Cluster) -> dict[str, Any]:
+        return {"name": c.name, "trust_domain": c.trust_domain, "status": c.status.value,
+                "generation": c.generation, "rotation_pending": c.rotation_pending, "gateway": c.gateway,
+                "created_at": c.created_at, "agent_token_id": c.agent_token_id,
+                "agent_token_hash": c.agent_token_hash, "exports": c.exports, "agent_status": c.agent_status,
+                "revoked_at": c.revoked_at}
+
+    def find_cluster_by_agent_token(self, token_id: str) -> Cluster | None:
+        r = self.c.execute(select(t.clusters).where(t.clusters.c.agent_token_id == token_id)).first()
+        return _cluster(r) if r else None
+
+    # tokens
+    def add_bootstrap_token(self, token: BootstrapToken) -> None:
+        self.c.execute(insert(t.bootstrap_tokens).values(
+            token_id=token.token_id, cluster=token.cluster, token_hash=token.token_hash,
+            expires_at=token.expires_at, created_at=token.created_at, used_at=token.used_at))
+
+    def get_bootstrap_token(self, token_id: str, *, for_update: bool = False) -> BootstrapToken | None:
+        q = select(t.bootstrap_tokens).where(t.bootstrap_tokens.c.token_id == token_id)
+        if for_update and self.postgres:
+            q = q.with_for_update()
+        r = self.c.execute(q).first()
+        if r is None:
+            return None
+        return BootstrapToken(r.token_id, r.cluster, r.token_hash, r.expires_at, r.created_at, r.used_at)
+
+    def mark_bootstrap_used(self, token_id: str, at: datetime) -> None:
+        res = self.c.execute(update(t.bootstrap_tokens).where(
+            t.bootstrap_tokens.c.token_id == token_id, t.bootstrap_tokens.c.used_at.is_(None)).values(used_at=at))
+        if res.rowcount != 1:
+            raise Conflict("bootstrap token was used concurrently")
+
+    def add_admin_token(self, token: AdminToken) -> None:
+        self.c.execute(insert(t.admin_tokens).values(token_id=token.token_id, token_hash=token.token_hash,
+                                                     created_at=token.created_at, description=token.description))
+
+    def get_admin_token(self, token_id: str) -> AdminToken | None:
+        r = self.c.execute(select(t.admin_tokens).where(t.admin_tokens.c.token_id == token_id)).first()
+        return AdminToken(r.token_id, r.token_hash, r.created_at, r.description) if r else None
+
+    # certificates
+    def add_certificate(self, rec: CertificateRecord) -> None:
+        self.c.execute(insert(t.certificates).values(
+            serial=rec.serial, cluster=rec.cluster, root_id=rec.root_id, generation=rec.generation,
+            cert_pem=rec.cert_pem, public_key_fp=rec.public_key_fp, not_before=rec.not_before,
+            not_after=rec.not_after, issued_at=rec.issued_at, revoked_at=rec.revoked_at,
+            revocation_reason=rec.revocation_reason))
+
+    def get_certificate(self, serial: str) -> CertificateRecord | None:
+        r = self.c.execute(select(t.certificates).where(t.certificates.c.serial == serial)).first()
+        return _cert(r) if r else None
+
+    def cluster_certificates(self, cluster: str) -> list[CertificateRecord]:
+        q = select(t.certificates).where(t.certificates.c.cluster == cluster).order_by(t.certificates.c.id)
+        return [_cert(r) for r in self.c.execute(q)]
+
+    def current_certificates(self) -> dict[str, CertificateRecord]:
+        latest = select(func.max(t.certificates.c.id)).group_by(t.certificates.c.cluster).scalar_subquery()
+        q = select(t.certificates).where(t.certificates.c.id.in_(latest))
+        return {r.cluster: _cert(r) for r in self.c.execute(q)}
+
+    def revoke_certificate(self, serial: str, *, at: datetime, reason: str) -> None:
+        self.c.execute(update(t.certificates).where(t.certificates.c.serial == serial,
+                                                    t.certificates.c.revoked_at.is_(None))
+                       .values(revoked_at=at, revocation_reason=reason))
+
+    def revoked_certificates(self, root_id: str, *, not_expired_at: datetime) -> list[CertificateRecord]:
+        q = select(t.certificates).where(t.certificates.c.root_id == root_id,
+                                         t.certificates.c.revoked_at.is_not(None),
+                                         t.certificates.c.not_after > not_expired_at).order_by(t.certificates.c.id)
+        return [_cert(r) for r in self.c.execute(q)]
+
+    # CRLs
+    def put_crl(self, crl: CRLRecord) -> None:
+        values = {"number": crl.number, "der": crl.der, "pem": crl.pem, "this_update": crl.this_update,
+                  "next_update": crl.next_update}
+        res = self.c.execute(update(t.crls).where(t.crls.c.root_id == crl.root_id).values(**values))
+        if res.rowcount == 0:
+            self.c.execute(insert(t.crls).values(root_id=crl.root_id, **values))
+
+    def list_crls(self) -> list[CRLRecord]:
+        return [CRLRecord(r.root_id, r.number, bytes(r.der), r.pem, r.this_update, r.next_update)
+                for r in self.c.execute(select(t.crls))]
+
+    # audit and revision
+    def append_audit(self, *, at: datetime, actor: str, action: str, subject: str,
+                     details: dict[str, Any]) -> AuditEntry:
+        q = select(t.meta).where(t.meta.c.key == "audit_head")
+        if self.postgres:
+            q = q.with_for_update()
+        head = self.c.execute(q).one()
+        new_id = head.int_value + 1
+        details = json.loads(json.dumps(details, default=str))  # the stored form is what gets hashed
+        h = entry_hash(id=new_id, at=at, actor=actor, action=action, subject=subject, details=details,
+                       prev_hash=head.str_value)
+        self.c.execute(insert(t.audit).values(id=new_id, at=at, actor=actor, action=action, subject=subject,
+                                              details=json.dumps(details, sort_keys=True),
+                                              prev_hash=head.str_value, hash=h))
+        self.c.execute(update(t.meta).where(t.meta.c.key == "audit_head").values(int_value=new_id, str_value=h))
+        return AuditEntry(new_id, at, actor, action, subject, details, head.str_value, h)
+
+    def list_audit(self, *, after: int = 0, limit: int = 100) -> list[AuditEntry]:
+        q = select(t.audit).where(t.audit.c.id > after).order_by(t.audit.c.id).limit(limit)
+        return [_audit(r) for r in self.c.execute(q)]
+
+    def bump_revision(self) -> int:
+        self.c.execute(update(t.meta).where(t.meta.c.key == "revision").values(int_value=t.meta.c.int_value + 1))
+        return self.get_revision()
+
+    def get_revision(self) -> int:
+        return int(self.c.execute(select(t.meta.c.int_value).where(t.meta.c.key == "revision")).scalar_one())
+
+
+def _translate(exc: DBAPIError) -> CAError:
+    text = str(exc.orig).lower() if exc.orig is not None else ""
+    if isinstance(exc, IntegrityError):
+        return Conflict("the change conflicts with a concurrent one; retry")
+    if "readonly" in text or "read-only" in text or "read only" in text:
+        return Unavailable("the database is read-only")
+    if "full" in text or "no space" in text:
+        return Unavailable("the database is full")
+    if isinstance(exc, OperationalError) or exc.connection_invalidated:
+        return Unavailable("the database is not reachable")
+    return Unavailable("the database failed")
+
+
+class SqlStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.postgres = self.engine.dialect.name == "postgresql"
+
+    @contextmanager
+    def _tx(self, *, write: bool) -> Iterator[SqlTx]:
+        try:
+            with self.engine.connect() as conn:
+                if self.postgres:
+                    with conn.begin():
+                        tx = SqlTx(conn, postgres=True)
+                        if write:  # serialise writers on the audit head: linear chain across replicas
+                            conn.execute(select(t.meta.c.key).where(t.meta.c.key == "audit_head").with_for_update())
+                        yield tx
+                else:
+                    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+                    try:
+                        yield SqlTx(conn, postgres=False)
+                    except BaseException:
+                        conn.exec_driver_sql("ROLLBACK")
+                        raise
+                    conn.exec_driver_sql("COMMIT")
+        except DBAPIError as exc:
+            raise _translate(exc) from exc
+
+    def write(self) -> Any:
+        return self._tx(write=True)
+
+    def read(self) -> Any:
+        return self._tx(write=False)
+
+    def iter_audit(self) -> Iterator[AuditEntry]:
+        after = 0
+        while True:
+            with self.read() as tx:
+                batch = tx.list_audit(after=after, limit=1000)
+            if not batch:
+                return
+            yield from batch
+            after = batch[-1].id
+
+    def audit_head(self) -> tuple[int, str] | None:
+        with self.read() as tx:
+            r = tx.c.execute(select(t.meta).where(t.meta.c.key == "audit_head")).first()
+        if r is None:
+            return None
+        return (int(r.int_value), r.str_value if r.int_value else GENESIS)
+
+    def ping(self) -> None:
+        with self.read() as tx:
+            tx.get_revision()
+
+    def dispose(self) -> None:
+        self.engine.dispose()

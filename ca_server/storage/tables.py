@@ -1,0 +1,144 @@
+"""SQLAlchemy Core tables. The schema is created and changed only by the Alembic migrations."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC, returns aware UTC: the same microseconds on SQLite and PostgreSQL."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC)
+
+
+metadata = MetaData()
+
+roots = Table(
+    "roots",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("cert_pem", Text, nullable=False),
+    Column("chain_pem", Text, nullable=False, default=""),
+    Column("anchor_pem", Text, nullable=False),
+    Column("key_ref", Text, nullable=False),
+    Column("not_after", UTCDateTime, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+clusters = Table(
+    "clusters",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("trust_domain", String(253), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("rotation_pending", Boolean, nullable=False),
+    Column("gateway", JSON, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("agent_token_id", String(32), nullable=True, unique=True),
+    Column("agent_token_hash", String(64), nullable=True),
+    Column("exports", JSON, nullable=True),
+    Column("agent_status", JSON, nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=True),
+)
+
+certificates = Table(
+    "certificates",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("serial", String(64), nullable=False, unique=True),
+    Column("cluster", String(63), nullable=False, index=True),
+    Column("root_id", String(64), nullable=False, index=True),
+    Column("generation", Integer, nullable=False),
+    Column("cert_pem", Text, nullable=False),
+    Column("public_key_fp", String(64), nullable=False),
+    Column("not_before", UTCDateTime, nullable=False),
+    Column("not_after", UTCDateTime, nullable=False),
+    Column("issued_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    Column("revocation_reason", String(32), nullable=True),
+)
+
+bootstrap_tokens = Table(
+    "bootstrap_tokens",
+    metadata,
+    Column("token_id", String(32), primary_key=True),
+    Column("cluster", String(63), nullable=False, index=True),
+    Column("token_hash", String(64), nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("used_at", UTCDateTime, nullable=True),
+)
+
+admin_tokens = Table(
+    "admin_tokens",
+    metadata,
+    Column("token_id", String(32), primary_key=True),
+    Column("token_hash", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("description", Text, nullable=False, default=""),
+)
+
+crls = Table(
+    "crls",
+    metadata,
+    Column("root_id", String(64), primary_key=True),
+    Column("number", Integer, nullable=False),
+    Column("der", LargeBinary, nullable=False),
+    Column("pem", Text, nullable=False),
+    Column("this_update", UTCDateTime, nullable=False),
+    Column("next_update", UTCDateTime, nullable=False),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("at", UTCDateTime, nullable=False),
+    Column("actor", String(128), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("subject", String(255), nullable=False),
+    Column("details", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+# single-row counters: 'audit_head' (int_value = last id, str_value = last hash), 'revision'
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(32), primary_key=True),
+    Column("int_value", Integer, nullable=False, default=0),
+    Column("str_value", String(64), nullable=False, default=""),
+)

@@ -1,0 +1,528 @@
+package istiocheck
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	"google.golang.org/protobuf/encoding/protojson"
+	"sigs.k8s.io/yaml"
+
+	"istio.io/istio/pilot/pkg/model"
+	"istio.io/istio/pilot/pkg/simulation"
+	"istio.io/istio/pilot/test/xds"
+	"istio.io/istio/pilot/test/xdstest"
+	"istio.io/istio/pkg/config/mesh"
+)
+
+// Scenario: cluster a (trust domain a.mesh) imports ratings.bookinfo from cluster b (b.mesh),
+// whose ingress gateway listens at 198.51.100.20:15443. Every value can be overridden by env.
+type scenario struct {
+	aDir, bDir     string
+	host           string // imported name, as seen in a
+	port           int    // service port the client in a calls
+	refusedHost    string // a name b does not export
+	gwAddr         string // b's ingress gateway address
+	gwPort         int    // b's cross-cluster port
+	destination    string // where b's ingress delivers host
+	aTrustDomain   string
+	bTrustDomain   string
+	egressSA       string
+	ingressSA      string
+	istioVersion   string
+	egressService  string
+	ingressService string
+}
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
+
+func envInt(t *testing.T, k string, def int) int {
+	v := os.Getenv(k)
+	if v == "" {
+		return def
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil {
+		t.Fatalf("%s=%q: %v", k, v, err)
+	}
+	return n
+}
+
+func loadScenario(t *testing.T) scenario {
+	return scenario{
+		aDir:           envOr("MESHBRIDGE_SIM_A_DIR", filepath.Join("testdata", "a")),
+		bDir:           envOr("MESHBRIDGE_SIM_B_DIR", filepath.Join("testdata", "b")),
+		host:           envOr("MESHBRIDGE_SIM_HOST", "ratings.bookinfo.remote"),
+		port:           envInt(t, "MESHBRIDGE_SIM_PORT", 9080),
+		refusedHost:    envOr("MESHBRIDGE_SIM_REFUSED_HOST", "details.bookinfo.remote"),
+		gwAddr:         envOr("MESHBRIDGE_SIM_GATEWAY_ADDRESS", "198.51.100.20"),
+		gwPort:         envInt(t, "MESHBRIDGE_SIM_GATEWAY_PORT", 15443),
+		destination:    envOr("MESHBRIDGE_SIM_DESTINATION", "ratings.bookinfo.svc.cluster.local"),
+		aTrustDomain:   envOr("MESHBRIDGE_SIM_A_TRUST_DOMAIN", "a.mesh"),
+		bTrustDomain:   envOr("MESHBRIDGE_SIM_B_TRUST_DOMAIN", "b.mesh"),
+		egressSA:       "istio-egressgateway-service-account",
+		ingressSA:      "istio-ingressgateway-service-account",
+		istioVersion:   "1.30.3",
+		egressService:  "istio-egressgateway.istio-system.svc.cluster.local",
+		ingressService: "istio-ingressgateway.istio-system.svc.cluster.local",
+	}
+}
+
+// What every cluster has before meshbridge: gateway Services and Pods (the pods never run in the
+// e2e clusters; here they give the simulated gateway proxies their labels and port mapping).
+const baseA = `
+apiVersion: v1
+kind: Service
+metadata: {name: istio-egressgateway, namespace: istio-system, labels: {app: istio-egressgateway, istio: egressgateway}}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: istio-egressgateway, istio: egressgateway}
+  ports:
+  - {name: http2, port: 80, targetPort: 8080, protocol: TCP}
+  - {name: https, port: 443, targetPort: 8443, protocol: TCP}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: istio-egressgateway-0, namespace: istio-system, labels: {app: istio-egressgateway, istio: egressgateway}}
+spec: {serviceAccountName: istio-egressgateway-service-account, containers: [{name: istio-proxy, image: proxyv2}]}
+status: {phase: Running, podIP: 10.1.0.20, podIPs: [{ip: 10.1.0.20}], conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: productpage, namespace: bookinfo, labels: {app: productpage}}
+spec:
+  clusterIP: 10.96.1.10
+  selector: {app: productpage}
+  ports: [{name: http, port: 9080, targetPort: 9080, protocol: TCP}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: productpage-0, namespace: bookinfo, labels: {app: productpage}}
+spec: {serviceAccountName: bookinfo-productpage, containers: [{name: productpage, image: productpage}]}
+status: {phase: Running, podIP: 10.1.1.5, podIPs: [{ip: 10.1.1.5}], conditions: [{type: Ready, status: "True"}]}
+`
+
+const baseB = `
+apiVersion: v1
+kind: Service
+metadata: {name: istio-ingressgateway, namespace: istio-system, labels: {app: istio-ingressgateway, istio: ingressgateway}}
+spec:
+  clusterIP: 10.96.0.30
+  type: LoadBalancer
+  selector: {app: istio-ingressgateway, istio: ingressgateway}
+  ports:
+  - {name: status-port, port: 15021, targetPort: 15021, protocol: TCP}
+  - {name: http2, port: 80, targetPort: 8080, protocol: TCP}
+  - {name: https, port: 443, targetPort: 8443, protocol: TCP}
+  - {name: tls, port: 15443, targetPort: 15443, protocol: TCP}
+status:
+  loadBalancer: {ingress: [{ip: 198.51.100.20}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: istio-ingressgateway-0, namespace: istio-system, labels: {app: istio-ingressgateway, istio: ingressgateway}}
+spec: {serviceAccountName: istio-ingressgateway-service-account, containers: [{name: istio-proxy, image: proxyv2}]}
+status: {phase: Running, podIP: 10.2.0.30, podIPs: [{ip: 10.2.0.30}], conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: bookinfo, labels: {app: ratings}}
+spec:
+  clusterIP: 10.96.2.10
+  selector: {app: ratings}
+  ports: [{name: http, port: 9080, targetPort: 9080, protocol: TCP}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ratings-0, namespace: bookinfo, labels: {app: ratings}}
+spec: {serviceAccountName: bookinfo-ratings, containers: [{name: ratings, image: ratings}]}
+status: {phase: Running, podIP: 10.2.1.5, podIPs: [{ip: 10.2.1.5}], conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: details, namespace: bookinfo, labels: {app: details}}
+spec:
+  clusterIP: 10.96.2.11
+  selector: {app: details}
+  ports: [{name: http, port: 9080, targetPort: 9080, protocol: TCP}]
+`
+
+// Gateway container ports for the service ports above (the listener binds the targetPort).
+var egressTargetPort = map[int]int{80: 8080, 443: 8443}
+
+// loadDir splits the YAML files of a render directory into Istio config and Kubernetes objects the
+// fake registry understands. Everything else (Secrets, ConfigMaps) is listed and ignored.
+func loadDir(t *testing.T, dir string) (istio, kube string, seen []string) {
+	t.Helper()
+	var files []string
+	for _, pat := range []string{"*.yaml", "*.yml"} {
+		m, err := filepath.Glob(filepath.Join(dir, pat))
+		if err != nil {
+			t.Fatal(err)
+		}
+		files = append(files, m...)
+	}
+	sort.Strings(files)
+	if len(files) == 0 {
+		t.Fatalf("%s: no YAML files", dir)
+	}
+	var ib, kb strings.Builder
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, doc := range splitYAML(string(b)) {
+			var meta struct {
+				APIVersion string `json:"apiVersion"`
+				Kind       string `json:"kind"`
+				Metadata   struct {
+					Name      string `json:"name"`
+					Namespace string `json:"namespace"`
+				} `json:"metadata"`
+			}
+			if err := yaml.Unmarshal([]byte(doc), &meta); err != nil {
+				t.Fatalf("%s: %v", f, err)
+			}
+			if meta.Kind == "" {
+				continue
+			}
+			group := ""
+			if i := strings.LastIndex(meta.APIVersion, "/"); i >= 0 {
+				group = meta.APIVersion[:i]
+			}
+			id := fmt.Sprintf("%s %s/%s", meta.Kind, meta.Metadata.Namespace, meta.Metadata.Name)
+			switch {
+			case strings.HasSuffix(group, ".istio.io"):
+				ib.WriteString(doc + "\n---\n")
+				seen = append(seen, id)
+			case group == "" && (meta.Kind == "Service" || meta.Kind == "Pod" || meta.Kind == "Endpoints"),
+				group == "discovery.k8s.io":
+				kb.WriteString(doc + "\n---\n")
+				seen = append(seen, id)
+			default:
+				t.Logf("%s: %s not used by the simulation", filepath.Base(f), id)
+			}
+		}
+	}
+	return ib.String(), kb.String(), seen
+}
+
+func splitYAML(s string) []string {
+	var out []string
+	var cur []string
+	for _, line := range strings.Split(s, "\n") {
+		if strings.TrimRight(line, " \t\r") == "---" {
+			out = append(out, strings.Join(cur, "\n"))
+			cur = nil
+			continue
+		}
+		cur = append(cur, line)
+	}
+	out = append(out, strings.Join(cur, "\n"))
+	var docs []string
+	for _, d := range out {
+		if strings.TrimSpace(d) != "" {
+			docs = append(docs, d)
+		}
+	}
+	return docs
+}
+
+type simCluster struct {
+	name string
+	fake *xds.FakeDiscoveryServer
+}
+
+func newSimCluster(t *testing.T, name, dir, base, trustDomain string) *simCluster {
+	t.Helper()
+	istio, kube, seen := loadDir(t, dir)
+	t.Logf("cluster %s: loaded from %s: %s", name, dir, strings.Join(seen, ", "))
+	m := mesh.DefaultMeshConfig()
+	m.TrustDomain = trustDomain
+	fake := xds.NewFakeDiscoveryServer(t, xds.FakeOptions{
+		ConfigString:           istio,
+		KubernetesObjectString: base + "\n---\n" + kube,
+		MeshConfig:             m,
+	})
+	return &simCluster{name: name, fake: fake}
+}
+
+type simProxy struct {
+	c     *simCluster
+	proxy *model.Proxy
+	sim   *simulation.Simulation
+}
+
+func (c *simCluster) proxy(t *testing.T, typ model.NodeType, ns, ip string, labels map[string]string, version string) *simProxy {
+	t.Helper()
+	p := &model.Proxy{
+		Type:            typ,
+		Labels:          labels,
+		ConfigNamespace: ns,
+		IPAddresses:     []string{ip},
+		ID:              fmt.Sprintf("%s-%s.%s", labels["app"], c.name, ns),
+		Metadata: &model.NodeMetadata{
+			Labels:       labels,
+			Namespace:    ns,
+			IstioVersion: version,
+		},
+	}
+	p = c.fake.SetupProxy(p)
+	sim := simulation.NewSimulation(t, c.fake, p)
+	xdstest.ValidateListeners(t, sim.Listeners)
+	xdstest.ValidateClusters(t, sim.Clusters)
+	xdstest.ValidateRouteConfigurations(t, sim.Routes)
+	return &simProxy{c: c, proxy: p, sim: sim}
+}
+
+// dump logs what the proxy got, to make a failed expectation readable.
+func (p *simProxy) dump(t *testing.T, what string) {
+	t.Helper()
+	t.Logf("---- %s: listeners %v", what, xdstest.ExtractListenerNames(p.sim.Listeners))
+	names := xdstest.MapKeys(xdstest.ExtractClusters(p.sim.Clusters))
+	sort.Strings(names)
+	t.Logf("---- %s: clusters %v", what, names)
+	for _, rc := range p.sim.Routes {
+		t.Logf("---- %s: route config %q virtual hosts %v", what, rc.Name, xdstest.ExtractVirtualHosts(rc))
+	}
+}
+
+func (p *simProxy) cluster(t *testing.T, name string) *cluster.Cluster {
+	t.Helper()
+	c := xdstest.ExtractCluster(name, p.sim.Clusters)
+	if c == nil {
+		t.Fatalf("cluster %q not built for proxy %s", name, p.proxy.ID)
+	}
+	return c
+}
+
+// upstreamTLS returns every UpstreamTlsContext of a cluster (transport socket and matches).
+func upstreamTLS(t *testing.T, c *cluster.Cluster) []*tlsv3.UpstreamTlsContext {
+	t.Helper()
+	var out []*tlsv3.UpstreamTlsContext
+	if ts := c.GetTransportSocket(); ts != nil {
+		u := &tlsv3.UpstreamTlsContext{}
+		if err := ts.GetTypedConfig().UnmarshalTo(u); err == nil {
+			out = append(out, u)
+		}
+	}
+	for _, m := range c.GetTransportSocketMatches() {
+		u := &tlsv3.UpstreamTlsContext{}
+		if m.GetTransportSocket().GetTypedConfig() != nil && m.GetTransportSocket().GetTypedConfig().UnmarshalTo(u) == nil {
+			out = append(out, u)
+		}
+	}
+	return out
+}
+
+// checkIstioMTLS asserts the cluster originates Istio mTLS (SDS "default" certificate, "ROOTCA"
+// validation) with the given SNI and, if sans is not empty, pins those peer identities.
+func checkIstioMTLS(t *testing.T, c *cluster.Cluster, sni string, sans []string) {
+	t.Helper()
+	ctxs := upstreamTLS(t, c)
+	if len(ctxs) == 0 {
+		t.Errorf("cluster %s: no TLS origination at all (want Istio mTLS with SNI %s)", c.Name, sni)
+		return
+	}
+	for _, u := range ctxs {
+		js, _ := protojson.Marshal(u)
+		s := string(js)
+		if u.GetSni() != sni {
+			t.Errorf("cluster %s: SNI %q, want %q", c.Name, u.GetSni(), sni)
+		}
+		if !strings.Contains(s, `"name":"default"`) || !strings.Contains(s, `"ROOTCA"`) {
+			t.Errorf("cluster %s: TLS context is not Istio mTLS (SDS default/ROOTCA): %s", c.Name, s)
+		}
+		for _, san := range sans {
+			if !strings.Contains(s, `"`+san+`"`) {
+				t.Errorf("cluster %s: peer identity %s not pinned: %s", c.Name, san, s)
+			}
+		}
+	}
+}
+
+// endpointsOf returns "ip:port" of a cluster, from EDS or the inline load assignment.
+func (p *simProxy) endpointsOf(t *testing.T, c *cluster.Cluster) []string {
+	t.Helper()
+	if c.GetType() == cluster.Cluster_EDS {
+		for _, cla := range p.c.fake.Endpoints(p.proxy) {
+			if cla.ClusterName == c.Name {
+				return xdstest.ExtractEndpoints(cla)
+			}
+		}
+		return nil
+	}
+	return xdstest.ExtractEndpoints(c.GetLoadAssignment())
+}
+
+func (p *simProxy) filterChain(t *testing.T, res simulation.Result) *listener.FilterChain {
+	t.Helper()
+	l := xdstest.ExtractListener(res.ListenerMatched, p.sim.Listeners)
+	if l == nil {
+		t.Fatalf("listener %q not found", res.ListenerMatched)
+	}
+	for _, fc := range append(l.GetFilterChains(), l.GetDefaultFilterChain()) {
+		if fc != nil && fc.GetName() == res.FilterChainMatched {
+			return fc
+		}
+	}
+	t.Fatalf("filter chain %q not found in listener %q", res.FilterChainMatched, res.ListenerMatched)
+	return nil
+}
+
+func TestSimulation(t *testing.T) {
+	sc := loadScenario(t)
+	a := newSimCluster(t, "a", sc.aDir, baseA, sc.aTrustDomain)
+	b := newSimCluster(t, "b", sc.bDir, baseB, sc.bTrustDomain)
+	egressGW := a.proxy(t, model.Router, "istio-system", "10.1.0.20",
+		map[string]string{"app": "istio-egressgateway", "istio": "egressgateway"}, sc.istioVersion)
+	sidecar := a.proxy(t, model.SidecarProxy, "bookinfo", "10.1.1.5",
+		map[string]string{"app": "productpage"}, sc.istioVersion)
+	ingressGW := b.proxy(t, model.Router, "istio-system", "10.2.0.30",
+		map[string]string{"app": "istio-ingressgateway", "istio": "ingressgateway"}, sc.istioVersion)
+
+	hostPort := fmt.Sprintf("%s:%d", sc.host, sc.port)
+	egressPort := 0 // service port of a's egress gateway that the sidecar's route picked
+
+	t.Run("1 sidecar in a sends "+hostPort+" to the egress gateway", func(t *testing.T) {
+		vip := "240.240.0.1"
+		for _, hh := range []string{sc.host, hostPort} {
+			res := sidecar.sim.Run(simulation.Call{
+				Address: vip, Port: sc.port, Protocol: simulation.HTTP, HostHeader: hh,
+				CallMode: simulation.CallModeOutbound,
+			})
+			if res.Error != nil {
+				sidecar.dump(t, "sidecar a")
+				t.Fatalf("Host %s: %v (listener %q, route %q)", hh, res.Error, res.ListenerMatched, res.RouteConfigMatched)
+			}
+			_, subset, h, port := model.ParseSubsetKey(res.ClusterMatched)
+			if string(h) != sc.egressService {
+				sidecar.dump(t, "sidecar a")
+				t.Fatalf("Host %s: routed to cluster %q, want a cluster of %s", hh, res.ClusterMatched, sc.egressService)
+			}
+			egressPort = port
+			t.Logf("Host %s: listener %s, route %s, vhost %s -> cluster %s (subset %q)",
+				hh, res.ListenerMatched, res.RouteConfigMatched, res.VirtualHostMatched, res.ClusterMatched, subset)
+			checkIstioMTLS(t, sidecar.cluster(t, res.ClusterMatched), sc.host, nil)
+		}
+	})
+	if t.Failed() {
+		return
+	}
+
+	t.Run("2 egress gateway in a sends it to b's ingress with Istio mTLS", func(t *testing.T) {
+		lport, ok := egressTargetPort[egressPort]
+		if !ok {
+			t.Fatalf("sidecar route uses egress gateway service port %d, which istio-egressgateway does not expose", egressPort)
+		}
+		for _, hh := range []string{sc.host, hostPort} {
+			res := egressGW.sim.Run(simulation.Call{
+				Port: lport, Protocol: simulation.HTTP, TLS: simulation.MTLS, Sni: sc.host, HostHeader: hh,
+				CallMode: simulation.CallModeGateway,
+			})
+			if res.Error != nil {
+				egressGW.dump(t, "egress a")
+				t.Fatalf("mTLS SNI %s Host %s on port %d: %v (listener %q, chain %q, route %q)",
+					sc.host, hh, lport, res.Error, res.ListenerMatched, res.FilterChainMatched, res.RouteConfigMatched)
+			}
+			_, _, h, _ := model.ParseSubsetKey(res.ClusterMatched)
+			if string(h) != sc.host {
+				egressGW.dump(t, "egress a")
+				t.Fatalf("Host %s: egress gateway routes to %q, want a cluster of %s", hh, res.ClusterMatched, sc.host)
+			}
+			t.Logf("Host %s: listener %s, chain %q, route %s -> cluster %s", hh, res.ListenerMatched,
+				res.FilterChainMatched, res.RouteConfigMatched, res.ClusterMatched)
+			c := egressGW.cluster(t, res.ClusterMatched)
+			checkIstioMTLS(t, c, sc.host,
+				[]string{fmt.Sprintf("spiffe://%s/ns/istio-system/sa/%s", sc.bTrustDomain, sc.ingressSA)})
+			want := fmt.Sprintf("%s:%d", sc.gwAddr, sc.gwPort)
+			eps := egressGW.endpointsOf(t, c)
+			if len(eps) != 1 || eps[0] != want {
+				t.Errorf("cluster %s endpoints %v, want [%s]", c.Name, eps, want)
+			}
+		}
+		// Plaintext to the egress gateway must not get through.
+		res := egressGW.sim.Run(simulation.Call{Port: lport, Protocol: simulation.HTTP, HostHeader: sc.host,
+			CallMode: simulation.CallModeGateway})
+		if res.Error == nil {
+			t.Errorf("plaintext HTTP to the egress gateway port %d reached %q", lport, res.ClusterMatched)
+		}
+	})
+
+	t.Run("3 b's ingress gateway delivers it to "+sc.destination, func(t *testing.T) {
+		for _, hh := range []string{sc.host, hostPort} {
+			res := ingressGW.sim.Run(simulation.Call{
+				Port: sc.gwPort, Protocol: simulation.HTTP, TLS: simulation.MTLS, Sni: sc.host, HostHeader: hh,
+				CallMode: simulation.CallModeGateway,
+			})
+			want := fmt.Sprintf("outbound|%d||%s", sc.port, sc.destination)
+			if res.Error != nil || res.ClusterMatched != want {
+				ingressGW.dump(t, "ingress b")
+				t.Fatalf("mTLS SNI %s Host %s on %d: err=%v cluster %q, want %q (listener %q, chain %q, route %q)",
+					sc.host, hh, sc.gwPort, res.Error, res.ClusterMatched, want, res.ListenerMatched,
+					res.FilterChainMatched, res.RouteConfigMatched)
+			}
+			t.Logf("Host %s: listener %s, chain %q, route %s, vhost %s -> %s", hh, res.ListenerMatched,
+				res.FilterChainMatched, res.RouteConfigMatched, res.VirtualHostMatched, res.ClusterMatched)
+
+			// The AuthorizationPolicy, as the RBAC filters generated on that chain evaluate it.
+			fc := ingressGW.filterChain(t, res)
+			consumer := fmt.Sprintf("spiffe://%s/ns/istio-system/sa/%s", sc.aTrustDomain, sc.egressSA)
+			stranger := fmt.Sprintf("spiffe://%s/ns/istio-system/sa/%s", "c.mesh", sc.egressSA)
+			req := rbacRequest{authority: hh, path: "/ratings/0", port: sc.gwPort, sni: sc.host}
+			req.principal = consumer
+			if ok, why := evalRBAC(t, fc, req); !ok {
+				t.Errorf("RBAC on b's ingress denies the consumer %s for Host %s: %s", consumer, hh, why)
+			}
+			req.principal = stranger
+			if ok, why := evalRBAC(t, fc, req); ok {
+				t.Errorf("RBAC on b's ingress admits a non-consumer %s for Host %s (%s)", stranger, hh, why)
+			}
+		}
+	})
+
+	t.Run("4 b's ingress refuses names it does not export", func(t *testing.T) {
+		res := ingressGW.sim.Run(simulation.Call{
+			Port: sc.gwPort, Protocol: simulation.HTTP, TLS: simulation.MTLS, Sni: sc.refusedHost,
+			HostHeader: sc.refusedHost, CallMode: simulation.CallModeGateway,
+		})
+		if res.Error == nil {
+			t.Errorf("SNI %s reached cluster %q on b's ingress, want refused", sc.refusedHost, res.ClusterMatched)
+		} else {
+			t.Logf("SNI %s refused: %v", sc.refusedHost, res.Error)
+		}
+		// Exported SNI, but the Host header of a name not exported.
+		res = ingressGW.sim.Run(simulation.Call{
+			Port: sc.gwPort, Protocol: simulation.HTTP, TLS: simulation.MTLS, Sni: sc.host,
+			HostHeader: sc.refusedHost, CallMode: simulation.CallModeGateway,
+		})
+		if res.Error == nil {
+			t.Errorf("SNI %s with Host %s reached cluster %q, want refused", sc.host, sc.refusedHost, res.ClusterMatched)
+		} else {
+			t.Logf("SNI %s Host %s refused: %v", sc.host, sc.refusedHost, res.Error)
+		}
+		// Without Istio mTLS (plain TLS, or plaintext) the cross-cluster port refuses.
+		for _, mode := range []simulation.TLSMode{simulation.TLS, simulation.Plaintext} {
+			res = ingressGW.sim.Run(simulation.Call{
+				Port: sc.gwPort, Protocol: simulation.HTTP, TLS: mode, Sni: sc.host,
+				HostHeader: sc.host, CallMode: simulation.CallModeGateway,
+			})
+			if res.Error == nil {
+				t.Errorf("%s to port %d reached cluster %q, want refused", mode, sc.gwPort, res.ClusterMatched)
+			}
+		}
+	})
+}
