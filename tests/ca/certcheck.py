@@ -145,7 +145,8 @@ func main() {
 	}
 	leaf := load(os.Args[3])[0]
 	at, _ := strconv.ParseInt(os.Args[4], 10, 64)
-	_, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inters, CurrentTime: time.Unix(at, 0)})
+	opts := x509.VerifyOptions{Roots: roots, Intermediates: inters, CurrentTime: time.Unix(at, 0)}
+	_, err := leaf.Verify(opts)
 	if err != nil {
 		fmt.Println("FAIL:", err)
 		os.Exit(1)
@@ -163,9 +164,7 @@ def _go_verifier_binary() -> Path:
     env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": ""}
     env.setdefault("GOCACHE", str(Path(tempfile.gettempdir()) / "meshbridge-gocache"))
     binary = workdir / "goverify"
-    subprocess.run(
-        [GO, "build", "-o", str(binary), "main.go"], cwd=workdir, env=env, check=True, timeout=300
-    )
+    subprocess.run([GO, "build", "-o", str(binary), "main.go"], cwd=workdir, env=env, check=True, timeout=300)
     return binary
 
 

@@ -1,0 +1,592 @@
+"""The agent's configuration file (API.md, "Agent configuration file").
+
+`load_config(path)` reads the YAML file, validates it against `AgentConfig` and resolves relative
+paths against the file's directory. Every problem is reported as a `ConfigError` whose message
+names the key path (``istio.ingress_gateway.port: must be 1..65535 (got 70000)``) and what to fix;
+unknown keys are refused rather than ignored, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "HTTP_PROTOCOLS",
+    "KEY_TYPES",
+    "AgentConfig",
+    "CAConfig",
+    "ConfigError",
+    "DNSConfig",
+    "EgressGatewayConfig",
+    "ExportConfig",
+    "ExportPortConfig",
+    "ImportConfig",
+    "IngressGatewayConfig",
+    "IstioConfig",
+    "KubernetesConfig",
+    "load_config",
+    "parse_config",
+]
+
+KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
+KeyType = Literal["ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096"]
+
+# Istio protocol names (case-insensitive in Istio) that the gateways can carry: both gateways
+# terminate mTLS and route HTTP on the authority, so only HTTP-family protocols cross clusters.
+HTTP_PROTOCOLS: Mapping[str, str] = {"HTTP": "HTTP", "HTTP2": "HTTP2", "GRPC": "GRPC", "GRPC-WEB": "GRPC-Web"}
+
+MAX_CRL_VALIDITY = timedelta(days=7)
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or invalid.
+
+    `problems` holds one ``<key path>: <what is wrong and how to fix it>`` line per problem.
+    """
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems: tuple[str, ...] = tuple(problems)
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar checks. Each raises ValueError with a message that says what a valid value looks like.
+
+_DNS_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS1035_LABEL_RE = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_LABEL_NAME_RE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
+_DURATION_RE = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+
+
+def is_dns_label(value: str) -> bool:
+    """RFC 1123 label: what Kubernetes accepts as a namespace or cluster name."""
+    return len(value) <= 63 and _DNS_LABEL_RE.fullmatch(value) is not None
+
+
+def is_dns_name(value: str) -> bool:
+    """Lowercase DNS name (RFC 1123 subdomain), at most 253 characters, no trailing dot."""
+    return 0 < len(value) <= 253 and all(is_dns_label(part) for part in value.split("."))
+
+
+def _check_dns_label(value: str) -> str:
+    if not is_dns_label(value):
+        raise ValueError(
+            f"must be a DNS label: lowercase letters, digits and '-', starting and ending with a "
+            f"letter or digit, at most 63 characters (got {value!r})"
+        )
+    return value
+
+
+def _check_service_name(value: str) -> str:
+    if len(value) > 63 or _DNS1035_LABEL_RE.fullmatch(value) is None:
+        raise ValueError(
+            f"must be a Kubernetes Service name: lowercase letters, digits and '-', starting with a "
+            f"letter, at most 63 characters (got {value!r})"
+        )
+    return value
+
+
+def _check_dns_name(value: str) -> str:
+    if not is_dns_name(value):
+        raise ValueError(
+            f"must be a lowercase DNS name such as 'b.mesh' (labels of letters, digits and '-', "
+            f"separated by dots, no trailing dot) (got {value!r})"
+        )
+    return value
+
+
+def _check_trust_domain(value: str) -> str:
+    if not is_dns_name(value):
+        raise ValueError(
+            f"must be a valid trust domain: a lowercase domain such as 'b.mesh' (letters, digits, "
+            f"'-' and dots; no 'spiffe://', no path) (got {value!r})"
+        )
+    return value
+
+
+def _check_port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ValueError(f"must be 1..65535 (got {value})")
+    return value
+
+
+def _check_address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not is_dns_name(value.lower().rstrip(".")):
+            raise ValueError(f"must be an IP address or a DNS name (got {value!r})") from None
+        return value.lower().rstrip(".")
+    return value
+
+
+def _check_selector(value: dict[str, str]) -> dict[str, str]:
+    if not value:
+        raise ValueError("must name at least one label, e.g. {istio: ingressgateway}")
+    for key, label in value.items():
+        name = key.rsplit("/", 1)[-1]
+        if not name or len(name) > 63 or _LABEL_NAME_RE.fullmatch(name) is None:
+            raise ValueError(f"label key {key!r} is not a valid Kubernetes label key")
+        if len(label) > 63 or _LABEL_NAME_RE.fullmatch(label) is None:
+            raise ValueError(f"label {key!r}: value {label!r} is not a valid Kubernetes label value")
+    return value
+
+
+def _parse_duration(value: object) -> object:
+    """Accept '7d', '12h', '90m', '3600s', '1d12h' besides what pydantic accepts (seconds, ISO 8601)."""
+    if isinstance(value, str) and value and not value.startswith("P"):
+        match = _DURATION_RE.fullmatch(value.strip())
+        if match is None or not any(match.groups()):
+            raise ValueError(f"must be a duration such as '7d', '36h', '90m' or a number of seconds (got {value!r})")
+        days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+        return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    return value
+
+
+def _check_crl_validity(value: timedelta) -> timedelta:
+    if not timedelta(0) < value <= MAX_CRL_VALIDITY:
+        raise ValueError(f"must be more than 0 and at most 7 days (got {value})")
+    return value
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    value = value.expanduser()
+    if base is not None and not value.is_absolute():
+        return Path(base) / value
+    return value
+
+
+DnsLabel = Annotated[str, AfterValidator(_check_dns_label)]
+ServiceName = Annotated[str, AfterValidator(_check_service_name)]
+DnsName = Annotated[str, AfterValidator(_check_dns_name)]
+TrustDomain = Annotated[str, AfterValidator(_check_trust_domain)]
+Port = Annotated[StrictInt, AfterValidator(_check_port)]
+Selector = Annotated[dict[str, str], AfterValidator(_check_selector)]
+RelPath = Annotated[Path, AfterValidator(_resolve_path)]
+CrlValidity = Annotated[timedelta, BeforeValidator(_parse_duration), AfterValidator(_check_crl_validity)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _unique(values: Iterable[Any], what: str) -> None:
+    seen: set[Any] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"{what} {value!r} is listed twice")
+        seen.add(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+class CAConfig(_Model):
+    """How to reach the CA service and what to ask it for."""
+
+    url: str
+    trust_anchor: RelPath
+    bootstrap_token_file: RelPath | None = None
+    key_type: KeyType = "ecdsa-p256"
+    # Renew the intermediate once this fraction of its lifetime has passed.
+    renew_fraction: float = Field(default=2 / 3, gt=0, lt=1)
+    # Lifetime of the CRL the intermediate signs for istiod's ca-crl.pem (re-signed at half of it).
+    crl_validity: CrlValidity = MAX_CRL_VALIDITY
+
+    @field_validator("url")
+    @classmethod
+    def _https_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError(f"must be an https:// URL such as https://ca.example:8443 (got {value!r})")
+        if parts.query or parts.fragment:
+            raise ValueError(f"must not carry a query or fragment (got {value!r})")
+        return value.rstrip("/")
+
+
+class _GatewayBase(_Model):
+    selector: Selector
+    service: ServiceName
+    service_account: DnsName
+    # Where the gateway's pods and Service live; defaults to istio.namespace.
+    namespace: DnsLabel | None = None
+
+
+class IngressGatewayConfig(_GatewayBase):
+    """The gateway that receives other clusters' traffic for this cluster's exports."""
+
+    selector: Selector = Field(default_factory=lambda: {"istio": "ingressgateway"})
+    service: ServiceName = "istio-ingressgateway"
+    service_account: DnsName = "istio-ingressgateway-service-account"
+    # Published to peers: where they reach the cross-cluster port from outside (LB address).
+    address: Annotated[str, AfterValidator(_check_address)] | None = None
+    port: Port | None = None
+
+
+class EgressGatewayConfig(_GatewayBase):
+    """A gateway that carries this cluster's traffic towards other clusters."""
+
+    # Port of the egress Gateway server (a port of the gateway's Service) that sidecars reach.
+    port: Port = 443
+
+
+def _default_egress() -> EgressGatewayConfig:
+    return EgressGatewayConfig(
+        selector={"istio": "egressgateway"},
+        service="istio-egressgateway",
+        service_account="istio-egressgateway-service-account",
+    )
+
+
+class IstioConfig(_Model):
+    namespace: DnsLabel = "istio-system"
+    trust_domain: TrustDomain
+    cluster_domain: DnsName = "cluster.local"
+    # Port of the ingress Gateway server that other clusters' egress gateways connect to.
+    cross_cluster_port: Port = 15443
+    # deny: a DENY policy refuses every principal but an export's consumers for that export's host,
+    #       leaving the gateway's other traffic alone (safe on a shared ingress gateway).
+    # allow: an ALLOW policy per export; on a shared gateway this denies all other traffic unless
+    #        further ALLOW policies admit it.
+    authorization_mode: Literal["deny", "allow"] = "deny"
+    ingress_gateway: IngressGatewayConfig = Field(default_factory=IngressGatewayConfig)
+    egress_gateway: EgressGatewayConfig = Field(default_factory=_default_egress)
+
+    def gateway_namespace(self, gateway: _GatewayBase) -> str:
+        return gateway.namespace or self.namespace
+
+    def identity(self, gateway: _GatewayBase) -> str:
+        """SPIFFE identity of a gateway's workload certificate."""
+        ns = self.gateway_namespace(gateway)
+        return f"spiffe://{self.trust_domain}/ns/{ns}/sa/{gateway.service_account}"
+
+
+class DNSConfig(_Model):
+    suffix: DnsName = "remote"
+    mode: Literal["coredns", "none"] = "coredns"
+    vip_range: ipaddress.IPv4Network = ipaddress.IPv4Network("240.240.0.0/16")
+    ttl: Annotated[StrictInt, Field(ge=1, le=86400)] = 30
+    coredns_namespace: DnsLabel = "kube-system"
+    coredns_configmap: DnsName = "coredns"
+    corefile_key: str = "Corefile"
+
+    @field_validator("vip_range", mode="before")
+    @classmethod
+    def _ipv4_network(cls, value: object) -> object:
+        if isinstance(value, ipaddress.IPv4Network):
+            network = value
+        elif isinstance(value, str):
+            try:
+                parsed = ipaddress.ip_network(value, strict=True)
+            except ValueError as exc:
+                raise ValueError(
+                    f"must be an IPv4 network such as 240.240.0.0/16 with the host bits zero ({exc})"
+                ) from None
+            if not isinstance(parsed, ipaddress.IPv4Network):
+                raise ValueError(f"must be an IPv4 network; got the IPv6 network {value!r}")
+            network = parsed
+        else:
+            raise ValueError("must be an IPv4 network written as a string, such as '240.240.0.0/16'")
+        if network.prefixlen > 30:
+            raise ValueError(
+                f"{network} has no room: it needs at least 2 usable addresses; use a prefix of /30 or "
+                f"shorter, sized for every imported name (the class E range 240.0.0.0/4 is unused)"
+            )
+        return network
+
+
+class ExportPortConfig(_Model):
+    number: Port
+    protocol: str = "HTTP"
+
+    @field_validator("protocol")
+    @classmethod
+    def _http_family(cls, value: str) -> str:
+        canonical = HTTP_PROTOCOLS.get(value.upper())
+        if canonical is None:
+            raise ValueError(
+                f"protocol {value!r} cannot cross clusters: both gateways terminate mTLS and route HTTP "
+                f"on the authority; use one of {', '.join(HTTP_PROTOCOLS.values())}"
+            )
+        return canonical
+
+
+class ExportConfig(_Model):
+    service: ServiceName
+    namespace: DnsLabel
+    ports: list[ExportPortConfig] = Field(min_length=1)
+    consumers: list[DnsLabel] = Field(default_factory=list)
+    name: str | None = None
+
+    @field_validator("ports", mode="before")
+    @classmethod
+    def _ports_as_mappings(cls, value: object) -> object:
+        # `ports: [9080]` is the documented form; `{number, protocol}` names the protocol.
+        if isinstance(value, list):
+            return [{"number": item} if isinstance(item, int) and not isinstance(item, bool) else item
+                    for item in value]
+        return value
+
+    @field_validator("ports")
+    @classmethod
+    def _unique_ports(cls, value: list[ExportPortConfig]) -> list[ExportPortConfig]:
+        _unique((p.number for p in value), "port")
+        return value
+
+    @field_validator("consumers")
+    @classmethod
+    def _unique_consumers(cls, value: list[str]) -> list[str]:
+        _unique(value, "consumer")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name_matches(cls, value: str | None, info: ValidationInfo) -> str | None:
+        service, namespace = info.data.get("service"), info.data.get("namespace")
+        if value is not None and service and namespace and value != f"{service}.{namespace}":
+            raise ValueError(f"must be <service>.<namespace>, here {service}.{namespace!s} (got {value!r})")
+        return value
+
+    @property
+    def export_name(self) -> str:
+        return f"{self.service}.{self.namespace}"
+
+
+def _check_import_name(value: str) -> str:
+    if value == "*":
+        return value
+    service, dot, namespace = value.partition(".")
+    if not dot or _DNS1035_LABEL_RE.fullmatch(service) is None or len(service) > 63 or not is_dns_label(namespace):
+        raise ValueError(f"must be '*' or <service>.<namespace> such as 'ratings.bookinfo' (got {value!r})")
+    return value
+
+
+ImportName = Annotated[str, AfterValidator(_check_import_name)]
+
+
+class ImportConfig(_Model):
+    from_: DnsLabel = Field(alias="from")
+    names: list[ImportName] = Field(min_length=1)
+    # A dedicated egress gateway for this source's traffic.
+    egress_gateway: EgressGatewayConfig | None = None
+
+    @field_validator("names")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        _unique(value, "name")
+        if "*" in value and len(value) > 1:
+            raise ValueError("'*' already selects every name this source exports; list either '*' or names")
+        return value
+
+    def selects(self, name: str) -> bool:
+        return "*" in self.names or name in self.names
+
+
+class KubernetesConfig(_Model):
+    kubeconfig: RelPath | None = None
+    context: str | None = None
+    field_manager: Annotated[str, Field(min_length=1, max_length=128)] = "meshbridge"
+
+
+class AgentConfig(_Model):
+    cluster: DnsLabel
+    ca: CAConfig
+    istio: IstioConfig
+    dns: DNSConfig = Field(default_factory=DNSConfig)
+    exports: list[ExportConfig] = Field(default_factory=list)
+    imports: list[ImportConfig] = Field(default_factory=list)
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+    state_dir: RelPath | None = None
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> AgentConfig:
+        problems = list(_cross_problems(self))
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def import_rule(self, cluster: str) -> ImportConfig | None:
+        for rule in self.imports:
+            if rule.from_ == cluster:
+                return rule
+        return None
+
+    def advisories(self) -> list[str]:
+        """Valid but probably unintended settings, worded for an operator."""
+        notes: list[str] = []
+        default_sa = self.istio.egress_gateway.service_account
+        for i, rule in enumerate(self.imports):
+            gateway = rule.egress_gateway
+            if gateway is not None and gateway.service_account != default_sa:
+                notes.append(
+                    f"imports[{i}].egress_gateway.service_account: {gateway.service_account!r} differs from "
+                    f"istio.egress_gateway.service_account {default_sa!r}; cluster {rule.from_!r} admits only "
+                    f"the published egress identity, so give this gateway the same service account"
+                )
+        return notes
+
+
+def _cross_problems(cfg: AgentConfig) -> Iterable[str]:
+    suffix, cluster_domain = cfg.dns.suffix, cfg.istio.cluster_domain
+    if suffix == cluster_domain or suffix.endswith("." + cluster_domain) or cluster_domain.endswith("." + suffix):
+        yield (f"dns.suffix: {suffix!r} overlaps istio.cluster_domain {cluster_domain!r}; "
+               f"pick a suffix of its own such as 'remote'")
+    seen_sources: set[str] = set()
+    for i, rule in enumerate(cfg.imports):
+        if rule.from_ == cfg.cluster:
+            yield f"imports[{i}].from: {rule.from_!r} is this cluster; a cluster cannot import from itself"
+        if rule.from_ in seen_sources:
+            yield f"imports[{i}].from: {rule.from_!r} appears twice; merge its names into one entry"
+        seen_sources.add(rule.from_)
+    seen_exports: set[str] = set()
+    for i, export in enumerate(cfg.exports):
+        if export.export_name in seen_exports:
+            yield f"exports[{i}]: {export.export_name!r} is exported twice; merge the entries"
+        seen_exports.add(export.export_name)
+        for j, consumer in enumerate(export.consumers):
+            if consumer == cfg.cluster:
+                yield f"exports[{i}].consumers[{j}]: {consumer!r} is this cluster; list other clusters only"
+    yield from _gateway_conflicts(cfg)
+
+
+def _gateway_conflicts(cfg: AgentConfig) -> Iterable[str]:
+    istio = cfg.istio
+    gateways: dict[tuple[str, str], tuple[str, EgressGatewayConfig]] = {}
+    candidates = [("istio.egress_gateway", istio.egress_gateway)] + [
+        (f"imports[{i}].egress_gateway", rule.egress_gateway)
+        for i, rule in enumerate(cfg.imports)
+        if rule.egress_gateway is not None
+    ]
+    ingress_key = (istio.gateway_namespace(istio.ingress_gateway), istio.ingress_gateway.service)
+    for path, gateway in candidates:
+        key = (istio.gateway_namespace(gateway), gateway.service)
+        if key == ingress_key:
+            yield f"{path}.service: {gateway.service!r} is the ingress gateway; egress needs its own gateway"
+        first = gateways.setdefault(key, (path, gateway))
+        if first[1] != gateway:
+            yield (f"{path}: service {gateway.service!r} is also configured at {first[0]} with different "
+                   f"settings; one Service has one selector, service account and port")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and error reporting
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read and validate the configuration file; relative paths are taken from its directory."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    return parse_config(data, base_dir=path.resolve().parent, source=str(path))
+
+
+def parse_config(data: object, *, base_dir: Path | None = None, source: str = "config") -> AgentConfig:
+    """Validate already-parsed YAML; `base_dir` anchors relative paths."""
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(f"{source}: the top level must be a mapping of keys (cluster, ca, istio, …); it is {kind}")
+    try:
+        return AgentConfig.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        problems = [line for err in exc.errors() for line in _describe(err)]
+        listing = "\n".join(f"  {p}" for p in problems)
+        raise ConfigError(f"{source} is invalid:\n{listing}", problems) from None
+
+
+def _key_path(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def _describe(err: Mapping[str, Any]) -> list[str]:
+    loc = tuple(err["loc"])
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "value_error":
+        message = str(ctx.get("error", err["msg"]))
+        if not loc:  # cross-field checks carry their own key paths, one per line
+            return message.splitlines()
+    elif kind == "missing":
+        message = "required key is missing"
+    elif kind == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        hint = f"; allowed here: {', '.join(allowed)}" if allowed else ""
+        message = f"unknown key{hint}"
+    elif kind == "literal_error":
+        message = f"must be one of {ctx.get('expected', '')} (got {err.get('input')!r})"
+    elif kind in ("string_type",):
+        message = f"must be a string (got {err.get('input')!r}; quote it in YAML)"
+    elif kind in ("int_type", "int_parsing", "int_from_float"):
+        message = f"must be a whole number (got {err.get('input')!r})"
+    elif kind in ("model_type", "dict_type", "model_attributes_type") and len(loc) >= 2 and loc[-2] == "ports":
+        message = f"must be a port number or {{number: N, protocol: HTTP}} (got {err.get('input')!r})"
+    elif kind in ("model_type", "dict_type", "model_attributes_type"):
+        message = "must be a mapping of keys"
+    elif kind == "list_type":
+        message = "must be a list"
+    elif kind == "too_short":
+        message = "must not be empty"
+    else:
+        message = str(err["msg"])
+        message = message[:1].lower() + message[1:]
+    path = _key_path(loc)
+    return [f"{path}: {message}" if path else message]
+
+
+def _allowed_keys(loc: Sequence[int | str]) -> list[str]:
+    model: type[BaseModel] | None = AgentConfig
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+        model = _model_in(field.annotation) if field is not None else None
+    if model is None:
+        return []
+    return sorted(f.alias or n for n, f in model.model_fields.items())
+
+
+def _model_in(annotation: object) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (list, typing.Union, types.UnionType, Annotated):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None

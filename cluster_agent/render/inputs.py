@@ -1,0 +1,256 @@
+"""Typed views of the renderers' inputs: `Import`, `Desired.peers` and exports (API.md shapes).
+
+Imports and peers arrive from the CA service as JSON. Each entry is checked here once; an entry
+that cannot be rendered safely is dropped with a warning instead of failing the whole render.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cluster_agent.config import HTTP_PROTOCOLS, AgentConfig, is_dns_label, is_dns_name
+
+__all__ = [
+    "ExportSpec",
+    "ImportSpec",
+    "PeerSpec",
+    "PortSpec",
+    "exports_from_config",
+    "parse_exports",
+    "parse_imports",
+    "parse_peers",
+    "select_imports",
+]
+
+# ServiceEntry endpoints map at most 128 port names (CRD: endpoints[].ports maxProperties).
+MAX_PORTS = 128
+_SERVICE_RE = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+@dataclass(frozen=True, slots=True)
+class PortSpec:
+    number: int
+    protocol: str  # canonical Istio spelling, one of HTTP_PROTOCOLS' values
+
+    @property
+    def name(self) -> str:
+        return f"{self.protocol.lower()}-{self.number}"
+
+
+@dataclass(frozen=True, slots=True)
+class ImportSpec:
+    name: str  # <service>.<namespace>
+    cluster: str
+    ports: tuple[PortSpec, ...]
+    gateway_address: str
+    gateway_port: int
+    identity: str  # spiffe:// identity of the exporting cluster's ingress gateway
+
+    @property
+    def gateway_is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.gateway_address)
+        except ValueError:
+            return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSpec:
+    name: str
+    trust_domain: str
+    egress_identities: tuple[str, ...]  # spiffe:// URIs
+
+
+@dataclass(frozen=True, slots=True)
+class ExportSpec:
+    name: str  # <service>.<namespace>
+    service: str
+    namespace: str
+    ports: tuple[PortSpec, ...]
+    consumers: tuple[str, ...]
+
+
+def is_service_name(value: object) -> bool:
+    """'<service>.<namespace>' with a Service name (DNS-1035 label) and a namespace (DNS label)."""
+    if not isinstance(value, str):
+        return False
+    service, dot, namespace = value.partition(".")
+    return bool(dot) and len(service) <= 63 and _SERVICE_RE.fullmatch(service) is not None and is_dns_label(namespace)
+
+
+def spiffe_trust_domain(uri: object) -> str | None:
+    """The trust domain of a well-formed `spiffe://<td>/<path>` URI, else None."""
+    if not isinstance(uri, str) or not uri.startswith("spiffe://"):
+        return None
+    trust_domain, slash, path = uri[len("spiffe://"):].partition("/")
+    if not slash or not path or not is_dns_name(trust_domain) or any(c.isspace() for c in path):
+        return None
+    return trust_domain
+
+
+def _port(raw: object) -> int | None:
+    if isinstance(raw, int) and not isinstance(raw, bool) and 1 <= raw <= 65535:
+        return raw
+    return None
+
+
+def _ports(raw: object, where: str, warnings: list[str]) -> tuple[PortSpec, ...] | None:
+    if not isinstance(raw, list) or not raw:
+        warnings.append(f"{where}: no ports; left out")
+        return None
+    ports: dict[int, PortSpec] = {}
+    for item in raw:
+        if not isinstance(item, Mapping) or _port(item.get("number")) is None:
+            warnings.append(f"{where}: port entry {item!r} is not {{number, protocol}}; left out")
+            continue
+        number = int(item["number"])
+        protocol = str(item.get("protocol") or "HTTP")
+        canonical = HTTP_PROTOCOLS.get(protocol.upper())
+        if canonical is None:
+            warnings.append(
+                f"{where}: port {number} speaks {protocol}, which the gateways cannot carry "
+                f"(they route HTTP on the authority); that port is left out"
+            )
+            continue
+        ports.setdefault(number, PortSpec(number, canonical))
+    if not ports:
+        return None
+    if len(ports) > MAX_PORTS:
+        warnings.append(f"{where}: more than {MAX_PORTS} ports; left out")
+        return None
+    return tuple(ports[n] for n in sorted(ports))
+
+
+def _import(raw: Mapping[str, Any], warnings: list[str]) -> ImportSpec | None:
+    name, cluster = raw.get("name"), raw.get("cluster")
+    if not is_service_name(name) or not isinstance(cluster, str) or not is_dns_label(cluster):
+        warnings.append(f"import {name!r} from {cluster!r}: malformed name or cluster; left out")
+        return None
+    assert isinstance(name, str)  # narrowed by is_service_name
+    where = f"import {name} from {cluster}"
+    gateway = raw.get("gateway")
+    address = gateway.get("address") if isinstance(gateway, Mapping) else None
+    port = _port(gateway.get("port")) if isinstance(gateway, Mapping) else None
+    if not isinstance(address, str) or port is None or not _is_address(address):
+        warnings.append(f"{where}: no usable gateway address and port ({gateway!r}); left out")
+        return None
+    identity = raw.get("identity")
+    if spiffe_trust_domain(identity) is None:
+        warnings.append(f"{where}: identity {identity!r} is not a spiffe:// URI; left out")
+        return None
+    assert isinstance(identity, str)
+    ports = _ports(raw.get("ports"), where, warnings)
+    if ports is None:
+        return None
+    return ImportSpec(name, cluster, ports, address.lower().rstrip("."), port, identity)
+
+
+def _is_address(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return is_dns_name(value.lower().rstrip("."))
+    return True
+
+
+def parse_imports(raw: Iterable[Mapping[str, Any]]) -> tuple[list[ImportSpec], list[str]]:
+    """Check `Import` entries; one per name (the host is the same whichever cluster exports it).
+
+    When two clusters export the same name, the one whose cluster name sorts first is kept.
+    """
+    warnings: list[str] = []
+    by_name: dict[str, list[ImportSpec]] = {}
+    for item in raw:
+        spec = _import(item, warnings) if isinstance(item, Mapping) else None
+        if spec is not None:
+            by_name.setdefault(spec.name, []).append(spec)
+    chosen: list[ImportSpec] = []
+    for name in sorted(by_name):
+        candidates = sorted(by_name[name], key=lambda s: s.cluster)
+        chosen.append(candidates[0])
+        others = sorted({s.cluster for s in candidates[1:]} - {candidates[0].cluster})
+        if others:
+            warnings.append(
+                f"import {name}: exported by {', '.join([candidates[0].cluster, *others])}; one host "
+                f"cannot lead to several clusters, using {candidates[0].cluster}"
+            )
+    return chosen, warnings
+
+
+def select_imports(config: AgentConfig, imports: Sequence[ImportSpec]) -> tuple[list[ImportSpec], list[str]]:
+    """Keep the imports the configuration asks for; warn about named ones nobody offers."""
+    selected = [spec for spec in imports if (rule := config.import_rule(spec.cluster)) and rule.selects(spec.name)]
+    offered = {(spec.cluster, spec.name) for spec in imports}
+    warnings = [
+        f"imports: {name} from {rule.from_} is configured but not offered by the CA service "
+        f"(not exported to {config.cluster}, or {rule.from_} has not published)"
+        for rule in config.imports
+        for name in rule.names
+        if name != "*" and (rule.from_, name) not in offered
+    ]
+    return selected, warnings
+
+
+def parse_peers(raw: Iterable[Mapping[str, Any]]) -> tuple[dict[str, PeerSpec], list[str]]:
+    """`Desired.peers`; `identities.egress` may also be a list (several egress gateways)."""
+    warnings: list[str] = []
+    peers: dict[str, PeerSpec] = {}
+    for item in raw:
+        if not isinstance(item, Mapping):
+            continue
+        name, trust_domain = item.get("name"), item.get("trust_domain")
+        if not isinstance(name, str) or not is_dns_label(name) or not isinstance(trust_domain, str):
+            warnings.append(f"peer {name!r}: malformed entry; left out")
+            continue
+        identities = item.get("identities")
+        egress = identities.get("egress") if isinstance(identities, Mapping) else None
+        uris = [egress] if isinstance(egress, str) else list(egress) if isinstance(egress, list) else []
+        kept: list[str] = []
+        for uri in uris:
+            if spiffe_trust_domain(uri) != trust_domain:
+                warnings.append(
+                    f"peer {name}: egress identity {uri!r} is not a spiffe:// URI in its trust domain "
+                    f"{trust_domain!r}; left out"
+                )
+            else:
+                kept.append(uri)
+        peers[name] = PeerSpec(name, trust_domain, tuple(sorted(set(kept))))
+    return peers, warnings
+
+
+def parse_exports(raw: Iterable[Mapping[str, Any]]) -> tuple[list[ExportSpec], list[str]]:
+    """Exports in the shape published with `PUT /v1/clusters/{name}/exports` (`services`)."""
+    warnings: list[str] = []
+    exports: dict[str, ExportSpec] = {}
+    for item in raw:
+        service, namespace = item.get("service"), item.get("namespace")
+        name = f"{service}.{namespace}"
+        if not is_service_name(name) or item.get("name", name) != name:
+            warnings.append(f"export {item.get('name')!r}: malformed service/namespace; left out")
+            continue
+        assert isinstance(service, str) and isinstance(namespace, str)
+        ports = _ports(item.get("ports"), f"export {name}", warnings)
+        consumers_raw = item.get("consumers") or []
+        consumers = tuple(sorted({c for c in consumers_raw if isinstance(c, str) and is_dns_label(c)}))
+        if ports is not None and name not in exports:
+            exports[name] = ExportSpec(name, service, namespace, ports, consumers)
+    return [exports[n] for n in sorted(exports)], warnings
+
+
+def exports_from_config(config: AgentConfig) -> list[ExportSpec]:
+    specs = [
+        ExportSpec(
+            name=e.export_name,
+            service=e.service,
+            namespace=e.namespace,
+            ports=tuple(sorted((PortSpec(p.number, p.protocol) for p in e.ports), key=lambda p: p.number)),
+            consumers=tuple(sorted(set(e.consumers))),
+        )
+        for e in config.exports
+    ]
+    return sorted(specs, key=lambda s: s.name)

@@ -1,0 +1,69 @@
+"""What the agent keeps between runs: its agent token, the current intermediate key and bundle,
+the VIP assignments, and its own CRL. In render mode a 0700 directory of 0600 files; in a
+cluster a Secret (see kube.SecretStateStore). No repr shows a secret."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass
+class AgentState:
+    agent_token: str | None = None
+    key_pem: str | None = None  # the current intermediate's key (also in cacerts' ca-key.pem)
+    bundle: dict[str, str] = field(default_factory=dict)  # ca-cert.pem, cert-chain.pem, root-cert.pem, crl.pem
+    generation: int = 0
+    serial: str = ""
+    vips: dict[str, str] = field(default_factory=dict)
+    own_crl_pem: str = ""
+    own_crl_signed_at: str = ""
+    trust_bundle: str = ""
+
+    def __repr__(self) -> str:
+        return (f"AgentState(enrolled={self.agent_token is not None}, generation={self.generation}, "
+                f"serial={self.serial!r}, vips={len(self.vips)})")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> AgentState:
+        raw: dict[str, Any] = json.loads(text)
+        return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
+
+
+class StateStore(Protocol):
+    def load(self) -> AgentState: ...
+    def save(self, state: AgentState) -> None: ...
+
+
+class DirStateStore:
+    """``<dir>/state.json`` (0600) in a 0700 directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def __repr__(self) -> str:
+        return f"DirStateStore({str(self.dir)!r})"
+
+    def load(self) -> AgentState:
+        path = self.dir / "state.json"
+        if not path.exists():
+            return AgentState()
+        return AgentState.from_json(path.read_text())
+
+    def save(self, state: AgentState) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.dir, 0o700)
+        tmp = self.dir / f".state.json.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, state.to_json().encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.dir / "state.json")
