@@ -196,8 +196,7 @@ class Reconciler:
         validity = self.config.ca.crl_validity
         if not self.state.own_crl_pem or signed is None or now - signed >= validity / 2:
             self.state.own_crl_pem = rc.sign_intermediate_crl(
-                ca_cert_pem=self.state.bundle["ca-cert.pem"], ca_key_pem=self.state.key_pem, now=now,
-                validity=validity)
+                self.state.bundle["ca-cert.pem"], self.state.key_pem, now=now, validity=validity)
             self.state.own_crl_signed_at = now.isoformat()
             self.state_store.save(self.state)
         return self.state.own_crl_pem

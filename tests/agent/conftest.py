@@ -1,0 +1,68 @@
+"""Agent tests run against a real CA service (tests/support/caservice.py) over HTTPS."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.caservice import CAService
+
+COREFILE = """.:53 {
+    errors
+    health
+    kubernetes cluster.local in-addr.arpa ip6.arpa {
+       pods insecure
+       fallthrough in-addr.arpa ip6.arpa
+    }
+    forward . /etc/resolv.conf
+    cache 30
+    loop
+    reload
+    loadbalance
+}
+"""
+
+
+@pytest.fixture
+def ca_service(tmp_path: Path) -> Iterator[CAService]:
+    svc = CAService(tmp_path / "ca").start()
+    yield svc
+    svc.stop()
+
+
+def agent_yaml(*, name: str, td: str, url: str, address: str, exports: str = "[]", imports: str = "[]") -> str:
+    return f"""cluster: {name}
+ca:
+  url: {url}
+  trust_anchor: ../ca/root-cert.pem
+  bootstrap_token_file: bootstrap-token
+istio:
+  namespace: istio-system
+  trust_domain: {td}
+  ingress_gateway: {{selector: {{istio: ingressgateway}}, service: istio-ingressgateway, service_account: istio-ingressgateway-service-account, address: {address}, port: 15443}}
+  egress_gateway: {{selector: {{istio: egressgateway}}, service: istio-egressgateway, service_account: istio-egressgateway-service-account}}
+dns: {{suffix: remote, mode: coredns, vip_range: 240.240.0.0/16}}
+exports: {exports}
+imports: {imports}
+"""
+
+
+@pytest.fixture
+def two_clusters(ca_service: CAService, tmp_path: Path) -> dict[str, Path]:
+    """Cluster a exports ratings.bookinfo to b; b imports everything a offers. Returns config paths."""
+    paths = {}
+    for name, td, addr, exp, imp in (
+        ("a", "a.mesh", "198.51.100.10", "[{service: ratings, namespace: bookinfo, ports: [9080], consumers: [b]}]",
+         "[]"),
+        ("b", "b.mesh", "198.51.100.20", "[]", '[{from: a, names: ["*"]}]'),
+    ):
+        d = tmp_path / name
+        d.mkdir()
+        ca_service.add_cluster(name, td, d / "bootstrap-token")
+        (d / "agent.yaml").write_text(agent_yaml(name=name, td=td, url=ca_service.url, address=addr,
+                                                 exports=exp, imports=imp))
+        paths[name] = d / "agent.yaml"
+    (tmp_path / "Corefile").write_text(COREFILE)
+    return paths
