@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -87,7 +87,7 @@ def create_app(
     authority: Authority,
     *,
     ready_check: Callable[[], None] | None = None,
-    background: list[Callable[[], Awaitable[None]]] | None = None,
+    background: list[Callable[[], Coroutine[Any, Any, None]]] | None = None,
     watch_interval: float = 0.25,
 ) -> FastAPI:
     watcher = RevisionWatcher(authority, interval=watch_interval)

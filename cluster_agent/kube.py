@@ -151,8 +151,7 @@ class KubeApplier:
                 continue
             body = json.loads(json.dumps(obj))
             body["metadata"].setdefault("annotations", {})[HASH_ANNOTATION] = h
-            resource = from_dict(body)
-            retry_conflicts(lambda r=resource: self.client.apply(r, field_manager=self.fm, force=True))
+            self._apply_one(from_dict(body))
             self.write_calls += 1
             (report.updated if k in live else report.created).append(k)
         for k in sorted(set(live) - set(wanted)):
@@ -167,12 +166,18 @@ class KubeApplier:
             report.pruned.append(k)
         return report
 
+    def _apply_one(self, resource: Any) -> None:
+        def attempt() -> None:
+            self.client.apply(resource, field_manager=self.fm, force=True)
+
+        retry_conflicts(attempt)
+
     def _namespaces(self) -> set[str]:
         return {self.config.istio.namespace, self.config.dns.coredns_namespace}
 
     def _live_managed(self) -> dict[str, str]:
         out: dict[str, str] = {}
-        labels = dict(MANAGED_BY)
+        labels: dict[str, Any] = dict(MANAGED_BY)
         labels["meshbridge.io/cluster"] = self.config.cluster
         for kind, res in RESOURCES.items():
             for ns in sorted(self._namespaces()):
@@ -201,7 +206,7 @@ class KubeApplier:
                 self.write_calls += 1
                 report.created.append(k)
                 return
-            if (live.data or {}) == obj.get("data", {}) and (live.metadata and live.metadata.labels or {}) \
+            if (live.data or {}) == obj.get("data", {}) and ((live.metadata and live.metadata.labels) or {}) \
                     == obj["metadata"].get("labels", {}):
                 report.unchanged.append(k)
                 return

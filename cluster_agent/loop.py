@@ -14,7 +14,7 @@ from typing import Any
 
 from cluster_agent.ca_client import CAAuthFailed, CAClientError, CARejected, CAUnreachable
 from cluster_agent.metrics import AgentMetrics
-from cluster_agent.reconcile import BundleRejected, ReconcileResult, Reconciler
+from cluster_agent.reconcile import BundleRejected, Reconciler, ReconcileResult
 
 log = logging.getLogger("meshbridge.agent.loop")
 

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
-    from cluster_agent.reconcile import ReconcileResult, Reconciler
+    from cluster_agent.reconcile import Reconciler, ReconcileResult
 
 
 class AgentMetrics:
@@ -49,7 +49,7 @@ class AgentMetrics:
 def serve_health(metrics: AgentMetrics, *, ready: threading.Event, host: str = "127.0.0.1",
                  port: int = 9090) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             if self.path == "/healthz":
                 self._send(200, b"ok\n", "text/plain")
             elif self.path == "/readyz":

@@ -20,7 +20,7 @@ from cluster_agent.config import AgentConfig
 from cluster_agent.render import cacerts as rc
 from cluster_agent.render import render_all
 from cluster_agent.render.vip import allocate_vips
-from cluster_agent.state import AgentState, StateStore
+from cluster_agent.state import StateStore
 
 log = logging.getLogger("meshbridge.agent")
 

@@ -14,7 +14,7 @@ from starlette.responses import Response
 from ca_server.api import wire as w
 from ca_server.api.metrics import Metrics
 from ca_server.api.watcher import RevisionWatcher
-from ca_server.core.authority import Authority, Issued, desired_state
+from ca_server.core.authority import Authority, FleetSnapshot, Issued, desired_state
 from ca_server.core.errors import NotFound, Unauthenticated
 from ca_server.core.models import CertificateRecord, Cluster, Root
 from ca_server.core.validation import require_dns_label
@@ -71,7 +71,7 @@ def root_out(r: Root) -> w.RootOut:
 
 def bundle_out(issued: Issued) -> w.BundleOut:
     b = issued.bundle
-    return w.BundleOut(ca_cert=b.ca_cert, cert_chain=b.cert_chain, root_cert=b.root_cert, crl=b.crl)
+    return w.BundleOut.model_validate(b.as_files())
 
 
 public = APIRouter(tags=["public"])
@@ -221,7 +221,7 @@ async def desired(request: Request, name: NamePath, cluster: Agent,
     watcher: RevisionWatcher = request.app.state.watcher
     deadline = time.monotonic() + min(wait, 60.0)
     while True:
-        snap = watcher.snapshot or await run_in_threadpool(authority(request).snapshot)
+        snap: FleetSnapshot = watcher.snapshot or await run_in_threadpool(authority(request).snapshot)
         current = snap.clusters.get(name)
         if current is None:
             raise NotFound(f"no cluster named {name}")

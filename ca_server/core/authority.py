@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives import serialization
 
 from ca_server.core import tokens as tk
 from ca_server.core import x509profiles as xp
-from ca_server.core.importca import check_importable_ca
 from ca_server.core.errors import (
     BadProof,
     Conflict,
@@ -33,6 +32,7 @@ from ca_server.core.errors import (
     Unauthenticated,
     Unavailable,
 )
+from ca_server.core.importca import check_importable_ca
 from ca_server.core.models import (
     AdminToken,
     BootstrapToken,

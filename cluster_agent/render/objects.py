@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "COMPONENT_LABEL",
     "CLUSTER_LABEL",
+    "COMPONENT_LABEL",
     "MANAGED_BY",
     "MANAGED_BY_LABEL",
     "Manifest",

@@ -117,7 +117,8 @@ def test_unencrypted_or_missing_or_foreign_key_files_are_unavailable(tmp_path: P
 
 
 @pytest.mark.parametrize(
-    "key_ref", ["file:/etc/shadow", "file:../outside.pem", "file:roots/../../x", "file:", "pkcs11:token=a;object=b"]
+    "key_ref",
+    ["file:/etc/shadow", "file:../outside.pem", "file:roots/../../x", "file:", "pkcs11:token=a;object=b"],
 )
 def test_key_refs_outside_the_data_dir_are_rejected(key_ref: str, tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="relative to the data directory"):

@@ -135,8 +135,6 @@ def test_resolve_pkcs11_pin(tmp_path: Path) -> None:
 
 # --- SoftHSM2 ----------------------------------------------------------------------------------
 
-pytestmark_softhsm = [pytest.mark.softhsm, requires_softhsm]
-
 
 @pytest.mark.softhsm
 @requires_softhsm
@@ -183,7 +181,10 @@ def test_hsm_private_key_is_not_extractable(softhsm_token: SoftHSMToken) -> None
     token = pkcs11.lib(softhsm_token.module_path).get_token(token_label=softhsm_token.label)
     # the process is already logged in (login is per application), so no PIN here
     with token.open() as session:
-        for label, secret in (("sealed-ec", pkcs11.Attribute.VALUE), ("sealed-rsa", pkcs11.Attribute.PRIVATE_EXPONENT)):
+        for label, secret in (
+            ("sealed-ec", pkcs11.Attribute.VALUE),
+            ("sealed-rsa", pkcs11.Attribute.PRIVATE_EXPONENT),
+        ):
             key = session.get_key(pkcs11.ObjectClass.PRIVATE_KEY, label=label)
             assert key[pkcs11.Attribute.SENSITIVE] is True
             assert key[pkcs11.Attribute.EXTRACTABLE] is False

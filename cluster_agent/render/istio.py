@@ -1,0 +1,410 @@
+"""Istio objects for the hop-by-hop shape of ISTIO-NOTES ("Shape that works today").
+
+A call from a workload in cluster b to `ratings.bookinfo.remote:9080`, exported by cluster a:
+
+1. b, sidecar: ServiceEntry `ratings.bookinfo.remote` (its VIP, port `http-9080`) makes the name
+   routable; the import's VirtualService, bound to `mesh`, sends port 9080 to the egress gateway
+   Service on its Gateway port (443), subset `meshbridge`, rewriting the authority to
+   `ratings.bookinfo.remote:9080` so the port survives every later hop whatever the client sent.
+2. b, sidecar → egress: the egress DestinationRule's `meshbridge` subset speaks ISTIO_MUTUAL with
+   SNI `meshbridge-egress.remote`, a name on the egress Gateway server (HTTPS, ISTIO_MUTUAL) that
+   no import can take (imports have two labels before the suffix), so one subset serves every
+   import instead of one cluster per import and egress port in every sidecar.
+3. b, egress gateway: the same VirtualService, bound to the egress Gateway, matches the authority
+   `ratings.bookinfo.remote:9080` and routes to the `.remote` host on port 9080, whose endpoint
+   is a's ingress gateway address on the cross-cluster port; the import's DestinationRule makes
+   that hop ISTIO_MUTUAL with `sni: ratings.bookinfo.remote` and a's ingress identity as SAN.
+4. a, ingress gateway: a Gateway server on the cross-cluster port (HTTPS, ISTIO_MUTUAL) lists only
+   exported hosts; the export's VirtualService routes the authority's port to
+   `ratings.bookinfo.svc.cluster.local:9080`; an AuthorizationPolicy admits only the consumers'
+   egress identities for that host.
+
+Gateways ignore the port in Host matching (`ignore_port_in_host_matching`), so
+`ratings.bookinfo.remote:9080` selects the `ratings.bookinfo.remote` virtual host and the route
+matches on the full authority.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from cluster_agent.config import AgentConfig, EgressGatewayConfig
+from cluster_agent.render.inputs import ExportSpec, ImportSpec, PeerSpec, PortSpec
+from cluster_agent.render.objects import (
+    NAME_ANNOTATION,
+    SOURCE_CLUSTER_LABEL,
+    Manifest,
+    managed_labels,
+    metadata,
+    object_names,
+)
+
+__all__ = [
+    "EGRESS_SUBSET",
+    "INGRESS_GATEWAY",
+    "EgressTarget",
+    "IstioContext",
+    "consumer_principals",
+    "render_egress_destination_rule",
+    "render_egress_gateway",
+    "render_export_authorization_policy",
+    "render_export_side",
+    "render_export_virtual_service",
+    "render_import_destination_rule",
+    "render_import_side",
+    "render_import_virtual_service",
+    "render_ingress_gateway",
+    "render_service_entry",
+]
+
+NETWORKING = "networking.istio.io/v1"
+SECURITY = "security.istio.io/v1"
+INGRESS_GATEWAY = "meshbridge-ingress"
+EGRESS_GATEWAY = "meshbridge-egress"
+EGRESS_SUBSET = "meshbridge"
+SERVER_PORT_NAME = "https-meshbridge"
+EXPORT_TO_ALL = ("*",)
+
+
+@dataclass(frozen=True, slots=True)
+class EgressTarget:
+    """One egress gateway carrying imports: its Gateway, Service and the SNI sidecars send it."""
+
+    gateway_name: str
+    gateway_ref: str  # <namespace>/<name>, as VirtualServices reference it
+    selector: Mapping[str, str]
+    service_host: str  # FQDN of the gateway's Service
+    port: int
+    sni: str
+
+
+@dataclass(frozen=True, slots=True)
+class IstioContext:
+    cluster: str
+    namespace: str
+    suffix: str
+    cluster_domain: str
+    cross_cluster_port: int
+    authorization_mode: Literal["deny", "allow"]
+    ingress_selector: Mapping[str, str]
+    default_egress: EgressTarget
+    egress_by_source: Mapping[str, EgressTarget]
+
+    @classmethod
+    def from_config(cls, config: AgentConfig) -> IstioContext:
+        istio = config.istio
+        default = _egress_target(config, istio.egress_gateway, EGRESS_GATEWAY)
+        by_source: dict[str, EgressTarget] = {}
+        for rule in config.imports:
+            gateway = rule.egress_gateway
+            if gateway is None or gateway == istio.egress_gateway:
+                continue
+            namespace = istio.gateway_namespace(gateway)
+            name = f"{EGRESS_GATEWAY}-{gateway.service}"
+            if namespace != istio.namespace:
+                name = f"{EGRESS_GATEWAY}-{namespace}-{gateway.service}"
+            by_source[rule.from_] = _egress_target(config, gateway, name)
+        return cls(
+            cluster=config.cluster,
+            namespace=istio.namespace,
+            suffix=config.dns.suffix,
+            cluster_domain=istio.cluster_domain,
+            cross_cluster_port=istio.cross_cluster_port,
+            authorization_mode=istio.authorization_mode,
+            ingress_selector=dict(istio.ingress_gateway.selector),
+            default_egress=default,
+            egress_by_source=by_source,
+        )
+
+    def host(self, name: str) -> str:
+        return f"{name}.{self.suffix}"
+
+    def egress_for(self, cluster: str) -> EgressTarget:
+        return self.egress_by_source.get(cluster, self.default_egress)
+
+    def labels(self, component: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        return managed_labels(self.cluster, component, extra)
+
+
+def _egress_target(config: AgentConfig, gateway: EgressGatewayConfig, name: str) -> EgressTarget:
+    istio = config.istio
+    namespace = istio.gateway_namespace(gateway)
+    return EgressTarget(
+        gateway_name=name,
+        gateway_ref=f"{istio.namespace}/{name}",
+        selector=dict(gateway.selector),
+        service_host=f"{gateway.service}.{namespace}.svc.{istio.cluster_domain}",
+        port=gateway.port,
+        # One label before the suffix: never the host of an import (<service>.<namespace>.<suffix>).
+        sni=f"{EGRESS_GATEWAY}.{config.dns.suffix}",
+    )
+
+
+def _manifest(api_version: str, kind: str, meta: dict[str, Any], spec: dict[str, Any]) -> Manifest:
+    return {"apiVersion": api_version, "kind": kind, "metadata": meta, "spec": spec}
+
+
+def _server(name: str, port: int, hosts: list[str]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "port": {"number": port, "name": SERVER_PORT_NAME, "protocol": "HTTPS"},
+        "hosts": hosts,
+        "tls": {"mode": "ISTIO_MUTUAL"},
+    }
+
+
+def _authority_matches(host: str, port: PortSpec, gateway_ref: str | None = None) -> list[dict[str, Any]]:
+    """Match requests for `port` by their authority; a client omits the default port 80."""
+    authorities = [f"{host}:{port.number}", host] if port.number == 80 else [f"{host}:{port.number}"]
+    matches: list[dict[str, Any]] = []
+    for authority in authorities:
+        match: dict[str, Any] = {"authority": {"exact": authority}}
+        if gateway_ref is not None:
+            match["gateways"] = [gateway_ref]
+        matches.append(match)
+    return matches
+
+
+# --------------------------------------------------------------------------------------------
+# Exporting side
+
+
+def render_ingress_gateway(ctx: IstioContext, hosts: Sequence[str]) -> Manifest:
+    """The one ingress Gateway: only exported hosts, only from Istio-issued client certificates.
+
+    Hosts carry the Gateway's namespace, so only VirtualServices there can bind them.
+    """
+    spec = {
+        "selector": dict(ctx.ingress_selector),
+        "servers": [_server(INGRESS_GATEWAY, ctx.cross_cluster_port, [f"{ctx.namespace}/{h}" for h in sorted(hosts)])],
+    }
+    return _manifest(NETWORKING, "Gateway", metadata(INGRESS_GATEWAY, ctx.namespace, ctx.labels("export")), spec)
+
+
+def render_export_virtual_service(ctx: IstioContext, export: ExportSpec, name: str) -> Manifest:
+    host = ctx.host(export.name)
+    target = f"{export.service}.{export.namespace}.svc.{ctx.cluster_domain}"
+    routes: list[dict[str, Any]] = []
+    for port in export.ports:
+        route: dict[str, Any] = {
+            "name": f"port-{port.number}",
+            "route": [{"destination": {"host": target, "port": {"number": port.number}}}],
+        }
+        if len(export.ports) > 1:
+            route["match"] = _authority_matches(host, port)
+        routes.append(route)
+    spec = {
+        "hosts": [host],
+        "gateways": [f"{ctx.namespace}/{INGRESS_GATEWAY}"],
+        "exportTo": list(EXPORT_TO_ALL),
+        "http": routes,
+    }
+    meta = metadata(name, ctx.namespace, ctx.labels("export"), {NAME_ANNOTATION: export.name})
+    return _manifest(NETWORKING, "VirtualService", meta, spec)
+
+
+def render_export_authorization_policy(
+    ctx: IstioContext, export: ExportSpec, name: str, principals: Sequence[str]
+) -> Manifest:
+    """Only `principals` (the consumers' egress gateways) reach this export's host.
+
+    deny mode: DENY everyone else for the host (with any port), leaving other traffic through a
+    shared ingress gateway alone. allow mode: ALLOW the consumers for the host; every ALLOW policy
+    on a workload turns the rest of its traffic into deny-by-default.
+    """
+    host = ctx.host(export.name)
+    to = [{"operation": {"hosts": [host, f"{host}:*"]}}]
+    spec: dict[str, Any] = {"selector": {"matchLabels": dict(ctx.ingress_selector)}}
+    if ctx.authorization_mode == "deny":
+        rule: dict[str, Any] = {"to": to}
+        if principals:
+            rule["from"] = [{"source": {"notPrincipals": list(principals)}}]
+        spec.update(action="DENY", rules=[rule])
+    else:
+        spec["action"] = "ALLOW"
+        if principals:
+            spec["rules"] = [{"from": [{"source": {"principals": list(principals)}}], "to": to}]
+    meta = metadata(name, ctx.namespace, ctx.labels("export"), {NAME_ANNOTATION: export.name})
+    return _manifest(SECURITY, "AuthorizationPolicy", meta, spec)
+
+
+def consumer_principals(
+    exports: Sequence[ExportSpec], peers: Mapping[str, PeerSpec]
+) -> tuple[dict[str, tuple[str, ...]], list[str]]:
+    """Principals (`<td>/ns/<ns>/sa/<sa>`, no `spiffe://`) admitted for each export."""
+    principals: dict[str, tuple[str, ...]] = {}
+    unpublished: dict[str, list[str]] = {}
+    used: dict[str, PeerSpec] = {}
+    for export in exports:
+        found: set[str] = set()
+        for consumer in export.consumers:
+            peer = peers.get(consumer)
+            if peer is None or not peer.egress_identities:
+                unpublished.setdefault(consumer, []).append(export.name)
+                continue
+            used[consumer] = peer
+            found.update(uri[len("spiffe://"):] for uri in peer.egress_identities)
+        principals[export.name] = tuple(sorted(found))
+    warnings = [
+        f"consumer {consumer} has not published its egress identity yet; left out of the policy for "
+        f"{', '.join(names)}"
+        for consumer, names in sorted(unpublished.items())
+    ]
+    by_domain: dict[str, list[str]] = {}
+    for peer in used.values():
+        by_domain.setdefault(peer.trust_domain, []).append(peer.name)
+    warnings += [
+        f"consumers {', '.join(sorted(names))} share the trust domain {domain}: their egress gateways "
+        f"have the same identity, so the ingress cannot tell them apart; register a distinct trust "
+        f"domain per cluster"
+        for domain, names in sorted(by_domain.items())
+        if len(names) > 1
+    ]
+    return principals, warnings
+
+
+def render_export_side(
+    ctx: IstioContext, exports: Sequence[ExportSpec], peers: Mapping[str, PeerSpec]
+) -> tuple[list[Manifest], list[str]]:
+    if not exports:
+        return [], []
+    principals, warnings = consumer_principals(exports, peers)
+    names = object_names((e.name for e in exports), prefix="meshbridge-export")
+    objects = [render_ingress_gateway(ctx, [ctx.host(e.name) for e in exports])]
+    for export in exports:
+        name = names[export.name]
+        objects.append(render_export_virtual_service(ctx, export, name))
+        objects.append(render_export_authorization_policy(ctx, export, name, principals[export.name]))
+    return objects, warnings
+
+
+# --------------------------------------------------------------------------------------------
+# Importing side
+
+
+def render_egress_gateway(ctx: IstioContext, egress: EgressTarget, hosts: Sequence[str]) -> Manifest:
+    server_hosts = [f"{ctx.namespace}/{h}" for h in sorted({egress.sni, *hosts})]
+    spec = {"selector": dict(egress.selector), "servers": [_server(egress.gateway_name, egress.port, server_hosts)]}
+    return _manifest(NETWORKING, "Gateway", metadata(egress.gateway_name, ctx.namespace, ctx.labels("egress")), spec)
+
+
+def render_egress_destination_rule(ctx: IstioContext, egress: EgressTarget) -> Manifest:
+    """Sidecar → egress gateway: Istio mTLS with the SNI of the egress Gateway server.
+
+    Only the `meshbridge` subset carries settings, so other users of the egress gateway keep auto
+    mTLS. `useClientProtocol` keeps HTTP/2 (gRPC) as HTTP/2 on the HTTPS-named gateway port.
+    """
+    spec = {
+        "host": egress.service_host,
+        "exportTo": list(EXPORT_TO_ALL),
+        "subsets": [
+            {
+                "name": EGRESS_SUBSET,
+                "trafficPolicy": {
+                    "tls": {"mode": "ISTIO_MUTUAL", "sni": egress.sni},
+                    "connectionPool": {"http": {"useClientProtocol": True}},
+                },
+            }
+        ],
+    }
+    meta = metadata(egress.gateway_name, ctx.namespace, ctx.labels("egress"))
+    return _manifest(NETWORKING, "DestinationRule", meta, spec)
+
+
+def _import_meta(ctx: IstioContext, spec: ImportSpec, name: str) -> dict[str, Any]:
+    labels = ctx.labels("import", {SOURCE_CLUSTER_LABEL: spec.cluster})
+    return metadata(name, ctx.namespace, labels, {NAME_ANNOTATION: spec.name})
+
+
+def render_service_entry(ctx: IstioContext, spec: ImportSpec, name: str, vip: str) -> Manifest:
+    """The `.remote` host: its VIP, the import's ports, every port reaching the remote ingress
+    gateway's cross-cluster port."""
+    body = {
+        "hosts": [ctx.host(spec.name)],
+        "addresses": [vip],
+        "exportTo": list(EXPORT_TO_ALL),
+        "location": "MESH_EXTERNAL",
+        "resolution": "STATIC" if spec.gateway_is_ip else "DNS",
+        "ports": [{"number": p.number, "name": p.name, "protocol": p.protocol} for p in spec.ports],
+        "endpoints": [{"address": spec.gateway_address, "ports": {p.name: spec.gateway_port for p in spec.ports}}],
+        "subjectAltNames": [spec.identity],
+    }
+    return _manifest(NETWORKING, "ServiceEntry", _import_meta(ctx, spec, name), body)
+
+
+def render_import_virtual_service(ctx: IstioContext, spec: ImportSpec, name: str, egress: EgressTarget) -> Manifest:
+    host = ctx.host(spec.name)
+    to_egress: list[dict[str, Any]] = []
+    to_remote: list[dict[str, Any]] = []
+    for port in spec.ports:
+        authority = f"{host}:{port.number}"
+        to_egress.append(
+            {
+                "name": f"mesh-{port.number}",
+                "match": [{"gateways": ["mesh"], "port": port.number}],
+                "rewrite": {"authority": authority},
+                "route": [
+                    {
+                        "destination": {
+                            "host": egress.service_host,
+                            "subset": EGRESS_SUBSET,
+                            "port": {"number": egress.port},
+                        }
+                    }
+                ],
+            }
+        )
+        match = (
+            [{"gateways": [egress.gateway_ref]}]
+            if len(spec.ports) == 1
+            else _authority_matches(host, port, egress.gateway_ref)
+        )
+        to_remote.append(
+            {
+                "name": f"egress-{port.number}",
+                "match": match,
+                "route": [{"destination": {"host": host, "port": {"number": port.number}}}],
+            }
+        )
+    body = {
+        "hosts": [host],
+        "gateways": ["mesh", egress.gateway_ref],
+        "exportTo": list(EXPORT_TO_ALL),
+        "http": to_egress + to_remote,
+    }
+    return _manifest(NETWORKING, "VirtualService", _import_meta(ctx, spec, name), body)
+
+
+def render_import_destination_rule(ctx: IstioContext, spec: ImportSpec, name: str) -> Manifest:
+    """Egress gateway → remote ingress: ISTIO_MUTUAL, SNI = host, SAN = the exporter's ingress."""
+    host = ctx.host(spec.name)
+    body = {
+        "host": host,
+        "exportTo": list(EXPORT_TO_ALL),
+        "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL", "sni": host, "subjectAltNames": [spec.identity]}},
+    }
+    return _manifest(NETWORKING, "DestinationRule", _import_meta(ctx, spec, name), body)
+
+
+def render_import_side(ctx: IstioContext, imports: Sequence[ImportSpec], vips: Mapping[str, str]) -> list[Manifest]:
+    """Everything one cluster needs to reach its imports; `vips` maps every import name to its VIP."""
+    if not imports:
+        return []
+    names = object_names((s.name for s in imports), prefix="meshbridge-import")
+    hosts_by_egress: dict[str, list[str]] = {}
+    targets: dict[str, EgressTarget] = {}
+    objects: list[Manifest] = []
+    for spec in imports:
+        egress = ctx.egress_for(spec.cluster)
+        targets[egress.gateway_name] = egress
+        hosts_by_egress.setdefault(egress.gateway_name, []).append(ctx.host(spec.name))
+        name = names[spec.name]
+        objects.append(render_service_entry(ctx, spec, name, vips[spec.name]))
+        objects.append(render_import_virtual_service(ctx, spec, name, egress))
+        objects.append(render_import_destination_rule(ctx, spec, name))
+    for gateway_name, egress in sorted(targets.items()):
+        objects.append(render_egress_gateway(ctx, egress, hosts_by_egress[gateway_name]))
+        objects.append(render_egress_destination_rule(ctx, egress))
+    return objects
