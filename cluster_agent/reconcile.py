@@ -19,7 +19,6 @@ from cluster_agent.ca_client import CAAuthFailed, CAClient, CARejected
 from cluster_agent.config import AgentConfig
 from cluster_agent.render import cacerts as rc
 from cluster_agent.render import render_all
-from cluster_agent.render.vip import allocate_vips
 from cluster_agent.state import StateStore
 
 log = logging.getLogger("meshbridge.agent")
@@ -176,18 +175,6 @@ class Reconciler:
         self.published = body
         return True
 
-    def selected_imports(self, desired: dict[str, Any]) -> list[dict[str, Any]]:
-        """The imports this cluster's config asks for, out of everything offered to it."""
-        wanted: dict[str, set[str]] = {}
-        for imp in self.config.imports:
-            wanted.setdefault(imp.from_, set()).update(imp.names)
-        out = []
-        for item in desired.get("imports", []):
-            names = wanted.get(item["cluster"])
-            if names is not None and ("*" in names or item["name"] in names):
-                out.append(item)
-        return out
-
     # ------------------------------------------------------------------ the pass
     def own_crl(self) -> str:
         assert self.state.key_pem is not None
@@ -213,31 +200,28 @@ class Reconciler:
         if reason:
             self.renew(reason)
             renewed = True
-        imports = self.selected_imports(desired)
-        names = sorted({i["name"] for i in imports})
-        vips = allocate_vips(names, vip_range=self.config.dns.vip_range, previous=self.state.vips)
-        if vips != self.state.vips:
-            self.state.vips = vips
-            self.state_store.save(self.state)
         assert self.state.key_pem is not None
-        crl = (desired.get("crl") or "") + self.own_crl()
-        root_cert = desired.get("trust_bundle") or self.state.bundle["root-cert.pem"]
+        bundle = {**self.state.bundle,
+                  "root-cert.pem": desired.get("trust_bundle") or self.state.bundle["root-cert.pem"],
+                  "crl.pem": desired.get("crl") or self.state.bundle.get("crl.pem", "")}
         try:
-            rc.check_cacerts_bundle(
-                ca_cert_pem=self.state.bundle["ca-cert.pem"], ca_key_pem=self.state.key_pem,
-                cert_chain_pem=self.state.bundle["cert-chain.pem"], root_cert_pem=root_cert, crl_pem=crl)
+            result = render_all(
+                self.config, imports=desired.get("imports", []), peers=desired.get("peers", []),
+                vips=self.state.vips, exports=self.exports_body()["services"], bundle=bundle,
+                intermediate_key_pem=self.state.key_pem, crl_pem=self.own_crl(),
+                corefile=self.applier.current_corefile(), now=self.clock())
         except rc.BundleError as exc:
             raise BundleRejected(f"cacerts would fail istiod's checks, nothing written: {exc}") from exc
-        result = render_all(
-            self.config, imports=imports, peers=desired.get("peers", []), vips=vips,
-            bundle={**self.state.bundle, "root-cert.pem": root_cert}, intermediate_key_pem=self.state.key_pem,
-            crl_pem=crl, corefile=self.applier.current_corefile())
-        report = self.applier.apply(result.objects, corefile_block=getattr(result, "corefile_block", None))
+        if result.vips != self.state.vips:
+            self.state.vips = dict(result.vips)
+            self.state_store.save(self.state)
+        report = self.applier.apply(result.objects, corefile_block=result.server_block)
         self.last_reconcile = self.clock()
         for w in result.warnings:
             log.warning(w, extra={"cluster": self.config.cluster})
         log.info("reconciled: %s", report.summary(), extra={"cluster": self.config.cluster})
-        return ReconcileResult(report, str(desired.get("revision", "")), len(imports), renewed, list(result.warnings))
+        return ReconcileResult(report, str(desired.get("revision", "")), len(result.vips), renewed,
+                               list(result.warnings))
 
     def status_body(self) -> dict[str, Any]:
         not_after = ""

@@ -220,8 +220,12 @@ async def desired(request: Request, name: NamePath, cluster: Agent,
                   wait: Annotated[float, Query(ge=0)] = 0) -> dict[str, Any]:
     watcher: RevisionWatcher = request.app.state.watcher
     deadline = time.monotonic() + min(wait, 60.0)
+    fresh = True  # the first look reads the store's revision, so a client sees its own writes at once
     while True:
-        snap: FleetSnapshot = watcher.snapshot or await run_in_threadpool(authority(request).snapshot)
+        snap: FleetSnapshot | None = None if fresh else watcher.snapshot
+        if snap is None:
+            snap = await run_in_threadpool(authority(request).snapshot)
+        fresh = False
         current = snap.clusters.get(name)
         if current is None:
             raise NotFound(f"no cluster named {name}")

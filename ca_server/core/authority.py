@@ -207,6 +207,9 @@ class Authority:
         self._verifiers: dict[tuple[str, ...], xp.ChainVerifier] = {}
         self._snapshot: FleetSnapshot | None = None
         self._lock = threading.Lock()
+        # caches for the renewal hot path (see _pki_state and _check_proof)
+        self._pki: tuple[int, list[Root], str] | None = None
+        self._proved_by: dict[str, str] = {}
         self.on_change: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ helpers
@@ -610,10 +613,12 @@ class Authority:
             locked = self._must_cluster(tx, cluster.name, for_update=True)
             if locked.status != ClusterStatus.ACTIVE or locked.agent_token_id != cluster.agent_token_id:
                 raise Unauthenticated("agent token is no longer valid")
-            self._check_proof(tx, locked, csr_der, proof, now=now)
+            roots, crl_pem = self._pki_state(tx)
+            self._check_proof(tx, locked, csr_der, proof, now=now, roots=roots)
             ended = locked.rotation_pending
             locked.rotation_pending = False
-            issued = self._issue(tx, locked, csr, now=now, actor=f"agent:{locked.name}", action="renew")
+            issued = self._issue(tx, locked, csr, now=now, actor=f"agent:{locked.name}", action="renew",
+                                 roots=roots, crl_pem=crl_pem)
             if ended:
                 tx.save_cluster(locked)
                 self._changed(tx)
@@ -621,19 +626,50 @@ class Authority:
             self.notify_changed()
         return issued
 
-    def _check_proof(self, tx: Tx, cluster: Cluster, csr_der: bytes, proof: bytes, *, now: datetime) -> None:
-        retired = {r.id for r in tx.list_roots() if r.status == RootStatus.RETIRED}
+    def _pki_state(self, tx: Tx) -> tuple[list[Root], str]:
+        """The roots and the trust bundle's PEM CRLs, read once per fleet revision: every change to
+        either bumps the revision in the same transaction, so a matching revision means unchanged."""
+        revision = tx.get_revision()
+        cached = self._pki
+        if cached is not None and cached[0] == revision:
+            return cached[1], cached[2]
+        roots = tx.list_roots()
+        crl_pem = self._crl_pem_from(tx, roots)
+        self._pki = (revision, roots, crl_pem)
+        return roots, crl_pem
+
+    def _check_proof(self, tx: Tx, cluster: Cluster, csr_der: bytes, proof: bytes, *, now: datetime,
+                     roots: Sequence[Root] | None = None) -> None:
+        retired = {r.id for r in (tx.list_roots() if roots is None else roots) if r.status == RootStatus.RETIRED}
+
+        def usable(rec: CertificateRecord | None) -> bool:
+            return (rec is not None and rec.cluster == cluster.name and rec.revoked_at is None
+                    and rec.not_after > now and rec.root_id not in retired)
+
+        # Any valid intermediate of the cluster may prove. Try the one that proved last time first
+        # (re-read from the store, so revocation and expiry apply), then the rest newest first:
+        # the same set of keys is accepted, in an order that needs one signature check per renewal.
+        hint = self._proved_by.get(cluster.name)
+        if hint is not None:
+            rec = tx.get_certificate(hint)
+            if rec is not None and usable(rec) and xp.verify_proof(self._cert(rec.cert_pem).public_key(),
+                                                                   csr_der, proof):
+                return
         for rec in reversed(tx.cluster_certificates(cluster.name)):
-            if rec.revoked_at is not None or rec.not_after <= now or rec.root_id in retired:
+            if rec.serial == hint or not usable(rec):
                 continue
-            if xp.verify_proof(self._cert(rec.cert_pem).public_key(), csr_der, proof):
+            key = x509.load_pem_x509_certificate(rec.cert_pem.encode()).public_key()
+            if xp.verify_proof(key, csr_der, proof):
+                self._proved_by[cluster.name] = rec.serial
                 return
         raise BadProof("proof does not verify with the key of any valid intermediate of this cluster")
 
     def _issue(
-        self, tx: Tx, cluster: Cluster, csr: x509.CertificateSigningRequest, *, now: datetime, actor: str, action: str
+        self, tx: Tx, cluster: Cluster, csr: x509.CertificateSigningRequest, *, now: datetime, actor: str, action: str,
+        roots: list[Root] | None = None, crl_pem: str | None = None,
     ) -> Issued:
-        roots = tx.list_roots()
+        if roots is None:
+            roots = tx.list_roots()
         root = self._active_root(roots)
         issuer = self._cert(root.cert_pem)
         cert = xp.issue_intermediate(
@@ -660,7 +696,7 @@ class Authority:
             ca_cert=pem,
             cert_chain=pem + root.cert_pem + root.chain_pem,
             root_cert=self.trust_bundle_from(roots),
-            crl=self._crl_pem_from(tx, roots),
+            crl=self._crl_pem_from(tx, roots) if crl_pem is None else crl_pem,
         )
         return Issued(cluster.name, cluster.generation, rec.serial, rec.not_after, bundle)
 

@@ -19,12 +19,10 @@ from ca_server.core.errors import InvalidInput, UnsupportedKey
 from ca_server.core.keytypes import KeyType, LocalKeySigner, generate_private_key
 from ca_server.keys.base import KeyExists, KeyUnavailable, WrongPassphrase, validate_label
 
-PASSPHRASE_ENV = "MESHBRIDGE_CA_KEY_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
-DEFAULT_PASSPHRASE_FILE = "key-passphrase"  # noqa: S105 (a file name)
+PASSPHRASE_ENV = "MESHBRIDGE_CA_KEY_PASSPHRASE"
+DEFAULT_PASSPHRASE_FILE = "key-passphrase"
 KEY_DIR = "roots"
-_HOW_TO_SET = (
-    f"set {PASSPHRASE_ENV}, pass --passphrase-file, or keep one in <data dir>/{DEFAULT_PASSPHRASE_FILE}"
-)
+_HOW_TO_SET = f"set {PASSPHRASE_ENV}, pass --passphrase-file, or keep one in <data dir>/{DEFAULT_PASSPHRASE_FILE}"
 
 
 def resolve_passphrase(

@@ -57,9 +57,7 @@ _STALE_SESSION_ERRORS: tuple[type[pkcs11.PKCS11Error], ...] = (
 )
 
 
-def resolve_pkcs11_pin(
-    *, pin_file: str | os.PathLike[str] | None = None, env: Mapping[str, str] = os.environ
-) -> str:
+def resolve_pkcs11_pin(*, pin_file: str | os.PathLike[str] | None = None, env: Mapping[str, str] = os.environ) -> str:
     """The token user PIN: ``$MESHBRIDGE_PKCS11_PIN``, else the first line of ``pin_file``."""
     from_env = env.get(PIN_ENV)
     if from_env:
@@ -127,9 +125,7 @@ class _TokenConnection:
             try:
                 found = session.get_key(ObjectClass.PRIVATE_KEY, label=label)
             except pkcs11.NoSuchKey:
-                raise KeyUnavailable(
-                    f"no private key {label!r} on PKCS#11 token {self.token_label!r}"
-                ) from None
+                raise KeyUnavailable(f"no private key {label!r} on PKCS#11 token {self.token_label!r}") from None
             if not isinstance(found, SignMixin):
                 raise KeyUnavailable(f"PKCS#11 key {label!r} cannot sign")
             key = self._private_keys[label] = found
@@ -218,9 +214,7 @@ class Pkcs11KeyBackend:
         self._signers: dict[str, Pkcs11Signer] = {}
 
     def __repr__(self) -> str:
-        return (
-            f"Pkcs11KeyBackend(module_path={self._module_path!r}, token={self._token_label!r}, pin=<hidden>)"
-        )
+        return f"Pkcs11KeyBackend(module_path={self._module_path!r}, token={self._token_label!r}, pin=<hidden>)"
 
     @property
     def _conn(self) -> _TokenConnection:
@@ -251,9 +245,7 @@ class Pkcs11KeyBackend:
     def _object_label(self, key_ref: str) -> str:
         token_label, label = parse_pkcs11_ref(key_ref)
         if token_label != self._token_label:
-            raise InvalidInput(
-                f"key reference names token {token_label!r}, backend uses {self._token_label!r}"
-            )
+            raise InvalidInput(f"key reference names token {token_label!r}, backend uses {self._token_label!r}")
         return label
 
 

@@ -5,7 +5,7 @@ ISTIO-NOTES "What istiod does with cacerts") and adds the checks that istiod ski
 applies to every workload chain, so a bundle that passes here is one istiod loads and Envoy
 accepts:
 - ca-cert.pem: a CA certificate with keyCertSign, no EKU or an EKU that includes serverAuth
-  (Go verifies with an empty usage list, i.e. serverAuth), RSA 2048–4096 or ECDSA P-256/P-384;
+  (Go verifies with an empty usage list, i.e. serverAuth), RSA 2048-4096 or ECDSA P-256/P-384;
 - ca-key.pem: an unencrypted PKCS#1, SEC1 or PKCS#8 key matching ca-cert.pem;
 - cert-chain.pem: starts with ca-cert.pem, each certificate issued by the next, ending at or
   issued by a root in root-cert.pem (Istio appends it verbatim to workload certificates);
@@ -161,7 +161,7 @@ def _check_key_type(cert: x509.Certificate, what: str) -> None:
     key = cert.public_key()
     if isinstance(key, rsa.RSAPublicKey):
         if not 2048 <= key.key_size <= 4096:
-            raise BundleError(f"{what}: RSA key of {key.key_size} bits; istiod signs with RSA 2048–4096")
+            raise BundleError(f"{what}: RSA key of {key.key_size} bits; istiod signs with RSA 2048-4096")
     elif isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, ec.SECP256R1 | ec.SECP384R1):
             raise BundleError(f"{what}: ECDSA curve {key.curve.name}; use P-256 or P-384")

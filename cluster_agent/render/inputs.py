@@ -10,6 +10,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from cluster_agent.config import HTTP_PROTOCOLS, AgentConfig, is_dns_label, is_dns_name
@@ -29,6 +30,7 @@ __all__ = [
 # ServiceEntry endpoints map at most 128 port names (CRD: endpoints[].ports maxProperties).
 MAX_PORTS = 128
 _SERVICE_RE = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_PATH_RE = re.compile(r"[^\s]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +54,7 @@ class ImportSpec:
 
     @property
     def gateway_is_ip(self) -> bool:
-        try:
-            ipaddress.ip_address(self.gateway_address)
-        except ValueError:
-            return False
-        return True
+        return _is_ip(self.gateway_address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +83,32 @@ def is_service_name(value: object) -> bool:
 
 def spiffe_trust_domain(uri: object) -> str | None:
     """The trust domain of a well-formed `spiffe://<td>/<path>` URI, else None."""
-    if not isinstance(uri, str) or not uri.startswith("spiffe://"):
+    return _spiffe_trust_domain(uri) if isinstance(uri, str) else None
+
+
+# Thousands of imports share a few dozen gateways and identities: parse each distinct one once.
+@lru_cache(maxsize=4096)
+def _spiffe_trust_domain(uri: str) -> str | None:
+    if not uri.startswith("spiffe://"):
         return None
     trust_domain, slash, path = uri[len("spiffe://"):].partition("/")
-    if not slash or not path or not is_dns_name(trust_domain) or any(c.isspace() for c in path):
+    if not slash or _PATH_RE.fullmatch(path) is None or not is_dns_name(trust_domain):
         return None
     return trust_domain
+
+
+@lru_cache(maxsize=4096)
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+@lru_cache(maxsize=4096)
+def _is_address(value: str) -> bool:
+    return _is_ip(value) or is_dns_name(value.lower().rstrip("."))
 
 
 def _port(raw: object) -> int | None:
@@ -148,14 +166,6 @@ def _import(raw: Mapping[str, Any], warnings: list[str]) -> ImportSpec | None:
     if ports is None:
         return None
     return ImportSpec(name, cluster, ports, address.lower().rstrip("."), port, identity)
-
-
-def _is_address(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return is_dns_name(value.lower().rstrip("."))
-    return True
 
 
 def parse_imports(raw: Iterable[Mapping[str, Any]]) -> tuple[list[ImportSpec], list[str]]:

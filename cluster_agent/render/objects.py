@@ -100,8 +100,12 @@ def sort_objects(objects: Iterable[Manifest]) -> list[Manifest]:
     return sorted(objects, key=_object_key)
 
 
-class _Dumper(yaml.SafeDumper):
-    """SafeDumper that writes multi-line strings (Corefile, PEM) as literal blocks for review."""
+# libyaml's emitter when PyYAML has it: the pure-Python one needs seconds per thousand objects.
+_BaseDumper: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+class _Dumper(_BaseDumper):  # type: ignore[valid-type,misc]
+    """Safe dumper that writes multi-line strings (Corefile, PEM) as literal blocks for review."""
 
 
 def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:

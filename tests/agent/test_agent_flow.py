@@ -87,9 +87,11 @@ def test_enroll_exchange_and_render(ca_service: CAService, two_clusters: dict[st
 
     objs_a = load_objects(out_a)
     aps = [o for o in objs_a.values() if o["kind"] == "AuthorizationPolicy"]
-    principals = [p for ap in aps for r in ap["spec"].get("rules", []) for f in r.get("from", [])
-                  for p in f["source"].get("principals", [])]
-    assert principals == ["b.mesh/ns/istio-system/sa/istio-egressgateway-service-account"]
+    assert [ap["spec"]["action"] for ap in aps] == ["DENY"]  # deny the host to everyone but its consumers
+    rule = aps[0]["spec"]["rules"][0]
+    assert rule["from"][0]["source"]["notPrincipals"] == [
+        "b.mesh/ns/istio-system/sa/istio-egressgateway-service-account"]
+    assert "ratings.bookinfo.remote" in rule["to"][0]["operation"]["hosts"]
     for o in [*objs_a.values(), *objs_b.values()]:
         if o["metadata"]["name"] != "coredns":
             assert o["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "meshbridge"
@@ -225,5 +227,6 @@ def test_client_refuses_a_server_outside_the_trust_anchor(ca_service: CAService,
              .sign(key, hashes.SHA256()))
     client = CAClient(ca_service.url, trust_pem=other.public_bytes(serialization.Encoding.PEM).decode(),
                       cluster="a")
-    with pytest.raises(CAUnreachable):
+    client.set_token("mbagent.0123456789abcdef.not-a-real-secret")
+    with pytest.raises(CAUnreachable, match="unreachable"):
         client.desired()

@@ -40,9 +40,7 @@ def softhsm_available() -> bool:
     return SOFTHSM_UTIL is not None and softhsm_module() is not None
 
 
-requires_softhsm = pytest.mark.skipif(
-    not softhsm_available(), reason="needs SoftHSM2 (apt-get install softhsm2)"
-)
+requires_softhsm = pytest.mark.skipif(not softhsm_available(), reason="needs SoftHSM2 (apt-get install softhsm2)")
 
 
 @dataclass(frozen=True)

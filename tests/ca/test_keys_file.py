@@ -18,6 +18,7 @@ from ca_server.keys import (
     PASSPHRASE_ENV,
     ROOT_KEY_TYPES,
     FileKeyBackend,
+    KeyBackend,
     KeyExists,
     KeyType,
     KeyUnavailable,
@@ -59,7 +60,7 @@ def test_generate_writes_an_encrypted_0600_key_that_loads_again(key_type: KeyTyp
 
 def test_load_decrypts_once_and_keeps_the_signer(tmp_path: Path) -> None:
     key_ref, generated = FileKeyBackend(tmp_path, PASSPHRASE).generate(KeyType.ECDSA_P256, "r")
-    backend = FileKeyBackend(tmp_path, PASSPHRASE)
+    backend: KeyBackend = FileKeyBackend(tmp_path, PASSPHRASE)  # mypy checks the protocol
     first = backend.load(key_ref)
     (tmp_path / "roots" / "r.key.pem").unlink()  # a second load must not touch the file
     assert backend.load(key_ref) is first

@@ -14,7 +14,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from ca_server.core import x509profiles as xp
 from ca_server.core.errors import InvalidInput
 from ca_server.core.keytypes import KeyType, LocalKeySigner, SignerPrivateKey, generate_private_key
-from ca_server.keys.base import ExternalKeySigner, KeyExists, KeyUnavailable, signature_algorithm_der
+from ca_server.keys.base import (
+    ExternalKeySigner,
+    KeyBackend,
+    KeyExists,
+    KeyUnavailable,
+    signature_algorithm_der,
+)
 from ca_server.keys.pkcs11 import (
     PIN_ENV,
     Pkcs11KeyBackend,
@@ -104,9 +110,7 @@ def test_signature_algorithm_is_read_from_the_outer_structure() -> None:
     root = xp.build_root(LocalKeySigner(key), subject=xp.default_root_subject(ORG), now=NOW)
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    assert signature_algorithm_der(root.public_bytes(Encoding.DER)) == bytes.fromhex(
-        "300d06092a864886f70d01010b0500"
-    )
+    assert signature_algorithm_der(root.public_bytes(Encoding.DER)) == bytes.fromhex("300d06092a864886f70d01010b0500")
 
 
 # --- references and PIN -------------------------------------------------------------------------
@@ -138,9 +142,7 @@ def test_resolve_pkcs11_pin(tmp_path: Path) -> None:
 
 @pytest.mark.softhsm
 @requires_softhsm
-@pytest.mark.parametrize(
-    "key_type", [KeyType.ECDSA_P256, KeyType.ECDSA_P384, KeyType.RSA_3072, KeyType.RSA_4096]
-)
+@pytest.mark.parametrize("key_type", [KeyType.ECDSA_P256, KeyType.ECDSA_P384, KeyType.RSA_3072, KeyType.RSA_4096])
 def test_hsm_root_intermediate_and_crl_verify_with_openssl(
     softhsm_token: SoftHSMToken, key_type: KeyType, tmp_path: Path
 ) -> None:
@@ -158,9 +160,7 @@ def test_hsm_root_intermediate_and_crl_verify_with_openssl(
         trust_domain="a.mesh",
         now=NOW,
     )
-    crl = xp.build_crl(
-        issuer=root, signer=signer, revoked=[], now=NOW, next_update=timedelta(days=1), crl_number=1
-    )
+    crl = xp.build_crl(issuer=root, signer=signer, revoked=[], now=NOW, next_update=timedelta(days=1), crl_number=1)
     assert crl.is_signature_valid(signer.public_key())
     for cert in (root, inter):
         result = certcheck.openssl_verify_certs(tmp_path, cert, roots=[root], attime=NOW)
@@ -199,7 +199,7 @@ def test_hsm_private_key_is_not_extractable(softhsm_token: SoftHSMToken) -> None
 @requires_softhsm
 def test_hsm_key_loads_by_reference(softhsm_token: SoftHSMToken) -> None:
     key_ref, generated = backend_for(softhsm_token).generate(KeyType.ECDSA_P384, "reload")
-    backend = backend_for(softhsm_token)
+    backend: KeyBackend = backend_for(softhsm_token)  # mypy checks the protocol
     loaded = backend.load(key_ref)
     assert isinstance(loaded, Pkcs11Signer)
     assert loaded.public_key() == generated.public_key() and loaded.key_type is KeyType.ECDSA_P384

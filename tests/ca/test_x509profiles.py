@@ -112,13 +112,9 @@ def workload_cert(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
-        .add_extension(
-            x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True
-        )
+        .add_extension(x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(intermediate_key.public_key()), False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(intermediate_key.public_key()), False)
         .sign(intermediate_key, hashes.SHA256())
     )
 
@@ -176,9 +172,7 @@ INTERMEDIATE_CASES = [
 
 
 @pytest.mark.parametrize(("root_type", "csr_kind"), INTERMEDIATE_CASES)
-def test_intermediate_profile_passes_pkilint_and_openssl(
-    root_type: KeyType, csr_kind: str, tmp_path: Path
-) -> None:
+def test_intermediate_profile_passes_pkilint_and_openssl(root_type: KeyType, csr_kind: str, tmp_path: Path) -> None:
     root = root_of(root_type)
     inter = issue(root_type, csr_kind)
 
@@ -206,9 +200,7 @@ def test_intermediate_profile_passes_pkilint_and_openssl(
     assert inter.issuer == root.subject
     inter.verify_directly_issued_by(root)
 
-    assert (
-        certcheck.pkilint_errors(certcheck.pem_of(inter), f"intermediate {csr_kind} under {root_type}") == []
-    )
+    assert certcheck.pkilint_errors(certcheck.pem_of(inter), f"intermediate {csr_kind} under {root_type}") == []
     result = certcheck.openssl_verify_certs(tmp_path, inter, roots=[root], attime=NOW)
     assert result.ok, result.output
     xp.verify_issued(inter, roots=[root], now=NOW)
@@ -283,9 +275,7 @@ def test_csr_subject_and_extensions_are_ignored() -> None:
     for absent in (x509.SubjectAlternativeName, x509.ExtendedKeyUsage):
         with pytest.raises(x509.ExtensionNotFound):
             inter.extensions.get_extension_for_class(absent)
-    assert ext(inter, x509.NameConstraints).value.permitted_subtrees == [
-        x509.UniformResourceIdentifier("a.mesh")
-    ]
+    assert ext(inter, x509.NameConstraints).value.permitted_subtrees == [x509.UniformResourceIdentifier("a.mesh")]
     assert inter.public_key() == key.public_key()
 
 
@@ -406,9 +396,7 @@ def test_parse_csr_rejects_a_certificate_in_place_of_a_csr() -> None:
 
 
 def test_parse_csr_rejects_a_tampered_csr() -> None:
-    csr = make_csr(
-        csr_key("ecdsa-p256"), subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "aaaaaaaa")])
-    )
+    csr = make_csr(csr_key("ecdsa-p256"), subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "aaaaaaaa")]))
     der = csr.public_bytes(serialization.Encoding.DER)
     tampered = der.replace(b"aaaaaaaa", b"bbbbbbbb")
     assert tampered != der
@@ -428,9 +416,7 @@ def test_parse_csr_rejects_a_tampered_csr() -> None:
 )
 def test_parse_csr_rejects_keys_outside_the_profile(make_key: object, described: str) -> None:
     key = make_key()  # type: ignore[operator]
-    with pytest.raises(
-        UnsupportedKey, match=rf"{described}.*accepted: ECDSA P-256 or P-384, or RSA with 2048"
-    ):
+    with pytest.raises(UnsupportedKey, match=rf"{described}.*accepted: ECDSA P-256 or P-384, or RSA with 2048"):
         xp.parse_csr(csr_pem(make_csr(key)))
 
 
@@ -496,9 +482,7 @@ def test_server_certificate_needs_a_name() -> None:
 
 
 @pytest.mark.parametrize("root_type", [KeyType.ECDSA_P256, KeyType.RSA_3072])
-def test_crl_is_signed_by_the_issuer_and_lists_entries_and_reasons(
-    root_type: KeyType, tmp_path: Path
-) -> None:
+def test_crl_is_signed_by_the_issuer_and_lists_entries_and_reasons(root_type: KeyType, tmp_path: Path) -> None:
     root = root_of(root_type)
     revoked_at = NOW - timedelta(hours=1)
     entries = [
@@ -586,9 +570,7 @@ def test_crl_rejects_unknown_reasons_and_bad_numbers() -> None:
         xp.parse_revocation_reason("removeFromCRL")
     assert xp.parse_revocation_reason("KEYCOMPROMISE") == "keyCompromise"
     with pytest.raises(InvalidInput, match="CRL number"):
-        xp.build_crl(
-            issuer=root, signer=signer, revoked=[], now=NOW, next_update=timedelta(days=1), crl_number=-1
-        )
+        xp.build_crl(issuer=root, signer=signer, revoked=[], now=NOW, next_update=timedelta(days=1), crl_number=-1)
 
 
 # --- verification of what was signed ---------------------------------------------------------
@@ -674,9 +656,7 @@ def test_serial_hex_and_pem_helpers() -> None:
 def test_public_key_fingerprint_matches_spki_sha256() -> None:
     key = csr_key("ecdsa-p384")
     inter = issue(csr_kind="ecdsa-p384")
-    spki = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     expected = hashlib.sha256(spki).hexdigest()
     assert xp.public_key_fingerprint(key.public_key()) == expected
     assert xp.public_key_fingerprint(inter.public_key()) == expected  # type: ignore[arg-type]

@@ -33,7 +33,8 @@ class CAService:
         self.server_cert = ServerCertificate(self.authority, names=["127.0.0.1"])
         self.server_cert.refresh()
         self.app = create_app(self.authority, watch_interval=0.1)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None, access_log=False)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
+                                timeout_graceful_shutdown=1)
         config.load()
         config.ssl = self.server_cert.ctx
         self.server = uvicorn.Server(config)

@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Renewal throughput of `meshbridge-ca serve` (issue 2, item 11).
+
+Sets up a CA in a temporary data dir (SQLite, or a real PostgreSQL with ``--engine postgres``),
+starts ``meshbridge-ca serve`` on a free 127.0.0.1 port, registers and enrolls K clusters through
+the API, pre-builds renewal requests (each a fresh ECDSA P-256 CSR plus a proof signed by the
+cluster's enrolled intermediate key, which stays valid while renewals happen), and replays them
+with ``wrk`` and ``bench/renew.lua`` at each concurrency. Every request is a full renewal:
+authenticated, proof-checked, signed, verified against the root, stored and audited.
+
+Afterwards it checks that the certificates in the database are exactly the enrollments plus the
+201s, and that ``meshbridge-ca audit verify`` passes. A run with any non-201 answer or socket
+error fails. Exit status 0 only when every check passes (targets are reported, not enforced,
+unless ``--enforce-targets``).
+
+    python bench/ca_renewals.py --engine sqlite --duration 10 --concurrency 4,16 [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import BenchCA, machine, raise_nofile  # noqa: E402
+
+from cluster_agent import pki  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+TARGETS = {4: {"rps": 1000.0, "p99_ms": 50.0}, 16: {"rps": 600.0, "p99_ms": 50.0}}
+
+
+def _build(job: tuple[str, str, str, int]) -> list[str]:
+    name, token, key_pem, count = job
+    key = pki.load_key(key_pem)
+    path = f"/v1/clusters/{name}/intermediate"
+    lines = []
+    for _ in range(count):
+        csr = pki.make_csr(pki.new_key("ecdsa-p256"), name)
+        body = json.dumps({"csr": csr, "proof": pki.prove(key, csr)}, separators=(",", ":"))
+        lines.append(f"{path}\t{token}\t{body}")
+    return lines
+
+
+def build_requests(enrolled: list[Any], total: int, out: Path) -> int:
+    """``total`` requests, clusters interleaved round-robin, written one per line to ``out``."""
+    per = -(-total // len(enrolled))
+    jobs = [(e.name, e.token, pki.key_pem(e.key), per) for e in enrolled]
+    with multiprocessing.Pool() as pool:
+        chunks = pool.map(_build, jobs)
+    n = 0
+    with out.open("w") as f:
+        for i in range(per):
+            for chunk in chunks:
+                if n < total:
+                    f.write(chunk[i] + "\n")
+                    n += 1
+    return n
+
+
+def run_wrk(url: str, reqfile: Path, *, connections: int, threads: int, duration: float,
+            timeout: float = 5.0) -> dict[str, Any]:
+    wrk = shutil.which("wrk")
+    if not wrk:
+        raise SystemExit("wrk not found: run `make sysdeps` (Debian package wrk)")
+    threads = max(1, min(threads, connections))
+    cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", f"--timeout={timeout:g}s",
+           "-s", str(HERE / "renew.lua"), url, "--", str(reqfile), str(threads)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if r.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({r.returncode}): {r.stdout[-2000:]} {r.stderr[-2000:]}")
+    res: dict[str, Any] = json.loads(line[len("RESULT "):])
+    secs = res["duration_us"] / 1e6
+    ok = int(res["statuses"].get("201", 0))
+    sock = sum(res["socket_errors"][k] for k in ("connect", "read", "write", "timeout"))
+    lat = res["latency_us"]
+    return {
+        "concurrency": connections, "threads": threads, "seconds": round(secs, 2),
+        "responses": res["requests"], "created_201": ok,
+        "failures": {k: v for k, v in res["statuses"].items() if k != "201"},
+        "socket_errors": sock, "rps": round(ok / secs, 1),
+        "p50_ms": round(lat["p50"] / 1000, 2), "p90_ms": round(lat["p90"] / 1000, 2),
+        "p99_ms": round(lat["p99"] / 1000, 2), "max_ms": round(lat["max"] / 1000, 2),
+        "prepared": res["prepared"], "wrapped": res["sent"] > res["prepared"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", choices=["sqlite", "postgres"], default="sqlite")
+    p.add_argument("--clusters", type=int, default=64, help="clusters enrolled (K)")
+    p.add_argument("--requests", type=int, default=0,
+                   help="pre-built requests per run (default: 3000 per second of --duration)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of c=4 warm-up before the runs (0: none)")
+    p.add_argument("--concurrency", default="4,16")
+    p.add_argument("--threads", type=int, default=2, help="wrk threads (at most 2 on a 2-core machine)")
+    p.add_argument("--insecure-http", action="store_true", help="serve plain HTTP (default: HTTPS)")
+    p.add_argument("--workers", type=int, default=0, help="pass --workers N to serve (0: its default)")
+    p.add_argument("--serve-arg", action="append", default=[], help="extra argument for serve (repeatable)")
+    p.add_argument("--enforce-targets", action="store_true", help="exit non-zero when a target is missed")
+    p.add_argument("--keep", action="store_true", help="keep the temporary data dir")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    args = p.parse_args(argv)
+    raise_nofile()
+    conc = [int(c) for c in args.concurrency.split(",") if c]
+    per_run = args.requests or int(3000 * args.duration)
+    serve_args = list(args.serve_arg)
+    if args.workers:
+        serve_args += ["--workers", str(args.workers)]
+    ca = BenchCA(engine=args.engine, insecure_http=args.insecure_http, serve_args=serve_args)
+    report: dict[str, Any] = {"engine": args.engine, "transport": "http" if args.insecure_http else "https",
+                              "serve_args": serve_args, "clusters": args.clusters, "machine": machine(),
+                              "runs": []}
+    try:
+        ca.init().start()
+        t0 = time.monotonic()
+        enrolled = ca.enroll_clusters([f"c{i:04d}" for i in range(args.clusters)])
+        plan = ([("warmup", 4, args.warmup)] if args.warmup > 0 else []) + [
+            (f"c{c}", c, args.duration) for c in conc]
+        files = {}
+        for label, _c, dur in plan:
+            files[label] = ca.workdir / f"requests-{label}.tsv"
+            build_requests(enrolled, per_run if label != "warmup" else int(3000 * dur), files[label])
+        report["setup_seconds"] = round(time.monotonic() - t0, 1)
+        for label, c, dur in plan:
+            res = run_wrk(ca.url, files[label], connections=c, threads=args.threads, duration=dur)
+            res["label"] = label
+            report["runs"].append(res)
+        ca.stop()
+        created = sum(r["created_201"] for r in report["runs"])
+        in_db = ca.count_certificates()
+        audit_ok, audit_msg = ca.audit_verify()
+        report["checks"] = {"certificates_in_db": in_db, "expected": args.clusters + created,
+                            "certificates_match": in_db == args.clusters + created,
+                            "audit_verify": audit_ok, "audit_message": audit_msg}
+    finally:
+        if args.keep:
+            report["workdir"] = str(ca.workdir)
+            ca.stop()
+        else:
+            ca.cleanup()
+
+    ok = report["checks"]["certificates_match"] and report["checks"]["audit_verify"]
+    targets_met = True
+    for r in report["runs"]:
+        r["errors"] = sum(r["failures"].values()) + r["socket_errors"]
+        ok = ok and r["errors"] == 0
+        tgt = TARGETS.get(r["concurrency"]) if r["label"] != "warmup" else None
+        if tgt:
+            r["target"] = tgt
+            r["target_met"] = r["errors"] == 0 and r["rps"] >= tgt["rps"] and r["p99_ms"] <= tgt["p99_ms"]
+            targets_met = targets_met and r["target_met"]
+    report["pass"] = ok
+    report["targets_met"] = targets_met
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        m = report["machine"]
+        print(f"engine={args.engine} transport={report['transport']} serve_args={' '.join(serve_args) or '-'} "
+              f"clusters={args.clusters}  [{m['nproc']} cpu {m['cpu']}, {m['mem_gib']} GiB, Python {m['python']}]")
+        print(f"{'run':8} {'conc':>4} {'secs':>6} {'201s':>7} {'errors':>6} {'req/s':>8} {'p50 ms':>7} "
+              f"{'p90 ms':>7} {'p99 ms':>7} {'max ms':>7}  target")
+        for r in report["runs"]:
+            tgt = ("met" if r["target_met"] else "MISSED") if "target_met" in r else ""
+            print(f"{r['label']:8} {r['concurrency']:>4} {r['seconds']:>6} {r['created_201']:>7} {r['errors']:>6} "
+                  f"{r['rps']:>8} {r['p50_ms']:>7} {r['p90_ms']:>7} {r['p99_ms']:>7} {r['max_ms']:>7}  {tgt}"
+                  + (f"  failures={r['failures']}" if r["failures"] else "")
+                  + ("  (requests replayed)" if r["wrapped"] else ""))
+        ch = report["checks"]
+        print(f"certificates in DB: {ch['certificates_in_db']} (expected {ch['expected']}: "
+              f"{'ok' if ch['certificates_match'] else 'MISMATCH'}); audit verify: "
+              f"{'ok' if ch['audit_verify'] else 'FAILED'} ({ch['audit_message']})")
+        print("PASS" if ok else "FAIL", "— targets", "met" if targets_met else "missed")
+    if not ok:
+        return 1
+    return 2 if args.enforce_targets and not targets_met else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

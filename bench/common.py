@@ -1,0 +1,192 @@
+"""Shared pieces of the benchmarks: a throwaway CA (SQLite or a real PostgreSQL), a running
+`meshbridge-ca serve` subprocess on a free loopback port, enrolled clusters, machine facts."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import create_engine, func, select
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from cluster_agent import pki  # noqa: E402
+
+BIN = Path(sys.executable).parent
+CA = str(BIN / "meshbridge-ca") if (BIN / "meshbridge-ca").exists() else "meshbridge-ca"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def raise_nofile(want: int = 65536) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(want, hard) if hard != resource.RLIM_INFINITY else want
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gib = 0.0
+    with suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
+    wrk = shutil.which("wrk")
+    wrk_v = ""
+    if wrk:
+        r = subprocess.run([wrk, "-v"], capture_output=True, text=True)
+        wrk_v = (r.stdout + r.stderr).splitlines()[0] if (r.stdout + r.stderr) else ""
+    return {"nproc": os.cpu_count(), "cpu": cpu, "mem_gib": mem_gib, "python": platform.python_version(),
+            "kernel": platform.release(), "wrk": wrk_v}
+
+
+@dataclass
+class Enrolled:
+    name: str
+    token: str
+    key: pki.PrivateKey
+
+
+@dataclass
+class BenchCA:
+    """A CA in a temporary data dir; ``start()`` serves it, ``stop()`` ends the server."""
+
+    engine: str = "sqlite"
+    insecure_http: bool = False
+    serve_args: list[str] = field(default_factory=list)
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="meshbridge-bench-")))
+    pg: Any = None
+    db_url: str | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    url: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data(self) -> Path:
+        return self.workdir / "ca"
+
+    def init(self) -> BenchCA:
+        if self.engine == "postgres":
+            from tests.support.pgserver import PgServer
+
+            self.pg = PgServer().start()
+            self.db_url = self.pg.create_database("meshbridge_bench")
+        elif self.engine != "sqlite":
+            raise SystemExit(f"unknown engine {self.engine!r}: sqlite or postgres")
+        self.env = {**os.environ, "MESHBRIDGE_CA_KEY_PASSPHRASE": "bench-passphrase-not-secret"}
+        cmd = [CA, "init", "--data-dir", str(self.data)]
+        if self.db_url:
+            cmd += ["--database-url", self.db_url]
+        subprocess.run(cmd, check=True, capture_output=True, env=self.env)
+        return self
+
+    @property
+    def admin_token(self) -> str:
+        return (self.data / "admin-token").read_text().strip()
+
+    def start(self, *, wait: float = 60) -> BenchCA:
+        self.port = free_port()
+        cmd = [CA, "serve", "--data-dir", str(self.data), "--listen", f"127.0.0.1:{self.port}",
+               "--log-level", "warning", *self.serve_args]
+        if self.insecure_http:
+            cmd.append("--insecure-http")
+        self.log = open(self.workdir / "serve.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, env=self.env,
+                                     preexec_fn=lambda: raise_nofile())  # noqa: PLW1509
+        self.url = f"{'http' if self.insecure_http else 'https'}://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited: {(self.workdir / 'serve.log').read_text()[-3000:]}")
+            try:
+                with self.client(timeout=2) as c:
+                    if c.get("/readyz").status_code == 200:
+                        return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("serve did not become ready")
+
+    def client(self, **kw: Any) -> httpx.Client:
+        verify: Any = False if self.insecure_http else str(self.data / "root-cert.pem")
+        return httpx.Client(base_url=self.url, verify=verify, **kw)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self.pg is not None:
+            self.pg.cleanup()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ setup through the API
+    def enroll_clusters(self, names: list[str], *, key_type: str = "ecdsa-p256") -> list[Enrolled]:
+        out = []
+        with self.client(timeout=30, headers={"Authorization": f"Bearer {self.admin_token}"}) as c, \
+                self.client(timeout=30) as anon:
+            for name in names:
+                r = c.post("/v1/clusters", json={"name": name, "trust_domain": f"{name}.mesh"})
+                r.raise_for_status()
+                boot = r.json()["bootstrap_token"]
+                key = pki.new_key(key_type)
+                r = anon.post("/v1/enroll", json={"cluster": name, "bootstrap_token": boot,
+                                                  "csr": pki.make_csr(key, name)})
+                r.raise_for_status()
+                out.append(Enrolled(name, r.json()["agent_token"], key))
+        return out
+
+    # ------------------------------------------------------------------ checks afterwards
+    def _engine_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.data / 'meshbridge.db'}"
+
+    def count_certificates(self) -> int:
+        from ca_server.storage import tables as t
+
+        eng = create_engine(self._engine_url())
+        try:
+            with eng.connect() as conn:
+                return int(conn.execute(select(func.count()).select_from(t.certificates)).scalar_one())
+        finally:
+            eng.dispose()
+
+    def audit_verify(self) -> tuple[bool, str]:
+        cmd = [CA, "audit", "verify", "--data-dir", str(self.data)]
+        if self.db_url:
+            cmd += ["--database-url", self.db_url]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=self.env)
+        return r.returncode == 0, (r.stdout + r.stderr).strip()

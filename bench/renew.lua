@@ -1,0 +1,73 @@
+-- wrk script: replays pre-built renewal requests (POST /v1/clusters/{name}/intermediate with an
+-- agent token, a fresh CSR and a proof) round-robin, counts every status, and prints one JSON
+-- summary line starting with "RESULT " at the end.
+--
+--   wrk -t2 -c16 -d10s -s bench/renew.lua https://127.0.0.1:PORT -- requests.tsv
+--
+-- requests.tsv: one request per line, "<path>\t<agent token>\t<JSON body>". Thread i of n takes
+-- lines i, i+n, i+2n, ... so the threads never send the same request twice.
+
+local threads = {}
+local next_id = 1
+
+function setup(thread)
+  thread:set("tid", next_id)
+  next_id = next_id + 1
+  table.insert(threads, thread)
+end
+
+function init(args)
+  local file = args[1]
+  nthreads = tonumber(args[2]) or 1  -- must equal wrk's -t
+  reqs = {}
+  local i = 0
+  for line in io.lines(file) do
+    if (i % nthreads) + 1 == tid then
+      local path, tok, body = line:match("^([^\t]*)\t([^\t]*)\t(.*)$")
+      reqs[#reqs + 1] = wrk.format("POST", path, {
+        ["Authorization"] = "Bearer " .. tok,
+        ["Content-Type"] = "application/json",
+      }, body)
+    end
+    i = i + 1
+  end
+  nreqs = #reqs
+  idx = 0
+  sent = 0
+  statuses = {}
+end
+
+function request()
+  idx = idx + 1
+  if idx > #reqs then idx = 1 end
+  sent = sent + 1
+  return reqs[idx]
+end
+
+function response(status, headers, body)
+  local k = tostring(status)
+  statuses[k] = (statuses[k] or 0) + 1
+end
+
+function done(summary, latency, requests)
+  local total = {}
+  local prepared = 0
+  local sent_all = 0
+  for _, t in ipairs(threads) do
+    local s = t:get("statuses")
+    for k, v in pairs(s) do total[k] = (total[k] or 0) + v end
+    prepared = prepared + t:get("nreqs")
+    sent_all = sent_all + t:get("sent")
+  end
+  local parts = {}
+  for k, v in pairs(total) do parts[#parts + 1] = string.format('"%s":%d', k, v) end
+  local e = summary.errors
+  io.write(string.format(
+    'RESULT {"requests":%d,"duration_us":%d,"statuses":{%s},"prepared":%d,"sent":%d,' ..
+    '"socket_errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
+    '"latency_us":{"min":%d,"mean":%.1f,"p50":%d,"p90":%d,"p99":%d,"p999":%d,"max":%d}}\n',
+    summary.requests, summary.duration, table.concat(parts, ","), prepared, sent_all,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency.min, latency.mean, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency:percentile(99.9), latency.max))
+end

@@ -1,0 +1,191 @@
+"""`render_all`: every object one agent wants in its cluster, from the config and desired state."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from cluster_agent.config import AgentConfig
+from cluster_agent.render.cacerts import (
+    bundle_files,
+    check_cacerts_bundle,
+    compose_ca_crl,
+    render_cacerts_secret,
+)
+from cluster_agent.render.coredns import render_coredns_configmaps
+from cluster_agent.render.errors import BundleError
+from cluster_agent.render.inputs import (
+    exports_from_config,
+    parse_exports,
+    parse_imports,
+    parse_peers,
+    select_imports,
+)
+from cluster_agent.render.istio import IstioContext, render_export_side, render_import_side
+from cluster_agent.render.objects import Manifest, sort_objects
+from cluster_agent.render.vip import allocate_vips, render_state_configmap
+
+__all__ = ["RenderResult", "render_all"]
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    """Objects sorted by (kind, namespace, name); warnings for the operator (also fit for the
+    agent's status `errors`); the VIP allocation to persist; the CoreDNS server block, if any."""
+
+    objects: list[Manifest]
+    warnings: list[str] = field(default_factory=list)
+    vips: dict[str, str] = field(default_factory=dict)
+    server_block: str | None = None
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building tens of thousands of small dicts.
+
+    They form no cycles, yet each generation-2 pass walks every live object, which made
+    rendering 5,000 imports several times slower; reference counting frees them as usual.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def render_all(
+    config: AgentConfig,
+    *,
+    imports: Sequence[Mapping[str, Any]],
+    peers: Sequence[Mapping[str, Any]],
+    vips: Mapping[str, str],
+    exports: Sequence[Mapping[str, Any]] | None = None,
+    bundle: Mapping[str, str] | None = None,
+    intermediate_key_pem: str | None = None,
+    crl_pem: str | None = None,
+    corefile: str | None = None,
+    now: datetime | None = None,
+) -> RenderResult:
+    """Render everything; pure (no I/O; the clock only through `now`).
+
+    imports       `Desired.imports` (API `Import` dicts); filtered by the config's `imports`.
+    peers         `Desired.peers`; consumers' egress identities become policy principals.
+    vips          the previous VIP allocation (e.g. from ConfigMap `meshbridge-state`); every
+                  name still imported keeps its address. The new allocation is `result.vips`.
+    exports       published exports (`services` of the exports PUT); default: from the config.
+    bundle        API `Bundle`; with `intermediate_key_pem` it becomes Secret `cacerts`, checked
+                  as istiod would (BundleError if it would be refused).
+    crl_pem       the CRL signed by the intermediate; `ca-crl.pem` = bundle `crl.pem` + this.
+                  Without it `ca-crl.pem` is left out (a partial CRL set makes istiod fail).
+    corefile      the current Corefile; given, the merged `coredns` ConfigMap is rendered too.
+    now           when given, certificate and CRL validity are checked against it.
+    """
+    with _collector_paused():
+        return _render_all(
+            config,
+            imports=imports,
+            peers=peers,
+            vips=vips,
+            exports=exports,
+            bundle=bundle,
+            intermediate_key_pem=intermediate_key_pem,
+            crl_pem=crl_pem,
+            corefile=corefile,
+            now=now,
+        )
+
+
+def _render_all(
+    config: AgentConfig,
+    *,
+    imports: Sequence[Mapping[str, Any]],
+    peers: Sequence[Mapping[str, Any]],
+    vips: Mapping[str, str],
+    exports: Sequence[Mapping[str, Any]] | None,
+    bundle: Mapping[str, str] | None,
+    intermediate_key_pem: str | None,
+    crl_pem: str | None,
+    corefile: str | None,
+    now: datetime | None,
+) -> RenderResult:
+    ctx = IstioContext.from_config(config)
+    warnings = config.advisories()
+
+    parsed_imports, import_warnings = parse_imports(imports)
+    selected, selection_warnings = select_imports(config, parsed_imports)
+    peer_specs, peer_warnings = parse_peers(peers)
+    if exports is None:
+        export_specs = exports_from_config(config)
+        export_warnings: list[str] = []
+    else:
+        export_specs, export_warnings = parse_exports(exports)
+    warnings += import_warnings + selection_warnings + peer_warnings + export_warnings
+
+    allocation = allocate_vips((s.name for s in selected), vip_range=config.dns.vip_range, previous=vips)
+
+    export_objects, policy_warnings = render_export_side(ctx, export_specs, peer_specs)
+    warnings += policy_warnings
+    objects = export_objects + render_import_side(ctx, selected, allocation)
+    objects.append(render_state_configmap(allocation, namespace=ctx.namespace, cluster=config.cluster))
+
+    server_block: str | None = None
+    if config.dns.mode == "coredns":
+        dns_objects = render_coredns_configmaps(
+            config.dns.suffix,
+            allocation,
+            cluster=config.cluster,
+            namespace=config.dns.coredns_namespace,
+            ttl=config.dns.ttl,
+            corefile=corefile,
+            corefile_configmap=config.dns.coredns_configmap,
+            corefile_key=config.dns.corefile_key,
+        )
+        server_block = next(iter(dns_objects[0]["data"].values()))
+        objects += dns_objects
+
+    if bundle is not None:
+        secret, bundle_warnings = _cacerts(config, bundle, intermediate_key_pem, crl_pem, now)
+        objects.append(secret)
+        warnings += bundle_warnings
+
+    return RenderResult(sort_objects(objects), warnings, allocation, server_block)
+
+
+def _cacerts(
+    config: AgentConfig,
+    bundle: Mapping[str, str],
+    key_pem: str | None,
+    crl_pem: str | None,
+    now: datetime | None,
+) -> tuple[Manifest, list[str]]:
+    if key_pem is None:
+        raise BundleError("bundle given without intermediate_key_pem; cacerts needs the intermediate's key")
+    ca_cert, chain, roots, root_crls = bundle_files(bundle)
+    warnings: list[str] = []
+    ca_crl: str | None = None
+    if crl_pem is not None:
+        ca_crl = compose_ca_crl(root_crls, crl_pem)
+    else:
+        warnings.append(
+            "cacerts: no CRL signed by the intermediate was given, so ca-crl.pem is left out "
+            "(istiod refuses a CRL set without one from every CA in cert-chain.pem)"
+        )
+    check_cacerts_bundle(
+        ca_cert_pem=ca_cert, ca_key_pem=key_pem, cert_chain_pem=chain, root_cert_pem=roots, crl_pem=ca_crl, now=now
+    )
+    secret = render_cacerts_secret(
+        config.istio.namespace,
+        ca_cert_pem=ca_cert,
+        ca_key_pem=key_pem,
+        cert_chain_pem=chain,
+        root_cert_pem=roots,
+        crl_pem=ca_crl,
+        cluster=config.cluster,
+    )
+    return secret, warnings

@@ -1,0 +1,262 @@
+"""The in-process CA harness: the real core over the real store (SQLite file or PostgreSQL
+database), an encrypted-file key backend, a clock the test can move, and the FastAPI app under
+starlette's TestClient (used as a context manager, so the lifespan and the revision watcher run).
+
+Agents are played with ``cluster_agent.pki`` (new_key, make_csr, prove), as the real agent does.
+"""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from ca_server.app import create_app
+from ca_server.core.audit import verify_chain
+from ca_server.core.authority import Authority, Policy
+from ca_server.keys.base import KeyType
+from ca_server.keys.file import FileKeyBackend
+from ca_server.storage import tables as t
+from ca_server.storage.migrate import upgrade
+from ca_server.storage.repository import SqlStore
+from cluster_agent import pki
+from tests.support.pgserver import PgServer
+
+PASSPHRASE = b"correct horse battery staple 0451"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """Overrides the session server of tests/conftest.py only to stop it with ``pg_ctl``:
+    SIGINT to the ``runuser`` wrapper is not forwarded, which costs 30 s and orphans postgres."""
+    server = PgServer().start()
+    yield server
+    try:
+        server._run(str(server.bindir / "pg_ctl"), "stop", "-D", str(server.dir / "data"), "-m", "immediate", "-w")
+    except subprocess.CalledProcessError:
+        pass
+    server.cleanup()
+
+
+class Clock:
+    """Wall time plus an offset the test moves forward (certificates stay checkable by openssl
+    at the real time unless a test moves far)."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def advance(self, **kw: float) -> None:
+        self.offset += timedelta(**kw)
+
+
+@dataclass
+class Agent:
+    """One cluster's agent as the tests play it: its current intermediate key and agent token."""
+
+    name: str
+    key: pki.PrivateKey
+    token: str
+    generation: int
+    bundle: dict[str, str]
+    keys: list[pki.PrivateKey] = field(default_factory=list)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    @property
+    def cert(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.bundle["ca-cert.pem"].encode())
+
+    @property
+    def serial(self) -> str:
+        return format(self.cert.serial_number, "x")
+
+
+@dataclass
+class Harness:
+    authority: Authority
+    store: SqlStore
+    client: TestClient
+    admin_token: str
+    clock: Clock
+    data_dir: Path
+    database_url: str
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    @property
+    def postgres(self) -> bool:
+        return self.store.postgres
+
+    # ---------------------------------------------------------------- operator
+    def add_cluster(
+        self, name: str, *, trust_domain: str | None = None, gateway: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name}
+        if trust_domain is not None:
+            body["trust_domain"] = trust_domain
+        if gateway is not None:
+            body["gateway"] = gateway
+        r = self.client.post("/v1/clusters", json=body, headers=self.admin)
+        assert r.status_code == 201, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def bootstrap_token(self, name: str) -> str:
+        r = self.client.post(f"/v1/clusters/{name}/bootstrap-token", headers=self.admin)
+        assert r.status_code == 201, r.text
+        return r.json()["bootstrap_token"]  # type: ignore[no-any-return]
+
+    def cluster(self, name: str) -> dict[str, Any]:
+        r = self.client.get(f"/v1/clusters/{name}", headers=self.admin)
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def rotate(self, name: str) -> int:
+        r = self.client.post(f"/v1/clusters/{name}/rotate", json={}, headers=self.admin)
+        assert r.status_code == 202, r.text
+        return r.json()["generation"]  # type: ignore[no-any-return]
+
+    def roots(self) -> list[dict[str, Any]]:
+        r = self.client.get("/v1/roots", headers=self.admin)
+        assert r.status_code == 200, r.text
+        return r.json()["items"]  # type: ignore[no-any-return]
+
+    # ---------------------------------------------------------------- agent
+    def enroll(
+        self,
+        name: str,
+        *,
+        trust_domain: str | None = None,
+        key_type: str = "ecdsa-p256",
+        token: str | None = None,
+        register: bool = True,
+    ) -> Agent:
+        """Register (unless ``register`` is False or a token is given) and enroll ``name``."""
+        if token is None:
+            token = (
+                self.add_cluster(name, trust_domain=trust_domain)["bootstrap_token"]
+                if register
+                else self.bootstrap_token(name)
+            )
+        key = pki.new_key(key_type)
+        r = self.client.post(
+            "/v1/enroll", json={"cluster": name, "bootstrap_token": token, "csr": pki.make_csr(key, name)}
+        )
+        assert r.status_code == 201, r.text
+        body = r.json()
+        return Agent(name, key, body["agent_token"], body["generation"], body["bundle"], [key])
+
+    def renew_response(
+        self, agent: Agent, *, key_type: str = "ecdsa-p256", prover: pki.PrivateKey | None = None
+    ) -> tuple[Any, pki.PrivateKey]:
+        new = pki.new_key(key_type)
+        csr = pki.make_csr(new, agent.name)
+        proof = pki.prove(prover or agent.key, csr)
+        r = self.client.post(
+            f"/v1/clusters/{agent.name}/intermediate", json={"csr": csr, "proof": proof}, headers=agent.headers
+        )
+        return r, new
+
+    def renew(self, agent: Agent, *, key_type: str = "ecdsa-p256", prover: pki.PrivateKey | None = None) -> Agent:
+        r, new = self.renew_response(agent, key_type=key_type, prover=prover)
+        assert r.status_code == 201, r.text
+        body = r.json()
+        agent.key, agent.generation, agent.bundle = new, body["generation"], body["bundle"]
+        agent.keys.append(new)
+        return agent
+
+    def desired(self, agent: Agent, **params: Any) -> dict[str, Any]:
+        r = self.client.get(f"/v1/clusters/{agent.name}/desired", params=params, headers=agent.headers)
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def publish(
+        self,
+        agent: Agent,
+        *,
+        trust_domain: str,
+        services: list[dict[str, Any]] | None = None,
+        address: str = "198.51.100.1",
+    ) -> Any:
+        body = {
+            "gateway": {"address": address, "port": 15443},
+            "identities": {
+                "ingress": f"spiffe://{trust_domain}/ns/istio-system/sa/ingress",
+                "egress": f"spiffe://{trust_domain}/ns/istio-system/sa/egress",
+            },
+            "services": services or [],
+        }
+        return self.client.put(f"/v1/clusters/{agent.name}/exports", json=body, headers=agent.headers)
+
+    # ---------------------------------------------------------------- state, for "nothing changed"
+    def audit_head(self) -> tuple[int, str] | None:
+        return self.store.audit_head()
+
+    def count(self, table: Any) -> int:
+        with self.store.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+
+    def state(self) -> tuple[Any, ...]:
+        """A fingerprint of everything a refused request must leave alone."""
+        with self.store.engine.connect() as conn:
+            clusters = sorted(
+                tuple(sorted((k, str(v)) for k, v in r._mapping.items())) for r in conn.execute(select(t.clusters))
+            )
+            tokens = sorted((r.token_id, str(r.used_at)) for r in conn.execute(select(t.bootstrap_tokens)))
+            revision = conn.execute(select(t.meta.c.int_value).where(t.meta.c.key == "revision")).scalar_one()
+        return (
+            self.audit_head(),
+            self.count(t.certificates),
+            self.count(t.roots),
+            self.count(t.crls),
+            clusters,
+            tokens,
+            revision,
+        )
+
+    def chain_ok(self) -> bool:
+        return verify_chain(self.store.iter_audit(), head=self.store.audit_head()).ok
+
+
+def make_harness(
+    database_url: str, data_dir: Path, *, policy: Policy | None = None, key_type: KeyType = KeyType.ECDSA_P256
+) -> Iterator[Harness]:
+    store = SqlStore(database_url)
+    upgrade(store.engine)
+    clock = Clock()
+    authority = Authority(store, FileKeyBackend(data_dir, PASSPHRASE), policy=policy, clock=clock)
+    _, admin = authority.init_root(key_type=key_type)
+    app = create_app(authority, watch_interval=0.05)
+    try:
+        with TestClient(app) as client:
+            yield Harness(authority, store, client, admin, clock, data_dir, database_url)
+    finally:
+        store.dispose()
+
+
+@pytest.fixture
+def harness(database_url: str, tmp_path: Path) -> Iterator[Harness]:
+    yield from make_harness(database_url, tmp_path / "ca")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def pem_certs(text: str) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(text.encode())

@@ -1,0 +1,300 @@
+"""Enrollment and renewal: the intermediate profile, judged by openssl and pkilint, and the
+rules around bootstrap tokens, agent tokens and proof of possession."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+
+from ca_server.core.authority import Policy
+from ca_server.storage import tables as t
+from cluster_agent import pki
+from tests.ca.certcheck import openssl_verify, openssl_verify_certs, pkilint_crl_errors, pkilint_errors
+from tests.ca.conftest import Agent, Harness, make_harness, pem_certs
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def verify_bundle(tmp: Path, bundle: dict[str, str], *, crl: bool = True) -> str:
+    """openssl verify -x509_strict of ca-cert.pem against root-cert.pem, with the CRLs."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    result = openssl_verify(
+        write(tmp / "ca-cert.pem", bundle["ca-cert.pem"]),
+        cafile=write(tmp / "root-cert.pem", bundle["root-cert.pem"]),
+        untrusted=write(tmp / "chain.pem", bundle["cert-chain.pem"]),
+        crlfile=write(tmp / "crl.pem", bundle["crl.pem"]) if crl else None,
+    )
+    assert result.ok, result.output
+    return result.output
+
+
+def workload_cert(agent: Agent, uri: str) -> x509.Certificate:
+    """A workload certificate as istiod would sign it with the cluster's intermediate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    issuer = agent.cert
+    now = datetime.now(UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()),  # type: ignore[arg-type]
+                       critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(agent.key, hashes.SHA256())
+    )
+
+
+# --------------------------------------------------------------------------------- enrollment
+def test_enroll_returns_istio_bundle_that_openssl_and_pkilint_accept(harness: Harness, tmp_path: Path) -> None:
+    created = harness.add_cluster("a", trust_domain="a.mesh", gateway={"address": "203.0.113.10", "port": 15443})
+    assert created["status"] == "pending" and created["generation"] == 0
+    assert harness.cluster("a")["intermediate"] is None
+    agent = harness.enroll("a", token=created["bootstrap_token"])
+
+    assert set(agent.bundle) == {"ca-cert.pem", "cert-chain.pem", "root-cert.pem", "crl.pem"}
+    assert agent.generation == 1
+    chain = pem_certs(agent.bundle["cert-chain.pem"])
+    root = pem_certs(agent.bundle["root-cert.pem"])
+    assert agent.bundle["cert-chain.pem"].startswith(agent.bundle["ca-cert.pem"])
+    assert chain[-1] == root[0] and len(chain) == 2
+    assert agent.bundle["root-cert.pem"] == harness.client.get("/v1/trust-bundle").text
+    verify_bundle(tmp_path, agent.bundle)
+    assert pkilint_errors(agent.bundle["ca-cert.pem"], "intermediate") == []
+    assert pkilint_errors(agent.bundle["root-cert.pem"], "root") == []
+    assert pkilint_crl_errors(agent.bundle["crl.pem"]) == []
+
+    shown = harness.cluster("a")
+    assert shown["status"] == "active" and shown["generation"] == 1 and shown["trust_domain"] == "a.mesh"
+    assert shown["intermediate"]["serial"] == agent.serial
+    assert shown["intermediate"]["root_id"] == harness.roots()[0]["id"]
+    assert shown["gateway"] == {"address": "203.0.113.10", "port": 15443}
+    # the certificate is stored
+    assert harness.count(t.certificates) == 1
+
+
+def test_intermediate_profile_comes_from_the_record_never_the_csr(harness: Harness) -> None:
+    token = harness.add_cluster("a", trust_domain="a.mesh")["bootstrap_token"]
+    key = ec.generate_private_key(ec.SECP256R1())
+    greedy = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "evil root"),
+                                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Mallory")]))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=5), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier("spiffe://b.mesh/x")]),
+                       critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    r = harness.client.post("/v1/enroll", json={
+        "cluster": "a", "bootstrap_token": token,
+        "csr": greedy.public_bytes(serialization.Encoding.PEM).decode()})
+    assert r.status_code == 201, r.text
+    cert = x509.load_pem_x509_certificate(r.json()["bundle"]["ca-cert.pem"].encode())
+    root = x509.load_pem_x509_certificate(r.json()["bundle"]["root-cert.pem"].encode())
+
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "a"
+    assert cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value == "a.mesh"
+    assert cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == "meshbridge"
+    assert cert.public_key() == key.public_key()
+    bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert bc.critical and bc.value.ca and bc.value.path_length == 0
+    ku = cert.extensions.get_extension_for_class(x509.KeyUsage)
+    assert ku.critical and ku.value.key_cert_sign and ku.value.crl_sign and ku.value.digital_signature
+    nc = cert.extensions.get_extension_for_class(x509.NameConstraints)
+    assert nc.critical
+    assert nc.value.permitted_subtrees == [x509.UniformResourceIdentifier("a.mesh")]
+    oids = {e.oid for e in cert.extensions}
+    assert ExtensionOID.EXTENDED_KEY_USAGE not in oids
+    assert ExtensionOID.SUBJECT_ALTERNATIVE_NAME not in oids
+    aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    ski_root = root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert aki.key_identifier == ski_root.digest
+    assert cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest == \
+        x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest
+    assert isinstance(cert.signature_hash_algorithm, hashes.SHA256)
+    # root profile: no pathlen, no EKU
+    rbc = root.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert rbc.critical and rbc.value.ca and rbc.value.path_length is None
+    assert ExtensionOID.EXTENDED_KEY_USAGE not in {e.oid for e in root.extensions}
+    # validity: 90 days, notBefore a few minutes back
+    now = datetime.now(UTC)
+    assert timedelta(0) < now - cert.not_valid_before_utc < timedelta(minutes=15)
+    assert timedelta(days=89) < cert.not_valid_after_utc - now <= timedelta(days=90)
+    assert pkilint_errors(r.json()["bundle"]["ca-cert.pem"]) == []
+
+
+def test_name_constraints_stop_a_cluster_minting_another_clusters_identity(harness: Harness,
+                                                                             tmp_path: Path) -> None:
+    agent = harness.enroll("a", trust_domain="a.mesh")
+    roots = pem_certs(agent.bundle["root-cert.pem"])
+    own = openssl_verify_certs(tmp_path / "own", workload_cert(agent, "spiffe://a.mesh/ns/x/sa/y"),
+                               roots=roots, intermediates=[agent.cert])
+    assert own.ok, own.output
+    other = openssl_verify_certs(tmp_path / "other", workload_cert(agent, "spiffe://b.mesh/ns/x/sa/y"),
+                                 roots=roots, intermediates=[agent.cert])
+    assert not other.ok
+    assert "permitted subtree violation" in other.output
+
+
+@pytest.mark.parametrize("key_type", ["ecdsa-p384", "rsa-2048", "rsa-3072"])
+def test_every_allowed_csr_key_type_is_issued(harness: Harness, key_type: str, tmp_path: Path) -> None:
+    agent = harness.enroll("a", key_type=key_type)
+    assert agent.cert.public_key() == agent.key.public_key()
+    verify_bundle(tmp_path, agent.bundle)
+    harness.renew(agent, key_type=key_type)  # the proof is RSA PKCS#1 v1.5 / ECDSA as the key is
+    assert agent.cert.public_key() == agent.key.public_key()
+
+
+def test_validity_is_capped_at_the_issuers_not_after(database_url: str, tmp_path: Path) -> None:
+    policy = Policy(root_validity=timedelta(days=30))
+    for h in make_harness(database_url, tmp_path / "ca", policy=policy):
+        agent = h.enroll("a")
+        root = pem_certs(agent.bundle["root-cert.pem"])[0]
+        assert agent.cert.not_valid_after_utc == root.not_valid_after_utc
+        verify_bundle(tmp_path, agent.bundle)
+
+
+def test_serials_are_random_positive_and_long(harness: Harness) -> None:
+    agents = [harness.enroll(n) for n in ("a", "b", "c")]
+    for a in agents[:2]:
+        harness.renew(a)
+        harness.renew(a)
+    with harness.store.read() as tx:
+        serials = [int(r.serial, 16) for n in ("a", "b", "c") for r in tx.cluster_certificates(n)]
+    assert len(serials) == 7 and len(set(serials)) == 7
+    assert all(s > 0 and s.bit_length() >= 120 for s in serials)
+    # serials are lowercase hex without separators, in the API too
+    shown = harness.cluster("a")["intermediate"]["serial"]
+    assert shown == shown.lower() and all(c in "0123456789abcdef" for c in shown)
+
+
+# --------------------------------------------------------------------------------- renewal
+def test_renewal_with_proof_issues_a_new_intermediate_for_the_new_key(harness: Harness, tmp_path: Path) -> None:
+    agent = harness.enroll("a", trust_domain="a.mesh")
+    first = agent.serial
+    harness.renew(agent)
+    assert agent.serial != first and agent.generation == 1
+    assert agent.cert.public_key() == agent.key.public_key()
+    assert harness.cluster("a")["intermediate"]["serial"] == agent.serial
+    verify_bundle(tmp_path, agent.bundle)
+    # the agent's own renewal leaves rotate_required off and the generation unchanged
+    d = harness.desired(agent)
+    assert d["generation"] == 1 and d["rotate_required"] is False
+
+
+def test_an_older_unexpired_intermediate_may_prove_a_retried_renewal(harness: Harness) -> None:
+    agent = harness.enroll("a")
+    old_key = agent.key
+    harness.renew(agent)  # suppose this answer was lost: the agent still holds only old_key
+    harness.renew(agent, prover=old_key)
+    assert harness.count(t.certificates) == 3
+
+
+def test_a_stolen_agent_token_alone_cannot_mint_an_intermediate(harness: Harness) -> None:
+    agent = harness.enroll("a")
+    before = harness.state()
+    thief_key = pki.new_key()
+    r, _ = harness.renew_response(agent, prover=thief_key)
+    assert r.status_code == 403
+    assert r.headers["content-type"] == "application/problem+json"
+    assert "proof" in r.json()["title"].lower()
+    csr = pki.make_csr(pki.new_key(), "a")
+    r = harness.client.post("/v1/clusters/a/intermediate", json={"csr": csr}, headers=agent.headers)
+    assert r.status_code == 403
+    # a proof made by the right key but over another CSR
+    other = pki.make_csr(pki.new_key(), "a")
+    r = harness.client.post("/v1/clusters/a/intermediate",
+                            json={"csr": csr, "proof": pki.prove(agent.key, other)}, headers=agent.headers)
+    assert r.status_code == 403
+    assert harness.state() == before
+
+
+def test_proof_by_a_revoked_intermediate_is_refused(harness: Harness) -> None:
+    agent = harness.enroll("a")
+    old_key, old_serial = agent.key, agent.serial
+    harness.renew(agent)
+    r = harness.client.post(f"/v1/certificates/{old_serial}/revoke", json={"reason": "keyCompromise"},
+                            headers=harness.admin)
+    assert r.status_code == 200
+    r, _ = harness.renew_response(agent, prover=old_key)
+    assert r.status_code == 403
+    harness.renew(agent)  # the current one still proves
+
+
+def test_proof_by_an_expired_intermediate_is_refused(harness: Harness) -> None:
+    agent = harness.enroll("a")
+    harness.clock.advance(days=91)
+    r, _ = harness.renew_response(agent)
+    assert r.status_code == 403
+    # the way back is a new bootstrap token
+    again = harness.enroll("a", register=False)
+    assert again.generation == 2
+
+
+def test_reenrollment_replaces_the_agent_token_and_raises_the_generation(harness: Harness) -> None:
+    first = harness.enroll("a")
+    second = harness.enroll("a", register=False)
+    assert second.generation == 2
+    assert harness.client.get("/v1/clusters/a/desired", headers=first.headers).status_code == 401
+    assert harness.client.get("/v1/clusters/a/desired", headers=second.headers).status_code == 200
+    r, _ = harness.renew_response(second, prover=first.key)  # an old, valid intermediate still proves
+    assert r.status_code == 201
+
+
+def test_bootstrap_token_expires_after_an_hour(harness: Harness) -> None:
+    made = harness.add_cluster("a")
+    expires = datetime.strptime(made["bootstrap_expires_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert timedelta(minutes=59) < expires - datetime.now(UTC) <= timedelta(hours=1)
+    late = harness.add_cluster("b")
+    harness.clock.advance(minutes=59)
+    harness.enroll("a", token=made["bootstrap_token"])
+    harness.clock.advance(minutes=2)
+    before = harness.state()
+    key = pki.new_key()
+    r = harness.client.post("/v1/enroll", json={"cluster": "b", "bootstrap_token": late["bootstrap_token"],
+                                                "csr": pki.make_csr(key, "b")})
+    assert r.status_code == 401
+    assert "expired" in r.json()["detail"]
+    assert harness.state() == before
+    harness.enroll("b", register=False)  # a fresh token from the operator works
+
+
+def test_agent_token_reaches_only_its_own_cluster(harness: Harness) -> None:
+    a = harness.enroll("a", trust_domain="a.mesh")
+    b = harness.enroll("b", trust_domain="b.mesh")
+    before = harness.state()
+    for method, path, body in [
+        ("GET", "/v1/clusters/b/desired", None),
+        ("GET", "/v1/clusters/b/imports", None),
+        ("PUT", "/v1/clusters/b/status", {"installed_generation": 1}),
+        ("PUT", "/v1/clusters/b/exports", {"gateway": {"address": "198.51.100.1", "port": 15443},
+                                           "identities": {"ingress": "spiffe://b.mesh/ns/i/sa/i",
+                                                          "egress": "spiffe://b.mesh/ns/i/sa/e"}}),
+        ("POST", "/v1/clusters/b/intermediate", {"csr": pki.make_csr(pki.new_key(), "b"), "proof": ""}),
+    ]:
+        r = harness.client.request(method, path, json=body, headers=a.headers)
+        assert r.status_code == 403, (path, r.text)
+        assert r.headers["content-type"] == "application/problem+json"
+    # an agent token is no admin token, nor the reverse
+    assert harness.client.get("/v1/clusters", headers=a.headers).status_code == 401
+    assert harness.client.get("/v1/clusters/a/desired", headers=harness.admin).status_code == 401
+    assert harness.state() == before
+    assert harness.desired(b)["generation"] == 1

@@ -1,0 +1,94 @@
+"""Runs the prebuilt Go checkers of tests/e2e/go (built by `make testbin`, `go test -c`).
+
+- ``run_cacerts_check(dir)``: istiod's own plugged-in-CA checks on a ``cacerts`` directory
+  (ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem, optional ca-crl.pem), plus a workload
+  certificate signed by istiod's CA code and, optionally, a given workload chain.
+- ``run_simulation(a_dir, b_dir)``: Istio's xDS simulation of the import path a → b over the
+  rendered objects of both clusters.
+
+Both return the Go test output on success and raise ``GoCheckFailed`` (with that output) otherwise.
+A missing or stale binary fails the calling test with a hint to run `make testbin`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+from tests.e2e.testbin import GO_CHECKER_DIR, go_checker
+
+
+class GoCheckFailed(AssertionError):
+    def __init__(self, test: str, returncode: int, output: str) -> None:
+        super().__init__(f"Go check {test} failed (exit {returncode}):\n{output}")
+        self.test = test
+        self.returncode = returncode
+        self.output = output
+
+
+def _run(test: str, env: Mapping[str, str], timeout: float = 300) -> str:
+    binary = go_checker()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MESHBRIDGE_")}
+    full_env.update(env)
+    res = subprocess.run(
+        [str(binary), "-test.run", f"^{test}$", "-test.v", "-test.count=1"],
+        cwd=GO_CHECKER_DIR,  # the default testdata paths are relative to the package
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    out = res.stdout + res.stderr
+    if res.returncode != 0:
+        raise GoCheckFailed(test, res.returncode, _trim(out))
+    if not re.search(rf"^--- PASS: {test}\b", out, re.M):
+        raise GoCheckFailed(test, res.returncode, "test did not run (skipped?):\n" + _trim(out))
+    return out
+
+
+def _trim(out: str, limit: int = 20000) -> str:
+    # The fake discovery server logs a lot at info level; keep the test's own lines first.
+    mine = [ln for ln in out.splitlines() if ln.lstrip().startswith(("---", "===", "FAIL", "PASS", "ok"))
+            or "_test.go:" in ln]
+    text = "\n".join(mine) if mine else out
+    return text if len(text) <= limit else text[:limit] + "\n…(truncated)"
+
+
+def run_cacerts_check(
+    directory: str | os.PathLike[str],
+    workload_chain: str | os.PathLike[str] | None = None,
+    expect_fail: bool = False,
+    trust_domain: str | None = None,
+) -> str:
+    """istiod's verification of a cacerts directory; with ``workload_chain`` (PEM file: leaf first)
+    also x509 verification of that chain against root-cert.pem, which must fail if ``expect_fail``."""
+    env = {"MESHBRIDGE_CACERTS_DIR": str(Path(directory).resolve())}
+    if workload_chain is not None:
+        env["MESHBRIDGE_WORKLOAD_CERT"] = str(Path(workload_chain).resolve())
+        if expect_fail:
+            env["MESHBRIDGE_EXPECT_FAIL"] = "1"
+    elif expect_fail:
+        raise ValueError("expect_fail needs a workload_chain")
+    if trust_domain:
+        env["MESHBRIDGE_TRUST_DOMAIN"] = trust_domain
+    return _run("TestCacertsBundle", env)
+
+
+def run_simulation(
+    a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str], **overrides: str | int
+) -> str:
+    """Simulates the import path over the rendered objects of a (importer) and b (exporter).
+
+    ``overrides`` map to MESHBRIDGE_SIM_<NAME> (host, port, refused_host, gateway_address,
+    gateway_port, destination, a_trust_domain, b_trust_domain).
+    """
+    env = {
+        "MESHBRIDGE_SIM_A_DIR": str(Path(a_dir).resolve()),
+        "MESHBRIDGE_SIM_B_DIR": str(Path(b_dir).resolve()),
+    }
+    for k, v in overrides.items():
+        env[f"MESHBRIDGE_SIM_{k.upper()}"] = str(v)
+    return _run("TestSimulation", env)
