@@ -45,6 +45,79 @@ def raise_nofile(want: int = 65536) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and every live descendant."""
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2:].split()
+        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK)
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, (ppid, _) in stats.items():
+            if ppid == parent and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(stats[p][1] for p in tree if p in stats)
+
+
+def machine_busy() -> float:
+    """CPU seconds all cores have spent not idle since boot (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        vals = [int(x) for x in f.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    return (sum(vals[:8]) - idle) / CLK_TCK
+
+
+def loadavg() -> float:
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
+class CpuMeter:
+    """Where the CPU went during a measured interval: the server's process tree, this process's
+    waited-for children (the load generator), and everything else on the machine."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.pid = server_pid
+
+    def __enter__(self) -> CpuMeter:
+        self.t0 = time.monotonic()
+        self.s0 = proc_tree_cpu(self.pid)
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.c0 = r.ru_utime + r.ru_stime
+        self.b0 = machine_busy()
+        self.load0 = loadavg()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.seconds = time.monotonic() - self.t0
+        self.server = proc_tree_cpu(self.pid) - self.s0
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.client = r.ru_utime + r.ru_stime - self.c0
+        self.busy = machine_busy() - self.b0
+        self.load1 = loadavg()
+
+    def report(self, requests: int) -> dict[str, Any]:
+        per = max(requests, 1)
+        return {"server_cpu_ms_per_req": round(self.server * 1000 / per, 3),
+                "client_cpu_ms_per_req": round(self.client * 1000 / per, 3),
+                "server_cores": round(self.server / self.seconds, 2),
+                "client_cores": round(self.client / self.seconds, 2),
+                "other_cores": round(max(self.busy - self.server - self.client, 0) / self.seconds, 2),
+                "loadavg": [self.load0, self.load1]}
+
+
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     with suppress(OSError), open("/proc/cpuinfo") as f:
@@ -119,7 +192,7 @@ class BenchCA:
             cmd.append("--insecure-http")
         self.log = open(self.workdir / "serve.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, env=self.env,
-                                     preexec_fn=lambda: raise_nofile())  # noqa: PLW1509
+                                     preexec_fn=lambda: raise_nofile())
         self.url = f"{'http' if self.insecure_http else 'https'}://127.0.0.1:{self.port}"
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
@@ -181,6 +254,17 @@ class BenchCA:
         try:
             with eng.connect() as conn:
                 return int(conn.execute(select(func.count()).select_from(t.certificates)).scalar_one())
+        finally:
+            eng.dispose()
+
+    def count_audit(self, action: str) -> int:
+        from ca_server.storage import tables as t
+
+        eng = create_engine(self._engine_url())
+        try:
+            with eng.connect() as conn:
+                q = select(func.count()).select_from(t.audit).where(t.audit.c.action == action)
+                return int(conn.execute(q).scalar_one())
         finally:
             eng.dispose()
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -73,6 +73,36 @@ class BodyLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+class CountResponses:
+    """Counts responses by status class (and logs each request at DEBUG). Plain ASGI: Starlette's
+    BaseHTTPMiddleware (``@app.middleware("http")``) costs a task and a memory stream per request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.labels(f"{status // 100}xx").inc()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("request", extra={"method": scope["method"], "path": scope["path"], "status": status,
+                                            "ms": round((time.perf_counter() - started) * 1000, 2)})
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
@@ -155,18 +185,8 @@ def create_app(
         log.error("unexpected error", exc_info=exc, extra={"path": request.url.path})
         return problem(500, "Internal error", "the CA service failed; see its log", type_="internal")
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        metrics.requests.labels(f"{response.status_code // 100}xx").inc()
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("request", extra={"method": request.method, "path": request.url.path,
-                                        "status": response.status_code,
-                                        "ms": round((time.perf_counter() - started) * 1000, 2)})
-        return response
-
-    app.add_middleware(BodyLimit)  # type: ignore[arg-type]
+    app.add_middleware(CountResponses, metrics=metrics)
+    app.add_middleware(BodyLimit)
     app.include_router(routes.public)
     app.include_router(routes.admin_api)
     app.include_router(routes.agent_api)

@@ -135,7 +135,7 @@ def serve(args: argparse.Namespace) -> int:
     write_trust_bundle(authority.snapshot())
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                             ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, timeout_keep_alive=75,
-                            backlog=4096)
+                            backlog=4096, timeout_graceful_shutdown=5)
     config.load()
     if server_cert is not None:
         config.ssl = server_cert.ctx

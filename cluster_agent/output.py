@@ -15,14 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
 from cluster_agent.reconcile import ApplyReport
-from cluster_agent.render import file_name
+from cluster_agent.render import file_name, to_yaml
 
 
 def dump(obj: dict[str, Any]) -> str:
-    return yaml.safe_dump(obj, sort_keys=True, default_flow_style=False, width=1_000_000)
+    return to_yaml(obj)
 
 
 def _is_secret(obj: dict[str, Any]) -> bool:

@@ -358,11 +358,12 @@ class Authority:
         return root, admin.plaintext
 
     def _generate_root(self, tx: Tx, *, key_type: KeyType, status: RootStatus, now: datetime, actor: str) -> Root:
-        label = f"root-{now.strftime('%Y%m%d%H%M%S')}-{tk.new_token('admin').token_id[:6]}"
+        suffix = tk.new_token("admin").token_id[:6]
+        label = f"root-{now.strftime('%Y%m%d%H%M%S')}-{suffix}"
         key_ref, signer = self.keys.generate(key_type, label)
-        cert = xp.build_root(
-            signer, subject=xp.default_root_subject(self.policy.org), now=now, validity=self.policy.root_validity
-        )
+        # every root gets its own subject: two roots in one trust bundle must not share a name
+        subject = xp.default_root_subject(self.policy.org, label=f"{now.strftime('%Y-%m-%d')} {suffix}")
+        cert = xp.build_root(signer, subject=subject, now=now, validity=self.policy.root_validity)
         pem = xp.cert_pem(cert)
         root = Root(
             id=xp.serial_hex(cert)[:16],

@@ -260,3 +260,9 @@ def b64(data: bytes) -> str:
 
 def pem_certs(text: str) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(text.encode())
+
+
+def pem_crls(text: str) -> list[x509.CertificateRevocationList]:
+    end = "-----END X509 CRL-----"
+    return [x509.load_pem_x509_crl((block + end + "\n").encode())
+            for block in text.split(end) if "-----BEGIN X509 CRL-----" in block]

@@ -265,16 +265,7 @@ class Cluster:
         return "\n".join(out)
 
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.terminate()
-        for p in reversed(self.procs):
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.procs.clear()
+        stop_processes(self.procs)
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -487,6 +478,21 @@ def start_clusters(workdir: Path, names: Sequence[str] = ("a", "b")) -> list[Clu
 
 
 def stop_clusters(clusters: Sequence[Cluster]) -> None:
-    for c in clusters:
-        c.stop()
+    stop_processes([p for c in clusters for p in c.procs])
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], grace: float = 3.0) -> None:
+    """SIGTERM every process (apiservers before etcds), SIGKILL what is left after ``grace``.
+    The clusters hold nothing worth a slow graceful shutdown."""
+    live = [p for p in reversed(procs) if p.poll() is None]
+    for p in live:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in live:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    procs.clear()
 

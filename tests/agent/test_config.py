@@ -1,0 +1,247 @@
+"""The agent configuration file: API.md's example loads; every bad input names its key path."""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cluster_agent.config import AgentConfig, ConfigError, load_config, parse_config
+
+# Verbatim from API.md "Agent configuration file" (with the optional per-source example enabled).
+API_EXAMPLE = """\
+cluster: b                                   # as registered with the CA service
+ca:
+  url: https://127.0.0.1:8443
+  trust_anchor: ca-root.pem                  # pins the CA service's root
+  bootstrap_token_file: bootstrap-token      # read once, at first enrollment
+  key_type: ecdsa-p256                       # of the cluster intermediate generated here
+istio:
+  namespace: istio-system
+  trust_domain: b.mesh                       # must equal the trust domain registered for the cluster
+  ingress_gateway: {selector: {istio: ingressgateway}, service: istio-ingressgateway, service_account: istio-ingressgateway-service-account, address: 198.51.100.20, port: 15443}
+  egress_gateway: {selector: {istio: egressgateway}, service: istio-egressgateway, service_account: istio-egressgateway-service-account}
+dns:
+  suffix: remote
+  mode: coredns                              # coredns | none (Istio DNS proxying answers from ServiceEntry addresses)
+  vip_range: 240.240.0.0/16                  # one stable address per imported name
+exports:
+  - {service: ratings, namespace: bookinfo, ports: [9080], consumers: [a]}   # name ratings.bookinfo → ratings.bookinfo.remote
+imports:
+  - {from: a, names: ["*"]}                  # everything cluster a exports to b
+  - {from: c, names: [reviews.bookinfo], egress_gateway: {selector: {istio: egress-to-c}, service: egress-to-c, service_account: egress-to-c}}
+kubernetes: {}                               # in-cluster or $KUBECONFIG; not used in render mode
+"""  # noqa: E501
+
+
+def example() -> dict[str, Any]:
+    data = yaml.safe_load(API_EXAMPLE)
+    assert isinstance(data, dict)
+    return data
+
+
+def problems_of(data: dict[str, Any]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    return list(info.value.problems)
+
+
+def test_api_example_loads_with_paths_relative_to_the_file(tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "agent.yaml"
+    path.write_text(API_EXAMPLE)
+    config = load_config(path)
+    assert config.cluster == "b"
+    assert config.ca.trust_anchor == tmp_path / "conf" / "ca-root.pem"
+    assert config.ca.bootstrap_token_file == tmp_path / "conf" / "bootstrap-token"
+    assert config.ca.key_type == "ecdsa-p256"
+    assert config.istio.ingress_gateway.address == "198.51.100.20"
+    assert config.istio.ingress_gateway.port == 15443
+    assert config.istio.cross_cluster_port == 15443
+    assert config.istio.egress_gateway.port == 443
+    assert config.dns.vip_range == ipaddress.IPv4Network("240.240.0.0/16")
+    assert config.exports[0].export_name == "ratings.bookinfo"
+    assert [(p.number, p.protocol) for p in config.exports[0].ports] == [(9080, "HTTP")]
+    assert config.imports[0].from_ == "a" and config.imports[0].selects("anything.at-all")
+    assert config.imports[1].selects("reviews.bookinfo") and not config.imports[1].selects("ratings.bookinfo")
+    assert config.imports[1].egress_gateway is not None
+    assert config.kubernetes.field_manager == "meshbridge"
+    assert config.ca.crl_validity == timedelta(days=7)
+
+
+def test_absolute_paths_stay_and_home_expands(tmp_path: Path) -> None:
+    data = example()
+    data["ca"]["trust_anchor"] = "/etc/meshbridge/root.pem"
+    data["state_dir"] = "state"
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(data))
+    config = load_config(path)
+    assert config.ca.trust_anchor == Path("/etc/meshbridge/root.pem")
+    assert config.state_dir == tmp_path / "state"
+
+
+def test_minimal_config_gets_istio_defaults() -> None:
+    config = parse_config({"cluster": "a", "ca": {"url": "https://ca:8443", "trust_anchor": "/r.pem"},
+                           "istio": {"trust_domain": "a.mesh"}})
+    assert config.istio.ingress_gateway.selector == {"istio": "ingressgateway"}
+    assert config.istio.egress_gateway.service == "istio-egressgateway"
+    assert config.istio.identity(config.istio.egress_gateway) == (
+        "spiffe://a.mesh/ns/istio-system/sa/istio-egressgateway-service-account")
+    assert config.dns.suffix == "remote" and config.dns.mode == "coredns"
+    assert config.exports == [] and config.imports == []
+
+
+def test_ports_may_name_their_protocol() -> None:
+    data = example()
+    data["exports"][0]["ports"] = [9080, {"number": 9090, "protocol": "grpc"}, {"number": 8080, "protocol": "grpc-web"}]
+    config = parse_config(data)
+    assert [(p.number, p.protocol) for p in config.exports[0].ports] == [
+        (9080, "HTTP"), (9090, "GRPC"), (8080, "GRPC-Web")]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("36h", timedelta(hours=36)), ("1d12h", timedelta(days=1, hours=12)), (3600, timedelta(hours=1)),
+     ("P2D", timedelta(days=2)), ("90m", timedelta(minutes=90))],
+)
+def test_crl_validity_durations(value: object, expected: timedelta) -> None:
+    data = example()
+    data["ca"]["crl_validity"] = value
+    assert parse_config(data).ca.crl_validity == expected
+
+
+def _set(data: dict[str, Any], path: str, value: object) -> None:
+    keys = path.split(".")
+    node: Any = data
+    for key in keys[:-1]:
+        node = node[int(key)] if key.isdigit() else node[key]
+    last = keys[-1]
+    if value is _DELETE:
+        del node[last]
+    elif last.isdigit():
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+_DELETE = object()
+
+BAD_INPUTS = [
+    ("cluster", "B", "cluster: must be a DNS label"),
+    ("cluster", "a_b", "cluster: must be a DNS label"),
+    ("cluster", 7, "cluster: must be a string"),
+    ("ca", _DELETE, "ca: required key is missing"),
+    ("ca.url", "http://127.0.0.1:8443", "ca.url: must be an https:// URL"),
+    ("ca.key_type", "ed25519", "ca.key_type: must be one of 'ecdsa-p256'"),
+    ("ca.renew_fraction", 1.5, "ca.renew_fraction:"),
+    ("ca.crl_validity", "8d", "ca.crl_validity: must be more than 0 and at most 7 days"),
+    ("ca.crl_validity", "soon", "ca.crl_validity: must be a duration"),
+    ("ca.trust_ancor", "x.pem", "ca.trust_ancor: unknown key; allowed here: bootstrap_token_file, crl_validity"),
+    ("istio.trust_domain", "spiffe://b.mesh", "istio.trust_domain: must be a valid trust domain"),
+    ("istio.trust_domain", "B.Mesh", "istio.trust_domain: must be a valid trust domain"),
+    ("istio.namespace", "Istio_System", "istio.namespace: must be a DNS label"),
+    ("istio.ingress_gateway.port", 70000, "istio.ingress_gateway.port: must be 1..65535 (got 70000)"),
+    ("istio.ingress_gateway.port", 0, "istio.ingress_gateway.port: must be 1..65535 (got 0)"),
+    ("istio.ingress_gateway.port", "15443", "istio.ingress_gateway.port: must be a whole number"),
+    ("istio.ingress_gateway.port", True, "istio.ingress_gateway.port: must be a whole number"),
+    ("istio.ingress_gateway.address", "not an address", "istio.ingress_gateway.address: must be an IP address"),
+    ("istio.ingress_gateway.adress", "1.2.3.4", "istio.ingress_gateway.adress: unknown key; allowed here: address"),
+    ("istio.ingress_gateway.selector", {}, "istio.ingress_gateway.selector: must name at least one label"),
+    ("istio.egress_gateway.service", "Egress", "istio.egress_gateway.service: must be a Kubernetes Service name"),
+    ("istio.egress_gateway.service", "istio-ingressgateway", "istio.egress_gateway.service: 'istio-ingressgateway' is the ingress gateway"),  # noqa: E501
+    ("istio.cross_cluster_port", 99999, "istio.cross_cluster_port: must be 1..65535"),
+    ("istio.authorization_mode", "permit", "istio.authorization_mode: must be one of 'deny' or 'allow'"),
+    ("dns.mode", "kube-dns", "dns.mode: must be one of 'coredns' or 'none' (got 'kube-dns')"),
+    ("dns.vip_range", "240.240.0.1/16", "dns.vip_range: must be an IPv4 network such as 240.240.0.0/16"),
+    ("dns.vip_range", "fd00::/64", "dns.vip_range: must be an IPv4 network; got the IPv6 network"),
+    ("dns.vip_range", "240.240.0.0/31", "dns.vip_range: 240.240.0.0/31 has no room"),
+    ("dns.vip_range", "nonsense", "dns.vip_range: must be an IPv4 network"),
+    ("dns.suffix", "svc.cluster.local", "dns.suffix: 'svc.cluster.local' overlaps istio.cluster_domain"),
+    ("dns.suffix", "Remote.", "dns.suffix: must be a lowercase DNS name"),
+    ("exports.0.name", "ratings.other", "exports[0].name: must be <service>.<namespace>"),
+    ("exports.0.service", "9ratings", "exports[0].service: must be a Kubernetes Service name"),
+    ("exports.0.consumers", ["A"], "exports[0].consumers[0]: must be a DNS label"),
+    ("exports.0.consumers", ["b"], "exports[0].consumers[0]: 'b' is this cluster"),
+    ("exports.0.consumers", ["a", "a"], "exports[0].consumers: consumer 'a' is listed twice"),
+    ("exports.0.ports", [], "exports[0].ports: must not be empty"),
+    ("exports.0.ports", [0], "exports[0].ports[0].number: must be 1..65535 (got 0)"),
+    ("exports.0.ports", [9080, 9080], "exports[0].ports: port 9080 is listed twice"),
+    ("exports.0.ports", ["http"], "exports[0].ports[0]: must be a port number or {number: N, protocol: HTTP}"),
+    ("exports.0.ports", [{"number": 5432, "protocol": "TCP"}], "exports[0].ports[0].protocol: protocol 'TCP' cannot cross clusters"),  # noqa: E501
+    ("exports.0.extra", 1, "exports[0].extra: unknown key; allowed here: consumers, name, namespace, ports, service"),
+    ("imports.0.names", ["ratings"], "imports[0].names[0]: must be '*' or <service>.<namespace>"),
+    ("imports.0.names", ["*", "ratings.bookinfo"], "imports[0].names: '*' already selects every name"),
+    ("imports.0.names", [], "imports[0].names: must not be empty"),
+    ("imports.0.from", "b", "imports[0].from: 'b' is this cluster"),
+    ("imports.1.from", "a", "imports[1].from: 'a' appears twice"),
+    ("imports.1.egress_gateway.port", -1, "imports[1].egress_gateway.port: must be 1..65535"),
+    ("imports.1.egress_gateway.service", "istio-egressgateway", "imports[1].egress_gateway: service 'istio-egressgateway' is also configured at istio.egress_gateway"),  # noqa: E501
+    ("kubernetes.field_manager", "", "kubernetes.field_manager:"),
+    ("kubernetes.kubeconfg", "x", "kubernetes.kubeconfg: unknown key; allowed here: context, field_manager, kubeconfig"),
+    ("exprots", [], "exprots: unknown key; allowed here: ca, cluster, dns, exports, imports, istio, kubernetes, state_dir"),  # noqa: E501
+]
+
+
+@pytest.mark.parametrize(("path", "value", "expected"), BAD_INPUTS, ids=[f"{p}={v!r}" for p, v, _ in BAD_INPUTS])
+def test_bad_input_names_its_key_path(path: str, value: object, expected: str) -> None:
+    data = copy.deepcopy(example())
+    _set(data, path, value)
+    problems = problems_of(data)
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    data = example()
+    data["cluster"] = "B"
+    data["istio"]["ingress_gateway"]["port"] = 70000
+    data["dns"]["mode"] = "x"
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, source="agent.yaml")
+    message = str(info.value)
+    assert message.startswith("agent.yaml is invalid:\n")
+    assert len(info.value.problems) == 3
+    for fragment in ("  cluster: ", "  istio.ingress_gateway.port: must be 1..65535 (got 70000)", "  dns.mode: "):
+        assert fragment in message
+
+
+def test_missing_file_bad_yaml_and_wrong_top_level(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cluster: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- cluster: b\n")
+    with pytest.raises(ConfigError, match="the top level must be a mapping"):
+        load_config(listy)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="it is empty"):
+        load_config(empty)
+
+
+def test_config_error_is_a_value_error_and_config_is_frozen() -> None:
+    assert issubclass(ConfigError, ValueError)
+    config = parse_config(example())
+    with pytest.raises(Exception, match="frozen"):
+        config.cluster = "c"  # type: ignore[misc]
+
+
+def test_dedicated_egress_with_another_service_account_is_advised() -> None:
+    config = parse_config(example())
+    notes = config.advisories()
+    assert len(notes) == 1
+    assert notes[0].startswith("imports[1].egress_gateway.service_account: 'egress-to-c' differs")
+    data = example()
+    data["imports"][1]["egress_gateway"]["service_account"] = "istio-egressgateway-service-account"
+    assert parse_config(data).advisories() == []
+
+
+def test_model_is_the_public_type() -> None:
+    assert isinstance(parse_config(example()), AgentConfig)
