@@ -283,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info")
     s.add_argument("--insecure-http", action="store_true", help="plain HTTP (only for benchmarks behind TLS "
                    "termination; never in production)")
+    s.add_argument("--workers", type=int, default=1, help="worker processes accepting on the one listening "
+                   "socket, each a full replica (default 1; about one per core)")
     s.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("cluster", help="register and manage clusters")
@@ -324,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("--json", action="store_true")
     av.set_defaults(fn=cmd_audit_verify)
 
+    from ca_server import backup
+
+    backup.add_commands(sub)
     return p
 
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
+import signal
+import socket
 import ssl
 import tempfile
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -90,6 +94,70 @@ class ServerCertificate:
 
 def serve(args: argparse.Namespace) -> int:
     logs.setup(args.log_level)
+    workers = int(getattr(args, "workers", 1) or 1)
+    if workers > 1:
+        return _serve_workers(args, workers)
+    return _serve(args)
+
+
+def _serve_workers(args: argparse.Namespace, workers: int) -> int:
+    """``--workers N``: N forked processes accept on one listening socket. Each is a complete
+    replica (its own store connections, watcher, background tasks and server certificate), as
+    several replicas sharing a data dir already are; the parent only supervises."""
+    host, port = split_listen(args.listen)
+    # migrate once, before any worker starts; no threads or connections may cross the fork
+    store = runtime.build_authority(Path(args.data_dir), database_url_override=args.database_url,
+                                    passphrase_file=Path(args.passphrase_file) if args.passphrase_file else None
+                                    ).store
+    getattr(store, "dispose", lambda: None)()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=4096)
+    sock.set_inheritable(True)
+    children: dict[int, int] = {}
+    stopping = False
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the worker
+            code = 1
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                code = _serve(args, sock)
+            except BaseException:
+                log.exception("worker failed")
+            finally:
+                os._exit(code)
+        children[pid] = slot
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    for slot in range(workers):
+        spawn(slot)
+    log.info("serving with %d worker processes", workers)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        slot_or_none = children.pop(pid, None)
+        if slot_or_none is not None and not stopping:
+            log.warning("worker %d exited with status %d; starting another", pid, os.waitstatus_to_exitcode(status))
+            time.sleep(1)
+            if not stopping:
+                spawn(slot_or_none)
+    sock.close()
+    return 0
+
+
+def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
     data_dir = Path(args.data_dir)
     authority = runtime.build_authority(data_dir, database_url_override=args.database_url,
                                         passphrase_file=Path(args.passphrase_file) if args.passphrase_file else None)
@@ -140,7 +208,7 @@ def serve(args: argparse.Namespace) -> int:
     if server_cert is not None:
         config.ssl = server_cert.ctx
     log.info("serving", extra={"path": f"{scheme}://{host}:{port}"})
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
     return 0
 
 

@@ -100,6 +100,8 @@ def render_cacerts_secret(
 
 
 def _certs(pem: str, what: str) -> list[x509.Certificate]:
+    if "-----BEGIN CERTIFICATE-----" not in pem:
+        raise BundleError(f"{what}: holds no certificate")
     try:
         certs = x509.load_pem_x509_certificates(pem.encode())
     except ValueError as exc:

@@ -39,7 +39,7 @@ WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
 
 def _find_helm() -> str:
     if importlib.util.find_spec("tests.e2e.testbin") is not None:
-        from tests.e2e import testbin  # type: ignore[import-not-found]
+        from tests.e2e import testbin
 
         return str(testbin.require("helm"))
     on_path = shutil.which("helm")

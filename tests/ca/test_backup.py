@@ -1,0 +1,111 @@
+"""Backup and restore: a round trip that keeps issuing under the same root, on both engines."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from ca_server import runtime
+from ca_server.backup import backup, restore
+from ca_server.core.authority import Authority
+from ca_server.core.errors import Conflict, InvalidInput
+from cluster_agent import pki
+
+CLI = [sys.executable, "-m", "ca_server.cli"]
+
+
+def init_ca(data_dir: Path) -> None:
+    subprocess.run([*CLI, "init", "--data-dir", str(data_dir)], check=True, capture_output=True)
+
+
+def enrolled(authority: Authority, name: str) -> tuple[pki.PrivateKey, str]:
+    made = authority.create_cluster(name=name, trust_domain=f"{name}.mesh", gateway=None, actor="test")
+    key = pki.new_key()
+    done = authority.enroll(cluster_name=name, bootstrap_token=made.bootstrap_token, csr_pem=pki.make_csr(key, name))
+    return key, done.issued.serial
+
+
+@pytest.mark.parametrize("target", ["sqlite", "postgres"])
+def test_round_trip_keeps_issuing_under_the_same_root(tmp_path: Path, target: str, request: pytest.FixtureRequest,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src"
+    init_ca(src)
+    authority = runtime.build_authority(src)
+    key, serial = enrolled(authority, "a")
+    root_before = authority.list_roots()[0]
+    archive = tmp_path / "ca-backup.tar.gz"
+    manifest = backup(src, archive)
+    assert stat.S_IMODE(archive.stat().st_mode) == 0o600
+    assert manifest["tables"]["certificates"] == 1 and manifest["tables"]["audit"] >= 5
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        blob = b"".join(tar.extractfile(m).read() for m in tar.getmembers() if m.isfile())  # type: ignore[union-attr]
+    assert not any("passphrase" in n or "admin-token" in n for n in names)
+    assert (src / "key-passphrase").read_bytes().strip() not in blob
+    assert b"BEGIN ENCRYPTED PRIVATE KEY" in blob and b"BEGIN PRIVATE KEY" not in blob
+
+    dst = tmp_path / "dst"
+    url = None
+    if target == "postgres":
+        url = request.getfixturevalue("pg_server").create_database("restore_target")
+    monkeypatch.setenv("MESHBRIDGE_CA_KEY_PASSPHRASE", (src / "key-passphrase").read_text().strip())
+    out = restore(archive, dst, database_url=url)
+    assert out["restored"]["certificates"] == 1
+
+    restored = runtime.build_authority(dst, database_url_override=url)
+    assert [r.id for r in restored.list_roots()] == [root_before.id]
+    cluster, current = restored.get_cluster("a")
+    assert current is not None and current.serial == serial
+    # the agent renews against the restored CA with its old key as proof: same root signs
+    new_key = pki.new_key()
+    csr = pki.make_csr(new_key, "a")
+    issued = restored.renew(cluster, csr_pem=csr, proof_b64=pki.prove(key, csr))
+    cert = x509.load_pem_x509_certificate(issued.bundle.ca_cert.encode())
+    root_cert = x509.load_pem_x509_certificate(root_before.cert_pem.encode())
+    cert.verify_directly_issued_by(root_cert)
+    rc = subprocess.run([*CLI, "audit", "verify", "--data-dir", str(dst), *(["--database-url", url] if url else [])],
+                        capture_output=True, text=True)
+    assert rc.returncode == 0, rc.stderr
+
+
+def test_restore_refuses_an_existing_ca_and_a_corrupt_archive(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src"
+    init_ca(src)
+    archive = tmp_path / "b.tar.gz"
+    backup(src, archive)
+    with pytest.raises(Conflict, match="already holds a CA"):
+        restore(archive, src)
+    # flip one byte of a member: the manifest's SHA-256 catches it and nothing is left behind
+    corrupt = tmp_path / "corrupt.tar.gz"
+    with tarfile.open(archive) as tin, tarfile.open(corrupt, "w:gz") as tout:
+        for m in tin.getmembers():
+            data = tin.extractfile(m).read()  # type: ignore[union-attr]
+            if m.name == "db/audit.jsonl":
+                data = data.replace(b"cluster", b"clustex", 1) if b"cluster" in data else data + b" "
+            m.size = len(data)
+            import io
+
+            tout.addfile(m, io.BytesIO(data))
+    dst = tmp_path / "dst"
+    with pytest.raises(InvalidInput, match="corrupt"):
+        restore(corrupt, dst)
+    assert not dst.exists()
+
+
+def test_restore_with_the_wrong_passphrase_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src"
+    init_ca(src)
+    archive = tmp_path / "b.tar.gz"
+    backup(src, archive)
+    monkeypatch.setenv("MESHBRIDGE_CA_KEY_PASSPHRASE", "not the passphrase")
+    dst = tmp_path / "dst"
+    with pytest.raises(Exception, match="passphrase|decrypt|usable"):
+        restore(archive, dst)
+    assert not dst.exists()
