@@ -60,10 +60,23 @@ class BodyLimit:
                     raise _TooLarge()
             return msg
 
+        refused = False
+
+        async def guarded(msg: Message) -> None:
+            # FastAPI turns any error while reading the body into its own 400: once the limit was
+            # crossed, whatever the app answers is replaced by the 413
+            nonlocal refused
+            if not too_big:
+                await send(msg)
+            elif not refused:
+                refused = True
+                await self._refuse(scope, receive, send)
+
         try:
-            await self.app(scope, limited, send)
+            await self.app(scope, limited, guarded)
         except _TooLarge:
-            await self._refuse(scope, receive, send)
+            if not refused:
+                await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         resp = problem(413, "Payload too large", f"request bodies are limited to {self.limit} bytes",

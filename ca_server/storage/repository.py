@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.pool import QueuePool
@@ -84,6 +84,28 @@ def _audit(r: Row[Any]) -> AuditEntry:
                       details=json.loads(r.details), prev_hash=r.prev_hash, hash=r.hash)
 
 
+class _Q:
+    """Statements of the hot paths (authentication, renewal, audit), built once: building a
+    statement costs several times more than executing its cached compiled form."""
+
+    roots = select(t.roots)
+    crls = select(t.crls)
+    cluster = select(t.clusters).where(t.clusters.c.name == bindparam("name"))
+    cluster_for_update = cluster.with_for_update()
+    cluster_by_token = select(t.clusters).where(t.clusters.c.agent_token_id == bindparam("token_id"))
+    save_cluster = update(t.clusters).where(t.clusters.c.name == bindparam("b_name"))
+    certificate = select(t.certificates).where(t.certificates.c.serial == bindparam("serial"))
+    add_certificate = insert(t.certificates)
+    audit_head = select(t.meta).where(t.meta.c.key == "audit_head")
+    audit_head_for_update = audit_head.with_for_update()
+    add_audit = insert(t.audit)
+    set_audit_head = update(t.meta).where(t.meta.c.key == "audit_head").values(
+        int_value=bindparam("new_id"), str_value=bindparam("new_hash"))
+    revision = select(t.meta.c.int_value).where(t.meta.c.key == "revision")
+    lock_audit_head = select(t.meta.c.key).where(t.meta.c.key == "audit_head").with_for_update()
+    bump_revision = update(t.meta).where(t.meta.c.key == "revision").values(int_value=t.meta.c.int_value + 1)
+
+
 class SqlTx:
     def __init__(self, conn: Connection, *, postgres: bool) -> None:
         self.c = conn
@@ -91,7 +113,7 @@ class SqlTx:
 
     # roots
     def list_roots(self) -> list[Root]:
-        return [_root(r) for r in self.c.execute(select(t.roots))]
+        return [_root(r) for r in self.c.execute(_Q.roots)]
 
     def get_root(self, root_id: str) -> Root | None:
         r = self.c.execute(select(t.roots).where(t.roots.c.id == root_id)).first()
@@ -107,10 +129,8 @@ class SqlTx:
 
     # clusters
     def get_cluster(self, name: str, *, for_update: bool = False) -> Cluster | None:
-        q = select(t.clusters).where(t.clusters.c.name == name)
-        if for_update and self.postgres:
-            q = q.with_for_update()
-        r = self.c.execute(q).first()
+        r = self.c.execute(_Q.cluster_for_update if for_update and self.postgres else _Q.cluster,
+                           {"name": name}).first()
         return _cluster(r) if r else None
 
     def list_clusters(self) -> list[Cluster]:
@@ -122,7 +142,7 @@ class SqlTx:
     def save_cluster(self, cluster: Cluster) -> None:
         values = self._cluster_values(cluster)
         del values["name"]
-        self.c.execute(update(t.clusters).where(t.clusters.c.name == cluster.name).values(**values))
+        self.c.execute(_Q.save_cluster, {"b_name": cluster.name, **values})
 
     @staticmethod
     def _cluster_values(c: Cluster) -> dict[str, Any]:
@@ -133,7 +153,7 @@ class SqlTx:
                 "revoked_at": c.revoked_at}
 
     def find_cluster_by_agent_token(self, token_id: str) -> Cluster | None:
-        r = self.c.execute(select(t.clusters).where(t.clusters.c.agent_token_id == token_id)).first()
+        r = self.c.execute(_Q.cluster_by_token, {"token_id": token_id}).first()
         return _cluster(r) if r else None
 
     # tokens
@@ -167,14 +187,14 @@ class SqlTx:
 
     # certificates
     def add_certificate(self, rec: CertificateRecord) -> None:
-        self.c.execute(insert(t.certificates).values(
+        self.c.execute(_Q.add_certificate, dict(
             serial=rec.serial, cluster=rec.cluster, root_id=rec.root_id, generation=rec.generation,
             cert_pem=rec.cert_pem, public_key_fp=rec.public_key_fp, not_before=rec.not_before,
             not_after=rec.not_after, issued_at=rec.issued_at, revoked_at=rec.revoked_at,
             revocation_reason=rec.revocation_reason))
 
     def get_certificate(self, serial: str) -> CertificateRecord | None:
-        r = self.c.execute(select(t.certificates).where(t.certificates.c.serial == serial)).first()
+        r = self.c.execute(_Q.certificate, {"serial": serial}).first()
         return _cert(r) if r else None
 
     def cluster_certificates(self, cluster: str) -> list[CertificateRecord]:
@@ -207,23 +227,20 @@ class SqlTx:
 
     def list_crls(self) -> list[CRLRecord]:
         return [CRLRecord(r.root_id, r.number, bytes(r.der), r.pem, r.this_update, r.next_update)
-                for r in self.c.execute(select(t.crls))]
+                for r in self.c.execute(_Q.crls)]
 
     # audit and revision
     def append_audit(self, *, at: datetime, actor: str, action: str, subject: str,
                      details: dict[str, Any]) -> AuditEntry:
-        q = select(t.meta).where(t.meta.c.key == "audit_head")
-        if self.postgres:
-            q = q.with_for_update()
-        head = self.c.execute(q).one()
+        head = self.c.execute(_Q.audit_head_for_update if self.postgres else _Q.audit_head).one()
         new_id = head.int_value + 1
         details = json.loads(json.dumps(details, default=str))  # the stored form is what gets hashed
         h = entry_hash(id=new_id, at=at, actor=actor, action=action, subject=subject, details=details,
                        prev_hash=head.str_value)
-        self.c.execute(insert(t.audit).values(id=new_id, at=at, actor=actor, action=action, subject=subject,
-                                              details=json.dumps(details, sort_keys=True),
-                                              prev_hash=head.str_value, hash=h))
-        self.c.execute(update(t.meta).where(t.meta.c.key == "audit_head").values(int_value=new_id, str_value=h))
+        self.c.execute(_Q.add_audit, dict(id=new_id, at=at, actor=actor, action=action, subject=subject,
+                                          details=json.dumps(details, sort_keys=True),
+                                          prev_hash=head.str_value, hash=h))
+        self.c.execute(_Q.set_audit_head, {"new_id": new_id, "new_hash": h})
         return AuditEntry(new_id, at, actor, action, subject, details, head.str_value, h)
 
     def list_audit(self, *, after: int = 0, limit: int = 100) -> list[AuditEntry]:
@@ -231,11 +248,11 @@ class SqlTx:
         return [_audit(r) for r in self.c.execute(q)]
 
     def bump_revision(self) -> int:
-        self.c.execute(update(t.meta).where(t.meta.c.key == "revision").values(int_value=t.meta.c.int_value + 1))
+        self.c.execute(_Q.bump_revision)
         return self.get_revision()
 
     def get_revision(self) -> int:
-        return int(self.c.execute(select(t.meta.c.int_value).where(t.meta.c.key == "revision")).scalar_one())
+        return int(self.c.execute(_Q.revision).scalar_one())
 
 
 def _translate(exc: DBAPIError) -> CAError:
@@ -307,7 +324,7 @@ class SqlStore:
                     with conn.begin():
                         tx = SqlTx(conn, postgres=True)
                         if write:  # serialise writers on the audit head: linear chain across replicas
-                            conn.execute(select(t.meta.c.key).where(t.meta.c.key == "audit_head").with_for_update())
+                            conn.execute(_Q.lock_audit_head)
                         yield tx
                 else:
                     conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")

@@ -36,7 +36,7 @@ imports:
   - {from: a, names: ["*"]}                  # everything cluster a exports to b
   - {from: c, names: [reviews.bookinfo], egress_gateway: {selector: {istio: egress-to-c}, service: egress-to-c, service_account: egress-to-c}}
 kubernetes: {}                               # in-cluster or $KUBECONFIG; not used in render mode
-"""  # noqa: E501
+"""
 
 
 def example() -> dict[str, Any]:
@@ -153,7 +153,7 @@ BAD_INPUTS = [
     ("istio.ingress_gateway.adress", "1.2.3.4", "istio.ingress_gateway.adress: unknown key; allowed here: address"),
     ("istio.ingress_gateway.selector", {}, "istio.ingress_gateway.selector: must name at least one label"),
     ("istio.egress_gateway.service", "Egress", "istio.egress_gateway.service: must be a Kubernetes Service name"),
-    ("istio.egress_gateway.service", "istio-ingressgateway", "istio.egress_gateway.service: 'istio-ingressgateway' is the ingress gateway"),  # noqa: E501
+    ("istio.egress_gateway.service", "istio-ingressgateway", "istio.egress_gateway.service: 'istio-ingressgateway' is the ingress gateway"),
     ("istio.cross_cluster_port", 99999, "istio.cross_cluster_port: must be 1..65535"),
     ("istio.authorization_mode", "permit", "istio.authorization_mode: must be one of 'deny' or 'allow'"),
     ("dns.mode", "kube-dns", "dns.mode: must be one of 'coredns' or 'none' (got 'kube-dns')"),
@@ -172,7 +172,7 @@ BAD_INPUTS = [
     ("exports.0.ports", [0], "exports[0].ports[0].number: must be 1..65535 (got 0)"),
     ("exports.0.ports", [9080, 9080], "exports[0].ports: port 9080 is listed twice"),
     ("exports.0.ports", ["http"], "exports[0].ports[0]: must be a port number or {number: N, protocol: HTTP}"),
-    ("exports.0.ports", [{"number": 5432, "protocol": "TCP"}], "exports[0].ports[0].protocol: protocol 'TCP' cannot cross clusters"),  # noqa: E501
+    ("exports.0.ports", [{"number": 5432, "protocol": "TCP"}], "exports[0].ports[0].protocol: protocol 'TCP' cannot cross clusters"),
     ("exports.0.extra", 1, "exports[0].extra: unknown key; allowed here: consumers, name, namespace, ports, service"),
     ("imports.0.names", ["ratings"], "imports[0].names[0]: must be '*' or <service>.<namespace>"),
     ("imports.0.names", ["*", "ratings.bookinfo"], "imports[0].names: '*' already selects every name"),
@@ -180,10 +180,10 @@ BAD_INPUTS = [
     ("imports.0.from", "b", "imports[0].from: 'b' is this cluster"),
     ("imports.1.from", "a", "imports[1].from: 'a' appears twice"),
     ("imports.1.egress_gateway.port", -1, "imports[1].egress_gateway.port: must be 1..65535"),
-    ("imports.1.egress_gateway.service", "istio-egressgateway", "imports[1].egress_gateway: service 'istio-egressgateway' is also configured at istio.egress_gateway"),  # noqa: E501
+    ("imports.1.egress_gateway.service", "istio-egressgateway", "imports[1].egress_gateway: service 'istio-egressgateway' is also configured at istio.egress_gateway"),
     ("kubernetes.field_manager", "", "kubernetes.field_manager:"),
     ("kubernetes.kubeconfg", "x", "kubernetes.kubeconfg: unknown key; allowed here: context, field_manager, kubeconfig"),
-    ("exprots", [], "exprots: unknown key; allowed here: ca, cluster, dns, exports, imports, istio, kubernetes, state_dir"),  # noqa: E501
+    ("exprots", [], "exprots: unknown key; allowed here: ca, cluster, dns, exports, imports, istio, kubernetes, state_dir"),
 ]
 
 

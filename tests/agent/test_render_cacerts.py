@@ -177,7 +177,7 @@ def test_encrypted_or_garbage_key(pki: PKI) -> None:
 
 
 def test_chain_not_starting_with_ca_cert(pki: PKI) -> None:
-    with pytest.raises(BundleError, match=r"cert-chain.pem: must start with ca-cert.pem \(.*CN=cluster b.*\) but starts with .*CN=root"):  # noqa: E501
+    with pytest.raises(BundleError, match=r"cert-chain.pem: must start with ca-cert.pem \(.*CN=cluster b.*\) but starts with .*CN=root"):
         check(pki.files(cert_chain_pem=pem(pki.root) + pem(pki.ca)))
 
 
@@ -229,7 +229,7 @@ def test_root_with_path_length_zero_breaks_workload_chains() -> None:
 
 @pytest.mark.parametrize(
     ("key", "message"),
-    [(rsa.generate_private_key(65537, 1024), "RSA key of 1024 bits"),
+    [(rsa.generate_private_key(65537, 1024), "RSA key of 1024 bits"),  # noqa: S505
      (ec.generate_private_key(ec.SECP521R1()), "ECDSA curve secp521r1"),
      (ed25519.Ed25519PrivateKey.generate(), "Ed25519PublicKey keys are not supported")],
 )
@@ -305,7 +305,7 @@ def test_sign_intermediate_crl_refuses_bad_inputs(pki: PKI) -> None:
     with pytest.raises(ValueError, match="at most 7 days"):
         sign_intermediate_crl(pki.ca, pki.ca_key, now=NOW, validity=timedelta(days=8))
     with pytest.raises(ValueError, match="timezone-aware"):
-        sign_intermediate_crl(pki.ca, pki.ca_key, now=datetime(2026, 1, 1))  # noqa: DTZ001
+        sign_intermediate_crl(pki.ca, pki.ca_key, now=datetime(2026, 1, 1))
     with pytest.raises(BundleError, match="does not belong"):
         sign_intermediate_crl(pki.ca, ec.generate_private_key(ec.SECP256R1()), now=NOW)
 

@@ -46,7 +46,7 @@ def test_names_no_longer_wanted_are_dropped() -> None:
 def test_adding_and_removing_names_never_moves_the_others() -> None:
     alloc = allocate_vips(names(50), vip_range=RANGE, previous={})
     for step in range(20):
-        wanted = names(50)[step:] + [f"new{step}.ns"]
+        wanted = [*names(50)[step:], f"new{step}.ns"]
         nxt = allocate_vips(wanted, vip_range=RANGE, previous=alloc)
         for name in wanted:
             if name in alloc:

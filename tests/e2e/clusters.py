@@ -34,13 +34,11 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.e2e.testbin import REPO, require
 
-ISTIO_CRDS = Path(
-    os.environ.get("MESHBRIDGE_ISTIO_CRDS", REPO.parent / "shared" / "data" / "istio-crds-1.30.3.yaml")
-)
+ISTIO_CRDS = Path(os.environ.get("MESHBRIDGE_ISTIO_CRDS", REPO.parent / "shared" / "data" / "istio-crds-1.30.3.yaml"))
 SERVICE_CIDRS = {"a": "10.96.0.0/16", "b": "10.97.0.0/16"}
 STARTUP_TIMEOUT = 60.0
 
@@ -84,9 +82,7 @@ def free_port() -> int:
 
 def _write_key(path: Path, key: Any) -> None:
     path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     path.chmod(0o600)
 
@@ -110,9 +106,15 @@ def _make_ca(cn: str) -> tuple[Any, x509.Certificate]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -137,9 +139,7 @@ def _issue(
         .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.ExtendedKeyUsage(
-                [x509.ExtendedKeyUsageOID.SERVER_AUTH if server else x509.ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
     )
@@ -233,9 +233,7 @@ class Cluster:
 
     def _spawn(self, what: str, argv: list[str]) -> None:
         log = open(self.workdir / f"{what}.log", "wb")  # noqa: SIM115 - owned by the process
-        self.procs.append(
-            subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        )
+        self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
         log.close()
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> None:
@@ -245,8 +243,10 @@ class Cluster:
         while time.monotonic() < deadline:
             for p in self.procs:
                 if p.poll() is not None:
-                    raise RuntimeError(f"cluster {self.name}: {p.args[0]} exited ({p.returncode}); "
-                                       f"see logs in {self.workdir}\n{self.log_tail()}")
+                    raise RuntimeError(
+                        f"cluster {self.name}: {_argv0(p)} exited ({p.returncode}); "
+                        f"see logs in {self.workdir}\n{self.log_tail()}"
+                    )
             try:
                 with urllib.request.urlopen(f"{self.server}/readyz", context=ctx, timeout=2) as r:  # noqa: S310
                     if r.status == 200:
@@ -274,11 +274,18 @@ class Cluster:
         ca_key, ca_cert = _make_ca(f"meshbridge-e2e-{self.name}-serving-ca")
         (pki / "serving-ca.crt").write_bytes(_cert_pem(ca_cert))
         key, cert = _issue(
-            ca_key, ca_cert,
+            ca_key,
+            ca_cert,
             x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]),
             server=True,
-            sans=["127.0.0.1", "localhost", "kubernetes", "kubernetes.default",
-                  "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"],
+            sans=[
+                "127.0.0.1",
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ],
         )
         (pki / "apiserver.crt").write_bytes(_cert_pem(cert))
         _write_key(pki / "apiserver.key", key)
@@ -286,11 +293,14 @@ class Cluster:
         cca_key, cca_cert = _make_ca(f"meshbridge-e2e-{self.name}-client-ca")
         (pki / "client-ca.crt").write_bytes(_cert_pem(cca_cert))
         key, cert = _issue(
-            cca_key, cca_cert,
-            x509.Name([
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
-                x509.NameAttribute(NameOID.COMMON_NAME, "meshbridge-e2e-admin"),
-            ]),
+            cca_key,
+            cca_cert,
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, "meshbridge-e2e-admin"),
+                ]
+            ),
             server=False,
         )
         (pki / "admin.crt").write_bytes(_cert_pem(cert))
@@ -308,11 +318,15 @@ class Cluster:
         cfg = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{
-                "name": self.name,
-                "cluster": {"server": self.server,
-                            "certificate-authority-data": _b64((self.workdir / "pki" / "serving-ca.crt").read_bytes())},
-            }],
+            "clusters": [
+                {
+                    "name": self.name,
+                    "cluster": {
+                        "server": self.server,
+                        "certificate-authority-data": _b64((self.workdir / "pki" / "serving-ca.crt").read_bytes()),
+                    },
+                }
+            ],
             "users": [{"name": user, "user": creds}],
             "contexts": [{"name": f"{user}@{self.name}", "context": {"cluster": self.name, "user": user}}],
             "current-context": f"{user}@{self.name}",
@@ -326,25 +340,41 @@ class Cluster:
             raise RuntimeError(f"Istio CRDs not found at {ISTIO_CRDS} (set MESHBRIDGE_ISTIO_CRDS)")
         self.kubectl("apply", "--server-side", "--field-manager=meshbridge-e2e", "-f", str(ISTIO_CRDS))
         self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
-        self.kubectl("apply", "--server-side", "--field-manager=meshbridge-e2e", "-f", "-",
-                     input=yaml.safe_dump_all(base_objects()))
+        self.kubectl(
+            "apply",
+            "--server-side",
+            "--field-manager=meshbridge-e2e",
+            "-f",
+            "-",
+            input=yaml.safe_dump_all(base_objects()),
+        )
 
     # -- helpers for tests ----------------------------------------------------------------------
 
     def kubectl(
-        self, *args: str, input: str | None = None, check: bool = True, kubeconfig: Path | None = None,
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        kubeconfig: Path | None = None,
         timeout: float = 120,
     ) -> subprocess.CompletedProcess[str]:
         """Runs the built kubectl against this cluster (admin unless ``kubeconfig``)."""
         argv = [str(self.kubectl_bin), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
-        res = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout,
-                             env={**os.environ, "KUBECONFIG": ""})
+        res = subprocess.run(
+            argv, input=input, capture_output=True, text=True, timeout=timeout, env={**os.environ, "KUBECONFIG": ""}
+        )
         if check and res.returncode != 0:
             raise KubectlError(self.name, argv, res)
         return res
 
     def kubeconfig_for_service_account(
-        self, namespace: str, name: str, *, path: Path | None = None, duration: str = "1h",
+        self,
+        namespace: str,
+        name: str,
+        *,
+        path: Path | None = None,
+        duration: str = "1h",
         create: bool = True,
     ) -> Path:
         """A kubeconfig authenticating as ServiceAccount namespace/name with a token from the
@@ -363,8 +393,15 @@ class KubectlError(subprocess.CalledProcessError):
         self.cluster = cluster
 
     def __str__(self) -> str:
-        return (f"cluster {self.cluster}: kubectl {' '.join(map(str, self.cmd[2:]))} exited {self.returncode}:\n"
-                f"{self.stderr.strip() or self.stdout.strip()}")
+        return (
+            f"cluster {self.cluster}: kubectl {' '.join(map(str, self.cmd[2:]))} exited {self.returncode}:\n"
+            f"{self.stderr.strip() or self.stdout.strip()}"
+        )
+
+
+def _argv0(p: subprocess.Popen[bytes]) -> str:
+    args = p.args
+    return str(args[0]) if isinstance(args, list) else str(args)
 
 
 def _b64(b: bytes) -> str:
@@ -390,11 +427,13 @@ def _deployment(ns: str, name: str, labels: dict[str, str], sa: str, image: str,
                 "metadata": {"labels": labels},
                 "spec": {
                     "serviceAccountName": sa,
-                    "containers": [{
-                        "name": "istio-proxy" if ns == "istio-system" else name.split("-")[0],
-                        "image": image,
-                        "ports": [{"containerPort": p, "protocol": "TCP"} for p in ports],
-                    }],
+                    "containers": [
+                        {
+                            "name": "istio-proxy" if ns == "istio-system" else name.split("-")[0],
+                            "image": image,
+                            "ports": [{"containerPort": p, "protocol": "TCP"} for p in ports],
+                        }
+                    ],
                 },
             },
         },
@@ -408,39 +447,92 @@ def base_objects() -> list[dict[str, Any]]:
     egr = _labels("istio-egressgateway", "egressgateway")
     return [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "istio-system"}},
-        {"apiVersion": "v1", "kind": "Namespace",
-         "metadata": {"name": "bookinfo", "labels": {"istio-injection": "enabled"}}},
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "coredns", "namespace": "kube-system"},
-         "data": {"Corefile": KUBEADM_COREFILE}},
-        {"apiVersion": "v1", "kind": "ServiceAccount",
-         "metadata": {"name": "istio-ingressgateway-service-account", "namespace": "istio-system"}},
-        {"apiVersion": "v1", "kind": "ServiceAccount",
-         "metadata": {"name": "istio-egressgateway-service-account", "namespace": "istio-system"}},
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "bookinfo-ratings", "namespace": "bookinfo"}},
-        {"apiVersion": "v1", "kind": "Service",
-         "metadata": {"name": "istio-ingressgateway", "namespace": "istio-system", "labels": ing},
-         "spec": {"type": "LoadBalancer", "selector": ing, "ports": [
-             {"name": "status-port", "port": 15021, "targetPort": 15021, "protocol": "TCP"},
-             {"name": "http2", "port": 80, "targetPort": 8080, "protocol": "TCP"},
-             {"name": "https", "port": 443, "targetPort": 8443, "protocol": "TCP"},
-             {"name": "tls", "port": 15443, "targetPort": 15443, "protocol": "TCP"},
-         ]}},
-        _deployment("istio-system", "istio-ingressgateway", ing, "istio-ingressgateway-service-account", proxy,
-                    [15021, 8080, 8443, 15443]),
-        {"apiVersion": "v1", "kind": "Service",
-         "metadata": {"name": "istio-egressgateway", "namespace": "istio-system", "labels": egr},
-         "spec": {"type": "ClusterIP", "selector": egr, "ports": [
-             {"name": "http2", "port": 80, "targetPort": 8080, "protocol": "TCP"},
-             {"name": "https", "port": 443, "targetPort": 8443, "protocol": "TCP"},
-         ]}},
-        _deployment("istio-system", "istio-egressgateway", egr, "istio-egressgateway-service-account", proxy,
-                    [8080, 8443]),
-        {"apiVersion": "v1", "kind": "Service",
-         "metadata": {"name": "ratings", "namespace": "bookinfo", "labels": {"app": "ratings", "service": "ratings"}},
-         "spec": {"selector": {"app": "ratings"},
-                  "ports": [{"name": "http", "port": 9080, "targetPort": 9080, "protocol": "TCP"}]}},
-        _deployment("bookinfo", "ratings-v1", {"app": "ratings", "version": "v1"}, "bookinfo-ratings",
-                    "docker.io/istio/examples-bookinfo-ratings-v1:1.20.3", [9080]),
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": "bookinfo", "labels": {"istio-injection": "enabled"}},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "coredns", "namespace": "kube-system"},
+            "data": {"Corefile": KUBEADM_COREFILE},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "istio-ingressgateway-service-account", "namespace": "istio-system"},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "istio-egressgateway-service-account", "namespace": "istio-system"},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "bookinfo-ratings", "namespace": "bookinfo"},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "istio-ingressgateway", "namespace": "istio-system", "labels": ing},
+            "spec": {
+                "type": "LoadBalancer",
+                "selector": ing,
+                "ports": [
+                    {"name": "status-port", "port": 15021, "targetPort": 15021, "protocol": "TCP"},
+                    {"name": "http2", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+                    {"name": "https", "port": 443, "targetPort": 8443, "protocol": "TCP"},
+                    {"name": "tls", "port": 15443, "targetPort": 15443, "protocol": "TCP"},
+                ],
+            },
+        },
+        _deployment(
+            "istio-system",
+            "istio-ingressgateway",
+            ing,
+            "istio-ingressgateway-service-account",
+            proxy,
+            [15021, 8080, 8443, 15443],
+        ),
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "istio-egressgateway", "namespace": "istio-system", "labels": egr},
+            "spec": {
+                "type": "ClusterIP",
+                "selector": egr,
+                "ports": [
+                    {"name": "http2", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+                    {"name": "https", "port": 443, "targetPort": 8443, "protocol": "TCP"},
+                ],
+            },
+        },
+        _deployment(
+            "istio-system", "istio-egressgateway", egr, "istio-egressgateway-service-account", proxy, [8080, 8443]
+        ),
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": "ratings",
+                "namespace": "bookinfo",
+                "labels": {"app": "ratings", "service": "ratings"},
+            },
+            "spec": {
+                "selector": {"app": "ratings"},
+                "ports": [{"name": "http", "port": 9080, "targetPort": 9080, "protocol": "TCP"}],
+            },
+        },
+        _deployment(
+            "bookinfo",
+            "ratings-v1",
+            {"app": "ratings", "version": "v1"},
+            "bookinfo-ratings",
+            "docker.io/istio/examples-bookinfo-ratings-v1:1.20.3",
+            [9080],
+        ),
     ]
 
 
@@ -462,8 +554,7 @@ def start_clusters(workdir: Path, names: Sequence[str] = ("a", "b")) -> list[Clu
     """Starts the clusters in parallel and installs the base objects; raises with logs on failure."""
     etcd, apiserver, kubectl = require("etcd"), require("kube-apiserver"), require("kubectl")
     clusters = [
-        Cluster(name=n, workdir=workdir / n, kubectl_bin=kubectl, etcd_bin=etcd, apiserver_bin=apiserver)
-        for n in names
+        Cluster(name=n, workdir=workdir / n, kubectl_bin=kubectl, etcd_bin=etcd, apiserver_bin=apiserver) for n in names
     ]
     try:
         for c in clusters:
@@ -495,4 +586,3 @@ def stop_processes(procs: list[subprocess.Popen[bytes]], grace: float = 3.0) -> 
             p.kill()
             p.wait()
     procs.clear()
-

@@ -51,8 +51,11 @@ def _run(test: str, env: Mapping[str, str], timeout: float = 300) -> str:
 
 def _trim(out: str, limit: int = 20000) -> str:
     # The fake discovery server logs a lot at info level; keep the test's own lines first.
-    mine = [ln for ln in out.splitlines() if ln.lstrip().startswith(("---", "===", "FAIL", "PASS", "ok"))
-            or "_test.go:" in ln]
+    mine = [
+        ln
+        for ln in out.splitlines()
+        if ln.lstrip().startswith(("---", "===", "FAIL", "PASS", "ok")) or "_test.go:" in ln
+    ]
     text = "\n".join(mine) if mine else out
     return text if len(text) <= limit else text[:limit] + "\n…(truncated)"
 
@@ -77,9 +80,7 @@ def run_cacerts_check(
     return _run("TestCacertsBundle", env)
 
 
-def run_simulation(
-    a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str], **overrides: str | int
-) -> str:
+def run_simulation(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str], **overrides: str | int) -> str:
     """Simulates the import path over the rendered objects of a (importer) and b (exporter).
 
     ``overrides`` map to MESHBRIDGE_SIM_<NAME> (host, port, refused_host, gateway_address,

@@ -63,9 +63,7 @@ def test_base_objects(clusters: Clusters) -> None:
         cm = json.loads(c.kubectl("get", "configmap", "-n", "kube-system", "coredns", "-o", "json").stdout)
         assert "kubernetes cluster.local in-addr.arpa ip6.arpa" in cm["data"]["Corefile"]
         svc = json.loads(c.kubectl("get", "svc", "-n", "istio-system", "istio-ingressgateway", "-o", "json").stdout)
-        assert {"name": "tls", "port": 15443} in [
-            {"name": p["name"], "port": p["port"]} for p in svc["spec"]["ports"]
-        ]
+        assert {"name": "tls", "port": 15443} in [{"name": p["name"], "port": p["port"]} for p in svc["spec"]["ports"]]
         c.kubectl("get", "svc", "-n", "istio-system", "istio-egressgateway")
         c.kubectl("get", "deployment", "-n", "istio-system", "istio-ingressgateway", "istio-egressgateway")
         ratings = json.loads(c.kubectl("get", "svc", "-n", "bookinfo", "ratings", "-o", "json").stdout)
@@ -114,10 +112,16 @@ def test_rbac_denies_unbound_service_account(clusters: Clusters) -> None:
     c.kubectl("get", "configmaps", "-n", "kube-system")
     # And a binding makes it pass: RBAC is evaluated, not just denying everything. (An explicit Role:
     # the aggregated ClusterRoles view/edit/admin stay empty without kube-controller-manager.)
-    c.kubectl("create", "role", "-n", "kube-system", "smoke-cm-reader", "--verb=get,list",
-              "--resource=configmaps")
-    c.kubectl("create", "rolebinding", "-n", "kube-system", "smoke-nobody-cm-reader", "--role=smoke-cm-reader",
-              "--serviceaccount=bookinfo:smoke-nobody")
+    c.kubectl("create", "role", "-n", "kube-system", "smoke-cm-reader", "--verb=get,list", "--resource=configmaps")
+    c.kubectl(
+        "create",
+        "rolebinding",
+        "-n",
+        "kube-system",
+        "smoke-nobody-cm-reader",
+        "--role=smoke-cm-reader",
+        "--serviceaccount=bookinfo:smoke-nobody",
+    )
     deadline = time.monotonic() + 10  # the RBAC authorizer sees the binding through an informer
     while c.kubectl("get", "configmaps", "-n", "kube-system", kubeconfig=kc, check=False).returncode:
         assert time.monotonic() < deadline, "the RoleBinding never took effect"

@@ -15,30 +15,43 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.e2e.gocheck import GoCheckFailed, run_cacerts_check, run_simulation
 from tests.e2e.testbin import GO_CHECKER_DIR
 
 NOW = dt.datetime.now(dt.UTC)
 KU_CA = x509.KeyUsage(
-    digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-    key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+    digital_signature=True,
+    key_cert_sign=True,
+    crl_sign=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    encipher_only=False,
     decipher_only=False,
 )
 
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshbridge-e2e"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshbridge-e2e"), x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    )
 
 
 def _pem(c: x509.Certificate) -> bytes:
     return c.public_bytes(serialization.Encoding.PEM)
 
 
-def _ca(subject: str, key: Any, issuer: x509.Certificate | None, issuer_key: Any,
-        pathlen: int | None, trust_domain: str | None = None) -> x509.Certificate:
+def _ca(
+    subject: str,
+    key: Any,
+    issuer: x509.Certificate | None,
+    issuer_key: Any,
+    pathlen: int | None,
+    trust_domain: str | None = None,
+) -> x509.Certificate:
     b = (
         x509.CertificateBuilder()
         .subject_name(_name(subject))
@@ -52,13 +65,14 @@ def _ca(subject: str, key: Any, issuer: x509.Certificate | None, issuer_key: Any
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
     if issuer is not None:
-        b = b.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
+        b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
     if trust_domain:
         b = b.add_extension(
-            x509.NameConstraints(permitted_subtrees=[x509.UniformResourceIdentifier(trust_domain)],
-                                 excluded_subtrees=None),
-            critical=True)
+            x509.NameConstraints(
+                permitted_subtrees=[x509.UniformResourceIdentifier(trust_domain)], excluded_subtrees=None
+            ),
+            critical=True,
+        )
     return b.sign(issuer_key, hashes.SHA256())
 
 
@@ -86,8 +100,10 @@ def _workload(uri: str, issuer: x509.Certificate, issuer_key: Any) -> bytes:
         .not_valid_after(NOW + dt.timedelta(hours=1))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH,
-                                              x509.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
         .sign(issuer_key, hashes.SHA256())
     )
     return _pem(cert)
@@ -99,15 +115,23 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = _ca("root", root_key, None, root_key, None)
     int_key = ec.generate_private_key(ec.SECP256R1())
     inter = _ca("cluster a", int_key, root, root_key, 0, trust_domain="a.mesh")
-    return {"root": root, "root_key": root_key, "inter": inter, "int_key": int_key,
-            "tmp": tmp_path_factory.mktemp("cacerts")}
+    return {
+        "root": root,
+        "root_key": root_key,
+        "inter": inter,
+        "int_key": int_key,
+        "tmp": tmp_path_factory.mktemp("cacerts"),
+    }
 
 
 def _write_cacerts(d: Path, b: dict[str, Any], crl: bytes | None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     (d / "ca-cert.pem").write_bytes(_pem(b["inter"]))
-    (d / "ca-key.pem").write_bytes(b["int_key"].private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (d / "ca-key.pem").write_bytes(
+        b["int_key"].private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     (d / "cert-chain.pem").write_bytes(_pem(b["inter"]) + _pem(b["root"]))
     (d / "root-cert.pem").write_bytes(_pem(b["root"]))
     if crl is not None:
@@ -140,11 +164,14 @@ def test_name_constraints_enforced(bundle: dict[str, Any]) -> None:
     d = _write_cacerts(bundle["tmp"] / "nc", bundle, None)
     chain_tail = _pem(bundle["inter"])
     own = bundle["tmp"] / "own.pem"
-    own.write_bytes(_workload("spiffe://a.mesh/ns/bookinfo/sa/ratings", bundle["inter"], bundle["int_key"]) + chain_tail)
+    own.write_bytes(
+        _workload("spiffe://a.mesh/ns/bookinfo/sa/ratings", bundle["inter"], bundle["int_key"]) + chain_tail
+    )
     run_cacerts_check(d, workload_chain=own)
     foreign = bundle["tmp"] / "foreign.pem"
-    foreign.write_bytes(_workload("spiffe://b.mesh/ns/bookinfo/sa/ratings", bundle["inter"], bundle["int_key"])
-                        + chain_tail)
+    foreign.write_bytes(
+        _workload("spiffe://b.mesh/ns/bookinfo/sa/ratings", bundle["inter"], bundle["int_key"]) + chain_tail
+    )
     out = run_cacerts_check(d, workload_chain=foreign, expect_fail=True)
     assert "fails verification as expected" in out
     with pytest.raises(GoCheckFailed):

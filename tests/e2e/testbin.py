@@ -35,8 +35,10 @@ class TestbinMissing(RuntimeError):
 
 
 def go_binary() -> str | None:
-    return os.environ.get("GO") or shutil.which("go") or (
-        "/usr/local/go/bin/go" if os.access("/usr/local/go/bin/go", os.X_OK) else None
+    return (
+        os.environ.get("GO")
+        or shutil.which("go")
+        or ("/usr/local/go/bin/go" if os.access("/usr/local/go/bin/go", os.X_OK) else None)
     )
 
 

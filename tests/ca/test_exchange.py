@@ -1,0 +1,133 @@
+"""The fleet exchange: exports become imports and peers for their consumers only, revoked
+clusters drop out, status is echoed, and the desired-state long-poll wakes on change."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from tests.ca.conftest import Agent, Harness
+
+RATINGS = {"name": "ratings.bookinfo", "namespace": "bookinfo", "service": "ratings",
+           "ports": [{"number": 9080, "protocol": "HTTP"}], "consumers": ["b"]}
+REVIEWS = {"name": "reviews.bookinfo", "namespace": "bookinfo", "service": "reviews",
+           "ports": [{"number": 9080, "protocol": "HTTP"}, {"number": 9443, "protocol": "TLS"}],
+           "consumers": ["c", "b", "nobody"]}
+
+
+def imports(h: Harness, agent: Agent) -> list[dict[str, Any]]:
+    r = h.client.get(f"/v1/clusters/{agent.name}/imports", headers=agent.headers)
+    assert r.status_code == 200, r.text
+    items: list[dict[str, Any]] = r.json()["items"]
+    assert items == h.desired(agent)["imports"]
+    return items
+
+
+def test_exports_reach_their_consumers_only(harness: Harness) -> None:
+    a = harness.enroll("a", trust_domain="a.mesh")
+    b = harness.enroll("b", trust_domain="b.mesh")
+    c = harness.enroll("c", trust_domain="c.mesh")
+    harness.add_cluster("d", trust_domain="d.mesh")  # never enrolls
+    assert imports(harness, b) == []
+
+    r = harness.publish(a, trust_domain="a.mesh", services=[RATINGS, REVIEWS], address="203.0.113.7")
+    assert r.status_code == 200, r.text
+    stored = r.json()
+    assert stored["gateway"] == {"address": "203.0.113.7", "port": 15443}
+    assert [s["name"] for s in stored["services"]] == ["ratings.bookinfo", "reviews.bookinfo"]
+    assert stored["services"][1]["consumers"] == ["b", "c", "nobody"]
+    assert harness.cluster("a")["gateway"] == {"address": "203.0.113.7", "port": 15443}  # replaces registration
+
+    ingress_a = "spiffe://a.mesh/ns/istio-system/sa/ingress"
+    assert imports(harness, b) == [
+        {"name": "ratings.bookinfo", "cluster": "a", "ports": [{"number": 9080, "protocol": "HTTP"}],
+         "gateway": {"address": "203.0.113.7", "port": 15443}, "identity": ingress_a},
+        {"name": "reviews.bookinfo", "cluster": "a",
+         "ports": [{"number": 9080, "protocol": "HTTP"}, {"number": 9443, "protocol": "TLS"}],
+         "gateway": {"address": "203.0.113.7", "port": 15443}, "identity": ingress_a},
+    ]
+    assert [i["name"] for i in imports(harness, c)] == ["reviews.bookinfo"]
+    assert imports(harness, a) == []
+    # peers: those that consume my exports or export to me, once they have published
+    assert [p["name"] for p in harness.desired(a)["peers"]] == []
+    assert harness.desired(b)["peers"] == [{"name": "a", "trust_domain": "a.mesh",
+                                            "identities": {"ingress": ingress_a,
+                                                           "egress": "spiffe://a.mesh/ns/istio-system/sa/egress"}}]
+    assert harness.publish(b, trust_domain="b.mesh").status_code == 200
+    assert [p["name"] for p in harness.desired(a)["peers"]] == ["b"]
+    assert harness.publish(c, trust_domain="c.mesh").status_code == 200
+    assert [p["name"] for p in harness.desired(a)["peers"]] == ["b", "c"]
+    assert [p["name"] for p in harness.desired(c)["peers"]] == ["a"]
+    # publishing the same again changes nothing
+    head = harness.audit_head()
+    revision = harness.desired(b)["revision"]
+    assert harness.publish(a, trust_domain="a.mesh", services=[RATINGS, REVIEWS], address="203.0.113.7").json() \
+        == stored
+    assert harness.audit_head() == head and harness.desired(b)["revision"] == revision
+
+
+def test_identities_outside_the_trust_domain_are_refused(harness: Harness) -> None:
+    a = harness.enroll("a", trust_domain="a.mesh")
+    before = harness.state()
+    r = harness.publish(a, trust_domain="b.mesh")
+    assert r.status_code == 400 and r.headers["content-type"] == "application/problem+json"
+    assert "spiffe://a.mesh/" in r.json()["detail"]
+    assert harness.state() == before
+
+
+def test_a_revoked_clusters_exports_leave_everyone_elses_imports(harness: Harness) -> None:
+    a = harness.enroll("a", trust_domain="a.mesh")
+    b = harness.enroll("b", trust_domain="b.mesh")
+    harness.publish(a, trust_domain="a.mesh", services=[RATINGS])
+    harness.publish(b, trust_domain="b.mesh")
+    assert [i["cluster"] for i in imports(harness, b)] == ["a"]
+    revision = harness.desired(b)["revision"]
+    r = harness.client.post("/v1/clusters/a/revoke", json={"reason": "keyCompromise"}, headers=harness.admin)
+    assert r.status_code == 200
+    d = harness.desired(b)
+    assert d["imports"] == [] and d["peers"] == [] and d["revision"] != revision
+    assert imports(harness, b) == []
+
+
+def test_status_is_echoed_and_shown_with_the_cluster(harness: Harness) -> None:
+    a = harness.enroll("a")
+    body = {"installed_generation": 1, "installed_serial": a.serial, "last_reconcile_at": "2026-01-01T00:00:00Z",
+            "imports_applied": 3, "errors": ["coredns: not found"]}
+    r = harness.client.put("/v1/clusters/a/status", json=body, headers=a.headers)
+    assert r.status_code == 200
+    assert {k: r.json()[k] for k in body} == body
+    shown = harness.cluster("a")["agent_status"]
+    assert {k: shown[k] for k in body} == body
+    listed = harness.client.get("/v1/clusters", headers=harness.admin).json()["items"]
+    assert [c["agent_status"]["installed_serial"] for c in listed] == [a.serial]
+
+
+def test_long_poll_answers_on_change(harness: Harness) -> None:
+    a = harness.enroll("a")
+    first = harness.desired(a)
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        waiting = pool.submit(harness.desired, a, revision=first["revision"], wait=20)
+        time.sleep(0.5)
+        assert not waiting.done()
+        harness.rotate("a")
+        changed = waiting.result(timeout=10)
+        elapsed = time.monotonic() - started
+    assert changed["revision"] != first["revision"] and changed["rotate_required"] is True
+    assert elapsed < 5
+
+
+def test_long_poll_answers_after_the_wait_without_change(harness: Harness) -> None:
+    a = harness.enroll("a")
+    first = harness.desired(a)
+    started = time.monotonic()
+    harness.add_cluster("unrelated")  # moves the fleet revision, not a's desired state
+    same = harness.desired(a, revision=first["revision"], wait=1.5)
+    elapsed = time.monotonic() - started
+    assert same == first
+    assert 1.4 <= elapsed < 6
+    # a stale revision is answered at once
+    started = time.monotonic()
+    assert harness.desired(a, revision="stale", wait=30) == first
+    assert time.monotonic() - started < 3
