@@ -135,7 +135,7 @@ def create_app(
 ) -> FastAPI:
     watcher = RevisionWatcher(authority, interval=watch_interval)
     authority.on_change.append(watcher.poke)
-    metrics = Metrics()
+    metrics = Metrics(not_after_source=authority.intermediate_not_after)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -11,8 +15,14 @@ if TYPE_CHECKING:
     from ca_server.core.authority import Issued
 
 
+log = logging.getLogger("meshbridge.ca.metrics")
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, not_after_source: Callable[[], dict[str, datetime]] | None = None) -> None:
+        """``not_after_source`` gives every active cluster's current intermediate notAfter from the
+        store, read at each scrape: a replica shows the whole fleet, not only what it issued itself."""
+        self.not_after_source = not_after_source
         self.registry = CollectorRegistry()
         self.issuances = Counter("meshbridge_ca_issuances_total", "Intermediate certificates issued",
                                  ["kind"], registry=self.registry)
@@ -36,10 +46,21 @@ class Metrics:
         self.not_after.labels(issued.cluster).set(issued.not_after.timestamp())
 
     def forget_cluster(self, name: str) -> None:
-        try:
+        with contextlib.suppress(KeyError):
             self.not_after.remove(name)
-        except KeyError:
-            pass
+
+    def _refresh_not_after(self) -> None:
+        if self.not_after_source is None:
+            return
+        try:
+            current = self.not_after_source()
+        except Exception as exc:  # the store is down: keep the last values; /readyz says why
+            log.warning("cannot read intermediate expiries for the metrics: %s", type(exc).__name__)
+            return
+        self.not_after.clear()
+        for cluster, not_after in current.items():
+            self.not_after.labels(cluster).set(not_after.timestamp())
 
     def render(self) -> tuple[bytes, str]:
+        self._refresh_not_after()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

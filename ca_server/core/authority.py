@@ -509,6 +509,13 @@ class Authority:
             current = tx.current_certificates()
             return [(c, current.get(c.name)) for c in sorted(tx.list_clusters(), key=lambda c: c.name)]
 
+    def intermediate_not_after(self) -> dict[str, datetime]:
+        """notAfter of every active cluster's current intermediate (for the metrics)."""
+        with self.store.read() as tx:
+            current = tx.current_certificates()
+            return {c.name: current[c.name].not_after for c in tx.list_clusters()
+                    if c.status == ClusterStatus.ACTIVE and c.name in current}
+
     def rotate(self, name: str, *, actor: str) -> int:
         with self.store.write() as tx:
             cluster = self._must_cluster(tx, name, for_update=True)

@@ -169,13 +169,18 @@ def _cacerts(
     ca_cert, chain, roots, root_crls = bundle_files(bundle)
     warnings: list[str] = []
     ca_crl: str | None = None
-    if crl_pem is not None:
-        ca_crl = compose_ca_crl(root_crls, crl_pem)
-    else:
+    if crl_pem is None:
         warnings.append(
             "cacerts: no CRL signed by the intermediate was given, so ca-crl.pem is left out "
             "(istiod refuses a CRL set without one from every CA in cert-chain.pem)"
         )
+    elif not root_crls.strip():
+        warnings.append(
+            "cacerts: the bundle carries no root CRLs (crl.pem), so ca-crl.pem is left out "
+            "(istiod refuses a CRL set without one from every CA in cert-chain.pem)"
+        )
+    else:
+        ca_crl = compose_ca_crl(root_crls, crl_pem)
     check_cacerts_bundle(
         ca_cert_pem=ca_cert, ca_key_pem=key_pem, cert_chain_pem=chain, root_cert_pem=roots, crl_pem=ca_crl, now=now
     )

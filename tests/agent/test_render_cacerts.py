@@ -352,3 +352,55 @@ def test_cacerts_secret(pki: PKI) -> None:
                                      root_cert_pem="d", crl_pem="e")
     assert base64.b64decode(with_crl["data"]["ca-crl.pem"]) == b"e\n"
     assert "meshbridge.io/cluster" not in with_crl["metadata"]["labels"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Through render_all
+
+
+def _render(pki: PKI, **kwargs: object) -> object:
+    from cluster_agent.config import parse_config
+    from cluster_agent.render import render_all
+
+    config = parse_config({"cluster": "b", "ca": {"url": "https://ca:8443", "trust_anchor": "/r.pem"},
+                           "istio": {"trust_domain": "b.mesh"}, "dns": {"mode": "none"}})
+    bundle = {"ca-cert.pem": pem(pki.ca), "cert-chain.pem": pem(pki.ca) + pem(pki.root),
+              "root-cert.pem": pem(pki.root), "crl.pem": make_crl(pki.root, pki.root_key)}
+    options: dict[str, object] = {"bundle": bundle, "intermediate_key_pem": key_pem(pki.ca_key), **kwargs}
+    return render_all(config, imports=[], peers=[], vips={}, **options)  # type: ignore[arg-type]
+
+
+def _secret_files(result: object) -> dict[str, str]:
+    (secret,) = [o for o in result.objects if o["kind"] == "Secret"]  # type: ignore[attr-defined]
+    assert secret["metadata"]["name"] == "cacerts"
+    return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+
+def test_render_all_writes_cacerts_with_the_composed_crl(pki: PKI) -> None:
+    own = sign_intermediate_crl(pki.ca, pki.ca_key, now=NOW)
+    files = _secret_files(_render(pki, crl_pem=own, now=NOW))
+    assert sorted(files) == ["ca-cert.pem", "ca-crl.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem"]
+    assert files["ca-crl.pem"].count("BEGIN X509 CRL") == 2
+    assert files["ca-crl.pem"].endswith(own)
+
+
+def test_render_all_leaves_ca_crl_out_when_a_part_is_missing(pki: PKI) -> None:
+    result = _render(pki)
+    assert "ca-crl.pem" not in _secret_files(result)
+    assert any("no CRL signed by the intermediate" in w for w in result.warnings)  # type: ignore[attr-defined]
+    bundle = {"ca-cert.pem": pem(pki.ca), "cert-chain.pem": pem(pki.ca) + pem(pki.root),
+              "root-cert.pem": pem(pki.root), "crl.pem": ""}
+    result = _render(pki, bundle=bundle, crl_pem=make_crl(pki.ca, pki.ca_key))
+    assert "ca-crl.pem" not in _secret_files(result)
+    assert any("no root CRLs" in w for w in result.warnings)  # type: ignore[attr-defined]
+
+
+def test_render_all_refuses_a_bundle_istiod_would_refuse(pki: PKI) -> None:
+    with pytest.raises(BundleError, match="ca-key.pem: does not match"):
+        _render(pki, intermediate_key_pem=key_pem(ec.generate_private_key(ec.SECP256R1())))
+    with pytest.raises(BundleError, match="without intermediate_key_pem"):
+        _render(pki, intermediate_key_pem=None)
+    with pytest.raises(BundleError, match="bundle: 'cert-chain.pem' is missing"):
+        _render(pki, bundle={"ca-cert.pem": pem(pki.ca), "root-cert.pem": pem(pki.root)})
+    with pytest.raises(BundleError, match="expired"):
+        _render(pki, now=NOW + timedelta(days=365))

@@ -114,8 +114,9 @@ def openssl_handshake(*, server: Workload, client: Workload, server_roots: str, 
         sctx.load_cert_chain(sc, sk)
         sctx.verify_mode = ssl.CERT_REQUIRED
         sctx.load_verify_locations(cadata=server_roots)
-        if server_crls:
-            sctx.load_verify_locations(cadata=server_crls)
+        if server_crls:  # a PEM file may hold CRLs (X509_load_cert_crl_file); cadata may not
+            (dd / "crls.pem").write_text(server_crls)
+            sctx.load_verify_locations(cafile=str(dd / "crls.pem"))
             sctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
         cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         cctx.check_hostname = False  # Istio matches the URI SAN, not a host name

@@ -1,0 +1,141 @@
+"""The HTTP surface: RFC 9457 problems for every error, the OpenAPI document, health, readiness
+and metrics."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from tests.ca.conftest import Harness
+
+# every path of API.md ("REST API"), with its methods
+API_PATHS = {
+    "/healthz": {"get"}, "/readyz": {"get"}, "/metrics": {"get"}, "/v1/trust-bundle": {"get"}, "/v1/crl": {"get"},
+    "/v1/clusters": {"get", "post"}, "/v1/clusters/{}": {"get"}, "/v1/clusters/{}/bootstrap-token": {"post"},
+    "/v1/clusters/{}/rotate": {"post"}, "/v1/clusters/{}/revoke": {"post"},
+    "/v1/certificates/{}/revoke": {"post"}, "/v1/roots": {"get", "post"}, "/v1/roots/{}/activate": {"post"},
+    "/v1/roots/{}/retire": {"post"}, "/v1/audit": {"get"}, "/v1/enroll": {"post"},
+    "/v1/clusters/{}/intermediate": {"post"}, "/v1/clusters/{}/desired": {"get"},
+    "/v1/clusters/{}/exports": {"put"}, "/v1/clusters/{}/imports": {"get"}, "/v1/clusters/{}/status": {"put"},
+}
+
+
+def check_problem(r: Any, status: int) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = r.json()
+    assert {"type", "title", "status", "detail"} <= set(body)
+    assert body["status"] == status
+    assert body["type"].startswith("https://") and body["title"] and body["detail"]
+    return body
+
+
+def test_every_error_is_a_problem_document(harness: Harness) -> None:
+    a = harness.enroll("a")
+    harness.enroll("b")
+    check_problem(harness.client.get("/v1/clusters"), 401)
+    check_problem(harness.client.get("/v1/clusters/b/desired", headers=a.headers), 403)
+    check_problem(harness.client.get("/v1/clusters/zz", headers=harness.admin), 404)
+    check_problem(harness.client.get("/no/such/thing"), 404)
+    check_problem(harness.client.post("/v1/clusters", json={"name": "a"}, headers=harness.admin), 409)
+    check_problem(harness.client.post("/v1/clusters", content=b"x" * 70000, headers=harness.admin), 413)
+    check_problem(harness.client.post("/v1/clusters", json={"name": "A"}, headers=harness.admin), 400)
+    check_problem(harness.client.delete("/v1/clusters", headers=harness.admin), 405)
+    types = {check_problem(harness.client.post("/v1/clusters", json=b, headers=harness.admin), 400)["type"]
+             for b in ({"name": "A"}, {"nome": "a"})}
+    assert types == {"https://meshbridge.dev/problems/invalidinput"}
+
+
+def test_openapi_lists_every_path_of_the_contract(harness: Harness) -> None:
+    r = harness.client.get("/openapi.json")
+    assert r.status_code == 200
+    doc = r.json()
+    assert doc["openapi"].startswith("3.")
+    served = {re.sub(r"\{[^}]+\}", "{}", p): {m for m in ops if m != "parameters"} for p, ops in doc["paths"].items()}
+    missing = {p: ms - served.get(p, set()) for p, ms in API_PATHS.items() if ms - served.get(p, set())}
+    assert missing == {}
+
+
+def test_health_and_public_documents(harness: Harness) -> None:
+    assert harness.client.get("/healthz").status_code == 200
+    r = harness.client.get("/readyz")
+    assert r.status_code == 200
+    r = harness.client.get("/v1/trust-bundle")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-pem-file")
+    assert r.text.startswith("-----BEGIN CERTIFICATE-----")
+    r = harness.client.get("/v1/crl", params={"format": "pem"})
+    assert r.status_code == 200 and r.text.startswith("-----BEGIN X509 CRL-----")
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" (\S+)$"
+    for line in text.splitlines():
+        m = re.match(pattern, line)
+        if m:
+            return float(m.group(1))
+    return None
+
+
+def test_metrics_count_issuances_and_show_each_clusters_not_after(harness: Harness) -> None:
+    a = harness.enroll("a")
+    harness.renew(a)
+    harness.renew(a)
+    b = harness.enroll("b")
+    r = harness.client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert metric(text, "meshbridge_ca_issuances_total", kind="enroll") == 2
+    assert metric(text, "meshbridge_ca_issuances_total", kind="renew") == 2
+    assert metric(text, "meshbridge_ca_issuance_seconds_count", kind="renew") == 2
+    assert (metric(text, "meshbridge_ca_issuance_seconds_sum", kind="renew") or 0) > 0
+    assert metric(text, "meshbridge_ca_intermediate_not_after_seconds", cluster="a") == \
+        a.cert.not_valid_after_utc.timestamp()
+    assert metric(text, "meshbridge_ca_intermediate_not_after_seconds", cluster="b") == \
+        b.cert.not_valid_after_utc.timestamp()
+    harness.client.post("/v1/clusters/b/revoke", json={}, headers=harness.admin)
+    text = harness.client.get("/metrics").text
+    assert metric(text, "meshbridge_ca_intermediate_not_after_seconds", cluster="b") is None
+    assert metric(text, "meshbridge_ca_intermediate_not_after_seconds", cluster="a") is not None
+
+
+def test_metrics_of_a_fresh_replica_show_every_cluster(harness: Harness) -> None:
+    """Issued elsewhere (another replica, before a restart): the notAfter gauge comes from the store."""
+    from tests.ca.test_revocation import _second_replica
+
+    a = harness.enroll("a")
+    for replica in _second_replica(harness):
+        text = replica.get("/metrics").text
+        assert metric(text, "meshbridge_ca_intermediate_not_after_seconds", cluster="a") == \
+            a.cert.not_valid_after_utc.timestamp()
+
+
+def test_readyz_is_503_when_the_database_is_gone(harness: Harness, pg_server: Any = None) -> None:
+    assert harness.client.get("/readyz").status_code == 200
+    if harness.postgres:
+        from sqlalchemy import create_engine, text
+
+        db = make_url(harness.database_url).database
+        admin = create_engine(make_url(harness.database_url).set(database="postgres"),
+                              isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE "{db}" WITH (FORCE)'))
+        admin.dispose()
+    else:
+        path = Path(str(make_url(harness.database_url).database))
+        harness.store.engine.dispose()
+        for p in path.parent.glob(path.name + "*"):
+            p.unlink()
+        path.mkdir()  # nothing can open it as a database any more
+    r = harness.client.get("/readyz")
+    body = check_problem(r, 503)
+    assert "database" in body["detail"] or "not ready" in body["detail"]
+    assert harness.client.get("/healthz").status_code == 200
+    check_problem(harness.client.get("/v1/clusters", headers=harness.admin), 503)
+    assert "meshbridge_ca_ready 0.0" in harness.client.get("/metrics").text
+    if not harness.postgres:
+        shutil.rmtree(path)
