@@ -1,0 +1,143 @@
+"""The SQL store on both engines: migrations, round trips, and concurrent writers from two
+"replicas" keeping serials unique and the audit chain linear."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC
+from pathlib import Path
+
+from sqlalchemy import inspect
+
+from ca_server.core.audit import verify_chain
+from ca_server.core.authority import Authority
+from ca_server.core.errors import Unavailable
+from ca_server.keys.file import FileKeyBackend
+from ca_server.storage.migrate import is_initialised, upgrade
+from ca_server.storage.repository import SqlStore
+from cluster_agent import pki
+from tests.ca.conftest import PASSPHRASE, Harness
+
+
+def test_migrations_create_the_schema_and_are_idempotent(database_url: str) -> None:
+    store = SqlStore(database_url)
+    try:
+        assert not is_initialised(store.engine)
+        upgrade(store.engine)
+        upgrade(store.engine)
+        assert is_initialised(store.engine)
+        tables = set(inspect(store.engine).get_table_names())
+        assert {"roots", "clusters", "certificates", "bootstrap_tokens", "admin_tokens", "crls", "audit", "meta",
+                "alembic_version"} <= tables
+        assert store.audit_head() == (0, "0" * 64)
+        with store.read() as tx:
+            assert tx.get_revision() == 0
+    finally:
+        store.dispose()
+
+
+def test_times_and_json_round_trip_exactly(harness: Harness) -> None:
+    a = harness.enroll("a", trust_domain="a.mesh")
+    harness.publish(a, trust_domain="a.mesh", services=[{
+        "name": "x.y", "namespace": "y", "service": "x", "ports": [{"number": 1, "protocol": "TCP"}],
+        "consumers": ["b"]}])
+    with harness.store.read() as tx:
+        [rec] = tx.cluster_certificates("a")
+        cluster = tx.get_cluster("a")
+        entries = tx.list_audit(after=0, limit=1000)
+    assert cluster is not None and cluster.exports is not None
+    assert cluster.exports["services"][0]["ports"] == [{"number": 1, "protocol": "TCP"}]
+    assert rec.not_after == a.cert.not_valid_after_utc and rec.not_after.tzinfo is not None
+    assert rec.issued_at.tzinfo == UTC
+    [enrolled] = [e for e in entries if e.action == "intermediate.enroll"]
+    assert enrolled.at == rec.issued_at  # the same instant, to the microsecond, on both engines
+    assert all(e.at.tzinfo == UTC for e in entries)
+    assert verify_chain(entries, head=harness.store.audit_head()).ok
+
+
+def test_concurrent_renewals_on_two_replicas(harness: Harness, tmp_path: Path) -> None:
+    agents = [harness.enroll(n) for n in ("a", "b", "c")]
+    second = SqlStore(harness.database_url)
+    replicas = [harness.authority, Authority(second, FileKeyBackend(harness.data_dir, PASSPHRASE))]
+    head_before = harness.store.audit_head()
+    assert head_before is not None
+    errors: list[BaseException] = []
+    serials: list[str] = []
+    lock = threading.Lock()
+    rounds = 4
+    start = threading.Barrier(6)
+
+    def work(replica: Authority, agent_index: int) -> None:
+        agent = agents[agent_index]
+        try:
+            start.wait()
+            for _ in range(rounds):
+                cluster = replica.authenticate_agent(agent.token, agent.name)
+                key = pki.new_key()
+                csr = pki.make_csr(key, agent.name)
+                issued = replica.renew(cluster, csr_pem=csr, proof_b64=pki.prove(agent.keys[0], csr))
+                with lock:
+                    serials.append(issued.serial)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(replicas[i % 2], i % 3)) for i in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    second.dispose()
+    assert errors == []
+    assert len(serials) == 6 * rounds and len(set(serials)) == len(serials)
+    with harness.store.read() as tx:
+        stored = [r.serial for n in ("a", "b", "c") for r in tx.cluster_certificates(n)]
+        entries = tx.list_audit(after=head_before[0], limit=1000)
+    assert len(stored) == len(set(stored)) == 3 + 6 * rounds
+    renewals = [e for e in entries if e.action == "intermediate.renew"]
+    assert sorted(e.details["serial"] for e in renewals) == sorted(serials)
+    # linear: every new entry links to the one before it, ids without gaps
+    assert [e.id for e in entries] == list(range(head_before[0] + 1, head_before[0] + 1 + len(entries)))
+    assert entries[0].prev_hash == head_before[1]
+    assert all(e.prev_hash == p.hash for p, e in zip(entries, entries[1:], strict=False))
+    report = verify_chain(harness.store.iter_audit(), head=harness.store.audit_head())
+    assert report.ok, report.problem
+
+
+def test_concurrent_cluster_registrations_with_one_name(harness: Harness) -> None:
+    """Two replicas racing to register the same name: one wins, the other gets 409, never a 500."""
+    second = SqlStore(harness.database_url)
+    other = Authority(second, FileKeyBackend(harness.data_dir, PASSPHRASE))
+    outcomes: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def add(authority: Authority, name: str) -> None:
+        barrier.wait()
+        try:
+            authority.create_cluster(name=name, trust_domain="x.mesh", gateway=None, actor="test")
+            outcomes.append("ok")
+        except Exception as exc:  # noqa: BLE001
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=add, args=(harness.authority if i % 2 else other, f"n{i // 4}"))
+               for i in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    second.dispose()
+    assert sorted(outcomes) == ["Conflict"] * 6 + ["ok"] * 2
+    assert verify_chain(harness.store.iter_audit(), head=harness.store.audit_head()).ok
+
+
+def test_an_unreachable_database_is_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "dir.db").mkdir()
+    store = SqlStore(f"sqlite:///{tmp_path / 'dir.db'}")
+    try:
+        try:
+            store.ping()
+        except Unavailable as exc:
+            assert "database" in exc.detail
+        else:
+            raise AssertionError("ping succeeded on a directory")
+    finally:
+        store.dispose()
