@@ -49,8 +49,11 @@ def test_times_and_json_round_trip_exactly(harness: Harness) -> None:
     assert cluster.exports["services"][0]["ports"] == [{"number": 1, "protocol": "TCP"}]
     assert rec.not_after == a.cert.not_valid_after_utc and rec.not_after.tzinfo is not None
     assert rec.issued_at.tzinfo == UTC
-    [enrolled] = [e for e in entries if e.action == "intermediate.enroll"]
-    assert enrolled.at == rec.issued_at  # the same instant, to the microsecond, on both engines
+    [made] = [e for e in entries if e.action == "bootstrap_token.create"]
+    with harness.store.read() as tx:
+        token = tx.get_bootstrap_token(made.details["token_id"])
+    assert token is not None
+    assert token.used_at == rec.issued_at  # one instant, to the microsecond, on both engines
     assert all(e.at.tzinfo == UTC for e in entries)
     assert verify_chain(entries, head=harness.store.audit_head()).ok
 

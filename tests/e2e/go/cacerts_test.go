@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -100,7 +101,7 @@ func TestCacertsBundle(t *testing.T) {
 	if err != nil {
 		t.Fatalf("istiod's CA could not sign a workload certificate for %s: %v", id, err)
 	}
-	if err := verifyChainPEM(signed, roots); err != nil {
+	if err := verifyChainPEM([]byte(strings.Join(signed, "")), roots); err != nil {
 		t.Fatalf("workload certificate for %s signed by istiod's CA does not verify against root-cert.pem: %v", id, err)
 	}
 	t.Logf("workload certificate for %s, signed by istiod's CA code, verifies against root-cert.pem", id)
