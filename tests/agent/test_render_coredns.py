@@ -162,7 +162,7 @@ def test_configmaps_per_api() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Real CoreDNS (skipped when no binary is around): what the block answers.
+# Real CoreDNS (from `make testbin`; a missing binary fails the test): what the block answers.
 
 
 def _coredns_binary() -> str | None:
@@ -206,8 +206,10 @@ def _query(port: int, name: str, qtype: str) -> tuple[int, list[tuple[int, bytes
 @pytest.fixture
 def coredns_with_block(tmp_path: Path) -> Iterator[tuple[int, socket.socket]]:
     binary = _coredns_binary()
-    if binary is None:
-        pytest.skip("no coredns binary (set MESHBRIDGE_COREDNS or run `make testbin`)")
+    if binary is None:  # never a skip: `make test` builds it first
+        from tests.e2e.testbin import require
+
+        binary = str(require("coredns"))
     port = _free_udp_port()
     upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a fake upstream that must stay silent
     upstream.bind(("127.0.0.1", 0))
