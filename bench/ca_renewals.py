@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         report["setup_seconds"] = round(time.monotonic() - t0, 1)
         for label, c, dur in plan:
             assert ca.proc is not None
-            with CpuMeter(ca.proc.pid) as meter:
+            with CpuMeter(ca.proc.pid, ca.db_pid) as meter:
                 res = run_wrk(ca.url, files[label], connections=c, threads=args.threads, duration=dur)
             res.update(meter.report(res["responses"]))
             res["label"] = label
@@ -180,12 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"engine={args.engine} transport={report['transport']} serve_args={' '.join(serve_args) or '-'} "
               f"clusters={args.clusters}  [{m['nproc']} cpu {m['cpu']}, {m['mem_gib']} GiB, Python {m['python']}]")
         print(f"{'run':8} {'conc':>4} {'secs':>6} {'201s':>7} {'errors':>6} {'req/s':>8} {'p50 ms':>7} "
-              f"{'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'srv ms/req':>10} {'wrk ms/req':>10} {'others':>6}  target")
+              f"{'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'srv ms/req':>10} {'wrk ms/req':>10} {'db ms/req':>9} "
+              f"{'others':>6}  target")
         for r in report["runs"]:
             tgt = ("met" if r["target_met"] else "MISSED") if "target_met" in r else ""
             print(f"{r['label']:8} {r['concurrency']:>4} {r['seconds']:>6} {r['created_201']:>7} {r['errors']:>6} "
                   f"{r['rps']:>8} {r['p50_ms']:>7} {r['p90_ms']:>7} {r['p99_ms']:>7} {r['max_ms']:>7} "
-                  f"{r['server_cpu_ms_per_req']:>10} {r['client_cpu_ms_per_req']:>10} {r['other_cores']:>6}  {tgt}"
+                  f"{r['server_cpu_ms_per_req']:>10} {r['client_cpu_ms_per_req']:>10} {r['db_cpu_ms_per_req']:>9} "
+                  f"{r['other_cores']:>6}  {tgt}"
                   + (f"  failures={r['failures']}" if r["failures"] else "")
                   + ("  (requests replayed)" if r["wrapped"] else ""))
         ch = report["checks"]

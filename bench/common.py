@@ -88,14 +88,22 @@ class CpuMeter:
     """Where the CPU went during a measured interval: the server's process tree, this process's
     waited-for children (the load generator), and everything else on the machine."""
 
-    def __init__(self, server_pid: int) -> None:
+    def __init__(self, server_pid: int, db_pid: int | None = None, client_pids: list[int] | None = None) -> None:
         self.pid = server_pid
+        self.db_pid = db_pid
+        self.client_pids = client_pids  # live client processes, else this process's waited-for children
+
+    def _client_cpu(self) -> float:
+        if self.client_pids is not None:
+            return sum(proc_tree_cpu(p) for p in self.client_pids)
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
 
     def __enter__(self) -> CpuMeter:
         self.t0 = time.monotonic()
         self.s0 = proc_tree_cpu(self.pid)
-        r = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.c0 = r.ru_utime + r.ru_stime
+        self.d0 = proc_tree_cpu(self.db_pid) if self.db_pid else 0.0
+        self.c0 = self._client_cpu()
         self.b0 = machine_busy()
         self.load0 = loadavg()
         return self
@@ -103,8 +111,8 @@ class CpuMeter:
     def __exit__(self, *_: Any) -> None:
         self.seconds = time.monotonic() - self.t0
         self.server = proc_tree_cpu(self.pid) - self.s0
-        r = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.client = r.ru_utime + r.ru_stime - self.c0
+        self.db = (proc_tree_cpu(self.db_pid) - self.d0) if self.db_pid else 0.0
+        self.client = self._client_cpu() - self.c0
         self.busy = machine_busy() - self.b0
         self.load1 = loadavg()
 
@@ -112,9 +120,11 @@ class CpuMeter:
         per = max(requests, 1)
         return {"server_cpu_ms_per_req": round(self.server * 1000 / per, 3),
                 "client_cpu_ms_per_req": round(self.client * 1000 / per, 3),
+                "db_cpu_ms_per_req": round(self.db * 1000 / per, 3),
                 "server_cores": round(self.server / self.seconds, 2),
                 "client_cores": round(self.client / self.seconds, 2),
-                "other_cores": round(max(self.busy - self.server - self.client, 0) / self.seconds, 2),
+                "db_cores": round(self.db / self.seconds, 2),
+                "other_cores": round(max(self.busy - self.server - self.client - self.db, 0) / self.seconds, 2),
                 "loadavg": [self.load0, self.load1]}
 
 
@@ -206,6 +216,10 @@ class BenchCA:
                 pass
             time.sleep(0.1)
         raise RuntimeError("serve did not become ready")
+
+    @property
+    def db_pid(self) -> int | None:
+        return self.pg.proc.pid if self.pg is not None and self.pg.proc is not None else None
 
     def client(self, **kw: Any) -> httpx.Client:
         verify: Any = False if self.insecure_http else str(self.data / "root-cert.pem")

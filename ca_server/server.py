@@ -68,7 +68,9 @@ class ServerCertificate:
         key = ec.generate_private_key(ec.SECP256R1())
         dns, ips = self._split()
         cert, root = self.authority.issue_server_certificate(key.public_key(), dns_names=dns, ip_addresses=ips)
-        chain = cert_pem(cert) + root.chain_pem if root.chain_pem else cert_pem(cert)
+        # below an offline root the signer is an issuing CA: clients hold only the offline root, so the
+        # issuing CA's certificate has to travel with ours
+        chain = cert_pem(cert) + root.cert_pem if root.chain_pem else cert_pem(cert)
         with tempfile.TemporaryDirectory(prefix="meshbridge-tls-") as d:
             os.chmod(d, 0o700)
             cpath, kpath = Path(d) / "tls.crt", Path(d) / "tls.key"

@@ -59,13 +59,13 @@ def cluster_out(c: Cluster, cert: CertificateRecord | None) -> w.ClusterOut:
     if cert is not None:
         inter = w.IntermediateOut(serial=cert.serial, not_before=iso(cert.not_before),
                                   not_after=iso(cert.not_after), root_id=cert.root_id)
-    return w.ClusterOut(name=c.name, status=c.status.value, generation=c.generation,  # type: ignore[arg-type]
+    return w.ClusterOut(name=c.name, status=c.status.value, generation=c.generation,
                         trust_domain=c.trust_domain, gateway=c.gateway, rotation_pending=c.rotation_pending,
                         intermediate=inter, agent_status=c.agent_status)
 
 
 def root_out(r: Root) -> w.RootOut:
-    return w.RootOut(id=r.id, status=r.status.value, not_after=iso(r.not_after),  # type: ignore[arg-type]
+    return w.RootOut(id=r.id, status=r.status.value, not_after=iso(r.not_after),
                      certificate=r.cert_pem)
 
 

@@ -149,7 +149,8 @@ class Identities(Strict):
 
 
 class ExportedService(Strict):
-    name: str = Field(min_length=3, max_length=127, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\.[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    name: str = Field(min_length=3, max_length=127,
+                      pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\.[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     namespace: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL)
     service: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL)
     ports: list[Port] = Field(min_length=1, max_length=32)

@@ -10,7 +10,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from ca_server.core.models import AuditEntry
@@ -19,7 +19,8 @@ GENESIS = "0" * 64
 
 
 def canonical_time(at: datetime) -> str:
-    return at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # in UTC, as the store keeps it: a clock in another zone must hash the same when read back
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def entry_hash(
@@ -52,9 +53,8 @@ def verify_chain(entries: Iterable[AuditEntry], *, head: tuple[int, str] | None 
             return ChainReport(False, count, f"entry {expected_id} is missing (next present is {e.id})")
         if e.prev_hash != prev:
             return ChainReport(False, count, f"entry {e.id} does not link to entry {e.id - 1}")
-        h = entry_hash(
-            id=e.id, at=e.at, actor=e.actor, action=e.action, subject=e.subject, details=e.details, prev_hash=e.prev_hash
-        )
+        h = entry_hash(id=e.id, at=e.at, actor=e.actor, action=e.action, subject=e.subject, details=e.details,
+                       prev_hash=e.prev_hash)
         if h != e.hash:
             return ChainReport(False, count, f"entry {e.id} was altered (hash mismatch)")
         prev = e.hash

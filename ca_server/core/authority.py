@@ -330,7 +330,10 @@ class Authority:
         self, *, cert_pem: str, chain_pem: str, key_ref: str, actor: str = "init"
     ) -> tuple[Root, str]:
         """Adopt an existing root, or an issuing CA below an offline root (chain checked)."""
-        cert = x509.load_pem_x509_certificate(cert_pem.encode())
+        certs = xp.load_pem_certificates(cert_pem)  # InvalidInput for anything but PEM certificates
+        if len(certs) != 1:
+            raise InvalidInput("give exactly one CA certificate to import; the ones above it go into the chain")
+        cert = certs[0]
         chain = xp.load_pem_certificates(chain_pem) if chain_pem.strip() else []
         check_importable_ca(cert, chain, self.keys.load(key_ref), now=self.clock())
         anchor = chain[-1] if chain else cert
@@ -397,7 +400,6 @@ class Authority:
         return root
 
     def activate_root(self, root_id: str, *, actor: str) -> Root:
-        now = self.clock()
         with self.store.write() as tx:
             root = tx.get_root(root_id)
             if root is None:

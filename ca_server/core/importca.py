@@ -40,6 +40,8 @@ def check_importable_ca(cert: x509.Certificate, chain: Sequence[x509.Certificate
                 from exc
         if not bc.ca or not ku.key_cert_sign:
             raise InvalidInput(f"certificate {depth} of the imported chain is not a CA with keyCertSign")
+        if depth == 0 and not ku.crl_sign:  # it signs the CRLs of everything it issues
+            raise InvalidInput("the imported CA's keyUsage lacks cRLSign: it could not sign valid CRLs")
         # below this CA come `depth` CAs of the chain plus our cluster intermediate
         if bc.path_length is not None and bc.path_length < depth + 1:
             raise InvalidInput(

@@ -7,7 +7,7 @@ Agents are played with ``cluster_agent.pki`` (new_key, make_csr, prove), as the 
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,10 +40,8 @@ def pg_server() -> Iterator[PgServer]:
     SIGINT to the ``runuser`` wrapper is not forwarded, which costs 30 s and orphans postgres."""
     server = PgServer().start()
     yield server
-    try:
+    with contextlib.suppress(subprocess.CalledProcessError):  # immediate: its data is thrown away next
         server._run(str(server.bindir / "pg_ctl"), "stop", "-D", str(server.dir / "data"), "-m", "immediate", "-w")
-    except subprocess.CalledProcessError:
-        pass
     server.cleanup()
 
 
@@ -252,10 +250,6 @@ def make_harness(
 @pytest.fixture
 def harness(database_url: str, tmp_path: Path) -> Iterator[Harness]:
     yield from make_harness(database_url, tmp_path / "ca")
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def pem_certs(text: str) -> list[x509.Certificate]:

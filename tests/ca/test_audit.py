@@ -62,7 +62,6 @@ def test_every_change_is_recorded_in_order_and_the_chain_verifies(harness: Harne
     assert len(harness.client.get("/v1/audit", headers=harness.admin).json()["items"]) == len(expected)
     for bad in ({"limit": 0}, {"limit": 5000}, {"after": -1}, {"after": "x"}):
         assert harness.client.get("/v1/audit", params=bad, headers=harness.admin).status_code == 400
-    # status reports are not changes of the CA; renewals without rotation do not bump the fleet revision
     assert report(harness) == "ok"
     # nothing secret is in the audit log
     dump = json.dumps(items)
@@ -181,3 +180,17 @@ def test_cli_audit_verify_exit_codes(initialised: tuple[Path, str]) -> None:
     engine.dispose()
     missing = _cli("audit", "verify", "--data-dir", str(d.parent / "nothing-here"))
     assert missing.returncode == 2 and "init" in missing.stderr
+
+
+def test_a_clock_in_another_time_zone_keeps_the_chain_verifiable(harness: Harness) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from ca_server.core.authority import Authority
+    from ca_server.keys.file import FileKeyBackend
+    from tests.ca.conftest import PASSPHRASE
+
+    cest = timezone(timedelta(hours=2))
+    authority = Authority(harness.store, FileKeyBackend(harness.data_dir, PASSPHRASE),
+                          clock=lambda: datetime.now(cest))
+    authority.create_cluster(name="a", trust_domain="a.mesh", gateway=None, actor="test")
+    assert report(harness) == "ok"

@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 
 from cluster_agent import pki
 from tests.ca.certcheck import openssl_verify, pkilint_errors
-from tests.support.pgserver import free_port
+from tests.support.pgserver import PgServer, free_port
 
 CLI = [sys.executable, "-m", "ca_server.cli"]
 IMPORT_PASSPHRASE = "import passphrase for tests"
@@ -105,16 +105,16 @@ def days_left_column(table: str, name: str) -> tuple[dict[str, str], list[str]]:
 
 
 # --------------------------------------------------------------------------------- the full flow
-def test_init_serve_and_operate(tmp_path: Path, database_url: str) -> None:
+def test_init_serve_and_operate(tmp_path: Path) -> None:
     d = tmp_path / "ca"
-    out = json.loads(ok("init", "--data-dir", str(d), "--database-url", database_url, "--org", "Example Mesh",
-                        "--json"))
+    out = json.loads(ok("init", "--data-dir", str(d), "--org", "Example Mesh", "--json"))
+    assert out["database"] == "sqlite (embedded)" and (d / "meshbridge.db").exists()
     assert out["root_cert"] == str(d / "root-cert.pem")
     assert mode(d / "admin-token") == 0o600 and mode(d / "key-passphrase") == 0o600
     admin_token = (d / "admin-token").read_text().strip()
     root = x509.load_pem_x509_certificate((d / "root-cert.pem").read_bytes())
     assert root.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == "Example Mesh"
-    again = cli("init", "--data-dir", str(d), "--database-url", database_url)
+    again = cli("init", "--data-dir", str(d))
     assert again.returncode == 2 and "refusing to overwrite" in again.stderr
     assert (d / "admin-token").read_text().strip() == admin_token
 
@@ -182,6 +182,21 @@ def test_init_serve_and_operate(tmp_path: Path, database_url: str) -> None:
     assert down.returncode == 3 and "cannot reach" in down.stderr
 
 
+def test_init_and_serve_on_postgresql(tmp_path: Path, pg_server: PgServer) -> None:
+    url = pg_server.create_database(f"cli_{tmp_path.name.lower().replace('-', '_')}")
+    d = tmp_path / "ca"
+    assert json.loads(ok("init", "--data-dir", str(d), "--database-url", url, "--json"))["database"] == "postgresql"
+    assert not (d / "meshbridge.db").exists()
+    assert json.loads((d / "ca.json").read_text())["database_url"] == url  # serve needs only --data-dir
+    again = cli("init", "--data-dir", str(tmp_path / "other"), "--database-url", url)
+    assert again.returncode == 2 and "already has a root" in again.stderr  # the database holds a CA already
+    for s in serve(d):
+        s.op("cluster", "add", "a", "--trust-domain", "a.mesh")
+        row, _ = days_left_column(s.op("cluster", "list"), "a")
+        assert row["STATUS"] == "pending" and row["DESIRED"] == "0"
+    assert "intact: 5 entries" in ok("audit", "verify", "--data-dir", str(d))
+
+
 # --------------------------------------------------------------------------------- root key types
 @pytest.mark.parametrize("key_type", ["ecdsa-p384", "rsa-3072", "rsa-4096"])
 def test_init_for_each_root_key_type(tmp_path: Path, key_type: str) -> None:
@@ -238,7 +253,7 @@ def _place(d: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePriv
 ENV = {"MESHBRIDGE_CA_KEY_PASSPHRASE": IMPORT_PASSPHRASE}
 
 
-def test_import_an_existing_root(tmp_path: Path) -> None:
+def test_import_an_existing_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     d = tmp_path / "ca"
     cert, key = _ca("Example Root", issuer=None, pathlen=None)
     cert_path, ref = _place(d, "root", cert, key)
@@ -246,22 +261,16 @@ def test_import_an_existing_root(tmp_path: Path) -> None:
     assert (d / "root-cert.pem").read_bytes() == cert.public_bytes(serialization.Encoding.PEM)
     from ca_server import runtime
 
-    os.environ[ENV_KEY] = IMPORT_PASSPHRASE
-    try:
-        authority = runtime.build_authority(d)
-        made = authority.create_cluster(name="a", trust_domain="a.mesh", gateway=None, actor="test")
-        done = authority.enroll(cluster_name="a", bootstrap_token=made.bootstrap_token,
-                                csr_pem=pki.make_csr(pki.new_key(), "a"))
-    finally:
-        del os.environ[ENV_KEY]
+    monkeypatch.setenv("MESHBRIDGE_CA_KEY_PASSPHRASE", IMPORT_PASSPHRASE)
+    authority = runtime.build_authority(d)
+    made = authority.create_cluster(name="a", trust_domain="a.mesh", gateway=None, actor="test")
+    done = authority.enroll(cluster_name="a", bootstrap_token=made.bootstrap_token,
+                            csr_pem=pki.make_csr(pki.new_key(), "a"))
     chain = x509.load_pem_x509_certificates(done.issued.bundle.cert_chain.encode())
     assert chain[-1] == cert and len(chain) == 2
     (tmp_path / "leaf.pem").write_text(done.issued.bundle.ca_cert)
     res = openssl_verify(tmp_path / "leaf.pem", cafile=d / "root-cert.pem")
     assert res.ok, res.output
-
-
-ENV_KEY = "MESHBRIDGE_CA_KEY_PASSPHRASE"
 
 
 def test_import_an_issuing_ca_below_an_offline_root_and_serve(tmp_path: Path) -> None:
@@ -331,3 +340,25 @@ def test_a_pathlen_zero_issuing_ca_is_refused(tmp_path: Path) -> None:
     r = cli("init", "--data-dir", str(tmp_path / "ca3"), "--import-cert", str(garbage), "--import-key-ref", ref,
             env=ENV)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_an_imported_ca_must_be_able_to_sign_crls() -> None:
+    from ca_server.core.errors import InvalidInput
+    from ca_server.core.importca import check_importable_ca
+    from ca_server.core.keytypes import LocalKeySigner
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "No CRL Root")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, True, False, False, False), critical=True)
+            .sign(key, hashes.SHA256()))
+    with pytest.raises(InvalidInput, match="cRLSign"):
+        check_importable_ca(cert, [], LocalKeySigner(key), now=now)
+    good, good_key = _ca("Good Root", issuer=None, pathlen=None)
+    check_importable_ca(good, [], LocalKeySigner(good_key), now=now)
+    with pytest.raises(InvalidInput, match="not valid now"):
+        check_importable_ca(good, [], LocalKeySigner(good_key), now=now + timedelta(days=4000))

@@ -262,4 +262,3 @@ func regexFull(t *testing.T, re, v string) bool {
 	}
 	return r.MatchString(v)
 }
-

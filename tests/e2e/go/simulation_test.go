@@ -1,6 +1,8 @@
 package istiocheck
 
 import (
+	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -8,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"text/template"
 
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
@@ -37,8 +40,22 @@ type scenario struct {
 	egressSA       string
 	ingressSA      string
 	istioVersion   string
+	egressName     string            // a's egress gateway Service (istio-system)
+	egressLabels   map[string]string // its pods' labels (what the egress Gateway selects)
 	egressService  string
 	ingressService string
+}
+
+func parseLabels(t *testing.T, s string) map[string]string {
+	m := map[string]string{}
+	for _, kv := range strings.Split(s, ",") {
+		k, v, ok := strings.Cut(strings.TrimSpace(kv), "=")
+		if !ok {
+			t.Fatalf("bad label %q (want k=v,k=v)", kv)
+		}
+		m[k] = v
+	}
+	return m
 }
 
 func envOr(k, def string) string {
@@ -61,7 +78,10 @@ func envInt(t *testing.T, k string, def int) int {
 }
 
 func loadScenario(t *testing.T) scenario {
+	egress := envOr("MESHBRIDGE_SIM_EGRESS_SERVICE", "istio-egressgateway")
 	return scenario{
+		egressName:     egress,
+		egressLabels:   parseLabels(t, envOr("MESHBRIDGE_SIM_EGRESS_LABELS", "app=istio-egressgateway,istio=egressgateway")),
 		aDir:           envOr("MESHBRIDGE_SIM_A_DIR", filepath.Join("testdata", "a")),
 		bDir:           envOr("MESHBRIDGE_SIM_B_DIR", filepath.Join("testdata", "b")),
 		host:           envOr("MESHBRIDGE_SIM_HOST", "ratings.bookinfo.remote"),
@@ -75,27 +95,27 @@ func loadScenario(t *testing.T) scenario {
 		egressSA:       "istio-egressgateway-service-account",
 		ingressSA:      "istio-ingressgateway-service-account",
 		istioVersion:   "1.30.3",
-		egressService:  "istio-egressgateway.istio-system.svc.cluster.local",
+		egressService:  egress + ".istio-system.svc.cluster.local",
 		ingressService: "istio-ingressgateway.istio-system.svc.cluster.local",
 	}
 }
 
 // What every cluster has before meshbridge: gateway Services and Pods (the pods never run in the
 // e2e clusters; here they give the simulated gateway proxies their labels and port mapping).
-const baseA = `
+const baseATemplate = `
 apiVersion: v1
 kind: Service
-metadata: {name: istio-egressgateway, namespace: istio-system, labels: {app: istio-egressgateway, istio: egressgateway}}
+metadata: {name: {{.Name}}, namespace: istio-system, labels: {{.Labels}}}
 spec:
   clusterIP: 10.96.0.20
-  selector: {app: istio-egressgateway, istio: egressgateway}
+  selector: {{.Labels}}
   ports:
   - {name: http2, port: 80, targetPort: 8080, protocol: TCP}
   - {name: https, port: 443, targetPort: 8443, protocol: TCP}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: istio-egressgateway-0, namespace: istio-system, labels: {app: istio-egressgateway, istio: egressgateway}}
+metadata: {name: {{.Name}}-0, namespace: istio-system, labels: {{.Labels}}}
 spec: {serviceAccountName: istio-egressgateway-service-account, containers: [{name: istio-proxy, image: proxyv2}]}
 status: {phase: Running, podIP: 10.1.0.20, podIPs: [{ip: 10.1.0.20}], conditions: [{type: Ready, status: "True"}]}
 ---
@@ -113,6 +133,20 @@ metadata: {name: productpage-0, namespace: bookinfo, labels: {app: productpage}}
 spec: {serviceAccountName: bookinfo-productpage, containers: [{name: productpage, image: productpage}]}
 status: {phase: Running, podIP: 10.1.1.5, podIPs: [{ip: 10.1.1.5}], conditions: [{type: Ready, status: "True"}]}
 `
+
+func baseA(t *testing.T, sc scenario) string {
+	labels, err := json.Marshal(sc.egressLabels)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b strings.Builder
+	err = template.Must(template.New("a").Parse(baseATemplate)).Execute(&b,
+		map[string]string{"Name": sc.egressName, "Labels": string(labels)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b.String()
+}
 
 const baseB = `
 apiVersion: v1
@@ -157,6 +191,28 @@ spec:
   clusterIP: 10.96.2.11
   selector: {app: details}
   ports: [{name: http, port: 9080, targetPort: 9080, protocol: TCP}]
+`
+
+// Istio config b already has: ordinary north-south traffic through the same ingress gateway.
+const baseIstioB = `
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: bookinfo-gateway, namespace: bookinfo}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: [bookinfo.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bookinfo, namespace: bookinfo}
+spec:
+  hosts: [bookinfo.example.com]
+  gateways: [bookinfo-gateway]
+  http:
+  - route:
+    - destination: {host: details.bookinfo.svc.cluster.local, port: {number: 9080}}
 `
 
 // Gateway container ports for the service ports above (the listener binds the targetPort).
@@ -246,9 +302,12 @@ type simCluster struct {
 	fake *xds.FakeDiscoveryServer
 }
 
-func newSimCluster(t *testing.T, name, dir, base, trustDomain string) *simCluster {
+func newSimCluster(t *testing.T, name, dir, base, baseIstio, trustDomain string) *simCluster {
 	t.Helper()
 	istio, kube, seen := loadDir(t, dir)
+	if baseIstio != "" {
+		istio = baseIstio + "\n---\n" + istio
+	}
 	t.Logf("cluster %s: loaded from %s: %s", name, dir, strings.Join(seen, ", "))
 	m := mesh.DefaultMeshConfig()
 	m.TrustDomain = trustDomain
@@ -329,19 +388,26 @@ func upstreamTLS(t *testing.T, c *cluster.Cluster) []*tlsv3.UpstreamTlsContext {
 }
 
 // checkIstioMTLS asserts the cluster originates Istio mTLS (SDS "default" certificate, "ROOTCA"
-// validation) with the given SNI and, if sans is not empty, pins those peer identities.
-func checkIstioMTLS(t *testing.T, c *cluster.Cluster, sni string, sans []string) {
+// validation) with one SNI (equal to wantSNI unless that is empty) and, if sans is not empty, pins
+// those peer identities. It returns the SNI.
+func checkIstioMTLS(t *testing.T, c *cluster.Cluster, wantSNI string, sans []string) string {
 	t.Helper()
 	ctxs := upstreamTLS(t, c)
 	if len(ctxs) == 0 {
-		t.Errorf("cluster %s: no TLS origination at all (want Istio mTLS with SNI %s)", c.Name, sni)
-		return
+		t.Errorf("cluster %s: no TLS origination at all (want Istio mTLS)", c.Name)
+		return ""
 	}
+	sni := ctxs[0].GetSni()
 	for _, u := range ctxs {
 		js, _ := protojson.Marshal(u)
 		s := string(js)
-		if u.GetSni() != sni {
-			t.Errorf("cluster %s: SNI %q, want %q", c.Name, u.GetSni(), sni)
+		switch {
+		case u.GetSni() == "":
+			t.Errorf("cluster %s: no SNI", c.Name)
+		case wantSNI != "" && u.GetSni() != wantSNI:
+			t.Errorf("cluster %s: SNI %q, want %q", c.Name, u.GetSni(), wantSNI)
+		case u.GetSni() != sni:
+			t.Errorf("cluster %s: SNIs differ between transport sockets: %q, %q", c.Name, sni, u.GetSni())
 		}
 		if !strings.Contains(s, `"name":"default"`) || !strings.Contains(s, `"ROOTCA"`) {
 			t.Errorf("cluster %s: TLS context is not Istio mTLS (SDS default/ROOTCA): %s", c.Name, s)
@@ -352,6 +418,32 @@ func checkIstioMTLS(t *testing.T, c *cluster.Cluster, sni string, sans []string)
 			}
 		}
 	}
+	return sni
+}
+
+// hostAfter returns the Host header a request carries upstream of the matched route: the route's
+// authority rewrite if it has one (the simulation itself does not apply rewrites), else host.
+func (p *simProxy) hostAfter(t *testing.T, res simulation.Result, host string) string {
+	t.Helper()
+	for _, rc := range p.sim.Routes {
+		if rc.GetName() != res.RouteConfigMatched {
+			continue
+		}
+		for _, vh := range rc.GetVirtualHosts() {
+			if vh.GetName() != res.VirtualHostMatched {
+				continue
+			}
+			for _, r := range vh.GetRoutes() {
+				if r.GetName() == res.RouteMatched {
+					if lit := r.GetRoute().GetHostRewriteLiteral(); lit != "" {
+						return lit
+					}
+					return host
+				}
+			}
+		}
+	}
+	return host
 }
 
 // endpointsOf returns "ip:port" of a cluster, from EDS or the inline load assignment.
@@ -385,19 +477,22 @@ func (p *simProxy) filterChain(t *testing.T, res simulation.Result) *listener.Fi
 
 func TestSimulation(t *testing.T) {
 	sc := loadScenario(t)
-	a := newSimCluster(t, "a", sc.aDir, baseA, sc.aTrustDomain)
-	b := newSimCluster(t, "b", sc.bDir, baseB, sc.bTrustDomain)
-	egressGW := a.proxy(t, model.Router, "istio-system", "10.1.0.20",
-		map[string]string{"app": "istio-egressgateway", "istio": "egressgateway"}, sc.istioVersion)
+	a := newSimCluster(t, "a", sc.aDir, baseA(t, sc), "", sc.aTrustDomain)
+	b := newSimCluster(t, "b", sc.bDir, baseB, baseIstioB, sc.bTrustDomain)
+	egressGW := a.proxy(t, model.Router, "istio-system", "10.1.0.20", sc.egressLabels, sc.istioVersion)
 	sidecar := a.proxy(t, model.SidecarProxy, "bookinfo", "10.1.1.5",
 		map[string]string{"app": "productpage"}, sc.istioVersion)
 	ingressGW := b.proxy(t, model.Router, "istio-system", "10.2.0.30",
 		map[string]string{"app": "istio-ingressgateway", "istio": "ingressgateway"}, sc.istioVersion)
 
 	hostPort := fmt.Sprintf("%s:%d", sc.host, sc.port)
-	egressPort := 0 // service port of a's egress gateway that the sidecar's route picked
+	// What travels from hop to hop, per Host header the client may send (with and without port).
+	type hop struct{ sni, host string }
+	toEgress := map[string]hop{}  // sidecar -> egress gateway
+	toIngress := map[string]hop{} // egress gateway -> b's ingress
+	egressPort := 0               // service port of a's egress gateway that the sidecar's route picked
 
-	t.Run("1 sidecar in a sends "+hostPort+" to the egress gateway", func(t *testing.T) {
+	t.Run("1 sidecar in a sends "+hostPort+" to the egress gateway with Istio mTLS", func(t *testing.T) {
 		vip := "240.240.0.1"
 		for _, hh := range []string{sc.host, hostPort} {
 			res := sidecar.sim.Run(simulation.Call{
@@ -414,9 +509,11 @@ func TestSimulation(t *testing.T) {
 				t.Fatalf("Host %s: routed to cluster %q, want a cluster of %s", hh, res.ClusterMatched, sc.egressService)
 			}
 			egressPort = port
-			t.Logf("Host %s: listener %s, route %s, vhost %s -> cluster %s (subset %q)",
-				hh, res.ListenerMatched, res.RouteConfigMatched, res.VirtualHostMatched, res.ClusterMatched, subset)
-			checkIstioMTLS(t, sidecar.cluster(t, res.ClusterMatched), sc.host, nil)
+			sni := checkIstioMTLS(t, sidecar.cluster(t, res.ClusterMatched), "", nil)
+			toEgress[hh] = hop{sni: sni, host: sidecar.hostAfter(t, res, hh)}
+			t.Logf("Host %s: listener %s, route %s, vhost %s -> cluster %s (subset %q), SNI %s, Host %s",
+				hh, res.ListenerMatched, res.RouteConfigMatched, res.VirtualHostMatched, res.ClusterMatched, subset,
+				sni, toEgress[hh].host)
 		}
 	})
 	if t.Failed() {
@@ -426,28 +523,31 @@ func TestSimulation(t *testing.T) {
 	t.Run("2 egress gateway in a sends it to b's ingress with Istio mTLS", func(t *testing.T) {
 		lport, ok := egressTargetPort[egressPort]
 		if !ok {
-			t.Fatalf("sidecar route uses egress gateway service port %d, which istio-egressgateway does not expose", egressPort)
+			t.Fatalf("sidecar route uses egress gateway service port %d, which %s does not expose", egressPort, sc.egressName)
 		}
 		for _, hh := range []string{sc.host, hostPort} {
+			in := toEgress[hh]
 			res := egressGW.sim.Run(simulation.Call{
-				Port: lport, Protocol: simulation.HTTP, TLS: simulation.MTLS, Sni: sc.host, HostHeader: hh,
+				Port: lport, Protocol: simulation.HTTP, TLS: simulation.MTLS, Sni: in.sni, HostHeader: in.host,
 				CallMode: simulation.CallModeGateway,
 			})
 			if res.Error != nil {
 				egressGW.dump(t, "egress a")
 				t.Fatalf("mTLS SNI %s Host %s on port %d: %v (listener %q, chain %q, route %q)",
-					sc.host, hh, lport, res.Error, res.ListenerMatched, res.FilterChainMatched, res.RouteConfigMatched)
+					in.sni, in.host, lport, res.Error, res.ListenerMatched, res.FilterChainMatched, res.RouteConfigMatched)
 			}
 			_, _, h, _ := model.ParseSubsetKey(res.ClusterMatched)
 			if string(h) != sc.host {
 				egressGW.dump(t, "egress a")
-				t.Fatalf("Host %s: egress gateway routes to %q, want a cluster of %s", hh, res.ClusterMatched, sc.host)
+				t.Fatalf("Host %s: egress gateway routes to %q, want a cluster of %s", in.host, res.ClusterMatched, sc.host)
 			}
-			t.Logf("Host %s: listener %s, chain %q, route %s -> cluster %s", hh, res.ListenerMatched,
-				res.FilterChainMatched, res.RouteConfigMatched, res.ClusterMatched)
 			c := egressGW.cluster(t, res.ClusterMatched)
-			checkIstioMTLS(t, c, sc.host,
+			sni := checkIstioMTLS(t, c, sc.host,
 				[]string{fmt.Sprintf("spiffe://%s/ns/istio-system/sa/%s", sc.bTrustDomain, sc.ingressSA)})
+			toIngress[hh] = hop{sni: sni, host: egressGW.hostAfter(t, res, in.host)}
+			t.Logf("SNI %s Host %s: listener %s, chain %q, route %s -> cluster %s, SNI %s, Host %s", in.sni, in.host,
+				res.ListenerMatched, res.FilterChainMatched, res.RouteConfigMatched, res.ClusterMatched, sni,
+				toIngress[hh].host)
 			want := fmt.Sprintf("%s:%d", sc.gwAddr, sc.gwPort)
 			eps := egressGW.endpointsOf(t, c)
 			if len(eps) != 1 || eps[0] != want {
@@ -461,35 +561,40 @@ func TestSimulation(t *testing.T) {
 			t.Errorf("plaintext HTTP to the egress gateway port %d reached %q", lport, res.ClusterMatched)
 		}
 	})
+	if t.Failed() {
+		return
+	}
 
 	t.Run("3 b's ingress gateway delivers it to "+sc.destination, func(t *testing.T) {
 		for _, hh := range []string{sc.host, hostPort} {
+			in := toIngress[hh]
 			res := ingressGW.sim.Run(simulation.Call{
-				Port: sc.gwPort, Protocol: simulation.HTTP, TLS: simulation.MTLS, Sni: sc.host, HostHeader: hh,
+				Port: sc.gwPort, Protocol: simulation.HTTP, TLS: simulation.MTLS, Sni: in.sni, HostHeader: in.host,
 				CallMode: simulation.CallModeGateway,
 			})
 			want := fmt.Sprintf("outbound|%d||%s", sc.port, sc.destination)
 			if res.Error != nil || res.ClusterMatched != want {
 				ingressGW.dump(t, "ingress b")
 				t.Fatalf("mTLS SNI %s Host %s on %d: err=%v cluster %q, want %q (listener %q, chain %q, route %q)",
-					sc.host, hh, sc.gwPort, res.Error, res.ClusterMatched, want, res.ListenerMatched,
+					in.sni, in.host, sc.gwPort, res.Error, res.ClusterMatched, want, res.ListenerMatched,
 					res.FilterChainMatched, res.RouteConfigMatched)
 			}
-			t.Logf("Host %s: listener %s, chain %q, route %s, vhost %s -> %s", hh, res.ListenerMatched,
-				res.FilterChainMatched, res.RouteConfigMatched, res.VirtualHostMatched, res.ClusterMatched)
+			t.Logf("SNI %s Host %s: listener %s, chain %q, route %s, vhost %s -> %s", in.sni, in.host,
+				res.ListenerMatched, res.FilterChainMatched, res.RouteConfigMatched, res.VirtualHostMatched,
+				res.ClusterMatched)
 
 			// The AuthorizationPolicy, as the RBAC filters generated on that chain evaluate it.
 			fc := ingressGW.filterChain(t, res)
 			consumer := fmt.Sprintf("spiffe://%s/ns/istio-system/sa/%s", sc.aTrustDomain, sc.egressSA)
-			stranger := fmt.Sprintf("spiffe://%s/ns/istio-system/sa/%s", "c.mesh", sc.egressSA)
-			req := rbacRequest{authority: hh, path: "/ratings/0", port: sc.gwPort, sni: sc.host}
+			stranger := fmt.Sprintf("spiffe://%s/ns/istio-system/sa/%s", "stranger.mesh", sc.egressSA)
+			req := rbacRequest{authority: in.host, path: "/ratings/0", port: sc.gwPort, sni: in.sni}
 			req.principal = consumer
 			if ok, why := evalRBAC(t, fc, req); !ok {
-				t.Errorf("RBAC on b's ingress denies the consumer %s for Host %s: %s", consumer, hh, why)
+				t.Errorf("RBAC on b's ingress denies the consumer %s for Host %s: %s", consumer, in.host, why)
 			}
 			req.principal = stranger
 			if ok, why := evalRBAC(t, fc, req); ok {
-				t.Errorf("RBAC on b's ingress admits a non-consumer %s for Host %s (%s)", stranger, hh, why)
+				t.Errorf("RBAC on b's ingress admits a non-consumer %s for Host %s (%s)", stranger, in.host, why)
 			}
 		}
 	})
@@ -499,30 +604,54 @@ func TestSimulation(t *testing.T) {
 			Port: sc.gwPort, Protocol: simulation.HTTP, TLS: simulation.MTLS, Sni: sc.refusedHost,
 			HostHeader: sc.refusedHost, CallMode: simulation.CallModeGateway,
 		})
-		if res.Error == nil {
+		switch {
+		case res.Error == nil:
 			t.Errorf("SNI %s reached cluster %q on b's ingress, want refused", sc.refusedHost, res.ClusterMatched)
-		} else {
+		case !errors.Is(res.Error, simulation.ErrNoFilterChain):
+			t.Errorf("SNI %s is refused only after the TLS handshake (%v): the ingress Gateway server on %d "+
+				"must list only the exported names in hosts, so that other SNIs match no filter chain",
+				sc.refusedHost, res.Error, sc.gwPort)
+		default:
 			t.Logf("SNI %s refused: %v", sc.refusedHost, res.Error)
 		}
 		// Exported SNI, but the Host header of a name not exported.
+		sni := toIngress[sc.host].sni
 		res = ingressGW.sim.Run(simulation.Call{
-			Port: sc.gwPort, Protocol: simulation.HTTP, TLS: simulation.MTLS, Sni: sc.host,
+			Port: sc.gwPort, Protocol: simulation.HTTP, TLS: simulation.MTLS, Sni: sni,
 			HostHeader: sc.refusedHost, CallMode: simulation.CallModeGateway,
 		})
 		if res.Error == nil {
-			t.Errorf("SNI %s with Host %s reached cluster %q, want refused", sc.host, sc.refusedHost, res.ClusterMatched)
+			t.Errorf("SNI %s with Host %s reached cluster %q, want refused", sni, sc.refusedHost, res.ClusterMatched)
 		} else {
-			t.Logf("SNI %s Host %s refused: %v", sc.host, sc.refusedHost, res.Error)
+			t.Logf("SNI %s Host %s refused: %v", sni, sc.refusedHost, res.Error)
 		}
 		// Without Istio mTLS (plain TLS, or plaintext) the cross-cluster port refuses.
 		for _, mode := range []simulation.TLSMode{simulation.TLS, simulation.Plaintext} {
 			res = ingressGW.sim.Run(simulation.Call{
-				Port: sc.gwPort, Protocol: simulation.HTTP, TLS: mode, Sni: sc.host,
+				Port: sc.gwPort, Protocol: simulation.HTTP, TLS: mode, Sni: sni,
 				HostHeader: sc.host, CallMode: simulation.CallModeGateway,
 			})
 			if res.Error == nil {
 				t.Errorf("%s to port %d reached cluster %q, want refused", mode, sc.gwPort, res.ClusterMatched)
 			}
+		}
+	})
+
+	t.Run("5 b's ingress still serves its own north-south traffic", func(t *testing.T) {
+		res := ingressGW.sim.Run(simulation.Call{
+			Port: 8080, Protocol: simulation.HTTP, HostHeader: "bookinfo.example.com",
+			CallMode: simulation.CallModeGateway,
+		})
+		want := "outbound|9080||details.bookinfo.svc.cluster.local"
+		if res.Error != nil || res.ClusterMatched != want {
+			ingressGW.dump(t, "ingress b")
+			t.Fatalf("HTTP bookinfo.example.com on 8080: err=%v cluster %q, want %q", res.Error, res.ClusterMatched, want)
+		}
+		fc := ingressGW.filterChain(t, res)
+		req := rbacRequest{authority: "bookinfo.example.com", path: "/details/0", port: 8080}
+		if ok, why := evalRBAC(t, fc, req); !ok {
+			t.Errorf("meshbridge's AuthorizationPolicy blocks ordinary ingress traffic on port 8080 "+
+				"(Host bookinfo.example.com, no peer identity): %s", why)
 		}
 	})
 }

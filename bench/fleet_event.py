@@ -1,0 +1,314 @@
+#!/usr/bin/env python3
+"""A fleet event (issue 2, item 11): N agents long-poll one `meshbridge-ca serve`, then a root
+rotation; how long until every long-poll has answered and every cluster has renewed.
+
+Setup (not timed): a CA in a temporary data dir (SQLite, or a real PostgreSQL with ``--engine
+postgres``), N clusters registered and enrolled in-process, the server started, and for every
+cluster a renewal request pre-built (fresh CSR + proof signed by its enrolled intermediate key),
+so the simulated agents spend no time on key generation during the event.
+
+The agents are asyncio tasks with httpx, spread over ``--procs`` processes so the client is not
+the bottleneck; each holds its own keep-alive HTTPS connection and long-polls
+``GET /v1/clusters/{name}/desired?revision=R&wait=60``, re-polling whenever the revision moves.
+Like the real agent, each adds the trust bundle it is handed to its TLS trust anchors.
+
+Timed: ``POST /v1/roots`` (a new root joins the trust bundle: every long-poll answers, every agent
+re-polls), then, once all are waiting again, ``POST /v1/roots/{id}/activate``. From the activation
+request we time (a) every long-poll answered with ``rotate_required: true`` and (b) every agent's
+renewal answered 201 with the new generation. Afterwards every cluster must show the new root,
+no rotation pending, and ``meshbridge-ca audit verify`` must pass.
+
+    python bench/fleet_event.py --agents 1000 [--engine sqlite|postgres] [--workers 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import ssl
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import BenchCA, CpuMeter, machine, raise_nofile
+
+from cluster_agent import pki
+
+TARGETS = {"answered_s": 5.0, "renewed_s": 15.0}
+
+
+# ----------------------------------------------------------------------------- setup
+def enroll_in_process(ca: BenchCA, names: list[str]) -> list[dict[str, Any]]:
+    """Register and enroll the clusters straight through the core (setup only), and pre-build
+    each one's renewal request."""
+    from ca_server import runtime
+
+    os.environ.update({k: v for k, v in ca.env.items() if k.startswith("MESHBRIDGE_")})
+    authority = runtime.build_authority(ca.data, database_url_override=ca.db_url)
+    agents = []
+    for name in names:
+        made = authority.create_cluster(name=name, trust_domain=f"{name}.mesh", gateway=None, actor="bench")
+        key = pki.new_key()
+        done = authority.enroll(cluster_name=name, bootstrap_token=made.bootstrap_token,
+                                csr_pem=pki.make_csr(key, name))
+        csr = pki.make_csr(pki.new_key(), name)
+        agents.append({"name": name, "token": done.agent_token, "csr": csr, "proof": pki.prove(key, csr),
+                       "generation": done.issued.generation})
+    authority.store.dispose()  # type: ignore[attr-defined]
+    return agents
+
+
+# ----------------------------------------------------------------------------- simulated agents
+def client_proc(url: str, anchor: str, agents: list[dict[str, Any]], events: Any, out: Any) -> None:
+    raise_nofile()
+    try:
+        res = asyncio.run(_client_main(url, anchor, agents, events))
+    except BaseException as exc:  # report, never hang the parent
+        res = [{"name": a["name"], "error": f"client process failed: {type(exc).__name__}: {exc}"} for a in agents]
+    out.put(res)
+
+
+async def _client_main(url: str, anchor: str, agents: list[dict[str, Any]], events: Any) -> list[dict[str, Any]]:
+    ctx = ssl.create_default_context(cafile=anchor) if url.startswith("https") else None
+    known_bundles: set[str] = set()
+
+    def trust(bundle: str) -> None:  # what the agent does with desired.trust_bundle
+        if ctx is not None and bundle not in known_bundles:
+            known_bundles.add(bundle)
+            ctx.load_verify_locations(cadata=bundle)
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    timeout = httpx.Timeout(120.0, connect=60.0)
+    async with httpx.AsyncClient(base_url=url, verify=ctx if ctx is not None else False, limits=limits,
+                                 timeout=timeout) as client:
+        return list(await asyncio.gather(*(_agent(client, a, events, trust) for a in agents)))
+
+
+async def _agent(client: httpx.AsyncClient, a: dict[str, Any], events: Any, trust: Any) -> dict[str, Any]:
+    name = a["name"]
+    auth = {"Authorization": f"Bearer {a['token']}"}
+    path = f"/v1/clusters/{name}/desired"
+    rec: dict[str, Any] = {"name": name, "polls": 0, "answers": []}
+    started = time.monotonic()
+    try:
+        r = await client.get(path, headers=auth)
+        r.raise_for_status()
+        desired = r.json()
+        trust(desired["trust_bundle"])
+        rev = desired["revision"]
+        events.put(("polling", name, rev))
+        while True:
+            rec["polls"] += 1
+            r = await client.get(path, params={"revision": rev, "wait": 60}, headers=auth)
+            t = time.monotonic()
+            if r.status_code != 200:
+                rec["error"] = f"desired answered {r.status_code}"
+                events.put(("error", name, rec["error"]))
+                return rec
+            desired = r.json()
+            trust(desired["trust_bundle"])
+            if desired["revision"] == rev:  # waited the full minute: nothing changed, poll again
+                continue
+            rec["answers"].append(t)
+            rev = desired["revision"]
+            if desired["rotate_required"]:
+                rec["rotate_at"] = t
+                rec["want_generation"] = desired["generation"]
+                body = {"csr": a["csr"], "proof": a["proof"]}
+                r = await client.post(f"/v1/clusters/{name}/intermediate", json=body, headers=auth)
+                rec["renewed_at"] = time.monotonic()
+                rec["renew_status"] = r.status_code
+                if r.status_code == 201:
+                    rec["renewed_generation"] = r.json()["generation"]
+                return rec
+            events.put(("polling", name, rev))
+    except Exception as exc:
+        cause = exc.__cause__ or exc.__context__
+        rec["error"] = (f"{type(exc).__name__}: {exc!r} (cause {cause!r}) after {rec['polls']} long-poll(s), "
+                        f"{len(rec['answers'])} answer(s), {time.monotonic() - started:.1f} s after start")
+        events.put(("error", name, rec["error"]))
+        return rec
+
+
+# ----------------------------------------------------------------------------- orchestration
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--agents", type=int, default=1000)
+    p.add_argument("--engine", choices=["sqlite", "postgres"], default="sqlite")
+    p.add_argument("--procs", type=int, default=4, help="client processes the agents are spread over")
+    p.add_argument("--workers", type=int, default=0, help="pass --workers N to serve (0: its default)")
+    p.add_argument("--insecure-http", action="store_true")
+    p.add_argument("--settle", type=float, default=2.0, help="seconds to let re-polls reach the server")
+    p.add_argument("--deadline", type=float, default=100.0, help="give up on the event after this many seconds")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--keep", action="store_true")
+    args = p.parse_args(argv)
+    nofile = raise_nofile()
+    if nofile < args.agents + 200:
+        raise SystemExit(f"open-file limit {nofile} is too low for {args.agents} connections: raise `ulimit -n`")
+    serve_args = ["--workers", str(args.workers)] if args.workers else []
+    ca = BenchCA(engine=args.engine, insecure_http=args.insecure_http, serve_args=serve_args)
+    report: dict[str, Any] = {"engine": args.engine, "agents": args.agents, "client_procs": args.procs,
+                              "serve_args": serve_args, "transport": "http" if args.insecure_http else "https",
+                              "machine": machine(), "nofile": nofile}
+    procs: list[Any] = []
+    try:
+        ca.init()
+        t0 = time.monotonic()
+        agents = enroll_in_process(ca, [f"f{i:04d}" for i in range(args.agents)])
+        report["setup_enroll_s"] = round(time.monotonic() - t0, 1)
+        ca.start()
+        events: Any = mp.Queue()
+        out: Any = mp.Queue()
+        slices = [agents[i::args.procs] for i in range(args.procs)]
+        procs = [mp.Process(target=client_proc, args=(ca.url, str(ca.data / "root-cert.pem"), s, events, out),
+                            daemon=True) for s in slices if s]
+        for pr in procs:
+            pr.start()
+
+        def wait_polling(revs: dict[str, str], timeout: float) -> None:
+            deadline = time.monotonic() + timeout
+            while len(revs) < args.agents:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(f"only {len(revs)} of {args.agents} agents are long-polling")
+                try:
+                    kind, name, rev = events.get(timeout=min(left, 1.0))
+                except Exception:
+                    if not any(pr.is_alive() for pr in procs):
+                        raise RuntimeError("client processes died") from None
+                    continue
+                if kind == "error":
+                    raise RuntimeError(f"agent {name} failed before the event: {rev}")
+                revs[name] = rev
+
+        first: dict[str, str] = {}
+        t0 = time.monotonic()
+        wait_polling(first, 90)
+        report["connect_all_s"] = round(time.monotonic() - t0, 1)
+        time.sleep(args.settle)
+
+        def admin(method: str, path: str, **kw: Any) -> httpx.Response:
+            # a new client each time, trusting D/root-cert.pem as it is now: the server's own
+            # certificate moves to the new root soon after the activation
+            with ca.client(timeout=60, headers={"Authorization": f"Bearer {ca.admin_token}"}) as c:
+                return c.request(method, path, **kw)
+
+        t_add = time.monotonic()
+        r = admin("POST", "/v1/roots", json={})
+        add_request_s = time.monotonic() - t_add
+        r.raise_for_status()
+        root_id = r.json()["id"]
+        second: dict[str, str] = {}
+        wait_polling(second, 60)
+        report["add_root"] = {"request_s": round(add_request_s, 3),
+                              "all_repolling_s": round(time.monotonic() - t_add, 2)}
+        time.sleep(args.settle)
+
+        assert ca.proc is not None
+        with CpuMeter(ca.proc.pid, ca.db_pid, client_pids=[pr.pid for pr in procs]) as meter:
+            t_act = time.monotonic()
+            r = admin("POST", f"/v1/roots/{root_id}/activate")
+            t_act_done = time.monotonic()
+            r.raise_for_status()
+            results: list[dict[str, Any]] = []
+            deadline = time.monotonic() + args.deadline
+            while len(results) < len(agents) and time.monotonic() < deadline:
+                try:
+                    results += out.get(timeout=1.0)
+                except Exception:
+                    if not any(pr.is_alive() for pr in procs) and out.empty():
+                        break
+        report["activate_request_s"] = round(t_act_done - t_act, 3)
+
+        answered = [x["rotate_at"] - t_act for x in results if "rotate_at" in x]
+        bundle = [x["answers"][0] - t_add for x in results if x.get("answers")]
+        report["add_root"]["all_answered_s"] = round(max(bundle), 3) if len(bundle) == len(agents) else None
+        renewed = [x["renewed_at"] - t_act for x in results
+                   if x.get("renew_status") == 201 and x.get("renewed_generation") == x.get("want_generation")]
+        failures = [x for x in results if "error" in x or x.get("renew_status") != 201
+                    or x.get("renewed_generation") != x.get("want_generation")]
+        missing = len(agents) - len(results)
+        report["event"] = {
+            "answered": len(answered), "renewed": len(renewed), "failures": len(failures), "missing": missing,
+            "all_answered_s": round(max(answered), 3) if len(answered) == len(agents) else None,
+            "all_renewed_s": round(max(renewed), 3) if len(renewed) == len(agents) else None,
+            "answer_p50_s": round(pct(answered, 50), 3), "answer_p99_s": round(pct(answered, 99), 3),
+            "renew_p50_s": round(pct(renewed, 50), 3), "renew_p99_s": round(pct(renewed, 99), 3),
+            "renewals_per_s": round(len(renewed) / max(renewed), 1) if renewed else 0,
+            "failure_samples": [{k: v for k, v in f.items() if k in ("name", "error", "renew_status")}
+                                for f in failures[:5]],
+        }
+        report["event"].update(meter.report(len(renewed)))
+
+        # afterwards: every cluster on the new root, nothing pending, audit chain intact
+        items = admin("GET", "/v1/clusters").json()["items"]
+        on_new = sum(1 for c in items if (c.get("intermediate") or {}).get("root_id") == root_id)
+        pending = sum(1 for c in items if c["rotation_pending"])
+        for pr in procs:
+            pr.join(5)
+        ca.stop()
+        ok_audit, msg = ca.audit_verify()
+        report["checks"] = {"clusters_on_new_root": on_new, "rotation_pending": pending,
+                            "audit_verify": ok_audit, "audit_message": msg}
+    finally:
+        for pr in procs:
+            if pr.is_alive():
+                pr.kill()
+        if args.keep:
+            report["workdir"] = str(ca.workdir)
+            ca.stop()
+        else:
+            ca.cleanup()
+
+    ev, ch = report["event"], report["checks"]
+    ok = (ev["failures"] == 0 and ev["missing"] == 0 and ch["clusters_on_new_root"] == args.agents
+          and ch["rotation_pending"] == 0 and ch["audit_verify"])
+    met = ok and ev["all_answered_s"] is not None and ev["all_answered_s"] < TARGETS["answered_s"] \
+        and ev["all_renewed_s"] is not None and ev["all_renewed_s"] < TARGETS["renewed_s"]
+    report["pass"], report["targets_met"] = ok, met
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        m = report["machine"]
+        print(f"fleet event: {args.agents} agents, engine={args.engine}, transport={report['transport']}, "
+              f"serve_args={' '.join(serve_args) or '-'}, {args.procs} client processes  "
+              f"[{m['nproc']} cpu {m['cpu']}, Python {m['python']}]")
+        ar = report["add_root"]
+        print(f"  setup: enroll {report['setup_enroll_s']} s, all long-polling after {report['connect_all_s']} s")
+        print(f"  add root (trust bundle changes): request {ar['request_s']} s, every long-poll answered "
+              f"{ar['all_answered_s']} s, all re-polling {ar['all_repolling_s']} s")
+        print(f"  activate: request took {report['activate_request_s']} s")
+        print(f"  every long-poll answered rotate_required: {ev['all_answered_s']} s "
+              f"(p50 {ev['answer_p50_s']}, p99 {ev['answer_p99_s']}; target < {TARGETS['answered_s']:g} s)")
+        print(f"  every cluster renewed:                   {ev['all_renewed_s']} s "
+              f"(p50 {ev['renew_p50_s']}, p99 {ev['renew_p99_s']}; {ev['renewals_per_s']} renewals/s; "
+              f"target < {TARGETS['renewed_s']:g} s)")
+        print(f"  server CPU {ev['server_cpu_ms_per_req']} ms/renewal, {ev['server_cores']} cores; clients "
+              f"{ev['client_cores']} cores; db {ev['db_cores']}; others {ev['other_cores']}; "
+              f"loadavg {ev['loadavg']}")
+        print(f"  failures {ev['failures']}, missing {ev['missing']}"
+              + (f" e.g. {ev['failure_samples']}" if ev["failure_samples"] else ""))
+        print(f"  checks: {ch['clusters_on_new_root']}/{args.agents} on the new root, {ch['rotation_pending']} "
+              f"pending, audit verify {'ok' if ch['audit_verify'] else 'FAILED'} ({ch['audit_message']})")
+        print("PASS" if ok else "FAIL", "— targets", "met" if met else "missed")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
