@@ -67,16 +67,17 @@ def enroll_in_process(ca: BenchCA, names: list[str]) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- simulated agents
-def client_proc(url: str, anchor: str, agents: list[dict[str, Any]], events: Any, out: Any) -> None:
+def client_proc(url: str, anchor: str, agents: list[dict[str, Any]], events: Any, out: Any, stop: Any) -> None:
     raise_nofile()
     try:
-        res = asyncio.run(_client_main(url, anchor, agents, events))
+        res = asyncio.run(_client_main(url, anchor, agents, events, stop))
     except BaseException as exc:  # report, never hang the parent
         res = [{"name": a["name"], "error": f"client process failed: {type(exc).__name__}: {exc}"} for a in agents]
     out.put(res)
 
 
-async def _client_main(url: str, anchor: str, agents: list[dict[str, Any]], events: Any) -> list[dict[str, Any]]:
+async def _client_main(url: str, anchor: str, agents: list[dict[str, Any]], events: Any,
+                       stop: Any) -> list[dict[str, Any]]:
     ctx = ssl.create_default_context(cafile=anchor) if url.startswith("https") else None
     known_bundles: set[str] = set()
 
@@ -85,18 +86,35 @@ async def _client_main(url: str, anchor: str, agents: list[dict[str, Any]], even
             known_bundles.add(bundle)
             ctx.load_verify_locations(cadata=bundle)
 
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(120.0, connect=60.0)
-    async with httpx.AsyncClient(base_url=url, verify=ctx if ctx is not None else False, limits=limits,
-                                 timeout=timeout) as client:
-        return list(await asyncio.gather(*(_agent(client, a, events, trust) for a in agents)))
+
+    recs = [{"name": a["name"], "polls": 0, "answers": []} for a in agents]
+
+    async def one(a: dict[str, Any], rec: dict[str, Any]) -> None:
+        # one client (one keep-alive connection) per agent, as in a real fleet; one shared pool
+        # of hundreds of connections would make httpcore's pool bookkeeping the bottleneck
+        async with httpx.AsyncClient(base_url=url, verify=ctx if ctx is not None else False,
+                                     timeout=timeout) as client:
+            await _agent(client, a, rec, events, trust)
+
+    tasks = [asyncio.create_task(one(a, rec)) for a, rec in zip(agents, recs, strict=True)]
+    loop = asyncio.get_running_loop()
+    while not all(t.done() for t in tasks):
+        if await loop.run_in_executor(None, stop.wait, 0.2):
+            break
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return recs
 
 
-async def _agent(client: httpx.AsyncClient, a: dict[str, Any], events: Any, trust: Any) -> dict[str, Any]:
+async def _agent(client: httpx.AsyncClient, a: dict[str, Any], rec: dict[str, Any], events: Any,
+                 trust: Any) -> None:
+    """Like the real agent: long-poll; on rotate_required renew with proof, read the desired state
+    again (it must say the rotation is done), then go on long-polling until told to stop."""
     name = a["name"]
     auth = {"Authorization": f"Bearer {a['token']}"}
     path = f"/v1/clusters/{name}/desired"
-    rec: dict[str, Any] = {"name": name, "polls": 0, "answers": []}
     started = time.monotonic()
     try:
         r = await client.get(path, headers=auth)
@@ -112,14 +130,14 @@ async def _agent(client: httpx.AsyncClient, a: dict[str, Any], events: Any, trus
             if r.status_code != 200:
                 rec["error"] = f"desired answered {r.status_code}"
                 events.put(("error", name, rec["error"]))
-                return rec
+                return
             desired = r.json()
             trust(desired["trust_bundle"])
             if desired["revision"] == rev:  # waited the full minute: nothing changed, poll again
                 continue
             rec["answers"].append(t)
             rev = desired["revision"]
-            if desired["rotate_required"]:
+            if desired["rotate_required"] and "rotate_at" not in rec:
                 rec["rotate_at"] = t
                 rec["want_generation"] = desired["generation"]
                 body = {"csr": a["csr"], "proof": a["proof"]}
@@ -128,14 +146,20 @@ async def _agent(client: httpx.AsyncClient, a: dict[str, Any], events: Any, trus
                 rec["renew_status"] = r.status_code
                 if r.status_code == 201:
                     rec["renewed_generation"] = r.json()["generation"]
-                return rec
-            events.put(("polling", name, rev))
+                r = await client.get(path, headers=auth)  # what it installs next
+                desired = r.json()
+                rec["after_renewal"] = {"status": r.status_code, "rotate_required": desired.get("rotate_required"),
+                                        "generation": desired.get("generation")}
+                rev = desired.get("revision", rev)
+                events.put(("renewed", name, r.status_code))
+                continue
+            if "rotate_at" not in rec:
+                events.put(("polling", name, rev))
     except Exception as exc:
         cause = exc.__cause__ or exc.__context__
         rec["error"] = (f"{type(exc).__name__}: {exc!r} (cause {cause!r}) after {rec['polls']} long-poll(s), "
                         f"{len(rec['answers'])} answer(s), {time.monotonic() - started:.1f} s after start")
         events.put(("error", name, rec["error"]))
-        return rec
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -175,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         ca.start()
         events: Any = mp.Queue()
         out: Any = mp.Queue()
+        stop = mp.Event()
         slices = [agents[i::args.procs] for i in range(args.procs)]
-        procs = [mp.Process(target=client_proc, args=(ca.url, str(ca.data / "root-cert.pem"), s, events, out),
+        procs = [mp.Process(target=client_proc, args=(ca.url, str(ca.data / "root-cert.pem"), s, events, out, stop),
                             daemon=True) for s in slices if s]
         for pr in procs:
             pr.start()
@@ -226,14 +251,24 @@ def main(argv: list[str] | None = None) -> int:
             r = admin("POST", f"/v1/roots/{root_id}/activate")
             t_act_done = time.monotonic()
             r.raise_for_status()
-            results: list[dict[str, Any]] = []
+            done: set[str] = set()
             deadline = time.monotonic() + args.deadline
-            while len(results) < len(agents) and time.monotonic() < deadline:
+            while len(done) < len(agents) and time.monotonic() < deadline:
                 try:
-                    results += out.get(timeout=1.0)
+                    kind, name, _ = events.get(timeout=1.0)
                 except Exception:
-                    if not any(pr.is_alive() for pr in procs) and out.empty():
+                    if not any(pr.is_alive() for pr in procs):
                         break
+                    continue
+                if kind in ("renewed", "error"):
+                    done.add(name)
+        stop.set()
+        results: list[dict[str, Any]] = []
+        while len(results) < len(agents):
+            try:
+                results += out.get(timeout=30)
+            except Exception:
+                break
         report["activate_request_s"] = round(t_act_done - t_act, 3)
 
         answered = [x["rotate_at"] - t_act for x in results if "rotate_at" in x]
@@ -242,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         renewed = [x["renewed_at"] - t_act for x in results
                    if x.get("renew_status") == 201 and x.get("renewed_generation") == x.get("want_generation")]
         failures = [x for x in results if "error" in x or x.get("renew_status") != 201
-                    or x.get("renewed_generation") != x.get("want_generation")]
+                    or x.get("renewed_generation") != x.get("want_generation")
+                    or (x.get("after_renewal") or {}).get("rotate_required") is not False]
         missing = len(agents) - len(results)
         report["event"] = {
             "answered": len(answered), "renewed": len(renewed), "failures": len(failures), "missing": missing,
@@ -251,8 +287,13 @@ def main(argv: list[str] | None = None) -> int:
             "answer_p50_s": round(pct(answered, 50), 3), "answer_p99_s": round(pct(answered, 99), 3),
             "renew_p50_s": round(pct(renewed, 50), 3), "renew_p99_s": round(pct(renewed, 99), 3),
             "renewals_per_s": round(len(renewed) / max(renewed), 1) if renewed else 0,
-            "failure_samples": [{k: v for k, v in f.items() if k in ("name", "error", "renew_status")}
+            "failure_samples": [{k: v for k, v in f.items() if k in ("name", "error", "renew_status",
+                                                                     "after_renewal")}
                                 for f in failures[:5]],
+            # long-poll answers an agent got after its renewal (other clusters' renewals move the
+            # fleet revision, but only changes to its own desired state should answer it)
+            "answers_after_renewal": sum(max(len([t for t in x["answers"] if t > x["renewed_at"]]), 0)
+                                         for x in results if "renewed_at" in x),
         }
         report["event"].update(meter.report(len(renewed)))
 
@@ -302,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  server CPU {ev['server_cpu_ms_per_req']} ms/renewal, {ev['server_cores']} cores; clients "
               f"{ev['client_cores']} cores; db {ev['db_cores']}; others {ev['other_cores']}; "
               f"loadavg {ev['loadavg']}")
+        print(f"  after renewing, every agent long-polls again: {ev['answers_after_renewal']} answers to them")
         print(f"  failures {ev['failures']}, missing {ev['missing']}"
               + (f" e.g. {ev['failure_samples']}" if ev["failure_samples"] else ""))
         print(f"  checks: {ch['clusters_on_new_root']}/{args.agents} on the new root, {ch['rotation_pending']} "

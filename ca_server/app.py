@@ -158,6 +158,8 @@ def create_app(
     app.state.authority = authority
     app.state.metrics = metrics
     app.state.watcher = watcher
+    app.state.desired_waiters = routes.DesiredWaiters()
+    watcher.listeners.append(app.state.desired_waiters.on_snapshot)
 
     def check_ready() -> None:
         try:

@@ -123,8 +123,10 @@ class Client:
         if not url:
             raise CLIError("no server: give --url, MESHBRIDGE_URL, or --data-dir of a served CA")
         bundle = args.ca_bundle or (str(d / "root-cert.pem") if d and (d / "root-cert.pem").exists() else None)
+        # --token-file, then MESHBRIDGE_ADMIN_TOKEN, then the default D/admin-token (as for the URL)
         token = os.environ.get("MESHBRIDGE_ADMIN_TOKEN")
-        token_file = args.token_file or (str(d / "admin-token") if d and (d / "admin-token").exists() else None)
+        token_file = args.token_file or (
+            str(d / "admin-token") if not token and d and (d / "admin-token").exists() else None)
         if token_file:
             token = Path(token_file).read_text().strip()
         if not token:

@@ -83,14 +83,14 @@ kube_ldflags() {
 }
 
 build_in_module() { # dir pkg ldflags
-  (cd "$1" && "${NICE[@]}" "$GO" build -trimpath -ldflags "$3" -o "$OUT" "$2")
+  (cd "$1" && "${NICE[@]}" "$GO" build -trimpath -buildvcs=false -ldflags "$3" -o "$OUT" "$2")
 }
 
 build etcd           build_in_module testbin/etcd . "-s -w"
 build kube-apiserver build_in_module testbin/kube k8s.io/kubernetes/cmd/kube-apiserver "$(kube_ldflags)"
 build kubectl        build_in_module testbin/kube k8s.io/kubernetes/cmd/kubectl "$(kube_ldflags)"
 build istioctl       go_install "istio.io/istio/istioctl/cmd/istioctl@$ISTIO_MODULE_VERSION" \
-                       "-X istio.io/istio/pkg/version.buildVersion=$ISTIO_RELEASE-pseudo-${ISTIO_MODULE_VERSION##*-}"
+                       "-X istio.io/istio/pkg/version.buildVersion=$ISTIO_BUILD_VERSION+${ISTIO_MODULE_VERSION##*-}"
 build coredns        go_install "github.com/coredns/coredns@$COREDNS_VERSION"
 build helm           go_install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
                        "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
@@ -103,7 +103,7 @@ GO_SRC_HASH=$(cd tests/e2e/go &&
       LC_ALL=C sort | while read -r f; do printf '%s\0' "${f#./}"; cat "$f"; printf '\0'; done
     printf 'go=%s' "$GOVERSION"; } | sha256sum | cut -c1-16)
 CHECKER=istiocheck-$GO_SRC_HASH.test
-go_test_c() { (cd tests/e2e/go && "${NICE[@]}" "$GO" test -c -trimpath -o "$OUT" .); }
+go_test_c() { (cd tests/e2e/go && "${NICE[@]}" "$GO" test -c -trimpath -buildvcs=false -o "$OUT" .); }
 build "$CHECKER" go_test_c
 find "$BIN" -maxdepth 1 -name 'istiocheck-*.test' ! -name "$CHECKER" -delete   # stale checkers
 

@@ -61,12 +61,15 @@ class RevisionWatcher:
             self._poke.clear()
 
     async def wait_for_change(self, revision: int, *, timeout: float) -> bool:
+        """True once the watcher holds a snapshot newer than ``revision``. Newer, not merely
+        different: a caller may already have read a newer revision from the store than the watcher
+        has seen yet (a change made on another replica), and must not be woken by the older one."""
         if self._cond is None:
             await asyncio.sleep(min(timeout, self.interval))
             return False
 
         def moved() -> bool:
-            return self.snapshot is not None and self.snapshot.revision != revision
+            return self.snapshot is not None and self.snapshot.revision > revision
 
         async with self._cond:
             try:

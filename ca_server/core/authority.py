@@ -127,6 +127,14 @@ class FleetSnapshot:
     clusters: dict[str, Cluster]
     imports_for: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     peers_for: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    audit_id: int = -1  # every audited change up to this entry is reflected (-1: unknown)
+
+
+# Audit actions whose only effect on desired state is the row of the cluster named as their
+# subject: a new snapshot after only these re-reads those rows instead of the whole fleet.
+_CLUSTER_ACTIONS = frozenset({"intermediate.renew", "intermediate.enroll", "cluster.rotate", "cluster.create",
+                              "bootstrap_token.create", "exports.update"})
+_MAX_DELTA = 256
 
 
 def _canon(obj: Any) -> str:
@@ -662,8 +670,9 @@ class Authority:
         hint = self._proved_by.get(cluster.name)
         if hint is not None:
             rec = tx.get_certificate(hint)
-            if rec is not None and usable(rec) and xp.verify_proof(self._cert(rec.cert_pem).public_key(),
-                                                                   csr_der, proof):
+            # parsed, not cached: the certificate cache would grow by one intermediate per renewal, forever
+            if rec is not None and usable(rec) and xp.verify_proof(
+                    x509.load_pem_x509_certificate(rec.cert_pem.encode()).public_key(), csr_der, proof):
                 return
         for rec in reversed(tx.cluster_certificates(cluster.name)):
             if rec.serial == hint or not usable(rec):
@@ -782,18 +791,48 @@ class Authority:
             snap = self._snapshot
             if snap is not None and snap.revision == revision:
                 return snap
-            roots = tx.list_roots()
-            snap = FleetSnapshot(
-                revision=revision,
-                trust_bundle=self.trust_bundle_from(roots),
-                crl_pem=self._crl_pem_from(tx, roots),
-                clusters={c.name: c for c in tx.list_clusters()},
-            )
+        head = self.store.audit_head()  # read before the data, so this watermark is never ahead of it
+        with self.store.read() as tx:
+            revision = tx.get_revision()
+            prev = self._snapshot
+            if prev is not None and prev.revision == revision:
+                return prev
+            delta = self._snapshot_delta(tx, prev, revision) if prev is not None and prev.audit_id >= 0 else None
+            if delta is not None:
+                snap = delta
+            else:
+                roots = tx.list_roots()
+                snap = FleetSnapshot(
+                    revision=revision,
+                    trust_bundle=self.trust_bundle_from(roots),
+                    crl_pem=self._crl_pem_from(tx, roots),
+                    clusters={c.name: c for c in tx.list_clusters()},
+                    audit_id=head[0] if head else -1,
+                )
         build_fleet_index(snap)
         with self._lock:
             if self._snapshot is None or self._snapshot.revision <= snap.revision:
                 self._snapshot = snap
         return snap
+
+    @staticmethod
+    def _snapshot_delta(tx: Tx, prev: FleetSnapshot, revision: int) -> FleetSnapshot | None:
+        """``prev`` with the rows of the clusters named by the audit entries since it re-read, when
+        every change since touched only its subject cluster's row (renewals, rotations,
+        enrollments, exports); None when anything else happened (roots, CRLs, revocations …) or
+        too much did: then the caller reads the whole fleet. Keeps unchanged Cluster objects."""
+        entries = tx.list_audit(after=prev.audit_id, limit=_MAX_DELTA + 1)
+        if not entries or len(entries) > _MAX_DELTA or any(e.action not in _CLUSTER_ACTIONS for e in entries):
+            return None
+        clusters = dict(prev.clusters)
+        for name in {e.subject for e in entries}:
+            cluster = tx.get_cluster(name)
+            if cluster is None:
+                clusters.pop(name, None)
+            else:
+                clusters[name] = cluster
+        return FleetSnapshot(revision=revision, trust_bundle=prev.trust_bundle, crl_pem=prev.crl_pem,
+                             clusters=clusters, audit_id=entries[-1].id)
 
     def desired(self, cluster_name: str) -> dict[str, Any]:
         snap = self.snapshot()

@@ -331,7 +331,11 @@ class SqlStore:
                     try:
                         yield SqlTx(conn, postgres=False)
                     except BaseException:
-                        conn.exec_driver_sql("ROLLBACK")
+                        # SQLite may already have rolled back (SQLITE_FULL, SQLITE_IOERR): keep the
+                        # original error rather than "cannot rollback - no transaction is active"
+                        if conn.connection.dbapi_connection is not None and \
+                                conn.connection.dbapi_connection.in_transaction:  # type: ignore[attr-defined]
+                            conn.exec_driver_sql("ROLLBACK")
                         raise
                     conn.exec_driver_sql("COMMIT")
         except DBAPIError as exc:

@@ -232,14 +232,15 @@ class Harness:
 
 
 def make_harness(
-    database_url: str, data_dir: Path, *, policy: Policy | None = None, key_type: KeyType = KeyType.ECDSA_P256
+    database_url: str, data_dir: Path, *, policy: Policy | None = None, key_type: KeyType = KeyType.ECDSA_P256,
+    watch_interval: float = 0.05,
 ) -> Iterator[Harness]:
     store = SqlStore(database_url)
     upgrade(store.engine)
     clock = Clock()
     authority = Authority(store, FileKeyBackend(data_dir, PASSPHRASE), policy=policy, clock=clock)
     _, admin = authority.init_root(key_type=key_type)
-    app = create_app(authority, watch_interval=0.05)
+    app = create_app(authority, watch_interval=watch_interval)
     try:
         with TestClient(app) as client:
             yield Harness(authority, store, client, admin, clock, data_dir, database_url)

@@ -11,6 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+from fastapi.testclient import TestClient
 
 from ca_server.core.authority import Policy
 from ca_server.storage import tables as t
@@ -159,6 +160,7 @@ def test_every_allowed_csr_key_type_is_issued(harness: Harness, key_type: str, t
     agent = harness.enroll("a", key_type=key_type)
     assert agent.cert.public_key() == agent.key.public_key()
     verify_bundle(tmp_path, agent.bundle)
+    assert pkilint_errors(agent.bundle["ca-cert.pem"], f"{key_type} intermediate") == []
     harness.renew(agent, key_type=key_type)  # the proof is RSA PKCS#1 v1.5 / ECDSA as the key is
     assert agent.cert.public_key() == agent.key.public_key()
 
@@ -206,6 +208,10 @@ def test_an_older_unexpired_intermediate_may_prove_a_retried_renewal(harness: Ha
     harness.renew(agent)  # suppose this answer was lost: the agent still holds only old_key
     harness.renew(agent, prover=old_key)
     assert harness.count(t.certificates) == 3
+    for _ in range(4):
+        harness.renew(agent)
+    # the process keeps parsed root certificates only, not one more intermediate per renewal
+    assert len(harness.authority._certs) <= len(harness.authority.list_roots())
 
 
 def test_a_stolen_agent_token_alone_cannot_mint_an_intermediate(harness: Harness) -> None:
@@ -298,3 +304,23 @@ def test_agent_token_reaches_only_its_own_cluster(harness: Harness) -> None:
     assert harness.client.get("/v1/clusters/a/desired", headers=harness.admin).status_code == 401
     assert harness.state() == before
     assert harness.desired(b)["generation"] == 1
+
+
+def test_what_was_signed_is_verified_before_it_is_returned(harness: Harness) -> None:
+    """A signing key that does not match the root's certificate (a swapped HSM object, a damaged
+    file) must not hand out an intermediate: nothing stored, the bootstrap token still unused."""
+    from ca_server.core.keytypes import LocalKeySigner
+
+    token = harness.add_cluster("a")["bootstrap_token"]
+    [root] = harness.authority.list_roots()
+    good = harness.authority._signers[root.id]
+    harness.authority._signers[root.id] = LocalKeySigner(ec.generate_private_key(ec.SECP256R1()))
+    before = harness.state()
+    client = TestClient(harness.client.app, raise_server_exceptions=False)
+    r = client.post("/v1/enroll", json={"cluster": "a", "bootstrap_token": token,
+                                        "csr": pki.make_csr(pki.new_key(), "a")})
+    assert r.status_code == 500 and r.headers["content-type"] == "application/problem+json"
+    assert "BEGIN CERTIFICATE" not in r.text
+    assert harness.state() == before
+    harness.authority._signers[root.id] = good
+    harness.enroll("a", token=token)

@@ -125,7 +125,8 @@ def test_readyz_is_503_when_the_database_is_gone(harness: Harness, pg_server: An
                               isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
             conn.execute(text(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS false'))
-            conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"))
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :db"),
+                         {"db": db})
         admin.dispose()
     else:
         path = Path(str(make_url(harness.database_url).database))

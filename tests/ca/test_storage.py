@@ -3,16 +3,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import threading
 from datetime import UTC
 from pathlib import Path
 
-from sqlalchemy import inspect
+from sqlalchemy import inspect, select
 
 from ca_server.core.audit import verify_chain
 from ca_server.core.authority import Authority
 from ca_server.core.errors import Unavailable
 from ca_server.keys.file import FileKeyBackend
+from ca_server.storage import tables as t
 from ca_server.storage.migrate import is_initialised, upgrade
 from ca_server.storage.repository import SqlStore
 from cluster_agent import pki
@@ -81,7 +84,7 @@ def test_concurrent_renewals_on_two_replicas(harness: Harness, tmp_path: Path) -
                 issued = replica.renew(cluster, csr_pem=csr, proof_b64=pki.prove(agent.keys[0], csr))
                 with lock:
                     serials.append(issued.serial)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(replicas[i % 2], i % 3)) for i in range(6)]
@@ -101,7 +104,7 @@ def test_concurrent_renewals_on_two_replicas(harness: Harness, tmp_path: Path) -
     # linear: every new entry links to the one before it, ids without gaps
     assert [e.id for e in entries] == list(range(head_before[0] + 1, head_before[0] + 1 + len(entries)))
     assert entries[0].prev_hash == head_before[1]
-    assert all(e.prev_hash == p.hash for p, e in zip(entries, entries[1:], strict=False))
+    assert all(e.prev_hash == p.hash for p, e in itertools.pairwise(entries))
     report = verify_chain(harness.store.iter_audit(), head=harness.store.audit_head())
     assert report.ok, report.problem
 
@@ -118,7 +121,7 @@ def test_concurrent_cluster_registrations_with_one_name(harness: Harness) -> Non
         try:
             authority.create_cluster(name=name, trust_domain="x.mesh", gateway=None, actor="test")
             outcomes.append("ok")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             outcomes.append(type(exc).__name__)
 
     threads = [threading.Thread(target=add, args=(harness.authority if i % 2 else other, f"n{i // 4}"))
@@ -144,3 +147,58 @@ def test_an_unreachable_database_is_unavailable(tmp_path: Path) -> None:
             raise AssertionError("ping succeeded on a directory")
     finally:
         store.dispose()
+
+
+def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
+    store = SqlStore(f"sqlite:///{tmp_path / 'm.db'}")
+    try:
+        upgrade(store.engine)
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        store.dispose()
+
+
+def test_tokens_are_high_entropy_and_only_their_hashes_are_stored(harness: Harness) -> None:
+    made = harness.add_cluster("a")
+    agent = harness.enroll("a", token=made["bootstrap_token"])
+    tokens = [harness.admin_token, made["bootstrap_token"], agent.token]
+    for token in tokens:
+        kind, token_id, secret = token.split(".")
+        assert kind in ("mbadmin", "mbboot", "mbagent") and len(token_id) == 16
+        assert len(secret) >= 43  # 32 random bytes, base64url
+    with harness.store.engine.connect() as conn:
+        dump = "\n".join(str(tuple(row)) for table in reversed(t.metadata.sorted_tables)
+                         for row in conn.execute(select(table)))
+    assert dump.count("a") > 0  # the dump holds the data
+    for token in tokens:
+        secret = token.rsplit(".", 1)[1]
+        assert secret not in dump
+        assert hashlib.sha256(secret.encode()).hexdigest() in dump  # what is kept instead
+
+
+def test_a_bootstrap_token_spent_twice_at_once_enrolls_once(harness: Harness) -> None:
+    token = harness.add_cluster("a")["bootstrap_token"]
+    second = SqlStore(harness.database_url)
+    replicas = [harness.authority, Authority(second, FileKeyBackend(harness.data_dir, PASSPHRASE))]
+    outcomes: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def spend(authority: Authority) -> None:
+        barrier.wait()
+        try:
+            authority.enroll(cluster_name="a", bootstrap_token=token, csr_pem=pki.make_csr(pki.new_key(), "a"))
+            outcomes.append("enrolled")
+        except Exception as exc:
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=spend, args=(replicas[i % 2],)) for i in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    second.dispose()
+    assert sorted(outcomes) == ["Unauthenticated"] * 5 + ["enrolled"]
+    assert harness.count(t.certificates) == 1
+    assert harness.cluster("a")["generation"] == 1

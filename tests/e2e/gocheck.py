@@ -83,8 +83,11 @@ def run_cacerts_check(
 def run_simulation(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str], **overrides: str | int) -> str:
     """Simulates the import path over the rendered objects of a (importer) and b (exporter).
 
-    ``overrides`` map to MESHBRIDGE_SIM_<NAME> (host, port, refused_host, gateway_address,
-    gateway_port, destination, a_trust_domain, b_trust_domain).
+    ``overrides`` map to MESHBRIDGE_SIM_<NAME>: host (the imported name, default
+    ratings.bookinfo.remote), port (9080), refused_host (a name b does not export), gateway_address /
+    gateway_port (b's ingress, 198.51.100.20:15443), destination (ratings.bookinfo.svc.cluster.local),
+    a_trust_domain / b_trust_domain (a.mesh, b.mesh), egress_service / egress_labels (a's egress
+    gateway Service in istio-system and its pods' labels as "k=v,k=v").
     """
     env = {
         "MESHBRIDGE_SIM_A_DIR": str(Path(a_dir).resolve()),

@@ -19,7 +19,7 @@ FIXTURE = GO_CHECKER_DIR / "testdata"
 def test_fixture_accepted_by_api_server(clusters: Clusters, name: str) -> None:
     c = clusters[name]
     for f in sorted((FIXTURE / name).glob("*.yaml")):
-        c.kubectl("apply", "--server-side", "--dry-run=server", "-f", str(f))
+        c.kubectl("apply", "--server-side", "--dry-run=server", "--force-conflicts", "-f", str(f))
 
 
 @pytest.mark.parametrize("name", ["a", "b"])

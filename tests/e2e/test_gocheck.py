@@ -8,6 +8,7 @@ simulation runs on the hand-written fixture in tests/e2e/go/testdata until the r
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +182,52 @@ def test_name_constraints_enforced(bundle: dict[str, Any]) -> None:
 def test_simulation_on_fixture() -> None:
     out = run_simulation(GO_CHECKER_DIR / "testdata" / "a", GO_CHECKER_DIR / "testdata" / "b")
     assert "--- PASS: TestSimulation" in out
+
+
+def _mutated(tmp_path: Path, side: str, file: str, old: str, new: str) -> tuple[Path, Path]:
+    dirs = {}
+    for name in ("a", "b"):
+        d = tmp_path / name
+        shutil.copytree(GO_CHECKER_DIR / "testdata" / name, d)
+        dirs[name] = d
+    f = dirs[side] / file
+    text = f.read_text()
+    assert old in text
+    f.write_text(text.replace(old, new))
+    return dirs["a"], dirs["b"]
+
+
+@pytest.mark.parametrize(
+    ("side", "file", "old", "new", "message"),
+    [
+        (
+            "a",
+            "destinationrule-istio-system-meshbridge-import-ratings-bookinfo.yaml",
+            "      sni: ratings.bookinfo.remote\n",
+            "",
+            'SNI "outbound_.9080_._.ratings.bookinfo.remote", want "ratings.bookinfo.remote"',
+        ),
+        (
+            "b",
+            "gateway-istio-system-meshbridge-ingress.yaml",
+            "hosts: [ratings.bookinfo.remote]",
+            'hosts: ["*"]',
+            "must list only the exported names",
+        ),
+        (
+            "b",
+            "authorizationpolicy-istio-system-meshbridge-ingress.yaml",
+            "action: DENY",
+            "action: ALLOW",
+            "blocks ordinary ingress traffic",
+        ),
+    ],
+    ids=["no-sni-to-remote", "ingress-hosts-wildcard", "allow-policy"],
+)
+def test_simulation_catches_broken_shapes(
+    tmp_path: Path, side: str, file: str, old: str, new: str, message: str
+) -> None:
+    a, b = _mutated(tmp_path, side, file, old, new)
+    with pytest.raises(GoCheckFailed) as e:
+        run_simulation(a, b)
+    assert message in e.value.output

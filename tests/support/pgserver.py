@@ -85,10 +85,14 @@ class PgServer:
         return r.stdout.decode()
 
     def stop(self, *, mode: str = "fast") -> None:
+        """pg_ctl stop (the server runs under runuser, which does not pass every signal on)."""
         if self.proc is None:
             return
-        sig = {"fast": 2, "immediate": 3, "smart": 15}[mode]
-        self.proc.send_signal(sig)
+        pg_mode = {"fast": "fast", "immediate": "immediate", "smart": "smart"}[mode]
+        try:
+            self._run(str(self.bindir / "pg_ctl"), "stop", "-D", str(self.dir / "data"), "-m", pg_mode, "-w")
+        except subprocess.CalledProcessError:
+            pass
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:

@@ -596,6 +596,14 @@ func TestSimulation(t *testing.T) {
 			if ok, why := evalRBAC(t, fc, req); ok {
 				t.Errorf("RBAC on b's ingress admits a non-consumer %s for Host %s (%s)", stranger, in.host, why)
 			}
+			// b's own egress gateway is no consumer (unless both clusters share a trust domain, when the
+			// identities are the same and cannot be told apart).
+			if own := fmt.Sprintf("spiffe://%s/ns/istio-system/sa/%s", sc.bTrustDomain, sc.egressSA); own != consumer {
+				req.principal = own
+				if ok, why := evalRBAC(t, fc, req); ok {
+					t.Errorf("RBAC on b's ingress admits b's own egress gateway %s for Host %s (%s)", own, in.host, why)
+				}
+			}
 		}
 	})
 
