@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--enforce-targets", action="store_true", help="exit non-zero when a target is missed")
     p.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    p.add_argument("--out", help="also write the JSON report to this file")
     args = p.parse_args(argv)
     raise_nofile()
     conc = [int(c) for c in args.concurrency.split(",") if c]
@@ -173,12 +174,16 @@ def main(argv: list[str] | None = None) -> int:
             targets_met = targets_met and r["target_met"]
     report["pass"] = ok
     report["targets_met"] = targets_met
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         m = report["machine"]
         print(f"engine={args.engine} transport={report['transport']} serve_args={' '.join(serve_args) or '-'} "
-              f"clusters={args.clusters}  [{m['nproc']} cpu {m['cpu']}, {m['mem_gib']} GiB, Python {m['python']}]")
+              f"clusters={args.clusters}  [{m['nproc']} cpu {m['cpu']}, {m['mem_gib']} GiB, Python {m['python']}; "
+              f"loadavg {m['loadavg']}, py-loop {m['calibration']['py_loop_cpu_s']} s cpu / "
+              f"{m['calibration']['py_loop_wall_s']} s wall]")
         print(f"{'run':8} {'conc':>4} {'secs':>6} {'201s':>7} {'errors':>6} {'req/s':>8} {'p50 ms':>7} "
               f"{'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'srv ms/req':>10} {'wrk ms/req':>10} {'db ms/req':>9} "
               f"{'others':>6}  target")

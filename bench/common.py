@@ -146,7 +146,18 @@ def machine() -> dict[str, Any]:
         r = subprocess.run([wrk, "-v"], capture_output=True, text=True)
         wrk_v = (r.stdout + r.stderr).splitlines()[0] if (r.stdout + r.stderr) else ""
     return {"nproc": os.cpu_count(), "cpu": cpu, "mem_gib": mem_gib, "python": platform.python_version(),
-            "kernel": platform.release(), "wrk": wrk_v}
+            "kernel": platform.release(), "wrk": wrk_v, "loadavg": loadavg(), "calibration": calibrate()}
+
+
+def calibrate() -> dict[str, float]:
+    """CPU and wall time of a fixed pure-Python loop (10**7 additions): how fast this machine runs
+    Python right now, and how much of a core this process gets (a shared machine shows it)."""
+    t, w = time.process_time(), time.perf_counter()
+    total = 0
+    for i in range(10**7):
+        total += i
+    cpu, wall = time.process_time() - t, time.perf_counter() - w
+    return {"py_loop_cpu_s": round(cpu, 3), "py_loop_wall_s": round(wall, 3)}
 
 
 @dataclass

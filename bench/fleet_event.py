@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle", type=float, default=2.0, help="seconds to let re-polls reach the server")
     p.add_argument("--deadline", type=float, default=100.0, help="give up on the event after this many seconds")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--out", help="also write the JSON report to this file")
     p.add_argument("--keep", action="store_true")
     args = p.parse_args(argv)
     nofile = raise_nofile()
@@ -323,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     met = ok and ev["all_answered_s"] is not None and ev["all_answered_s"] < TARGETS["answered_s"] \
         and ev["all_renewed_s"] is not None and ev["all_renewed_s"] < TARGETS["renewed_s"]
     report["pass"], report["targets_met"] = ok, met
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
         print(json.dumps(report, indent=2))
     else:

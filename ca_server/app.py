@@ -19,6 +19,7 @@ from ca_server.api import routes
 from ca_server.api.metrics import Metrics
 from ca_server.api.problems import problem, problem_for
 from ca_server.api.watcher import RevisionWatcher
+from ca_server.api.wire import problem_responses
 from ca_server.core.authority import Authority
 from ca_server.core.errors import CAError, Unavailable
 
@@ -154,6 +155,7 @@ def create_app(
         description="Shared root of trust for separate Istio meshes: enrollment, intermediate issuance, "
         "rotation, revocation, audit, and the exchange of exports between clusters.",
         lifespan=lifespan,
+        responses=problem_responses(),
     )
     app.state.authority = authority
     app.state.metrics = metrics

@@ -22,7 +22,7 @@ from ca_server.core.models import CertificateRecord, Cluster, Root
 from ca_server.core.validation import require_dns_label
 
 PEM = "application/x-pem-file"
-NamePath = Annotated[str, Path(min_length=1, max_length=63)]
+NamePath = Annotated[str, Path(min_length=1, max_length=63, pattern=w.DNS_LABEL)]
 
 
 def iso(dt: datetime | None) -> str:
@@ -158,7 +158,7 @@ def revoke_cluster(request: Request, name: NamePath, actor: Admin, body: w.Revok
 
 
 @admin_api.post("/certificates/{serial}/revoke", response_model=w.CertRevoked)
-def revoke_certificate(request: Request, serial: Annotated[str, Path(max_length=64)], actor: Admin,
+def revoke_certificate(request: Request, serial: Annotated[str, Path(min_length=1, max_length=64, pattern="^[0-9a-f]+$")], actor: Admin,
                        body: w.RevokeIn | None = None) -> w.CertRevoked:
     rec = authority(request).revoke_certificate(serial, reason=(body or w.RevokeIn()).reason, actor=actor)
     return w.CertRevoked(serial=rec.serial, revoked_at=iso(rec.revoked_at), reason=rec.revocation_reason or "")
@@ -188,7 +188,7 @@ def retire_root(request: Request, root_id: Annotated[str, Path(max_length=64)], 
 
 
 @admin_api.get("/audit", response_model=w.AuditList)
-def audit(request: Request, actor: Admin, after: Annotated[int, Query(ge=0)] = 0,
+def audit(request: Request, actor: Admin, after: Annotated[int, Query(ge=0, le=2**53)] = 0,
           limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> w.AuditList:
     items = authority(request).audit(after=after, limit=limit)
     return w.AuditList(items=[w.AuditOut(id=e.id, at=e.at.isoformat(), actor=e.actor, action=e.action,

@@ -21,9 +21,12 @@ class Gateway(Strict):
     port: int = Field(ge=1, le=65535)
 
 
+DOMAIN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$"
+
+
 class ClusterCreate(Strict):
-    name: str = Field(min_length=1, max_length=63)
-    trust_domain: str = Field(default="cluster.local", min_length=1, max_length=253)
+    name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL)
+    trust_domain: str = Field(default="cluster.local", min_length=1, max_length=253, pattern=DOMAIN)
     gateway: Gateway | None = None
 
 
@@ -68,8 +71,12 @@ class RotateOut(BaseModel):
     generation: int
 
 
+RevocationReason = Literal["unspecified", "keyCompromise", "cACompromise", "affiliationChanged", "superseded",
+                           "cessationOfOperation", "certificateHold", "privilegeWithdrawn", "aACompromise"]
+
+
 class RevokeIn(Strict):
-    reason: str = Field(default="unspecified", max_length=32)
+    reason: RevocationReason = "unspecified"
 
 
 class CertRevoked(BaseModel):
@@ -201,10 +208,32 @@ class DesiredOut(BaseModel):
 
 
 class StatusIn(Strict):
-    installed_generation: int | None = Field(default=None, ge=0)
+    installed_generation: int | None = Field(default=None, ge=0, le=2**53)
     installed_serial: str | None = Field(default=None, max_length=64)
     last_reconcile_at: str | None = Field(default=None, max_length=64)
-    imports_applied: int | None = Field(default=None, ge=0)
+    imports_applied: int | None = Field(default=None, ge=0, le=2**53)
     errors: list[str] = Field(default_factory=list, max_length=100)
     cacerts_not_after: str | None = Field(default=None, max_length=64)
     ca_reachable: bool | None = None
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details: every error, 401 and 403 included."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+
+
+def problem_responses() -> dict[int | str, dict[str, Any]]:
+    """Declared on every operation, so clients (and schema checkers) know what an error looks like."""
+    schema = Problem.model_json_schema()
+    out: dict[int | str, dict[str, Any]] = {}
+    for status, text in ((400, "Malformed or unacceptable input"), (401, "Missing or invalid token"),
+                         (403, "Token not valid for this resource, or missing/wrong proof"),
+                         (404, "Unknown cluster, certificate or root"), (409, "Conflicts with the current state"),
+                         (413, "Body over 64 KiB"), (429, "Rate limited; see Retry-After"),
+                         (503, "Database or signing key unavailable")):
+        out[status] = {"description": text, "content": {"application/problem+json": {"schema": schema}}}
+    return out

@@ -146,10 +146,12 @@ def _published(c: Cluster) -> bool:
 
 
 def build_fleet_index(snap: FleetSnapshot) -> None:
-    """Imports and peers per cluster from every published cluster's exports (pure)."""
-    imports: dict[str, list[dict[str, Any]]] = {n: [] for n in snap.clusters}
-    peer_names: dict[str, set[str]] = {n: set() for n in snap.clusters}
-    for exporter in sorted(snap.clusters.values(), key=lambda c: c.name):
+    """Imports and peers per cluster from every published cluster's exports (pure). Sparse: a
+    cluster with neither has no entry (rebuilt on every fleet change, so it must stay cheap when
+    most clusters export nothing)."""
+    imports: dict[str, list[dict[str, Any]]] = {}
+    peer_names: dict[str, set[str]] = {}
+    for exporter in snap.clusters.values():  # each list is sorted below: no need to sort the fleet
         if not _published(exporter):
             continue
         assert exporter.exports is not None
@@ -158,7 +160,7 @@ def build_fleet_index(snap: FleetSnapshot) -> None:
                 target = snap.clusters.get(consumer)
                 if target is None or target.status == ClusterStatus.REVOKED or consumer == exporter.name:
                     continue
-                imports[consumer].append(
+                imports.setdefault(consumer, []).append(
                     {
                         "name": svc["name"],
                         "cluster": exporter.name,
@@ -167,8 +169,8 @@ def build_fleet_index(snap: FleetSnapshot) -> None:
                         "identity": exporter.exports.get("identities", {}).get("ingress"),
                     }
                 )
-                peer_names[consumer].add(exporter.name)
-                peer_names[exporter.name].add(consumer)
+                peer_names.setdefault(consumer, set()).add(exporter.name)
+                peer_names.setdefault(exporter.name, set()).add(consumer)
     for name, lst in imports.items():
         lst.sort(key=lambda i: (i["cluster"], i["name"]))
         snap.imports_for[name] = lst
