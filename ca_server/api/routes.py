@@ -158,8 +158,9 @@ def revoke_cluster(request: Request, name: NamePath, actor: Admin, body: w.Revok
 
 
 @admin_api.post("/certificates/{serial}/revoke", response_model=w.CertRevoked)
-def revoke_certificate(request: Request, serial: Annotated[str, Path(min_length=1, max_length=64, pattern="^[0-9a-f]+$")], actor: Admin,
-                       body: w.RevokeIn | None = None) -> w.CertRevoked:
+def revoke_certificate(request: Request,
+                       serial: Annotated[str, Path(min_length=1, max_length=64, pattern="^[0-9a-f]+$")],
+                       actor: Admin, body: w.RevokeIn | None = None) -> w.CertRevoked:
     rec = authority(request).revoke_certificate(serial, reason=(body or w.RevokeIn()).reason, actor=actor)
     return w.CertRevoked(serial=rec.serial, revoked_at=iso(rec.revoked_at), reason=rec.revocation_reason or "")
 

@@ -334,7 +334,7 @@ class SqlStore:
                         # SQLite may already have rolled back (SQLITE_FULL, SQLITE_IOERR): keep the
                         # original error rather than "cannot rollback - no transaction is active"
                         if conn.connection.dbapi_connection is not None and \
-                                conn.connection.dbapi_connection.in_transaction:  # type: ignore[attr-defined]
+                                conn.connection.dbapi_connection.in_transaction:
                             conn.exec_driver_sql("ROLLBACK")
                         raise
                     conn.exec_driver_sql("COMMIT")

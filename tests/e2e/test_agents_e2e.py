@@ -201,10 +201,12 @@ def test_real_coredns_answers_imported_names(fleet: Fleet, tmp_path: Path) -> No
                                 f"kubernetes cluster.local in-addr.arpa ip6.arpa {{\n       kubeconfig "
                                 f"{fleet.clusters['b'].kubeconfig}", 1)
     resolv = tmp_path / "resolv.conf"
-    resolv.write_text("nameserver 127.0.0.1\n")
+    resolv.write_text("nameserver 127.0.0.2\n")  # silent upstream: nothing here may leave the machine
     corefile = corefile.replace("/etc/resolv.conf", str(resolv))
-    (tmp_path / "Corefile").write_text(corefile)
     port = __import__("tests.support.pgserver", fromlist=["free_port"]).free_port()
+    # every block of the real Corefile says :53; here they listen on a free loopback port instead
+    corefile = corefile.replace(":53 {", f":{port} {{\n    bind 127.0.0.1")
+    (tmp_path / "Corefile").write_text(corefile)
     proc = subprocess.Popen([str(coredns), "-conf", str(tmp_path / "Corefile"), "-dns.port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
