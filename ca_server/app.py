@@ -18,7 +18,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ca_server.api import routes
 from ca_server.api.metrics import Metrics
 from ca_server.api.problems import problem, problem_for
+from ca_server.api.ratelimit import Limits, RateLimit, RateLimiter
 from ca_server.api.watcher import RevisionWatcher
+from ca_server.storage.ratecounters import SqlRateCounters
 from ca_server.api.wire import problem_responses
 from ca_server.core.authority import Authority
 from ca_server.core.errors import CAError, Unavailable
@@ -133,7 +135,13 @@ def create_app(
     ready_check: Callable[[], None] | None = None,
     background: list[Callable[[], Coroutine[Any, Any, None]]] | None = None,
     watch_interval: float = 0.25,
+    rate_limits: Limits | None = None,
 ) -> FastAPI:
+    limiter: RateLimiter | None = None
+    if rate_limits is not None:
+        engine = getattr(authority.store, "engine", None)
+        limiter = RateLimiter(rate_limits, SqlRateCounters(engine) if engine is not None else None)
+        background = [*(background or []), limiter.sync_forever]
     watcher = RevisionWatcher(authority, interval=watch_interval)
     authority.on_change.append(watcher.poke)
     metrics = Metrics(not_after_source=authority.intermediate_not_after)
@@ -203,6 +211,8 @@ def create_app(
         return problem(500, "Internal error", "the CA service failed; see its log", type_="internal")
 
     app.add_middleware(CountResponses, metrics=metrics)
+    if limiter is not None:
+        app.add_middleware(RateLimit, limiter=limiter)  # type: ignore[arg-type]
     app.add_middleware(BodyLimit)
     app.include_router(routes.public)
     app.include_router(routes.admin_api)

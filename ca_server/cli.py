@@ -283,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key")
     s.add_argument("--passphrase-file")
     s.add_argument("--log-level", default="info")
+    s.add_argument("--rate-limit-credential", type=int, default=300, metavar="N",
+                   help="requests per second per token, shared by all replicas (0: no limit; default 300)")
+    s.add_argument("--rate-limit-address", type=int, default=3000, metavar="N",
+                   help="requests per second per source address, shared by all replicas (0: no limit; default 3000)")
     s.add_argument("--insecure-http", action="store_true", help="plain HTTP (only for benchmarks behind TLS "
                    "termination; never in production)")
     s.add_argument("--workers", type=int, default=1, help="worker processes accepting on the one listening "

@@ -195,7 +195,10 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
             except Exception as exc:
                 log.warning("server certificate refresh failed: %s", type(exc).__name__)
 
-    app = create_app(authority, background=[keep_crls_fresh, keep_server_cert_fresh])
+    from ca_server.api.ratelimit import Limits
+
+    limits = Limits(per_credential=args.rate_limit_credential, per_address=args.rate_limit_address)
+    app = create_app(authority, background=[keep_crls_fresh, keep_server_cert_fresh], rate_limits=limits)
     app.state.watcher.listeners.append(write_trust_bundle)
     scheme = "http" if args.insecure_http else "https"
     url_host = args.server_name[0] if args.server_name else host
