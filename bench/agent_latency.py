@@ -23,14 +23,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster_agent.ca_client import CAClient  # noqa: E402
-from cluster_agent.config import load_config  # noqa: E402
-from cluster_agent.loop import AgentLoop  # noqa: E402
-from cluster_agent.output import DirectoryWriter  # noqa: E402
-from cluster_agent.reconcile import ApplyReport, Reconciler  # noqa: E402
-from cluster_agent.state import DirStateStore  # noqa: E402
-from tests.agent.conftest import agent_yaml  # noqa: E402
-from tests.support.pgserver import free_port  # noqa: E402
+from cluster_agent.ca_client import CAClient
+from cluster_agent.config import load_config
+from cluster_agent.loop import AgentLoop
+from cluster_agent.output import DirectoryWriter
+from cluster_agent.reconcile import ApplyReport, Reconciler
+from cluster_agent.state import DirStateStore
+from tests.agent.conftest import agent_yaml
+from tests.support.pgserver import free_port
 
 BIN = Path(sys.executable).parent
 

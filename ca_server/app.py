@@ -20,10 +20,10 @@ from ca_server.api.metrics import Metrics
 from ca_server.api.problems import problem, problem_for
 from ca_server.api.ratelimit import Limits, RateLimit, RateLimiter
 from ca_server.api.watcher import RevisionWatcher
-from ca_server.storage.ratecounters import SqlRateCounters
 from ca_server.api.wire import problem_responses
 from ca_server.core.authority import Authority
 from ca_server.core.errors import CAError, Unavailable
+from ca_server.storage.ratecounters import SqlRateCounters
 
 log = logging.getLogger("meshbridge.ca.http")
 
@@ -212,7 +212,7 @@ def create_app(
 
     app.add_middleware(CountResponses, metrics=metrics)
     if limiter is not None:
-        app.add_middleware(RateLimit, limiter=limiter)  # type: ignore[arg-type]
+        app.add_middleware(RateLimit, limiter=limiter)
     app.add_middleware(BodyLimit)
     app.include_router(routes.public)
     app.include_router(routes.admin_api)

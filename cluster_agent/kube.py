@@ -206,7 +206,7 @@ class KubeApplier:
             except ApiError as exc:
                 if exc.status.code != 404:
                     raise
-                self.client.create(from_dict(obj))  # type: ignore[arg-type]
+                self.client.create(from_dict(obj))
                 self.write_calls += 1
                 report.created.append(k)
                 return
@@ -217,7 +217,7 @@ class KubeApplier:
             body = from_dict(obj)
             assert body.metadata is not None and live.metadata is not None
             body.metadata.resourceVersion = live.metadata.resourceVersion  # guarded: a concurrent write → 409
-            self.client.replace(body)  # type: ignore[arg-type]
+            self.client.replace(body)
             self.write_calls += 1
             report.updated.append(k)
 

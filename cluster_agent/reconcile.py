@@ -17,8 +17,8 @@ from cryptography import x509
 from cluster_agent import pki
 from cluster_agent.ca_client import CAAuthFailed, CAClient, CARejected
 from cluster_agent.config import AgentConfig
+from cluster_agent.render import BundleError, render_all
 from cluster_agent.render import cacerts as rc
-from cluster_agent.render import render_all
 from cluster_agent.state import StateStore
 
 log = logging.getLogger("meshbridge.agent")
@@ -210,7 +210,7 @@ class Reconciler:
                 vips=self.state.vips, exports=self.exports_body()["services"], bundle=bundle,
                 intermediate_key_pem=self.state.key_pem, crl_pem=self.own_crl(),
                 corefile=self.applier.current_corefile(), now=self.clock())
-        except rc.BundleError as exc:
+        except BundleError as exc:
             raise BundleRejected(f"cacerts would fail istiod's checks, nothing written: {exc}") from exc
         if result.vips != self.state.vips:
             self.state.vips = dict(result.vips)

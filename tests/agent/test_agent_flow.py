@@ -103,7 +103,7 @@ def test_enroll_exchange_and_render(ca_service: CAService, two_clusters: dict[st
 
 def test_restart_needs_no_bootstrap_token_and_second_pass_writes_nothing(
         ca_service: CAService, two_clusters: dict[str, Path]) -> None:
-    a, out_a = make_agent(two_clusters["a"])
+    a, _ = make_agent(two_clusters["a"])
     step(a)
     (two_clusters["a"].parent / "bootstrap-token").unlink()
     a2, _ = make_agent(two_clusters["a"])  # a restart: state from the state dir
@@ -184,7 +184,7 @@ def test_bundle_failing_istiod_checks_is_never_written(ca_service: CAService, tw
     # corrupt the chain: cert-chain.pem no longer starts with ca-cert.pem
     st = a.r.state
     st.bundle["cert-chain.pem"] = st.bundle["root-cert.pem"]
-    with pytest.raises(BundleRejected, match="cert-chain.pem"):
+    with pytest.raises(BundleRejected, match=r"cert-chain\.pem"):
         a.r.reconcile(ca_service.authority.desired("a"))
     assert (out / "secret-istio-system-cacerts.yaml").read_bytes() == before
 
@@ -202,7 +202,7 @@ def test_dry_run_prints_diff_and_writes_nothing(ca_service: CAService, two_clust
 def test_token_never_in_state_repr_or_logs(ca_service: CAService, two_clusters: dict[str, Path],
                                            caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("DEBUG")
-    a, out = make_agent(two_clusters["a"])
+    a, _ = make_agent(two_clusters["a"])
     step(a)
     token = a.r.state.agent_token
     assert token and token not in repr(a.r.state) and token not in repr(a.r.client)

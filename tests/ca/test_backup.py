@@ -106,6 +106,6 @@ def test_restore_with_the_wrong_passphrase_leaves_nothing(tmp_path: Path, monkey
     backup(src, archive)
     monkeypatch.setenv("MESHBRIDGE_CA_KEY_PASSPHRASE", "not the passphrase")
     dst = tmp_path / "dst"
-    with pytest.raises(Exception, match="passphrase|decrypt|usable"):
+    with pytest.raises(Exception, match=r"passphrase|decrypt|usable"):
         restore(archive, dst)
     assert not dst.exists()

@@ -65,7 +65,7 @@ def test_sigkill_during_issuance_loses_no_certificate(tmp_path: Path) -> None:
     def load(name: str) -> None:
         key, token = clusters[name]
         while not stop.is_set():
-            status, serial = renew_once(replica, name, key, token)
+            _, serial = renew_once(replica, name, key, token)
             if serial:
                 received.append(serial)
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import schemathesis
-from schemathesis import checks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from schemathesis import checks
 from starlette.testclient import TestClient
 
 from ca_server.app import create_app

@@ -173,7 +173,7 @@ def test_objects_accepted_and_istioctl_reports_nothing(fleet: Fleet) -> None:
         assert kinds == ["AuthorizationPolicy", "DestinationRule", "Gateway", "ServiceEntry", "VirtualService"]
         out = fleet.render(name)
         files = sorted(str(p) for p in out.glob("*.yaml") if not p.name.startswith(("secret-", "configmap-")))
-        r = subprocess.run([str(istioctl), "validate", *sum((["-f", f] for f in files), [])],
+        r = subprocess.run([str(istioctl), "validate", *[arg for f in files for arg in ("-f", f)]],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr
         base = out / "base-objects.yaml"
@@ -235,7 +235,7 @@ def test_real_coredns_answers_imported_names(fleet: Fleet, tmp_path: Path) -> No
 # ----------------------------------------------------------------------------- (d) data-plane trust
 def test_mtls_between_clusters_and_its_failures(fleet: Fleet) -> None:
     assert_handshakes_pass(fleet)
-    client, server = workloads(fleet)
+    _, server = workloads(fleet)
     roots_b = fleet.cacerts("b")["root-cert.pem"]
     roots_a = fleet.cacerts("a")["root-cert.pem"]
     # a certificate under a foreign root
@@ -279,7 +279,7 @@ def test_rest_rotate_reaches_cacerts_within_seconds(fleet: Fleet) -> None:
 
 def test_four_root_phases_keep_handshakes_passing(fleet: Fleet) -> None:
     auth = fleet.ca.authority
-    old = [r for r in auth.list_roots() if r.status.value == "active"][0]
+    old = next(r for r in auth.list_roots() if r.status.value == "active")
     assert_handshakes_pass(fleet)
     new = auth.add_root(key_type=None, actor="e2e")  # phase 2: bundle A+B
     fleet.settle()
