@@ -326,6 +326,15 @@ def test_zlint_and_pkilint_on_every_issued_certificate(fleet: Fleet, tmp_path: P
         assert not pkilint_errors(pem), f"pkilint errors on certificate {i}"
 
 
+# ----------------------------------------------------------------------------- issue 4 item 4 (runs before
+# the revocation test, which ends cluster a)
+def test_istio_simulation_over_the_agents_rendered_config(fleet: Fleet) -> None:
+    """Istio's own pilot/pkg/simulation over what the agents render: a imports ratings.bookinfo from b."""
+    out = gocheck.run_simulation(fleet.render("a"), fleet.render("b"), gateway_address=ADDR["b"], gateway_port=15443,
+                                 a_trust_domain=TD["a"], b_trust_domain=TD["b"])
+    assert "--- PASS: TestSimulation" in out, out
+
+
 # ----------------------------------------------------------------------------- (d) revocation, last: it ends a
 def test_revoked_cluster_is_refused_once_the_crl_is_applied(fleet: Fleet) -> None:
     from cryptography import x509
