@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", choices=["sqlite", "postgres"], default="sqlite")
     p.add_argument("--clusters", type=int, default=64, help="clusters enrolled (K)")
     p.add_argument("--requests", type=int, default=0,
-                   help="pre-built requests per run (default: 3000 per second of --duration)")
+                   help="pre-built requests per run (default: 2000 per second of --duration)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of c=4 warm-up before the runs (0: none)")
     p.add_argument("--concurrency", default="4,16")
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     raise_nofile()
     conc = [int(c) for c in args.concurrency.split(",") if c]
-    per_run = args.requests or int(3000 * args.duration)
+    per_run = args.requests or int(2000 * args.duration)
     serve_args = list(args.serve_arg)
     if args.workers:
         serve_args += ["--workers", str(args.workers)]
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         files = {}
         for label, _c, dur in plan:
             files[label] = ca.workdir / f"requests-{label}.tsv"
-            build_requests(enrolled, per_run if label != "warmup" else int(3000 * dur), files[label])
+            build_requests(enrolled, per_run if label != "warmup" else int(2000 * dur), files[label])
         report["setup_seconds"] = round(time.monotonic() - t0, 1)
         for label, c, dur in plan:
             assert ca.proc is not None

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0, help="pass --workers N to serve (0: its default)")
     p.add_argument("--insecure-http", action="store_true")
     p.add_argument("--settle", type=float, default=2.0, help="seconds to let re-polls reach the server")
-    p.add_argument("--deadline", type=float, default=100.0, help="give up on the event after this many seconds")
+    p.add_argument("--deadline", type=float, default=60.0, help="give up on the event after this many seconds")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", help="also write the JSON report to this file")
     p.add_argument("--keep", action="store_true")

@@ -9,7 +9,6 @@
 # rerun after an interruption resumes. Ends by writing bin/.complete and printing the directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
 
 GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
 [ -x "$GO" ] || { echo "testbin: no Go toolchain found (set GO=/path/to/go)" >&2; exit 1; }
@@ -40,6 +39,9 @@ check_pin() { # file module version
     { echo "testbin: $1 does not require $2 $3 (versions.env); fix one of them" >&2; exit 1; }
 }
 check_pin testbin/kube/go.mod k8s.io/kubernetes "$KUBERNETES_VERSION"
+# ...and every staging module at the matching v0.<minor>.<patch>.
+grep -q "k8s.io/api => k8s.io/api v0.${KUBERNETES_VERSION#v1.}\$" testbin/kube/go.mod ||
+  { echo "testbin: testbin/kube/go.mod must replace k8s.io/<staging> with v0.${KUBERNETES_VERSION#v1.}" >&2; exit 1; }
 check_pin testbin/etcd/go.mod go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
 check_pin tests/e2e/go/go.mod istio.io/istio "$ISTIO_MODULE_VERSION"
 

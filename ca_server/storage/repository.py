@@ -102,7 +102,6 @@ class _Q:
     set_audit_head = update(t.meta).where(t.meta.c.key == "audit_head").values(
         int_value=bindparam("new_id"), str_value=bindparam("new_hash"))
     revision = select(t.meta.c.int_value).where(t.meta.c.key == "revision")
-    lock_audit_head = select(t.meta.c.key).where(t.meta.c.key == "audit_head").with_for_update()
     bump_revision = update(t.meta).where(t.meta.c.key == "revision").values(int_value=t.meta.c.int_value + 1)
 
 
@@ -110,6 +109,7 @@ class SqlTx:
     def __init__(self, conn: Connection, *, postgres: bool) -> None:
         self.c = conn
         self.postgres = postgres
+        self.audit_head: tuple[int, str] | None = None  # (id, hash) when this transaction holds it locked
 
     # roots
     def list_roots(self) -> list[Root]:
@@ -232,16 +232,20 @@ class SqlTx:
     # audit and revision
     def append_audit(self, *, at: datetime, actor: str, action: str, subject: str,
                      details: dict[str, Any]) -> AuditEntry:
-        head = self.c.execute(_Q.audit_head_for_update if self.postgres else _Q.audit_head).one()
-        new_id = head.int_value + 1
+        if self.audit_head is None:
+            row = self.c.execute(_Q.audit_head_for_update if self.postgres else _Q.audit_head).one()
+            self.audit_head = (row.int_value, row.str_value)
+        head_id, prev_hash = self.audit_head
+        new_id = head_id + 1
         details = json.loads(json.dumps(details, default=str))  # the stored form is what gets hashed
         h = entry_hash(id=new_id, at=at, actor=actor, action=action, subject=subject, details=details,
-                       prev_hash=head.str_value)
+                       prev_hash=prev_hash)
         self.c.execute(_Q.add_audit, dict(id=new_id, at=at, actor=actor, action=action, subject=subject,
                                           details=json.dumps(details, sort_keys=True),
-                                          prev_hash=head.str_value, hash=h))
+                                          prev_hash=prev_hash, hash=h))
         self.c.execute(_Q.set_audit_head, {"new_id": new_id, "new_hash": h})
-        return AuditEntry(new_id, at, actor, action, subject, details, head.str_value, h)
+        self.audit_head = (new_id, h)
+        return AuditEntry(new_id, at, actor, action, subject, details, prev_hash, h)
 
     def list_audit(self, *, after: int = 0, limit: int = 100) -> list[AuditEntry]:
         q = select(t.audit).where(t.audit.c.id > after).order_by(t.audit.c.id).limit(limit)
@@ -320,11 +324,18 @@ class SqlStore:
     def _tx(self, *, write: bool) -> Iterator[SqlTx]:
         try:
             with self.engine.connect() as conn:
-                if self.postgres:
+                if self.postgres and not write:
+                    # READ COMMITTED gives each statement its own snapshot with or without
+                    # BEGIN/COMMIT: autocommit saves those two round trips per read
+                    yield SqlTx(conn.execution_options(isolation_level="AUTOCOMMIT"), postgres=True)
+                elif self.postgres:
                     with conn.begin():
                         tx = SqlTx(conn, postgres=True)
-                        if write:  # serialise writers on the audit head: linear chain across replicas
-                            conn.execute(_Q.lock_audit_head)
+                        # serialise writers on the audit head: linear chain across replicas; the
+                        # locked row is kept for the first audit entry, saving a second read
+                        head = conn.execute(_Q.audit_head_for_update).first()
+                        if head is not None:
+                            tx.audit_head = (head.int_value, head.str_value)
                         yield tx
                 else:
                     conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
