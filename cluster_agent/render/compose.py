@@ -129,6 +129,8 @@ def _render_all(
 
     allocation = allocate_vips((s.name for s in selected), vip_range=config.dns.vip_range, previous=vips)
 
+    peer_specs, alias_warnings = _drop_aliased_consumers(config.istio.trust_domain, peer_specs)
+    warnings += alias_warnings
     export_objects, policy_warnings = render_export_side(ctx, export_specs, peer_specs)
     warnings += policy_warnings
     objects = export_objects + render_import_side(ctx, selected, allocation)
@@ -155,6 +157,19 @@ def _render_all(
         warnings += bundle_warnings
 
     return RenderResult(sort_objects(objects), warnings, allocation, server_block)
+
+
+def _drop_aliased_consumers(own_trust_domain: str, peers: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """istiod rewrites `cluster.local` principals to its own trust domain (trust-domain aliases), so
+    a consumer still on `cluster.local` would name this cluster's own egress gateway in the policy:
+    such consumers are left out (and so refused) until they register a trust domain of their own."""
+    if own_trust_domain == "cluster.local":
+        return peers, []
+    kept = {n: p for n, p in peers.items() if p.trust_domain != "cluster.local"}
+    warnings = [f"consumer {n} uses the trust domain cluster.local, which istiod here would read as "
+                f"{own_trust_domain}; it is refused until it registers a trust domain of its own"
+                for n in sorted(set(peers) - set(kept))]
+    return kept, warnings
 
 
 def _cacerts(
