@@ -31,11 +31,13 @@ BODY_LIMIT = 64 * 1024
 
 
 class BodyLimit:
-    """Refuses request bodies over ``limit`` bytes with 413, whether declared or streamed."""
+    """Refuses request bodies over ``limit`` bytes with 413, whether declared or streamed, and bodies
+    that take longer than ``body_timeout`` seconds to arrive with 408 (a slow client holds no worker)."""
 
-    def __init__(self, app: ASGIApp, limit: int = BODY_LIMIT) -> None:
+    def __init__(self, app: ASGIApp, limit: int = BODY_LIMIT, body_timeout: float = 10.0) -> None:
         self.app = app
         self.limit = limit
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -48,42 +50,54 @@ class BodyLimit:
                 except ValueError:
                     declared = self.limit + 1
                 if declared > self.limit:
-                    await self._refuse(scope, receive, send)
+                    await self._refuse(scope, receive, send, 413)
                     return
         seen = 0
-        too_big = False
+        failed: int | None = None  # 413 or 408 once the body broke a limit
+        body_done = False
 
         async def limited() -> Message:
-            nonlocal seen, too_big
-            msg = await receive()
+            nonlocal seen, failed, body_done
+            if body_done:
+                return await receive()  # after the body: disconnect notices, no time limit
+            try:
+                msg = await asyncio.wait_for(receive(), timeout=self.body_timeout)
+            except TimeoutError:
+                failed = 408
+                raise _TooLarge() from None
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
+                body_done = not msg.get("more_body", False)
                 if seen > self.limit:
-                    too_big = True
+                    failed = 413
                     raise _TooLarge()
             return msg
 
         refused = False
 
         async def guarded(msg: Message) -> None:
-            # FastAPI turns any error while reading the body into its own 400: once the limit was
-            # crossed, whatever the app answers is replaced by the 413
+            # FastAPI turns any error while reading the body into its own 400: once a limit was
+            # crossed, whatever the app answers is replaced by the 413 or 408
             nonlocal refused
-            if not too_big:
+            if failed is None:
                 await send(msg)
             elif not refused:
                 refused = True
-                await self._refuse(scope, receive, send)
+                await self._refuse(scope, receive, send, failed)
 
         try:
             await self.app(scope, limited, guarded)
         except _TooLarge:
             if not refused:
-                await self._refuse(scope, receive, send)
+                await self._refuse(scope, receive, send, failed or 413)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        resp = problem(413, "Payload too large", f"request bodies are limited to {self.limit} bytes",
-                       type_="payloadtoolarge")
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int) -> None:
+        if status == 408:
+            resp = problem(408, "Request timeout", f"the request body did not arrive within {self.body_timeout:g} s",
+                           type_="requesttimeout")
+        else:
+            resp = problem(413, "Payload too large", f"request bodies are limited to {self.limit} bytes",
+                           type_="payloadtoolarge")
         await resp(scope, receive, send)
 
 
