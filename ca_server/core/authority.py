@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import ipaddress
 import json
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -217,6 +218,7 @@ class Authority:
         self._verifiers: dict[tuple[str, ...], xp.ChainVerifier] = {}
         self._snapshot: FleetSnapshot | None = None
         self._lock = threading.Lock()
+        self._local = threading.local()  # per-thread list of audited events awaiting commit
         # caches for the renewal hot path (see _pki_state and _check_proof)
         self._pki: tuple[int, list[Root], str] | None = None
         self._proved_by: dict[str, str] = {}
@@ -272,6 +274,22 @@ class Authority:
 
     def _audit(self, tx: Tx, *, actor: str, action: str, subject: str, **details: Any) -> None:
         tx.append_audit(at=self.clock(), actor=actor, action=action, subject=subject, details=details)
+        events = getattr(self._local, "events", None)
+        if events is not None:
+            events.append((action, subject, actor, details.get("serial") or details.get("generation")))
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Tx]:
+        """A write transaction whose audited changes are logged once it has committed (a change that
+        rolled back is never logged as done). Identifiers only: never a token or key."""
+        self._local.events = []
+        try:
+            with self.store.write() as tx:
+                yield tx
+            for action, subject, actor, extra in self._local.events:
+                log.info("%s %s", action, subject, extra={"actor": actor, **({"serial": extra} if extra else {})})
+        finally:
+            self._local.events = None
 
     def _changed(self, tx: Tx) -> None:
         tx.bump_revision()
@@ -325,7 +343,7 @@ class Authority:
     ) -> tuple[Root, str]:
         """Create the first root and the first admin token. Returns (root, admin token)."""
         now = self.clock()
-        with self.store.write() as tx:
+        with self._write() as tx:
             if tx.list_roots():
                 raise Conflict("this CA already has a root")
             root = self._generate_root(tx, key_type=key_type, status=RootStatus.ACTIVE, now=now, actor=actor)
@@ -348,7 +366,7 @@ class Authority:
         check_importable_ca(cert, chain, self.keys.load(key_ref), now=self.clock())
         anchor = chain[-1] if chain else cert
         now = self.clock()
-        with self.store.write() as tx:
+        with self._write() as tx:
             if tx.list_roots():
                 raise Conflict("this CA already has a root")
             root = Root(
@@ -400,7 +418,7 @@ class Authority:
 
     def add_root(self, *, key_type: KeyType | None, actor: str) -> Root:
         now = self.clock()
-        with self.store.write() as tx:
+        with self._write() as tx:
             root = self._generate_root(
                 tx, key_type=key_type or self.policy.root_key_type, status=RootStatus.TRUSTED, now=now, actor=actor
             )
@@ -410,7 +428,7 @@ class Authority:
         return root
 
     def activate_root(self, root_id: str, *, actor: str) -> Root:
-        with self.store.write() as tx:
+        with self._write() as tx:
             root = tx.get_root(root_id)
             if root is None:
                 raise NotFound(f"no root {root_id}")
@@ -442,7 +460,7 @@ class Authority:
         return root
 
     def retire_root(self, root_id: str, *, actor: str) -> Root:
-        with self.store.write() as tx:
+        with self._write() as tx:
             root = tx.get_root(root_id)
             if root is None:
                 raise NotFound(f"no root {root_id}")
@@ -472,7 +490,7 @@ class Authority:
         require_dns_label(name, what="cluster name")
         require_trust_domain(trust_domain)
         now = self.clock()
-        with self.store.write() as tx:
+        with self._write() as tx:
             if tx.get_cluster(name) is not None:
                 raise Conflict(f"cluster {name} exists")
             cluster = Cluster(
@@ -497,7 +515,7 @@ class Authority:
 
     def new_bootstrap_token(self, name: str, *, actor: str) -> tuple[str, datetime]:
         now = self.clock()
-        with self.store.write() as tx:
+        with self._write() as tx:
             cluster = self._must_cluster(tx, name, for_update=True)
             if cluster.status == ClusterStatus.REVOKED:
                 raise Conflict(f"cluster {name} is revoked")
@@ -529,7 +547,7 @@ class Authority:
                     if c.status == ClusterStatus.ACTIVE and c.name in current}
 
     def rotate(self, name: str, *, actor: str) -> int:
-        with self.store.write() as tx:
+        with self._write() as tx:
             cluster = self._must_cluster(tx, name, for_update=True)
             if cluster.status == ClusterStatus.REVOKED:
                 raise Conflict(f"cluster {name} is revoked")
@@ -548,7 +566,7 @@ class Authority:
     def revoke_cluster(self, name: str, *, reason: str, actor: str) -> Cluster:
         require_reason(reason)
         now = self.clock()
-        with self.store.write() as tx:
+        with self._write() as tx:
             cluster = self._must_cluster(tx, name, for_update=True)
             if cluster.status == ClusterStatus.REVOKED:
                 return cluster
@@ -573,7 +591,7 @@ class Authority:
         require_serial(serial)
         require_reason(reason)
         now = self.clock()
-        with self.store.write() as tx:
+        with self._write() as tx:
             rec = tx.get_certificate(serial)
             if rec is None:
                 raise NotFound(f"no certificate with serial {serial}")
@@ -596,7 +614,7 @@ class Authority:
         require_dns_label(cluster_name, what="cluster")
         csr = xp.parse_csr(csr_pem)  # bad CSR: 4xx before the token is touched
         now = self.clock()
-        with self.store.write() as tx:
+        with self._write() as tx:
             rec = tx.get_bootstrap_token(tok.token_id, for_update=True)
             if rec is None or not tk.secret_matches(tok, rec.token_hash) or rec.cluster != cluster_name:
                 raise Unauthenticated("bootstrap token is not valid for this cluster")
@@ -629,7 +647,7 @@ class Authority:
             raise BadProof("proof of possession of the current intermediate's key is required")
         csr_der = csr.public_bytes(serialization.Encoding.DER)
         now = self.clock()
-        with self.store.write() as tx:
+        with self._write() as tx:
             locked = self._must_cluster(tx, cluster.name, for_update=True)
             if locked.status != ClusterStatus.ACTIVE or locked.agent_token_id != cluster.agent_token_id:
                 raise Unauthenticated("agent token is no longer valid")
@@ -763,7 +781,7 @@ class Authority:
     def refresh_crls(self, *, actor: str = "scheduler") -> int:
         """Re-sign every CRL past half of its validity. Safe to call from every replica."""
         now = self.clock()
-        with self.store.write() as tx:
+        with self._write() as tx:
             crls = {c.root_id: c for c in tx.list_crls()}
             due = [
                 r for r in self._bundle_roots(tx.list_roots())
@@ -856,7 +874,7 @@ class Authority:
         names = [s["name"] for s in body.get("services", [])]
         if len(names) != len(set(names)):
             raise InvalidInput("services: each name may appear once")
-        with self.store.write() as tx:
+        with self._write() as tx:
             locked = self._must_cluster(tx, cluster.name, for_update=True)
             if _canon(locked.exports) == _canon(body) and locked.gateway == body.get("gateway"):
                 return body
@@ -870,7 +888,7 @@ class Authority:
         return body
 
     def put_status(self, cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
-        with self.store.write() as tx:
+        with self._write() as tx:
             locked = self._must_cluster(tx, cluster.name, for_update=True)
             locked.agent_status = body
             tx.save_cluster(locked)
