@@ -35,6 +35,7 @@ from pydantic import (
 __all__ = [
     "HTTP_PROTOCOLS",
     "KEY_TYPES",
+    "PORT_PROTOCOLS",
     "AgentConfig",
     "CAConfig",
     "ConfigError",
@@ -54,8 +55,11 @@ KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 KeyType = Literal["ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096"]
 
 # Istio protocol names (case-insensitive in Istio) that the gateways can carry: both gateways
-# terminate mTLS and route HTTP on the authority, so only HTTP-family protocols cross clusters.
+# terminate mTLS and route HTTP on the authority.
 HTTP_PROTOCOLS: Mapping[str, str] = {"HTTP": "HTTP", "HTTP2": "HTTP2", "GRPC": "GRPC", "GRPC-WEB": "GRPC-Web"}
+# Plain TCP crosses too, on its own gateway ports: the `.remote` name's own VIP selects the route in
+# the sidecar and the SNI (the `.remote` host) at both gateways, so one TCP port per name.
+PORT_PROTOCOLS: Mapping[str, str] = {**HTTP_PROTOCOLS, "TCP": "TCP"}
 
 MAX_CRL_VALIDITY = timedelta(days=7)
 
@@ -252,6 +256,9 @@ class EgressGatewayConfig(_GatewayBase):
 
     # Port of the egress Gateway server (a port of the gateway's Service) that sidecars reach.
     port: Port = 443
+    # Port of the egress Gateway's TLS servers for plain-TCP imports (Istio cannot mix HTTPS and TLS
+    # servers on one port); the gateway's Service must expose it.
+    tcp_port: Port = 15444
 
 
 def _default_egress() -> EgressGatewayConfig:
@@ -268,6 +275,9 @@ class IstioConfig(_Model):
     cluster_domain: DnsName = "cluster.local"
     # Port of the ingress Gateway server that other clusters' egress gateways connect to.
     cross_cluster_port: Port = 15443
+    # Port of the ingress Gateway's TLS servers for plain-TCP exports. Imports reach every exporter
+    # on this cluster's own value, so it must be the same in the whole fleet (as the default is).
+    cross_cluster_tcp_port: Port = 15444
     # deny: a DENY policy refuses every principal but an export's consumers for that export's host,
     #       leaving the gateway's other traffic alone (safe on a shared ingress gateway).
     # allow: an ALLOW policy per export; on a shared gateway this denies all other traffic unless
@@ -326,11 +336,11 @@ class ExportPortConfig(_Model):
     @field_validator("protocol")
     @classmethod
     def _http_family(cls, value: str) -> str:
-        canonical = HTTP_PROTOCOLS.get(value.upper())
+        canonical = PORT_PROTOCOLS.get(value.upper())
         if canonical is None:
             raise ValueError(
                 f"protocol {value!r} cannot cross clusters: both gateways terminate mTLS and route HTTP "
-                f"on the authority; use one of {', '.join(HTTP_PROTOCOLS.values())}"
+                f"on the authority or plain TCP on the SNI; use one of {', '.join(PORT_PROTOCOLS.values())}"
             )
         return canonical
 
@@ -355,6 +365,11 @@ class ExportConfig(_Model):
     @classmethod
     def _unique_ports(cls, value: list[ExportPortConfig]) -> list[ExportPortConfig]:
         _unique((p.number for p in value), "port")
+        if sum(p.protocol == "TCP" for p in value) > 1:
+            raise ValueError(
+                "at most one TCP port per export: a TCP connection is told apart only by its SNI (the "
+                "exported name), so export further TCP ports under another Service name"
+            )
         return value
 
     @field_validator("consumers")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from cluster_agent.config import HTTP_PROTOCOLS, AgentConfig, is_dns_label, is_dns_name
+from cluster_agent.config import PORT_PROTOCOLS, AgentConfig, is_dns_label, is_dns_name
 
 __all__ = [
     "ExportSpec",
@@ -36,11 +36,15 @@ _PATH_RE = re.compile(r"[^\s]+")
 @dataclass(frozen=True, slots=True)
 class PortSpec:
     number: int
-    protocol: str  # canonical Istio spelling, one of HTTP_PROTOCOLS' values
+    protocol: str  # canonical Istio spelling, one of PORT_PROTOCOLS' values
 
     @property
     def name(self) -> str:
         return f"{self.protocol.lower()}-{self.number}"
+
+    @property
+    def is_tcp(self) -> bool:
+        return self.protocol == "TCP"
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,11 +132,17 @@ def _ports(raw: object, where: str, warnings: list[str]) -> tuple[PortSpec, ...]
             continue
         number = int(item["number"])
         protocol = str(item.get("protocol") or "HTTP")
-        canonical = HTTP_PROTOCOLS.get(protocol.upper())
+        canonical = PORT_PROTOCOLS.get(protocol.upper())
         if canonical is None:
             warnings.append(
                 f"{where}: port {number} speaks {protocol}, which the gateways cannot carry "
-                f"(they route HTTP on the authority); that port is left out"
+                f"(they route HTTP on the authority and plain TCP on the SNI); that port is left out"
+            )
+            continue
+        if canonical == "TCP" and number not in ports and any(p.is_tcp for p in ports.values()):
+            warnings.append(
+                f"{where}: TCP port {number} left out: only one TCP port per name can cross (the SNI, "
+                f"the name itself, is all that tells TCP connections apart)"
             )
             continue
         ports.setdefault(number, PortSpec(number, canonical))

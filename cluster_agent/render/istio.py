@@ -19,6 +19,21 @@ A call from a workload in cluster b to `ratings.bookinfo.remote:9080`, exported 
    `ratings.bookinfo.svc.cluster.local:9080`; an AuthorizationPolicy admits only the consumers'
    egress identities for that host.
 
+Plain TCP (a port with protocol TCP; at most one per name) takes the same hops on TLS servers of
+their own ports, since Istio cannot mix HTTPS and TLS servers on one gateway port:
+
+1. b, sidecar: the ServiceEntry's own VIP and the TCP port select the import's `tcp` route, which
+   sends the connection to the egress gateway's TCP port (`egress_gateway.tcp_port`, 15444), subset
+   `tcp-<name>`, whose ISTIO_MUTUAL SNI is the `.remote` host itself.
+2. b, egress gateway: one TLS server (ISTIO_MUTUAL) per TCP import on that port, hosts = the
+   `.remote` host, so the SNI picks the filter chain; the import's `tcp` route bound to the egress
+   Gateway sends it to the `.remote` host, whose endpoint port for TCP is the fleet-wide
+   `istio.cross_cluster_tcp_port` (15444; the CA's Import carries only the HTTP gateway port);
+   the import's DestinationRule (ISTIO_MUTUAL, `sni: <host>`, SAN) applies as for HTTP.
+3. a, ingress gateway: one TLS server (ISTIO_MUTUAL) per TCP export on `cross_cluster_tcp_port`;
+   the export's VirtualService `tcp` route delivers to `<svc>.<ns>.svc.cluster.local:<port>`; the
+   AuthorizationPolicy admits only the consumers for `connection.sni` = the host (TCP has no Host).
+
 Gateways ignore the port in Host matching (`ignore_port_in_host_matching`), so
 `ratings.bookinfo.remote:9080` selects the `ratings.bookinfo.remote` virtual host and the route
 matches on the full authority.
@@ -57,6 +72,7 @@ __all__ = [
     "render_import_virtual_service",
     "render_ingress_gateway",
     "render_service_entry",
+    "tcp_subsets",
 ]
 
 NETWORKING = "networking.istio.io/v1"
@@ -65,6 +81,7 @@ INGRESS_GATEWAY = "meshbridge-ingress"
 EGRESS_GATEWAY = "meshbridge-egress"
 EGRESS_SUBSET = "meshbridge"
 SERVER_PORT_NAME = "https-meshbridge"
+TCP_SUBSET_PREFIX = "tcp"
 EXPORT_TO_ALL = ("*",)
 
 
@@ -78,6 +95,7 @@ class EgressTarget:
     service_host: str  # FQDN of the gateway's Service
     port: int
     sni: str
+    tcp_port: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +105,7 @@ class IstioContext:
     suffix: str
     cluster_domain: str
     cross_cluster_port: int
+    cross_cluster_tcp_port: int
     authorization_mode: Literal["deny", "allow"]
     ingress_selector: Mapping[str, str]
     default_egress: EgressTarget
@@ -112,6 +131,7 @@ class IstioContext:
             suffix=config.dns.suffix,
             cluster_domain=istio.cluster_domain,
             cross_cluster_port=istio.cross_cluster_port,
+            cross_cluster_tcp_port=istio.cross_cluster_tcp_port,
             authorization_mode=istio.authorization_mode,
             ingress_selector=dict(istio.ingress_gateway.selector),
             default_egress=default,
@@ -139,6 +159,7 @@ def _egress_target(config: AgentConfig, gateway: EgressGatewayConfig, name: str)
         port=gateway.port,
         # One label before the suffix: never the host of an import (<service>.<namespace>.<suffix>).
         sni=f"{EGRESS_GATEWAY}.{config.dns.suffix}",
+        tcp_port=gateway.tcp_port,
     )
 
 
@@ -153,6 +174,29 @@ def _server(name: str, port: int, hosts: list[str]) -> dict[str, Any]:
         "hosts": hosts,
         "tls": {"mode": "ISTIO_MUTUAL"},
     }
+
+
+def _tls_server(label: str, port: int, host: str) -> dict[str, Any]:
+    """One TLS server (Istio mTLS terminated, then plain TCP) per host: its SNI selects the chain."""
+    return {
+        "name": label,
+        "port": {"number": port, "name": f"tls-{label}", "protocol": "TLS"},
+        "hosts": [host],
+        "tls": {"mode": "ISTIO_MUTUAL"},
+    }
+
+
+def tcp_subsets(hosts: Sequence[str]) -> dict[str, str]:
+    """Map each `.remote` host with a TCP port to a DNS label: its egress subset and server names."""
+    return object_names(hosts, prefix=TCP_SUBSET_PREFIX, max_len=63)
+
+
+def _http_ports(ports: Sequence[PortSpec]) -> list[PortSpec]:
+    return [p for p in ports if not p.is_tcp]
+
+
+def _tcp_ports(ports: Sequence[PortSpec]) -> list[PortSpec]:
+    return [p for p in ports if p.is_tcp]
 
 
 def _authority_matches(host: str, port: PortSpec, gateway_ref: str | None = None) -> list[dict[str, Any]]:
@@ -171,15 +215,22 @@ def _authority_matches(host: str, port: PortSpec, gateway_ref: str | None = None
 # Exporting side
 
 
-def render_ingress_gateway(ctx: IstioContext, hosts: Sequence[str]) -> Manifest:
+def render_ingress_gateway(ctx: IstioContext, hosts: Sequence[str], tcp_hosts: Sequence[str] = ()) -> Manifest:
     """The one ingress Gateway: only exported hosts, only from Istio-issued client certificates.
 
-    Hosts carry the Gateway's namespace, so only VirtualServices there can bind them.
+    Hosts carry the Gateway's namespace, so only VirtualServices there can bind them. HTTP exports
+    share one HTTPS server on the cross-cluster port; each TCP export has its own TLS server on the
+    cross-cluster TCP port.
     """
-    spec = {
-        "selector": dict(ctx.ingress_selector),
-        "servers": [_server(INGRESS_GATEWAY, ctx.cross_cluster_port, [f"{ctx.namespace}/{h}" for h in sorted(hosts)])],
-    }
+    servers: list[dict[str, Any]] = []
+    if hosts:
+        server_hosts = [f"{ctx.namespace}/{h}" for h in sorted(hosts)]
+        servers.append(_server(INGRESS_GATEWAY, ctx.cross_cluster_port, server_hosts))
+    labels = tcp_subsets(tcp_hosts)
+    servers += [
+        _tls_server(labels[h], ctx.cross_cluster_tcp_port, f"{ctx.namespace}/{h}") for h in sorted(tcp_hosts)
+    ]
+    spec = {"selector": dict(ctx.ingress_selector), "servers": servers}
     return _manifest(NETWORKING, "Gateway", metadata(INGRESS_GATEWAY, ctx.namespace, ctx.labels("export")), spec)
 
 
@@ -187,45 +238,71 @@ def render_export_virtual_service(ctx: IstioContext, export: ExportSpec, name: s
     host = ctx.host(export.name)
     target = f"{export.service}.{export.namespace}.svc.{ctx.cluster_domain}"
     routes: list[dict[str, Any]] = []
-    for port in export.ports:
+    http_ports = _http_ports(export.ports)
+    for port in http_ports:
         route: dict[str, Any] = {
             "name": f"port-{port.number}",
             "route": [{"destination": {"host": target, "port": {"number": port.number}}}],
         }
-        if len(export.ports) > 1:
+        if len(http_ports) > 1:
             route["match"] = _authority_matches(host, port)
         routes.append(route)
-    spec = {
+    tcp_routes = [
+        {
+            "match": [{"port": ctx.cross_cluster_tcp_port}],
+            "route": [{"destination": {"host": target, "port": {"number": port.number}}}],
+        }
+        for port in _tcp_ports(export.ports)
+    ]
+    spec: dict[str, Any] = {
         "hosts": [host],
         "gateways": [f"{ctx.namespace}/{INGRESS_GATEWAY}"],
         "exportTo": list(EXPORT_TO_ALL),
-        "http": routes,
     }
+    if routes:
+        spec["http"] = routes
+    if tcp_routes:
+        spec["tcp"] = tcp_routes
     meta = metadata(name, ctx.namespace, ctx.labels("export"), {NAME_ANNOTATION: export.name})
     return _manifest(NETWORKING, "VirtualService", meta, spec)
 
 
 def render_export_authorization_policy(
-    ctx: IstioContext, export: ExportSpec, name: str, principals: Sequence[str]
+    ctx: IstioContext, export: ExportSpec, name: str, principals: Sequence[str], tcp_exports: bool = False
 ) -> Manifest:
     """Only `principals` (the consumers' egress gateways) reach this export's host.
 
     deny mode: DENY everyone else for the host (with any port), leaving other traffic through a
     shared ingress gateway alone. allow mode: ALLOW the consumers for the host; every ALLOW policy
     on a workload turns the rest of its traffic into deny-by-default.
+
+    HTTP ports are matched on the Host, a TCP port on the SNI (`connection.sni`, the host). On TCP
+    filter chains Istio drops the HTTP-only `hosts` from a DENY rule, which would then refuse every
+    non-consumer of this export on every TCP export too: when this gateway carries TCP exports
+    (`tcp_exports`), the HTTP rule leaves out the cross-cluster TCP port (`notPorts`).
     """
     host = ctx.host(export.name)
-    to = [{"operation": {"hosts": [host, f"{host}:*"]}}]
+    targets: list[dict[str, Any]] = []
+    if _http_ports(export.ports):
+        operation: dict[str, Any] = {"hosts": [host, f"{host}:*"]}
+        if tcp_exports:
+            operation["notPorts"] = [str(ctx.cross_cluster_tcp_port)]
+        targets.append({"to": [{"operation": operation}]})
+    if _tcp_ports(export.ports):
+        targets.append({"when": [{"key": "connection.sni", "values": [host]}]})
     spec: dict[str, Any] = {"selector": {"matchLabels": dict(ctx.ingress_selector)}}
     if ctx.authorization_mode == "deny":
-        rule: dict[str, Any] = {"to": to}
-        if principals:
-            rule["from"] = [{"source": {"notPrincipals": list(principals)}}]
-        spec.update(action="DENY", rules=[rule])
+        rules: list[dict[str, Any]] = []
+        for target in targets:
+            rule = dict(target)
+            if principals:
+                rule["from"] = [{"source": {"notPrincipals": list(principals)}}]
+            rules.append(rule)
+        spec.update(action="DENY", rules=rules)
     else:
         spec["action"] = "ALLOW"
         if principals:
-            spec["rules"] = [{"from": [{"source": {"principals": list(principals)}}], "to": to}]
+            spec["rules"] = [{"from": [{"source": {"principals": list(principals)}}], **t} for t in targets]
     meta = metadata(name, ctx.namespace, ctx.labels("export"), {NAME_ANNOTATION: export.name})
     return _manifest(SECURITY, "AuthorizationPolicy", meta, spec)
 
@@ -272,11 +349,15 @@ def render_export_side(
         return [], []
     principals, warnings = consumer_principals(exports, peers)
     names = object_names((e.name for e in exports), prefix="meshbridge-export")
-    objects = [render_ingress_gateway(ctx, [ctx.host(e.name) for e in exports])]
+    http_hosts = [ctx.host(e.name) for e in exports if _http_ports(e.ports)]
+    tcp_hosts = [ctx.host(e.name) for e in exports if _tcp_ports(e.ports)]
+    objects = [render_ingress_gateway(ctx, http_hosts, tcp_hosts)]
     for export in exports:
         name = names[export.name]
         objects.append(render_export_virtual_service(ctx, export, name))
-        objects.append(render_export_authorization_policy(ctx, export, name, principals[export.name]))
+        objects.append(
+            render_export_authorization_policy(ctx, export, name, principals[export.name], bool(tcp_hosts))
+        )
     return objects, warnings
 
 
@@ -284,18 +365,35 @@ def render_export_side(
 # Importing side
 
 
-def render_egress_gateway(ctx: IstioContext, egress: EgressTarget, hosts: Sequence[str]) -> Manifest:
+def render_egress_gateway(
+    ctx: IstioContext,
+    egress: EgressTarget,
+    hosts: Sequence[str],
+    tcp_subsets: Mapping[str, str] | None = None,
+) -> Manifest:
+    """HTTPS server for HTTP imports (and the shared SNI); one TLS server per TCP import host."""
     server_hosts = [f"{ctx.namespace}/{h}" for h in sorted({egress.sni, *hosts})]
-    spec = {"selector": dict(egress.selector), "servers": [_server(egress.gateway_name, egress.port, server_hosts)]}
+    servers = [_server(egress.gateway_name, egress.port, server_hosts)]
+    for host, label in sorted((tcp_subsets or {}).items()):
+        servers.append(_tls_server(label, egress.tcp_port, f"{ctx.namespace}/{host}"))
+    spec = {"selector": dict(egress.selector), "servers": servers}
     return _manifest(NETWORKING, "Gateway", metadata(egress.gateway_name, ctx.namespace, ctx.labels("egress")), spec)
 
 
-def render_egress_destination_rule(ctx: IstioContext, egress: EgressTarget) -> Manifest:
+def render_egress_destination_rule(
+    ctx: IstioContext, egress: EgressTarget, tcp_subsets: Mapping[str, str] | None = None
+) -> Manifest:
     """Sidecar → egress gateway: Istio mTLS with the SNI of the egress Gateway server.
 
     Only the `meshbridge` subset carries settings, so other users of the egress gateway keep auto
-    mTLS. `useClientProtocol` keeps HTTP/2 (gRPC) as HTTP/2 on the HTTPS-named gateway port.
+    mTLS. `useClientProtocol` keeps HTTP/2 (gRPC) as HTTP/2 on the HTTPS-named gateway port. Each
+    TCP import has a subset whose SNI is its `.remote` host, the only thing that tells its
+    connections apart at the egress gateway.
     """
+    tcp = [
+        {"name": label, "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL", "sni": host}}}
+        for host, label in sorted((tcp_subsets or {}).items())
+    ]
     spec = {
         "host": egress.service_host,
         "exportTo": list(EXPORT_TO_ALL),
@@ -306,7 +404,8 @@ def render_egress_destination_rule(ctx: IstioContext, egress: EgressTarget) -> M
                     "tls": {"mode": "ISTIO_MUTUAL", "sni": egress.sni},
                     "connectionPool": {"http": {"useClientProtocol": True}},
                 },
-            }
+            },
+            *tcp,
         ],
     }
     meta = metadata(egress.gateway_name, ctx.namespace, ctx.labels("egress"))
@@ -328,17 +427,25 @@ def render_service_entry(ctx: IstioContext, spec: ImportSpec, name: str, vip: st
         "location": "MESH_EXTERNAL",
         "resolution": "STATIC" if spec.gateway_is_ip else "DNS",
         "ports": [{"number": p.number, "name": p.name, "protocol": p.protocol} for p in spec.ports],
-        "endpoints": [{"address": spec.gateway_address, "ports": {p.name: spec.gateway_port for p in spec.ports}}],
+        "endpoints": [
+            {
+                "address": spec.gateway_address,
+                "ports": {p.name: ctx.cross_cluster_tcp_port if p.is_tcp else spec.gateway_port for p in spec.ports},
+            }
+        ],
         "subjectAltNames": [spec.identity],
     }
     return _manifest(NETWORKING, "ServiceEntry", _import_meta(ctx, spec, name), body)
 
 
-def render_import_virtual_service(ctx: IstioContext, spec: ImportSpec, name: str, egress: EgressTarget) -> Manifest:
+def render_import_virtual_service(
+    ctx: IstioContext, spec: ImportSpec, name: str, egress: EgressTarget, tcp_subset: str | None = None
+) -> Manifest:
     host = ctx.host(spec.name)
     to_egress: list[dict[str, Any]] = []
     to_remote: list[dict[str, Any]] = []
-    for port in spec.ports:
+    http_ports = _http_ports(spec.ports)
+    for port in http_ports:
         authority = f"{host}:{port.number}"
         to_egress.append(
             {
@@ -358,7 +465,7 @@ def render_import_virtual_service(ctx: IstioContext, spec: ImportSpec, name: str
         )
         match = (
             [{"gateways": [egress.gateway_ref]}]
-            if len(spec.ports) == 1
+            if len(http_ports) == 1
             else _authority_matches(host, port, egress.gateway_ref)
         )
         to_remote.append(
@@ -368,12 +475,26 @@ def render_import_virtual_service(ctx: IstioContext, spec: ImportSpec, name: str
                 "route": [{"destination": {"host": host, "port": {"number": port.number}}}],
             }
         )
-    body = {
+    tcp_routes: list[dict[str, Any]] = []
+    for port in _tcp_ports(spec.ports):
+        assert tcp_subset is not None, "a TCP import needs its egress subset"
+        egress_destination = {"host": egress.service_host, "subset": tcp_subset, "port": {"number": egress.tcp_port}}
+        tcp_routes += [
+            {"match": [{"gateways": ["mesh"], "port": port.number}], "route": [{"destination": egress_destination}]},
+            {
+                "match": [{"gateways": [egress.gateway_ref], "port": egress.tcp_port}],
+                "route": [{"destination": {"host": host, "port": {"number": port.number}}}],
+            },
+        ]
+    body: dict[str, Any] = {
         "hosts": [host],
         "gateways": ["mesh", egress.gateway_ref],
         "exportTo": list(EXPORT_TO_ALL),
-        "http": to_egress + to_remote,
     }
+    if to_egress:
+        body["http"] = to_egress + to_remote
+    if tcp_routes:
+        body["tcp"] = tcp_routes
     return _manifest(NETWORKING, "VirtualService", _import_meta(ctx, spec, name), body)
 
 
@@ -393,18 +514,26 @@ def render_import_side(ctx: IstioContext, imports: Sequence[ImportSpec], vips: M
     if not imports:
         return []
     names = object_names((s.name for s in imports), prefix="meshbridge-import")
+    subsets = tcp_subsets([ctx.host(s.name) for s in imports if _tcp_ports(s.ports)])
     hosts_by_egress: dict[str, list[str]] = {}
+    tcp_by_egress: dict[str, dict[str, str]] = {}
     targets: dict[str, EgressTarget] = {}
     objects: list[Manifest] = []
     for spec in imports:
         egress = ctx.egress_for(spec.cluster)
+        host = ctx.host(spec.name)
         targets[egress.gateway_name] = egress
-        hosts_by_egress.setdefault(egress.gateway_name, []).append(ctx.host(spec.name))
+        if _http_ports(spec.ports):
+            hosts_by_egress.setdefault(egress.gateway_name, []).append(host)
+        subset = subsets.get(host)
+        if subset is not None:
+            tcp_by_egress.setdefault(egress.gateway_name, {})[host] = subset
         name = names[spec.name]
         objects.append(render_service_entry(ctx, spec, name, vips[spec.name]))
-        objects.append(render_import_virtual_service(ctx, spec, name, egress))
+        objects.append(render_import_virtual_service(ctx, spec, name, egress, subset))
         objects.append(render_import_destination_rule(ctx, spec, name))
     for gateway_name, egress in sorted(targets.items()):
-        objects.append(render_egress_gateway(ctx, egress, hosts_by_egress[gateway_name]))
-        objects.append(render_egress_destination_rule(ctx, egress))
+        tcp = tcp_by_egress.get(gateway_name)
+        objects.append(render_egress_gateway(ctx, egress, hosts_by_egress.get(gateway_name, []), tcp))
+        objects.append(render_egress_destination_rule(ctx, egress, tcp))
     return objects

@@ -202,7 +202,11 @@ def test_published_exports_replace_the_config_ones() -> None:
                   "consumers": ["a"]}]
     out = render_all(config(), imports=[], peers=PEERS, vips={}, exports=published)
     assert set(by_kind(out.objects, "VirtualService")) == {"meshbridge-export-web-front"}
-    assert any("port 5432 speaks TCP" in w for w in out.warnings)
+    spec = by_kind(out.objects, "VirtualService")["meshbridge-export-web-front"]["spec"]
+    assert [r["route"][0]["destination"]["port"]["number"] for r in spec["http"]] == [8080]
+    assert spec["tcp"] == [{"match": [{"port": 15444}],
+                            "route": [{"destination": {"host": "web.front.svc.cluster.local", "port": {"number": 5432}}}]}]
+    assert not any("5432" in w for w in out.warnings)
 
 
 def test_no_exports_no_ingress_objects() -> None:
@@ -240,13 +244,14 @@ def test_service_entry(result: Any) -> None:
     }
 
 
-def test_hostname_gateway_resolves_by_dns_and_non_http_ports_are_dropped() -> None:
+def test_hostname_gateway_resolves_by_dns_and_tcp_ports_reach_the_tcp_port() -> None:
     out = render_all(config(), imports=[IMPORTS[1]], peers=[], vips={})
     spec = by_kind(out.objects, "ServiceEntry")["meshbridge-import-reviews-bookinfo"]["spec"]
     assert spec["resolution"] == "DNS"
-    assert [p["name"] for p in spec["ports"]] == ["http2-80", "http-9080"]
-    assert spec["endpoints"] == [{"address": "gw.c.example", "ports": {"http2-80": 15443, "http-9080": 15443}}]
-    assert any("port 5432 speaks TCP" in w for w in out.warnings)
+    assert [p["name"] for p in spec["ports"]] == ["http2-80", "tcp-5432", "http-9080"]
+    assert spec["endpoints"] == [{"address": "gw.c.example",
+                                  "ports": {"http2-80": 15443, "tcp-5432": 15444, "http-9080": 15443}}]
+    assert not any("5432" in w for w in out.warnings)
 
 
 def test_import_virtual_service_hops_through_the_egress_gateway(result: Any) -> None:
@@ -326,7 +331,7 @@ def test_dedicated_egress_gateway_per_source() -> None:
         ({"gateway": {"address": "not an address!", "port": 15443}}, "no usable gateway address"),
         ({"gateway": {"address": "203.0.113.1", "port": 0}}, "no usable gateway address"),
         ({"ports": []}, "no ports"),
-        ({"ports": [{"number": 5432, "protocol": "TCP"}]}, "speaks TCP"),
+        ({"ports": [{"number": 5432, "protocol": "UDP"}]}, "speaks UDP"),
         ({"ports": [{"number": "80"}]}, "is not {number, protocol}"),
     ],
 )
@@ -482,3 +487,108 @@ def test_five_thousand_imports_render_in_under_a_second() -> None:
     assert len(out.vips) == 5000
     assert len(by_kind(out.objects, "ServiceEntry")) == 5000
     assert best < 1.0, f"render_all took {best:.2f} s of CPU"
+
+
+# ------------------------------------------------------------------------------------------------
+# Plain TCP, hop by hop (ISTIO-NOTES: a distinct address per imported service)
+
+TCP_IMPORT = imp("mongodb.bookinfo", "a", [(27017, "TCP")])
+TCP_EXPORT = {"service": "mongodb", "namespace": "bookinfo", "ports": [{"number": 27017, "protocol": "TCP"}],
+              "consumers": ["a"]}
+
+
+def tcp_config(**changes: Any) -> AgentConfig:
+    data = config_dict()
+    data["exports"].append(TCP_EXPORT)
+    for key, value in changes.items():
+        data["istio"][key] = value
+    return parse_config(data)
+
+
+@pytest.fixture(scope="module")
+def tcp_result() -> Any:
+    return render_all(tcp_config(), imports=[IMPORTS[0], TCP_IMPORT], peers=PEERS,
+                      vips={"details.bookinfo": "240.240.0.2", "mongodb.bookinfo": "240.240.0.3"})
+
+
+def test_tcp_import_keeps_its_own_vip_and_reaches_the_tcp_port(tcp_result: Any) -> None:
+    spec = by_kind(tcp_result.objects, "ServiceEntry")["meshbridge-import-mongodb-bookinfo"]["spec"]
+    assert spec["addresses"] == ["240.240.0.3"]
+    assert spec["ports"] == [{"number": 27017, "name": "tcp-27017", "protocol": "TCP"}]
+    assert spec["endpoints"] == [{"address": "203.0.113.10", "ports": {"tcp-27017": 15444}}]
+    again = render_all(tcp_config(), imports=[TCP_IMPORT], peers=PEERS, vips=tcp_result.vips)
+    assert again.vips["mongodb.bookinfo"] == "240.240.0.3"
+
+
+def test_tcp_import_routes_mesh_to_egress_and_egress_to_remote(tcp_result: Any) -> None:
+    spec = by_kind(tcp_result.objects, "VirtualService")["meshbridge-import-mongodb-bookinfo"]["spec"]
+    assert "http" not in spec
+    assert spec["gateways"] == ["mesh", "istio-system/meshbridge-egress"]
+    assert spec["tcp"] == [
+        {"match": [{"gateways": ["mesh"], "port": 27017}],
+         "route": [{"destination": {"host": "istio-egressgateway.istio-system.svc.cluster.local",
+                                    "subset": "tcp-mongodb-bookinfo-remote", "port": {"number": 15444}}}]},
+        {"match": [{"gateways": ["istio-system/meshbridge-egress"], "port": 15444}],
+         "route": [{"destination": {"host": "mongodb.bookinfo.remote", "port": {"number": 27017}}}]},
+    ]
+    dr = by_kind(tcp_result.objects, "DestinationRule")["meshbridge-import-mongodb-bookinfo"]["spec"]
+    assert dr["trafficPolicy"]["tls"] == {"mode": "ISTIO_MUTUAL", "sni": "mongodb.bookinfo.remote",
+                                          "subjectAltNames": [INGRESS_A]}
+
+
+def test_tcp_import_has_its_own_egress_server_and_subset(tcp_result: Any) -> None:
+    gw = by_kind(tcp_result.objects, "Gateway")["meshbridge-egress"]["spec"]
+    https, tls = gw["servers"]
+    assert https["port"]["protocol"] == "HTTPS" and "istio-system/mongodb.bookinfo.remote" not in https["hosts"]
+    assert tls == {"name": "tcp-mongodb-bookinfo-remote",
+                   "port": {"number": 15444, "name": "tls-tcp-mongodb-bookinfo-remote", "protocol": "TLS"},
+                   "hosts": ["istio-system/mongodb.bookinfo.remote"], "tls": {"mode": "ISTIO_MUTUAL"}}
+    subsets = by_kind(tcp_result.objects, "DestinationRule")["meshbridge-egress"]["spec"]["subsets"]
+    assert subsets[1] == {"name": "tcp-mongodb-bookinfo-remote",
+                          "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL", "sni": "mongodb.bookinfo.remote"}}}
+
+
+def test_tcp_export_has_its_own_ingress_server_route_and_policy(tcp_result: Any) -> None:
+    servers = by_kind(tcp_result.objects, "Gateway")["meshbridge-ingress"]["spec"]["servers"]
+    assert [s["port"]["protocol"] for s in servers] == ["HTTPS", "TLS"]
+    assert "istio-system/mongodb.bookinfo.remote" not in servers[0]["hosts"]
+    assert servers[1]["port"]["number"] == 15444 and servers[1]["hosts"] == ["istio-system/mongodb.bookinfo.remote"]
+    assert servers[1]["tls"] == {"mode": "ISTIO_MUTUAL"}
+    vs = by_kind(tcp_result.objects, "VirtualService")["meshbridge-export-mongodb-bookinfo"]["spec"]
+    assert vs["gateways"] == ["istio-system/meshbridge-ingress"] and "http" not in vs
+    assert vs["tcp"] == [{"match": [{"port": 15444}], "route": [
+        {"destination": {"host": "mongodb.bookinfo.svc.cluster.local", "port": {"number": 27017}}}]}]
+    policies = by_kind(tcp_result.objects, "AuthorizationPolicy")
+    assert policies["meshbridge-export-mongodb-bookinfo"]["spec"]["rules"] == [
+        {"when": [{"key": "connection.sni", "values": ["mongodb.bookinfo.remote"]}],
+         "from": [{"source": {"notPrincipals": [EGRESS_A[len("spiffe://"):]]}}]}]
+    # HTTP rules leave the TCP port alone: Istio drops `hosts` from DENY rules on TCP chains.
+    http_rule = policies["meshbridge-export-ratings-bookinfo"]["spec"]["rules"][0]
+    assert http_rule["to"][0]["operation"]["notPorts"] == ["15444"]
+
+
+def test_tcp_export_allow_mode_and_custom_port() -> None:
+    out = render_all(tcp_config(authorization_mode="allow", cross_cluster_tcp_port=16000), imports=[],
+                     peers=PEERS, vips={})
+    spec = by_kind(out.objects, "AuthorizationPolicy")["meshbridge-export-mongodb-bookinfo"]["spec"]
+    assert spec["action"] == "ALLOW"
+    assert spec["rules"] == [{"from": [{"source": {"principals": [EGRESS_A[len("spiffe://"):]]}}],
+                              "when": [{"key": "connection.sni", "values": ["mongodb.bookinfo.remote"]}]}]
+    servers = by_kind(out.objects, "Gateway")["meshbridge-ingress"]["spec"]["servers"]
+    assert servers[1]["port"]["number"] == 16000
+
+
+def test_only_one_tcp_port_per_name_crosses() -> None:
+    specs, warnings = parse_imports([imp("a.b", "a", [(5432, "TCP"), (5433, "TCP"), (80, "HTTP")])])
+    assert [(p.number, p.protocol) for p in specs[0].ports] == [(80, "HTTP"), (5432, "TCP")]
+    assert any("TCP port 5433 left out" in w for w in warnings)
+
+
+def test_tcp_objects_match_istio_1_30_crd_schemas(tcp_result: Any) -> None:
+    validators = _crd_validators()
+    allow = render_all(tcp_config(authorization_mode="allow"), imports=[TCP_IMPORT], peers=PEERS, vips={})
+    for obj in tcp_result.objects + allow.objects:
+        key = f"{obj['apiVersion']}/{obj['kind']}"
+        if key in validators:
+            errors = [e.message for e in validators[key].iter_errors(obj["spec"])]
+            assert not errors, (obj["metadata"]["name"], errors)

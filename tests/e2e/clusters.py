@@ -9,8 +9,9 @@ Terminating.
 
 What is created in each cluster: namespaces ``istio-system`` and ``bookinfo``; in ``kube-system``
 kubeadm's ``coredns`` ConfigMap; in ``istio-system`` the ``istio-ingressgateway`` /
-``istio-egressgateway`` Services, Deployments and ServiceAccounts; in ``bookinfo`` the ``ratings``
-Service (9080, ``http``) and Deployment.
+``istio-egressgateway`` Services, Deployments and ServiceAccounts (both also exposing 15444, the
+TLS port for plain-TCP imports and exports); in ``bookinfo`` the ``ratings`` Service (9080,
+``http``) and the ``mongodb`` Service (27017, ``tcp``), with their Deployments.
 """
 
 from __future__ import annotations
@@ -485,6 +486,7 @@ def base_objects() -> list[dict[str, Any]]:
                     {"name": "http2", "port": 80, "targetPort": 8080, "protocol": "TCP"},
                     {"name": "https", "port": 443, "targetPort": 8443, "protocol": "TCP"},
                     {"name": "tls", "port": 15443, "targetPort": 15443, "protocol": "TCP"},
+                    {"name": "tls-meshbridge-tcp", "port": 15444, "targetPort": 15444, "protocol": "TCP"},
                 ],
             },
         },
@@ -494,7 +496,7 @@ def base_objects() -> list[dict[str, Any]]:
             ing,
             "istio-ingressgateway-service-account",
             proxy,
-            [15021, 8080, 8443, 15443],
+            [15021, 8080, 8443, 15443, 15444],
         ),
         {
             "apiVersion": "v1",
@@ -506,11 +508,13 @@ def base_objects() -> list[dict[str, Any]]:
                 "ports": [
                     {"name": "http2", "port": 80, "targetPort": 8080, "protocol": "TCP"},
                     {"name": "https", "port": 443, "targetPort": 8443, "protocol": "TCP"},
+                    {"name": "tls-meshbridge-tcp", "port": 15444, "targetPort": 15444, "protocol": "TCP"},
                 ],
             },
         },
         _deployment(
-            "istio-system", "istio-egressgateway", egr, "istio-egressgateway-service-account", proxy, [8080, 8443]
+            "istio-system", "istio-egressgateway", egr, "istio-egressgateway-service-account", proxy,
+            [8080, 8443, 15444],
         ),
         {
             "apiVersion": "v1",
@@ -532,6 +536,32 @@ def base_objects() -> list[dict[str, Any]]:
             "bookinfo-ratings",
             "docker.io/istio/examples-bookinfo-ratings-v1:1.20.3",
             [9080],
+        ),
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "bookinfo-mongodb", "namespace": "bookinfo"},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": "mongodb",
+                "namespace": "bookinfo",
+                "labels": {"app": "mongodb", "service": "mongodb"},
+            },
+            "spec": {
+                "selector": {"app": "mongodb"},
+                "ports": [{"name": "tcp-mongo", "port": 27017, "targetPort": 27017, "protocol": "TCP"}],
+            },
+        },
+        _deployment(
+            "bookinfo",
+            "mongodb-v1",
+            {"app": "mongodb", "version": "v1"},
+            "bookinfo-mongodb",
+            "docker.io/istio/examples-bookinfo-mongodb:1.20.3",
+            [27017],
         ),
     ]
 

@@ -87,7 +87,9 @@ def run_simulation(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str],
     ratings.bookinfo.remote), port (9080), refused_host (a name b does not export), gateway_address /
     gateway_port (b's ingress, 198.51.100.20:15443), destination (ratings.bookinfo.svc.cluster.local),
     a_trust_domain / b_trust_domain (a.mesh, b.mesh), egress_service / egress_labels (a's egress
-    gateway Service in istio-system and its pods' labels as "k=v,k=v").
+    gateway Service in istio-system and its pods' labels as "k=v,k=v"); the plain-TCP path: tcp_host
+    (mongodb.bookinfo.remote, whose VIP is read from a's ServiceEntry), tcp_port (27017),
+    tcp_gateway_port (b's ingress TCP port, 15444), tcp_destination (mongodb.bookinfo.svc.cluster.local).
     """
     env = {
         "MESHBRIDGE_SIM_A_DIR": str(Path(a_dir).resolve()),

@@ -49,6 +49,7 @@ istio:
 dns: {{suffix: remote, mode: coredns, vip_range: 240.240.0.0/16}}
 exports:
   - {{service: ratings, namespace: bookinfo, ports: [9080], consumers: [{peer}]}}
+  - {{service: mongodb, namespace: bookinfo, ports: [{{number: 27017, protocol: TCP}}], consumers: [{peer}]}}
 imports:
   - {{from: {peer}, names: ["*"]}}
 kubernetes: {{kubeconfig: {kubeconfig}}}

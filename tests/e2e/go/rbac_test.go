@@ -11,6 +11,7 @@ import (
 	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	rbachttp "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
+	rbacnet "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 
@@ -50,7 +51,7 @@ func evalRBAC(t *testing.T, fc *listener.FilterChain, req rbacRequest) (bool, st
 	if hcm == nil {
 		t.Fatalf("filter chain %q has no HTTP connection manager", fc.GetName())
 	}
-	n := 0
+	var all []*rbacv3.RBAC
 	for _, f := range hcm.GetHttpFilters() {
 		if f.GetName() != "envoy.filters.http.rbac" {
 			continue
@@ -59,11 +60,37 @@ func evalRBAC(t *testing.T, fc *listener.FilterChain, req rbacRequest) (bool, st
 		if err := f.GetTypedConfig().UnmarshalTo(r); err != nil {
 			t.Fatalf("rbac filter: %v", err)
 		}
-		if r.GetRules() == nil {
+		all = append(all, r.GetRules())
+	}
+	return evalRules(t, all, req)
+}
+
+// evalNetworkRBAC evaluates the network (TCP) RBAC filters of a filter chain, as for a plain-TCP
+// connection: only peer identity, destination port and SNI are known.
+func evalNetworkRBAC(t *testing.T, fc *listener.FilterChain, req rbacRequest) (bool, string) {
+	t.Helper()
+	var all []*rbacv3.RBAC
+	for _, f := range fc.GetFilters() {
+		if f.GetName() != "envoy.filters.network.rbac" {
+			continue
+		}
+		r := &rbacnet.RBAC{}
+		if err := f.GetTypedConfig().UnmarshalTo(r); err != nil {
+			t.Fatalf("network rbac filter: %v", err)
+		}
+		all = append(all, r.GetRules())
+	}
+	return evalRules(t, all, req)
+}
+
+func evalRules(t *testing.T, all []*rbacv3.RBAC, req rbacRequest) (bool, string) {
+	t.Helper()
+	n := 0
+	for _, rules := range all {
+		if rules == nil {
 			continue // shadow-only
 		}
 		n++
-		rules := r.GetRules()
 		matched := ""
 		names := make([]string, 0, len(rules.GetPolicies()))
 		for name := range rules.GetPolicies() {

@@ -44,6 +44,12 @@ type scenario struct {
 	egressLabels   map[string]string // its pods' labels (what the egress Gateway selects)
 	egressService  string
 	ingressService string
+	// Plain TCP import (its own VIP, taken from a's ServiceEntry), exported by b on its second
+	// cross-cluster port.
+	tcpHost        string
+	tcpPort        int
+	tcpGwPort      int
+	tcpDestination string
 }
 
 func parseLabels(t *testing.T, s string) map[string]string {
@@ -97,6 +103,10 @@ func loadScenario(t *testing.T) scenario {
 		istioVersion:   "1.30.3",
 		egressService:  egress + ".istio-system.svc.cluster.local",
 		ingressService: "istio-ingressgateway.istio-system.svc.cluster.local",
+		tcpHost:        envOr("MESHBRIDGE_SIM_TCP_HOST", "mongodb.bookinfo.remote"),
+		tcpPort:        envInt(t, "MESHBRIDGE_SIM_TCP_PORT", 27017),
+		tcpGwPort:      envInt(t, "MESHBRIDGE_SIM_TCP_GATEWAY_PORT", 15444),
+		tcpDestination: envOr("MESHBRIDGE_SIM_TCP_DESTINATION", "mongodb.bookinfo.svc.cluster.local"),
 	}
 }
 
@@ -112,6 +122,7 @@ spec:
   ports:
   - {name: http2, port: 80, targetPort: 8080, protocol: TCP}
   - {name: https, port: 443, targetPort: 8443, protocol: TCP}
+  - {name: tls-meshbridge-tcp, port: 15444, targetPort: 15444, protocol: TCP}
 ---
 apiVersion: v1
 kind: Pod
@@ -161,6 +172,7 @@ spec:
   - {name: http2, port: 80, targetPort: 8080, protocol: TCP}
   - {name: https, port: 443, targetPort: 8443, protocol: TCP}
   - {name: tls, port: 15443, targetPort: 15443, protocol: TCP}
+  - {name: tls-meshbridge-tcp, port: 15444, targetPort: 15444, protocol: TCP}
 status:
   loadBalancer: {ingress: [{ip: 198.51.100.20}]}
 ---
@@ -191,6 +203,20 @@ spec:
   clusterIP: 10.96.2.11
   selector: {app: details}
   ports: [{name: http, port: 9080, targetPort: 9080, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: mongodb, namespace: bookinfo, labels: {app: mongodb}}
+spec:
+  clusterIP: 10.96.2.12
+  selector: {app: mongodb}
+  ports: [{name: tcp-mongo, port: 27017, targetPort: 27017, protocol: TCP}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: mongodb-0, namespace: bookinfo, labels: {app: mongodb}}
+spec: {serviceAccountName: bookinfo-mongodb, containers: [{name: mongodb, image: mongodb}]}
+status: {phase: Running, podIP: 10.2.1.6, podIPs: [{ip: 10.2.1.6}], conditions: [{type: Ready, status: "True"}]}
 `
 
 // Istio config b already has: ordinary north-south traffic through the same ingress gateway.
@@ -216,7 +242,32 @@ spec:
 `
 
 // Gateway container ports for the service ports above (the listener binds the targetPort).
-var egressTargetPort = map[int]int{80: 8080, 443: 8443}
+var egressTargetPort = map[int]int{80: 8080, 443: 8443, 15444: 15444}
+
+// serviceEntryVIP returns addresses[0] of the ServiceEntry in dir whose hosts include host.
+func serviceEntryVIP(t *testing.T, dir, host string) string {
+	t.Helper()
+	istio, _, _ := loadDir(t, dir)
+	for _, doc := range splitYAML(istio) {
+		var se struct {
+			Kind string `json:"kind"`
+			Spec struct {
+				Hosts     []string `json:"hosts"`
+				Addresses []string `json:"addresses"`
+			} `json:"spec"`
+		}
+		if err := yaml.Unmarshal([]byte(doc), &se); err != nil || se.Kind != "ServiceEntry" {
+			continue
+		}
+		for _, h := range se.Spec.Hosts {
+			if h == host && len(se.Spec.Addresses) > 0 {
+				return se.Spec.Addresses[0]
+			}
+		}
+	}
+	t.Fatalf("%s: no ServiceEntry with an address for %s", dir, host)
+	return ""
+}
 
 // loadDir splits the YAML files of a render directory into Istio config and Kubernetes objects the
 // fake registry understands. Everything else (Secrets, ConfigMaps) is listed and ignored.
@@ -660,6 +711,124 @@ func TestSimulation(t *testing.T) {
 		if ok, why := evalRBAC(t, fc, req); !ok {
 			t.Errorf("meshbridge's AuthorizationPolicy blocks ordinary ingress traffic on port 8080 "+
 				"(Host bookinfo.example.com, no peer identity): %s", why)
+		}
+	})
+
+	// ---- Plain TCP: a's sidecar -> a's egress gateway -> b's ingress TCP port -> the service.
+	tcpVIP := serviceEntryVIP(t, sc.aDir, sc.tcpHost)
+	tcpEgressPort := 0
+	tcpSNI := ""
+	t.Run(fmt.Sprintf("6 TCP: sidecar in a sends %s:%d to the egress gateway with Istio mTLS", tcpVIP, sc.tcpPort), func(t *testing.T) {
+		res := sidecar.sim.Run(simulation.Call{
+			Address: tcpVIP, Port: sc.tcpPort, Protocol: simulation.TCP, CallMode: simulation.CallModeOutbound,
+		})
+		if res.Error != nil {
+			sidecar.dump(t, "sidecar a")
+			t.Fatalf("TCP %s:%d: %v (listener %q)", tcpVIP, sc.tcpPort, res.Error, res.ListenerMatched)
+		}
+		_, subset, h, port := model.ParseSubsetKey(res.ClusterMatched)
+		if string(h) != sc.egressService {
+			sidecar.dump(t, "sidecar a")
+			t.Fatalf("TCP %s:%d: routed to cluster %q, want a cluster of %s", tcpVIP, sc.tcpPort, res.ClusterMatched, sc.egressService)
+		}
+		tcpEgressPort = port
+		tcpSNI = checkIstioMTLS(t, sidecar.cluster(t, res.ClusterMatched), sc.tcpHost, nil)
+		t.Logf("TCP %s:%d: listener %s, chain %q -> cluster %s (subset %q), SNI %s", tcpVIP, sc.tcpPort,
+			res.ListenerMatched, res.FilterChainMatched, res.ClusterMatched, subset, tcpSNI)
+		// Another port on the same VIP is not routed to the egress gateway.
+		other := sidecar.sim.Run(simulation.Call{
+			Address: tcpVIP, Port: sc.tcpPort + 1, Protocol: simulation.TCP, CallMode: simulation.CallModeOutbound,
+		})
+		if other.Error == nil && strings.Contains(other.ClusterMatched, sc.egressService) {
+			t.Errorf("TCP %s:%d (not imported) reached %q", tcpVIP, sc.tcpPort+1, other.ClusterMatched)
+		}
+	})
+	if t.Failed() {
+		return
+	}
+
+	t.Run("7 TCP: egress gateway in a sends it to b's ingress TCP port with Istio mTLS and SNI "+sc.tcpHost, func(t *testing.T) {
+		lport, ok := egressTargetPort[tcpEgressPort]
+		if !ok {
+			t.Fatalf("sidecar TCP route uses egress gateway service port %d, which %s does not expose", tcpEgressPort, sc.egressName)
+		}
+		res := egressGW.sim.Run(simulation.Call{
+			Port: lport, Protocol: simulation.TCP, TLS: simulation.MTLS, Sni: tcpSNI, CallMode: simulation.CallModeGateway,
+		})
+		if res.Error != nil {
+			egressGW.dump(t, "egress a")
+			t.Fatalf("mTLS SNI %s on port %d: %v (listener %q, chain %q)", tcpSNI, lport, res.Error, res.ListenerMatched,
+				res.FilterChainMatched)
+		}
+		want := fmt.Sprintf("outbound|%d||%s", sc.tcpPort, sc.tcpHost)
+		if res.ClusterMatched != want {
+			egressGW.dump(t, "egress a")
+			t.Fatalf("SNI %s: egress gateway routes to %q, want %q", tcpSNI, res.ClusterMatched, want)
+		}
+		c := egressGW.cluster(t, res.ClusterMatched)
+		sni := checkIstioMTLS(t, c, sc.tcpHost,
+			[]string{fmt.Sprintf("spiffe://%s/ns/istio-system/sa/%s", sc.bTrustDomain, sc.ingressSA)})
+		eps := egressGW.endpointsOf(t, c)
+		wantEP := fmt.Sprintf("%s:%d", sc.gwAddr, sc.tcpGwPort)
+		if len(eps) != 1 || eps[0] != wantEP {
+			t.Errorf("cluster %s endpoints %v, want [%s]", c.Name, eps, wantEP)
+		}
+		t.Logf("SNI %s on %d: listener %s, chain %q -> cluster %s, SNI %s, endpoints %v", tcpSNI, lport,
+			res.ListenerMatched, res.FilterChainMatched, res.ClusterMatched, sni, eps)
+		// Plaintext, or an SNI that is no TCP import, gets nowhere.
+		for _, call := range []simulation.Call{
+			{Port: lport, Protocol: simulation.TCP, CallMode: simulation.CallModeGateway},
+			{Port: lport, Protocol: simulation.TCP, TLS: simulation.MTLS, Sni: sc.host, CallMode: simulation.CallModeGateway},
+		} {
+			if r := egressGW.sim.Run(call); r.Error == nil {
+				t.Errorf("TCP to the egress gateway port %d (TLS %v, SNI %q) reached %q", lport, call.TLS, call.Sni, r.ClusterMatched)
+			}
+		}
+	})
+	if t.Failed() {
+		return
+	}
+
+	t.Run("8 TCP: b's ingress delivers it to "+sc.tcpDestination+" for consumers only", func(t *testing.T) {
+		res := ingressGW.sim.Run(simulation.Call{
+			Port: sc.tcpGwPort, Protocol: simulation.TCP, TLS: simulation.MTLS, Sni: sc.tcpHost,
+			CallMode: simulation.CallModeGateway,
+		})
+		want := fmt.Sprintf("outbound|%d||%s", sc.tcpPort, sc.tcpDestination)
+		if res.Error != nil || res.ClusterMatched != want {
+			ingressGW.dump(t, "ingress b")
+			t.Fatalf("mTLS SNI %s on %d: err=%v cluster %q, want %q (listener %q, chain %q)", sc.tcpHost, sc.tcpGwPort,
+				res.Error, res.ClusterMatched, want, res.ListenerMatched, res.FilterChainMatched)
+		}
+		t.Logf("SNI %s on %d: listener %s, chain %q -> %s", sc.tcpHost, sc.tcpGwPort, res.ListenerMatched,
+			res.FilterChainMatched, res.ClusterMatched)
+		fc := ingressGW.filterChain(t, res)
+		consumer := fmt.Sprintf("spiffe://%s/ns/istio-system/sa/%s", sc.aTrustDomain, sc.egressSA)
+		req := rbacRequest{port: sc.tcpGwPort, sni: sc.tcpHost, principal: consumer}
+		if ok, why := evalNetworkRBAC(t, fc, req); !ok {
+			t.Errorf("RBAC on b's ingress TCP chain denies the consumer %s: %s", consumer, why)
+		}
+		for _, td := range []string{"stranger.mesh", sc.bTrustDomain} {
+			if td == sc.aTrustDomain {
+				continue
+			}
+			req.principal = fmt.Sprintf("spiffe://%s/ns/istio-system/sa/%s", td, sc.egressSA)
+			if ok, why := evalNetworkRBAC(t, fc, req); ok {
+				t.Errorf("RBAC on b's ingress TCP chain admits a non-consumer %s (%s)", req.principal, why)
+			}
+		}
+		// Names not exported as TCP (an HTTP export's SNI, a name not exported), plain TLS and
+		// plaintext: refused on the TCP port.
+		for _, call := range []simulation.Call{
+			{Port: sc.tcpGwPort, Protocol: simulation.TCP, TLS: simulation.MTLS, Sni: sc.host, CallMode: simulation.CallModeGateway},
+			{Port: sc.tcpGwPort, Protocol: simulation.TCP, TLS: simulation.MTLS, Sni: sc.refusedHost, CallMode: simulation.CallModeGateway},
+			{Port: sc.tcpGwPort, Protocol: simulation.TCP, TLS: simulation.TLS, Sni: sc.tcpHost, CallMode: simulation.CallModeGateway},
+			{Port: sc.tcpGwPort, Protocol: simulation.TCP, CallMode: simulation.CallModeGateway},
+		} {
+			if r := ingressGW.sim.Run(call); r.Error == nil {
+				t.Errorf("TCP to b's ingress port %d (TLS %v, SNI %q) reached %q, want refused", sc.tcpGwPort, call.TLS,
+					call.Sni, r.ClusterMatched)
+			}
 		}
 	})
 }
