@@ -8,21 +8,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.caservice import CAService
+from tests.support.corefile import KUBEADM_COREFILE
 
-COREFILE = """.:53 {
-    errors
-    health
-    kubernetes cluster.local in-addr.arpa ip6.arpa {
-       pods insecure
-       fallthrough in-addr.arpa ip6.arpa
-    }
-    forward . /etc/resolv.conf
-    cache 30
-    loop
-    reload
-    loadbalance
-}
-"""
+COREFILE = KUBEADM_COREFILE
 
 
 @pytest.fixture

@@ -17,28 +17,7 @@ import pytest
 
 from cluster_agent.render import CorefileError, merge_into_corefile, render_coredns_configmaps, render_server_block
 from cluster_agent.render.coredns import BEGIN_MARKER, END_MARKER, names_in_block
-
-KUBEADM_COREFILE = """.:53 {
-    errors
-    health {
-       lameduck 5s
-    }
-    ready
-    kubernetes cluster.local in-addr.arpa ip6.arpa {
-       pods insecure
-       fallthrough in-addr.arpa ip6.arpa
-       ttl 30
-    }
-    prometheus :9153
-    forward . /etc/resolv.conf {
-       max_concurrent 1000
-    }
-    cache 30
-    loop
-    reload
-    loadbalance
-}
-"""
+from tests.support.corefile import KUBEADM_COREFILE
 
 VIPS = {"ratings.bookinfo": "240.240.0.7", "details.bookinfo": "240.240.3.1"}
 

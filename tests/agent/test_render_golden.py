@@ -32,31 +32,11 @@ from cluster_agent.render import (
     render_server_block,
     render_state_configmap,
 )
+from tests.support.corefile import KUBEADM_COREFILE
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 
-KUBEADM_COREFILE = """.:53 {
-    errors
-    health {
-       lameduck 5s
-    }
-    ready
-    kubernetes cluster.local in-addr.arpa ip6.arpa {
-       pods insecure
-       fallthrough in-addr.arpa ip6.arpa
-       ttl 30
-    }
-    prometheus :9153
-    forward . /etc/resolv.conf {
-       max_concurrent 1000
-    }
-    cache 30
-    loop
-    reload
-    loadbalance
-}
-"""
 
 INGRESS = "spiffe://{td}/ns/istio-system/sa/istio-ingressgateway-service-account"
 EGRESS = "spiffe://{td}/ns/istio-system/sa/istio-egressgateway-service-account"
