@@ -347,9 +347,7 @@ class Authority:
             if tx.list_roots():
                 raise Conflict("this CA already has a root")
             root = self._generate_root(tx, key_type=key_type, status=RootStatus.ACTIVE, now=now, actor=actor)
-            admin = tk.new_token("admin")
-            tx.add_admin_token(AdminToken(admin.token_id, admin.token_hash, now, "initial admin token"))
-            self._audit(tx, actor=actor, action="admin_token.create", subject=admin.token_id)
+            admin = self._first_admin_token(tx, now=now, actor=actor)
             self._sign_crl(tx, root, now=now, actor=actor)
             self._changed(tx)
         return root, admin.plaintext
@@ -381,12 +379,16 @@ class Authority:
             )
             tx.add_root(root)
             self._audit(tx, actor=actor, action="root.import", subject=root.id, self_signed=not chain)
-            admin = tk.new_token("admin")
-            tx.add_admin_token(AdminToken(admin.token_id, admin.token_hash, now, "initial admin token"))
-            self._audit(tx, actor=actor, action="admin_token.create", subject=admin.token_id)
+            admin = self._first_admin_token(tx, now=now, actor=actor)
             self._sign_crl(tx, root, now=now, actor=actor)
             self._changed(tx)
         return root, admin.plaintext
+
+    def _first_admin_token(self, tx: Tx, *, now: datetime, actor: str) -> tk.IssuedToken:
+        admin = tk.new_token("admin")
+        tx.add_admin_token(AdminToken(admin.token_id, admin.token_hash, now, "initial admin token"))
+        self._audit(tx, actor=actor, action="admin_token.create", subject=admin.token_id)
+        return admin
 
     def _generate_root(self, tx: Tx, *, key_type: KeyType, status: RootStatus, now: datetime, actor: str) -> Root:
         suffix = tk.new_token("admin").token_id[:6]
@@ -429,9 +431,7 @@ class Authority:
 
     def activate_root(self, root_id: str, *, actor: str) -> Root:
         with self._write() as tx:
-            root = tx.get_root(root_id)
-            if root is None:
-                raise NotFound(f"no root {root_id}")
+            root = self._must_root(tx, root_id)
             if root.status == RootStatus.RETIRED:
                 raise Conflict("a retired root cannot be activated")
             if root.status == RootStatus.ACTIVE:
@@ -461,9 +461,7 @@ class Authority:
 
     def retire_root(self, root_id: str, *, actor: str) -> Root:
         with self._write() as tx:
-            root = tx.get_root(root_id)
-            if root is None:
-                raise NotFound(f"no root {root_id}")
+            root = self._must_root(tx, root_id)
             if root.status == RootStatus.RETIRED:
                 return root
             if root.status == RootStatus.ACTIVE:
@@ -520,6 +518,13 @@ class Authority:
             if cluster.status == ClusterStatus.REVOKED:
                 raise Conflict(f"cluster {name} is revoked")
             return self._new_bootstrap(tx, cluster, now=now, actor=actor)
+
+    @staticmethod
+    def _must_root(tx: Tx, root_id: str) -> Root:
+        root = tx.get_root(root_id)
+        if root is None:
+            raise NotFound(f"no root {root_id}")
+        return root
 
     @staticmethod
     def _must_cluster(tx: Tx, name: str, *, for_update: bool = False) -> Cluster:
