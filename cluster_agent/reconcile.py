@@ -167,6 +167,10 @@ class Reconciler:
             "services": sorted(services, key=lambda s: s["name"]),
         }
 
+    def _exports(self) -> dict[str, Any]:
+        """What this pass published (publish() reads ServiceExports from the API server once per pass)."""
+        return self.published if self.published is not None else self.exports_body()
+
     def publish(self) -> bool:
         body = self.exports_body()
         if body == self.published:
@@ -207,7 +211,7 @@ class Reconciler:
         try:
             result = render_all(
                 self.config, imports=desired.get("imports", []), peers=desired.get("peers", []),
-                vips=self.state.vips, exports=self.exports_body()["services"], bundle=bundle,
+                vips=self.state.vips, exports=self._exports()["services"], bundle=bundle,
                 intermediate_key_pem=self.state.key_pem, crl_pem=self.own_crl(),
                 corefile=self.applier.current_corefile(), now=self.clock())
         except BundleError as exc:
