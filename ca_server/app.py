@@ -232,7 +232,3 @@ def create_app(
     app.include_router(routes.admin_api)
     app.include_router(routes.agent_api)
     return app
-
-
-def _unused(*_: Any) -> None:  # keeps type checkers quiet about Message import on older starlette
-    return None

@@ -19,7 +19,7 @@ import socket
 import ssl
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import uvicorn
@@ -215,6 +215,3 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
     log.info("serving", extra={"path": f"{scheme}://{host}:{port}"})
     uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
     return 0
-
-
-_ = timedelta  # re-exported for tests that pin validity

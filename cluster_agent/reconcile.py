@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -240,7 +240,3 @@ class Reconciler:
             "errors": self.errors[-10:],
             "cacerts_not_after": not_after or None,
         }
-
-
-def default_crl_validity() -> timedelta:
-    return timedelta(days=7)

@@ -314,7 +314,3 @@ def imports(request: Request, cluster: Agent) -> dict[str, Any]:
 @agent_api.put("/clusters/{name}/status", response_model=w.StatusIn)
 def put_status(request: Request, body: w.StatusIn, cluster: Agent) -> dict[str, Any]:
     return authority(request).put_status(cluster, body.model_dump())
-
-
-async def sleep_forever() -> None:  # pragma: no cover - helper for background tasks
-    await asyncio.Event().wait()
