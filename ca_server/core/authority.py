@@ -11,10 +11,11 @@ import binascii
 import contextlib
 import hashlib
 import ipaddress
+import itertools
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -200,6 +201,46 @@ def desired_state(snap: FleetSnapshot, cluster: Cluster) -> dict[str, Any]:
     return body
 
 
+_PROVER_HINTS = 2
+
+
+@dataclass(frozen=True)
+class _KnownAgent:
+    """An agent token as last confirmed by the store (its hash only, never the secret)."""
+
+    cluster: str
+    trust_domain: str
+    token_hash: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """A renewal signed ahead of its write transaction, valid only if the transaction confirms it."""
+
+    cert: x509.Certificate
+    root: Root
+    prover: tuple[str, Any]  # (serial, public key) of the intermediate whose key made the proof
+    trust_domain: str
+
+
+def _prover_among(candidates: Iterable[tuple[str, Any]], csr_der: bytes, proof: bytes) -> tuple[str, Any] | None:
+    """The (serial, public key) among ``candidates`` whose key made ``proof`` over the CSR."""
+    for serial, key in candidates:
+        if xp.verify_proof(key, csr_der, proof):
+            return serial, key
+    return None
+
+
+def _decode_proof(proof_b64: str) -> bytes:
+    try:
+        proof = base64.b64decode(proof_b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadProof("proof must be base64") from exc
+    if not proof:
+        raise BadProof("proof of possession of the current intermediate's key is required")
+    return proof
+
+
 class Authority:
     def __init__(
         self,
@@ -219,9 +260,11 @@ class Authority:
         self._snapshot: FleetSnapshot | None = None
         self._lock = threading.Lock()
         self._local = threading.local()  # per-thread list of audited events awaiting commit
-        # caches for the renewal hot path (see _pki_state and _check_proof)
+        # caches for the renewal hot path (see renew): each only guides work the write transaction
+        # confirms against the store
         self._pki: tuple[int, list[Root], str] | None = None
-        self._proved_by: dict[str, str] = {}
+        self._provers: dict[str, tuple[tuple[str, Any], ...]] = {}
+        self._known_agents: dict[str, _KnownAgent] = {}
         self.on_change: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ helpers
@@ -324,9 +367,16 @@ class Authority:
         return f"admin:{tok.token_id}"
 
     def authenticate_agent(self, presented: str, cluster_name: str) -> Cluster:
+        return self._authenticate_agent(self._parse_agent_token(presented), cluster_name)
+
+    @staticmethod
+    def _parse_agent_token(presented: str) -> tk.PresentedToken:
         tok = tk.parse_token(presented)
         if tok is None or tok.kind != "agent":
             raise Unauthenticated("agent token required")
+        return tok
+
+    def _authenticate_agent(self, tok: tk.PresentedToken, cluster_name: str) -> Cluster:
         with self.store.read() as tx:
             cluster = tx.find_cluster_by_agent_token(tok.token_id)
         if cluster is None or not tk.secret_matches(tok, cluster.agent_token_hash):
@@ -536,8 +586,8 @@ class Authority:
     def get_cluster(self, name: str) -> tuple[Cluster, CertificateRecord | None]:
         with self.store.read() as tx:
             cluster = self._must_cluster(tx, name)
-            certs = tx.cluster_certificates(name)
-        return cluster, (certs[-1] if certs else None)
+            latest = tx.latest_certificate(name)
+        return cluster, latest
 
     def list_clusters(self) -> list[tuple[Cluster, CertificateRecord | None]]:
         with self.store.read() as tx:
@@ -635,39 +685,127 @@ class Authority:
             cluster.status = ClusterStatus.ACTIVE
             agent = tk.new_token("agent")
             cluster.agent_token_id, cluster.agent_token_hash = agent.token_id, agent.token_hash
-            issued = self._issue(tx, cluster, csr, now=now, actor=f"bootstrap:{tok.token_id}", action="enroll")
+            roots = tx.list_roots()
+            cert, root = self._sign_intermediate(cluster, csr, roots, now=now)
+            issued = self._record_issue(tx, cluster, cert, root, roots=roots, crl_pem=None, now=now,
+                                        actor=f"bootstrap:{tok.token_id}", action="enroll")
             tx.mark_bootstrap_used(tok.token_id, now)
             tx.save_cluster(cluster)
             self._changed(tx)
         self.notify_changed()
         return Enrolled(issued, agent.plaintext)
 
-    def renew(self, cluster: Cluster, *, csr_pem: str, proof_b64: str) -> Issued:
+    @property
+    def renewal_is_cpu_bound(self) -> bool:
+        """Whether a renewal is pure CPU work here (embedded database, key in memory): an event loop
+        then runs it inline, as a thread pool hand-off would cost more than it frees."""
+        return self.store.embedded and self.keys.in_memory
+
+    def renew(self, *, cluster_name: str, agent_token: str, csr_pem: str, proof_b64: str) -> Issued:
+        """A new intermediate for an enrolled cluster, for its agent token and a proof of possession
+        of a valid intermediate's key of that cluster.
+
+        The CPU work (proof check, signing, path validation) is drafted before the write transaction,
+        from the cached roots and the key that proved last time, so the single writer slot is held
+        only for reads and inserts. Inside, everything the draft relied on is read again from the
+        store — the token, the cluster, the active root, the proving certificate (revoked? expired?
+        under a retired root?) — and the work is redone there when any of it moved. Nothing is
+        returned or stored that the transaction did not confirm."""
+        tok = self._parse_agent_token(agent_token)
+        known = self._agent_for_draft(tok, cluster_name)
         csr = xp.parse_csr(csr_pem)
-        try:
-            proof = base64.b64decode(proof_b64, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise BadProof("proof must be base64") from exc
-        if not proof:
-            raise BadProof("proof of possession of the current intermediate's key is required")
+        proof = _decode_proof(proof_b64)
         csr_der = csr.public_bytes(serialization.Encoding.DER)
         now = self.clock()
+        draft = self._draft(known, csr, csr_der, proof, now=now)
         with self._write() as tx:
-            locked = self._must_cluster(tx, cluster.name, for_update=True)
-            if locked.status != ClusterStatus.ACTIVE or locked.agent_token_id != cluster.agent_token_id:
-                raise Unauthenticated("agent token is no longer valid")
+            locked = self._must_cluster(tx, cluster_name, for_update=True)
+            self._require_agent(tok, locked)
             roots, crl_pem = self._pki_state(tx)
-            self._check_proof(tx, locked, csr_der, proof, now=now, roots=roots)
+            if draft is not None and self._draft_holds(tx, draft, locked, roots, now=now):
+                cert, root, prover = draft.cert, draft.root, draft.prover
+            else:
+                prover = self._check_proof(tx, locked, csr_der, proof, now=now, roots=roots)
+                cert, root = self._sign_intermediate(locked, csr, roots, now=now)
             ended = locked.rotation_pending
             locked.rotation_pending = False
-            issued = self._issue(tx, locked, csr, now=now, actor=f"agent:{locked.name}", action="renew",
-                                 roots=roots, crl_pem=crl_pem)
+            issued = self._record_issue(tx, locked, cert, root, roots=roots, crl_pem=crl_pem, now=now,
+                                        actor=f"agent:{locked.name}", action="renew")
             if ended:
                 tx.save_cluster(locked)
                 self._changed(tx)
+        self._remember_provers(locked.name, (issued.serial, cert.public_key()), prover)
         if ended:
             self.notify_changed()
         return issued
+
+    def _agent_for_draft(self, tok: tk.PresentedToken, cluster_name: str) -> _KnownAgent:
+        """Authenticate before any signing happens: from the token last confirmed by a write
+        transaction, else from the store. Only a pre-filter: the transaction decides."""
+        known = self._known_agents.get(tok.token_id)
+        if known is None:
+            cluster = self._authenticate_agent(tok, cluster_name)
+            known = _KnownAgent(cluster.name, cluster.trust_domain, cluster.agent_token_hash or "")
+            self._known_agents[tok.token_id] = known
+        elif not tk.secret_matches(tok, known.token_hash):
+            raise Unauthenticated("agent token is not valid")
+        if known.cluster != cluster_name:
+            raise Forbidden("this agent token belongs to another cluster")
+        return known
+
+    def _require_agent(self, tok: tk.PresentedToken, cluster: Cluster) -> None:
+        """The authoritative check, on the row the write transaction holds."""
+        if cluster.agent_token_id != tok.token_id or cluster.status != ClusterStatus.ACTIVE or \
+                not tk.secret_matches(tok, cluster.agent_token_hash):
+            self._known_agents.pop(tok.token_id, None)
+            raise Unauthenticated("agent token is no longer valid")
+
+    def _draft(self, known: _KnownAgent, csr: x509.CertificateSigningRequest, csr_der: bytes, proof: bytes,
+               *, now: datetime) -> _Draft | None:
+        """The renewal signed ahead of the transaction, or None when the cached roots or the
+        cluster's newest intermediates do not tell which key proves (the transaction then does the
+        work itself)."""
+        pki = self._pki
+        if pki is None:
+            return None
+        hinted = self._provers.get(known.cluster, ())
+        prover = _prover_among(hinted, csr_der, proof)
+        if prover is None:  # e.g. the last renewal was answered by another worker or replica
+            seen = {serial for serial, _ in hinted}
+            with self.store.read() as tx:
+                newest = list(itertools.islice(tx.usable_certificates(known.cluster, now=now, page=_PROVER_HINTS),
+                                               _PROVER_HINTS))
+            prover = _prover_among([(r.serial, self._public_key(r)) for r in newest if r.serial not in seen],
+                                   csr_der, proof)
+        if prover is None:
+            return None
+        cert, root = self._sign_intermediate_for(known.cluster, known.trust_domain, csr, pki[1], now=now)
+        return _Draft(cert, root, prover, known.trust_domain)
+
+    @staticmethod
+    def _public_key(rec: CertificateRecord) -> Any:
+        return x509.load_pem_x509_certificate(rec.cert_pem.encode()).public_key()
+
+    def _draft_holds(self, tx: Tx, draft: _Draft, cluster: Cluster, roots: Sequence[Root], *, now: datetime) -> bool:
+        active = self._active_root(roots)
+        if active.id != draft.root.id or active.cert_pem != draft.root.cert_pem or \
+                active.chain_pem != draft.root.chain_pem or cluster.trust_domain != draft.trust_domain:
+            return False
+        return self._may_prove(tx.get_certificate(draft.prover[0]), cluster, roots, now=now)
+
+    @staticmethod
+    def _may_prove(rec: CertificateRecord | None, cluster: Cluster, roots: Sequence[Root], *, now: datetime) -> bool:
+        retired = {r.id for r in roots if r.status == RootStatus.RETIRED}
+        return (rec is not None and rec.cluster == cluster.name and rec.revoked_at is None
+                and rec.not_after > now and rec.root_id not in retired)
+
+    def _remember_provers(self, cluster: str, *provers: tuple[str, Any]) -> None:
+        """Keys to try first for the cluster's next proof: the new intermediate (an agent proves with
+        the key it installed last), then the one that just proved (a renewal whose answer was lost)."""
+        kept: dict[str, tuple[str, Any]] = {}
+        for prover in (*provers, *self._provers.get(cluster, ())):
+            kept.setdefault(prover[0], prover)
+        self._provers[cluster] = tuple(kept.values())[:_PROVER_HINTS]
 
     def _pki_state(self, tx: Tx) -> tuple[list[Root], str]:
         """The roots and the trust bundle's PEM CRLs, read once per fleet revision: every change to
@@ -682,51 +820,44 @@ class Authority:
         return roots, crl_pem
 
     def _check_proof(self, tx: Tx, cluster: Cluster, csr_der: bytes, proof: bytes, *, now: datetime,
-                     roots: Sequence[Root] | None = None) -> None:
-        retired = {r.id for r in (tx.list_roots() if roots is None else roots) if r.status == RootStatus.RETIRED}
-
-        def usable(rec: CertificateRecord | None) -> bool:
-            return (rec is not None and rec.cluster == cluster.name and rec.revoked_at is None
-                    and rec.not_after > now and rec.root_id not in retired)
-
-        # Any valid intermediate of the cluster may prove. Try the one that proved last time first
-        # (re-read from the store, so revocation and expiry apply), then the rest newest first:
-        # the same set of keys is accepted, in an order that needs one signature check per renewal.
-        hint = self._proved_by.get(cluster.name)
-        if hint is not None:
-            rec = tx.get_certificate(hint)
-            # parsed, not cached: the certificate cache would grow by one intermediate per renewal, forever
-            if rec is not None and usable(rec) and xp.verify_proof(
-                    x509.load_pem_x509_certificate(rec.cert_pem.encode()).public_key(), csr_der, proof):
-                return
-        for rec in reversed(tx.cluster_certificates(cluster.name)):
-            if rec.serial == hint or not usable(rec):
+                     roots: Sequence[Root]) -> tuple[str, Any]:
+        """(serial, public key) of the valid intermediate of the cluster whose key made ``proof``,
+        newest first; BadProof when none did."""
+        for rec in tx.usable_certificates(cluster.name, now=now):
+            if not self._may_prove(rec, cluster, roots, now=now):
                 continue
-            key = x509.load_pem_x509_certificate(rec.cert_pem.encode()).public_key()
+            key = self._public_key(rec)
             if xp.verify_proof(key, csr_der, proof):
-                self._proved_by[cluster.name] = rec.serial
-                return
+                return rec.serial, key
         raise BadProof("proof does not verify with the key of any valid intermediate of this cluster")
 
-    def _issue(
-        self, tx: Tx, cluster: Cluster, csr: x509.CertificateSigningRequest, *, now: datetime, actor: str, action: str,
-        roots: list[Root] | None = None, crl_pem: str | None = None,
-    ) -> Issued:
-        if roots is None:
-            roots = tx.list_roots()
+    def _sign_intermediate(self, cluster: Cluster, csr: x509.CertificateSigningRequest, roots: Sequence[Root],
+                           *, now: datetime) -> tuple[x509.Certificate, Root]:
+        return self._sign_intermediate_for(cluster.name, cluster.trust_domain, csr, roots, now=now)
+
+    def _sign_intermediate_for(self, name: str, trust_domain: str, csr: x509.CertificateSigningRequest,
+                               roots: Sequence[Root], *, now: datetime) -> tuple[x509.Certificate, Root]:
+        """Sign and path-validate an intermediate under the active root (nothing stored)."""
         root = self._active_root(roots)
         issuer = self._cert(root.cert_pem)
         cert = xp.issue_intermediate(
             csr=csr,
             issuer=issuer,
             signer=self._signer(root),
-            subject=xp.intermediate_subject(cluster.name, cluster.trust_domain, self.policy.org),
-            trust_domain=cluster.trust_domain,
+            subject=xp.intermediate_subject(name, trust_domain, self.policy.org),
+            trust_domain=trust_domain,
             now=now,
             validity=self.policy.intermediate_validity,
         )
         chain_above = xp.load_pem_certificates(root.chain_pem) if root.chain_pem else []
         self._verifier([root]).verify(cert, intermediates=[issuer, *chain_above], now=now)
+        return cert, root
+
+    def _record_issue(
+        self, tx: Tx, cluster: Cluster, cert: x509.Certificate, root: Root, *, roots: Sequence[Root],
+        crl_pem: str | None, now: datetime, actor: str, action: str,
+    ) -> Issued:
+        """Store and audit a signed intermediate; the bundle the agent installs."""
         pem = xp.cert_pem(cert)
         rec = CertificateRecord(
             serial=xp.serial_hex(cert), cluster=cluster.name, root_id=root.id, generation=cluster.generation,

@@ -85,6 +85,8 @@ def key_ref_scheme(key_ref: str) -> str:
 class KeyBackend(Protocol):
     """Where CA keys are created and kept."""
 
+    in_memory: bool  # signing is local CPU work (no device round trip)
+
     def generate(self, key_type: KeyType, label: str) -> tuple[str, Signer]:
         """Create a key; returns its ``key_ref`` and a ready signer. Never overwrites (KeyExists)."""
         ...

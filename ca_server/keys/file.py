@@ -88,6 +88,8 @@ def _fsync_dir(directory: Path) -> None:
 class FileKeyBackend:
     """Keys in ``<data_dir>/roots/<label>.key.pem``, encrypted with ``passphrase``."""
 
+    in_memory = True  # decrypted once, then signing never leaves the process
+
     def __init__(self, data_dir: str | os.PathLike[str], passphrase: bytes) -> None:
         if not passphrase:
             raise InvalidInput("key passphrase must not be empty")

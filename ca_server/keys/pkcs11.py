@@ -205,6 +205,8 @@ class Pkcs11Signer(ExternalKeySigner):
 class Pkcs11KeyBackend:
     """Keys inside the token ``token_label`` of the PKCS#11 module at ``module_path``."""
 
+    in_memory = False  # every signature is a call into the token
+
     def __init__(self, module_path: str | None, token_label: str, pin: str) -> None:
         if not token_label or not pin:
             raise InvalidInput("PKCS#11 backend needs a token label and a PIN")

@@ -102,6 +102,18 @@ class _Q:
     set_audit_head = update(t.meta).where(t.meta.c.key == "audit_head").values(
         int_value=bindparam("new_id"), str_value=bindparam("new_hash"))
     revision = select(t.meta.c.int_value).where(t.meta.c.key == "revision")
+    revision_and_audit_head = select(t.meta).where(t.meta.c.key.in_(["revision", "audit_head"]))
+    usable_certificates = (
+        select(t.certificates)
+        .where(t.certificates.c.cluster == bindparam("cluster"), t.certificates.c.revoked_at.is_(None),
+               t.certificates.c.not_after > bindparam("now"), t.certificates.c.id < bindparam("before"))
+        .order_by(t.certificates.c.id.desc())
+        .limit(bindparam("page"))
+    )
+    latest_certificate = (
+        select(t.certificates).where(t.certificates.c.cluster == bindparam("cluster"))
+        .order_by(t.certificates.c.id.desc()).limit(1)
+    )
     bump_revision = update(t.meta).where(t.meta.c.key == "revision").values(int_value=t.meta.c.int_value + 1)
 
 
@@ -201,6 +213,23 @@ class SqlTx:
         q = select(t.certificates).where(t.certificates.c.cluster == cluster).order_by(t.certificates.c.id)
         return [_cert(r) for r in self.c.execute(q)]
 
+    def usable_certificates(self, cluster: str, *, now: datetime, page: int = 16) -> Iterator[CertificateRecord]:
+        """The cluster's unrevoked, unexpired certificates, newest first, read a page at a time (a
+        caller that stops at the first match never loads the cluster's whole history)."""
+        before = 2**31 - 1  # above any id of the INTEGER column
+        while True:
+            rows = self.c.execute(_Q.usable_certificates,
+                                  {"cluster": cluster, "now": now, "before": before, "page": page}).all()
+            for r in rows:
+                yield _cert(r)
+            if len(rows) < page:
+                return
+            before = rows[-1].id
+
+    def latest_certificate(self, cluster: str) -> CertificateRecord | None:
+        r = self.c.execute(_Q.latest_certificate, {"cluster": cluster}).first()
+        return _cert(r) if r else None
+
     def current_certificates(self) -> dict[str, CertificateRecord]:
         latest = select(func.max(t.certificates.c.id)).group_by(t.certificates.c.cluster).scalar_subquery()
         q = select(t.certificates).where(t.certificates.c.id.in_(latest))
@@ -256,7 +285,17 @@ class SqlTx:
         return self.get_revision()
 
     def get_revision(self) -> int:
-        return int(self.c.execute(_Q.revision).scalar_one())
+        if self.audit_head is not None:
+            return int(self.c.execute(_Q.revision).scalar_one())
+        # one statement for both rows: a write transaction that reads the revision appends to the
+        # audit chain next (SQLite's BEGIN IMMEDIATE already holds the writer lock, so both are stable)
+        revision = 0
+        for row in self.c.execute(_Q.revision_and_audit_head):
+            if row.key == "revision":
+                revision = int(row.int_value)
+            else:
+                self.audit_head = (row.int_value, row.str_value)
+        return revision
 
 
 def _translate(exc: DBAPIError) -> CAError:
@@ -318,6 +357,7 @@ class SqlStore:
         self.url = url
         self.engine = make_engine(url)
         self.postgres = self.engine.dialect.name == "postgresql"
+        self.embedded = not self.postgres
         self._gate = _WriterGate(None if self.postgres else self.engine.url.database)
 
     @contextmanager

@@ -24,11 +24,11 @@ def init_ca(data_dir: Path) -> None:
     subprocess.run([*CLI, "init", "--data-dir", str(data_dir)], check=True, capture_output=True)
 
 
-def enrolled(authority: Authority, name: str) -> tuple[pki.PrivateKey, str]:
+def enrolled(authority: Authority, name: str) -> tuple[pki.PrivateKey, str, str]:
     made = authority.create_cluster(name=name, trust_domain=f"{name}.mesh", gateway=None, actor="test")
     key = pki.new_key()
     done = authority.enroll(cluster_name=name, bootstrap_token=made.bootstrap_token, csr_pem=pki.make_csr(key, name))
-    return key, done.issued.serial
+    return key, done.issued.serial, done.agent_token
 
 
 @pytest.mark.parametrize("target", ["sqlite", "postgres"])
@@ -37,7 +37,7 @@ def test_round_trip_keeps_issuing_under_the_same_root(tmp_path: Path, target: st
     src = tmp_path / "src"
     init_ca(src)
     authority = runtime.build_authority(src)
-    key, serial = enrolled(authority, "a")
+    key, serial, agent_token = enrolled(authority, "a")
     root_before = authority.list_roots()[0]
     archive = tmp_path / "ca-backup.tar.gz"
     manifest = backup(src, archive)
@@ -65,7 +65,8 @@ def test_round_trip_keeps_issuing_under_the_same_root(tmp_path: Path, target: st
     # the agent renews against the restored CA with its old key as proof: same root signs
     new_key = pki.new_key()
     csr = pki.make_csr(new_key, "a")
-    issued = restored.renew(cluster, csr_pem=csr, proof_b64=pki.prove(key, csr))
+    issued = restored.renew(cluster_name=cluster.name, agent_token=agent_token, csr_pem=csr,
+                            proof_b64=pki.prove(key, csr))
     cert = x509.load_pem_x509_certificate(issued.bundle.ca_cert.encode())
     root_cert = x509.load_pem_x509_certificate(root_before.cert_pem.encode())
     cert.verify_directly_issued_by(root_cert)

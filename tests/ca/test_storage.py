@@ -78,10 +78,10 @@ def test_concurrent_renewals_on_two_replicas(harness: Harness, tmp_path: Path) -
         try:
             start.wait()
             for _ in range(rounds):
-                cluster = replica.authenticate_agent(agent.token, agent.name)
                 key = pki.new_key()
                 csr = pki.make_csr(key, agent.name)
-                issued = replica.renew(cluster, csr_pem=csr, proof_b64=pki.prove(agent.keys[0], csr))
+                issued = replica.renew(cluster_name=agent.name, agent_token=agent.token, csr_pem=csr,
+                                       proof_b64=pki.prove(agent.keys[0], csr))
                 with lock:
                     serials.append(issued.serial)
         except BaseException as exc:  # reported below
