@@ -3,9 +3,12 @@
 
 Sets up a CA in a temporary data dir (SQLite, or a real PostgreSQL with ``--engine postgres``),
 starts ``meshbridge-ca serve`` on a free 127.0.0.1 port, registers and enrolls K clusters through
-the API, pre-builds renewal requests (each a fresh ECDSA P-256 CSR plus a proof signed by the
-cluster's enrolled intermediate key, which stays valid while renewals happen), and replays them
-with ``wrk`` and ``bench/renew.lua`` at each concurrency. Every request is a full renewal:
+the API, pre-builds renewal requests as each cluster's agent would send them (a fresh ECDSA P-256
+CSR plus a proof signed by the key of the intermediate the cluster's previous renewal asked for:
+each cluster's requests form a key chain, resumed before every run from the certificate the CA
+issued last), and replays them with ``wrk`` and ``bench/renew.lua`` at each concurrency. With K
+clusters round-robin, a cluster's next request leaves only after K/2 others on its wrk thread, so
+its predecessor has been answered. Every request is a full renewal:
 authenticated, proof-checked, signed, verified against the root, stored and audited.
 
 Afterwards it checks that the certificates in the database are exactly the enrollments plus the
@@ -32,48 +35,86 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import BenchCA, CpuMeter, machine, raise_nofile
 
+from ca_server.core.x509profiles import public_key_fingerprint
 from cluster_agent import pki
 
 HERE = Path(__file__).resolve().parent
 TARGETS = {4: {"rps": 1000.0, "p99_ms": 50.0}, 16: {"rps": 600.0, "p99_ms": 50.0}}
 
 
-def _build(job: tuple[str, str, str, int]) -> list[str]:
+def _build(job: tuple[str, str, str, int]) -> tuple[list[str], dict[str, str]]:
+    """``count`` renewals of one cluster as its agent would send them: each proves with the key of
+    the intermediate the previous one asked for (the first with the cluster's current key).
+    Returns the request lines and, by public-key fingerprint, the private keys they introduce."""
     name, token, key_pem, count = job
     key = pki.load_key(key_pem)
     path = f"/v1/clusters/{name}/intermediate"
-    lines = []
+    lines, keys = [], {}
     for _ in range(count):
-        csr = pki.make_csr(pki.new_key("ecdsa-p256"), name)
+        new = pki.new_key("ecdsa-p256")
+        csr = pki.make_csr(new, name)
         body = json.dumps({"csr": csr, "proof": pki.prove(key, csr)}, separators=(",", ":"))
         lines.append(f"{path}\t{token}\t{body}")
-    return lines
+        keys[public_key_fingerprint(new.public_key())] = pki.key_pem(new)
+        key = new
+    return lines, keys
 
 
-def build_requests(enrolled: list[Any], total: int, out: Path) -> int:
-    """``total`` requests, clusters interleaved round-robin, written one per line to ``out``."""
-    per = -(-total // len(enrolled))
-    jobs = [(e.name, e.token, pki.key_pem(e.key), per) for e in enrolled]
-    with multiprocessing.Pool() as pool:
-        chunks = pool.map(_build, jobs)
-    n = 0
-    with out.open("w") as f:
-        for i in range(per):
-            for chunk in chunks:
-                if n < total:
-                    f.write(chunk[i] + "\n")
-                    n += 1
-    return n
+class KeyChains:
+    """Each cluster's current key: the one whose certificate the CA issued last."""
+
+    def __init__(self, enrolled: list[Any]) -> None:
+        self.tokens = {e.name: e.token for e in enrolled}
+        self.current = {e.name: pki.key_pem(e.key) for e in enrolled}
+        self.known: dict[str, str] = {}
+
+    def build_prelude(self, count: int, out: Path) -> None:
+        """``count`` stand-alone renewals (see renew.lua): each proves with its cluster's current key
+        and no other request proves with the key it introduces."""
+        names = list(self.current)
+        with out.open("w") as f:
+            for i in range(count):
+                name = names[i % len(names)]
+                new = pki.new_key("ecdsa-p256")
+                csr = pki.make_csr(new, name)
+                body = json.dumps({"csr": csr, "proof": pki.prove(pki.load_key(self.current[name]), csr)},
+                                  separators=(",", ":"))
+                f.write(f"/v1/clusters/{name}/intermediate\t{self.tokens[name]}\t{body}\n")
+                self.known[public_key_fingerprint(new.public_key())] = pki.key_pem(new)
+
+    def build(self, total: int, out: Path) -> int:
+        """``total`` requests, clusters interleaved round-robin, one per line in ``out``."""
+        per = -(-total // len(self.current))
+        jobs = [(name, self.tokens[name], key, per) for name, key in self.current.items()]
+        with multiprocessing.Pool() as pool:
+            built = pool.map(_build, jobs)
+        for _, keys in built:
+            self.known.update(keys)
+        n = 0
+        with out.open("w") as f:
+            for i in range(per):
+                for lines, _ in built:
+                    if n < total:
+                        f.write(lines[i] + "\n")
+                        n += 1
+        return n
+
+    def follow(self, latest_fps: dict[str, str]) -> None:
+        """Move every cluster to the key of its newest certificate (after a run)."""
+        for name, fp in latest_fps.items():
+            if fp in self.known:
+                self.current[name] = self.known[fp]
+        self.known.clear()
 
 
 def run_wrk(url: str, reqfile: Path, *, connections: int, threads: int, duration: float,
-            timeout: float = 5.0) -> dict[str, Any]:
+            timeout: float = 5.0, prelude: Path | None = None) -> dict[str, Any]:
     wrk = shutil.which("wrk")
     if not wrk:
         raise SystemExit("wrk not found: run `make sysdeps` (Debian package wrk)")
     threads = max(1, min(threads, connections))
     cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", f"--timeout={timeout:g}s",
-           "-s", str(HERE / "renew.lua"), url, "--", str(reqfile), str(threads)]
+           "-s", str(HERE / "renew.lua"), url, "--", str(reqfile), str(threads), *([str(prelude)] if prelude else [])]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if r.returncode != 0 or line is None:
@@ -100,7 +141,7 @@ def run_wrk(url: str, reqfile: Path, *, connections: int, threads: int, duration
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", choices=["sqlite", "postgres"], default="sqlite")
-    p.add_argument("--clusters", type=int, default=64, help="clusters enrolled (K)")
+    p.add_argument("--clusters", type=int, default=256, help="clusters enrolled (K)")
     p.add_argument("--requests", type=int, default=0,
                    help="pre-built requests per run (default: 2000 per second of --duration)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
@@ -131,18 +172,20 @@ def main(argv: list[str] | None = None) -> int:
         enrolled = ca.enroll_clusters([f"c{i:04d}" for i in range(args.clusters)])
         plan = ([("warmup", 4, args.warmup)] if args.warmup > 0 else []) + [
             (f"c{c}", c, args.duration) for c in conc]
-        files = {}
-        for label, _c, dur in plan:
-            files[label] = ca.workdir / f"requests-{label}.tsv"
-            build_requests(enrolled, per_run if label != "warmup" else int(2000 * dur), files[label])
+        chains = KeyChains(enrolled)
         report["setup_seconds"] = round(time.monotonic() - t0, 1)
         for label, c, dur in plan:
+            reqfile = ca.workdir / f"requests-{label}.tsv"
+            prelude = ca.workdir / f"prelude-{label}.tsv"
+            chains.build_prelude(4 * c + 8, prelude)  # a few per connection; wrk may drop one each
+            chains.build(per_run if label != "warmup" else int(2000 * dur), reqfile)
             assert ca.proc is not None
             with CpuMeter(ca.proc.pid, ca.db_pid) as meter:
-                res = run_wrk(ca.url, files[label], connections=c, threads=args.threads, duration=dur)
+                res = run_wrk(ca.url, reqfile, connections=c, threads=args.threads, duration=dur, prelude=prelude)
             res.update(meter.report(res["responses"]))
             res["label"] = label
             report["runs"].append(res)
+            chains.follow(ca.latest_public_key_fps())
         ca.stop()
         created = sum(r["created_201"] for r in report["runs"])
         unanswered = sum(r["unanswered"] for r in report["runs"])

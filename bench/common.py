@@ -282,6 +282,20 @@ class BenchCA:
         finally:
             eng.dispose()
 
+    def latest_public_key_fps(self) -> dict[str, str]:
+        """Each cluster's newest certificate's public-key fingerprint."""
+        from ca_server.storage import tables as t
+
+        c = t.certificates.c
+        newest = select(func.max(c.id)).group_by(c.cluster).scalar_subquery()
+        eng = create_engine(self._engine_url())
+        try:
+            with eng.connect() as conn:
+                return {r.cluster: r.public_key_fp
+                        for r in conn.execute(select(c.cluster, c.public_key_fp).where(c.id.in_(newest)))}
+        finally:
+            eng.dispose()
+
     def count_audit(self, action: str) -> int:
         from ca_server.storage import tables as t
 

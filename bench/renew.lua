@@ -2,10 +2,16 @@
 -- agent token, a fresh CSR and a proof) round-robin, counts every status, and prints one JSON
 -- summary line starting with "RESULT " at the end.
 --
---   wrk -t2 -c16 -d10s -s bench/renew.lua https://127.0.0.1:PORT -- requests.tsv
+--   wrk -t2 -c16 -d10s -s bench/renew.lua https://127.0.0.1:PORT -- requests.tsv 2 prelude.tsv
 --
 -- requests.tsv: one request per line, "<path>\t<agent token>\t<JSON body>". Thread i of n takes
 -- lines i, i+n, i+2n, ... so the threads never send the same request twice.
+--
+-- prelude.tsv (optional, same format): sent first. Over TLS, wrk asks request() again when its
+-- first write on a new connection meets the unfinished handshake, dropping the request it got
+-- before; the main requests form per-cluster key chains (each proves with the key the previous
+-- one asked a certificate for), so none of them may be dropped. Prelude requests depend on
+-- nothing and nothing depends on them: while the connections open, they absorb those retries.
 
 local threads = {}
 local next_id = 1
@@ -16,28 +22,39 @@ function setup(thread)
   table.insert(threads, thread)
 end
 
-function init(args)
-  local file = args[1]
-  nthreads = tonumber(args[2]) or 1  -- must equal wrk's -t
-  reqs = {}
+local function load(file, nthreads)
+  local out = {}
   local i = 0
   for line in io.lines(file) do
     if (i % nthreads) + 1 == tid then
       local path, tok, body = line:match("^([^\t]*)\t([^\t]*)\t(.*)$")
-      reqs[#reqs + 1] = wrk.format("POST", path, {
+      out[#out + 1] = wrk.format("POST", path, {
         ["Authorization"] = "Bearer " .. tok,
         ["Content-Type"] = "application/json",
       }, body)
     end
     i = i + 1
   end
-  nreqs = #reqs
+  return out
+end
+
+function init(args)
+  nthreads = tonumber(args[2]) or 1  -- must equal wrk's -t
+  reqs = load(args[1], nthreads)
+  prelude = args[3] and load(args[3], nthreads) or {}
+  pidx = 0
+  nreqs = #reqs + #prelude
   idx = 0
   sent = 0
   statuses = {}
 end
 
 function request()
+  if pidx < #prelude then
+    pidx = pidx + 1
+    sent = sent + 1
+    return prelude[pidx]
+  end
   idx = idx + 1
   if idx > #reqs then idx = 1 end
   sent = sent + 1

@@ -23,7 +23,6 @@ from ca_server.api.watcher import RevisionWatcher
 from ca_server.api.wire import problem_responses
 from ca_server.core.authority import Authority
 from ca_server.core.errors import CAError, Unavailable
-from ca_server.storage.ratecounters import SqlRateCounters
 
 log = logging.getLogger("meshbridge.ca.http")
 
@@ -153,8 +152,8 @@ def create_app(
 ) -> FastAPI:
     limiter: RateLimiter | None = None
     if rate_limits is not None:
-        engine = getattr(authority.store, "engine", None)
-        limiter = RateLimiter(rate_limits, SqlRateCounters(engine) if engine is not None else None)
+        shared = getattr(authority.store, "rate_counters", None)
+        limiter = RateLimiter(rate_limits, shared() if shared is not None else None)
         background = [*(background or []), limiter.sync_forever]
     watcher = RevisionWatcher(authority, interval=watch_interval)
     authority.on_change.append(watcher.poke)

@@ -6,6 +6,7 @@ full becomes ``Unavailable`` (503); a uniqueness race becomes ``Conflict``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -35,6 +36,7 @@ from ca_server.core.models import (
     RootStatus,
 )
 from ca_server.storage import tables as t
+from ca_server.storage.ratecounters import SqlRateCounters
 
 
 def sqlite_url(data_dir: Path) -> str:
@@ -403,6 +405,11 @@ class SqlStore:
 
     def write(self) -> Any:
         return self._write()
+
+    def rate_counters(self) -> SqlRateCounters:
+        """The shared rate-limit counters, writing through the same writer serialisation."""
+        gate = contextlib.nullcontext if self.postgres else self._gate.hold
+        return SqlRateCounters(self.engine, writer_gate=gate)
 
     def read(self) -> Any:
         return self._tx(write=False)
