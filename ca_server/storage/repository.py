@@ -10,14 +10,16 @@ import contextlib
 import fcntl
 import json
 import os
+import sqlite3
 import threading
+from collections import namedtuple
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, create_engine, event, func, insert, select, update
+from sqlalchemy import Connection, Dialect, Engine, bindparam, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.pool import QueuePool
@@ -97,10 +99,11 @@ class _Q:
     cluster_by_token = select(t.clusters).where(t.clusters.c.agent_token_id == bindparam("token_id"))
     save_cluster = update(t.clusters).where(t.clusters.c.name == bindparam("b_name"))
     certificate = select(t.certificates).where(t.certificates.c.serial == bindparam("serial"))
-    add_certificate = insert(t.certificates)
+    add_certificate_values = insert(t.certificates).values(
+        {c.name: bindparam(c.name) for c in t.certificates.c if c.name != "id"})
     audit_head = select(t.meta).where(t.meta.c.key == "audit_head")
     audit_head_for_update = audit_head.with_for_update()
-    add_audit = insert(t.audit)
+    add_audit_values = insert(t.audit).values({c.name: bindparam(c.name) for c in t.audit.c})
     set_audit_head = update(t.meta).where(t.meta.c.key == "audit_head").values(
         int_value=bindparam("new_id"), str_value=bindparam("new_hash"))
     revision = select(t.meta.c.int_value).where(t.meta.c.key == "revision")
@@ -119,11 +122,83 @@ class _Q:
     bump_revision = update(t.meta).where(t.meta.c.key == "revision").values(int_value=t.meta.c.int_value + 1)
 
 
+class _Prepared:
+    """A hot-path statement compiled once for a dialect and run on the DBAPI cursor, with the
+    column types' own bind and result conversions: for SQLite, SQLAlchemy's per-execution
+    machinery costs several times what SQLite spends running the statement. The SQL is still
+    SQLAlchemy's (built from the ``_Q`` statements), so there is one definition of each query."""
+
+    def __init__(self, stmt: Any, dialect: Dialect) -> None:
+        self.compiled = stmt.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
+        self.sql = self.compiled.string
+        self.order = list(self.compiled.positiontup or []) if dialect.positional else None
+        self.bind_procs = [
+            (name, proc) for name, bp in self.compiled.binds.items()
+            if (proc := bp.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        ]
+        cols = list(stmt.selected_columns) if hasattr(stmt, "selected_columns") else []
+        self.row_type = namedtuple("_Row", [c.key for c in cols]) if cols else None
+        self.result_procs = [
+            (i, proc) for i, c in enumerate(cols)
+            if (proc := c.type.dialect_impl(dialect).result_processor(dialect, None)) is not None
+        ]
+
+    def execute(self, dbapi_conn: Any, values: dict[str, Any]) -> Any:
+        params = self.compiled.construct_params(values)
+        for name, proc in self.bind_procs:
+            params[name] = proc(params[name])
+        cur = dbapi_conn.cursor()
+        cur.execute(self.sql, [params[n] for n in self.order] if self.order is not None else params)
+        return cur
+
+    def rows(self, dbapi_conn: Any, values: dict[str, Any]) -> list[Any]:
+        assert self.row_type is not None
+        out = []
+        for raw in self.execute(dbapi_conn, values).fetchall():
+            if self.result_procs:
+                raw = list(raw)
+                for i, proc in self.result_procs:
+                    raw[i] = proc(raw[i])
+            out.append(self.row_type(*raw))
+        return out
+
+    def first(self, dbapi_conn: Any, values: dict[str, Any]) -> Any:
+        rows = self.rows(dbapi_conn, values)
+        return rows[0] if rows else None
+
+
+_HOT = ("cluster", "cluster_by_token", "certificate", "revision", "revision_and_audit_head", "audit_head",
+        "usable_certificates", "add_certificate_values", "add_audit_values", "set_audit_head")
+
+
+def _prepare_hot(dialect: Dialect) -> dict[str, _Prepared]:
+    return {name: _Prepared(getattr(_Q, name), dialect) for name in _HOT}
+
+
 class SqlTx:
-    def __init__(self, conn: Connection, *, postgres: bool) -> None:
+    def __init__(self, conn: Connection, *, postgres: bool, hot: dict[str, _Prepared] | None = None) -> None:
         self.c = conn
         self.postgres = postgres
         self.audit_head: tuple[int, str] | None = None  # (id, hash) when this transaction holds it locked
+        # the hot-path statements run on the DBAPI connection when prepared (SQLite), else through Core
+        self._hot = hot
+        self._raw = conn.connection.driver_connection if hot is not None else None
+
+    def _first(self, name: str, values: dict[str, Any]) -> Any:
+        if self._hot is not None:
+            return self._hot[name].first(self._raw, values)
+        return self.c.execute(getattr(_Q, name), values).first()
+
+    def _rows(self, name: str, values: dict[str, Any]) -> list[Any]:
+        if self._hot is not None:
+            return self._hot[name].rows(self._raw, values)
+        return list(self.c.execute(getattr(_Q, name), values))
+
+    def _run(self, name: str, values: dict[str, Any]) -> None:
+        if self._hot is not None:
+            self._hot[name].execute(self._raw, values)
+        else:
+            self.c.execute(getattr(_Q, name), values)
 
     # roots
     def list_roots(self) -> list[Root]:
@@ -143,8 +218,7 @@ class SqlTx:
 
     # clusters
     def get_cluster(self, name: str, *, for_update: bool = False) -> Cluster | None:
-        r = self.c.execute(_Q.cluster_for_update if for_update and self.postgres else _Q.cluster,
-                           {"name": name}).first()
+        r = self._first("cluster_for_update" if for_update and self.postgres else "cluster", {"name": name})
         return _cluster(r) if r else None
 
     def list_clusters(self) -> list[Cluster]:
@@ -167,7 +241,7 @@ class SqlTx:
                 "revoked_at": c.revoked_at}
 
     def find_cluster_by_agent_token(self, token_id: str) -> Cluster | None:
-        r = self.c.execute(_Q.cluster_by_token, {"token_id": token_id}).first()
+        r = self._first("cluster_by_token", {"token_id": token_id})
         return _cluster(r) if r else None
 
     # tokens
@@ -201,14 +275,14 @@ class SqlTx:
 
     # certificates
     def add_certificate(self, rec: CertificateRecord) -> None:
-        self.c.execute(_Q.add_certificate, dict(
+        self._run("add_certificate_values", dict(
             serial=rec.serial, cluster=rec.cluster, root_id=rec.root_id, generation=rec.generation,
             cert_pem=rec.cert_pem, public_key_fp=rec.public_key_fp, not_before=rec.not_before,
             not_after=rec.not_after, issued_at=rec.issued_at, revoked_at=rec.revoked_at,
             revocation_reason=rec.revocation_reason))
 
     def get_certificate(self, serial: str) -> CertificateRecord | None:
-        r = self.c.execute(_Q.certificate, {"serial": serial}).first()
+        r = self._first("certificate", {"serial": serial})
         return _cert(r) if r else None
 
     def cluster_certificates(self, cluster: str) -> list[CertificateRecord]:
@@ -220,8 +294,7 @@ class SqlTx:
         caller that stops at the first match never loads the cluster's whole history)."""
         before = 2**31 - 1  # above any id of the INTEGER column
         while True:
-            rows = self.c.execute(_Q.usable_certificates,
-                                  {"cluster": cluster, "now": now, "before": before, "page": page}).all()
+            rows = self._rows("usable_certificates", {"cluster": cluster, "now": now, "before": before, "page": page})
             for r in rows:
                 yield _cert(r)
             if len(rows) < page:
@@ -264,17 +337,16 @@ class SqlTx:
     def append_audit(self, *, at: datetime, actor: str, action: str, subject: str,
                      details: dict[str, Any]) -> AuditEntry:
         if self.audit_head is None:
-            row = self.c.execute(_Q.audit_head_for_update if self.postgres else _Q.audit_head).one()
+            row = self._first("audit_head_for_update" if self.postgres else "audit_head", {})
             self.audit_head = (row.int_value, row.str_value)
         head_id, prev_hash = self.audit_head
         new_id = head_id + 1
         details = json.loads(json.dumps(details, default=str))  # the stored form is what gets hashed
         h = entry_hash(id=new_id, at=at, actor=actor, action=action, subject=subject, details=details,
                        prev_hash=prev_hash)
-        self.c.execute(_Q.add_audit, dict(id=new_id, at=at, actor=actor, action=action, subject=subject,
-                                          details=json.dumps(details, sort_keys=True),
-                                          prev_hash=prev_hash, hash=h))
-        self.c.execute(_Q.set_audit_head, {"new_id": new_id, "new_hash": h})
+        self._run("add_audit_values", dict(id=new_id, at=at, actor=actor, action=action, subject=subject,
+                                           details=json.dumps(details, sort_keys=True), prev_hash=prev_hash, hash=h))
+        self._run("set_audit_head", {"new_id": new_id, "new_hash": h})
         self.audit_head = (new_id, h)
         return AuditEntry(new_id, at, actor, action, subject, details, prev_hash, h)
 
@@ -288,11 +360,11 @@ class SqlTx:
 
     def get_revision(self) -> int:
         if self.audit_head is not None:
-            return int(self.c.execute(_Q.revision).scalar_one())
+            return int(self._first("revision", {}).int_value)
         # one statement for both rows: a write transaction that reads the revision appends to the
         # audit chain next (SQLite's BEGIN IMMEDIATE already holds the writer lock, so both are stable)
         revision = 0
-        for row in self.c.execute(_Q.revision_and_audit_head):
+        for row in self._rows("revision_and_audit_head", {}):
             if row.key == "revision":
                 revision = int(row.int_value)
             else:
@@ -301,16 +373,27 @@ class SqlTx:
 
 
 def _translate(exc: DBAPIError) -> CAError:
-    text = str(exc.orig).lower() if exc.orig is not None else ""
-    if isinstance(exc, IntegrityError):
+    return _translate_driver(exc.orig, integrity=isinstance(exc, IntegrityError),
+                             unreachable=isinstance(exc, OperationalError) or exc.connection_invalidated)
+
+
+def _translate_driver(orig: BaseException | None, *, integrity: bool, unreachable: bool) -> CAError:
+    text = str(orig).lower() if orig is not None else ""
+    if integrity:
         return Conflict("the change conflicts with a concurrent one; retry")
     if "readonly" in text or "read-only" in text or "read only" in text:
         return Unavailable("the database is read-only")
     if "full" in text or "no space" in text:
         return Unavailable("the database is full")
-    if isinstance(exc, OperationalError) or exc.connection_invalidated:
+    if unreachable:
         return Unavailable("the database is not reachable")
     return Unavailable("the database failed")
+
+
+def _translate_sqlite(exc: sqlite3.Error) -> CAError:
+    """The same translation for errors of statements run on the DBAPI connection directly."""
+    return _translate_driver(exc, integrity=isinstance(exc, sqlite3.IntegrityError),
+                             unreachable=isinstance(exc, sqlite3.OperationalError))
 
 
 class _WriterGate:
@@ -360,6 +443,7 @@ class SqlStore:
         self.engine = make_engine(url)
         self.postgres = self.engine.dialect.name == "postgresql"
         self.embedded = not self.postgres
+        self._hot = None if self.postgres else _prepare_hot(self.engine.dialect)
         self._gate = _WriterGate(None if self.postgres else self.engine.url.database)
 
     @contextmanager
@@ -380,19 +464,21 @@ class SqlStore:
                             tx.audit_head = (head.int_value, head.str_value)
                         yield tx
                 else:
-                    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+                    raw: Any = conn.connection.driver_connection
+                    raw.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                     try:
-                        yield SqlTx(conn, postgres=False)
+                        yield SqlTx(conn, postgres=False, hot=self._hot)
                     except BaseException:
                         # SQLite may already have rolled back (SQLITE_FULL, SQLITE_IOERR): keep the
                         # original error rather than "cannot rollback - no transaction is active"
-                        if conn.connection.dbapi_connection is not None and \
-                                conn.connection.dbapi_connection.in_transaction:
-                            conn.exec_driver_sql("ROLLBACK")
+                        if raw.in_transaction:
+                            raw.execute("ROLLBACK")
                         raise
-                    conn.exec_driver_sql("COMMIT")
+                    raw.execute("COMMIT")
         except DBAPIError as exc:
             raise _translate(exc) from exc
+        except sqlite3.Error as exc:
+            raise _translate_sqlite(exc) from exc
 
     @contextmanager
     def _write(self) -> Iterator[SqlTx]:
