@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ca_server.api import routes
+from ca_server.api.fastpath import RenewalShortcut
 from ca_server.api.metrics import Metrics
 from ca_server.api.problems import problem, problem_for
 from ca_server.api.ratelimit import Limits, RateLimit, RateLimiter
@@ -200,12 +201,18 @@ def create_app(
 
     app.state.check_ready = check_ready
 
-    @app.exception_handler(CAError)
-    async def _ca_error(request: Request, exc: CAError) -> Response:
+    def error_response(exc: Exception, path: str) -> Response:
+        if not isinstance(exc, CAError):
+            log.error("unexpected error", exc_info=exc, extra={"path": path})
+            return problem(500, "Internal error", "the CA service failed; see its log", type_="internal")
         metrics.errors.labels(type(exc).__name__).inc()
         if isinstance(exc, Unavailable):
-            log.warning("unavailable: %s", exc.detail, extra={"path": request.url.path})
+            log.warning("unavailable: %s", exc.detail, extra={"path": path})
         return problem_for(exc)
+
+    @app.exception_handler(CAError)
+    async def _ca_error(request: Request, exc: CAError) -> Response:
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
@@ -220,9 +227,12 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.error("unexpected error", exc_info=exc, extra={"path": request.url.path})
-        return problem(500, "Internal error", "the CA service failed; see its log", type_="internal")
+        return error_response(exc, request.url.path)
 
+    async def answer_renewal(name: str, authorization: str | None, body: Any) -> Response:
+        return await routes.renewal_answer(app.state, name, authorization, body)
+
+    app.add_middleware(RenewalShortcut, answer=answer_renewal, on_error=error_response)
     app.add_middleware(CountResponses, metrics=metrics)
     if limiter is not None:
         app.add_middleware(RateLimit, limiter=limiter)

@@ -213,11 +213,18 @@ def enroll(request: Request, body: w.EnrollIn) -> w.EnrollOut:
 @agent_api.post("/clusters/{name}/intermediate", status_code=201, response_model=w.RenewOut)
 async def renew(request: Request, name: NamePath, body: w.RenewIn,
                 authorization: Annotated[str | None, Header()] = None) -> Response:
-    # The hot path of a fleet-wide rotation. The authority authenticates the agent token itself,
-    # inside the renewal's write transaction; with an embedded database and an in-memory key the
-    # renewal runs inline (pure CPU work), else in the thread pool. The answer is serialised once.
+    # well-formed requests are answered by api/fastpath.RenewalShortcut with the same function;
+    # this route documents the operation and answers what the shortcut hands over
+    return await renewal_answer(request.app.state, name, authorization, body)
+
+
+async def renewal_answer(state: Any, name: str, authorization: str | None, body: w.RenewIn) -> Response:
+    """The renewal. The authority authenticates the agent token itself, inside the renewal's write
+    transaction; with an embedded database and an in-memory key the renewal runs inline (pure CPU
+    work, a thread hand-off would cost more than it frees), else in the thread pool."""
     require_dns_label(name, what="cluster name")
-    a, m = authority(request), metrics(request)
+    a: Authority = state.authority
+    m: Metrics = state.metrics
     call = functools.partial(a.renew, cluster_name=name, agent_token=_bearer(authorization), csr_pem=body.csr,
                              proof_b64=body.proof)
     started = time.perf_counter()

@@ -1,0 +1,86 @@
+"""The renewal route without FastAPI's per-request layers.
+
+``POST /v1/clusters/{name}/intermediate`` is the hot path of a fleet-wide rotation. A well-formed
+request (a DNS-label name, a JSON body that ``RenewIn`` accepts) is answered here by the same
+``routes.renewal_answer`` the FastAPI route uses, and errors become the same problem responses as
+the app's exception handlers give. Anything else — a malformed body, a bad name, another method —
+is handed to the FastAPI app with the body replayed, so its validation and 4xx answers stay the
+only ones. The FastAPI route stays declared: it documents the operation in /openapi.json and
+serves the requests handed over.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+
+from pydantic import ValidationError
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ca_server.api import wire as w
+
+_PATH = re.compile(r"/v1/clusters/([a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)/intermediate")
+
+
+class RenewalShortcut:
+    def __init__(self, app: ASGIApp, *, answer: Callable[[str, str | None, w.RenewIn], Awaitable[Response]],
+                 on_error: Callable[[Exception, str], Response]) -> None:
+        """``answer(name, authorization, body)``: awaitable giving the Response; ``on_error(exc,
+        path)``: the app's problem response for an exception (CAError or unexpected)."""
+        self.app = app
+        self.answer = answer
+        self.on_error = on_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = _PATH.fullmatch(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        body, more = await _read_body(receive)
+        try:
+            parsed = w.RenewIn.model_validate_json(body) if not more else None
+        except ValidationError:
+            parsed = None
+        if parsed is None:  # FastAPI gives its own answer, from the same bytes
+            await self.app(scope, _replay(body, more, receive), send)
+            return
+        try:
+            response = await self.answer(match.group(1), _authorization(scope), parsed)
+        except Exception as exc:  # CAError or unexpected: the app's own problem response
+            response = self.on_error(exc, scope["path"])
+        await response(scope, receive, send)
+
+
+async def _read_body(receive: Receive) -> tuple[bytes, bool]:
+    """The request body; ``more`` is True when the client disconnected before it ended."""
+    chunks: list[bytes] = []
+    while True:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return b"".join(chunks), True
+        chunks.append(msg.get("body", b""))
+        if not msg.get("more_body", False):
+            return b"".join(chunks), False
+
+
+def _replay(body: bytes, more: bool, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            if more:
+                return {"type": "http.disconnect"}
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _authorization(scope: Scope) -> str | None:
+    for k, v in scope["headers"]:
+        if k == b"authorization":
+            return str(v.decode("latin-1"))
+    return None
