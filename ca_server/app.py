@@ -61,7 +61,8 @@ class BodyLimit:
             if body_done:
                 return await receive()  # after the body: disconnect notices, no time limit
             try:
-                msg = await asyncio.wait_for(receive(), timeout=self.body_timeout)
+                async with asyncio.timeout(self.body_timeout):  # no task per message, unlike wait_for
+                    msg = await receive()
             except TimeoutError:
                 failed = 408
                 raise _TooLarge() from None

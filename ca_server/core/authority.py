@@ -11,11 +11,10 @@ import binascii
 import contextlib
 import hashlib
 import ipaddress
-import itertools
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -201,7 +200,7 @@ def desired_state(snap: FleetSnapshot, cluster: Cluster) -> dict[str, Any]:
     return body
 
 
-_PROVER_HINTS = 2
+_KEY_CACHE = 20_000  # parsed intermediate public keys kept per process
 
 
 @dataclass(frozen=True)
@@ -211,24 +210,6 @@ class _KnownAgent:
     cluster: str
     trust_domain: str
     token_hash: str = field(repr=False)
-
-
-@dataclass(frozen=True)
-class _Draft:
-    """A renewal signed ahead of its write transaction, valid only if the transaction confirms it."""
-
-    cert: x509.Certificate
-    root: Root
-    prover: tuple[str, Any]  # (serial, public key) of the intermediate whose key made the proof
-    trust_domain: str
-
-
-def _prover_among(candidates: Iterable[tuple[str, Any]], csr_der: bytes, proof: bytes) -> tuple[str, Any] | None:
-    """The (serial, public key) among ``candidates`` whose key made ``proof`` over the CSR."""
-    for serial, key in candidates:
-        if xp.verify_proof(key, csr_der, proof):
-            return serial, key
-    return None
 
 
 def _decode_proof(proof_b64: str) -> bytes:
@@ -263,7 +244,7 @@ class Authority:
         # caches for the renewal hot path (see renew): each only guides work the write transaction
         # confirms against the store
         self._pki: tuple[int, list[Root], str] | None = None
-        self._provers: dict[str, tuple[tuple[str, Any], ...]] = {}
+        self._keys: dict[str, Any] = {}  # intermediate serial -> public key, for proof checks
         self._known_agents: dict[str, _KnownAgent] = {}
         self.on_change: list[Callable[[], None]] = []
 
@@ -703,30 +684,31 @@ class Authority:
 
     def renew(self, *, cluster_name: str, agent_token: str, csr_pem: str, proof_b64: str) -> Issued:
         """A new intermediate for an enrolled cluster, for its agent token and a proof of possession
-        of a valid intermediate's key of that cluster.
+        of the key of a valid intermediate of that cluster.
 
-        The CPU work (proof check, signing, path validation) is drafted before the write transaction,
-        from the cached roots and the key that proved last time, so the single writer slot is held
-        only for reads and inserts. Inside, everything the draft relied on is read again from the
-        store — the token, the cluster, the active root, the proving certificate (revoked? expired?
-        under a retired root?) — and the work is redone there when any of it moved. Nothing is
-        returned or stored that the transaction did not confirm."""
+        Signing and path validation are drafted before the write transaction, from the cached roots,
+        once the token is known good, so the single writer slot is held only for reads, one proof
+        check and inserts. Inside, everything is decided on what the store holds now: the token, the
+        cluster, the proving intermediate (newest first: an agent proves with the key it installed
+        last) and the active root — a draft made under a root that is no longer active is signed
+        again. Nothing is returned or stored that the transaction did not confirm."""
         tok = self._parse_agent_token(agent_token)
         known = self._agent_for_draft(tok, cluster_name)
         csr = xp.parse_csr(csr_pem)
         proof = _decode_proof(proof_b64)
         csr_der = csr.public_bytes(serialization.Encoding.DER)
         now = self.clock()
-        draft = self._draft(known, csr, csr_der, proof, now=now)
+        pki = self._pki
+        draft = self._sign_intermediate_for(known.cluster, known.trust_domain, csr, pki[1], now=now) \
+            if pki is not None else None
         with self._write() as tx:
             locked = self._must_cluster(tx, cluster_name, for_update=True)
             self._require_agent(tok, locked)
             roots, crl_pem = self._pki_state(tx)
-            if draft is not None and self._draft_holds(tx, draft, locked, roots, now=now):
-                cert, root, prover = draft.cert, draft.root, draft.prover
-            else:
-                prover = self._check_proof(tx, locked, csr_der, proof, now=now, roots=roots)
-                cert, root = self._sign_intermediate(locked, csr, roots, now=now)
+            self._check_proof(tx, locked, csr_der, proof, now=now, roots=roots)
+            if draft is None or not self._draft_holds(draft, known, locked, roots):
+                draft = self._sign_intermediate(locked, csr, roots, now=now)
+            cert, root = draft
             ended = locked.rotation_pending
             locked.rotation_pending = False
             issued = self._record_issue(tx, locked, cert, root, roots=roots, crl_pem=crl_pem, now=now,
@@ -734,14 +716,14 @@ class Authority:
             if ended:
                 tx.save_cluster(locked)
                 self._changed(tx)
-        self._remember_provers(locked.name, (issued.serial, cert.public_key()), prover)
+        self._remember_key(issued.serial, cert.public_key())  # the key the agent proves with next time
         if ended:
             self.notify_changed()
         return issued
 
     def _agent_for_draft(self, tok: tk.PresentedToken, cluster_name: str) -> _KnownAgent:
-        """Authenticate before any signing happens: from the token last confirmed by a write
-        transaction, else from the store. Only a pre-filter: the transaction decides."""
+        """Authenticate before any signing happens: from the token last confirmed by the store,
+        else from the store. Only a pre-filter: the write transaction decides."""
         known = self._known_agents.get(tok.token_id)
         if known is None:
             cluster = self._authenticate_agent(tok, cluster_name)
@@ -760,52 +742,32 @@ class Authority:
             self._known_agents.pop(tok.token_id, None)
             raise Unauthenticated("agent token is no longer valid")
 
-    def _draft(self, known: _KnownAgent, csr: x509.CertificateSigningRequest, csr_der: bytes, proof: bytes,
-               *, now: datetime) -> _Draft | None:
-        """The renewal signed ahead of the transaction, or None when the cached roots or the
-        cluster's newest intermediates do not tell which key proves (the transaction then does the
-        work itself)."""
-        pki = self._pki
-        if pki is None:
-            return None
-        hinted = self._provers.get(known.cluster, ())
-        prover = _prover_among(hinted, csr_der, proof)
-        if prover is None:  # e.g. the last renewal was answered by another worker or replica
-            seen = {serial for serial, _ in hinted}
-            with self.store.read() as tx:
-                newest = list(itertools.islice(tx.usable_certificates(known.cluster, now=now, page=_PROVER_HINTS),
-                                               _PROVER_HINTS))
-            prover = _prover_among([(r.serial, self._public_key(r)) for r in newest if r.serial not in seen],
-                                   csr_der, proof)
-        if prover is None:
-            return None
-        cert, root = self._sign_intermediate_for(known.cluster, known.trust_domain, csr, pki[1], now=now)
-        return _Draft(cert, root, prover, known.trust_domain)
+    def _draft_holds(self, draft: tuple[x509.Certificate, Root], known: _KnownAgent, cluster: Cluster,
+                     roots: Sequence[Root]) -> bool:
+        """Whether the certificate signed ahead is the one the transaction would sign: same active
+        root (certificate and chain), same trust domain."""
+        active, signed_under = self._active_root(roots), draft[1]
+        return (active.id == signed_under.id and active.cert_pem == signed_under.cert_pem
+                and active.chain_pem == signed_under.chain_pem and cluster.trust_domain == known.trust_domain)
 
     @staticmethod
-    def _public_key(rec: CertificateRecord) -> Any:
-        return x509.load_pem_x509_certificate(rec.cert_pem.encode()).public_key()
-
-    def _draft_holds(self, tx: Tx, draft: _Draft, cluster: Cluster, roots: Sequence[Root], *, now: datetime) -> bool:
-        active = self._active_root(roots)
-        if active.id != draft.root.id or active.cert_pem != draft.root.cert_pem or \
-                active.chain_pem != draft.root.chain_pem or cluster.trust_domain != draft.trust_domain:
-            return False
-        return self._may_prove(tx.get_certificate(draft.prover[0]), cluster, roots, now=now)
-
-    @staticmethod
-    def _may_prove(rec: CertificateRecord | None, cluster: Cluster, roots: Sequence[Root], *, now: datetime) -> bool:
+    def _may_prove(rec: CertificateRecord, cluster: Cluster, roots: Sequence[Root], *, now: datetime) -> bool:
         retired = {r.id for r in roots if r.status == RootStatus.RETIRED}
-        return (rec is not None and rec.cluster == cluster.name and rec.revoked_at is None
-                and rec.not_after > now and rec.root_id not in retired)
+        return (rec.cluster == cluster.name and rec.revoked_at is None and rec.not_after > now
+                and rec.root_id not in retired)
 
-    def _remember_provers(self, cluster: str, *provers: tuple[str, Any]) -> None:
-        """Keys to try first for the cluster's next proof: the new intermediate (an agent proves with
-        the key it installed last), then the one that just proved (a renewal whose answer was lost)."""
-        kept: dict[str, tuple[str, Any]] = {}
-        for prover in (*provers, *self._provers.get(cluster, ())):
-            kept.setdefault(prover[0], prover)
-        self._provers[cluster] = tuple(kept.values())[:_PROVER_HINTS]
+    def _public_key(self, rec: CertificateRecord) -> Any:
+        """The certificate's public key, parsed once per process (bounded cache)."""
+        key = self._keys.get(rec.serial)
+        if key is None:
+            key = x509.load_pem_x509_certificate(rec.cert_pem.encode()).public_key()
+            self._remember_key(rec.serial, key)
+        return key
+
+    def _remember_key(self, serial: str, key: Any) -> None:
+        if len(self._keys) >= _KEY_CACHE:
+            self._keys.clear()
+        self._keys[serial] = key
 
     def _pki_state(self, tx: Tx) -> tuple[list[Root], str]:
         """The roots and the trust bundle's PEM CRLs, read once per fleet revision: every change to
@@ -820,15 +782,14 @@ class Authority:
         return roots, crl_pem
 
     def _check_proof(self, tx: Tx, cluster: Cluster, csr_der: bytes, proof: bytes, *, now: datetime,
-                     roots: Sequence[Root]) -> tuple[str, Any]:
-        """(serial, public key) of the valid intermediate of the cluster whose key made ``proof``,
-        newest first; BadProof when none did."""
-        for rec in tx.usable_certificates(cluster.name, now=now):
-            if not self._may_prove(rec, cluster, roots, now=now):
-                continue
-            key = self._public_key(rec)
-            if xp.verify_proof(key, csr_der, proof):
-                return rec.serial, key
+                     roots: Sequence[Root]) -> str:
+        """The serial of the valid intermediate of the cluster whose key made ``proof``, trying the
+        newest first (read two at a time at first: it is almost always the newest); BadProof when
+        none did."""
+        for rec in tx.usable_certificates(cluster.name, now=now, page=2):
+            if self._may_prove(rec, cluster, roots, now=now) and \
+                    xp.verify_proof(self._public_key(rec), csr_der, proof):
+                return rec.serial
         raise BadProof("proof does not verify with the key of any valid intermediate of this cluster")
 
     def _sign_intermediate(self, cluster: Cluster, csr: x509.CertificateSigningRequest, roots: Sequence[Root],

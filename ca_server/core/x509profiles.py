@@ -18,6 +18,7 @@ only through a ``Signer``. Profile decisions worth knowing:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -189,6 +190,7 @@ def default_root_subject(org: str, *, label: str | None = None) -> x509.Name:
     )
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of its arguments; x509.Name is immutable
 def intermediate_subject(cluster: str, trust_domain: str, org: str) -> x509.Name:
     """``O=<org>, OU=<trust domain>, CN=<cluster>`` (OU left out when the trust domain is too long)."""
     if not _DNS_LABEL.fullmatch(cluster):
@@ -218,6 +220,7 @@ def _validity_window(
     return not_before, not_after
 
 
+@functools.lru_cache(maxsize=64)  # per issuing CA certificate (hashable, immutable)
 def _authority_key_identifier(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
     try:
         ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value

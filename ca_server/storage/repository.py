@@ -290,8 +290,8 @@ class SqlTx:
         return [_cert(r) for r in self.c.execute(q)]
 
     def usable_certificates(self, cluster: str, *, now: datetime, page: int = 16) -> Iterator[CertificateRecord]:
-        """The cluster's unrevoked, unexpired certificates, newest first, read a page at a time (a
-        caller that stops at the first match never loads the cluster's whole history)."""
+        """The cluster's unrevoked, unexpired certificates, newest first: ``page`` of them, then 64 at
+        a time (a caller that stops at the first match never loads the cluster's whole history)."""
         before = 2**31 - 1  # above any id of the INTEGER column
         while True:
             rows = self._rows("usable_certificates", {"cluster": cluster, "now": now, "before": before, "page": page})
@@ -299,7 +299,7 @@ class SqlTx:
                 yield _cert(r)
             if len(rows) < page:
                 return
-            before = rows[-1].id
+            before, page = rows[-1].id, max(page, 64)
 
     def latest_certificate(self, cluster: str) -> CertificateRecord | None:
         r = self.c.execute(_Q.latest_certificate, {"cluster": cluster}).first()
