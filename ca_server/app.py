@@ -136,6 +136,18 @@ class CountResponses:
                                             "ms": round((time.perf_counter() - started) * 1000, 2)})
 
 
+class _CAApp(FastAPI):
+    """FastAPI with this service's request guards (body limits, rate limits, response counts) and
+    the renewal shortcut wrapped around its whole middleware stack: a renewal, the hot path,
+    passes through no layer that does nothing for it."""
+
+    outer_layers: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        inner = super().build_middleware_stack()
+        return self.outer_layers(inner) if self.outer_layers is not None else inner
+
+
 def _validation_detail(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
@@ -172,7 +184,7 @@ def create_app(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    app = FastAPI(
+    app = _CAApp(
         title="meshbridge CA service",
         version="1.0.0",
         description="Shared root of trust for separate Istio meshes: enrollment, intermediate issuance, "
@@ -233,11 +245,14 @@ def create_app(
     async def answer_renewal(name: str, authorization: str | None, body: Any) -> Response:
         return await routes.renewal_answer(app.state, name, authorization, body)
 
-    app.add_middleware(RenewalShortcut, answer=answer_renewal, on_error=error_response)
-    app.add_middleware(CountResponses, metrics=metrics)
-    if limiter is not None:
-        app.add_middleware(RateLimit, limiter=limiter)
-    app.add_middleware(BodyLimit)
+    def guards(inner: ASGIApp) -> ASGIApp:
+        outer: ASGIApp = RenewalShortcut(inner, answer=answer_renewal, on_error=error_response)
+        outer = CountResponses(outer, metrics=metrics)
+        if limiter is not None:
+            outer = RateLimit(outer, limiter=limiter)
+        return BodyLimit(outer)
+
+    app.outer_layers = guards
     app.include_router(routes.public)
     app.include_router(routes.admin_api)
     app.include_router(routes.agent_api)
