@@ -229,13 +229,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{m['calibration']['py_loop_wall_s']} s wall]")
         print(f"{'run':8} {'conc':>4} {'secs':>6} {'201s':>7} {'errors':>6} {'req/s':>8} {'p50 ms':>7} "
               f"{'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'srv ms/req':>10} {'wrk ms/req':>10} {'db ms/req':>9} "
-              f"{'others':>6}  target")
+              f"{'others':>6} {'steal':>5}  target")
         for r in report["runs"]:
             tgt = ("met" if r["target_met"] else "MISSED") if "target_met" in r else ""
             print(f"{r['label']:8} {r['concurrency']:>4} {r['seconds']:>6} {r['created_201']:>7} {r['errors']:>6} "
                   f"{r['rps']:>8} {r['p50_ms']:>7} {r['p90_ms']:>7} {r['p99_ms']:>7} {r['max_ms']:>7} "
                   f"{r['server_cpu_ms_per_req']:>10} {r['client_cpu_ms_per_req']:>10} {r['db_cpu_ms_per_req']:>9} "
-                  f"{r['other_cores']:>6}  {tgt}"
+                  f"{r['other_cores']:>6} {r['steal_cores']:>5}  {tgt}"
                   + (f"  failures={r['failures']}" if r["failures"] else "")
                   + ("  (requests replayed)" if r["wrapped"] else ""))
         ch = report["checks"]

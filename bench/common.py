@@ -79,6 +79,13 @@ def machine_busy() -> float:
     return (sum(vals[:8]) - idle) / CLK_TCK
 
 
+def machine_steal() -> float:
+    """CPU seconds the hypervisor gave to others while this VM wanted to run (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        vals = [int(x) for x in f.readline().split()[1:]]
+    return (vals[7] if len(vals) > 7 else 0) / CLK_TCK
+
+
 def loadavg() -> float:
     with open("/proc/loadavg") as f:
         return float(f.read().split()[0])
@@ -105,6 +112,7 @@ class CpuMeter:
         self.d0 = proc_tree_cpu(self.db_pid) if self.db_pid else 0.0
         self.c0 = self._client_cpu()
         self.b0 = machine_busy()
+        self.st0 = machine_steal()
         self.load0 = loadavg()
         return self
 
@@ -114,6 +122,7 @@ class CpuMeter:
         self.db = (proc_tree_cpu(self.db_pid) - self.d0) if self.db_pid else 0.0
         self.client = self._client_cpu() - self.c0
         self.busy = machine_busy() - self.b0
+        self.steal = machine_steal() - self.st0
         self.load1 = loadavg()
 
     def report(self, requests: int) -> dict[str, Any]:
@@ -125,6 +134,7 @@ class CpuMeter:
                 "client_cores": round(self.client / self.seconds, 2),
                 "db_cores": round(self.db / self.seconds, 2),
                 "other_cores": round(max(self.busy - self.server - self.client - self.db, 0) / self.seconds, 2),
+                "steal_cores": round(self.steal / self.seconds, 2),
                 "loadavg": [self.load0, self.load1]}
 
 

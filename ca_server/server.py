@@ -31,6 +31,7 @@ from ca_server import logs, runtime
 from ca_server.app import create_app
 from ca_server.core.authority import Authority, FleetSnapshot
 from ca_server.core.x509profiles import cert_pem
+from ca_server.http_protocol import CoalescingHttpToolsProtocol
 
 log = logging.getLogger("meshbridge.ca.server")
 
@@ -208,7 +209,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
     write_trust_bundle(authority.snapshot())
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                             ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, timeout_keep_alive=75,
-                            backlog=4096, timeout_graceful_shutdown=5)
+                            backlog=4096, timeout_graceful_shutdown=5, http=CoalescingHttpToolsProtocol)
     config.load()
     if server_cert is not None:
         config.ssl = server_cert.ctx

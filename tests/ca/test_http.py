@@ -142,3 +142,34 @@ def test_readyz_is_503_when_the_database_is_gone(harness: Harness, pg_server: An
     assert "meshbridge_ca_ready 0.0" in harness.client.get("/metrics").text
     if not harness.postgres:
         shutil.rmtree(path)
+
+
+def test_renewal_shortcut_and_fastapi_route_give_the_same_answers(harness: Harness,
+                                                                 monkeypatch: Any) -> None:
+    """Well-formed renewals are answered by api/fastpath.RenewalShortcut, the rest by the FastAPI
+    route; the answers must not tell which."""
+    a = harness.enroll("a")
+    path = "/v1/clusters/a/intermediate"
+    # handed over to FastAPI: body not JSON, unknown field, name not a DNS label
+    r = harness.client.post(path, content=b"{not json", headers={**a.headers, "content-type": "application/json"})
+    check_problem(r, 400)
+    r = harness.client.post(path, json={"csr": "x", "proof": "", "extra": 1}, headers=a.headers)
+    assert "extra" in check_problem(r, 400)["detail"]
+    r = harness.client.post("/v1/clusters/A_B/intermediate", json={"csr": "x", "proof": ""}, headers=a.headers)
+    check_problem(r, 400)
+    # answered by the shortcut: the same problem documents as the exception handlers give
+    r = harness.client.post(path, json={"csr": "x", "proof": ""}, headers={})
+    assert check_problem(r, 401)["title"] and r.headers["www-authenticate"] == "Bearer"
+    r = harness.client.post(path, json={"csr": "not a pem", "proof": ""}, headers=a.headers)
+    check_problem(r, 400)
+    b = harness.enroll("b")
+    r = harness.client.post(path, json={"csr": "x", "proof": ""}, headers=b.headers)
+    check_problem(r, 403)
+    # an unexpected failure is a 500 problem that says nothing about its cause
+    def boom(**_: Any) -> Any:
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(harness.authority, "renew", boom)
+    r = harness.client.post(path, json={"csr": "x", "proof": ""}, headers=a.headers)
+    body = check_problem(r, 500)
+    assert "secret detail" not in r.text and body["type"].endswith("/internal")

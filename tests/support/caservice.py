@@ -12,6 +12,7 @@ import uvicorn
 
 from ca_server.app import create_app
 from ca_server.core.authority import Authority, Policy
+from ca_server.http_protocol import CoalescingHttpToolsProtocol
 from ca_server.keys.base import KeyType
 from ca_server.keys.file import FileKeyBackend
 from ca_server.server import ServerCertificate
@@ -34,7 +35,7 @@ class CAService:
         self.server_cert.refresh()
         self.app = create_app(self.authority, watch_interval=0.1)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
-                                timeout_graceful_shutdown=1)
+                                timeout_graceful_shutdown=1, http=CoalescingHttpToolsProtocol)
         config.load()
         config.ssl = self.server_cert.ctx
         self.server = uvicorn.Server(config)
