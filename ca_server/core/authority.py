@@ -668,7 +668,7 @@ class Authority:
             cluster.agent_token_id, cluster.agent_token_hash = agent.token_id, agent.token_hash
             roots = tx.list_roots()
             cert, root = self._sign_intermediate(cluster, csr, roots, now=now)
-            issued = self._record_issue(tx, cluster, cert, root, roots=roots, crl_pem=None, now=now,
+            issued = self._record_issue(tx, cluster, cert, root, cert.public_key(), roots=roots, crl_pem=None, now=now,
                                         actor=f"bootstrap:{tok.token_id}", action="enroll")
             tx.mark_bootstrap_used(tok.token_id, now)
             tx.save_cluster(cluster)
@@ -699,24 +699,25 @@ class Authority:
         csr_der = csr.public_bytes(serialization.Encoding.DER)
         now = self.clock()
         pki = self._pki
-        draft = self._sign_intermediate_for(known.cluster, known.trust_domain, csr, pki[1], now=now) \
-            if pki is not None else None
+        csr_key = csr.public_key()
+        draft = self._sign_intermediate_for(known.cluster, known.trust_domain, csr, pki[1], now=now,
+                                            csr_key=csr_key) if pki is not None else None
         with self._write() as tx:
             locked = self._must_cluster(tx, cluster_name, for_update=True)
             self._require_agent(tok, locked)
             roots, crl_pem = self._pki_state(tx)
             self._check_proof(tx, locked, csr_der, proof, now=now, roots=roots)
             if draft is None or not self._draft_holds(draft, known, locked, roots):
-                draft = self._sign_intermediate(locked, csr, roots, now=now)
+                draft = self._sign_intermediate(locked, csr, roots, now=now, csr_key=csr_key)
             cert, root = draft
             ended = locked.rotation_pending
             locked.rotation_pending = False
-            issued = self._record_issue(tx, locked, cert, root, roots=roots, crl_pem=crl_pem, now=now,
+            issued = self._record_issue(tx, locked, cert, root, csr_key, roots=roots, crl_pem=crl_pem, now=now,
                                         actor=f"agent:{locked.name}", action="renew")
             if ended:
                 tx.save_cluster(locked)
                 self._changed(tx)
-        self._remember_key(issued.serial, cert.public_key())  # the key the agent proves with next time
+        self._remember_key(issued.serial, csr_key)  # the intermediate's key: the agent proves with it next time
         if ended:
             self.notify_changed()
         return issued
@@ -793,11 +794,12 @@ class Authority:
         raise BadProof("proof does not verify with the key of any valid intermediate of this cluster")
 
     def _sign_intermediate(self, cluster: Cluster, csr: x509.CertificateSigningRequest, roots: Sequence[Root],
-                           *, now: datetime) -> tuple[x509.Certificate, Root]:
-        return self._sign_intermediate_for(cluster.name, cluster.trust_domain, csr, roots, now=now)
+                           *, now: datetime, csr_key: Any = None) -> tuple[x509.Certificate, Root]:
+        return self._sign_intermediate_for(cluster.name, cluster.trust_domain, csr, roots, now=now, csr_key=csr_key)
 
     def _sign_intermediate_for(self, name: str, trust_domain: str, csr: x509.CertificateSigningRequest,
-                               roots: Sequence[Root], *, now: datetime) -> tuple[x509.Certificate, Root]:
+                               roots: Sequence[Root], *, now: datetime, csr_key: Any = None
+                               ) -> tuple[x509.Certificate, Root]:
         """Sign and path-validate an intermediate under the active root (nothing stored)."""
         root = self._active_root(roots)
         issuer = self._cert(root.cert_pem)
@@ -809,20 +811,22 @@ class Authority:
             trust_domain=trust_domain,
             now=now,
             validity=self.policy.intermediate_validity,
+            csr_key=csr_key,
         )
         chain_above = xp.load_pem_certificates(root.chain_pem) if root.chain_pem else []
         self._verifier([root]).verify(cert, intermediates=[issuer, *chain_above], now=now)
         return cert, root
 
     def _record_issue(
-        self, tx: Tx, cluster: Cluster, cert: x509.Certificate, root: Root, *, roots: Sequence[Root],
-        crl_pem: str | None, now: datetime, actor: str, action: str,
+        self, tx: Tx, cluster: Cluster, cert: x509.Certificate, root: Root, public_key: Any, *,
+        roots: Sequence[Root], crl_pem: str | None, now: datetime, actor: str, action: str,
     ) -> Issued:
-        """Store and audit a signed intermediate; the bundle the agent installs."""
+        """Store and audit a signed intermediate (``public_key``: its key, as the CSR gave it); the
+        bundle the agent installs."""
         pem = xp.cert_pem(cert)
         rec = CertificateRecord(
             serial=xp.serial_hex(cert), cluster=cluster.name, root_id=root.id, generation=cluster.generation,
-            cert_pem=pem, public_key_fp=xp.public_key_fingerprint(cert.public_key()),
+            cert_pem=pem, public_key_fp=xp.public_key_fingerprint(public_key),
             not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc, issued_at=now,
         )
         tx.add_certificate(rec)

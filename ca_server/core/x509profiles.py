@@ -330,10 +330,12 @@ def issue_intermediate(
     now: datetime,
     validity: timedelta = INTERMEDIATE_VALIDITY,
     backdate: timedelta = DEFAULT_BACKDATE,
+    csr_key: PublicKeyTypes | None = None,
 ) -> x509.Certificate:
     """A cluster intermediate for the CSR's key. Only the key is taken from the CSR: subject and
-    extensions are the CA's (pathlen 0, nameConstraints = ``trust_domain``)."""
-    public_key = _ca_public_key(csr.public_key())
+    extensions are the CA's (pathlen 0, nameConstraints = ``trust_domain``). ``csr_key``: the CSR's
+    public key when the caller already holds it (each ``csr.public_key()`` parses it again)."""
+    public_key = _ca_public_key(csr_key if csr_key is not None else csr.public_key())
     name_constraints = x509.NameConstraints(
         permitted_subtrees=[x509.UniformResourceIdentifier(validate_trust_domain(trust_domain))],
         excluded_subtrees=None,
