@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from sqlalchemy import Connection, Dialect, Engine, bindparam, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -127,9 +128,10 @@ class _Q:
 
 class _Prepared:
     """A hot-path statement compiled once for a dialect and run on the DBAPI cursor, with the
-    column types' own bind and result conversions: for SQLite, SQLAlchemy's per-execution
-    machinery costs several times what SQLite spends running the statement. The SQL is still
-    SQLAlchemy's (built from the ``_Q`` statements), so there is one definition of each query."""
+    column types' own bind and result conversions: SQLAlchemy's per-execution machinery costs
+    several times what SQLite spends running the statement, and as much CPU as a PostgreSQL round
+    trip. The SQL is still SQLAlchemy's (built from the ``_Q`` statements), so there is one
+    definition of each query; driver errors are translated like SQLAlchemy's (``_tx``)."""
 
     def __init__(self, stmt: Any, dialect: Dialect) -> None:
         self.compiled = stmt.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
@@ -170,8 +172,9 @@ class _Prepared:
         return rows[0] if rows else None
 
 
-_HOT = ("cluster", "cluster_by_token", "certificate", "revision", "revision_and_audit_head", "audit_head",
-        "usable_certificates", "add_certificate_values", "add_audit_values", "set_audit_head")
+_HOT = ("cluster", "cluster_for_update", "cluster_by_token", "certificate", "revision", "revision_and_audit_head",
+        "audit_head", "audit_head_for_update", "usable_certificates", "add_certificate_values", "add_audit_values",
+        "set_audit_head")
 
 
 def _prepare_hot(dialect: Dialect) -> dict[str, _Prepared]:
@@ -393,6 +396,11 @@ def _translate_driver(orig: BaseException | None, *, integrity: bool, unreachabl
     return Unavailable("the database failed")
 
 
+def _translate_psycopg(exc: psycopg.Error) -> CAError:
+    return _translate_driver(exc, integrity=isinstance(exc, psycopg.IntegrityError),
+                             unreachable=isinstance(exc, psycopg.OperationalError))
+
+
 def _translate_sqlite(exc: sqlite3.Error) -> CAError:
     """The same translation for errors of statements run on the DBAPI connection directly."""
     return _translate_driver(exc, integrity=isinstance(exc, sqlite3.IntegrityError),
@@ -446,7 +454,7 @@ class SqlStore:
         self.engine = make_engine(url)
         self.postgres = self.engine.dialect.name == "postgresql"
         self.embedded = not self.postgres
-        self._hot = None if self.postgres else _prepare_hot(self.engine.dialect)
+        self._hot = _prepare_hot(self.engine.dialect)
         self._gate = _WriterGate(None if self.postgres else self.engine.url.database)
 
     @contextmanager
@@ -456,10 +464,10 @@ class SqlStore:
                 if self.postgres and not write:
                     # READ COMMITTED gives each statement its own snapshot with or without
                     # BEGIN/COMMIT: autocommit saves those two round trips per read
-                    yield SqlTx(conn.execution_options(isolation_level="AUTOCOMMIT"), postgres=True)
+                    yield SqlTx(conn.execution_options(isolation_level="AUTOCOMMIT"), postgres=True, hot=self._hot)
                 elif self.postgres:
                     with conn.begin():
-                        tx = SqlTx(conn, postgres=True)
+                        tx = SqlTx(conn, postgres=True, hot=self._hot)
                         # serialise writers on the audit head: linear chain across replicas; the
                         # locked row is kept for the first audit entry, saving a second read
                         head = conn.execute(_Q.audit_head_for_update).first()
@@ -482,6 +490,8 @@ class SqlStore:
             raise _translate(exc) from exc
         except sqlite3.Error as exc:
             raise _translate_sqlite(exc) from exc
+        except psycopg.Error as exc:
+            raise _translate_psycopg(exc) from exc
 
     @contextmanager
     def _write(self) -> Iterator[SqlTx]:
