@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BenchCA, CpuMeter, machine, raise_nofile
+from common import BenchCA, CpuMeter, calibrate, machine, raise_nofile
 
 from ca_server.core.x509profiles import public_key_fingerprint
 from cluster_agent import pki
@@ -180,10 +180,12 @@ def main(argv: list[str] | None = None) -> int:
             chains.build_prelude(4 * c + 8, prelude)  # a few per connection; wrk may drop one each
             chains.build(per_run if label != "warmup" else int(2000 * dur), reqfile)
             assert ca.proc is not None
+            speed_before = calibrate()["py_loop_cpu_s"]  # the CPU's speed right now (it varies on a VM)
             with CpuMeter(ca.proc.pid, ca.db_pid) as meter:
                 res = run_wrk(ca.url, reqfile, connections=c, threads=args.threads, duration=dur, prelude=prelude)
             res.update(meter.report(res["responses"]))
             res["label"] = label
+            res["py_loop_cpu_s"] = [speed_before, calibrate()["py_loop_cpu_s"]]
             report["runs"].append(res)
             chains.follow(ca.latest_public_key_fps())
         ca.stop()
@@ -229,13 +231,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{m['calibration']['py_loop_wall_s']} s wall]")
         print(f"{'run':8} {'conc':>4} {'secs':>6} {'201s':>7} {'errors':>6} {'req/s':>8} {'p50 ms':>7} "
               f"{'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'srv ms/req':>10} {'wrk ms/req':>10} {'db ms/req':>9} "
-              f"{'others':>6} {'steal':>5}  target")
+              f"{'others':>6} {'steal':>5} {'py-loop s':>11}  target")
         for r in report["runs"]:
             tgt = ("met" if r["target_met"] else "MISSED") if "target_met" in r else ""
             print(f"{r['label']:8} {r['concurrency']:>4} {r['seconds']:>6} {r['created_201']:>7} {r['errors']:>6} "
                   f"{r['rps']:>8} {r['p50_ms']:>7} {r['p90_ms']:>7} {r['p99_ms']:>7} {r['max_ms']:>7} "
                   f"{r['server_cpu_ms_per_req']:>10} {r['client_cpu_ms_per_req']:>10} {r['db_cpu_ms_per_req']:>9} "
-                  f"{r['other_cores']:>6} {r['steal_cores']:>5}  {tgt}"
+                  f"{r['other_cores']:>6} {r['steal_cores']:>5} {'/'.join(map(str, r['py_loop_cpu_s'])):>11}  {tgt}"
                   + (f"  failures={r['failures']}" if r["failures"] else "")
                   + ("  (requests replayed)" if r["wrapped"] else ""))
         ch = report["checks"]
