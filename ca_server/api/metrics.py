@@ -6,7 +6,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -37,13 +37,20 @@ class Metrics:
                                 ["status"], registry=self.registry)
         self.errors = Counter("meshbridge_ca_errors_total", "Requests answered with a problem, by type",
                               ["type"], registry=self.registry)
+        self._by_kind: dict[str, tuple[Any, Any]] = {}
         self.up = Gauge("meshbridge_ca_ready", "1 when the database and the signing key are usable",
                         registry=self.registry)
 
     def issued(self, kind: str, seconds: float, issued: Issued) -> None:
-        self.issuances.labels(kind).inc()
-        self.issuance_seconds.labels(kind).observe(seconds)
+        count, duration = self._by_kind.get(kind) or self._kind(kind)
+        count.inc()
+        duration.observe(seconds)
         self.not_after.labels(issued.cluster).set(issued.not_after.timestamp())
+
+    def _kind(self, kind: str) -> tuple[Any, Any]:
+        """The labelled children for one issuance kind, looked up once (each ``labels()`` locks)."""
+        pair = self._by_kind[kind] = (self.issuances.labels(kind), self.issuance_seconds.labels(kind))
+        return pair
 
     def forget_cluster(self, name: str) -> None:
         with contextlib.suppress(KeyError):

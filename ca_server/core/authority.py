@@ -694,12 +694,11 @@ class Authority:
         again. Nothing is returned or stored that the transaction did not confirm."""
         tok = self._parse_agent_token(agent_token)
         known = self._agent_for_draft(tok, cluster_name)
-        csr = xp.parse_csr(csr_pem)
+        csr, csr_key = xp.parse_csr_and_key(csr_pem)
         proof = _decode_proof(proof_b64)
         csr_der = csr.public_bytes(serialization.Encoding.DER)
         now = self.clock()
         pki = self._pki
-        csr_key = csr.public_key()
         draft = self._sign_intermediate_for(known.cluster, known.trust_domain, csr, pki[1], now=now,
                                             csr_key=csr_key) if pki is not None else None
         with self._write() as tx:

@@ -298,6 +298,11 @@ def build_root(
 
 def parse_csr(pem: str | bytes) -> x509.CertificateSigningRequest:
     """A PKCS#10 CSR (PEM or DER) with a valid self-signature and an acceptable key."""
+    return parse_csr_and_key(pem)[0]
+
+
+def parse_csr_and_key(pem: str | bytes) -> tuple[x509.CertificateSigningRequest, PublicKeyTypes]:
+    """``parse_csr``, and the CSR's public key it checked (each ``csr.public_key()`` parses it anew)."""
     data = pem.encode() if isinstance(pem, str) else pem
     try:
         if data.lstrip().startswith(b"-----BEGIN"):
@@ -317,7 +322,7 @@ def parse_csr(pem: str | bytes) -> x509.CertificateSigningRequest:
         valid = False
     if not valid:
         raise BadCSR("the CSR's signature does not verify with its public key")
-    return csr
+    return csr, public_key
 
 
 def issue_intermediate(
