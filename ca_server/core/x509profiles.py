@@ -139,12 +139,15 @@ def public_key_fingerprint(public_key: PublicKeyTypes) -> str:
     return hashlib.sha256(spki).hexdigest()
 
 
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())  # immutable; built once instead of per check
+
+
 def verify_proof(public_key: object, data: bytes, signature: bytes) -> bool:
     """Whether ``signature`` over ``data`` was made by ``public_key`` (ECDSA DER or RSA PKCS#1
     v1.5, both SHA-256). False for any failure, never raises on bad input."""
     try:
         if isinstance(public_key, ec.EllipticCurvePublicKey):
-            public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+            public_key.verify(signature, data, _ECDSA_SHA256)
         elif isinstance(public_key, rsa.RSAPublicKey):
             public_key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
         else:
