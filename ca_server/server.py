@@ -187,6 +187,16 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
                 log.warning("CRL refresh failed: %s", type(exc).__name__)
             await asyncio.sleep(60)
 
+    async def keep_wal_small() -> None:
+        # SQLite: checkpoint here, every second, so no renewal pays for copying the WAL back
+        checkpoint = getattr(authority.store, "checkpoint", None)
+        while checkpoint is not None:
+            await asyncio.sleep(1)
+            try:
+                await asyncio.to_thread(checkpoint)
+            except Exception as exc:
+                log.warning("WAL checkpoint failed: %s", type(exc).__name__)
+
     async def keep_server_cert_fresh() -> None:
         while server_cert is not None:
             await asyncio.sleep(5)
@@ -199,7 +209,8 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
     from ca_server.api.ratelimit import Limits
 
     limits = Limits(per_credential=args.rate_limit_credential, per_address=args.rate_limit_address)
-    app = create_app(authority, background=[keep_crls_fresh, keep_server_cert_fresh], rate_limits=limits)
+    app = create_app(authority, background=[keep_crls_fresh, keep_server_cert_fresh, keep_wal_small],
+                     rate_limits=limits)
     app.state.watcher.listeners.append(write_trust_bundle)
     scheme = "http" if args.insecure_http else "https"
     url_host = args.server_name[0] if args.server_name else host
