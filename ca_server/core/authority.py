@@ -374,10 +374,11 @@ class Authority:
     ) -> tuple[Root, str]:
         """Create the first root and the first admin token. Returns (root, admin token)."""
         now = self.clock()
-        with self._write() as tx:
+        with self._new_key_discarded_on_failure() as created, self._write() as tx:
             if tx.list_roots():
                 raise Conflict("this CA already has a root")
-            root = self._generate_root(tx, key_type=key_type, status=RootStatus.ACTIVE, now=now, actor=actor)
+            root = self._generate_root(tx, key_type=key_type, status=RootStatus.ACTIVE, now=now, actor=actor,
+                                       created=created)
             admin = self._first_admin_token(tx, now=now, actor=actor)
             self._sign_crl(tx, root, now=now, actor=actor)
             self._changed(tx)
@@ -421,10 +422,30 @@ class Authority:
         self._audit(tx, actor=actor, action="admin_token.create", subject=admin.token_id)
         return admin
 
-    def _generate_root(self, tx: Tx, *, key_type: KeyType, status: RootStatus, now: datetime, actor: str) -> Root:
+    @contextlib.contextmanager
+    def _new_key_discarded_on_failure(self) -> Iterator[list[tuple[str, str]]]:
+        """For a transaction that generates root keys: each (key_ref, root id) appended to the
+        yielded list is discarded from the key backend if the transaction fails, so a refused or
+        failed change leaves no orphan key behind (best effort: a failure to discard is logged)."""
+        created: list[tuple[str, str]] = []
+        try:
+            yield created
+        except BaseException:
+            for key_ref, root_id in created:
+                self._signers.pop(root_id, None)
+                try:
+                    self.keys.discard(key_ref)
+                except Exception as exc:  # the original failure is what the caller must see
+                    log.warning("could not discard the key of a root that was not created: %s",
+                                type(exc).__name__, extra={"key": self.keys.describe(key_ref)})
+            raise
+
+    def _generate_root(self, tx: Tx, *, key_type: KeyType, status: RootStatus, now: datetime, actor: str,
+                       created: list[tuple[str, str]]) -> Root:
         suffix = tk.new_token("admin").token_id[:6]
         label = f"root-{now.strftime('%Y%m%d%H%M%S')}-{suffix}"
         key_ref, signer = self.keys.generate(key_type, label)
+        created.append((key_ref, ""))
         # every root gets its own subject: two roots in one trust bundle must not share a name
         subject = xp.default_root_subject(self.policy.org, label=f"{now.strftime('%Y-%m-%d')} {suffix}")
         cert = xp.build_root(signer, subject=subject, now=now, validity=self.policy.root_validity)
@@ -439,6 +460,7 @@ class Authority:
             created_at=now,
             anchor_pem=pem,
         )
+        created[-1] = (key_ref, root.id)
         tx.add_root(root)
         self._signers[root.id] = signer
         self._audit(tx, actor=actor, action="root.create", subject=root.id, key_type=key_type.value,
@@ -451,9 +473,10 @@ class Authority:
 
     def add_root(self, *, key_type: KeyType | None, actor: str) -> Root:
         now = self.clock()
-        with self._write() as tx:
+        with self._new_key_discarded_on_failure() as created, self._write() as tx:
             root = self._generate_root(
-                tx, key_type=key_type or self.policy.root_key_type, status=RootStatus.TRUSTED, now=now, actor=actor
+                tx, key_type=key_type or self.policy.root_key_type, status=RootStatus.TRUSTED, now=now, actor=actor,
+                created=created,
             )
             self._sign_crl(tx, root, now=now, actor=actor)
             self._changed(tx)

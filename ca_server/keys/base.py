@@ -99,6 +99,10 @@ class KeyBackend(Protocol):
         """Where the key is, in words safe for logs."""
         ...
 
+    def discard(self, key_ref: str) -> None:
+        """Delete a key ``generate`` made whose root was never stored (its transaction failed)."""
+        ...
+
 
 # --- external keys: assembling certificates and CRLs around a signature made elsewhere ---
 

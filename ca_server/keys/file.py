@@ -132,6 +132,12 @@ class FileKeyBackend:
     def describe(self, key_ref: str) -> str:
         return f"encrypted key file {self._path(key_ref)}"
 
+    def discard(self, key_ref: str) -> None:
+        path = self._path(key_ref)
+        with self._lock:
+            self._signers.pop(key_ref, None)
+        path.unlink(missing_ok=True)
+
     def _path(self, key_ref: str) -> Path:
         scheme, _, relative = key_ref.partition(":")
         parts = PurePosixPath(relative).parts

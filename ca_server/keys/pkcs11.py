@@ -244,6 +244,16 @@ class Pkcs11KeyBackend:
         label = self._object_label(key_ref)
         return f"PKCS#11 key {label!r} on token {self._token_label!r} ({self._module_path})"
 
+    def discard(self, key_ref: str) -> None:
+        label = self._object_label(key_ref)
+        self._signers.pop(key_ref, None)
+
+        def destroy(session: pkcs11.Session) -> None:
+            for obj in list(session.get_objects({Attribute.LABEL: label})):
+                obj.destroy()
+
+        self._conn.run("destroy a key", destroy)
+
     def _object_label(self, key_ref: str) -> str:
         token_label, label = parse_pkcs11_ref(key_ref)
         if token_label != self._token_label:

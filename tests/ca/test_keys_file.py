@@ -220,3 +220,29 @@ def test_file_signer_issues_fast(tmp_path: Path) -> None:
     per_second = count / (time.perf_counter() - started)
     print(f"issue+verify: {per_second:.0f} intermediates/s on one core")
     assert per_second > 300  # ~2,500/s measured; the bound only catches a lost fast path
+
+
+def test_a_root_whose_transaction_fails_leaves_no_key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`root add` generates the key before its transaction commits: a failure must not leave an
+    orphan encrypted key behind (nor a cached signer for a root that does not exist)."""
+    from ca_server.core.authority import Authority
+    from ca_server.storage.migrate import upgrade
+    from ca_server.storage.repository import SqlStore
+
+    store = SqlStore(f"sqlite:///{tmp_path / 'ca.db'}")
+    upgrade(store.engine)
+    authority = Authority(store, FileKeyBackend(tmp_path, PASSPHRASE))
+    authority.init_root(key_type=KeyType.ECDSA_P256)
+    keys_before = sorted(p.name for p in (tmp_path / "roots").iterdir())
+    roots_before = [r.id for r in authority.list_roots()]
+
+    def fail(*_: object, **__: object) -> None:
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(authority, "_sign_crl", fail)
+    with pytest.raises(RuntimeError):
+        authority.add_root(key_type=KeyType.ECDSA_P256, actor="admin:test")
+    assert sorted(p.name for p in (tmp_path / "roots").iterdir()) == keys_before
+    assert [r.id for r in authority.list_roots()] == roots_before
+    assert set(authority._signers) <= set(roots_before)
+    store.dispose()

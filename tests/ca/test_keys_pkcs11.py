@@ -225,6 +225,18 @@ def test_hsm_refuses_duplicates_and_unknown_references(softhsm_token: SoftHSMTok
 
 @pytest.mark.softhsm
 @requires_softhsm
+def test_hsm_discard_destroys_the_key_pair(softhsm_token: SoftHSMToken) -> None:
+    """What a failed `root add` does with the key it generated: nothing of it stays on the token."""
+    backend = backend_for(softhsm_token)
+    key_ref, _ = backend.generate(KeyType.ECDSA_P256, "doomed")
+    backend.discard(key_ref)
+    with pytest.raises(KeyUnavailable, match="'doomed'"):
+        backend_for(softhsm_token).load(key_ref)
+    backend.generate(KeyType.ECDSA_P256, "doomed")  # the label is free again
+
+
+@pytest.mark.softhsm
+@requires_softhsm
 def test_hsm_wrong_pin_is_reported_without_the_pin(softhsm_token: SoftHSMToken) -> None:
     fresh = SoftHSM.shared().new_token()
     wrong = "wrong-pin-98765"
