@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BenchCA, CpuMeter, calibrate, machine, raise_nofile
+from common import BenchCA, CpuMeter, calibrate, machine, raise_nofile, save_report
 
 from ca_server.core.x509profiles import public_key_fingerprint
 from cluster_agent import pki
@@ -219,11 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             targets_met = targets_met and r["target_met"]
     report["pass"] = ok
     report["targets_met"] = targets_met
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
+    if not save_report(report, args.out, args.json):
         m = report["machine"]
         print(f"engine={args.engine} transport={report['transport']} serve_args={' '.join(serve_args) or '-'} "
               f"clusters={args.clusters}  [{m['nproc']} cpu {m['cpu']}, {m['mem_gib']} GiB, Python {m['python']}; "

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -136,6 +137,17 @@ class CpuMeter:
                 "other_cores": round(max(self.busy - self.server - self.client - self.db, 0) / self.seconds, 2),
                 "steal_cores": round(self.steal / self.seconds, 2),
                 "loadavg": [self.load0, self.load1]}
+
+
+def save_report(report: dict[str, Any], out: str | None, as_json: bool) -> bool:
+    """Write the JSON report to ``out`` (when given) and print it (when ``as_json``); whether it
+    was printed, so the caller prints its table otherwise."""
+    text = json.dumps(report, indent=2)
+    if out:
+        Path(out).write_text(text + "\n")
+    if as_json:
+        print(text)
+    return as_json
 
 
 def machine() -> dict[str, Any]:

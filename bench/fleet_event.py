@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
 import os
 import ssl
@@ -38,7 +37,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BenchCA, CpuMeter, machine, raise_nofile
+from common import BenchCA, CpuMeter, machine, raise_nofile, save_report
 
 from cluster_agent import pki
 
@@ -324,11 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     met = ok and ev["all_answered_s"] is not None and ev["all_answered_s"] < TARGETS["answered_s"] \
         and ev["all_renewed_s"] is not None and ev["all_renewed_s"] < TARGETS["renewed_s"]
     report["pass"], report["targets_met"] = ok, met
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
+    if not save_report(report, args.out, args.json):
         m = report["machine"]
         print(f"fleet event: {args.agents} agents, engine={args.engine}, transport={report['transport']}, "
               f"serve_args={' '.join(serve_args) or '-'}, {args.procs} client processes  "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -242,11 +243,9 @@ def create_app(
     async def _unexpected(request: Request, exc: Exception) -> Response:
         return error_response(exc, request.url.path)
 
-    async def answer_renewal(name: str, authorization: str | None, body: Any) -> Response:
-        return await routes.renewal_answer(app.state, name, authorization, body)
-
     def guards(inner: ASGIApp) -> ASGIApp:
-        outer: ASGIApp = RenewalShortcut(inner, answer=answer_renewal, on_error=error_response)
+        outer: ASGIApp = RenewalShortcut(inner, answer=functools.partial(routes.renewal_answer, app.state),
+                                         on_error=error_response)
         outer = CountResponses(outer, metrics=metrics)
         if limiter is not None:
             outer = RateLimit(outer, limiter=limiter)

@@ -15,12 +15,13 @@ import re
 from collections.abc import Awaitable, Callable
 
 from pydantic import ValidationError
+from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ca_server.api import wire as w
 
-_PATH = re.compile(r"/v1/clusters/([a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)/intermediate")
+_PATH = re.compile(rf"/v1/clusters/(?P<name>{w.DNS_LABEL.removeprefix('^').removesuffix('$')})/intermediate")
 
 
 class RenewalShortcut:
@@ -46,7 +47,7 @@ class RenewalShortcut:
             await self.app(scope, _replay(body, more, receive), send)
             return
         try:
-            response = await self.answer(match.group(1), _authorization(scope), parsed)
+            response = await self.answer(match.group("name"), Headers(scope=scope).get("authorization"), parsed)
         except Exception as exc:  # CAError or unexpected: the app's own problem response
             response = self.on_error(exc, scope["path"])
         await response(scope, receive, send)
@@ -78,9 +79,3 @@ def _replay(body: bytes, more: bool, receive: Receive) -> Receive:
 
     return replay
 
-
-def _authorization(scope: Scope) -> str | None:
-    for k, v in scope["headers"]:
-        if k == b"authorization":
-            return str(v.decode("latin-1"))
-    return None

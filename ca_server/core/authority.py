@@ -671,7 +671,7 @@ class Authority:
         if tok is None or tok.kind != "boot":
             raise Unauthenticated("bootstrap token is not valid")
         require_dns_label(cluster_name, what="cluster")
-        csr = xp.parse_csr(csr_pem)  # bad CSR: 4xx before the token is touched
+        csr, csr_key = xp.parse_csr_and_key(csr_pem)  # bad CSR: 4xx before the token is touched
         now = self.clock()
         with self._write() as tx:
             rec = tx.get_bootstrap_token(tok.token_id, for_update=True)
@@ -690,8 +690,8 @@ class Authority:
             agent = tk.new_token("agent")
             cluster.agent_token_id, cluster.agent_token_hash = agent.token_id, agent.token_hash
             roots = tx.list_roots()
-            cert, root = self._sign_intermediate(cluster, csr, roots, now=now)
-            issued = self._record_issue(tx, cluster, cert, root, cert.public_key(), roots=roots, crl_pem=None, now=now,
+            cert, root = self._sign_intermediate(cluster.name, cluster.trust_domain, csr, csr_key, roots, now=now)
+            issued = self._record_issue(tx, cluster, cert, root, csr_key, roots=roots, crl_pem=None, now=now,
                                         actor=f"bootstrap:{tok.token_id}", action="enroll")
             tx.mark_bootstrap_used(tok.token_id, now)
             tx.save_cluster(cluster)
@@ -722,15 +722,15 @@ class Authority:
         csr_der = csr.public_bytes(serialization.Encoding.DER)
         now = self.clock()
         pki = self._pki
-        draft = self._sign_intermediate_for(known.cluster, known.trust_domain, csr, pki[1], now=now,
-                                            csr_key=csr_key) if pki is not None else None
+        draft = self._sign_intermediate(known.cluster, known.trust_domain, csr, csr_key, pki[1], now=now) \
+            if pki is not None else None
         with self._write() as tx:
             locked = self._must_cluster(tx, cluster_name, for_update=True)
             self._require_agent(tok, locked)
             roots, crl_pem = self._pki_state(tx)
             self._check_proof(tx, locked, csr_der, proof, now=now, roots=roots)
             if draft is None or not self._draft_holds(draft, known, locked, roots):
-                draft = self._sign_intermediate(locked, csr, roots, now=now, csr_key=csr_key)
+                draft = self._sign_intermediate(locked.name, locked.trust_domain, csr, csr_key, roots, now=now)
             cert, root = draft
             ended = locked.rotation_pending
             locked.rotation_pending = False
@@ -805,23 +805,17 @@ class Authority:
         return roots, crl_pem
 
     def _check_proof(self, tx: Tx, cluster: Cluster, csr_der: bytes, proof: bytes, *, now: datetime,
-                     roots: Sequence[Root]) -> str:
-        """The serial of the valid intermediate of the cluster whose key made ``proof``, trying the
-        newest first (the first read fetches only the newest: it is almost always the one); BadProof
-        when none did."""
+                     roots: Sequence[Root]) -> None:
+        """BadProof unless the key of a valid intermediate of the cluster made ``proof``, trying the
+        newest first (the first read fetches only the newest: it is almost always the one)."""
         for rec in tx.usable_certificates(cluster.name, now=now, page=1):
             if self._may_prove(rec, cluster, roots, now=now) and \
                     xp.verify_proof(self._public_key(rec), csr_der, proof):
-                return rec.serial
+                return
         raise BadProof("proof does not verify with the key of any valid intermediate of this cluster")
 
-    def _sign_intermediate(self, cluster: Cluster, csr: x509.CertificateSigningRequest, roots: Sequence[Root],
-                           *, now: datetime, csr_key: Any = None) -> tuple[x509.Certificate, Root]:
-        return self._sign_intermediate_for(cluster.name, cluster.trust_domain, csr, roots, now=now, csr_key=csr_key)
-
-    def _sign_intermediate_for(self, name: str, trust_domain: str, csr: x509.CertificateSigningRequest,
-                               roots: Sequence[Root], *, now: datetime, csr_key: Any = None
-                               ) -> tuple[x509.Certificate, Root]:
+    def _sign_intermediate(self, name: str, trust_domain: str, csr: x509.CertificateSigningRequest,
+                           csr_key: Any, roots: Sequence[Root], *, now: datetime) -> tuple[x509.Certificate, Root]:
         """Sign and path-validate an intermediate under the active root (nothing stored)."""
         root = self._active_root(roots)
         issuer = self._cert(root.cert_pem)

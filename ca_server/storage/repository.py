@@ -10,7 +10,6 @@ import contextlib
 import fcntl
 import json
 import os
-import sqlite3
 import threading
 from collections import namedtuple
 from collections.abc import Iterator
@@ -19,7 +18,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from sqlalchemy import Connection, Dialect, Engine, bindparam, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -189,29 +187,22 @@ def _prepare_hot(dialect: Dialect) -> dict[str, _Prepared]:
 
 
 class SqlTx:
-    def __init__(self, conn: Connection, *, postgres: bool, hot: dict[str, _Prepared] | None = None) -> None:
+    def __init__(self, conn: Connection, *, postgres: bool, hot: dict[str, _Prepared]) -> None:
         self.c = conn
         self.postgres = postgres
         self.audit_head: tuple[int, str] | None = None  # (id, hash) when this transaction holds it locked
-        # the hot-path statements run on the DBAPI connection when prepared (SQLite), else through Core
+        # the hot-path statements (``_HOT``) run on the DBAPI connection, the rest through Core
         self._hot = hot
-        self._raw = conn.connection.driver_connection if hot is not None else None
+        self._raw = conn.connection.driver_connection
 
     def _first(self, name: str, values: dict[str, Any]) -> Any:
-        if self._hot is not None:
-            return self._hot[name].first(self._raw, values)
-        return self.c.execute(getattr(_Q, name), values).first()
+        return self._hot[name].first(self._raw, values)
 
     def _rows(self, name: str, values: dict[str, Any]) -> list[Any]:
-        if self._hot is not None:
-            return self._hot[name].rows(self._raw, values)
-        return list(self.c.execute(getattr(_Q, name), values))
+        return self._hot[name].rows(self._raw, values)
 
     def _run(self, name: str, values: dict[str, Any]) -> None:
-        if self._hot is not None:
-            self._hot[name].execute(self._raw, values)
-        else:
-            self.c.execute(getattr(_Q, name), values)
+        self._hot[name].execute(self._raw, values)
 
     # roots
     def list_roots(self) -> list[Root]:
@@ -404,15 +395,11 @@ def _translate_driver(orig: BaseException | None, *, integrity: bool, unreachabl
     return Unavailable("the database failed")
 
 
-def _translate_psycopg(exc: psycopg.Error) -> CAError:
-    return _translate_driver(exc, integrity=isinstance(exc, psycopg.IntegrityError),
-                             unreachable=isinstance(exc, psycopg.OperationalError))
-
-
-def _translate_sqlite(exc: sqlite3.Error) -> CAError:
-    """The same translation for errors of statements run on the DBAPI connection directly."""
-    return _translate_driver(exc, integrity=isinstance(exc, sqlite3.IntegrityError),
-                             unreachable=isinstance(exc, sqlite3.OperationalError))
+def _translate_dbapi(exc: Exception, dbapi: Any) -> CAError:
+    """The same translation for errors of statements run on the DBAPI connection directly
+    (``dbapi``: the driver module, whose PEP 249 exception classes tell the kinds apart)."""
+    return _translate_driver(exc, integrity=isinstance(exc, dbapi.IntegrityError),
+                             unreachable=isinstance(exc, dbapi.OperationalError))
 
 
 class _WriterGate:
@@ -463,6 +450,7 @@ class SqlStore:
         self.postgres = self.engine.dialect.name == "postgresql"
         self.embedded = not self.postgres
         self._hot = _prepare_hot(self.engine.dialect)
+        self._dbapi: Any = self.engine.dialect.loaded_dbapi  # sqlite3 or psycopg
         self._gate = _WriterGate(None if self.postgres else self.engine.url.database)
 
     @contextmanager
@@ -496,10 +484,8 @@ class SqlStore:
                     raw.execute("COMMIT")
         except DBAPIError as exc:
             raise _translate(exc) from exc
-        except sqlite3.Error as exc:
-            raise _translate_sqlite(exc) from exc
-        except psycopg.Error as exc:
-            raise _translate_psycopg(exc) from exc
+        except self._dbapi.Error as exc:
+            raise _translate_dbapi(exc, self._dbapi) from exc
 
     @contextmanager
     def _write(self) -> Iterator[SqlTx]:
@@ -547,8 +533,10 @@ class SqlStore:
             with self.engine.connect() as conn:
                 raw: Any = conn.connection.driver_connection
                 raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except (DBAPIError, sqlite3.Error) as exc:
-            raise Unavailable("the database is not reachable") from exc
+        except DBAPIError as exc:
+            raise _translate(exc) from exc
+        except self._dbapi.Error as exc:
+            raise _translate_dbapi(exc, self._dbapi) from exc
 
     def ping(self) -> None:
         with self.read() as tx:
