@@ -1,7 +1,7 @@
 """The renewal route without FastAPI's per-request layers.
 
 ``POST /v1/clusters/{name}/intermediate`` is the hot path of a fleet-wide rotation. A well-formed
-request (a DNS-label name, a JSON body that ``RenewIn`` accepts) is answered here by the same
+request (a DNS-label name, a JSON body that ``RenewIn`` accepts, sent as JSON) is answered here by the same
 ``routes.renewal_answer`` the FastAPI route uses, and errors become the same problem responses as
 the app's exception handlers give. Anything else — a malformed body, a bad name, another method —
 is handed to the FastAPI app with the body replayed, so its validation and 4xx answers stay the
@@ -35,7 +35,8 @@ class RenewalShortcut:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = _PATH.fullmatch(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if match is None:
+        headers = Headers(scope=scope) if match is not None else None
+        if match is None or headers is None or not _json_or_unset(headers.get("content-type")):
             await self.app(scope, receive, send)
             return
         body, more = await _read_body(receive)
@@ -47,10 +48,19 @@ class RenewalShortcut:
             await self.app(scope, _replay(body, more, receive), send)
             return
         try:
-            response = await self.answer(match.group("name"), Headers(scope=scope).get("authorization"), parsed)
+            response = await self.answer(match.group("name"), headers.get("authorization"), parsed)
         except Exception as exc:  # CAError or unexpected: the app's own problem response
             response = self.on_error(exc, scope["path"])
         await response(scope, receive, send)
+
+
+def _json_or_unset(content_type: str | None) -> bool:
+    """The content types FastAPI reads a JSON body from: none, ``application/json`` or
+    ``application/*+json`` (any other body it does not parse, and refuses)."""
+    if not content_type:
+        return True
+    maintype, _, subtype = content_type.split(";", 1)[0].strip().lower().partition("/")
+    return maintype == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
 async def _read_body(receive: Receive) -> tuple[bytes, bool]:

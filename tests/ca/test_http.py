@@ -3,6 +3,7 @@ and metrics."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from cluster_agent import pki
 from tests.ca.conftest import Harness
 
 # every path of API.md ("REST API"), with its methods
@@ -157,6 +159,10 @@ def test_renewal_shortcut_and_fastapi_route_give_the_same_answers(harness: Harne
     assert "extra" in check_problem(r, 400)["detail"]
     r = harness.client.post("/v1/clusters/A_B/intermediate", json={"csr": "x", "proof": ""}, headers=a.headers)
     check_problem(r, 400)
+    csr = pki.make_csr(pki.new_key(), "a")  # a renewal that would succeed, but not sent as JSON
+    body = json.dumps({"csr": csr, "proof": pki.prove(a.key, csr)}).encode()
+    r = harness.client.post(path, content=body, headers={**a.headers, "content-type": "text/plain"})
+    check_problem(r, 400)  # FastAPI reads JSON bodies only when sent as JSON
     # answered by the shortcut: the same problem documents as the exception handlers give
     r = harness.client.post(path, json={"csr": "x", "proof": ""}, headers={})
     assert check_problem(r, 401)["title"] and r.headers["www-authenticate"] == "Bearer"
