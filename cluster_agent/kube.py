@@ -7,7 +7,9 @@
   agent did not create is touched.
 * ``cacerts`` is replaced in one write guarded by resourceVersion (create when absent), never
   patched key by key; the ``coredns`` ConfigMap gets only its Corefile key replaced, the same way.
-* A 409 conflict is retried a few times with a fresh read.
+* A 409 conflict is retried a few times with a fresh read; a 429 (the API server pushing back,
+  e.g. "storage is (re)initializing" while a new CRD's cache fills) after its Retry-After, as
+  client-go does.
 """
 
 from __future__ import annotations
@@ -66,15 +68,27 @@ def make_client(config: AgentConfig) -> Client:
     return Client(field_manager=kc.field_manager)
 
 
-def retry_conflicts(fn: Callable[[], T], *, attempts: int = 5) -> T:
+def retry_transient(fn: Callable[[], T], *, attempts: int = 5) -> T:
+    """``fn()``, again after a 409 (it re-reads what it writes) or a 429 (after the server's
+    Retry-After, at most 5 s), up to ``attempts`` times."""
     for i in range(attempts):
         try:
             return fn()
         except ApiError as exc:
-            if exc.status.code != 409 or i == attempts - 1:
+            if exc.status.code not in (409, 429) or i == attempts - 1:
                 raise
-            time.sleep(0.05 * (i + 1))
+            time.sleep(_retry_delay(exc, i))
     raise AssertionError("unreachable")
+
+
+def _retry_delay(exc: ApiError, attempt: int) -> float:
+    if exc.status.code == 429:
+        header = exc.response.headers.get("retry-after", "") if exc.response is not None else ""
+        try:
+            return min(max(float(header), 0.05), 5.0)
+        except ValueError:
+            return 1.0
+    return 0.05 * (attempt + 1)
 
 
 class KubeApplier:
@@ -174,10 +188,13 @@ class KubeApplier:
         def attempt() -> None:
             self.client.apply(resource, field_manager=self.fm, force=True)
 
-        retry_conflicts(attempt)
+        retry_transient(attempt)
 
     def _namespaces(self) -> set[str]:
         return {self.config.istio.namespace, self.config.dns.coredns_namespace}
+
+    def _list(self, res: Any, ns: str, labels: dict[str, Any]) -> list[Any]:
+        return retry_transient(lambda: list(self.client.list(res, namespace=ns, labels=labels)))
 
     def _live_managed(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -186,8 +203,7 @@ class KubeApplier:
         for kind, res in RESOURCES.items():
             for ns in sorted(self._namespaces()):
                 try:
-                    items = self.client.list(res, namespace=ns, labels=labels)
-                    for item in items:
+                    for item in self._list(res, ns, labels):
                         meta = item.metadata
                         assert meta is not None and meta.name
                         out[_key(kind, ns, meta.name)] = (meta.annotations or {}).get(HASH_ANNOTATION, "")
@@ -221,7 +237,7 @@ class KubeApplier:
             self.write_calls += 1
             report.updated.append(k)
 
-        retry_conflicts(attempt)
+        retry_transient(attempt)
 
     def _merge_corefile(self, obj: dict[str, Any], report: ApplyReport) -> None:
         dns = self.config.dns
@@ -240,7 +256,7 @@ class KubeApplier:
             self.write_calls += 1
             report.updated.append(k)
 
-        retry_conflicts(attempt)
+        retry_transient(attempt)
 
 
 class SecretStateStore:
@@ -283,7 +299,7 @@ class SecretStateStore:
             live.data = data
             self.client.replace(live)
 
-        retry_conflicts(attempt)
+        retry_transient(attempt)
 
 
 class LeaseElector:
