@@ -33,7 +33,7 @@ run: venv
 	$(VENV)/bin/meshbridge-ca serve --data-dir $(DATA) --listen $(LISTEN)
 
 lint: venv
-	$(VENV)/bin/ruff check ca_server cluster_agent tests bench
+	$(VENV)/bin/ruff check ca_server cluster_agent meshbridge_wire tests bench
 	$(VENV)/bin/mypy
 
 test: sysdeps venv testbin lint

@@ -19,10 +19,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ca_server.api import routes
 from ca_server.api.fastpath import RenewalShortcut
 from ca_server.api.metrics import Metrics
-from ca_server.api.problems import problem, problem_for
+from ca_server.api.problems import problem, problem_for, problem_responses
 from ca_server.api.ratelimit import Limits, RateLimit, RateLimiter
 from ca_server.api.watcher import RevisionWatcher
-from ca_server.api.wire import problem_responses
 from ca_server.core.authority import Authority
 from ca_server.core.errors import CAError, Unavailable
 

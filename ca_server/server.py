@@ -27,11 +27,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca_server import logs, runtime
+from ca_server import runtime
 from ca_server.app import create_app
 from ca_server.core.authority import Authority, FleetSnapshot
 from ca_server.core.x509profiles import cert_pem
 from ca_server.http_protocol import CoalescingHttpToolsProtocol
+from meshbridge_wire import logs
 
 log = logging.getLogger("meshbridge.ca.server")
 

@@ -28,7 +28,7 @@ examples:
 
 
 def _setup_logging(level: str) -> None:
-    from ca_server.logs import JsonFormatter
+    from meshbridge_wire.logs import JsonFormatter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())

@@ -32,10 +32,11 @@ from pydantic import (
     model_validator,
 )
 
+from meshbridge_wire.names import is_dns_label, is_dns_name, is_service_label, is_service_name
+from meshbridge_wire.protocols import GATEWAY_CARRIED, Protocol, parse_protocol
+
 __all__ = [
-    "HTTP_PROTOCOLS",
     "KEY_TYPES",
-    "PORT_PROTOCOLS",
     "AgentConfig",
     "CAConfig",
     "ConfigError",
@@ -54,12 +55,6 @@ __all__ = [
 KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 KeyType = Literal["ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096"]
 
-# Istio protocol names (case-insensitive in Istio) that the gateways can carry: both gateways
-# terminate mTLS and route HTTP on the authority.
-HTTP_PROTOCOLS: Mapping[str, str] = {"HTTP": "HTTP", "HTTP2": "HTTP2", "GRPC": "GRPC", "GRPC-WEB": "GRPC-Web"}
-# Plain TCP crosses too, on its own gateway ports: the `.remote` name's own VIP selects the route in
-# the sidecar and the SNI (the `.remote` host) at both gateways, so one TCP port per name.
-PORT_PROTOCOLS: Mapping[str, str] = {**HTTP_PROTOCOLS, "TCP": "TCP"}
 
 MAX_CRL_VALIDITY = timedelta(days=7)
 
@@ -78,20 +73,8 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 # Scalar checks. Each raises ValueError with a message that says what a valid value looks like.
 
-_DNS_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_DNS1035_LABEL_RE = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _LABEL_NAME_RE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
 _DURATION_RE = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
-
-
-def is_dns_label(value: str) -> bool:
-    """RFC 1123 label: what Kubernetes accepts as a namespace or cluster name."""
-    return len(value) <= 63 and _DNS_LABEL_RE.fullmatch(value) is not None
-
-
-def is_dns_name(value: str) -> bool:
-    """Lowercase DNS name (RFC 1123 subdomain), at most 253 characters, no trailing dot."""
-    return 0 < len(value) <= 253 and all(is_dns_label(part) for part in value.split("."))
 
 
 def _check_dns_label(value: str) -> str:
@@ -104,7 +87,7 @@ def _check_dns_label(value: str) -> str:
 
 
 def _check_service_name(value: str) -> str:
-    if len(value) > 63 or _DNS1035_LABEL_RE.fullmatch(value) is None:
+    if not is_service_label(value):
         raise ValueError(
             f"must be a Kubernetes Service name: lowercase letters, digits and '-', starting with a "
             f"letter, at most 63 characters (got {value!r})"
@@ -331,16 +314,17 @@ class DNSConfig(_Model):
 
 class ExportPortConfig(_Model):
     number: Port
-    protocol: str = "HTTP"
+    protocol: Protocol = Protocol.HTTP
 
-    @field_validator("protocol")
+    @field_validator("protocol", mode="before")
     @classmethod
-    def _http_family(cls, value: str) -> str:
-        canonical = PORT_PROTOCOLS.get(value.upper())
-        if canonical is None:
+    def _carried(cls, value: object) -> Protocol:
+        canonical = parse_protocol(value) if isinstance(value, str) else None
+        if canonical is None or canonical not in GATEWAY_CARRIED:
+            carried = ", ".join(sorted(GATEWAY_CARRIED))
             raise ValueError(
                 f"protocol {value!r} cannot cross clusters: both gateways terminate mTLS and route HTTP "
-                f"on the authority or plain TCP on the SNI; use one of {', '.join(PORT_PROTOCOLS.values())}"
+                f"on the authority or plain TCP on the SNI; use one of {carried}"
             )
         return canonical
 
@@ -394,8 +378,7 @@ class ExportConfig(_Model):
 def _check_import_name(value: str) -> str:
     if value == "*":
         return value
-    service, dot, namespace = value.partition(".")
-    if not dot or _DNS1035_LABEL_RE.fullmatch(service) is None or len(service) > 63 or not is_dns_label(namespace):
+    if not is_service_name(value):
         raise ValueError(f"must be '*' or <service>.<namespace> such as 'ratings.bookinfo' (got {value!r})")
     return value
 

@@ -34,6 +34,7 @@ from lightkube.resources.core_v1 import ConfigMap, Secret, Service
 from cluster_agent.config import AgentConfig
 from cluster_agent.reconcile import MANAGED_BY, ApplyReport
 from cluster_agent.state import AgentState
+from meshbridge_wire.protocols import Protocol, parse_protocol
 
 log = logging.getLogger("meshbridge.agent.kube")
 
@@ -133,9 +134,7 @@ class KubeApplier:
                 svc = self.client.get(Service, meta.name, namespace=meta.namespace)
             except ApiError:
                 continue
-            ports = [{"number": p.port, "protocol": (p.appProtocol or p.name or "http").split("-")[0].upper()
-                      if (p.appProtocol or p.name or "").split("-")[0].upper() in
-                      ("HTTP", "HTTP2", "GRPC", "TCP", "TLS", "HTTPS") else "HTTP"}
+            ports = [{"number": p.port, "protocol": _port_protocol(p.appProtocol or p.name or "")}
                      for p in (svc.spec.ports if svc.spec and svc.spec.ports else [])]
             if ports:
                 out.append({"name": f"{meta.name}.{meta.namespace}", "namespace": meta.namespace,
@@ -359,3 +358,9 @@ class LeaseElector:
             raise
         self._held_until = time.monotonic() + self.duration
         return True
+
+
+def _port_protocol(app_protocol_or_name: str) -> Protocol:
+    """A Service port's protocol from its appProtocol or its name's prefix (`grpc-web` reads as GRPC)."""
+    protocol = parse_protocol(app_protocol_or_name.split("-")[0])
+    return protocol if protocol is not None and protocol is not Protocol.GRPC_WEB else Protocol.HTTP

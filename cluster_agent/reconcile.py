@@ -151,7 +151,7 @@ class Reconciler:
         services = []
         for e in cfg.exports:
             services.append({"name": e.export_name, "namespace": e.namespace, "service": e.service,
-                             "ports": [{"number": p.number, "protocol": p.protocol} for p in e.ports],
+                             "ports": [{"number": p.number, "protocol": p.protocol.value} for p in e.ports],
                              "consumers": sorted(e.consumers)})
         for extra in self.applier.service_exports():
             if extra["name"] not in {s["name"] for s in services}:

@@ -19,9 +19,10 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ca_server.api import wire as w
+from meshbridge_wire import models as w
+from meshbridge_wire.names import DNS_LABEL
 
-_PATH = re.compile(rf"/v1/clusters/(?P<name>{w.DNS_LABEL.removeprefix('^').removesuffix('$')})/intermediate")
+_PATH = re.compile(rf"/v1/clusters/(?P<name>{DNS_LABEL})/intermediate")
 
 
 class RenewalShortcut:

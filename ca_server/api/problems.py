@@ -7,6 +7,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 from ca_server.core import errors as e
+from meshbridge_wire.models import Problem
 
 STATUS: list[tuple[type[e.CAError], int]] = [
     (e.BadProof, 403),
@@ -45,3 +46,16 @@ def problem_for(exc: e.CAError) -> JSONResponse:
     if isinstance(exc, e.RateLimited):
         headers["Retry-After"] = str(exc.retry_after)
     return problem(status, exc.title, exc.detail, type_=type(exc).__name__.lower(), headers=headers or None)
+
+
+def problem_responses() -> dict[int | str, dict[str, Any]]:
+    """Declared on every operation, so clients (and schema checkers) know what an error looks like."""
+    schema = Problem.model_json_schema()
+    out: dict[int | str, dict[str, Any]] = {}
+    for status, text in ((400, "Malformed or unacceptable input"), (401, "Missing or invalid token"),
+                         (403, "Token not valid for this resource, or missing/wrong proof"),
+                         (404, "Unknown cluster, certificate or root"), (409, "Conflicts with the current state"),
+                         (413, "Body over 64 KiB"), (429, "Rate limited; see Retry-After"),
+                         (503, "Database or signing key unavailable")):
+        out[status] = {"description": text, "content": {"application/problem+json": {"schema": schema}}}
+    return out

@@ -15,13 +15,13 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from ca_server.api import wire as w
 from ca_server.api.metrics import Metrics
 from ca_server.api.watcher import RevisionWatcher
 from ca_server.core.authority import Authority, FleetSnapshot, Issued, desired_state
 from ca_server.core.errors import NotFound, Unauthenticated
 from ca_server.core.models import CertificateRecord, Cluster, Root
 from ca_server.core.validation import require_dns_label
+from meshbridge_wire import models as w
 
 PEM = "application/x-pem-file"
 NamePath = Annotated[str, Path(min_length=1, max_length=63, pattern=w.DNS_LABEL)]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import re
-
 from ca_server.core.errors import InvalidInput
+from meshbridge_wire.names import identity_in_trust_domain, is_dns_label, is_dns_name, is_serial
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$")
-_SERIAL = re.compile(r"^[0-9a-f]{1,64}$")
+__all__ = [
+    "REVOCATION_REASONS",
+    "identity_in_trust_domain",
+    "require_dns_label",
+    "require_reason",
+    "require_serial",
+    "require_trust_domain",
+]
 
 REVOCATION_REASONS = (
     "unspecified",
@@ -23,10 +27,6 @@ REVOCATION_REASONS = (
 )
 
 
-def is_dns_label(name: str) -> bool:
-    return bool(_DNS_LABEL.match(name))
-
-
 def require_dns_label(name: str, *, what: str = "name") -> str:
     if not is_dns_label(name):
         raise InvalidInput(
@@ -37,13 +37,13 @@ def require_dns_label(name: str, *, what: str = "name") -> str:
 
 
 def require_trust_domain(td: str) -> str:
-    if not _DOMAIN.match(td):
+    if not is_dns_name(td):
         raise InvalidInput("trust_domain must be a DNS name such as 'a.mesh' (lowercase, dot-separated labels)")
     return td
 
 
 def require_serial(serial: str) -> str:
-    if not _SERIAL.match(serial):
+    if not is_serial(serial):
         raise InvalidInput("serial must be lowercase hex without separators")
     return serial
 
@@ -52,8 +52,3 @@ def require_reason(reason: str) -> str:
     if reason not in REVOCATION_REASONS:
         raise InvalidInput(f"reason must be one of: {', '.join(REVOCATION_REASONS)}")
     return reason
-
-
-def identity_in_trust_domain(identity: str, trust_domain: str) -> bool:
-    prefix = f"spiffe://{trust_domain}/"
-    return identity.startswith(prefix) and len(identity) > len(prefix)

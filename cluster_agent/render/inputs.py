@@ -7,13 +7,16 @@ that cannot be rendered safely is dropped with a warning instead of failing the 
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from cluster_agent.config import PORT_PROTOCOLS, AgentConfig, is_dns_label, is_dns_name
+from cluster_agent.config import AgentConfig
+from meshbridge_wire.names import is_dns_label, is_dns_name
+from meshbridge_wire.names import is_service_name as _is_service_name
+from meshbridge_wire.names import spiffe_trust_domain as _spiffe_trust_domain
+from meshbridge_wire.protocols import GATEWAY_CARRIED, Protocol, parse_protocol
 
 __all__ = [
     "ExportSpec",
@@ -29,14 +32,12 @@ __all__ = [
 
 # ServiceEntry endpoints map at most 128 port names (CRD: endpoints[].ports maxProperties).
 MAX_PORTS = 128
-_SERVICE_RE = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
-_PATH_RE = re.compile(r"[^\s]+")
 
 
 @dataclass(frozen=True, slots=True)
 class PortSpec:
     number: int
-    protocol: str  # canonical Istio spelling, one of PORT_PROTOCOLS' values
+    protocol: Protocol  # one the gateways carry (GATEWAY_CARRIED)
 
     @property
     def name(self) -> str:
@@ -79,26 +80,12 @@ class ExportSpec:
 
 def is_service_name(value: object) -> bool:
     """'<service>.<namespace>' with a Service name (DNS-1035 label) and a namespace (DNS label)."""
-    if not isinstance(value, str):
-        return False
-    service, dot, namespace = value.partition(".")
-    return bool(dot) and len(service) <= 63 and _SERVICE_RE.fullmatch(service) is not None and is_dns_label(namespace)
+    return isinstance(value, str) and _is_service_name(value)
 
 
 def spiffe_trust_domain(uri: object) -> str | None:
     """The trust domain of a well-formed `spiffe://<td>/<path>` URI, else None."""
     return _spiffe_trust_domain(uri) if isinstance(uri, str) else None
-
-
-# Thousands of imports share a few dozen gateways and identities: parse each distinct one once.
-@lru_cache(maxsize=4096)
-def _spiffe_trust_domain(uri: str) -> str | None:
-    if not uri.startswith("spiffe://"):
-        return None
-    trust_domain, slash, path = uri[len("spiffe://"):].partition("/")
-    if not slash or _PATH_RE.fullmatch(path) is None or not is_dns_name(trust_domain):
-        return None
-    return trust_domain
 
 
 @lru_cache(maxsize=4096)
@@ -132,8 +119,8 @@ def _ports(raw: object, where: str, warnings: list[str]) -> tuple[PortSpec, ...]
             continue
         number = int(item["number"])
         protocol = str(item.get("protocol") or "HTTP")
-        canonical = PORT_PROTOCOLS.get(protocol.upper())
-        if canonical is None:
+        canonical = parse_protocol(protocol)
+        if canonical is None or canonical not in GATEWAY_CARRIED:
             warnings.append(
                 f"{where}: port {number} speaks {protocol}, which the gateways cannot carry "
                 f"(they route HTTP on the authority and plain TCP on the SNI); that port is left out"

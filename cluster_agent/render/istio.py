@@ -426,7 +426,7 @@ def render_service_entry(ctx: IstioContext, spec: ImportSpec, name: str, vip: st
         "exportTo": list(EXPORT_TO_ALL),
         "location": "MESH_EXTERNAL",
         "resolution": "STATIC" if spec.gateway_is_ip else "DNS",
-        "ports": [{"number": p.number, "name": p.name, "protocol": p.protocol} for p in spec.ports],
+        "ports": [{"number": p.number, "name": p.name, "protocol": p.protocol.value} for p in spec.ports],
         "endpoints": [
             {
                 "address": spec.gateway_address,

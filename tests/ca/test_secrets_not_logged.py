@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ca_server import logs
 from ca_server.keys.base import WrongPassphrase
 from ca_server.keys.file import FileKeyBackend
 from cluster_agent import pki
+from meshbridge_wire import logs
 from tests.ca.conftest import PASSPHRASE, Harness
 
 

@@ -39,7 +39,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.e2e.testbin import REPO, require
 
-ISTIO_CRDS = Path(os.environ.get("MESHBRIDGE_ISTIO_CRDS", REPO.parent / "shared" / "data" / "istio-crds-1.30.3.yaml"))
+ISTIO_CRDS = Path(os.environ.get("MESHBRIDGE_ISTIO_CRDS", REPO / "tests" / "data" / "istio-crds-1.30.3.yaml"))
 SERVICE_CIDRS = {"a": "10.96.0.0/16", "b": "10.97.0.0/16"}
 STARTUP_TIMEOUT = 60.0
 

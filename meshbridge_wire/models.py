@@ -1,4 +1,8 @@
-"""Pydantic wire models: what the REST API accepts and returns (API.md)."""
+"""The REST API's request and response bodies (docs/api.md), as pydantic models.
+
+The server validates what it receives with them and the agent parses what it receives with them,
+so a field or a protocol name cannot mean one thing on one side and another on the other.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ca_server.core.validation import is_dns_label
+from meshbridge_wire.names import DNS_LABEL as _LABEL
+from meshbridge_wire.names import DNS_NAME as _NAME
+from meshbridge_wire.names import is_dns_label
+from meshbridge_wire.protocols import Protocol
 
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
-PROTOCOLS = Literal["HTTP", "HTTP2", "HTTPS", "GRPC", "TCP", "TLS"]
+# Anchored forms for pydantic's `pattern` (its regex engine has no trailing-newline `$` quirk).
+DNS_LABEL = rf"^{_LABEL}$"
+DOMAIN = rf"^{_NAME}$"
 
 
 class Strict(BaseModel):
@@ -19,9 +27,6 @@ class Strict(BaseModel):
 class Gateway(Strict):
     address: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:\-]+$")
     port: int = Field(ge=1, le=65535)
-
-
-DOMAIN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$"
 
 
 class ClusterCreate(Strict):
@@ -146,7 +151,7 @@ class RenewOut(BaseModel):
 
 class Port(Strict):
     number: int = Field(ge=1, le=65535)
-    protocol: PROTOCOLS = "HTTP"
+    protocol: Protocol = Protocol.HTTP
     name: str | None = Field(default=None, max_length=63)
 
 
@@ -224,16 +229,3 @@ class Problem(BaseModel):
     title: str
     status: int
     detail: str
-
-
-def problem_responses() -> dict[int | str, dict[str, Any]]:
-    """Declared on every operation, so clients (and schema checkers) know what an error looks like."""
-    schema = Problem.model_json_schema()
-    out: dict[int | str, dict[str, Any]] = {}
-    for status, text in ((400, "Malformed or unacceptable input"), (401, "Missing or invalid token"),
-                         (403, "Token not valid for this resource, or missing/wrong proof"),
-                         (404, "Unknown cluster, certificate or root"), (409, "Conflicts with the current state"),
-                         (413, "Body over 64 KiB"), (429, "Rate limited; see Retry-After"),
-                         (503, "Database or signing key unavailable")):
-        out[status] = {"description": text, "content": {"application/problem+json": {"schema": schema}}}
-    return out
