@@ -35,6 +35,7 @@ run: venv
 lint: venv
 	$(VENV)/bin/ruff check ca_server cluster_agent meshbridge_wire tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: sysdeps venv testbin lint
 	bash scripts/run-tests.sh $(PYTEST_ARGS)
