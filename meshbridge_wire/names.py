@@ -68,6 +68,25 @@ def _spiffe_trust_domain(uri: str) -> str | None:
     return trust_domain
 
 
+def workload_identity(uri: str) -> tuple[str, str, str] | None:
+    """(trust domain, namespace, service account) of exactly `spiffe://<td>/ns/<ns>/sa/<sa>`, else None.
+
+    The form Istio gives every workload (`pkg/spiffe` `Identity.String`); a Kubernetes namespace is a
+    DNS label and a service account name a DNS subdomain. No wildcard, no extra path segment.
+    """
+    trust_domain = spiffe_trust_domain(uri)
+    if trust_domain is None:
+        return None
+    parts = uri[len("spiffe://") + len(trust_domain) + 1 :].split("/")
+    if len(parts) != 4 or parts[0] != "ns" or parts[2] != "sa":
+        return None
+    namespace, account = parts[1], parts[3]
+    if not is_dns_label(namespace) or not is_dns_name(account):
+        return None
+    return trust_domain, namespace, account
+
+
 def identity_in_trust_domain(identity: str, trust_domain: str) -> bool:
-    """`identity` is a well-formed SPIFFE URI of `trust_domain`."""
-    return spiffe_trust_domain(identity) == trust_domain
+    """`identity` is exactly a workload identity (`spiffe://<td>/ns/<ns>/sa/<sa>`) of `trust_domain`."""
+    parsed = workload_identity(identity)
+    return parsed is not None and parsed[0] == trust_domain
