@@ -6,6 +6,10 @@ the client. On a 2-core machine that second system call is several percent of a 
 Here the transport gathers the writes made in one event-loop step and sends them together at the
 end of that step (a response's start and body are sent in the same step), so nothing waits longer
 than the step that produced it.
+
+It relies on uvicorn internals: ``HttpToolsProtocol.connection_made`` keeps the transport it is
+given and writes every response through its ``write``. ``serve --no-joined-writes`` (``Speedups``)
+serves with uvicorn's stock httptools protocol instead.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from uvicorn.config import HTTPProtocolType
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
@@ -53,3 +58,8 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         coalescing: Any = CoalescingTransport(transport, asyncio.get_running_loop())
         super().connection_made(coalescing)
+
+
+def http_protocol(*, joined_writes: bool) -> type[asyncio.Protocol] | HTTPProtocolType:
+    """uvicorn's ``http`` setting: this protocol, or the stock httptools one it extends."""
+    return CoalescingHttpToolsProtocol if joined_writes else "httptools"
