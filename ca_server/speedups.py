@@ -9,6 +9,7 @@ The versions they were written against are pinned in constraints.txt.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Final
 
 
 @dataclass(frozen=True)
@@ -23,11 +24,10 @@ class Speedups:
     # column types' own processors (_Prepared); off: the same statements through SQLAlchemy Core
     prepared_statements: bool = True
 
-    @classmethod
-    def none(cls) -> Speedups:
-        """Every speed-up off: the plain framework paths."""
-        return cls(renewal_shortcut=False, joined_writes=False, prepared_statements=False)
-
     def off(self) -> list[str]:
         """The names of the speed-ups turned off."""
         return [f.name for f in fields(self) if not getattr(self, f.name)]
+
+
+ALL_ON: Final = Speedups()
+ALL_OFF: Final = Speedups(renewal_shortcut=False, joined_writes=False, prepared_statements=False)  # the plain paths

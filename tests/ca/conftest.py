@@ -25,7 +25,7 @@ from ca_server.core.audit import verify_chain
 from ca_server.core.authority import Authority, Policy
 from ca_server.keys.base import KeyType
 from ca_server.keys.file import FileKeyBackend
-from ca_server.speedups import Speedups
+from ca_server.speedups import ALL_OFF, ALL_ON, Speedups
 from ca_server.storage import tables as t
 from ca_server.storage.migrate import upgrade
 from ca_server.storage.repository import SqlStore
@@ -34,17 +34,16 @@ from tests.support.pgserver import PgServer
 
 PASSPHRASE = b"correct horse battery staple 0451"
 
-SPEEDUPS_ON = Speedups()
 # run a test (or, as ``pytestmark``, a module) with the speed-ups on, then with all of them off
 both_speedup_modes = pytest.mark.parametrize(
-    "speedups", [pytest.param(SPEEDUPS_ON, id="speedups-on"), pytest.param(Speedups.none(), id="speedups-off")],
+    "speedups", [pytest.param(ALL_ON, id="speedups-on"), pytest.param(ALL_OFF, id="speedups-off")],
     indirect=True)
 
 
 @pytest.fixture
 def speedups(request: pytest.FixtureRequest) -> Speedups:
     """The speed-ups the app and the store are built with: all on unless ``both_speedup_modes``."""
-    return getattr(request, "param", SPEEDUPS_ON)
+    return getattr(request, "param", ALL_ON)
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +103,7 @@ class Harness:
     clock: Clock
     data_dir: Path
     database_url: str
-    speedups: Speedups = SPEEDUPS_ON
+    speedups: Speedups = ALL_ON
 
     @property
     def admin(self) -> dict[str, str]:
@@ -250,7 +249,7 @@ class Harness:
 
 def make_harness(
     database_url: str, data_dir: Path, *, policy: Policy | None = None, key_type: KeyType = KeyType.ECDSA_P256,
-    watch_interval: float = 0.05, speedups: Speedups = SPEEDUPS_ON,
+    watch_interval: float = 0.05, speedups: Speedups = ALL_ON,
 ) -> Iterator[Harness]:
     store = SqlStore(database_url, prepared_statements=speedups.prepared_statements)
     upgrade(store.engine)
