@@ -22,6 +22,7 @@ from ca_server.server import speedups_of
 from ca_server.speedups import ALL_OFF, ALL_ON, Speedups
 from cluster_agent import pki
 from tests.ca.conftest import make_harness
+from tests.ca.test_cli import ok, serve
 
 SERVE = ["serve", "--data-dir", "d"]
 FLAGS = ["--no-renewal-shortcut", "--no-joined-writes", "--no-prepared-statements"]
@@ -96,3 +97,19 @@ def test_prepared_statements_switch(tmp_path: Path, prepared: bool) -> None:
 def test_joined_writes_switch() -> None:
     assert http_protocol(joined_writes=True) is CoalescingHttpToolsProtocol
     assert http_protocol(joined_writes=False) == "httptools"  # uvicorn's own, which ours extends
+
+
+def test_serve_with_every_speedup_off(tmp_path: Path) -> None:
+    d = tmp_path / "ca"
+    ok("init", "--data-dir", str(d))
+    for s in serve(d, *FLAGS):
+        token = json.loads(s.op("cluster", "add", "a", "--json"))["bootstrap_token"]
+        key = pki.new_key()
+        with s.http() as http:
+            r = http.post("/v1/enroll", json={"cluster": "a", "bootstrap_token": token, "csr": pki.make_csr(key, "a")})
+            assert r.status_code == 201, r.text
+            csr = pki.make_csr(pki.new_key(), "a")
+            r = http.post("/v1/clusters/a/intermediate", json={"csr": csr, "proof": pki.prove(key, csr)},
+                          headers={"Authorization": f"Bearer {r.json()['agent_token']}"})
+            assert r.status_code == 201, r.text
+        assert "speed-ups turned off: renewal_shortcut, joined_writes, prepared_statements" in s.log.read_text()
