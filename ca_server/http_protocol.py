@@ -8,8 +8,8 @@ end of that step (a response's start and body are sent in the same step), so not
 than the step that produced it.
 
 It relies on uvicorn internals: ``HttpToolsProtocol.connection_made`` keeps the transport it is
-given and writes every response through its ``write``. ``serve --no-joined-writes`` (``Speedups``)
-serves with uvicorn's stock httptools protocol instead.
+given and writes every response through its ``write``. ``serve --no-joined-writes`` serves with
+uvicorn's stock httptools protocol instead, and does not import this module.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.config import HTTPProtocolType
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
@@ -58,8 +57,3 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         coalescing: Any = CoalescingTransport(transport, asyncio.get_running_loop())
         super().connection_made(coalescing)
-
-
-def http_protocol(*, joined_writes: bool) -> type[asyncio.Protocol] | HTTPProtocolType:
-    """uvicorn's ``http`` setting: this protocol, or the stock httptools one it extends."""
-    return CoalescingHttpToolsProtocol if joined_writes else "httptools"

@@ -27,12 +27,12 @@ import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from uvicorn.config import HTTPProtocolType
 
 from ca_server import runtime
 from ca_server.app import create_app
 from ca_server.core.authority import Authority, FleetSnapshot
 from ca_server.core.x509profiles import cert_pem
-from ca_server.http_protocol import http_protocol
 from ca_server.speedups import Speedups
 from ca_server.storage.capabilities import Checkpoints, Disposable
 from meshbridge_wire import logs
@@ -103,6 +103,16 @@ def speedups_of(args: argparse.Namespace) -> Speedups:
     """The speed-ups ``serve``'s ``--no-…`` flags leave on."""
     return Speedups(renewal_shortcut=args.renewal_shortcut, joined_writes=args.joined_writes,
                     prepared_statements=args.prepared_statements)
+
+
+def http_protocol(*, joined_writes: bool) -> type[asyncio.Protocol] | HTTPProtocolType:
+    """uvicorn's ``http`` setting: ours, which joins a response's writes, or uvicorn's stock
+    httptools protocol (ours subclasses its internals, so it is imported only when used)."""
+    if not joined_writes:
+        return "httptools"
+    from ca_server.http_protocol import CoalescingHttpToolsProtocol
+
+    return CoalescingHttpToolsProtocol
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -3,12 +3,11 @@ the default; ``serve --no-renewal-shortcut`` turns it off).
 
 ``POST /v1/clusters/{name}/intermediate`` is the hot path of a fleet-wide rotation. A well-formed
 request (a DNS-label name, a JSON body that ``RenewIn`` accepts, sent as ``application/json`` or
-``application/*+json``) is answered here by the same
-``routes.renewal_answer`` the FastAPI route uses, and errors become the same problem responses as
-the app's exception handlers give. Anything else — a malformed body, a bad name, another method —
-is handed to the FastAPI app with the body replayed, so its validation and 4xx answers stay the
-only ones. The FastAPI route stays declared: it documents the operation in /openapi.json and
-serves the requests handed over.
+``application/*+json``) is answered here by the same ``routes.renewal_answer`` the FastAPI route
+uses, and errors become the same problem responses as the app's exception handlers give. Anything
+else — a malformed body, a bad name, another method — is handed to the FastAPI app with the body
+replayed, so its validation and 4xx answers stay the only ones. The FastAPI route stays declared:
+it documents the operation in /openapi.json and serves the requests handed over.
 
 It relies on one framework internal: ``ShortcutApp`` overrides ``FastAPI.build_middleware_stack``
 to put the shortcut (and the request guards) outside the stack FastAPI builds.

@@ -17,8 +17,8 @@ from starlette.middleware.errors import ServerErrorMiddleware
 from ca_server.api.fastpath import RenewalShortcut
 from ca_server.api.guards import BodyLimit
 from ca_server.cli import build_parser
-from ca_server.http_protocol import CoalescingHttpToolsProtocol, http_protocol
-from ca_server.server import speedups_of
+from ca_server.http_protocol import CoalescingHttpToolsProtocol
+from ca_server.server import http_protocol, speedups_of
 from ca_server.speedups import ALL_OFF, ALL_ON, Speedups
 from cluster_agent import pki
 from tests.ca.conftest import make_harness

@@ -12,10 +12,9 @@ import uvicorn
 
 from ca_server.app import create_app
 from ca_server.core.authority import Authority, Policy
-from ca_server.http_protocol import http_protocol
 from ca_server.keys.base import KeyType
 from ca_server.keys.file import FileKeyBackend
-from ca_server.server import ServerCertificate
+from ca_server.server import ServerCertificate, http_protocol
 from ca_server.speedups import ALL_ON, Speedups
 from ca_server.storage.migrate import upgrade
 from ca_server.storage.repository import SqlStore
