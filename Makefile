@@ -9,10 +9,11 @@ PYTEST_ARGS ?=
 
 .PHONY: run test venv sysdeps testbin lint demo bench clean
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the exact framework versions the speed-ups were tested against (see that file)
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q -U pip
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -291,6 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "termination; never in production)")
     s.add_argument("--workers", type=int, default=1, help="worker processes accepting on the one listening "
                    "socket, each a full replica (default 1; about one per core)")
+    fast = s.add_argument_group("speed-ups", "each relies on framework internals (versions pinned in "
+                                "constraints.txt); turn one off if an upgrade of that framework breaks it")
+    fast.add_argument("--no-renewal-shortcut", dest="renewal_shortcut", action="store_false",
+                      help="answer renewals through FastAPI's route and middleware stack (the shortcut overrides "
+                      "FastAPI.build_middleware_stack)")
+    fast.add_argument("--no-joined-writes", dest="joined_writes", action="store_false",
+                      help="serve with uvicorn's stock httptools protocol (the speed-up subclasses it to send a "
+                      "response's head and body in one write)")
+    fast.add_argument("--no-prepared-statements", dest="prepared_statements", action="store_false",
+                      help="run every statement through SQLAlchemy Core (the speed-up runs the renewal's statements "
+                      "on the DBAPI connection, compiled once with SQLAlchemy's type processors)")
     s.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("cluster", help="register and manage clusters")

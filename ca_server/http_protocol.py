@@ -6,6 +6,10 @@ the client. On a 2-core machine that second system call is several percent of a 
 Here the transport gathers the writes made in one event-loop step and sends them together at the
 end of that step (a response's start and body are sent in the same step), so nothing waits longer
 than the step that produced it.
+
+It relies on uvicorn internals: ``HttpToolsProtocol.connection_made`` keeps the transport it is
+given and writes every response through its ``write``. ``serve --no-joined-writes`` serves with
+uvicorn's stock httptools protocol instead, and does not import this module.
 """
 
 from __future__ import annotations

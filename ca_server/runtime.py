@@ -62,8 +62,8 @@ def database_url(data_dir: Path, settings: CASettings, override: str | None) -> 
     return override or os.environ.get("MESHBRIDGE_DATABASE_URL") or settings.database_url or sqlite_url(data_dir)
 
 
-def open_store(url: str, *, migrate: bool = True) -> SqlStore:
-    store = SqlStore(url)
+def open_store(url: str, *, migrate: bool = True, prepared_statements: bool = True) -> SqlStore:
+    store = SqlStore(url, prepared_statements=prepared_statements)
     if migrate:
         upgrade(store.engine)
     return store
@@ -84,9 +84,11 @@ def key_backend(data_dir: Path, settings: CASettings, *, passphrase_file: Path |
 
 
 def build_authority(data_dir: Path, *, database_url_override: str | None = None,
-                    passphrase_file: Path | None = None, migrate: bool = True) -> Authority:
+                    passphrase_file: Path | None = None, migrate: bool = True,
+                    prepared_statements: bool = True) -> Authority:
     settings = load_settings(data_dir)
-    store = open_store(database_url(data_dir, settings, database_url_override), migrate=migrate)
+    store = open_store(database_url(data_dir, settings, database_url_override), migrate=migrate,
+                       prepared_statements=prepared_statements)
     keys = key_backend(data_dir, settings, passphrase_file=passphrase_file)
     policy = Policy(org=settings.org, root_key_type=KeyType(settings.root_key_type))
     return Authority(store, keys, policy=policy)

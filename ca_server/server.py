@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -26,12 +27,14 @@ import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from uvicorn.config import HTTPProtocolType
 
 from ca_server import runtime
 from ca_server.app import create_app
 from ca_server.core.authority import Authority, FleetSnapshot
 from ca_server.core.x509profiles import cert_pem
-from ca_server.http_protocol import CoalescingHttpToolsProtocol
+from ca_server.speedups import Speedups
+from ca_server.storage.capabilities import Checkpoints, Disposable
 from meshbridge_wire import logs
 
 log = logging.getLogger("meshbridge.ca.server")
@@ -96,6 +99,22 @@ class ServerCertificate:
         return bool(active) and active[0].id != self.root_id
 
 
+def speedups_of(args: argparse.Namespace) -> Speedups:
+    """The speed-ups ``serve``'s ``--no-…`` flags leave on."""
+    return Speedups(renewal_shortcut=args.renewal_shortcut, joined_writes=args.joined_writes,
+                    prepared_statements=args.prepared_statements)
+
+
+def http_protocol(*, joined_writes: bool) -> type[asyncio.Protocol] | HTTPProtocolType:
+    """uvicorn's ``http`` setting: ours, which joins a response's writes, or uvicorn's stock
+    httptools protocol (ours subclasses its internals, so it is imported only when used)."""
+    if not joined_writes:
+        return "httptools"
+    from ca_server.http_protocol import CoalescingHttpToolsProtocol
+
+    return CoalescingHttpToolsProtocol
+
+
 def serve(args: argparse.Namespace) -> int:
     logs.setup(args.log_level)
     workers = int(getattr(args, "workers", 1) or 1)
@@ -113,7 +132,8 @@ def _serve_workers(args: argparse.Namespace, workers: int) -> int:
     store = runtime.build_authority(Path(args.data_dir), database_url_override=args.database_url,
                                     passphrase_file=Path(args.passphrase_file) if args.passphrase_file else None
                                     ).store
-    getattr(store, "dispose", lambda: None)()
+    if isinstance(store, Disposable):
+        store.dispose()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family, backlog=4096)
     sock.set_inheritable(True)
@@ -161,10 +181,22 @@ def _serve_workers(args: argparse.Namespace, workers: int) -> int:
     return 0
 
 
+async def keep_wal_small(store: Checkpoints) -> None:
+    """SQLite: checkpoint here, every second, so no renewal pays for copying the WAL back."""
+    while True:
+        await asyncio.sleep(1)
+        try:
+            await asyncio.to_thread(store.checkpoint)
+        except Exception as exc:
+            log.warning("WAL checkpoint failed: %s", type(exc).__name__)
+
+
 def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
     data_dir = Path(args.data_dir)
+    speedups = speedups_of(args)
     authority = runtime.build_authority(data_dir, database_url_override=args.database_url,
-                                        passphrase_file=Path(args.passphrase_file) if args.passphrase_file else None)
+                                        passphrase_file=Path(args.passphrase_file) if args.passphrase_file else None,
+                                        prepared_statements=speedups.prepared_statements)
     host, port = split_listen(args.listen)
     names = list(dict.fromkeys([*args.server_name, host]))
     server_cert: ServerCertificate | None = None
@@ -188,16 +220,6 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
                 log.warning("CRL refresh failed: %s", type(exc).__name__)
             await asyncio.sleep(60)
 
-    async def keep_wal_small() -> None:
-        # SQLite: checkpoint here, every second, so no renewal pays for copying the WAL back
-        checkpoint = getattr(authority.store, "checkpoint", None)
-        while checkpoint is not None:
-            await asyncio.sleep(1)
-            try:
-                await asyncio.to_thread(checkpoint)
-            except Exception as exc:
-                log.warning("WAL checkpoint failed: %s", type(exc).__name__)
-
     async def keep_server_cert_fresh() -> None:
         while server_cert is not None:
             await asyncio.sleep(5)
@@ -210,8 +232,11 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
     from ca_server.api.ratelimit import Limits
 
     limits = Limits(per_credential=args.rate_limit_credential, per_address=args.rate_limit_address)
-    app = create_app(authority, background=[keep_crls_fresh, keep_server_cert_fresh, keep_wal_small],
-                     rate_limits=limits)
+    background = [keep_crls_fresh, keep_server_cert_fresh]
+    if isinstance(authority.store, Checkpoints):
+        background.append(functools.partial(keep_wal_small, authority.store))
+    app = create_app(authority, background=background, rate_limits=limits,
+                     renewal_shortcut=speedups.renewal_shortcut)
     app.state.watcher.listeners.append(write_trust_bundle)
     scheme = "http" if args.insecure_http else "https"
     url_host = args.server_name[0] if args.server_name else host
@@ -221,10 +246,13 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
     write_trust_bundle(authority.snapshot())
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                             ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, timeout_keep_alive=75,
-                            backlog=4096, timeout_graceful_shutdown=5, http=CoalescingHttpToolsProtocol)
+                            backlog=4096, timeout_graceful_shutdown=5,
+                            http=http_protocol(joined_writes=speedups.joined_writes))
     config.load()
     if server_cert is not None:
         config.ssl = server_cert.ctx
+    if speedups.off():
+        log.warning("speed-ups turned off: %s", ", ".join(speedups.off()))
     log.info("serving", extra={"path": f"{scheme}://{host}:{port}"})
     uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
     return 0

@@ -1,12 +1,16 @@
-"""The renewal route without FastAPI's per-request layers.
+"""The renewal route without FastAPI's per-request layers (``create_app(renewal_shortcut=True)``,
+the default; ``serve --no-renewal-shortcut`` turns it off).
 
 ``POST /v1/clusters/{name}/intermediate`` is the hot path of a fleet-wide rotation. A well-formed
-request (a DNS-label name, a JSON body that ``RenewIn`` accepts, sent as JSON) is answered here by the same
-``routes.renewal_answer`` the FastAPI route uses, and errors become the same problem responses as
-the app's exception handlers give. Anything else — a malformed body, a bad name, another method —
-is handed to the FastAPI app with the body replayed, so its validation and 4xx answers stay the
-only ones. The FastAPI route stays declared: it documents the operation in /openapi.json and
-serves the requests handed over.
+request (a DNS-label name, a JSON body that ``RenewIn`` accepts, sent as ``application/json`` or
+``application/*+json``) is answered here by the same ``routes.renewal_answer`` the FastAPI route
+uses, and errors become the same problem responses as the app's exception handlers give. Anything
+else — a malformed body, a bad name, another method — is handed to the FastAPI app with the body
+replayed, so its validation and 4xx answers stay the only ones. The FastAPI route stays declared:
+it documents the operation in /openapi.json and serves the requests handed over.
+
+It relies on one framework internal: ``ShortcutApp`` overrides ``FastAPI.build_middleware_stack``
+to put the shortcut (and the request guards) outside the stack FastAPI builds.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 
+from fastapi import FastAPI
 from pydantic import ValidationError
 from starlette.datastructures import Headers
 from starlette.responses import Response
@@ -23,6 +28,17 @@ from meshbridge_wire import models as w
 from meshbridge_wire.names import DNS_LABEL
 
 _PATH = re.compile(rf"/v1/clusters/(?P<name>{DNS_LABEL})/intermediate")
+
+
+class ShortcutApp(FastAPI):
+    """FastAPI with ``outer_layers`` wrapped around its whole middleware stack: a renewal answered
+    by the shortcut passes through no layer that does nothing for it."""
+
+    outer_layers: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        inner = super().build_middleware_stack()
+        return self.outer_layers(inner) if self.outer_layers is not None else inner
 
 
 class RenewalShortcut:
@@ -37,7 +53,7 @@ class RenewalShortcut:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = _PATH.fullmatch(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         headers = Headers(scope=scope) if match is not None else None
-        if match is None or headers is None or not _json_or_unset(headers.get("content-type")):
+        if match is None or headers is None or not _json(headers.get("content-type")):
             await self.app(scope, receive, send)
             return
         body, more = await _read_body(receive)
@@ -55,11 +71,12 @@ class RenewalShortcut:
         await response(scope, receive, send)
 
 
-def _json_or_unset(content_type: str | None) -> bool:
-    """The content types FastAPI reads a JSON body from: none, ``application/json`` or
-    ``application/*+json`` (any other body it does not parse, and refuses)."""
+def _json(content_type: str | None) -> bool:
+    """The content types FastAPI always reads a JSON body from: ``application/json`` and
+    ``application/*+json``. A body without one is handed over: whether FastAPI parses it depends on
+    its version and ``strict_content_type`` (0.165 refuses it), and the answers must not differ."""
     if not content_type:
-        return True
+        return False
     maintype, _, subtype = content_type.split(";", 1)[0].strip().lower().partition("/")
     return maintype == "application" and (subtype == "json" or subtype.endswith("+json"))
 

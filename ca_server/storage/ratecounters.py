@@ -7,18 +7,11 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Engine, Integer, MetaData, String, Table, bindparam, delete, select
+from sqlalchemy import Engine, bindparam, delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-_meta = MetaData()
-rate_counters = Table(
-    "rate_counters",
-    _meta,
-    Column("key", String(128), primary_key=True),
-    Column("window", BigInteger, primary_key=True),
-    Column("count", Integer, nullable=False),
-)
+from ca_server.storage.tables import rate_counters
 
 
 def _upsert(insert: Any) -> Any:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, Dialect, Engine, bindparam, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Row
@@ -136,7 +136,11 @@ class _Prepared:
     column types' own bind and result conversions: SQLAlchemy's per-execution machinery costs
     several times what SQLite spends running the statement, and as much CPU as a PostgreSQL round
     trip. The SQL is still SQLAlchemy's (built from the ``_Q`` statements), so there is one
-    definition of each query; driver errors are translated like SQLAlchemy's (``_tx``)."""
+    definition of each query; driver errors are translated like SQLAlchemy's (``_tx``).
+
+    SQLAlchemy internals it relies on: the compiled statement's ``positiontup``, ``binds`` and
+    ``construct_params()``, and ``TypeEngine.dialect_impl()``'s ``bind_processor()`` and
+    ``result_processor()``. ``SqlStore(prepared_statements=False)`` does without it."""
 
     def __init__(self, stmt: Any, dialect: Dialect) -> None:
         self.compiled = stmt.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
@@ -186,23 +190,54 @@ def _prepare_hot(dialect: Dialect) -> dict[str, _Prepared]:
     return {name: _Prepared(getattr(_Q, name), dialect) for name in _HOT}
 
 
+class _Hot(Protocol):
+    """Runs the hot-path statements (``_HOT``, by their ``_Q`` name) of one transaction."""
+
+    def first(self, name: str, values: dict[str, Any]) -> Any: ...
+    def rows(self, name: str, values: dict[str, Any]) -> list[Any]: ...
+    def run(self, name: str, values: dict[str, Any]) -> None: ...
+
+
+class _HotOnDBAPI:
+    """The speed-up: the statements compiled once (``_Prepared``), run on the DBAPI connection."""
+
+    def __init__(self, prepared: dict[str, _Prepared], conn: Connection) -> None:
+        self._prepared = prepared
+        self._raw = conn.connection.driver_connection
+
+    def first(self, name: str, values: dict[str, Any]) -> Any:
+        return self._prepared[name].first(self._raw, values)
+
+    def rows(self, name: str, values: dict[str, Any]) -> list[Any]:
+        return self._prepared[name].rows(self._raw, values)
+
+    def run(self, name: str, values: dict[str, Any]) -> None:
+        self._prepared[name].execute(self._raw, values)
+
+
+class _HotThroughCore:
+    """The plain path: the same ``_Q`` statements executed by SQLAlchemy Core."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._c = conn
+
+    def first(self, name: str, values: dict[str, Any]) -> Any:
+        return self._c.execute(getattr(_Q, name), values).first()
+
+    def rows(self, name: str, values: dict[str, Any]) -> list[Any]:
+        return list(self._c.execute(getattr(_Q, name), values))
+
+    def run(self, name: str, values: dict[str, Any]) -> None:
+        self._c.execute(getattr(_Q, name), values)
+
+
 class SqlTx:
-    def __init__(self, conn: Connection, *, postgres: bool, hot: dict[str, _Prepared]) -> None:
+    def __init__(self, conn: Connection, *, postgres: bool, prepared: dict[str, _Prepared] | None) -> None:
+        """``prepared``: the store's compiled hot statements, or None to run them through Core."""
         self.c = conn
         self.postgres = postgres
         self.audit_head: tuple[int, str] | None = None  # (id, hash) when this transaction holds it locked
-        # the hot-path statements (``_HOT``) run on the DBAPI connection, the rest through Core
-        self._hot = hot
-        self._raw = conn.connection.driver_connection
-
-    def _first(self, name: str, values: dict[str, Any]) -> Any:
-        return self._hot[name].first(self._raw, values)
-
-    def _rows(self, name: str, values: dict[str, Any]) -> list[Any]:
-        return self._hot[name].rows(self._raw, values)
-
-    def _run(self, name: str, values: dict[str, Any]) -> None:
-        self._hot[name].execute(self._raw, values)
+        self._hot: _Hot = _HotOnDBAPI(prepared, conn) if prepared is not None else _HotThroughCore(conn)
 
     # roots
     def list_roots(self) -> list[Root]:
@@ -222,7 +257,7 @@ class SqlTx:
 
     # clusters
     def get_cluster(self, name: str, *, for_update: bool = False) -> Cluster | None:
-        r = self._first("cluster_for_update" if for_update and self.postgres else "cluster", {"name": name})
+        r = self._hot.first("cluster_for_update" if for_update and self.postgres else "cluster", {"name": name})
         return _cluster(r) if r else None
 
     def list_clusters(self) -> list[Cluster]:
@@ -245,7 +280,7 @@ class SqlTx:
                 "revoked_at": c.revoked_at}
 
     def find_cluster_by_agent_token(self, token_id: str) -> Cluster | None:
-        r = self._first("cluster_by_token", {"token_id": token_id})
+        r = self._hot.first("cluster_by_token", {"token_id": token_id})
         return _cluster(r) if r else None
 
     # tokens
@@ -279,14 +314,14 @@ class SqlTx:
 
     # certificates
     def add_certificate(self, rec: CertificateRecord) -> None:
-        self._run("add_certificate_values", dict(
+        self._hot.run("add_certificate_values", dict(
             serial=rec.serial, cluster=rec.cluster, root_id=rec.root_id, generation=rec.generation,
             cert_pem=rec.cert_pem, public_key_fp=rec.public_key_fp, not_before=rec.not_before,
             not_after=rec.not_after, issued_at=rec.issued_at, revoked_at=rec.revoked_at,
             revocation_reason=rec.revocation_reason))
 
     def get_certificate(self, serial: str) -> CertificateRecord | None:
-        r = self._first("certificate", {"serial": serial})
+        r = self._hot.first("certificate", {"serial": serial})
         return _cert(r) if r else None
 
     def cluster_certificates(self, cluster: str) -> list[CertificateRecord]:
@@ -298,7 +333,8 @@ class SqlTx:
         a time (a caller that stops at the first match never loads the cluster's whole history)."""
         before = 2**31 - 1  # above any id of the INTEGER column
         while True:
-            rows = self._rows("usable_certificates", {"cluster": cluster, "now": now, "before": before, "page": page})
+            rows = self._hot.rows("usable_certificates",
+                                  {"cluster": cluster, "now": now, "before": before, "page": page})
             for r in rows:
                 yield _cert(r)
             if len(rows) < page:
@@ -341,7 +377,7 @@ class SqlTx:
     def append_audit(self, *, at: datetime, actor: str, action: str, subject: str,
                      details: dict[str, Any]) -> AuditEntry:
         if self.audit_head is None:
-            row = self._first("audit_head_for_update" if self.postgres else "audit_head", {})
+            row = self._hot.first("audit_head_for_update" if self.postgres else "audit_head", {})
             self.audit_head = (row.int_value, row.str_value)
         head_id, prev_hash = self.audit_head
         new_id = head_id + 1
@@ -349,9 +385,9 @@ class SqlTx:
             details = json.loads(json.dumps(details, default=str))  # the stored form is what gets hashed
         h = entry_hash(id=new_id, at=at, actor=actor, action=action, subject=subject, details=details,
                        prev_hash=prev_hash)
-        self._run("add_audit_values", dict(id=new_id, at=at, actor=actor, action=action, subject=subject,
+        self._hot.run("add_audit_values", dict(id=new_id, at=at, actor=actor, action=action, subject=subject,
                                            details=json.dumps(details, sort_keys=True), prev_hash=prev_hash, hash=h))
-        self._run("set_audit_head", {"new_id": new_id, "new_hash": h})
+        self._hot.run("set_audit_head", {"new_id": new_id, "new_hash": h})
         self.audit_head = (new_id, h)
         return AuditEntry(new_id, at, actor, action, subject, details, prev_hash, h)
 
@@ -365,11 +401,11 @@ class SqlTx:
 
     def get_revision(self) -> int:
         if self.audit_head is not None:
-            return int(self._first("revision", {}).int_value)
+            return int(self._hot.first("revision", {}).int_value)
         # one statement for both rows: a write transaction that reads the revision appends to the
         # audit chain next (SQLite's BEGIN IMMEDIATE already holds the writer lock, so both are stable)
         revision = 0
-        for row in self._rows("revision_and_audit_head", {}):
+        for row in self._hot.rows("revision_and_audit_head", {}):
             if row.key == "revision":
                 revision = int(row.int_value)
             else:
@@ -444,14 +480,20 @@ class _WriterGate:
 
 
 class SqlStore:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, prepared_statements: bool = True) -> None:
+        """``prepared_statements``: run the hot-path statements on the DBAPI connection, compiled
+        once (``_Prepared``, the default); False: through SQLAlchemy Core like the others
+        (``serve --no-prepared-statements``, for when a SQLAlchemy upgrade breaks ``_Prepared``)."""
         self.url = url
         self.engine = make_engine(url)
         self.postgres = self.engine.dialect.name == "postgresql"
         self.embedded = not self.postgres
-        self._hot = _prepare_hot(self.engine.dialect)
+        self._prepared = _prepare_hot(self.engine.dialect) if prepared_statements else None
         self._dbapi: Any = self.engine.dialect.loaded_dbapi  # sqlite3 or psycopg
         self._gate = _WriterGate(None if self.postgres else self.engine.url.database)
+
+    def _new_tx(self, conn: Connection) -> SqlTx:
+        return SqlTx(conn, postgres=self.postgres, prepared=self._prepared)
 
     @contextmanager
     def _tx(self, *, write: bool) -> Iterator[SqlTx]:
@@ -460,10 +502,10 @@ class SqlStore:
                 if self.postgres and not write:
                     # READ COMMITTED gives each statement its own snapshot with or without
                     # BEGIN/COMMIT: autocommit saves those two round trips per read
-                    yield SqlTx(conn.execution_options(isolation_level="AUTOCOMMIT"), postgres=True, hot=self._hot)
+                    yield self._new_tx(conn.execution_options(isolation_level="AUTOCOMMIT"))
                 elif self.postgres:
                     with conn.begin():
-                        tx = SqlTx(conn, postgres=True, hot=self._hot)
+                        tx = self._new_tx(conn)
                         # serialise writers on the audit head: linear chain across replicas; the
                         # locked row is kept for the first audit entry, saving a second read
                         head = conn.execute(_Q.audit_head_for_update).first()
@@ -474,7 +516,7 @@ class SqlStore:
                     raw: Any = conn.connection.driver_connection
                     raw.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                     try:
-                        yield SqlTx(conn, postgres=False, hot=self._hot)
+                        yield self._new_tx(conn)
                     except BaseException:
                         # SQLite may already have rolled back (SQLITE_FULL, SQLITE_IOERR): keep the
                         # original error rather than "cannot rollback - no transaction is active"

@@ -1,4 +1,5 @@
-"""SQLAlchemy Core tables. The schema is created and changed only by the Alembic migrations."""
+"""SQLAlchemy Core tables, all in ``metadata`` (the Alembic environment's target). The schema is
+created and changed only by the Alembic migrations."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -141,4 +143,13 @@ meta = Table(
     Column("key", String(32), primary_key=True),
     Column("int_value", Integer, nullable=False, default=0),
     Column("str_value", String(64), nullable=False, default=""),
+)
+
+# the rate limiter's counters, shared by the replicas (storage/ratecounters.py)
+rate_counters = Table(
+    "rate_counters",
+    metadata,
+    Column("key", String(128), primary_key=True),
+    Column("window", BigInteger, primary_key=True),
+    Column("count", Integer, nullable=False),
 )

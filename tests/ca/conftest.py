@@ -1,6 +1,8 @@
 """The in-process CA harness: the real core over the real store (SQLite file or PostgreSQL
 database), an encrypted-file key backend, a clock the test can move, and the FastAPI app under
 starlette's TestClient (used as a context manager, so the lifespan and the revision watcher run).
+The app and store are built with every speed-up on (``ca_server.speedups``) unless a test or module
+is marked ``both_speedup_modes``: then it runs once with them on and once with all of them off.
 
 Agents are played with ``cluster_agent.pki`` (new_key, make_csr, prove), as the real agent does.
 """
@@ -23,6 +25,7 @@ from ca_server.core.audit import verify_chain
 from ca_server.core.authority import Authority, Policy
 from ca_server.keys.base import KeyType
 from ca_server.keys.file import FileKeyBackend
+from ca_server.speedups import ALL_OFF, ALL_ON, Speedups
 from ca_server.storage import tables as t
 from ca_server.storage.migrate import upgrade
 from ca_server.storage.repository import SqlStore
@@ -30,6 +33,17 @@ from cluster_agent import pki
 from tests.support.pgserver import PgServer
 
 PASSPHRASE = b"correct horse battery staple 0451"
+
+# run a test (or, as ``pytestmark``, a module) with the speed-ups on, then with all of them off
+both_speedup_modes = pytest.mark.parametrize(
+    "speedups", [pytest.param(ALL_ON, id="speedups-on"), pytest.param(ALL_OFF, id="speedups-off")],
+    indirect=True)
+
+
+@pytest.fixture
+def speedups(request: pytest.FixtureRequest) -> Speedups:
+    """The speed-ups the app and the store are built with: all on unless ``both_speedup_modes``."""
+    return getattr(request, "param", ALL_ON)
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +103,7 @@ class Harness:
     clock: Clock
     data_dir: Path
     database_url: str
+    speedups: Speedups = ALL_ON
 
     @property
     def admin(self) -> dict[str, str]:
@@ -97,6 +112,10 @@ class Harness:
     @property
     def postgres(self) -> bool:
         return self.store.postgres
+
+    def replica_store(self) -> SqlStore:
+        """Another replica's store on the same database, with the same speed-ups (dispose it)."""
+        return SqlStore(self.database_url, prepared_statements=self.speedups.prepared_statements)
 
     # ---------------------------------------------------------------- operator
     def add_cluster(
@@ -230,24 +249,24 @@ class Harness:
 
 def make_harness(
     database_url: str, data_dir: Path, *, policy: Policy | None = None, key_type: KeyType = KeyType.ECDSA_P256,
-    watch_interval: float = 0.05,
+    watch_interval: float = 0.05, speedups: Speedups = ALL_ON,
 ) -> Iterator[Harness]:
-    store = SqlStore(database_url)
+    store = SqlStore(database_url, prepared_statements=speedups.prepared_statements)
     upgrade(store.engine)
     clock = Clock()
     authority = Authority(store, FileKeyBackend(data_dir, PASSPHRASE), policy=policy, clock=clock)
     _, admin = authority.init_root(key_type=key_type)
-    app = create_app(authority, watch_interval=watch_interval)
+    app = create_app(authority, watch_interval=watch_interval, renewal_shortcut=speedups.renewal_shortcut)
     try:
         with TestClient(app) as client:
-            yield Harness(authority, store, client, admin, clock, data_dir, database_url)
+            yield Harness(authority, store, client, admin, clock, data_dir, database_url, speedups)
     finally:
         store.dispose()
 
 
 @pytest.fixture
-def harness(database_url: str, tmp_path: Path) -> Iterator[Harness]:
-    yield from make_harness(database_url, tmp_path / "ca")
+def harness(database_url: str, tmp_path: Path, speedups: Speedups) -> Iterator[Harness]:
+    yield from make_harness(database_url, tmp_path / "ca", speedups=speedups)
 
 
 def pem_certs(text: str) -> list[x509.Certificate]:

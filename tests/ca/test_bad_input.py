@@ -14,7 +14,9 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.x509.oid import NameOID
 
 from cluster_agent import pki
-from tests.ca.conftest import Harness
+from tests.ca.conftest import Harness, both_speedup_modes
+
+pytestmark = both_speedup_modes
 
 
 def assert_problem(r: Any, status: int) -> dict[str, Any]:

@@ -14,10 +14,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from fastapi.testclient import TestClient
 
 from ca_server.core.authority import Policy
+from ca_server.speedups import Speedups
 from ca_server.storage import tables as t
 from cluster_agent import pki
 from tests.ca.certcheck import openssl_verify, openssl_verify_certs, pkilint_crl_errors, pkilint_errors
-from tests.ca.conftest import Agent, Harness, make_harness, pem_certs
+from tests.ca.conftest import Agent, Harness, both_speedup_modes, make_harness, pem_certs
+
+pytestmark = both_speedup_modes
 
 
 def write(path: Path, text: str) -> Path:
@@ -165,9 +168,10 @@ def test_every_allowed_csr_key_type_is_issued(harness: Harness, key_type: str, t
     assert agent.cert.public_key() == agent.key.public_key()
 
 
-def test_validity_is_capped_at_the_issuers_not_after(database_url: str, tmp_path: Path) -> None:
+def test_validity_is_capped_at_the_issuers_not_after(database_url: str, tmp_path: Path,
+                                                     speedups: Speedups) -> None:
     policy = Policy(root_validity=timedelta(days=30))
-    for h in make_harness(database_url, tmp_path / "ca", policy=policy):
+    for h in make_harness(database_url, tmp_path / "ca", policy=policy, speedups=speedups):
         agent = h.enroll("a")
         root = pem_certs(agent.bundle["root-cert.pem"])[0]
         assert agent.cert.not_valid_after_utc == root.not_valid_after_utc

@@ -4,12 +4,20 @@ headers and body in one write (ca_server/http_protocol.py)."""
 from __future__ import annotations
 
 import asyncio
+import ssl
+from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
 import uvicorn
+from cryptography import x509
 from uvicorn.server import ServerState
 
 from ca_server.http_protocol import CoalescingHttpToolsProtocol, CoalescingTransport
+from ca_server.speedups import ALL_OFF, ALL_ON, Speedups
+from cluster_agent import pki
+from tests.support.caservice import CAService
 
 
 class RecordingTransport(asyncio.Transport):
@@ -87,3 +95,29 @@ async def _protocol() -> None:
     for w in raw.writes:
         assert w.startswith(b"HTTP/1.1 201 ") and w.endswith(b'{"ok":true}')
     proto.connection_lost(None)
+
+
+@pytest.mark.parametrize("speedups", [ALL_ON, ALL_OFF], ids=["speedups-on", "speedups-off"])
+def test_a_served_enrollment_and_renewals_on_one_connection(tmp_path: Path, speedups: Speedups) -> None:
+    """Through uvicorn over TLS on loopback, with this protocol or uvicorn's stock httptools one."""
+    svc = CAService(tmp_path / "ca", speedups=speedups).start()
+    try:
+        made = svc.authority.create_cluster(name="a", trust_domain="a.mesh", gateway=None, actor="test")
+        trust = ssl.create_default_context(cafile=str(svc.write_trust_anchor()))
+        with httpx.Client(base_url=svc.url, verify=trust, timeout=30) as http:
+            key = pki.new_key()
+            r = http.post("/v1/enroll", json={"cluster": "a", "bootstrap_token": made.bootstrap_token,
+                                              "csr": pki.make_csr(key, "a")})
+            assert r.status_code == 201, r.text
+            auth = {"Authorization": f"Bearer {r.json()['agent_token']}"}
+            for _ in range(2):  # keep-alive: each answer whole, in order
+                new = pki.new_key()
+                csr = pki.make_csr(new, "a")
+                r = http.post("/v1/clusters/a/intermediate", json={"csr": csr, "proof": pki.prove(key, csr)},
+                              headers=auth)
+                assert r.status_code == 201, r.text
+                issued = x509.load_pem_x509_certificate(r.json()["bundle"]["ca-cert.pem"].encode())
+                assert issued.public_key() == new.public_key()
+                key = new
+    finally:
+        svc.stop()

@@ -6,7 +6,7 @@ import asyncio
 import json
 from typing import Any
 
-from ca_server.app import BodyLimit
+from ca_server.api.guards import BodyLimit
 
 
 async def _echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -15,15 +15,18 @@ from ca_server.core.audit import verify_chain
 from ca_server.core.authority import Authority
 from ca_server.core.errors import Unavailable
 from ca_server.keys.file import FileKeyBackend
+from ca_server.speedups import Speedups
 from ca_server.storage import tables as t
 from ca_server.storage.migrate import is_initialised, upgrade
 from ca_server.storage.repository import SqlStore
 from cluster_agent import pki
-from tests.ca.conftest import PASSPHRASE, Harness
+from tests.ca.conftest import PASSPHRASE, Harness, both_speedup_modes
+
+pytestmark = both_speedup_modes
 
 
-def test_migrations_create_the_schema_and_are_idempotent(database_url: str) -> None:
-    store = SqlStore(database_url)
+def test_migrations_create_the_schema_and_are_idempotent(database_url: str, speedups: Speedups) -> None:
+    store = SqlStore(database_url, prepared_statements=speedups.prepared_statements)
     try:
         assert not is_initialised(store.engine)
         upgrade(store.engine)
@@ -63,7 +66,7 @@ def test_times_and_json_round_trip_exactly(harness: Harness) -> None:
 
 def test_concurrent_renewals_on_two_replicas(harness: Harness, tmp_path: Path) -> None:
     agents = [harness.enroll(n) for n in ("a", "b", "c")]
-    second = SqlStore(harness.database_url)
+    second = harness.replica_store()
     replicas = [harness.authority, Authority(second, FileKeyBackend(harness.data_dir, PASSPHRASE))]
     head_before = harness.store.audit_head()
     assert head_before is not None
@@ -111,7 +114,7 @@ def test_concurrent_renewals_on_two_replicas(harness: Harness, tmp_path: Path) -
 
 def test_concurrent_cluster_registrations_with_one_name(harness: Harness) -> None:
     """Two replicas racing to register the same name: one wins, the other gets 409, never a 500."""
-    second = SqlStore(harness.database_url)
+    second = harness.replica_store()
     other = Authority(second, FileKeyBackend(harness.data_dir, PASSPHRASE))
     outcomes: list[str] = []
     barrier = threading.Barrier(8)
@@ -135,9 +138,9 @@ def test_concurrent_cluster_registrations_with_one_name(harness: Harness) -> Non
     assert verify_chain(harness.store.iter_audit(), head=harness.store.audit_head()).ok
 
 
-def test_an_unreachable_database_is_unavailable(tmp_path: Path) -> None:
+def test_an_unreachable_database_is_unavailable(tmp_path: Path, speedups: Speedups) -> None:
     (tmp_path / "dir.db").mkdir()
-    store = SqlStore(f"sqlite:///{tmp_path / 'dir.db'}")
+    store = SqlStore(f"sqlite:///{tmp_path / 'dir.db'}", prepared_statements=speedups.prepared_statements)
     try:
         try:
             store.ping()
@@ -149,8 +152,8 @@ def test_an_unreachable_database_is_unavailable(tmp_path: Path) -> None:
         store.dispose()
 
 
-def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
-    store = SqlStore(f"sqlite:///{tmp_path / 'm.db'}")
+def test_sqlite_runs_in_wal_mode(tmp_path: Path, speedups: Speedups) -> None:
+    store = SqlStore(f"sqlite:///{tmp_path / 'm.db'}", prepared_statements=speedups.prepared_statements)
     try:
         upgrade(store.engine)
         with store.engine.connect() as conn:
@@ -180,7 +183,7 @@ def test_tokens_are_high_entropy_and_only_their_hashes_are_stored(harness: Harne
 
 def test_a_bootstrap_token_spent_twice_at_once_enrolls_once(harness: Harness) -> None:
     token = harness.add_cluster("a")["bootstrap_token"]
-    second = SqlStore(harness.database_url)
+    second = harness.replica_store()
     replicas = [harness.authority, Authority(second, FileKeyBackend(harness.data_dir, PASSPHRASE))]
     outcomes: list[str] = []
     barrier = threading.Barrier(6)
@@ -204,13 +207,13 @@ def test_a_bootstrap_token_spent_twice_at_once_enrolls_once(harness: Harness) ->
     assert harness.cluster("a")["generation"] == 1
 
 
-def test_checkpoint_moves_committed_pages_into_the_database_file(tmp_path: Path) -> None:
+def test_checkpoint_moves_committed_pages_into_the_database_file(tmp_path: Path, speedups: Speedups) -> None:
     """`serve` checkpoints the SQLite WAL off the request path; the automatic checkpoint is only a
     far-away backstop, so before checkpoint() a fresh commit lives in the WAL alone."""
     import sqlite3
 
     db = tmp_path / "meshbridge.db"
-    store = SqlStore(f"sqlite:///{db}")
+    store = SqlStore(f"sqlite:///{db}", prepared_statements=speedups.prepared_statements)
     upgrade(store.engine)
     store.checkpoint()
     with store.write() as tx:

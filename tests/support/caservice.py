@@ -12,20 +12,22 @@ import uvicorn
 
 from ca_server.app import create_app
 from ca_server.core.authority import Authority, Policy
-from ca_server.http_protocol import CoalescingHttpToolsProtocol
 from ca_server.keys.base import KeyType
 from ca_server.keys.file import FileKeyBackend
-from ca_server.server import ServerCertificate
+from ca_server.server import ServerCertificate, http_protocol
+from ca_server.speedups import ALL_ON, Speedups
 from ca_server.storage.migrate import upgrade
 from ca_server.storage.repository import SqlStore
 from tests.support.pgserver import free_port
 
 
 class CAService:
-    def __init__(self, data_dir: Path, *, database_url: str | None = None) -> None:
+    def __init__(self, data_dir: Path, *, database_url: str | None = None,
+                 speedups: Speedups = ALL_ON) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
-        store = SqlStore(database_url or f"sqlite:///{data_dir / 'meshbridge.db'}")
+        store = SqlStore(database_url or f"sqlite:///{data_dir / 'meshbridge.db'}",
+                         prepared_statements=speedups.prepared_statements)
         upgrade(store.engine)
         self.authority = Authority(store, FileKeyBackend(data_dir, b"test passphrase"), policy=Policy())
         _, self.admin_token = self.authority.init_root(key_type=KeyType.ECDSA_P256)
@@ -33,9 +35,9 @@ class CAService:
         self.url = f"https://127.0.0.1:{self.port}"
         self.server_cert = ServerCertificate(self.authority, names=["127.0.0.1"])
         self.server_cert.refresh()
-        self.app = create_app(self.authority, watch_interval=0.1)
+        self.app = create_app(self.authority, watch_interval=0.1, renewal_shortcut=speedups.renewal_shortcut)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
-                                timeout_graceful_shutdown=1, http=CoalescingHttpToolsProtocol)
+                                timeout_graceful_shutdown=1, http=http_protocol(joined_writes=speedups.joined_writes))
         config.load()
         config.ssl = self.server_cert.ctx
         self.server = uvicorn.Server(config)
