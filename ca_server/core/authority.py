@@ -57,18 +57,6 @@ class Authority:
         return self.ctx.store
 
     @property
-    def keys(self) -> KeyBackend:
-        return self.ctx.keys
-
-    @property
-    def policy(self) -> Policy:
-        return self.ctx.policy
-
-    @property
-    def clock(self) -> Callable[[], datetime]:
-        return self.ctx.clock
-
-    @property
     def on_change(self) -> list[Callable[[], None]]:
         """Called after every committed change that bumped the fleet revision."""
         return self.ctx.on_change

@@ -62,15 +62,7 @@ def build_fleet_index(snap: FleetSnapshot) -> None:
                 target = snap.clusters.get(consumer)
                 if target is None or target.status == ClusterStatus.REVOKED or consumer == exporter.name:
                     continue
-                imports.setdefault(consumer, []).append(
-                    {
-                        "name": svc["name"],
-                        "cluster": exporter.name,
-                        "ports": svc.get("ports", []),
-                        "gateway": exporter.exports.get("gateway"),
-                        "identity": exporter.exports.get("identities", {}).get("ingress"),
-                    }
-                )
+                imports.setdefault(consumer, []).append(_import_entry(exporter, exporter.exports, svc))
                 peer_names.setdefault(consumer, set()).add(exporter.name)
                 peer_names.setdefault(exporter.name, set()).add(consumer)
     for name, lst in imports.items():
@@ -78,6 +70,17 @@ def build_fleet_index(snap: FleetSnapshot) -> None:
         snap.imports_for[name] = lst
     for name, peers in peer_names.items():
         snap.peers_for[name] = _peers(snap, peers)
+
+
+def _import_entry(exporter: Cluster, exports: dict[str, Any], svc: dict[str, Any]) -> dict[str, Any]:
+    """One exported service as an import entry of a consumer's desired state."""
+    return {
+        "name": svc["name"],
+        "cluster": exporter.name,
+        "ports": svc.get("ports", []),
+        "gateway": exports.get("gateway"),
+        "identity": exports.get("identities", {}).get("ingress"),
+    }
 
 
 def _peers(snap: FleetSnapshot, names: set[str]) -> list[dict[str, Any]]:
