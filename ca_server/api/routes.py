@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import json
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -15,10 +12,11 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from ca_server.api.longpoll import DesiredWaiters as DesiredWaiters  # app.py builds routes.DesiredWaiters
+from ca_server.api.longpoll import long_poll_desired
 from ca_server.api.metrics import Metrics
-from ca_server.api.watcher import RevisionWatcher
-from ca_server.core.authority import Authority, FleetSnapshot, Issued, desired_state
-from ca_server.core.errors import NotFound, Unauthenticated
+from ca_server.core.authority import Authority, Issued
+from ca_server.core.errors import Unauthenticated
 from ca_server.core.models import CertificateRecord, Cluster, Root
 from ca_server.core.validation import require_dns_label
 from meshbridge_wire import models as w
@@ -238,82 +236,9 @@ async def renewal_answer(state: Any, name: str, authorization: str | None, body:
 async def desired(request: Request, name: NamePath, cluster: Agent,
                   revision: Annotated[str | None, Query(max_length=64)] = None,
                   wait: Annotated[float, Query(ge=0)] = 0) -> dict[str, Any]:
-    watcher: RevisionWatcher = request.app.state.watcher
-    waiters: DesiredWaiters | None = getattr(request.app.state, "desired_waiters", None)
-    deadline = time.monotonic() + min(wait, 60.0)
-    fresh = True  # the first look reads the store's revision, so a client sees its own writes at once
-    seen: FleetSnapshot | None = None
-    body: dict[str, Any] = {}
-    watching = waiters is not None and watcher.snapshot is not None and wait > 0  # the watcher runs
-    with waiters.watch(name) if waiters is not None and watching else contextlib.nullcontext() as woken:
-        while True:
-            if woken is not None:
-                woken.clear()
-            snap: FleetSnapshot | None = None if fresh else watcher.snapshot
-            if snap is None:
-                snap = await run_in_threadpool(authority(request).snapshot)
-            elif seen is not None and snap.revision < seen.revision:
-                snap = seen  # the watcher lags behind what this request read: never answer with older state
-            fresh = False
-            if seen is None or not _same_desired_inputs(seen, snap, name):
-                current = snap.clusters.get(name)
-                if current is None:
-                    raise NotFound(f"no cluster named {name}")
-                body = desired_state(snap, current)
-            seen = snap
-            remaining = deadline - time.monotonic()
-            if revision is None or body["revision"] != revision or remaining <= 0:
-                return body
-            if woken is not None:  # woken only when this cluster's desired state may have changed
-                try:
-                    await asyncio.wait_for(woken.wait(), timeout=remaining)
-                    changed = True
-                except TimeoutError:
-                    changed = False
-            else:
-                changed = await watcher.wait_for_change(snap.revision, timeout=remaining)
-            if not changed and await request.is_disconnected():
-                return body
-
-
-class DesiredWaiters:
-    """Per-cluster wake-ups for waiting long-polls. The fleet revision moves with every change
-    (each renewal that ends a rotation, for one); waking every waiting long-poll for each would
-    cost O(waiting) per change, O(n²) through a fleet-wide rotation. As a watcher listener (in the
-    event loop, once per new snapshot) this wakes only the clusters whose desired state may differ."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, set[asyncio.Event]] = {}
-        self._prev: FleetSnapshot | None = None
-
-    def on_snapshot(self, snap: FleetSnapshot) -> None:
-        prev, self._prev = self._prev, snap
-        for name, events in self._events.items():
-            if prev is None or not _same_desired_inputs(prev, snap, name):
-                for ev in events:
-                    ev.set()
-
-    @contextlib.contextmanager
-    def watch(self, name: str) -> Iterator[asyncio.Event]:
-        ev = asyncio.Event()
-        self._events.setdefault(name, set()).add(ev)
-        try:
-            yield ev
-        finally:
-            events = self._events.get(name)
-            if events is not None:
-                events.discard(ev)
-                if not events:
-                    del self._events[name]
-
-
-def _same_desired_inputs(a: FleetSnapshot, b: FleetSnapshot, name: str) -> bool:
-    """Whether ``name``'s desired state is necessarily the same in both snapshots, so a fleet-wide
-    revision change (another cluster renewing) does not cost every waiting long-poll a rebuild.
-    Snapshots built incrementally keep the Cluster objects of clusters that did not change."""
-    return a is b or (a.clusters.get(name) is b.clusters.get(name) and a.trust_bundle == b.trust_bundle
-                      and a.crl_pem == b.crl_pem and a.imports_for.get(name) == b.imports_for.get(name)
-                      and a.peers_for.get(name) == b.peers_for.get(name))
+    state = request.app.state
+    return await long_poll_desired(authority(request), state.watcher, getattr(state, "desired_waiters", None), name,
+                                   revision=revision, wait=wait, is_disconnected=request.is_disconnected)
 
 
 @agent_api.put("/clusters/{name}/exports", response_model=w.ExportsIn)

@@ -1,4 +1,4 @@
-"""Ports the core needs from the outside world (storage, keys, clock)."""
+"""Ports the core needs from the outside world (storage, signing keys, clock); adapters implement them."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, Protocol
 
+from ca_server.core.keytypes import KeyType, Signer
 from ca_server.core.models import (
     AdminToken,
     AuditEntry,
@@ -77,3 +78,25 @@ class Store(Protocol):
     def iter_audit(self) -> Iterator[AuditEntry]: ...
     def audit_head(self) -> tuple[int, str] | None: ...
     def ping(self) -> None: ...
+
+
+class KeyBackend(Protocol):
+    """Where CA keys are created and kept (adapters: ``ca_server.keys``)."""
+
+    in_memory: bool  # signing is local CPU work (no device round trip)
+
+    def generate(self, key_type: KeyType, label: str) -> tuple[str, Signer]:
+        """Create a key; returns its ``key_ref`` and a ready signer. Never overwrites (KeyExists)."""
+        ...
+
+    def load(self, key_ref: str) -> Signer:
+        """Open a key created by ``generate`` (KeyUnavailable when it cannot be used)."""
+        ...
+
+    def describe(self, key_ref: str) -> str:
+        """Where the key is, in words safe for logs."""
+        ...
+
+    def discard(self, key_ref: str) -> None:
+        """Delete a key ``generate`` made whose root was never stored (its transaction failed)."""
+        ...

@@ -1,8 +1,9 @@
-"""What every signing-key backend offers, and the pieces shared by backends whose key is external.
+"""The pieces shared by signing-key backends, above all by those whose key is external.
 
-A backend creates keys (``generate``) and opens them again from the ``key_ref`` string the
-database keeps (``load``). ``key_ref`` never holds a secret: ``file:roots/<label>.key.pem``
-(relative to the data directory) or ``pkcs11:token=<label>;object=<label>``.
+Every backend implements the core's ``KeyBackend`` port (``ca_server.core.ports``): it creates
+keys (``generate``) and opens them again from the ``key_ref`` string the database keeps (``load``).
+``key_ref`` never holds a secret: ``file:roots/<label>.key.pem`` (relative to the data directory)
+or ``pkcs11:token=<label>;object=<label>``.
 
 cryptography can only sign certificates and CRLs with keys it holds itself. For a key that
 lives elsewhere (an HSM), ``ExternalKeySigner`` lets cryptography build the to-be-signed part with
@@ -16,7 +17,6 @@ from __future__ import annotations
 import functools
 import re
 from abc import ABC, abstractmethod
-from typing import Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -35,6 +35,7 @@ from ca_server.core.keytypes import (
     key_type_of,
     parse_key_type,
 )
+from ca_server.core.ports import KeyBackend  # the port this package's backends implement
 
 __all__ = [
     "ROOT_KEY_TYPES",
@@ -80,28 +81,6 @@ def key_ref_scheme(key_ref: str) -> str:
     if not sep or scheme not in ("file", "pkcs11"):
         raise InvalidInput("key reference must start with 'file:' or 'pkcs11:'")
     return scheme
-
-
-class KeyBackend(Protocol):
-    """Where CA keys are created and kept."""
-
-    in_memory: bool  # signing is local CPU work (no device round trip)
-
-    def generate(self, key_type: KeyType, label: str) -> tuple[str, Signer]:
-        """Create a key; returns its ``key_ref`` and a ready signer. Never overwrites (KeyExists)."""
-        ...
-
-    def load(self, key_ref: str) -> Signer:
-        """Open a key created by ``generate`` (KeyUnavailable when it cannot be used)."""
-        ...
-
-    def describe(self, key_ref: str) -> str:
-        """Where the key is, in words safe for logs."""
-        ...
-
-    def discard(self, key_ref: str) -> None:
-        """Delete a key ``generate`` made whose root was never stored (its transaction failed)."""
-        ...
 
 
 # --- external keys: assembling certificates and CRLs around a signature made elsewhere ---

@@ -215,7 +215,7 @@ def test_an_older_unexpired_intermediate_may_prove_a_retried_renewal(harness: Ha
     for _ in range(4):
         harness.renew(agent)
     # the process keeps parsed root certificates only, not one more intermediate per renewal
-    assert len(harness.authority._certs) <= len(harness.authority.list_roots())
+    assert len(harness.authority.rootkeys.certs) <= len(harness.authority.list_roots())
 
 
 def test_a_stolen_agent_token_alone_cannot_mint_an_intermediate(harness: Harness) -> None:
@@ -317,8 +317,8 @@ def test_what_was_signed_is_verified_before_it_is_returned(harness: Harness) -> 
 
     token = harness.add_cluster("a")["bootstrap_token"]
     [root] = harness.authority.list_roots()
-    good = harness.authority._signers[root.id]
-    harness.authority._signers[root.id] = LocalKeySigner(ec.generate_private_key(ec.SECP256R1()))
+    good = harness.authority.rootkeys.signers[root.id]
+    harness.authority.rootkeys.signers[root.id] = LocalKeySigner(ec.generate_private_key(ec.SECP256R1()))
     before = harness.state()
     client = TestClient(harness.client.app, raise_server_exceptions=False)
     r = client.post("/v1/enroll", json={"cluster": "a", "bootstrap_token": token,
@@ -326,5 +326,5 @@ def test_what_was_signed_is_verified_before_it_is_returned(harness: Harness) -> 
     assert r.status_code == 500 and r.headers["content-type"] == "application/problem+json"
     assert "BEGIN CERTIFICATE" not in r.text
     assert harness.state() == before
-    harness.authority._signers[root.id] = good
+    harness.authority.rootkeys.signers[root.id] = good
     harness.enroll("a", token=token)

@@ -239,10 +239,10 @@ def test_a_root_whose_transaction_fails_leaves_no_key_file(tmp_path: Path, monke
     def fail(*_: object, **__: object) -> None:
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(authority, "_sign_crl", fail)
+    monkeypatch.setattr(authority.crls, "sign", fail)
     with pytest.raises(RuntimeError):
         authority.add_root(key_type=KeyType.ECDSA_P256, actor="admin:test")
     assert sorted(p.name for p in (tmp_path / "roots").iterdir()) == keys_before
     assert [r.id for r in authority.list_roots()] == roots_before
-    assert set(authority._signers) <= set(roots_before)
+    assert set(authority.rootkeys.signers) <= set(roots_before)
     store.dispose()

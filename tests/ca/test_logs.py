@@ -37,7 +37,7 @@ def test_committed_changes_are_logged_and_rolled_back_ones_are_not(
     def fail_after_audit(tx: object) -> None:  # the audit rows are written, then the transaction fails
         raise Conflict("simulated failure before commit")
 
-    monkeypatch.setattr(authority, "_changed", fail_after_audit)
+    monkeypatch.setattr(authority.ctx, "changed", fail_after_audit)
     with pytest.raises(Conflict, match="simulated"):
         authority.create_cluster(name="b", trust_domain="b.mesh", gateway=None, actor="admin:x")
     assert not [r for r in caplog.records if r.getMessage().startswith(("cluster.create", "bootstrap_token"))]

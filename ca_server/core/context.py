@@ -1,0 +1,92 @@
+"""What every concern of the authority shares: its ports, settings and clock, and the audited write.
+
+A concern (roots, CRLs, clusters, issuance, fleet) receives one ``Context`` from the front
+(``authority.Authority``) and imports no other concern's front: the write transaction, the audit
+writer and the one revision bump live here, so every change, its audit entry and the fleet
+revision commit together or not at all, and listeners hear of a change only once it committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ca_server.core.keytypes import KeyType
+from ca_server.core.ports import Clock, KeyBackend, Store, Tx
+
+log = logging.getLogger("meshbridge.ca.authority")
+
+CRL_VALIDITY = timedelta(days=7)
+BOOTSTRAP_TTL = timedelta(hours=1)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Policy:
+    org: str = "meshbridge"
+    intermediate_validity: timedelta = timedelta(days=90)
+    root_validity: timedelta = timedelta(days=3650)
+    bootstrap_ttl: timedelta = BOOTSTRAP_TTL
+    crl_validity: timedelta = CRL_VALIDITY
+    root_key_type: KeyType = KeyType.ECDSA_P256
+
+
+class _Pending(threading.local):
+    """This thread's open write: its audited events awaiting commit and whether it bumped the revision."""
+
+    events: list[tuple[str, str, str, Any]] | None = None
+    changed: bool = False
+
+
+class Context:
+    """The ports, the settings, the clock and the audited write transaction the concerns share."""
+
+    def __init__(self, store: Store, keys: KeyBackend, policy: Policy, clock: Clock) -> None:
+        self.store = store
+        self.keys = keys
+        self.policy = policy
+        self.clock = clock
+        self.on_change: list[Callable[[], None]] = []  # called after a commit that bumped the revision
+        self._pending = _Pending()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Tx]:
+        """A write transaction whose audited changes are logged once it has committed (a change that
+        rolled back is never logged as done), and whose revision bump (``changed``) is announced to
+        ``on_change`` then too. Identifiers only in the log: never a token or key."""
+        pending = self._pending
+        pending.events, pending.changed = [], False
+        try:
+            with self.store.write() as tx:
+                yield tx
+            for action, subject, actor, extra in pending.events:
+                log.info("%s %s", action, subject, extra={"actor": actor, **({"serial": extra} if extra else {})})
+            changed = pending.changed
+        finally:
+            pending.events, pending.changed = None, False
+        if changed:
+            self.notify_changed()
+
+    def audit(self, tx: Tx, *, actor: str, action: str, subject: str, **details: Any) -> None:
+        """Append an audit entry in ``tx``; it is logged once ``tx`` commits."""
+        tx.append_audit(at=self.clock(), actor=actor, action=action, subject=subject, details=details)
+        events = self._pending.events
+        if events is not None:
+            events.append((action, subject, actor, details.get("serial") or details.get("generation")))
+
+    def changed(self, tx: Tx) -> None:
+        """The one revision bump: desired state may differ after ``tx``; listeners hear it once committed."""
+        tx.bump_revision()
+        self._pending.changed = True
+
+    def notify_changed(self) -> None:
+        for cb in self.on_change:
+            cb()

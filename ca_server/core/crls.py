@@ -1,0 +1,78 @@
+"""Certificate revocation lists: signing one per root, re-signing them when due, serving them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from cryptography.hazmat.primitives import serialization
+
+from ca_server.core import x509profiles as xp
+from ca_server.core.context import Context
+from ca_server.core.errors import Unavailable
+from ca_server.core.models import CRLRecord, Root, RootStatus
+from ca_server.core.ports import Tx
+from ca_server.core.rootkeys import RootKeys, active_root, bundle_roots
+
+
+def crl_pem_from(tx: Tx, roots: Sequence[Root]) -> str:
+    """The PEM CRLs of the trust bundle's roots, in the bundle's order."""
+    wanted = {r.id for r in bundle_roots(roots)}
+    order = {r.id: i for i, r in enumerate(bundle_roots(roots))}
+    crls = sorted((c for c in tx.list_crls() if c.root_id in wanted), key=lambda c: order[c.root_id])
+    return "".join(c.pem for c in crls)
+
+
+class Crls:
+    def __init__(self, ctx: Context, rootkeys: RootKeys) -> None:
+        self.ctx = ctx
+        self.rootkeys = rootkeys
+
+    def sign(self, tx: Tx, root: Root, *, now: datetime, actor: str) -> CRLRecord:
+        previous = [c for c in tx.list_crls() if c.root_id == root.id]
+        number = max((c.number for c in previous), default=0) + 1
+        revoked = [
+            xp.RevokedEntry(serial=int(r.serial, 16), revoked_at=r.revoked_at or now,
+                            reason=r.revocation_reason)
+            for r in tx.revoked_certificates(root.id, not_expired_at=now)
+        ]
+        validity = self.ctx.policy.crl_validity
+        crl = xp.build_crl(
+            issuer=self.rootkeys.cert(root.cert_pem), signer=self.rootkeys.signer(root), revoked=revoked, now=now,
+            next_update=validity, crl_number=number,
+        )
+        rec = CRLRecord(
+            root_id=root.id, number=number, der=crl.public_bytes(serialization.Encoding.DER),
+            pem=crl.public_bytes(serialization.Encoding.PEM).decode(), this_update=now,
+            next_update=now + validity,
+        )
+        tx.put_crl(rec)
+        self.ctx.audit(tx, actor=actor, action="crl.sign", subject=root.id, number=number, entries=len(revoked))
+        return rec
+
+    def resign_for(self, tx: Tx, root_ids: set[str], *, now: datetime, actor: str) -> None:
+        for root in tx.list_roots():
+            if root.id in root_ids and root.status != RootStatus.RETIRED:
+                self.sign(tx, root, now=now, actor=actor)
+
+    def refresh(self, *, actor: str = "scheduler") -> int:
+        """Re-sign every CRL past half of its validity. Safe to call from every replica."""
+        now = self.ctx.clock()
+        half = self.ctx.policy.crl_validity / 2
+        with self.ctx.write() as tx:
+            crls = {c.root_id: c for c in tx.list_crls()}
+            due = [r for r in bundle_roots(tx.list_roots()) if r.id not in crls or crls[r.id].next_update - now < half]
+            for root in due:
+                self.sign(tx, root, now=now, actor=actor)
+            if due:
+                self.ctx.changed(tx)
+        return len(due)
+
+    def der(self) -> bytes:
+        with self.ctx.store.read() as tx:
+            roots = tx.list_roots()
+            active = active_root(roots)
+            for c in tx.list_crls():
+                if c.root_id == active.id:
+                    return c.der
+        raise Unavailable("no CRL has been signed yet")

@@ -1,0 +1,213 @@
+"""The fleet exchange: snapshots of the fleet (read once per revision), each cluster's desired
+state computed from them, and what agents publish (exports, status)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from ca_server.core.clusters import must_cluster
+from ca_server.core.context import Context
+from ca_server.core.crls import crl_pem_from
+from ca_server.core.errors import InvalidInput, NotFound
+from ca_server.core.models import Cluster, ClusterStatus
+from ca_server.core.ports import Tx
+from ca_server.core.rootkeys import trust_bundle_from
+from ca_server.core.validation import identity_in_trust_domain
+
+
+@dataclass
+class FleetSnapshot:
+    """Everything desired state is computed from, read once per fleet revision."""
+
+    revision: int
+    trust_bundle: str
+    crl_pem: str
+    clusters: dict[str, Cluster]
+    imports_for: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    peers_for: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    audit_id: int = -1  # every audited change up to this entry is reflected (-1: unknown)
+
+
+# Audit actions whose only effect on desired state is the row of the cluster named as their
+# subject: a new snapshot after only these re-reads those rows instead of the whole fleet.
+_CLUSTER_ACTIONS = frozenset({"intermediate.renew", "intermediate.enroll", "cluster.rotate", "cluster.create",
+                              "bootstrap_token.create", "exports.update"})
+_MAX_DELTA = 256
+
+
+def _canon(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def _published(c: Cluster) -> bool:
+    return c.status == ClusterStatus.ACTIVE and c.exports is not None
+
+
+def build_fleet_index(snap: FleetSnapshot) -> None:
+    """Imports and peers per cluster from every published cluster's exports (pure). Sparse: a
+    cluster with neither has no entry (rebuilt on every fleet change, so it must stay cheap when
+    most clusters export nothing)."""
+    imports: dict[str, list[dict[str, Any]]] = {}
+    peer_names: dict[str, set[str]] = {}
+    for exporter in snap.clusters.values():  # each list is sorted below: no need to sort the fleet
+        if not _published(exporter):
+            continue
+        assert exporter.exports is not None
+        for svc in exporter.exports.get("services", []):
+            for consumer in svc.get("consumers", []):
+                target = snap.clusters.get(consumer)
+                if target is None or target.status == ClusterStatus.REVOKED or consumer == exporter.name:
+                    continue
+                imports.setdefault(consumer, []).append(_import_entry(exporter, exporter.exports, svc))
+                peer_names.setdefault(consumer, set()).add(exporter.name)
+                peer_names.setdefault(exporter.name, set()).add(consumer)
+    for name, lst in imports.items():
+        lst.sort(key=lambda i: (i["cluster"], i["name"]))
+        snap.imports_for[name] = lst
+    for name, peers in peer_names.items():
+        snap.peers_for[name] = _peers(snap, peers)
+
+
+def _import_entry(exporter: Cluster, exports: dict[str, Any], svc: dict[str, Any]) -> dict[str, Any]:
+    """One exported service as an import entry of a consumer's desired state."""
+    return {
+        "name": svc["name"],
+        "cluster": exporter.name,
+        "ports": svc.get("ports", []),
+        "gateway": exports.get("gateway"),
+        "identity": exports.get("identities", {}).get("ingress"),
+    }
+
+
+def _peers(snap: FleetSnapshot, names: set[str]) -> list[dict[str, Any]]:
+    """The published clusters among ``names``, by name, as a peer entry of desired state."""
+    out = []
+    for p in sorted(names):
+        pc = snap.clusters[p]
+        if not _published(pc):
+            continue
+        assert pc.exports is not None
+        out.append({"name": p, "trust_domain": pc.trust_domain, "identities": pc.exports.get("identities", {})})
+    return out
+
+
+def desired_state(snap: FleetSnapshot, cluster: Cluster) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "generation": cluster.generation,
+        "rotate_required": cluster.rotation_pending,
+        "trust_bundle": snap.trust_bundle,
+        "crl": snap.crl_pem,
+        "imports": snap.imports_for.get(cluster.name, []) if cluster.status == ClusterStatus.ACTIVE else [],
+        "peers": snap.peers_for.get(cluster.name, []) if cluster.status == ClusterStatus.ACTIVE else [],
+        "status": cluster.status.value,
+    }
+    body["revision"] = hashlib.sha256(_canon(body).encode()).hexdigest()[:20]
+    return body
+
+
+def _check_exports(cluster: Cluster, body: dict[str, Any]) -> list[str]:
+    """InvalidInput unless every identity is in the cluster's trust domain and service names are
+    unique; returns the service names."""
+    for role, ident in sorted(body.get("identities", {}).items()):
+        if not identity_in_trust_domain(ident, cluster.trust_domain):
+            raise InvalidInput(
+                f"identities.{role} must be a SPIFFE ID in the cluster's trust domain "
+                f"(spiffe://{cluster.trust_domain}/...)"
+            )
+    names = [s["name"] for s in body.get("services", [])]
+    if len(names) != len(set(names)):
+        raise InvalidInput("services: each name may appear once")
+    return names
+
+
+class Fleet:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._snapshot: FleetSnapshot | None = None
+        self._lock = threading.Lock()
+
+    def snapshot(self) -> FleetSnapshot:
+        with self.ctx.store.read() as tx:
+            revision = tx.get_revision()
+            snap = self._snapshot
+            if snap is not None and snap.revision == revision:
+                return snap
+        head = self.ctx.store.audit_head()  # read before the data, so this watermark is never ahead of it
+        with self.ctx.store.read() as tx:
+            revision = tx.get_revision()
+            prev = self._snapshot
+            if prev is not None and prev.revision == revision:
+                return prev
+            delta = self._snapshot_delta(tx, prev, revision) if prev is not None and prev.audit_id >= 0 else None
+            snap = delta if delta is not None else self._full_snapshot(tx, revision, head)
+        build_fleet_index(snap)
+        with self._lock:
+            if self._snapshot is None or self._snapshot.revision <= snap.revision:
+                self._snapshot = snap
+        return snap
+
+    @staticmethod
+    def _full_snapshot(tx: Tx, revision: int, head: tuple[int, str] | None) -> FleetSnapshot:
+        """The whole fleet as ``tx`` reads it (``head``: the audit head read before it)."""
+        roots = tx.list_roots()
+        return FleetSnapshot(
+            revision=revision,
+            trust_bundle=trust_bundle_from(roots),
+            crl_pem=crl_pem_from(tx, roots),
+            clusters={c.name: c for c in tx.list_clusters()},
+            audit_id=head[0] if head else -1,
+        )
+
+    @staticmethod
+    def _snapshot_delta(tx: Tx, prev: FleetSnapshot, revision: int) -> FleetSnapshot | None:
+        """``prev`` with the rows of the clusters named by the audit entries since it re-read, when
+        every change since touched only its subject cluster's row (renewals, rotations,
+        enrollments, exports); None when anything else happened (roots, CRLs, revocations …) or
+        too much did: then the caller reads the whole fleet. Keeps unchanged Cluster objects."""
+        entries = tx.list_audit(after=prev.audit_id, limit=_MAX_DELTA + 1)
+        if not entries or len(entries) > _MAX_DELTA or any(e.action not in _CLUSTER_ACTIONS for e in entries):
+            return None
+        clusters = dict(prev.clusters)
+        for name in {e.subject for e in entries}:
+            cluster = tx.get_cluster(name)
+            if cluster is None:
+                clusters.pop(name, None)
+            else:
+                clusters[name] = cluster
+        return FleetSnapshot(revision=revision, trust_bundle=prev.trust_bundle, crl_pem=prev.crl_pem,
+                             clusters=clusters, audit_id=entries[-1].id)
+
+    def desired(self, cluster_name: str) -> dict[str, Any]:
+        snap = self.snapshot()
+        cluster = snap.clusters.get(cluster_name)
+        if cluster is None:
+            raise NotFound(f"no cluster named {cluster_name}")
+        return desired_state(snap, cluster)
+
+    def imports(self, cluster_name: str) -> list[dict[str, Any]]:
+        return self.desired(cluster_name)["imports"]  # type: ignore[no-any-return]
+
+    def put_exports(self, cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
+        names = _check_exports(cluster, body)
+        with self.ctx.write() as tx:
+            locked = must_cluster(tx, cluster.name, for_update=True)
+            if _canon(locked.exports) == _canon(body) and locked.gateway == body.get("gateway"):
+                return body
+            locked.exports = body
+            locked.gateway = body.get("gateway")
+            tx.save_cluster(locked)
+            self.ctx.audit(tx, actor=f"agent:{cluster.name}", action="exports.update", subject=cluster.name,
+                           services=names, gateway=body.get("gateway"))
+            self.ctx.changed(tx)
+        return body
+
+    def put_status(self, cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
+        with self.ctx.write() as tx:
+            locked = must_cluster(tx, cluster.name, for_update=True)
+            locked.agent_status = body
+            tx.save_cluster(locked)
+        return body

@@ -1,0 +1,300 @@
+"""Issuance: enrollment, renewal (the hot path, with its caches and proof of possession) and the
+CA service's own server certificate."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ca_server.core import tokens as tk
+from ca_server.core import x509profiles as xp
+from ca_server.core.clusters import must_cluster
+from ca_server.core.context import Context
+from ca_server.core.crls import crl_pem_from
+from ca_server.core.errors import BadProof, Forbidden, Unauthenticated
+from ca_server.core.models import BootstrapToken, CertificateRecord, Cluster, ClusterStatus, Root, RootStatus
+from ca_server.core.ports import Tx
+from ca_server.core.rootkeys import RootKeys, active_root, trust_bundle_from
+from ca_server.core.validation import require_dns_label
+
+_KEY_CACHE = 20_000  # parsed intermediate public keys kept per process
+
+
+@dataclass(frozen=True)
+class Bundle:
+    ca_cert: str
+    cert_chain: str
+    root_cert: str
+    crl: str
+
+    def as_files(self) -> dict[str, str]:
+        return {
+            "ca-cert.pem": self.ca_cert,
+            "cert-chain.pem": self.cert_chain,
+            "root-cert.pem": self.root_cert,
+            "crl.pem": self.crl,
+        }
+
+
+@dataclass(frozen=True)
+class Issued:
+    cluster: str
+    generation: int
+    serial: str
+    not_after: datetime
+    bundle: Bundle
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    issued: Issued
+    agent_token: str
+
+    def __repr__(self) -> str:
+        return f"Enrolled(cluster={self.issued.cluster!r}, serial={self.issued.serial!r})"
+
+
+@dataclass(frozen=True)
+class _KnownAgent:
+    """An agent token as last confirmed by the store (its hash only, never the secret)."""
+
+    cluster: str
+    trust_domain: str
+    token_hash: str = field(repr=False)
+
+
+def _decode_proof(proof_b64: str) -> bytes:
+    try:
+        proof = base64.b64decode(proof_b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadProof("proof must be base64") from exc
+    if not proof:
+        raise BadProof("proof of possession of the current intermediate's key is required")
+    return proof
+
+
+def _check_bootstrap(rec: BootstrapToken | None, tok: tk.PresentedToken, cluster_name: str, *,
+                     now: datetime) -> None:
+    """Unauthenticated unless ``rec`` is the stored, unused, unexpired bootstrap token of the cluster."""
+    if rec is None or not tk.secret_matches(tok, rec.token_hash) or rec.cluster != cluster_name:
+        raise Unauthenticated("bootstrap token is not valid for this cluster")
+    if rec.used_at is not None:
+        raise Unauthenticated("bootstrap token was already used: ask the operator for a new one")
+    if rec.expires_at <= now:
+        raise Unauthenticated("bootstrap token has expired: ask the operator for a new one")
+
+
+AgentAuthenticator = Callable[[tk.PresentedToken, str], Cluster]
+
+
+class Issuance:
+    def __init__(self, ctx: Context, rootkeys: RootKeys, authenticate_agent: AgentAuthenticator) -> None:
+        self.ctx = ctx
+        self.rootkeys = rootkeys
+        self._authenticate_agent = authenticate_agent
+        # caches for the renewal hot path (see renew): each only guides work the write transaction
+        # confirms against the store
+        self._pki: tuple[int, list[Root], str] | None = None
+        self._keys: dict[str, Any] = {}  # intermediate serial -> public key, for proof checks
+        self._known_agents: dict[str, _KnownAgent] = {}
+
+    def enroll(self, *, cluster_name: str, bootstrap_token: str, csr_pem: str) -> Enrolled:
+        tok = tk.parse_token(bootstrap_token)
+        if tok is None or tok.kind != "boot":
+            raise Unauthenticated("bootstrap token is not valid")
+        require_dns_label(cluster_name, what="cluster")
+        csr, csr_key = xp.parse_csr_and_key(csr_pem)  # bad CSR: 4xx before the token is touched
+        now = self.ctx.clock()
+        with self.ctx.write() as tx:
+            _check_bootstrap(tx.get_bootstrap_token(tok.token_id, for_update=True), tok, cluster_name, now=now)
+            cluster = must_cluster(tx, cluster_name, for_update=True)
+            if cluster.status == ClusterStatus.REVOKED:
+                raise Unauthenticated("bootstrap token is not valid: the cluster is revoked")
+            cluster.generation += 1
+            cluster.rotation_pending = False
+            cluster.status = ClusterStatus.ACTIVE
+            agent = tk.new_token("agent")
+            cluster.agent_token_id, cluster.agent_token_hash = agent.token_id, agent.token_hash
+            roots = tx.list_roots()
+            cert, root = self._sign_intermediate(cluster.name, cluster.trust_domain, csr, csr_key, roots, now=now)
+            issued = self._record_issue(tx, cluster, cert, root, csr_key, roots=roots, crl_pem=None, now=now,
+                                        actor=f"bootstrap:{tok.token_id}", action="enroll")
+            tx.mark_bootstrap_used(tok.token_id, now)
+            tx.save_cluster(cluster)
+            self.ctx.changed(tx)
+        return Enrolled(issued, agent.plaintext)
+
+    @property
+    def renewal_is_cpu_bound(self) -> bool:
+        """Whether a renewal is pure CPU work here (embedded database, key in memory): an event loop
+        then runs it inline, as a thread pool hand-off would cost more than it frees."""
+        return self.ctx.store.embedded and self.ctx.keys.in_memory
+
+    def renew(self, tok: tk.PresentedToken, *, cluster_name: str, csr_pem: str, proof_b64: str) -> Issued:
+        """A new intermediate for an enrolled cluster, for its agent token and a proof of possession
+        of the key of a valid intermediate of that cluster.
+
+        Signing and path validation are drafted before the write transaction, from the cached roots,
+        once the token is known good, so the single writer slot is held only for reads, one proof
+        check and inserts. Inside, everything is decided on what the store holds now: the token, the
+        cluster, the proving intermediate (newest first: an agent proves with the key it installed
+        last) and the active root — a draft made under a root that is no longer active is signed
+        again. Nothing is returned or stored that the transaction did not confirm."""
+        known = self._agent_for_draft(tok, cluster_name)
+        csr, csr_key = xp.parse_csr_and_key(csr_pem)
+        proof = _decode_proof(proof_b64)
+        csr_der = csr.public_bytes(serialization.Encoding.DER)
+        now = self.ctx.clock()
+        pki = self._pki
+        draft = self._sign_intermediate(known.cluster, known.trust_domain, csr, csr_key, pki[1], now=now) \
+            if pki is not None else None
+        with self.ctx.write() as tx:
+            locked = must_cluster(tx, cluster_name, for_update=True)
+            self._require_agent(tok, locked)
+            roots, crl_pem = self._pki_state(tx)
+            self._check_proof(tx, locked, csr_der, proof, now=now, roots=roots)
+            if draft is None or not self._draft_holds(draft, known, locked, roots):
+                draft = self._sign_intermediate(locked.name, locked.trust_domain, csr, csr_key, roots, now=now)
+            cert, root = draft
+            ended = locked.rotation_pending
+            locked.rotation_pending = False
+            issued = self._record_issue(tx, locked, cert, root, csr_key, roots=roots, crl_pem=crl_pem, now=now,
+                                        actor=f"agent:{locked.name}", action="renew")
+            if ended:
+                tx.save_cluster(locked)
+                self.ctx.changed(tx)
+        self._remember_key(issued.serial, csr_key)  # the intermediate's key: the agent proves with it next time
+        return issued
+
+    def _agent_for_draft(self, tok: tk.PresentedToken, cluster_name: str) -> _KnownAgent:
+        """Authenticate before any signing happens: from the token last confirmed by the store,
+        else from the store. Only a pre-filter: the write transaction decides."""
+        known = self._known_agents.get(tok.token_id)
+        if known is None:
+            cluster = self._authenticate_agent(tok, cluster_name)
+            known = _KnownAgent(cluster.name, cluster.trust_domain, cluster.agent_token_hash or "")
+            self._known_agents[tok.token_id] = known
+        elif not tk.secret_matches(tok, known.token_hash):
+            raise Unauthenticated("agent token is not valid")
+        if known.cluster != cluster_name:
+            raise Forbidden("this agent token belongs to another cluster")
+        return known
+
+    def _require_agent(self, tok: tk.PresentedToken, cluster: Cluster) -> None:
+        """The authoritative check, on the row the write transaction holds."""
+        if cluster.agent_token_id != tok.token_id or cluster.status != ClusterStatus.ACTIVE or \
+                not tk.secret_matches(tok, cluster.agent_token_hash):
+            self._known_agents.pop(tok.token_id, None)
+            raise Unauthenticated("agent token is no longer valid")
+
+    @staticmethod
+    def _draft_holds(draft: tuple[x509.Certificate, Root], known: _KnownAgent, cluster: Cluster,
+                     roots: Sequence[Root]) -> bool:
+        """Whether the certificate signed ahead is the one the transaction would sign: same active
+        root (certificate and chain), same trust domain."""
+        active, signed_under = active_root(roots), draft[1]
+        return (active.id == signed_under.id and active.cert_pem == signed_under.cert_pem
+                and active.chain_pem == signed_under.chain_pem and cluster.trust_domain == known.trust_domain)
+
+    @staticmethod
+    def _may_prove(rec: CertificateRecord, cluster: Cluster, roots: Sequence[Root], *, now: datetime) -> bool:
+        retired = {r.id for r in roots if r.status == RootStatus.RETIRED}
+        return (rec.cluster == cluster.name and rec.revoked_at is None and rec.not_after > now
+                and rec.root_id not in retired)
+
+    def _public_key(self, rec: CertificateRecord) -> Any:
+        """The certificate's public key, parsed once per process (bounded cache)."""
+        key = self._keys.get(rec.serial)
+        if key is None:
+            key = x509.load_pem_x509_certificate(rec.cert_pem.encode()).public_key()
+            self._remember_key(rec.serial, key)
+        return key
+
+    def _remember_key(self, serial: str, key: Any) -> None:
+        if len(self._keys) >= _KEY_CACHE:
+            self._keys.clear()
+        self._keys[serial] = key
+
+    def _pki_state(self, tx: Tx) -> tuple[list[Root], str]:
+        """The roots and the trust bundle's PEM CRLs, read once per fleet revision: every change to
+        either bumps the revision in the same transaction, so a matching revision means unchanged."""
+        revision = tx.get_revision()
+        cached = self._pki
+        if cached is not None and cached[0] == revision:
+            return cached[1], cached[2]
+        roots = tx.list_roots()
+        crl_pem = crl_pem_from(tx, roots)
+        self._pki = (revision, roots, crl_pem)
+        return roots, crl_pem
+
+    def _check_proof(self, tx: Tx, cluster: Cluster, csr_der: bytes, proof: bytes, *, now: datetime,
+                     roots: Sequence[Root]) -> None:
+        """BadProof unless the key of a valid intermediate of the cluster made ``proof``, trying the
+        newest first (the first read fetches only the newest: it is almost always the one)."""
+        for rec in tx.usable_certificates(cluster.name, now=now, page=1):
+            if self._may_prove(rec, cluster, roots, now=now) and \
+                    xp.verify_proof(self._public_key(rec), csr_der, proof):
+                return
+        raise BadProof("proof does not verify with the key of any valid intermediate of this cluster")
+
+    def _sign_intermediate(self, name: str, trust_domain: str, csr: x509.CertificateSigningRequest,
+                           csr_key: Any, roots: Sequence[Root], *, now: datetime) -> tuple[x509.Certificate, Root]:
+        """Sign and path-validate an intermediate under the active root (nothing stored)."""
+        root = active_root(roots)
+        issuer = self.rootkeys.cert(root.cert_pem)
+        cert = xp.issue_intermediate(
+            csr=csr,
+            issuer=issuer,
+            signer=self.rootkeys.signer(root),
+            subject=xp.intermediate_subject(name, trust_domain, self.ctx.policy.org),
+            trust_domain=trust_domain,
+            now=now,
+            validity=self.ctx.policy.intermediate_validity,
+            csr_key=csr_key,
+        )
+        chain_above = xp.load_pem_certificates(root.chain_pem) if root.chain_pem else []
+        self.rootkeys.verifier([root]).verify(cert, intermediates=[issuer, *chain_above], now=now)
+        return cert, root
+
+    def _record_issue(
+        self, tx: Tx, cluster: Cluster, cert: x509.Certificate, root: Root, public_key: Any, *,
+        roots: Sequence[Root], crl_pem: str | None, now: datetime, actor: str, action: str,
+    ) -> Issued:
+        """Store and audit a signed intermediate (``public_key``: its key, as the CSR gave it); the
+        bundle the agent installs."""
+        pem = xp.cert_pem(cert)
+        rec = CertificateRecord(
+            serial=xp.serial_hex(cert), cluster=cluster.name, root_id=root.id, generation=cluster.generation,
+            cert_pem=pem, public_key_fp=xp.public_key_fingerprint(public_key),
+            not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc, issued_at=now,
+        )
+        tx.add_certificate(rec)
+        self.ctx.audit(tx, actor=actor, action=f"intermediate.{action}", subject=cluster.name, serial=rec.serial,
+                       generation=cluster.generation, root=root.id, not_after=rec.not_after.isoformat())
+        bundle = Bundle(
+            ca_cert=pem,
+            cert_chain=pem + root.cert_pem + root.chain_pem,
+            root_cert=trust_bundle_from(roots),
+            crl=crl_pem_from(tx, roots) if crl_pem is None else crl_pem,
+        )
+        return Issued(cluster.name, cluster.generation, rec.serial, rec.not_after, bundle)
+
+    def issue_server_certificate(
+        self, public_key: Any, *, dns_names: Sequence[str], ip_addresses: Sequence[str]
+    ) -> tuple[x509.Certificate, Root]:
+        now = self.ctx.clock()
+        with self.ctx.store.read() as tx:
+            root = active_root(tx.list_roots())
+        cert = xp.issue_server_cert(
+            issuer=self.rootkeys.cert(root.cert_pem), signer=self.rootkeys.signer(root), public_key=public_key,
+            dns_names=list(dns_names), ip_addresses=[ipaddress.ip_address(i) for i in ip_addresses], now=now,
+        )
+        return cert, root
