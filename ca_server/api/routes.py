@@ -17,6 +17,7 @@ from ca_server.api.longpoll import long_poll_desired
 from ca_server.api.metrics import Metrics
 from ca_server.core.authority import Authority, Issued
 from ca_server.core.errors import Unauthenticated
+from ca_server.core.keytypes import parse_key_type
 from ca_server.core.models import CertificateRecord, Cluster, Root
 from ca_server.core.validation import require_dns_label
 from meshbridge_wire import models as w
@@ -172,8 +173,6 @@ def list_roots(request: Request, actor: Admin) -> w.RootList:
 
 @admin_api.post("/roots", status_code=201, response_model=w.RootOut)
 def add_root(request: Request, actor: Admin, body: w.RootIn | None = None) -> w.RootOut:
-    from ca_server.keys.base import parse_key_type
-
     kt = parse_key_type(body.key_type) if body and body.key_type else None
     return root_out(authority(request).add_root(key_type=kt, actor=actor))
 
