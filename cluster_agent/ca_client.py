@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from cluster_agent.errors import validation_problems
 from meshbridge_wire.models import (
     DesiredOut,
     EnrollIn,
@@ -139,10 +140,8 @@ class CAClient:
         try:
             return model.model_validate_json(r.content)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
-                                 for e in exc.errors(include_input=False)[:5])
             raise CAAnswerInvalid(f"CA service answered {r.request.method} {r.request.url.path} with a body "
-                                  f"that is not a {model.__name__} ({problems})") from None
+                                  f"that does not fit {model.__name__} ({validation_problems(exc)})") from None
 
     # ------------------------------------------------------------------ API
     def enroll(self, request: EnrollIn) -> EnrollOut:

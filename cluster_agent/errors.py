@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 __all__ = [
     "AgentError",
     "BundleRejected",
@@ -26,6 +28,7 @@ __all__ = [
     "KubeNotFound",
     "KubeRetryLater",
     "NotEnrolled",
+    "validation_problems",
 ]
 
 
@@ -72,3 +75,10 @@ class KubeForbidden(KubeError):
 
 class KubeNotFound(KubeError):
     """404: no such object, or no such kind (its CRD is not installed)."""
+
+
+def validation_problems(exc: ValidationError, *, limit: int = 5) -> str:
+    """``<field path>: <what is wrong>`` for the first problems of a model's validation, without the
+    values themselves (an answer or a body may carry a token or a key)."""
+    return "; ".join(f"{'.'.join(str(part) for part in e['loc']) or 'body'}: {e['msg']}"
+                     for e in exc.errors(include_input=False)[:limit])

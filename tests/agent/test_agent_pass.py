@@ -13,7 +13,7 @@ import pytest
 from cluster_agent.apply import ApplyReport
 from cluster_agent.ca_client import CAClient
 from cluster_agent.config import load_config
-from cluster_agent.errors import KubeConflict, KubeRetryLater
+from cluster_agent.errors import ExportsInvalid, KubeConflict, KubeRetryLater
 from cluster_agent.loop import AgentLoop, Backoff
 from cluster_agent.output import DirectoryWriter
 from cluster_agent.reconcile import PassResult, Reconciler
@@ -66,19 +66,21 @@ class RecordingWriter(DirectoryWriter):
         return super().apply(objects, corefile_block=corefile_block)
 
 
-def recording_reconciler(cfg_path: Path, calls: list[str]) -> Reconciler:
+def recording_reconciler(cfg_path: Path, calls: list[str],
+                         service_exports: list[dict[str, Any]] | None = None) -> Reconciler:
     cfg = load_config(cfg_path)
     out = cfg_path.parent / "out"
     client = RecordingClient(calls, cfg.ca.url, trust_pem=Path(cfg.ca.trust_anchor).read_text(), cluster=cfg.cluster)
-    writer = RecordingWriter(calls, out, state_dir=out / ".meshbridge", stream=io.StringIO())
+    writer = RecordingWriter(calls, out, state_dir=out / ".meshbridge", stream=io.StringIO(),
+                             service_exports=service_exports)
     rec = Reconciler(cfg, client=client, applier=writer, state_store=DirStateStore(out / ".meshbridge"))
-    real = rec.renewal_due
+    real = rec.intermediate.renewal_due
 
-    def counted(desired: DesiredOut | None) -> str | None:
+    def counted(desired: DesiredOut) -> str | None:
         calls.append("renewal_due")
         return real(desired)
 
-    rec.renewal_due = counted  # type: ignore[method-assign]
+    rec.intermediate.renewal_due = counted  # type: ignore[method-assign]
     return rec
 
 
@@ -109,6 +111,17 @@ def test_the_pass_runs_its_steps_in_order_each_once(ca_service: CAService, two_c
     calls.clear()
     rec.run_pass(revision=settled.revision, wait=0, resync=lambda: True)
     assert calls == ["service_exports", "desired", "renewal_due", "current_corefile", "apply"]
+
+
+def test_exports_that_do_not_fit_the_model_are_refused_here_not_by_the_ca(
+        ca_service: CAService, two_clusters: dict[str, Path]) -> None:
+    calls: list[str] = []
+    service_export = {"name": "web.shop", "namespace": "shop", "service": "web",
+                      "ports": [{"number": 80, "protocol": "HTTP"}], "consumers": ["Cluster_B"]}  # from an annotation
+    rec = recording_reconciler(two_clusters["a"], calls, service_exports=[service_export])
+    with pytest.raises(ExportsInvalid, match=r"services\.1\.consumers: .*a cluster name"):
+        rec.run_pass(revision=None, wait=0, resync=lambda: False)
+    assert "put_exports" not in calls
 
 
 def test_the_loop_only_schedules_the_pass(ca_service: CAService, two_clusters: dict[str, Path]) -> None:
