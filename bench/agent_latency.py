@@ -23,12 +23,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cluster_agent.apply import ApplyReport
 from cluster_agent.ca_client import CAClient
 from cluster_agent.config import load_config
 from cluster_agent.loop import AgentLoop
 from cluster_agent.output import DirectoryWriter
-from cluster_agent.reconcile import ApplyReport, Reconciler
+from cluster_agent.reconcile import Reconciler
 from cluster_agent.state import DirStateStore
+from meshbridge_wire.models import ExportedService, Port
 from tests.agent.conftest import agent_yaml
 from tests.support.pgserver import free_port
 
@@ -138,8 +140,8 @@ def main() -> int:
         latencies = []
         for i in range(args.changes):
             host = f"svc{i}.bench.remote"
-            body["services"].append({"name": f"svc{i}.bench", "namespace": "bench", "service": f"svc{i}",
-                                     "ports": [{"number": 8080, "protocol": "HTTP"}], "consumers": ["b"]})
+            body.services.append(ExportedService(name=f"svc{i}.bench", namespace="bench", service=f"svc{i}",
+                                                 ports=[Port(number=8080)], consumers=["b"]))
             a.r.client.put_exports(body)
             t0 = time.perf_counter()
             with writer.cond:

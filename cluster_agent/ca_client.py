@@ -4,8 +4,12 @@ Errors, drawn once::
 
     CAClientError                 base
     ├── CAUnreachable             transport failure or 5xx/429: retry later, keep everything as is
-    └── CARejected                a 4xx answer: retrying the same request will not help
-        └── CAAuthFailed          401/403: token or proof refused (re-enrollment may be needed)
+    ├── CARejected                a 4xx answer: retrying the same request will not help
+    │   └── CAAuthFailed          401/403: token or proof refused (re-enrollment may be needed)
+    └── CAAnswerInvalid           a 2xx answer that is not what the API promises (meshbridge_wire.models)
+
+Requests are built from, and answers parsed into, the contract's models (``meshbridge_wire.models``),
+so the agent never handles the CA service's JSON as untyped dicts.
 
 The trust anchor: the configured file only bootstraps; once desired state has arrived, the
 agent trusts the CA service through its ``trust_bundle`` (``set_trust_bundle``), so a root
@@ -15,9 +19,25 @@ rotation never cuts it off.
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
+
+from cluster_agent.errors import validation_problems
+from meshbridge_wire.models import (
+    DesiredOut,
+    EnrollIn,
+    EnrollOut,
+    ExportsIn,
+    ImportList,
+    ImportOut,
+    RenewIn,
+    RenewOut,
+    StatusIn,
+)
+
+Answer = TypeVar("Answer", bound=BaseModel)
 
 
 class CAClientError(Exception):
@@ -38,6 +58,10 @@ class CARejected(CAClientError):
 
 class CAAuthFailed(CARejected):
     pass
+
+
+class CAAnswerInvalid(CAClientError):
+    """The CA service answered with a body that does not fit the API's model."""
 
 
 def _ssl_context(trust_pem: str) -> ssl.SSLContext:
@@ -83,13 +107,15 @@ class CAClient:
         self._http.close()
 
     # ------------------------------------------------------------------ transport
-    def _request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
-                 auth: bool = True, timeout: float | None = None) -> Any:
+    def _request(self, method: str, path: str, *, body: BaseModel | None = None,
+                 params: dict[str, Any] | None = None, auth: bool = True,
+                 timeout: float | None = None) -> httpx.Response:
         headers = {}
         if auth:
             if not self._token:
                 raise CAAuthFailed("no agent token: the agent has not enrolled", status=401)
             headers["Authorization"] = f"Bearer {self._token}"
+        json = body.model_dump(mode="json", exclude_none=True) if body is not None else None
         try:
             r = self._http.request(method, path, json=json, params=params, headers=headers,
                                    timeout=timeout or self.timeout)
@@ -107,31 +133,38 @@ class CAClient:
                 pass
             cls = CAAuthFailed if r.status_code in (401, 403) else CARejected
             raise cls(f"CA service refused {method} {path} ({r.status_code}): {detail}", status=r.status_code)
-        return r.json()
+        return r
+
+    @staticmethod
+    def _parse(model: type[Answer], r: httpx.Response) -> Answer:
+        try:
+            return model.model_validate_json(r.content)
+        except ValidationError as exc:
+            raise CAAnswerInvalid(f"CA service answered {r.request.method} {r.request.url.path} with a body "
+                                  f"that does not fit {model.__name__} ({validation_problems(exc)})") from None
 
     # ------------------------------------------------------------------ API
-    def enroll(self, *, bootstrap_token: str, csr_pem: str) -> dict[str, Any]:
-        body = {"cluster": self.cluster, "bootstrap_token": bootstrap_token, "csr": csr_pem}
-        return self._request("POST", "/v1/enroll", json=body, auth=False)  # type: ignore[no-any-return]
+    def enroll(self, request: EnrollIn) -> EnrollOut:
+        return self._parse(EnrollOut, self._request("POST", "/v1/enroll", body=request, auth=False))
 
-    def renew(self, *, csr_pem: str, proof: str) -> dict[str, Any]:
-        return self._request("POST", f"/v1/clusters/{self.cluster}/intermediate",  # type: ignore[no-any-return]
-                             json={"csr": csr_pem, "proof": proof})
+    def renew(self, request: RenewIn) -> RenewOut:
+        return self._parse(RenewOut, self._request("POST", f"/v1/clusters/{self.cluster}/intermediate",
+                                                   body=request))
 
-    def desired(self, *, revision: str | None = None, wait: float = 0) -> dict[str, Any]:
+    def desired(self, *, revision: str | None = None, wait: float = 0) -> DesiredOut:
         params: dict[str, Any] = {}
         if revision is not None:
             params["revision"] = revision
         if wait:
             params["wait"] = int(wait)
-        return self._request("GET", f"/v1/clusters/{self.cluster}/desired",  # type: ignore[no-any-return]
-                             params=params, timeout=self.timeout + wait)
+        return self._parse(DesiredOut, self._request("GET", f"/v1/clusters/{self.cluster}/desired",
+                                                     params=params, timeout=self.timeout + wait))
 
-    def put_exports(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._request("PUT", f"/v1/clusters/{self.cluster}/exports", json=body)  # type: ignore[no-any-return]
+    def put_exports(self, exports: ExportsIn) -> None:
+        self._request("PUT", f"/v1/clusters/{self.cluster}/exports", body=exports)
 
-    def put_status(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._request("PUT", f"/v1/clusters/{self.cluster}/status", json=body)  # type: ignore[no-any-return]
+    def put_status(self, status: StatusIn) -> None:
+        self._request("PUT", f"/v1/clusters/{self.cluster}/status", body=status)
 
-    def imports(self) -> list[dict[str, Any]]:
-        return self._request("GET", f"/v1/clusters/{self.cluster}/imports")["items"]  # type: ignore[no-any-return]
+    def imports(self) -> list[ImportOut]:
+        return self._parse(ImportList, self._request("GET", f"/v1/clusters/{self.cluster}/imports")).items

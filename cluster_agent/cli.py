@@ -13,9 +13,10 @@ from typing import Any
 
 from cluster_agent.ca_client import CAClient, CAClientError
 from cluster_agent.config import AgentConfig, ConfigError, load_config
+from cluster_agent.errors import AgentError
 from cluster_agent.loop import AgentLoop
 from cluster_agent.metrics import AgentMetrics, serve_health
-from cluster_agent.reconcile import BundleRejected, Reconciler
+from cluster_agent.reconcile import Reconciler
 from cluster_agent.state import DirStateStore
 
 EPILOG = """\
@@ -153,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"meshbridge-agent: config error: {exc}", file=sys.stderr)
         return 2
-    except (CAClientError, BundleRejected) as exc:
+    except (CAClientError, AgentError) as exc:
         print(f"meshbridge-agent: {exc}", file=sys.stderr)
         return 1
     except FileNotFoundError as exc:

@@ -4,6 +4,8 @@
 paths against the file's directory. Every problem is reported as a `ConfigError` whose message
 names the key path (``istio.ingress_gateway.port: must be 1..65535 (got 70000)``) and what to fix;
 unknown keys are refused rather than ignored, so a typo never silently falls back to a default.
+`parse_config` checks a document; `load_config` also requires what a running agent needs
+(`runtime_problems`: the ingress gateway's address, which its exports are published with).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ __all__ = [
     "KubernetesConfig",
     "load_config",
     "parse_config",
+    "runtime_problems",
 ]
 
 KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
@@ -57,6 +60,12 @@ KeyType = Literal["ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096"
 
 
 MAX_CRL_VALIDITY = timedelta(days=7)
+
+MISSING_GATEWAY_ADDRESS = (
+    "istio.ingress_gateway.address: required to run the agent: the address other clusters reach this "
+    "cluster's ingress gateway at (its load balancer IP or DNS name), published with this cluster's "
+    "exports; set it, e.g. `address: 198.51.100.20`"
+)
 
 
 class ConfigError(ValueError):
@@ -271,6 +280,14 @@ class IstioConfig(_Model):
 
     def gateway_namespace(self, gateway: _GatewayBase) -> str:
         return gateway.namespace or self.namespace
+
+    def published_gateway(self) -> tuple[str, int]:
+        """Where other clusters reach this cluster's exports: ingress_gateway.address and its port
+        (cross_cluster_port unless set); ConfigError when the address is not set."""
+        address = self.ingress_gateway.address
+        if not address:
+            raise ConfigError(MISSING_GATEWAY_ADDRESS, [MISSING_GATEWAY_ADDRESS])
+        return address, self.ingress_gateway.port or self.cross_cluster_port
 
     def identity(self, gateway: _GatewayBase) -> str:
         """SPIFFE identity of a gateway's workload certificate."""
@@ -495,7 +512,8 @@ def _gateway_conflicts(cfg: AgentConfig) -> Iterable[str]:
 
 
 def load_config(path: str | Path) -> AgentConfig:
-    """Read and validate the configuration file; relative paths are taken from its directory."""
+    """Read and validate the configuration file an agent runs with (`parse_config`, then
+    `runtime_problems`); relative paths are taken from its directory."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -505,7 +523,18 @@ def load_config(path: str | Path) -> AgentConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-    return parse_config(data, base_dir=path.resolve().parent, source=str(path))
+    config = parse_config(data, base_dir=path.resolve().parent, source=str(path))
+    problems = runtime_problems(config)
+    if problems:
+        listing = "\n".join(f"  {p}" for p in problems)
+        raise ConfigError(f"{path} cannot run an agent:\n{listing}", problems)
+    return config
+
+
+def runtime_problems(config: AgentConfig) -> list[str]:
+    """What a valid document still lacks for a running agent. A Helm chart may render the file
+    before the gateway's address is known; the agent publishes its exports with it on every pass."""
+    return [] if config.istio.ingress_gateway.address else [MISSING_GATEWAY_ADDRESS]
 
 
 def parse_config(data: object, *, base_dir: Path | None = None, source: str = "config") -> AgentConfig:

@@ -10,6 +10,9 @@
 * A 409 conflict is retried a few times with a fresh read; a 429 (the API server pushing back,
   e.g. "storage is (re)initializing" while a new CRD's cache fills) after its Retry-After, as
   client-go does.
+* lightkube's exceptions are translated here, once (`kube_error`), into the agent's own
+  (`errors.KubeError` and its kinds): every request leaves through `_call`, and only the functions
+  under "lightkube's errors" ever see lightkube's.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import time
@@ -24,15 +28,18 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import httpx2
 from lightkube import ApiError, Client, KubeConfig
 from lightkube.codecs import from_dict
+from lightkube.core.exceptions import ConfigError as KubeConfigError
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.coordination_v1 import Lease
 from lightkube.resources.core_v1 import ConfigMap, Secret, Service
 
-from cluster_agent.config import AgentConfig
-from cluster_agent.reconcile import MANAGED_BY, ApplyReport
+from cluster_agent.apply import ApplyReport, managed_by_labels, prune_selector
+from cluster_agent.config import AgentConfig, ConfigError
+from cluster_agent.errors import KubeConflict, KubeError, KubeForbidden, KubeNotFound, KubeRetryLater
 from cluster_agent.state import AgentState
 from meshbridge_wire.protocols import Protocol, parse_protocol
 
@@ -63,35 +70,83 @@ def _key(kind: str, ns: str, name: str) -> str:
 
 def make_client(config: AgentConfig) -> Client:
     kc = config.kubernetes
-    if kc.kubeconfig:
-        return Client(KubeConfig.from_file(str(kc.kubeconfig)).get(context_name=kc.context),
-                      field_manager=kc.field_manager)
-    return Client(field_manager=kc.field_manager)
+    try:
+        if kc.kubeconfig:
+            return Client(KubeConfig.from_file(str(kc.kubeconfig)).get(context_name=kc.context),
+                          field_manager=kc.field_manager)
+        return Client(field_manager=kc.field_manager)
+    except (KubeConfigError, OSError) as exc:
+        where = f"kubernetes.kubeconfig: {kc.kubeconfig}" if kc.kubeconfig else "kubernetes: in-cluster credentials"
+        raise ConfigError(f"{where} cannot be used ({exc}); set kubernetes.kubeconfig (and context) or run "
+                          f"in a pod with a service account") from exc
+
+
+# ------------------------------------------------------------------------------ lightkube's errors
+def kube_error(exc: httpx2.HTTPError) -> KubeError:
+    """The agent's error for a failed request, by the status of the answer (as kopf classifies them)."""
+    if not isinstance(exc, httpx2.HTTPStatusError):
+        return KubeRetryLater(f"Kubernetes API server unreachable: {type(exc).__name__}", status=None)
+    answer = exc.response
+    status = exc.status.code if isinstance(exc, ApiError) and exc.status.code else answer.status_code
+    detail = exc.status.message if isinstance(exc, ApiError) and exc.status.message else answer.reason_phrase
+    message = f"Kubernetes API server answered {status}: {detail}"
+    if status == 429 or status >= 500:
+        return KubeRetryLater(message, status=status, delay=_retry_after(answer.headers.get("retry-after", "")))
+    kind = {403: KubeForbidden, 404: KubeNotFound, 409: KubeConflict}.get(status, KubeError)
+    return kind(message, status=status)
+
+
+def _retry_after(header: str) -> float | None:
+    try:
+        seconds = float(header)
+    except ValueError:  # absent, or an HTTP date
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 def retry_transient(fn: Callable[[], T], *, attempts: int = 5) -> T:
     """``fn()``, again after a 409 (it re-reads what it writes) or a 429 (after the server's
-    Retry-After, at most 5 s), up to ``attempts`` times."""
+    Retry-After, at most 5 s), up to ``attempts`` times. Runs inside `_call`: what it gives up on
+    is still lightkube's error."""
     for i in range(attempts):
         try:
             return fn()
         except ApiError as exc:
-            if exc.status.code not in (409, 429) or i == attempts - 1:
+            delay = _retry_delay(kube_error(exc), i)
+            if delay is None or i == attempts - 1:
                 raise
-            time.sleep(_retry_delay(exc, i))
+            time.sleep(delay)
     raise AssertionError("unreachable")
 
 
-def _retry_delay(exc: ApiError, attempt: int) -> float:
-    if exc.status.code == 429:
-        header = exc.response.headers.get("retry-after", "") if exc.response is not None else ""
-        try:
-            return min(max(float(header), 0.05), 5.0)
-        except ValueError:
-            return 1.0
-    return 0.05 * (attempt + 1)
+def _retry_delay(error: KubeError, attempt: int) -> float | None:
+    if isinstance(error, KubeConflict):
+        return 0.05 * (attempt + 1)
+    if isinstance(error, KubeRetryLater) and error.status == 429:
+        return 1.0 if error.delay is None else min(max(error.delay, 0.05), 5.0)
+    return None
 
 
+def _call(fn: Callable[[], T], *, retry: bool = False) -> T:
+    """``fn()``, lightkube requests (through `retry_transient` when ``retry``); a failure leaves as
+    the agent's KubeError."""
+    try:
+        return retry_transient(fn) if retry else fn()
+    except httpx2.HTTPError as exc:
+        raise kube_error(exc) from exc
+
+
+def _get_or_none(client: Client, resource: Any, name: str, namespace: str) -> Any:
+    """The object, or None when it does not exist; for use inside `_call`."""
+    try:
+        return client.get(resource, name, namespace=namespace)
+    except ApiError as exc:
+        if isinstance(kube_error(exc), KubeNotFound):
+            return None
+        raise
+
+
+# ------------------------------------------------------------------------------ the applier
 class KubeApplier:
     def __init__(self, client: Client, config: AgentConfig) -> None:
         self.client = client
@@ -101,29 +156,18 @@ class KubeApplier:
 
     # ------------------------------------------------------------------ reads the reconciler needs
     def current_corefile(self) -> str | None:
-        if self.config.dns.mode != "coredns":
+        dns = self.config.dns
+        if dns.mode != "coredns":
             return None
-        try:
-            cm = self.client.get(ConfigMap, self.config.dns.coredns_configmap,
-                                 namespace=self.config.dns.coredns_namespace)
-        except ApiError as exc:
-            if exc.status.code == 404:
-                return None
-            raise
-        return (cm.data or {}).get(self.config.dns.corefile_key)
+        cm = _call(lambda: _get_or_none(self.client, ConfigMap, dns.coredns_configmap, dns.coredns_namespace))
+        return None if cm is None else (cm.data or {}).get(dns.corefile_key)
 
     def service_exports(self) -> list[dict[str, Any]]:
         """MCS ServiceExport objects, where the CRD is installed (consumers from an annotation)."""
         try:
-            items = list(self.client.list(ServiceExport, namespace="*"))
-        except ApiError as exc:
-            if exc.status.code in (403, 404):
-                return []
-            raise
-        except Exception as exc:  # the CRD is not installed: the server answers 404 without a Status body
-            if getattr(getattr(exc, "response", None), "status_code", None) in (403, 404):
-                return []
-            raise
+            items = _call(lambda: list(self.client.list(ServiceExport, namespace="*")))
+        except (KubeForbidden, KubeNotFound):  # not allowed, or the CRD is not installed
+            return []
         out = []
         for se in items:
             meta = se.metadata
@@ -131,15 +175,18 @@ class KubeApplier:
             consumers = sorted(c.strip() for c in (meta.annotations or {}).get("meshbridge.io/consumers", "")
                                .split(",") if c.strip())
             try:
-                svc = self.client.get(Service, meta.name, namespace=meta.namespace)
-            except ApiError:
+                ports = self._service_ports(meta.name, meta.namespace)
+            except (KubeForbidden, KubeNotFound):
                 continue
-            ports = [{"number": p.port, "protocol": _port_protocol(p.appProtocol or p.name or "")}
-                     for p in (svc.spec.ports if svc.spec and svc.spec.ports else [])]
             if ports:
                 out.append({"name": f"{meta.name}.{meta.namespace}", "namespace": meta.namespace,
                             "service": meta.name, "ports": ports, "consumers": consumers})
         return out
+
+    def _service_ports(self, name: str, namespace: str) -> list[dict[str, Any]]:
+        svc = _call(lambda: self.client.get(Service, name, namespace=namespace))
+        return [{"number": p.port, "protocol": _port_protocol(p.appProtocol or p.name or "")}
+                for p in (svc.spec.ports if svc.spec and svc.spec.ports else [])]
 
     # ------------------------------------------------------------------ apply
     def apply(self, objects: list[dict[str, Any]], *, corefile_block: str | None = None) -> ApplyReport:
@@ -172,55 +219,51 @@ class KubeApplier:
             self.write_calls += 1
             (report.updated if k in live else report.created).append(k)
         for k in sorted(set(live) - set(wanted)):
-            kind_l, ns, name = k.split("/", 2)
-            kind = next(kk for kk in RESOURCES if kk.lower() == kind_l)
-            try:
-                self.client.delete(RESOURCES[kind], name, namespace=ns)
-                self.write_calls += 1
-            except ApiError as exc:
-                if exc.status.code != 404:
-                    raise
+            self._prune(k)
             report.pruned.append(k)
         return report
 
     def _apply_one(self, resource: Any) -> None:
-        def attempt() -> None:
-            self.client.apply(resource, field_manager=self.fm, force=True)
+        _call(lambda: self.client.apply(resource, field_manager=self.fm, force=True), retry=True)
 
-        retry_transient(attempt)
+    def _prune(self, k: str) -> None:
+        kind_l, ns, name = k.split("/", 2)
+        kind = next(kk for kk in RESOURCES if kk.lower() == kind_l)
+        try:
+            _call(lambda: self.client.delete(RESOURCES[kind], name, namespace=ns))
+            self.write_calls += 1
+        except KubeNotFound:
+            pass
 
     def _namespaces(self) -> set[str]:
         return {self.config.istio.namespace, self.config.dns.coredns_namespace}
 
-    def _list(self, res: Any, ns: str, labels: dict[str, Any]) -> list[Any]:
-        return retry_transient(lambda: list(self.client.list(res, namespace=ns, labels=labels)))
-
     def _live_managed(self) -> dict[str, str]:
+        """What this agent applied earlier (`prune_selector`), by key, with its content hash."""
         out: dict[str, str] = {}
-        labels: dict[str, Any] = dict(MANAGED_BY)
-        labels["meshbridge.io/cluster"] = self.config.cluster
         for kind, res in RESOURCES.items():
             for ns in sorted(self._namespaces()):
                 try:
-                    for item in self._list(res, ns, labels):
-                        meta = item.metadata
-                        assert meta is not None and meta.name
-                        out[_key(kind, ns, meta.name)] = (meta.annotations or {}).get(HASH_ANNOTATION, "")
-                except ApiError as exc:
-                    if exc.status.code not in (403, 404):
-                        raise
+                    items = self._list_managed(res, ns)
+                except (KubeForbidden, KubeNotFound):
+                    continue
+                for item in items:
+                    meta = item.metadata
+                    assert meta is not None and meta.name
+                    out[_key(kind, ns, meta.name)] = (meta.annotations or {}).get(HASH_ANNOTATION, "")
         return out
+
+    def _list_managed(self, resource: Any, namespace: str) -> list[Any]:
+        labels: dict[str, Any] = prune_selector(self.config.cluster)
+        return _call(lambda: list(self.client.list(resource, namespace=namespace, labels=labels)), retry=True)
 
     def _replace_cacerts(self, obj: dict[str, Any], report: ApplyReport) -> None:
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         k = _key("Secret", ns, name)
 
         def attempt() -> None:
-            try:
-                live = self.client.get(Secret, name, namespace=ns)
-            except ApiError as exc:
-                if exc.status.code != 404:
-                    raise
+            live = _get_or_none(self.client, Secret, name, ns)
+            if live is None:
                 self.client.create(from_dict(obj))
                 self.write_calls += 1
                 report.created.append(k)
@@ -236,7 +279,7 @@ class KubeApplier:
             self.write_calls += 1
             report.updated.append(k)
 
-        retry_transient(attempt)
+        _call(attempt, retry=True)
 
     def _merge_corefile(self, obj: dict[str, Any], report: ApplyReport) -> None:
         dns = self.config.dns
@@ -255,9 +298,10 @@ class KubeApplier:
             self.write_calls += 1
             report.updated.append(k)
 
-        retry_transient(attempt)
+        _call(attempt, retry=True)
 
 
+# ------------------------------------------------------------------------------ state and leadership
 class SecretStateStore:
     """The agent's state in a Secret of the Istio namespace (agent token, intermediate key, VIPs)."""
 
@@ -272,13 +316,8 @@ class SecretStateStore:
     def load(self) -> AgentState:
         import base64
 
-        try:
-            s = self.client.get(Secret, self.name, namespace=self.namespace)
-        except ApiError as exc:
-            if exc.status.code == 404:
-                return AgentState()
-            raise
-        raw = (s.data or {}).get("state.json")
+        s = _call(lambda: _get_or_none(self.client, Secret, self.name, self.namespace))
+        raw = (s.data or {}).get("state.json") if s is not None else None
         return AgentState.from_json(base64.b64decode(raw).decode()) if raw else AgentState()
 
     def save(self, state: AgentState) -> None:
@@ -287,18 +326,15 @@ class SecretStateStore:
         data = {"state.json": base64.b64encode(state.to_json().encode()).decode()}
 
         def attempt() -> None:
-            try:
-                live = self.client.get(Secret, self.name, namespace=self.namespace)
-            except ApiError as exc:
-                if exc.status.code != 404:
-                    raise
+            live = _get_or_none(self.client, Secret, self.name, self.namespace)
+            if live is None:
                 self.client.create(Secret(metadata=ObjectMeta(name=self.name, namespace=self.namespace,
-                                                              labels=dict(MANAGED_BY)), type="Opaque", data=data))
+                                                              labels=managed_by_labels()), type="Opaque", data=data))
                 return
             live.data = data
             self.client.replace(live)
 
-        retry_transient(attempt)
+        _call(attempt, retry=True)
 
 
 class LeaseElector:
@@ -318,24 +354,20 @@ class LeaseElector:
             return True
         try:
             return self._try_acquire()
-        except ApiError as exc:
-            log.warning("lease: %s", exc.status.message)
+        except KubeError as exc:
+            log.warning("lease: %s", exc)
             return False
 
     def _try_acquire(self) -> bool:
         from lightkube.models.coordination_v1 import LeaseSpec
 
         now = datetime.now(UTC)
-        try:
-            lease = self.client.get(Lease, self.name, namespace=self.namespace)
-        except ApiError as exc:
-            if exc.status.code != 404:
-                raise
-            self.client.create(Lease(metadata=ObjectMeta(name=self.name, namespace=self.namespace,
-                                                         labels=dict(MANAGED_BY)),
-                                     spec=LeaseSpec(holderIdentity=self.identity,
-                                                    leaseDurationSeconds=self.duration,
-                                                    acquireTime=now, renewTime=now)))
+        lease = _call(lambda: _get_or_none(self.client, Lease, self.name, self.namespace))
+        if lease is None:
+            created = Lease(metadata=ObjectMeta(name=self.name, namespace=self.namespace, labels=managed_by_labels()),
+                            spec=LeaseSpec(holderIdentity=self.identity, leaseDurationSeconds=self.duration,
+                                           acquireTime=now, renewTime=now))
+            _call(lambda: self.client.create(created))
             self._held_until = time.monotonic() + self.duration
             return True
         spec = lease.spec
@@ -351,11 +383,9 @@ class LeaseElector:
         spec.renewTime = now
         spec.leaseDurationSeconds = self.duration
         try:
-            self.client.replace(lease)  # resourceVersion from the read: the loser of a race gets 409
-        except ApiError as exc:
-            if exc.status.code == 409:
-                return False
-            raise
+            _call(lambda: self.client.replace(lease))  # resourceVersion from the read: a race's loser gets 409
+        except KubeConflict:
+            return False
         self._held_until = time.monotonic() + self.duration
         return True
 

@@ -1,6 +1,7 @@
-"""The agent's loop: long-poll desired state, reconcile on change, renew when due, periodic full
-resync, capped exponential backoff with jitter while the CA service is unreachable (everything
-already in the cluster stays as it is)."""
+"""The agent's loop: scheduling around the pass (`Reconciler.run_pass`). It long-polls with the
+desired revision seen last, asks for a full resync every `resync_seconds`, lets only the leader
+write, keeps metrics, and backs off (capped, exponential, with jitter) after a failed pass;
+everything already in the cluster stays as it is meanwhile."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from cluster_agent.ca_client import CAAuthFailed, CAClientError, CARejected, CAUnreachable
+from cluster_agent.ca_client import CAAnswerInvalid, CAAuthFailed, CARejected, CAUnreachable
+from cluster_agent.errors import BundleRejected, ExportsInvalid, KubeError, KubeRetryLater, NotEnrolled
 from cluster_agent.metrics import AgentMetrics
-from cluster_agent.reconcile import BundleRejected, Reconciler, ReconcileResult
+from cluster_agent.reconcile import Reconciler, ReconcileResult
 
 log = logging.getLogger("meshbridge.agent.loop")
 
@@ -50,42 +51,28 @@ class AgentLoop:
         self.ready = threading.Event()
         self.stop = threading.Event()
         self.last_result: ReconcileResult | None = None
-        self._status_sent: dict[str, Any] | None = None
 
     def step(self) -> ReconcileResult | None:
-        """One iteration: returns the reconcile result when a reconcile ran."""
-        r = self.r
-        r.ensure_enrolled()
-        r.publish()
-        desired = r.client.desired(revision=self.revision, wait=self.poll_wait if self.revision else 0)
-        due = (desired["revision"] != self.revision or time.monotonic() - self.last_full > self.resync_seconds
-               or r.renewal_due(desired) is not None)
-        result = None
-        if due:
-            result = r.reconcile(desired)
+        """One pass: returns the reconcile result when it rendered and applied."""
+        outcome = self.r.run_pass(revision=self.revision, wait=self.poll_wait if self.revision else 0,
+                                  resync=self._resync_due)
+        if outcome.reconciled is not None:
             self.last_full = time.monotonic()
-            self.last_result = result
-            self.metrics.reconciled(result, r)
-        self.revision = desired["revision"]
-        r.errors.clear()
+            self.last_result = outcome.reconciled
+            self.metrics.reconciled(outcome.reconciled)
+        self.revision = outcome.revision
         self.metrics.ca_reachable.set(1)
-        self._report()
         self.ready.set()
-        return result
+        return outcome.reconciled
 
-    def _report(self) -> None:
-        body = self.r.status_body()
-        if body != self._status_sent:
-            self.r.client.put_status(body)
-            self._status_sent = body
+    def _resync_due(self) -> bool:
+        return time.monotonic() - self.last_full > self.resync_seconds
 
-    def _failed(self, message: str) -> None:
-        self.r.errors.append(message)
+    def _failed(self, message: str, *, hint: float | None = None) -> float:
+        """Count and report a failed pass; the delay until the next one."""
+        self.r.failed(message)
         self.metrics.errors.labels(message.split(":")[0][:40]).inc()
-        try:
-            self._report()
-        except CAClientError:
-            pass
+        return self.backoff.next(hint=hint)
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -101,17 +88,17 @@ class AgentLoop:
                 self.metrics.ca_reachable.set(0)
                 delay = self.backoff.next(hint=exc.retry_after)
                 log.warning("%s; keeping the current config, retrying in %.1fs", exc, delay)
-                self.r.errors.append(str(exc))
-            except CAAuthFailed as exc:
-                delay = self.backoff.next()
+                self.r.failed(str(exc), tell_ca=False)
+            except (CAAuthFailed, NotEnrolled) as exc:
+                delay = self._failed(f"auth: {exc}")
                 log.error("%s; retrying in %.1fs", exc, delay)
-                self._failed(f"auth: {exc}")
-            except (CARejected, BundleRejected) as exc:
-                delay = self.backoff.next()
+            except (CARejected, CAAnswerInvalid, ExportsInvalid, BundleRejected) as exc:
+                delay = self._failed(f"rejected: {exc}")
                 log.error("%s; retrying in %.1fs", exc, delay)
-                self._failed(f"rejected: {exc}")
-            except Exception as exc:  # an API server conflict or outage: the next pass repairs it
-                delay = self.backoff.next()
+            except KubeError as exc:  # a conflict, pushback or outage of the API server: the next pass repairs it
+                delay = self._failed(f"kubernetes: {exc}", hint=exc.delay if isinstance(exc, KubeRetryLater) else None)
+                log.error("%s; retrying in %.1fs", exc, delay)
+            except Exception as exc:
+                delay = self._failed(f"reconcile: {type(exc).__name__}")
                 log.exception("reconcile failed; retrying in %.1fs", delay)
-                self._failed(f"reconcile: {type(exc).__name__}")
             self.stop.wait(delay)

@@ -6,12 +6,11 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
-    from cluster_agent.reconcile import Reconciler, ReconcileResult
+    from cluster_agent.reconcile import ReconcileResult
 
 
 class AgentMetrics:
@@ -30,7 +29,7 @@ class AgentMetrics:
                                   registry=r)
         self.renewals = Counter("meshbridge_agent_renewals_total", "Intermediate renewals", registry=r)
 
-    def reconciled(self, result: ReconcileResult, r: Reconciler) -> None:
+    def reconciled(self, result: ReconcileResult) -> None:
         import time
 
         self.last_success.set(time.time())
@@ -41,9 +40,8 @@ class AgentMetrics:
                 self.writes.labels(op).inc(len(items))
         if result.renewed:
             self.renewals.inc()
-        if r.state.bundle:
-            cert = x509.load_pem_x509_certificate(r.state.bundle["ca-cert.pem"].encode())
-            self.cacerts_not_after.set(cert.not_valid_after_utc.timestamp())
+        if result.cacerts_not_after is not None:
+            self.cacerts_not_after.set(result.cacerts_not_after.timestamp())
 
 
 def serve_health(metrics: AgentMetrics, *, ready: threading.Event, host: str = "127.0.0.1",

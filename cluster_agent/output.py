@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from cluster_agent.reconcile import ApplyReport
+from cluster_agent.apply import ApplyReport
 from cluster_agent.render import file_name, to_yaml
 
 

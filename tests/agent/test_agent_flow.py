@@ -15,10 +15,12 @@ from cryptography import x509
 
 from cluster_agent.ca_client import CAClient, CAUnreachable
 from cluster_agent.config import load_config
+from cluster_agent.errors import BundleRejected
 from cluster_agent.loop import AgentLoop, Backoff
 from cluster_agent.output import DirectoryWriter
-from cluster_agent.reconcile import BundleRejected, Reconciler
+from cluster_agent.reconcile import Reconciler
 from cluster_agent.state import DirStateStore
+from meshbridge_wire.models import DesiredOut
 from tests.support.caservice import CAService
 
 
@@ -185,7 +187,7 @@ def test_bundle_failing_istiod_checks_is_never_written(ca_service: CAService, tw
     st = a.r.state
     st.bundle["cert-chain.pem"] = st.bundle["root-cert.pem"]
     with pytest.raises(BundleRejected, match=r"cert-chain\.pem"):
-        a.r.reconcile(ca_service.authority.desired("a"))
+        a.r.reconcile(DesiredOut.model_validate(ca_service.authority.desired("a")))
     assert (out / "secret-istio-system-cacerts.yaml").read_bytes() == before
 
 

@@ -247,3 +247,21 @@ def test_dedicated_egress_with_another_service_account_is_advised() -> None:
 
 def test_model_is_the_public_type() -> None:
     assert isinstance(parse_config(example()), AgentConfig)
+
+
+def test_a_missing_gateway_address_is_a_config_error_at_load(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from cluster_agent.cli import main
+
+    data = example()
+    del data["istio"]["ingress_gateway"]["address"]
+    parse_config(data)  # a valid document (a Helm chart may render it before the address is known) ...
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as info:  # ... but no agent runs with it: its exports need the address
+        load_config(path)
+    (problem,) = info.value.problems
+    assert problem.startswith("istio.ingress_gateway.address: required to run the agent")
+    assert "set it" in problem
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert "config error" in capsys.readouterr().err

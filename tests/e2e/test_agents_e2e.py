@@ -23,6 +23,7 @@ from cluster_agent.loop import AgentLoop
 from cluster_agent.output import DirectoryWriter
 from cluster_agent.reconcile import Reconciler
 from cluster_agent.state import DirStateStore
+from meshbridge_wire.models import DesiredOut
 from tests.e2e import gocheck
 from tests.e2e.clusters import Clusters
 from tests.e2e.testbin import require
@@ -93,7 +94,7 @@ class Fleet:
         store.save(live_state)
         rec = Reconciler(cfg, client=client, applier=DirectoryWriter(out, state_dir=out / ".meshbridge"),
                          state_store=store)
-        rec.reconcile(self.ca.authority.desired(name))
+        rec.reconcile(DesiredOut.model_validate(self.ca.authority.desired(name)))
         return out
 
 
