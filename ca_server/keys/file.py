@@ -3,7 +3,7 @@
 Files are written once (mode 0600, temp file + hard link, so a crash never leaves half a key and
 an existing key is never replaced) and decrypted once per process: ``load`` keeps the signer.
 Keys are encrypted with PBKDF2-HMAC-SHA256 at ``pkcs8.PBKDF2_ITERATIONS`` (see ``pkcs8``); a key
-file written with a weaker setting (meshbridge 0.1.0 wrote 2,048 iterations) still loads, and ``load``
+file written with a weaker setting (earlier versions wrote 2,048 iterations) still loads, and ``load``
 then re-encrypts it in place with the current setting, the same passphrase and the same key.
 """
 

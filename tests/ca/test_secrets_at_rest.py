@@ -53,7 +53,7 @@ def openssl_public_key(path: Path, passphrase: bytes, tmp_path: Path) -> bytes:
 
 
 def old_format_key(path: Path, passphrase: bytes) -> ec.EllipticCurvePrivateKey:
-    """A key file as meshbridge 0.1.0 wrote it: cryptography's BestAvailableEncryption."""
+    """A key file as earlier versions wrote it: cryptography's BestAvailableEncryption."""
     key = ec.generate_private_key(ec.SECP256R1())
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
