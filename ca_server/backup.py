@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Table, delete, insert, select, text
 
-from ca_server import runtime
+from ca_server import datadir, runtime
 from ca_server.core.audit import verify_chain
 from ca_server.core.errors import Conflict, InvalidInput
 from ca_server.storage import tables as t
@@ -119,11 +119,12 @@ def restore(archive: Path, data_dir: Path, *, database_url: str | None = None,
     if (data_dir / runtime.SETTINGS_FILE).exists():
         raise Conflict(f"{data_dir} already holds a CA; restore into an empty directory")
     created_dir = not data_dir.exists()
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    datadir.make_private_dir(data_dir)
     settings = runtime.CASettings(**{k: v for k, v in json.loads(members["ca.json"]).items()
                                      if k in runtime.CASettings.__dataclass_fields__})
     settings.database_url = database_url
     url = runtime.database_url(data_dir, settings, database_url)
+    datadir.make_private_sqlite(url)
     store = runtime.open_store(url)
     written: list[Path] = []
     try:

@@ -35,14 +35,15 @@ class CLIError(Exception):
 
 # ----------------------------------------------------------------------------- init / serve / audit
 def cmd_init(args: argparse.Namespace) -> int:
-    from ca_server import runtime
+    from ca_server import datadir, runtime
     from ca_server.core.authority import Authority, Policy
     from ca_server.keys.base import parse_key_type
+    from ca_server.keys.file import passphrase_path
 
     data_dir = Path(args.data_dir)
     if (data_dir / runtime.SETTINGS_FILE).exists() or (data_dir / "root-cert.pem").exists():
         raise CLIError(f"{data_dir} already holds a CA; refusing to overwrite it")
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    dir_warning = datadir.make_private_dir(data_dir)
     key_type = parse_key_type(args.key_type)
     settings = runtime.CASettings(org=args.org, key_backend=args.key_backend, root_key_type=key_type.value,
                                   database_url=args.database_url)
@@ -53,6 +54,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         settings.pkcs11 = {"module": args.pkcs11_module, "token_label": args.pkcs11_token,
                            "pin_file": str(Path(args.pkcs11_pin_file).resolve()) if args.pkcs11_pin_file else None}
     url = runtime.database_url(data_dir, settings, args.database_url)
+    datadir.make_private_sqlite(url)
     store = runtime.open_store(url)
     keys = runtime.key_backend(data_dir, settings, passphrase_file=_path(args.passphrase_file), create=True)
     authority = Authority(store, keys, policy=Policy(org=args.org, root_key_type=key_type))
@@ -71,8 +73,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     out = {"data_dir": str(data_dir), "root_id": root.id, "root_cert": str(data_dir / "root-cert.pem"),
            "admin_token_file": str(data_dir / "admin-token"), "key": keys.describe(root.key_ref),
            "database": "sqlite (embedded)" if url.startswith("sqlite") else "postgresql"}
-    if (data_dir / "key-passphrase").exists():
-        out["passphrase_file"] = str(data_dir / "key-passphrase")
+    passphrase_file = passphrase_path(data_dir, passphrase_file=args.passphrase_file) \
+        if args.key_backend == "file" else None
+    if passphrase_file is not None:
+        out["passphrase_file"] = str(passphrase_file)
+    if dir_warning:
+        out["warning"] = dir_warning
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -80,9 +86,14 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"  root {root.id} ({key_type.value}), key: {out['key']}")
         print(f"  trust anchor: {out['root_cert']}")
         print(f"  admin token:  {out['admin_token_file']} (mode 0600)")
-        if "passphrase_file" in out:
-            print(f"  key passphrase: {out['passphrase_file']} (mode 0600) — back it up separately")
+        if passphrase_file is not None:
+            print(f"  key passphrase: {passphrase_file} — back it up separately")
+            if passphrase_file.resolve().is_relative_to(data_dir.resolve()):
+                print("    it lies beside the key it unlocks: a copy of the data directory carries both; "
+                      "keep it elsewhere and pass --passphrase-file (docs/security.md)")
         print(f"  database: {out['database']}")
+        if dir_warning:
+            print(f"  warning: {dir_warning}", file=sys.stderr)
     return 0
 
 
@@ -265,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--pkcs11-pin-file", help="file holding the token PIN (else MESHBRIDGE_PKCS11_PIN)")
     i.add_argument("--org", default="meshbridge", help="organisation in the root's subject")
     i.add_argument("--database-url", help="postgresql+psycopg://… (default: SQLite in the data dir)")
-    i.add_argument("--passphrase-file", help="root key passphrase file (else MESHBRIDGE_CA_KEY_PASSPHRASE, "
-                   "else generated into D/key-passphrase)")
+    i.add_argument("--passphrase-file", help="root key passphrase file, read if it exists, else generated "
+                   "there (0600); best outside D, so that a copy of D does not carry it (default: "
+                   "MESHBRIDGE_CA_KEY_PASSPHRASE, else D/key-passphrase, generated if missing)")
     i.add_argument("--import-cert", help="adopt this existing root or issuing CA certificate instead")
     i.add_argument("--import-chain", help="certificates above --import-cert up to its self-signed root")
     i.add_argument("--import-key-ref", help="key of --import-cert: file:<path relative to D> or pkcs11:…")

@@ -29,7 +29,7 @@ from ca_server.keys import (
     parse_key_type,
     resolve_passphrase,
 )
-from ca_server.keys.file import write_new_file
+from ca_server.keys.file import passphrase_path, write_new_file
 
 PASSPHRASE = b"correct horse battery staple"
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
@@ -166,6 +166,23 @@ def test_passphrase_created_on_init(tmp_path: Path) -> None:
     assert len(created) == 43 and created.decode().replace("-", "").replace("_", "").isalnum()
     assert resolve_passphrase(tmp_path, env={}, create=True) == created  # kept, not regenerated
     assert resolve_passphrase(tmp_path, env={}) == created
+
+
+def test_init_generates_a_missing_passphrase_file_where_it_is_told(tmp_path: Path) -> None:
+    data_dir, outside = tmp_path / "ca", tmp_path / "secrets" / "ca-passphrase"
+    data_dir.mkdir()
+    outside.parent.mkdir()
+    with pytest.raises(KeyUnavailable, match="cannot read passphrase file"):
+        resolve_passphrase(data_dir, passphrase_file=outside, env={})  # only init creates it
+    created = resolve_passphrase(data_dir, passphrase_file=outside, env={}, create=True)
+    assert outside.read_bytes() == created + b"\n" and mode(outside) == 0o600
+    assert list(data_dir.iterdir()) == []
+    assert resolve_passphrase(data_dir, passphrase_file=outside, env={}, create=True) == created  # kept
+    assert passphrase_path(data_dir, passphrase_file=outside, env={}) == outside
+    assert passphrase_path(data_dir, env={}) == data_dir / "key-passphrase"
+    assert passphrase_path(data_dir, passphrase_file=outside, env={PASSPHRASE_ENV: "x"}) is None
+    with pytest.raises(KeyUnavailable, match="cannot create passphrase file"):
+        resolve_passphrase(data_dir, passphrase_file=tmp_path / "missing-dir" / "p", env={}, create=True)
 
 
 def test_passphrase_file_problems(tmp_path: Path) -> None:

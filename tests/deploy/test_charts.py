@@ -311,12 +311,61 @@ def test_ca_deployment(helm: Any) -> None:
         assert ca[probe]["httpGet"] == {"path": path, "port": "https", "scheme": "HTTPS"}
     for container in (init, ca):
         env = {e["name"]: e for e in container["env"]}
-        assert env["MESHBRIDGE_CA_KEY_PASSPHRASE"]["valueFrom"]["secretKeyRef"] == {
-            "name": "mb-meshbridge-ca-key-passphrase", "key": "passphrase"}
         assert "MESHBRIDGE_DATABASE_URL" not in env
     assert only(docs, "Service")["spec"]["ports"][0]["port"] == 8443
     assert only(docs, "PersistentVolumeClaim")["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert not [d for d in docs if d["kind"] in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")]
+
+
+PASSPHRASE_DIR = "/etc/meshbridge/key-passphrase"
+PASSPHRASE_ARG = f"--passphrase-file={PASSPHRASE_DIR}/passphrase"
+
+
+def passphrase_delivery(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the pod gets the root key's passphrase: volume, mounts, arguments and environment."""
+    pod = only(docs, "Deployment")["spec"]["template"]["spec"]
+    (init,), (ca,) = pod["initContainers"], pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    return {
+        "volume": volumes.get("key-passphrase"),
+        "mounts": [[m for m in c["volumeMounts"] if m["name"] == "key-passphrase"] for c in (init, ca)],
+        "data_mounts": {m["mountPath"] for c in (init, ca) for m in c["volumeMounts"] if m["name"] == "data"},
+        "init_script": init["args"][0], "serve_args": ca["args"],
+        "env": [{e["name"] for e in c["env"]} for c in (init, ca)],
+    }
+
+
+def test_ca_passphrase_is_a_read_only_file_outside_the_data_volume(helm: Any) -> None:
+    """Before: MESHBRIDGE_CA_KEY_PASSPHRASE in both containers' environment, which child processes
+    inherit and /proc/<pid>/environ shows. Now its own Secret volume, mounted read-only away from /data."""
+    got = passphrase_delivery(render(helm, CA))
+    assert got["volume"] == {"name": "key-passphrase", "secret": {
+        "secretName": "mb-meshbridge-ca-key-passphrase", "items": [{"key": "passphrase", "path": "passphrase"}],
+        "defaultMode": 0o440}}
+    for mounts in got["mounts"]:
+        assert mounts == [{"name": "key-passphrase", "mountPath": PASSPHRASE_DIR, "readOnly": True}]
+    assert got["data_mounts"] and not any(PASSPHRASE_DIR.startswith(data) for data in got["data_mounts"])
+    assert f"meshbridge-ca init --data-dir /data --key-type \"$CA_KEY_TYPE\" --org \"$CA_ORG\" {PASSPHRASE_ARG}" \
+        in got["init_script"]
+    assert PASSPHRASE_ARG in got["serve_args"]
+    assert all("MESHBRIDGE_CA_KEY_PASSPHRASE" not in env for env in got["env"])
+
+
+def test_ca_passphrase_from_an_existing_secret(helm: Any) -> None:
+    docs = render(helm, CA, "--set", "keyPassphrase.existingSecret=ca-pass", "--set", "keyPassphrase.key=pw")
+    assert passphrase_delivery(docs)["volume"]["secret"]["secretName"] == "ca-pass"
+    assert passphrase_delivery(docs)["volume"]["secret"]["items"] == [{"key": "pw", "path": "passphrase"}]
+    assert not [d for d in docs if d["kind"] == "Secret"]
+
+
+def test_ca_passphrase_in_the_environment_only_when_asked(helm: Any) -> None:
+    """delivery env: the chart's earlier way, for a release whose Secret value ends in a newline."""
+    got = passphrase_delivery(render(helm, CA, "--set", "keyPassphrase.delivery=env"))
+    assert got["volume"] is None and got["mounts"] == [[], []]
+    assert "--passphrase-file" not in got["init_script"] and PASSPHRASE_ARG not in got["serve_args"]
+    assert all("MESHBRIDGE_CA_KEY_PASSPHRASE" in env for env in got["env"])
+    bad = helm("template", "mb", str(CA), "--set", "keyPassphrase.delivery=volume", check=False)
+    assert bad.returncode != 0 and "delivery" in bad.stderr
 
 
 def test_ca_with_postgres_and_replicas(helm: Any) -> None:

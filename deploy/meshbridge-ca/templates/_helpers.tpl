@@ -90,15 +90,29 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 
-{{/* Environment shared by init and serve: the passphrase and, when set, the PostgreSQL URL. */}}
+{{/* Where init and serve read the passphrase when keyPassphrase.delivery is file: outside /data. */}}
+{{- define "meshbridge-ca.passphraseDir" -}}
+/etc/meshbridge/key-passphrase
+{{- end -}}
+
+{{/* The --passphrase-file argument for init and serve, or "" when the passphrase comes from the environment. */}}
+{{- define "meshbridge-ca.passphraseFileArg" -}}
+{{- if eq .Values.keyPassphrase.delivery "file" -}}
+--passphrase-file={{ include "meshbridge-ca.passphraseDir" . }}/passphrase
+{{- end -}}
+{{- end -}}
+
+{{/* Environment shared by init and serve: the PostgreSQL URL when set, and the passphrase with delivery env. */}}
 {{- define "meshbridge-ca.env" -}}
 - name: PYTHONDONTWRITEBYTECODE
   value: "1"
+{{- if eq .Values.keyPassphrase.delivery "env" }}
 - name: MESHBRIDGE_CA_KEY_PASSPHRASE
   valueFrom:
     secretKeyRef:
       name: {{ include "meshbridge-ca.passphraseSecret" . }}
       key: {{ .Values.keyPassphrase.key }}
+{{- end }}
 {{- with include "meshbridge-ca.databaseSecret" . }}
 - name: MESHBRIDGE_DATABASE_URL
   valueFrom:
