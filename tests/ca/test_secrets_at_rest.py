@@ -14,7 +14,6 @@ import re
 import sqlite3
 import stat
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,20 +83,16 @@ def test_new_key_files_use_pbkdf2_sha256_with_600000_iterations(key_type: KeyTyp
     assert FileKeyBackend(tmp_path, PASSPHRASE).load(key_ref).public_key() == signer.public_key()
 
 
-def test_unlocking_a_key_takes_well_under_a_second(tmp_path: Path) -> None:
-    """The KDF runs once per process (the backend and the authority keep the signer), so its
-    cost is paid at start, never per signature; ~0.2 s measured on a shared 2-core machine."""
+def test_the_key_is_unlocked_once_per_backend(tmp_path: Path) -> None:
+    """The KDF runs once per process (the backend and the authority keep the signer), so its cost
+    (~0.2 s for P-256 on this 2-core machine, measured by hand) is paid at start, never per signature."""
     key_ref, _ = FileKeyBackend(tmp_path, PASSPHRASE).generate(KeyType.ECDSA_P256, "root")
     backend = FileKeyBackend(tmp_path, PASSPHRASE)
-    started = time.perf_counter()
     signer = backend.load(key_ref)
-    unlock = time.perf_counter() - started
-    started = time.perf_counter()
-    for _ in range(100):
+    for path in (tmp_path / "roots").glob("*.key.pem"):
+        path.write_text("not a key any more")  # a second decryption would fail
+    for _ in range(3):
         assert backend.load(key_ref) is signer
-    print(f"unlock: {unlock:.3f} s; 100 later loads: {time.perf_counter() - started:.4f} s")
-    assert unlock < 2.5  # a generous bound for a loaded machine: it catches a KDF set far too high
-    assert time.perf_counter() - started < 0.05
 
 
 def test_an_old_format_key_loads_and_is_re_encrypted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
