@@ -194,6 +194,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     op = args.cluster_cmd
     if op == "add":
         body: dict[str, Any] = {"name": args.name, "trust_domain": args.trust_domain}
+        if args.share_trust_domain:
+            body["share_trust_domain"] = True
         if args.gateway:
             host, _, port = args.gateway.rpartition(":")
             if not host or not port.isdigit():
@@ -327,7 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "list":
             cp.add_argument("name")
         if name == "add":
-            cp.add_argument("--trust-domain", default="cluster.local")
+            cp.add_argument("--trust-domain", default="cluster.local",
+                            help="its Istio meshConfig.trustDomain; one per cluster (default %(default)s)")
+            cp.add_argument("--share-trust-domain", action="store_true",
+                            help="allow a trust domain another active cluster holds (each can then mint the "
+                                 "other's identities: only for meshes that already trust each other)")
             cp.add_argument("--gateway", help="ADDRESS:PORT of its ingress gateway")
         if name in ("add", "token"):
             cp.add_argument("--token-out", help="write the bootstrap token to this file (0600) instead of printing")

@@ -33,6 +33,8 @@ class ClusterCreate(Strict):
     name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL)
     trust_domain: str = Field(default="cluster.local", min_length=1, max_length=253, pattern=DOMAIN)
     gateway: Gateway | None = None
+    # A trust domain held by another active cluster is refused (409) unless this says so.
+    share_trust_domain: bool = False
 
 
 class BootstrapTokenOut(BaseModel):

@@ -119,7 +119,8 @@ def crl(request: Request, format: Annotated[str, Query(pattern="^(der|pem)$")] =
 def create_cluster(request: Request, body: w.ClusterCreate, actor: Admin) -> w.ClusterCreated:
     made = authority(request).create_cluster(
         name=body.name, trust_domain=body.trust_domain,
-        gateway=body.gateway.model_dump() if body.gateway else None, actor=actor)
+        gateway=body.gateway.model_dump() if body.gateway else None, actor=actor,
+        share_trust_domain=body.share_trust_domain)
     return w.ClusterCreated(name=made.cluster.name, status=made.cluster.status.value,
                             generation=made.cluster.generation, bootstrap_token=made.bootstrap_token,
                             bootstrap_expires_at=iso(made.bootstrap_expires_at))

@@ -133,8 +133,9 @@ class Authority:
 
     # ------------------------------------------------------------------ clusters
     def create_cluster(self, *, name: str, trust_domain: str, gateway: dict[str, Any] | None,
-                       actor: str) -> NewCluster:
-        return self.clusters.create_cluster(name=name, trust_domain=trust_domain, gateway=gateway, actor=actor)
+                       actor: str, share_trust_domain: bool = False) -> NewCluster:
+        return self.clusters.create_cluster(name=name, trust_domain=trust_domain, gateway=gateway, actor=actor,
+                                            share_trust_domain=share_trust_domain)
 
     def new_bootstrap_token(self, name: str, *, actor: str) -> tuple[str, datetime]:
         return self.clusters.new_bootstrap_token(name, actor=actor)

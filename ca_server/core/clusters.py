@@ -33,29 +33,44 @@ def must_cluster(tx: Tx, name: str, *, for_update: bool = False) -> Cluster:
     return cluster
 
 
+def _trust_domain_holders(tx: Tx, trust_domain: str) -> list[str]:
+    """The clusters, other than revoked ones, registered with `trust_domain`."""
+    return sorted(c.name for c in tx.list_clusters()
+                  if c.trust_domain == trust_domain and c.status != ClusterStatus.REVOKED)
+
+
 class Clusters:
     def __init__(self, ctx: Context, crls: Crls) -> None:
         self.ctx = ctx
         self.crls = crls
 
     def create_cluster(
-        self, *, name: str, trust_domain: str, gateway: dict[str, Any] | None, actor: str
+        self, *, name: str, trust_domain: str, gateway: dict[str, Any] | None, actor: str,
+        share_trust_domain: bool = False,
     ) -> NewCluster:
+        """A pending cluster and its bootstrap token. Its trust domain must be its own: an intermediate
+        can mint every identity of its trust domain, so two clusters in one can impersonate each other."""
         require_dns_label(name, what="cluster name")
         require_trust_domain(trust_domain)
         now = self.ctx.clock()
         with self.ctx.write() as tx:
+            self.ctx.changed(tx)  # first: the revision row's lock serialises registrations (replicas included)
             if tx.get_cluster(name) is not None:
                 raise Conflict(f"cluster {name} exists")
+            holders = _trust_domain_holders(tx, trust_domain)
+            if holders and not share_trust_domain:
+                raise Conflict(
+                    f"trust domain {trust_domain} is held by cluster(s) {', '.join(holders)}: give each cluster "
+                    f"its own (its Istio meshConfig.trustDomain), or share it knowingly with share_trust_domain"
+                )
             cluster = Cluster(
                 name=name, trust_domain=trust_domain, status=ClusterStatus.PENDING, generation=0,
                 rotation_pending=False, gateway=gateway, created_at=now,
             )
             tx.add_cluster(cluster)
             self.ctx.audit(tx, actor=actor, action="cluster.create", subject=name, trust_domain=trust_domain,
-                           gateway=gateway)
+                           gateway=gateway, **({"shares_trust_domain_with": holders} if holders else {}))
             token, expires = self._new_bootstrap(tx, cluster, now=now, actor=actor)
-            self.ctx.changed(tx)
         return NewCluster(cluster, token, expires)
 
     def _new_bootstrap(self, tx: Tx, cluster: Cluster, *, now: datetime, actor: str) -> tuple[str, datetime]:

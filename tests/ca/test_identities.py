@@ -6,12 +6,16 @@ policy became `notPrincipals: ["a.mesh/*"]`; a consumer `"b\\n"` passed the `re.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
 
+from ca_server.core.authority import Authority
+from ca_server.core.errors import Conflict
+from ca_server.keys.file import FileKeyBackend
 from meshbridge_wire.names import identity_in_trust_domain, workload_identity
-from tests.ca.conftest import Harness
+from tests.ca.conftest import PASSPHRASE, Harness
 
 IDENT = {"ingress": "spiffe://a.mesh/ns/istio-system/sa/in", "egress": "spiffe://a.mesh/ns/istio-system/sa/eg"}
 GW = {"address": "198.51.100.1", "port": 15443}
@@ -65,3 +69,55 @@ def test_consumers_are_checked_with_full_matches(harness: Harness, consumer: str
 def test_cluster_names_are_checked_with_full_matches(harness: Harness, name: str) -> None:
     r = harness.client.post("/v1/clusters", json={"name": name, "trust_domain": "b.mesh"}, headers=harness.admin)
     assert r.status_code == 400, r.text
+
+
+def test_a_trust_domain_held_by_another_cluster_is_refused(harness: Harness) -> None:
+    """Before: `dup` registered with `a.mesh` was accepted, and its intermediate could mint a's gateway identities."""
+    harness.add_cluster("a", trust_domain="a.mesh")
+    before = harness.state()
+    r = harness.client.post("/v1/clusters", json={"name": "dup", "trust_domain": "a.mesh"}, headers=harness.admin)
+    assert r.status_code == 409, r.text
+    assert "a.mesh is held by cluster(s) a" in r.json()["detail"]
+    assert harness.state() == before
+
+
+def test_a_second_cluster_local_needs_the_operators_word(harness: Harness) -> None:
+    harness.client.post("/v1/clusters", json={"name": "a"}, headers=harness.admin).raise_for_status()
+    r = harness.client.post("/v1/clusters", json={"name": "b"}, headers=harness.admin)
+    assert r.status_code == 409, r.text
+    r = harness.client.post("/v1/clusters", json={"name": "b", "share_trust_domain": True}, headers=harness.admin)
+    assert r.status_code == 201, r.text
+    entry = harness.client.get("/v1/audit", params={"limit": 1000}, headers=harness.admin).json()["items"]
+    create_b = [e for e in entry if e["action"] == "cluster.create" and e["subject"] == "b"]
+    assert create_b[0]["details"]["shares_trust_domain_with"] == ["a"]
+
+
+def test_a_revoked_clusters_trust_domain_can_be_registered_again(harness: Harness) -> None:
+    harness.add_cluster("a", trust_domain="a.mesh")
+    r = harness.client.post("/v1/clusters/a/revoke", json={}, headers=harness.admin)
+    assert r.status_code == 200, r.text
+    r = harness.client.post("/v1/clusters", json={"name": "a2", "trust_domain": "a.mesh"}, headers=harness.admin)
+    assert r.status_code == 201, r.text
+
+
+def test_replicas_racing_for_one_trust_domain_register_one_cluster(harness: Harness) -> None:
+    second = harness.replica_store()
+    other = Authority(second, FileKeyBackend(harness.data_dir, PASSPHRASE))
+    outcomes: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def add(authority: Authority, name: str) -> None:
+        barrier.wait()
+        try:
+            authority.create_cluster(name=name, trust_domain="x.mesh", gateway=None, actor="test")
+            outcomes.append("ok")
+        except Conflict:
+            outcomes.append("Conflict")
+
+    threads = [threading.Thread(target=add, args=(harness.authority if i % 2 else other, f"n{i}")) for i in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    second.dispose()
+    assert sorted(outcomes) == ["Conflict"] * 5 + ["ok"]

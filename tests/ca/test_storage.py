@@ -122,7 +122,7 @@ def test_concurrent_cluster_registrations_with_one_name(harness: Harness) -> Non
     def add(authority: Authority, name: str) -> None:
         barrier.wait()
         try:
-            authority.create_cluster(name=name, trust_domain="x.mesh", gateway=None, actor="test")
+            authority.create_cluster(name=name, trust_domain=f"{name}.mesh", gateway=None, actor="test")
             outcomes.append("ok")
         except Exception as exc:
             outcomes.append(type(exc).__name__)
