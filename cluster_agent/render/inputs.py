@@ -13,9 +13,8 @@ from functools import lru_cache
 from typing import Any
 
 from cluster_agent.config import AgentConfig
-from meshbridge_wire.names import is_dns_label, is_dns_name
+from meshbridge_wire.names import is_dns_label, is_dns_name, workload_identity
 from meshbridge_wire.names import is_service_name as _is_service_name
-from meshbridge_wire.names import spiffe_trust_domain as _spiffe_trust_domain
 from meshbridge_wire.protocols import GATEWAY_CARRIED, Protocol, parse_protocol
 
 __all__ = [
@@ -84,8 +83,10 @@ def is_service_name(value: object) -> bool:
 
 
 def spiffe_trust_domain(uri: object) -> str | None:
-    """The trust domain of a well-formed `spiffe://<td>/<path>` URI, else None."""
-    return _spiffe_trust_domain(uri) if isinstance(uri, str) else None
+    """The trust domain of exactly `spiffe://<td>/ns/<ns>/sa/<sa>`, else None: an identity the
+    renderers turn into a principal must name one workload (no wildcard, no extra segment)."""
+    parsed = workload_identity(uri) if isinstance(uri, str) else None
+    return parsed[0] if parsed is not None else None
 
 
 @lru_cache(maxsize=4096)
@@ -156,7 +157,8 @@ def _import(raw: Mapping[str, Any], warnings: list[str]) -> ImportSpec | None:
         return None
     identity = raw.get("identity")
     if spiffe_trust_domain(identity) is None:
-        warnings.append(f"{where}: identity {identity!r} is not a spiffe:// URI; left out")
+        warnings.append(f"{where}: identity {identity!r} is not a spiffe:// URI of one workload "
+                        "(spiffe://<td>/ns/<ns>/sa/<sa>); left out")
         return None
     assert isinstance(identity, str)
     ports = _ports(raw.get("ports"), where, warnings)
@@ -221,7 +223,7 @@ def parse_peers(raw: Iterable[Mapping[str, Any]]) -> tuple[dict[str, PeerSpec], 
         for uri in uris:
             if spiffe_trust_domain(uri) != trust_domain:
                 warnings.append(
-                    f"peer {name}: egress identity {uri!r} is not a spiffe:// URI in its trust domain "
+                    f"peer {name}: egress identity {uri!r} is not a spiffe:// URI of one workload in its trust domain "
                     f"{trust_domain!r}; left out"
                 )
             else:

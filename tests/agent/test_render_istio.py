@@ -327,6 +327,8 @@ def test_dedicated_egress_gateway_per_source() -> None:
         ({"cluster": "A"}, "malformed name or cluster"),
         ({"identity": "a.mesh/ns/istio-system/sa/x"}, "is not a spiffe:// URI"),
         ({"identity": None}, "is not a spiffe:// URI"),
+        ({"identity": "spiffe://a.mesh/*"}, "is not a spiffe:// URI of one workload"),
+        ({"identity": "spiffe://a.mesh/ns/istio-system/sa/x/y"}, "is not a spiffe:// URI of one workload"),
         ({"gateway": {"address": "not an address!", "port": 15443}}, "no usable gateway address"),
         ({"gateway": {"address": "203.0.113.1", "port": 0}}, "no usable gateway address"),
         ({"ports": []}, "no ports"),
