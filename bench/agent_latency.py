@@ -12,6 +12,7 @@ writes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -145,7 +146,7 @@ def main() -> int:
             a.r.client.put_exports(body)
             t0 = time.perf_counter()
             with writer.cond:
-                ok = writer.cond.wait_for(lambda h=host: h in writer.seen, timeout=10)
+                ok = writer.cond.wait_for(functools.partial(writer.seen.__contains__, host), timeout=10)
             if not ok:
                 raise SystemExit(f"change {i} did not reach b within 10 s")
             latencies.append(writer.seen[host] - t0)

@@ -229,11 +229,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'srv ms/req':>10} {'wrk ms/req':>10} {'db ms/req':>9} "
               f"{'others':>6} {'steal':>5} {'py-loop s':>11}  target")
         for r in report["runs"]:
-            tgt = ("met" if r["target_met"] else "MISSED") if "target_met" in r else ""
+            verdict = ("met" if r["target_met"] else "MISSED") if "target_met" in r else ""
             print(f"{r['label']:8} {r['concurrency']:>4} {r['seconds']:>6} {r['created_201']:>7} {r['errors']:>6} "
                   f"{r['rps']:>8} {r['p50_ms']:>7} {r['p90_ms']:>7} {r['p99_ms']:>7} {r['max_ms']:>7} "
                   f"{r['server_cpu_ms_per_req']:>10} {r['client_cpu_ms_per_req']:>10} {r['db_cpu_ms_per_req']:>9} "
-                  f"{r['other_cores']:>6} {r['steal_cores']:>5} {'/'.join(map(str, r['py_loop_cpu_s'])):>11}  {tgt}"
+                  f"{r['other_cores']:>6} {r['steal_cores']:>5} {'/'.join(map(str, r['py_loop_cpu_s'])):>11}  {verdict}"
                   + (f"  failures={r['failures']}" if r["failures"] else "")
                   + ("  (requests replayed)" if r["wrapped"] else ""))
         ch = report["checks"]

@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             # a new client each time, trusting D/root-cert.pem as it is now: the server's own
             # certificate moves to the new root soon after the activation
             with ca.client(timeout=60, headers={"Authorization": f"Bearer {ca.admin_token}"}) as c:
-                return c.request(method, path, **kw)
+                response: httpx.Response = c.request(method, path, **kw)
+                return response
 
         t_add = time.monotonic()
         r = admin("POST", "/v1/roots", json={})

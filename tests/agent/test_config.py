@@ -232,7 +232,7 @@ def test_config_error_is_a_value_error_and_config_is_frozen() -> None:
     assert issubclass(ConfigError, ValueError)
     config = parse_config(example())
     with pytest.raises(Exception, match="frozen"):
-        config.cluster = "c"  # type: ignore[misc]
+        config.cluster = "c"
 
 
 def test_dedicated_egress_with_another_service_account_is_advised() -> None:

@@ -69,7 +69,7 @@ def make_cert(
     if eku:
         builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
     algorithm = hash_algorithm or (None if isinstance(signing_key, ed25519.Ed25519PrivateKey) else hashes.SHA256())
-    return builder.sign(signing_key, algorithm)
+    return builder.sign(signing_key, algorithm)  # type: ignore[arg-type]
 
 
 def make_crl(issuer: x509.Certificate, key: CertificateIssuerPrivateKeyTypes, revoked: list[int] = (),  # type: ignore[assignment]

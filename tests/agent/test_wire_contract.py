@@ -34,7 +34,7 @@ def _spellings(protocol: Protocol) -> list[str]:
 
 @pytest.mark.parametrize("spelling", [s for p in sorted(GATEWAY_CARRIED) for s in _spellings(p)])
 def test_every_protocol_the_agent_accepts_passes_the_servers_model(spelling: str) -> None:
-    port = ExportPortConfig(number=8080, protocol=spelling)
+    port = ExportPortConfig.model_validate({"number": 8080, "protocol": spelling})
     body = {"gateway": {"address": "198.51.100.10", "port": 15443}, "identities": IDENTITIES,
             "services": [{"name": "web.shop", "namespace": "shop", "service": "web",
                           "ports": [{"number": port.number, "protocol": port.protocol.value}]}]}
@@ -45,7 +45,7 @@ def test_every_protocol_the_agent_accepts_passes_the_servers_model(spelling: str
 @pytest.mark.parametrize("spelling", ["HTTPS", "tls", "UDP", "mongo", "", "GRPC-WEB\n"])
 def test_protocols_the_gateways_cannot_carry_are_config_errors(spelling: str) -> None:
     with pytest.raises(ValueError, match="cannot cross clusters"):
-        ExportPortConfig(number=8080, protocol=spelling)
+        ExportPortConfig.model_validate({"number": 8080, "protocol": spelling})
 
 
 @pytest.mark.parametrize("value", ["b\n", "B", "-b", "b-", "a" * 64, "", "b.c"])

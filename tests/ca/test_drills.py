@@ -194,7 +194,7 @@ def test_full_database_gives_503_and_keeps_the_chain(tmp_path: Path) -> None:
         from ca_server.core.audit import verify_chain
 
         store = svc.authority.store
-        assert verify_chain(store.iter_audit(), head=store.audit_head()).ok  # type: ignore[attr-defined]
+        assert verify_chain(store.iter_audit(), head=store.audit_head()).ok
     finally:
         svc.stop()
 

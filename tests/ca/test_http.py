@@ -181,5 +181,5 @@ def test_renewal_shortcut_and_fastapi_route_give_the_same_answers(harness: Harne
     # FastAPI's route (speed-ups off) re-raises after its 500 for the server to log, as uvicorn does
     client = TestClient(harness.client.app, raise_server_exceptions=False)
     r = client.post(path, json={"csr": "x", "proof": ""}, headers=a.headers)
-    body = check_problem(r, 500)
-    assert "secret detail" not in r.text and body["type"].endswith("/internal")
+    problem = check_problem(r, 500)
+    assert "secret detail" not in r.text and problem["type"].endswith("/internal")

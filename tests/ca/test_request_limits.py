@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from typing import Any
+
+from starlette.types import Receive, Scope, Send
 
 from ca_server.api.guards import BodyLimit
 
 
-async def _echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+async def _echo_app(scope: Scope, receive: Receive, send: Send) -> None:
     body = b""
     while True:
         msg = await receive()
@@ -20,7 +23,7 @@ async def _echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": str(len(body)).encode()})
 
 
-def _run(middleware: BodyLimit, chunks: list[tuple[float, bytes, bool]], headers: list[tuple[bytes, bytes]]) -> tuple[
+def _run(middleware: BodyLimit, chunks: Sequence[tuple[float, bytes, bool]], headers: list[tuple[bytes, bytes]]) -> tuple[
         int, bytes]:
     sent: list[dict[str, Any]] = []
     queue = list(chunks)

@@ -82,7 +82,7 @@ def test_root_rotation_in_four_phases(harness: Harness, tmp_path: Path) -> None:
     assert d["trust_bundle"] == bundle_ab and d["generation"] == 1 and d["rotate_required"] is False
     crls = pem_crls(d["crl"])
     assert [c.issuer for c in crls] == [cert_a.subject, cert_b.subject]
-    assert all(c.is_signature_valid(k.public_key()) for c, k in zip(crls, [cert_a, cert_b], strict=True))
+    assert all(c.is_signature_valid(k.public_key()) for c, k in zip(crls, [cert_a, cert_b], strict=True))  # type: ignore[arg-type]
     harness.renew(a)  # renewals still come from A
     assert agent_root(a.bundle) == cert_a and a.bundle["root-cert.pem"] == bundle_ab
 

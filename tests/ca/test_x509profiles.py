@@ -659,7 +659,7 @@ def test_public_key_fingerprint_matches_spki_sha256() -> None:
     spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     expected = hashlib.sha256(spki).hexdigest()
     assert xp.public_key_fingerprint(key.public_key()) == expected
-    assert xp.public_key_fingerprint(inter.public_key()) == expected  # type: ignore[arg-type]
+    assert xp.public_key_fingerprint(inter.public_key()) == expected
     assert xp.public_key_fingerprint(csr_key("rsa-2048").public_key()) != expected
 
 

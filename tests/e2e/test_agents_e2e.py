@@ -221,7 +221,7 @@ def test_real_coredns_answers_imported_names(fleet: Fleet, tmp_path: Path) -> No
                     return dns.query.udp(q, "127.0.0.1", port=port, timeout=1)
                 except Exception:
                     time.sleep(0.2)
-            raise AssertionError(f"CoreDNS did not answer: {proc.stdout.read(2000) if proc.stdout else ''}")
+            raise AssertionError(f"CoreDNS did not answer: {proc.stdout.read(2000) if proc.stdout else ''!r}")
 
         a = ask("ratings.bookinfo.remote.", "A")
         assert a.rcode() == dns.rcode.NOERROR and [r.to_text() for rr in a.answer for r in rr] == [vip]
@@ -312,9 +312,9 @@ def test_zlint_and_pkilint_on_every_issued_certificate(fleet: Fleet, tmp_path: P
     from tests.ca.certcheck import pkilint_errors
 
     zlint = require("zlint")
-    with fleet.ca.authority.store.read() as tx:  # type: ignore[attr-defined]
-        pems = [r.cert_pem for r in tx.c.execute(select(t.certificates))]
-        pems += [r.cert_pem for r in tx.c.execute(select(t.roots))]
+    with fleet.ca.authority.store.read() as tx:
+        pems = [r.cert_pem for r in tx.c.execute(select(t.certificates))]  # type: ignore[attr-defined]
+        pems += [r.cert_pem for r in tx.c.execute(select(t.roots))]  # type: ignore[attr-defined]
     assert len(pems) >= 4
     for i, pem in enumerate(pems):
         path = tmp_path / f"c{i}.pem"

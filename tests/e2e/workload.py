@@ -97,7 +97,7 @@ def grpc_handshake(*, server: Workload, client: Workload, server_roots: str, cli
                 out = call(b"ping", timeout=5)
                 return out == b"ping", "ok"
             except grpc.RpcError as exc:
-                return False, f"{exc.code()}: {exc.details()}"  # type: ignore[attr-defined]
+                return False, f"{exc.code()}: {exc.details()}"
     finally:
         srv.stop(0)
 
