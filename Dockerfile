@@ -12,10 +12,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # Only what the package needs: no tests, no local data directories (which may hold root keys).
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml constraints.txt README.md ./
+COPY meshbridge_wire ./meshbridge_wire
 COPY ca_server ./ca_server
 COPY cluster_agent ./cluster_agent
-RUN pip install . \
+# constraints.txt pins the frameworks whose internals the speed-ups hook (bench/RESULTS.md)
+RUN pip install -c constraints.txt . \
  && rm -rf /src
 
 # uid/gid 10001, as the charts' securityContext expects. /data is created owned by it, so a fresh
