@@ -36,6 +36,9 @@ class ListenerLimits:
     max_connections: int = 2048  # open connections per process; over it a new one is refused (503)
 
 
+ABORT_AFTER = 0.5  # seconds a refused connection has to take its answer and go
+
+
 class _Phase(enum.Enum):
     IDLE = 0  # between requests: uvicorn's keep-alive timeout applies
     HEAD = 1
@@ -132,9 +135,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _expired(self) -> None:
         self._deadline = None
         if self._phase is _Phase.IDLE:  # nothing was asked: nothing to answer
-            self.transport.close()
+            self._close()
         else:
             self._refuse(408)
+
+    def _close(self) -> None:
+        """Close now, and abort if the peer still holds the connection after ``ABORT_AFTER``: a TLS
+        close waits up to 30 s for the peer's close_notify, reading (and dropping) whatever it sends;
+        nothing more is read here."""
+        self.transport.pause_reading()
+        self.transport.close()
+        self.loop.call_later(ABORT_AFTER, self._abort)
+
+    def _abort(self) -> None:
+        if self.parser is not None:  # connection_lost clears the parser
+            self.transport.abort()
 
     def _refuse(self, status: int) -> None:
         """Answer ``status`` unless this request's response has started, then close the connection."""
@@ -148,4 +163,4 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             cycle.keep_alive = False
             cycle.disconnected = True
             cycle.message_event.set()
-        self.transport.close()
+        self._close()
