@@ -81,6 +81,21 @@ def read_until_closed(sock: ssl.SSLSocket, limit: float) -> tuple[bytes, float]:
     return data, time.monotonic() - started
 
 
+def read_ready(sock: ssl.SSLSocket) -> bytes:
+    """What the server has sent so far, without waiting (a readable socket may hold only a TLS
+    session ticket)."""
+    if not select.select([sock], [], [], 0)[0]:
+        return b""
+    timeout = sock.gettimeout()
+    sock.settimeout(0.05)
+    try:
+        return sock.recv(65536)
+    except TimeoutError:
+        return b""
+    finally:
+        sock.settimeout(timeout)
+
+
 def status_of(response: bytes) -> int:
     return int(response.split(b" ", 2)[1])
 
@@ -171,8 +186,7 @@ def test_a_huge_header_line_gets_431_without_being_read(served: Served) -> None:
         try:
             while time.monotonic() - started < 10:
                 sock.sendall(b"a" * 65536)
-                if select.select([sock], [], [], 0)[0]:  # the answer, read before the reset drops it
-                    response += sock.recv(65536)
+                response += read_ready(sock)  # the answer, read before the reset drops it
         except (ConnectionError, ssl.SSLError):
             cut = True
         took = time.monotonic() - started
@@ -268,8 +282,11 @@ def openssl_connects(s: Served, *args: str) -> bool:
 
 
 def test_tls_offers_no_cbc_suite_and_nothing_below_tls_1_2(served: Served) -> None:
+    # Python's default server suites drop the SHA-1 CBC ones but kept these two (CBC with SHA-2)
+    assert not openssl_connects(served, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA256")
+    assert not openssl_connects(served, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES256-SHA384")
     assert not openssl_connects(served, "-tls1_2", "-cipher", "ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES128-SHA")
-    assert not openssl_connects(served, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES256-SHA384:AES128-GCM-SHA256")
+    assert not openssl_connects(served, "-tls1_2", "-cipher", "AES128-GCM-SHA256")  # no forward secrecy
     assert not openssl_connects(served, "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0")
     assert openssl_connects(served, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256")
     assert openssl_connects(served, "-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305")
