@@ -73,7 +73,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._phase = _Phase.IDLE
         self._head_bytes = 0
-        self._began_in_packet = False
         self._deadline: asyncio.TimerHandle | None = None
 
     @classmethod
@@ -94,7 +93,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        self._began_in_packet = False
         super().data_received(data)
         if self._phase is _Phase.HEAD:
             # the head is still unfinished: every byte of this packet since it began is head (a
@@ -111,7 +109,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._phase = _Phase.HEAD
         self._head_bytes = 0
-        self._began_in_packet = True
 
     def on_headers_complete(self) -> None:
         self._disarm()  # the head deadline; the body's is armed if this packet leaves the body unfinished
@@ -143,8 +140,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """Close now, and abort if the peer still holds the connection after ``ABORT_AFTER``: a TLS
         close waits up to 30 s for the peer's close_notify, reading (and dropping) whatever it sends;
         nothing more is read here."""
-        self.transport.pause_reading()
-        self.transport.close()
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+            self.transport.close()
         self.loop.call_later(ABORT_AFTER, self._abort)
 
     def _abort(self) -> None:

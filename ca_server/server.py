@@ -281,7 +281,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                             ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, ssl_ciphers=TLS12_CIPHERS,
                             timeout_keep_alive=75, backlog=4096, timeout_graceful_shutdown=5,
-                            headers=RESPONSE_HEADERS, server_header=False,
+                            headers=RESPONSE_HEADERS, server_header=False, ws="none",
                             http=http_protocol(joined_writes=speedups.joined_writes,
                                                limits=listener_limits_of(args)))
     config.load()
