@@ -11,6 +11,7 @@ with the joined-writes speed-up and without it.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import select
@@ -19,15 +20,21 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from ca_server.api.problems import PROBLEM_BASE
 from cluster_agent import pki
 from tests.ca.conftest import Harness
-from tests.ca.test_cli import Served, ok, serve
+from tests.ca.test_cli import CLI, Served, ok, serve
+from tests.support.pgserver import free_port
 
 HEAD_TIMEOUT = 1.5
 BODY_TIMEOUT = 2.0
@@ -273,10 +280,10 @@ def test_every_response_says_no_store_and_nosniff(served: Served) -> None:
         assert "server" not in r.headers  # nor does it name its software
 
 
-def openssl_connects(s: Served, *args: str) -> bool:
+def openssl_connects(s: Served, *args: str, cafile: Path | None = None) -> bool:
     port = s.url.rsplit(":", 1)[1]
     r = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile",
-                        str(s.data_dir / "root-cert.pem"), "-verify_return_error", *args],
+                        str(cafile or s.data_dir / "root-cert.pem"), "-verify_return_error", *args],
                        input=b"", capture_output=True, timeout=30, check=False)
     return r.returncode == 0
 
@@ -291,6 +298,42 @@ def test_tls_offers_no_cbc_suite_and_nothing_below_tls_1_2(served: Served) -> No
     assert openssl_connects(served, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256")
     assert openssl_connects(served, "-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305")
     assert openssl_connects(served, "-tls1_3")
+
+
+def test_a_given_certificate_gets_the_same_tls_settings(tmp_path: Path) -> None:
+    """``serve --tls-cert``: uvicorn's own context offered its default suites ("TLSv1": CBC with
+    SHA-1 included); the service's settings hold for it too."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    d = tmp_path / "ca"
+    ok("init", "--data-dir", str(d))
+    port = free_port()
+    with open(tmp_path / "serve.log", "wb") as out:
+        proc = subprocess.Popen([*CLI, "serve", "--data-dir", str(d), "--listen", f"127.0.0.1:{port}",
+                                 "--tls-cert", str(cert_file), "--tls-key", str(key_file)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    s = Served(d, f"https://127.0.0.1:{port}", proc, tmp_path / "serve.log")
+    try:
+        deadline = time.monotonic() + 60
+        while not openssl_connects(s, cafile=cert_file):
+            assert proc.poll() is None and time.monotonic() < deadline, s.log.read_text()
+            time.sleep(0.2)
+        assert openssl_connects(s, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256", cafile=cert_file)
+        for cbc in ("ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES128-SHA256", "ECDHE-ECDSA-AES256-SHA384"):
+            assert not openssl_connects(s, "-tls1_2", "-cipher", cbc, cafile=cert_file), cbc
+    finally:
+        proc.terminate()
+        proc.wait(20)
 
 
 def test_failed_authentications_are_logged_with_the_token_id_only(served: Served) -> None:
