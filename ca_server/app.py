@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -15,23 +18,26 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Scope
 
 from ca_server.api import routes
 from ca_server.api.fastpath import RenewalShortcut, ShortcutApp
-from ca_server.api.guards import request_guards
+from ca_server.api.guards import OperatorOnly, request_guards
 from ca_server.api.metrics import Metrics
-from ca_server.api.problems import problem, problem_for, problem_responses
+from ca_server.api.problems import problem, problem_for, problem_responses, status_of
 from ca_server.api.ratelimit import Limits, RateLimiter
 from ca_server.api.watcher import RevisionWatcher
+from ca_server.core import tokens
 from ca_server.core.authority import Authority
-from ca_server.core.errors import CAError, Unavailable
+from ca_server.core.errors import CAError, Forbidden, Unauthenticated, Unavailable
 from ca_server.storage.capabilities import SharesRateCounters
 
 log = logging.getLogger("meshbridge.ca.http")
 
 Background = Callable[[], Coroutine[Any, Any, None]]
-ErrorResponse = Callable[[Exception, str], Response]
+ErrorResponse = Callable[[Exception, Scope], Response]
+
+READY_CACHE_SECONDS = 1.0
 
 
 def create_app(
@@ -42,10 +48,15 @@ def create_app(
     watch_interval: float = 0.25,
     rate_limits: Limits | None = None,
     renewal_shortcut: bool = True,
+    metrics_token: str | None = None,
 ) -> FastAPI:
     """``renewal_shortcut``: well-formed renewals are answered by api/fastpath.py outside FastAPI's
     middleware stack (the default); False: by the FastAPI route, with the guards added as FastAPI
-    middleware — the framework's own path, for when an upgrade breaks the shortcut."""
+    middleware — the framework's own path, for when an upgrade breaks the shortcut.
+
+    /metrics and /openapi.json answer the admin token only (/metrics also ``metrics_token``); there
+    is no /docs or /redoc (they load their scripts from a CDN), and no redirect to the same path
+    with or without a trailing slash (it would be built from the Host header)."""
     limiter = _rate_limiter(authority, rate_limits)
     tasks = [*(background or []), *([limiter.sync_forever] if limiter is not None else [])]
     watcher = RevisionWatcher(authority, interval=watch_interval)
@@ -60,6 +71,9 @@ def create_app(
         "rotation, revocation, audit, and the exchange of exports between clusters.",
         lifespan=_lifespan(watcher, tasks),
         responses=problem_responses(),
+        docs_url=None,
+        redoc_url=None,
+        redirect_slashes=False,
     )
     app.state.authority = authority
     app.state.metrics = metrics
@@ -70,16 +84,18 @@ def create_app(
 
     error_response = _error_responder(metrics)
     _handle_errors(app, metrics, error_response)
+    operator = functools.partial(OperatorOnly, authorize=_operator_check(authority, metrics_token),
+                                 on_error=error_response)
     if isinstance(app, ShortcutApp):
         answer = functools.partial(routes.renewal_answer, app.state)
 
         def outer_layers(inner: ASGIApp) -> ASGIApp:
             shortcut = RenewalShortcut(inner, answer=answer, on_error=error_response)
-            return request_guards(shortcut, metrics=metrics, limiter=limiter)
+            return request_guards(shortcut, metrics=metrics, limiter=limiter, operator=operator)
 
         app.outer_layers = outer_layers
     else:
-        app.add_middleware(request_guards, metrics=metrics, limiter=limiter)
+        app.add_middleware(request_guards, metrics=metrics, limiter=limiter, operator=operator)
     app.include_router(routes.public)
     app.include_router(routes.admin_api)
     app.include_router(routes.agent_api)
@@ -113,21 +129,53 @@ def _lifespan(watcher: RevisionWatcher,
     return lifespan
 
 
+def _operator_check(authority: Authority, metrics_token: str | None) -> Callable[[str, str | None], None]:
+    """Whether ``authorization`` opens the operator endpoint ``path``: the admin token opens all,
+    ``metrics_token`` /metrics. Raises Unauthenticated otherwise."""
+    metrics_hash = tokens.hash_secret(metrics_token) if metrics_token else None
+
+    def authorize(path: str, authorization: str | None) -> None:
+        if not authorization or not authorization.lower().startswith("bearer "):
+            raise Unauthenticated(f"{path} needs an 'Authorization: Bearer <token>' header")
+        presented = authorization[7:].strip()
+        if metrics_hash is not None and path == "/metrics" and \
+                hmac.compare_digest(tokens.hash_secret(presented), metrics_hash):
+            return
+        authority.authenticate_admin(presented)
+
+    return authorize
+
+
 def _readiness(authority: Authority, metrics: Metrics,
                ready_check: Callable[[], None] | None) -> Callable[[], None]:
-    """/readyz: the store answers and the signing key signs (then ``ready_check``); sets the gauge."""
+    """/readyz: the store answers and the signing key signs (then ``ready_check``); sets the gauge.
+    The outcome is kept for READY_CACHE_SECONDS, and concurrent probes wait for one check: a flood
+    of /readyz costs the database and the key one check a second."""
+    lock = threading.Lock()
+    checked_at = -READY_CACHE_SECONDS
+    failure: Exception | None = None
 
-    def check_ready() -> None:
+    def check() -> Exception | None:
         try:
             authority.store.ping()
             authority.check_signing_key()
-        except CAError:
-            metrics.up.set(0)
-            raise
+        except CAError as exc:
+            return exc
         except Exception as exc:
-            metrics.up.set(0)
-            raise Unavailable("not ready") from exc
-        metrics.up.set(1)
+            unavailable = Unavailable("not ready")
+            unavailable.__cause__ = exc
+            return unavailable
+        return None
+
+    def check_ready() -> None:
+        nonlocal checked_at, failure
+        with lock:
+            if time.monotonic() - checked_at >= READY_CACHE_SECONDS:
+                failure = check()
+                checked_at = time.monotonic()
+                metrics.up.set(0 if failure else 1)
+            if failure is not None:
+                raise failure.with_traceback(None)  # the same exception each time: keep its traceback short
         if ready_check is not None:
             ready_check()
 
@@ -137,16 +185,32 @@ def _readiness(authority: Authority, metrics: Metrics,
 def _error_responder(metrics: Metrics) -> ErrorResponse:
     """The problem response for an exception: a CAError's own, any other a 500 that names nothing."""
 
-    def error_response(exc: Exception, path: str) -> Response:
+    def error_response(exc: Exception, scope: Scope) -> Response:
+        path = scope["path"]
         if not isinstance(exc, CAError):
             log.error("unexpected error", exc_info=exc, extra={"path": path})
             return problem(500, "Internal error", "the CA service failed; see its log", type_="internal")
         metrics.errors.labels(type(exc).__name__).inc()
         if isinstance(exc, Unavailable):
             log.warning("unavailable: %s", exc.detail, extra={"path": path})
+        elif isinstance(exc, Unauthenticated | Forbidden):
+            _log_refused(exc, scope)
         return problem_for(exc)
 
     return error_response
+
+
+def _log_refused(exc: CAError, scope: Scope) -> None:
+    """A failed authentication, at warning: who, where, which token id and why; never the secret
+    (only a token of our shape gives an id; anything else is reported as such, not echoed)."""
+    authorization = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), None)
+    presented = tokens.parse_token(authorization.decode("latin-1")[7:]) if authorization else None
+    token = f"{presented.kind} token {presented.token_id}" if presented else \
+        "a malformed token" if authorization else "no token"
+    client = scope.get("client")
+    log.warning("authentication failed: %s %s from %s with %s: %s", scope["method"], scope["path"],
+                client[0] if client else "?", token, exc.detail,
+                extra={"method": scope["method"], "path": scope["path"], "status": status_of(exc)})
 
 
 def _handle_errors(app: FastAPI, metrics: Metrics, error_response: ErrorResponse) -> None:
@@ -154,7 +218,7 @@ def _handle_errors(app: FastAPI, metrics: Metrics, error_response: ErrorResponse
 
     @app.exception_handler(CAError)
     async def _ca_error(request: Request, exc: CAError) -> Response:
-        return error_response(exc, request.url.path)
+        return error_response(exc, request.scope)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
@@ -169,7 +233,7 @@ def _handle_errors(app: FastAPI, metrics: Metrics, error_response: ErrorResponse
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        return error_response(exc, request.url.path)
+        return error_response(exc, request.scope)
 
 
 def _validation_detail(exc: RequestValidationError) -> str:

@@ -305,14 +305,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "termination; never in production)")
     s.add_argument("--workers", type=int, default=1, help="worker processes accepting on the one listening "
                    "socket, each a full replica (default 1; about one per core)")
+    s.add_argument("--metrics-token-file", help="a token (32+ characters) that opens /metrics and nothing else, "
+                   "for a scraper; the admin token opens it too")
+    lim = s.add_argument_group("listener limits", "what a connection may do before the app sees it")
+    lim.add_argument("--head-timeout", type=float, default=10.0, metavar="S",
+                     help="seconds from connecting (or a request's first byte) to the end of its head (default 10)")
+    lim.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                     help="seconds from the end of a request's head to the end of its body, in total (default 30)")
+    lim.add_argument("--max-head-bytes", type=int, default=16 * 1024, metavar="N",
+                     help="request line and headers together, in bytes; over it: 431 (default 16384)")
+    lim.add_argument("--max-connections", type=int, default=2048, metavar="N",
+                     help="open connections per worker process; a new one over it gets 503 and is closed "
+                     "(default 2048)")
     fast = s.add_argument_group("speed-ups", "each relies on framework internals (versions pinned in "
                                 "constraints.txt); turn one off if an upgrade of that framework breaks it")
     fast.add_argument("--no-renewal-shortcut", dest="renewal_shortcut", action="store_false",
                       help="answer renewals through FastAPI's route and middleware stack (the shortcut overrides "
                       "FastAPI.build_middleware_stack)")
     fast.add_argument("--no-joined-writes", dest="joined_writes", action="store_false",
-                      help="serve with uvicorn's stock httptools protocol (the speed-up subclasses it to send a "
-                      "response's head and body in one write)")
+                      help="serve without the joined writes (a subclass of uvicorn's httptools protocol that "
+                      "sends a response's head and body in one write)")
     fast.add_argument("--no-prepared-statements", dest="prepared_statements", action="store_false",
                       help="run every statement through SQLAlchemy Core (the speed-up runs the renewal's statements "
                       "on the DBAPI connection, compiled once with SQLAlchemy's type processors)")

@@ -8,8 +8,10 @@ end of that step (a response's start and body are sent in the same step), so not
 than the step that produced it.
 
 It relies on uvicorn internals: ``HttpToolsProtocol.connection_made`` keeps the transport it is
-given and writes every response through its ``write``. ``serve --no-joined-writes`` serves with
-uvicorn's stock httptools protocol instead, and does not import this module.
+given and writes every response through its ``write``. It extends the listener's guarded protocol
+(ca_server/listener.py: connection cap, head and body deadlines, head size cap), which is used with
+or without it. ``serve --no-joined-writes`` serves with that protocol alone, and does not import
+this module.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from ca_server.listener import GuardedHttpToolsProtocol
 
 
 class CoalescingTransport:
@@ -53,7 +55,7 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
-class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+class CoalescingHttpToolsProtocol(GuardedHttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         coalescing: Any = CoalescingTransport(transport, asyncio.get_running_loop())
         super().connection_made(coalescing)

@@ -27,12 +27,12 @@ import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from uvicorn.config import HTTPProtocolType
 
 from ca_server import runtime
 from ca_server.app import create_app
 from ca_server.core.authority import Authority, FleetSnapshot
 from ca_server.core.x509profiles import cert_pem
+from ca_server.listener import GuardedHttpToolsProtocol, ListenerLimits
 from ca_server.speedups import Speedups
 from ca_server.storage.capabilities import Checkpoints, Disposable
 from meshbridge_wire import logs
@@ -54,8 +54,7 @@ class ServerCertificate:
     def __init__(self, authority: Authority, *, names: list[str]) -> None:
         self.authority = authority
         self.names = names
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.ctx = harden_tls(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
         self.cert: x509.Certificate | None = None
         self.root_id = ""
 
@@ -105,14 +104,39 @@ def speedups_of(args: argparse.Namespace) -> Speedups:
                     prepared_statements=args.prepared_statements)
 
 
-def http_protocol(*, joined_writes: bool) -> type[asyncio.Protocol] | HTTPProtocolType:
-    """uvicorn's ``http`` setting: ours, which joins a response's writes, or uvicorn's stock
-    httptools protocol (ours subclasses its internals, so it is imported only when used)."""
-    if not joined_writes:
-        return "httptools"
-    from ca_server.http_protocol import CoalescingHttpToolsProtocol
+def http_protocol(*, joined_writes: bool, limits: ListenerLimits | None = None) -> type[asyncio.Protocol]:
+    """uvicorn's ``http`` setting: the listener's guarded httptools protocol with ``limits``,
+    joining each response's writes when ``joined_writes`` (that speed-up's module is imported
+    only when it is on)."""
+    base: type[GuardedHttpToolsProtocol] = GuardedHttpToolsProtocol
+    if joined_writes:
+        from ca_server.http_protocol import CoalescingHttpToolsProtocol
 
-    return CoalescingHttpToolsProtocol
+        base = CoalescingHttpToolsProtocol
+    return base.with_limits(limits or ListenerLimits())
+
+
+def listener_limits_of(args: argparse.Namespace) -> ListenerLimits:
+    """The limits ``serve``'s ``--head-timeout`` … ``--max-connections`` flags set."""
+    return ListenerLimits(head_timeout=args.head_timeout, body_timeout=args.body_timeout,
+                          max_head_bytes=args.max_head_bytes, max_connections=args.max_connections)
+
+
+# TLS 1.2 suites: forward secret key exchange and AEAD only (no CBC, no RSA key exchange); TLS 1.3's
+# suites are all AEAD and are not set by this string
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+# on every response: a token-carrying answer is never stored by a cache or a browser, and no
+# client sniffs a type other than the one declared
+RESPONSE_HEADERS = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
+
+
+def harden_tls(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """TLS 1.2 at least, AEAD suites with ECDHE only, no renegotiation."""
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    return ctx
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -181,6 +205,16 @@ def _serve_workers(args: argparse.Namespace, workers: int) -> int:
     return 0
 
 
+def _metrics_token(args: argparse.Namespace) -> str | None:
+    """``--metrics-token-file``: a token that opens /metrics only (for a scraper)."""
+    if not args.metrics_token_file:
+        return None
+    token = Path(args.metrics_token_file).read_text().strip()
+    if len(token) < 32:
+        raise SystemExit("--metrics-token-file must hold a token of at least 32 characters")
+    return token
+
+
 async def keep_wal_small(store: Checkpoints) -> None:
     """SQLite: checkpoint here, every second, so no renewal pays for copying the WAL back."""
     while True:
@@ -236,7 +270,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
     if isinstance(authority.store, Checkpoints):
         background.append(functools.partial(keep_wal_small, authority.store))
     app = create_app(authority, background=background, rate_limits=limits,
-                     renewal_shortcut=speedups.renewal_shortcut)
+                     renewal_shortcut=speedups.renewal_shortcut, metrics_token=_metrics_token(args))
     app.state.watcher.listeners.append(write_trust_bundle)
     scheme = "http" if args.insecure_http else "https"
     url_host = args.server_name[0] if args.server_name else host
@@ -245,12 +279,16 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
     runtime.write_public(data_dir / "server-url", f"{scheme}://{url_host}:{port}\n")
     write_trust_bundle(authority.snapshot())
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                            ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, timeout_keep_alive=75,
-                            backlog=4096, timeout_graceful_shutdown=5,
-                            http=http_protocol(joined_writes=speedups.joined_writes))
+                            ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, ssl_ciphers=TLS12_CIPHERS,
+                            timeout_keep_alive=75, backlog=4096, timeout_graceful_shutdown=5,
+                            headers=RESPONSE_HEADERS, server_header=False, ws="none",
+                            http=http_protocol(joined_writes=speedups.joined_writes,
+                                               limits=listener_limits_of(args)))
     config.load()
     if server_cert is not None:
         config.ssl = server_cert.ctx
+    elif config.ssl is not None:
+        harden_tls(config.ssl)
     if speedups.off():
         log.warning("speed-ups turned off: %s", ", ".join(speedups.off()))
     log.info("serving", extra={"path": f"{scheme}://{host}:{port}"})

@@ -43,9 +43,9 @@ class ShortcutApp(FastAPI):
 
 class RenewalShortcut:
     def __init__(self, app: ASGIApp, *, answer: Callable[[str, str | None, w.RenewIn], Awaitable[Response]],
-                 on_error: Callable[[Exception, str], Response]) -> None:
+                 on_error: Callable[[Exception, Scope], Response]) -> None:
         """``answer(name, authorization, body)``: awaitable giving the Response; ``on_error(exc,
-        path)``: the app's problem response for an exception (CAError or unexpected)."""
+        scope)``: the app's problem response for an exception (CAError or unexpected)."""
         self.app = app
         self.answer = answer
         self.on_error = on_error
@@ -67,7 +67,7 @@ class RenewalShortcut:
         try:
             response = await self.answer(match.group("name"), headers.get("authorization"), parsed)
         except Exception as exc:  # CAError or unexpected: the app's own problem response
-            response = self.on_error(exc, scope["path"])
+            response = self.on_error(exc, scope)
         await response(scope, receive, send)
 
 

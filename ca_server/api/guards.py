@@ -1,13 +1,17 @@
-"""The request guards every request passes before the app: body size and arrival time (413/408),
-the rate limits (429), and the response counts. Plain ASGI middleware: Starlette's
-BaseHTTPMiddleware costs a task and a memory stream per request."""
+"""The request guards every request passes before the app: body size (413), the rate limits
+(429), the operator endpoints' token (401), and the response counts. Plain ASGI middleware:
+Starlette's BaseHTTPMiddleware costs a task and a memory stream per request. How long a head or a
+body may take to arrive is the listener's concern (ca_server/listener.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
+from collections.abc import Callable
 
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ca_server.api.metrics import Metrics
@@ -20,13 +24,11 @@ BODY_LIMIT = 64 * 1024
 
 
 class BodyLimit:
-    """Refuses request bodies over ``limit`` bytes with 413, whether declared or streamed, and bodies
-    that take longer than ``body_timeout`` seconds to arrive with 408 (a slow client holds no worker)."""
+    """Refuses request bodies over ``limit`` bytes with 413, whether declared or streamed."""
 
-    def __init__(self, app: ASGIApp, limit: int = BODY_LIMIT, body_timeout: float = 10.0) -> None:
+    def __init__(self, app: ASGIApp, limit: int = BODY_LIMIT) -> None:
         self.app = app
         self.limit = limit
-        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -39,55 +41,42 @@ class BodyLimit:
                 except ValueError:
                     declared = self.limit + 1
                 if declared > self.limit:
-                    await self._refuse(scope, receive, send, 413)
+                    await self._refuse(scope, receive, send)
                     return
         seen = 0
-        failed: int | None = None  # 413 or 408 once the body broke a limit
-        body_done = False
+        failed = False  # once the body crossed the limit
 
         async def limited() -> Message:
-            nonlocal seen, failed, body_done
-            if body_done:
-                return await receive()  # after the body: disconnect notices, no time limit
-            try:
-                async with asyncio.timeout(self.body_timeout):  # no task per message, unlike wait_for
-                    msg = await receive()
-            except TimeoutError:
-                failed = 408
-                raise _TooLarge() from None
+            nonlocal seen, failed
+            msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                body_done = not msg.get("more_body", False)
                 if seen > self.limit:
-                    failed = 413
+                    failed = True
                     raise _TooLarge()
             return msg
 
         refused = False
 
         async def guarded(msg: Message) -> None:
-            # FastAPI turns any error while reading the body into its own 400: once a limit was
-            # crossed, whatever the app answers is replaced by the 413 or 408
+            # FastAPI turns any error while reading the body into its own 400: once the limit was
+            # crossed, whatever the app answers is replaced by the 413
             nonlocal refused
-            if failed is None:
+            if not failed:
                 await send(msg)
             elif not refused:
                 refused = True
-                await self._refuse(scope, receive, send, failed)
+                await self._refuse(scope, receive, send)
 
         try:
             await self.app(scope, limited, guarded)
         except _TooLarge:
             if not refused:
-                await self._refuse(scope, receive, send, failed or 413)
+                await self._refuse(scope, receive, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int) -> None:
-        if status == 408:
-            resp = problem(408, "Request timeout", f"the request body did not arrive within {self.body_timeout:g} s",
-                           type_="requesttimeout")
-        else:
-            resp = problem(413, "Payload too large", f"request bodies are limited to {self.limit} bytes",
-                           type_="payloadtoolarge")
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        resp = problem(413, "Payload too large", f"request bodies are limited to {self.limit} bytes",
+                       type_="payloadtoolarge")
         await resp(scope, receive, send)
 
 
@@ -124,10 +113,38 @@ class CountResponses:
                                             "ms": round((time.perf_counter() - started) * 1000, 2)})
 
 
-def request_guards(app: ASGIApp, *, metrics: Metrics, limiter: RateLimiter | None = None) -> ASGIApp:
+class OperatorOnly:
+    """The operator endpoints (``PATHS``) answer only a request whose ``Authorization`` header
+    ``authorize(path, authorization)`` accepts; it raises the CAError that ``on_error(exc, scope)``
+    turns into the refusal. Any other request passes after one set lookup."""
+
+    PATHS = frozenset({"/metrics", "/openapi.json"})
+
+    def __init__(self, app: ASGIApp, *, authorize: Callable[[str, str | None], None],
+                 on_error: Callable[[Exception, Scope], Response]) -> None:
+        self.app = app
+        self.authorize = authorize
+        self.on_error = on_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.PATHS:
+            await self.app(scope, receive, send)
+            return
+        authorization = Headers(scope=scope).get("authorization")
+        try:  # the admin token is looked up in the store: off the event loop
+            await run_in_threadpool(self.authorize, scope["path"], authorization)
+        except Exception as exc:
+            await self.on_error(exc, scope)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def request_guards(app: ASGIApp, *, metrics: Metrics, limiter: RateLimiter | None = None,
+                   operator: Callable[[ASGIApp], ASGIApp] | None = None) -> ASGIApp:
     """``app`` behind the guards, outermost first: body limit, rate limit (when ``limiter``), response
-    count. Also a Starlette middleware factory (``app.add_middleware(request_guards, ...)``)."""
-    outer: ASGIApp = CountResponses(app, metrics=metrics)
+    count, operator endpoints (when ``operator``, e.g. a partial of OperatorOnly). Also a Starlette
+    middleware factory (``app.add_middleware(request_guards, ...)``)."""
+    outer: ASGIApp = CountResponses(operator(app) if operator is not None else app, metrics=metrics)
     if limiter is not None:
         outer = RateLimit(outer, limiter=limiter)
     return BodyLimit(outer)
