@@ -17,8 +17,9 @@ class Speedups:
     # api/fastpath.py: well-formed renewals answered outside FastAPI's middleware stack, through an
     # override of FastAPI.build_middleware_stack; off: the FastAPI route, guards added by add_middleware
     renewal_shortcut: bool = True
-    # http_protocol.py: a subclass of uvicorn's HttpToolsProtocol whose transport joins a response's
-    # writes; off: uvicorn's stock "httptools" protocol
+    # http_protocol.py: the listener's protocol with a transport that joins a response's writes;
+    # off: the listener's guarded protocol alone (listener.py, always used: connection cap, head and
+    # body deadlines, head size cap), writing as uvicorn's httptools protocol does
     joined_writes: bool = True
     # storage/repository.py: hot statements compiled once and run on the DBAPI connection with the
     # column types' own processors (_Prepared); off: the same statements through SQLAlchemy Core
