@@ -134,21 +134,31 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     key_path = runtime.audit_key_path(data_dir, settings, _path(args.audit_key_file))
     key = sealing.read_key(key_path)
     own = data_dir / runtime.ANCHORS_FILE
-    unreadable: ChainReport | None = None
     try:  # the anchors before the head: an anchor is never ahead of the head read after it
-        anchors = sealing.read_anchors([*([own] if own.exists() else []), *map(Path, args.anchors)])
-    except CAError as exc:
-        anchors, unreadable = [], ChainReport(False, 0, exc.detail)
+        anchors = sealing.read_anchors([*([own] if own.exists() else []), *_existing(args.anchors)])
+    except CAError as exc:  # a line that is no anchor: the file was altered
+        return _print_report(ChainReport(False, 0, exc.detail), args.json, own)
     if key is None:
         last = store.last_audit_entry()
         if anchors or (last is not None and not is_unkeyed(last)):
             raise CLIError(f"no audit key at {key_path}: this chain is sealed with one; give --audit-key-file or "
                            "MESHBRIDGE_AUDIT_KEY_FILE")
-    report = unreadable or verify_chain(store.iter_audit(), head=store.audit_head(), key=key, anchors=anchors)
-    if args.json:
+    return _print_report(verify_chain(store.iter_audit(), head=store.audit_head(), key=key, anchors=anchors),
+                         args.json, own)
+
+
+def _existing(files: list[str]) -> list[Path]:
+    for f in files:
+        if not Path(f).is_file():
+            raise CLIError(f"anchors file {f} does not exist")
+    return [Path(f) for f in files]
+
+
+def _print_report(report: ChainReport, as_json: bool, anchors_file: Path) -> int:
+    if as_json:
         print(json.dumps({"ok": report.ok, "checked": report.checked, "problem": report.problem}))
     elif report.ok:
-        print(f"audit chain intact: {report.checked} entries; {_sealing_note(report, own)}")
+        print(f"audit chain intact: {report.checked} entries; {_sealing_note(report, anchors_file)}")
     elif report.rollback:
         print(f"audit chain BEHIND ITS ANCHORS after {report.checked} good entries: {report.problem}",
               file=sys.stderr)

@@ -127,6 +127,10 @@ class AnchorLog:
 
 
 def read_anchors(paths: list[Path]) -> list[Anchor]:
+    """The anchors of every file named (each must exist: a mistyped path must not skip the check)."""
+    for p in paths:
+        if not p.is_file():
+            raise InvalidInput(f"anchors file {p} does not exist")
     return [a for p in paths for a in AnchorLog(p).read()]
 
 

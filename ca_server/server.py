@@ -232,7 +232,8 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
     from ca_server.api.ratelimit import Limits
 
     limits = Limits(per_credential=args.rate_limit_credential, per_address=args.rate_limit_address)
-    background = [keep_crls_fresh, keep_server_cert_fresh, runtime.audit_anchoring(data_dir, authority.store)]
+    background = [keep_crls_fresh, keep_server_cert_fresh]
+    background.append(runtime.audit_anchoring(data_dir, authority.store))  # D/audit-anchors
     if isinstance(authority.store, Checkpoints):
         background.append(functools.partial(keep_wal_small, authority.store))
     app = create_app(authority, background=background, rate_limits=limits,
