@@ -7,8 +7,17 @@ leave the token). The passphrase, PIN and admin token are never written into it:
 secret store, and the restored CA needs the same passphrase to sign.
 
 Restore refuses a data directory that already holds a CA, loads every row through the migrations'
-schema, then checks the audit chain and that each root key opens and matches its certificate;
+schema, then checks that each root key opens and matches its certificate and the audit chain;
 on any failure the new directory and database are left empty, never half-restored.
+
+The audit key is not in the archive either (it is a secret like the passphrase): restore reads it
+from ``--audit-key-file``, ``MESHBRIDGE_AUDIT_KEY_FILE`` or the target's ``audit-key``. Nor are the
+anchors: a backup carrying its own anchors would prove nothing about rollback. Restore checks the
+restored chain against the anchors it finds in the target data directory (keep ``audit-anchors``
+when you move a broken CA's ``ca.json`` and database away) and in every ``--anchors FILE``: a
+backup older than they record, or departing from them, is refused unless ``--accept-rollback``
+is given, which is then recorded in the audit log and starts the anchors afresh (the old file is
+kept as ``audit-anchors.superseded-<time>``).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import json
 import os
 import shutil
 import tarfile
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,10 +39,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Table, delete, insert, select, text
 
-from ca_server import datadir, runtime
-from ca_server.core.audit import verify_chain
+from ca_server import datadir, runtime, sealing
+from ca_server.core.audit import Anchor, AuditKey, ChainReport, is_unkeyed, verify_chain
 from ca_server.core.errors import Conflict, InvalidInput
 from ca_server.storage import tables as t
+from ca_server.storage.repository import SqlStore
 
 FORMAT = "meshbridge-backup/1"
 TABLES: list[Table] = [t.roots, t.clusters, t.certificates, t.bootstrap_tokens, t.admin_tokens, t.crls, t.audit,
@@ -107,8 +118,42 @@ def _read_archive(path: Path) -> dict[str, bytes]:
     return members
 
 
+def _verify_restored(store: SqlStore, key: AuditKey | None, anchors: list[Anchor], *,
+                     accept_rollback: bool) -> ChainReport:
+    """The restored chain verifies (with the key, when it is sealed), and is not behind or apart
+    from the anchors, unless that is accepted."""
+    if key is None:
+        last = store.last_audit_entry()
+        if anchors or (last is not None and not is_unkeyed(last)):
+            raise InvalidInput("the backup's audit chain is sealed with an audit key, which backups do not hold: "
+                               "give --audit-key-file or MESHBRIDGE_AUDIT_KEY_FILE")
+    report = verify_chain(store.iter_audit(), head=store.audit_head(), key=key, anchors=anchors)
+    if report.ok:
+        return report
+    if not report.rollback:
+        raise InvalidInput(f"restored audit chain does not verify: {report.problem}")
+    if not accept_rollback:
+        raise Conflict(f"restore refused: {report.problem}. This backup is older than, or departs from, the CA "
+                       "its anchors record: restoring it rolls the CA back. Pass --accept-rollback to restore it "
+                       "anyway (recorded in the audit log)")
+    return report
+
+
+def _accept_rollback(store: SqlStore, key: AuditKey, report: ChainReport, anchors: list[Anchor],
+                     data_dir: Path) -> None:
+    """Record the accepted rollback in the chain and set the superseded anchors aside."""
+    store.audit_key = key
+    with store.write() as tx:
+        tx.append_audit(at=datetime.now(UTC), actor="restore", action="audit.rollback_accepted", subject="audit",
+                        details={"problem": report.problem, "anchored_entry": max(a.id for a in anchors)})
+    own = runtime.anchor_log(data_dir).path
+    if own.exists():
+        os.replace(own, own.with_name(f"{own.name}.superseded-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"))
+
+
 def restore(archive: Path, data_dir: Path, *, database_url: str | None = None,
-            passphrase_file: Path | None = None) -> dict[str, Any]:
+            passphrase_file: Path | None = None, audit_key_file: Path | None = None,
+            anchors_files: Sequence[Path] = (), accept_rollback: bool = False) -> dict[str, Any]:
     members = _read_archive(archive)
     manifest = json.loads(members["manifest.json"])
     if manifest.get("format") != FORMAT:
@@ -118,11 +163,15 @@ def restore(archive: Path, data_dir: Path, *, database_url: str | None = None,
             raise InvalidInput(f"backup member {name} is missing or corrupt (SHA-256 mismatch)")
     if (data_dir / runtime.SETTINGS_FILE).exists():
         raise Conflict(f"{data_dir} already holds a CA; restore into an empty directory")
+    own_anchors = runtime.anchor_log(data_dir)
+    anchors = sealing.read_anchors([*([own_anchors.path] if own_anchors.exists() else []), *anchors_files])
     created_dir = not data_dir.exists()
     datadir.make_private_dir(data_dir)
     settings = runtime.CASettings(**{k: v for k, v in json.loads(members["ca.json"]).items()
                                      if k in runtime.CASettings.__dataclass_fields__})
     settings.database_url = database_url
+    if audit_key_file is not None:
+        settings.audit_key_file = str(audit_key_file.resolve())
     url = runtime.database_url(data_dir, settings, database_url)
     datadir.make_private_sqlite(url)
     store = runtime.open_store(url)
@@ -147,9 +196,6 @@ def restore(archive: Path, data_dir: Path, *, database_url: str | None = None,
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 runtime.write_private(path, data)
                 written.append(path)
-        report = verify_chain(store.iter_audit(), head=store.audit_head())
-        if not report.ok:
-            raise InvalidInput(f"restored audit chain does not verify: {report.problem}")
         keys = runtime.key_backend(data_dir, settings, passphrase_file=passphrase_file)
         with store.read() as tx:
             roots = tx.list_roots()
@@ -161,9 +207,16 @@ def restore(archive: Path, data_dir: Path, *, database_url: str | None = None,
             if keys.load(root.key_ref).public_key().public_bytes(serialization.Encoding.DER, spki) != \
                     cert.public_key().public_bytes(serialization.Encoding.DER, spki):
                 raise InvalidInput(f"the key of root {root.id} does not match its certificate")
+        audit_key = sealing.read_key(runtime.audit_key_path(data_dir, settings))
+        report = _verify_restored(store, audit_key, anchors, accept_rollback=accept_rollback)
+        if report.rollback:
+            assert audit_key is not None  # anchors are checked with the key
+            _accept_rollback(store, audit_key, report, anchors, data_dir)
         runtime.write_private(data_dir / runtime.SETTINGS_FILE, settings.to_json())
         runtime.write_public(data_dir / "root-cert.pem", "".join(dict.fromkeys(
             r.anchor_pem for r in sorted(roots, key=lambda r: (r.created_at, r.id)) if r.status.value != "retired")))
+        if audit_key is not None:
+            sealing.anchor_head(store, audit_key, own_anchors)
     except BaseException:
         with store.engine.begin() as conn:  # leave nothing half-restored
             for table in reversed(TABLES):
@@ -175,7 +228,8 @@ def restore(archive: Path, data_dir: Path, *, database_url: str | None = None,
         raise
     finally:
         store.dispose()
-    return {"restored": manifest["tables"], "audit_entries": report.checked, "data_dir": str(data_dir)}
+    return {"restored": manifest["tables"], "audit_entries": report.checked, "data_dir": str(data_dir),
+            "rollback_accepted": report.problem if report.rollback else None}
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -192,12 +246,16 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     out = restore(Path(args.input), Path(args.data_dir), database_url=args.database_url,
-                  passphrase_file=Path(args.passphrase_file) if args.passphrase_file else None)
+                  passphrase_file=Path(args.passphrase_file) if args.passphrase_file else None,
+                  audit_key_file=Path(args.audit_key_file) if args.audit_key_file else None,
+                  anchors_files=[Path(p) for p in args.anchors], accept_rollback=args.accept_rollback)
     if args.json:
         print(json.dumps(out))
     else:
         print(f"restored into {out['data_dir']}: {sum(out['restored'].values())} rows, audit chain intact "
               f"({out['audit_entries']} entries)")
+        if out["rollback_accepted"]:
+            print(f"  rollback accepted and audited: {out['rollback_accepted']}")
     return 0
 
 
@@ -213,5 +271,12 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--in", dest="input", required=True)
     r.add_argument("--database-url")
     r.add_argument("--passphrase-file")
+    r.add_argument("--audit-key-file", help="the audit key the backup's chain is sealed with (backups do not "
+                   "hold it; default: MESHBRIDGE_AUDIT_KEY_FILE or D/audit-key); recorded in ca.json")
+    r.add_argument("--anchors", action="append", default=[], metavar="FILE",
+                   help="an anchors file of the CA being replaced, to refuse an older backup (D/audit-anchors "
+                   "is always read); repeatable")
+    r.add_argument("--accept-rollback", action="store_true",
+                   help="restore a backup older than the anchors record (recorded in the audit log)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_restore)

@@ -9,11 +9,16 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import httpx
 
 from ca_server.core.errors import CAError
+
+if TYPE_CHECKING:
+    from ca_server.core.audit import ChainReport
+    from ca_server.runtime import CASettings
+    from ca_server.storage.repository import SqlStore
 
 EPILOG = """\
 examples:
@@ -56,6 +61,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     url = runtime.database_url(data_dir, settings, args.database_url)
     datadir.make_private_sqlite(url)
     store = runtime.open_store(url)
+    audit_key_path = _init_audit_key(store, data_dir, settings, _path(args.audit_key_file))
     keys = runtime.key_backend(data_dir, settings, passphrase_file=_path(args.passphrase_file), create=True)
     authority = Authority(store, keys, policy=Policy(org=args.org, root_key_type=key_type))
     if args.import_cert:
@@ -70,9 +76,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     runtime.write_private(data_dir / runtime.SETTINGS_FILE, settings.to_json())
     runtime.write_private(data_dir / "admin-token", admin + "\n")
     runtime.write_public(data_dir / "root-cert.pem", authority.trust_bundle_from(authority.list_roots()))
+    _anchor_init(store, data_dir)
     out = {"data_dir": str(data_dir), "root_id": root.id, "root_cert": str(data_dir / "root-cert.pem"),
            "admin_token_file": str(data_dir / "admin-token"), "key": keys.describe(root.key_ref),
-           "database": "sqlite (embedded)" if url.startswith("sqlite") else "postgresql"}
+           "database": "sqlite (embedded)" if url.startswith("sqlite") else "postgresql",
+           "audit_key_file": str(audit_key_path)}
     passphrase_file = passphrase_path(data_dir, passphrase_file=args.passphrase_file) \
         if args.key_backend == "file" else None
     if passphrase_file is not None:
@@ -91,6 +99,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             if passphrase_file.resolve().is_relative_to(data_dir.resolve()):
                 print("    it lies beside the key it unlocks: a copy of the data directory carries both; "
                       "keep it elsewhere and pass --passphrase-file (docs/security.md)")
+        print(f"  audit key: {audit_key_path} — back it up separately (backups do not hold it)")
         print(f"  database: {out['database']}")
         if dir_warning:
             print(f"  warning: {dir_warning}", file=sys.stderr)
@@ -101,6 +110,25 @@ def _path(p: str | None) -> Path | None:
     return Path(p) if p else None
 
 
+def _init_audit_key(store: SqlStore, data_dir: Path, settings: CASettings, given: Path | None) -> Path:
+    """Seal the new chain with the audit key at ``given`` (recorded in ca.json), at
+    MESHBRIDGE_AUDIT_KEY_FILE, or at D/audit-key; created (0600) when the file is missing."""
+    from ca_server import runtime, sealing
+
+    if given is not None:
+        settings.audit_key_file = str(given.resolve())
+    path = runtime.audit_key_path(data_dir, settings)
+    store.audit_key = sealing.read_key(path) or sealing.create_key(path)
+    return path
+
+
+def _anchor_init(store: SqlStore, data_dir: Path) -> None:
+    from ca_server import runtime, sealing
+
+    assert store.audit_key is not None
+    sealing.anchor_head(store, store.audit_key, runtime.anchor_log(data_dir))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ca_server.server import serve
 
@@ -108,20 +136,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from ca_server import runtime
-    from ca_server.core.audit import verify_chain
+    from ca_server import runtime, sealing
+    from ca_server.core.audit import ChainReport, is_unkeyed, verify_chain
 
     data_dir = Path(args.data_dir)
     settings = runtime.load_settings(data_dir)
     store = runtime.open_store(runtime.database_url(data_dir, settings, args.database_url), migrate=False)
-    report = verify_chain(store.iter_audit(), head=store.audit_head())
-    if args.json:
+    key_path = runtime.audit_key_path(data_dir, settings, _path(args.audit_key_file))
+    key = sealing.read_key(key_path)
+    own = data_dir / runtime.ANCHORS_FILE
+    try:  # the anchors before the head: an anchor is never ahead of the head read after it
+        anchors = sealing.read_anchors([*([own] if own.exists() else []), *_existing(args.anchors)])
+    except CAError as exc:  # a line that is no anchor: the file was altered
+        return _print_report(ChainReport(False, 0, exc.detail), args.json, own)
+    if key is None:
+        last = store.last_audit_entry()
+        if anchors or (last is not None and not is_unkeyed(last)):
+            raise CLIError(f"no audit key at {key_path}: this chain is sealed with one; give --audit-key-file or "
+                           "MESHBRIDGE_AUDIT_KEY_FILE")
+    return _print_report(verify_chain(store.iter_audit(), head=store.audit_head(), key=key, anchors=anchors),
+                         args.json, own)
+
+
+def _existing(files: list[str]) -> list[Path]:
+    for f in files:
+        if not Path(f).is_file():
+            raise CLIError(f"anchors file {f} does not exist")
+    return [Path(f) for f in files]
+
+
+def _print_report(report: ChainReport, as_json: bool, anchors_file: Path) -> int:
+    if as_json:
         print(json.dumps({"ok": report.ok, "checked": report.checked, "problem": report.problem}))
     elif report.ok:
-        print(f"audit chain intact: {report.checked} entries")
+        print(f"audit chain intact: {report.checked} entries; {_sealing_note(report, anchors_file)}")
+    elif report.rollback:
+        print(f"audit chain BEHIND ITS ANCHORS after {report.checked} good entries: {report.problem}",
+              file=sys.stderr)
     else:
         print(f"audit chain BROKEN after {report.checked} good entries: {report.problem}", file=sys.stderr)
     return 0 if report.ok else 1
+
+
+def _sealing_note(report: ChainReport, anchors_file: Path) -> str:
+    sealed = (f"sealed with the audit key from entry {report.sealed_from}" if report.sealed_from else
+              "unkeyed (written before audit keys; `serve` seals it when it starts)")
+    anchored = (f"{report.anchors} anchor(s) agree" if report.anchors else
+                f"no anchors ({anchors_file} is missing): a rollback or a deleted tail cannot be seen")
+    return f"{sealed}; {anchored}"
 
 
 # ----------------------------------------------------------------------------- operator client
@@ -284,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--import-cert", help="adopt this existing root or issuing CA certificate instead")
     i.add_argument("--import-chain", help="certificates above --import-cert up to its self-signed root")
     i.add_argument("--import-key-ref", help="key of --import-cert: file:<path relative to D> or pkcs11:…")
+    i.add_argument("--audit-key-file", help="the key that seals the audit chain (else MESHBRIDGE_AUDIT_KEY_FILE, "
+                   "else D/audit-key); created (0600) when missing; a given path is recorded in ca.json")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_init)
 
@@ -370,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     av = asub.add_parser("verify", help="check the hash chain straight from the database")
     av.add_argument("--data-dir", required=True)
     av.add_argument("--database-url")
+    av.add_argument("--audit-key-file", help="the audit key (default: MESHBRIDGE_AUDIT_KEY_FILE, ca.json's "
+                    "audit_key_file, or D/audit-key)")
+    av.add_argument("--anchors", action="append", default=[], metavar="FILE",
+                    help="a further anchors file to check against, e.g. a copy kept off this host "
+                    "(D/audit-anchors is always read); repeatable")
     av.add_argument("--json", action="store_true")
     av.set_defaults(fn=cmd_audit_verify)
 

@@ -1,24 +1,33 @@
 """Builds a running CA from a data directory: settings file, store, key backend, authority.
 
 ``D/ca.json`` records what ``init`` chose (key backend, organisation, database URL when not the
-embedded SQLite) so ``serve`` and ``audit verify`` need only ``--data-dir``.
+embedded SQLite) so ``serve`` and ``audit verify`` need only ``--data-dir``. The audit key is
+``D/audit-key`` unless ``MESHBRIDGE_AUDIT_KEY_FILE`` or ca.json's ``audit_key_file`` names another
+file (replicas share one, e.g. from a Kubernetes Secret); the anchors are ``D/audit-anchors``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ca_server import sealing
 from ca_server.core.authority import Authority, Policy
 from ca_server.core.errors import InvalidInput
+from ca_server.core.ports import Store
 from ca_server.keys.base import KeyBackend, KeyType
 from ca_server.storage.migrate import upgrade
 from ca_server.storage.repository import SqlStore, sqlite_url
 
 SETTINGS_FILE = "ca.json"
+AUDIT_KEY_FILE = "audit-key"
+AUDIT_KEY_ENV = "MESHBRIDGE_AUDIT_KEY_FILE"
+ANCHORS_FILE = "audit-anchors"
 
 
 @dataclass
@@ -28,6 +37,7 @@ class CASettings:
     root_key_type: str = "ecdsa-p256"
     database_url: str | None = None
     pkcs11: dict[str, Any] = field(default_factory=dict)  # module, token_label, pin_file (never the PIN)
+    audit_key_file: str | None = None  # the audit key when not D/audit-key (never the key itself)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, sort_keys=True) + "\n"
@@ -62,6 +72,23 @@ def database_url(data_dir: Path, settings: CASettings, override: str | None) -> 
     return override or os.environ.get("MESHBRIDGE_DATABASE_URL") or settings.database_url or sqlite_url(data_dir)
 
 
+def audit_key_path(data_dir: Path, settings: CASettings, override: Path | None = None) -> Path:
+    """Where the audit key is: ``override`` (a flag), MESHBRIDGE_AUDIT_KEY_FILE, ca.json, D/audit-key."""
+    given = override or os.environ.get(AUDIT_KEY_ENV) or settings.audit_key_file
+    return Path(given) if given else data_dir / AUDIT_KEY_FILE
+
+
+def anchor_log(data_dir: Path) -> sealing.AnchorLog:
+    return sealing.AnchorLog(data_dir / ANCHORS_FILE)
+
+
+def audit_anchoring(data_dir: Path, store: Store) -> Callable[[], Coroutine[Any, Any, None]]:
+    """``serve``'s background task anchoring the head of ``store``'s chain in D/audit-anchors."""
+    if not isinstance(store, SqlStore) or store.audit_key is None:
+        raise ValueError("anchoring needs a store opened with its audit key (build_authority)")
+    return functools.partial(sealing.keep_anchored, sealing.Anchorer(store, store.audit_key, anchor_log(data_dir)))
+
+
 def open_store(url: str, *, migrate: bool = True, prepared_statements: bool = True) -> SqlStore:
     store = SqlStore(url, prepared_statements=prepared_statements)
     if migrate:
@@ -89,6 +116,7 @@ def build_authority(data_dir: Path, *, database_url_override: str | None = None,
     settings = load_settings(data_dir)
     store = open_store(database_url(data_dir, settings, database_url_override), migrate=migrate,
                        prepared_statements=prepared_statements)
+    sealing.open_for_writing(store, audit_key_path(data_dir, settings), anchor_log(data_dir))
     keys = key_backend(data_dir, settings, passphrase_file=passphrase_file)
     policy = Policy(org=settings.org, root_key_type=KeyType(settings.root_key_type))
     return Authority(store, keys, policy=policy)

@@ -267,6 +267,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
 
     limits = Limits(per_credential=args.rate_limit_credential, per_address=args.rate_limit_address)
     background = [keep_crls_fresh, keep_server_cert_fresh]
+    background.append(runtime.audit_anchoring(data_dir, authority.store))  # D/audit-anchors
     if isinstance(authority.store, Checkpoints):
         background.append(functools.partial(keep_wal_small, authority.store))
     app = create_app(authority, background=background, rate_limits=limits,

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.pool import QueuePool
 
-from ca_server.core.audit import GENESIS, entry_hash
+from ca_server.core.audit import GENESIS, AuditKey, EntryHasher, entry_hash
 from ca_server.core.errors import CAError, Conflict, Unavailable
 from ca_server.core.models import (
     AdminToken,
@@ -232,10 +232,13 @@ class _HotThroughCore:
 
 
 class SqlTx:
-    def __init__(self, conn: Connection, *, postgres: bool, prepared: dict[str, _Prepared] | None) -> None:
-        """``prepared``: the store's compiled hot statements, or None to run them through Core."""
+    def __init__(self, conn: Connection, *, postgres: bool, prepared: dict[str, _Prepared] | None,
+                 hasher: EntryHasher = entry_hash) -> None:
+        """``prepared``: the store's compiled hot statements, or None to run them through Core;
+        ``hasher``: how appended audit entries are hashed (keyed, or 0.1.0's unkeyed scheme)."""
         self.c = conn
         self.postgres = postgres
+        self._hasher = hasher
         self.audit_head: tuple[int, str] | None = None  # (id, hash) when this transaction holds it locked
         self._hot: _Hot = _HotOnDBAPI(prepared, conn) if prepared is not None else _HotThroughCore(conn)
 
@@ -383,8 +386,8 @@ class SqlTx:
         new_id = head_id + 1
         if not all(type(v) in _JSON_SCALARS for v in details.values()):
             details = json.loads(json.dumps(details, default=str))  # the stored form is what gets hashed
-        h = entry_hash(id=new_id, at=at, actor=actor, action=action, subject=subject, details=details,
-                       prev_hash=prev_hash)
+        h = self._hasher(id=new_id, at=at, actor=actor, action=action, subject=subject, details=details,
+                         prev_hash=prev_hash)
         self._hot.run("add_audit_values", dict(id=new_id, at=at, actor=actor, action=action, subject=subject,
                                            details=json.dumps(details, sort_keys=True), prev_hash=prev_hash, hash=h))
         self._hot.run("set_audit_head", {"new_id": new_id, "new_hash": h})
@@ -394,6 +397,10 @@ class SqlTx:
     def list_audit(self, *, after: int = 0, limit: int = 100) -> list[AuditEntry]:
         q = select(t.audit).where(t.audit.c.id > after).order_by(t.audit.c.id).limit(limit)
         return [_audit(r) for r in self.c.execute(q)]
+
+    def last_audit_entry(self) -> AuditEntry | None:
+        r = self.c.execute(select(t.audit).order_by(t.audit.c.id.desc()).limit(1)).first()
+        return _audit(r) if r else None
 
     def bump_revision(self) -> int:
         self.c.execute(_Q.bump_revision)
@@ -480,11 +487,16 @@ class _WriterGate:
 
 
 class SqlStore:
-    def __init__(self, url: str, *, prepared_statements: bool = True) -> None:
+    def __init__(self, url: str, *, prepared_statements: bool = True, audit_key: AuditKey | None = None) -> None:
         """``prepared_statements``: run the hot-path statements on the DBAPI connection, compiled
         once (``_Prepared``, the default); False: through SQLAlchemy Core like the others
-        (``serve --no-prepared-statements``, for when a SQLAlchemy upgrade breaks ``_Prepared``)."""
+        (``serve --no-prepared-statements``, for when a SQLAlchemy upgrade breaks ``_Prepared``).
+
+        ``audit_key``: the key audit entries are sealed with (HMAC-SHA256). None writes 0.1.0's
+        unkeyed chain, for tools and tests that hold no key: ``runtime`` always gives one (and
+        sets ``audit_key`` before the first write when it has to look at the chain first)."""
         self.url = url
+        self.audit_key = audit_key
         self.engine = make_engine(url)
         self.postgres = self.engine.dialect.name == "postgresql"
         self.embedded = not self.postgres
@@ -493,7 +505,8 @@ class SqlStore:
         self._gate = _WriterGate(None if self.postgres else self.engine.url.database)
 
     def _new_tx(self, conn: Connection) -> SqlTx:
-        return SqlTx(conn, postgres=self.postgres, prepared=self._prepared)
+        hasher = self.audit_key.entry_hash if self.audit_key is not None else entry_hash
+        return SqlTx(conn, postgres=self.postgres, prepared=self._prepared, hasher=hasher)
 
     @contextmanager
     def _tx(self, *, write: bool) -> Iterator[SqlTx]:
@@ -549,8 +562,8 @@ class SqlStore:
     def read(self) -> Any:
         return self._tx(write=False)
 
-    def iter_audit(self) -> Iterator[AuditEntry]:
-        after = 0
+    def iter_audit(self, *, after: int = 0) -> Iterator[AuditEntry]:
+        """Every entry after ``after``, in order, read 1000 at a time."""
         while True:
             with self.read() as tx:
                 batch = tx.list_audit(after=after, limit=1000)
@@ -565,6 +578,11 @@ class SqlStore:
         if r is None:
             return None
         return (int(r.int_value), r.str_value if r.int_value else GENESIS)
+
+    def last_audit_entry(self) -> AuditEntry | None:
+        with self.read() as tx:
+            entry: AuditEntry | None = tx.last_audit_entry()
+        return entry
 
     def checkpoint(self) -> None:
         """Copy committed WAL pages back into the SQLite database file (PASSIVE: never waits for

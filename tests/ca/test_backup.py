@@ -55,6 +55,7 @@ def test_round_trip_keeps_issuing_under_the_same_root(tmp_path: Path, target: st
     if target == "postgres":
         url = request.getfixturevalue("pg_server").create_database("restore_target")
     monkeypatch.setenv("MESHBRIDGE_CA_KEY_PASSPHRASE", (src / "key-passphrase").read_text().strip())
+    monkeypatch.setenv("MESHBRIDGE_AUDIT_KEY_FILE", str(src / "audit-key"))  # a secret backups do not hold
     out = restore(archive, dst, database_url=url)
     assert out["restored"]["certificates"] == 1
 

@@ -235,6 +235,7 @@ def test_restore_makes_the_directory_and_the_database_private(tmp_path: Path, um
     target = tmp_path / "restored"
     target.mkdir()
     target.chmod(0o755)
+    env["MESHBRIDGE_AUDIT_KEY_FILE"] = str(d / "audit-key")  # a secret backups do not hold
     ok("restore", "--data-dir", str(target), "--in", str(tmp_path / "b.tar.gz"), env=env)
     assert mode(target) == 0o700 and mode(target / "meshbridge.db") == 0o600
 

@@ -352,7 +352,8 @@ def test_ca_passphrase_is_a_read_only_file_outside_the_data_volume(helm: Any) ->
 
 
 def test_ca_passphrase_from_an_existing_secret(helm: Any) -> None:
-    docs = render(helm, CA, "--set", "keyPassphrase.existingSecret=ca-pass", "--set", "keyPassphrase.key=pw")
+    docs = render(helm, CA, "--set", "keyPassphrase.existingSecret=ca-pass", "--set", "keyPassphrase.key=pw",
+                  "--set", "auditKey.existingSecret=ca-audit")
     assert passphrase_delivery(docs)["volume"]["secret"]["secretName"] == "ca-pass"
     assert passphrase_delivery(docs)["volume"]["secret"]["items"] == [{"key": "pw", "path": "passphrase"}]
     assert not [d for d in docs if d["kind"] == "Secret"]

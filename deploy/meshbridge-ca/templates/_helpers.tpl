@@ -69,6 +69,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 
+{{/* Secret of the audit key; fails when there is none. */}}
+{{- define "meshbridge-ca.auditKeySecret" -}}
+{{- if .Values.auditKey.existingSecret -}}
+{{- .Values.auditKey.existingSecret -}}
+{{- else if .Values.auditKey.generate -}}
+{{- printf "%s-audit-key" (include "meshbridge-ca.fullname" .) -}}
+{{- else -}}
+{{- fail "auditKey: give auditKey.existingSecret (a Secret holding the audit chain's key) or set auditKey.generate: true" -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Secret holding the PostgreSQL URL, or "" for the embedded SQLite. */}}
 {{- define "meshbridge-ca.databaseSecret" -}}
 {{- if .Values.postgresql.existingSecret -}}
@@ -120,4 +131,6 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
       name: {{ . }}
       key: {{ $.Values.postgresql.key }}
 {{- end }}
+- name: MESHBRIDGE_AUDIT_KEY_FILE
+  value: /etc/meshbridge/audit-key/audit-key
 {{- end -}}
