@@ -7,8 +7,8 @@ answer from the CA service never rewrites it directly:
   answer's endorsements (the root cross-signed: same subject and key, CA:TRUE, valid now) chains to
   a root already trusted — newly accepted roots may endorse further ones;
 - a trust bundle that names a root nobody endorses, or holds no root at all, is refused whole;
-- a trusted root leaves the set only when the CA's bundle no longer carries it, a newer trusted root
-  is in that bundle, and the installed intermediate does not chain to it (phase 4 of a rotation);
+- a trusted root leaves the set only when the CA's bundle no longer carries it, a root trusted after
+  it is in that bundle, and the installed intermediate does not chain to it (phase 4 of a rotation);
 - every issued chain must end at a trusted root (``require_chain``).
 
 Everything here is pure over certificates: the caller saves the state and retunes its CA client.
@@ -148,18 +148,20 @@ class TrustedRoots:
                     "trust, cacerts and state left unchanged")
             accepted += proven
             pending = [c for c in pending if c not in proven]
-        kept = [c for c in accepted if c in bundle or not self._retired(c, bundle, installed_chain_pem)]
+        kept = [c for i, c in enumerate(accepted)
+                if c in bundle or not self._retired(c, accepted[i + 1:], bundle, installed_chain_pem)]
         if kept == trusted:
             return False
         self.state.trusted_roots = _pem(kept)
         return True
 
     @staticmethod
-    def _retired(root: x509.Certificate, bundle: Sequence[x509.Certificate], installed_chain_pem: str) -> bool:
-        """A root left out of the bundle is retired once a newer root of the bundle is trusted and the
-        installed intermediate no longer chains to it."""
-        newer = any(c.not_valid_before_utc > root.not_valid_before_utc for c in bundle)
-        if not newer:
+    def _retired(root: x509.Certificate, newer: Sequence[x509.Certificate], bundle: Sequence[x509.Certificate],
+                 installed_chain_pem: str) -> bool:
+        """A root left out of the bundle is retired once a root trusted after it (``newer``: the set
+        is kept in the order roots were accepted) is in the bundle and the installed intermediate no
+        longer chains to it."""
+        if not any(c in bundle for c in newer):
             return False
         chain = x509.load_pem_x509_certificates(installed_chain_pem.encode()) if installed_chain_pem else []
         return not any(c == root or _issued_by(c, root) for c in chain[-1:])
