@@ -322,6 +322,7 @@ class Issuance:
             if set(wanted) <= set(tx.list_server_names()):
                 return []
         with self.ctx.write() as tx:
+            self.ctx.changed(tx)  # first: the revision row's lock orders replicas adding the same name
             added = [n for n in wanted if n not in set(tx.list_server_names())]
             if not added:
                 return []
@@ -331,7 +332,6 @@ class Issuance:
             rotated = rotate_clusters_where(tx, lambda _rec: True)
             self.ctx.audit(tx, actor=actor, action="server_names.protect", subject="ca", names=added,
                            rotated=rotated)
-            self.ctx.changed(tx)
         log.warning("the CA service's names %s are now excluded from cluster intermediates; clusters "
                     "rotating to exclude them: %s", ", ".join(added), ", ".join(rotated) or "none")
         return added
