@@ -31,7 +31,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ca_server import runtime
 from ca_server.app import create_app
 from ca_server.core.authority import Authority, FleetSnapshot
-from ca_server.core.x509profiles import cert_pem
 from ca_server.listener import GuardedHttpToolsProtocol, ListenerLimits
 from ca_server.speedups import Speedups
 from ca_server.storage.capabilities import Checkpoints, Disposable
@@ -72,9 +71,8 @@ class ServerCertificate:
         key = ec.generate_private_key(ec.SECP256R1())
         dns, ips = self._split()
         cert, root = self.authority.issue_server_certificate(key.public_key(), dns_names=dns, ip_addresses=ips)
-        # below an offline root the signer is an issuing CA: clients hold only the offline root, so the
-        # issuing CA's certificate has to travel with ours
-        chain = cert_pem(cert) + root.cert_pem if root.chain_pem else cert_pem(cert)
+        # the issuing CA below an offline root, and the active root's endorsement (see server_chain_pem)
+        chain = self.authority.server_chain_pem(cert, root)
         with tempfile.TemporaryDirectory(prefix="meshbridge-tls-") as d:
             os.chmod(d, 0o700)
             cpath, kpath = Path(d) / "tls.crt", Path(d) / "tls.key"

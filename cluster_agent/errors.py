@@ -4,6 +4,7 @@
     ├── NotEnrolled           no agent token yet and no usable bootstrap token file
     ├── ExportsInvalid        the exports to publish do not fit the CA service's model
     ├── BundleRejected        the bundle would fail istiod's own checks: nothing was written
+    │   └── TrustRefused      an answer would change the agent's trust without proof: nothing changed
     └── KubeError             a request to the Kubernetes API server failed
         ├── KubeRetryLater    429, 5xx or no answer: try again, after ``delay`` seconds when the server said
         ├── KubeConflict      409: written meanwhile by someone else (re-read, then write again)
@@ -28,6 +29,7 @@ __all__ = [
     "KubeNotFound",
     "KubeRetryLater",
     "NotEnrolled",
+    "TrustRefused",
     "validation_problems",
 ]
 
@@ -46,6 +48,11 @@ class ExportsInvalid(AgentError):
 
 class BundleRejected(AgentError):
     """The bundle would fail istiod's own checks: nothing was written."""
+
+
+class TrustRefused(BundleRejected):
+    """An answer would add a root no trusted root endorses, drop every trusted root, or install a
+    chain that does not end at a trusted root: trust, cacerts and state were left unchanged."""
 
 
 class KubeError(AgentError):

@@ -15,9 +15,10 @@ from pydantic import ValidationError
 from cluster_agent import pki
 from cluster_agent.ca_client import CAClient
 from cluster_agent.config import AgentConfig
-from cluster_agent.errors import NotEnrolled
+from cluster_agent.errors import NotEnrolled, TrustRefused
 from cluster_agent.render import cacerts as rc
 from cluster_agent.state import AgentState, StateStore
+from cluster_agent.trust import TrustedRoots
 from meshbridge_wire.models import BundleOut, DesiredOut, EnrollIn, RenewIn
 
 log = logging.getLogger("meshbridge.agent")
@@ -27,12 +28,13 @@ __all__ = ["Intermediate"]
 
 class Intermediate:
     def __init__(self, config: AgentConfig, *, client: CAClient, state: AgentState, state_store: StateStore,
-                 clock: Callable[[], datetime]) -> None:
+                 clock: Callable[[], datetime], trust: TrustedRoots) -> None:
         self.config = config
         self.client = client
         self.state = state
         self.state_store = state_store
         self.clock = clock
+        self.trust = trust
 
     def certificate(self) -> x509.Certificate | None:
         """The installed intermediate's certificate (None before enrollment)."""
@@ -60,6 +62,7 @@ class Intermediate:
         answer = self.client.enroll(request)
         self.state.agent_token = answer.agent_token
         self.client.set_token(self.state.agent_token)
+        self._learn_roots_for(answer.bundle)
         self._install(key, answer.generation, answer.bundle)
         log.info("enrolled", extra={"cluster": self.config.cluster, "generation": answer.generation})
         return True
@@ -73,16 +76,35 @@ class Intermediate:
             raise NotEnrolled(f"not enrolled and no bootstrap token file at {token_file}: {self._ask_for_token()}")
         return Path(token_file).read_text().strip()
 
+    def _learn_roots_for(self, bundle: BundleOut) -> None:
+        """Enrolled during a root rotation, the chain may end at a root newer than the configured
+        anchor: learn it from desired state's endorsements (now that the agent token authenticates),
+        so a bootstrap token is not spent for nothing. The chain is still checked by ``_install``."""
+        roots = bundle.root_cert
+        try:
+            self.trust.require_roots_trusted(roots, "the enrollment answer's root-cert.pem")
+        except TrustRefused:
+            desired = self.client.desired()
+            if desired.trust_bundle:
+                self.trust.follow(desired.trust_bundle, desired.root_endorsements,
+                                  installed_chain_pem=bundle.cert_chain, now=self.clock())
+                self.client.set_trust_bundle(self.trust.pem)
+
     def _install(self, key: pki.PrivateKey, generation: int, bundle: BundleOut) -> None:
+        """Check an issued bundle — as istiod would, its chain ending at a root this agent trusts and
+        every root it names trusted — then keep it. TrustRefused/BundleRejected: nothing kept."""
+        now = self.clock()
+        self.trust.require_chain(bundle.cert_chain, "the issued cert-chain.pem", now=now)
+        self.trust.require_roots_trusted(bundle.root_cert, "the issued root-cert.pem")
         rc.check_cacerts_bundle(ca_cert_pem=bundle.ca_cert, ca_key_pem=pki.key_pem(key),
-                                cert_chain_pem=bundle.cert_chain, root_cert_pem=bundle.root_cert)
+                                cert_chain_pem=bundle.cert_chain, root_cert_pem=self.trust.pem)
         self.state.key_pem = pki.key_pem(key)
         self.state.bundle = bundle.model_dump(by_alias=True)
         self.state.generation = generation
         self.state.serial = format(x509.load_pem_x509_certificate(bundle.ca_cert.encode()).serial_number, "x")
         self.state.own_crl_pem = ""  # a new intermediate signs a new CRL of its own
         self.state.trust_bundle = bundle.root_cert
-        self.client.set_trust_bundle(self.state.trust_bundle)
+        self.client.set_trust_bundle(self.trust.pem)
         self.state_store.save(self.state)
 
     # ------------------------------------------------------------------ renewal

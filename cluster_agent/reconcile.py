@@ -25,6 +25,7 @@ from cluster_agent.errors import BundleRejected, ExportsInvalid, validation_prob
 from cluster_agent.intermediate import Intermediate
 from cluster_agent.render import BundleError, RenderResult, render_all
 from cluster_agent.state import StateStore
+from cluster_agent.trust import TrustedRoots
 from meshbridge_wire.models import DesiredOut, ExportsIn, StatusIn
 
 log = logging.getLogger("meshbridge.agent")
@@ -67,10 +68,12 @@ class Reconciler:
         self.state = state_store.load()
         if self.state.agent_token:
             self.client.set_token(self.state.agent_token)
-        if self.state.trust_bundle:
-            self.client.set_trust_bundle(self.state.trust_bundle)
+        # the client was built with the configured anchor: it seeds the trusted set, which from now on
+        # is the client's only TLS trust (never an answer's bundle)
+        self.trust = TrustedRoots(self.state, configured_pem=client.trust_pem)
+        self.client.set_trust_bundle(self.trust.pem)
         self.intermediate = Intermediate(config, client=client, state=self.state, state_store=state_store,
-                                         clock=clock)
+                                         clock=clock, trust=self.trust)
         self._published: ExportsIn | None = None
         self.last_reconcile: datetime | None = None
         self._errors: list[str] = []
@@ -180,11 +183,16 @@ class Reconciler:
             raise BundleRejected(f"cacerts would fail istiod's checks, nothing written: {exc}") from exc
 
     def _follow_trust_bundle(self, desired: DesiredOut) -> None:
-        if desired.trust_bundle:
-            self.client.set_trust_bundle(desired.trust_bundle)
-            if self.state.trust_bundle != desired.trust_bundle:
-                self.state.trust_bundle = desired.trust_bundle
-                self.state_store.save(self.state)
+        """Take the CA's trust bundle only as far as trusted roots prove it (``TrustedRoots.follow``):
+        TrustRefused, with trust, cacerts and state unchanged, otherwise."""
+        if not desired.trust_bundle:
+            return
+        changed = self.trust.follow(desired.trust_bundle, desired.root_endorsements,
+                                    installed_chain_pem=self.state.bundle.get("cert-chain.pem", ""), now=self.clock())
+        self.client.set_trust_bundle(self.trust.pem)
+        if changed or self.state.trust_bundle != desired.trust_bundle:
+            self.state.trust_bundle = desired.trust_bundle
+            self.state_store.save(self.state)
 
     def _reconcile(self, desired: DesiredOut, renewal: str | None) -> ReconcileResult:
         self._follow_trust_bundle(desired)

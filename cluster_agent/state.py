@@ -21,7 +21,9 @@ class AgentState:
     vips: dict[str, str] = field(default_factory=dict)
     own_crl_pem: str = ""
     own_crl_signed_at: str = ""
-    trust_bundle: str = ""
+    trust_bundle: str = ""  # the CA's trust bundle as last accepted (root-cert.pem of cacerts)
+    trusted_roots: str = ""  # PEM: the roots this agent trusts (see trust.py); the CA client's TLS trust
+    trusted_anchor_sha256: str = ""  # of the ca.trust_anchor file the set was last seeded from
 
     def __repr__(self) -> str:
         return (f"AgentState(enrolled={self.agent_token is not None}, generation={self.generation}, "

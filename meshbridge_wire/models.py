@@ -212,6 +212,9 @@ class DesiredOut(BaseModel):
     imports: list[ImportOut]
     peers: list[PeerOut]
     status: str
+    # each newer root cross-signed by the root active when it was added: how an agent proves a new
+    # root from one it already trusts (absent from older CA services)
+    root_endorsements: list[str] = []
 
 
 class StatusIn(Strict):

@@ -178,6 +178,9 @@ class Authority:
     ) -> tuple[x509.Certificate, Root]:
         return self.issuance.issue_server_certificate(public_key, dns_names=dns_names, ip_addresses=ip_addresses)
 
+    def server_chain_pem(self, cert: x509.Certificate, root: Root) -> str:
+        return self.issuance.server_chain_pem(cert, root)
+
     # ------------------------------------------------------------------ fleet exchange
     def snapshot(self) -> FleetSnapshot:
         return self.fleet.snapshot()

@@ -15,7 +15,7 @@ from ca_server.core.crls import crl_pem_from
 from ca_server.core.errors import InvalidInput, NotFound
 from ca_server.core.models import Cluster, ClusterStatus
 from ca_server.core.ports import Tx
-from ca_server.core.rootkeys import trust_bundle_from
+from ca_server.core.rootkeys import root_endorsements_from, trust_bundle_from
 from ca_server.core.validation import identity_in_trust_domain
 
 
@@ -27,6 +27,7 @@ class FleetSnapshot:
     trust_bundle: str
     crl_pem: str
     clusters: dict[str, Cluster]
+    root_endorsements: list[str] = field(default_factory=list)
     imports_for: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     peers_for: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     audit_id: int = -1  # every audited change up to this entry is reflected (-1: unknown)
@@ -101,6 +102,7 @@ def desired_state(snap: FleetSnapshot, cluster: Cluster) -> dict[str, Any]:
         "rotate_required": cluster.rotation_pending,
         "trust_bundle": snap.trust_bundle,
         "crl": snap.crl_pem,
+        "root_endorsements": snap.root_endorsements,
         "imports": snap.imports_for.get(cluster.name, []) if cluster.status == ClusterStatus.ACTIVE else [],
         "peers": snap.peers_for.get(cluster.name, []) if cluster.status == ClusterStatus.ACTIVE else [],
         "status": cluster.status.value,
@@ -159,6 +161,7 @@ class Fleet:
             trust_bundle=trust_bundle_from(roots),
             crl_pem=crl_pem_from(tx, roots),
             clusters={c.name: c for c in tx.list_clusters()},
+            root_endorsements=root_endorsements_from(roots),
             audit_id=head[0] if head else -1,
         )
 
@@ -179,7 +182,7 @@ class Fleet:
             else:
                 clusters[name] = cluster
         return FleetSnapshot(revision=revision, trust_bundle=prev.trust_bundle, crl_pem=prev.crl_pem,
-                             clusters=clusters, audit_id=entries[-1].id)
+                             clusters=clusters, root_endorsements=prev.root_endorsements, audit_id=entries[-1].id)
 
     def desired(self, cluster_name: str) -> dict[str, Any]:
         snap = self.snapshot()

@@ -17,12 +17,13 @@ from cryptography.hazmat.primitives import serialization
 from ca_server.core import tokens as tk
 from ca_server.core import x509profiles as xp
 from ca_server.core.clusters import must_cluster
-from ca_server.core.context import Context
+from ca_server.core.context import Context, log
 from ca_server.core.crls import crl_pem_from
 from ca_server.core.errors import BadProof, Forbidden, Unauthenticated
 from ca_server.core.models import BootstrapToken, CertificateRecord, Cluster, ClusterStatus, Root, RootStatus
 from ca_server.core.ports import Tx
 from ca_server.core.rootkeys import RootKeys, active_root, trust_bundle_from
+from ca_server.core.roots import rotate_clusters_where
 from ca_server.core.validation import require_dns_label
 
 _KEY_CACHE = 20_000  # parsed intermediate public keys kept per process
@@ -102,7 +103,7 @@ class Issuance:
         self._authenticate_agent = authenticate_agent
         # caches for the renewal hot path (see renew): each only guides work the write transaction
         # confirms against the store
-        self._pki: tuple[int, list[Root], str] | None = None
+        self._pki: tuple[int, list[Root], str, tuple[str, ...]] | None = None
         self._keys: dict[str, Any] = {}  # intermediate serial -> public key, for proof checks
         self._known_agents: dict[str, _KnownAgent] = {}
 
@@ -123,8 +124,9 @@ class Issuance:
             cluster.status = ClusterStatus.ACTIVE
             agent = tk.new_token("agent")
             cluster.agent_token_id, cluster.agent_token_hash = agent.token_id, agent.token_hash
-            roots = tx.list_roots()
-            cert, root = self._sign_intermediate(cluster.name, cluster.trust_domain, csr, csr_key, roots, now=now)
+            roots, server_names = tx.list_roots(), tuple(tx.list_server_names())
+            cert, root = self._sign_intermediate(cluster.name, cluster.trust_domain, csr, csr_key, roots,
+                                                 server_names, now=now)
             issued = self._record_issue(tx, cluster, cert, root, csr_key, roots=roots, crl_pem=None, now=now,
                                         actor=f"bootstrap:{tok.token_id}", action="enroll")
             tx.mark_bootstrap_used(tok.token_id, now)
@@ -154,15 +156,17 @@ class Issuance:
         csr_der = csr.public_bytes(serialization.Encoding.DER)
         now = self.ctx.clock()
         pki = self._pki
-        draft = self._sign_intermediate(known.cluster, known.trust_domain, csr, csr_key, pki[1], now=now) \
+        draft = self._sign_intermediate(known.cluster, known.trust_domain, csr, csr_key, pki[1], pki[3], now=now) \
             if pki is not None else None
         with self.ctx.write() as tx:
             locked = must_cluster(tx, cluster_name, for_update=True)
             self._require_agent(tok, locked)
-            roots, crl_pem = self._pki_state(tx)
+            roots, crl_pem, server_names = self._pki_state(tx)
             self._check_proof(tx, locked, csr_der, proof, now=now, roots=roots)
-            if draft is None or not self._draft_holds(draft, known, locked, roots):
-                draft = self._sign_intermediate(locked.name, locked.trust_domain, csr, csr_key, roots, now=now)
+            if draft is None or pki is None or pki[3] != server_names or \
+                    not self._draft_holds(draft, known, locked, roots):
+                draft = self._sign_intermediate(locked.name, locked.trust_domain, csr, csr_key, roots, server_names,
+                                                now=now)
             cert, root = draft
             ended = locked.rotation_pending
             locked.rotation_pending = False
@@ -223,17 +227,19 @@ class Issuance:
             self._keys.clear()
         self._keys[serial] = key
 
-    def _pki_state(self, tx: Tx) -> tuple[list[Root], str]:
-        """The roots and the trust bundle's PEM CRLs, read once per fleet revision: every change to
-        either bumps the revision in the same transaction, so a matching revision means unchanged."""
+    def _pki_state(self, tx: Tx) -> tuple[list[Root], str, tuple[str, ...]]:
+        """The roots, the trust bundle's PEM CRLs and the CA service's own names, read once per fleet
+        revision: every change to any bumps the revision in the same transaction, so a matching
+        revision means unchanged."""
         revision = tx.get_revision()
         cached = self._pki
         if cached is not None and cached[0] == revision:
-            return cached[1], cached[2]
+            return cached[1], cached[2], cached[3]
         roots = tx.list_roots()
         crl_pem = crl_pem_from(tx, roots)
-        self._pki = (revision, roots, crl_pem)
-        return roots, crl_pem
+        server_names = tuple(tx.list_server_names())
+        self._pki = (revision, roots, crl_pem, server_names)
+        return roots, crl_pem, server_names
 
     def _check_proof(self, tx: Tx, cluster: Cluster, csr_der: bytes, proof: bytes, *, now: datetime,
                      roots: Sequence[Root]) -> None:
@@ -246,8 +252,10 @@ class Issuance:
         raise BadProof("proof does not verify with the key of any valid intermediate of this cluster")
 
     def _sign_intermediate(self, name: str, trust_domain: str, csr: x509.CertificateSigningRequest,
-                           csr_key: Any, roots: Sequence[Root], *, now: datetime) -> tuple[x509.Certificate, Root]:
-        """Sign and path-validate an intermediate under the active root (nothing stored)."""
+                           csr_key: Any, roots: Sequence[Root], server_names: Sequence[str], *,
+                           now: datetime) -> tuple[x509.Certificate, Root]:
+        """Sign and path-validate an intermediate under the active root, excluding the CA service's
+        own ``server_names`` from what it may sign (nothing stored)."""
         root = active_root(roots)
         issuer = self.rootkeys.cert(root.cert_pem)
         cert = xp.issue_intermediate(
@@ -259,6 +267,7 @@ class Issuance:
             now=now,
             validity=self.ctx.policy.intermediate_validity,
             csr_key=csr_key,
+            excluded_names=server_names,
         )
         chain_above = xp.load_pem_certificates(root.chain_pem) if root.chain_pem else []
         self.rootkeys.verifier([root]).verify(cert, intermediates=[issuer, *chain_above], now=now)
@@ -290,6 +299,9 @@ class Issuance:
     def issue_server_certificate(
         self, public_key: Any, *, dns_names: Sequence[str], ip_addresses: Sequence[str]
     ) -> tuple[x509.Certificate, Root]:
+        """The CA service's TLS certificate for these names, under the active root. A name no cluster
+        intermediate excludes yet is first recorded (``protect_server_names``)."""
+        self.protect_server_names([*dns_names, *ip_addresses], actor="serve")
         now = self.ctx.clock()
         with self.ctx.store.read() as tx:
             root = active_root(tx.list_roots())
@@ -298,3 +310,36 @@ class Issuance:
             dns_names=list(dns_names), ip_addresses=[ipaddress.ip_address(i) for i in ip_addresses], now=now,
         )
         return cert, root
+
+    def protect_server_names(self, names: Sequence[str], *, actor: str) -> list[str]:
+        """Record the CA service's names that the store does not hold yet, so every intermediate
+        signed from now on excludes them; every active cluster holding an intermediate signed before
+        is marked for rotation (its intermediate could still mint a certificate for the new name
+        until it expires or is revoked). Audited. Returns the names added. InvalidInput for a name
+        that cannot be excluded without breaking the mesh (see ``x509profiles.protectable_name``)."""
+        wanted = sorted(dict.fromkeys(xp.protectable_name(n) for n in names))
+        with self.ctx.store.read() as tx:
+            if set(wanted) <= set(tx.list_server_names()):
+                return []
+        with self.ctx.write() as tx:
+            self.ctx.changed(tx)  # first: the revision row's lock orders replicas adding the same name
+            added = [n for n in wanted if n not in set(tx.list_server_names())]
+            if not added:
+                return []
+            now = self.ctx.clock()
+            for name in added:
+                tx.add_server_name(name, now)
+            rotated = rotate_clusters_where(tx, lambda _rec: True)
+            self.ctx.audit(tx, actor=actor, action="server_names.protect", subject="ca", names=added,
+                           rotated=rotated)
+        log.warning("the CA service's names %s are now excluded from cluster intermediates; clusters "
+                    "rotating to exclude them: %s", ", ".join(added), ", ".join(rotated) or "none")
+        return added
+
+    @staticmethod
+    def server_chain_pem(cert: x509.Certificate, root: Root) -> str:
+        """What the CA service presents in TLS: its certificate, the issuing CA when that is below an
+        offline root, and the active root's endorsement by the root before it, so an agent that
+        still trusts only the older root can build a path to it."""
+        issuing = root.cert_pem if root.chain_pem else ""
+        return xp.cert_pem(cert) + issuing + root.endorsement_pem

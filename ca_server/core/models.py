@@ -30,6 +30,7 @@ class Root:
     not_after: datetime
     created_at: datetime
     anchor_pem: str = ""  # the self-signed trust anchor (== cert_pem when self-signed)
+    endorsement_pem: str = ""  # this root cross-signed by the root active when it was added ("" if none)
 
 
 @dataclass

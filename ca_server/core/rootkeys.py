@@ -31,6 +31,11 @@ def trust_bundle_from(roots: Sequence[Root]) -> str:
     return "".join(anchors)
 
 
+def root_endorsements_from(roots: Sequence[Root]) -> list[str]:
+    """The endorsement of every root in the trust bundle that has one (oldest root first)."""
+    return [r.endorsement_pem for r in bundle_roots(roots) if r.endorsement_pem]
+
+
 class RootKeys:
     """Parsed root certificates, open signers (by root id) and chain verifiers (by anchor set)."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 
 from cryptography import x509
@@ -15,7 +15,7 @@ from ca_server.core.crls import Crls
 from ca_server.core.errors import Conflict, InvalidInput, NotFound
 from ca_server.core.importca import check_importable_ca
 from ca_server.core.keytypes import KeyType
-from ca_server.core.models import AdminToken, ClusterStatus, Root, RootStatus
+from ca_server.core.models import AdminToken, CertificateRecord, ClusterStatus, Root, RootStatus
 from ca_server.core.ports import Tx
 from ca_server.core.rootkeys import RootKeys, active_root
 
@@ -96,7 +96,8 @@ class Roots:
             raise
 
     def _generate_root(self, tx: Tx, *, key_type: KeyType, status: RootStatus, now: datetime, actor: str,
-                       created: list[tuple[str, str]]) -> Root:
+                       created: list[tuple[str, str]], endorser: Root | None = None) -> Root:
+        """A new self-signed root, stored; ``endorser`` (the active root) cross-signs it."""
         suffix = tk.new_token("admin").token_id[:6]
         label = f"root-{now.strftime('%Y%m%d%H%M%S')}-{suffix}"
         key_ref, signer = self.ctx.keys.generate(key_type, label)
@@ -105,6 +106,7 @@ class Roots:
         subject = xp.default_root_subject(self.ctx.policy.org, label=f"{now.strftime('%Y-%m-%d')} {suffix}")
         cert = xp.build_root(signer, subject=subject, now=now, validity=self.ctx.policy.root_validity)
         pem = xp.cert_pem(cert)
+        endorsement = self._endorsement(cert, endorser, now=now) if endorser is not None else ""
         root = Root(
             id=xp.serial_hex(cert)[:16],
             status=status,
@@ -114,13 +116,22 @@ class Roots:
             not_after=cert.not_valid_after_utc,
             created_at=now,
             anchor_pem=pem,
+            endorsement_pem=endorsement,
         )
         created[-1] = (key_ref, root.id)
         tx.add_root(root)
         self.rootkeys.signers[root.id] = signer
         self.ctx.audit(tx, actor=actor, action="root.create", subject=root.id, key_type=key_type.value,
-                       status=status.value, key=self.ctx.keys.describe(key_ref))
+                       status=status.value, key=self.ctx.keys.describe(key_ref),
+                       endorsed_by=endorser.id if endorser is not None else None)
         return root
+
+    def _endorsement(self, cert: x509.Certificate, endorser: Root, *, now: datetime) -> str:
+        """``cert`` cross-signed by ``endorser``, followed by the endorser's own certificate when that
+        sits below an offline root (so the endorsement chains to the anchor agents hold)."""
+        cross = xp.build_endorsement(root=cert, issuer=self.rootkeys.cert(endorser.cert_pem),
+                                     signer=self.rootkeys.signer(endorser), now=now)
+        return xp.cert_pem(cross) + (endorser.cert_pem if endorser.chain_pem else "")
 
     def list_roots(self) -> list[Root]:
         with self.ctx.store.read() as tx:
@@ -137,7 +148,7 @@ class Roots:
         with self._new_key_discarded_on_failure() as created, self.ctx.write() as tx:
             root = self._generate_root(
                 tx, key_type=key_type or self.ctx.policy.root_key_type, status=RootStatus.TRUSTED, now=now,
-                actor=actor, created=created,
+                actor=actor, created=created, endorser=active_root(tx.list_roots()),
             )
             self.crls.sign(tx, root, now=now, actor=actor)
             self.ctx.changed(tx)
@@ -199,12 +210,18 @@ def _imported_root(cert: x509.Certificate, chain: list[x509.Certificate], key_re
 
 def _rotate_clusters_off_other_roots(tx: Tx, root: Root) -> list[str]:
     """Mark every active cluster whose current intermediate is under another root as due for
-    rotation (one generation up, unless already pending); returns their names."""
+    rotation; returns their names."""
+    return rotate_clusters_where(tx, lambda rec: rec.root_id != root.id)
+
+
+def rotate_clusters_where(tx: Tx, needs_rotation: Callable[[CertificateRecord], bool]) -> list[str]:
+    """Mark every active cluster whose current intermediate ``needs_rotation`` as due for rotation
+    (one generation up, unless already pending); returns their names."""
     current = tx.current_certificates()
     moved = []
     for c in tx.list_clusters():
         rec = current.get(c.name)
-        if c.status != ClusterStatus.ACTIVE or rec is None or rec.root_id == root.id:
+        if c.status != ClusterStatus.ACTIVE or rec is None or not needs_rotation(rec):
             continue
         locked = tx.get_cluster(c.name, for_update=True)
         assert locked is not None

@@ -12,6 +12,14 @@ only through a ``Signer``. Profile decisions worth knowing:
   ``a.mesh`` (a leading ``.`` would mean "subdomains"), and SPIFFE IDs are
   ``spiffe://<trust domain>/…``, so the permitted subtree is the bare trust domain. A URI-only
   constraint does not restrict DNS SANs, so istiod's own DNS certificate keeps working.
+* The same extension EXCLUDES the CA service's own names (``excluded_subtrees``: each DNS name,
+  which covers the name and its subdomains in OpenSSL/BoringSSL and Go, and each IP address as a
+  single-address range), so no cluster intermediate can sign a server certificate for the CA
+  service that agents would accept. Names an excluded subtree must never cover are refused by
+  ``protectable_name`` (istiod's ``istiod.istio-system.svc`` and workload ``*.svc`` names).
+* A root endorsement (``build_endorsement``) is a cross-certificate: the new root's subject and
+  key, CA:TRUE, signed by the active root, so an agent that trusts only the older root can prove
+  the new one (and a TLS client can chain the CA service's certificate to the older root).
 * ``verify_issued`` checks every freshly signed certificate with cryptography's own path
   validator (``x509.verification``) before it is handed out.
 """
@@ -24,7 +32,7 @@ import os
 import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import NamedTuple
 
 from cryptography import x509
@@ -339,14 +347,16 @@ def issue_intermediate(
     validity: timedelta = INTERMEDIATE_VALIDITY,
     backdate: timedelta = DEFAULT_BACKDATE,
     csr_key: PublicKeyTypes | None = None,
+    excluded_names: Sequence[str] = (),
 ) -> x509.Certificate:
     """A cluster intermediate for the CSR's key. Only the key is taken from the CSR: subject and
-    extensions are the CA's (pathlen 0, nameConstraints = ``trust_domain``). ``csr_key``: the CSR's
-    public key when the caller already holds it (each ``csr.public_key()`` parses it again)."""
+    extensions are the CA's (pathlen 0, nameConstraints permitting ``trust_domain`` and excluding
+    ``excluded_names``, the CA service's own DNS names and IPs). ``csr_key``: the CSR's public key
+    when the caller already holds it (each ``csr.public_key()`` parses it again)."""
     public_key = _ca_public_key(csr_key if csr_key is not None else csr.public_key())
     name_constraints = x509.NameConstraints(
         permitted_subtrees=[x509.UniformResourceIdentifier(validate_trust_domain(trust_domain))],
-        excluded_subtrees=None,
+        excluded_subtrees=excluded_subtrees(excluded_names) or None,
     )
     not_before, not_after = _validity_window(issuer, now, validity, backdate)
     builder = (
@@ -361,6 +371,73 @@ def issue_intermediate(
         .add_extension(_CA_KEY_USAGE, critical=True)
         .add_extension(_authority_key_identifier(issuer), critical=False)
         .add_extension(name_constraints, critical=True)
+    )
+    return signer.sign_certificate(builder)
+
+
+# Names the cluster intermediates must keep signing: istiod's serving certificate and the DNS
+# certificates workloads ask for. An excluded subtree covering one of them would break the mesh.
+_MESH_DNS_NAMES = ("istiod.istio-system.svc", "istiod.istio-system.svc.cluster.local", "x.x.svc",
+                   "x.x.svc.cluster.local")
+
+
+def protectable_name(name: str) -> str:
+    """``name`` (a DNS name or an IP address) in the canonical form kept in the store: lowercase,
+    no trailing dot, IPs compressed. InvalidInput for anything else, and for a DNS name whose
+    excluded subtree would also exclude istiod's or workloads' names (e.g. ``svc`` or
+    ``cluster.local``)."""
+    try:
+        return str(ip_address(name))
+    except ValueError:
+        pass
+    dns_name = name.rstrip(".").lower()
+    if len(dns_name) > 253 or not _DNS_NAME.fullmatch(dns_name) or dns_name.startswith("*"):
+        raise InvalidInput(f"not a DNS name or IP address: {name[:64]!r}")
+    for mesh_name in _MESH_DNS_NAMES:
+        if mesh_name == dns_name or mesh_name.endswith("." + dns_name):
+            raise InvalidInput(
+                f"the CA service's name {dns_name!r} would exclude {mesh_name!r} from every cluster "
+                "intermediate; serve the CA under a name of its own"
+            )
+    return dns_name
+
+
+def excluded_subtrees(names: Sequence[str]) -> list[x509.GeneralName]:
+    """The excluded subtrees that keep ``names`` (DNS names or IPs) out of an intermediate's reach:
+    a DNSName subtree per name (the name and its subdomains), an address/32 or /128 per IP."""
+    subtrees: list[x509.GeneralName] = []
+    for name in sorted(dict.fromkeys(protectable_name(n) for n in names)):
+        try:
+            address = ip_address(name)
+        except ValueError:
+            subtrees.append(x509.DNSName(name))
+            continue
+        network: IPv4Network | IPv6Network = ip_network(address)
+        subtrees.append(x509.IPAddress(network))
+    return subtrees
+
+
+def build_endorsement(
+    *,
+    root: x509.Certificate,
+    issuer: x509.Certificate,
+    signer: Signer,
+    now: datetime,
+    backdate: timedelta = DEFAULT_BACKDATE,
+) -> x509.Certificate:
+    """A cross-certificate of ``root`` by ``issuer`` (the active root): the same subject, key and
+    CA extensions as ``root``, valid at most as long as both, signed by ``signer``."""
+    public_key = _ca_public_key(root.public_key())
+    not_before = max(now - backdate, issuer.not_valid_before_utc, root.not_valid_before_utc)
+    not_after = min(root.not_valid_after_utc, issuer.not_valid_after_utc)
+    if not_after <= now:
+        raise Conflict("the endorsing root has expired")
+    builder = (
+        _builder(subject=root.subject, issuer=issuer.subject, public_key=public_key, not_before=not_before,
+                 not_after=not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(_CA_KEY_USAGE, critical=True)
+        .add_extension(_authority_key_identifier(issuer), critical=False)
     )
     return signer.sign_certificate(builder)
 

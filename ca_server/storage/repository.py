@@ -72,7 +72,8 @@ def make_engine(url: str) -> Engine:
 
 def _root(r: Row[Any]) -> Root:
     return Root(id=r.id, status=RootStatus(r.status), cert_pem=r.cert_pem, chain_pem=r.chain_pem,
-                key_ref=r.key_ref, not_after=r.not_after, created_at=r.created_at, anchor_pem=r.anchor_pem)
+                key_ref=r.key_ref, not_after=r.not_after, created_at=r.created_at, anchor_pem=r.anchor_pem,
+                endorsement_pem=r.endorsement_pem)
 
 
 def _cluster(r: Row[Any]) -> Cluster:
@@ -253,10 +254,18 @@ class SqlTx:
     def add_root(self, root: Root) -> None:
         self.c.execute(insert(t.roots).values(
             id=root.id, status=root.status.value, cert_pem=root.cert_pem, chain_pem=root.chain_pem,
-            anchor_pem=root.anchor_pem, key_ref=root.key_ref, not_after=root.not_after, created_at=root.created_at))
+            anchor_pem=root.anchor_pem, key_ref=root.key_ref, not_after=root.not_after, created_at=root.created_at,
+            endorsement_pem=root.endorsement_pem))
 
     def set_root_status(self, root_id: str, status: str) -> None:
         self.c.execute(update(t.roots).where(t.roots.c.id == root_id).values(status=status))
+
+    # the CA service's own names
+    def list_server_names(self) -> list[str]:
+        return [r.name for r in self.c.execute(select(t.server_names.c.name).order_by(t.server_names.c.name))]
+
+    def add_server_name(self, name: str, at: datetime) -> None:
+        self.c.execute(insert(t.server_names).values(name=name, added_at=at))
 
     # clusters
     def get_cluster(self, name: str, *, for_update: bool = False) -> Cluster | None:

@@ -56,6 +56,8 @@ roots = Table(
     Column("key_ref", Text, nullable=False),
     Column("not_after", UTCDateTime, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+    # cross-certificate of this root by the root active when it was added ("" for the first root)
+    Column("endorsement_pem", Text, nullable=False, default="", server_default=""),
 )
 
 clusters = Table(
@@ -143,6 +145,14 @@ meta = Table(
     Column("key", String(32), primary_key=True),
     Column("int_value", Integer, nullable=False, default=0),
     Column("str_value", String(64), nullable=False, default=""),
+)
+
+# the CA service's own names (DNS names and IPs), excluded from every cluster intermediate
+server_names = Table(
+    "server_names",
+    metadata,
+    Column("name", String(253), primary_key=True),
+    Column("added_at", UTCDateTime, nullable=False),
 )
 
 # the rate limiter's counters, shared by the replicas (storage/ratecounters.py)
