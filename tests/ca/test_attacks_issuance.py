@@ -210,7 +210,7 @@ def test_rsa_exponents_other_than_65537_are_refused_at_parse(harness: Harness, e
     started = time.perf_counter()
     r = harness.client.post("/v1/enroll", json={"cluster": "a", "bootstrap_token": token, "csr": csr})
     elapsed = time.perf_counter() - started
-    assert r.status_code == 400 and "65537" in r.json()["detail"], r.text
+    assert r.status_code == 400 and "65537" in r.json()["detail"]
     assert harness.state() == before
     assert elapsed < 0.5  # the signature with the huge exponent was never checked
     agent = harness.enroll("a", token=token)
@@ -290,7 +290,7 @@ def limited(harness: Harness) -> Iterator[Callable[[Limits], TestClient]]:
 
 def test_a_wrong_secret_spends_nothing_of_the_real_tokens_budget(
         harness: Harness, limited: Callable[[Limits], TestClient]) -> None:
-    c = limited(Limits(per_credential=3, per_address=1000, window=60.0, failures_burst=100))
+    c = limited(Limits(per_credential=3, per_address=1000, window=60.0))  # 50 failures per address
     real = harness.admin_token
     wrong = {"Authorization": f"Bearer {real[: real.rindex('.') + 1]}wrong-secret"}
     assert [c.get("/v1/clusters", headers=wrong).status_code for _ in range(10)] == [401] * 10
@@ -332,7 +332,7 @@ def test_exports_audit_details_are_capped(harness: Harness) -> None:
     services = [{"name": f"service-{i:04d}.bookinfo", "namespace": "bookinfo", "service": f"service-{i:04d}",
                  "ports": [{"number": 9080, "protocol": "HTTP"}]} for i in range(400)]
     r = harness.publish(agent, trust_domain="a.mesh", services=services)
-    assert r.status_code == 200, r.text
+    assert r.status_code == 200
     [entry] = [e for e in harness.authority.audit(after=0, limit=1000) if e.action == "exports.update"]
     assert len(json.dumps(entry.details)) <= 4096  # before issue 10: every service name, ~10 KB
     assert entry.details["counts"]["services"] == 400 and entry.details["digest"].startswith("sha256:")
