@@ -160,33 +160,32 @@ class Issuance:
 
     def renew(self, tok: tk.PresentedToken, *, cluster_name: str, csr_pem: str, proof_b64: str) -> Issued:
         """A new intermediate for an enrolled cluster, for its agent token and a proof of possession
-        of the key of one of the cluster's two newest valid intermediates (above its proof floor).
+        of the key of one of the cluster's proof candidates (``_candidates``).
 
-        The token is checked first (from the cache of tokens the store confirmed), then the CSR,
-        whose key must never have been certified. The proof is checked against the newest
-        intermediate this process knows; when it holds, signing and path validation are drafted
-        before the write transaction, from the cached roots, so the single writer slot is held
-        only for reads and inserts. Inside, everything is decided on what the store holds now: the
-        token, the cluster, its proof candidates (one more signature check when the proof was not
-        made by the known newest) and the active root — a draft made under a root that is no
-        longer active is signed again. A proof costs at most two signature checks, and nothing is
-        signed for a proof that does not hold."""
+        Checked in order of cost: the token (from the cache of tokens the store confirmed), the
+        CSR, whose key must never have been certified, and the proof (``_prover``: at most two
+        signature checks, no read when it was made by the newest intermediate this process knows).
+        Signing and path validation are then drafted before the write transaction, from the cached
+        roots, so the single writer slot is held only for reads and inserts. Inside, everything is
+        decided on what the store holds now: the token, the cluster, whether the proving
+        intermediate is still a candidate, and the active root — a draft made under a root that is
+        no longer active is signed again. Nothing is signed for a bad proof, nothing returned or
+        stored that the transaction did not confirm."""
         known = self._agent_for_draft(tok, cluster_name)
         csr, csr_key = xp.parse_csr_and_key(csr_pem)
         fingerprint = self._new_key_fingerprint(csr_key)
         proof = _decode_proof(proof_b64)
         csr_der = csr.public_bytes(serialization.Encoding.DER)
         now = self.ctx.clock()
-        hint = self._newest.get(known.cluster)
-        proved_by = hint if hint is not None and self._proves(hint, csr_der, proof) else None
+        proved_by = self._prover(known.cluster, csr_der, proof, now=now)
         pki = self._pki
         draft = self._sign_intermediate(known.cluster, known.trust_domain, csr, csr_key, pki[1], now=now) \
-            if pki is not None and proved_by is not None else None
+            if pki is not None else None
         with self.ctx.write() as tx:
             locked = must_cluster(tx, cluster_name, for_update=True)
             self._require_agent(tok, locked)
             roots, crl_pem = self._pki_state(tx)
-            self._check_proof(tx, locked, csr_der, proof, now=now, roots=roots, proved_by=proved_by, tried=hint)
+            self._confirm_prover(tx, locked, proved_by, now=now, roots=roots)
             if draft is None or not self._draft_holds(draft, known.trust_domain, locked, roots):
                 draft = self._sign_intermediate(locked.name, locked.trust_domain, csr, csr_key, roots, now=now)
             cert, root = draft
@@ -254,11 +253,6 @@ class Issuance:
         is not retired."""
         return all(r.id != rec.root_id or r.status != RootStatus.RETIRED for r in roots)
 
-    def _proves(self, serial: str, csr_der: bytes, proof: bytes) -> bool:
-        """Whether the key of the intermediate ``serial``, as this process knows it, made ``proof``."""
-        key = self._keys.get(serial)
-        return key is not None and xp.verify_proof(key, csr_der, proof)
-
     def _public_key(self, rec: CertificateRecord) -> Any:
         """The certificate's public key, parsed once per process (bounded cache)."""
         key = self._keys.get(rec.serial)
@@ -285,23 +279,40 @@ class Issuance:
         self._pki = (revision, roots, crl_pem)
         return roots, crl_pem
 
-    def _check_proof(self, tx: Tx, cluster: Cluster, csr_der: bytes, proof: bytes, *, now: datetime,
-                     roots: Sequence[Root], proved_by: str | None, tried: str | None) -> None:
-        """BadProof unless the key of one of the cluster's proof candidates made ``proof``: its two
-        newest valid intermediates at or above its proof floor (an agent proves with the newest,
-        or, when the answer to its last renewal was lost, with the one before). ``proved_by``: the
-        serial whose key was seen to make it before the transaction; ``tried``: one seen not to
-        (neither is checked again). At most two signature checks in all."""
+    def _prover(self, cluster: str, csr_der: bytes, proof: bytes, *, now: datetime) -> str:
+        """The serial of the proof candidate whose key made ``proof``, found before any signing or
+        writing; BadProof when none did. First the newest intermediate this process knows of the
+        cluster (no read: almost always the one), else the candidates the store holds (one read).
+        Two signature checks at most, three when the process's newest is out of date."""
+        newest = self._newest.get(cluster)
+        key = self._keys.get(newest) if newest is not None else None
+        tried = newest if key is not None else None
+        if tried is not None and xp.verify_proof(key, csr_der, proof):
+            return tried
+        with self.ctx.store.read() as tx:
+            candidates = self._candidates(tx, must_cluster(tx, cluster), now=now,
+                                          roots=self._pki[1] if self._pki is not None else tx.list_roots())
+        for rec in candidates:
+            if rec.serial != tried and xp.verify_proof(self._public_key(rec), csr_der, proof):
+                return rec.serial
+        raise BadProof("proof does not verify with the key of the cluster's current (or previous) intermediate")
+
+    def _confirm_prover(self, tx: Tx, cluster: Cluster, serial: str, *, now: datetime, roots: Sequence[Root]) -> None:
+        """BadProof unless the intermediate ``serial`` (whose key made the proof) is still one of the
+        cluster's proof candidates in ``tx`` (no signature check: each key is certified once)."""
+        if all(rec.serial != serial for rec in self._candidates(tx, cluster, now=now, roots=roots)):
+            raise BadProof("the intermediate that made the proof can no longer prove a renewal")
+
+    def _candidates(self, tx: Tx, cluster: Cluster, *, now: datetime, roots: Sequence[Root]) -> list[CertificateRecord]:
+        """The cluster's proof candidates, newest first: its two newest unrevoked, unexpired
+        intermediates at or above its proof floor (raised by enrollment and rotate) under a root
+        that is not retired. An agent proves with the newest or, when the answer to its last
+        renewal was lost, with the one before."""
         candidates = [rec for rec in tx.proof_candidates(cluster.name, now=now, floor=cluster.proof_floor or 0)
                       if self._may_prove(rec, roots)]
         if candidates:
             self._newest[cluster.name] = candidates[0].serial
-        if any(rec.serial == proved_by for rec in candidates):
-            return
-        for rec in candidates:
-            if rec.serial != tried and xp.verify_proof(self._public_key(rec), csr_der, proof):
-                return
-        raise BadProof("proof does not verify with the key of the cluster's current (or previous) intermediate")
+        return candidates
 
     def _sign_intermediate(self, name: str, trust_domain: str, csr: x509.CertificateSigningRequest,
                            csr_key: Any, roots: Sequence[Root], *, now: datetime) -> tuple[x509.Certificate, Root]:
