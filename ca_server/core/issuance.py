@@ -95,6 +95,13 @@ def _check_bootstrap(rec: BootstrapToken | None, tok: tk.PresentedToken, cluster
                               "for a new one")
 
 
+def _enrollable(cluster: Cluster) -> Cluster:
+    """``cluster``, unless it is revoked (then no bootstrap token is valid for it)."""
+    if cluster.status == ClusterStatus.REVOKED:
+        raise Unauthenticated("bootstrap token is not valid: the cluster is revoked")
+    return cluster
+
+
 AgentAuthenticator = Callable[[tk.PresentedToken, str], Cluster]
 
 
@@ -124,16 +131,14 @@ class Issuance:
         now = self.ctx.clock()
         with self.ctx.store.read() as tx:
             _check_bootstrap(tx.get_bootstrap_token(tok.token_id), tok, cluster_name, now=now)
-            seen = must_cluster(tx, cluster_name)
+            seen = _enrollable(must_cluster(tx, cluster_name))
             roots = tx.list_roots()
         csr, csr_key = xp.parse_csr_and_key(csr_pem)
         fingerprint = self._new_key_fingerprint(csr_key)
         draft = self._sign_intermediate(seen.name, seen.trust_domain, csr, csr_key, roots, now=now)
         with self.ctx.write() as tx:
             _check_bootstrap(tx.get_bootstrap_token(tok.token_id, for_update=True), tok, cluster_name, now=now)
-            cluster = must_cluster(tx, cluster_name, for_update=True)
-            if cluster.status == ClusterStatus.REVOKED:
-                raise Unauthenticated("bootstrap token is not valid: the cluster is revoked")
+            cluster = _enrollable(must_cluster(tx, cluster_name, for_update=True))
             cluster.generation += 1
             cluster.rotation_pending = False
             cluster.status = ClusterStatus.ACTIVE
