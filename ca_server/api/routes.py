@@ -5,18 +5,20 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from ca_server.api import ratelimit
 from ca_server.api.longpoll import DesiredWaiters as DesiredWaiters  # app.py builds routes.DesiredWaiters
 from ca_server.api.longpoll import long_poll_desired
 from ca_server.api.metrics import Metrics
 from ca_server.core.authority import Authority, Issued
-from ca_server.core.errors import Unauthenticated
+from ca_server.core.errors import CAError, Unauthenticated
 from ca_server.core.keytypes import parse_key_type
 from ca_server.core.models import CertificateRecord, Cluster, Root
 from ca_server.core.validation import require_dns_label
@@ -44,13 +46,32 @@ def _bearer(authorization: str | None) -> str:
     return authorization[7:].strip()
 
 
+T = TypeVar("T")
+
+
+def _spending(call: Callable[[], T]) -> T:
+    """``call()``, which authenticates the request's token first; the token's rate budget is
+    spent unless it did not authenticate (a wrong secret spends only its address's failures)."""
+    try:
+        result = call()
+    except Unauthenticated:
+        raise
+    except CAError:
+        ratelimit.authenticated()
+        raise
+    ratelimit.authenticated()
+    return result
+
+
 def admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
-    return authority(request).authenticate_admin(_bearer(authorization))
+    token = _bearer(authorization)
+    return _spending(lambda: authority(request).authenticate_admin(token))
 
 
 def agent(request: Request, name: NamePath, authorization: Annotated[str | None, Header()] = None) -> Cluster:
     require_dns_label(name, what="cluster name")
-    return authority(request).authenticate_agent(_bearer(authorization), name)
+    token = _bearer(authorization)
+    return _spending(lambda: authority(request).authenticate_agent(token, name))
 
 
 Admin = Annotated[str, Depends(admin)]
@@ -226,7 +247,7 @@ async def renewal_answer(state: Any, name: str, authorization: str | None, body:
     call = functools.partial(a.renew, cluster_name=name, agent_token=_bearer(authorization), csr_pem=body.csr,
                              proof_b64=body.proof)
     started = time.perf_counter()
-    issued = call() if a.renewal_is_cpu_bound else await run_in_threadpool(call)
+    issued = _spending(call) if a.renewal_is_cpu_bound else await run_in_threadpool(_spending, call)
     m.issued("renew", time.perf_counter() - started, issued)
     out = {"generation": issued.generation, "bundle": issued.bundle.as_files()}
     return Response(json.dumps(out, separators=(",", ":")).encode(), status_code=201, media_type="application/json")

@@ -74,11 +74,13 @@ class Clusters:
         return NewCluster(cluster, token, expires)
 
     def _new_bootstrap(self, tx: Tx, cluster: Cluster, *, now: datetime, actor: str) -> tuple[str, datetime]:
+        """A new bootstrap token for ``cluster``; the unused ones issued before it end now."""
+        superseded = tx.expire_bootstrap_tokens(cluster.name, now)
         tok = tk.new_token("boot")
         expires = now + self.ctx.policy.bootstrap_ttl
         tx.add_bootstrap_token(BootstrapToken(tok.token_id, cluster.name, tok.token_hash, expires, now))
         self.ctx.audit(tx, actor=actor, action="bootstrap_token.create", subject=cluster.name,
-                       token_id=tok.token_id, expires_at=expires.isoformat())
+                       token_id=tok.token_id, expires_at=expires.isoformat(), superseded=superseded)
         return tok.plaintext, expires
 
     def new_bootstrap_token(self, name: str, *, actor: str) -> tuple[str, datetime]:
@@ -108,6 +110,9 @@ class Clusters:
                     if c.status == ClusterStatus.ACTIVE and c.name in current}
 
     def rotate(self, name: str, *, actor: str) -> int:
+        """Ask the agent for a new intermediate; only the newest valid one proves it from now on
+        (its predecessors, which proved renewals until now, prove nothing any more)."""
+        now = self.ctx.clock()
         with self.ctx.write() as tx:
             cluster = must_cluster(tx, name, for_update=True)
             if cluster.status == ClusterStatus.REVOKED:
@@ -118,8 +123,12 @@ class Clusters:
                 return cluster.generation
             cluster.generation += 1
             cluster.rotation_pending = True
+            newest = tx.proof_candidates(name, now=now, floor=cluster.proof_floor or 0)[:1]
+            if newest:
+                cluster.proof_floor = newest[0].id
             tx.save_cluster(cluster)
-            self.ctx.audit(tx, actor=actor, action="cluster.rotate", subject=name, generation=cluster.generation)
+            self.ctx.audit(tx, actor=actor, action="cluster.rotate", subject=name, generation=cluster.generation,
+                           proves=newest[0].serial if newest else None)
             self.ctx.changed(tx)
         return cluster.generation
 

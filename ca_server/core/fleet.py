@@ -9,6 +9,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from ca_server.core.auditsize import capped
 from ca_server.core.clusters import must_cluster
 from ca_server.core.context import Context
 from ca_server.core.crls import crl_pem_from
@@ -204,7 +205,7 @@ class Fleet:
             locked.gateway = body.get("gateway")
             tx.save_cluster(locked)
             self.ctx.audit(tx, actor=f"agent:{cluster.name}", action="exports.update", subject=cluster.name,
-                           services=names, gateway=body.get("gateway"))
+                           **capped({"services": names, "gateway": body.get("gateway")}))
             self.ctx.changed(tx)
         return body
 

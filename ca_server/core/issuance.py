@@ -19,14 +19,16 @@ from ca_server.core import x509profiles as xp
 from ca_server.core.clusters import must_cluster
 from ca_server.core.context import Context, log
 from ca_server.core.crls import crl_pem_from
-from ca_server.core.errors import BadProof, Forbidden, Unauthenticated
+from ca_server.core.errors import BadProof, Conflict, Forbidden, Unauthenticated
 from ca_server.core.models import BootstrapToken, CertificateRecord, Cluster, ClusterStatus, Root, RootStatus
 from ca_server.core.ports import Tx
 from ca_server.core.rootkeys import RootKeys, active_root, trust_bundle_from
 from ca_server.core.roots import rotate_clusters_where
 from ca_server.core.validation import require_dns_label
 
-_KEY_CACHE = 20_000  # parsed intermediate public keys kept per process
+_KEY_CACHE = 20_000  # parsed intermediate public keys (and other per-key entries) kept per process
+_ALREADY_CERTIFIED = ("a certificate for this CSR's public key exists already: every enrollment and renewal "
+                      "needs a new key")
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,15 @@ def _check_bootstrap(rec: BootstrapToken | None, tok: tk.PresentedToken, cluster
     if rec.used_at is not None:
         raise Unauthenticated("bootstrap token was already used: ask the operator for a new one")
     if rec.expires_at <= now:
-        raise Unauthenticated("bootstrap token has expired: ask the operator for a new one")
+        raise Unauthenticated("bootstrap token has expired or was replaced by a newer one: ask the operator "
+                              "for a new one")
+
+
+def _enrollable(cluster: Cluster) -> Cluster:
+    """``cluster``, unless it is revoked (then no bootstrap token is valid for it)."""
+    if cluster.status == ClusterStatus.REVOKED:
+        raise Unauthenticated("bootstrap token is not valid: the cluster is revoked")
+    return cluster
 
 
 AgentAuthenticator = Callable[[tk.PresentedToken, str], Cluster]
@@ -105,33 +115,48 @@ class Issuance:
         # confirms against the store
         self._pki: tuple[int, list[Root], str, tuple[str, ...]] | None = None
         self._keys: dict[str, Any] = {}  # intermediate serial -> public key, for proof checks
+        self._newest: dict[str, str] = {}  # cluster -> serial of its newest intermediate, as last seen
+        self._certified: dict[str, None] = {}  # SPKI fingerprints certified by this process (a replay filter)
         self._known_agents: dict[str, _KnownAgent] = {}
 
     def enroll(self, *, cluster_name: str, bootstrap_token: str, csr_pem: str) -> Enrolled:
+        """The cluster's first (or a new) intermediate and agent token, for its bootstrap token.
+
+        The token is checked before the CSR is even parsed, so unauthenticated requests cost a
+        hash; the signing happens before the write transaction, which checks the token again,
+        records, and makes the new intermediate the only one that proves a renewal."""
         tok = tk.parse_token(bootstrap_token)
         if tok is None or tok.kind != "boot":
             raise Unauthenticated("bootstrap token is not valid")
         require_dns_label(cluster_name, what="cluster")
-        csr, csr_key = xp.parse_csr_and_key(csr_pem)  # bad CSR: 4xx before the token is touched
         now = self.ctx.clock()
+        with self.ctx.store.read() as tx:
+            _check_bootstrap(tx.get_bootstrap_token(tok.token_id), tok, cluster_name, now=now)
+            seen = _enrollable(must_cluster(tx, cluster_name))
+            roots, names = tx.list_roots(), tuple(tx.list_server_names())
+        csr, csr_key = xp.parse_csr_and_key(csr_pem)
+        fingerprint = self._new_key_fingerprint(csr_key)
+        draft = self._sign_intermediate(seen.name, seen.trust_domain, csr, csr_key, roots, names, now=now)
         with self.ctx.write() as tx:
             _check_bootstrap(tx.get_bootstrap_token(tok.token_id, for_update=True), tok, cluster_name, now=now)
-            cluster = must_cluster(tx, cluster_name, for_update=True)
-            if cluster.status == ClusterStatus.REVOKED:
-                raise Unauthenticated("bootstrap token is not valid: the cluster is revoked")
+            cluster = _enrollable(must_cluster(tx, cluster_name, for_update=True))
             cluster.generation += 1
             cluster.rotation_pending = False
             cluster.status = ClusterStatus.ACTIVE
             agent = tk.new_token("agent")
             cluster.agent_token_id, cluster.agent_token_hash = agent.token_id, agent.token_hash
             roots, server_names = tx.list_roots(), tuple(tx.list_server_names())
-            cert, root = self._sign_intermediate(cluster.name, cluster.trust_domain, csr, csr_key, roots,
-                                                 server_names, now=now)
-            issued = self._record_issue(tx, cluster, cert, root, csr_key, roots=roots, crl_pem=None, now=now,
+            if server_names != names or not self._draft_holds(draft, seen.trust_domain, cluster, roots):
+                draft = self._sign_intermediate(cluster.name, cluster.trust_domain, csr, csr_key, roots,
+                                                server_names, now=now)
+            cert, root = draft
+            issued = self._record_issue(tx, cluster, cert, root, fingerprint, roots=roots, crl_pem=None, now=now,
                                         actor=f"bootstrap:{tok.token_id}", action="enroll")
+            cluster.proof_floor = self._id_of(tx, issued.serial)  # older intermediates prove nothing now
             tx.mark_bootstrap_used(tok.token_id, now)
             tx.save_cluster(cluster)
             self.ctx.changed(tx)
+        self._remember_issue(issued, csr_key, fingerprint)
         return Enrolled(issued, agent.plaintext)
 
     @property
@@ -142,19 +167,24 @@ class Issuance:
 
     def renew(self, tok: tk.PresentedToken, *, cluster_name: str, csr_pem: str, proof_b64: str) -> Issued:
         """A new intermediate for an enrolled cluster, for its agent token and a proof of possession
-        of the key of a valid intermediate of that cluster.
+        of the key of one of the cluster's proof candidates (``_candidates``).
 
-        Signing and path validation are drafted before the write transaction, from the cached roots,
-        once the token is known good, so the single writer slot is held only for reads, one proof
-        check and inserts. Inside, everything is decided on what the store holds now: the token, the
-        cluster, the proving intermediate (newest first: an agent proves with the key it installed
-        last) and the active root — a draft made under a root that is no longer active is signed
-        again. Nothing is returned or stored that the transaction did not confirm."""
+        Checked in order of cost: the token (from the cache of tokens the store confirmed), the
+        CSR, whose key must never have been certified, and the proof (``_prover``: at most two
+        signature checks, no read when it was made by the newest intermediate this process knows).
+        Signing and path validation are then drafted before the write transaction, from the cached
+        roots, so the single writer slot is held only for reads and inserts. Inside, everything is
+        decided on what the store holds now: the token, the cluster, whether the proving
+        intermediate is still a candidate, and the active root — a draft made under a root that is
+        no longer active is signed again. Nothing is signed for a bad proof, nothing returned or
+        stored that the transaction did not confirm."""
         known = self._agent_for_draft(tok, cluster_name)
         csr, csr_key = xp.parse_csr_and_key(csr_pem)
+        fingerprint = self._new_key_fingerprint(csr_key)
         proof = _decode_proof(proof_b64)
         csr_der = csr.public_bytes(serialization.Encoding.DER)
         now = self.ctx.clock()
+        proved_by = self._prover(known.cluster, csr_der, proof, now=now)
         pki = self._pki
         draft = self._sign_intermediate(known.cluster, known.trust_domain, csr, csr_key, pki[1], pki[3], now=now) \
             if pki is not None else None
@@ -162,21 +192,39 @@ class Issuance:
             locked = must_cluster(tx, cluster_name, for_update=True)
             self._require_agent(tok, locked)
             roots, crl_pem, server_names = self._pki_state(tx)
-            self._check_proof(tx, locked, csr_der, proof, now=now, roots=roots)
+            self._confirm_prover(tx, locked, proved_by, now=now, roots=roots)
             if draft is None or pki is None or pki[3] != server_names or \
-                    not self._draft_holds(draft, known, locked, roots):
+                    not self._draft_holds(draft, known.trust_domain, locked, roots):
                 draft = self._sign_intermediate(locked.name, locked.trust_domain, csr, csr_key, roots, server_names,
                                                 now=now)
             cert, root = draft
             ended = locked.rotation_pending
             locked.rotation_pending = False
-            issued = self._record_issue(tx, locked, cert, root, csr_key, roots=roots, crl_pem=crl_pem, now=now,
+            issued = self._record_issue(tx, locked, cert, root, fingerprint, roots=roots, crl_pem=crl_pem, now=now,
                                         actor=f"agent:{locked.name}", action="renew")
             if ended:
                 tx.save_cluster(locked)
                 self.ctx.changed(tx)
-        self._remember_key(issued.serial, csr_key)  # the intermediate's key: the agent proves with it next time
+        self._remember_issue(issued, csr_key, fingerprint)  # the agent proves with this key next time
         return issued
+
+    def _new_key_fingerprint(self, csr_key: Any) -> str:
+        """The key's SPKI fingerprint; Conflict when this process certified the key already (the
+        store's unique fingerprint refuses the others, before anything is written)."""
+        fingerprint = xp.public_key_fingerprint(csr_key)
+        if fingerprint in self._certified:
+            raise Conflict(_ALREADY_CERTIFIED)
+        return fingerprint
+
+    def _remember_issue(self, issued: Issued, csr_key: Any, fingerprint: str) -> None:
+        self._remember_key(issued.serial, csr_key)
+        self._newest[issued.cluster] = issued.serial
+        self._certified[fingerprint] = None
+
+    @staticmethod
+    def _id_of(tx: Tx, serial: str) -> int | None:
+        rec = tx.get_certificate(serial)
+        return rec.id if rec is not None else None
 
     def _agent_for_draft(self, tok: tk.PresentedToken, cluster_name: str) -> _KnownAgent:
         """Authenticate before any signing happens: from the token last confirmed by the store,
@@ -200,19 +248,19 @@ class Issuance:
             raise Unauthenticated("agent token is no longer valid")
 
     @staticmethod
-    def _draft_holds(draft: tuple[x509.Certificate, Root], known: _KnownAgent, cluster: Cluster,
+    def _draft_holds(draft: tuple[x509.Certificate, Root], trust_domain: str, cluster: Cluster,
                      roots: Sequence[Root]) -> bool:
-        """Whether the certificate signed ahead is the one the transaction would sign: same active
-        root (certificate and chain), same trust domain."""
+        """Whether the certificate signed ahead (for ``trust_domain``) is the one the transaction
+        would sign: same active root (certificate and chain), same trust domain."""
         active, signed_under = active_root(roots), draft[1]
         return (active.id == signed_under.id and active.cert_pem == signed_under.cert_pem
-                and active.chain_pem == signed_under.chain_pem and cluster.trust_domain == known.trust_domain)
+                and active.chain_pem == signed_under.chain_pem and cluster.trust_domain == trust_domain)
 
     @staticmethod
-    def _may_prove(rec: CertificateRecord, cluster: Cluster, roots: Sequence[Root], *, now: datetime) -> bool:
-        retired = {r.id for r in roots if r.status == RootStatus.RETIRED}
-        return (rec.cluster == cluster.name and rec.revoked_at is None and rec.not_after > now
-                and rec.root_id not in retired)
+    def _may_prove(rec: CertificateRecord, roots: Sequence[Root]) -> bool:
+        """A proof candidate (unrevoked, unexpired, above the floor: the store's query) whose root
+        is not retired."""
+        return all(r.id != rec.root_id or r.status != RootStatus.RETIRED for r in roots)
 
     def _public_key(self, rec: CertificateRecord) -> Any:
         """The certificate's public key, parsed once per process (bounded cache)."""
@@ -223,8 +271,9 @@ class Issuance:
         return key
 
     def _remember_key(self, serial: str, key: Any) -> None:
-        if len(self._keys) >= _KEY_CACHE:
-            self._keys.clear()
+        for cache in (self._keys, self._newest, self._certified):
+            if len(cache) >= _KEY_CACHE:
+                cache.clear()
         self._keys[serial] = key
 
     def _pki_state(self, tx: Tx) -> tuple[list[Root], str, tuple[str, ...]]:
@@ -241,15 +290,40 @@ class Issuance:
         self._pki = (revision, roots, crl_pem, server_names)
         return roots, crl_pem, server_names
 
-    def _check_proof(self, tx: Tx, cluster: Cluster, csr_der: bytes, proof: bytes, *, now: datetime,
-                     roots: Sequence[Root]) -> None:
-        """BadProof unless the key of a valid intermediate of the cluster made ``proof``, trying the
-        newest first (the first read fetches only the newest: it is almost always the one)."""
-        for rec in tx.usable_certificates(cluster.name, now=now, page=1):
-            if self._may_prove(rec, cluster, roots, now=now) and \
-                    xp.verify_proof(self._public_key(rec), csr_der, proof):
-                return
-        raise BadProof("proof does not verify with the key of any valid intermediate of this cluster")
+    def _prover(self, cluster: str, csr_der: bytes, proof: bytes, *, now: datetime) -> str:
+        """The serial of the proof candidate whose key made ``proof``, found before any signing or
+        writing; BadProof when none did. First the newest intermediate this process knows of the
+        cluster (no read: almost always the one), else the candidates the store holds (one read).
+        Two signature checks at most, three when the process's newest is out of date."""
+        newest = self._newest.get(cluster)
+        key = self._keys.get(newest) if newest is not None else None
+        tried = newest if key is not None else None
+        if tried is not None and xp.verify_proof(key, csr_der, proof):
+            return tried
+        with self.ctx.store.read() as tx:
+            candidates = self._candidates(tx, must_cluster(tx, cluster), now=now,
+                                          roots=self._pki[1] if self._pki is not None else tx.list_roots())
+        for rec in candidates:
+            if rec.serial != tried and xp.verify_proof(self._public_key(rec), csr_der, proof):
+                return rec.serial
+        raise BadProof("proof does not verify with the key of the cluster's current (or previous) intermediate")
+
+    def _confirm_prover(self, tx: Tx, cluster: Cluster, serial: str, *, now: datetime, roots: Sequence[Root]) -> None:
+        """BadProof unless the intermediate ``serial`` (whose key made the proof) is still one of the
+        cluster's proof candidates in ``tx`` (no signature check: each key is certified once)."""
+        if all(rec.serial != serial for rec in self._candidates(tx, cluster, now=now, roots=roots)):
+            raise BadProof("the intermediate that made the proof can no longer prove a renewal")
+
+    def _candidates(self, tx: Tx, cluster: Cluster, *, now: datetime, roots: Sequence[Root]) -> list[CertificateRecord]:
+        """The cluster's proof candidates, newest first: its two newest unrevoked, unexpired
+        intermediates at or above its proof floor (raised by enrollment and rotate) under a root
+        that is not retired. An agent proves with the newest or, when the answer to its last
+        renewal was lost, with the one before."""
+        candidates = [rec for rec in tx.proof_candidates(cluster.name, now=now, floor=cluster.proof_floor or 0)
+                      if self._may_prove(rec, roots)]
+        if candidates:
+            self._newest[cluster.name] = candidates[0].serial
+        return candidates
 
     def _sign_intermediate(self, name: str, trust_domain: str, csr: x509.CertificateSigningRequest,
                            csr_key: Any, roots: Sequence[Root], server_names: Sequence[str], *,
@@ -274,15 +348,15 @@ class Issuance:
         return cert, root
 
     def _record_issue(
-        self, tx: Tx, cluster: Cluster, cert: x509.Certificate, root: Root, public_key: Any, *,
+        self, tx: Tx, cluster: Cluster, cert: x509.Certificate, root: Root, fingerprint: str, *,
         roots: Sequence[Root], crl_pem: str | None, now: datetime, actor: str, action: str,
     ) -> Issued:
-        """Store and audit a signed intermediate (``public_key``: its key, as the CSR gave it); the
-        bundle the agent installs."""
+        """Store and audit a signed intermediate (``fingerprint``: its key's, from the CSR); the
+        bundle the agent installs. Conflict when the key was certified before."""
         pem = xp.cert_pem(cert)
         rec = CertificateRecord(
             serial=xp.serial_hex(cert), cluster=cluster.name, root_id=root.id, generation=cluster.generation,
-            cert_pem=pem, public_key_fp=xp.public_key_fingerprint(public_key),
+            cert_pem=pem, public_key_fp=fingerprint,
             not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc, issued_at=now,
         )
         tx.add_certificate(rec)

@@ -47,6 +47,7 @@ class Cluster:
     exports: dict[str, Any] | None = None  # the last PUT /exports body, as stored
     agent_status: dict[str, Any] | None = None
     revoked_at: datetime | None = None
+    proof_floor: int | None = None  # the lowest certificate id that may prove a renewal (None: any)
 
 
 @dataclass

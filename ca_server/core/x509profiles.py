@@ -58,7 +58,8 @@ INTERMEDIATE_VALIDITY = timedelta(days=90)
 SERVER_CERT_VALIDITY = timedelta(hours=24)
 DEFAULT_BACKDATE = timedelta(minutes=5)  # tolerates clocks a little behind the CA's
 SERIAL_BYTES = 20  # 159 random bits after clearing the sign bit; RFC 5280 allows 20 octets
-ACCEPTED_CSR_KEYS = "ECDSA P-256 or P-384, or RSA with 2048 to 4096 bits"
+ACCEPTED_CSR_KEYS = "ECDSA P-256 or P-384, or RSA with 2048 to 4096 bits and public exponent 65537"
+RSA_EXPONENT = 65537  # the only one accepted: a huge exponent makes every verification with the key slow
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 
 # RFC 5280 reason names (removeFromCRL only exists in delta CRLs, which we do not issue)
@@ -246,8 +247,8 @@ def _ca_public_key(public_key: object) -> ec.EllipticCurvePublicKey | rsa.RSAPub
         if public_key.curve.name in ("secp256r1", "secp384r1"):
             return public_key
     elif isinstance(public_key, rsa.RSAPublicKey):
-        exponent = public_key.public_numbers().e
-        if 2048 <= public_key.key_size <= 4096 and exponent >= 3 and exponent % 2 == 1:
+        exponent_ok = public_key.public_numbers().e == RSA_EXPONENT
+        if 2048 <= public_key.key_size <= 4096 and exponent_ok:
             return public_key
     raise UnsupportedKey(f"unsupported key {_describe_key(public_key)}; accepted: {ACCEPTED_CSR_KEYS}")
 
@@ -256,7 +257,8 @@ def _describe_key(public_key: object) -> str:
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         return f"ECDSA {public_key.curve.name}"
     if isinstance(public_key, rsa.RSAPublicKey):
-        return f"RSA {public_key.key_size} bits"
+        odd = public_key.public_numbers().e != RSA_EXPONENT
+        return f"RSA {public_key.key_size} bits" + (" with a public exponent other than 65537" if odd else "")
     return type(public_key).__name__.removesuffix("PublicKey").removeprefix("_") or "of unknown type"
 
 

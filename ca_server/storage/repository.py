@@ -80,7 +80,8 @@ def _cluster(r: Row[Any]) -> Cluster:
     return Cluster(name=r.name, trust_domain=r.trust_domain, status=ClusterStatus(r.status),
                    generation=r.generation, rotation_pending=bool(r.rotation_pending), gateway=r.gateway,
                    created_at=r.created_at, agent_token_id=r.agent_token_id, agent_token_hash=r.agent_token_hash,
-                   exports=r.exports, agent_status=r.agent_status, revoked_at=r.revoked_at)
+                   exports=r.exports, agent_status=r.agent_status, revoked_at=r.revoked_at,
+                   proof_floor=r.proof_floor)
 
 
 def _cert(r: Row[Any]) -> CertificateRecord:
@@ -115,12 +116,12 @@ class _Q:
         int_value=bindparam("new_id"), str_value=bindparam("new_hash"))
     revision = select(t.meta.c.int_value).where(t.meta.c.key == "revision")
     revision_and_audit_head = select(t.meta).where(t.meta.c.key.in_(["revision", "audit_head"]))
-    usable_certificates = (
+    proof_candidates = (
         select(t.certificates)
         .where(t.certificates.c.cluster == bindparam("cluster"), t.certificates.c.revoked_at.is_(None),
-               t.certificates.c.not_after > bindparam("now"), t.certificates.c.id < bindparam("before"))
+               t.certificates.c.not_after > bindparam("now"), t.certificates.c.id >= bindparam("floor"))
         .order_by(t.certificates.c.id.desc())
-        .limit(bindparam("page"))
+        .limit(2)
     )
     latest_certificate = (
         select(t.certificates).where(t.certificates.c.cluster == bindparam("cluster"))
@@ -183,7 +184,7 @@ class _Prepared:
 
 
 _HOT = ("cluster", "cluster_for_update", "cluster_by_token", "certificate", "revision", "revision_and_audit_head",
-        "audit_head", "audit_head_for_update", "usable_certificates", "add_certificate_values", "add_audit_values",
+        "audit_head", "audit_head_for_update", "proof_candidates", "add_certificate_values", "add_audit_values",
         "set_audit_head")
 
 
@@ -240,6 +241,7 @@ class SqlTx:
         self.c = conn
         self.postgres = postgres
         self._hasher = hasher
+        self._dbapi: Any = conn.dialect.loaded_dbapi
         self.audit_head: tuple[int, str] | None = None  # (id, hash) when this transaction holds it locked
         self._hot: _Hot = _HotOnDBAPI(prepared, conn) if prepared is not None else _HotThroughCore(conn)
 
@@ -289,7 +291,7 @@ class SqlTx:
                 "generation": c.generation, "rotation_pending": c.rotation_pending, "gateway": c.gateway,
                 "created_at": c.created_at, "agent_token_id": c.agent_token_id,
                 "agent_token_hash": c.agent_token_hash, "exports": c.exports, "agent_status": c.agent_status,
-                "revoked_at": c.revoked_at}
+                "revoked_at": c.revoked_at, "proof_floor": c.proof_floor}
 
     def find_cluster_by_agent_token(self, token_id: str) -> Cluster | None:
         r = self._hot.first("cluster_by_token", {"token_id": token_id})
@@ -316,6 +318,15 @@ class SqlTx:
         if res.rowcount != 1:
             raise Conflict("bootstrap token was used concurrently")
 
+    def expire_bootstrap_tokens(self, cluster: str, at: datetime) -> list[str]:
+        """End every unused, unexpired bootstrap token of ``cluster`` at ``at``; their ids."""
+        bt = t.bootstrap_tokens.c
+        live = (bt.cluster == cluster, bt.used_at.is_(None), bt.expires_at > at)
+        ids = [r.token_id for r in self.c.execute(select(bt.token_id).where(*live).order_by(bt.token_id))]
+        if ids:
+            self.c.execute(update(t.bootstrap_tokens).where(*live).values(expires_at=at))
+        return ids
+
     def add_admin_token(self, token: AdminToken) -> None:
         self.c.execute(insert(t.admin_tokens).values(token_id=token.token_id, token_hash=token.token_hash,
                                                      created_at=token.created_at, description=token.description))
@@ -326,11 +337,16 @@ class SqlTx:
 
     # certificates
     def add_certificate(self, rec: CertificateRecord) -> None:
-        self._hot.run("add_certificate_values", dict(
-            serial=rec.serial, cluster=rec.cluster, root_id=rec.root_id, generation=rec.generation,
-            cert_pem=rec.cert_pem, public_key_fp=rec.public_key_fp, not_before=rec.not_before,
-            not_after=rec.not_after, issued_at=rec.issued_at, revoked_at=rec.revoked_at,
-            revocation_reason=rec.revocation_reason))
+        """Conflict when a certificate for the same public key exists (``unique_key_fp``)."""
+        try:
+            self._hot.run("add_certificate_values", dict(
+                serial=rec.serial, cluster=rec.cluster, root_id=rec.root_id, generation=rec.generation,
+                cert_pem=rec.cert_pem, public_key_fp=rec.public_key_fp, unique_key_fp=rec.public_key_fp,
+                not_before=rec.not_before, not_after=rec.not_after, issued_at=rec.issued_at,
+                revoked_at=rec.revoked_at, revocation_reason=rec.revocation_reason))
+        except (IntegrityError, self._dbapi.IntegrityError):
+            raise Conflict("a certificate for this CSR's public key exists already: every enrollment and "
+                           "renewal needs a new key") from None
 
     def get_certificate(self, serial: str) -> CertificateRecord | None:
         r = self._hot.first("certificate", {"serial": serial})
@@ -340,18 +356,9 @@ class SqlTx:
         q = select(t.certificates).where(t.certificates.c.cluster == cluster).order_by(t.certificates.c.id)
         return [_cert(r) for r in self.c.execute(q)]
 
-    def usable_certificates(self, cluster: str, *, now: datetime, page: int = 16) -> Iterator[CertificateRecord]:
-        """The cluster's unrevoked, unexpired certificates, newest first: ``page`` of them, then 64 at
-        a time (a caller that stops at the first match never loads the cluster's whole history)."""
-        before = 2**31 - 1  # above any id of the INTEGER column
-        while True:
-            rows = self._hot.rows("usable_certificates",
-                                  {"cluster": cluster, "now": now, "before": before, "page": page})
-            for r in rows:
-                yield _cert(r)
-            if len(rows) < page:
-                return
-            before, page = rows[-1].id, max(page, 64)
+    def proof_candidates(self, cluster: str, *, now: datetime, floor: int) -> list[CertificateRecord]:
+        """The cluster's two newest unrevoked, unexpired certificates with an id of at least ``floor``."""
+        return [_cert(r) for r in self._hot.rows("proof_candidates", {"cluster": cluster, "now": now, "floor": floor})]
 
     def latest_certificate(self, cluster: str) -> CertificateRecord | None:
         r = self.c.execute(_Q.latest_certificate, {"cluster": cluster}).first()

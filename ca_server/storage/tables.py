@@ -75,6 +75,8 @@ clusters = Table(
     Column("exports", JSON, nullable=True),
     Column("agent_status", JSON, nullable=True),
     Column("revoked_at", UTCDateTime, nullable=True),
+    # the lowest certificate id whose key may still prove a renewal (set by enrollment and rotate)
+    Column("proof_floor", Integer, nullable=True),
 )
 
 certificates = Table(
@@ -87,6 +89,9 @@ certificates = Table(
     Column("generation", Integer, nullable=False),
     Column("cert_pem", Text, nullable=False),
     Column("public_key_fp", String(64), nullable=False),
+    # public_key_fp again, unique: one certificate per key. NULL only on the later certificates of
+    # a key certified more than once before migration 0004 made that impossible
+    Column("unique_key_fp", String(64), nullable=True, unique=True),
     Column("not_before", UTCDateTime, nullable=False),
     Column("not_after", UTCDateTime, nullable=False),
     Column("issued_at", UTCDateTime, nullable=False),

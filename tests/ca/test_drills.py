@@ -18,24 +18,34 @@ from tests.support.pgserver import PgServer
 from tests.support.replicas import CLI, Replica, admin_token, init_ca
 
 
-def enroll(replica: Replica, admin: str, name: str) -> tuple[pki.PrivateKey, str]:
+class Held:
+    """The key of the intermediate an agent installed last: it proves the next renewal (issue 10:
+    only the newest intermediate and the one before it prove), and a renewal's answer replaces it."""
+
+    def __init__(self, key: pki.PrivateKey) -> None:
+        self.key = key
+
+
+def enroll(replica: Replica, admin: str, name: str) -> tuple[Held, str]:
     with replica.client(admin) as c:
         boot = c.post("/v1/clusters", json={"name": name, "trust_domain": f"{name}.mesh"}).json()["bootstrap_token"]
         key = pki.new_key()
         r = c.post("/v1/enroll", json={"cluster": name, "bootstrap_token": boot, "csr": pki.make_csr(key, name)})
     assert r.status_code == 201, r.text
-    return key, r.json()["agent_token"]
+    return Held(key), r.json()["agent_token"]
 
 
-def renew_once(replica: Replica, name: str, key: pki.PrivateKey, token: str) -> tuple[int, str | None]:
-    csr = pki.make_csr(pki.new_key(), name)
+def renew_once(replica: Replica, name: str, key: Held, token: str) -> tuple[int, str | None]:
+    new = pki.new_key()
+    csr = pki.make_csr(new, name)
     try:
         with replica.client(token, timeout=10) as c:
-            r = c.post(f"/v1/clusters/{name}/intermediate", json={"csr": csr, "proof": pki.prove(key, csr)})
+            r = c.post(f"/v1/clusters/{name}/intermediate", json={"csr": csr, "proof": pki.prove(key.key, csr)})
     except httpx.HTTPError:
         return 0, None
     if r.status_code != 201:
         return r.status_code, None
+    key.key = new
     cert = x509.load_pem_x509_certificate(r.json()["bundle"]["ca-cert.pem"].encode())
     return 201, format(cert.serial_number, "x")
 

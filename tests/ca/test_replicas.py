@@ -52,20 +52,26 @@ def audit_ok(p: Pair) -> None:
 
 
 def test_concurrent_issuance_on_two_replicas_keeps_serials_unique_and_audit_linear(pair: Pair) -> None:
-    clusters = {n: enroll(pair, n) for n in ("c1", "c2", "c3", "c4")}
+    # one thread per cluster, each renewal proved by the key the one before installed (issue 10:
+    # only the newest intermediate and the one before it prove), alternating between the replicas
+    clusters = {f"c{n}": enroll(pair, f"c{n}") for n in range(1, 17)}
 
-    def renew(i: int) -> str:
-        name = f"c{i % 4 + 1}"
+    def renewals(name: str) -> list[str]:
         key, token = clusters[name]
-        csr = pki.make_csr(pki.new_key(), name)
-        replica = pair.r1 if i % 2 else pair.r2
-        with replica.client(token) as c:
-            r = c.post(f"/v1/clusters/{name}/intermediate", json={"csr": csr, "proof": pki.prove(key, csr)})
-        assert r.status_code == 201, r.text
-        return str(r.json()["bundle"]["ca-cert.pem"])
+        certs = []
+        for i in range(10):
+            new = pki.new_key()
+            csr = pki.make_csr(new, name)
+            replica = pair.r1 if i % 2 else pair.r2
+            with replica.client(token) as c:
+                r = c.post(f"/v1/clusters/{name}/intermediate", json={"csr": csr, "proof": pki.prove(key, csr)})
+            assert r.status_code == 201, r.status_code
+            key = new
+            certs.append(str(r.json()["bundle"]["ca-cert.pem"]))
+        return certs
 
     with ThreadPoolExecutor(16) as ex:
-        certs = list(ex.map(renew, range(160)))
+        certs = [cert for chain in ex.map(renewals, clusters) for cert in chain]
     from cryptography import x509
 
     serials = [x509.load_pem_x509_certificate(c.encode()).serial_number for c in certs]

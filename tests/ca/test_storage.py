@@ -65,7 +65,10 @@ def test_times_and_json_round_trip_exactly(harness: Harness) -> None:
 
 
 def test_concurrent_renewals_on_two_replicas(harness: Harness, tmp_path: Path) -> None:
-    agents = [harness.enroll(n) for n in ("a", "b", "c")]
+    # one agent per thread: an agent proves with its newest intermediate (issue 10 ended proofs by
+    # any older one), so two threads of one agent would race each other out of the proof window
+    names = ("a", "b", "c", "d", "e", "f")
+    agents = [harness.enroll(n) for n in names]
     second = harness.replica_store()
     replicas = [harness.authority, Authority(second, FileKeyBackend(harness.data_dir, PASSPHRASE))]
     head_before = harness.store.audit_head()
@@ -84,13 +87,14 @@ def test_concurrent_renewals_on_two_replicas(harness: Harness, tmp_path: Path) -
                 key = pki.new_key()
                 csr = pki.make_csr(key, agent.name)
                 issued = replica.renew(cluster_name=agent.name, agent_token=agent.token, csr_pem=csr,
-                                       proof_b64=pki.prove(agent.keys[0], csr))
+                                       proof_b64=pki.prove(agent.key, csr))
+                agent.key = key
                 with lock:
                     serials.append(issued.serial)
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(replicas[i % 2], i % 3)) for i in range(6)]
+    threads = [threading.Thread(target=work, args=(replicas[i % 2], i)) for i in range(6)]
     for th in threads:
         th.start()
     for th in threads:
@@ -99,9 +103,9 @@ def test_concurrent_renewals_on_two_replicas(harness: Harness, tmp_path: Path) -
     assert errors == []
     assert len(serials) == 6 * rounds and len(set(serials)) == len(serials)
     with harness.store.read() as tx:
-        stored = [r.serial for n in ("a", "b", "c") for r in tx.cluster_certificates(n)]
+        stored = [r.serial for n in names for r in tx.cluster_certificates(n)]
         entries = tx.list_audit(after=head_before[0], limit=1000)
-    assert len(stored) == len(set(stored)) == 3 + 6 * rounds
+    assert len(stored) == len(set(stored)) == len(agents) + 6 * rounds
     renewals = [e for e in entries if e.action == "intermediate.renew"]
     assert sorted(e.details["serial"] for e in renewals) == sorted(serials)
     # linear: every new entry links to the one before it, ids without gaps
