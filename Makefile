@@ -34,7 +34,8 @@ run: venv
 	$(VENV)/bin/meshbridge-ca serve --data-dir $(DATA) --listen $(LISTEN)
 
 lint: venv
-	$(VENV)/bin/ruff check ca_server cluster_agent meshbridge_wire tests bench
+	$(VENV)/bin/ruff check ca_server cluster_agent meshbridge_wire tests bench scripts
+	$(VENV)/bin/ruff format --check ca_server cluster_agent meshbridge_wire tests bench scripts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 

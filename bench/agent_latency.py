@@ -44,17 +44,31 @@ class CAProcess:
     def __init__(self, data_dir: Path) -> None:
         import subprocess
 
-        subprocess.run([str(BIN / "meshbridge-ca"), "init", "--data-dir", str(data_dir)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [str(BIN / "meshbridge-ca"), "init", "--data-dir", str(data_dir)], check=True, capture_output=True
+        )
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([str(BIN / "meshbridge-ca"), "serve", "--data-dir", str(data_dir), "--listen",
-                                      f"127.0.0.1:{self.port}", "--log-level", "warning"])
+        self.proc = subprocess.Popen(
+            [
+                str(BIN / "meshbridge-ca"),
+                "serve",
+                "--data-dir",
+                str(data_dir),
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--log-level",
+                "warning",
+            ]
+        )
         import httpx
 
-        self.http = httpx.Client(base_url=self.url, verify=str(data_dir / "root-cert.pem"), headers={
-            "Authorization": f"Bearer {(data_dir / 'admin-token').read_text().strip()}"})
+        self.http = httpx.Client(
+            base_url=self.url,
+            verify=str(data_dir / "root-cert.pem"),
+            headers={"Authorization": f"Bearer {(data_dir / 'admin-token').read_text().strip()}"},
+        )
         for _ in range(100):
             try:
                 self.http.get("/healthz")
@@ -102,8 +116,9 @@ def make(cfg_path: Path, writer_cls: type[DirectoryWriter] = DirectoryWriter) ->
     out = cfg_path.parent / "out"
     client = CAClient(cfg.ca.url, trust_pem=Path(cfg.ca.trust_anchor).read_text(), cluster=cfg.cluster)
     writer = writer_cls(out, state_dir=out / ".meshbridge")
-    return AgentLoop(Reconciler(cfg, client=client, applier=writer, state_store=DirStateStore(out / ".meshbridge")),
-                     poll_wait=30)
+    return AgentLoop(
+        Reconciler(cfg, client=client, applier=writer, state_store=DirStateStore(out / ".meshbridge")), poll_wait=30
+    )
 
 
 def main() -> int:
@@ -115,15 +130,19 @@ def main() -> int:
     svc = CAProcess(tmp / "ca").start()
     try:
         paths = {}
-        for name, td, addr, imp in (("a", "a.mesh", "198.51.100.10", "[]"),
-                                    ("b", "b.mesh", "198.51.100.20", '[{from: a, names: ["*"]}]')):
+        for name, td, addr, imp in (
+            ("a", "a.mesh", "198.51.100.10", "[]"),
+            ("b", "b.mesh", "198.51.100.20", '[{from: a, names: ["*"]}]'),
+        ):
             d = tmp / name
             d.mkdir()
             svc.add_cluster(name, td, d / "bootstrap-token")
-            exports = "[{service: ratings, namespace: bookinfo, ports: [9080], consumers: [b]}]" if name == "a" \
-                else "[]"
-            (d / "agent.yaml").write_text(agent_yaml(name=name, td=td, url=svc.url, address=addr, exports=exports,
-                                                     imports=imp))
+            exports = (
+                "[{service: ratings, namespace: bookinfo, ports: [9080], consumers: [b]}]" if name == "a" else "[]"
+            )
+            (d / "agent.yaml").write_text(
+                agent_yaml(name=name, td=td, url=svc.url, address=addr, exports=exports, imports=imp)
+            )
             paths[name] = d / "agent.yaml"
         a = make(paths["a"])
         a.step()
@@ -141,8 +160,15 @@ def main() -> int:
         latencies = []
         for i in range(args.changes):
             host = f"svc{i}.bench.remote"
-            body.services.append(ExportedService(name=f"svc{i}.bench", namespace="bench", service=f"svc{i}",
-                                                 ports=[Port(number=8080)], consumers=["b"]))
+            body.services.append(
+                ExportedService(
+                    name=f"svc{i}.bench",
+                    namespace="bench",
+                    service=f"svc{i}",
+                    ports=[Port(number=8080)],
+                    consumers=["b"],
+                )
+            )
             a.r.client.put_exports(body)
             t0 = time.perf_counter()
             with writer.cond:
@@ -154,13 +180,20 @@ def main() -> int:
         latencies.sort()
         p50 = statistics.median(latencies) * 1000
         p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000
-        out = {"changes": len(latencies), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1),
-               "max_ms": round(latencies[-1] * 1000, 1), "noop_reconcile_writes": noop_writes}
+        out = {
+            "changes": len(latencies),
+            "p50_ms": round(p50, 1),
+            "p99_ms": round(p99, 1),
+            "max_ms": round(latencies[-1] * 1000, 1),
+            "noop_reconcile_writes": noop_writes,
+        }
         if args.json:
             print(json.dumps(out))
         else:
-            print(f"export change → importing agent applied: n={out['changes']} p50={out['p50_ms']} ms "
-                  f"p99={out['p99_ms']} ms max={out['max_ms']} ms (target p99 < 1000 ms)")
+            print(
+                f"export change → importing agent applied: n={out['changes']} p50={out['p50_ms']} ms "
+                f"p99={out['p99_ms']} ms max={out['max_ms']} ms (target p99 < 1000 ms)"
+            )
             print(f"reconcile with nothing changed: {noop_writes} writes (target 0)")
         return 0 if p99 < 1000 and noop_writes == 0 else 1
     finally:

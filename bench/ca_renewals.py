@@ -77,8 +77,9 @@ class KeyChains:
                 name = names[i % len(names)]
                 new = pki.new_key("ecdsa-p256")
                 csr = pki.make_csr(new, name)
-                body = json.dumps({"csr": csr, "proof": pki.prove(pki.load_key(self.current[name]), csr)},
-                                  separators=(",", ":"))
+                body = json.dumps(
+                    {"csr": csr, "proof": pki.prove(pki.load_key(self.current[name]), csr)}, separators=(",", ":")
+                )
                 f.write(f"/v1/clusters/{name}/intermediate\t{self.tokens[name]}\t{body}\n")
                 self.known[public_key_fingerprint(new.public_key())] = pki.key_pem(new)
 
@@ -107,31 +108,58 @@ class KeyChains:
         self.known.clear()
 
 
-def run_wrk(url: str, reqfile: Path, *, connections: int, threads: int, duration: float,
-            timeout: float = 5.0, prelude: Path | None = None) -> dict[str, Any]:
+def run_wrk(
+    url: str,
+    reqfile: Path,
+    *,
+    connections: int,
+    threads: int,
+    duration: float,
+    timeout: float = 5.0,
+    prelude: Path | None = None,
+) -> dict[str, Any]:
     wrk = shutil.which("wrk")
     if not wrk:
         raise SystemExit("wrk not found: run `make sysdeps` (Debian package wrk)")
     threads = max(1, min(threads, connections))
-    cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", f"--timeout={timeout:g}s",
-           "-s", str(HERE / "renew.lua"), url, "--", str(reqfile), str(threads), *([str(prelude)] if prelude else [])]
+    cmd = [
+        wrk,
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{duration:g}s",
+        f"--timeout={timeout:g}s",
+        "-s",
+        str(HERE / "renew.lua"),
+        url,
+        "--",
+        str(reqfile),
+        str(threads),
+        *([str(prelude)] if prelude else []),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if r.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({r.returncode}): {r.stdout[-2000:]} {r.stderr[-2000:]}")
-    res: dict[str, Any] = json.loads(line[len("RESULT "):])
+    res: dict[str, Any] = json.loads(line[len("RESULT ") :])
     secs = res["duration_us"] / 1e6
     ok = int(res["statuses"].get("201", 0))
     sock = sum(res["socket_errors"][k] for k in ("connect", "read", "write", "timeout"))
     lat = res["latency_us"]
     return {
-        "concurrency": connections, "threads": threads, "seconds": round(secs, 2),
-        "responses": res["requests"], "created_201": ok,
+        "concurrency": connections,
+        "threads": threads,
+        "seconds": round(secs, 2),
+        "responses": res["requests"],
+        "created_201": ok,
         "failures": {k: v for k, v in res["statuses"].items() if k != "201"},
-        "socket_errors": sock, "rps": round(ok / secs, 1),
-        "p50_ms": round(lat["p50"] / 1000, 2), "p90_ms": round(lat["p90"] / 1000, 2),
-        "p99_ms": round(lat["p99"] / 1000, 2), "max_ms": round(lat["max"] / 1000, 2),
-        "prepared": res["prepared"], "wrapped": res["sent"] > res["prepared"],
+        "socket_errors": sock,
+        "rps": round(ok / secs, 1),
+        "p50_ms": round(lat["p50"] / 1000, 2),
+        "p90_ms": round(lat["p90"] / 1000, 2),
+        "p99_ms": round(lat["p99"] / 1000, 2),
+        "max_ms": round(lat["max"] / 1000, 2),
+        "prepared": res["prepared"],
+        "wrapped": res["sent"] > res["prepared"],
         # requests written whose answer wrk never read (in flight when the run ended): the server
         # may still have issued them, so they widen the expected certificate count
         "unanswered": max(res["sent"] - res["requests"], 0),
@@ -142,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", choices=["sqlite", "postgres"], default="sqlite")
     p.add_argument("--clusters", type=int, default=256, help="clusters enrolled (K)")
-    p.add_argument("--requests", type=int, default=0,
-                   help="pre-built requests per run (default: 2000 per second of --duration)")
+    p.add_argument(
+        "--requests", type=int, default=0, help="pre-built requests per run (default: 2000 per second of --duration)"
+    )
     p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of c=4 warm-up before the runs (0: none)")
     p.add_argument("--concurrency", default="4,16")
@@ -163,15 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers:
         serve_args += ["--workers", str(args.workers)]
     ca = BenchCA(engine=args.engine, insecure_http=args.insecure_http, serve_args=serve_args)
-    report: dict[str, Any] = {"engine": args.engine, "transport": "http" if args.insecure_http else "https",
-                              "serve_args": serve_args, "clusters": args.clusters, "machine": machine(),
-                              "runs": []}
+    report: dict[str, Any] = {
+        "engine": args.engine,
+        "transport": "http" if args.insecure_http else "https",
+        "serve_args": serve_args,
+        "clusters": args.clusters,
+        "machine": machine(),
+        "runs": [],
+    }
     try:
         ca.init().start()
         t0 = time.monotonic()
         enrolled = ca.enroll_clusters([f"c{i:04d}" for i in range(args.clusters)])
-        plan = ([("warmup", 4, args.warmup)] if args.warmup > 0 else []) + [
-            (f"c{c}", c, args.duration) for c in conc]
+        plan = ([("warmup", 4, args.warmup)] if args.warmup > 0 else []) + [(f"c{c}", c, args.duration) for c in conc]
         chains = KeyChains(enrolled)
         report["setup_seconds"] = round(time.monotonic() - t0, 1)
         for label, c, dur in plan:
@@ -195,11 +228,15 @@ def main(argv: list[str] | None = None) -> int:
         renew_audits = ca.count_audit("intermediate.renew")
         audit_ok, audit_msg = ca.audit_verify()
         lo = args.clusters + created
-        report["checks"] = {"certificates_in_db": in_db, "expected_min": lo, "expected_max": lo + unanswered,
-                            "renewal_audit_entries": renew_audits,
-                            "certificates_match": lo <= in_db <= lo + unanswered
-                            and renew_audits == in_db - args.clusters,
-                            "audit_verify": audit_ok, "audit_message": audit_msg}
+        report["checks"] = {
+            "certificates_in_db": in_db,
+            "expected_min": lo,
+            "expected_max": lo + unanswered,
+            "renewal_audit_entries": renew_audits,
+            "certificates_match": lo <= in_db <= lo + unanswered and renew_audits == in_db - args.clusters,
+            "audit_verify": audit_ok,
+            "audit_message": audit_msg,
+        }
     finally:
         if args.keep:
             report["workdir"] = str(ca.workdir)
@@ -221,26 +258,34 @@ def main(argv: list[str] | None = None) -> int:
     report["targets_met"] = targets_met
     if not save_report(report, args.out, args.json):
         m = report["machine"]
-        print(f"engine={args.engine} transport={report['transport']} serve_args={' '.join(serve_args) or '-'} "
-              f"clusters={args.clusters}  [{m['nproc']} cpu {m['cpu']}, {m['mem_gib']} GiB, Python {m['python']}; "
-              f"loadavg {m['loadavg']}, py-loop {m['calibration']['py_loop_cpu_s']} s cpu / "
-              f"{m['calibration']['py_loop_wall_s']} s wall]")
-        print(f"{'run':8} {'conc':>4} {'secs':>6} {'201s':>7} {'errors':>6} {'req/s':>8} {'p50 ms':>7} "
-              f"{'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'srv ms/req':>10} {'wrk ms/req':>10} {'db ms/req':>9} "
-              f"{'others':>6} {'steal':>5} {'py-loop s':>11}  target")
+        print(
+            f"engine={args.engine} transport={report['transport']} serve_args={' '.join(serve_args) or '-'} "
+            f"clusters={args.clusters}  [{m['nproc']} cpu {m['cpu']}, {m['mem_gib']} GiB, Python {m['python']}; "
+            f"loadavg {m['loadavg']}, py-loop {m['calibration']['py_loop_cpu_s']} s cpu / "
+            f"{m['calibration']['py_loop_wall_s']} s wall]"
+        )
+        print(
+            f"{'run':8} {'conc':>4} {'secs':>6} {'201s':>7} {'errors':>6} {'req/s':>8} {'p50 ms':>7} "
+            f"{'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'srv ms/req':>10} {'wrk ms/req':>10} {'db ms/req':>9} "
+            f"{'others':>6} {'steal':>5} {'py-loop s':>11}  target"
+        )
         for r in report["runs"]:
             verdict = ("met" if r["target_met"] else "MISSED") if "target_met" in r else ""
-            print(f"{r['label']:8} {r['concurrency']:>4} {r['seconds']:>6} {r['created_201']:>7} {r['errors']:>6} "
-                  f"{r['rps']:>8} {r['p50_ms']:>7} {r['p90_ms']:>7} {r['p99_ms']:>7} {r['max_ms']:>7} "
-                  f"{r['server_cpu_ms_per_req']:>10} {r['client_cpu_ms_per_req']:>10} {r['db_cpu_ms_per_req']:>9} "
-                  f"{r['other_cores']:>6} {r['steal_cores']:>5} {'/'.join(map(str, r['py_loop_cpu_s'])):>11}  {verdict}"
-                  + (f"  failures={r['failures']}" if r["failures"] else "")
-                  + ("  (requests replayed)" if r["wrapped"] else ""))
+            print(
+                f"{r['label']:8} {r['concurrency']:>4} {r['seconds']:>6} {r['created_201']:>7} {r['errors']:>6} "
+                f"{r['rps']:>8} {r['p50_ms']:>7} {r['p90_ms']:>7} {r['p99_ms']:>7} {r['max_ms']:>7} "
+                f"{r['server_cpu_ms_per_req']:>10} {r['client_cpu_ms_per_req']:>10} {r['db_cpu_ms_per_req']:>9} "
+                f"{r['other_cores']:>6} {r['steal_cores']:>5} {'/'.join(map(str, r['py_loop_cpu_s'])):>11}  {verdict}"
+                + (f"  failures={r['failures']}" if r["failures"] else "")
+                + ("  (requests replayed)" if r["wrapped"] else "")
+            )
         ch = report["checks"]
-        print(f"certificates in DB: {ch['certificates_in_db']} (enrollments + 201s = {ch['expected_min']}, "
-              f"+ unanswered at the end of runs <= {ch['expected_max']}; renewal audit entries "
-              f"{ch['renewal_audit_entries']}: {'ok' if ch['certificates_match'] else 'MISMATCH'}); audit verify: "
-              f"{'ok' if ch['audit_verify'] else 'FAILED'} ({ch['audit_message']})")
+        print(
+            f"certificates in DB: {ch['certificates_in_db']} (enrollments + 201s = {ch['expected_min']}, "
+            f"+ unanswered at the end of runs <= {ch['expected_max']}; renewal audit entries "
+            f"{ch['renewal_audit_entries']}: {'ok' if ch['certificates_match'] else 'MISMATCH'}); audit verify: "
+            f"{'ok' if ch['audit_verify'] else 'FAILED'} ({ch['audit_message']})"
+        )
         print("PASS" if ok else "FAIL", "— targets", "met" if targets_met else "missed")
     if not ok:
         return 1

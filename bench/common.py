@@ -60,7 +60,7 @@ def proc_tree_cpu(pid: int) -> float:
                 raw = f.read()
         except OSError:
             continue
-        fields = raw[raw.rindex(")") + 2:].split()
+        fields = raw[raw.rindex(")") + 2 :].split()
         stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK)
     tree, frontier = {pid}, [pid]
     while frontier:
@@ -128,15 +128,17 @@ class CpuMeter:
 
     def report(self, requests: int) -> dict[str, Any]:
         per = max(requests, 1)
-        return {"server_cpu_ms_per_req": round(self.server * 1000 / per, 3),
-                "client_cpu_ms_per_req": round(self.client * 1000 / per, 3),
-                "db_cpu_ms_per_req": round(self.db * 1000 / per, 3),
-                "server_cores": round(self.server / self.seconds, 2),
-                "client_cores": round(self.client / self.seconds, 2),
-                "db_cores": round(self.db / self.seconds, 2),
-                "other_cores": round(max(self.busy - self.server - self.client - self.db, 0) / self.seconds, 2),
-                "steal_cores": round(self.steal / self.seconds, 2),
-                "loadavg": [self.load0, self.load1]}
+        return {
+            "server_cpu_ms_per_req": round(self.server * 1000 / per, 3),
+            "client_cpu_ms_per_req": round(self.client * 1000 / per, 3),
+            "db_cpu_ms_per_req": round(self.db * 1000 / per, 3),
+            "server_cores": round(self.server / self.seconds, 2),
+            "client_cores": round(self.client / self.seconds, 2),
+            "db_cores": round(self.db / self.seconds, 2),
+            "other_cores": round(max(self.busy - self.server - self.client - self.db, 0) / self.seconds, 2),
+            "steal_cores": round(self.steal / self.seconds, 2),
+            "loadavg": [self.load0, self.load1],
+        }
 
 
 def save_report(report: dict[str, Any], out: str | None, as_json: bool) -> bool:
@@ -167,8 +169,16 @@ def machine() -> dict[str, Any]:
     if wrk:
         r = subprocess.run([wrk, "-v"], capture_output=True, text=True)
         wrk_v = (r.stdout + r.stderr).splitlines()[0] if (r.stdout + r.stderr) else ""
-    return {"nproc": os.cpu_count(), "cpu": cpu, "mem_gib": mem_gib, "python": platform.python_version(),
-            "kernel": platform.release(), "wrk": wrk_v, "loadavg": loadavg(), "calibration": calibrate()}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "mem_gib": mem_gib,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "wrk": wrk_v,
+        "loadavg": loadavg(),
+        "calibration": calibrate(),
+    }
 
 
 def calibrate() -> dict[str, float]:
@@ -229,13 +239,23 @@ class BenchCA:
 
     def start(self, *, wait: float = 60) -> BenchCA:
         self.port = free_port()
-        cmd = [CA, "serve", "--data-dir", str(self.data), "--listen", f"127.0.0.1:{self.port}",
-               "--log-level", "warning", *self.serve_args]
+        cmd = [
+            CA,
+            "serve",
+            "--data-dir",
+            str(self.data),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--log-level",
+            "warning",
+            *self.serve_args,
+        ]
         if self.insecure_http:
             cmd.append("--insecure-http")
         self.log = open(self.workdir / "serve.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, env=self.env,
-                                     preexec_fn=lambda: raise_nofile())
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=self.log, env=self.env, preexec_fn=lambda: raise_nofile()
+        )
         self.url = f"{'http' if self.insecure_http else 'https'}://127.0.0.1:{self.port}"
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
@@ -277,15 +297,18 @@ class BenchCA:
     # ------------------------------------------------------------------ setup through the API
     def enroll_clusters(self, names: list[str], *, key_type: str = "ecdsa-p256") -> list[Enrolled]:
         out = []
-        with self.client(timeout=30, headers={"Authorization": f"Bearer {self.admin_token}"}) as c, \
-                self.client(timeout=30) as anon:
+        with (
+            self.client(timeout=30, headers={"Authorization": f"Bearer {self.admin_token}"}) as c,
+            self.client(timeout=30) as anon,
+        ):
             for name in names:
                 r = c.post("/v1/clusters", json={"name": name, "trust_domain": f"{name}.mesh"})
                 r.raise_for_status()
                 boot = r.json()["bootstrap_token"]
                 key = pki.new_key(key_type)
-                r = anon.post("/v1/enroll", json={"cluster": name, "bootstrap_token": boot,
-                                                  "csr": pki.make_csr(key, name)})
+                r = anon.post(
+                    "/v1/enroll", json={"cluster": name, "bootstrap_token": boot, "csr": pki.make_csr(key, name)}
+                )
                 r.raise_for_status()
                 out.append(Enrolled(name, r.json()["agent_token"], key))
         return out
@@ -313,8 +336,10 @@ class BenchCA:
         eng = create_engine(self._engine_url())
         try:
             with eng.connect() as conn:
-                return {r.cluster: r.public_key_fp
-                        for r in conn.execute(select(c.cluster, c.public_key_fp).where(c.id.in_(newest)))}
+                return {
+                    r.cluster: r.public_key_fp
+                    for r in conn.execute(select(c.cluster, c.public_key_fp).where(c.id.in_(newest)))
+                }
         finally:
             eng.dispose()
 

@@ -56,11 +56,19 @@ def enroll_in_process(ca: BenchCA, names: list[str]) -> list[dict[str, Any]]:
     for name in names:
         made = authority.create_cluster(name=name, trust_domain=f"{name}.mesh", gateway=None, actor="bench")
         key = pki.new_key()
-        done = authority.enroll(cluster_name=name, bootstrap_token=made.bootstrap_token,
-                                csr_pem=pki.make_csr(key, name))
+        done = authority.enroll(
+            cluster_name=name, bootstrap_token=made.bootstrap_token, csr_pem=pki.make_csr(key, name)
+        )
         csr = pki.make_csr(pki.new_key(), name)
-        agents.append({"name": name, "token": done.agent_token, "csr": csr, "proof": pki.prove(key, csr),
-                       "generation": done.issued.generation})
+        agents.append(
+            {
+                "name": name,
+                "token": done.agent_token,
+                "csr": csr,
+                "proof": pki.prove(key, csr),
+                "generation": done.issued.generation,
+            }
+        )
     authority.store.dispose()  # type: ignore[attr-defined]
     return agents
 
@@ -75,8 +83,9 @@ def client_proc(url: str, anchor: str, agents: list[dict[str, Any]], events: Any
     out.put(res)
 
 
-async def _client_main(url: str, anchor: str, agents: list[dict[str, Any]], events: Any,
-                       stop: Any) -> list[dict[str, Any]]:
+async def _client_main(
+    url: str, anchor: str, agents: list[dict[str, Any]], events: Any, stop: Any
+) -> list[dict[str, Any]]:
     ctx = ssl.create_default_context(cafile=anchor) if url.startswith("https") else None
     known_bundles: set[str] = set()
 
@@ -92,8 +101,7 @@ async def _client_main(url: str, anchor: str, agents: list[dict[str, Any]], even
     async def one(a: dict[str, Any], rec: dict[str, Any]) -> None:
         # one client (one keep-alive connection) per agent, as in a real fleet; one shared pool
         # of hundreds of connections would make httpcore's pool bookkeeping the bottleneck
-        async with httpx.AsyncClient(base_url=url, verify=ctx if ctx is not None else False,
-                                     timeout=timeout) as client:
+        async with httpx.AsyncClient(base_url=url, verify=ctx if ctx is not None else False, timeout=timeout) as client:
             await _agent(client, a, rec, events, trust)
 
     tasks = [asyncio.create_task(one(a, rec)) for a, rec in zip(agents, recs, strict=True)]
@@ -107,8 +115,7 @@ async def _client_main(url: str, anchor: str, agents: list[dict[str, Any]], even
     return recs
 
 
-async def _agent(client: httpx.AsyncClient, a: dict[str, Any], rec: dict[str, Any], events: Any,
-                 trust: Any) -> None:
+async def _agent(client: httpx.AsyncClient, a: dict[str, Any], rec: dict[str, Any], events: Any, trust: Any) -> None:
     """Like the real agent: long-poll; on rotate_required renew with proof, read the desired state
     again (it must say the rotation is done), then go on long-polling until told to stop."""
     name = a["name"]
@@ -147,8 +154,11 @@ async def _agent(client: httpx.AsyncClient, a: dict[str, Any], rec: dict[str, An
                     rec["renewed_generation"] = r.json()["generation"]
                 r = await client.get(path, headers=auth)  # what it installs next
                 desired = r.json()
-                rec["after_renewal"] = {"status": r.status_code, "rotate_required": desired.get("rotate_required"),
-                                        "generation": desired.get("generation")}
+                rec["after_renewal"] = {
+                    "status": r.status_code,
+                    "rotate_required": desired.get("rotate_required"),
+                    "generation": desired.get("generation"),
+                }
                 rev = desired.get("revision", rev)
                 events.put(("renewed", name, r.status_code))
                 continue
@@ -156,8 +166,10 @@ async def _agent(client: httpx.AsyncClient, a: dict[str, Any], rec: dict[str, An
                 events.put(("polling", name, rev))
     except Exception as exc:
         cause = exc.__cause__ or exc.__context__
-        rec["error"] = (f"{type(exc).__name__}: {exc!r} (cause {cause!r}) after {rec['polls']} long-poll(s), "
-                        f"{len(rec['answers'])} answer(s), {time.monotonic() - started:.1f} s after start")
+        rec["error"] = (
+            f"{type(exc).__name__}: {exc!r} (cause {cause!r}) after {rec['polls']} long-poll(s), "
+            f"{len(rec['answers'])} answer(s), {time.monotonic() - started:.1f} s after start"
+        )
         events.put(("error", name, rec["error"]))
 
 
@@ -187,9 +199,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"open-file limit {nofile} is too low for {args.agents} connections: raise `ulimit -n`")
     serve_args = ["--workers", str(args.workers)] if args.workers else []
     ca = BenchCA(engine=args.engine, insecure_http=args.insecure_http, serve_args=serve_args)
-    report: dict[str, Any] = {"engine": args.engine, "agents": args.agents, "client_procs": args.procs,
-                              "serve_args": serve_args, "transport": "http" if args.insecure_http else "https",
-                              "machine": machine(), "nofile": nofile}
+    report: dict[str, Any] = {
+        "engine": args.engine,
+        "agents": args.agents,
+        "client_procs": args.procs,
+        "serve_args": serve_args,
+        "transport": "http" if args.insecure_http else "https",
+        "machine": machine(),
+        "nofile": nofile,
+    }
     procs: list[Any] = []
     try:
         ca.init()
@@ -200,9 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         events: Any = mp.Queue()
         out: Any = mp.Queue()
         stop = mp.Event()
-        slices = [agents[i::args.procs] for i in range(args.procs)]
-        procs = [mp.Process(target=client_proc, args=(ca.url, str(ca.data / "root-cert.pem"), s, events, out, stop),
-                            daemon=True) for s in slices if s]
+        slices = [agents[i :: args.procs] for i in range(args.procs)]
+        procs = [
+            mp.Process(
+                target=client_proc, args=(ca.url, str(ca.data / "root-cert.pem"), s, events, out, stop), daemon=True
+            )
+            for s in slices
+            if s
+        ]
         for pr in procs:
             pr.start()
 
@@ -242,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         root_id = r.json()["id"]
         second: dict[str, str] = {}
         wait_polling(second, 60)
-        report["add_root"] = {"request_s": round(add_request_s, 3),
-                              "all_repolling_s": round(time.monotonic() - t_add, 2)}
+        report["add_root"] = {
+            "request_s": round(add_request_s, 3),
+            "all_repolling_s": round(time.monotonic() - t_add, 2),
+        }
         time.sleep(args.settle)
 
         assert ca.proc is not None
@@ -275,26 +300,41 @@ def main(argv: list[str] | None = None) -> int:
         answered = [x["rotate_at"] - t_act for x in results if "rotate_at" in x]
         bundle = [x["answers"][0] - t_add for x in results if x.get("answers")]
         report["add_root"]["all_answered_s"] = round(max(bundle), 3) if len(bundle) == len(agents) else None
-        renewed = [x["renewed_at"] - t_act for x in results
-                   if x.get("renew_status") == 201 and x.get("renewed_generation") == x.get("want_generation")]
-        failures = [x for x in results if "error" in x or x.get("renew_status") != 201
-                    or x.get("renewed_generation") != x.get("want_generation")
-                    or (x.get("after_renewal") or {}).get("rotate_required") is not False]
+        renewed = [
+            x["renewed_at"] - t_act
+            for x in results
+            if x.get("renew_status") == 201 and x.get("renewed_generation") == x.get("want_generation")
+        ]
+        failures = [
+            x
+            for x in results
+            if "error" in x
+            or x.get("renew_status") != 201
+            or x.get("renewed_generation") != x.get("want_generation")
+            or (x.get("after_renewal") or {}).get("rotate_required") is not False
+        ]
         missing = len(agents) - len(results)
         report["event"] = {
-            "answered": len(answered), "renewed": len(renewed), "failures": len(failures), "missing": missing,
+            "answered": len(answered),
+            "renewed": len(renewed),
+            "failures": len(failures),
+            "missing": missing,
             "all_answered_s": round(max(answered), 3) if len(answered) == len(agents) else None,
             "all_renewed_s": round(max(renewed), 3) if len(renewed) == len(agents) else None,
-            "answer_p50_s": round(pct(answered, 50), 3), "answer_p99_s": round(pct(answered, 99), 3),
-            "renew_p50_s": round(pct(renewed, 50), 3), "renew_p99_s": round(pct(renewed, 99), 3),
+            "answer_p50_s": round(pct(answered, 50), 3),
+            "answer_p99_s": round(pct(answered, 99), 3),
+            "renew_p50_s": round(pct(renewed, 50), 3),
+            "renew_p99_s": round(pct(renewed, 99), 3),
             "renewals_per_s": round(len(renewed) / max(renewed), 1) if renewed else 0,
-            "failure_samples": [{k: v for k, v in f.items() if k in ("name", "error", "renew_status",
-                                                                     "after_renewal")}
-                                for f in failures[:5]],
+            "failure_samples": [
+                {k: v for k, v in f.items() if k in ("name", "error", "renew_status", "after_renewal")}
+                for f in failures[:5]
+            ],
             # long-poll answers an agent got after its renewal (other clusters' renewals move the
             # fleet revision, but only changes to its own desired state should answer it)
-            "answers_after_renewal": sum(max(len([t for t in x["answers"] if t > x["renewed_at"]]), 0)
-                                         for x in results if "renewed_at" in x),
+            "answers_after_renewal": sum(
+                max(len([t for t in x["answers"] if t > x["renewed_at"]]), 0) for x in results if "renewed_at" in x
+            ),
         }
         report["event"].update(meter.report(len(renewed)))
 
@@ -306,8 +346,12 @@ def main(argv: list[str] | None = None) -> int:
             pr.join(5)
         ca.stop()
         ok_audit, msg = ca.audit_verify()
-        report["checks"] = {"clusters_on_new_root": on_new, "rotation_pending": pending,
-                            "audit_verify": ok_audit, "audit_message": msg}
+        report["checks"] = {
+            "clusters_on_new_root": on_new,
+            "rotation_pending": pending,
+            "audit_verify": ok_audit,
+            "audit_message": msg,
+        }
     finally:
         for pr in procs:
             if pr.is_alive():
@@ -319,34 +363,58 @@ def main(argv: list[str] | None = None) -> int:
             ca.cleanup()
 
     ev, ch = report["event"], report["checks"]
-    ok = (ev["failures"] == 0 and ev["missing"] == 0 and ch["clusters_on_new_root"] == args.agents
-          and ch["rotation_pending"] == 0 and ch["audit_verify"])
-    met = ok and ev["all_answered_s"] is not None and ev["all_answered_s"] < TARGETS["answered_s"] \
-        and ev["all_renewed_s"] is not None and ev["all_renewed_s"] < TARGETS["renewed_s"]
+    ok = (
+        ev["failures"] == 0
+        and ev["missing"] == 0
+        and ch["clusters_on_new_root"] == args.agents
+        and ch["rotation_pending"] == 0
+        and ch["audit_verify"]
+    )
+    met = (
+        ok
+        and ev["all_answered_s"] is not None
+        and ev["all_answered_s"] < TARGETS["answered_s"]
+        and ev["all_renewed_s"] is not None
+        and ev["all_renewed_s"] < TARGETS["renewed_s"]
+    )
     report["pass"], report["targets_met"] = ok, met
     if not save_report(report, args.out, args.json):
         m = report["machine"]
-        print(f"fleet event: {args.agents} agents, engine={args.engine}, transport={report['transport']}, "
-              f"serve_args={' '.join(serve_args) or '-'}, {args.procs} client processes  "
-              f"[{m['nproc']} cpu {m['cpu']}, Python {m['python']}]")
+        print(
+            f"fleet event: {args.agents} agents, engine={args.engine}, transport={report['transport']}, "
+            f"serve_args={' '.join(serve_args) or '-'}, {args.procs} client processes  "
+            f"[{m['nproc']} cpu {m['cpu']}, Python {m['python']}]"
+        )
         ar = report["add_root"]
         print(f"  setup: enroll {report['setup_enroll_s']} s, all long-polling after {report['connect_all_s']} s")
-        print(f"  add root (trust bundle changes): request {ar['request_s']} s, every long-poll answered "
-              f"{ar['all_answered_s']} s, all re-polling {ar['all_repolling_s']} s")
+        print(
+            f"  add root (trust bundle changes): request {ar['request_s']} s, every long-poll answered "
+            f"{ar['all_answered_s']} s, all re-polling {ar['all_repolling_s']} s"
+        )
         print(f"  activate: request took {report['activate_request_s']} s")
-        print(f"  every long-poll answered rotate_required: {ev['all_answered_s']} s "
-              f"(p50 {ev['answer_p50_s']}, p99 {ev['answer_p99_s']}; target < {TARGETS['answered_s']:g} s)")
-        print(f"  every cluster renewed:                   {ev['all_renewed_s']} s "
-              f"(p50 {ev['renew_p50_s']}, p99 {ev['renew_p99_s']}; {ev['renewals_per_s']} renewals/s; "
-              f"target < {TARGETS['renewed_s']:g} s)")
-        print(f"  server CPU {ev['server_cpu_ms_per_req']} ms/renewal, {ev['server_cores']} cores; clients "
-              f"{ev['client_cores']} cores; db {ev['db_cores']}; others {ev['other_cores']}; "
-              f"loadavg {ev['loadavg']}")
+        print(
+            f"  every long-poll answered rotate_required: {ev['all_answered_s']} s "
+            f"(p50 {ev['answer_p50_s']}, p99 {ev['answer_p99_s']}; target < {TARGETS['answered_s']:g} s)"
+        )
+        print(
+            f"  every cluster renewed:                   {ev['all_renewed_s']} s "
+            f"(p50 {ev['renew_p50_s']}, p99 {ev['renew_p99_s']}; {ev['renewals_per_s']} renewals/s; "
+            f"target < {TARGETS['renewed_s']:g} s)"
+        )
+        print(
+            f"  server CPU {ev['server_cpu_ms_per_req']} ms/renewal, {ev['server_cores']} cores; clients "
+            f"{ev['client_cores']} cores; db {ev['db_cores']}; others {ev['other_cores']}; "
+            f"loadavg {ev['loadavg']}"
+        )
         print(f"  after renewing, every agent long-polls again: {ev['answers_after_renewal']} answers to them")
-        print(f"  failures {ev['failures']}, missing {ev['missing']}"
-              + (f" e.g. {ev['failure_samples']}" if ev["failure_samples"] else ""))
-        print(f"  checks: {ch['clusters_on_new_root']}/{args.agents} on the new root, {ch['rotation_pending']} "
-              f"pending, audit verify {'ok' if ch['audit_verify'] else 'FAILED'} ({ch['audit_message']})")
+        print(
+            f"  failures {ev['failures']}, missing {ev['missing']}"
+            + (f" e.g. {ev['failure_samples']}" if ev["failure_samples"] else "")
+        )
+        print(
+            f"  checks: {ch['clusters_on_new_root']}/{args.agents} on the new root, {ch['rotation_pending']} "
+            f"pending, audit verify {'ok' if ch['audit_verify'] else 'FAILED'} ({ch['audit_message']})"
+        )
         print("PASS" if ok else "FAIL", "— targets", "met" if met else "missed")
     return 0 if ok else 1
 

@@ -88,15 +88,22 @@ def main(argv: list[str] | None = None) -> int:
     block = result.server_block or ""
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
-    print(f"imports={len(imports)} clusters={args.clusters} objects={len(result.objects)} "
-          f"warnings={len(result.warnings)}")
-    print(f"render_all: best {min(times) * 1000:.0f} ms, median {statistics.median(times) * 1000:.0f} ms "
-          f"wall (CPU best {min(cpu_times) * 1000:.0f} ms) over {args.runs} runs")
+    print(
+        f"imports={len(imports)} clusters={args.clusters} objects={len(result.objects)} warnings={len(result.warnings)}"
+    )
+    print(
+        f"render_all: best {min(times) * 1000:.0f} ms, median {statistics.median(times) * 1000:.0f} ms "
+        f"wall (CPU best {min(cpu_times) * 1000:.0f} ms) over {args.runs} runs"
+    )
     print(f"to_yaml of every object: {dump_seconds * 1000:.0f} ms, {sum(map(len, texts)) / 1e6:.1f} MB")
-    print(f"CoreDNS block: {len(block.encode()) / 1024:.0f} KiB; largest object: "
-          f"{max(map(len, texts)) / 1024:.0f} KiB (ConfigMap/Secret limit 1024 KiB)")
-    print(f"peak RSS: {render_peak_kib / 1024:.0f} MiB while rendering (target < 150 MB), "
-          f"{peak_kib / 1024:.0f} MiB after also dumping every object to YAML")
+    print(
+        f"CoreDNS block: {len(block.encode()) / 1024:.0f} KiB; largest object: "
+        f"{max(map(len, texts)) / 1024:.0f} KiB (ConfigMap/Secret limit 1024 KiB)"
+    )
+    print(
+        f"peak RSS: {render_peak_kib / 1024:.0f} MiB while rendering (target < 150 MB), "
+        f"{peak_kib / 1024:.0f} MiB after also dumping every object to YAML"
+    )
     return 0
 
 

@@ -84,8 +84,9 @@ def create_app(
 
     error_response = _error_responder(metrics)
     _handle_errors(app, metrics, error_response)
-    operator = functools.partial(OperatorOnly, authorize=_operator_check(authority, metrics_token),
-                                 on_error=error_response)
+    operator = functools.partial(
+        OperatorOnly, authorize=_operator_check(authority, metrics_token), on_error=error_response
+    )
     if isinstance(app, ShortcutApp):
         answer = functools.partial(routes.renewal_answer, app.state)
 
@@ -111,8 +112,9 @@ def _rate_limiter(authority: Authority, limits: Limits | None) -> RateLimiter | 
     return RateLimiter(limits, store.rate_counters() if isinstance(store, SharesRateCounters) else None)
 
 
-def _lifespan(watcher: RevisionWatcher,
-              background: list[Background]) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+def _lifespan(
+    watcher: RevisionWatcher, background: list[Background]
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """Runs the revision watcher and the background tasks while the app serves."""
 
     @contextlib.asynccontextmanager
@@ -138,16 +140,18 @@ def _operator_check(authority: Authority, metrics_token: str | None) -> Callable
         if not authorization or not authorization.lower().startswith("bearer "):
             raise Unauthenticated(f"{path} needs an 'Authorization: Bearer <token>' header")
         presented = authorization[7:].strip()
-        if metrics_hash is not None and path == "/metrics" and \
-                hmac.compare_digest(tokens.hash_secret(presented), metrics_hash):
+        if (
+            metrics_hash is not None
+            and path == "/metrics"
+            and hmac.compare_digest(tokens.hash_secret(presented), metrics_hash)
+        ):
             return
         authority.authenticate_admin(presented)
 
     return authorize
 
 
-def _readiness(authority: Authority, metrics: Metrics,
-               ready_check: Callable[[], None] | None) -> Callable[[], None]:
+def _readiness(authority: Authority, metrics: Metrics, ready_check: Callable[[], None] | None) -> Callable[[], None]:
     """/readyz: the store answers and the signing key signs (then ``ready_check``); sets the gauge.
     The outcome is kept for READY_CACHE_SECONDS, and concurrent probes wait for one check: a flood
     of /readyz costs the database and the key one check a second."""
@@ -205,12 +209,23 @@ def _log_refused(exc: CAError, scope: Scope) -> None:
     (only a token of our shape gives an id; anything else is reported as such, not echoed)."""
     authorization = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), None)
     presented = tokens.parse_token(authorization.decode("latin-1")[7:]) if authorization else None
-    token = f"{presented.kind} token {presented.token_id}" if presented else \
-        "a malformed token" if authorization else "no token"
+    token = (
+        f"{presented.kind} token {presented.token_id}"
+        if presented
+        else "a malformed token"
+        if authorization
+        else "no token"
+    )
     client = scope.get("client")
-    log.warning("authentication failed: %s %s from %s with %s: %s", scope["method"], scope["path"],
-                client[0] if client else "?", token, exc.detail,
-                extra={"method": scope["method"], "path": scope["path"], "status": status_of(exc)})
+    log.warning(
+        "authentication failed: %s %s from %s with %s: %s",
+        scope["method"],
+        scope["path"],
+        client[0] if client else "?",
+        token,
+        exc.detail,
+        extra={"method": scope["method"], "path": scope["path"], "status": status_of(exc)},
+    )
 
 
 def _handle_errors(app: FastAPI, metrics: Metrics, error_response: ErrorResponse) -> None:
@@ -227,9 +242,12 @@ def _handle_errors(app: FastAPI, metrics: Metrics, error_response: ErrorResponse
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        return problem(exc.status_code, str(exc.detail) if exc.status_code != 404 else "Not found",
-                       "no such resource" if exc.status_code == 404 else str(exc.detail),
-                       headers=dict(exc.headers) if exc.headers is not None else None)
+        return problem(
+            exc.status_code,
+            str(exc.detail) if exc.status_code != 404 else "Not found",
+            "no such resource" if exc.status_code == 404 else str(exc.detail),
+            headers=dict(exc.headers) if exc.headers is not None else None,
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -46,8 +46,7 @@ from ca_server.storage import tables as t
 from ca_server.storage.repository import SqlStore
 
 FORMAT = "meshbridge-backup/1"
-TABLES: list[Table] = [t.roots, t.clusters, t.certificates, t.bootstrap_tokens, t.admin_tokens, t.crls, t.audit,
-                       t.meta]
+TABLES: list[Table] = [t.roots, t.clusters, t.certificates, t.bootstrap_tokens, t.admin_tokens, t.crls, t.audit, t.meta]
 
 
 def _encode(value: Any) -> Any:
@@ -87,17 +86,22 @@ def backup(data_dir: Path, out: Path, *, database_url: str | None = None) -> dic
             for table in TABLES:
                 rows = tx.c.execute(select(table)).mappings().all()
                 counts[table.name] = len(rows)
-                body = "".join(json.dumps({k: _encode(v) for k, v in r.items()}, sort_keys=True) + "\n"
-                               for r in rows)
+                body = "".join(json.dumps({k: _encode(v) for k, v in r.items()}, sort_keys=True) + "\n" for r in rows)
                 _add(tar, f"db/{table.name}.jsonl", body.encode(), digests)
         _add(tar, "ca.json", (data_dir / runtime.SETTINGS_FILE).read_bytes(), digests)
         for ref in key_refs:
             if ref.startswith("file:"):
-                rel = ref[len("file:"):]
+                rel = ref[len("file:") :]
                 _add(tar, f"keys/{rel}", (data_dir / rel).read_bytes(), digests)
         head = store.audit_head()
-        manifest = {"format": FORMAT, "created_at": datetime.now(UTC).isoformat(), "tables": counts,
-                    "audit_head": list(head) if head else None, "key_refs": key_refs, "sha256": digests}
+        manifest = {
+            "format": FORMAT,
+            "created_at": datetime.now(UTC).isoformat(),
+            "tables": counts,
+            "audit_head": list(head) if head else None,
+            "key_refs": key_refs,
+            "sha256": digests,
+        }
         _add(tar, "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode(), {})
     os.replace(tmp, out)
     store.dispose()
@@ -118,42 +122,60 @@ def _read_archive(path: Path) -> dict[str, bytes]:
     return members
 
 
-def _verify_restored(store: SqlStore, key: AuditKey | None, anchors: list[Anchor], *,
-                     accept_rollback: bool) -> ChainReport:
+def _verify_restored(
+    store: SqlStore, key: AuditKey | None, anchors: list[Anchor], *, accept_rollback: bool
+) -> ChainReport:
     """The restored chain verifies (with the key, when it is sealed), and is not behind or apart
     from the anchors, unless that is accepted."""
     if key is None:
         last = store.last_audit_entry()
         if anchors or (last is not None and not is_unkeyed(last)):
-            raise InvalidInput("the backup's audit chain is sealed with an audit key, which backups do not hold: "
-                               "give --audit-key-file or MESHBRIDGE_AUDIT_KEY_FILE")
+            raise InvalidInput(
+                "the backup's audit chain is sealed with an audit key, which backups do not hold: "
+                "give --audit-key-file or MESHBRIDGE_AUDIT_KEY_FILE"
+            )
     report = verify_chain(store.iter_audit(), head=store.audit_head(), key=key, anchors=anchors)
     if report.ok:
         return report
     if not report.rollback:
         raise InvalidInput(f"restored audit chain does not verify: {report.problem}")
     if not accept_rollback:
-        raise Conflict(f"restore refused: {report.problem}. This backup is older than, or departs from, the CA "
-                       "its anchors record: restoring it rolls the CA back. Pass --accept-rollback to restore it "
-                       "anyway (recorded in the audit log)")
+        raise Conflict(
+            f"restore refused: {report.problem}. This backup is older than, or departs from, the CA "
+            "its anchors record: restoring it rolls the CA back. Pass --accept-rollback to restore it "
+            "anyway (recorded in the audit log)"
+        )
     return report
 
 
-def _accept_rollback(store: SqlStore, key: AuditKey, report: ChainReport, anchors: list[Anchor],
-                     data_dir: Path) -> None:
+def _accept_rollback(
+    store: SqlStore, key: AuditKey, report: ChainReport, anchors: list[Anchor], data_dir: Path
+) -> None:
     """Record the accepted rollback in the chain and set the superseded anchors aside."""
     store.audit_key = key
     with store.write() as tx:
-        tx.append_audit(at=datetime.now(UTC), actor="restore", action="audit.rollback_accepted", subject="audit",
-                        details={"problem": report.problem, "anchored_entry": max(a.id for a in anchors)})
+        tx.append_audit(
+            at=datetime.now(UTC),
+            actor="restore",
+            action="audit.rollback_accepted",
+            subject="audit",
+            details={"problem": report.problem, "anchored_entry": max(a.id for a in anchors)},
+        )
     own = runtime.anchor_log(data_dir).path
     if own.exists():
         os.replace(own, own.with_name(f"{own.name}.superseded-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"))
 
 
-def restore(archive: Path, data_dir: Path, *, database_url: str | None = None,
-            passphrase_file: Path | None = None, audit_key_file: Path | None = None,
-            anchors_files: Sequence[Path] = (), accept_rollback: bool = False) -> dict[str, Any]:
+def restore(
+    archive: Path,
+    data_dir: Path,
+    *,
+    database_url: str | None = None,
+    passphrase_file: Path | None = None,
+    audit_key_file: Path | None = None,
+    anchors_files: Sequence[Path] = (),
+    accept_rollback: bool = False,
+) -> dict[str, Any]:
     members = _read_archive(archive)
     manifest = json.loads(members["manifest.json"])
     if manifest.get("format") != FORMAT:
@@ -167,8 +189,9 @@ def restore(archive: Path, data_dir: Path, *, database_url: str | None = None,
     anchors = sealing.read_anchors([*([own_anchors.path] if own_anchors.exists() else []), *anchors_files])
     created_dir = not data_dir.exists()
     datadir.make_private_dir(data_dir)
-    settings = runtime.CASettings(**{k: v for k, v in json.loads(members["ca.json"]).items()
-                                     if k in runtime.CASettings.__dataclass_fields__})
+    settings = runtime.CASettings(
+        **{k: v for k, v in json.loads(members["ca.json"]).items() if k in runtime.CASettings.__dataclass_fields__}
+    )
     settings.database_url = database_url
     if audit_key_file is not None:
         settings.audit_key_file = str(audit_key_file.resolve())
@@ -183,16 +206,23 @@ def restore(archive: Path, data_dir: Path, *, database_url: str | None = None,
         with store.engine.begin() as conn:
             conn.execute(delete(t.meta))
             for table in TABLES:
-                rows = [{k: _decode(v) for k, v in json.loads(line).items()}
-                        for line in members[f"db/{table.name}.jsonl"].decode().splitlines() if line]
+                rows = [
+                    {k: _decode(v) for k, v in json.loads(line).items()}
+                    for line in members[f"db/{table.name}.jsonl"].decode().splitlines()
+                    if line
+                ]
                 if rows:
                     conn.execute(insert(table), rows)
             if store.postgres:  # explicit ids were inserted: move the serial sequence past them
-                conn.execute(text("SELECT setval(pg_get_serial_sequence('certificates', 'id'), "
-                                  "COALESCE((SELECT MAX(id) FROM certificates), 0) + 1, false)"))
+                conn.execute(
+                    text(
+                        "SELECT setval(pg_get_serial_sequence('certificates', 'id'), "
+                        "COALESCE((SELECT MAX(id) FROM certificates), 0) + 1, false)"
+                    )
+                )
         for name, data in members.items():
             if name.startswith("keys/"):
-                path = data_dir / name[len("keys/"):]
+                path = data_dir / name[len("keys/") :]
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 runtime.write_private(path, data)
                 written.append(path)
@@ -204,8 +234,9 @@ def restore(archive: Path, data_dir: Path, *, database_url: str | None = None,
                 continue
             cert = x509.load_pem_x509_certificate(root.cert_pem.encode())
             spki = serialization.PublicFormat.SubjectPublicKeyInfo
-            if keys.load(root.key_ref).public_key().public_bytes(serialization.Encoding.DER, spki) != \
-                    cert.public_key().public_bytes(serialization.Encoding.DER, spki):
+            if keys.load(root.key_ref).public_key().public_bytes(
+                serialization.Encoding.DER, spki
+            ) != cert.public_key().public_bytes(serialization.Encoding.DER, spki):
                 raise InvalidInput(f"the key of root {root.id} does not match its certificate")
         audit_key = sealing.read_key(runtime.audit_key_path(data_dir, settings))
         report = _verify_restored(store, audit_key, anchors, accept_rollback=accept_rollback)
@@ -213,8 +244,16 @@ def restore(archive: Path, data_dir: Path, *, database_url: str | None = None,
             assert audit_key is not None  # anchors are checked with the key
             _accept_rollback(store, audit_key, report, anchors, data_dir)
         runtime.write_private(data_dir / runtime.SETTINGS_FILE, settings.to_json())
-        runtime.write_public(data_dir / "root-cert.pem", "".join(dict.fromkeys(
-            r.anchor_pem for r in sorted(roots, key=lambda r: (r.created_at, r.id)) if r.status.value != "retired")))
+        runtime.write_public(
+            data_dir / "root-cert.pem",
+            "".join(
+                dict.fromkeys(
+                    r.anchor_pem
+                    for r in sorted(roots, key=lambda r: (r.created_at, r.id))
+                    if r.status.value != "retired"
+                )
+            ),
+        )
         if audit_key is not None:
             sealing.anchor_head(store, audit_key, own_anchors)
     except BaseException:
@@ -228,8 +267,12 @@ def restore(archive: Path, data_dir: Path, *, database_url: str | None = None,
         raise
     finally:
         store.dispose()
-    return {"restored": manifest["tables"], "audit_entries": report.checked, "data_dir": str(data_dir),
-            "rollback_accepted": report.problem if report.rollback else None}
+    return {
+        "restored": manifest["tables"],
+        "audit_entries": report.checked,
+        "data_dir": str(data_dir),
+        "rollback_accepted": report.problem if report.rollback else None,
+    }
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -238,22 +281,30 @@ def cmd_backup(args: argparse.Namespace) -> int:
         print(json.dumps(manifest["tables"]))
     else:
         total = sum(manifest["tables"].values())
-        print(f"backup written to {args.out} (mode 0600): {total} rows, "
-              f"{len(manifest['key_refs'])} root key reference(s)")
+        print(
+            f"backup written to {args.out} (mode 0600): {total} rows, {len(manifest['key_refs'])} root key reference(s)"
+        )
         print("  not included: the key passphrase / PKCS#11 PIN and the admin token — keep them separately")
     return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    out = restore(Path(args.input), Path(args.data_dir), database_url=args.database_url,
-                  passphrase_file=Path(args.passphrase_file) if args.passphrase_file else None,
-                  audit_key_file=Path(args.audit_key_file) if args.audit_key_file else None,
-                  anchors_files=[Path(p) for p in args.anchors], accept_rollback=args.accept_rollback)
+    out = restore(
+        Path(args.input),
+        Path(args.data_dir),
+        database_url=args.database_url,
+        passphrase_file=Path(args.passphrase_file) if args.passphrase_file else None,
+        audit_key_file=Path(args.audit_key_file) if args.audit_key_file else None,
+        anchors_files=[Path(p) for p in args.anchors],
+        accept_rollback=args.accept_rollback,
+    )
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"restored into {out['data_dir']}: {sum(out['restored'].values())} rows, audit chain intact "
-              f"({out['audit_entries']} entries)")
+        print(
+            f"restored into {out['data_dir']}: {sum(out['restored'].values())} rows, audit chain intact "
+            f"({out['audit_entries']} entries)"
+        )
         if out["rollback_accepted"]:
             print(f"  rollback accepted and audited: {out['rollback_accepted']}")
     return 0
@@ -271,12 +322,23 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--in", dest="input", required=True)
     r.add_argument("--database-url")
     r.add_argument("--passphrase-file")
-    r.add_argument("--audit-key-file", help="the audit key the backup's chain is sealed with (backups do not "
-                   "hold it; default: MESHBRIDGE_AUDIT_KEY_FILE or D/audit-key); recorded in ca.json")
-    r.add_argument("--anchors", action="append", default=[], metavar="FILE",
-                   help="an anchors file of the CA being replaced, to refuse an older backup (D/audit-anchors "
-                   "is always read); repeatable")
-    r.add_argument("--accept-rollback", action="store_true",
-                   help="restore a backup older than the anchors record (recorded in the audit log)")
+    r.add_argument(
+        "--audit-key-file",
+        help="the audit key the backup's chain is sealed with (backups do not "
+        "hold it; default: MESHBRIDGE_AUDIT_KEY_FILE or D/audit-key); recorded in ca.json",
+    )
+    r.add_argument(
+        "--anchors",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an anchors file of the CA being replaced, to refuse an older backup (D/audit-anchors "
+        "is always read); repeatable",
+    )
+    r.add_argument(
+        "--accept-rollback",
+        action="store_true",
+        help="restore a backup older than the anchors record (recorded in the audit log)",
+    )
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_restore)

@@ -50,14 +50,20 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise CLIError(f"{data_dir} already holds a CA; refusing to overwrite it")
     dir_warning = datadir.make_private_dir(data_dir)
     key_type = parse_key_type(args.key_type)
-    settings = runtime.CASettings(org=args.org, key_backend=args.key_backend, root_key_type=key_type.value,
-                                  database_url=args.database_url)
+    settings = runtime.CASettings(
+        org=args.org, key_backend=args.key_backend, root_key_type=key_type.value, database_url=args.database_url
+    )
     if args.key_backend == "pkcs11":
         if not args.pkcs11_token:
-            raise CLIError("--key-backend pkcs11 needs --pkcs11-token LABEL (and the PIN in MESHBRIDGE_PKCS11_PIN "
-                           "or --pkcs11-pin-file)")
-        settings.pkcs11 = {"module": args.pkcs11_module, "token_label": args.pkcs11_token,
-                           "pin_file": str(Path(args.pkcs11_pin_file).resolve()) if args.pkcs11_pin_file else None}
+            raise CLIError(
+                "--key-backend pkcs11 needs --pkcs11-token LABEL (and the PIN in MESHBRIDGE_PKCS11_PIN "
+                "or --pkcs11-pin-file)"
+            )
+        settings.pkcs11 = {
+            "module": args.pkcs11_module,
+            "token_label": args.pkcs11_token,
+            "pin_file": str(Path(args.pkcs11_pin_file).resolve()) if args.pkcs11_pin_file else None,
+        }
     url = runtime.database_url(data_dir, settings, args.database_url)
     datadir.make_private_sqlite(url)
     store = runtime.open_store(url)
@@ -70,19 +76,26 @@ def cmd_init(args: argparse.Namespace) -> int:
         root, admin = authority.import_root(
             cert_pem=Path(args.import_cert).read_text(),
             chain_pem=Path(args.import_chain).read_text() if args.import_chain else "",
-            key_ref=args.import_key_ref)
+            key_ref=args.import_key_ref,
+        )
     else:
         root, admin = authority.init_root(key_type=key_type)
     runtime.write_private(data_dir / runtime.SETTINGS_FILE, settings.to_json())
     runtime.write_private(data_dir / "admin-token", admin + "\n")
     runtime.write_public(data_dir / "root-cert.pem", authority.trust_bundle_from(authority.list_roots()))
     _anchor_init(store, data_dir)
-    out = {"data_dir": str(data_dir), "root_id": root.id, "root_cert": str(data_dir / "root-cert.pem"),
-           "admin_token_file": str(data_dir / "admin-token"), "key": keys.describe(root.key_ref),
-           "database": "sqlite (embedded)" if url.startswith("sqlite") else "postgresql",
-           "audit_key_file": str(audit_key_path)}
-    passphrase_file = passphrase_path(data_dir, passphrase_file=args.passphrase_file) \
-        if args.key_backend == "file" else None
+    out = {
+        "data_dir": str(data_dir),
+        "root_id": root.id,
+        "root_cert": str(data_dir / "root-cert.pem"),
+        "admin_token_file": str(data_dir / "admin-token"),
+        "key": keys.describe(root.key_ref),
+        "database": "sqlite (embedded)" if url.startswith("sqlite") else "postgresql",
+        "audit_key_file": str(audit_key_path),
+    }
+    passphrase_file = (
+        passphrase_path(data_dir, passphrase_file=args.passphrase_file) if args.key_backend == "file" else None
+    )
     if passphrase_file is not None:
         out["passphrase_file"] = str(passphrase_file)
     if dir_warning:
@@ -97,8 +110,10 @@ def cmd_init(args: argparse.Namespace) -> int:
         if passphrase_file is not None:
             print(f"  key passphrase: {passphrase_file} — back it up separately")
             if passphrase_file.resolve().is_relative_to(data_dir.resolve()):
-                print("    it lies beside the key it unlocks: a copy of the data directory carries both; "
-                      "keep it elsewhere and pass --passphrase-file (docs/security.md)")
+                print(
+                    "    it lies beside the key it unlocks: a copy of the data directory carries both; "
+                    "keep it elsewhere and pass --passphrase-file (docs/security.md)"
+                )
         print(f"  audit key: {audit_key_path} — back it up separately (backups do not hold it)")
         print(f"  database: {out['database']}")
         if dir_warning:
@@ -152,10 +167,13 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     if key is None:
         last = store.last_audit_entry()
         if anchors or (last is not None and not is_unkeyed(last)):
-            raise CLIError(f"no audit key at {key_path}: this chain is sealed with one; give --audit-key-file or "
-                           "MESHBRIDGE_AUDIT_KEY_FILE")
-    return _print_report(verify_chain(store.iter_audit(), head=store.audit_head(), key=key, anchors=anchors),
-                         args.json, own)
+            raise CLIError(
+                f"no audit key at {key_path}: this chain is sealed with one; give --audit-key-file or "
+                "MESHBRIDGE_AUDIT_KEY_FILE"
+            )
+    return _print_report(
+        verify_chain(store.iter_audit(), head=store.audit_head(), key=key, anchors=anchors), args.json, own
+    )
 
 
 def _existing(files: list[str]) -> list[Path]:
@@ -171,18 +189,23 @@ def _print_report(report: ChainReport, as_json: bool, anchors_file: Path) -> int
     elif report.ok:
         print(f"audit chain intact: {report.checked} entries; {_sealing_note(report, anchors_file)}")
     elif report.rollback:
-        print(f"audit chain BEHIND ITS ANCHORS after {report.checked} good entries: {report.problem}",
-              file=sys.stderr)
+        print(f"audit chain BEHIND ITS ANCHORS after {report.checked} good entries: {report.problem}", file=sys.stderr)
     else:
         print(f"audit chain BROKEN after {report.checked} good entries: {report.problem}", file=sys.stderr)
     return 0 if report.ok else 1
 
 
 def _sealing_note(report: ChainReport, anchors_file: Path) -> str:
-    sealed = (f"sealed with the audit key from entry {report.sealed_from}" if report.sealed_from else
-              "unkeyed (written before audit keys; `serve` seals it when it starts)")
-    anchored = (f"{report.anchors} anchor(s) agree" if report.anchors else
-                f"no anchors ({anchors_file} is missing): a rollback or a deleted tail cannot be seen")
+    sealed = (
+        f"sealed with the audit key from entry {report.sealed_from}"
+        if report.sealed_from
+        else "unkeyed (written before audit keys; `serve` seals it when it starts)"
+    )
+    anchored = (
+        f"{report.anchors} anchor(s) agree"
+        if report.anchors
+        else f"no anchors ({anchors_file} is missing): a rollback or a deleted tail cannot be seen"
+    )
     return f"{sealed}; {anchored}"
 
 
@@ -199,21 +222,22 @@ class Client:
         # --token-file, then MESHBRIDGE_ADMIN_TOKEN, then the default D/admin-token (as for the URL)
         token = os.environ.get("MESHBRIDGE_ADMIN_TOKEN")
         token_file = args.token_file or (
-            str(d / "admin-token") if not token and d and (d / "admin-token").exists() else None)
+            str(d / "admin-token") if not token and d and (d / "admin-token").exists() else None
+        )
         if token_file:
             token = Path(token_file).read_text().strip()
         if not token:
             raise CLIError("no admin token: give --token-file, MESHBRIDGE_ADMIN_TOKEN, or --data-dir")
         verify: Any = bundle if bundle else True
-        self.http = httpx.Client(base_url=url, verify=verify, timeout=30,
-                                 headers={"Authorization": f"Bearer {token}"})
+        self.http = httpx.Client(base_url=url, verify=verify, timeout=30, headers={"Authorization": f"Bearer {token}"})
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         try:
             r = self.http.request(method, path, json=body)
         except httpx.HTTPError as exc:
-            raise CLIError(f"cannot reach the CA service at {self.http.base_url}: {type(exc).__name__}: {exc}",
-                           code=3) from exc
+            raise CLIError(
+                f"cannot reach the CA service at {self.http.base_url}: {type(exc).__name__}: {exc}", code=3
+            ) from exc
         if r.status_code >= 400:
             try:
                 p = r.json()
@@ -233,8 +257,7 @@ def _days_left(not_after: str | None) -> str:
 
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip()
-             for r in [header, *rows]]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in [header, *rows]]
     return "\n".join(lines)
 
 
@@ -243,12 +266,25 @@ def print_clusters(items: list[dict[str, Any]]) -> None:
     for c in items:
         st = c.get("agent_status") or {}
         inter = c.get("intermediate") or {}
-        rows.append([c["name"], c["status"], c["trust_domain"], str(c["generation"]),
-                     str(st.get("installed_generation", "-")), "yes" if c["rotation_pending"] else "no",
-                     inter.get("serial", "-")[:16], _days_left(inter.get("not_after")),
-                     str(len(st.get("errors") or [])) if st else "-"])
-    print(table(rows, ["NAME", "STATUS", "TRUST DOMAIN", "DESIRED", "INSTALLED", "ROTATING", "SERIAL",
-                       "DAYS LEFT", "ERRORS"]))
+        rows.append(
+            [
+                c["name"],
+                c["status"],
+                c["trust_domain"],
+                str(c["generation"]),
+                str(st.get("installed_generation", "-")),
+                "yes" if c["rotation_pending"] else "no",
+                inter.get("serial", "-")[:16],
+                _days_left(inter.get("not_after")),
+                str(len(st.get("errors") or [])) if st else "-",
+            ]
+        )
+    print(
+        table(
+            rows,
+            ["NAME", "STATUS", "TRUST DOMAIN", "DESIRED", "INSTALLED", "ROTATING", "SERIAL", "DAYS LEFT", "ERRORS"],
+        )
+    )
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
@@ -326,9 +362,12 @@ def _client_opts(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="meshbridge-ca", description="meshbridge CA service: one root of trust for "
-                                "separate Istio meshes.", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="meshbridge-ca",
+        description="meshbridge CA service: one root of trust for separate Istio meshes.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     i = sub.add_parser("init", help="create the root CA, database and admin token")
@@ -340,14 +379,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--pkcs11-pin-file", help="file holding the token PIN (else MESHBRIDGE_PKCS11_PIN)")
     i.add_argument("--org", default="meshbridge", help="organisation in the root's subject")
     i.add_argument("--database-url", help="postgresql+psycopg://… (default: SQLite in the data dir)")
-    i.add_argument("--passphrase-file", help="root key passphrase file, read if it exists, else generated "
-                   "there (0600); best outside D, so that a copy of D does not carry it (default: "
-                   "MESHBRIDGE_CA_KEY_PASSPHRASE, else D/key-passphrase, generated if missing)")
+    i.add_argument(
+        "--passphrase-file",
+        help="root key passphrase file, read if it exists, else generated "
+        "there (0600); best outside D, so that a copy of D does not carry it (default: "
+        "MESHBRIDGE_CA_KEY_PASSPHRASE, else D/key-passphrase, generated if missing)",
+    )
     i.add_argument("--import-cert", help="adopt this existing root or issuing CA certificate instead")
     i.add_argument("--import-chain", help="certificates above --import-cert up to its self-signed root")
     i.add_argument("--import-key-ref", help="key of --import-cert: file:<path relative to D> or pkcs11:…")
-    i.add_argument("--audit-key-file", help="the key that seals the audit chain (else MESHBRIDGE_AUDIT_KEY_FILE, "
-                   "else D/audit-key); created (0600) when missing; a given path is recorded in ca.json")
+    i.add_argument(
+        "--audit-key-file",
+        help="the key that seals the audit chain (else MESHBRIDGE_AUDIT_KEY_FILE, "
+        "else D/audit-key); created (0600) when missing; a given path is recorded in ca.json",
+    )
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_init)
 
@@ -355,61 +400,129 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", required=True)
     s.add_argument("--listen", default="127.0.0.1:8443")
     s.add_argument("--database-url")
-    s.add_argument("--server-name", action="append", default=[], help="DNS name for the server certificate "
-                   "(repeatable); the first one goes into D/server-url")
+    s.add_argument(
+        "--server-name",
+        action="append",
+        default=[],
+        help="DNS name for the server certificate (repeatable); the first one goes into D/server-url",
+    )
     s.add_argument("--tls-cert")
     s.add_argument("--tls-key")
     s.add_argument("--passphrase-file")
     s.add_argument("--log-level", default="info")
-    s.add_argument("--rate-limit-credential", type=int, default=300, metavar="N",
-                   help="requests per second per token, shared by all replicas (0: no limit; default 300)")
-    s.add_argument("--rate-limit-address", type=int, default=3000, metavar="N",
-                   help="requests per second per source address, shared by all replicas (0: no limit; default 3000)")
-    s.add_argument("--insecure-http", action="store_true", help="plain HTTP (only for benchmarks behind TLS "
-                   "termination; never in production)")
-    s.add_argument("--workers", type=int, default=1, help="worker processes accepting on the one listening "
-                   "socket, each a full replica (default 1; about one per core)")
-    s.add_argument("--metrics-token-file", help="a token (32+ characters) that opens /metrics and nothing else, "
-                   "for a scraper; the admin token opens it too")
+    s.add_argument(
+        "--rate-limit-credential",
+        type=int,
+        default=300,
+        metavar="N",
+        help="requests per second per token, shared by all replicas (0: no limit; default 300)",
+    )
+    s.add_argument(
+        "--rate-limit-address",
+        type=int,
+        default=3000,
+        metavar="N",
+        help="requests per second per source address, shared by all replicas (0: no limit; default 3000)",
+    )
+    s.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="plain HTTP (only for benchmarks behind TLS termination; never in production)",
+    )
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes accepting on the one listening "
+        "socket, each a full replica (default 1; about one per core)",
+    )
+    s.add_argument(
+        "--metrics-token-file",
+        help="a token (32+ characters) that opens /metrics and nothing else, "
+        "for a scraper; the admin token opens it too",
+    )
     lim = s.add_argument_group("listener limits", "what a connection may do before the app sees it")
-    lim.add_argument("--head-timeout", type=float, default=10.0, metavar="S",
-                     help="seconds from connecting (or a request's first byte) to the end of its head (default 10)")
-    lim.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
-                     help="seconds from the end of a request's head to the end of its body, in total (default 30)")
-    lim.add_argument("--max-head-bytes", type=int, default=16 * 1024, metavar="N",
-                     help="request line and headers together, in bytes; over it: 431 (default 16384)")
-    lim.add_argument("--max-connections", type=int, default=2048, metavar="N",
-                     help="open connections per worker process; a new one over it gets 503 and is closed "
-                     "(default 2048)")
-    fast = s.add_argument_group("speed-ups", "each relies on framework internals (versions pinned in "
-                                "constraints.txt); turn one off if an upgrade of that framework breaks it")
-    fast.add_argument("--no-renewal-shortcut", dest="renewal_shortcut", action="store_false",
-                      help="answer renewals through FastAPI's route and middleware stack (the shortcut overrides "
-                      "FastAPI.build_middleware_stack)")
-    fast.add_argument("--no-joined-writes", dest="joined_writes", action="store_false",
-                      help="serve without the joined writes (a subclass of uvicorn's httptools protocol that "
-                      "sends a response's head and body in one write)")
-    fast.add_argument("--no-prepared-statements", dest="prepared_statements", action="store_false",
-                      help="run every statement through SQLAlchemy Core (the speed-up runs the renewal's statements "
-                      "on the DBAPI connection, compiled once with SQLAlchemy's type processors)")
+    lim.add_argument(
+        "--head-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds from connecting (or a request's first byte) to the end of its head (default 10)",
+    )
+    lim.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds from the end of a request's head to the end of its body, in total (default 30)",
+    )
+    lim.add_argument(
+        "--max-head-bytes",
+        type=int,
+        default=16 * 1024,
+        metavar="N",
+        help="request line and headers together, in bytes; over it: 431 (default 16384)",
+    )
+    lim.add_argument(
+        "--max-connections",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="open connections per worker process; a new one over it gets 503 and is closed (default 2048)",
+    )
+    fast = s.add_argument_group(
+        "speed-ups",
+        "each relies on framework internals (versions pinned in "
+        "constraints.txt); turn one off if an upgrade of that framework breaks it",
+    )
+    fast.add_argument(
+        "--no-renewal-shortcut",
+        dest="renewal_shortcut",
+        action="store_false",
+        help="answer renewals through FastAPI's route and middleware stack (the shortcut overrides "
+        "FastAPI.build_middleware_stack)",
+    )
+    fast.add_argument(
+        "--no-joined-writes",
+        dest="joined_writes",
+        action="store_false",
+        help="serve without the joined writes (a subclass of uvicorn's httptools protocol that "
+        "sends a response's head and body in one write)",
+    )
+    fast.add_argument(
+        "--no-prepared-statements",
+        dest="prepared_statements",
+        action="store_false",
+        help="run every statement through SQLAlchemy Core (the speed-up runs the renewal's statements "
+        "on the DBAPI connection, compiled once with SQLAlchemy's type processors)",
+    )
     s.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("cluster", help="register and manage clusters")
     csub = c.add_subparsers(dest="cluster_cmd", required=True)
-    for name, helptext in [("add", "register a cluster and print its bootstrap token"),
-                           ("list", "table of clusters: desired and installed generation, days to expiry"),
-                           ("show", "one cluster"), ("rotate", "ask the cluster's agent to renew now"),
-                           ("revoke", "revoke the cluster: intermediates into the CRL, token dead"),
-                           ("token", "a new one-time bootstrap token (re-enrollment)")]:
+    for name, helptext in [
+        ("add", "register a cluster and print its bootstrap token"),
+        ("list", "table of clusters: desired and installed generation, days to expiry"),
+        ("show", "one cluster"),
+        ("rotate", "ask the cluster's agent to renew now"),
+        ("revoke", "revoke the cluster: intermediates into the CRL, token dead"),
+        ("token", "a new one-time bootstrap token (re-enrollment)"),
+    ]:
         cp = csub.add_parser(name, help=helptext)
         if name != "list":
             cp.add_argument("name")
         if name == "add":
-            cp.add_argument("--trust-domain", default="cluster.local",
-                            help="its Istio meshConfig.trustDomain; one per cluster (default %(default)s)")
-            cp.add_argument("--share-trust-domain", action="store_true",
-                            help="allow a trust domain another active cluster holds (each can then mint the "
-                                 "other's identities: only for meshes that already trust each other)")
+            cp.add_argument(
+                "--trust-domain",
+                default="cluster.local",
+                help="its Istio meshConfig.trustDomain; one per cluster (default %(default)s)",
+            )
+            cp.add_argument(
+                "--share-trust-domain",
+                action="store_true",
+                help="allow a trust domain another active cluster holds (each can then mint the "
+                "other's identities: only for meshes that already trust each other)",
+            )
             cp.add_argument("--gateway", help="ADDRESS:PORT of its ingress gateway")
         if name in ("add", "token"):
             cp.add_argument("--token-out", help="write the bootstrap token to this file (0600) instead of printing")
@@ -434,11 +547,18 @@ def build_parser() -> argparse.ArgumentParser:
     av = asub.add_parser("verify", help="check the hash chain straight from the database")
     av.add_argument("--data-dir", required=True)
     av.add_argument("--database-url")
-    av.add_argument("--audit-key-file", help="the audit key (default: MESHBRIDGE_AUDIT_KEY_FILE, ca.json's "
-                    "audit_key_file, or D/audit-key)")
-    av.add_argument("--anchors", action="append", default=[], metavar="FILE",
-                    help="a further anchors file to check against, e.g. a copy kept off this host "
-                    "(D/audit-anchors is always read); repeatable")
+    av.add_argument(
+        "--audit-key-file",
+        help="the audit key (default: MESHBRIDGE_AUDIT_KEY_FILE, ca.json's audit_key_file, or D/audit-key)",
+    )
+    av.add_argument(
+        "--anchors",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a further anchors file to check against, e.g. a copy kept off this host "
+        "(D/audit-anchors is always read); repeatable",
+    )
     av.add_argument("--json", action="store_true")
     av.set_defaults(fn=cmd_audit_verify)
 

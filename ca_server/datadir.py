@@ -31,8 +31,10 @@ def make_private_dir(path: Path) -> str | None:
     try:
         path.chmod(PRIVATE_DIR)
     except PermissionError:
-        return (f"{path} is mode {stat.S_IMODE(info.st_mode):04o} and owned by uid {info.st_uid}, so its mode "
-                f"cannot be set to {PRIVATE_DIR:04o}; the key and token files in it are {PRIVATE_FILE:04o}")
+        return (
+            f"{path} is mode {stat.S_IMODE(info.st_mode):04o} and owned by uid {info.st_uid}, so its mode "
+            f"cannot be set to {PRIVATE_DIR:04o}; the key and token files in it are {PRIVATE_FILE:04o}"
+        )
     return None
 
 

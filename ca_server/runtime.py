@@ -96,8 +96,9 @@ def open_store(url: str, *, migrate: bool = True, prepared_statements: bool = Tr
     return store
 
 
-def key_backend(data_dir: Path, settings: CASettings, *, passphrase_file: Path | None = None,
-                create: bool = False) -> KeyBackend:
+def key_backend(
+    data_dir: Path, settings: CASettings, *, passphrase_file: Path | None = None, create: bool = False
+) -> KeyBackend:
     if settings.key_backend == "pkcs11":
         from ca_server.keys.pkcs11 import Pkcs11KeyBackend, resolve_pkcs11_pin  # optional dependency at runtime
 
@@ -110,12 +111,20 @@ def key_backend(data_dir: Path, settings: CASettings, *, passphrase_file: Path |
     return FileKeyBackend(data_dir, passphrase)
 
 
-def build_authority(data_dir: Path, *, database_url_override: str | None = None,
-                    passphrase_file: Path | None = None, migrate: bool = True,
-                    prepared_statements: bool = True) -> Authority:
+def build_authority(
+    data_dir: Path,
+    *,
+    database_url_override: str | None = None,
+    passphrase_file: Path | None = None,
+    migrate: bool = True,
+    prepared_statements: bool = True,
+) -> Authority:
     settings = load_settings(data_dir)
-    store = open_store(database_url(data_dir, settings, database_url_override), migrate=migrate,
-                       prepared_statements=prepared_statements)
+    store = open_store(
+        database_url(data_dir, settings, database_url_override),
+        migrate=migrate,
+        prepared_statements=prepared_statements,
+    )
     sealing.open_for_writing(store, audit_key_path(data_dir, settings), anchor_log(data_dir))
     keys = key_backend(data_dir, settings, passphrase_file=passphrase_file)
     policy = Policy(org=settings.org, root_key_type=KeyType(settings.root_key_type))

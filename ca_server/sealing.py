@@ -50,8 +50,9 @@ def read_key(path: Path) -> AuditKey | None:
     try:
         return AuditKey(secret)
     except ValueError:
-        raise InvalidInput(f"{path} holds no usable audit key: it needs at least 32 characters, e.g. "
-                           "`openssl rand -hex 32`") from None
+        raise InvalidInput(
+            f"{path} holds no usable audit key: it needs at least 32 characters, e.g. `openssl rand -hex 32`"
+        ) from None
 
 
 def create_key(path: Path) -> AuditKey:
@@ -98,7 +99,7 @@ class AnchorLog:
                 self._cut()
 
     def _cut(self) -> None:
-        lines = self.path.read_text().splitlines(keepends=True)[-self.keep:]
+        lines = self.path.read_text().splitlines(keepends=True)[-self.keep :]
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -154,16 +155,20 @@ def open_for_writing(store: SqlStore, key_path: Path, anchors: AnchorLog) -> Aud
     created = False
     if key is None:
         if last is not None and not is_unkeyed(last):
-            raise InvalidInput(f"no audit key at {key_path}, but the audit chain is sealed with one: give it "
-                               "(MESHBRIDGE_AUDIT_KEY_FILE, or ca.json's audit_key_file); a new key would fork "
-                               "the chain")
+            raise InvalidInput(
+                f"no audit key at {key_path}, but the audit chain is sealed with one: give it "
+                "(MESHBRIDGE_AUDIT_KEY_FILE, or ca.json's audit_key_file); a new key would fork "
+                "the chain"
+            )
         key, created = create_key(key_path), True
         log.info("audit key created", extra={"path": str(key_path)})
     store.audit_key = key
     if last is not None and not key.sealed(last):
         if not is_unkeyed(last) or (not created and _was_sealed(store, key, anchors)):
-            raise InvalidInput(f"the newest audit entry ({last.id}) is not sealed with the audit key at {key_path}: "
-                               "the wrong key, or the chain was altered; run `meshbridge-ca audit verify`")
+            raise InvalidInput(
+                f"the newest audit entry ({last.id}) is not sealed with the audit key at {key_path}: "
+                "the wrong key, or the chain was altered; run `meshbridge-ca audit verify`"
+            )
         seal(store, key, anchors)
     return key
 
@@ -181,8 +186,13 @@ def seal(store: SqlStore, key: AuditKey, anchors: AnchorLog) -> None:
         last = tx.last_audit_entry()
         if last is None or key.sealed(last):
             return  # another replica sealed it first
-        entry = tx.append_audit(at=_now(), actor="meshbridge-ca", action="audit.seal", subject="audit",
-                                details={"scheme": SCHEME, "unkeyed_entries": last.id})
+        entry = tx.append_audit(
+            at=_now(),
+            actor="meshbridge-ca",
+            action="audit.seal",
+            subject="audit",
+            details={"scheme": SCHEME, "unkeyed_entries": last.id},
+        )
     anchors.append(key.anchor(entry.id, entry.hash, _now()))
     log.info("audit chain sealed with the audit key", extra={"unkeyed_entries": last.id})
 
@@ -200,8 +210,9 @@ class AuditSource(Protocol):
 class Anchorer:
     """Anchors the head of the chain when it moved and still continues from the last anchor."""
 
-    def __init__(self, store: AuditSource, key: AuditKey, anchors: AnchorLog,
-                 clock: Callable[[], datetime] = _now) -> None:
+    def __init__(
+        self, store: AuditSource, key: AuditKey, anchors: AnchorLog, clock: Callable[[], datetime] = _now
+    ) -> None:
         self.store = store
         self.key = key
         self.anchors = anchors
@@ -227,8 +238,10 @@ class Anchorer:
             if head is None or head[0] == 0 or (last is not None and (last.id, last.hash) == head):
                 return None
             if last is not None and head[0] < last.id:
-                raise ChainBroken(f"the chain ends at entry {head[0]} but {last.describe()} records entry "
-                                  f"{last.id}: the database was rolled back or truncated")
+                raise ChainBroken(
+                    f"the chain ends at entry {head[0]} but {last.describe()} records entry "
+                    f"{last.id}: the database was rolled back or truncated"
+                )
             start = (last.id, last.hash) if last is not None else None
             entries = takewhile(lambda e: e.id <= head[0], self.store.iter_audit(after=start[0] if start else 0))
             report = verify_chain(entries, head=head, key=self.key, start=start)

@@ -78,8 +78,12 @@ class ServerCertificate:
             cpath, kpath = Path(d) / "tls.crt", Path(d) / "tls.key"
             cpath.write_text(chain)
             fd = os.open(kpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.write(fd, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+            os.write(
+                fd,
+                key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                ),
+            )
             os.close(fd)
             self.ctx.load_cert_chain(cpath, kpath)
         self.cert, self.root_id = cert, root.id
@@ -98,8 +102,11 @@ class ServerCertificate:
 
 def speedups_of(args: argparse.Namespace) -> Speedups:
     """The speed-ups ``serve``'s ``--no-…`` flags leave on."""
-    return Speedups(renewal_shortcut=args.renewal_shortcut, joined_writes=args.joined_writes,
-                    prepared_statements=args.prepared_statements)
+    return Speedups(
+        renewal_shortcut=args.renewal_shortcut,
+        joined_writes=args.joined_writes,
+        prepared_statements=args.prepared_statements,
+    )
 
 
 def http_protocol(*, joined_writes: bool, limits: ListenerLimits | None = None) -> type[asyncio.Protocol]:
@@ -116,8 +123,12 @@ def http_protocol(*, joined_writes: bool, limits: ListenerLimits | None = None) 
 
 def listener_limits_of(args: argparse.Namespace) -> ListenerLimits:
     """The limits ``serve``'s ``--head-timeout`` … ``--max-connections`` flags set."""
-    return ListenerLimits(head_timeout=args.head_timeout, body_timeout=args.body_timeout,
-                          max_head_bytes=args.max_head_bytes, max_connections=args.max_connections)
+    return ListenerLimits(
+        head_timeout=args.head_timeout,
+        body_timeout=args.body_timeout,
+        max_head_bytes=args.max_head_bytes,
+        max_connections=args.max_connections,
+    )
 
 
 # TLS 1.2 suites: forward secret key exchange and AEAD only (no CBC, no RSA key exchange); TLS 1.3's
@@ -151,9 +162,11 @@ def _serve_workers(args: argparse.Namespace, workers: int) -> int:
     several replicas sharing a data dir already are; the parent only supervises."""
     host, port = split_listen(args.listen)
     # migrate once, before any worker starts; no threads or connections may cross the fork
-    store = runtime.build_authority(Path(args.data_dir), database_url_override=args.database_url,
-                                    passphrase_file=Path(args.passphrase_file) if args.passphrase_file else None
-                                    ).store
+    store = runtime.build_authority(
+        Path(args.data_dir),
+        database_url_override=args.database_url,
+        passphrase_file=Path(args.passphrase_file) if args.passphrase_file else None,
+    ).store
     if isinstance(store, Disposable):
         store.dispose()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -226,9 +239,12 @@ async def keep_wal_small(store: Checkpoints) -> None:
 def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
     data_dir = Path(args.data_dir)
     speedups = speedups_of(args)
-    authority = runtime.build_authority(data_dir, database_url_override=args.database_url,
-                                        passphrase_file=Path(args.passphrase_file) if args.passphrase_file else None,
-                                        prepared_statements=speedups.prepared_statements)
+    authority = runtime.build_authority(
+        data_dir,
+        database_url_override=args.database_url,
+        passphrase_file=Path(args.passphrase_file) if args.passphrase_file else None,
+        prepared_statements=speedups.prepared_statements,
+    )
     host, port = split_listen(args.listen)
     names = list(dict.fromkeys([*args.server_name, host]))
     server_cert: ServerCertificate | None = None
@@ -268,8 +284,13 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
     background.append(runtime.audit_anchoring(data_dir, authority.store))  # D/audit-anchors
     if isinstance(authority.store, Checkpoints):
         background.append(functools.partial(keep_wal_small, authority.store))
-    app = create_app(authority, background=background, rate_limits=limits,
-                     renewal_shortcut=speedups.renewal_shortcut, metrics_token=_metrics_token(args))
+    app = create_app(
+        authority,
+        background=background,
+        rate_limits=limits,
+        renewal_shortcut=speedups.renewal_shortcut,
+        metrics_token=_metrics_token(args),
+    )
     app.state.watcher.listeners.append(write_trust_bundle)
     scheme = "http" if args.insecure_http else "https"
     url_host = args.server_name[0] if args.server_name else host
@@ -277,12 +298,23 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
         url_host = f"[{url_host}]"
     runtime.write_public(data_dir / "server-url", f"{scheme}://{url_host}:{port}\n")
     write_trust_bundle(authority.snapshot())
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                            ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, ssl_ciphers=TLS12_CIPHERS,
-                            timeout_keep_alive=75, backlog=4096, timeout_graceful_shutdown=5,
-                            headers=RESPONSE_HEADERS, server_header=False, ws="none",
-                            http=http_protocol(joined_writes=speedups.joined_writes,
-                                               limits=listener_limits_of(args)))
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        ssl_certfile=args.tls_cert,
+        ssl_keyfile=args.tls_key,
+        ssl_ciphers=TLS12_CIPHERS,
+        timeout_keep_alive=75,
+        backlog=4096,
+        timeout_graceful_shutdown=5,
+        headers=RESPONSE_HEADERS,
+        server_header=False,
+        ws="none",
+        http=http_protocol(joined_writes=speedups.joined_writes, limits=listener_limits_of(args)),
+    )
     config.load()
     if server_cert is not None:
         config.ssl = server_cert.ctx

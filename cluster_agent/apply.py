@@ -27,8 +27,10 @@ class ApplyReport:
         return len(self.created) + len(self.updated) + len(self.pruned)
 
     def summary(self) -> str:
-        return (f"{len(self.created)} created, {len(self.updated)} updated, {len(self.unchanged)} unchanged, "
-                f"{len(self.pruned)} pruned")
+        return (
+            f"{len(self.created)} created, {len(self.updated)} updated, {len(self.unchanged)} unchanged, "
+            f"{len(self.pruned)} pruned"
+        )
 
 
 class Applier(Protocol):

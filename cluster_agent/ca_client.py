@@ -71,8 +71,15 @@ def _ssl_context(trust_pem: str) -> ssl.SSLContext:
 
 
 class CAClient:
-    def __init__(self, url: str, *, trust_pem: str, cluster: str, timeout: float = 15.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        trust_pem: str,
+        cluster: str,
+        timeout: float = 15.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self.cluster = cluster
         self.timeout = timeout
@@ -107,9 +114,16 @@ class CAClient:
         self._http.close()
 
     # ------------------------------------------------------------------ transport
-    def _request(self, method: str, path: str, *, body: BaseModel | None = None,
-                 params: dict[str, Any] | None = None, auth: bool = True,
-                 timeout: float | None = None) -> httpx.Response:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: BaseModel | None = None,
+        params: dict[str, Any] | None = None,
+        auth: bool = True,
+        timeout: float | None = None,
+    ) -> httpx.Response:
         headers = {}
         if auth:
             if not self._token:
@@ -117,14 +131,17 @@ class CAClient:
             headers["Authorization"] = f"Bearer {self._token}"
         json = body.model_dump(mode="json", exclude_none=True) if body is not None else None
         try:
-            r = self._http.request(method, path, json=json, params=params, headers=headers,
-                                   timeout=timeout or self.timeout)
+            r = self._http.request(
+                method, path, json=json, params=params, headers=headers, timeout=timeout or self.timeout
+            )
         except httpx.HTTPError as exc:
             raise CAUnreachable(f"CA service at {self.url} unreachable: {type(exc).__name__}") from exc
         if r.status_code == 429 or r.status_code >= 500:
             retry = r.headers.get("Retry-After")
-            raise CAUnreachable(f"CA service answered {r.status_code} to {method} {path}",
-                                retry_after=float(retry) if retry and retry.isdigit() else None)
+            raise CAUnreachable(
+                f"CA service answered {r.status_code} to {method} {path}",
+                retry_after=float(retry) if retry and retry.isdigit() else None,
+            )
         if r.status_code >= 400:
             detail = ""
             try:
@@ -140,16 +157,17 @@ class CAClient:
         try:
             return model.model_validate_json(r.content)
         except ValidationError as exc:
-            raise CAAnswerInvalid(f"CA service answered {r.request.method} {r.request.url.path} with a body "
-                                  f"that does not fit {model.__name__} ({validation_problems(exc)})") from None
+            raise CAAnswerInvalid(
+                f"CA service answered {r.request.method} {r.request.url.path} with a body "
+                f"that does not fit {model.__name__} ({validation_problems(exc)})"
+            ) from None
 
     # ------------------------------------------------------------------ API
     def enroll(self, request: EnrollIn) -> EnrollOut:
         return self._parse(EnrollOut, self._request("POST", "/v1/enroll", body=request, auth=False))
 
     def renew(self, request: RenewIn) -> RenewOut:
-        return self._parse(RenewOut, self._request("POST", f"/v1/clusters/{self.cluster}/intermediate",
-                                                   body=request))
+        return self._parse(RenewOut, self._request("POST", f"/v1/clusters/{self.cluster}/intermediate", body=request))
 
     def desired(self, *, revision: str | None = None, wait: float = 0) -> DesiredOut:
         params: dict[str, Any] = {}
@@ -157,8 +175,10 @@ class CAClient:
             params["revision"] = revision
         if wait:
             params["wait"] = int(wait)
-        return self._parse(DesiredOut, self._request("GET", f"/v1/clusters/{self.cluster}/desired",
-                                                     params=params, timeout=self.timeout + wait))
+        return self._parse(
+            DesiredOut,
+            self._request("GET", f"/v1/clusters/{self.cluster}/desired", params=params, timeout=self.timeout + wait),
+        )
 
     def put_exports(self, exports: ExportsIn) -> None:
         self._request("PUT", f"/v1/clusters/{self.cluster}/exports", body=exports)

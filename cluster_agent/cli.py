@@ -59,8 +59,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     cfg = load_config(Path(args.config))
     out = Path(args.out)
     state_dir = Path(args.state_dir) if args.state_dir else (cfg.state_dir or out / ".meshbridge")
-    writer = DirectoryWriter(out, state_dir=Path(state_dir), corefile=Path(args.corefile) if args.corefile else None,
-                             dry_run=args.dry_run)
+    writer = DirectoryWriter(
+        out, state_dir=Path(state_dir), corefile=Path(args.corefile) if args.corefile else None, dry_run=args.dry_run
+    )
     reconciler = Reconciler(cfg, client=_client(cfg), applier=writer, state_store=DirStateStore(Path(state_dir)))
     loop = AgentLoop(reconciler, poll_wait=args.wait)
     if args.once:
@@ -69,9 +70,20 @@ def cmd_render(args: argparse.Namespace) -> int:
         assert result is not None
         rep = result.report
         if args.json:
-            print(json.dumps({"created": rep.created, "updated": rep.updated, "unchanged": rep.unchanged,
-                              "pruned": rep.pruned, "imports": result.imports_applied, "renewed": result.renewed,
-                              "warnings": result.warnings, "revision": result.desired_revision}))
+            print(
+                json.dumps(
+                    {
+                        "created": rep.created,
+                        "updated": rep.updated,
+                        "unchanged": rep.unchanged,
+                        "pruned": rep.pruned,
+                        "imports": result.imports_applied,
+                        "renewed": result.renewed,
+                        "warnings": result.warnings,
+                        "revision": result.desired_revision,
+                    }
+                )
+            )
         elif not args.dry_run:
             print(f"{cfg.cluster}: {rep.summary()} in {out} ({result.imports_applied} imports)")
             for w in result.warnings:
@@ -92,8 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     reconciler = Reconciler(cfg, client=_client(cfg), applier=applier, state_store=state)
     metrics = AgentMetrics()
     elector = LeaseElector(kube, cfg.istio.namespace) if not args.no_leader_election else None
-    loop = AgentLoop(reconciler, metrics=metrics, poll_wait=args.wait,
-                     is_leader=elector.is_leader if elector else None)
+    loop = AgentLoop(reconciler, metrics=metrics, poll_wait=args.wait, is_leader=elector.is_leader if elector else None)
     if args.health_listen:
         host, _, port = args.health_listen.rpartition(":")
         serve_health(metrics, ready=loop.ready, host=host or "0.0.0.0", port=int(port))  # noqa: S104
@@ -114,9 +125,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="meshbridge-agent", description="meshbridge cluster agent: keeps Istio's "
-                                "cacerts, cross-cluster gateway routing and DNS in step with the CA service.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="meshbridge-agent",
+        description="meshbridge cluster agent: keeps Istio's "
+        "cacerts, cross-cluster gateway routing and DNS in step with the CA service.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--log-level", default="info")
     sub = p.add_subparsers(dest="cmd", required=True)
 

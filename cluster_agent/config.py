@@ -358,8 +358,9 @@ class ExportConfig(_Model):
     def _ports_as_mappings(cls, value: object) -> object:
         # `ports: [9080]` is the documented form; `{number, protocol}` names the protocol.
         if isinstance(value, list):
-            return [{"number": item} if isinstance(item, int) and not isinstance(item, bool) else item
-                    for item in value]
+            return [
+                {"number": item} if isinstance(item, int) and not isinstance(item, bool) else item for item in value
+            ]
         return value
 
     @field_validator("ports")
@@ -468,8 +469,10 @@ class AgentConfig(_Model):
 def _cross_problems(cfg: AgentConfig) -> Iterable[str]:
     suffix, cluster_domain = cfg.dns.suffix, cfg.istio.cluster_domain
     if suffix == cluster_domain or suffix.endswith("." + cluster_domain) or cluster_domain.endswith("." + suffix):
-        yield (f"dns.suffix: {suffix!r} overlaps istio.cluster_domain {cluster_domain!r}; "
-               f"pick a suffix of its own such as 'remote'")
+        yield (
+            f"dns.suffix: {suffix!r} overlaps istio.cluster_domain {cluster_domain!r}; "
+            f"pick a suffix of its own such as 'remote'"
+        )
     seen_sources: set[str] = set()
     for i, rule in enumerate(cfg.imports):
         if rule.from_ == cfg.cluster:
@@ -503,8 +506,10 @@ def _gateway_conflicts(cfg: AgentConfig) -> Iterable[str]:
             yield f"{path}.service: {gateway.service!r} is the ingress gateway; egress needs its own gateway"
         first = gateways.setdefault(key, (path, gateway))
         if first[1] != gateway:
-            yield (f"{path}: service {gateway.service!r} is also configured at {first[0]} with different "
-                   f"settings; one Service has one selector, service account and port")
+            yield (
+                f"{path}: service {gateway.service!r} is also configured at {first[0]} with different "
+                f"settings; one Service has one selector, service account and port"
+            )
 
 
 # --------------------------------------------------------------------------------------------

@@ -87,5 +87,7 @@ class KubeNotFound(KubeError):
 def validation_problems(exc: ValidationError, *, limit: int = 5) -> str:
     """``<field path>: <what is wrong>`` for the first problems of a model's validation, without the
     values themselves (an answer or a body may carry a token or a key)."""
-    return "; ".join(f"{'.'.join(str(part) for part in e['loc']) or 'body'}: {e['msg']}"
-                     for e in exc.errors(include_input=False)[:limit])
+    return "; ".join(
+        f"{'.'.join(str(part) for part in e['loc']) or 'body'}: {e['msg']}"
+        for e in exc.errors(include_input=False)[:limit]
+    )

@@ -27,8 +27,16 @@ __all__ = ["Intermediate"]
 
 
 class Intermediate:
-    def __init__(self, config: AgentConfig, *, client: CAClient, state: AgentState, state_store: StateStore,
-                 clock: Callable[[], datetime], trust: TrustedRoots) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        client: CAClient,
+        state: AgentState,
+        state_store: StateStore,
+        clock: Callable[[], datetime],
+        trust: TrustedRoots,
+    ) -> None:
         self.config = config
         self.client = client
         self.state = state
@@ -54,11 +62,14 @@ class Intermediate:
         bootstrap_token = self._bootstrap_token()
         key = pki.new_key(self.config.ca.key_type)
         try:
-            request = EnrollIn(cluster=self.config.cluster, bootstrap_token=bootstrap_token,
-                               csr=pki.make_csr(key, self.config.cluster))
+            request = EnrollIn(
+                cluster=self.config.cluster, bootstrap_token=bootstrap_token, csr=pki.make_csr(key, self.config.cluster)
+            )
         except ValidationError:
-            raise NotEnrolled(f"not enrolled, and {self.config.ca.bootstrap_token_file} does not hold a bootstrap "
-                              f"token (1 to 256 characters): {self._ask_for_token()}") from None
+            raise NotEnrolled(
+                f"not enrolled, and {self.config.ca.bootstrap_token_file} does not hold a bootstrap "
+                f"token (1 to 256 characters): {self._ask_for_token()}"
+            ) from None
         answer = self.client.enroll(request)
         self.state.agent_token = answer.agent_token
         self.client.set_token(self.state.agent_token)
@@ -86,8 +97,12 @@ class Intermediate:
         except TrustRefused:
             desired = self.client.desired()
             if desired.trust_bundle:
-                self.trust.follow(desired.trust_bundle, desired.root_endorsements,
-                                  installed_chain_pem=bundle.cert_chain, now=self.clock())
+                self.trust.follow(
+                    desired.trust_bundle,
+                    desired.root_endorsements,
+                    installed_chain_pem=bundle.cert_chain,
+                    now=self.clock(),
+                )
                 self.client.set_trust_bundle(self.trust.pem)
 
     def _install(self, key: pki.PrivateKey, generation: int, bundle: BundleOut) -> None:
@@ -96,8 +111,12 @@ class Intermediate:
         now = self.clock()
         self.trust.require_chain(bundle.cert_chain, "the issued cert-chain.pem", now=now)
         self.trust.require_roots_trusted(bundle.root_cert, "the issued root-cert.pem")
-        rc.check_cacerts_bundle(ca_cert_pem=bundle.ca_cert, ca_key_pem=pki.key_pem(key),
-                                cert_chain_pem=bundle.cert_chain, root_cert_pem=self.trust.pem)
+        rc.check_cacerts_bundle(
+            ca_cert_pem=bundle.ca_cert,
+            ca_key_pem=pki.key_pem(key),
+            cert_chain_pem=bundle.cert_chain,
+            root_cert_pem=self.trust.pem,
+        )
         self.state.key_pem = pki.key_pem(key)
         self.state.bundle = bundle.model_dump(by_alias=True)
         self.state.generation = generation
@@ -130,8 +149,9 @@ class Intermediate:
         csr = pki.make_csr(key, self.config.cluster)
         answer = self.client.renew(RenewIn(csr=csr, proof=pki.prove(current, csr)))
         self._install(key, answer.generation, answer.bundle)
-        log.info("renewed intermediate (%s)", reason, extra={"cluster": self.config.cluster,
-                                                             "serial": self.state.serial})
+        log.info(
+            "renewed intermediate (%s)", reason, extra={"cluster": self.config.cluster, "serial": self.state.serial}
+        )
 
     # ------------------------------------------------------------------ its own CRL
     def own_crl(self) -> str:
@@ -142,7 +162,8 @@ class Intermediate:
         validity = self.config.ca.crl_validity
         if not self.state.own_crl_pem or signed is None or now - signed >= validity / 2:
             self.state.own_crl_pem = rc.sign_intermediate_crl(
-                self.state.bundle["ca-cert.pem"], self.state.key_pem, now=now, validity=validity)
+                self.state.bundle["ca-cert.pem"], self.state.key_pem, now=now, validity=validity
+            )
             self.state.own_crl_signed_at = now.isoformat()
             self.state_store.save(self.state)
         return self.state.own_crl_pem

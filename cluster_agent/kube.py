@@ -72,13 +72,16 @@ def make_client(config: AgentConfig) -> Client:
     kc = config.kubernetes
     try:
         if kc.kubeconfig:
-            return Client(KubeConfig.from_file(str(kc.kubeconfig)).get(context_name=kc.context),
-                          field_manager=kc.field_manager)
+            return Client(
+                KubeConfig.from_file(str(kc.kubeconfig)).get(context_name=kc.context), field_manager=kc.field_manager
+            )
         return Client(field_manager=kc.field_manager)
     except (KubeConfigError, OSError) as exc:
         where = f"kubernetes.kubeconfig: {kc.kubeconfig}" if kc.kubeconfig else "kubernetes: in-cluster credentials"
-        raise ConfigError(f"{where} cannot be used ({exc}); set kubernetes.kubeconfig (and context) or run "
-                          f"in a pod with a service account") from exc
+        raise ConfigError(
+            f"{where} cannot be used ({exc}); set kubernetes.kubeconfig (and context) or run "
+            f"in a pod with a service account"
+        ) from exc
 
 
 # ------------------------------------------------------------------------------ lightkube's errors
@@ -172,21 +175,31 @@ class KubeApplier:
         for se in items:
             meta = se.metadata
             assert meta is not None and meta.name and meta.namespace
-            consumers = sorted(c.strip() for c in (meta.annotations or {}).get("meshbridge.io/consumers", "")
-                               .split(",") if c.strip())
+            consumers = sorted(
+                c.strip() for c in (meta.annotations or {}).get("meshbridge.io/consumers", "").split(",") if c.strip()
+            )
             try:
                 ports = self._service_ports(meta.name, meta.namespace)
             except (KubeForbidden, KubeNotFound):
                 continue
             if ports:
-                out.append({"name": f"{meta.name}.{meta.namespace}", "namespace": meta.namespace,
-                            "service": meta.name, "ports": ports, "consumers": consumers})
+                out.append(
+                    {
+                        "name": f"{meta.name}.{meta.namespace}",
+                        "namespace": meta.namespace,
+                        "service": meta.name,
+                        "ports": ports,
+                        "consumers": consumers,
+                    }
+                )
         return out
 
     def _service_ports(self, name: str, namespace: str) -> list[dict[str, Any]]:
         svc = _call(lambda: self.client.get(Service, name, namespace=namespace))
-        return [{"number": p.port, "protocol": _port_protocol(p.appProtocol or p.name or "")}
-                for p in (svc.spec.ports if svc.spec and svc.spec.ports else [])]
+        return [
+            {"number": p.port, "protocol": _port_protocol(p.appProtocol or p.name or "")}
+            for p in (svc.spec.ports if svc.spec and svc.spec.ports else [])
+        ]
 
     # ------------------------------------------------------------------ apply
     def apply(self, objects: list[dict[str, Any]], *, corefile_block: str | None = None) -> ApplyReport:
@@ -196,8 +209,11 @@ class KubeApplier:
         for obj in objects:
             meta = obj["metadata"]
             k = _key(obj["kind"], meta["namespace"], meta["name"])
-            if obj["kind"] == "ConfigMap" and meta["name"] == dns.coredns_configmap \
-                    and meta["namespace"] == dns.coredns_namespace:
+            if (
+                obj["kind"] == "ConfigMap"
+                and meta["name"] == dns.coredns_configmap
+                and meta["namespace"] == dns.coredns_namespace
+            ):
                 self._merge_corefile(obj, report)
                 continue
             if obj["kind"] == "Secret" and meta["name"] == "cacerts":
@@ -268,8 +284,9 @@ class KubeApplier:
                 self.write_calls += 1
                 report.created.append(k)
                 return
-            if (live.data or {}) == obj.get("data", {}) and ((live.metadata and live.metadata.labels) or {}) \
-                    == obj["metadata"].get("labels", {}):
+            if (live.data or {}) == obj.get("data", {}) and ((live.metadata and live.metadata.labels) or {}) == obj[
+                "metadata"
+            ].get("labels", {}):
                 report.unchanged.append(k)
                 return
             body = from_dict(obj)
@@ -328,8 +345,13 @@ class SecretStateStore:
         def attempt() -> None:
             live = _get_or_none(self.client, Secret, self.name, self.namespace)
             if live is None:
-                self.client.create(Secret(metadata=ObjectMeta(name=self.name, namespace=self.namespace,
-                                                              labels=managed_by_labels()), type="Opaque", data=data))
+                self.client.create(
+                    Secret(
+                        metadata=ObjectMeta(name=self.name, namespace=self.namespace, labels=managed_by_labels()),
+                        type="Opaque",
+                        data=data,
+                    )
+                )
                 return
             live.data = data
             self.client.replace(live)
@@ -340,8 +362,15 @@ class SecretStateStore:
 class LeaseElector:
     """coordination.k8s.io Lease: only the holder reconciles, so two replicas never fight."""
 
-    def __init__(self, client: Client, namespace: str, *, name: str = "meshbridge-agent",
-                 identity: str | None = None, duration: int = 30) -> None:
+    def __init__(
+        self,
+        client: Client,
+        namespace: str,
+        *,
+        name: str = "meshbridge-agent",
+        identity: str | None = None,
+        duration: int = 30,
+    ) -> None:
         self.client = client
         self.namespace = namespace
         self.name = name
@@ -364,16 +393,21 @@ class LeaseElector:
         now = datetime.now(UTC)
         lease = _call(lambda: _get_or_none(self.client, Lease, self.name, self.namespace))
         if lease is None:
-            created = Lease(metadata=ObjectMeta(name=self.name, namespace=self.namespace, labels=managed_by_labels()),
-                            spec=LeaseSpec(holderIdentity=self.identity, leaseDurationSeconds=self.duration,
-                                           acquireTime=now, renewTime=now))
+            created = Lease(
+                metadata=ObjectMeta(name=self.name, namespace=self.namespace, labels=managed_by_labels()),
+                spec=LeaseSpec(
+                    holderIdentity=self.identity, leaseDurationSeconds=self.duration, acquireTime=now, renewTime=now
+                ),
+            )
             _call(lambda: self.client.create(created))
             self._held_until = time.monotonic() + self.duration
             return True
         spec = lease.spec
         assert spec is not None
-        expired = spec.renewTime is None or spec.renewTime + timedelta(
-            seconds=spec.leaseDurationSeconds or self.duration) < now
+        expired = (
+            spec.renewTime is None
+            or spec.renewTime + timedelta(seconds=spec.leaseDurationSeconds or self.duration) < now
+        )
         if spec.holderIdentity != self.identity and not expired:
             return False
         if spec.holderIdentity != self.identity:

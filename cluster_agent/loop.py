@@ -37,9 +37,16 @@ class Backoff:
 
 
 class AgentLoop:
-    def __init__(self, reconciler: Reconciler, *, metrics: AgentMetrics | None = None, poll_wait: float = 25,
-                 resync_seconds: float = 300, is_leader: Callable[[], bool] | None = None,
-                 backoff: Backoff | None = None) -> None:
+    def __init__(
+        self,
+        reconciler: Reconciler,
+        *,
+        metrics: AgentMetrics | None = None,
+        poll_wait: float = 25,
+        resync_seconds: float = 300,
+        is_leader: Callable[[], bool] | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
         self.r = reconciler
         self.metrics = metrics or AgentMetrics()
         self.poll_wait = poll_wait
@@ -54,8 +61,9 @@ class AgentLoop:
 
     def step(self) -> ReconcileResult | None:
         """One pass: returns the reconcile result when it rendered and applied."""
-        outcome = self.r.run_pass(revision=self.revision, wait=self.poll_wait if self.revision else 0,
-                                  resync=self._resync_due)
+        outcome = self.r.run_pass(
+            revision=self.revision, wait=self.poll_wait if self.revision else 0, resync=self._resync_due
+        )
         if outcome.reconciled is not None:
             self.last_full = time.monotonic()
             self.last_result = outcome.reconciled

@@ -17,16 +17,24 @@ class AgentMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.cacerts_not_after = Gauge("meshbridge_agent_cacerts_not_after_seconds",
-                                       "notAfter of the installed intermediate (Unix time)", registry=r)
-        self.last_success = Gauge("meshbridge_agent_last_successful_reconcile_seconds",
-                                  "Unix time of the last successful reconcile", registry=r)
+        self.cacerts_not_after = Gauge(
+            "meshbridge_agent_cacerts_not_after_seconds",
+            "notAfter of the installed intermediate (Unix time)",
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "meshbridge_agent_last_successful_reconcile_seconds",
+            "Unix time of the last successful reconcile",
+            registry=r,
+        )
         self.imports = Gauge("meshbridge_agent_imports_applied", "Imported services laid down", registry=r)
         self.errors = Counter("meshbridge_agent_errors_total", "Failed passes by kind", ["kind"], registry=r)
-        self.writes = Counter("meshbridge_agent_api_writes_total", "Objects created, updated or pruned",
-                              ["op"], registry=r)
-        self.ca_reachable = Gauge("meshbridge_agent_ca_reachable", "1 when the CA service answered last time",
-                                  registry=r)
+        self.writes = Counter(
+            "meshbridge_agent_api_writes_total", "Objects created, updated or pruned", ["op"], registry=r
+        )
+        self.ca_reachable = Gauge(
+            "meshbridge_agent_ca_reachable", "1 when the CA service answered last time", registry=r
+        )
         self.renewals = Counter("meshbridge_agent_renewals_total", "Intermediate renewals", registry=r)
 
     def reconciled(self, result: ReconcileResult) -> None:
@@ -34,8 +42,11 @@ class AgentMetrics:
 
         self.last_success.set(time.time())
         self.imports.set(result.imports_applied)
-        for op, items in (("create", result.report.created), ("update", result.report.updated),
-                          ("prune", result.report.pruned)):
+        for op, items in (
+            ("create", result.report.created),
+            ("update", result.report.updated),
+            ("prune", result.report.pruned),
+        ):
             if items:
                 self.writes.labels(op).inc(len(items))
         if result.renewed:
@@ -44,8 +55,9 @@ class AgentMetrics:
             self.cacerts_not_after.set(result.cacerts_not_after.timestamp())
 
 
-def serve_health(metrics: AgentMetrics, *, ready: threading.Event, host: str = "127.0.0.1",
-                 port: int = 9090) -> ThreadingHTTPServer:
+def serve_health(
+    metrics: AgentMetrics, *, ready: threading.Event, host: str = "127.0.0.1", port: int = 9090
+) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path == "/healthz":

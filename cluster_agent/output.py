@@ -28,8 +28,16 @@ def _is_secret(obj: dict[str, Any]) -> bool:
 
 
 class DirectoryWriter:
-    def __init__(self, out: Path, *, state_dir: Path, corefile: Path | None = None, dry_run: bool = False,
-                 stream: TextIO = sys.stdout, service_exports: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        out: Path,
+        *,
+        state_dir: Path,
+        corefile: Path | None = None,
+        dry_run: bool = False,
+        stream: TextIO = sys.stdout,
+        service_exports: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.out = out
         self.state_dir = state_dir
         self.corefile = corefile
@@ -79,8 +87,9 @@ class DirectoryWriter:
         if secret:  # never print key material, even in a diff
             self.stream.write(f"~ {name} (Secret: content changed, not shown)\n")
             return
-        self.stream.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
-                                                    fromfile=f"a/{name}", tofile=f"b/{name}"))
+        self.stream.writelines(
+            difflib.unified_diff(old.splitlines(True), new.splitlines(True), fromfile=f"a/{name}", tofile=f"b/{name}")
+        )
 
     @staticmethod
     def _write(path: Path, text: str, *, mode: int) -> None:

@@ -30,9 +30,11 @@ def new_key(key_type: str = "ecdsa-p256") -> PrivateKey:
 
 def make_csr(key: PrivateKey, cluster: str) -> str:
     """A CSR naming the cluster; the CA ignores the subject and sets its own, but it helps humans."""
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"meshbridge {cluster}")]))
-           .sign(key, hashes.SHA256()))
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"meshbridge {cluster}")]))
+        .sign(key, hashes.SHA256())
+    )
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
@@ -49,8 +51,9 @@ def prove(current_key: PrivateKey, csr_pem: str) -> str:
 
 def key_pem(key: PrivateKey) -> str:
     """PKCS#8, unencrypted: the form istiod reads from ca-key.pem (inside the Secret only)."""
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode()
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
 
 
 def load_key(pem: str | bytes) -> PrivateKey:

@@ -58,8 +58,15 @@ class PassResult:
 
 
 class Reconciler:
-    def __init__(self, config: AgentConfig, *, client: CAClient, applier: Applier, state_store: StateStore,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        client: CAClient,
+        applier: Applier,
+        state_store: StateStore,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
         self.config = config
         self.client = client
         self.applier = applier
@@ -72,8 +79,9 @@ class Reconciler:
         # is the client's only TLS trust (never an answer's bundle)
         self.trust = TrustedRoots(self.state, configured_pem=client.trust_pem)
         self.client.set_trust_bundle(self.trust.pem)
-        self.intermediate = Intermediate(config, client=client, state=self.state, state_store=state_store,
-                                         clock=clock, trust=self.trust)
+        self.intermediate = Intermediate(
+            config, client=client, state=self.state, state_store=state_store, clock=clock, trust=self.trust
+        )
         self._published: ExportsIn | None = None
         self.last_reconcile: datetime | None = None
         self._errors: list[str] = []
@@ -113,23 +121,29 @@ class Reconciler:
         services: dict[str, dict[str, Any]] = {}
         for e in cfg.exports:
             services[e.export_name] = {
-                "name": e.export_name, "namespace": e.namespace, "service": e.service,
+                "name": e.export_name,
+                "namespace": e.namespace,
+                "service": e.service,
                 "ports": [{"number": p.number, "protocol": p.protocol} for p in e.ports],
-                "consumers": sorted(e.consumers)}
+                "consumers": sorted(e.consumers),
+            }
         for extra in self.applier.service_exports():
             services.setdefault(extra["name"], extra)
         td, ns = cfg.istio.trust_domain, cfg.istio.namespace
         body = {
             "gateway": {"address": address, "port": port},
-            "identities": {"ingress": f"spiffe://{td}/ns/{ns}/sa/{cfg.istio.ingress_gateway.service_account}",
-                           "egress": f"spiffe://{td}/ns/{ns}/sa/{cfg.istio.egress_gateway.service_account}"},
+            "identities": {
+                "ingress": f"spiffe://{td}/ns/{ns}/sa/{cfg.istio.ingress_gateway.service_account}",
+                "egress": f"spiffe://{td}/ns/{ns}/sa/{cfg.istio.egress_gateway.service_account}",
+            },
             "services": [services[name] for name in sorted(services)],
         }
         try:
             return ExportsIn.model_validate(body)
         except ValidationError as exc:
-            raise ExportsInvalid(f"exports not published, they do not fit the CA service's model: "
-                                 f"{validation_problems(exc)}") from None
+            raise ExportsInvalid(
+                f"exports not published, they do not fit the CA service's model: {validation_problems(exc)}"
+            ) from None
 
     def publish(self) -> bool:
         """Publish the exports when they changed since the last publication (ServiceExports are
@@ -168,17 +182,25 @@ class Reconciler:
         """Everything this cluster should hold (pure renderers; the renderers parse the imports and
         peers, so they get them as the API's JSON shapes)."""
         assert self.state.key_pem is not None
-        bundle = {**self.state.bundle,
-                  "root-cert.pem": desired.trust_bundle or self.state.bundle["root-cert.pem"],
-                  "crl.pem": desired.crl or self.state.bundle.get("crl.pem", "")}
+        bundle = {
+            **self.state.bundle,
+            "root-cert.pem": desired.trust_bundle or self.state.bundle["root-cert.pem"],
+            "crl.pem": desired.crl or self.state.bundle.get("crl.pem", ""),
+        }
         published = self._published if self._published is not None else self.exports_body()
         try:
             return render_all(
-                self.config, imports=[i.model_dump() for i in desired.imports],
-                peers=[p.model_dump() for p in desired.peers], vips=self.state.vips,
-                exports=[s.model_dump(mode="json") for s in published.services], bundle=bundle,
-                intermediate_key_pem=self.state.key_pem, crl_pem=self.intermediate.own_crl(),
-                corefile=self.applier.current_corefile(), now=self.clock())
+                self.config,
+                imports=[i.model_dump() for i in desired.imports],
+                peers=[p.model_dump() for p in desired.peers],
+                vips=self.state.vips,
+                exports=[s.model_dump(mode="json") for s in published.services],
+                bundle=bundle,
+                intermediate_key_pem=self.state.key_pem,
+                crl_pem=self.intermediate.own_crl(),
+                corefile=self.applier.current_corefile(),
+                now=self.clock(),
+            )
         except BundleError as exc:
             raise BundleRejected(f"cacerts would fail istiod's checks, nothing written: {exc}") from exc
 
@@ -187,8 +209,12 @@ class Reconciler:
         TrustRefused, with trust, cacerts and state unchanged, otherwise."""
         if not desired.trust_bundle:
             return
-        changed = self.trust.follow(desired.trust_bundle, desired.root_endorsements,
-                                    installed_chain_pem=self.state.bundle.get("cert-chain.pem", ""), now=self.clock())
+        changed = self.trust.follow(
+            desired.trust_bundle,
+            desired.root_endorsements,
+            installed_chain_pem=self.state.bundle.get("cert-chain.pem", ""),
+            now=self.clock(),
+        )
         self.client.set_trust_bundle(self.trust.pem)
         if changed or self.state.trust_bundle != desired.trust_bundle:
             self.state.trust_bundle = desired.trust_bundle
@@ -207,5 +233,11 @@ class Reconciler:
         for w in result.warnings:
             log.warning(w, extra={"cluster": self.config.cluster})
         log.info("reconciled: %s", report.summary(), extra={"cluster": self.config.cluster})
-        return ReconcileResult(report, desired.revision, len(result.vips), renewal is not None,
-                               list(result.warnings), self.intermediate.not_after())
+        return ReconcileResult(
+            report,
+            desired.revision,
+            len(result.vips),
+            renewal is not None,
+            list(result.warnings),
+            self.intermediate.not_after(),
+        )

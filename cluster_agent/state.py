@@ -26,8 +26,10 @@ class AgentState:
     trusted_anchor_sha256: str = ""  # of the ca.trust_anchor file the set was last seeded from
 
     def __repr__(self) -> str:
-        return (f"AgentState(enrolled={self.agent_token is not None}, generation={self.generation}, "
-                f"serial={self.serial!r}, vips={len(self.vips)})")
+        return (
+            f"AgentState(enrolled={self.agent_token is not None}, generation={self.generation}, "
+            f"serial={self.serial!r}, vips={len(self.vips)})"
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, indent=1)

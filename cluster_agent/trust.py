@@ -46,8 +46,7 @@ def _pem(certs: Sequence[x509.Certificate]) -> str:
 
 
 def _spki(cert: x509.Certificate) -> bytes:
-    return cert.public_key().public_bytes(serialization.Encoding.DER,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    return cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -89,8 +88,12 @@ def _chains_to(path: Sequence[x509.Certificate], trusted: Sequence[x509.Certific
     return any(last == root or (_valid_at(root, now) and _issued_by(last, root)) for root in trusted)
 
 
-def endorsed(root: x509.Certificate, endorsements: Sequence[Sequence[x509.Certificate]],
-             trusted: Sequence[x509.Certificate], now: datetime) -> bool:
+def endorsed(
+    root: x509.Certificate,
+    endorsements: Sequence[Sequence[x509.Certificate]],
+    trusted: Sequence[x509.Certificate],
+    now: datetime,
+) -> bool:
     """Whether an endorsement proves ``root``: a cross-certificate with ``root``'s subject and key,
     CA:TRUE, valid now, chaining (through the certificates that follow it) to a trusted root. The
     root itself must be a self-signed CA valid now."""
@@ -117,8 +120,11 @@ class TrustedRoots:
         digest = hashlib.sha256(configured_pem.encode()).hexdigest()
         if self.state.trusted_roots and self.state.trusted_anchor_sha256 == digest:
             return
-        current = self.certificates() if self.state.trusted_roots else \
-            (_parse(self.state.trust_bundle, "state trust bundle") if self.state.trust_bundle else [])
+        current = (
+            self.certificates()
+            if self.state.trusted_roots
+            else (_parse(self.state.trust_bundle, "state trust bundle") if self.state.trust_bundle else [])
+        )
         configured = _parse(configured_pem, "ca.trust_anchor")
         self.state.trusted_roots = _pem(list(dict.fromkeys([*current, *configured])))
         self.state.trusted_anchor_sha256 = digest
@@ -130,8 +136,9 @@ class TrustedRoots:
     def pem(self) -> str:
         return self.state.trusted_roots
 
-    def follow(self, bundle_pem: str, endorsement_pems: Sequence[str], *, installed_chain_pem: str,
-               now: datetime) -> bool:
+    def follow(
+        self, bundle_pem: str, endorsement_pems: Sequence[str], *, installed_chain_pem: str, now: datetime
+    ) -> bool:
         """Take the CA's trust bundle: accept its endorsed new roots and drop retired ones (see the
         module docstring). TrustRefused, with nothing changed, unless every root of the bundle ends
         up trusted. Returns whether the set changed."""
@@ -145,19 +152,27 @@ class TrustedRoots:
             if not proven:
                 raise TrustRefused(
                     f"the CA's trust bundle carries root {_describe(pending[0])}, which no trusted root endorses: "
-                    "trust, cacerts and state left unchanged")
+                    "trust, cacerts and state left unchanged"
+                )
             accepted += proven
             pending = [c for c in pending if c not in proven]
-        kept = [c for i, c in enumerate(accepted)
-                if c in bundle or not self._retired(c, accepted[i + 1:], bundle, installed_chain_pem)]
+        kept = [
+            c
+            for i, c in enumerate(accepted)
+            if c in bundle or not self._retired(c, accepted[i + 1 :], bundle, installed_chain_pem)
+        ]
         if kept == trusted:
             return False
         self.state.trusted_roots = _pem(kept)
         return True
 
     @staticmethod
-    def _retired(root: x509.Certificate, newer: Sequence[x509.Certificate], bundle: Sequence[x509.Certificate],
-                 installed_chain_pem: str) -> bool:
+    def _retired(
+        root: x509.Certificate,
+        newer: Sequence[x509.Certificate],
+        bundle: Sequence[x509.Certificate],
+        installed_chain_pem: str,
+    ) -> bool:
         """A root left out of the bundle is retired once a root trusted after it (``newer``: the set
         is kept in the order roots were accepted) is in the bundle and the installed intermediate no
         longer chains to it."""
@@ -171,8 +186,9 @@ class TrustedRoots:
         trusted = self.certificates()
         for cert in _parse(bundle_pem, what):
             if cert not in trusted:
-                raise TrustRefused(f"{what} carries root {_describe(cert)}, which this agent does not trust: "
-                                   "nothing installed")
+                raise TrustRefused(
+                    f"{what} carries root {_describe(cert)}, which this agent does not trust: nothing installed"
+                )
 
     def require_chain(self, chain_pem: str, what: str, *, now: datetime) -> None:
         """TrustRefused unless ``chain_pem`` (each certificate issued by the next) ends at a trusted

@@ -78,8 +78,17 @@ class RotateOut(BaseModel):
     generation: int
 
 
-RevocationReason = Literal["unspecified", "keyCompromise", "cACompromise", "affiliationChanged", "superseded",
-                           "cessationOfOperation", "certificateHold", "privilegeWithdrawn", "aACompromise"]
+RevocationReason = Literal[
+    "unspecified",
+    "keyCompromise",
+    "cACompromise",
+    "affiliationChanged",
+    "superseded",
+    "cessationOfOperation",
+    "certificateHold",
+    "privilegeWithdrawn",
+    "aACompromise",
+]
 
 
 class RevokeIn(Strict):
@@ -163,8 +172,9 @@ class Identities(Strict):
 
 
 class ExportedService(Strict):
-    name: str = Field(min_length=3, max_length=127,
-                      pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\.[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    name: str = Field(
+        min_length=3, max_length=127, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\.[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+    )
     namespace: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL)
     service: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL)
     ports: list[Port] = Field(min_length=1, max_length=32)

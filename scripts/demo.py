@@ -82,8 +82,19 @@ def main() -> int:
     print(run(str(BIN / "meshbridge-ca"), "init", "--data-dir", str(ca_dir)))
     port = free_port()
     step(f"serving it on https://127.0.0.1:{port}")
-    server = subprocess.Popen([str(BIN / "meshbridge-ca"), "serve", "--data-dir", str(ca_dir), "--listen",
-                               f"127.0.0.1:{port}", "--log-level", "warning"], start_new_session=True)
+    server = subprocess.Popen(
+        [
+            str(BIN / "meshbridge-ca"),
+            "serve",
+            "--data-dir",
+            str(ca_dir),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "warning",
+        ],
+        start_new_session=True,
+    )
     try:
         url = f"https://127.0.0.1:{port}"
         for _ in range(100):
@@ -97,19 +108,46 @@ def main() -> int:
             d = OUT / name
             d.mkdir(parents=True)
             step(f"registering cluster {name} (trust domain {td})")
-            run(*ca, "cluster", "add", name, "--trust-domain", td, "--data-dir", str(ca_dir),
-                "--token-out", str(d / "bootstrap-token"))
-        (OUT / "a" / "agent.yaml").write_text(agent_config(
-            "a", "a.mesh", "198.51.100.10", url,
-            "[{service: ratings, namespace: bookinfo, ports: [9080], consumers: [b]}]", "[]"))
-        (OUT / "b" / "agent.yaml").write_text(agent_config(
-            "b", "b.mesh", "198.51.100.20", url, "[]", '[{from: a, names: ["*"]}]'))
+            run(
+                *ca,
+                "cluster",
+                "add",
+                name,
+                "--trust-domain",
+                td,
+                "--data-dir",
+                str(ca_dir),
+                "--token-out",
+                str(d / "bootstrap-token"),
+            )
+        (OUT / "a" / "agent.yaml").write_text(
+            agent_config(
+                "a",
+                "a.mesh",
+                "198.51.100.10",
+                url,
+                "[{service: ratings, namespace: bookinfo, ports: [9080], consumers: [b]}]",
+                "[]",
+            )
+        )
+        (OUT / "b" / "agent.yaml").write_text(
+            agent_config("b", "b.mesh", "198.51.100.20", url, "[]", '[{from: a, names: ["*"]}]')
+        )
         (OUT / "Corefile").write_text(COREFILE)
         agent = [str(BIN / "meshbridge-agent"), "--log-level", "warning", "render", "--once"]
         for name in ("a", "b", "a"):  # a again: b has published its egress identity by now
             step(f"agent {name}: enroll (first time), publish, render into demo-out/{name}/out")
-            print(run(*agent, "--config", str(OUT / name / "agent.yaml"), "--out", str(OUT / name / "out"),
-                      "--corefile", str(OUT / "Corefile")).strip())
+            print(
+                run(
+                    *agent,
+                    "--config",
+                    str(OUT / name / "agent.yaml"),
+                    "--out",
+                    str(OUT / name / "out"),
+                    "--corefile",
+                    str(OUT / "Corefile"),
+                ).strip()
+            )
         for name in ("a", "b"):
             step(f"cluster {name} would get:")
             for f in sorted((OUT / name / "out").glob("*.yaml")):

@@ -42,8 +42,13 @@ class ShortcutApp(FastAPI):
 
 
 class RenewalShortcut:
-    def __init__(self, app: ASGIApp, *, answer: Callable[[str, str | None, w.RenewIn], Awaitable[Response]],
-                 on_error: Callable[[Exception, Scope], Response]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        answer: Callable[[str, str | None, w.RenewIn], Awaitable[Response]],
+        on_error: Callable[[Exception, Scope], Response],
+    ) -> None:
         """``answer(name, authorization, body)``: awaitable giving the Response; ``on_error(exc,
         scope)``: the app's problem response for an exception (CAError or unexpected)."""
         self.app = app
@@ -106,4 +111,3 @@ def _replay(body: bytes, more: bool, receive: Receive) -> Receive:
         return await receive()
 
     return replay
-

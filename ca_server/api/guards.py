@@ -75,8 +75,9 @@ class BodyLimit:
                 await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        resp = problem(413, "Payload too large", f"request bodies are limited to {self.limit} bytes",
-                       type_="payloadtoolarge")
+        resp = problem(
+            413, "Payload too large", f"request bodies are limited to {self.limit} bytes", type_="payloadtoolarge"
+        )
         await resp(scope, receive, send)
 
 
@@ -109,8 +110,15 @@ class CountResponses:
         finally:
             self.metrics.requests.labels(f"{status // 100}xx").inc()
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("request", extra={"method": scope["method"], "path": scope["path"], "status": status,
-                                            "ms": round((time.perf_counter() - started) * 1000, 2)})
+                log.debug(
+                    "request",
+                    extra={
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": status,
+                        "ms": round((time.perf_counter() - started) * 1000, 2),
+                    },
+                )
 
 
 class OperatorOnly:
@@ -120,8 +128,13 @@ class OperatorOnly:
 
     PATHS = frozenset({"/metrics", "/openapi.json"})
 
-    def __init__(self, app: ASGIApp, *, authorize: Callable[[str, str | None], None],
-                 on_error: Callable[[Exception, Scope], Response]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        authorize: Callable[[str, str | None], None],
+        on_error: Callable[[Exception, Scope], Response],
+    ) -> None:
         self.app = app
         self.authorize = authorize
         self.on_error = on_error
@@ -139,8 +152,13 @@ class OperatorOnly:
         await self.app(scope, receive, send)
 
 
-def request_guards(app: ASGIApp, *, metrics: Metrics, limiter: RateLimiter | None = None,
-                   operator: Callable[[ASGIApp], ASGIApp] | None = None) -> ASGIApp:
+def request_guards(
+    app: ASGIApp,
+    *,
+    metrics: Metrics,
+    limiter: RateLimiter | None = None,
+    operator: Callable[[ASGIApp], ASGIApp] | None = None,
+) -> ASGIApp:
     """``app`` behind the guards, outermost first: body limit, rate limit (when ``limiter``), response
     count, operator endpoints (when ``operator``, e.g. a partial of OperatorOnly). Also a Starlette
     middleware factory (``app.add_middleware(request_guards, ...)``)."""

@@ -55,9 +55,13 @@ def _same_desired_inputs(a: FleetSnapshot, b: FleetSnapshot, name: str) -> bool:
     """Whether ``name``'s desired state is necessarily the same in both snapshots, so a fleet-wide
     revision change (another cluster renewing) does not cost every waiting long-poll a rebuild.
     Snapshots built incrementally keep the Cluster objects of clusters that did not change."""
-    return a is b or (a.clusters.get(name) is b.clusters.get(name) and a.trust_bundle == b.trust_bundle
-                      and a.crl_pem == b.crl_pem and a.imports_for.get(name) == b.imports_for.get(name)
-                      and a.peers_for.get(name) == b.peers_for.get(name))
+    return a is b or (
+        a.clusters.get(name) is b.clusters.get(name)
+        and a.trust_bundle == b.trust_bundle
+        and a.crl_pem == b.crl_pem
+        and a.imports_for.get(name) == b.imports_for.get(name)
+        and a.peers_for.get(name) == b.peers_for.get(name)
+    )
 
 
 class _DesiredReads:
@@ -100,9 +104,16 @@ async def _woken(woken: asyncio.Event | None, watcher: RevisionWatcher, revision
     return True
 
 
-async def long_poll_desired(authority: Authority, watcher: RevisionWatcher, waiters: DesiredWaiters | None,
-                            name: str, *, revision: str | None, wait: float,
-                            is_disconnected: Callable[[], Awaitable[bool]]) -> dict[str, Any]:
+async def long_poll_desired(
+    authority: Authority,
+    watcher: RevisionWatcher,
+    waiters: DesiredWaiters | None,
+    name: str,
+    *,
+    revision: str | None,
+    wait: float,
+    is_disconnected: Callable[[], Awaitable[bool]],
+) -> dict[str, Any]:
     """``name``'s desired state once its revision differs from ``revision`` (at once when None),
     else after ``wait`` seconds (at most MAX_WAIT) or when the client went away."""
     deadline = time.monotonic() + min(wait, MAX_WAIT)

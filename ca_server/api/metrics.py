@@ -24,22 +24,32 @@ class Metrics:
         store, read at each scrape: a replica shows the whole fleet, not only what it issued itself."""
         self.not_after_source = not_after_source
         self.registry = CollectorRegistry()
-        self.issuances = Counter("meshbridge_ca_issuances_total", "Intermediate certificates issued",
-                                 ["kind"], registry=self.registry)
+        self.issuances = Counter(
+            "meshbridge_ca_issuances_total", "Intermediate certificates issued", ["kind"], registry=self.registry
+        )
         self.issuance_seconds = Histogram(
-            "meshbridge_ca_issuance_seconds", "Time to authenticate, sign, verify, store and audit one issuance",
-            ["kind"], registry=self.registry,
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0))
-        self.not_after = Gauge("meshbridge_ca_intermediate_not_after_seconds",
-                               "notAfter of each cluster's current intermediate (Unix time)", ["cluster"],
-                               registry=self.registry)
-        self.requests = Counter("meshbridge_ca_http_responses_total", "HTTP responses by status class",
-                                ["status"], registry=self.registry)
-        self.errors = Counter("meshbridge_ca_errors_total", "Requests answered with a problem, by type",
-                              ["type"], registry=self.registry)
+            "meshbridge_ca_issuance_seconds",
+            "Time to authenticate, sign, verify, store and audit one issuance",
+            ["kind"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )
+        self.not_after = Gauge(
+            "meshbridge_ca_intermediate_not_after_seconds",
+            "notAfter of each cluster's current intermediate (Unix time)",
+            ["cluster"],
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "meshbridge_ca_http_responses_total", "HTTP responses by status class", ["status"], registry=self.registry
+        )
+        self.errors = Counter(
+            "meshbridge_ca_errors_total", "Requests answered with a problem, by type", ["type"], registry=self.registry
+        )
         self._by_kind: dict[str, tuple[Any, Any]] = {}
-        self.up = Gauge("meshbridge_ca_ready", "1 when the database and the signing key are usable",
-                        registry=self.registry)
+        self.up = Gauge(
+            "meshbridge_ca_ready", "1 when the database and the signing key are usable", registry=self.registry
+        )
 
     def issued(self, kind: str, seconds: float, issued: Issued) -> None:
         count, duration = self._by_kind.get(kind) or self._kind(kind)

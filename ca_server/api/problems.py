@@ -31,10 +31,22 @@ def status_of(exc: e.CAError) -> int:
     return 500
 
 
-def problem(status: int, title: str, detail: str, *, type_: str | None = None,
-            headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    body = {"type": PROBLEM_BASE + (type_ or title.lower().replace(" ", "-")), "title": title,
-            "status": status, "detail": detail, **extra}
+def problem(
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    type_: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body = {
+        "type": PROBLEM_BASE + (type_ or title.lower().replace(" ", "-")),
+        "title": title,
+        "status": status,
+        "detail": detail,
+        **extra,
+    }
     return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
 
 
@@ -52,10 +64,15 @@ def problem_responses() -> dict[int | str, dict[str, Any]]:
     """Declared on every operation, so clients (and schema checkers) know what an error looks like."""
     schema = Problem.model_json_schema()
     out: dict[int | str, dict[str, Any]] = {}
-    for status, text in ((400, "Malformed or unacceptable input"), (401, "Missing or invalid token"),
-                         (403, "Token not valid for this resource, or missing/wrong proof"),
-                         (404, "Unknown cluster, certificate or root"), (409, "Conflicts with the current state"),
-                         (413, "Body over 64 KiB"), (429, "Rate limited; see Retry-After"),
-                         (503, "Database or signing key unavailable")):
+    for status, text in (
+        (400, "Malformed or unacceptable input"),
+        (401, "Missing or invalid token"),
+        (403, "Token not valid for this resource, or missing/wrong proof"),
+        (404, "Unknown cluster, certificate or root"),
+        (409, "Conflicts with the current state"),
+        (413, "Body over 64 KiB"),
+        (429, "Rate limited; see Retry-After"),
+        (503, "Database or signing key unavailable"),
+    ):
         out[status] = {"description": text, "content": {"application/problem+json": {"schema": schema}}}
     return out

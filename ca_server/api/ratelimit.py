@@ -98,8 +98,9 @@ class TokenBuckets:
 
 
 class RateLimiter:
-    def __init__(self, limits: Limits, shared: SharedCounters | None = None, *,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, limits: Limits, shared: SharedCounters | None = None, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.limits = limits
         self.shared = shared
         self.clock = clock
@@ -227,8 +228,13 @@ class RateLimit:
         cred = credential_key(scope.get("headers", []))
         retry = self._refusal(address, cred)
         if retry is not None:
-            resp = problem(429, "Too many requests", f"rate limit reached; retry in {retry} s",
-                           type_="ratelimited", headers={"Retry-After": str(retry)})
+            resp = problem(
+                429,
+                "Too many requests",
+                f"rate limit reached; retry in {retry} s",
+                type_="ratelimited",
+                headers={"Retry-After": str(retry)},
+            )
             await resp(scope, receive, send)
             return
         growing = scope.get("method") == "PUT" and GROWING_WRITES.fullmatch(scope.get("path", "")) is not None

@@ -81,16 +81,23 @@ Agent = Annotated[Cluster, Depends(agent)]
 def cluster_out(c: Cluster, cert: CertificateRecord | None) -> w.ClusterOut:
     inter = None
     if cert is not None:
-        inter = w.IntermediateOut(serial=cert.serial, not_before=iso(cert.not_before),
-                                  not_after=iso(cert.not_after), root_id=cert.root_id)
-    return w.ClusterOut(name=c.name, status=c.status.value, generation=c.generation,
-                        trust_domain=c.trust_domain, gateway=c.gateway, rotation_pending=c.rotation_pending,
-                        intermediate=inter, agent_status=c.agent_status)
+        inter = w.IntermediateOut(
+            serial=cert.serial, not_before=iso(cert.not_before), not_after=iso(cert.not_after), root_id=cert.root_id
+        )
+    return w.ClusterOut(
+        name=c.name,
+        status=c.status.value,
+        generation=c.generation,
+        trust_domain=c.trust_domain,
+        gateway=c.gateway,
+        rotation_pending=c.rotation_pending,
+        intermediate=inter,
+        agent_status=c.agent_status,
+    )
 
 
 def root_out(r: Root) -> w.RootOut:
-    return w.RootOut(id=r.id, status=r.status.value, not_after=iso(r.not_after),
-                     certificate=r.cert_pem)
+    return w.RootOut(id=r.id, status=r.status.value, not_after=iso(r.not_after), certificate=r.cert_pem)
 
 
 def bundle_out(issued: Issued) -> w.BundleOut:
@@ -126,8 +133,7 @@ def trust_bundle(request: Request) -> Response:
     return Response(authority(request).snapshot().trust_bundle, media_type=PEM)
 
 
-@public.get("/v1/crl", response_class=Response,
-            responses={200: {"content": {"application/pkix-crl": {}, PEM: {}}}})
+@public.get("/v1/crl", response_class=Response, responses={200: {"content": {"application/pkix-crl": {}, PEM: {}}}})
 def crl(request: Request, format: Annotated[str, Query(pattern="^(der|pem)$")] = "der") -> Response:
     a = authority(request)
     if format == "pem":
@@ -139,12 +145,19 @@ def crl(request: Request, format: Annotated[str, Query(pattern="^(der|pem)$")] =
 @admin_api.post("/clusters", status_code=201, response_model=w.ClusterCreated)
 def create_cluster(request: Request, body: w.ClusterCreate, actor: Admin) -> w.ClusterCreated:
     made = authority(request).create_cluster(
-        name=body.name, trust_domain=body.trust_domain,
-        gateway=body.gateway.model_dump() if body.gateway else None, actor=actor,
-        share_trust_domain=body.share_trust_domain)
-    return w.ClusterCreated(name=made.cluster.name, status=made.cluster.status.value,
-                            generation=made.cluster.generation, bootstrap_token=made.bootstrap_token,
-                            bootstrap_expires_at=iso(made.bootstrap_expires_at))
+        name=body.name,
+        trust_domain=body.trust_domain,
+        gateway=body.gateway.model_dump() if body.gateway else None,
+        actor=actor,
+        share_trust_domain=body.share_trust_domain,
+    )
+    return w.ClusterCreated(
+        name=made.cluster.name,
+        status=made.cluster.status.value,
+        generation=made.cluster.generation,
+        bootstrap_token=made.bootstrap_token,
+        bootstrap_expires_at=iso(made.bootstrap_expires_at),
+    )
 
 
 @admin_api.get("/clusters", response_model=w.ClusterList)
@@ -181,9 +194,12 @@ def revoke_cluster(request: Request, name: NamePath, actor: Admin, body: w.Revok
 
 
 @admin_api.post("/certificates/{serial}/revoke", response_model=w.CertRevoked)
-def revoke_certificate(request: Request,
-                       serial: Annotated[str, Path(min_length=1, max_length=64, pattern="^[0-9a-f]+$")],
-                       actor: Admin, body: w.RevokeIn | None = None) -> w.CertRevoked:
+def revoke_certificate(
+    request: Request,
+    serial: Annotated[str, Path(min_length=1, max_length=64, pattern="^[0-9a-f]+$")],
+    actor: Admin,
+    body: w.RevokeIn | None = None,
+) -> w.CertRevoked:
     rec = authority(request).revoke_certificate(serial, reason=(body or w.RevokeIn()).reason, actor=actor)
     return w.CertRevoked(serial=rec.serial, revoked_at=iso(rec.revoked_at), reason=rec.revocation_reason or "")
 
@@ -210,11 +226,27 @@ def retire_root(request: Request, root_id: Annotated[str, Path(max_length=64)], 
 
 
 @admin_api.get("/audit", response_model=w.AuditList)
-def audit(request: Request, actor: Admin, after: Annotated[int, Query(ge=0, le=2**53)] = 0,
-          limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> w.AuditList:
+def audit(
+    request: Request,
+    actor: Admin,
+    after: Annotated[int, Query(ge=0, le=2**53)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> w.AuditList:
     items = authority(request).audit(after=after, limit=limit)
-    return w.AuditList(items=[w.AuditOut(id=e.id, at=e.at.isoformat(), actor=e.actor, action=e.action,
-                                         subject=e.subject, details=e.details, hash=e.hash) for e in items])
+    return w.AuditList(
+        items=[
+            w.AuditOut(
+                id=e.id,
+                at=e.at.isoformat(),
+                actor=e.actor,
+                action=e.action,
+                subject=e.subject,
+                details=e.details,
+                hash=e.hash,
+            )
+            for e in items
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- agent
@@ -222,16 +254,15 @@ def audit(request: Request, actor: Admin, after: Annotated[int, Query(ge=0, le=2
 def enroll(request: Request, body: w.EnrollIn) -> w.EnrollOut:
     m = metrics(request)
     started = time.perf_counter()
-    done = authority(request).enroll(cluster_name=body.cluster, bootstrap_token=body.bootstrap_token,
-                                     csr_pem=body.csr)
+    done = authority(request).enroll(cluster_name=body.cluster, bootstrap_token=body.bootstrap_token, csr_pem=body.csr)
     m.issued("enroll", time.perf_counter() - started, done.issued)
-    return w.EnrollOut(agent_token=done.agent_token, generation=done.issued.generation,
-                       bundle=bundle_out(done.issued))
+    return w.EnrollOut(agent_token=done.agent_token, generation=done.issued.generation, bundle=bundle_out(done.issued))
 
 
 @agent_api.post("/clusters/{name}/intermediate", status_code=201, response_model=w.RenewOut)
-async def renew(request: Request, name: NamePath, body: w.RenewIn,
-                authorization: Annotated[str | None, Header()] = None) -> Response:
+async def renew(
+    request: Request, name: NamePath, body: w.RenewIn, authorization: Annotated[str | None, Header()] = None
+) -> Response:
     # well-formed requests are answered by api/fastpath.RenewalShortcut with the same function;
     # this route documents the operation and answers what the shortcut hands over
     return await renewal_answer(request.app.state, name, authorization, body)
@@ -244,8 +275,9 @@ async def renewal_answer(state: Any, name: str, authorization: str | None, body:
     require_dns_label(name, what="cluster name")
     a: Authority = state.authority
     m: Metrics = state.metrics
-    call = functools.partial(a.renew, cluster_name=name, agent_token=_bearer(authorization), csr_pem=body.csr,
-                             proof_b64=body.proof)
+    call = functools.partial(
+        a.renew, cluster_name=name, agent_token=_bearer(authorization), csr_pem=body.csr, proof_b64=body.proof
+    )
     started = time.perf_counter()
     issued = _spending(call) if a.renewal_is_cpu_bound else await run_in_threadpool(_spending, call)
     m.issued("renew", time.perf_counter() - started, issued)
@@ -254,12 +286,23 @@ async def renewal_answer(state: Any, name: str, authorization: str | None, body:
 
 
 @agent_api.get("/clusters/{name}/desired", response_model=w.DesiredOut)
-async def desired(request: Request, name: NamePath, cluster: Agent,
-                  revision: Annotated[str | None, Query(max_length=64)] = None,
-                  wait: Annotated[float, Query(ge=0)] = 0) -> dict[str, Any]:
+async def desired(
+    request: Request,
+    name: NamePath,
+    cluster: Agent,
+    revision: Annotated[str | None, Query(max_length=64)] = None,
+    wait: Annotated[float, Query(ge=0)] = 0,
+) -> dict[str, Any]:
     state = request.app.state
-    return await long_poll_desired(authority(request), state.watcher, getattr(state, "desired_waiters", None), name,
-                                   revision=revision, wait=wait, is_disconnected=request.is_disconnected)
+    return await long_poll_desired(
+        authority(request),
+        state.watcher,
+        getattr(state, "desired_waiters", None),
+        name,
+        revision=revision,
+        wait=wait,
+        is_disconnected=request.is_disconnected,
+    )
 
 
 @agent_api.put("/clusters/{name}/exports", response_model=w.ExportsIn)

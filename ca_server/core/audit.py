@@ -51,20 +51,23 @@ def entry_hash(
     *, id: int, at: datetime, actor: str, action: str, subject: str, details: dict[str, Any], prev_hash: str
 ) -> str:
     """The unkeyed hash of 0.1.0 (anyone can recompute it): written only by a store given no key."""
-    return hashlib.sha256(entry_body(id=id, at=at, actor=actor, action=action, subject=subject, details=details,
-                                     prev_hash=prev_hash)).hexdigest()
+    return hashlib.sha256(
+        entry_body(id=id, at=at, actor=actor, action=action, subject=subject, details=details, prev_hash=prev_hash)
+    ).hexdigest()
 
 
 class EntryHasher(Protocol):
     """How a store hashes the entries it appends: ``entry_hash`` or ``AuditKey.entry_hash``."""
 
-    def __call__(self, *, id: int, at: datetime, actor: str, action: str, subject: str, details: dict[str, Any],
-                 prev_hash: str) -> str: ...
+    def __call__(
+        self, *, id: int, at: datetime, actor: str, action: str, subject: str, details: dict[str, Any], prev_hash: str
+    ) -> str: ...
 
 
 def _body_of(e: AuditEntry) -> bytes:
-    return entry_body(id=e.id, at=e.at, actor=e.actor, action=e.action, subject=e.subject, details=e.details,
-                      prev_hash=e.prev_hash)
+    return entry_body(
+        id=e.id, at=e.at, actor=e.actor, action=e.action, subject=e.subject, details=e.details, prev_hash=e.prev_hash
+    )
 
 
 def is_unkeyed(e: AuditEntry) -> bool:
@@ -82,8 +85,12 @@ class Anchor:
     mac: str
 
     def to_line(self) -> str:
-        return json.dumps({"id": self.id, "hash": self.hash, "at": canonical_time(self.at), "mac": self.mac},
-                          sort_keys=True) + "\n"
+        return (
+            json.dumps(
+                {"id": self.id, "hash": self.hash, "at": canonical_time(self.at), "mac": self.mac}, sort_keys=True
+            )
+            + "\n"
+        )
 
     @classmethod
     def from_line(cls, line: str) -> Anchor:
@@ -122,8 +129,9 @@ class AuditKey:
     def entry_hash(
         self, *, id: int, at: datetime, actor: str, action: str, subject: str, details: dict[str, Any], prev_hash: str
     ) -> str:
-        return self._seal(entry_body(id=id, at=at, actor=actor, action=action, subject=subject, details=details,
-                                     prev_hash=prev_hash))
+        return self._seal(
+            entry_body(id=id, at=at, actor=actor, action=action, subject=subject, details=details, prev_hash=prev_hash)
+        )
 
     def _seal(self, body: bytes) -> str:
         return hmac.digest(self._entries, body, "sha256").hex()
@@ -178,8 +186,10 @@ class _Walk:
             return problem
         for a in self.anchored.get(e.id, ()):
             if a.hash != e.hash and not self.departure:
-                self.departure = (f"entry {e.id} is not the entry anchored by {a.describe()}: the chain was "
-                                  "replaced from there on (rolled back, then written again)")
+                self.departure = (
+                    f"entry {e.id} is not the entry anchored by {a.describe()}: the chain was "
+                    "replaced from there on (rolled back, then written again)"
+                )
         self.prev, self.next_id, self.count = e.hash, self.next_id + 1, self.count + 1
         return ""
 
@@ -202,8 +212,10 @@ class _Walk:
                 return f"entries {self.next_id}..{head[0]} are missing (the head says {head[0]})"
             return f"the chain head does not match entry {last}"
         if self.key is not None and not self.sealed_from and self.count:
-            return ("no entry is sealed with the audit key: the chain was rewritten without it (or, written "
-                    "by 0.1.0, it was never sealed: `serve` seals it when it starts)")
+            return (
+                "no entry is sealed with the audit key: the chain was rewritten without it (or, written "
+                "by 0.1.0, it was never sealed: `serve` seals it when it starts)"
+            )
         return ""
 
     def rollback(self) -> str:
@@ -212,8 +224,10 @@ class _Walk:
         newest = max(self.anchored)
         if newest > self.next_id - 1:
             a = self.anchored[newest][0]
-            return (f"the chain ends at entry {self.next_id - 1} but {a.describe()} records entry {newest}: "
-                    "the database was rolled back or truncated")
+            return (
+                f"the chain ends at entry {self.next_id - 1} but {a.describe()} records entry {newest}: "
+                "the database was rolled back or truncated"
+            )
         return self.departure
 
 
@@ -235,8 +249,13 @@ def verify_chain(
     for a in anchors:
         assert key is not None
         if not key.signed(a):
-            return ChainReport(False, 0, f"{a.describe()} (entry {a.id}) is not signed with this audit key: the "
-                               "anchors were altered, or they belong to another key", anchors=len(anchors))
+            return ChainReport(
+                False,
+                0,
+                f"{a.describe()} (entry {a.id}) is not signed with this audit key: the "
+                "anchors were altered, or they belong to another key",
+                anchors=len(anchors),
+            )
     walk = _Walk(key, anchors, start)
     for e in entries:
         problem = walk.step(e)
@@ -246,5 +265,6 @@ def verify_chain(
     if problem:
         return ChainReport(False, walk.count, problem, sealed_from=walk.sealed_from, anchors=len(anchors))
     behind = walk.rollback()
-    return ChainReport(not behind, walk.count, behind, rollback=bool(behind), sealed_from=walk.sealed_from,
-                       anchors=len(anchors))
+    return ChainReport(
+        not behind, walk.count, behind, rollback=bool(behind), sealed_from=walk.sealed_from, anchors=len(anchors)
+    )

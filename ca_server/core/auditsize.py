@@ -15,5 +15,8 @@ def capped(details: dict[str, Any], limit: int = AUDIT_DETAILS_LIMIT) -> dict[st
     text = json.dumps(details, sort_keys=True, default=str, separators=(",", ":")).encode()
     if len(text) <= limit:
         return details
-    return {"digest": "sha256:" + hashlib.sha256(text).hexdigest(), "bytes": len(text),
-            "counts": {k: len(v) for k, v in details.items() if isinstance(v, list | dict | str)}}
+    return {
+        "digest": "sha256:" + hashlib.sha256(text).hexdigest(),
+        "bytes": len(text),
+        "counts": {k: len(v) for k, v in details.items() if isinstance(v, list | dict | str)},
+    }

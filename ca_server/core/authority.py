@@ -30,8 +30,16 @@ from ca_server.core.rootkeys import RootKeys, trust_bundle_from
 from ca_server.core.roots import Roots
 
 __all__ = [  # the names callers have always imported from here
-    "Authority", "Bundle", "Enrolled", "FleetSnapshot", "Issued", "NewCluster", "Policy",
-    "build_fleet_index", "desired_state", "utcnow",
+    "Authority",
+    "Bundle",
+    "Enrolled",
+    "FleetSnapshot",
+    "Issued",
+    "NewCluster",
+    "Policy",
+    "build_fleet_index",
+    "desired_state",
+    "utcnow",
 ]
 
 
@@ -132,10 +140,18 @@ class Authority:
         return self.crls.der()
 
     # ------------------------------------------------------------------ clusters
-    def create_cluster(self, *, name: str, trust_domain: str, gateway: dict[str, Any] | None,
-                       actor: str, share_trust_domain: bool = False) -> NewCluster:
-        return self.clusters.create_cluster(name=name, trust_domain=trust_domain, gateway=gateway, actor=actor,
-                                            share_trust_domain=share_trust_domain)
+    def create_cluster(
+        self,
+        *,
+        name: str,
+        trust_domain: str,
+        gateway: dict[str, Any] | None,
+        actor: str,
+        share_trust_domain: bool = False,
+    ) -> NewCluster:
+        return self.clusters.create_cluster(
+            name=name, trust_domain=trust_domain, gateway=gateway, actor=actor, share_trust_domain=share_trust_domain
+        )
 
     def new_bootstrap_token(self, name: str, *, actor: str) -> tuple[str, datetime]:
         return self.clusters.new_bootstrap_token(name, actor=actor)

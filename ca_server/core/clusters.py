@@ -35,8 +35,9 @@ def must_cluster(tx: Tx, name: str, *, for_update: bool = False) -> Cluster:
 
 def _trust_domain_holders(tx: Tx, trust_domain: str) -> list[str]:
     """The clusters, other than revoked ones, registered with `trust_domain`."""
-    return sorted(c.name for c in tx.list_clusters()
-                  if c.trust_domain == trust_domain and c.status != ClusterStatus.REVOKED)
+    return sorted(
+        c.name for c in tx.list_clusters() if c.trust_domain == trust_domain and c.status != ClusterStatus.REVOKED
+    )
 
 
 class Clusters:
@@ -45,7 +46,12 @@ class Clusters:
         self.crls = crls
 
     def create_cluster(
-        self, *, name: str, trust_domain: str, gateway: dict[str, Any] | None, actor: str,
+        self,
+        *,
+        name: str,
+        trust_domain: str,
+        gateway: dict[str, Any] | None,
+        actor: str,
         share_trust_domain: bool = False,
     ) -> NewCluster:
         """A pending cluster and its bootstrap token. Its trust domain must be its own: an intermediate
@@ -64,12 +70,24 @@ class Clusters:
                     f"its own (its Istio meshConfig.trustDomain), or share it knowingly with share_trust_domain"
                 )
             cluster = Cluster(
-                name=name, trust_domain=trust_domain, status=ClusterStatus.PENDING, generation=0,
-                rotation_pending=False, gateway=gateway, created_at=now,
+                name=name,
+                trust_domain=trust_domain,
+                status=ClusterStatus.PENDING,
+                generation=0,
+                rotation_pending=False,
+                gateway=gateway,
+                created_at=now,
             )
             tx.add_cluster(cluster)
-            self.ctx.audit(tx, actor=actor, action="cluster.create", subject=name, trust_domain=trust_domain,
-                           gateway=gateway, **({"shares_trust_domain_with": holders} if holders else {}))
+            self.ctx.audit(
+                tx,
+                actor=actor,
+                action="cluster.create",
+                subject=name,
+                trust_domain=trust_domain,
+                gateway=gateway,
+                **({"shares_trust_domain_with": holders} if holders else {}),
+            )
             token, expires = self._new_bootstrap(tx, cluster, now=now, actor=actor)
         return NewCluster(cluster, token, expires)
 
@@ -79,8 +97,15 @@ class Clusters:
         tok = tk.new_token("boot")
         expires = now + self.ctx.policy.bootstrap_ttl
         tx.add_bootstrap_token(BootstrapToken(tok.token_id, cluster.name, tok.token_hash, expires, now))
-        self.ctx.audit(tx, actor=actor, action="bootstrap_token.create", subject=cluster.name,
-                       token_id=tok.token_id, expires_at=expires.isoformat(), superseded=superseded)
+        self.ctx.audit(
+            tx,
+            actor=actor,
+            action="bootstrap_token.create",
+            subject=cluster.name,
+            token_id=tok.token_id,
+            expires_at=expires.isoformat(),
+            superseded=superseded,
+        )
         return tok.plaintext, expires
 
     def new_bootstrap_token(self, name: str, *, actor: str) -> tuple[str, datetime]:
@@ -106,8 +131,11 @@ class Clusters:
         """notAfter of every active cluster's current intermediate (for the metrics)."""
         with self.ctx.store.read() as tx:
             current = tx.current_certificates()
-            return {c.name: current[c.name].not_after for c in tx.list_clusters()
-                    if c.status == ClusterStatus.ACTIVE and c.name in current}
+            return {
+                c.name: current[c.name].not_after
+                for c in tx.list_clusters()
+                if c.status == ClusterStatus.ACTIVE and c.name in current
+            }
 
     def rotate(self, name: str, *, actor: str) -> int:
         """Ask the agent for a new intermediate; only the newest valid one proves it from now on
@@ -127,8 +155,14 @@ class Clusters:
             if newest:
                 cluster.proof_floor = newest[0].id
             tx.save_cluster(cluster)
-            self.ctx.audit(tx, actor=actor, action="cluster.rotate", subject=name, generation=cluster.generation,
-                           proves=newest[0].serial if newest else None)
+            self.ctx.audit(
+                tx,
+                actor=actor,
+                action="cluster.rotate",
+                subject=name,
+                generation=cluster.generation,
+                proves=newest[0].serial if newest else None,
+            )
             self.ctx.changed(tx)
         return cluster.generation
 
@@ -149,8 +183,14 @@ class Clusters:
             cluster.rotation_pending = False
             cluster.agent_token_hash = None
             tx.save_cluster(cluster)
-            self.ctx.audit(tx, actor=actor, action="cluster.revoke", subject=name, reason=reason,
-                           serials=[r.serial for r in revoked])
+            self.ctx.audit(
+                tx,
+                actor=actor,
+                action="cluster.revoke",
+                subject=name,
+                reason=reason,
+                serials=[r.serial for r in revoked],
+            )
             self.crls.resign_for(tx, {r.root_id for r in revoked}, now=now, actor=actor)
             self.ctx.changed(tx)
         return cluster
@@ -167,8 +207,9 @@ class Clusters:
                 return rec
             tx.revoke_certificate(serial, at=now, reason=reason)
             rec.revoked_at, rec.revocation_reason = now, reason
-            self.ctx.audit(tx, actor=actor, action="certificate.revoke", subject=serial, cluster=rec.cluster,
-                           reason=reason)
+            self.ctx.audit(
+                tx, actor=actor, action="certificate.revoke", subject=serial, cluster=rec.cluster, reason=reason
+            )
             self.crls.resign_for(tx, {rec.root_id}, now=now, actor=actor)
             self.ctx.changed(tx)
         return rec

@@ -32,18 +32,24 @@ class Crls:
         previous = [c for c in tx.list_crls() if c.root_id == root.id]
         number = max((c.number for c in previous), default=0) + 1
         revoked = [
-            xp.RevokedEntry(serial=int(r.serial, 16), revoked_at=r.revoked_at or now,
-                            reason=r.revocation_reason)
+            xp.RevokedEntry(serial=int(r.serial, 16), revoked_at=r.revoked_at or now, reason=r.revocation_reason)
             for r in tx.revoked_certificates(root.id, not_expired_at=now)
         ]
         validity = self.ctx.policy.crl_validity
         crl = xp.build_crl(
-            issuer=self.rootkeys.cert(root.cert_pem), signer=self.rootkeys.signer(root), revoked=revoked, now=now,
-            next_update=validity, crl_number=number,
+            issuer=self.rootkeys.cert(root.cert_pem),
+            signer=self.rootkeys.signer(root),
+            revoked=revoked,
+            now=now,
+            next_update=validity,
+            crl_number=number,
         )
         rec = CRLRecord(
-            root_id=root.id, number=number, der=crl.public_bytes(serialization.Encoding.DER),
-            pem=crl.public_bytes(serialization.Encoding.PEM).decode(), this_update=now,
+            root_id=root.id,
+            number=number,
+            der=crl.public_bytes(serialization.Encoding.DER),
+            pem=crl.public_bytes(serialization.Encoding.PEM).decode(),
+            this_update=now,
             next_update=now + validity,
         )
         tx.put_crl(rec)

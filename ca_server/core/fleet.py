@@ -36,8 +36,16 @@ class FleetSnapshot:
 
 # Audit actions whose only effect on desired state is the row of the cluster named as their
 # subject: a new snapshot after only these re-reads those rows instead of the whole fleet.
-_CLUSTER_ACTIONS = frozenset({"intermediate.renew", "intermediate.enroll", "cluster.rotate", "cluster.create",
-                              "bootstrap_token.create", "exports.update"})
+_CLUSTER_ACTIONS = frozenset(
+    {
+        "intermediate.renew",
+        "intermediate.enroll",
+        "cluster.rotate",
+        "cluster.create",
+        "bootstrap_token.create",
+        "exports.update",
+    }
+)
 _MAX_DELTA = 256
 
 
@@ -182,8 +190,14 @@ class Fleet:
                 clusters.pop(name, None)
             else:
                 clusters[name] = cluster
-        return FleetSnapshot(revision=revision, trust_bundle=prev.trust_bundle, crl_pem=prev.crl_pem,
-                             clusters=clusters, root_endorsements=prev.root_endorsements, audit_id=entries[-1].id)
+        return FleetSnapshot(
+            revision=revision,
+            trust_bundle=prev.trust_bundle,
+            crl_pem=prev.crl_pem,
+            clusters=clusters,
+            root_endorsements=prev.root_endorsements,
+            audit_id=entries[-1].id,
+        )
 
     def desired(self, cluster_name: str) -> dict[str, Any]:
         snap = self.snapshot()
@@ -204,8 +218,13 @@ class Fleet:
             locked.exports = body
             locked.gateway = body.get("gateway")
             tx.save_cluster(locked)
-            self.ctx.audit(tx, actor=f"agent:{cluster.name}", action="exports.update", subject=cluster.name,
-                           **capped({"services": names, "gateway": body.get("gateway")}))
+            self.ctx.audit(
+                tx,
+                actor=f"agent:{cluster.name}",
+                action="exports.update",
+                subject=cluster.name,
+                **capped({"services": names, "gateway": body.get("gateway")}),
+            )
             self.ctx.changed(tx)
         return body
 

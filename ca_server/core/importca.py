@@ -15,12 +15,13 @@ from ca_server.core.keytypes import ROOT_KEY_TYPES, Signer, key_type_of
 
 
 def _spki(key: object) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined, no-any-return]
-                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)  # type: ignore[attr-defined]
+    return bytes(der)
 
 
-def check_importable_ca(cert: x509.Certificate, chain: Sequence[x509.Certificate], signer: Signer, *,
-                        now: datetime) -> None:
+def check_importable_ca(
+    cert: x509.Certificate, chain: Sequence[x509.Certificate], signer: Signer, *, now: datetime
+) -> None:
     """The imported CA must be able to sign our pathlen:0 cluster intermediates: CA:TRUE with
     keyCertSign and room in its path length, within validity, its key matching, and ``chain``
     leading by valid signatures to a self-signed root whose path lengths allow it."""
@@ -36,8 +37,7 @@ def check_importable_ca(cert: x509.Certificate, chain: Sequence[x509.Certificate
             bc = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
             ku = ca.extensions.get_extension_for_class(x509.KeyUsage).value
         except x509.ExtensionNotFound as exc:
-            raise InvalidInput(f"certificate {depth} of the imported chain lacks basicConstraints or keyUsage") \
-                from exc
+            raise InvalidInput(f"certificate {depth} of the imported chain lacks basicConstraints or keyUsage") from exc
         if not bc.ca or not ku.key_cert_sign:
             raise InvalidInput(f"certificate {depth} of the imported chain is not a CA with keyCertSign")
         if depth == 0 and not ku.crl_sign:  # it signs the CRLs of everything it issues
@@ -46,11 +46,14 @@ def check_importable_ca(cert: x509.Certificate, chain: Sequence[x509.Certificate
         if bc.path_length is not None and bc.path_length < depth + 1:
             raise InvalidInput(
                 f"certificate {depth} of the imported chain has pathLenConstraint {bc.path_length}; "
-                f"it needs at least {depth + 1} to sign cluster intermediates below it")
+                f"it needs at least {depth + 1} to sign cluster intermediates below it"
+            )
         issuer = path[depth + 1] if depth + 1 < len(path) else ca
         if ca.issuer != issuer.subject:
-            raise InvalidInput(f"certificate {depth} of the imported chain is not issued by the next one: "
-                               "give the chain in order, up to the self-signed root")
+            raise InvalidInput(
+                f"certificate {depth} of the imported chain is not issued by the next one: "
+                "give the chain in order, up to the self-signed root"
+            )
         try:
             ca.verify_directly_issued_by(issuer)
         except (InvalidSignature, ValueError, TypeError) as exc:

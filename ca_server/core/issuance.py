@@ -27,8 +27,9 @@ from ca_server.core.roots import rotate_clusters_where
 from ca_server.core.validation import require_dns_label
 
 _KEY_CACHE = 20_000  # parsed intermediate public keys (and other per-key entries) kept per process
-_ALREADY_CERTIFIED = ("a certificate for this CSR's public key exists already: every enrollment and renewal "
-                      "needs a new key")
+_ALREADY_CERTIFIED = (
+    "a certificate for this CSR's public key exists already: every enrollment and renewal needs a new key"
+)
 
 
 @dataclass(frozen=True)
@@ -84,16 +85,16 @@ def _decode_proof(proof_b64: str) -> bytes:
     return proof
 
 
-def _check_bootstrap(rec: BootstrapToken | None, tok: tk.PresentedToken, cluster_name: str, *,
-                     now: datetime) -> None:
+def _check_bootstrap(rec: BootstrapToken | None, tok: tk.PresentedToken, cluster_name: str, *, now: datetime) -> None:
     """Unauthenticated unless ``rec`` is the stored, unused, unexpired bootstrap token of the cluster."""
     if rec is None or not tk.secret_matches(tok, rec.token_hash) or rec.cluster != cluster_name:
         raise Unauthenticated("bootstrap token is not valid for this cluster")
     if rec.used_at is not None:
         raise Unauthenticated("bootstrap token was already used: ask the operator for a new one")
     if rec.expires_at <= now:
-        raise Unauthenticated("bootstrap token has expired or was replaced by a newer one: ask the operator "
-                              "for a new one")
+        raise Unauthenticated(
+            "bootstrap token has expired or was replaced by a newer one: ask the operator for a new one"
+        )
 
 
 def _enrollable(cluster: Cluster) -> Cluster:
@@ -147,11 +148,22 @@ class Issuance:
             cluster.agent_token_id, cluster.agent_token_hash = agent.token_id, agent.token_hash
             roots, server_names = tx.list_roots(), tuple(tx.list_server_names())
             if server_names != names or not self._draft_holds(draft, seen.trust_domain, cluster, roots):
-                draft = self._sign_intermediate(cluster.name, cluster.trust_domain, csr, csr_key, roots,
-                                                server_names, now=now)
+                draft = self._sign_intermediate(
+                    cluster.name, cluster.trust_domain, csr, csr_key, roots, server_names, now=now
+                )
             cert, root = draft
-            issued = self._record_issue(tx, cluster, cert, root, fingerprint, roots=roots, crl_pem=None, now=now,
-                                        actor=f"bootstrap:{tok.token_id}", action="enroll")
+            issued = self._record_issue(
+                tx,
+                cluster,
+                cert,
+                root,
+                fingerprint,
+                roots=roots,
+                crl_pem=None,
+                now=now,
+                actor=f"bootstrap:{tok.token_id}",
+                action="enroll",
+            )
             cluster.proof_floor = self._id_of(tx, issued.serial)  # older intermediates prove nothing now
             tx.mark_bootstrap_used(tok.token_id, now)
             tx.save_cluster(cluster)
@@ -186,22 +198,40 @@ class Issuance:
         now = self.ctx.clock()
         proved_by = self._prover(known.cluster, csr_der, proof, now=now)
         pki = self._pki
-        draft = self._sign_intermediate(known.cluster, known.trust_domain, csr, csr_key, pki[1], pki[3], now=now) \
-            if pki is not None else None
+        draft = (
+            self._sign_intermediate(known.cluster, known.trust_domain, csr, csr_key, pki[1], pki[3], now=now)
+            if pki is not None
+            else None
+        )
         with self.ctx.write() as tx:
             locked = must_cluster(tx, cluster_name, for_update=True)
             self._require_agent(tok, locked)
             roots, crl_pem, server_names = self._pki_state(tx)
             self._confirm_prover(tx, locked, proved_by, now=now, roots=roots)
-            if draft is None or pki is None or pki[3] != server_names or \
-                    not self._draft_holds(draft, known.trust_domain, locked, roots):
-                draft = self._sign_intermediate(locked.name, locked.trust_domain, csr, csr_key, roots, server_names,
-                                                now=now)
+            if (
+                draft is None
+                or pki is None
+                or pki[3] != server_names
+                or not self._draft_holds(draft, known.trust_domain, locked, roots)
+            ):
+                draft = self._sign_intermediate(
+                    locked.name, locked.trust_domain, csr, csr_key, roots, server_names, now=now
+                )
             cert, root = draft
             ended = locked.rotation_pending
             locked.rotation_pending = False
-            issued = self._record_issue(tx, locked, cert, root, fingerprint, roots=roots, crl_pem=crl_pem, now=now,
-                                        actor=f"agent:{locked.name}", action="renew")
+            issued = self._record_issue(
+                tx,
+                locked,
+                cert,
+                root,
+                fingerprint,
+                roots=roots,
+                crl_pem=crl_pem,
+                now=now,
+                actor=f"agent:{locked.name}",
+                action="renew",
+            )
             if ended:
                 tx.save_cluster(locked)
                 self.ctx.changed(tx)
@@ -242,19 +272,27 @@ class Issuance:
 
     def _require_agent(self, tok: tk.PresentedToken, cluster: Cluster) -> None:
         """The authoritative check, on the row the write transaction holds."""
-        if cluster.agent_token_id != tok.token_id or cluster.status != ClusterStatus.ACTIVE or \
-                not tk.secret_matches(tok, cluster.agent_token_hash):
+        if (
+            cluster.agent_token_id != tok.token_id
+            or cluster.status != ClusterStatus.ACTIVE
+            or not tk.secret_matches(tok, cluster.agent_token_hash)
+        ):
             self._known_agents.pop(tok.token_id, None)
             raise Unauthenticated("agent token is no longer valid")
 
     @staticmethod
-    def _draft_holds(draft: tuple[x509.Certificate, Root], trust_domain: str, cluster: Cluster,
-                     roots: Sequence[Root]) -> bool:
+    def _draft_holds(
+        draft: tuple[x509.Certificate, Root], trust_domain: str, cluster: Cluster, roots: Sequence[Root]
+    ) -> bool:
         """Whether the certificate signed ahead (for ``trust_domain``) is the one the transaction
         would sign: same active root (certificate and chain), same trust domain."""
         active, signed_under = active_root(roots), draft[1]
-        return (active.id == signed_under.id and active.cert_pem == signed_under.cert_pem
-                and active.chain_pem == signed_under.chain_pem and cluster.trust_domain == trust_domain)
+        return (
+            active.id == signed_under.id
+            and active.cert_pem == signed_under.cert_pem
+            and active.chain_pem == signed_under.chain_pem
+            and cluster.trust_domain == trust_domain
+        )
 
     @staticmethod
     def _may_prove(rec: CertificateRecord, roots: Sequence[Root]) -> bool:
@@ -301,8 +339,9 @@ class Issuance:
         if tried is not None and xp.verify_proof(key, csr_der, proof):
             return tried
         with self.ctx.store.read() as tx:
-            candidates = self._candidates(tx, must_cluster(tx, cluster), now=now,
-                                          roots=self._pki[1] if self._pki is not None else tx.list_roots())
+            candidates = self._candidates(
+                tx, must_cluster(tx, cluster), now=now, roots=self._pki[1] if self._pki is not None else tx.list_roots()
+            )
         for rec in candidates:
             if rec.serial != tried and xp.verify_proof(self._public_key(rec), csr_der, proof):
                 return rec.serial
@@ -319,15 +358,26 @@ class Issuance:
         intermediates at or above its proof floor (raised by enrollment and rotate) under a root
         that is not retired. An agent proves with the newest or, when the answer to its last
         renewal was lost, with the one before."""
-        candidates = [rec for rec in tx.proof_candidates(cluster.name, now=now, floor=cluster.proof_floor or 0)
-                      if self._may_prove(rec, roots)]
+        candidates = [
+            rec
+            for rec in tx.proof_candidates(cluster.name, now=now, floor=cluster.proof_floor or 0)
+            if self._may_prove(rec, roots)
+        ]
         if candidates:
             self._newest[cluster.name] = candidates[0].serial
         return candidates
 
-    def _sign_intermediate(self, name: str, trust_domain: str, csr: x509.CertificateSigningRequest,
-                           csr_key: Any, roots: Sequence[Root], server_names: Sequence[str], *,
-                           now: datetime) -> tuple[x509.Certificate, Root]:
+    def _sign_intermediate(
+        self,
+        name: str,
+        trust_domain: str,
+        csr: x509.CertificateSigningRequest,
+        csr_key: Any,
+        roots: Sequence[Root],
+        server_names: Sequence[str],
+        *,
+        now: datetime,
+    ) -> tuple[x509.Certificate, Root]:
         """Sign and path-validate an intermediate under the active root, excluding the CA service's
         own ``server_names`` from what it may sign (nothing stored)."""
         root = active_root(roots)
@@ -348,20 +398,44 @@ class Issuance:
         return cert, root
 
     def _record_issue(
-        self, tx: Tx, cluster: Cluster, cert: x509.Certificate, root: Root, fingerprint: str, *,
-        roots: Sequence[Root], crl_pem: str | None, now: datetime, actor: str, action: str,
+        self,
+        tx: Tx,
+        cluster: Cluster,
+        cert: x509.Certificate,
+        root: Root,
+        fingerprint: str,
+        *,
+        roots: Sequence[Root],
+        crl_pem: str | None,
+        now: datetime,
+        actor: str,
+        action: str,
     ) -> Issued:
         """Store and audit a signed intermediate (``fingerprint``: its key's, from the CSR); the
         bundle the agent installs. Conflict when the key was certified before."""
         pem = xp.cert_pem(cert)
         rec = CertificateRecord(
-            serial=xp.serial_hex(cert), cluster=cluster.name, root_id=root.id, generation=cluster.generation,
-            cert_pem=pem, public_key_fp=fingerprint,
-            not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc, issued_at=now,
+            serial=xp.serial_hex(cert),
+            cluster=cluster.name,
+            root_id=root.id,
+            generation=cluster.generation,
+            cert_pem=pem,
+            public_key_fp=fingerprint,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            issued_at=now,
         )
         tx.add_certificate(rec)
-        self.ctx.audit(tx, actor=actor, action=f"intermediate.{action}", subject=cluster.name, serial=rec.serial,
-                       generation=cluster.generation, root=root.id, not_after=rec.not_after.isoformat())
+        self.ctx.audit(
+            tx,
+            actor=actor,
+            action=f"intermediate.{action}",
+            subject=cluster.name,
+            serial=rec.serial,
+            generation=cluster.generation,
+            root=root.id,
+            not_after=rec.not_after.isoformat(),
+        )
         bundle = Bundle(
             ca_cert=pem,
             cert_chain=pem + root.cert_pem + root.chain_pem,
@@ -380,8 +454,12 @@ class Issuance:
         with self.ctx.store.read() as tx:
             root = active_root(tx.list_roots())
         cert = xp.issue_server_cert(
-            issuer=self.rootkeys.cert(root.cert_pem), signer=self.rootkeys.signer(root), public_key=public_key,
-            dns_names=list(dns_names), ip_addresses=[ipaddress.ip_address(i) for i in ip_addresses], now=now,
+            issuer=self.rootkeys.cert(root.cert_pem),
+            signer=self.rootkeys.signer(root),
+            public_key=public_key,
+            dns_names=list(dns_names),
+            ip_addresses=[ipaddress.ip_address(i) for i in ip_addresses],
+            now=now,
         )
         return cert, root
 
@@ -404,10 +482,13 @@ class Issuance:
             for name in added:
                 tx.add_server_name(name, now)
             rotated = rotate_clusters_where(tx, lambda _rec: True)
-            self.ctx.audit(tx, actor=actor, action="server_names.protect", subject="ca", names=added,
-                           rotated=rotated)
-        log.warning("the CA service's names %s are now excluded from cluster intermediates; clusters "
-                    "rotating to exclude them: %s", ", ".join(added), ", ".join(rotated) or "none")
+            self.ctx.audit(tx, actor=actor, action="server_names.protect", subject="ca", names=added, rotated=rotated)
+        log.warning(
+            "the CA service's names %s are now excluded from cluster intermediates; clusters "
+            "rotating to exclude them: %s",
+            ", ".join(added),
+            ", ".join(rotated) or "none",
+        )
         return added
 
     @staticmethod

@@ -33,24 +33,21 @@ class Roots:
         self.rootkeys = rootkeys
         self.crls = crls
 
-    def init_root(
-        self, *, key_type: KeyType, actor: str = "init"
-    ) -> tuple[Root, str]:
+    def init_root(self, *, key_type: KeyType, actor: str = "init") -> tuple[Root, str]:
         """Create the first root and the first admin token. Returns (root, admin token)."""
         now = self.ctx.clock()
         with self._new_key_discarded_on_failure() as created, self.ctx.write() as tx:
             if tx.list_roots():
                 raise Conflict("this CA already has a root")
-            root = self._generate_root(tx, key_type=key_type, status=RootStatus.ACTIVE, now=now, actor=actor,
-                                       created=created)
+            root = self._generate_root(
+                tx, key_type=key_type, status=RootStatus.ACTIVE, now=now, actor=actor, created=created
+            )
             admin = self._first_admin_token(tx, now=now, actor=actor)
             self.crls.sign(tx, root, now=now, actor=actor)
             self.ctx.changed(tx)
         return root, admin.plaintext
 
-    def import_root(
-        self, *, cert_pem: str, chain_pem: str, key_ref: str, actor: str = "init"
-    ) -> tuple[Root, str]:
+    def import_root(self, *, cert_pem: str, chain_pem: str, key_ref: str, actor: str = "init") -> tuple[Root, str]:
         """Adopt an existing root, or an issuing CA below an offline root (chain checked)."""
         certs = xp.load_pem_certificates(cert_pem)  # InvalidInput for anything but PEM certificates
         if len(certs) != 1:
@@ -91,12 +88,24 @@ class Roots:
                 try:
                     keys.discard(key_ref)
                 except Exception as exc:  # the original failure is what the caller must see
-                    log.warning("could not discard the key of a root that was not created: %s",
-                                type(exc).__name__, extra={"key": keys.describe(key_ref)})
+                    log.warning(
+                        "could not discard the key of a root that was not created: %s",
+                        type(exc).__name__,
+                        extra={"key": keys.describe(key_ref)},
+                    )
             raise
 
-    def _generate_root(self, tx: Tx, *, key_type: KeyType, status: RootStatus, now: datetime, actor: str,
-                       created: list[tuple[str, str]], endorser: Root | None = None) -> Root:
+    def _generate_root(
+        self,
+        tx: Tx,
+        *,
+        key_type: KeyType,
+        status: RootStatus,
+        now: datetime,
+        actor: str,
+        created: list[tuple[str, str]],
+        endorser: Root | None = None,
+    ) -> Root:
         """A new self-signed root, stored; ``endorser`` (the active root) cross-signs it."""
         suffix = tk.new_token("admin").token_id[:6]
         label = f"root-{now.strftime('%Y%m%d%H%M%S')}-{suffix}"
@@ -121,16 +130,24 @@ class Roots:
         created[-1] = (key_ref, root.id)
         tx.add_root(root)
         self.rootkeys.signers[root.id] = signer
-        self.ctx.audit(tx, actor=actor, action="root.create", subject=root.id, key_type=key_type.value,
-                       status=status.value, key=self.ctx.keys.describe(key_ref),
-                       endorsed_by=endorser.id if endorser is not None else None)
+        self.ctx.audit(
+            tx,
+            actor=actor,
+            action="root.create",
+            subject=root.id,
+            key_type=key_type.value,
+            status=status.value,
+            key=self.ctx.keys.describe(key_ref),
+            endorsed_by=endorser.id if endorser is not None else None,
+        )
         return root
 
     def _endorsement(self, cert: x509.Certificate, endorser: Root, *, now: datetime) -> str:
         """``cert`` cross-signed by ``endorser``, followed by the endorser's own certificate when that
         sits below an offline root (so the endorsement chains to the anchor agents hold)."""
-        cross = xp.build_endorsement(root=cert, issuer=self.rootkeys.cert(endorser.cert_pem),
-                                     signer=self.rootkeys.signer(endorser), now=now)
+        cross = xp.build_endorsement(
+            root=cert, issuer=self.rootkeys.cert(endorser.cert_pem), signer=self.rootkeys.signer(endorser), now=now
+        )
         return xp.cert_pem(cross) + (endorser.cert_pem if endorser.chain_pem else "")
 
     def list_roots(self) -> list[Root]:
@@ -147,8 +164,13 @@ class Roots:
         now = self.ctx.clock()
         with self._new_key_discarded_on_failure() as created, self.ctx.write() as tx:
             root = self._generate_root(
-                tx, key_type=key_type or self.ctx.policy.root_key_type, status=RootStatus.TRUSTED, now=now,
-                actor=actor, created=created, endorser=active_root(tx.list_roots()),
+                tx,
+                key_type=key_type or self.ctx.policy.root_key_type,
+                status=RootStatus.TRUSTED,
+                now=now,
+                actor=actor,
+                created=created,
+                endorser=active_root(tx.list_roots()),
             )
             self.crls.sign(tx, root, now=now, actor=actor)
             self.ctx.changed(tx)
@@ -181,8 +203,7 @@ class Roots:
             current = tx.current_certificates()
             clusters = {c.name: c for c in tx.list_clusters()}
             still = sorted(
-                n for n, rec in current.items()
-                if rec.root_id == root.id and clusters[n].status == ClusterStatus.ACTIVE
+                n for n, rec in current.items() if rec.root_id == root.id and clusters[n].status == ClusterStatus.ACTIVE
             )
             if still:
                 raise Conflict(f"clusters still hold intermediates under this root: {', '.join(still)}")

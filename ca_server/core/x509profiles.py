@@ -379,8 +379,12 @@ def issue_intermediate(
 
 # Names the cluster intermediates must keep signing: istiod's serving certificate and the DNS
 # certificates workloads ask for. An excluded subtree covering one of them would break the mesh.
-_MESH_DNS_NAMES = ("istiod.istio-system.svc", "istiod.istio-system.svc.cluster.local", "x.x.svc",
-                   "x.x.svc.cluster.local")
+_MESH_DNS_NAMES = (
+    "istiod.istio-system.svc",
+    "istiod.istio-system.svc.cluster.local",
+    "x.x.svc",
+    "x.x.svc.cluster.local",
+)
 
 
 def protectable_name(name: str) -> str:
@@ -435,8 +439,13 @@ def build_endorsement(
     if not_after <= now:
         raise Conflict("the endorsing root has expired")
     builder = (
-        _builder(subject=root.subject, issuer=issuer.subject, public_key=public_key, not_before=not_before,
-                 not_after=not_after)
+        _builder(
+            subject=root.subject,
+            issuer=issuer.subject,
+            public_key=public_key,
+            not_before=not_before,
+            not_after=not_after,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(_CA_KEY_USAGE, critical=True)
         .add_extension(_authority_key_identifier(issuer), critical=False)

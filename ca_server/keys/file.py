@@ -218,8 +218,13 @@ class FileKeyBackend:
         try:
             replace_file(path, pkcs8.encrypt(private_key, self._passphrase))
         except OSError as exc:
-            log.warning("key file %s uses an outdated KDF (%s) and could not be re-encrypted: %s",
-                        path, before, exc.strerror)
+            log.warning(
+                "key file %s uses an outdated KDF (%s) and could not be re-encrypted: %s", path, before, exc.strerror
+            )
             return
-        log.warning("re-encrypted key file %s with the current KDF (%s; was %s); same key, same passphrase",
-                    path, pkcs8.CURRENT, before)
+        log.warning(
+            "re-encrypted key file %s with the current KDF (%s; was %s); same key, same passphrase",
+            path,
+            pkcs8.CURRENT,
+            before,
+        )

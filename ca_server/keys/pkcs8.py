@@ -35,8 +35,14 @@ _HMAC_SHA512 = bytes.fromhex("06082a864886f70d020b")  # 1.2.840.113549.2.11
 _AES256_CBC = bytes.fromhex("060960864801650304012a")  # 2.16.840.1.101.3.4.1.42
 _NULL = b"\x05\x00"
 _SCRYPT = bytes.fromhex("06092b06010401da47040b")  # 1.3.6.1.4.1.11591.4.11
-_NAMES = {_PBKDF2: "pbkdf2", _SCRYPT: "scrypt", _HMAC_SHA1: "hmac-sha1", _HMAC_SHA256: "hmac-sha256",
-          _HMAC_SHA384: "hmac-sha384", _HMAC_SHA512: "hmac-sha512"}
+_NAMES = {
+    _PBKDF2: "pbkdf2",
+    _SCRYPT: "scrypt",
+    _HMAC_SHA1: "hmac-sha1",
+    _HMAC_SHA256: "hmac-sha256",
+    _HMAC_SHA384: "hmac-sha384",
+    _HMAC_SHA512: "hmac-sha512",
+}
 
 _SEQUENCE, _INTEGER, _OCTET_STRING = 0x30, 0x02, 0x04
 
@@ -136,10 +142,10 @@ def _split(data: bytes) -> tuple[int, bytes, bytes]:
         count = size & 0x7F
         if not 0 < count <= 4 or len(data) < 2 + count:
             raise ValueError("bad DER length")
-        size, offset = int.from_bytes(data[2:2 + count], "big"), 2 + count
+        size, offset = int.from_bytes(data[2 : 2 + count], "big"), 2 + count
     if len(data) < offset + size:
         raise ValueError("truncated DER")
-    return tag, data[offset:offset + size], data[offset + size:]
+    return tag, data[offset : offset + size], data[offset + size :]
 
 
 def _children(element: bytes, tag: int) -> list[bytes]:
@@ -150,14 +156,14 @@ def _children(element: bytes, tag: int) -> list[bytes]:
     children = []
     while content:
         _, _, rest = _split(content)
-        children.append(content[:len(content) - len(rest)])
+        children.append(content[: len(content) - len(rest)])
         content = rest
     return children
 
 
 def _pem(der: bytes) -> bytes:
     body = base64.b64encode(der)
-    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
     return b"\n".join([f"-----BEGIN {PEM_LABEL}-----".encode(), *lines, f"-----END {PEM_LABEL}-----".encode(), b""])
 
 
@@ -166,4 +172,4 @@ def _unpem(pem: bytes) -> bytes:
     start, stop = pem.find(begin), pem.find(end)
     if start < 0 or stop < start:
         raise ValueError(f"not a PEM {PEM_LABEL}")
-    return base64.b64decode(b"".join(pem[start + len(begin):stop].split()), validate=True)
+    return base64.b64decode(b"".join(pem[start + len(begin) : stop].split()), validate=True)

@@ -16,19 +16,22 @@ from ca_server.storage.tables import rate_counters
 
 def _upsert(insert: Any) -> Any:
     ins = insert(rate_counters).values(key=bindparam("key"), window=bindparam("window"), count=bindparam("count"))
-    return ins.on_conflict_do_update(index_elements=["key", "window"],
-                                     set_={"count": rate_counters.c.count + ins.excluded.count})
+    return ins.on_conflict_do_update(
+        index_elements=["key", "window"], set_={"count": rate_counters.c.count + ins.excluded.count}
+    )
 
 
 # built once: one cached statement whatever the number of keys (executemany, expanding IN)
 _UPSERT = {"postgresql": _upsert(pg_insert), "sqlite": _upsert(sqlite_insert)}
 _READ = select(rate_counters.c.key, rate_counters.c.count).where(
-    rate_counters.c.window == bindparam("window"), rate_counters.c.key.in_(bindparam("keys", expanding=True)))
+    rate_counters.c.window == bindparam("window"), rate_counters.c.key.in_(bindparam("keys", expanding=True))
+)
 
 
 class SqlRateCounters:
-    def __init__(self, engine: Engine, *,
-                 writer_gate: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext) -> None:
+    def __init__(
+        self, engine: Engine, *, writer_gate: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
+    ) -> None:
         """``writer_gate``: the store's SQLite writer serialisation, so this write queues with the
         others instead of meeting them in SQLite's sleeping busy handler."""
         self.engine = engine

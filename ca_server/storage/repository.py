@@ -49,8 +49,13 @@ WAL_BACKSTOP_PAGES = 20_000  # ~80 MB of WAL
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, poolclass=QueuePool, pool_size=8, max_overflow=8,
-                               connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url,
+            poolclass=QueuePool,
+            pool_size=8,
+            max_overflow=8,
+            connect_args={"check_same_thread": False, "timeout": 30},
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -71,29 +76,65 @@ def make_engine(url: str) -> Engine:
 
 
 def _root(r: Row[Any]) -> Root:
-    return Root(id=r.id, status=RootStatus(r.status), cert_pem=r.cert_pem, chain_pem=r.chain_pem,
-                key_ref=r.key_ref, not_after=r.not_after, created_at=r.created_at, anchor_pem=r.anchor_pem,
-                endorsement_pem=r.endorsement_pem)
+    return Root(
+        id=r.id,
+        status=RootStatus(r.status),
+        cert_pem=r.cert_pem,
+        chain_pem=r.chain_pem,
+        key_ref=r.key_ref,
+        not_after=r.not_after,
+        created_at=r.created_at,
+        anchor_pem=r.anchor_pem,
+        endorsement_pem=r.endorsement_pem,
+    )
 
 
 def _cluster(r: Row[Any]) -> Cluster:
-    return Cluster(name=r.name, trust_domain=r.trust_domain, status=ClusterStatus(r.status),
-                   generation=r.generation, rotation_pending=bool(r.rotation_pending), gateway=r.gateway,
-                   created_at=r.created_at, agent_token_id=r.agent_token_id, agent_token_hash=r.agent_token_hash,
-                   exports=r.exports, agent_status=r.agent_status, revoked_at=r.revoked_at,
-                   proof_floor=r.proof_floor)
+    return Cluster(
+        name=r.name,
+        trust_domain=r.trust_domain,
+        status=ClusterStatus(r.status),
+        generation=r.generation,
+        rotation_pending=bool(r.rotation_pending),
+        gateway=r.gateway,
+        created_at=r.created_at,
+        agent_token_id=r.agent_token_id,
+        agent_token_hash=r.agent_token_hash,
+        exports=r.exports,
+        agent_status=r.agent_status,
+        revoked_at=r.revoked_at,
+        proof_floor=r.proof_floor,
+    )
 
 
 def _cert(r: Row[Any]) -> CertificateRecord:
-    return CertificateRecord(serial=r.serial, cluster=r.cluster, root_id=r.root_id, generation=r.generation,
-                             cert_pem=r.cert_pem, public_key_fp=r.public_key_fp, not_before=r.not_before,
-                             not_after=r.not_after, issued_at=r.issued_at, revoked_at=r.revoked_at,
-                             revocation_reason=r.revocation_reason, id=r.id)
+    return CertificateRecord(
+        serial=r.serial,
+        cluster=r.cluster,
+        root_id=r.root_id,
+        generation=r.generation,
+        cert_pem=r.cert_pem,
+        public_key_fp=r.public_key_fp,
+        not_before=r.not_before,
+        not_after=r.not_after,
+        issued_at=r.issued_at,
+        revoked_at=r.revoked_at,
+        revocation_reason=r.revocation_reason,
+        id=r.id,
+    )
 
 
 def _audit(r: Row[Any]) -> AuditEntry:
-    return AuditEntry(id=r.id, at=r.at, actor=r.actor, action=r.action, subject=r.subject,
-                      details=json.loads(r.details), prev_hash=r.prev_hash, hash=r.hash)
+    return AuditEntry(
+        id=r.id,
+        at=r.at,
+        actor=r.actor,
+        action=r.action,
+        subject=r.subject,
+        details=json.loads(r.details),
+        prev_hash=r.prev_hash,
+        hash=r.hash,
+    )
 
 
 class _Q:
@@ -108,24 +149,34 @@ class _Q:
     save_cluster = update(t.clusters).where(t.clusters.c.name == bindparam("b_name"))
     certificate = select(t.certificates).where(t.certificates.c.serial == bindparam("serial"))
     add_certificate_values = insert(t.certificates).values(
-        {c.name: bindparam(c.name) for c in t.certificates.c if c.name != "id"})
+        {c.name: bindparam(c.name) for c in t.certificates.c if c.name != "id"}
+    )
     audit_head = select(t.meta).where(t.meta.c.key == "audit_head")
     audit_head_for_update = audit_head.with_for_update()
     add_audit_values = insert(t.audit).values({c.name: bindparam(c.name) for c in t.audit.c})
-    set_audit_head = update(t.meta).where(t.meta.c.key == "audit_head").values(
-        int_value=bindparam("new_id"), str_value=bindparam("new_hash"))
+    set_audit_head = (
+        update(t.meta)
+        .where(t.meta.c.key == "audit_head")
+        .values(int_value=bindparam("new_id"), str_value=bindparam("new_hash"))
+    )
     revision = select(t.meta.c.int_value).where(t.meta.c.key == "revision")
     revision_and_audit_head = select(t.meta).where(t.meta.c.key.in_(["revision", "audit_head"]))
     proof_candidates = (
         select(t.certificates)
-        .where(t.certificates.c.cluster == bindparam("cluster"), t.certificates.c.revoked_at.is_(None),
-               t.certificates.c.not_after > bindparam("now"), t.certificates.c.id >= bindparam("floor"))
+        .where(
+            t.certificates.c.cluster == bindparam("cluster"),
+            t.certificates.c.revoked_at.is_(None),
+            t.certificates.c.not_after > bindparam("now"),
+            t.certificates.c.id >= bindparam("floor"),
+        )
         .order_by(t.certificates.c.id.desc())
         .limit(2)
     )
     latest_certificate = (
-        select(t.certificates).where(t.certificates.c.cluster == bindparam("cluster"))
-        .order_by(t.certificates.c.id.desc()).limit(1)
+        select(t.certificates)
+        .where(t.certificates.c.cluster == bindparam("cluster"))
+        .order_by(t.certificates.c.id.desc())
+        .limit(1)
     )
     bump_revision = update(t.meta).where(t.meta.c.key == "revision").values(int_value=t.meta.c.int_value + 1)
 
@@ -149,13 +200,15 @@ class _Prepared:
         self.sql = self.compiled.string
         self.order = list(self.compiled.positiontup or []) if dialect.positional else None
         self.bind_procs = [
-            (name, proc) for name, bp in self.compiled.binds.items()
+            (name, proc)
+            for name, bp in self.compiled.binds.items()
             if (proc := bp.type.dialect_impl(dialect).bind_processor(dialect)) is not None
         ]
         cols = list(stmt.selected_columns) if hasattr(stmt, "selected_columns") else []
         self.row_type = namedtuple("_Row", [c.key for c in cols]) if cols else None
         self.result_procs = [
-            (i, proc) for i, c in enumerate(cols)
+            (i, proc)
+            for i, c in enumerate(cols)
             if (proc := c.type.dialect_impl(dialect).result_processor(dialect, None)) is not None
         ]
 
@@ -183,9 +236,20 @@ class _Prepared:
         return rows[0] if rows else None
 
 
-_HOT = ("cluster", "cluster_for_update", "cluster_by_token", "certificate", "revision", "revision_and_audit_head",
-        "audit_head", "audit_head_for_update", "proof_candidates", "add_certificate_values", "add_audit_values",
-        "set_audit_head")
+_HOT = (
+    "cluster",
+    "cluster_for_update",
+    "cluster_by_token",
+    "certificate",
+    "revision",
+    "revision_and_audit_head",
+    "audit_head",
+    "audit_head_for_update",
+    "proof_candidates",
+    "add_certificate_values",
+    "add_audit_values",
+    "set_audit_head",
+)
 
 
 def _prepare_hot(dialect: Dialect) -> dict[str, _Prepared]:
@@ -234,8 +298,14 @@ class _HotThroughCore:
 
 
 class SqlTx:
-    def __init__(self, conn: Connection, *, postgres: bool, prepared: dict[str, _Prepared] | None,
-                 hasher: EntryHasher = entry_hash) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        postgres: bool,
+        prepared: dict[str, _Prepared] | None,
+        hasher: EntryHasher = entry_hash,
+    ) -> None:
         """``prepared``: the store's compiled hot statements, or None to run them through Core;
         ``hasher``: how appended audit entries are hashed (keyed, or 0.1.0's unkeyed scheme)."""
         self.c = conn
@@ -254,10 +324,19 @@ class SqlTx:
         return _root(r) if r else None
 
     def add_root(self, root: Root) -> None:
-        self.c.execute(insert(t.roots).values(
-            id=root.id, status=root.status.value, cert_pem=root.cert_pem, chain_pem=root.chain_pem,
-            anchor_pem=root.anchor_pem, key_ref=root.key_ref, not_after=root.not_after, created_at=root.created_at,
-            endorsement_pem=root.endorsement_pem))
+        self.c.execute(
+            insert(t.roots).values(
+                id=root.id,
+                status=root.status.value,
+                cert_pem=root.cert_pem,
+                chain_pem=root.chain_pem,
+                anchor_pem=root.anchor_pem,
+                key_ref=root.key_ref,
+                not_after=root.not_after,
+                created_at=root.created_at,
+                endorsement_pem=root.endorsement_pem,
+            )
+        )
 
     def set_root_status(self, root_id: str, status: str) -> None:
         self.c.execute(update(t.roots).where(t.roots.c.id == root_id).values(status=status))
@@ -287,11 +366,21 @@ class SqlTx:
 
     @staticmethod
     def _cluster_values(c: Cluster) -> dict[str, Any]:
-        return {"name": c.name, "trust_domain": c.trust_domain, "status": c.status.value,
-                "generation": c.generation, "rotation_pending": c.rotation_pending, "gateway": c.gateway,
-                "created_at": c.created_at, "agent_token_id": c.agent_token_id,
-                "agent_token_hash": c.agent_token_hash, "exports": c.exports, "agent_status": c.agent_status,
-                "revoked_at": c.revoked_at, "proof_floor": c.proof_floor}
+        return {
+            "name": c.name,
+            "trust_domain": c.trust_domain,
+            "status": c.status.value,
+            "generation": c.generation,
+            "rotation_pending": c.rotation_pending,
+            "gateway": c.gateway,
+            "created_at": c.created_at,
+            "agent_token_id": c.agent_token_id,
+            "agent_token_hash": c.agent_token_hash,
+            "exports": c.exports,
+            "agent_status": c.agent_status,
+            "revoked_at": c.revoked_at,
+            "proof_floor": c.proof_floor,
+        }
 
     def find_cluster_by_agent_token(self, token_id: str) -> Cluster | None:
         r = self._hot.first("cluster_by_token", {"token_id": token_id})
@@ -299,9 +388,16 @@ class SqlTx:
 
     # tokens
     def add_bootstrap_token(self, token: BootstrapToken) -> None:
-        self.c.execute(insert(t.bootstrap_tokens).values(
-            token_id=token.token_id, cluster=token.cluster, token_hash=token.token_hash,
-            expires_at=token.expires_at, created_at=token.created_at, used_at=token.used_at))
+        self.c.execute(
+            insert(t.bootstrap_tokens).values(
+                token_id=token.token_id,
+                cluster=token.cluster,
+                token_hash=token.token_hash,
+                expires_at=token.expires_at,
+                created_at=token.created_at,
+                used_at=token.used_at,
+            )
+        )
 
     def get_bootstrap_token(self, token_id: str, *, for_update: bool = False) -> BootstrapToken | None:
         q = select(t.bootstrap_tokens).where(t.bootstrap_tokens.c.token_id == token_id)
@@ -313,8 +409,11 @@ class SqlTx:
         return BootstrapToken(r.token_id, r.cluster, r.token_hash, r.expires_at, r.created_at, r.used_at)
 
     def mark_bootstrap_used(self, token_id: str, at: datetime) -> None:
-        res = self.c.execute(update(t.bootstrap_tokens).where(
-            t.bootstrap_tokens.c.token_id == token_id, t.bootstrap_tokens.c.used_at.is_(None)).values(used_at=at))
+        res = self.c.execute(
+            update(t.bootstrap_tokens)
+            .where(t.bootstrap_tokens.c.token_id == token_id, t.bootstrap_tokens.c.used_at.is_(None))
+            .values(used_at=at)
+        )
         if res.rowcount != 1:
             raise Conflict("bootstrap token was used concurrently")
 
@@ -328,8 +427,14 @@ class SqlTx:
         return ids
 
     def add_admin_token(self, token: AdminToken) -> None:
-        self.c.execute(insert(t.admin_tokens).values(token_id=token.token_id, token_hash=token.token_hash,
-                                                     created_at=token.created_at, description=token.description))
+        self.c.execute(
+            insert(t.admin_tokens).values(
+                token_id=token.token_id,
+                token_hash=token.token_hash,
+                created_at=token.created_at,
+                description=token.description,
+            )
+        )
 
     def get_admin_token(self, token_id: str) -> AdminToken | None:
         r = self.c.execute(select(t.admin_tokens).where(t.admin_tokens.c.token_id == token_id)).first()
@@ -339,14 +444,27 @@ class SqlTx:
     def add_certificate(self, rec: CertificateRecord) -> None:
         """Conflict when a certificate for the same public key exists (``unique_key_fp``)."""
         try:
-            self._hot.run("add_certificate_values", dict(
-                serial=rec.serial, cluster=rec.cluster, root_id=rec.root_id, generation=rec.generation,
-                cert_pem=rec.cert_pem, public_key_fp=rec.public_key_fp, unique_key_fp=rec.public_key_fp,
-                not_before=rec.not_before, not_after=rec.not_after, issued_at=rec.issued_at,
-                revoked_at=rec.revoked_at, revocation_reason=rec.revocation_reason))
+            self._hot.run(
+                "add_certificate_values",
+                dict(
+                    serial=rec.serial,
+                    cluster=rec.cluster,
+                    root_id=rec.root_id,
+                    generation=rec.generation,
+                    cert_pem=rec.cert_pem,
+                    public_key_fp=rec.public_key_fp,
+                    unique_key_fp=rec.public_key_fp,
+                    not_before=rec.not_before,
+                    not_after=rec.not_after,
+                    issued_at=rec.issued_at,
+                    revoked_at=rec.revoked_at,
+                    revocation_reason=rec.revocation_reason,
+                ),
+            )
         except (IntegrityError, self._dbapi.IntegrityError):
-            raise Conflict("a certificate for this CSR's public key exists already: every enrollment and "
-                           "renewal needs a new key") from None
+            raise Conflict(
+                "a certificate for this CSR's public key exists already: every enrollment and renewal needs a new key"
+            ) from None
 
     def get_certificate(self, serial: str) -> CertificateRecord | None:
         r = self._hot.first("certificate", {"serial": serial})
@@ -370,31 +488,47 @@ class SqlTx:
         return {r.cluster: _cert(r) for r in self.c.execute(q)}
 
     def revoke_certificate(self, serial: str, *, at: datetime, reason: str) -> None:
-        self.c.execute(update(t.certificates).where(t.certificates.c.serial == serial,
-                                                    t.certificates.c.revoked_at.is_(None))
-                       .values(revoked_at=at, revocation_reason=reason))
+        self.c.execute(
+            update(t.certificates)
+            .where(t.certificates.c.serial == serial, t.certificates.c.revoked_at.is_(None))
+            .values(revoked_at=at, revocation_reason=reason)
+        )
 
     def revoked_certificates(self, root_id: str, *, not_expired_at: datetime) -> list[CertificateRecord]:
-        q = select(t.certificates).where(t.certificates.c.root_id == root_id,
-                                         t.certificates.c.revoked_at.is_not(None),
-                                         t.certificates.c.not_after > not_expired_at).order_by(t.certificates.c.id)
+        q = (
+            select(t.certificates)
+            .where(
+                t.certificates.c.root_id == root_id,
+                t.certificates.c.revoked_at.is_not(None),
+                t.certificates.c.not_after > not_expired_at,
+            )
+            .order_by(t.certificates.c.id)
+        )
         return [_cert(r) for r in self.c.execute(q)]
 
     # CRLs
     def put_crl(self, crl: CRLRecord) -> None:
-        values = {"number": crl.number, "der": crl.der, "pem": crl.pem, "this_update": crl.this_update,
-                  "next_update": crl.next_update}
+        values = {
+            "number": crl.number,
+            "der": crl.der,
+            "pem": crl.pem,
+            "this_update": crl.this_update,
+            "next_update": crl.next_update,
+        }
         res = self.c.execute(update(t.crls).where(t.crls.c.root_id == crl.root_id).values(**values))
         if res.rowcount == 0:
             self.c.execute(insert(t.crls).values(root_id=crl.root_id, **values))
 
     def list_crls(self) -> list[CRLRecord]:
-        return [CRLRecord(r.root_id, r.number, bytes(r.der), r.pem, r.this_update, r.next_update)
-                for r in self.c.execute(_Q.crls)]
+        return [
+            CRLRecord(r.root_id, r.number, bytes(r.der), r.pem, r.this_update, r.next_update)
+            for r in self.c.execute(_Q.crls)
+        ]
 
     # audit and revision
-    def append_audit(self, *, at: datetime, actor: str, action: str, subject: str,
-                     details: dict[str, Any]) -> AuditEntry:
+    def append_audit(
+        self, *, at: datetime, actor: str, action: str, subject: str, details: dict[str, Any]
+    ) -> AuditEntry:
         if self.audit_head is None:
             row = self._hot.first("audit_head_for_update" if self.postgres else "audit_head", {})
             self.audit_head = (row.int_value, row.str_value)
@@ -402,10 +536,22 @@ class SqlTx:
         new_id = head_id + 1
         if not all(type(v) in _JSON_SCALARS for v in details.values()):
             details = json.loads(json.dumps(details, default=str))  # the stored form is what gets hashed
-        h = self._hasher(id=new_id, at=at, actor=actor, action=action, subject=subject, details=details,
-                         prev_hash=prev_hash)
-        self._hot.run("add_audit_values", dict(id=new_id, at=at, actor=actor, action=action, subject=subject,
-                                           details=json.dumps(details, sort_keys=True), prev_hash=prev_hash, hash=h))
+        h = self._hasher(
+            id=new_id, at=at, actor=actor, action=action, subject=subject, details=details, prev_hash=prev_hash
+        )
+        self._hot.run(
+            "add_audit_values",
+            dict(
+                id=new_id,
+                at=at,
+                actor=actor,
+                action=action,
+                subject=subject,
+                details=json.dumps(details, sort_keys=True),
+                prev_hash=prev_hash,
+                hash=h,
+            ),
+        )
         self._hot.run("set_audit_head", {"new_id": new_id, "new_hash": h})
         self.audit_head = (new_id, h)
         return AuditEntry(new_id, at, actor, action, subject, details, prev_hash, h)
@@ -437,8 +583,11 @@ class SqlTx:
 
 
 def _translate(exc: DBAPIError) -> CAError:
-    return _translate_driver(exc.orig, integrity=isinstance(exc, IntegrityError),
-                             unreachable=isinstance(exc, OperationalError) or exc.connection_invalidated)
+    return _translate_driver(
+        exc.orig,
+        integrity=isinstance(exc, IntegrityError),
+        unreachable=isinstance(exc, OperationalError) or exc.connection_invalidated,
+    )
 
 
 def _translate_driver(orig: BaseException | None, *, integrity: bool, unreachable: bool) -> CAError:
@@ -457,8 +606,9 @@ def _translate_driver(orig: BaseException | None, *, integrity: bool, unreachabl
 def _translate_dbapi(exc: Exception, dbapi: Any) -> CAError:
     """The same translation for errors of statements run on the DBAPI connection directly
     (``dbapi``: the driver module, whose PEP 249 exception classes tell the kinds apart)."""
-    return _translate_driver(exc, integrity=isinstance(exc, dbapi.IntegrityError),
-                             unreachable=isinstance(exc, dbapi.OperationalError))
+    return _translate_driver(
+        exc, integrity=isinstance(exc, dbapi.IntegrityError), unreachable=isinstance(exc, dbapi.OperationalError)
+    )
 
 
 class _WriterGate:
@@ -470,8 +620,11 @@ class _WriterGate:
     def __init__(self, database: str | None) -> None:
         self._lock = threading.RLock()
         self._depth = 0
-        self._path = f"{database}-writer.lock" if database and database != ":memory:" and \
-            not database.startswith("file:") else None
+        self._path = (
+            f"{database}-writer.lock"
+            if database and database != ":memory:" and not database.startswith("file:")
+            else None
+        )
         self._fd: int | None = None
         self._pid = 0
 

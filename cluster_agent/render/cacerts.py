@@ -196,8 +196,7 @@ def check_cacerts_bundle(
     chain = _certs(cert_chain_pem, "cert-chain.pem")
     if chain[0] != ca_cert:
         raise BundleError(
-            f"cert-chain.pem: must start with ca-cert.pem ({_subject(ca_cert)}) but starts with "
-            f"{_subject(chain[0])}"
+            f"cert-chain.pem: must start with ca-cert.pem ({_subject(ca_cert)}) but starts with {_subject(chain[0])}"
         )
     roots = _certs(root_cert_pem, "root-cert.pem")
     path = _verify_path(chain, roots)

@@ -166,9 +166,11 @@ def _drop_aliased_consumers(own_trust_domain: str, peers: dict[str, Any]) -> tup
     if own_trust_domain == "cluster.local":
         return peers, []
     kept = {n: p for n, p in peers.items() if p.trust_domain != "cluster.local"}
-    warnings = [f"consumer {n} uses the trust domain cluster.local, which istiod here would read as "
-                f"{own_trust_domain}; it is refused until it registers a trust domain of its own"
-                for n in sorted(set(peers) - set(kept))]
+    warnings = [
+        f"consumer {n} uses the trust domain cluster.local, which istiod here would read as "
+        f"{own_trust_domain}; it is refused until it registers a trust domain of its own"
+        for n in sorted(set(peers) - set(kept))
+    ]
     return kept, warnings
 
 

@@ -157,8 +157,10 @@ def _import(raw: Mapping[str, Any], warnings: list[str]) -> ImportSpec | None:
         return None
     identity = raw.get("identity")
     if spiffe_trust_domain(identity) is None:
-        warnings.append(f"{where}: identity {identity!r} is not a spiffe:// URI of one workload "
-                        "(spiffe://<td>/ns/<ns>/sa/<sa>); left out")
+        warnings.append(
+            f"{where}: identity {identity!r} is not a spiffe:// URI of one workload "
+            "(spiffe://<td>/ns/<ns>/sa/<sa>); left out"
+        )
         return None
     assert isinstance(identity, str)
     ports = _ports(raw.get("ports"), where, warnings)

@@ -227,9 +227,7 @@ def render_ingress_gateway(ctx: IstioContext, hosts: Sequence[str], tcp_hosts: S
         server_hosts = [f"{ctx.namespace}/{h}" for h in sorted(hosts)]
         servers.append(_server(INGRESS_GATEWAY, ctx.cross_cluster_port, server_hosts))
     labels = tcp_subsets(tcp_hosts)
-    servers += [
-        _tls_server(labels[h], ctx.cross_cluster_tcp_port, f"{ctx.namespace}/{h}") for h in sorted(tcp_hosts)
-    ]
+    servers += [_tls_server(labels[h], ctx.cross_cluster_tcp_port, f"{ctx.namespace}/{h}") for h in sorted(tcp_hosts)]
     spec = {"selector": dict(ctx.ingress_selector), "servers": servers}
     return _manifest(NETWORKING, "Gateway", metadata(INGRESS_GATEWAY, ctx.namespace, ctx.labels("export")), spec)
 
@@ -322,11 +320,10 @@ def consumer_principals(
                 unpublished.setdefault(consumer, []).append(export.name)
                 continue
             used[consumer] = peer
-            found.update(uri[len("spiffe://"):] for uri in peer.egress_identities)
+            found.update(uri[len("spiffe://") :] for uri in peer.egress_identities)
         principals[export.name] = tuple(sorted(found))
     warnings = [
-        f"consumer {consumer} has not published its egress identity yet; left out of the policy for "
-        f"{', '.join(names)}"
+        f"consumer {consumer} has not published its egress identity yet; left out of the policy for {', '.join(names)}"
         for consumer, names in sorted(unpublished.items())
     ]
     by_domain: dict[str, list[str]] = {}
@@ -355,9 +352,7 @@ def render_export_side(
     for export in exports:
         name = names[export.name]
         objects.append(render_export_virtual_service(ctx, export, name))
-        objects.append(
-            render_export_authorization_policy(ctx, export, name, principals[export.name], bool(tcp_hosts))
-        )
+        objects.append(render_export_authorization_policy(ctx, export, name, principals[export.name], bool(tcp_hosts)))
     return objects, warnings
 
 

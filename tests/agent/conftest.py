@@ -42,15 +42,21 @@ def two_clusters(ca_service: CAService, tmp_path: Path) -> dict[str, Path]:
     """Cluster a exports ratings.bookinfo to b; b imports everything a offers. Returns config paths."""
     paths = {}
     for name, td, addr, exp, imp in (
-        ("a", "a.mesh", "198.51.100.10", "[{service: ratings, namespace: bookinfo, ports: [9080], consumers: [b]}]",
-         "[]"),
+        (
+            "a",
+            "a.mesh",
+            "198.51.100.10",
+            "[{service: ratings, namespace: bookinfo, ports: [9080], consumers: [b]}]",
+            "[]",
+        ),
         ("b", "b.mesh", "198.51.100.20", "[]", '[{from: a, names: ["*"]}]'),
     ):
         d = tmp_path / name
         d.mkdir()
         ca_service.add_cluster(name, td, d / "bootstrap-token")
-        (d / "agent.yaml").write_text(agent_yaml(name=name, td=td, url=ca_service.url, address=addr,
-                                                 exports=exp, imports=imp))
+        (d / "agent.yaml").write_text(
+            agent_yaml(name=name, td=td, url=ca_service.url, address=addr, exports=exp, imports=imp)
+        )
         paths[name] = d / "agent.yaml"
     (tmp_path / "Corefile").write_text(COREFILE)
     return paths

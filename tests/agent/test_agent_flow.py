@@ -24,14 +24,16 @@ from meshbridge_wire.models import DesiredOut
 from tests.support.caservice import CAService
 
 
-def make_agent(cfg_path: Path, *, corefile: Path | None = None, dry_run: bool = False,
-               stream: Any = None) -> tuple[AgentLoop, Path]:
+def make_agent(
+    cfg_path: Path, *, corefile: Path | None = None, dry_run: bool = False, stream: Any = None
+) -> tuple[AgentLoop, Path]:
     cfg = load_config(cfg_path)
     out = cfg_path.parent / "out"
     state_dir = out / ".meshbridge"
     client = CAClient(cfg.ca.url, trust_pem=Path(cfg.ca.trust_anchor).read_text(), cluster=cfg.cluster)
-    writer = DirectoryWriter(out, state_dir=state_dir, corefile=corefile, dry_run=dry_run,
-                             stream=stream or io.StringIO())
+    writer = DirectoryWriter(
+        out, state_dir=state_dir, corefile=corefile, dry_run=dry_run, stream=stream or io.StringIO()
+    )
     rec = Reconciler(cfg, client=client, applier=writer, state_store=DirStateStore(state_dir))
     return AgentLoop(rec, poll_wait=1), out
 
@@ -78,10 +80,12 @@ def test_enroll_exchange_and_render(ca_service: CAService, two_clusters: dict[st
     assert se[0]["spec"]["endpoints"][0]["address"] == "198.51.100.10"
     vip = se[0]["spec"]["addresses"][0]
     assert vip.startswith("240.240.")
-    drs = [o for o in objs_b.values() if o["kind"] == "DestinationRule"
-           and o["spec"]["host"] == "ratings.bookinfo.remote"]
+    drs = [
+        o for o in objs_b.values() if o["kind"] == "DestinationRule" and o["spec"]["host"] == "ratings.bookinfo.remote"
+    ]
     assert drs and drs[0]["spec"]["trafficPolicy"]["tls"]["subjectAltNames"] == [
-        "spiffe://a.mesh/ns/istio-system/sa/istio-ingressgateway-service-account"]
+        "spiffe://a.mesh/ns/istio-system/sa/istio-ingressgateway-service-account"
+    ]
     dns = objs_b["configmap-kube-system-meshbridge-coredns.yaml"]["data"]["remote.server"]
     assert vip in dns and "ratings.bookinfo.remote" in dns
     merged = objs_b["configmap-kube-system-coredns.yaml"]["data"]["Corefile"]
@@ -92,7 +96,8 @@ def test_enroll_exchange_and_render(ca_service: CAService, two_clusters: dict[st
     assert [ap["spec"]["action"] for ap in aps] == ["DENY"]  # deny the host to everyone but its consumers
     rule = aps[0]["spec"]["rules"][0]
     assert rule["from"][0]["source"]["notPrincipals"] == [
-        "b.mesh/ns/istio-system/sa/istio-egressgateway-service-account"]
+        "b.mesh/ns/istio-system/sa/istio-egressgateway-service-account"
+    ]
     assert "ratings.bookinfo.remote" in rule["to"][0]["operation"]["hosts"]
     for o in [*objs_a.values(), *objs_b.values()]:
         if o["metadata"]["name"] != "coredns":
@@ -104,7 +109,8 @@ def test_enroll_exchange_and_render(ca_service: CAService, two_clusters: dict[st
 
 
 def test_restart_needs_no_bootstrap_token_and_second_pass_writes_nothing(
-        ca_service: CAService, two_clusters: dict[str, Path]) -> None:
+    ca_service: CAService, two_clusters: dict[str, Path]
+) -> None:
     a, _ = make_agent(two_clusters["a"])
     step(a)
     (two_clusters["a"].parent / "bootstrap-token").unlink()
@@ -201,8 +207,9 @@ def test_dry_run_prints_diff_and_writes_nothing(ca_service: CAService, two_clust
     assert not list(out.glob("*.yaml"))
 
 
-def test_token_never_in_state_repr_or_logs(ca_service: CAService, two_clusters: dict[str, Path],
-                                           caplog: pytest.LogCaptureFixture) -> None:
+def test_token_never_in_state_repr_or_logs(
+    ca_service: CAService, two_clusters: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level("DEBUG")
     a, _ = make_agent(two_clusters["a"])
     step(a)
@@ -223,12 +230,18 @@ def test_client_refuses_a_server_outside_the_trust_anchor(ca_service: CAService,
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "other root")])
     now = dt.datetime.now(dt.UTC)
-    other = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-             .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-             .sign(key, hashes.SHA256()))
-    client = CAClient(ca_service.url, trust_pem=other.public_bytes(serialization.Encoding.PEM).decode(),
-                      cluster="a")
+    other = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    client = CAClient(ca_service.url, trust_pem=other.public_bytes(serialization.Encoding.PEM).decode(), cluster="a")
     client.set_token("mbagent.0123456789abcdef.not-a-real-secret")
     with pytest.raises(CAUnreachable, match="unreachable"):
         client.desired()

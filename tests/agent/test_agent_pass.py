@@ -66,13 +66,15 @@ class RecordingWriter(DirectoryWriter):
         return super().apply(objects, corefile_block=corefile_block)
 
 
-def recording_reconciler(cfg_path: Path, calls: list[str],
-                         service_exports: list[dict[str, Any]] | None = None) -> Reconciler:
+def recording_reconciler(
+    cfg_path: Path, calls: list[str], service_exports: list[dict[str, Any]] | None = None
+) -> Reconciler:
     cfg = load_config(cfg_path)
     out = cfg_path.parent / "out"
     client = RecordingClient(calls, cfg.ca.url, trust_pem=Path(cfg.ca.trust_anchor).read_text(), cluster=cfg.cluster)
-    writer = RecordingWriter(calls, out, state_dir=out / ".meshbridge", stream=io.StringIO(),
-                             service_exports=service_exports)
+    writer = RecordingWriter(
+        calls, out, state_dir=out / ".meshbridge", stream=io.StringIO(), service_exports=service_exports
+    )
     rec = Reconciler(cfg, client=client, applier=writer, state_store=DirStateStore(out / ".meshbridge"))
     real = rec.intermediate.renewal_due
 
@@ -89,16 +91,23 @@ def test_the_pass_runs_its_steps_in_order_each_once(ca_service: CAService, two_c
     rec = recording_reconciler(two_clusters["a"], calls)
 
     first = rec.run_pass(revision=None, wait=0, resync=lambda: False)
-    assert calls == ["enroll", "service_exports", "put_exports", "desired", "renewal_due",
-                     "current_corefile", "apply", "put_status"]
+    assert calls == [
+        "enroll",
+        "service_exports",
+        "put_exports",
+        "desired",
+        "renewal_due",
+        "current_corefile",
+        "apply",
+        "put_status",
+    ]
     assert first.reconciled is not None and not first.reconciled.renewed
 
     calls.clear()
     ca_service.authority.rotate("a", actor="test")
     second = rec.run_pass(revision=first.revision, wait=0, resync=lambda: False)
     # exports unchanged: not published again; the rotation is decided once, then renewed before the render
-    assert calls == ["service_exports", "desired", "renewal_due", "renew", "current_corefile", "apply",
-                     "put_status"]
+    assert calls == ["service_exports", "desired", "renewal_due", "renew", "current_corefile", "apply", "put_status"]
     assert second.reconciled is not None and second.reconciled.renewed
 
     settled = rec.run_pass(revision=second.revision, wait=0, resync=lambda: False)  # the rotation is done
@@ -114,10 +123,16 @@ def test_the_pass_runs_its_steps_in_order_each_once(ca_service: CAService, two_c
 
 
 def test_exports_that_do_not_fit_the_model_are_refused_here_not_by_the_ca(
-        ca_service: CAService, two_clusters: dict[str, Path]) -> None:
+    ca_service: CAService, two_clusters: dict[str, Path]
+) -> None:
     calls: list[str] = []
-    service_export = {"name": "web.shop", "namespace": "shop", "service": "web",
-                      "ports": [{"number": 80, "protocol": "HTTP"}], "consumers": ["Cluster_B"]}  # from an annotation
+    service_export = {
+        "name": "web.shop",
+        "namespace": "shop",
+        "service": "web",
+        "ports": [{"number": 80, "protocol": "HTTP"}],
+        "consumers": ["Cluster_B"],
+    }  # from an annotation
     rec = recording_reconciler(two_clusters["a"], calls, service_exports=[service_export])
     with pytest.raises(ExportsInvalid, match=r"services\.1\.consumers: .*a cluster name"):
         rec.run_pass(revision=None, wait=0, resync=lambda: False)
@@ -163,12 +178,14 @@ class RecordingBackoff(Backoff):
         return 0.0
 
 
-@pytest.mark.parametrize(("error", "hint"), [
-    (KubeRetryLater("Kubernetes API server answered 429: slow down", status=429, delay=7.0), 7.0),
-    (KubeConflict("Kubernetes API server answered 409: modified", status=409), None),
-])
-def test_the_loop_reports_kubernetes_errors_and_waits_as_the_server_asks(error: Exception,
-                                                                          hint: float | None) -> None:
+@pytest.mark.parametrize(
+    ("error", "hint"),
+    [
+        (KubeRetryLater("Kubernetes API server answered 429: slow down", status=429, delay=7.0), 7.0),
+        (KubeConflict("Kubernetes API server answered 409: modified", status=409), None),
+    ],
+)
+def test_the_loop_reports_kubernetes_errors_and_waits_as_the_server_asks(error: Exception, hint: float | None) -> None:
     backoff = RecordingBackoff()
     failing = FailingPass([error])
     loop = AgentLoop(failing, backoff=backoff)  # type: ignore[arg-type]

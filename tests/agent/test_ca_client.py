@@ -27,10 +27,24 @@ def client_answering(status: int, body: Any, seen: list[httpx.Request] | None = 
 
 
 def test_desired_state_is_parsed_into_its_model() -> None:
-    body = {"revision": "r1", "generation": 2, "rotate_required": False, "trust_bundle": "", "crl": "",
-            "imports": [{"name": "ratings.bookinfo", "cluster": "b", "ports": [{"number": 9080, "protocol": "HTTP"}],
-                         "gateway": {"address": "198.51.100.20", "port": 15443}, "identity": None}],
-            "peers": [], "status": "active"}
+    body = {
+        "revision": "r1",
+        "generation": 2,
+        "rotate_required": False,
+        "trust_bundle": "",
+        "crl": "",
+        "imports": [
+            {
+                "name": "ratings.bookinfo",
+                "cluster": "b",
+                "ports": [{"number": 9080, "protocol": "HTTP"}],
+                "gateway": {"address": "198.51.100.20", "port": 15443},
+                "identity": None,
+            }
+        ],
+        "peers": [],
+        "status": "active",
+    }
     desired = client_answering(200, body).desired()
     assert isinstance(desired, DesiredOut)
     assert desired.generation == 2 and desired.imports[0].name == "ratings.bookinfo"

@@ -86,12 +86,18 @@ def test_absolute_paths_stay_and_home_expands(tmp_path: Path) -> None:
 
 
 def test_minimal_config_gets_istio_defaults() -> None:
-    config = parse_config({"cluster": "a", "ca": {"url": "https://ca:8443", "trust_anchor": "/r.pem"},
-                           "istio": {"trust_domain": "a.mesh"}})
+    config = parse_config(
+        {
+            "cluster": "a",
+            "ca": {"url": "https://ca:8443", "trust_anchor": "/r.pem"},
+            "istio": {"trust_domain": "a.mesh"},
+        }
+    )
     assert config.istio.ingress_gateway.selector == {"istio": "ingressgateway"}
     assert config.istio.egress_gateway.service == "istio-egressgateway"
     assert config.istio.identity(config.istio.egress_gateway) == (
-        "spiffe://a.mesh/ns/istio-system/sa/istio-egressgateway-service-account")
+        "spiffe://a.mesh/ns/istio-system/sa/istio-egressgateway-service-account"
+    )
     assert config.dns.suffix == "remote" and config.dns.mode == "coredns"
     assert config.exports == [] and config.imports == []
 
@@ -101,13 +107,21 @@ def test_ports_may_name_their_protocol() -> None:
     data["exports"][0]["ports"] = [9080, {"number": 9090, "protocol": "grpc"}, {"number": 8080, "protocol": "grpc-web"}]
     config = parse_config(data)
     assert [(p.number, p.protocol) for p in config.exports[0].ports] == [
-        (9080, "HTTP"), (9090, "GRPC"), (8080, "GRPC-Web")]
+        (9080, "HTTP"),
+        (9090, "GRPC"),
+        (8080, "GRPC-Web"),
+    ]
 
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("36h", timedelta(hours=36)), ("1d12h", timedelta(days=1, hours=12)), (3600, timedelta(hours=1)),
-     ("P2D", timedelta(days=2)), ("90m", timedelta(minutes=90))],
+    [
+        ("36h", timedelta(hours=36)),
+        ("1d12h", timedelta(days=1, hours=12)),
+        (3600, timedelta(hours=1)),
+        ("P2D", timedelta(days=2)),
+        ("90m", timedelta(minutes=90)),
+    ],
 )
 def test_crl_validity_durations(value: object, expected: timedelta) -> None:
     data = example()
@@ -153,7 +167,11 @@ BAD_INPUTS = [
     ("istio.ingress_gateway.adress", "1.2.3.4", "istio.ingress_gateway.adress: unknown key; allowed here: address"),
     ("istio.ingress_gateway.selector", {}, "istio.ingress_gateway.selector: must name at least one label"),
     ("istio.egress_gateway.service", "Egress", "istio.egress_gateway.service: must be a Kubernetes Service name"),
-    ("istio.egress_gateway.service", "istio-ingressgateway", "istio.egress_gateway.service: 'istio-ingressgateway' is the ingress gateway"),
+    (
+        "istio.egress_gateway.service",
+        "istio-ingressgateway",
+        "istio.egress_gateway.service: 'istio-ingressgateway' is the ingress gateway",
+    ),
     ("istio.cross_cluster_port", 99999, "istio.cross_cluster_port: must be 1..65535"),
     ("istio.authorization_mode", "permit", "istio.authorization_mode: must be one of 'deny' or 'allow'"),
     ("dns.mode", "kube-dns", "dns.mode: must be one of 'coredns' or 'none' (got 'kube-dns')"),
@@ -172,9 +190,16 @@ BAD_INPUTS = [
     ("exports.0.ports", [0], "exports[0].ports[0].number: must be 1..65535 (got 0)"),
     ("exports.0.ports", [9080, 9080], "exports[0].ports: port 9080 is listed twice"),
     ("exports.0.ports", ["http"], "exports[0].ports[0]: must be a port number or {number: N, protocol: HTTP}"),
-    ("exports.0.ports", [{"number": 5432, "protocol": "UDP"}], "exports[0].ports[0].protocol: protocol 'UDP' cannot cross clusters"),
-    ("exports.0.ports", [{"number": 5432, "protocol": "TCP"}, {"number": 5433, "protocol": "tcp"}],
-     "exports[0].ports: at most one TCP port per export"),
+    (
+        "exports.0.ports",
+        [{"number": 5432, "protocol": "UDP"}],
+        "exports[0].ports[0].protocol: protocol 'UDP' cannot cross clusters",
+    ),
+    (
+        "exports.0.ports",
+        [{"number": 5432, "protocol": "TCP"}, {"number": 5433, "protocol": "tcp"}],
+        "exports[0].ports: at most one TCP port per export",
+    ),
     ("exports.0.extra", 1, "exports[0].extra: unknown key; allowed here: consumers, name, namespace, ports, service"),
     ("imports.0.names", ["ratings"], "imports[0].names[0]: must be '*' or <service>.<namespace>"),
     ("imports.0.names", ["*", "ratings.bookinfo"], "imports[0].names: '*' already selects every name"),
@@ -182,10 +207,22 @@ BAD_INPUTS = [
     ("imports.0.from", "b", "imports[0].from: 'b' is this cluster"),
     ("imports.1.from", "a", "imports[1].from: 'a' appears twice"),
     ("imports.1.egress_gateway.port", -1, "imports[1].egress_gateway.port: must be 1..65535"),
-    ("imports.1.egress_gateway.service", "istio-egressgateway", "imports[1].egress_gateway: service 'istio-egressgateway' is also configured at istio.egress_gateway"),
+    (
+        "imports.1.egress_gateway.service",
+        "istio-egressgateway",
+        "imports[1].egress_gateway: service 'istio-egressgateway' is also configured at istio.egress_gateway",
+    ),
     ("kubernetes.field_manager", "", "kubernetes.field_manager:"),
-    ("kubernetes.kubeconfg", "x", "kubernetes.kubeconfg: unknown key; allowed here: context, field_manager, kubeconfig"),
-    ("exprots", [], "exprots: unknown key; allowed here: ca, cluster, dns, exports, imports, istio, kubernetes, state_dir"),
+    (
+        "kubernetes.kubeconfg",
+        "x",
+        "kubernetes.kubeconfg: unknown key; allowed here: context, field_manager, kubeconfig",
+    ),
+    (
+        "exprots",
+        [],
+        "exprots: unknown key; allowed here: ca, cluster, dns, exports, imports, istio, kubernetes, state_dir",
+    ),
 ]
 
 
@@ -249,8 +286,9 @@ def test_model_is_the_public_type() -> None:
     assert isinstance(parse_config(example()), AgentConfig)
 
 
-def test_a_missing_gateway_address_is_a_config_error_at_load(tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_missing_gateway_address_is_a_config_error_at_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from cluster_agent.cli import main
 
     data = example()

@@ -20,15 +20,26 @@ URL = "https://127.0.0.1:6443/api/v1/namespaces/istio-system/secrets/meshbridge-
 
 def api_error(code: int, headers: dict[str, str] | None = None) -> ApiError:
     request = httpx2.Request("GET", URL)
-    response = httpx2.Response(code, headers=headers or {}, request=request,
-                               json={"kind": "Status", "code": code, "message": f"answered {code}"})
+    response = httpx2.Response(
+        code,
+        headers=headers or {},
+        request=request,
+        json={"kind": "Status", "code": code, "message": f"answered {code}"},
+    )
     return ApiError(request=request, response=response)
 
 
-@pytest.mark.parametrize(("code", "kind"), [
-    (409, KubeConflict), (403, KubeForbidden), (404, KubeNotFound),
-    (429, KubeRetryLater), (500, KubeRetryLater), (503, KubeRetryLater),
-])
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        (409, KubeConflict),
+        (403, KubeForbidden),
+        (404, KubeNotFound),
+        (429, KubeRetryLater),
+        (500, KubeRetryLater),
+        (503, KubeRetryLater),
+    ],
+)
 def test_each_kind_from_a_real_api_error(code: int, kind: type[KubeError]) -> None:
     error = kube_error(api_error(code))
     assert type(error) is kind
@@ -42,8 +53,9 @@ def test_other_answers_are_plain_kube_errors(code: int) -> None:
     assert type(error) is KubeError and error.status == code
 
 
-@pytest.mark.parametrize(("header", "delay"), [("3", 3.0), ("0.5", 0.5), ("", None),
-                                               ("Fri, 04 Dec 2026 18:00:00 GMT", None), ("nan", None)])
+@pytest.mark.parametrize(
+    ("header", "delay"), [("3", 3.0), ("0.5", 0.5), ("", None), ("Fri, 04 Dec 2026 18:00:00 GMT", None), ("nan", None)]
+)
 def test_retry_later_carries_the_servers_retry_after(header: str, delay: float | None) -> None:
     error = kube_error(api_error(429, {"Retry-After": header} if header else {}))
     assert isinstance(error, KubeRetryLater) and error.delay == delay
@@ -52,8 +64,7 @@ def test_retry_later_carries_the_servers_retry_after(header: str, delay: float |
 def test_an_answer_without_a_status_body_is_classified_by_its_http_status() -> None:
     # a kind whose CRD is not installed: 404 with a text body, which lightkube leaves as httpx's error
     request = httpx2.Request("GET", "https://127.0.0.1:6443/apis/multicluster.x-k8s.io/v1alpha1/serviceexports")
-    response = httpx2.Response(404, request=request, text="404 page not found",
-                               headers={"Content-Type": "text/plain"})
+    response = httpx2.Response(404, request=request, text="404 page not found", headers={"Content-Type": "text/plain"})
     raw = httpx2.HTTPStatusError("not found", request=request, response=response)
     error = kube_error(raw)
     assert type(error) is KubeNotFound and error.status == 404
@@ -107,14 +118,22 @@ def test_the_state_store_save_rereads_after_a_conflict() -> None:
 
 
 def test_a_lease_race_lost_on_create_leaves_the_replica_standing_by() -> None:
-    elector = LeaseElector(FakeClient(get=[api_error(404)], create=[api_error(409)]),  # type: ignore[arg-type]
-                           "istio-system", identity="replica-1")
+    elector = LeaseElector(
+        FakeClient(get=[api_error(404)], create=[api_error(409)]),  # type: ignore[arg-type]
+        "istio-system",
+        identity="replica-1",
+    )
     assert elector.is_leader() is False
 
 
 def test_service_exports_without_the_crd_or_the_right_are_none() -> None:
-    config = parse_config({"cluster": "b", "ca": {"url": "https://ca:8443", "trust_anchor": "/r.pem"},
-                           "istio": {"trust_domain": "b.mesh"}})
+    config = parse_config(
+        {
+            "cluster": "b",
+            "ca": {"url": "https://ca:8443", "trust_anchor": "/r.pem"},
+            "istio": {"trust_domain": "b.mesh"},
+        }
+    )
     for code in (403, 404):
         assert KubeApplier(FakeClient(list=[api_error(code)]), config).service_exports() == []  # type: ignore[arg-type]
     with pytest.raises(KubeRetryLater):

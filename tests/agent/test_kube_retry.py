@@ -14,8 +14,12 @@ from cluster_agent.kube import retry_transient
 
 def api_error(code: int, headers: dict[str, str] | None = None) -> ApiError:
     request = httpx2.Request("GET", "https://127.0.0.1:6443/apis/security.istio.io/v1/authorizationpolicies")
-    response = httpx2.Response(code, headers=headers or {}, request=request,
-                               json={"kind": "Status", "code": code, "message": f"answered {code}"})
+    response = httpx2.Response(
+        code,
+        headers=headers or {},
+        request=request,
+        json={"kind": "Status", "code": code, "message": f"answered {code}"},
+    )
     return ApiError(request=request, response=response)
 
 

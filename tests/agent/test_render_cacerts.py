@@ -29,10 +29,14 @@ def pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def key_pem(key: CertificateIssuerPrivateKeyTypes, fmt: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8,
-            password: bytes | None = None) -> str:
+def key_pem(
+    key: CertificateIssuerPrivateKeyTypes,
+    fmt: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8,
+    password: bytes | None = None,
+) -> str:
     encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption())
+        serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+    )
     return key.private_bytes(serialization.Encoding.PEM, fmt, encryption).decode()
 
 
@@ -49,8 +53,9 @@ def make_cert(
     not_after: datetime = NOW + timedelta(days=60),
     hash_algorithm: hashes.HashAlgorithm | None = None,
 ) -> x509.Certificate:
-    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshbridge test"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    subject = x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshbridge test"), x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    )
     issuer_name, signing_key = (issuer[0].subject, issuer[1]) if issuer else (subject, key)
     builder = (
         x509.CertificateBuilder()
@@ -61,9 +66,20 @@ def make_cert(
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=key_cert_sign,
-                                     crl_sign=ca, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=key_cert_sign,
+                crl_sign=ca,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
     if eku:
@@ -72,13 +88,22 @@ def make_cert(
     return builder.sign(signing_key, algorithm)  # type: ignore[arg-type]
 
 
-def make_crl(issuer: x509.Certificate, key: CertificateIssuerPrivateKeyTypes, revoked: list[int] = (),  # type: ignore[assignment]
-             next_update: datetime = NOW + timedelta(days=7)) -> str:
-    builder = (x509.CertificateRevocationListBuilder().issuer_name(issuer.subject)
-               .last_update(NOW - timedelta(hours=1)).next_update(next_update))
+def make_crl(
+    issuer: x509.Certificate,
+    key: CertificateIssuerPrivateKeyTypes,
+    revoked: list[int] = (),  # type: ignore[assignment]
+    next_update: datetime = NOW + timedelta(days=7),
+) -> str:
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer.subject)
+        .last_update(NOW - timedelta(hours=1))
+        .next_update(next_update)
+    )
     for serial in revoked:
         builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW - timedelta(hours=1)).build())
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW - timedelta(hours=1)).build()
+        )
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
 
 
@@ -120,9 +145,13 @@ def pki() -> PKI:
 
 def check(files: dict[str, str | None], now: datetime | None = None) -> None:
     check_cacerts_bundle(
-        ca_cert_pem=files["ca_cert_pem"] or "", ca_key_pem=files["ca_key_pem"] or "",
-        cert_chain_pem=files["cert_chain_pem"] or "", root_cert_pem=files["root_cert_pem"] or "",
-        crl_pem=files["crl_pem"], now=now)
+        ca_cert_pem=files["ca_cert_pem"] or "",
+        ca_key_pem=files["ca_key_pem"] or "",
+        cert_chain_pem=files["cert_chain_pem"] or "",
+        root_cert_pem=files["root_cert_pem"] or "",
+        crl_pem=files["crl_pem"],
+        now=now,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,8 +185,15 @@ def test_three_level_chain_passes_when_path_lengths_allow_it() -> None:
     root = make_cert("root", root_key)
     mid = make_cert("mid", mid_key, issuer=(root, root_key), path_length=1)
     ca = make_cert("ca", ca_key, issuer=(mid, mid_key), path_length=0)
-    check({"ca_cert_pem": pem(ca), "ca_key_pem": key_pem(ca_key), "cert_chain_pem": pem(ca) + pem(mid) + pem(root),
-           "root_cert_pem": pem(root), "crl_pem": None})
+    check(
+        {
+            "ca_cert_pem": pem(ca),
+            "ca_key_pem": key_pem(ca_key),
+            "cert_chain_pem": pem(ca) + pem(mid) + pem(root),
+            "root_cert_pem": pem(root),
+            "crl_pem": None,
+        }
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,7 +213,9 @@ def test_encrypted_or_garbage_key(pki: PKI) -> None:
 
 
 def test_chain_not_starting_with_ca_cert(pki: PKI) -> None:
-    with pytest.raises(BundleError, match=r"cert-chain.pem: must start with ca-cert.pem \(.*CN=cluster b.*\) but starts with .*CN=root"):
+    with pytest.raises(
+        BundleError, match=r"cert-chain.pem: must start with ca-cert.pem \(.*CN=cluster b.*\) but starts with .*CN=root"
+    ):
         check(pki.files(cert_chain_pem=pem(pki.root) + pem(pki.ca)))
 
 
@@ -186,9 +224,13 @@ def test_chain_out_of_order() -> None:
     root = make_cert("root", root_key)
     mid = make_cert("mid", mid_key, issuer=(root, root_key), path_length=1)
     ca = make_cert("ca", ca_key, issuer=(mid, mid_key), path_length=0)
-    files: dict[str, str | None] = {"ca_cert_pem": pem(ca), "ca_key_pem": key_pem(ca_key),
-                                    "cert_chain_pem": pem(ca) + pem(root) + pem(mid),
-                                    "root_cert_pem": pem(root), "crl_pem": None}
+    files: dict[str, str | None] = {
+        "ca_cert_pem": pem(ca),
+        "ca_key_pem": key_pem(ca_key),
+        "cert_chain_pem": pem(ca) + pem(root) + pem(mid),
+        "root_cert_pem": pem(root),
+        "crl_pem": None,
+    }
     with pytest.raises(BundleError, match=r"certificate 1 \(.*CN=ca.*\) is not signed by certificate 2 .*out of order"):
         check(files)
     files["cert_chain_pem"] = pem(ca)  # the intermediate "mid" is missing
@@ -221,17 +263,24 @@ def test_root_with_path_length_zero_breaks_workload_chains() -> None:
     root_key, ca_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     root = make_cert("root", root_key, path_length=0)
     ca = make_cert("ca", ca_key, issuer=(root, root_key), path_length=0)
-    files: dict[str, str | None] = {"ca_cert_pem": pem(ca), "ca_key_pem": key_pem(ca_key),
-                                    "cert_chain_pem": pem(ca) + pem(root), "root_cert_pem": pem(root), "crl_pem": None}
+    files: dict[str, str | None] = {
+        "ca_cert_pem": pem(ca),
+        "ca_key_pem": key_pem(ca_key),
+        "cert_chain_pem": pem(ca) + pem(root),
+        "root_cert_pem": pem(root),
+        "crl_pem": None,
+    }
     with pytest.raises(BundleError, match=r"pathLen 0 allows fewer than the 1 CA certificate\(s\) below it"):
         check(files)
 
 
 @pytest.mark.parametrize(
     ("key", "message"),
-    [(rsa.generate_private_key(65537, 1024), "RSA key of 1024 bits"),  # noqa: S505
-     (ec.generate_private_key(ec.SECP521R1()), "ECDSA curve secp521r1"),
-     (ed25519.Ed25519PrivateKey.generate(), "Ed25519PublicKey keys are not supported")],
+    [
+        (rsa.generate_private_key(65537, 1024), "RSA key of 1024 bits"),  # noqa: S505
+        (ec.generate_private_key(ec.SECP521R1()), "ECDSA curve secp521r1"),
+        (ed25519.Ed25519PrivateKey.generate(), "Ed25519PublicKey keys are not supported"),
+    ],
 )
 def test_key_types_istiod_cannot_use(key: CertificateIssuerPrivateKeyTypes, message: str) -> None:
     with pytest.raises(BundleError, match=message):
@@ -324,8 +373,10 @@ def test_compose_ca_crl_orders_and_deduplicates(pki: PKI) -> None:
     roots = root_crl + make_crl(other.root, other.root_key)
     mine = make_crl(pki.ca, pki.ca_key)
     composed = compose_ca_crl(roots + root_crl, mine)
-    crls = [x509.load_pem_x509_crl(b"-----BEGIN X509 CRL-----" + block.encode())
-            for block in composed.split("-----BEGIN X509 CRL-----")[1:]]
+    crls = [
+        x509.load_pem_x509_crl(b"-----BEGIN X509 CRL-----" + block.encode())
+        for block in composed.split("-----BEGIN X509 CRL-----")[1:]
+    ]
     assert [c.issuer for c in crls] == [pki.root.subject, other.root.subject, pki.ca.subject]
     assert compose_ca_crl("", mine) == mine
     with pytest.raises(BundleError, match="intermediate CRL: holds no CRL"):
@@ -338,9 +389,14 @@ def test_compose_ca_crl_orders_and_deduplicates(pki: PKI) -> None:
 
 def test_cacerts_secret(pki: PKI) -> None:
     files = pki.files()
-    secret = render_cacerts_secret("istio-system", ca_cert_pem=files["ca_cert_pem"] or "",
-                                   ca_key_pem=files["ca_key_pem"] or "", cert_chain_pem=files["cert_chain_pem"] or "",
-                                   root_cert_pem=files["root_cert_pem"] or "", cluster="b")
+    secret = render_cacerts_secret(
+        "istio-system",
+        ca_cert_pem=files["ca_cert_pem"] or "",
+        ca_key_pem=files["ca_key_pem"] or "",
+        cert_chain_pem=files["cert_chain_pem"] or "",
+        root_cert_pem=files["root_cert_pem"] or "",
+        cluster="b",
+    )
     assert secret["kind"] == "Secret" and secret["type"] == "Opaque"
     assert secret["metadata"]["name"] == "cacerts" and secret["metadata"]["namespace"] == "istio-system"
     assert secret["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "meshbridge"
@@ -348,8 +404,9 @@ def test_cacerts_secret(pki: PKI) -> None:
     assert sorted(secret["data"]) == ["ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem"]
     assert "stringData" not in secret and "istio-generated" not in secret["data"]
     assert base64.b64decode(secret["data"]["ca-cert.pem"]).decode() == files["ca_cert_pem"]
-    with_crl = render_cacerts_secret("istio-system", ca_cert_pem="a", ca_key_pem="b", cert_chain_pem="c",
-                                     root_cert_pem="d", crl_pem="e")
+    with_crl = render_cacerts_secret(
+        "istio-system", ca_cert_pem="a", ca_key_pem="b", cert_chain_pem="c", root_cert_pem="d", crl_pem="e"
+    )
     assert base64.b64decode(with_crl["data"]["ca-crl.pem"]) == b"e\n"
     assert "meshbridge.io/cluster" not in with_crl["metadata"]["labels"]
 
@@ -362,10 +419,20 @@ def _render(pki: PKI, **kwargs: object) -> object:
     from cluster_agent.config import parse_config
     from cluster_agent.render import render_all
 
-    config = parse_config({"cluster": "b", "ca": {"url": "https://ca:8443", "trust_anchor": "/r.pem"},
-                           "istio": {"trust_domain": "b.mesh"}, "dns": {"mode": "none"}})
-    bundle = {"ca-cert.pem": pem(pki.ca), "cert-chain.pem": pem(pki.ca) + pem(pki.root),
-              "root-cert.pem": pem(pki.root), "crl.pem": make_crl(pki.root, pki.root_key)}
+    config = parse_config(
+        {
+            "cluster": "b",
+            "ca": {"url": "https://ca:8443", "trust_anchor": "/r.pem"},
+            "istio": {"trust_domain": "b.mesh"},
+            "dns": {"mode": "none"},
+        }
+    )
+    bundle = {
+        "ca-cert.pem": pem(pki.ca),
+        "cert-chain.pem": pem(pki.ca) + pem(pki.root),
+        "root-cert.pem": pem(pki.root),
+        "crl.pem": make_crl(pki.root, pki.root_key),
+    }
     options: dict[str, object] = {"bundle": bundle, "intermediate_key_pem": key_pem(pki.ca_key), **kwargs}
     return render_all(config, imports=[], peers=[], vips={}, **options)  # type: ignore[arg-type]
 
@@ -388,8 +455,12 @@ def test_render_all_leaves_ca_crl_out_when_a_part_is_missing(pki: PKI) -> None:
     result = _render(pki)
     assert "ca-crl.pem" not in _secret_files(result)
     assert any("no CRL signed by the intermediate" in w for w in result.warnings)  # type: ignore[attr-defined]
-    bundle = {"ca-cert.pem": pem(pki.ca), "cert-chain.pem": pem(pki.ca) + pem(pki.root),
-              "root-cert.pem": pem(pki.root), "crl.pem": ""}
+    bundle = {
+        "ca-cert.pem": pem(pki.ca),
+        "cert-chain.pem": pem(pki.ca) + pem(pki.root),
+        "root-cert.pem": pem(pki.root),
+        "crl.pem": "",
+    }
     result = _render(pki, bundle=bundle, crl_pem=make_crl(pki.ca, pki.ca_key))
     assert "ca-crl.pem" not in _secret_files(result)
     assert any("no root CRLs" in w for w in result.warnings)  # type: ignore[attr-defined]

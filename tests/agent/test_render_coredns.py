@@ -31,8 +31,10 @@ def test_block_answers_each_name_and_never_forwards() -> None:
     assert "        ttl 15" in lines
     directives = [line.split()[0] for line in lines if line.strip() and not line.lstrip().startswith("#")]
     assert "forward" not in directives and "fallthrough" not in directives
-    assert dict(names_in_block(block)) == {"details.bookinfo.remote": "240.240.3.1",
-                                            "ratings.bookinfo.remote": "240.240.0.7"}
+    assert dict(names_in_block(block)) == {
+        "details.bookinfo.remote": "240.240.3.1",
+        "ratings.bookinfo.remote": "240.240.0.7",
+    }
 
 
 def test_block_is_deterministic_and_sorted() -> None:
@@ -43,8 +45,10 @@ def test_block_is_deterministic_and_sorted() -> None:
 
 
 def test_ten_thousand_names_fit_a_configmap_twice() -> None:
-    vips = {f"service-{i:05d}.namespace-{i % 97:02d}": f"240.{240 + i // 65536}.{i // 256 % 256}.{i % 256}"
-            for i in range(10_000)}
+    vips = {
+        f"service-{i:05d}.namespace-{i % 97:02d}": f"240.{240 + i // 65536}.{i // 256 % 256}.{i % 256}"
+        for i in range(10_000)
+    }
     block = render_server_block("remote", vips)
     merged = merge_into_corefile(KUBEADM_COREFILE, block)
     assert len(block.encode()) < 600 * 1024
@@ -55,7 +59,7 @@ def test_merge_appends_between_markers_and_keeps_the_rest() -> None:
     block = render_server_block("remote", VIPS)
     merged = merge_into_corefile(KUBEADM_COREFILE, block)
     assert merged.startswith(KUBEADM_COREFILE)
-    assert merged[len(KUBEADM_COREFILE):] == f"\n{BEGIN_MARKER}\n{block}{END_MARKER}\n"
+    assert merged[len(KUBEADM_COREFILE) :] == f"\n{BEGIN_MARKER}\n{block}{END_MARKER}\n"
 
 
 def test_merge_is_idempotent() -> None:
@@ -110,7 +114,9 @@ def test_broken_markers_are_refused(text: str, message: str) -> None:
     assert message in str(info.value)
 
 
-@pytest.mark.parametrize("key", ["remote:53", "remote.:53", "remote", "dns://remote:53", ".:53 remote:53", "a.b, remote"])
+@pytest.mark.parametrize(
+    "key", ["remote:53", "remote.:53", "remote", "dns://remote:53", ".:53 remote:53", "a.b, remote"]
+)
 def test_a_server_for_the_suffix_outside_the_markers_is_refused(key: str) -> None:
     text = KUBEADM_COREFILE + f"{key} {{\n    forward . 10.0.0.1\n}}\n"
     with pytest.raises(CorefileError, match=r"already defines a server for remote:53"):
@@ -197,8 +203,9 @@ def coredns_with_block(tmp_path: Path) -> Iterator[tuple[int, socket.socket]]:
     block = render_server_block("remote", VIPS).replace("remote:53 {", f"remote:{port} {{")
     corefile = merge_into_corefile(base.replace(".:53", f".:{port}"), block)
     (tmp_path / "Corefile").write_text(corefile)
-    proc = subprocess.Popen([binary, "-conf", str(tmp_path / "Corefile")], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [binary, "-conf", str(tmp_path / "Corefile")], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 20
         while True:

@@ -79,30 +79,53 @@ def _new_pki() -> dict[str, str]:
     start = datetime(2026, 1, 1, tzinfo=UTC)
     root_key, ca_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
 
-    def cert(cn: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None, signer: Any,
-             path_length: int | None, years: int) -> x509.Certificate:
-        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshbridge golden"),
-                          x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-        return (x509.CertificateBuilder().subject_name(name).issuer_name(issuer.subject if issuer else name)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(start).not_valid_after(start.replace(year=start.year + years))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-                .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-                .sign(signer, hashes.SHA256()))
+    def cert(
+        cn: str,
+        key: ec.EllipticCurvePrivateKey,
+        issuer: x509.Certificate | None,
+        signer: Any,
+        path_length: int | None,
+        years: int,
+    ) -> x509.Certificate:
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshbridge golden"),
+                x509.NameAttribute(NameOID.COMMON_NAME, cn),
+            ]
+        )
+        return (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer.subject if issuer else name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(start.replace(year=start.year + years))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(signer, hashes.SHA256())
+        )
 
     def crl(issuer: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> str:
-        return (x509.CertificateRevocationListBuilder().issuer_name(issuer.subject).last_update(start)
-                .next_update(start + timedelta(days=7)).sign(key, hashes.SHA256())
-                .public_bytes(serialization.Encoding.PEM).decode())
+        return (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(issuer.subject)
+            .last_update(start)
+            .next_update(start + timedelta(days=7))
+            .sign(key, hashes.SHA256())
+            .public_bytes(serialization.Encoding.PEM)
+            .decode()
+        )
 
     root = cert("golden root", root_key, None, root_key, None, 20)
     ca = cert("golden cluster b", ca_key, root, root_key, 0, 10)
     return {
         "root-cert.pem": root.public_bytes(serialization.Encoding.PEM).decode(),
         "ca-cert.pem": ca.public_bytes(serialization.Encoding.PEM).decode(),
-        "ca-key.pem": ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()).decode(),
+        "ca-key.pem": ca_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode(),
         "root-crl.pem": crl(root, root_key),
         "intermediate-crl.pem": crl(ca, ca_key),
     }
@@ -113,13 +136,21 @@ def _new_pki() -> dict[str, str]:
 
 
 def _import(name: str, cluster: str, ports: list[tuple[int, str]], address: str) -> dict[str, Any]:
-    return {"name": name, "cluster": cluster, "ports": [{"number": n, "protocol": p} for n, p in ports],
-            "gateway": {"address": address, "port": 15443}, "identity": INGRESS.format(td=f"{cluster}.mesh")}
+    return {
+        "name": name,
+        "cluster": cluster,
+        "ports": [{"number": n, "protocol": p} for n, p in ports],
+        "gateway": {"address": address, "port": 15443},
+        "identity": INGRESS.format(td=f"{cluster}.mesh"),
+    }
 
 
 def _peer(name: str, trust_domain: str) -> dict[str, Any]:
-    return {"name": name, "trust_domain": trust_domain,
-            "identities": {"ingress": INGRESS.format(td=trust_domain), "egress": EGRESS.format(td=trust_domain)}}
+    return {
+        "name": name,
+        "trust_domain": trust_domain,
+        "identities": {"ingress": INGRESS.format(td=trust_domain), "egress": EGRESS.format(td=trust_domain)},
+    }
 
 
 CONFIG_B = {
@@ -128,17 +159,28 @@ CONFIG_B = {
     "istio": {
         "namespace": "istio-system",
         "trust_domain": "b.mesh",
-        "ingress_gateway": {"selector": {"istio": "ingressgateway"}, "service": "istio-ingressgateway",
-                            "service_account": "istio-ingressgateway-service-account",
-                            "address": "198.51.100.20", "port": 15443},
-        "egress_gateway": {"selector": {"istio": "egressgateway"}, "service": "istio-egressgateway",
-                           "service_account": "istio-egressgateway-service-account"},
+        "ingress_gateway": {
+            "selector": {"istio": "ingressgateway"},
+            "service": "istio-ingressgateway",
+            "service_account": "istio-ingressgateway-service-account",
+            "address": "198.51.100.20",
+            "port": 15443,
+        },
+        "egress_gateway": {
+            "selector": {"istio": "egressgateway"},
+            "service": "istio-egressgateway",
+            "service_account": "istio-egressgateway-service-account",
+        },
     },
     "dns": {"suffix": "remote", "mode": "coredns", "vip_range": "240.240.0.0/16"},
     "exports": [
         {"service": "ratings", "namespace": "bookinfo", "ports": [9080], "consumers": ["a"]},
-        {"service": "api", "namespace": "shop", "ports": [80, {"number": 9090, "protocol": "GRPC"}],
-         "consumers": ["a", "c"]},
+        {
+            "service": "api",
+            "namespace": "shop",
+            "ports": [80, {"number": 9090, "protocol": "GRPC"}],
+            "consumers": ["a", "c"],
+        },
     ],
     "imports": [{"from": "a", "names": ["*"]}, {"from": "c", "names": ["reviews.bookinfo"]}],
 }
@@ -155,9 +197,17 @@ CONFIG_A = {
     "istio": {"trust_domain": "a.mesh", "authorization_mode": "allow", "cross_cluster_port": 15444},
     "dns": {"suffix": "mesh.example", "mode": "none", "vip_range": "240.10.0.0/24"},
     "exports": [{"service": "details", "namespace": "bookinfo", "ports": [9080], "consumers": ["b", "d"]}],
-    "imports": [{"from": "b", "names": ["ratings.bookinfo"],
-                 "egress_gateway": {"selector": {"app": "egress-to-b"}, "service": "egress-to-b",
-                                    "service_account": "istio-egressgateway-service-account"}}],
+    "imports": [
+        {
+            "from": "b",
+            "names": ["ratings.bookinfo"],
+            "egress_gateway": {
+                "selector": {"app": "egress-to-b"},
+                "service": "egress-to-b",
+                "service_account": "istio-egressgateway-service-account",
+            },
+        }
+    ],
 }
 IMPORTS_A = [_import("ratings.bookinfo", "b", [(9080, "HTTP")], "lb.b.example")]
 PEERS_A = [_peer("b", "cluster.local"), _peer("d", "cluster.local")]
@@ -171,12 +221,20 @@ def _object_files(result: Any) -> dict[str, str]:
 
 def test_golden_render_all_cluster_b() -> None:
     pki = _pki()
-    bundle = {"ca-cert.pem": pki["ca-cert.pem"], "cert-chain.pem": pki["ca-cert.pem"] + pki["root-cert.pem"],
-              "root-cert.pem": pki["root-cert.pem"], "crl.pem": pki["root-crl.pem"]}
+    bundle = {
+        "ca-cert.pem": pki["ca-cert.pem"],
+        "cert-chain.pem": pki["ca-cert.pem"] + pki["root-cert.pem"],
+        "root-cert.pem": pki["root-cert.pem"],
+        "crl.pem": pki["root-crl.pem"],
+    }
     result = render_all(
-        parse_config(CONFIG_B), imports=IMPORTS_B, peers=PEERS_B,
+        parse_config(CONFIG_B),
+        imports=IMPORTS_B,
+        peers=PEERS_B,
         vips={"details.bookinfo": "240.240.0.10", "gone.bookinfo": "240.240.0.11"},
-        bundle=bundle, intermediate_key_pem=pki["ca-key.pem"], crl_pem=pki["intermediate-crl.pem"],
+        bundle=bundle,
+        intermediate_key_pem=pki["ca-key.pem"],
+        crl_pem=pki["intermediate-crl.pem"],
         corefile=KUBEADM_COREFILE,
     )
     assert_golden(GOLDEN / "render_all-b", _object_files(result))
@@ -193,18 +251,26 @@ VIPS = {"details.bookinfo": "240.240.0.10", "reviews.bookinfo": "240.240.77.3", 
 def test_golden_coredns() -> None:
     block = render_server_block("remote", VIPS)
     objects = render_coredns_configmaps("remote", VIPS, cluster="b", corefile=KUBEADM_COREFILE)
-    assert_golden(GOLDEN / "coredns", {
-        "remote.server": block,
-        "Corefile.merged": merge_into_corefile(KUBEADM_COREFILE, block),
-        **{file_name(o): dump(o) for o in objects},
-    })
+    assert_golden(
+        GOLDEN / "coredns",
+        {
+            "remote.server": block,
+            "Corefile.merged": merge_into_corefile(KUBEADM_COREFILE, block),
+            **{file_name(o): dump(o) for o in objects},
+        },
+    )
 
 
 def test_golden_state_and_cacerts() -> None:
     pki = _pki()
-    secret = render_cacerts_secret("istio-system", ca_cert_pem=pki["ca-cert.pem"], ca_key_pem=pki["ca-key.pem"],
-                                   cert_chain_pem=pki["ca-cert.pem"] + pki["root-cert.pem"],
-                                   root_cert_pem=pki["root-cert.pem"], cluster="b")
+    secret = render_cacerts_secret(
+        "istio-system",
+        ca_cert_pem=pki["ca-cert.pem"],
+        ca_key_pem=pki["ca-key.pem"],
+        cert_chain_pem=pki["ca-cert.pem"] + pki["root-cert.pem"],
+        root_cert_pem=pki["root-cert.pem"],
+        cluster="b",
+    )
     state = render_state_configmap(VIPS, namespace="istio-system", cluster="b")
     assert_golden(GOLDEN / "state-cacerts", {file_name(secret): dump(secret), file_name(state): dump(state)})
 
@@ -212,4 +278,10 @@ def test_golden_state_and_cacerts() -> None:
 @pytest.mark.skipif(UPDATE, reason="regenerating")
 def test_golden_directories_hold_nothing_else() -> None:
     assert sorted(p.name for p in GOLDEN.iterdir()) == [
-        "README.md", "coredns", "pki", "render_all-a", "render_all-b", "state-cacerts"]
+        "README.md",
+        "coredns",
+        "pki",
+        "render_all-a",
+        "render_all-b",
+        "state-cacerts",
+    ]

@@ -30,19 +30,28 @@ def config_dict() -> dict[str, Any]:
     return {
         "cluster": "b",
         "ca": {"url": "https://127.0.0.1:8443", "trust_anchor": "/ca-root.pem"},
-        "istio": {"trust_domain": "b.mesh",
-                  "ingress_gateway": {"address": "198.51.100.20", "port": 15443}},
+        "istio": {"trust_domain": "b.mesh", "ingress_gateway": {"address": "198.51.100.20", "port": 15443}},
         "dns": {"suffix": "remote", "vip_range": "240.240.0.0/16"},
         "exports": [
             {"service": "ratings", "namespace": "bookinfo", "ports": [9080], "consumers": ["a"]},
-            {"service": "api", "namespace": "shop", "ports": [80, {"number": 9090, "protocol": "GRPC"}],
-             "consumers": ["a", "c", "d"]},
+            {
+                "service": "api",
+                "namespace": "shop",
+                "ports": [80, {"number": 9090, "protocol": "GRPC"}],
+                "consumers": ["a", "c", "d"],
+            },
         ],
         "imports": [
             {"from": "a", "names": ["*"]},
-            {"from": "c", "names": ["reviews.bookinfo", "missing.bookinfo"],
-             "egress_gateway": {"selector": {"istio": "egress-to-c"}, "service": "egress-to-c",
-                                "service_account": "istio-egressgateway-service-account"}},
+            {
+                "from": "c",
+                "names": ["reviews.bookinfo", "missing.bookinfo"],
+                "egress_gateway": {
+                    "selector": {"istio": "egress-to-c"},
+                    "service": "egress-to-c",
+                    "service_account": "istio-egressgateway-service-account",
+                },
+            },
         ],
     }
 
@@ -58,23 +67,37 @@ def config(**changes: Any) -> AgentConfig:
     return parse_config(data)
 
 
-def imp(name: str, cluster: str, ports: list[tuple[int, str]], address: str = "203.0.113.10",
-        identity: str = INGRESS_A) -> dict[str, Any]:
-    return {"name": name, "cluster": cluster, "ports": [{"number": n, "protocol": p} for n, p in ports],
-            "gateway": {"address": address, "port": 15443}, "identity": identity}
+def imp(
+    name: str, cluster: str, ports: list[tuple[int, str]], address: str = "203.0.113.10", identity: str = INGRESS_A
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "cluster": cluster,
+        "ports": [{"number": n, "protocol": p} for n, p in ports],
+        "gateway": {"address": address, "port": 15443},
+        "identity": identity,
+    }
 
 
 IMPORTS = [
     imp("details.bookinfo", "a", [(9080, "HTTP")]),
-    imp("reviews.bookinfo", "c", [(9080, "HTTP"), (80, "HTTP2"), (5432, "TCP")], address="gw.c.example",
-        identity=INGRESS_C),
+    imp(
+        "reviews.bookinfo",
+        "c",
+        [(9080, "HTTP"), (80, "HTTP2"), (5432, "TCP")],
+        address="gw.c.example",
+        identity=INGRESS_C,
+    ),
     imp("reviews.bookinfo", "a", [(9080, "HTTP")]),  # the same name from a second cluster: a wins (sorts first)
     imp("ignored.bookinfo", "e", [(80, "HTTP")]),  # e is not configured as a source
 ]
 PEERS = [
     {"name": "a", "trust_domain": "a.mesh", "identities": {"ingress": INGRESS_A, "egress": EGRESS_A}},
-    {"name": "c", "trust_domain": "a.mesh",
-     "identities": {"ingress": INGRESS_C, "egress": ["spiffe://a.mesh/ns/istio-system/sa/other-egress"]}},
+    {
+        "name": "c",
+        "trust_domain": "a.mesh",
+        "identities": {"ingress": INGRESS_C, "egress": ["spiffe://a.mesh/ns/istio-system/sa/other-egress"]},
+    },
 ]
 
 
@@ -140,8 +163,12 @@ def test_export_virtual_service_routes_each_port_by_authority(result: Any) -> No
     single = services["meshbridge-export-ratings-bookinfo"]["spec"]
     assert single["gateways"] == ["istio-system/meshbridge-ingress"]
     assert single["hosts"] == ["ratings.bookinfo.remote"]
-    assert single["http"] == [{"name": "port-9080", "route": [
-        {"destination": {"host": "ratings.bookinfo.svc.cluster.local", "port": {"number": 9080}}}]}]
+    assert single["http"] == [
+        {
+            "name": "port-9080",
+            "route": [{"destination": {"host": "ratings.bookinfo.svc.cluster.local", "port": {"number": 9080}}}],
+        }
+    ]
     multi = services["meshbridge-export-api-shop"]["spec"]["http"]
     assert [r["match"] for r in multi] == [
         [{"authority": {"exact": "api.shop.remote:80"}}, {"authority": {"exact": "api.shop.remote"}}],
@@ -157,19 +184,27 @@ def test_deny_policy_admits_only_published_consumers(result: Any) -> None:
     assert ratings["spec"] == {
         "selector": {"matchLabels": {"istio": "ingressgateway"}},
         "action": "DENY",
-        "rules": [{
-            "from": [{"source": {"notPrincipals": ["a.mesh/ns/istio-system/sa/istio-egressgateway-service-account"]}}],
-            "to": [{"operation": {"hosts": ["ratings.bookinfo.remote", "ratings.bookinfo.remote:*"]}}],
-        }],
+        "rules": [
+            {
+                "from": [
+                    {"source": {"notPrincipals": ["a.mesh/ns/istio-system/sa/istio-egressgateway-service-account"]}}
+                ],
+                "to": [{"operation": {"hosts": ["ratings.bookinfo.remote", "ratings.bookinfo.remote:*"]}}],
+            }
+        ],
     }
     api = policies["meshbridge-export-api-shop"]["spec"]["rules"][0]["from"][0]["source"]["notPrincipals"]
-    assert api == ["a.mesh/ns/istio-system/sa/istio-egressgateway-service-account",
-                   "a.mesh/ns/istio-system/sa/other-egress"]
+    assert api == [
+        "a.mesh/ns/istio-system/sa/istio-egressgateway-service-account",
+        "a.mesh/ns/istio-system/sa/other-egress",
+    ]
     assert not any(p.startswith("spiffe://") for p in api)
 
 
 def test_unpublished_consumers_and_shared_trust_domains_warn(result: Any) -> None:
-    assert "consumer d has not published its egress identity yet; left out of the policy for api.shop" in result.warnings
+    assert (
+        "consumer d has not published its egress identity yet; left out of the policy for api.shop" in result.warnings
+    )
     assert any(w.startswith("consumers a, c share the trust domain a.mesh") for w in result.warnings)
 
 
@@ -177,8 +212,9 @@ def test_export_without_any_published_consumer_is_denied_to_everyone() -> None:
     out = render_all(config(), imports=[], peers=[], vips={})
     spec = by_kind(out.objects, "AuthorizationPolicy")["meshbridge-export-ratings-bookinfo"]["spec"]
     assert spec["action"] == "DENY"
-    assert spec["rules"] == [{"to": [{"operation": {"hosts": ["ratings.bookinfo.remote",
-                                                              "ratings.bookinfo.remote:*"]}}]}]
+    assert spec["rules"] == [
+        {"to": [{"operation": {"hosts": ["ratings.bookinfo.remote", "ratings.bookinfo.remote:*"]}}]}
+    ]
 
 
 def test_allow_mode() -> None:
@@ -187,8 +223,12 @@ def test_allow_mode() -> None:
     assert policies["meshbridge-export-ratings-bookinfo"]["spec"] == {
         "selector": {"matchLabels": {"istio": "ingressgateway"}},
         "action": "ALLOW",
-        "rules": [{"from": [{"source": {"principals": ["a.mesh/ns/istio-system/sa/istio-egressgateway-service-account"]}}],
-                   "to": [{"operation": {"hosts": ["ratings.bookinfo.remote", "ratings.bookinfo.remote:*"]}}]}],
+        "rules": [
+            {
+                "from": [{"source": {"principals": ["a.mesh/ns/istio-system/sa/istio-egressgateway-service-account"]}}],
+                "to": [{"operation": {"hosts": ["ratings.bookinfo.remote", "ratings.bookinfo.remote:*"]}}],
+            }
+        ],
     }
     unpublished = render_all(config(istio__authorization_mode="allow"), imports=[], peers=[], vips={})
     spec = by_kind(unpublished.objects, "AuthorizationPolicy")["meshbridge-export-ratings-bookinfo"]["spec"]
@@ -196,15 +236,25 @@ def test_allow_mode() -> None:
 
 
 def test_published_exports_replace_the_config_ones() -> None:
-    published = [{"name": "web.front", "namespace": "front", "service": "web",
-                  "ports": [{"number": 8080, "protocol": "HTTP"}, {"number": 5432, "protocol": "TCP"}],
-                  "consumers": ["a"]}]
+    published = [
+        {
+            "name": "web.front",
+            "namespace": "front",
+            "service": "web",
+            "ports": [{"number": 8080, "protocol": "HTTP"}, {"number": 5432, "protocol": "TCP"}],
+            "consumers": ["a"],
+        }
+    ]
     out = render_all(config(), imports=[], peers=PEERS, vips={}, exports=published)
     assert set(by_kind(out.objects, "VirtualService")) == {"meshbridge-export-web-front"}
     spec = by_kind(out.objects, "VirtualService")["meshbridge-export-web-front"]["spec"]
     assert [r["route"][0]["destination"]["port"]["number"] for r in spec["http"]] == [8080]
-    assert spec["tcp"] == [{"match": [{"port": 15444}],
-                            "route": [{"destination": {"host": "web.front.svc.cluster.local", "port": {"number": 5432}}}]}]
+    assert spec["tcp"] == [
+        {
+            "match": [{"port": 15444}],
+            "route": [{"destination": {"host": "web.front.svc.cluster.local", "port": {"number": 5432}}}],
+        }
+    ]
     assert not any("5432" in w for w in out.warnings)
 
 
@@ -221,8 +271,10 @@ def test_no_exports_no_ingress_objects() -> None:
 def test_only_configured_imports_are_rendered(result: Any) -> None:
     entries = by_kind(result.objects, "ServiceEntry")
     assert set(entries) == {"meshbridge-import-details-bookinfo", "meshbridge-import-reviews-bookinfo"}
-    assert "imports: missing.bookinfo from c is configured but not offered by the CA service (not exported to b, " \
-           "or c has not published)" in result.warnings
+    assert (
+        "imports: missing.bookinfo from c is configured but not offered by the CA service (not exported to b, "
+        "or c has not published)" in result.warnings
+    )
     assert any(w.startswith("import reviews.bookinfo: exported by a, c;") for w in result.warnings)
     assert result.vips["details.bookinfo"] == "240.240.0.2"
     assert set(result.vips) == {"details.bookinfo", "reviews.bookinfo"}
@@ -248,8 +300,9 @@ def test_hostname_gateway_resolves_by_dns_and_tcp_ports_reach_the_tcp_port() -> 
     spec = by_kind(out.objects, "ServiceEntry")["meshbridge-import-reviews-bookinfo"]["spec"]
     assert spec["resolution"] == "DNS"
     assert [p["name"] for p in spec["ports"]] == ["http2-80", "tcp-5432", "http-9080"]
-    assert spec["endpoints"] == [{"address": "gw.c.example",
-                                  "ports": {"http2-80": 15443, "tcp-5432": 15444, "http-9080": 15443}}]
+    assert spec["endpoints"] == [
+        {"address": "gw.c.example", "ports": {"http2-80": 15443, "tcp-5432": 15444, "http-9080": 15443}}
+    ]
     assert not any("5432" in w for w in out.warnings)
 
 
@@ -260,8 +313,15 @@ def test_import_virtual_service_hops_through_the_egress_gateway(result: Any) -> 
     mesh, egress = spec["http"]
     assert mesh["match"] == [{"gateways": ["mesh"], "port": 9080}]
     assert mesh["rewrite"] == {"authority": "details.bookinfo.remote:9080"}
-    assert mesh["route"] == [{"destination": {"host": "istio-egressgateway.istio-system.svc.cluster.local",
-                                              "subset": "meshbridge", "port": {"number": 443}}}]
+    assert mesh["route"] == [
+        {
+            "destination": {
+                "host": "istio-egressgateway.istio-system.svc.cluster.local",
+                "subset": "meshbridge",
+                "port": {"number": 443},
+            }
+        }
+    ]
     assert egress["match"] == [{"gateways": ["istio-system/meshbridge-egress"]}]
     assert egress["route"] == [{"destination": {"host": "details.bookinfo.remote", "port": {"number": 9080}}}]
 
@@ -273,12 +333,16 @@ def test_multi_port_import_routes_on_the_authority_at_the_egress() -> None:
     assert [r["match"] for r in spec["http"]] == [
         [{"gateways": ["mesh"], "port": 80}],
         [{"gateways": ["mesh"], "port": 9090}],
-        [{"authority": {"exact": "api.shop.remote:80"}, "gateways": [gw]},
-         {"authority": {"exact": "api.shop.remote"}, "gateways": [gw]}],
+        [
+            {"authority": {"exact": "api.shop.remote:80"}, "gateways": [gw]},
+            {"authority": {"exact": "api.shop.remote"}, "gateways": [gw]},
+        ],
         [{"authority": {"exact": "api.shop.remote:9090"}, "gateways": [gw]}],
     ]
     assert [r.get("rewrite") for r in spec["http"][:2]] == [
-        {"authority": "api.shop.remote:80"}, {"authority": "api.shop.remote:9090"}]
+        {"authority": "api.shop.remote:80"},
+        {"authority": "api.shop.remote:9090"},
+    ]
 
 
 def test_import_destination_rule_per_api(result: Any) -> None:
@@ -286,8 +350,9 @@ def test_import_destination_rule_per_api(result: Any) -> None:
     assert rules["meshbridge-import-details-bookinfo"]["spec"] == {
         "host": "details.bookinfo.remote",
         "exportTo": ["*"],
-        "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL", "sni": "details.bookinfo.remote",
-                                  "subjectAltNames": [INGRESS_A]}},
+        "trafficPolicy": {
+            "tls": {"mode": "ISTIO_MUTUAL", "sni": "details.bookinfo.remote", "subjectAltNames": [INGRESS_A]}
+        },
     }
 
 
@@ -298,14 +363,23 @@ def test_egress_gateway_and_its_destination_rule(result: Any) -> None:
     assert server["port"] == {"number": 443, "name": "https-meshbridge", "protocol": "HTTPS"}
     assert server["tls"] == {"mode": "ISTIO_MUTUAL"}
     # reviews.bookinfo comes from a (the first of the two exporters), so it uses the default gateway too
-    assert server["hosts"] == ["istio-system/details.bookinfo.remote", "istio-system/meshbridge-egress.remote",
-                               "istio-system/reviews.bookinfo.remote"]
+    assert server["hosts"] == [
+        "istio-system/details.bookinfo.remote",
+        "istio-system/meshbridge-egress.remote",
+        "istio-system/reviews.bookinfo.remote",
+    ]
     rule = by_kind(result.objects, "DestinationRule")["meshbridge-egress"]["spec"]
     assert rule["host"] == "istio-egressgateway.istio-system.svc.cluster.local"
     assert "trafficPolicy" not in rule  # other users of the egress gateway keep auto mTLS
-    assert rule["subsets"] == [{"name": "meshbridge", "trafficPolicy": {
-        "tls": {"mode": "ISTIO_MUTUAL", "sni": "meshbridge-egress.remote"},
-        "connectionPool": {"http": {"useClientProtocol": True}}}}]
+    assert rule["subsets"] == [
+        {
+            "name": "meshbridge",
+            "trafficPolicy": {
+                "tls": {"mode": "ISTIO_MUTUAL", "sni": "meshbridge-egress.remote"},
+                "connectionPool": {"http": {"useClientProtocol": True}},
+            },
+        }
+    ]
 
 
 def test_dedicated_egress_gateway_per_source() -> None:
@@ -316,8 +390,10 @@ def test_dedicated_egress_gateway_per_source() -> None:
     vs = by_kind(out.objects, "VirtualService")["meshbridge-import-reviews-bookinfo"]["spec"]
     assert vs["gateways"] == ["mesh", "istio-system/meshbridge-egress-egress-to-c"]
     assert vs["http"][0]["route"][0]["destination"]["host"] == "egress-to-c.istio-system.svc.cluster.local"
-    assert by_kind(out.objects, "DestinationRule")["meshbridge-egress-egress-to-c"]["spec"]["host"] == \
-        "egress-to-c.istio-system.svc.cluster.local"
+    assert (
+        by_kind(out.objects, "DestinationRule")["meshbridge-egress-egress-to-c"]["spec"]["host"]
+        == "egress-to-c.istio-system.svc.cluster.local"
+    )
 
 
 @pytest.mark.parametrize(
@@ -347,19 +423,29 @@ def test_bad_imports_are_left_out_with_a_warning(change: dict[str, Any], warning
 def test_imports_parse_dedupes_ports_and_protocol_spelling() -> None:
     specs, warnings = parse_imports([imp("a.b", "a", [(80, "http"), (80, "HTTP2"), (81, "grpc-web")])])
     assert warnings == []
-    assert [(p.number, p.protocol, p.name) for p in specs[0].ports] == [(80, "HTTP", "http-80"),
-                                                                      (81, "GRPC-Web", "grpc-web-81")]
+    assert [(p.number, p.protocol, p.name) for p in specs[0].ports] == [
+        (80, "HTTP", "http-80"),
+        (81, "GRPC-Web", "grpc-web-81"),
+    ]
 
 
 def test_egress_gateway_in_another_namespace_and_other_cluster_domain() -> None:
     data = config_dict()
-    data["istio"]["egress_gateway"] = {"selector": {"istio": "egress"}, "service": "egress", "namespace": "istio-egress",
-                                       "service_account": "egress", "port": 8443}
+    data["istio"]["egress_gateway"] = {
+        "selector": {"istio": "egress"},
+        "service": "egress",
+        "namespace": "istio-egress",
+        "service_account": "egress",
+        "port": 8443,
+    }
     data["istio"]["cluster_domain"] = "corp.local"
     out = render_all(parse_config(data), imports=IMPORTS[:1], peers=[], vips={})
     vs = by_kind(out.objects, "VirtualService")["meshbridge-import-details-bookinfo"]["spec"]
     assert vs["http"][0]["route"][0]["destination"] == {
-        "host": "egress.istio-egress.svc.corp.local", "subset": "meshbridge", "port": {"number": 8443}}
+        "host": "egress.istio-egress.svc.corp.local",
+        "subset": "meshbridge",
+        "port": {"number": 8443},
+    }
     assert by_kind(out.objects, "Gateway")["meshbridge-egress"]["spec"]["servers"][0]["port"]["number"] == 8443
     export_vs = by_kind(out.objects, "VirtualService")["meshbridge-export-ratings-bookinfo"]["spec"]
     assert export_vs["http"][0]["route"][0]["destination"]["host"] == "ratings.bookinfo.svc.corp.local"
@@ -395,8 +481,11 @@ def test_object_names_are_readable_unique_and_valid() -> None:
 def _strict(schema: Any) -> Any:
     if isinstance(schema, dict):
         out = {k: _strict(v) for k, v in schema.items()}
-        if "properties" in out and "additionalProperties" not in out \
-                and not out.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
             out["additionalProperties"] = False
         return out
     if isinstance(schema, list):
@@ -464,14 +553,28 @@ def _fleet(imports: int = 5000, clusters: int = 50) -> tuple[AgentConfig, list[d
     data = copy.deepcopy(config_dict())
     data["dns"]["vip_range"] = "240.0.0.0/12"
     data["imports"] = [{"from": s, "names": ["*"]} for s in sources]
-    data["exports"] = [{"service": f"svc{i}", "namespace": "shop", "ports": [8080], "consumers": sources}
-                       for i in range(200)]
-    fleet = [imp(f"svc{i}.ns{c}", source, [(8080, "HTTP"), (9090, "GRPC")], address=f"203.0.113.{c + 1}",
-                 identity=f"spiffe://{source}.mesh/ns/istio-system/sa/istio-ingressgateway-service-account")
-             for c, source in enumerate(sources) for i in range(imports // clusters)]
-    peers = [{"name": s, "trust_domain": f"{s}.mesh",
-              "identities": {"egress": f"spiffe://{s}.mesh/ns/istio-system/sa/istio-egressgateway-service-account"}}
-             for s in sources]
+    data["exports"] = [
+        {"service": f"svc{i}", "namespace": "shop", "ports": [8080], "consumers": sources} for i in range(200)
+    ]
+    fleet = [
+        imp(
+            f"svc{i}.ns{c}",
+            source,
+            [(8080, "HTTP"), (9090, "GRPC")],
+            address=f"203.0.113.{c + 1}",
+            identity=f"spiffe://{source}.mesh/ns/istio-system/sa/istio-ingressgateway-service-account",
+        )
+        for c, source in enumerate(sources)
+        for i in range(imports // clusters)
+    ]
+    peers = [
+        {
+            "name": s,
+            "trust_domain": f"{s}.mesh",
+            "identities": {"egress": f"spiffe://{s}.mesh/ns/istio-system/sa/istio-egressgateway-service-account"},
+        }
+        for s in sources
+    ]
     return parse_config(data), fleet, peers
 
 
@@ -493,8 +596,12 @@ def test_five_thousand_imports_render_in_under_a_second() -> None:
 # Plain TCP, hop by hop (ISTIO-NOTES: a distinct address per imported service)
 
 TCP_IMPORT = imp("mongodb.bookinfo", "a", [(27017, "TCP")])
-TCP_EXPORT = {"service": "mongodb", "namespace": "bookinfo", "ports": [{"number": 27017, "protocol": "TCP"}],
-              "consumers": ["a"]}
+TCP_EXPORT = {
+    "service": "mongodb",
+    "namespace": "bookinfo",
+    "ports": [{"number": 27017, "protocol": "TCP"}],
+    "consumers": ["a"],
+}
 
 
 def tcp_config(**changes: Any) -> AgentConfig:
@@ -507,8 +614,12 @@ def tcp_config(**changes: Any) -> AgentConfig:
 
 @pytest.fixture(scope="module")
 def tcp_result() -> Any:
-    return render_all(tcp_config(), imports=[IMPORTS[0], TCP_IMPORT], peers=PEERS,
-                      vips={"details.bookinfo": "240.240.0.2", "mongodb.bookinfo": "240.240.0.3"})
+    return render_all(
+        tcp_config(),
+        imports=[IMPORTS[0], TCP_IMPORT],
+        peers=PEERS,
+        vips={"details.bookinfo": "240.240.0.2", "mongodb.bookinfo": "240.240.0.3"},
+    )
 
 
 def test_tcp_import_keeps_its_own_vip_and_reaches_the_tcp_port(tcp_result: Any) -> None:
@@ -525,27 +636,46 @@ def test_tcp_import_routes_mesh_to_egress_and_egress_to_remote(tcp_result: Any) 
     assert "http" not in spec
     assert spec["gateways"] == ["mesh", "istio-system/meshbridge-egress"]
     assert spec["tcp"] == [
-        {"match": [{"gateways": ["mesh"], "port": 27017}],
-         "route": [{"destination": {"host": "istio-egressgateway.istio-system.svc.cluster.local",
-                                    "subset": "tcp-mongodb-bookinfo-remote", "port": {"number": 15444}}}]},
-        {"match": [{"gateways": ["istio-system/meshbridge-egress"], "port": 15444}],
-         "route": [{"destination": {"host": "mongodb.bookinfo.remote", "port": {"number": 27017}}}]},
+        {
+            "match": [{"gateways": ["mesh"], "port": 27017}],
+            "route": [
+                {
+                    "destination": {
+                        "host": "istio-egressgateway.istio-system.svc.cluster.local",
+                        "subset": "tcp-mongodb-bookinfo-remote",
+                        "port": {"number": 15444},
+                    }
+                }
+            ],
+        },
+        {
+            "match": [{"gateways": ["istio-system/meshbridge-egress"], "port": 15444}],
+            "route": [{"destination": {"host": "mongodb.bookinfo.remote", "port": {"number": 27017}}}],
+        },
     ]
     dr = by_kind(tcp_result.objects, "DestinationRule")["meshbridge-import-mongodb-bookinfo"]["spec"]
-    assert dr["trafficPolicy"]["tls"] == {"mode": "ISTIO_MUTUAL", "sni": "mongodb.bookinfo.remote",
-                                          "subjectAltNames": [INGRESS_A]}
+    assert dr["trafficPolicy"]["tls"] == {
+        "mode": "ISTIO_MUTUAL",
+        "sni": "mongodb.bookinfo.remote",
+        "subjectAltNames": [INGRESS_A],
+    }
 
 
 def test_tcp_import_has_its_own_egress_server_and_subset(tcp_result: Any) -> None:
     gw = by_kind(tcp_result.objects, "Gateway")["meshbridge-egress"]["spec"]
     https, tls = gw["servers"]
     assert https["port"]["protocol"] == "HTTPS" and "istio-system/mongodb.bookinfo.remote" not in https["hosts"]
-    assert tls == {"name": "tcp-mongodb-bookinfo-remote",
-                   "port": {"number": 15444, "name": "tls-tcp-mongodb-bookinfo-remote", "protocol": "TLS"},
-                   "hosts": ["istio-system/mongodb.bookinfo.remote"], "tls": {"mode": "ISTIO_MUTUAL"}}
+    assert tls == {
+        "name": "tcp-mongodb-bookinfo-remote",
+        "port": {"number": 15444, "name": "tls-tcp-mongodb-bookinfo-remote", "protocol": "TLS"},
+        "hosts": ["istio-system/mongodb.bookinfo.remote"],
+        "tls": {"mode": "ISTIO_MUTUAL"},
+    }
     subsets = by_kind(tcp_result.objects, "DestinationRule")["meshbridge-egress"]["spec"]["subsets"]
-    assert subsets[1] == {"name": "tcp-mongodb-bookinfo-remote",
-                          "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL", "sni": "mongodb.bookinfo.remote"}}}
+    assert subsets[1] == {
+        "name": "tcp-mongodb-bookinfo-remote",
+        "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL", "sni": "mongodb.bookinfo.remote"}},
+    }
 
 
 def test_tcp_export_has_its_own_ingress_server_route_and_policy(tcp_result: Any) -> None:
@@ -556,24 +686,36 @@ def test_tcp_export_has_its_own_ingress_server_route_and_policy(tcp_result: Any)
     assert servers[1]["tls"] == {"mode": "ISTIO_MUTUAL"}
     vs = by_kind(tcp_result.objects, "VirtualService")["meshbridge-export-mongodb-bookinfo"]["spec"]
     assert vs["gateways"] == ["istio-system/meshbridge-ingress"] and "http" not in vs
-    assert vs["tcp"] == [{"match": [{"port": 15444}], "route": [
-        {"destination": {"host": "mongodb.bookinfo.svc.cluster.local", "port": {"number": 27017}}}]}]
+    assert vs["tcp"] == [
+        {
+            "match": [{"port": 15444}],
+            "route": [{"destination": {"host": "mongodb.bookinfo.svc.cluster.local", "port": {"number": 27017}}}],
+        }
+    ]
     policies = by_kind(tcp_result.objects, "AuthorizationPolicy")
     assert policies["meshbridge-export-mongodb-bookinfo"]["spec"]["rules"] == [
-        {"when": [{"key": "connection.sni", "values": ["mongodb.bookinfo.remote"]}],
-         "from": [{"source": {"notPrincipals": [EGRESS_A[len("spiffe://"):]]}}]}]
+        {
+            "when": [{"key": "connection.sni", "values": ["mongodb.bookinfo.remote"]}],
+            "from": [{"source": {"notPrincipals": [EGRESS_A[len("spiffe://") :]]}}],
+        }
+    ]
     # HTTP rules leave the TCP port alone: Istio drops `hosts` from DENY rules on TCP chains.
     http_rule = policies["meshbridge-export-ratings-bookinfo"]["spec"]["rules"][0]
     assert http_rule["to"][0]["operation"]["notPorts"] == ["15444"]
 
 
 def test_tcp_export_allow_mode_and_custom_port() -> None:
-    out = render_all(tcp_config(authorization_mode="allow", cross_cluster_tcp_port=16000), imports=[],
-                     peers=PEERS, vips={})
+    out = render_all(
+        tcp_config(authorization_mode="allow", cross_cluster_tcp_port=16000), imports=[], peers=PEERS, vips={}
+    )
     spec = by_kind(out.objects, "AuthorizationPolicy")["meshbridge-export-mongodb-bookinfo"]["spec"]
     assert spec["action"] == "ALLOW"
-    assert spec["rules"] == [{"from": [{"source": {"principals": [EGRESS_A[len("spiffe://"):]]}}],
-                              "when": [{"key": "connection.sni", "values": ["mongodb.bookinfo.remote"]}]}]
+    assert spec["rules"] == [
+        {
+            "from": [{"source": {"principals": [EGRESS_A[len("spiffe://") :]]}}],
+            "when": [{"key": "connection.sni", "values": ["mongodb.bookinfo.remote"]}],
+        }
+    ]
     servers = by_kind(out.objects, "Gateway")["meshbridge-ingress"]["spec"]["servers"]
     assert servers[1]["port"]["number"] == 16000
 

@@ -54,18 +54,29 @@ class Attacker:
     def endorse(self, root: x509.Certificate, *, issuer: x509.Certificate | None = None) -> str:
         """A forged endorsement of ``root``: claims ``issuer`` (default: the attacker's root) but is
         signed with the attacker's key."""
-        builder = (x509.CertificateBuilder().subject_name(root.subject)
-                   .issuer_name((issuer or self.root).subject).public_key(root.public_key())
-                   .serial_number(xp.random_serial()).not_valid_before(datetime.now(UTC) - timedelta(minutes=5))
-                   .not_valid_after(datetime.now(UTC) + timedelta(days=30))
-                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(root.subject)
+            .issuer_name((issuer or self.root).subject)
+            .public_key(root.public_key())
+            .serial_number(xp.random_serial())
+            .not_valid_before(datetime.now(UTC) - timedelta(minutes=5))
+            .not_valid_after(datetime.now(UTC) + timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        )
         return pem(builder.sign(self.key, hashes.SHA256()))
 
     def intermediate_for(self, csr_pem: str, template: x509.Certificate) -> x509.Certificate:
         """An intermediate for the agent's CSR key, shaped like the real one, under the attacker's root."""
         csr = x509.load_pem_x509_csr(csr_pem.encode())
-        return xp.issue_intermediate(csr=csr, issuer=self.root, signer=self.signer, subject=template.subject,
-                                     trust_domain="a.mesh", now=datetime.now(UTC))
+        return xp.issue_intermediate(
+            csr=csr,
+            issuer=self.root,
+            signer=self.signer,
+            subject=template.subject,
+            trust_domain="a.mesh",
+            now=datetime.now(UTC),
+        )
 
 
 def mitm_agent(ca_service: CAService, cfg_path: Path, rewrite: Rewrite) -> tuple[AgentLoop, Path, list[bool]]:
@@ -77,11 +88,15 @@ def mitm_agent(ca_service: CAService, cfg_path: Path, rewrite: Rewrite) -> tuple
     on = [False]
 
     def relay(request: httpx.Request) -> httpx.Response:
-        answer = upstream.send(upstream.build_request(request.method, str(request.url), headers=request.headers,
-                                                      content=request.content))
+        answer = upstream.send(
+            upstream.build_request(request.method, str(request.url), headers=request.headers, content=request.content)
+        )
         if not on[0] or answer.status_code >= 300 or not answer.content:
-            return httpx.Response(answer.status_code, content=answer.content,
-                                  headers={"Content-Type": answer.headers.get("Content-Type", "application/json")})
+            return httpx.Response(
+                answer.status_code,
+                content=answer.content,
+                headers={"Content-Type": answer.headers.get("Content-Type", "application/json")},
+            )
         body = rewrite(request, answer.json())
         return httpx.Response(answer.status_code, json=body)
 
@@ -102,8 +117,9 @@ def refused(loop: AgentLoop, ca_service: CAService, match: str) -> None:
         step(loop)
     loop.r.failed(f"rejected: {caught.value}")  # what AgentLoop.run does with a BundleRejected
     status = {c.name: c for c, _ in ca_service.authority.list_clusters()}[loop.r.config.cluster].agent_status
-    assert status is not None and any("no trusted root" in e or "does not trust" in e or "does not end" in e
-                                      for e in status["errors"]), status
+    assert status is not None and any(
+        "no trusted root" in e or "does not trust" in e or "does not end" in e for e in status["errors"]
+    ), status
 
 
 def only_desired(change: Callable[[dict[str, Any]], None]) -> Rewrite:
@@ -111,6 +127,7 @@ def only_desired(change: Callable[[dict[str, Any]], None]) -> Rewrite:
         if request.url.path.endswith("/desired"):
             change(body)
         return body
+
     return rewrite
 
 
@@ -119,7 +136,8 @@ def only_desired(change: Callable[[dict[str, Any]], None]) -> Rewrite:
 
 @pytest.mark.parametrize("forgery", ["bare", "self-endorsed", "endorsement claiming the real root"])
 def test_forged_desired_state_cannot_add_an_attacker_root(
-        ca_service: CAService, two_clusters: dict[str, Path], forgery: str) -> None:
+    ca_service: CAService, two_clusters: dict[str, Path], forgery: str
+) -> None:
     attacker = Attacker()
     real_root = x509.load_pem_x509_certificate(ca_service.authority.list_roots()[0].cert_pem.encode())
 
@@ -140,7 +158,8 @@ def test_forged_desired_state_cannot_add_an_attacker_root(
 
 
 def test_forged_bundle_dropping_every_trusted_root_is_refused(
-        ca_service: CAService, two_clusters: dict[str, Path]) -> None:
+    ca_service: CAService, two_clusters: dict[str, Path]
+) -> None:
     attacker = Attacker()
 
     def replace_roots(body: dict[str, Any]) -> None:
@@ -157,8 +176,9 @@ def test_forged_bundle_dropping_every_trusted_root_is_refused(
 
 
 def test_a_bundle_holding_no_root_is_refused(ca_service: CAService, two_clusters: dict[str, Path]) -> None:
-    loop, out, on = mitm_agent(ca_service, two_clusters["a"],
-                               only_desired(lambda body: body.update(trust_bundle="not a certificate")))
+    loop, out, on = mitm_agent(
+        ca_service, two_clusters["a"], only_desired(lambda body: body.update(trust_bundle="not a certificate"))
+    )
     step(loop)
     before = snapshot(out)
     on[0] = True
@@ -172,7 +192,8 @@ def test_a_bundle_holding_no_root_is_refused(ca_service: CAService, two_clusters
 
 @pytest.mark.parametrize("root_cert", ["attacker root only", "real bundle plus attacker root"])
 def test_renewal_answer_chaining_to_an_attacker_root_is_refused(
-        ca_service: CAService, two_clusters: dict[str, Path], root_cert: str) -> None:
+    ca_service: CAService, two_clusters: dict[str, Path], root_cert: str
+) -> None:
     attacker = Attacker()
     csrs: list[str] = []
 
@@ -182,10 +203,14 @@ def test_renewal_answer_chaining_to_an_attacker_root_is_refused(
             csrs.append(csr)
             real = x509.load_pem_x509_certificate(body["bundle"]["ca-cert.pem"].encode())
             forged = pem(attacker.intermediate_for(csr, real))
-            roots = pem(attacker.root) if root_cert == "attacker root only" else \
-                body["bundle"]["root-cert.pem"] + pem(attacker.root)
-            body["bundle"].update({"ca-cert.pem": forged, "cert-chain.pem": forged + pem(attacker.root),
-                                   "root-cert.pem": roots})
+            roots = (
+                pem(attacker.root)
+                if root_cert == "attacker root only"
+                else body["bundle"]["root-cert.pem"] + pem(attacker.root)
+            )
+            body["bundle"].update(
+                {"ca-cert.pem": forged, "cert-chain.pem": forged + pem(attacker.root), "root-cert.pem": roots}
+            )
         return body
 
     loop, out, on = mitm_agent(ca_service, two_clusters["a"], forge)
@@ -203,7 +228,8 @@ def test_renewal_answer_chaining_to_an_attacker_root_is_refused(
 
 
 def test_agent_that_missed_phase_2_reconnects_after_activation(
-        ca_service: CAService, two_clusters: dict[str, Path]) -> None:
+    ca_service: CAService, two_clusters: dict[str, Path]
+) -> None:
     """The colleague's report: agents that skipped the trusted-root window failed TLS after
     activation. The CA's TLS chain carries the new root's endorsement, so they reconnect, prove the
     new root from the old one, renew under it and later drop the retired root."""
@@ -226,7 +252,8 @@ def test_agent_that_missed_phase_2_reconnects_after_activation(
 
 
 def test_agent_enrolling_after_activation_with_the_old_anchor(
-        ca_service: CAService, two_clusters: dict[str, Path]) -> None:
+    ca_service: CAService, two_clusters: dict[str, Path]
+) -> None:
     """Its configured anchor predates the rotation: it reaches the CA through the endorsement, learns
     the new root from desired state before installing a chain under it, and spends its bootstrap
     token once."""

@@ -35,9 +35,18 @@ def _spellings(protocol: Protocol) -> list[str]:
 @pytest.mark.parametrize("spelling", [s for p in sorted(GATEWAY_CARRIED) for s in _spellings(p)])
 def test_every_protocol_the_agent_accepts_passes_the_servers_model(spelling: str) -> None:
     port = ExportPortConfig.model_validate({"number": 8080, "protocol": spelling})
-    body = {"gateway": {"address": "198.51.100.10", "port": 15443}, "identities": IDENTITIES,
-            "services": [{"name": "web.shop", "namespace": "shop", "service": "web",
-                          "ports": [{"number": port.number, "protocol": port.protocol.value}]}]}
+    body = {
+        "gateway": {"address": "198.51.100.10", "port": 15443},
+        "identities": IDENTITIES,
+        "services": [
+            {
+                "name": "web.shop",
+                "namespace": "shop",
+                "service": "web",
+                "ports": [{"number": port.number, "protocol": port.protocol.value}],
+            }
+        ],
+    }
     parsed = models.ExportsIn.model_validate_json(models.ExportsIn.model_validate(body).model_dump_json())
     assert parsed.services[0].ports[0].protocol is port.protocol
 
@@ -62,11 +71,19 @@ def test_name_checks_accept_what_they_should() -> None:
 
 
 def test_a_config_with_a_protocol_the_gateways_cannot_carry_is_refused_at_load(
-        ca_service: CAService, tmp_path: Path) -> None:
+    ca_service: CAService, tmp_path: Path
+) -> None:
     path = tmp_path / "agent.yaml"
-    path.write_text(agent_yaml(name="a", td="a.mesh", url=ca_service.url, address="198.51.100.10",
-                               exports="[{service: ratings, namespace: bookinfo, ports: [{number: 9080, "
-                                       "protocol: udp}], consumers: [b]}]", imports="[]"))
+    path.write_text(
+        agent_yaml(
+            name="a",
+            td="a.mesh",
+            url=ca_service.url,
+            address="198.51.100.10",
+            exports="[{service: ratings, namespace: bookinfo, ports: [{number: 9080, protocol: udp}], consumers: [b]}]",
+            imports="[]",
+        )
+    )
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert any("exports[0].ports[0].protocol" in p for p in err.value.problems)
@@ -77,8 +94,9 @@ def _agent(path: Path) -> tuple[AgentLoop, Path]:
     out = path.parent / "out"
     client = CAClient(cfg.ca.url, trust_pem=Path(cfg.ca.trust_anchor).read_text(), cluster=cfg.cluster)
     writer = DirectoryWriter(out, state_dir=out / ".meshbridge", stream=io.StringIO())
-    return AgentLoop(Reconciler(cfg, client=client, applier=writer,
-                                state_store=DirStateStore(out / ".meshbridge")), poll_wait=1), out
+    return AgentLoop(
+        Reconciler(cfg, client=client, applier=writer, state_store=DirStateStore(out / ".meshbridge")), poll_wait=1
+    ), out
 
 
 def _step(loop: AgentLoop) -> Any:
@@ -89,8 +107,13 @@ def _step(loop: AgentLoop) -> Any:
 def test_grpc_web_exports_are_published_and_imported_end_to_end(ca_service: CAService, tmp_path: Path) -> None:
     paths = {}
     for name, td, addr, exp, imp in (
-        ("a", "a.mesh", "198.51.100.10", "[{service: chat, namespace: web, ports: [{number: 8080, protocol: grpc-web}],"
-                                         " consumers: [b]}]", "[]"),
+        (
+            "a",
+            "a.mesh",
+            "198.51.100.10",
+            "[{service: chat, namespace: web, ports: [{number: 8080, protocol: grpc-web}], consumers: [b]}]",
+            "[]",
+        ),
         ("b", "b.mesh", "198.51.100.20", "[]", '[{from: a, names: ["*"]}]'),
     ):
         (tmp_path / name).mkdir()

@@ -36,8 +36,8 @@ PASSPHRASE = b"correct horse battery staple 0451"
 
 # run a test (or, as ``pytestmark``, a module) with the speed-ups on, then with all of them off
 both_speedup_modes = pytest.mark.parametrize(
-    "speedups", [pytest.param(ALL_ON, id="speedups-on"), pytest.param(ALL_OFF, id="speedups-off")],
-    indirect=True)
+    "speedups", [pytest.param(ALL_ON, id="speedups-on"), pytest.param(ALL_OFF, id="speedups-off")], indirect=True
+)
 
 
 @pytest.fixture
@@ -247,8 +247,13 @@ class Harness:
 
 
 def make_harness(
-    database_url: str, data_dir: Path, *, policy: Policy | None = None, key_type: KeyType = KeyType.ECDSA_P256,
-    watch_interval: float = 0.05, speedups: Speedups = ALL_ON,
+    database_url: str,
+    data_dir: Path,
+    *,
+    policy: Policy | None = None,
+    key_type: KeyType = KeyType.ECDSA_P256,
+    watch_interval: float = 0.05,
+    speedups: Speedups = ALL_ON,
 ) -> Iterator[Harness]:
     store = SqlStore(database_url, prepared_statements=speedups.prepared_statements)
     upgrade(store.engine)
@@ -274,5 +279,8 @@ def pem_certs(text: str) -> list[x509.Certificate]:
 
 def pem_crls(text: str) -> list[x509.CertificateRevocationList]:
     end = "-----END X509 CRL-----"
-    return [x509.load_pem_x509_crl((block + end + "\n").encode())
-            for block in text.split(end) if "-----BEGIN X509 CRL-----" in block]
+    return [
+        x509.load_pem_x509_crl((block + end + "\n").encode())
+        for block in text.split(end)
+        if "-----BEGIN X509 CRL-----" in block
+    ]

@@ -50,8 +50,9 @@ def _renew_directly(authority: Authority, agent: Agent, *, prover: pki.PrivateKe
     """One renewal through the core (no HTTP): the new key becomes the agent's; its serial."""
     key = pki.new_key()
     csr = pki.make_csr(key, agent.name)
-    issued = authority.renew(cluster_name=agent.name, agent_token=agent.token, csr_pem=csr,
-                             proof_b64=pki.prove(prover or agent.key, csr))
+    issued = authority.renew(
+        cluster_name=agent.name, agent_token=agent.token, csr_pem=csr, proof_b64=pki.prove(prover or agent.key, csr)
+    )
     agent.key = key
     return issued.serial
 
@@ -68,7 +69,8 @@ def _bad_renewal(authority: Authority, agent: Agent) -> float:
 
 # ------------------------------------------------------------------------- 3. proof costs
 def test_a_bad_proof_costs_two_signature_checks_whatever_the_number_of_intermediates(
-        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
     many = harness.enroll("many")
     for _ in range(300):  # every one of them unexpired and unrevoked
         _renew_directly(harness.authority, many)
@@ -166,8 +168,9 @@ def test_a_key_certified_for_one_cluster_is_not_certified_for_another(harness: H
     a = harness.enroll("a")
     token = harness.add_cluster("b")["bootstrap_token"]
     before = harness.state()
-    r = harness.client.post("/v1/enroll", json={"cluster": "b", "bootstrap_token": token,
-                                                "csr": pki.make_csr(a.key, "b")})
+    r = harness.client.post(
+        "/v1/enroll", json={"cluster": "b", "bootstrap_token": token, "csr": pki.make_csr(a.key, "b")}
+    )
     assert r.status_code == 409
     assert harness.state() == before
     harness.enroll("b", token=token)  # the token was not used up
@@ -203,8 +206,9 @@ def _huge_exponent_csr() -> str:
 
 @pytest.mark.parametrize("exponent", [3, 17, "huge"])
 def test_rsa_exponents_other_than_65537_are_refused_at_parse(harness: Harness, exponent: int | str) -> None:
-    csr = _huge_exponent_csr() if exponent == "huge" else csr_with(_rsa_key_with_exponent(int(exponent)),
-                                                                    hashes.SHA256())
+    csr = (
+        _huge_exponent_csr() if exponent == "huge" else csr_with(_rsa_key_with_exponent(int(exponent)), hashes.SHA256())
+    )
     token = harness.add_cluster("a")["bootstrap_token"]
     before = harness.state()
     started = time.perf_counter()
@@ -220,7 +224,8 @@ def test_rsa_exponents_other_than_65537_are_refused_at_parse(harness: Harness, e
 
 
 def test_enrollment_checks_the_bootstrap_token_before_the_csr(
-        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
     token = harness.add_cluster("a")["bootstrap_token"]
     parsed = _count_calls(monkeypatch, xp, "parse_csr_and_key")
     expensive = csr_with(rsa.generate_private_key(public_exponent=65537, key_size=4096), hashes.SHA512())
@@ -263,8 +268,9 @@ def test_after_reenrollment_older_intermediates_prove_nothing(harness: Harness) 
 def test_a_new_bootstrap_token_ends_the_older_ones(harness: Harness) -> None:
     older = harness.add_cluster("a")["bootstrap_token"]
     newer = harness.bootstrap_token("a")
-    r = harness.client.post("/v1/enroll", json={"cluster": "a", "bootstrap_token": older,
-                                                "csr": pki.make_csr(pki.new_key(), "a")})
+    r = harness.client.post(
+        "/v1/enroll", json={"cluster": "a", "bootstrap_token": older, "csr": pki.make_csr(pki.new_key(), "a")}
+    )
     assert r.status_code == 401  # before issue 10: enrolled
     made = [e for e in harness.authority.audit(after=0, limit=1000) if e.action == "bootstrap_token.create"]
     assert made[-1].details["superseded"] == [older.split(".")[1]]
@@ -289,7 +295,8 @@ def limited(harness: Harness) -> Iterator[Callable[[Limits], TestClient]]:
 
 
 def test_a_wrong_secret_spends_nothing_of_the_real_tokens_budget(
-        harness: Harness, limited: Callable[[Limits], TestClient]) -> None:
+    harness: Harness, limited: Callable[[Limits], TestClient]
+) -> None:
     c = limited(Limits(per_credential=3, per_address=1000, window=60.0))  # 50 failures per address
     real = harness.admin_token
     wrong = {"Authorization": f"Bearer {real[: real.rindex('.') + 1]}wrong-secret"}
@@ -299,38 +306,59 @@ def test_a_wrong_secret_spends_nothing_of_the_real_tokens_budget(
 
 
 def test_failed_authentications_are_limited_per_address(
-        harness: Harness, limited: Callable[[Limits], TestClient]) -> None:
-    c = limited(Limits(per_credential=1000, per_address=1000, window=60.0,
-                       failures_per_second=0.01, failures_burst=5))
-    guesses = [c.get("/v1/clusters", headers={"Authorization": f"Bearer mbadmin.{i:016x}.guess"}).status_code
-               for i in range(7)]
+    harness: Harness, limited: Callable[[Limits], TestClient]
+) -> None:
+    c = limited(Limits(per_credential=1000, per_address=1000, window=60.0, failures_per_second=0.01, failures_burst=5))
+    guesses = [
+        c.get("/v1/clusters", headers={"Authorization": f"Bearer mbadmin.{i:016x}.guess"}).status_code for i in range(7)
+    ]
     assert guesses == [401] * 5 + [429] * 2
-    r = c.post("/v1/enroll", json={"cluster": "a", "bootstrap_token": "mbboot.0123456789abcdef.guess",
-                                   "csr": pki.make_csr(pki.new_key(), "a")})
+    r = c.post(
+        "/v1/enroll",
+        json={
+            "cluster": "a",
+            "bootstrap_token": "mbboot.0123456789abcdef.guess",
+            "csr": pki.make_csr(pki.new_key(), "a"),
+        },
+    )
     assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
     # the address is refused before anything is looked at, even with a good token
     assert c.get("/v1/clusters", headers=harness.admin).status_code == 429
 
 
 def test_exports_and_status_writes_have_a_budget_per_token(
-        harness: Harness, limited: Callable[[Limits], TestClient]) -> None:
+    harness: Harness, limited: Callable[[Limits], TestClient]
+) -> None:
     agent = harness.enroll("a", trust_domain="a.mesh")
-    c = limited(Limits(per_credential=1000, per_address=1000, window=60.0,
-                       writes_per_second=0.01, writes_burst=3))
-    status = [c.put("/v1/clusters/a/status", json={"installed_generation": i}, headers=agent.headers).status_code
-              for i in range(5)]
+    c = limited(Limits(per_credential=1000, per_address=1000, window=60.0, writes_per_second=0.01, writes_burst=3))
+    status = [
+        c.put("/v1/clusters/a/status", json={"installed_generation": i}, headers=agent.headers).status_code
+        for i in range(5)
+    ]
     assert status == [200, 200, 200, 429, 429]  # before issue 10: 200 each, up to 300 a second
-    r = c.put("/v1/clusters/a/exports", headers=agent.headers, json={
-        "gateway": {"address": "198.51.100.1", "port": 15443},
-        "identities": {"ingress": "spiffe://a.mesh/ns/i/sa/i", "egress": "spiffe://a.mesh/ns/i/sa/e"}})
+    r = c.put(
+        "/v1/clusters/a/exports",
+        headers=agent.headers,
+        json={
+            "gateway": {"address": "198.51.100.1", "port": 15443},
+            "identities": {"ingress": "spiffe://a.mesh/ns/i/sa/i", "egress": "spiffe://a.mesh/ns/i/sa/e"},
+        },
+    )
     assert r.status_code == 429
     assert c.get("/v1/clusters/a/desired", headers=agent.headers).status_code == 200  # reads are not writes
 
 
 def test_exports_audit_details_are_capped(harness: Harness) -> None:
     agent = harness.enroll("a", trust_domain="a.mesh")
-    services = [{"name": f"service-{i:04d}.bookinfo", "namespace": "bookinfo", "service": f"service-{i:04d}",
-                 "ports": [{"number": 9080, "protocol": "HTTP"}]} for i in range(400)]
+    services = [
+        {
+            "name": f"service-{i:04d}.bookinfo",
+            "namespace": "bookinfo",
+            "service": f"service-{i:04d}",
+            "ports": [{"number": 9080, "protocol": "HTTP"}],
+        }
+        for i in range(400)
+    ]
     r = harness.publish(agent, trust_domain="a.mesh", services=services)
     assert r.status_code == 200
     [entry] = [e for e in harness.authority.audit(after=0, limit=1000) if e.action == "exports.update"]
@@ -339,4 +367,3 @@ def test_exports_audit_details_are_capped(harness: Harness) -> None:
     harness.publish(agent, trust_domain="a.mesh", services=services[:2])
     small = [e for e in harness.authority.audit(after=0, limit=1000) if e.action == "exports.update"][-1]
     assert small.details["services"] == ["service-0000.bookinfo", "service-0001.bookinfo"]
-

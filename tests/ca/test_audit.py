@@ -46,11 +46,25 @@ def test_every_change_is_recorded_in_order_and_the_chain_verifies(harness: Harne
     assert r.status_code == 200
     items = r.json()["items"]
     actions = [i["action"] for i in items]
-    expected = ["root.create", "admin_token.create", "crl.sign",  # init
-                "cluster.create", "bootstrap_token.create", "intermediate.enroll",
-                "intermediate.renew", "cluster.rotate", "certificate.revoke", "crl.sign",
-                "cluster.create", "bootstrap_token.create", "intermediate.enroll",
-                "cluster.revoke", "crl.sign", "root.create", "crl.sign"]
+    expected = [
+        "root.create",
+        "admin_token.create",
+        "crl.sign",  # init
+        "cluster.create",
+        "bootstrap_token.create",
+        "intermediate.enroll",
+        "intermediate.renew",
+        "cluster.rotate",
+        "certificate.revoke",
+        "crl.sign",
+        "cluster.create",
+        "bootstrap_token.create",
+        "intermediate.enroll",
+        "cluster.revoke",
+        "crl.sign",
+        "root.create",
+        "crl.sign",
+    ]
     assert actions == expected
     assert [i["id"] for i in items] == list(range(1, len(expected) + 1))
     assert items[3]["subject"] == "a" and items[3]["actor"].startswith("admin:")
@@ -101,11 +115,17 @@ def test_a_relinked_row_is_found(harness: Harness) -> None:
 
 def _fail_audit_inserts(h: Harness) -> None:
     if h.postgres:
-        sql(h, "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS "
-               "$$ BEGIN RAISE EXCEPTION 'audit storage failed'; END $$")
+        sql(
+            h,
+            "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'audit storage failed'; END $$",
+        )
         sql(h, "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION refuse_audit()")
     else:
-        sql(h, "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'audit storage failed'); END")
+        sql(
+            h,
+            "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'audit storage failed'); END",
+        )
 
 
 def _heal_audit(h: Harness) -> None:
@@ -120,8 +140,9 @@ def test_when_the_audit_record_cannot_be_written_the_change_does_not_happen(harn
     key = pki.new_key()
     attempts = [
         harness.client.post("/v1/clusters", json={"name": "c"}, headers=harness.admin),
-        harness.client.post("/v1/enroll", json={"cluster": "b", "bootstrap_token": token_b,
-                                                "csr": pki.make_csr(key, "b")}),
+        harness.client.post(
+            "/v1/enroll", json={"cluster": "b", "bootstrap_token": token_b, "csr": pki.make_csr(key, "b")}
+        ),
         harness.renew_response(a)[0],
         harness.client.post("/v1/clusters/a/rotate", json={}, headers=harness.admin),
         harness.client.post(f"/v1/certificates/{a.serial}/revoke", json={}, headers=harness.admin),
@@ -137,16 +158,18 @@ def test_when_the_audit_record_cannot_be_written_the_change_does_not_happen(harn
     assert harness.desired(a)["generation"] == 1
     _heal_audit(harness)
     # the bootstrap token was not consumed by the failed enrollment
-    r = harness.client.post("/v1/enroll", json={"cluster": "b", "bootstrap_token": token_b,
-                                                "csr": pki.make_csr(key, "b")})
+    r = harness.client.post(
+        "/v1/enroll", json={"cluster": "b", "bootstrap_token": token_b, "csr": pki.make_csr(key, "b")}
+    )
     assert r.status_code == 201, r.text
     assert report(harness) == "ok"
 
 
 # ------------------------------------------------------------------------------------ the CLI
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})}, check=False)
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}, check=False
+    )
 
 
 @pytest.fixture
@@ -190,7 +213,6 @@ def test_a_clock_in_another_time_zone_keeps_the_chain_verifiable(harness: Harnes
     from tests.ca.conftest import PASSPHRASE
 
     cest = timezone(timedelta(hours=2))
-    authority = Authority(harness.store, FileKeyBackend(harness.data_dir, PASSPHRASE),
-                          clock=lambda: datetime.now(cest))
+    authority = Authority(harness.store, FileKeyBackend(harness.data_dir, PASSPHRASE), clock=lambda: datetime.now(cest))
     authority.create_cluster(name="a", trust_domain="a.mesh", gateway=None, actor="test")
     assert report(harness) == "ok"

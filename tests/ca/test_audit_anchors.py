@@ -31,8 +31,9 @@ from tests.support.replicas import CLI, Replica, admin_token, init_ca
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, check=False,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=120, check=False, env={**os.environ, **(env or {})}
+    )
 
 
 def verify(d: Path, url: str, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -99,13 +100,20 @@ def rehash_unkeyed(ca: CA, *, from_id: int, change: dict[str, Any] | None = None
     rows = ca.rows()
     prev = GENESIS if from_id == 1 else rows[from_id - 2].hash
     updates = []
-    for r in rows[from_id - 1:to_id]:
+    for r in rows[from_id - 1 : to_id]:
         details = json.loads(r.details)
         if r.id == from_id and change:
             details.update(change)
         at = r.at if isinstance(r.at, datetime) else datetime.fromisoformat(str(r.at))
-        h = entry_hash(id=r.id, at=at.replace(tzinfo=at.tzinfo or UTC), actor=r.actor, action=r.action,
-                       subject=r.subject, details=details, prev_hash=prev)
+        h = entry_hash(
+            id=r.id,
+            at=at.replace(tzinfo=at.tzinfo or UTC),
+            actor=r.actor,
+            action=r.action,
+            subject=r.subject,
+            details=details,
+            prev_hash=prev,
+        )
         updates.append({"id": r.id, "details": json.dumps(details, sort_keys=True), "prev": prev, "h": h})
         prev = h
     engine = create_engine(ca.url)
@@ -120,8 +128,10 @@ def rehash_unkeyed(ca: CA, *, from_id: int, change: dict[str, Any] | None = None
 def truncate(ca: CA, keep: int) -> None:
     """The attacker's truncation: delete every entry after ``keep`` and move the head back to it."""
     last = ca.rows()[keep - 1]
-    ca.sql(f"DELETE FROM audit WHERE id > {keep}",  # noqa: S608 (an int of ours)
-           f"UPDATE meta SET int_value = {keep}, str_value = '{last.hash}' WHERE key = 'audit_head'")  # noqa: S608
+    ca.sql(
+        f"DELETE FROM audit WHERE id > {keep}",  # noqa: S608 (an int of ours)
+        f"UPDATE meta SET int_value = {keep}, str_value = '{last.hash}' WHERE key = 'audit_head'",  # noqa: S608 (an int and a hash of ours)
+    )
 
 
 # ------------------------------------------------------------------------------------ the attacks
@@ -185,8 +195,10 @@ def test_a_database_file_rolled_back_to_an_older_copy_is_found(tmp_path: Path) -
 def test_restore_refuses_a_backup_older_than_the_anchors(ca: CA, tmp_path: Path) -> None:
     serve_and_write(ca, "a")
     old_backup = tmp_path / "old.tar.gz"
-    assert cli("backup", "--data-dir", str(ca.data_dir), "--database-url", ca.url,
-               "--out", str(old_backup)).returncode == 0
+    assert (
+        cli("backup", "--data-dir", str(ca.data_dir), "--database-url", ca.url, "--out", str(old_backup)).returncode
+        == 0
+    )
     with tarfile.open(old_backup) as tar:  # neither the key nor the anchors travel with a backup
         assert not [n for n in tar.getnames() if "audit-key" in n or "audit-anchors" in n]
         blob = b"".join(tar.extractfile(m).read() for m in tar.getmembers() if m.isfile())  # type: ignore[union-attr]
@@ -197,19 +209,39 @@ def test_restore_refuses_a_backup_older_than_the_anchors(ca: CA, tmp_path: Path)
     # ca.json go, the data directory with its audit key and anchors stays
     wipe(ca)
     (ca.data_dir / "ca.json").unlink()
-    r = cli("restore", "--data-dir", str(ca.data_dir), "--database-url", ca.url, "--in", str(old_backup),
-            env=passphrase)
+    r = cli(
+        "restore", "--data-dir", str(ca.data_dir), "--database-url", ca.url, "--in", str(old_backup), env=passphrase
+    )
     assert r.returncode != 0 and "rolled back" in r.stderr and "--accept-rollback" in r.stderr, r.stderr
     assert not (ca.data_dir / "ca.json").exists()
     # a fresh directory checked against a copy of the live anchors: refused the same way
     fresh = tmp_path / "fresh"
-    r = cli("restore", "--data-dir", str(fresh), "--in", str(old_backup), "--anchors",
-            str(ca.data_dir / "audit-anchors"), "--audit-key-file", str(ca.data_dir / "audit-key"), env=passphrase)
+    r = cli(
+        "restore",
+        "--data-dir",
+        str(fresh),
+        "--in",
+        str(old_backup),
+        "--anchors",
+        str(ca.data_dir / "audit-anchors"),
+        "--audit-key-file",
+        str(ca.data_dir / "audit-key"),
+        env=passphrase,
+    )
     assert r.returncode != 0 and "rolled back" in r.stderr, r.stderr
     assert not fresh.exists()
     # accepted on purpose: restored, the acceptance audited, and the chain verifies from then on
-    r = cli("restore", "--data-dir", str(ca.data_dir), "--database-url", ca.url, "--in", str(old_backup),
-            "--accept-rollback", env=passphrase)
+    r = cli(
+        "restore",
+        "--data-dir",
+        str(ca.data_dir),
+        "--database-url",
+        ca.url,
+        "--in",
+        str(old_backup),
+        "--accept-rollback",
+        env=passphrase,
+    )
     assert r.returncode == 0, r.stderr
     assert ca.rows()[-1].action == "audit.rollback_accepted"
     assert list(ca.data_dir.glob("audit-anchors.superseded-*"))
@@ -224,8 +256,16 @@ def wipe(ca: CA) -> None:
         for f in db.parent.glob(db.name + "*"):
             f.unlink()
         return
-    ca.sql("DELETE FROM audit", "DELETE FROM crls", "DELETE FROM certificates", "DELETE FROM bootstrap_tokens",
-           "DELETE FROM admin_tokens", "DELETE FROM clusters", "DELETE FROM roots", "DELETE FROM meta")
+    ca.sql(
+        "DELETE FROM audit",
+        "DELETE FROM crls",
+        "DELETE FROM certificates",
+        "DELETE FROM bootstrap_tokens",
+        "DELETE FROM admin_tokens",
+        "DELETE FROM clusters",
+        "DELETE FROM roots",
+        "DELETE FROM meta",
+    )
 
 
 # ------------------------------------------------------------------------------------ what must keep working

@@ -32,8 +32,9 @@ def enrolled(authority: Authority, name: str) -> tuple[pki.PrivateKey, str, str]
 
 
 @pytest.mark.parametrize("target", ["sqlite", "postgres"])
-def test_round_trip_keeps_issuing_under_the_same_root(tmp_path: Path, target: str, request: pytest.FixtureRequest,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_round_trip_keeps_issuing_under_the_same_root(
+    tmp_path: Path, target: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = tmp_path / "src"
     init_ca(src)
     authority = runtime.build_authority(src)
@@ -66,18 +67,21 @@ def test_round_trip_keeps_issuing_under_the_same_root(tmp_path: Path, target: st
     # the agent renews against the restored CA with its old key as proof: same root signs
     new_key = pki.new_key()
     csr = pki.make_csr(new_key, "a")
-    issued = restored.renew(cluster_name=cluster.name, agent_token=agent_token, csr_pem=csr,
-                            proof_b64=pki.prove(key, csr))
+    issued = restored.renew(
+        cluster_name=cluster.name, agent_token=agent_token, csr_pem=csr, proof_b64=pki.prove(key, csr)
+    )
     cert = x509.load_pem_x509_certificate(issued.bundle.ca_cert.encode())
     root_cert = x509.load_pem_x509_certificate(root_before.cert_pem.encode())
     cert.verify_directly_issued_by(root_cert)
-    rc = subprocess.run([*CLI, "audit", "verify", "--data-dir", str(dst), *(["--database-url", url] if url else [])],
-                        capture_output=True, text=True)
+    rc = subprocess.run(
+        [*CLI, "audit", "verify", "--data-dir", str(dst), *(["--database-url", url] if url else [])],
+        capture_output=True,
+        text=True,
+    )
     assert rc.returncode == 0, rc.stderr
 
 
-def test_restore_refuses_an_existing_ca_and_a_corrupt_archive(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_restore_refuses_an_existing_ca_and_a_corrupt_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "src"
     init_ca(src)
     archive = tmp_path / "b.tar.gz"

@@ -43,24 +43,30 @@ def enroll(h: Harness, token: str, csr: str, cluster: str = "a") -> Any:
 
 
 def csr_with(key: Any, algorithm: Any = None) -> str:
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a")]))
-           .sign(key, algorithm))
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a")]))
+        .sign(key, algorithm)
+    )
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def test_malformed_pem(pending: tuple[Harness, str]) -> None:
     h, token = pending
-    for csr in ["-----BEGIN CERTIFICATE REQUEST-----\nnot base64 at all\n-----END CERTIFICATE REQUEST-----\n",
-                "hello", pki.make_csr(pki.new_key(), "a")[:200]]:
+    for csr in [
+        "-----BEGIN CERTIFICATE REQUEST-----\nnot base64 at all\n-----END CERTIFICATE REQUEST-----\n",
+        "hello",
+        pki.make_csr(pki.new_key(), "a")[:200],
+    ]:
         body = assert_problem(enroll(h, token, csr), 400)
         assert "signing request" in body["detail"]
 
 
 def test_csr_whose_signature_fails(pending: tuple[Harness, str]) -> None:
     h, token = pending
-    der = bytearray(x509.load_pem_x509_csr(pki.make_csr(pki.new_key(), "a").encode())
-                    .public_bytes(serialization.Encoding.DER))
+    der = bytearray(
+        x509.load_pem_x509_csr(pki.make_csr(pki.new_key(), "a").encode()).public_bytes(serialization.Encoding.DER)
+    )
     der[-1] ^= 0x01  # last byte of the ECDSA s value
     tampered = x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM).decode()
     body = assert_problem(enroll(h, token, tampered), 400)
@@ -77,10 +83,13 @@ def test_rsa_below_2048(pending: tuple[Harness, str]) -> None:
 @functools.cache
 def unsupported_csrs() -> list[str]:
     """Made once per run: RSA above 4096 bits and DSA keys are slow to generate."""
-    return [csr_with(ed25519.Ed25519PrivateKey.generate()), csr_with(ed448.Ed448PrivateKey.generate()),
-            csr_with(ec.generate_private_key(ec.SECP521R1()), hashes.SHA256()),
-            csr_with(rsa.generate_private_key(public_exponent=65537, key_size=4104), hashes.SHA256()),
-            csr_with(dsa.generate_private_key(2048), hashes.SHA256())]
+    return [
+        csr_with(ed25519.Ed25519PrivateKey.generate()),
+        csr_with(ed448.Ed448PrivateKey.generate()),
+        csr_with(ec.generate_private_key(ec.SECP521R1()), hashes.SHA256()),
+        csr_with(rsa.generate_private_key(public_exponent=65537, key_size=4104), hashes.SHA256()),
+        csr_with(dsa.generate_private_key(2048), hashes.SHA256()),
+    ]
 
 
 def test_ed25519_and_other_key_types(pending: tuple[Harness, str]) -> None:
@@ -95,8 +104,11 @@ def test_body_over_64_kib(pending: tuple[Harness, str]) -> None:
     huge = "x" * (64 * 1024 + 1)
     r = h.client.post("/v1/enroll", json={"cluster": "a", "bootstrap_token": token, "csr": huge})
     assert_problem(r, 413)
-    r = h.client.post("/v1/clusters", content=b"{" + b" " * (70 * 1024) + b"}",
-                      headers={**h.admin, "content-type": "application/json"})
+    r = h.client.post(
+        "/v1/clusters",
+        content=b"{" + b" " * (70 * 1024) + b"}",
+        headers={**h.admin, "content-type": "application/json"},
+    )
     assert_problem(r, 413)
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the limit holds on the stream too
@@ -130,10 +142,15 @@ def test_names_that_are_not_dns_labels_elsewhere(pending: tuple[Harness, str]) -
 
 def test_bad_cluster_registrations(harness: Harness) -> None:
     before = harness.state()
-    for body in [{"name": "b", "trust_domain": "Not A Domain"}, {"name": "b", "trust_domain": "a..mesh"},
-                 {"name": "b", "gateway": {"address": "203.0.113.1", "port": 70000}},
-                 {"name": "b", "gateway": {"address": "bad address!", "port": 15443}},
-                 {"name": "b", "surprise": True}, {"trust_domain": "b.mesh"}, {"name": 7}]:
+    for body in [
+        {"name": "b", "trust_domain": "Not A Domain"},
+        {"name": "b", "trust_domain": "a..mesh"},
+        {"name": "b", "gateway": {"address": "203.0.113.1", "port": 70000}},
+        {"name": "b", "gateway": {"address": "bad address!", "port": 15443}},
+        {"name": "b", "surprise": True},
+        {"trust_domain": "b.mesh"},
+        {"name": 7},
+    ]:
         assert_problem(harness.client.post("/v1/clusters", json=body, headers=harness.admin), 400)
     assert harness.state() == before
 
@@ -148,8 +165,12 @@ def test_malformed_json(pending: tuple[Harness, str]) -> None:
 
 def test_unknown_clusters(pending: tuple[Harness, str]) -> None:
     h, token = pending
-    for method, path in [("GET", "/v1/clusters/nope"), ("POST", "/v1/clusters/nope/bootstrap-token"),
-                         ("POST", "/v1/clusters/nope/rotate"), ("POST", "/v1/clusters/nope/revoke")]:
+    for method, path in [
+        ("GET", "/v1/clusters/nope"),
+        ("POST", "/v1/clusters/nope/bootstrap-token"),
+        ("POST", "/v1/clusters/nope/rotate"),
+        ("POST", "/v1/clusters/nope/revoke"),
+    ]:
         assert_problem(h.client.request(method, path, json={}, headers=h.admin), 404)
     # a's token does not enroll a cluster that does not exist
     assert_problem(enroll(h, token, pki.make_csr(pki.new_key(), "nope"), cluster="nope"), 401)
@@ -192,8 +213,13 @@ def test_forged_bootstrap_tokens(pending: tuple[Harness, str]) -> None:
     csr = pki.make_csr(pki.new_key(), "a")
     assert_problem(enroll(h, "", csr), 400)
     wrong_secret = token.rsplit(".", 1)[0] + ".not-the-secret"
-    for forged in ["garbage", "mbboot.0123456789abcdef.nope", "mbadmin.x.y", wrong_secret,
-                   token.replace("mbboot.", "mbagent.")]:
+    for forged in [
+        "garbage",
+        "mbboot.0123456789abcdef.nope",
+        "mbadmin.x.y",
+        wrong_secret,
+        token.replace("mbboot.", "mbagent."),
+    ]:
         assert_problem(enroll(h, forged, csr), 401)
 
 
@@ -205,8 +231,9 @@ def test_another_clusters_agent_token(harness: Harness) -> None:
     assert_problem(r, 401)  # agent tokens are not admin tokens
     new = pki.new_key()
     csr = pki.make_csr(new, "b")
-    r = harness.client.post("/v1/clusters/b/intermediate", json={"csr": csr, "proof": pki.prove(a.key, csr)},
-                            headers=a.headers)
+    r = harness.client.post(
+        "/v1/clusters/b/intermediate", json={"csr": csr, "proof": pki.prove(a.key, csr)}, headers=a.headers
+    )
     assert_problem(r, 403)
     assert harness.state() == before
 
@@ -216,8 +243,7 @@ def test_wrong_proof(harness: Harness) -> None:
     before = harness.state()
     csr = pki.make_csr(pki.new_key(), "a")
     for proof in [pki.prove(pki.new_key(), csr), "not base64 !!", "", "AAAA"]:
-        r = harness.client.post("/v1/clusters/a/intermediate", json={"csr": csr, "proof": proof},
-                                headers=a.headers)
+        r = harness.client.post("/v1/clusters/a/intermediate", json={"csr": csr, "proof": proof}, headers=a.headers)
         assert "proof" in assert_problem(r, 403)["detail"]
     assert harness.state() == before
 
@@ -227,8 +253,9 @@ def test_bad_csr_on_renewal(harness: Harness) -> None:
     before = harness.state()
     small = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 (the point)
     csr = csr_with(small, hashes.SHA256())
-    r = harness.client.post("/v1/clusters/a/intermediate", json={"csr": csr, "proof": pki.prove(a.key, csr)},
-                            headers=a.headers)
+    r = harness.client.post(
+        "/v1/clusters/a/intermediate", json={"csr": csr, "proof": pki.prove(a.key, csr)}, headers=a.headers
+    )
     assert_problem(r, 400)
     r = harness.client.post("/v1/clusters/a/intermediate", json={"csr": "nope", "proof": "AAAA"}, headers=a.headers)
     assert_problem(r, 400)
@@ -238,8 +265,14 @@ def test_bad_csr_on_renewal(harness: Harness) -> None:
 def test_admin_authentication_failures(harness: Harness) -> None:
     before = harness.state()
     wrong_secret = harness.admin_token.rsplit(".", 1)[0] + ".wrongsecret"
-    for authorization in [None, "Basic YWRtaW46YWRtaW4=", "Bearer", "Bearer nonsense",
-                          "Bearer mbadmin.0123456789abcdef.wrongsecret", f"Bearer {wrong_secret}"]:
+    for authorization in [
+        None,
+        "Basic YWRtaW46YWRtaW4=",
+        "Bearer",
+        "Bearer nonsense",
+        "Bearer mbadmin.0123456789abcdef.wrongsecret",
+        f"Bearer {wrong_secret}",
+    ]:
         headers = {"Authorization": authorization} if authorization is not None else {}
         r = harness.client.post("/v1/clusters", json={"name": "a"}, headers=headers)
         assert_problem(r, 401)
@@ -262,8 +295,13 @@ def test_bad_status_and_exports_bodies(harness: Harness) -> None:
         assert_problem(harness.client.put("/v1/clusters/a/status", json=body, headers=a.headers), 400)
     ident = {"ingress": "spiffe://a.mesh/ns/i/sa/in", "egress": "spiffe://a.mesh/ns/i/sa/eg"}
     gw = {"address": "198.51.100.1", "port": 15443}
-    svc = {"name": "ratings.bookinfo", "namespace": "bookinfo", "service": "ratings",
-           "ports": [{"number": 9080, "protocol": "HTTP"}], "consumers": ["b"]}
+    svc = {
+        "name": "ratings.bookinfo",
+        "namespace": "bookinfo",
+        "service": "ratings",
+        "ports": [{"number": 9080, "protocol": "HTTP"}],
+        "consumers": ["b"],
+    }
     bad_exports: list[dict[str, Any]] = [
         {"gateway": gw, "identities": ident, "services": [{**svc, "consumers": ["Not_A_Label"]}]},
         {"gateway": gw, "identities": ident, "services": [{**svc, "ports": []}]},

@@ -41,8 +41,9 @@ def serve_names(h: Harness, *names: str) -> None:
     """What ``serve --server-name … --listen HOST:PORT`` does at start: issue its TLS certificate."""
     dns = [n for n in names if not _is_ip(n)]
     ips = [n for n in names if _is_ip(n)]
-    h.authority.issue_server_certificate(ec.generate_private_key(ec.SECP256R1()).public_key(),
-                                         dns_names=dns, ip_addresses=ips)
+    h.authority.issue_server_certificate(
+        ec.generate_private_key(ec.SECP256R1()).public_key(), dns_names=dns, ip_addresses=ips
+    )
 
 
 def _is_ip(name: str) -> bool:
@@ -53,8 +54,14 @@ def _is_ip(name: str) -> bool:
     return True
 
 
-def mint_leaf(agent: Agent, *, dns: Sequence[str] = (), ips: Sequence[str] = (), uris: Sequence[str] = (),
-              key: ec.EllipticCurvePrivateKey | None = None) -> x509.Certificate:
+def mint_leaf(
+    agent: Agent,
+    *,
+    dns: Sequence[str] = (),
+    ips: Sequence[str] = (),
+    uris: Sequence[str] = (),
+    key: ec.EllipticCurvePrivateKey | None = None,
+) -> x509.Certificate:
     """What the attacker signs with the cluster's intermediate key: a TLS server certificate."""
     key = key or ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
@@ -84,8 +91,9 @@ def roots_of(agent: Agent) -> list[x509.Certificate]:
 
 def sslserver_verify(tmp_path: Path, agent: Agent, leaf: x509.Certificate) -> certcheck.VerifyResult:
     """``openssl verify -purpose sslserver -CAfile <agent anchor> -untrusted <intermediate>``."""
-    return certcheck.openssl_verify_certs(tmp_path, leaf, roots=roots_of(agent), intermediates=[agent.cert],
-                                          extra=["-purpose", "sslserver"])
+    return certcheck.openssl_verify_certs(
+        tmp_path, leaf, roots=roots_of(agent), intermediates=[agent.cert], extra=["-purpose", "sslserver"]
+    )
 
 
 # ------------------------------------------------------------------ the profile
@@ -98,14 +106,17 @@ def test_every_intermediate_excludes_the_ca_service_names(harness: Harness) -> N
     assert nc.critical
     assert nc.value.permitted_subtrees == [x509.UniformResourceIdentifier("a.mesh")]
     assert set(nc.value.excluded_subtrees or []) == {
-        x509.DNSName(CA_DNS), x509.IPAddress(ipaddress.ip_network("127.0.0.1/32")),
-        x509.IPAddress(ipaddress.ip_network("::1/128"))}
+        x509.DNSName(CA_DNS),
+        x509.IPAddress(ipaddress.ip_network("127.0.0.1/32")),
+        x509.IPAddress(ipaddress.ip_network("::1/128")),
+    }
     renewed = harness.renew(agent)  # the renewal path (with its drafts) too
     assert renewed.cert.extensions.get_extension_for_class(x509.NameConstraints).value == nc.value
 
 
-@pytest.mark.parametrize("name", ["svc", "istio-system.svc", "cluster.local", "svc.cluster.local", "local",
-                                  "*.example.com", "not a name"])
+@pytest.mark.parametrize(
+    "name", ["svc", "istio-system.svc", "cluster.local", "svc.cluster.local", "local", "*.example.com", "not a name"]
+)
 def test_a_name_that_would_break_the_mesh_is_refused(harness: Harness, name: str) -> None:
     with pytest.raises(InvalidInput):
         serve_names(harness, name)
@@ -116,10 +127,12 @@ def test_a_name_that_would_break_the_mesh_is_refused(harness: Harness, name: str
 # ------------------------------------------------------------------ the attack, under OpenSSL and Go
 
 
-@pytest.mark.parametrize(("dns", "ips"), [([CA_DNS], []), ([], [CA_IP]), (["x." + CA_DNS], []),
-                                          (["innocent.example", CA_DNS], [])])
+@pytest.mark.parametrize(
+    ("dns", "ips"), [([CA_DNS], []), ([], [CA_IP]), (["x." + CA_DNS], []), (["innocent.example", CA_DNS], [])]
+)
 def test_openssl_refuses_an_intermediate_minted_ca_server_certificate(
-        harness: Harness, tmp_path: Path, dns: list[str], ips: list[str]) -> None:
+    harness: Harness, tmp_path: Path, dns: list[str], ips: list[str]
+) -> None:
     serve_names(harness, CA_DNS, CA_IP)
     agent = harness.enroll("a", trust_domain="a.mesh")
     result = sslserver_verify(tmp_path, agent, mint_leaf(agent, dns=dns, ips=ips))
@@ -127,32 +140,43 @@ def test_openssl_refuses_an_intermediate_minted_ca_server_certificate(
     assert "excluded subtree violation" in result.output
 
 
-@pytest.mark.parametrize(("dns", "uris"), [
-    (["istiod.istio-system.svc"], ["spiffe://a.mesh/ns/istio-system/sa/istiod"]),
-    (["istiod.istio-system.svc", "istiod.istio-system.svc.cluster.local"], []),
-    (["reviews.bookinfo.svc.cluster.local"], ["spiffe://a.mesh/ns/bookinfo/sa/reviews"]),
-])
+@pytest.mark.parametrize(
+    ("dns", "uris"),
+    [
+        (["istiod.istio-system.svc"], ["spiffe://a.mesh/ns/istio-system/sa/istiod"]),
+        (["istiod.istio-system.svc", "istiod.istio-system.svc.cluster.local"], []),
+        (["reviews.bookinfo.svc.cluster.local"], ["spiffe://a.mesh/ns/bookinfo/sa/reviews"]),
+    ],
+)
 def test_the_intermediate_still_signs_istiod_and_workload_dns_names(
-        harness: Harness, tmp_path: Path, dns: list[str], uris: list[str]) -> None:
+    harness: Harness, tmp_path: Path, dns: list[str], uris: list[str]
+) -> None:
     serve_names(harness, CA_DNS, CA_IP)
     agent = harness.enroll("a", trust_domain="a.mesh")
     leaf = mint_leaf(agent, dns=dns, uris=uris)
     result = sslserver_verify(tmp_path, agent, leaf)
     assert result.ok, result.output
     if certcheck.GO is not None:
-        go = certcheck.go_verify(tmp_path / "go", leaf, roots=roots_of(agent), intermediates=[agent.cert],
-                                 at=datetime.now(UTC))
+        go = certcheck.go_verify(
+            tmp_path / "go", leaf, roots=roots_of(agent), intermediates=[agent.cert], at=datetime.now(UTC)
+        )
         assert go.ok, go.output
 
 
 @requires_go
 @pytest.mark.parametrize(("dns", "ips"), [([CA_DNS], []), ([], [CA_IP])])
 def test_go_refuses_an_intermediate_minted_ca_server_certificate(
-        harness: Harness, tmp_path: Path, dns: list[str], ips: list[str]) -> None:
+    harness: Harness, tmp_path: Path, dns: list[str], ips: list[str]
+) -> None:
     serve_names(harness, CA_DNS, CA_IP)
     agent = harness.enroll("a", trust_domain="a.mesh")
-    result = certcheck.go_verify(tmp_path, mint_leaf(agent, dns=dns, ips=ips), roots=roots_of(agent),
-                                 intermediates=[agent.cert], at=datetime.now(UTC))
+    result = certcheck.go_verify(
+        tmp_path,
+        mint_leaf(agent, dns=dns, ips=ips),
+        roots=roots_of(agent),
+        intermediates=[agent.cert],
+        at=datetime.now(UTC),
+    )
     assert not result.ok and "excluded" in result.output, result.output
 
 
@@ -199,8 +223,7 @@ def test_the_agent_refuses_a_ca_impersonated_with_an_intermediate(harness: Harne
         server.socket = ctx.wrap_socket(server.socket, server_side=True)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
-        client = CAClient(f"https://{CA_IP}:{port}", trust_pem=new.bundle["root-cert.pem"], cluster="victim",
-                          timeout=5)
+        client = CAClient(f"https://{CA_IP}:{port}", trust_pem=new.bundle["root-cert.pem"], cluster="victim", timeout=5)
         client.set_token("mbagent.0123456789abcdef.victim-secret")
         try:
             client.desired()

@@ -32,8 +32,9 @@ IMPORT_PASSPHRASE = "import passphrase for tests"
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("MESHBRIDGE_")}
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**base, **(env or {})}, check=False)
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, env={**base, **(env or {})}, check=False
+    )
 
 
 def ok(*args: str, env: dict[str, str] | None = None) -> str:
@@ -62,8 +63,12 @@ def serve(data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Ite
     log = data_dir.parent / f"serve-{port}.log"
     base = {k: v for k, v in os.environ.items() if not k.startswith("MESHBRIDGE_")}
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*CLI, "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}",
-                                 *extra], stdout=out, stderr=subprocess.STDOUT, env={**base, **(env or {})})
+        proc = subprocess.Popen(
+            [*CLI, "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}", *extra],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**base, **(env or {})},
+        )
     served = Served(data_dir, f"https://127.0.0.1:{port}", proc, log)
     try:
         deadline = time.monotonic() + 60
@@ -120,15 +125,18 @@ def test_init_serve_and_operate(tmp_path: Path) -> None:
     assert (d / "admin-token").read_text().strip() == admin_token
 
     for s in serve(d):
-        added = json.loads(s.op("cluster", "add", "a", "--trust-domain", "a.mesh", "--gateway", "203.0.113.10:15443",
-                                "--json"))
+        added = json.loads(
+            s.op("cluster", "add", "a", "--trust-domain", "a.mesh", "--gateway", "203.0.113.10:15443", "--json")
+        )
         assert added["status"] == "pending" and added["bootstrap_token"].startswith("mbboot.")
         s.op("cluster", "add", "b", "--token-out", str(tmp_path / "b-token"))
         assert mode(tmp_path / "b-token") == 0o600
         key = pki.new_key()
         with s.http() as http:
-            r = http.post("/v1/enroll", json={"cluster": "a", "bootstrap_token": added["bootstrap_token"],
-                                              "csr": pki.make_csr(key, "a")})
+            r = http.post(
+                "/v1/enroll",
+                json={"cluster": "a", "bootstrap_token": added["bootstrap_token"], "csr": pki.make_csr(key, "a")},
+            )
             assert r.status_code == 201, r.text
             agent = {"Authorization": f"Bearer {r.json()['agent_token']}"}
             r = http.put("/v1/clusters/a/status", json={"installed_generation": 1, "errors": []}, headers=agent)
@@ -174,13 +182,28 @@ def test_init_serve_and_operate(tmp_path: Path) -> None:
         # MESHBRIDGE_ADMIN_TOKEN is given explicitly: it beats the D/admin-token default (as MESHBRIDGE_URL does)
         wrong = cli("cluster", "list", "--data-dir", str(d), env={"MESHBRIDGE_ADMIN_TOKEN": admin_token + "x"})
         assert wrong.returncode == 1 and "(401)" in wrong.stderr
-        assert ok("cluster", "list", "--url", s.url, "--ca-bundle", str(d / "root-cert.pem"),
-                  env={"MESHBRIDGE_ADMIN_TOKEN": admin_token}).startswith("NAME")
+        assert ok(
+            "cluster",
+            "list",
+            "--url",
+            s.url,
+            "--ca-bundle",
+            str(d / "root-cert.pem"),
+            env={"MESHBRIDGE_ADMIN_TOKEN": admin_token},
+        ).startswith("NAME")
     log = s.log.read_text()
     assert admin_token not in log and added["bootstrap_token"] not in log and "PRIVATE KEY" not in log
     assert json.loads(ok("audit", "verify", "--data-dir", str(d), "--json"))["ok"] is True
-    down = cli("cluster", "list", "--url", s.url, "--token-file", str(d / "admin-token"), "--ca-bundle",
-               str(d / "root-cert.pem"))
+    down = cli(
+        "cluster",
+        "list",
+        "--url",
+        s.url,
+        "--token-file",
+        str(d / "admin-token"),
+        "--ca-bundle",
+        str(d / "root-cert.pem"),
+    )
     assert down.returncode == 3 and "cannot reach" in down.stderr
 
 
@@ -224,30 +247,50 @@ def test_init_for_each_root_key_type(tmp_path: Path, key_type: str) -> None:
 
 
 # --------------------------------------------------------------------------------- importing a PKI
-def _ca(subject: str, *, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None, pathlen: int | None,
-        key: ec.EllipticCurvePrivateKey | None = None) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _ca(
+    subject: str,
+    *,
+    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
+    pathlen: int | None,
+    key: ec.EllipticCurvePrivateKey | None = None,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = key or ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example Corp"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example Corp"),
+            x509.NameAttribute(NameOID.COMMON_NAME, subject),
+        ]
+    )
     issuer_name, signing_key = (issuer[0].subject, issuer[1]) if issuer else (name, key)
     now = datetime.now(UTC)
-    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name).public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=3000))
-               .add_extension(x509.BasicConstraints(ca=True, path_length=pathlen), critical=True)
-               .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=3000))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=pathlen), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
     if issuer:
         builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[1].public_key()), critical=False)
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[1].public_key()), critical=False
+        )
     return builder.sign(signing_key, hashes.SHA256()), key
 
 
 def _place(d: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, str]:
     (d / "imported").mkdir(parents=True, exist_ok=True, mode=0o700)
-    (d / "imported" / f"{name}.key.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(IMPORT_PASSPHRASE.encode())))
+    (d / "imported" / f"{name}.key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(IMPORT_PASSPHRASE.encode()),
+        )
+    )
     cert_path = d.parent / f"{name}.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, f"file:imported/{name}.key.pem"
@@ -267,8 +310,9 @@ def test_import_an_existing_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("MESHBRIDGE_CA_KEY_PASSPHRASE", IMPORT_PASSPHRASE)
     authority = runtime.build_authority(d)
     made = authority.create_cluster(name="a", trust_domain="a.mesh", gateway=None, actor="test")
-    done = authority.enroll(cluster_name="a", bootstrap_token=made.bootstrap_token,
-                            csr_pem=pki.make_csr(pki.new_key(), "a"))
+    done = authority.enroll(
+        cluster_name="a", bootstrap_token=made.bootstrap_token, csr_pem=pki.make_csr(pki.new_key(), "a")
+    )
     chain = x509.load_pem_x509_certificates(done.issued.bundle.cert_chain.encode())
     assert chain[-1] == cert and len(chain) == 2
     (tmp_path / "leaf.pem").write_text(done.issued.bundle.ca_cert)
@@ -288,20 +332,46 @@ def test_import_an_issuing_ca_below_an_offline_root_and_serve(tmp_path: Path) ->
     no_chain = cli("init", "--data-dir", str(d), "--import-cert", str(cert_path), "--import-key-ref", ref, env=ENV)
     assert no_chain.returncode == 2 and "self-signed root" in no_chain.stderr
     _, wrong_ref = _place(d, "other", *_ca("Other", issuer=None, pathlen=None))
-    wrong = cli("init", "--data-dir", str(d), "--import-cert", str(cert_path), "--import-chain", str(chain_path),
-                "--import-key-ref", wrong_ref, env=ENV)
+    wrong = cli(
+        "init",
+        "--data-dir",
+        str(d),
+        "--import-cert",
+        str(cert_path),
+        "--import-chain",
+        str(chain_path),
+        "--import-key-ref",
+        wrong_ref,
+        env=ENV,
+    )
     assert wrong.returncode == 2 and "does not match" in wrong.stderr
     assert not (d / "root-cert.pem").exists() and not (d / "admin-token").exists()
 
-    ok("init", "--data-dir", str(d), "--import-cert", str(cert_path), "--import-chain", str(chain_path),
-       "--import-key-ref", ref, env=ENV)
+    ok(
+        "init",
+        "--data-dir",
+        str(d),
+        "--import-cert",
+        str(cert_path),
+        "--import-chain",
+        str(chain_path),
+        "--import-key-ref",
+        ref,
+        env=ENV,
+    )
     # the trust anchor is the offline root; the issuing CA signs
     assert x509.load_pem_x509_certificates((d / "root-cert.pem").read_bytes()) == [offline]
     for s in serve(d, env=ENV):
         added = json.loads(s.op("cluster", "add", "a", "--trust-domain", "a.mesh", "--json"))
         with s.http() as http:  # the server's own certificate chains through the issuing CA
-            r = http.post("/v1/enroll", json={"cluster": "a", "bootstrap_token": added["bootstrap_token"],
-                                              "csr": pki.make_csr(pki.new_key(), "a")})
+            r = http.post(
+                "/v1/enroll",
+                json={
+                    "cluster": "a",
+                    "bootstrap_token": added["bootstrap_token"],
+                    "csr": pki.make_csr(pki.new_key(), "a"),
+                },
+            )
             assert r.status_code == 201, r.text
             bundle = r.json()["bundle"]
             crl = http.get("/v1/crl").content
@@ -309,8 +379,12 @@ def test_import_an_issuing_ca_below_an_offline_root_and_serve(tmp_path: Path) ->
         assert chain[1:] == [issuing, offline]
         assert bundle["root-cert.pem"] == (d / "root-cert.pem").read_text()
         assert x509.load_der_x509_crl(crl).is_signature_valid(issuing_key.public_key())
-        for name, text in {"leaf.pem": bundle["ca-cert.pem"], "chain.pem": bundle["cert-chain.pem"],
-                           "root.pem": bundle["root-cert.pem"], "crl.pem": bundle["crl.pem"]}.items():
+        for name, text in {
+            "leaf.pem": bundle["ca-cert.pem"],
+            "chain.pem": bundle["cert-chain.pem"],
+            "root.pem": bundle["root-cert.pem"],
+            "crl.pem": bundle["crl.pem"],
+        }.items():
             (tmp_path / name).write_text(text)
         res = openssl_verify(tmp_path / "leaf.pem", cafile=tmp_path / "root.pem", untrusted=tmp_path / "chain.pem")
         assert res.ok, res.output
@@ -324,8 +398,18 @@ def test_a_pathlen_zero_issuing_ca_is_refused(tmp_path: Path) -> None:
     cert_path, ref = _place(d, "issuing", issuing, issuing_key)
     chain_path = tmp_path / "offline.pem"
     chain_path.write_bytes(offline.public_bytes(serialization.Encoding.PEM))
-    r = cli("init", "--data-dir", str(d), "--import-cert", str(cert_path), "--import-chain", str(chain_path),
-            "--import-key-ref", ref, env=ENV)
+    r = cli(
+        "init",
+        "--data-dir",
+        str(d),
+        "--import-cert",
+        str(cert_path),
+        "--import-chain",
+        str(chain_path),
+        "--import-key-ref",
+        ref,
+        env=ENV,
+    )
     assert r.returncode == 2 and "pathLenConstraint 0" in r.stderr
     assert not (d / "ca.json").exists() and not (d / "admin-token").exists()
     # an offline root that leaves no room below the issuing CA is refused too
@@ -335,13 +419,24 @@ def test_a_pathlen_zero_issuing_ca_is_refused(tmp_path: Path) -> None:
     cert2, ref2 = _place(d2, "issuing", issuing2, issuing2_key)
     chain2 = tmp_path / "tight.pem"
     chain2.write_bytes(tight.public_bytes(serialization.Encoding.PEM))
-    r = cli("init", "--data-dir", str(d2), "--import-cert", str(cert2), "--import-chain", str(chain2),
-            "--import-key-ref", ref2, env=ENV)
+    r = cli(
+        "init",
+        "--data-dir",
+        str(d2),
+        "--import-cert",
+        str(cert2),
+        "--import-chain",
+        str(chain2),
+        "--import-key-ref",
+        ref2,
+        env=ENV,
+    )
     assert r.returncode == 2 and "certificate 1" in r.stderr
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate")
-    r = cli("init", "--data-dir", str(tmp_path / "ca3"), "--import-cert", str(garbage), "--import-key-ref", ref,
-            env=ENV)
+    r = cli(
+        "init", "--data-dir", str(tmp_path / "ca3"), "--import-cert", str(garbage), "--import-key-ref", ref, env=ENV
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
@@ -353,12 +448,18 @@ def test_an_imported_ca_must_be_able_to_sign_crls() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "No CRL Root")])
     now = datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(days=1))
-            .not_valid_after(now + timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(True, False, False, False, False, True, False, False, False), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, True, False, False, False), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     with pytest.raises(InvalidInput, match="cRLSign"):
         check_importable_ca(cert, [], LocalKeySigner(key), now=now)
     good, good_key = _ca("Good Root", issuer=None, pathlen=None)

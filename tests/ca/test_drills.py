@@ -59,8 +59,11 @@ def db_serials(url: str) -> set[str]:
 
 
 def audit_verify(data_dir: Path, url: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, "audit", "verify", "--data-dir", str(data_dir),
-                           *(["--database-url", url] if url else [])], capture_output=True, text=True)
+    return subprocess.run(
+        [*CLI, "audit", "verify", "--data-dir", str(data_dir), *(["--database-url", url] if url else [])],
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_sigkill_during_issuance_loses_no_certificate(tmp_path: Path) -> None:
@@ -191,8 +194,11 @@ def test_full_database_gives_503_and_keeps_the_chain(tmp_path: Path) -> None:
     engine.dispose()
     svc.start()
     try:
-        with httpx.Client(base_url=svc.url, verify=str(svc.write_trust_anchor()),
-                          headers={"Authorization": f"Bearer {svc.admin_token}"}) as c:
+        with httpx.Client(
+            base_url=svc.url,
+            verify=str(svc.write_trust_anchor()),
+            headers={"Authorization": f"Bearer {svc.admin_token}"},
+        ) as c:
             codes = []
             for i in range(40):
                 r = c.post("/v1/clusters", json={"name": f"full{i}", "trust_domain": f"full{i}.mesh"})
@@ -215,8 +221,9 @@ def test_clock_skew_never_gives_a_not_yet_valid_intermediate(tmp_path: Path) -> 
     svc = CAService(tmp_path / "ca")
     made = svc.authority.create_cluster(name="skew", trust_domain="skew.mesh", gateway=None, actor="t")
     key = pki.new_key()
-    done = svc.authority.enroll(cluster_name="skew", bootstrap_token=made.bootstrap_token,
-                                csr_pem=pki.make_csr(key, "skew"))
+    done = svc.authority.enroll(
+        cluster_name="skew", bootstrap_token=made.bootstrap_token, csr_pem=pki.make_csr(key, "skew")
+    )
     cert = x509.load_pem_x509_certificate(done.issued.bundle.ca_cert.encode())
     # a cluster whose clock runs 3 minutes behind the CA's still sees a valid intermediate
     cluster_now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=3)

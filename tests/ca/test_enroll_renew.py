@@ -57,10 +57,13 @@ def workload_cert(agent: Agent, uri: str) -> x509.Certificate:
         .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                       critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()),  # type: ignore[arg-type]
-                       critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(agent.key, hashes.SHA256())
     )
@@ -99,17 +102,29 @@ def test_intermediate_profile_comes_from_the_record_never_the_csr(harness: Harne
     key = ec.generate_private_key(ec.SECP256R1())
     greedy = (
         x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "evil root"),
-                                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Mallory")]))
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.COMMON_NAME, "evil root"),
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Mallory"),
+                ]
+            )
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=5), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier("spiffe://b.mesh/x")]),
-                       critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier("spiffe://b.mesh/x")]), critical=False
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    r = harness.client.post("/v1/enroll", json={
-        "cluster": "a", "bootstrap_token": token,
-        "csr": greedy.public_bytes(serialization.Encoding.PEM).decode()})
+    r = harness.client.post(
+        "/v1/enroll",
+        json={
+            "cluster": "a",
+            "bootstrap_token": token,
+            "csr": greedy.public_bytes(serialization.Encoding.PEM).decode(),
+        },
+    )
     assert r.status_code == 201, r.text
     cert = x509.load_pem_x509_certificate(r.json()["bundle"]["ca-cert.pem"].encode())
     root = x509.load_pem_x509_certificate(r.json()["bundle"]["root-cert.pem"].encode())
@@ -131,8 +146,10 @@ def test_intermediate_profile_comes_from_the_record_never_the_csr(harness: Harne
     aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     ski_root = root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     assert aki.key_identifier == ski_root.digest
-    assert cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest == \
-        x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest
+    assert (
+        cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        == x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest
+    )
     assert isinstance(cert.signature_hash_algorithm, hashes.SHA256)
     # root profile: no pathlen, no EKU
     rbc = root.extensions.get_extension_for_class(x509.BasicConstraints)
@@ -145,15 +162,16 @@ def test_intermediate_profile_comes_from_the_record_never_the_csr(harness: Harne
     assert pkilint_errors(r.json()["bundle"]["ca-cert.pem"]) == []
 
 
-def test_name_constraints_stop_a_cluster_minting_another_clusters_identity(harness: Harness,
-                                                                             tmp_path: Path) -> None:
+def test_name_constraints_stop_a_cluster_minting_another_clusters_identity(harness: Harness, tmp_path: Path) -> None:
     agent = harness.enroll("a", trust_domain="a.mesh")
     roots = pem_certs(agent.bundle["root-cert.pem"])
-    own = openssl_verify_certs(tmp_path / "own", workload_cert(agent, "spiffe://a.mesh/ns/x/sa/y"),
-                               roots=roots, intermediates=[agent.cert])
+    own = openssl_verify_certs(
+        tmp_path / "own", workload_cert(agent, "spiffe://a.mesh/ns/x/sa/y"), roots=roots, intermediates=[agent.cert]
+    )
     assert own.ok, own.output
-    other = openssl_verify_certs(tmp_path / "other", workload_cert(agent, "spiffe://b.mesh/ns/x/sa/y"),
-                                 roots=roots, intermediates=[agent.cert])
+    other = openssl_verify_certs(
+        tmp_path / "other", workload_cert(agent, "spiffe://b.mesh/ns/x/sa/y"), roots=roots, intermediates=[agent.cert]
+    )
     assert not other.ok
     assert "permitted subtree violation" in other.output
 
@@ -168,8 +186,7 @@ def test_every_allowed_csr_key_type_is_issued(harness: Harness, key_type: str, t
     assert agent.cert.public_key() == agent.key.public_key()
 
 
-def test_validity_is_capped_at_the_issuers_not_after(database_url: str, tmp_path: Path,
-                                                     speedups: Speedups) -> None:
+def test_validity_is_capped_at_the_issuers_not_after(database_url: str, tmp_path: Path, speedups: Speedups) -> None:
     policy = Policy(root_validity=timedelta(days=30))
     for h in make_harness(database_url, tmp_path / "ca", policy=policy, speedups=speedups):
         agent = h.enroll("a")
@@ -231,8 +248,9 @@ def test_a_stolen_agent_token_alone_cannot_mint_an_intermediate(harness: Harness
     assert r.status_code == 403
     # a proof made by the right key but over another CSR
     other = pki.make_csr(pki.new_key(), "a")
-    r = harness.client.post("/v1/clusters/a/intermediate",
-                            json={"csr": csr, "proof": pki.prove(agent.key, other)}, headers=agent.headers)
+    r = harness.client.post(
+        "/v1/clusters/a/intermediate", json={"csr": csr, "proof": pki.prove(agent.key, other)}, headers=agent.headers
+    )
     assert r.status_code == 403
     assert harness.state() == before
 
@@ -241,8 +259,9 @@ def test_proof_by_a_revoked_intermediate_is_refused(harness: Harness) -> None:
     agent = harness.enroll("a")
     old_key, old_serial = agent.key, agent.serial
     harness.renew(agent)
-    r = harness.client.post(f"/v1/certificates/{old_serial}/revoke", json={"reason": "keyCompromise"},
-                            headers=harness.admin)
+    r = harness.client.post(
+        f"/v1/certificates/{old_serial}/revoke", json={"reason": "keyCompromise"}, headers=harness.admin
+    )
     assert r.status_code == 200
     r, _ = harness.renew_response(agent, prover=old_key)
     assert r.status_code == 403
@@ -281,8 +300,9 @@ def test_bootstrap_token_expires_after_an_hour(harness: Harness) -> None:
     harness.clock.advance(minutes=2)
     before = harness.state()
     key = pki.new_key()
-    r = harness.client.post("/v1/enroll", json={"cluster": "b", "bootstrap_token": late["bootstrap_token"],
-                                                "csr": pki.make_csr(key, "b")})
+    r = harness.client.post(
+        "/v1/enroll", json={"cluster": "b", "bootstrap_token": late["bootstrap_token"], "csr": pki.make_csr(key, "b")}
+    )
     assert r.status_code == 401
     assert "expired" in r.json()["detail"]
     assert harness.state() == before
@@ -297,9 +317,14 @@ def test_agent_token_reaches_only_its_own_cluster(harness: Harness) -> None:
         ("GET", "/v1/clusters/b/desired", None),
         ("GET", "/v1/clusters/b/imports", None),
         ("PUT", "/v1/clusters/b/status", {"installed_generation": 1}),
-        ("PUT", "/v1/clusters/b/exports", {"gateway": {"address": "198.51.100.1", "port": 15443},
-                                           "identities": {"ingress": "spiffe://b.mesh/ns/i/sa/i",
-                                                          "egress": "spiffe://b.mesh/ns/i/sa/e"}}),
+        (
+            "PUT",
+            "/v1/clusters/b/exports",
+            {
+                "gateway": {"address": "198.51.100.1", "port": 15443},
+                "identities": {"ingress": "spiffe://b.mesh/ns/i/sa/i", "egress": "spiffe://b.mesh/ns/i/sa/e"},
+            },
+        ),
         ("POST", "/v1/clusters/b/intermediate", {"csr": pki.make_csr(pki.new_key(), "b"), "proof": ""}),
     ]:
         r = harness.client.request(method, path, json=body, headers=a.headers)
@@ -323,8 +348,9 @@ def test_what_was_signed_is_verified_before_it_is_returned(harness: Harness) -> 
     harness.authority.rootkeys.signers[root.id] = LocalKeySigner(ec.generate_private_key(ec.SECP256R1()))
     before = harness.state()
     client = TestClient(harness.client.app, raise_server_exceptions=False)
-    r = client.post("/v1/enroll", json={"cluster": "a", "bootstrap_token": token,
-                                        "csr": pki.make_csr(pki.new_key(), "a")})
+    r = client.post(
+        "/v1/enroll", json={"cluster": "a", "bootstrap_token": token, "csr": pki.make_csr(pki.new_key(), "a")}
+    )
     assert r.status_code == 500 and r.headers["content-type"] == "application/problem+json"
     assert "BEGIN CERTIFICATE" not in r.text
     assert harness.state() == before

@@ -13,11 +13,20 @@ from ca_server.keys.file import FileKeyBackend
 from ca_server.storage.repository import SqlStore
 from tests.ca.conftest import PASSPHRASE, Agent, Harness, make_harness
 
-RATINGS = {"name": "ratings.bookinfo", "namespace": "bookinfo", "service": "ratings",
-           "ports": [{"number": 9080, "protocol": "HTTP"}], "consumers": ["b"]}
-REVIEWS = {"name": "reviews.bookinfo", "namespace": "bookinfo", "service": "reviews",
-           "ports": [{"number": 9080, "protocol": "HTTP"}, {"number": 9443, "protocol": "TLS"}],
-           "consumers": ["c", "b", "nobody"]}
+RATINGS = {
+    "name": "ratings.bookinfo",
+    "namespace": "bookinfo",
+    "service": "ratings",
+    "ports": [{"number": 9080, "protocol": "HTTP"}],
+    "consumers": ["b"],
+}
+REVIEWS = {
+    "name": "reviews.bookinfo",
+    "namespace": "bookinfo",
+    "service": "reviews",
+    "ports": [{"number": 9080, "protocol": "HTTP"}, {"number": 9443, "protocol": "TLS"}],
+    "consumers": ["c", "b", "nobody"],
+}
 
 
 def imports(h: Harness, agent: Agent) -> list[dict[str, Any]]:
@@ -45,19 +54,32 @@ def test_exports_reach_their_consumers_only(harness: Harness) -> None:
 
     ingress_a = "spiffe://a.mesh/ns/istio-system/sa/ingress"
     assert imports(harness, b) == [
-        {"name": "ratings.bookinfo", "cluster": "a", "ports": [{"number": 9080, "protocol": "HTTP"}],
-         "gateway": {"address": "203.0.113.7", "port": 15443}, "identity": ingress_a},
-        {"name": "reviews.bookinfo", "cluster": "a",
-         "ports": [{"number": 9080, "protocol": "HTTP"}, {"number": 9443, "protocol": "TLS"}],
-         "gateway": {"address": "203.0.113.7", "port": 15443}, "identity": ingress_a},
+        {
+            "name": "ratings.bookinfo",
+            "cluster": "a",
+            "ports": [{"number": 9080, "protocol": "HTTP"}],
+            "gateway": {"address": "203.0.113.7", "port": 15443},
+            "identity": ingress_a,
+        },
+        {
+            "name": "reviews.bookinfo",
+            "cluster": "a",
+            "ports": [{"number": 9080, "protocol": "HTTP"}, {"number": 9443, "protocol": "TLS"}],
+            "gateway": {"address": "203.0.113.7", "port": 15443},
+            "identity": ingress_a,
+        },
     ]
     assert [i["name"] for i in imports(harness, c)] == ["reviews.bookinfo"]
     assert imports(harness, a) == []
     # peers: those that consume my exports or export to me, once they have published
     assert [p["name"] for p in harness.desired(a)["peers"]] == []
-    assert harness.desired(b)["peers"] == [{"name": "a", "trust_domain": "a.mesh",
-                                            "identities": {"ingress": ingress_a,
-                                                           "egress": "spiffe://a.mesh/ns/istio-system/sa/egress"}}]
+    assert harness.desired(b)["peers"] == [
+        {
+            "name": "a",
+            "trust_domain": "a.mesh",
+            "identities": {"ingress": ingress_a, "egress": "spiffe://a.mesh/ns/istio-system/sa/egress"},
+        }
+    ]
     assert harness.publish(b, trust_domain="b.mesh").status_code == 200
     assert [p["name"] for p in harness.desired(a)["peers"]] == ["b"]
     assert harness.publish(c, trust_domain="c.mesh").status_code == 200
@@ -66,8 +88,9 @@ def test_exports_reach_their_consumers_only(harness: Harness) -> None:
     # publishing the same again changes nothing
     head = harness.audit_head()
     revision = harness.desired(b)["revision"]
-    assert harness.publish(a, trust_domain="a.mesh", services=[RATINGS, REVIEWS], address="203.0.113.7").json() \
-        == stored
+    assert (
+        harness.publish(a, trust_domain="a.mesh", services=[RATINGS, REVIEWS], address="203.0.113.7").json() == stored
+    )
     assert harness.audit_head() == head and harness.desired(b)["revision"] == revision
 
 
@@ -96,8 +119,13 @@ def test_a_revoked_clusters_exports_leave_everyone_elses_imports(harness: Harnes
 
 def test_status_is_echoed_and_shown_with_the_cluster(harness: Harness) -> None:
     a = harness.enroll("a")
-    body = {"installed_generation": 1, "installed_serial": a.serial, "last_reconcile_at": "2026-01-01T00:00:00Z",
-            "imports_applied": 3, "errors": ["coredns: not found"]}
+    body = {
+        "installed_generation": 1,
+        "installed_serial": a.serial,
+        "last_reconcile_at": "2026-01-01T00:00:00Z",
+        "imports_applied": 3,
+        "errors": ["coredns: not found"],
+    }
     r = harness.client.put("/v1/clusters/a/status", json=body, headers=a.headers)
     assert r.status_code == 200
     assert {k: r.json()[k] for k in body} == body

@@ -32,8 +32,9 @@ class Env:
         _, self.admin = self.authority.init_root(key_type=KeyType.ECDSA_P256)
         made = self.authority.create_cluster(name="a", trust_domain="a.mesh", gateway=None, actor="t")
         self.key = pki.new_key()
-        done = self.authority.enroll(cluster_name="a", bootstrap_token=made.bootstrap_token,
-                                     csr_pem=pki.make_csr(self.key, "a"))
+        done = self.authority.enroll(
+            cluster_name="a", bootstrap_token=made.bootstrap_token, csr_pem=pki.make_csr(self.key, "a")
+        )
         self.agent = done.agent_token
         self.app = create_app(self.authority)
 
@@ -50,8 +51,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 # "no 5xx and no response outside the schema"; schema-valid but semantically wrong input (another
 # trust domain's identity, an unknown cluster) is rightly a 4xx, so positive_data_acceptance is not one
-CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
-          checks.response_schema_conformance]
+CHECKS = [
+    checks.not_a_server_error,
+    checks.status_code_conformance,
+    checks.content_type_conformance,
+    checks.response_schema_conformance,
+]
 
 
 def _token_for(case: Any, env: Env) -> str:
@@ -82,8 +87,13 @@ def test_no_5xx_and_every_response_in_the_schema(env: Env) -> None:
 # ----------------------------------------------------------------------------- hypothesis garbage
 pem_like = st.one_of(
     st.text(max_size=400),
-    st.binary(max_size=400).map(lambda b: "-----BEGIN CERTIFICATE REQUEST-----\n"
-                                + base64.encodebytes(b).decode() + "-----END CERTIFICATE REQUEST-----\n"),
+    st.binary(max_size=400).map(
+        lambda b: (
+            "-----BEGIN CERTIFICATE REQUEST-----\n"
+            + base64.encodebytes(b).decode()
+            + "-----END CERTIFICATE REQUEST-----\n"
+        )
+    ),
     st.binary(max_size=300).map(lambda b: base64.b64encode(b).decode()),
 )
 json_like = st.recursive(
@@ -98,8 +108,11 @@ json_like = st.recursive(
 def test_garbage_csr_on_renewal_gets_4xx_and_changes_nothing(env: Env, csr: str, proof: str) -> None:
     before = env.head()
     with TestClient(env.app) as c:
-        r = c.post("/v1/clusters/a/intermediate", json={"csr": csr, "proof": proof},
-                   headers={"Authorization": f"Bearer {env.agent}"})
+        r = c.post(
+            "/v1/clusters/a/intermediate",
+            json={"csr": csr, "proof": proof},
+            headers={"Authorization": f"Bearer {env.agent}"},
+        )
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     assert r.headers["content-type"].startswith("application/problem+json")
     assert env.head() == before
@@ -110,12 +123,16 @@ def test_garbage_csr_on_renewal_gets_4xx_and_changes_nothing(env: Env, csr: str,
 def test_garbage_json_gets_4xx_everywhere(env: Env, body: Any) -> None:
     before = env.head()
     with TestClient(env.app) as c:
-        for method, path, token in (("POST", "/v1/enroll", None), ("POST", "/v1/clusters", env.admin),
-                                    ("PUT", "/v1/clusters/a/exports", env.agent),
-                                    ("PUT", "/v1/clusters/a/status", env.agent),
-                                    ("POST", "/v1/roots", env.admin)):
-            if path == "/v1/roots" and (body is None or body == {} or
-                                        (isinstance(body, dict) and set(body) <= {"key_type"})):
+        for method, path, token in (
+            ("POST", "/v1/enroll", None),
+            ("POST", "/v1/clusters", env.admin),
+            ("PUT", "/v1/clusters/a/exports", env.agent),
+            ("PUT", "/v1/clusters/a/status", env.agent),
+            ("POST", "/v1/roots", env.admin),
+        ):
+            if path == "/v1/roots" and (
+                body is None or body == {} or (isinstance(body, dict) and set(body) <= {"key_type"})
+            ):
                 continue  # an empty or well-formed body legitimately adds a root
             headers = {"Authorization": f"Bearer {token}"} if token else {}
             r = c.request(method, path, json=body, headers=headers)
@@ -124,9 +141,19 @@ def test_garbage_json_gets_4xx_everywhere(env: Env, body: Any) -> None:
                 assert r.status_code in (200, 201), (path, r.status_code, r.text)
                 continue
             assert r.status_code < 500, (path, r.status_code, r.text)
-    if not (isinstance(body, dict) and body.keys() <= {"installed_generation", "installed_serial",
-                                                       "last_reconcile_at", "imports_applied", "errors",
-                                                       "cacerts_not_after", "ca_reachable"}):
+    if not (
+        isinstance(body, dict)
+        and body.keys()
+        <= {
+            "installed_generation",
+            "installed_serial",
+            "last_reconcile_at",
+            "imports_applied",
+            "errors",
+            "cacerts_not_after",
+            "ca_reachable",
+        }
+    ):
         assert env.head() == before
 
 

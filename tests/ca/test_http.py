@@ -20,13 +20,27 @@ from tests.ca.conftest import Harness, both_speedup_modes
 
 # every path of API.md ("REST API"), with its methods
 API_PATHS = {
-    "/healthz": {"get"}, "/readyz": {"get"}, "/metrics": {"get"}, "/v1/trust-bundle": {"get"}, "/v1/crl": {"get"},
-    "/v1/clusters": {"get", "post"}, "/v1/clusters/{}": {"get"}, "/v1/clusters/{}/bootstrap-token": {"post"},
-    "/v1/clusters/{}/rotate": {"post"}, "/v1/clusters/{}/revoke": {"post"},
-    "/v1/certificates/{}/revoke": {"post"}, "/v1/roots": {"get", "post"}, "/v1/roots/{}/activate": {"post"},
-    "/v1/roots/{}/retire": {"post"}, "/v1/audit": {"get"}, "/v1/enroll": {"post"},
-    "/v1/clusters/{}/intermediate": {"post"}, "/v1/clusters/{}/desired": {"get"},
-    "/v1/clusters/{}/exports": {"put"}, "/v1/clusters/{}/imports": {"get"}, "/v1/clusters/{}/status": {"put"},
+    "/healthz": {"get"},
+    "/readyz": {"get"},
+    "/metrics": {"get"},
+    "/v1/trust-bundle": {"get"},
+    "/v1/crl": {"get"},
+    "/v1/clusters": {"get", "post"},
+    "/v1/clusters/{}": {"get"},
+    "/v1/clusters/{}/bootstrap-token": {"post"},
+    "/v1/clusters/{}/rotate": {"post"},
+    "/v1/clusters/{}/revoke": {"post"},
+    "/v1/certificates/{}/revoke": {"post"},
+    "/v1/roots": {"get", "post"},
+    "/v1/roots/{}/activate": {"post"},
+    "/v1/roots/{}/retire": {"post"},
+    "/v1/audit": {"get"},
+    "/v1/enroll": {"post"},
+    "/v1/clusters/{}/intermediate": {"post"},
+    "/v1/clusters/{}/desired": {"get"},
+    "/v1/clusters/{}/exports": {"put"},
+    "/v1/clusters/{}/imports": {"get"},
+    "/v1/clusters/{}/status": {"put"},
 }
 
 
@@ -51,8 +65,10 @@ def test_every_error_is_a_problem_document(harness: Harness) -> None:
     check_problem(harness.client.post("/v1/clusters", content=b"x" * 70000, headers=harness.admin), 413)
     check_problem(harness.client.post("/v1/clusters", json={"name": "A"}, headers=harness.admin), 400)
     check_problem(harness.client.delete("/v1/clusters", headers=harness.admin), 405)
-    types = {check_problem(harness.client.post("/v1/clusters", json=b, headers=harness.admin), 400)["type"]
-             for b in ({"name": "A"}, {"nome": "a"})}
+    types = {
+        check_problem(harness.client.post("/v1/clusters", json=b, headers=harness.admin), 400)["type"]
+        for b in ({"name": "A"}, {"nome": "a"})
+    }
     assert types == {"https://meshbridge.dev/problems/invalidinput"}
 
 
@@ -99,10 +115,14 @@ def test_metrics_count_issuances_and_show_each_clusters_not_after(harness: Harne
     assert metric(text, "meshbridge_ca_issuances_total", kind="renew") == 2
     assert metric(text, "meshbridge_ca_issuance_seconds_count", kind="renew") == 2
     assert (metric(text, "meshbridge_ca_issuance_seconds_sum", kind="renew") or 0) > 0
-    assert metric(text, "meshbridge_ca_intermediate_not_after_seconds", cluster="a") == \
-        a.cert.not_valid_after_utc.timestamp()
-    assert metric(text, "meshbridge_ca_intermediate_not_after_seconds", cluster="b") == \
-        b.cert.not_valid_after_utc.timestamp()
+    assert (
+        metric(text, "meshbridge_ca_intermediate_not_after_seconds", cluster="a")
+        == a.cert.not_valid_after_utc.timestamp()
+    )
+    assert (
+        metric(text, "meshbridge_ca_intermediate_not_after_seconds", cluster="b")
+        == b.cert.not_valid_after_utc.timestamp()
+    )
     harness.client.post("/v1/clusters/b/revoke", json={}, headers=harness.admin)
     text = harness.client.get("/metrics", headers=harness.admin).text
     assert metric(text, "meshbridge_ca_intermediate_not_after_seconds", cluster="b") is None
@@ -116,8 +136,10 @@ def test_metrics_of_a_fresh_replica_show_every_cluster(harness: Harness) -> None
     a = harness.enroll("a")
     for replica in _second_replica(harness):
         text = replica.get("/metrics", headers=harness.admin).text
-        assert metric(text, "meshbridge_ca_intermediate_not_after_seconds", cluster="a") == \
-            a.cert.not_valid_after_utc.timestamp()
+        assert (
+            metric(text, "meshbridge_ca_intermediate_not_after_seconds", cluster="a")
+            == a.cert.not_valid_after_utc.timestamp()
+        )
 
 
 def test_readyz_is_503_when_the_database_is_gone(harness: Harness, pg_server: Any = None) -> None:
@@ -127,12 +149,10 @@ def test_readyz_is_503_when_the_database_is_gone(harness: Harness, pg_server: An
 
         # no DROP DATABASE: it forces a checkpoint, slow on a busy disk; refusing connections is enough
         db = make_url(harness.database_url).database
-        admin = create_engine(make_url(harness.database_url).set(database="postgres"),
-                              isolation_level="AUTOCOMMIT")
+        admin = create_engine(make_url(harness.database_url).set(database="postgres"), isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
             conn.execute(text(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS false'))
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :db"),
-                         {"db": db})
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :db"), {"db": db})
         admin.dispose()
     else:
         path = Path(str(make_url(harness.database_url).database))
@@ -156,8 +176,7 @@ def test_readyz_is_503_when_the_database_is_gone(harness: Harness, pg_server: An
 
 
 @both_speedup_modes
-def test_renewal_shortcut_and_fastapi_route_give_the_same_answers(harness: Harness,
-                                                                 monkeypatch: Any) -> None:
+def test_renewal_shortcut_and_fastapi_route_give_the_same_answers(harness: Harness, monkeypatch: Any) -> None:
     """Well-formed renewals are answered by api/fastpath.RenewalShortcut, the rest by the FastAPI
     route; the answers must not tell which."""
     a = harness.enroll("a")
@@ -181,6 +200,7 @@ def test_renewal_shortcut_and_fastapi_route_give_the_same_answers(harness: Harne
     b = harness.enroll("b")
     r = harness.client.post(path, json={"csr": "x", "proof": ""}, headers=b.headers)
     check_problem(r, 403)
+
     # an unexpected failure is a 500 problem that says nothing about its cause
     def boom(**_: Any) -> Any:
         raise RuntimeError("secret detail")

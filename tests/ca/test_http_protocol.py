@@ -75,14 +75,20 @@ async def _protocol() -> None:
         assert scope["type"] == "http"
         await receive()
         body = b'{"ok":true}'
-        await send({"type": "http.response.start", "status": 201,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 201,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     config = uvicorn.Config(app, http=CoalescingHttpToolsProtocol, log_config=None, access_log=False, lifespan="off")
     config.load()
-    proto = CoalescingHttpToolsProtocol(config=config, server_state=ServerState(), app_state={},
-                                        _loop=asyncio.get_running_loop())
+    proto = CoalescingHttpToolsProtocol(
+        config=config, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop()
+    )
     raw = RecordingTransport()
     proto.connection_made(raw)
     for _ in range(2):  # keep-alive: each response is one write
@@ -106,15 +112,18 @@ def test_a_served_enrollment_and_renewals_on_one_connection(tmp_path: Path, spee
         trust = ssl.create_default_context(cafile=str(svc.write_trust_anchor()))
         with httpx.Client(base_url=svc.url, verify=trust, timeout=30) as http:
             key = pki.new_key()
-            r = http.post("/v1/enroll", json={"cluster": "a", "bootstrap_token": made.bootstrap_token,
-                                              "csr": pki.make_csr(key, "a")})
+            r = http.post(
+                "/v1/enroll",
+                json={"cluster": "a", "bootstrap_token": made.bootstrap_token, "csr": pki.make_csr(key, "a")},
+            )
             assert r.status_code == 201, r.text
             auth = {"Authorization": f"Bearer {r.json()['agent_token']}"}
             for _ in range(2):  # keep-alive: each answer whole, in order
                 new = pki.new_key()
                 csr = pki.make_csr(new, "a")
-                r = http.post("/v1/clusters/a/intermediate", json={"csr": csr, "proof": pki.prove(key, csr)},
-                              headers=auth)
+                r = http.post(
+                    "/v1/clusters/a/intermediate", json={"csr": csr, "proof": pki.prove(key, csr)}, headers=auth
+                )
                 assert r.status_code == 201, r.text
                 issued = x509.load_pem_x509_certificate(r.json()["bundle"]["ca-cert.pem"].encode())
                 assert issued.public_key() == new.public_key()

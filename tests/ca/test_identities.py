@@ -19,8 +19,13 @@ from tests.ca.conftest import PASSPHRASE, Harness
 
 IDENT = {"ingress": "spiffe://a.mesh/ns/istio-system/sa/in", "egress": "spiffe://a.mesh/ns/istio-system/sa/eg"}
 GW = {"address": "198.51.100.1", "port": 15443}
-SVC = {"name": "ratings.bookinfo", "namespace": "bookinfo", "service": "ratings",
-       "ports": [{"number": 9080, "protocol": "HTTP"}], "consumers": ["b"]}
+SVC = {
+    "name": "ratings.bookinfo",
+    "namespace": "bookinfo",
+    "service": "ratings",
+    "ports": [{"number": 9080, "protocol": "HTTP"}],
+    "consumers": ["b"],
+}
 
 NOT_WORKLOAD_IDENTITIES = [
     "spiffe://a.mesh/*",
@@ -42,7 +47,10 @@ def test_only_exact_workload_identities_parse(identity: str) -> None:
 
 def test_workload_identities_parse() -> None:
     assert workload_identity("spiffe://a.mesh/ns/istio-system/sa/istio-egressgateway-service-account") == (
-        "a.mesh", "istio-system", "istio-egressgateway-service-account")
+        "a.mesh",
+        "istio-system",
+        "istio-egressgateway-service-account",
+    )
     assert workload_identity("spiffe://a.mesh/ns/gw/sa/egress.v2") == ("a.mesh", "gw", "egress.v2")
 
 

@@ -48,9 +48,20 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     ok("init", "--data-dir", str(d))
     token_file = d.parent / "metrics-token"
     token_file.write_text(METRICS_TOKEN + "\n")
-    flags = ["--head-timeout", str(HEAD_TIMEOUT), "--body-timeout", str(BODY_TIMEOUT),
-             "--max-connections", str(MAX_CONNECTIONS), "--metrics-token-file", str(token_file),
-             "--rate-limit-address", "0", "--rate-limit-credential", "0"]
+    flags = [
+        "--head-timeout",
+        str(HEAD_TIMEOUT),
+        "--body-timeout",
+        str(BODY_TIMEOUT),
+        "--max-connections",
+        str(MAX_CONNECTIONS),
+        "--metrics-token-file",
+        str(token_file),
+        "--rate-limit-address",
+        "0",
+        "--rate-limit-credential",
+        "0",
+    ]
     if request.param == "no-joined-writes":
         flags.append("--no-joined-writes")
     yield from serve(d, *flags)
@@ -244,8 +255,10 @@ def test_no_response_loads_anything_from_elsewhere(served: Served) -> None:
     """The CA often runs air-gapped: no page it serves points at a script, style or font elsewhere.
     The only absolute URLs in its answers are the problem type identifiers (never fetched)."""
     with served.http() as http:
-        bodies = [http.get(p, headers=admin(served)).text
-                  for p in ("/", "/docs", "/redoc", "/openapi.json", "/metrics", "/healthz", "/readyz", "/v1/clusters")]
+        bodies = [
+            http.get(p, headers=admin(served)).text
+            for p in ("/", "/docs", "/redoc", "/openapi.json", "/metrics", "/healthz", "/readyz", "/v1/clusters")
+        ]
     for body in bodies:
         assert "<script" not in body.lower() and "<link" not in body.lower()
         urls = re.findall(r"https?://[^\s\"'<>]+", body)
@@ -264,15 +277,26 @@ def test_every_response_says_no_store_and_nosniff(served: Served) -> None:
         name = f"c{time.monotonic_ns() % 10**9}"
         made = http.post("/v1/clusters", json={"name": name}, headers=admin(served))
         key = pki.new_key()
-        enrolled = http.post("/v1/enroll", json={"cluster": name, "bootstrap_token": made.json()["bootstrap_token"],
-                                                 "csr": pki.make_csr(key, name)})
+        enrolled = http.post(
+            "/v1/enroll",
+            json={"cluster": name, "bootstrap_token": made.json()["bootstrap_token"], "csr": pki.make_csr(key, name)},
+        )
         auth = {"Authorization": f"Bearer {enrolled.json()['agent_token']}"}
         csr = pki.make_csr(pki.new_key(), name)
-        renewed = http.post(f"/v1/clusters/{name}/intermediate", json={"csr": csr, "proof": pki.prove(key, csr)},
-                            headers=auth)
+        renewed = http.post(
+            f"/v1/clusters/{name}/intermediate", json={"csr": csr, "proof": pki.prove(key, csr)}, headers=auth
+        )
         token = http.post(f"/v1/clusters/{name}/bootstrap-token", headers=admin(served))
-        responses = [made, enrolled, renewed, token, http.get("/healthz"), http.get("/v1/trust-bundle"),
-                     http.get("/no/such/path"), http.get("/v1/clusters")]
+        responses = [
+            made,
+            enrolled,
+            renewed,
+            token,
+            http.get("/healthz"),
+            http.get("/v1/trust-bundle"),
+            http.get("/no/such/path"),
+            http.get("/v1/clusters"),
+        ]
     assert [r.status_code for r in responses] == [201, 201, 201, 201, 200, 200, 404, 401]
     for r in responses:
         assert r.headers["cache-control"] == "no-store", r.request.url
@@ -282,9 +306,22 @@ def test_every_response_says_no_store_and_nosniff(served: Served) -> None:
 
 def openssl_connects(s: Served, *args: str, cafile: Path | None = None) -> bool:
     port = s.url.rsplit(":", 1)[1]
-    r = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile",
-                        str(cafile or s.data_dir / "root-cert.pem"), "-verify_return_error", *args],
-                       input=b"", capture_output=True, timeout=30, check=False)
+    r = subprocess.run(
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-CAfile",
+            str(cafile or s.data_dir / "root-cert.pem"),
+            "-verify_return_error",
+            *args,
+        ],
+        input=b"",
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
     return r.returncode == 0
 
 
@@ -306,22 +343,42 @@ def test_a_given_certificate_gets_the_same_tls_settings(tmp_path: Path) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
     cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     d = tmp_path / "ca"
     ok("init", "--data-dir", str(d))
     port = free_port()
     with open(tmp_path / "serve.log", "wb") as out:
-        proc = subprocess.Popen([*CLI, "serve", "--data-dir", str(d), "--listen", f"127.0.0.1:{port}",
-                                 "--tls-cert", str(cert_file), "--tls-key", str(key_file)],
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                *CLI,
+                "serve",
+                "--data-dir",
+                str(d),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--tls-cert",
+                str(cert_file),
+                "--tls-key",
+                str(key_file),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     s = Served(d, f"https://127.0.0.1:{port}", proc, tmp_path / "serve.log")
     try:
         deadline = time.monotonic() + 60
@@ -343,8 +400,11 @@ def test_failed_authentications_are_logged_with_the_token_id_only(served: Served
     wrong_id = f"mbagent.{'0' * 16}.not-the-secret-{'y' * 30}"
     with served.http() as http:
         assert http.get("/v1/clusters", headers={"Authorization": f"Bearer {forged}"}).status_code == 401
-        r = http.post("/v1/clusters/zz/intermediate", json={"csr": "x", "proof": ""},
-                      headers={"Authorization": f"Bearer {wrong_id}"})
+        r = http.post(
+            "/v1/clusters/zz/intermediate",
+            json={"csr": "x", "proof": ""},
+            headers={"Authorization": f"Bearer {wrong_id}"},
+        )
         assert r.status_code == 401
         assert http.get("/metrics", headers={"Authorization": "Bearer guessed-metrics-token"}).status_code == 401
     time.sleep(0.2)
@@ -399,8 +459,9 @@ def test_readyz_failure_is_kept_as_briefly(harness: Harness, monkeypatch: Any) -
     assert harness.client.get("/readyz").status_code == 200
 
 
-def test_metrics_token_opens_metrics_when_the_database_is_down(tmp_path: Path, harness: Harness,
-                                                               monkeypatch: Any) -> None:
+def test_metrics_token_opens_metrics_when_the_database_is_down(
+    tmp_path: Path, harness: Harness, monkeypatch: Any
+) -> None:
     """The scraper's token needs no database: /metrics tells of an outage while it lasts."""
     from fastapi.testclient import TestClient
 

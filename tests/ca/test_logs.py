@@ -17,15 +17,17 @@ from cluster_agent import pki
 
 
 def test_committed_changes_are_logged_and_rolled_back_ones_are_not(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = SqlStore(f"sqlite:///{tmp_path / 'l.db'}")
     upgrade(store.engine)
     authority = Authority(store, FileKeyBackend(tmp_path, b"log test"))
     _, admin = authority.init_root(key_type=KeyType.ECDSA_P256)
     caplog.set_level(logging.INFO, logger="meshbridge.ca.authority")
     made = authority.create_cluster(name="a", trust_domain="a.mesh", gateway=None, actor="admin:x")
-    done = authority.enroll(cluster_name="a", bootstrap_token=made.bootstrap_token,
-                            csr_pem=pki.make_csr(pki.new_key(), "a"))
+    done = authority.enroll(
+        cluster_name="a", bootstrap_token=made.bootstrap_token, csr_pem=pki.make_csr(pki.new_key(), "a")
+    )
     messages = [r.getMessage() for r in caplog.records]
     assert "cluster.create a" in messages and "intermediate.enroll a" in messages
     enroll_rec = next(r for r in caplog.records if r.getMessage() == "intermediate.enroll a")

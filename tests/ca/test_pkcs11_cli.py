@@ -22,9 +22,25 @@ def test_pkcs11_root_signs_through_the_token(tmp_path: Path) -> None:
     pin_file = tmp_path / "pin"
     pin_file.write_text(token.pin + "\n")
     d = tmp_path / "ca"
-    r = subprocess.run([*CLI, "init", "--data-dir", str(d), "--key-backend", "pkcs11", "--pkcs11-module",
-                        token.module_path, "--pkcs11-token", token.label, "--pkcs11-pin-file", str(pin_file),
-                        "--json"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            *CLI,
+            "init",
+            "--data-dir",
+            str(d),
+            "--key-backend",
+            "pkcs11",
+            "--pkcs11-module",
+            token.module_path,
+            "--pkcs11-token",
+            token.label,
+            "--pkcs11-pin-file",
+            str(pin_file),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert "PKCS#11" in out["key"] and token.label in out["key"] and token.pin not in r.stdout + r.stderr

@@ -46,8 +46,11 @@ def enroll(p: Pair, name: str) -> tuple[pki.PrivateKey, str]:
 
 
 def audit_ok(p: Pair) -> None:
-    r = subprocess.run([*CLI, "audit", "verify", "--data-dir", str(p.data_dir), "--database-url", p.url],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [*CLI, "audit", "verify", "--data-dir", str(p.data_dir), "--database-url", p.url],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -24,8 +24,9 @@ async def _echo_app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": str(len(body)).encode()})
 
 
-def _run(middleware: BodyLimit, chunks: Sequence[tuple[float, bytes, bool]], headers: list[tuple[bytes, bytes]]) -> tuple[
-        int, bytes]:
+def _run(
+    middleware: BodyLimit, chunks: Sequence[tuple[float, bytes, bool]], headers: list[tuple[bytes, bytes]]
+) -> tuple[int, bytes]:
     sent: list[dict[str, Any]] = []
     queue = list(chunks)
 

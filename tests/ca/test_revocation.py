@@ -28,8 +28,23 @@ def openssl_crl_verify(tmp: Path, der: bytes, root_pem: str) -> str:
     (tmp / "crl.der").write_bytes(der)
     (tmp / "root.pem").write_text(root_pem)
     assert OPENSSL is not None
-    proc = subprocess.run([OPENSSL, "crl", "-inform", "DER", "-in", str(tmp / "crl.der"), "-CAfile",
-                           str(tmp / "root.pem"), "-noout", "-verify"], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [
+            OPENSSL,
+            "crl",
+            "-inform",
+            "DER",
+            "-in",
+            str(tmp / "crl.der"),
+            "-CAfile",
+            str(tmp / "root.pem"),
+            "-noout",
+            "-verify",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return f"{proc.returncode} {proc.stdout}{proc.stderr}"
 
 
@@ -47,13 +62,11 @@ def test_revoke_one_certificate_enters_the_signed_crl(harness: Harness, tmp_path
     _, before = fetch_crl(harness)
     assert len(list(before)) == 0
 
-    r = harness.client.post(f"/v1/certificates/{old}/revoke", json={"reason": "keyCompromise"},
-                            headers=harness.admin)
+    r = harness.client.post(f"/v1/certificates/{old}/revoke", json={"reason": "keyCompromise"}, headers=harness.admin)
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["serial"] == old and out["reason"] == "keyCompromise" and out["revoked_at"]
-    again = harness.client.post(f"/v1/certificates/{old}/revoke", json={"reason": "superseded"},
-                                headers=harness.admin)
+    again = harness.client.post(f"/v1/certificates/{old}/revoke", json={"reason": "superseded"}, headers=harness.admin)
     assert again.status_code == 200 and again.json() == out  # the same again
 
     der, crl = fetch_crl(harness)
@@ -90,11 +103,13 @@ def test_revoke_one_certificate_enters_the_signed_crl(harness: Harness, tmp_path
 def test_revoke_certificate_bad_input(harness: Harness) -> None:
     agent = harness.enroll("a")
     before = harness.state()
-    cases = [(f"/v1/certificates/{'ab' * 10}/revoke", {"reason": "keyCompromise"}, 404),
-             (f"/v1/certificates/{agent.serial.upper()}/revoke", {}, 400),
-             ("/v1/certificates/not-hex/revoke", {}, 400),
-             (f"/v1/certificates/{agent.serial}/revoke", {"reason": "because"}, 400),
-             (f"/v1/certificates/{agent.serial}/revoke", {"reason": "keyCompromise", "extra": 1}, 400)]
+    cases = [
+        (f"/v1/certificates/{'ab' * 10}/revoke", {"reason": "keyCompromise"}, 404),
+        (f"/v1/certificates/{agent.serial.upper()}/revoke", {}, 400),
+        ("/v1/certificates/not-hex/revoke", {}, 400),
+        (f"/v1/certificates/{agent.serial}/revoke", {"reason": "because"}, 400),
+        (f"/v1/certificates/{agent.serial}/revoke", {"reason": "keyCompromise", "extra": 1}, 400),
+    ]
     for path, body, status in cases:
         r = harness.client.post(path, json=body, headers=harness.admin)
         assert r.status_code == status, (path, body, r.text)
@@ -113,8 +128,11 @@ def test_revoke_cluster_kills_its_token_and_lists_all_its_intermediates(harness:
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "revoked" and r.json()["name"] == "a"
     # its token stops working at once, everywhere
-    for method, path, body in [("GET", "/v1/clusters/a/desired", None), ("GET", "/v1/clusters/a/imports", None),
-                               ("PUT", "/v1/clusters/a/status", {"installed_generation": 1})]:
+    for method, path, body in [
+        ("GET", "/v1/clusters/a/desired", None),
+        ("GET", "/v1/clusters/a/imports", None),
+        ("PUT", "/v1/clusters/a/status", {"installed_generation": 1}),
+    ]:
         resp = harness.client.request(method, path, json=body, headers=agent.headers)
         assert resp.status_code == 401, (path, resp.text)
     resp, _ = harness.renew_response(agent)
@@ -127,9 +145,11 @@ def test_revoke_cluster_kills_its_token_and_lists_all_its_intermediates(harness:
     # no way back in: a bootstrap token made before does not enroll, no new one is given
     before = harness.state()
     from cluster_agent import pki
+
     key = pki.new_key()
-    resp = harness.client.post("/v1/enroll", json={"cluster": "a", "bootstrap_token": unused_boot,
-                                                   "csr": pki.make_csr(key, "a")})
+    resp = harness.client.post(
+        "/v1/enroll", json={"cluster": "a", "bootstrap_token": unused_boot, "csr": pki.make_csr(key, "a")}
+    )
     assert resp.status_code == 401
     assert harness.client.post("/v1/clusters/a/bootstrap-token", headers=harness.admin).status_code == 409
     assert harness.client.post("/v1/clusters/a/revoke", json={}, headers=harness.admin).json()["status"] == "revoked"
@@ -150,8 +170,7 @@ def _second_replica(h: Harness) -> Iterator[TestClient]:
 
 def test_crls_are_stored_so_every_replica_serves_the_same_bytes(harness: Harness) -> None:
     agent = harness.enroll("a")
-    harness.client.post(f"/v1/certificates/{agent.serial}/revoke", json={"reason": "superseded"},
-                        headers=harness.admin)
+    harness.client.post(f"/v1/certificates/{agent.serial}/revoke", json={"reason": "superseded"}, headers=harness.admin)
     ours = harness.client.get("/v1/crl").content
     assert harness.client.get("/v1/crl").content == ours  # not re-signed per request
     for replica in _second_replica(harness):
@@ -163,8 +182,9 @@ def test_crls_are_stored_so_every_replica_serves_the_same_bytes(harness: Harness
 def test_crls_are_resigned_before_next_update_and_drop_expired_entries(harness: Harness) -> None:
     agent: Agent = harness.enroll("a")
     revoked_serial = agent.serial
-    harness.client.post(f"/v1/certificates/{revoked_serial}/revoke", json={"reason": "superseded"},
-                        headers=harness.admin)
+    harness.client.post(
+        f"/v1/certificates/{revoked_serial}/revoke", json={"reason": "superseded"}, headers=harness.admin
+    )
     _, first = fetch_crl(harness)
     assert harness.authority.refresh_crls() == 0  # fresh: nothing to do
     harness.clock.advance(days=2)

@@ -35,8 +35,12 @@ def test_rotate_raises_the_generation_once_until_a_renewal_answers_it(harness: H
 def test_rotate_refuses_pending_revoked_and_unknown_clusters(harness: Harness) -> None:
     harness.add_cluster("p")
     harness.enroll("r")
-    assert harness.client.post("/v1/clusters/r/revoke", json={"reason": "keyCompromise"},
-                               headers=harness.admin).status_code == 200
+    assert (
+        harness.client.post(
+            "/v1/clusters/r/revoke", json={"reason": "keyCompromise"}, headers=harness.admin
+        ).status_code
+        == 200
+    )
     before = harness.state()
     for name, status in [("p", 409), ("r", 409), ("nope", 404)]:
         r = harness.client.post(f"/v1/clusters/{name}/rotate", json={}, headers=harness.admin)
@@ -52,9 +56,12 @@ def _write(path: Path, text: str) -> Path:
 
 def _verify(tmp: Path, bundle: dict[str, str], trust: str) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
-    res = openssl_verify(_write(tmp / "leaf.pem", bundle["ca-cert.pem"]), cafile=_write(tmp / "ca.pem", trust),
-                         untrusted=_write(tmp / "chain.pem", bundle["cert-chain.pem"]),
-                         crlfile=_write(tmp / "crl.pem", bundle["crl.pem"]))
+    res = openssl_verify(
+        _write(tmp / "leaf.pem", bundle["ca-cert.pem"]),
+        cafile=_write(tmp / "ca.pem", trust),
+        untrusted=_write(tmp / "chain.pem", bundle["cert-chain.pem"]),
+        crlfile=_write(tmp / "crl.pem", bundle["crl.pem"]),
+    )
     assert res.ok, res.output
 
 

@@ -45,8 +45,11 @@ def openssl_kdf(path: Path) -> tuple[list[str], int]:
 def openssl_public_key(path: Path, passphrase: bytes, tmp_path: Path) -> bytes:
     secret = tmp_path / "openssl-pass"
     secret.write_bytes(passphrase + b"\n")
-    proc = subprocess.run(["openssl", "pkey", "-in", str(path), "-passin", f"file:{secret}", "-pubout",
-                           "-outform", "DER"], capture_output=True, check=False)
+    proc = subprocess.run(
+        ["openssl", "pkey", "-in", str(path), "-passin", f"file:{secret}", "-pubout", "-outform", "DER"],
+        capture_output=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -55,8 +58,13 @@ def old_format_key(path: Path, passphrase: bytes) -> ec.EllipticCurvePrivateKey:
     """A key file as earlier versions wrote it: cryptography's BestAvailableEncryption."""
     key = ec.generate_private_key(ec.SECP256R1())
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.BestAvailableEncryption(passphrase)))
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(passphrase),
+        )
+    )
     path.chmod(0o600)
     return key
 
@@ -79,7 +87,8 @@ def test_new_key_files_use_pbkdf2_sha256_with_600000_iterations(key_type: KeyTyp
     assert pkcs8.kdf_of(path.read_bytes()) == pkcs8.KdfParams("pbkdf2", "hmac-sha256", iterations)
     # still a standard PKCS#8 file: OpenSSL opens it with the passphrase alone
     assert openssl_public_key(path, PASSPHRASE, tmp_path) == signer.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     assert FileKeyBackend(tmp_path, PASSPHRASE).load(key_ref).public_key() == signer.public_key()
 
 
@@ -117,17 +126,38 @@ def test_an_old_format_key_loads_and_is_re_encrypted(tmp_path: Path, caplog: pyt
     assert path.read_bytes() == before and not caplog.records
 
 
-@pytest.mark.parametrize(("option", "kdf"), [(["-v1", "PBE-SHA1-3DES"], "legacy-pbe"), (["-scrypt"], "scrypt"),
-                                             (["-v2", "aes-256-cbc", "-v2prf", "hmacWithSHA512"], "pbkdf2")])
+@pytest.mark.parametrize(
+    ("option", "kdf"),
+    [
+        (["-v1", "PBE-SHA1-3DES"], "legacy-pbe"),
+        (["-scrypt"], "scrypt"),
+        (["-v2", "aes-256-cbc", "-v2prf", "hmacWithSHA512"], "pbkdf2"),
+    ],
+)
 def test_keys_encrypted_by_openssl_load_and_are_re_encrypted(option: list[str], kdf: str, tmp_path: Path) -> None:
     """Imported keys (`init --import-key-ref`) come from other tools, with other schemes."""
     key = ec.generate_private_key(ec.SECP256R1())
     plain, path = tmp_path / "plain.pem", tmp_path / "imported" / "k.key.pem"
-    plain.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()))
+    plain.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     path.parent.mkdir()
-    subprocess.run(["openssl", "pkcs8", "-topk8", "-in", str(plain), *option, "-passout",
-                    f"pass:{PASSPHRASE.decode()}", "-out", str(path)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "pkcs8",
+            "-topk8",
+            "-in",
+            str(plain),
+            *option,
+            "-passout",
+            f"pass:{PASSPHRASE.decode()}",
+            "-out",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
+    )
     found = pkcs8.kdf_of(path.read_bytes())
     assert found.kdf == kdf and not found.current
     signer = FileKeyBackend(tmp_path, PASSPHRASE).load("file:imported/k.key.pem")
@@ -135,8 +165,9 @@ def test_keys_encrypted_by_openssl_load_and_are_re_encrypted(option: list[str], 
     assert pkcs8.kdf_of(path.read_bytes()) == pkcs8.CURRENT
 
 
-def test_a_key_file_that_cannot_be_replaced_still_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_a_key_file_that_cannot_be_replaced_still_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """A read-only data volume must not stop the CA from starting: it warns and goes on."""
     path = tmp_path / "roots" / "r.key.pem"
     key = old_format_key(path, PASSPHRASE)
@@ -156,10 +187,15 @@ def test_a_key_file_that_cannot_be_replaced_still_loads(tmp_path: Path, monkeypa
 
 def test_kdf_of_refuses_what_is_not_an_encrypted_pkcs8_key() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
-    plain = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption())
-    for bad in (plain, b"", b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nMAA=\n-----END ENCRYPTED PRIVATE KEY-----\n",
-                b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n!!\n-----END ENCRYPTED PRIVATE KEY-----\n"):
+    plain = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    for bad in (
+        plain,
+        b"",
+        b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nMAA=\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n!!\n-----END ENCRYPTED PRIVATE KEY-----\n",
+    ):
         with pytest.raises(ValueError):
             pkcs8.kdf_of(bad)
 
@@ -186,8 +222,9 @@ def test_init_generates_the_passphrase_outside_the_data_directory(tmp_path: Path
     other = tmp_path / "other"  # an existing file is read, never replaced
     out = json.loads(ok("init", "--data-dir", str(other), "--passphrase-file", str(passphrase_file), "--json"))
     assert resolve_passphrase(other, passphrase_file=passphrase_file, env={}) == passphrase
-    missing_dir = cli("init", "--data-dir", str(tmp_path / "third"), "--passphrase-file",
-                      str(tmp_path / "nowhere" / "ca-passphrase"))
+    missing_dir = cli(
+        "init", "--data-dir", str(tmp_path / "third"), "--passphrase-file", str(tmp_path / "nowhere" / "ca-passphrase")
+    )
     assert missing_dir.returncode == 2 and "cannot create passphrase file" in missing_dir.stderr
 
 
@@ -240,8 +277,7 @@ def test_restore_makes_the_directory_and_the_database_private(tmp_path: Path, um
     assert mode(target) == 0o700 and mode(target / "meshbridge.db") == 0o600
 
 
-def test_make_private_sqlite_fixes_existing_files_and_ignores_other_databases(tmp_path: Path,
-                                                                             umask_022: None) -> None:
+def test_make_private_sqlite_fixes_existing_files_and_ignores_other_databases(tmp_path: Path, umask_022: None) -> None:
     database = tmp_path / "x.db"
     for path in (database, tmp_path / "x.db-wal", tmp_path / "x.db-shm"):
         path.write_bytes(b"")
@@ -253,8 +289,9 @@ def test_make_private_sqlite_fixes_existing_files_and_ignores_other_databases(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.db", "x.db-shm", "x.db-wal"]
 
 
-def test_a_directory_owned_by_another_user_is_reported_not_fatal(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_directory_owned_by_another_user_is_reported_not_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Only the owner may chmod: a Kubernetes volume's root belongs to root, shared through fsGroup."""
     d = tmp_path / "volume"
     d.mkdir()

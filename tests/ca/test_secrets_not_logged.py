@@ -37,8 +37,9 @@ def test_a_full_flow_logs_no_secret(harness: Harness, caplog: pytest.LogCaptureF
     harness.client.put("/v1/clusters/a/status", json={"installed_generation": 2}, headers=a.headers)
     second_boot = harness.bootstrap_token("a")
     # refusals that carry secrets in the request
-    harness.client.post("/v1/enroll", json={"cluster": "a", "bootstrap_token": boot,
-                                            "csr": pki.make_csr(pki.new_key(), "a")})
+    harness.client.post(
+        "/v1/enroll", json={"cluster": "a", "bootstrap_token": boot, "csr": pki.make_csr(pki.new_key(), "a")}
+    )
     harness.client.post("/v1/enroll", json={"cluster": "a", "bootstrap_token": second_boot, "csr": "garbage"})
     harness.client.post("/v1/enroll", json={"cluster": "a", "bootstrap_token": second_boot, "csr": 7})
     harness.client.get("/v1/clusters", headers={"Authorization": f"Bearer {harness.admin_token}x"})
@@ -53,9 +54,15 @@ def test_a_full_flow_logs_no_secret(harness: Harness, caplog: pytest.LogCaptureF
 
     text = all_text(caplog)
     assert len(caplog.records) > 5  # the flow was logged at all
-    secrets = {"admin token": harness.admin_token, "bootstrap token": boot, "second bootstrap token": second_boot,
-               "agent token": a.token, "agent token secret": a.token.rsplit(".", 1)[1],
-               "passphrase": PASSPHRASE.decode(), "intermediate key": pki.key_pem(a.key).splitlines()[1]}
+    secrets = {
+        "admin token": harness.admin_token,
+        "bootstrap token": boot,
+        "second bootstrap token": second_boot,
+        "agent token": a.token,
+        "agent token secret": a.token.rsplit(".", 1)[1],
+        "passphrase": PASSPHRASE.decode(),
+        "intermediate key": pki.key_pem(a.key).splitlines()[1],
+    }
     leaked = [what for what, secret in secrets.items() if secret in text]
     assert leaked == []
     assert "PRIVATE KEY" not in text
@@ -65,8 +72,15 @@ def test_a_full_flow_logs_no_secret(harness: Harness, caplog: pytest.LogCaptureF
 
 
 def test_the_json_formatter_redacts_tokens_and_keys() -> None:
-    record = logging.LogRecord("x", logging.INFO, __file__, 1, "token %s key %s", (
-        "mbagent.0123456789abcdef.c2VjcmV0LXNlY3JldA", pki.key_pem(pki.new_key())), None)
+    record = logging.LogRecord(
+        "x",
+        logging.INFO,
+        __file__,
+        1,
+        "token %s key %s",
+        ("mbagent.0123456789abcdef.c2VjcmV0LXNlY3JldA", pki.key_pem(pki.new_key())),
+        None,
+    )
     out = logs.JsonFormatter().format(record)
     assert "c2VjcmV0LXNlY3JldA" not in out and "BEGIN PRIVATE KEY" not in out
     assert "mbagent.<redacted>" in out

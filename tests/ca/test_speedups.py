@@ -86,8 +86,9 @@ def test_prepared_statements_switch(tmp_path: Path, prepared: bool) -> None:
     def through_core(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
         seen.append(statement)
 
-    for h in make_harness(f"sqlite:///{tmp_path / 'ca.db'}", tmp_path / "ca",
-                          speedups=Speedups(prepared_statements=prepared)):
+    for h in make_harness(
+        f"sqlite:///{tmp_path / 'ca.db'}", tmp_path / "ca", speedups=Speedups(prepared_statements=prepared)
+    ):
         h.enroll("a")
         event.listen(h.store.engine, "before_cursor_execute", through_core)
         with h.store.read() as tx:
@@ -111,7 +112,10 @@ def test_serve_with_every_speedup_off(tmp_path: Path) -> None:
             r = http.post("/v1/enroll", json={"cluster": "a", "bootstrap_token": token, "csr": pki.make_csr(key, "a")})
             assert r.status_code == 201, r.text
             csr = pki.make_csr(pki.new_key(), "a")
-            r = http.post("/v1/clusters/a/intermediate", json={"csr": csr, "proof": pki.prove(key, csr)},
-                          headers={"Authorization": f"Bearer {r.json()['agent_token']}"})
+            r = http.post(
+                "/v1/clusters/a/intermediate",
+                json={"csr": csr, "proof": pki.prove(key, csr)},
+                headers={"Authorization": f"Bearer {r.json()['agent_token']}"},
+            )
             assert r.status_code == 201, r.text
         assert "speed-ups turned off: renewal_shortcut, joined_writes, prepared_statements" in s.log.read_text()

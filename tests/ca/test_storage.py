@@ -33,8 +33,17 @@ def test_migrations_create_the_schema_and_are_idempotent(database_url: str, spee
         upgrade(store.engine)
         assert is_initialised(store.engine)
         tables = set(inspect(store.engine).get_table_names())
-        assert {"roots", "clusters", "certificates", "bootstrap_tokens", "admin_tokens", "crls", "audit", "meta",
-                "alembic_version"} <= tables
+        assert {
+            "roots",
+            "clusters",
+            "certificates",
+            "bootstrap_tokens",
+            "admin_tokens",
+            "crls",
+            "audit",
+            "meta",
+            "alembic_version",
+        } <= tables
         assert store.audit_head() == (0, "0" * 64)
         with store.read() as tx:
             assert tx.get_revision() == 0
@@ -44,9 +53,19 @@ def test_migrations_create_the_schema_and_are_idempotent(database_url: str, spee
 
 def test_times_and_json_round_trip_exactly(harness: Harness) -> None:
     a = harness.enroll("a", trust_domain="a.mesh")
-    harness.publish(a, trust_domain="a.mesh", services=[{
-        "name": "x.y", "namespace": "y", "service": "x", "ports": [{"number": 1, "protocol": "TCP"}],
-        "consumers": ["b"]}])
+    harness.publish(
+        a,
+        trust_domain="a.mesh",
+        services=[
+            {
+                "name": "x.y",
+                "namespace": "y",
+                "service": "x",
+                "ports": [{"number": 1, "protocol": "TCP"}],
+                "consumers": ["b"],
+            }
+        ],
+    )
     with harness.store.read() as tx:
         [rec] = tx.cluster_certificates("a")
         cluster = tx.get_cluster("a")
@@ -86,8 +105,9 @@ def test_concurrent_renewals_on_two_replicas(harness: Harness, tmp_path: Path) -
             for _ in range(rounds):
                 key = pki.new_key()
                 csr = pki.make_csr(key, agent.name)
-                issued = replica.renew(cluster_name=agent.name, agent_token=agent.token, csr_pem=csr,
-                                       proof_b64=pki.prove(agent.key, csr))
+                issued = replica.renew(
+                    cluster_name=agent.name, agent_token=agent.token, csr_pem=csr, proof_b64=pki.prove(agent.key, csr)
+                )
                 agent.key = key
                 with lock:
                     serials.append(issued.serial)
@@ -131,8 +151,9 @@ def test_concurrent_cluster_registrations_with_one_name(harness: Harness) -> Non
         except Exception as exc:
             outcomes.append(type(exc).__name__)
 
-    threads = [threading.Thread(target=add, args=(harness.authority if i % 2 else other, f"n{i // 4}"))
-               for i in range(8)]
+    threads = [
+        threading.Thread(target=add, args=(harness.authority if i % 2 else other, f"n{i // 4}")) for i in range(8)
+    ]
     for th in threads:
         th.start()
     for th in threads:
@@ -176,8 +197,9 @@ def test_tokens_are_high_entropy_and_only_their_hashes_are_stored(harness: Harne
         assert kind in ("mbadmin", "mbboot", "mbagent") and len(token_id) == 16
         assert len(secret) >= 43  # 32 random bytes, base64url
     with harness.store.engine.connect() as conn:
-        dump = "\n".join(str(tuple(row)) for table in reversed(t.metadata.sorted_tables)
-                         for row in conn.execute(select(table)))
+        dump = "\n".join(
+            str(tuple(row)) for table in reversed(t.metadata.sorted_tables) for row in conn.execute(select(table))
+        )
     assert dump.count("a") > 0  # the dump holds the data
     for token in tokens:
         secret = token.rsplit(".", 1)[1]

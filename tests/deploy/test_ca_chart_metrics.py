@@ -18,8 +18,16 @@ def test_ca_without_a_metrics_token_mounts_none(helm: Any) -> None:
 
 
 def test_ca_metrics_token_and_service_monitor(helm: Any) -> None:
-    docs = render(helm, CA, "--set", "metrics.tokenSecret=ca-metrics", "--set", "metrics.serviceMonitor.enabled=true",
-                  "--set", "metrics.serviceMonitor.tlsConfig.serverName=mb-meshbridge-ca.meshbridge.svc")
+    docs = render(
+        helm,
+        CA,
+        "--set",
+        "metrics.tokenSecret=ca-metrics",
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "metrics.serviceMonitor.tlsConfig.serverName=mb-meshbridge-ca.meshbridge.svc",
+    )
     pod = only(docs, "Deployment")["spec"]["template"]["spec"]
     (ca,) = pod["containers"]
     assert "--metrics-token-file=/etc/meshbridge/metrics/token" in ca["args"]

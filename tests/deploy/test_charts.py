@@ -58,8 +58,12 @@ def _find_helm() -> str:
 def helm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     binary = _find_helm()
     home = tmp_path_factory.mktemp("helm-home")
-    env = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
-           "HELM_DATA_HOME": str(home / "data")}
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
 
     def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run([binary, *args], capture_output=True, text=True, env=env, timeout=120, check=False)
@@ -118,8 +122,13 @@ def test_agent_schema_rejects_values_without_cluster(helm: Any, tmp_path: Path) 
 
 @pytest.mark.parametrize(
     ("override", "field"),
-    [("ca.url=http://ca.example:8443", "url"), ("istio.trustDomain=", "trustDomain"),
-     ("replicaCount=3", "replicaCount"), ("dns.mode=kube-dns", "mode"), ("unknownKey=1", "unknownKey")],
+    [
+        ("ca.url=http://ca.example:8443", "url"),
+        ("istio.trustDomain=", "trustDomain"),
+        ("replicaCount=3", "replicaCount"),
+        ("dns.mode=kube-dns", "mode"),
+        ("unknownKey=1", "unknownKey"),
+    ],
 )
 def test_agent_schema_rejects_bad_values(helm: Any, override: str, field: str) -> None:
     proc = helm("template", "mb", str(AGENT), "--values", str(AGENT_MINIMAL), "--set", override, check=False)
@@ -128,23 +137,47 @@ def test_agent_schema_rejects_bad_values(helm: Any, override: str, field: str) -
 
 
 def test_agent_needs_exactly_one_trust_anchor(helm: Any) -> None:
-    proc = helm("template", "mb", str(AGENT), "--values", str(AGENT_MINIMAL),
-                "--set", "ca.trustAnchor.existingSecret=also", check=False)
+    proc = helm(
+        "template",
+        "mb",
+        str(AGENT),
+        "--values",
+        str(AGENT_MINIMAL),
+        "--set",
+        "ca.trustAnchor.existingSecret=also",
+        check=False,
+    )
     assert proc.returncode != 0
     assert "give exactly one of pem, existingConfigMap or existingSecret" in proc.stderr
 
 
 def test_ca_refuses_replicas_without_postgres(helm: Any) -> None:
-    proc = helm("template", "mb", str(CA), "--set", "replicaCount=2",
-                "--set", "persistence.accessModes={ReadWriteMany}", check=False)
+    proc = helm(
+        "template",
+        "mb",
+        str(CA),
+        "--set",
+        "replicaCount=2",
+        "--set",
+        "persistence.accessModes={ReadWriteMany}",
+        check=False,
+    )
     assert proc.returncode != 0
     assert "no PostgreSQL is configured" in proc.stderr
     assert "postgresql.url or postgresql.existingSecret" in proc.stderr
 
 
 def test_ca_refuses_replicas_on_a_single_writer_volume(helm: Any) -> None:
-    proc = helm("template", "mb", str(CA), "--set", "replicaCount=2",
-                "--set", "postgresql.url=postgresql+psycopg://u:p@db:5432/mb", check=False)
+    proc = helm(
+        "template",
+        "mb",
+        str(CA),
+        "--set",
+        "replicaCount=2",
+        "--set",
+        "postgresql.url=postgresql+psycopg://u:p@db:5432/mb",
+        check=False,
+    )
     assert proc.returncode != 0
     assert "ReadWriteMany" in proc.stderr
 
@@ -162,8 +195,9 @@ def test_agent_rbac_has_no_wildcards(helm: Any) -> None:
 
 def test_agent_secrets_only_by_name(helm: Any) -> None:
     docs = render(helm, AGENT, "--values", str(AGENT_FULL))
-    secret_rules = [(d, r) for d, r in rules_of(docs, "Role") + rules_of(docs, "ClusterRole")
-                    if "secrets" in r["resources"]]
+    secret_rules = [
+        (d, r) for d, r in rules_of(docs, "Role") + rules_of(docs, "ClusterRole") if "secrets" in r["resources"]
+    ]
     assert secret_rules, "the agent must be able to write cacerts"
     for doc, rule in secret_rules:
         assert doc["kind"] == "Role" and doc["metadata"]["namespace"] == "istio-system"
@@ -189,7 +223,9 @@ def test_agent_named_objects_are_narrowed(helm: Any) -> None:
     istio_role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == "istio-system")
     leases = [r for r in istio_role["rules"] if "leases" in r["resources"]]
     assert {tuple(r.get("resourceNames", [])): tuple(r["verbs"]) for r in leases} == {
-        ("meshbridge-agent",): ("get", "update"), (): ("create",)}
+        ("meshbridge-agent",): ("get", "update"),
+        (): ("create",),
+    }
     for rule in istio_role["rules"]:
         if rule.get("resourceNames"):
             continue
@@ -201,10 +237,13 @@ def test_agent_named_objects_are_narrowed(helm: Any) -> None:
 def test_agent_roles_live_in_their_namespaces_only(helm: Any) -> None:
     docs = render(helm, AGENT, "--values", str(AGENT_FULL))
     assert {d["metadata"]["namespace"] for d in docs if d["kind"] in ("Role", "RoleBinding")} == {
-        "istio-system", "kube-system"}
+        "istio-system",
+        "kube-system",
+    }
     for binding in (d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")):
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mb-meshbridge-agent",
-                                        "namespace": "meshbridge"}]
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "mb-meshbridge-agent", "namespace": "meshbridge"}
+        ]
 
 
 def test_agent_cluster_role_is_read_only_and_optional(helm: Any) -> None:
@@ -212,8 +251,12 @@ def test_agent_cluster_role_is_read_only_and_optional(helm: Any) -> None:
     cluster_role = only(docs, "ClusterRole")
     for rule in cluster_role["rules"]:
         assert set(rule["verbs"]) <= READ_VERBS and not set(rule["verbs"]) & WRITE_VERBS, rule
-    granted = {(g, r): set(rule["verbs"]) for rule in cluster_role["rules"]
-               for g in rule["apiGroups"] for r in rule["resources"]}
+    granted = {
+        (g, r): set(rule["verbs"])
+        for rule in cluster_role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+    }
     assert granted == {("multicluster.x-k8s.io", "serviceexports"): {"get", "list"}, ("", "services"): {"get"}}
 
     minimal = render(helm, AGENT, "--values", str(AGENT_MINIMAL))
@@ -264,8 +307,16 @@ def test_agent_deployment(helm: Any) -> None:
 
 
 def test_agent_image_is_configurable(helm: Any) -> None:
-    docs = render(helm, AGENT, "--values", str(AGENT_MINIMAL), "--set", "image.repository=registry.example/mb",
-                  "--set", "image.tag=0.2.0")
+    docs = render(
+        helm,
+        AGENT,
+        "--values",
+        str(AGENT_MINIMAL),
+        "--set",
+        "image.repository=registry.example/mb",
+        "--set",
+        "image.tag=0.2.0",
+    )
     assert only(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/mb:0.2.0"
 
 
@@ -330,7 +381,8 @@ def passphrase_delivery(docs: list[dict[str, Any]]) -> dict[str, Any]:
         "volume": volumes.get("key-passphrase"),
         "mounts": [[m for m in c["volumeMounts"] if m["name"] == "key-passphrase"] for c in (init, ca)],
         "data_mounts": {m["mountPath"] for c in (init, ca) for m in c["volumeMounts"] if m["name"] == "data"},
-        "init_script": init["args"][0], "serve_args": ca["args"],
+        "init_script": init["args"][0],
+        "serve_args": ca["args"],
         "env": [{e["name"] for e in c["env"]} for c in (init, ca)],
     }
 
@@ -339,21 +391,36 @@ def test_ca_passphrase_is_a_read_only_file_outside_the_data_volume(helm: Any) ->
     """Before: MESHBRIDGE_CA_KEY_PASSPHRASE in both containers' environment, which child processes
     inherit and /proc/<pid>/environ shows. Now its own Secret volume, mounted read-only away from /data."""
     got = passphrase_delivery(render(helm, CA))
-    assert got["volume"] == {"name": "key-passphrase", "secret": {
-        "secretName": "mb-meshbridge-ca-key-passphrase", "items": [{"key": "passphrase", "path": "passphrase"}],
-        "defaultMode": 0o440}}
+    assert got["volume"] == {
+        "name": "key-passphrase",
+        "secret": {
+            "secretName": "mb-meshbridge-ca-key-passphrase",
+            "items": [{"key": "passphrase", "path": "passphrase"}],
+            "defaultMode": 0o440,
+        },
+    }
     for mounts in got["mounts"]:
         assert mounts == [{"name": "key-passphrase", "mountPath": PASSPHRASE_DIR, "readOnly": True}]
     assert got["data_mounts"] and not any(PASSPHRASE_DIR.startswith(data) for data in got["data_mounts"])
-    assert f"meshbridge-ca init --data-dir /data --key-type \"$CA_KEY_TYPE\" --org \"$CA_ORG\" {PASSPHRASE_ARG}" \
+    assert (
+        f'meshbridge-ca init --data-dir /data --key-type "$CA_KEY_TYPE" --org "$CA_ORG" {PASSPHRASE_ARG}'
         in got["init_script"]
+    )
     assert PASSPHRASE_ARG in got["serve_args"]
     assert all("MESHBRIDGE_CA_KEY_PASSPHRASE" not in env for env in got["env"])
 
 
 def test_ca_passphrase_from_an_existing_secret(helm: Any) -> None:
-    docs = render(helm, CA, "--set", "keyPassphrase.existingSecret=ca-pass", "--set", "keyPassphrase.key=pw",
-                  "--set", "auditKey.existingSecret=ca-audit")
+    docs = render(
+        helm,
+        CA,
+        "--set",
+        "keyPassphrase.existingSecret=ca-pass",
+        "--set",
+        "keyPassphrase.key=pw",
+        "--set",
+        "auditKey.existingSecret=ca-audit",
+    )
     assert passphrase_delivery(docs)["volume"]["secret"]["secretName"] == "ca-pass"
     assert passphrase_delivery(docs)["volume"]["secret"]["items"] == [{"key": "pw", "path": "passphrase"}]
     assert not [d for d in docs if d["kind"] == "Secret"]
@@ -378,7 +445,9 @@ def test_ca_with_postgres_and_replicas(helm: Any) -> None:
     assert ca["args"][3] == "--server-name=ca.meshbridge.example.com"
     env = {e["name"]: e for e in ca["env"]}
     assert env["MESHBRIDGE_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
-        "name": "meshbridge-ca-database", "key": "database-url"}
+        "name": "meshbridge-ca-database",
+        "key": "database-url",
+    }
     assert not [d for d in docs if d["kind"] == "Secret"], "existing Secrets are used, none generated"
 
 

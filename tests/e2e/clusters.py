@@ -513,7 +513,11 @@ def base_objects() -> list[dict[str, Any]]:
             },
         },
         _deployment(
-            "istio-system", "istio-egressgateway", egr, "istio-egressgateway-service-account", proxy,
+            "istio-system",
+            "istio-egressgateway",
+            egr,
+            "istio-egressgateway-service-account",
+            proxy,
             [8080, 8443, 15444],
         ),
         {

@@ -21,8 +21,14 @@ SERVICE_EXPORT_CRD = {
         "group": "multicluster.x-k8s.io",
         "scope": "Namespaced",
         "names": {"plural": "serviceexports", "singular": "serviceexport", "kind": "ServiceExport"},
-        "versions": [{"name": "v1alpha1", "served": True, "storage": True,
-                      "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}],
+        "versions": [
+            {
+                "name": "v1alpha1",
+                "served": True,
+                "storage": True,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+            }
+        ],
     },
 }
 
@@ -32,12 +38,14 @@ def client_for(kubeconfig: Path) -> Client:
 
 
 def config_for(kubeconfig: Path, cluster: str = "b") -> object:
-    return parse_config({
-        "cluster": cluster,
-        "ca": {"url": "https://127.0.0.1:1", "trust_anchor": "/dev/null"},
-        "istio": {"trust_domain": "b.mesh", "ingress_gateway": {"address": "127.0.0.12", "port": 15443}},
-        "kubernetes": {"kubeconfig": str(kubeconfig)},
-    })
+    return parse_config(
+        {
+            "cluster": cluster,
+            "ca": {"url": "https://127.0.0.1:1", "trust_anchor": "/dev/null"},
+            "istio": {"trust_domain": "b.mesh", "ingress_gateway": {"address": "127.0.0.12", "port": 15443}},
+            "kubernetes": {"kubeconfig": str(kubeconfig)},
+        }
+    )
 
 
 def test_lease_elects_one_replica_and_fails_over(clusters: Clusters) -> None:
@@ -52,8 +60,9 @@ def test_lease_elects_one_replica_and_fails_over(clusters: Clusters) -> None:
     assert two.is_leader()
     one._held_until = 0.0
     assert not one.is_leader()
-    holder = json.loads(clusters["b"].kubectl("get", "lease", "meshbridge-agent-e2e", "-n", "istio-system",
-                                              "-o", "json").stdout)["spec"]["holderIdentity"]
+    holder = json.loads(
+        clusters["b"].kubectl("get", "lease", "meshbridge-agent-e2e", "-n", "istio-system", "-o", "json").stdout
+    )["spec"]["holderIdentity"]
     assert holder == "replica-2"
 
 
@@ -65,12 +74,32 @@ def test_service_exports_are_discovered_where_the_crd_exists(clusters: Clusters)
     assert applier.service_exports() == []  # no CRD: nothing, no error
     c.kubectl("apply", "-f", "-", input=json.dumps(SERVICE_EXPORT_CRD))
     c.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/serviceexports.multicluster.x-k8s.io")
-    c.kubectl("apply", "-f", "-", input=json.dumps({
-        "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
-        "metadata": {"name": "ratings", "namespace": "bookinfo", "annotations": {"meshbridge.io/consumers": "a"}}}))
+    c.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=json.dumps(
+            {
+                "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+                "kind": "ServiceExport",
+                "metadata": {
+                    "name": "ratings",
+                    "namespace": "bookinfo",
+                    "annotations": {"meshbridge.io/consumers": "a"},
+                },
+            }
+        ),
+    )
     found = applier.service_exports()
-    assert found == [{"name": "ratings.bookinfo", "namespace": "bookinfo", "service": "ratings",
-                      "ports": [{"number": 9080, "protocol": "HTTP"}], "consumers": ["a"]}]
+    assert found == [
+        {
+            "name": "ratings.bookinfo",
+            "namespace": "bookinfo",
+            "service": "ratings",
+            "ports": [{"number": 9080, "protocol": "HTTP"}],
+            "consumers": ["a"],
+        }
+    ]
 
 
 def test_apply_prunes_only_its_own_objects(clusters: Clusters) -> None:
@@ -78,18 +107,35 @@ def test_apply_prunes_only_its_own_objects(clusters: Clusters) -> None:
     kube = client_for(c.kubeconfig)
     cfg = config_for(c.kubeconfig, cluster="prune-e2e")  # its own cluster label: the fleet's objects stay
     applier = KubeApplier(kube, cfg)  # type: ignore[arg-type]
-    foreign = {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
-               "metadata": {"name": "not-ours", "namespace": "istio-system"},
-               "spec": {"hosts": ["example.com"], "location": "MESH_EXTERNAL", "resolution": "DNS",
-                        "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}]}}
+    foreign = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "ServiceEntry",
+        "metadata": {"name": "not-ours", "namespace": "istio-system"},
+        "spec": {
+            "hosts": ["example.com"],
+            "location": "MESH_EXTERNAL",
+            "resolution": "DNS",
+            "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}],
+        },
+    }
     c.kubectl("apply", "-f", "-", input=json.dumps(foreign))
-    ours = {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
-            "metadata": {"name": "meshbridge-e2e-prune", "namespace": "istio-system",
-                         "labels": {"app.kubernetes.io/managed-by": "meshbridge",
-                                    "meshbridge.io/cluster": "prune-e2e"}},
-            "spec": {"hosts": ["x.remote"], "location": "MESH_EXTERNAL", "resolution": "STATIC",
-                     "addresses": ["240.240.9.9"], "endpoints": [{"address": "127.0.0.11"}],
-                     "ports": [{"number": 80, "name": "http-80", "protocol": "HTTP"}]}}
+    ours = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "ServiceEntry",
+        "metadata": {
+            "name": "meshbridge-e2e-prune",
+            "namespace": "istio-system",
+            "labels": {"app.kubernetes.io/managed-by": "meshbridge", "meshbridge.io/cluster": "prune-e2e"},
+        },
+        "spec": {
+            "hosts": ["x.remote"],
+            "location": "MESH_EXTERNAL",
+            "resolution": "STATIC",
+            "addresses": ["240.240.9.9"],
+            "endpoints": [{"address": "127.0.0.11"}],
+            "ports": [{"number": 80, "name": "http-80", "protocol": "HTTP"}],
+        },
+    }
     report = applier.apply([ours], corefile_block=None)
     assert "serviceentry/istio-system/meshbridge-e2e-prune" in report.created
     again = applier.apply([ours], corefile_block=None)

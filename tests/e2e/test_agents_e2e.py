@@ -87,13 +87,15 @@ class Fleet:
         """The same objects the agent applied, as YAML files (render mode over the same state)."""
         out = Path(tempfile.mkdtemp(prefix=f"render-{name}-"))
         cfg = load_config(self.dirs[name] / "agent.yaml")
-        client = CAClient(cfg.ca.url, trust_pem=self.ca.authority.trust_bundle_from(self.ca.authority.list_roots()),
-                          cluster=name)
+        client = CAClient(
+            cfg.ca.url, trust_pem=self.ca.authority.trust_bundle_from(self.ca.authority.list_roots()), cluster=name
+        )
         live_state = self.loops[name].r.state
         store = DirStateStore(out / ".state")
         store.save(live_state)
-        rec = Reconciler(cfg, client=client, applier=DirectoryWriter(out, state_dir=out / ".meshbridge"),
-                         state_store=store)
+        rec = Reconciler(
+            cfg, client=client, applier=DirectoryWriter(out, state_dir=out / ".meshbridge"), state_store=store
+        )
         rec.reconcile(DesiredOut.model_validate(self.ca.authority.desired(name)))
         return out
 
@@ -101,9 +103,12 @@ class Fleet:
 def make_loop(cfg_path: Path) -> AgentLoop:
     cfg = load_config(cfg_path)
     kube = make_client(cfg)
-    rec = Reconciler(cfg, client=CAClient(cfg.ca.url, trust_pem=Path(cfg.ca.trust_anchor).read_text(),
-                                          cluster=cfg.cluster),
-                     applier=KubeApplier(kube, cfg), state_store=SecretStateStore(kube, cfg.istio.namespace))
+    rec = Reconciler(
+        cfg,
+        client=CAClient(cfg.ca.url, trust_pem=Path(cfg.ca.trust_anchor).read_text(), cluster=cfg.cluster),
+        applier=KubeApplier(kube, cfg),
+        state_store=SecretStateStore(kube, cfg.istio.namespace),
+    )
     return AgentLoop(rec, poll_wait=2)
 
 
@@ -129,18 +134,29 @@ def fleet(clusters: Clusters, tmp_path_factory: pytest.TempPathFactory) -> Itera
 def workloads(f: Fleet) -> tuple[Workload, Workload]:
     """a's egress gateway identity (client) and b's ingress gateway identity (server)."""
     egress_a = mint(f.cacerts("a"), "spiffe://a.mesh/ns/istio-system/sa/istio-egressgateway-service-account")
-    ingress_b = mint(f.cacerts("b"), "spiffe://b.mesh/ns/istio-system/sa/istio-ingressgateway-service-account",
-                     dns="ratings.bookinfo.remote")
+    ingress_b = mint(
+        f.cacerts("b"),
+        "spiffe://b.mesh/ns/istio-system/sa/istio-ingressgateway-service-account",
+        dns="ratings.bookinfo.remote",
+    )
     return egress_a, ingress_b
 
 
 def assert_handshakes_pass(f: Fleet) -> None:
     client, server = workloads(f)
-    ok, detail = grpc_handshake(server=server, client=client, server_roots=f.cacerts("b")["root-cert.pem"],
-                                client_roots=f.cacerts("a")["root-cert.pem"])
+    ok, detail = grpc_handshake(
+        server=server,
+        client=client,
+        server_roots=f.cacerts("b")["root-cert.pem"],
+        client_roots=f.cacerts("a")["root-cert.pem"],
+    )
     assert ok, f"BoringSSL handshake a-egress → b-ingress failed: {detail}"
-    ok, detail = openssl_handshake(server=server, client=client, server_roots=f.cacerts("b")["root-cert.pem"],
-                                   client_roots=f.cacerts("a")["root-cert.pem"])
+    ok, detail = openssl_handshake(
+        server=server,
+        client=client,
+        server_roots=f.cacerts("b")["root-cert.pem"],
+        client_roots=f.cacerts("a")["root-cert.pem"],
+    )
     assert ok, f"OpenSSL handshake a-egress → b-ingress failed: {detail}"
 
 
@@ -166,23 +182,39 @@ def test_cacerts_pass_istiods_own_verification(fleet: Fleet) -> None:
 def test_objects_accepted_and_istioctl_reports_nothing(fleet: Fleet) -> None:
     istioctl = require("istioctl")
     for name in ("a", "b"):
-        listed = fleet.clusters[name].kubectl(
-            "get", "gateways.networking.istio.io,virtualservices.networking.istio.io,"
-            "serviceentries.networking.istio.io,destinationrules.networking.istio.io,"
-            "authorizationpolicies.security.istio.io", "-n", "istio-system",
-            "-l", "app.kubernetes.io/managed-by=meshbridge", "-o", "json").stdout
+        listed = (
+            fleet.clusters[name]
+            .kubectl(
+                "get",
+                "gateways.networking.istio.io,virtualservices.networking.istio.io,"
+                "serviceentries.networking.istio.io,destinationrules.networking.istio.io,"
+                "authorizationpolicies.security.istio.io",
+                "-n",
+                "istio-system",
+                "-l",
+                "app.kubernetes.io/managed-by=meshbridge",
+                "-o",
+                "json",
+            )
+            .stdout
+        )
         kinds = sorted({i["kind"] for i in json.loads(listed)["items"]})
         assert kinds == ["AuthorizationPolicy", "DestinationRule", "Gateway", "ServiceEntry", "VirtualService"]
         out = fleet.render(name)
         files = sorted(str(p) for p in out.glob("*.yaml") if not p.name.startswith(("secret-", "configmap-")))
-        r = subprocess.run([str(istioctl), "validate", *[arg for f in files for arg in ("-f", f)]],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [str(istioctl), "validate", *[arg for f in files for arg in ("-f", f)]], capture_output=True, text=True
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         base = out / "base-objects.yaml"
-        base.write_text(fleet.clusters[name].kubectl(
-            "get", "deployments,services,serviceaccounts", "-A", "-o", "yaml").stdout)
-        r = subprocess.run([str(istioctl), "analyze", "--use-kube=false", "-o", "json", str(base), *files],
-                           capture_output=True, text=True)
+        base.write_text(
+            fleet.clusters[name].kubectl("get", "deployments,services,serviceaccounts", "-A", "-o", "yaml").stdout
+        )
+        r = subprocess.run(
+            [str(istioctl), "analyze", "--use-kube=false", "-o", "json", str(base), *files],
+            capture_output=True,
+            text=True,
+        )
         findings = [m for m in json.loads(r.stdout or "[]") if m.get("level") in ("Error", "Warning")]
         assert r.returncode == 0 and not findings, json.dumps(findings, indent=1) + r.stderr
 
@@ -195,13 +227,16 @@ def test_real_coredns_answers_imported_names(fleet: Fleet, tmp_path: Path) -> No
     import dns.rdatatype
 
     coredns = require("coredns")
-    cm = json.loads(fleet.clusters["b"].kubectl("get", "configmap", "coredns", "-n", "kube-system",
-                                                "-o", "json").stdout)
+    cm = json.loads(
+        fleet.clusters["b"].kubectl("get", "configmap", "coredns", "-n", "kube-system", "-o", "json").stdout
+    )
     corefile = cm["data"]["Corefile"]
     # outside a pod the kubernetes plugin needs a kubeconfig: point it at cluster b itself
-    corefile = corefile.replace("kubernetes cluster.local in-addr.arpa ip6.arpa {",
-                                f"kubernetes cluster.local in-addr.arpa ip6.arpa {{\n       kubeconfig "
-                                f"{fleet.clusters['b'].kubeconfig}", 1)
+    corefile = corefile.replace(
+        "kubernetes cluster.local in-addr.arpa ip6.arpa {",
+        f"kubernetes cluster.local in-addr.arpa ip6.arpa {{\n       kubeconfig {fleet.clusters['b'].kubeconfig}",
+        1,
+    )
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 127.0.0.2\n")  # silent upstream: nothing here may leave the machine
     corefile = corefile.replace("/etc/resolv.conf", str(resolv))
@@ -209,8 +244,11 @@ def test_real_coredns_answers_imported_names(fleet: Fleet, tmp_path: Path) -> No
     # every block of the real Corefile says :53; here they listen on a free loopback port instead
     corefile = corefile.replace(":53 {", f":{port} {{\n    bind 127.0.0.1")
     (tmp_path / "Corefile").write_text(corefile)
-    proc = subprocess.Popen([str(coredns), "-conf", str(tmp_path / "Corefile"), "-dns.port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(coredns), "-conf", str(tmp_path / "Corefile"), "-dns.port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         vip = fleet.loops["b"].r.state.vips["ratings.bookinfo"]
 
@@ -319,8 +357,9 @@ def test_zlint_and_pkilint_on_every_issued_certificate(fleet: Fleet, tmp_path: P
     for i, pem in enumerate(pems):
         path = tmp_path / f"c{i}.pem"
         path.write_text(pem)
-        r = subprocess.run([str(zlint), "-includeSources", "RFC5280", "-pretty", str(path)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [str(zlint), "-includeSources", "RFC5280", "-pretty", str(path)], capture_output=True, text=True
+        )
         assert r.returncode == 0, r.stderr
         results = json.loads(r.stdout)
         errors = {k: v for k, v in results.items() if isinstance(v, dict) and v.get("result") in ("error", "fatal")}
@@ -332,8 +371,14 @@ def test_zlint_and_pkilint_on_every_issued_certificate(fleet: Fleet, tmp_path: P
 # the revocation test, which ends cluster a)
 def test_istio_simulation_over_the_agents_rendered_config(fleet: Fleet) -> None:
     """Istio's own pilot/pkg/simulation over what the agents render: a imports ratings.bookinfo from b."""
-    out = gocheck.run_simulation(fleet.render("a"), fleet.render("b"), gateway_address=ADDR["b"], gateway_port=15443,
-                                 a_trust_domain=TD["a"], b_trust_domain=TD["b"])
+    out = gocheck.run_simulation(
+        fleet.render("a"),
+        fleet.render("b"),
+        gateway_address=ADDR["b"],
+        gateway_port=15443,
+        a_trust_domain=TD["a"],
+        b_trust_domain=TD["b"],
+    )
     assert "--- PASS: TestSimulation" in out, out
 
 
@@ -349,8 +394,9 @@ def test_revoked_cluster_is_refused_once_the_crl_is_applied(fleet: Fleet) -> Non
         own_a = fleet.cacerts("a")["ca-crl.pem"]
         return fleet.cacerts("b")["ca-crl.pem"] + own_a
 
-    ok, detail = openssl_handshake(server=server, client=client, server_roots=roots, client_roots=roots,
-                                   server_crls=crls())
+    ok, detail = openssl_handshake(
+        server=server, client=client, server_roots=roots, client_roots=roots, server_crls=crls()
+    )
     assert ok, f"before revocation the CRL-checked handshake must pass: {detail}"
     serial = fleet.loops["a"].r.state.serial
     fleet.ca.authority.revoke_cluster("a", reason="keyCompromise", actor="e2e")
@@ -358,9 +404,22 @@ def test_revoked_cluster_is_refused_once_the_crl_is_applied(fleet: Fleet) -> Non
     b_crl = fleet.cacerts("b")["ca-crl.pem"]
     first = b_crl.split("-----END X509 CRL-----")[0] + "-----END X509 CRL-----\n"
     assert x509.load_pem_x509_crl(first.encode()).get_revoked_certificate_by_serial_number(int(serial, 16))
-    ok, detail = openssl_handshake(server=server, client=client, server_roots=roots, client_roots=roots,
-                                   server_crls=crls())
+    ok, detail = openssl_handshake(
+        server=server, client=client, server_roots=roots, client_roots=roots, server_crls=crls()
+    )
     assert not ok and "revoked" in detail, detail
-    listed = fleet.clusters["b"].kubectl("get", "serviceentries.networking.istio.io", "-n", "istio-system",
-                                         "-l", "app.kubernetes.io/managed-by=meshbridge", "-o", "name").stdout
+    listed = (
+        fleet.clusters["b"]
+        .kubectl(
+            "get",
+            "serviceentries.networking.istio.io",
+            "-n",
+            "istio-system",
+            "-l",
+            "app.kubernetes.io/managed-by=meshbridge",
+            "-o",
+            "name",
+        )
+        .stdout
+    )
     assert listed.strip() == ""

@@ -25,8 +25,11 @@ def chart_values(tmp: Path) -> Path:
     values = {
         "cluster": "rbac",
         "ca": {"url": "https://meshbridge-ca.meshbridge.svc:8443", "trustAnchor": {"existingConfigMap": "ca-root"}},
-        "istio": {"namespace": NS, "trustDomain": "rbac.mesh",
-                  "ingressGateway": {"address": "127.0.0.13", "port": 15443}},
+        "istio": {
+            "namespace": NS,
+            "trustDomain": "rbac.mesh",
+            "ingressGateway": {"address": "127.0.0.13", "port": 15443},
+        },
         "exports": [{"service": "ratings", "namespace": "bookinfo", "ports": [9080], "consumers": ["b"]}],
     }
     path = tmp / "values.yaml"
@@ -37,11 +40,16 @@ def chart_values(tmp: Path) -> Path:
 def test_helm_lint_and_server_dry_run(clusters: Clusters, tmp_path: Path) -> None:
     helm = require("helm")
     values = chart_values(tmp_path)
-    lint = subprocess.run([str(helm), "lint", "--strict", str(CHART), "-f", str(values)], capture_output=True,
-                          text=True)
+    lint = subprocess.run(
+        [str(helm), "lint", "--strict", str(CHART), "-f", str(values)], capture_output=True, text=True
+    )
     assert lint.returncode == 0, lint.stdout + lint.stderr
-    rendered = subprocess.run([str(helm), "template", "agent", str(CHART), "-n", NS, "-f", str(values)],
-                              capture_output=True, text=True, check=True).stdout
+    rendered = subprocess.run(
+        [str(helm), "template", "agent", str(CHART), "-n", NS, "-f", str(values)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     c = clusters["a"]
     c.kubectl("create", "namespace", NS, check=False)
     res = c.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered, check=False)
@@ -52,11 +60,16 @@ def test_agent_works_with_only_the_charts_rbac_and_is_denied_outside(clusters: C
     helm = require("helm")
     c = clusters["a"]
     c.kubectl("create", "namespace", NS, check=False)
-    rendered = subprocess.run([str(helm), "template", "agent", str(CHART), "-n", NS, "-f",
-                               str(chart_values(tmp_path))], capture_output=True, text=True, check=True).stdout
+    rendered = subprocess.run(
+        [str(helm), "template", "agent", str(CHART), "-n", NS, "-f", str(chart_values(tmp_path))],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
-    rbac = [d for d in docs if d["kind"] in ("ServiceAccount", "Role", "RoleBinding", "ClusterRole",
-                                              "ClusterRoleBinding")]
+    rbac = [
+        d for d in docs if d["kind"] in ("ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
+    ]
     assert {d["kind"] for d in rbac} >= {"ServiceAccount", "Role", "RoleBinding"}
     c.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(rbac))
     sa = next(d for d in rbac if d["kind"] == "ServiceAccount")["metadata"]["name"]
@@ -82,9 +95,14 @@ kubernetes: {{kubeconfig: {kubeconfig}}}
         cfg = load_config(d / "agent.yaml")
         kube = make_client(cfg)
         applier = KubeApplier(kube, cfg)
-        loop = AgentLoop(Reconciler(cfg, client=CAClient(ca.url, trust_pem=(d / "ca-root.pem").read_text(),
-                                                         cluster="rbac"),
-                                    applier=applier, state_store=SecretStateStore(kube, NS)))
+        loop = AgentLoop(
+            Reconciler(
+                cfg,
+                client=CAClient(ca.url, trust_pem=(d / "ca-root.pem").read_text(), cluster="rbac"),
+                applier=applier,
+                state_store=SecretStateStore(kube, NS),
+            )
+        )
         result = loop.step()
         assert result is not None and result.report.created
         secret = c.kubectl("get", "secret", "cacerts", "-n", NS, "-o", "jsonpath={.data}").stdout

@@ -53,18 +53,33 @@ def mint(cacerts: dict[str, str], uri: str, *, dns: str | None = None) -> Worklo
         .not_valid_before(now - dt.timedelta(minutes=1))
         .not_valid_after(now + dt.timedelta(hours=1))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True, content_commitment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                       critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_encipherment=True,
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
         .add_extension(x509.SubjectAlternativeName(sans), critical=True)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
-                       critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
         .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return Workload(key_pem, cert.public_bytes(serialization.Encoding.PEM) + cacerts["cert-chain.pem"].encode(), uri)
 
 
@@ -73,25 +88,26 @@ def _echo_handler() -> grpc.GenericRpcHandler:
     def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
         return request
 
-    return grpc.method_handlers_generic_handler(
-        "meshbridge.Echo", {"Call": grpc.unary_unary_rpc_method_handler(echo)})
+    return grpc.method_handlers_generic_handler("meshbridge.Echo", {"Call": grpc.unary_unary_rpc_method_handler(echo)})
 
 
-def grpc_handshake(*, server: Workload, client: Workload, server_roots: str, client_roots: str,
-                   sni: str = "ratings.bookinfo.remote") -> tuple[bool, str]:
+def grpc_handshake(
+    *, server: Workload, client: Workload, server_roots: str, client_roots: str, sni: str = "ratings.bookinfo.remote"
+) -> tuple[bool, str]:
     """mTLS under BoringSSL: returns (ok, detail)."""
     port = free_port()
     srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     srv.add_generic_rpc_handlers((_echo_handler(),))
-    creds = grpc.ssl_server_credentials([(server.key_pem, server.chain_pem)], root_certificates=server_roots.encode(),
-                                        require_client_auth=True)
+    creds = grpc.ssl_server_credentials(
+        [(server.key_pem, server.chain_pem)], root_certificates=server_roots.encode(), require_client_auth=True
+    )
     srv.add_secure_port(f"127.0.0.1:{port}", creds)
     srv.start()
     try:
-        ccreds = grpc.ssl_channel_credentials(root_certificates=client_roots.encode(), private_key=client.key_pem,
-                                              certificate_chain=client.chain_pem)
-        with grpc.secure_channel(f"127.0.0.1:{port}", ccreds,
-                                 options=[("grpc.ssl_target_name_override", sni)]) as ch:
+        ccreds = grpc.ssl_channel_credentials(
+            root_certificates=client_roots.encode(), private_key=client.key_pem, certificate_chain=client.chain_pem
+        )
+        with grpc.secure_channel(f"127.0.0.1:{port}", ccreds, options=[("grpc.ssl_target_name_override", sni)]) as ch:
             call = ch.unary_unary("/meshbridge.Echo/Call", request_serializer=None, response_deserializer=None)
             try:
                 out = call(b"ping", timeout=5)
@@ -103,8 +119,9 @@ def grpc_handshake(*, server: Workload, client: Workload, server_roots: str, cli
 
 
 # ----------------------------------------------------------------------------- OpenSSL (ssl module)
-def openssl_handshake(*, server: Workload, client: Workload, server_roots: str, client_roots: str,
-                      server_crls: str | None = None) -> tuple[bool, str]:
+def openssl_handshake(
+    *, server: Workload, client: Workload, server_roots: str, client_roots: str, server_crls: str | None = None
+) -> tuple[bool, str]:
     """mTLS under OpenSSL; with ``server_crls`` the server checks the whole client chain against them."""
     with tempfile.TemporaryDirectory() as d:
         dd = Path(d)
@@ -140,8 +157,10 @@ def openssl_handshake(*, server: Workload, client: Workload, server_roots: str, 
         t = threading.Thread(target=serve, daemon=True)
         t.start()
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-                    cctx.wrap_socket(raw, server_hostname="ratings.bookinfo.remote") as tls:
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+                cctx.wrap_socket(raw, server_hostname="ratings.bookinfo.remote") as tls,
+            ):
                 data = tls.recv(2)
             t.join(5)
             ok = data == b"ok" and result.get("server") == "ok"

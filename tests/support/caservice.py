@@ -22,12 +22,12 @@ from tests.support.pgserver import free_port
 
 
 class CAService:
-    def __init__(self, data_dir: Path, *, database_url: str | None = None,
-                 speedups: Speedups = ALL_ON) -> None:
+    def __init__(self, data_dir: Path, *, database_url: str | None = None, speedups: Speedups = ALL_ON) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
-        store = SqlStore(database_url or f"sqlite:///{data_dir / 'meshbridge.db'}",
-                         prepared_statements=speedups.prepared_statements)
+        store = SqlStore(
+            database_url or f"sqlite:///{data_dir / 'meshbridge.db'}", prepared_statements=speedups.prepared_statements
+        )
         upgrade(store.engine)
         self.authority = Authority(store, FileKeyBackend(data_dir, b"test passphrase"), policy=Policy())
         _, self.admin_token = self.authority.init_root(key_type=KeyType.ECDSA_P256)
@@ -36,8 +36,15 @@ class CAService:
         self.server_cert = ServerCertificate(self.authority, names=["127.0.0.1"])
         self.server_cert.refresh()
         self.app = create_app(self.authority, watch_interval=0.1, renewal_shortcut=speedups.renewal_shortcut)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
-                                timeout_graceful_shutdown=1, http=http_protocol(joined_writes=speedups.joined_writes))
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=1,
+            http=http_protocol(joined_writes=speedups.joined_writes),
+        )
         config.load()
         config.ssl = self.server_cert.ctx
         self.server = uvicorn.Server(config)

@@ -19,8 +19,10 @@ from pathlib import Path
 def _bindir() -> Path:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not found:
-        raise RuntimeError("PostgreSQL server binaries not found: run `make sysdeps` "
-                           "(apt-get install postgresql) — the suite needs the real server")
+        raise RuntimeError(
+            "PostgreSQL server binaries not found: run `make sysdeps` "
+            "(apt-get install postgresql) — the suite needs the real server"
+        )
     return Path(found[-1]).parent
 
 
@@ -48,11 +50,26 @@ class PgServer:
         if self.user:
             shutil.chown(self.dir, self.user, self.user)
         data = self.dir / "data"
-        self._run(str(self.bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                  "--no-sync")
-        cmd = [str(self.bindir / "postgres"), "-D", str(data), "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
-               "-c", f"unix_socket_directories={self.dir}", "-c", "fsync=on", "-c", "max_connections=300",
-               "-c", "shared_buffers=128MB"]
+        self._run(
+            str(self.bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"
+        )
+        cmd = [
+            str(self.bindir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(self.port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={self.dir}",
+            "-c",
+            "fsync=on",
+            "-c",
+            "max_connections=300",
+            "-c",
+            "shared_buffers=128MB",
+        ]
         if self.user:
             cmd = ["runuser", "-u", self.user, "--", *cmd]
         self.log = open(self.dir / "server.log", "ab")  # noqa: SIM115
@@ -63,8 +80,9 @@ class PgServer:
     def wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            r = subprocess.run([str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
-                               capture_output=True)
+            r = subprocess.run(
+                [str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)], capture_output=True
+            )
             if r.returncode == 0:
                 return
             if self.proc is not None and self.proc.poll() is not None:
@@ -80,8 +98,25 @@ class PgServer:
         return self.url(name)
 
     def psql(self, sql: str, db: str = "postgres") -> str:
-        r = subprocess.run([str(self.bindir / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-                            "-d", db, "-v", "ON_ERROR_STOP=1", "-Atc", sql], capture_output=True, check=True)
+        r = subprocess.run(
+            [
+                str(self.bindir / "psql"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-Atc",
+                sql,
+            ],
+            capture_output=True,
+            check=True,
+        )
         return r.stdout.decode()
 
     def stop(self, *, mode: str = "fast") -> None:
@@ -103,8 +138,19 @@ class PgServer:
     def restart(self) -> None:
         self.stop(mode="fast")
         data = self.dir / "data"
-        cmd = [str(self.bindir / "postgres"), "-D", str(data), "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
-               "-c", f"unix_socket_directories={self.dir}", "-c", "max_connections=300"]
+        cmd = [
+            str(self.bindir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(self.port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={self.dir}",
+            "-c",
+            "max_connections=300",
+        ]
         if self.user:
             cmd = ["runuser", "-u", self.user, "--", *cmd]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)

@@ -17,8 +17,14 @@ CLI = [sys.executable, "-m", "ca_server.cli"]
 
 
 def init_ca(data_dir: Path, *, database_url: str | None = None, extra: list[str] | None = None) -> None:
-    cmd = [*CLI, "init", "--data-dir", str(data_dir), *(["--database-url", database_url] if database_url else []),
-           *(extra or [])]
+    cmd = [
+        *CLI,
+        "init",
+        "--data-dir",
+        str(data_dir),
+        *(["--database-url", database_url] if database_url else []),
+        *(extra or []),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"init failed: {r.stderr}")
@@ -35,17 +41,30 @@ class Replica:
         self.log = data_dir / f"serve-{self.port}.log"
 
     def start(self) -> Replica:
-        cmd = [*CLI, "serve", "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}",
-               *(["--database-url", self.database_url] if self.database_url else [])]
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                                     env=self.env, start_new_session=True)
+        cmd = [
+            *CLI,
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            *(["--database-url", self.database_url] if self.database_url else []),
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=open(self.log, "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+        )
         self.wait_healthy()
         return self
 
     def client(self, token: str | None = None, timeout: float = 30) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, verify=str(self.data_dir / "root-cert.pem"), headers=headers,
-                            timeout=timeout)
+        return httpx.Client(
+            base_url=self.url, verify=str(self.data_dir / "root-cert.pem"), headers=headers, timeout=timeout
+        )
 
     def wait_healthy(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout

@@ -22,8 +22,10 @@ def upgrade() -> None:
         batch.add_column(sa.Column("unique_key_fp", sa.String(64), nullable=True))
     # a key certified more than once (replayed renewals, before this revision) keeps the claim of
     # its first certificate only
-    op.execute("UPDATE certificates SET unique_key_fp = public_key_fp WHERE id IN "
-               "(SELECT MIN(id) FROM certificates GROUP BY public_key_fp)")
+    op.execute(
+        "UPDATE certificates SET unique_key_fp = public_key_fp WHERE id IN "
+        "(SELECT MIN(id) FROM certificates GROUP BY public_key_fp)"
+    )
     with op.batch_alter_table("certificates") as batch:
         batch.create_unique_constraint("uq_certificates_unique_key_fp", ["unique_key_fp"])
 
