@@ -731,11 +731,11 @@ class SqlStore:
     def read(self) -> Any:
         return self._tx(write=False)
 
-    def iter_audit(self, *, after: int = 0) -> Iterator[AuditEntry]:
-        """Every entry after ``after``, in order, read 1000 at a time."""
+    def iter_audit(self, *, after: int = 0, page: int = 1000) -> Iterator[AuditEntry]:
+        """Every entry after ``after``, in order, read ``page`` at a time."""
         while True:
             with self.read() as tx:
-                batch = tx.list_audit(after=after, limit=1000)
+                batch = tx.list_audit(after=after, limit=page)
             if not batch:
                 return
             yield from batch
