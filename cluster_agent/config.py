@@ -278,6 +278,20 @@ class IstioConfig(_Model):
     ingress_gateway: IngressGatewayConfig = Field(default_factory=IngressGatewayConfig)
     egress_gateway: EgressGatewayConfig = Field(default_factory=_default_egress)
 
+    @model_validator(mode="after")
+    def _ports_apart(self) -> IstioConfig:
+        # Istio merges the TLS servers of the Gateways on one port into one listener and tells them
+        # apart by SNI only (pilot/pkg/model/gateway.go mergeGateways: "We have another TLS server on
+        # the same port. Can differentiate servers using SNI"): the TCP exports' TLS servers would sit
+        # beside the HTTP exports' mTLS server, and the HTTP DENY rule's `notPorts` for the TCP port
+        # would then exempt every HTTP export too (issue 11 item 2).
+        if self.cross_cluster_port == self.cross_cluster_tcp_port:
+            raise ValueError(
+                f"cross_cluster_port and cross_cluster_tcp_port are both {self.cross_cluster_port}: give TCP "
+                f"exports their own port (the default is 15444, HTTP 15443)"
+            )
+        return self
+
     def gateway_namespace(self, gateway: _GatewayBase) -> str:
         return gateway.namespace or self.namespace
 

@@ -303,3 +303,14 @@ def test_a_missing_gateway_address_is_a_config_error_at_load(
     assert "set it" in problem
     assert main(["check-config", "--config", str(path)]) == 2
     assert "config error" in capsys.readouterr().err
+
+
+def test_equal_cross_cluster_ports_are_refused_at_load() -> None:
+    """Issue 11 item 2: one port for HTTP and TCP exports merges their Gateway servers by SNI, and the
+    HTTP DENY rule's `notPorts` for the TCP port then opens every HTTP export to the fleet."""
+    data = example()
+    data["istio"]["cross_cluster_port"] = 16000
+    data["istio"]["cross_cluster_tcp_port"] = 16000
+    assert any("cross_cluster_port and cross_cluster_tcp_port are both 16000" in p for p in problems_of(data))
+    data["istio"]["cross_cluster_tcp_port"] = 16001
+    assert parse_config(data).istio.cross_cluster_tcp_port == 16001

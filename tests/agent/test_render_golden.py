@@ -194,7 +194,7 @@ PEERS_B = [_peer("a", "a.mesh"), _peer("c", "c.mesh")]
 CONFIG_A = {
     "cluster": "a",
     "ca": {"url": "https://ca.example", "trust_anchor": "/etc/meshbridge/ca-root.pem"},
-    "istio": {"trust_domain": "a.mesh", "authorization_mode": "allow", "cross_cluster_port": 15444},
+    "istio": {"trust_domain": "a.mesh", "authorization_mode": "allow", "cross_cluster_port": 15445},
     "dns": {"suffix": "mesh.example", "mode": "none", "vip_range": "240.10.0.0/24"},
     "exports": [{"service": "details", "namespace": "bookinfo", "ports": [9080], "consumers": ["b", "d"]}],
     "imports": [
