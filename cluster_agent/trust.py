@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from cluster_agent.errors import TrustRefused
+from cluster_agent.render.cacerts import issued_by
 from cluster_agent.state import AgentState
 
 __all__ = ["TrustRefused", "TrustedRoots"]
@@ -69,23 +69,15 @@ def _valid_at(cert: x509.Certificate, now: datetime) -> bool:
     return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
 
 
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-        return False
-    return True
-
-
 def _chains_to(path: Sequence[x509.Certificate], trusted: Sequence[x509.Certificate], now: datetime) -> bool:
     """Whether ``path`` (each certificate issued by the next, every one a CA valid at ``now``) ends
     at, or is issued by, a trusted root valid at ``now``."""
     if any(not _is_ca(c) or not _valid_at(c, now) for c in path):
         return False
-    if any(not _issued_by(path[i], path[i + 1]) for i in range(len(path) - 1)):
+    if any(not issued_by(path[i], path[i + 1]) for i in range(len(path) - 1)):
         return False
     last = path[-1]
-    return any(last == root or (_valid_at(root, now) and _issued_by(last, root)) for root in trusted)
+    return any(last == root or (_valid_at(root, now) and issued_by(last, root)) for root in trusted)
 
 
 def endorsed(
@@ -97,7 +89,7 @@ def endorsed(
     """Whether an endorsement proves ``root``: a cross-certificate with ``root``'s subject and key,
     CA:TRUE, valid now, chaining (through the certificates that follow it) to a trusted root. The
     root itself must be a self-signed CA valid now."""
-    if not (_is_ca(root) and _valid_at(root, now) and root.subject == root.issuer and _issued_by(root, root)):
+    if not (_is_ca(root) and _valid_at(root, now) and root.subject == root.issuer and issued_by(root, root)):
         return False
     for endorsement in endorsements:
         cross = endorsement[0]
@@ -179,7 +171,7 @@ class TrustedRoots:
         if not any(c in bundle for c in newer):
             return False
         chain = x509.load_pem_x509_certificates(installed_chain_pem.encode()) if installed_chain_pem else []
-        return not any(c == root or _issued_by(c, root) for c in chain[-1:])
+        return not any(c == root or issued_by(c, root) for c in chain[-1:])
 
     def require_roots_trusted(self, bundle_pem: str, what: str) -> None:
         """TrustRefused unless every root in ``bundle_pem`` is already trusted."""

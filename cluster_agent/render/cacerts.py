@@ -44,6 +44,7 @@ __all__ = [
     "check_cacerts_bundle",
     "compose_ca_crl",
     "crl_needs_resign",
+    "issued_by",
     "render_cacerts_secret",
     "sign_intermediate_crl",
 ]
@@ -254,7 +255,8 @@ def _check_path_length(cert: x509.Certificate, depth: int, what: str) -> None:
         )
 
 
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """`issuer` signed `cert` (its name and key match): False for any failure, never an exception."""
     try:
         cert.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
@@ -263,13 +265,13 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 def _is_self_issued(cert: x509.Certificate) -> bool:
-    return cert.subject == cert.issuer and _issued_by(cert, cert)
+    return cert.subject == cert.issuer and issued_by(cert, cert)
 
 
 def _verify_path(chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate]) -> list[x509.Certificate]:
     """The path ca-cert.pem → … → trusted root, following cert-chain.pem's order."""
     for i in range(len(chain) - 1):
-        if not _issued_by(chain[i], chain[i + 1]):
+        if not issued_by(chain[i], chain[i + 1]):
             raise BundleError(
                 f"cert-chain.pem: certificate {i + 1} ({_subject(chain[i])}) is not signed by certificate "
                 f"{i + 2} ({_subject(chain[i + 1])}); the chain is out of order or incomplete"
@@ -280,7 +282,7 @@ def _verify_path(chain: Sequence[x509.Certificate], roots: Sequence[x509.Certifi
     if _is_self_issued(last):
         raise BundleError(f"cert-chain.pem: ends with the root {_subject(last)}, which root-cert.pem does not hold")
     for root in roots:
-        if _issued_by(last, root):
+        if issued_by(last, root):
             return [*chain, root]
     raise BundleError(
         f"cert-chain.pem: its last certificate ({_subject(last)}) is not issued by any root in root-cert.pem"
