@@ -54,12 +54,6 @@ def is_serial(value: str) -> bool:
 
 def spiffe_trust_domain(uri: str) -> str | None:
     """The trust domain of a well-formed `spiffe://<td>/<path>` URI, else None."""
-    return _spiffe_trust_domain(uri)
-
-
-# Thousands of imports share a few dozen gateways and identities: parse each distinct one once.
-@lru_cache(maxsize=4096)
-def _spiffe_trust_domain(uri: str) -> str | None:
     if not uri.startswith("spiffe://"):
         return None
     trust_domain, slash, path = uri[len("spiffe://") :].partition("/")
@@ -68,6 +62,8 @@ def _spiffe_trust_domain(uri: str) -> str | None:
     return trust_domain
 
 
+# Thousands of imports share a few dozen gateways and identities: parse each distinct one once.
+@lru_cache(maxsize=4096)
 def workload_identity(uri: str) -> tuple[str, str, str] | None:
     """(trust domain, namespace, service account) of exactly `spiffe://<td>/ns/<ns>/sa/<sa>`, else None.
 
