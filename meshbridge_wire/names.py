@@ -67,8 +67,10 @@ def spiffe_trust_domain(uri: str) -> str | None:
 def workload_identity(uri: str) -> tuple[str, str, str] | None:
     """(trust domain, namespace, service account) of exactly `spiffe://<td>/ns/<ns>/sa/<sa>`, else None.
 
-    The form Istio gives every workload (`pkg/spiffe` `Identity.String`); a Kubernetes namespace is a
-    DNS label and a service account name a DNS subdomain. No wildcard, no extra path segment.
+    The form Istio gives every workload (istio `pkg/spiffe/spiffe.go` `Identity.String`); a Kubernetes
+    namespace is a DNS label and a service account name a DNS subdomain (apimachinery
+    `pkg/api/validation/generic.go`: `ValidateServiceAccountName = NameIsDNSSubdomain`). No wildcard,
+    no extra path segment.
     """
     trust_domain = spiffe_trust_domain(uri)
     if trust_domain is None:
