@@ -107,7 +107,9 @@ GO_SRC_HASH=$(cd tests/e2e/go &&
 CHECKER=istiocheck-$GO_SRC_HASH.test
 go_test_c() { (cd tests/e2e/go && "${NICE[@]}" "$GO" test -c -trimpath -buildvcs=false -o "$OUT" .); }
 build "$CHECKER" go_test_c
-find "$BIN" -maxdepth 1 -name 'istiocheck-*.test' ! -name "$CHECKER" -delete   # stale checkers
+# Stale checkers (other source versions) go after two days unused, so parallel checkouts of
+# different branches can share one cache directory.
+find "$BIN" -maxdepth 1 -name 'istiocheck-*.test' ! -name "$CHECKER" -atime +2 -delete
 
 date -u +%FT%TZ > "$BIN/.complete"
 if [ -z "${MESHBRIDGE_TESTBIN:-}" ]; then ln -sfn "$DIR" "$CACHE_ROOT/current"; fi
