@@ -5,8 +5,10 @@
   certificate signed by istiod's CA code and, optionally, a given workload chain.
 - ``run_simulation(a_dir, b_dir)``: Istio's xDS simulation of the import path a → b over the
   rendered objects of both clusters.
+- ``run_policy_verdicts(dir, host, admit=, deny=)``: whom one exporter's ingress gateway, as Istio
+  builds it from the rendered objects, admits for one exported host.
 
-Both return the Go test output on success and raise ``GoCheckFailed`` (with that output) otherwise.
+All return the Go test output on success and raise ``GoCheckFailed`` (with that output) otherwise.
 A missing or stale binary fails the calling test with a hint to run `make testbin`.
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tests.e2e.testbin import GO_CHECKER_DIR, go_checker
@@ -98,3 +100,26 @@ def run_simulation(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str],
     for k, v in overrides.items():
         env[f"MESHBRIDGE_SIM_{k.upper()}"] = str(v)
     return _run("TestSimulation", env)
+
+
+def run_policy_verdicts(
+    directory: str | os.PathLike[str],
+    host: str,
+    *,
+    admit: Sequence[str] = (),
+    deny: Sequence[str] = (),
+    trust_domain: str = "b.mesh",
+    port: int = 15443,
+) -> str:
+    """Istio's build of one exporter's ingress gateway from the rendered objects in ``directory``:
+    an mTLS call for ``host`` on ``port`` must route, and the RBAC Istio generated for it must admit
+    every SPIFFE URI in ``admit`` and deny every one in ``deny`` (TestPolicyVerdicts)."""
+    env = {
+        "MESHBRIDGE_VERDICT_DIR": str(Path(directory).resolve()),
+        "MESHBRIDGE_VERDICT_HOST": host,
+        "MESHBRIDGE_VERDICT_PORT": str(port),
+        "MESHBRIDGE_VERDICT_TRUST_DOMAIN": trust_domain,
+        "MESHBRIDGE_VERDICT_ADMIT": ",".join(admit),
+        "MESHBRIDGE_VERDICT_DENY": ",".join(deny),
+    }
+    return _run("TestPolicyVerdicts", env)

@@ -383,7 +383,11 @@ def test_istio_simulation_over_the_agents_rendered_config(fleet: Fleet) -> None:
 
 
 # ----------------------------------------------------------------------------- (d) revocation, last: it ends a
-def test_revoked_cluster_is_refused_once_the_crl_is_applied(fleet: Fleet) -> None:
+def test_revoked_cluster_is_refused_by_a_crl_checking_verifier(fleet: Fleet) -> None:
+    """A verifier that loads the CRLs (`openssl -crl_check_all`, as a sidecar with istiod's
+    `ca-crl.pem` does) refuses a revoked cluster's chain once b applied the new CRL, and b's imports
+    of a's exports are gone. Istio's gateways load no CRLs: at the cross-cluster hops revocation is
+    enforced by the exporters' policies (tests/e2e/test_revocation_policy.py)."""
     from cryptography import x509
 
     client, server = workloads(fleet)
