@@ -167,7 +167,11 @@ BAD_INPUTS = [
     ("ca.workload_cert_ttl", "91d", "ca.workload_cert_ttl: must be more than 0 and at most 90 days"),
     ("ca.workload_cert_ttl", 0, "ca.workload_cert_ttl: must be more than 0 and at most 90 days"),
     ("ca.ca_crl", "yes", "ca.ca_crl: "),
-    ("ca.trust_ancor", "x.pem", "ca.trust_ancor: unknown key; allowed here: bootstrap_token_file, ca_crl, crl_validity"),
+    (
+        "ca.trust_ancor",
+        "x.pem",
+        "ca.trust_ancor: unknown key; allowed here: bootstrap_token_file, ca_crl, crl_validity",
+    ),
     ("istio.trust_domain", "spiffe://b.mesh", "istio.trust_domain: must be a valid trust domain"),
     ("istio.trust_domain", "B.Mesh", "istio.trust_domain: must be a valid trust domain"),
     ("istio.namespace", "Istio_System", "istio.namespace: must be a DNS label"),

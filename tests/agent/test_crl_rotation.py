@@ -92,7 +92,9 @@ def workload(files: dict[str, str], *, valid_for: dt.timedelta = dt.timedelta(da
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
         )
         .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain!s}/ns/default/sa/web")]),
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain!s}/ns/default/sa/web")]
+            ),
             critical=True,
         )
         .add_extension(
@@ -141,7 +143,9 @@ def test_workloads_of_the_superseded_and_the_new_intermediate_both_verify_after_
     leaf_n1 = workload(gen_n1)
     for name, leaf in (("n", leaf_n), ("n+1", leaf_n1)):
         res = verify(tmp_path / name, leaf, gen_n1)
-        assert res.ok, f"a workload certificate of generation {name} fails with generation N+1's ca-crl.pem:\n{res.output}"
+        assert res.ok, (
+            f"a workload certificate of generation {name} fails with generation N+1's ca-crl.pem:\n{res.output}"
+        )
     # the set: the root's CRL, the new intermediate's own, the superseded one's final CRL
     crls = crls_of(gen_n1["ca-crl.pem"])
     old = x509.load_pem_x509_certificate(gen_n["ca-cert.pem"].encode())

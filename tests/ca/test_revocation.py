@@ -224,7 +224,9 @@ def test_root_crls_outlive_a_ca_outage_while_the_intermediates_beside_them_are_v
     (tmp_path / "crl.pem").write_text(held)
     (tmp_path / "root.pem").write_text(harness.client.get("/v1/trust-bundle").text)
     (tmp_path / "leaf.pem").write_text(agent.bundle["ca-cert.pem"])
-    res = openssl_verify(tmp_path / "leaf.pem", cafile=tmp_path / "root.pem", crlfile=tmp_path / "crl.pem", attime=later)
+    res = openssl_verify(
+        tmp_path / "leaf.pem", cafile=tmp_path / "root.pem", crlfile=tmp_path / "crl.pem", attime=later
+    )
     assert res.ok, res.output
     # and until the intermediate's own notAfter
     last = agent.cert.not_valid_after_utc - timedelta(minutes=1)
