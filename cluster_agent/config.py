@@ -27,6 +27,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     ValidationError,
     ValidationInfo,
@@ -60,6 +61,12 @@ KeyType = Literal["ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096"
 
 
 MAX_CRL_VALIDITY = timedelta(days=7)
+# istiod's defaults: DEFAULT_WORKLOAD_CERT_TTL 24 h and MAX_WORKLOAD_CERT_TTL 90 d
+# (istio security/pkg/cmd/constants.go DefaultWorkloadCertTTL, DefaultMaxWorkloadCertTTL, read in
+# pilot/pkg/bootstrap/istio_ca.go); istio-agent asks for SECRET_TTL, 24 h by default
+# (pilot/cmd/pilot-agent/options/options.go).
+DEFAULT_WORKLOAD_CERT_TTL = timedelta(hours=24)
+MAX_WORKLOAD_CERT_TTL = timedelta(days=90)
 
 MISSING_GATEWAY_ADDRESS = (
     "istio.ingress_gateway.address: required to run the agent: the address other clusters reach this "
@@ -167,6 +174,12 @@ def _check_crl_validity(value: timedelta) -> timedelta:
     return value
 
 
+def _check_workload_cert_ttl(value: timedelta) -> timedelta:
+    if not timedelta(0) < value <= MAX_WORKLOAD_CERT_TTL:
+        raise ValueError(f"must be more than 0 and at most 90 days, Istio's MAX_WORKLOAD_CERT_TTL (got {value})")
+    return value
+
+
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     base = (info.context or {}).get("base_dir")
     value = value.expanduser()
@@ -183,6 +196,7 @@ Port = Annotated[StrictInt, AfterValidator(_check_port)]
 Selector = Annotated[dict[str, str], AfterValidator(_check_selector)]
 RelPath = Annotated[Path, AfterValidator(_resolve_path)]
 CrlValidity = Annotated[timedelta, BeforeValidator(_parse_duration), AfterValidator(_check_crl_validity)]
+WorkloadCertTtl = Annotated[timedelta, BeforeValidator(_parse_duration), AfterValidator(_check_workload_cert_ttl)]
 
 
 class _Model(BaseModel):
@@ -212,6 +226,12 @@ class CAConfig(_Model):
     renew_fraction: float = Field(default=2 / 3, gt=0, lt=1)
     # Lifetime of the CRL the intermediate signs for istiod's ca-crl.pem (re-signed at half of it).
     crl_validity: CrlValidity = MAX_CRL_VALIDITY
+    # Write istiod's ca-crl.pem (istiod then ships it to every sidecar, whose Envoy checks CRLs on
+    # every in-cluster chain). See AGENT-CONFIG `ca.ca_crl` for why it is on and how to turn it off.
+    ca_crl: StrictBool = True
+    # The longest life of a workload certificate istiod in this cluster issues: a superseded
+    # intermediate's final CRL stays in ca-crl.pem this long after its replacement.
+    workload_cert_ttl: WorkloadCertTtl = DEFAULT_WORKLOAD_CERT_TTL
 
     @field_validator("url")
     @classmethod

@@ -1,12 +1,22 @@
-"""This cluster's intermediate CA as the agent holds it: enrollment, renewal when due, and the CRL
-it signs for istiod's ``ca-crl.pem``. The key is generated here and never leaves the agent's state;
-every bundle the CA service issues is checked as istiod would before it is kept."""
+"""This cluster's intermediate CA as the agent holds it: enrollment, renewal when due, and the CRLs
+of this cluster's intermediates for istiod's ``ca-crl.pem``. The key is generated here and never
+leaves the agent's state; every bundle the CA service issues is checked as istiod would before it
+is kept.
+
+A renewal supersedes the installed intermediate, but istiod signed workload certificates with it
+until it loaded the new one (istio_ca.go handleEvent, on the file watch of /etc/cacerts), and those
+live up to the workload certificate TTL (istio-agent asks for SECRET_TTL, 24 h; istiod caps at
+MAX_WORKLOAD_CERT_TTL, 90 d: pilot-agent options.go, security/pkg/cmd/constants.go). Envoy checks
+each with CRL_CHECK_ALL, so each needs a current CRL of the superseded intermediate. Before its key
+is dropped the superseded intermediate signs one final CRL whose nextUpdate is the end of its
+keep period, `ca.workload_cert_ttl` + SUPERSEDED_GRACE after the renewal; it stays in ca-crl.pem
+(and in the agent's state) until then, and is dropped after."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -23,7 +33,13 @@ from meshbridge_wire.models import BundleOut, DesiredOut, EnrollIn, RenewIn
 
 log = logging.getLogger("meshbridge.agent")
 
-__all__ = ["Intermediate"]
+__all__ = ["SUPERSEDED_GRACE", "Intermediate"]
+
+# Between a renewal and the last workload certificate istiod signs with the superseded key: the
+# same pass applies cacerts, the kubelet refreshes the mounted Secret (about a minute), istiod
+# reloads after a 100 ms debounce (istio_ca.go handleCACertsFileWatch). An hour covers that and
+# clock skew between nodes.
+SUPERSEDED_GRACE = timedelta(hours=1)
 
 
 class Intermediate:
@@ -117,11 +133,13 @@ class Intermediate:
             cert_chain_pem=bundle.cert_chain,
             root_cert_pem=self.trust.pem,
         )
+        self._supersede(now)
         self.state.key_pem = pki.key_pem(key)
         self.state.bundle = bundle.model_dump(by_alias=True)
         self.state.generation = generation
         self.state.serial = format(x509.load_pem_x509_certificate(bundle.ca_cert.encode()).serial_number, "x")
         self.state.own_crl_pem = ""  # a new intermediate signs a new CRL of its own
+        self.state.root_crls_pem = bundle.crl
         self.state.trust_bundle = bundle.root_cert
         self.client.set_trust_bundle(self.trust.pem)
         self.state_store.save(self.state)
@@ -153,17 +171,48 @@ class Intermediate:
             "renewed intermediate (%s)", reason, extra={"cluster": self.config.cluster, "serial": self.state.serial}
         )
 
-    # ------------------------------------------------------------------ its own CRL
+    # ------------------------------------------------------------------ the CRLs of its intermediates
     def own_crl(self) -> str:
         """The CRL this intermediate signs, re-signed once half its validity has passed."""
         assert self.state.key_pem is not None
         now = self.clock()
-        signed = datetime.fromisoformat(self.state.own_crl_signed_at) if self.state.own_crl_signed_at else None
-        validity = self.config.ca.crl_validity
-        if not self.state.own_crl_pem or signed is None or now - signed >= validity / 2:
+        if self._own_crl_due(now):
             self.state.own_crl_pem = rc.sign_intermediate_crl(
-                self.state.bundle["ca-cert.pem"], self.state.key_pem, now=now, validity=validity
+                self.state.bundle["ca-cert.pem"], self.state.key_pem, now=now, validity=self.config.ca.crl_validity
             )
             self.state.own_crl_signed_at = now.isoformat()
             self.state_store.save(self.state)
         return self.state.own_crl_pem
+
+    def crl_set(self) -> str:
+        """This cluster's part of ca-crl.pem: its own CRL, then the final CRL of each superseded
+        intermediate still kept (those past their keep period dropped)."""
+        own = self.own_crl()
+        now = self.clock()
+        kept = [e for e in self.state.superseded_crls if datetime.fromisoformat(e["keep_until"]) > now]
+        if kept != self.state.superseded_crls:
+            self.state.superseded_crls = kept
+            self.state_store.save(self.state)
+        return own + "".join(e["crl_pem"] for e in kept)
+
+    def crl_set_due(self) -> bool:
+        """Whether `crl_set` would change now: the own CRL is due for re-signing or a kept final
+        CRL has reached the end of its keep period."""
+        now = self.clock()
+        expired = any(datetime.fromisoformat(e["keep_until"]) <= now for e in self.state.superseded_crls)
+        return self._own_crl_due(now) or expired
+
+    def _own_crl_due(self, now: datetime) -> bool:
+        signed = datetime.fromisoformat(self.state.own_crl_signed_at) if self.state.own_crl_signed_at else None
+        return not self.state.own_crl_pem or signed is None or now - signed >= self.config.ca.crl_validity / 2
+
+    def _supersede(self, now: datetime) -> None:
+        """The installed intermediate (if any) signs its final CRL, kept until no workload certificate
+        under it can be alive; called before its key is replaced."""
+        if not self.state.key_pem or not self.state.bundle:
+            return
+        keep_until = now + self.config.ca.workload_cert_ttl + SUPERSEDED_GRACE
+        final = rc.sign_final_crl(self.state.bundle["ca-cert.pem"], self.state.key_pem, now=now, keep_until=keep_until)
+        entry = {"serial": self.state.serial, "crl_pem": final, "keep_until": keep_until.isoformat()}
+        kept = [e for e in self.state.superseded_crls if datetime.fromisoformat(e["keep_until"]) > now]
+        self.state.superseded_crls = [*kept, entry]

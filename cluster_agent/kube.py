@@ -239,6 +239,13 @@ class KubeApplier:
             report.pruned.append(k)
         return report
 
+    def apply_cacerts(self, secret: dict[str, Any]) -> ApplyReport:
+        """Replace Secret `cacerts` alone (its CRLs re-signed in a pass without the CA service); no
+        other object is touched or pruned."""
+        report = ApplyReport()
+        self._replace_cacerts(secret, report)
+        return report
+
     def _apply_one(self, resource: Any) -> None:
         _call(lambda: self.client.apply(resource, field_manager=self.fm, force=True), retry=True)
 

@@ -73,6 +73,18 @@ class AgentLoop:
         self.ready.set()
         return outcome.reconciled
 
+    def refresh_crls_offline(self) -> None:
+        """The CA service is unreachable: keep cacerts' CRLs current without it, so that its outage
+        cannot expire the mesh (Envoy fails every chain whose CRL is past nextUpdate)."""
+        try:
+            refreshed = self.r.refresh_crls_offline()
+        except Exception as exc:
+            self.metrics.errors.labels("crl").inc()
+            log.error("re-signing this cluster's CRLs without the CA service failed: %s", exc)
+            return
+        if refreshed is not None:
+            self.metrics.ca_crl_installed(refreshed.ca_crl_next_update)
+
     def _resync_due(self) -> bool:
         return time.monotonic() - self.last_full > self.resync_seconds
 
@@ -97,6 +109,7 @@ class AgentLoop:
                 delay = self.backoff.next(hint=exc.retry_after)
                 log.warning("%s; keeping the current config, retrying in %.1fs", exc, delay)
                 self.r.failed(str(exc), tell_ca=False)
+                self.refresh_crls_offline()
             except (CAAuthFailed, NotEnrolled) as exc:
                 delay = self._failed(f"auth: {exc}")
                 log.error("%s; retrying in %.1fs", exc, delay)

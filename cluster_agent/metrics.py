@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import threading
+import time
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -36,10 +39,28 @@ class AgentMetrics:
             "meshbridge_agent_ca_reachable", "1 when the CA service answered last time", registry=r
         )
         self.renewals = Counter("meshbridge_agent_renewals_total", "Intermediate renewals", registry=r)
+        # Envoy fails every chain whose CRL is past nextUpdate (default_validator.cc, envoy#31320):
+        # alert well before (docs/agent-config.md, "Alerts"). NaN while no ca-crl.pem is installed.
+        self.ca_crl_next_update = Gauge(
+            "meshbridge_agent_ca_crl_next_update_seconds",
+            "Earliest nextUpdate of the CRLs in the installed ca-crl.pem (Unix time; NaN: none installed)",
+            registry=r,
+        )
+        self.ca_crl_next_update.set(math.nan)
+        self.ca_crl_expires_in = Gauge(
+            "meshbridge_agent_ca_crl_expires_in_seconds",
+            "Seconds until the earliest nextUpdate of the CRLs in the installed ca-crl.pem (NaN: none installed)",
+            registry=r,
+        )
+        self._ca_crl_next = math.nan
+        self.ca_crl_expires_in.set_function(lambda: self._ca_crl_next - time.time())
+
+    def ca_crl_installed(self, next_update: datetime | None) -> None:
+        """The ca-crl.pem just applied: the earliest nextUpdate in it (None: none installed)."""
+        self._ca_crl_next = next_update.timestamp() if next_update is not None else math.nan
+        self.ca_crl_next_update.set(self._ca_crl_next)
 
     def reconciled(self, result: ReconcileResult) -> None:
-        import time
-
         self.last_success.set(time.time())
         self.imports.set(result.imports_applied)
         for op, items in (
@@ -53,6 +74,7 @@ class AgentMetrics:
             self.renewals.inc()
         if result.cacerts_not_after is not None:
             self.cacerts_not_after.set(result.cacerts_not_after.timestamp())
+        self.ca_crl_installed(result.ca_crl_next_update)
 
 
 def serve_health(

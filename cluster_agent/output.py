@@ -62,16 +62,7 @@ class DirectoryWriter:
         if not self.dry_run:
             self.out.mkdir(parents=True, exist_ok=True)
         for name, text in sorted(wanted.items()):
-            path = self.out / name
-            old = path.read_text() if path.exists() else None
-            if old == text:
-                report.unchanged.append(name)
-                continue
-            (report.created if old is None else report.updated).append(name)
-            if self.dry_run:
-                self._diff(name, old or "", text, secret=name in secrets)
-            else:
-                self._write(path, text, mode=0o600 if name in secrets else 0o644)
+            self._put(name, text, secret=name in secrets, report=report)
         for name in sorted(self._written() - set(wanted)):
             report.pruned.append(name)
             if self.dry_run:
@@ -82,6 +73,32 @@ class DirectoryWriter:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._write(self.state_dir / "written.json", json.dumps(sorted(wanted), indent=1), mode=0o600)
         return report
+
+    def apply_cacerts(self, secret: dict[str, Any]) -> ApplyReport:
+        """Write Secret `cacerts` alone (its CRLs re-signed in a pass without the CA service); no
+        other file is touched or pruned."""
+        report = ApplyReport()
+        name = file_name(secret)
+        if not self.dry_run:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self._put(name, dump(secret), secret=True, report=report)
+        written = self._written()
+        if not self.dry_run and name not in written:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._write(self.state_dir / "written.json", json.dumps(sorted(written | {name}), indent=1), mode=0o600)
+        return report
+
+    def _put(self, name: str, text: str, *, secret: bool, report: ApplyReport) -> None:
+        path = self.out / name
+        old = path.read_text() if path.exists() else None
+        if old == text:
+            report.unchanged.append(name)
+            return
+        (report.created if old is None else report.updated).append(name)
+        if self.dry_run:
+            self._diff(name, old or "", text, secret=secret)
+        else:
+            self._write(path, text, mode=0o600 if secret else 0o644)
 
     def _diff(self, name: str, old: str, new: str, *, secret: bool) -> None:
         if secret:  # never print key material, even in a diff

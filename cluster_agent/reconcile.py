@@ -23,7 +23,7 @@ from cluster_agent.ca_client import CAClient, CAClientError
 from cluster_agent.config import AgentConfig
 from cluster_agent.errors import BundleRejected, ExportsInvalid, validation_problems
 from cluster_agent.intermediate import Intermediate
-from cluster_agent.render import BundleError, RenderResult, render_all
+from cluster_agent.render import BundleError, CacertsResult, RenderResult, render_all, render_cacerts
 from cluster_agent.state import StateStore
 from cluster_agent.trust import TrustedRoots
 from meshbridge_wire.models import DesiredOut, ExportsIn, StatusIn
@@ -49,6 +49,7 @@ class ReconcileResult:
     renewed: bool
     warnings: list[str]
     cacerts_not_after: datetime | None  # of the intermediate installed
+    ca_crl_next_update: datetime | None = None  # the earliest nextUpdate in the ca-crl.pem applied
 
 
 @dataclass(frozen=True)
@@ -178,15 +179,26 @@ class Reconciler:
         """Render and apply ``desired`` (renewing first when due), outside a pass."""
         return self._reconcile(desired, self.intermediate.renewal_due(desired))
 
+    def _cacerts_bundle(self, trust_bundle: str) -> dict[str, str]:
+        """The installed bundle with this trust bundle and the roots' CRLs as last received."""
+        return {
+            **self.state.bundle,
+            "root-cert.pem": trust_bundle or self.state.bundle["root-cert.pem"],
+            "crl.pem": self.state.root_crls_pem or self.state.bundle.get("crl.pem", ""),
+        }
+
+    def _keep_root_crls(self, desired: DesiredOut) -> None:
+        """Remember desired state's root CRLs, for passes while the CA service is unreachable."""
+        if desired.crl and desired.crl != self.state.root_crls_pem:
+            self.state.root_crls_pem = desired.crl
+            self.state_store.save(self.state)
+
     def _render(self, desired: DesiredOut) -> RenderResult:
         """Everything this cluster should hold (pure renderers; the renderers parse the imports and
         peers, so they get them as the API's JSON shapes)."""
         assert self.state.key_pem is not None
-        bundle = {
-            **self.state.bundle,
-            "root-cert.pem": desired.trust_bundle or self.state.bundle["root-cert.pem"],
-            "crl.pem": desired.crl or self.state.bundle.get("crl.pem", ""),
-        }
+        self._keep_root_crls(desired)
+        bundle = self._cacerts_bundle(desired.trust_bundle)
         published = self._published if self._published is not None else self.exports_body()
         try:
             return render_all(
@@ -197,12 +209,34 @@ class Reconciler:
                 exports=[s.model_dump(mode="json") for s in published.services],
                 bundle=bundle,
                 intermediate_key_pem=self.state.key_pem,
-                crl_pem=self.intermediate.own_crl(),
+                crl_pem=self.intermediate.crl_set(),
                 corefile=self.applier.current_corefile(),
                 now=self.clock(),
             )
         except BundleError as exc:
             raise BundleRejected(f"cacerts would fail istiod's checks, nothing written: {exc}") from exc
+
+    def refresh_crls_offline(self) -> CacertsResult | None:
+        """The CA service is unreachable: when this cluster's CRLs are due (the own CRL at half its
+        validity, a superseded intermediate's at the end of its keep period), re-sign them — the
+        intermediate's key is here — and replace `cacerts` alone, from the agent's state (the last
+        accepted trust bundle and root CRLs; the root CRLs outlive the intermediate). None when
+        nothing was due or the agent holds no intermediate yet."""
+        if not self.state.key_pem or not self.state.bundle or not self.intermediate.crl_set_due():
+            return None
+        try:
+            result = render_cacerts(
+                self.config,
+                self._cacerts_bundle(self.state.trust_bundle),
+                intermediate_key_pem=self.state.key_pem,
+                crl_pem=self.intermediate.crl_set(),
+                now=self.clock(),
+            )
+        except BundleError as exc:
+            raise BundleRejected(f"cacerts would fail istiod's checks, nothing written: {exc}") from exc
+        report = self.applier.apply_cacerts(result.secret)
+        log.info("CA service unreachable; re-signed this cluster's CRLs: %s", report.summary())
+        return result
 
     def _follow_trust_bundle(self, desired: DesiredOut) -> None:
         """Take the CA's trust bundle only as far as trusted roots prove it (``TrustedRoots.follow``):
@@ -240,4 +274,5 @@ class Reconciler:
             renewal is not None,
             list(result.warnings),
             self.intermediate.not_after(),
+            result.ca_crl_next_update,
         )

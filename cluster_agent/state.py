@@ -1,6 +1,7 @@
 """What the agent keeps between runs: its agent token, the current intermediate key and bundle,
-the VIP assignments, and its own CRL. In render mode a 0700 directory of 0600 files; in a
-cluster a Secret (see kube.SecretStateStore). No repr shows a secret."""
+the VIP assignments, its own CRL, the final CRLs of superseded intermediates and the roots' CRLs.
+In render mode a 0700 directory of 0600 files; in a cluster a Secret (see kube.SecretStateStore).
+No repr shows a secret."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ class AgentState:
     vips: dict[str, str] = field(default_factory=dict)
     own_crl_pem: str = ""
     own_crl_signed_at: str = ""
+    # the final CRL of each superseded intermediate, kept in ca-crl.pem until no workload certificate
+    # under it can be alive: [{"serial": hex, "crl_pem": PEM, "keep_until": ISO 8601}]
+    superseded_crls: list[dict[str, str]] = field(default_factory=list)
+    root_crls_pem: str = ""  # the roots' CRLs as last received (desired state's crl), for passes without the CA
     trust_bundle: str = ""  # the CA's trust bundle as last accepted (root-cert.pem of cacerts)
     trusted_roots: str = ""  # PEM: the roots this agent trusts (see trust.py); the CA client's TLS trust
     trusted_anchor_sha256: str = ""  # of the ca.trust_anchor file the set was last seeded from

@@ -1,4 +1,15 @@
-"""Certificate revocation lists: signing one per root, re-signing them when due, serving them."""
+"""Certificate revocation lists: signing one per root, re-signing them when due, serving them.
+
+A root's CRL never lapses before an intermediate it issued: its nextUpdate lies past the notAfter
+of every intermediate the root issued, or may issue before the CRL is next re-signed
+(`next_update_for`). Envoy
+checks every peer chain with CRL_CHECK|CRL_CHECK_ALL once istiod ships `ca-crl.pem`
+(envoy source/common/tls/cert_validator/default_validator.cc `initializeSslContexts`), and an
+expired CRL fails the handshake like a missing one (envoyproxy/envoy#31320): with a 7-day CRL a
+week's outage of this service would make every sidecar reject every peer, although each
+intermediate is still valid. The CRL is still re-signed every half `crl_validity` (and whenever an
+intermediate outlives it), and at once on every revocation, so revocations reach agents as before.
+"""
 
 from __future__ import annotations
 
@@ -35,13 +46,13 @@ class Crls:
             xp.RevokedEntry(serial=int(r.serial, 16), revoked_at=r.revoked_at or now, reason=r.revocation_reason)
             for r in tx.revoked_certificates(root.id, not_expired_at=now)
         ]
-        validity = self.ctx.policy.crl_validity
+        next_update = self.next_update_for(tx, root.id, now=now)
         crl = xp.build_crl(
             issuer=self.rootkeys.cert(root.cert_pem),
             signer=self.rootkeys.signer(root),
             revoked=revoked,
             now=now,
-            next_update=validity,
+            next_update=next_update - now,
             crl_number=number,
         )
         rec = CRLRecord(
@@ -50,11 +61,20 @@ class Crls:
             der=crl.public_bytes(serialization.Encoding.DER),
             pem=crl.public_bytes(serialization.Encoding.PEM).decode(),
             this_update=now,
-            next_update=now + validity,
+            next_update=next_update,
         )
         tx.put_crl(rec)
         self.ctx.audit(tx, actor=actor, action="crl.sign", subject=root.id, number=number, entries=len(revoked))
         return rec
+
+    def next_update_for(self, tx: Tx, root_id: str, *, now: datetime) -> datetime:
+        """Past the notAfter of every intermediate the root issued or may issue before the next
+        scheduled re-sign (half `crl_validity` from now), so the CRL stays valid while any of them is,
+        even if this service is down; at least `crl_validity` from now."""
+        policy = self.ctx.policy
+        horizon = now + max(policy.crl_validity, policy.intermediate_validity + policy.crl_validity / 2)
+        latest = tx.latest_not_after(root_id)
+        return max(horizon, latest) if latest is not None else horizon
 
     def resign_for(self, tx: Tx, root_ids: set[str], *, now: datetime, actor: str) -> None:
         for root in tx.list_roots():
@@ -62,17 +82,23 @@ class Crls:
                 self.sign(tx, root, now=now, actor=actor)
 
     def refresh(self, *, actor: str = "scheduler") -> int:
-        """Re-sign every CRL past half of its validity. Safe to call from every replica."""
+        """Re-sign every CRL signed more than half `crl_validity` ago, or whose nextUpdate falls
+        before the notAfter of a certificate its root issued since. Safe to call from every replica."""
         now = self.ctx.clock()
-        half = self.ctx.policy.crl_validity / 2
         with self.ctx.write() as tx:
             crls = {c.root_id: c for c in tx.list_crls()}
-            due = [r for r in bundle_roots(tx.list_roots()) if r.id not in crls or crls[r.id].next_update - now < half]
+            due = [r for r in bundle_roots(tx.list_roots()) if r.id not in crls or self._due(tx, crls[r.id], now=now)]
             for root in due:
                 self.sign(tx, root, now=now, actor=actor)
             if due:
                 self.ctx.changed(tx)
         return len(due)
+
+    def _due(self, tx: Tx, crl: CRLRecord, *, now: datetime) -> bool:
+        if now - crl.this_update >= self.ctx.policy.crl_validity / 2:
+            return True
+        latest = tx.latest_not_after(crl.root_id)
+        return latest is not None and latest > crl.next_update
 
     def der(self) -> bytes:
         with self.ctx.store.read() as tx:

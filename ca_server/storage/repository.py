@@ -506,6 +506,11 @@ class SqlTx:
         )
         return [_cert(r) for r in self.c.execute(q)]
 
+    def latest_not_after(self, root_id: str) -> datetime | None:
+        q = select(func.max(t.certificates.c.not_after)).where(t.certificates.c.root_id == root_id)
+        latest: datetime | None = self.c.execute(q).scalar()
+        return latest
+
     # CRLs
     def put_crl(self, crl: CRLRecord) -> None:
         values = {

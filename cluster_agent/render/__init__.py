@@ -6,7 +6,7 @@ sorted, so rendering twice gives the same bytes and a diff shows only what chang
     render_all(config, imports=…, peers=…, vips=…)   everything, as a RenderResult
     istio        Gateways, VirtualServices, ServiceEntries, DestinationRules, AuthorizationPolicies
     coredns      the `<suffix>:53` server block and Corefile merging
-    cacerts      Secret `cacerts`, istiod's bundle check, the intermediate's CRL
+    cacerts      Secret `cacerts`, istiod's bundle check, the intermediates' CRLs
     vip          stable VIPs and ConfigMap `meshbridge-state`
     objects      labels, names, `file_name`, `to_yaml`
 """
@@ -18,7 +18,7 @@ from cluster_agent.render.cacerts import (
     render_cacerts_secret,
     sign_intermediate_crl,
 )
-from cluster_agent.render.compose import RenderResult, render_all
+from cluster_agent.render.compose import CacertsResult, RenderResult, render_all, render_cacerts
 from cluster_agent.render.coredns import (
     merge_into_corefile,
     render_coredns_configmaps,
@@ -32,6 +32,7 @@ __all__ = [
     "MANAGED_BY",
     "MANAGED_BY_LABEL",
     "BundleError",
+    "CacertsResult",
     "CorefileError",
     "RenderError",
     "RenderResult",
@@ -43,6 +44,7 @@ __all__ = [
     "file_name",
     "merge_into_corefile",
     "render_all",
+    "render_cacerts",
     "render_cacerts_secret",
     "render_coredns_configmaps",
     "render_server_block",

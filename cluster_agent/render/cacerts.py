@@ -12,7 +12,13 @@ accepts:
 - every CA on that path allows the workload certificate below it (pathLen), uses no SHA-1, and
   when `now` is given, is within its validity;
 - ca-crl.pem, when given: a CRL signed by every certificate of cert-chain.pem (istiod's "missing
-  CRL signed by certificates"), none of which revokes a certificate of the chain.
+  CRL signed by certificates"), none of which revokes a certificate of the chain, and, when `now`
+  is given, no CRL past its nextUpdate (Envoy fails a chain on an expired CRL).
+
+ca-crl.pem may also hold the final CRL of each superseded intermediate of this cluster
+(`sign_final_crl`): istiod's check ignores CRLs no certificate of cert-chain.pem signed, and
+Envoy needs them for the workload certificates the old intermediate issued (see
+`compose_ca_crl`).
 """
 
 from __future__ import annotations
@@ -44,8 +50,10 @@ __all__ = [
     "check_cacerts_bundle",
     "compose_ca_crl",
     "crl_needs_resign",
+    "earliest_next_update",
     "issued_by",
     "render_cacerts_secret",
+    "sign_final_crl",
     "sign_intermediate_crl",
 ]
 
@@ -323,6 +331,12 @@ def _check_crls(
                     f"ca-crl.pem: the CRL signed by {_subject(path[index])} expired at "
                     f"{crl.next_update_utc.isoformat()}; re-sign it"
                 )
+        for number, crl in enumerate(crls, start=1):
+            if crl.next_update_utc is not None and crl.next_update_utc < now:
+                raise BundleError(
+                    f"ca-crl.pem: CRL {number} (issuer {crl.issuer.rfc4514_string()}) expired at "
+                    f"{crl.next_update_utc.isoformat()}; Envoy fails every chain it is picked for"
+                )
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,15 +368,45 @@ def sign_intermediate_crl(
         raise ValueError("now must be timezone-aware")
     if not timedelta(0) < validity <= MAX_CRL_VALIDITY:
         raise ValueError(f"validity must be more than 0 and at most 7 days (got {validity})")
+    return _sign_crl(ca_cert, ca_key, revoked_serials, now=now, next_update=now + validity)
+
+
+def sign_final_crl(
+    ca_cert: x509.Certificate | str,
+    ca_key: CertificateIssuerPrivateKeyTypes | str,
+    *,
+    now: datetime,
+    keep_until: datetime,
+) -> str:
+    """The last CRL a superseded intermediate signs, before its key is dropped: nextUpdate is
+    `keep_until`, the end of the time ca-crl.pem keeps it (no re-signing is possible after)."""
+    if now.tzinfo is None or keep_until.tzinfo is None:
+        raise ValueError("now and keep_until must be timezone-aware")
+    if keep_until <= now:
+        raise ValueError(f"keep_until must be after now (got {keep_until.isoformat()})")
+    return _sign_crl(ca_cert, ca_key, (), now=now, next_update=keep_until)
+
+
+def _sign_crl(
+    ca_cert: x509.Certificate | str,
+    ca_key: CertificateIssuerPrivateKeyTypes | str,
+    revoked_serials: Iterable[int],
+    *,
+    now: datetime,
+    next_update: datetime,
+) -> str:
     cert, key = _as_cert(ca_cert), _as_key(ca_key)
     if _public_der(key.public_key()) != _public_der(cert.public_key()):
         raise BundleError("the key does not belong to the intermediate certificate")
     now = now.astimezone(UTC)
+    # The authorityKeyIdentifier tells this CRL from another intermediate's of this cluster: they
+    # share the issuer name, and OpenSSL scores same-name CRLs by it (crypto/x509/x509_vfy.c
+    # get_crl_sk → get_crl_score → crl_akid_check) before checking the signature.
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(cert.subject)
         .last_update(now - CRL_BACKDATE)
-        .next_update(now + validity)
+        .next_update(next_update.astimezone(UTC))
         .add_extension(x509.CRLNumber(int(now.timestamp())), critical=False)
         .add_extension(_authority_key_identifier(cert), critical=False)
     )
@@ -398,8 +442,17 @@ def crl_needs_resign(crl_pem: str | None, *, now: datetime) -> bool:
 
 
 def compose_ca_crl(root_crls_pem: str, intermediate_crl_pem: str) -> str:
-    """Istio's `ca-crl.pem`: the roots' CRLs (`Bundle["crl.pem"]`) followed by the intermediate's,
-    each re-encoded canonically, duplicates dropped."""
+    """Istio's `ca-crl.pem`: the roots' CRLs (`Bundle["crl.pem"]`) followed by the intermediates'
+    (the current one's, then the final CRL of each superseded one still kept), each re-encoded
+    canonically, duplicates dropped.
+
+    istiod copies the file as is into every namespace's `istio-ca-crl` ConfigMap
+    (pilot/pkg/bootstrap/istio_ca.go handleEvent → keycertbundle Watcher.SetAndNotifyCACRL →
+    kube/controller/namespacecontroller.go reconcileCACertAndCRL); istio-agent hands it to Envoy as
+    the ROOTCA validation context's `crl` (security/pkg/nodeagent/sds/sdsservice.go), and Envoy then
+    checks every certificate of a peer's chain with CRL_CHECK|CRL_CHECK_ALL (default_validator.cc
+    initializeSslContexts): a workload certificate of a superseded intermediate verifies only while
+    that intermediate's CRL is here."""
     out: list[str] = []
     seen: set[bytes] = set()
     sources = [("crl.pem", root_crls_pem), ("intermediate CRL", intermediate_crl_pem)]
@@ -412,6 +465,12 @@ def compose_ca_crl(root_crls_pem: str, intermediate_crl_pem: str) -> str:
                 seen.add(der)
                 out.append(crl.public_bytes(serialization.Encoding.PEM).decode())
     return "".join(out)
+
+
+def earliest_next_update(ca_crl_pem: str) -> datetime | None:
+    """The earliest nextUpdate of the CRLs in a ca-crl.pem (None when none carries one)."""
+    updates = [crl.next_update_utc for crl in _crls(ca_crl_pem, "ca-crl.pem") if crl.next_update_utc is not None]
+    return min(updates, default=None)
 
 
 def bundle_files(bundle: Mapping[str, str]) -> tuple[str, str, str, str]:

@@ -14,6 +14,7 @@ from cluster_agent.render.cacerts import (
     bundle_files,
     check_cacerts_bundle,
     compose_ca_crl,
+    earliest_next_update,
     render_cacerts_secret,
 )
 from cluster_agent.render.coredns import render_coredns_configmaps
@@ -29,7 +30,7 @@ from cluster_agent.render.istio import IstioContext, render_export_side, render_
 from cluster_agent.render.objects import Manifest, sort_objects
 from cluster_agent.render.vip import allocate_vips, render_state_configmap
 
-__all__ = ["RenderResult", "render_all"]
+__all__ = ["CacertsResult", "RenderResult", "render_all", "render_cacerts"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,17 @@ class RenderResult:
     warnings: list[str] = field(default_factory=list)
     vips: dict[str, str] = field(default_factory=dict)
     server_block: str | None = None
+    ca_crl_next_update: datetime | None = None  # the earliest nextUpdate in cacerts' ca-crl.pem
+
+
+@dataclass(frozen=True)
+class CacertsResult:
+    """Secret `cacerts`, warnings for the operator, and the earliest nextUpdate of its ca-crl.pem
+    (None without one)."""
+
+    secret: Manifest
+    warnings: list[str]
+    ca_crl_next_update: datetime | None
 
 
 @contextmanager
@@ -81,8 +93,10 @@ def render_all(
     exports       published exports (`services` of the exports PUT); default: from the config.
     bundle        API `Bundle`; with `intermediate_key_pem` it becomes Secret `cacerts`, checked
                   as istiod would (BundleError if it would be refused).
-    crl_pem       the CRL signed by the intermediate; `ca-crl.pem` = bundle `crl.pem` + this.
-                  Without it `ca-crl.pem` is left out (a partial CRL set makes istiod fail).
+    crl_pem       the CRLs of this cluster's intermediates: the current one's, then the final
+                  CRL of each superseded one still kept; `ca-crl.pem` = bundle `crl.pem` + these.
+                  Without it, or with `ca.ca_crl: false`, `ca-crl.pem` is left out (a partial
+                  CRL set makes istiod fail).
     corefile      the current Corefile; given, the merged `coredns` ConfigMap is rendered too.
     now           when given, certificate and CRL validity are checked against it.
     """
@@ -151,12 +165,14 @@ def _render_all(
         server_block = next(iter(dns_objects[0]["data"].values()))
         objects += dns_objects
 
+    ca_crl_next_update: datetime | None = None
     if bundle is not None:
-        secret, bundle_warnings = _cacerts(config, bundle, intermediate_key_pem, crl_pem, now)
-        objects.append(secret)
-        warnings += bundle_warnings
+        cacerts = render_cacerts(config, bundle, intermediate_key_pem=intermediate_key_pem, crl_pem=crl_pem, now=now)
+        objects.append(cacerts.secret)
+        warnings += cacerts.warnings
+        ca_crl_next_update = cacerts.ca_crl_next_update
 
-    return RenderResult(sort_objects(objects), warnings, allocation, server_block)
+    return RenderResult(sort_objects(objects), warnings, allocation, server_block, ca_crl_next_update)
 
 
 def _drop_aliased_consumers(own_trust_domain: str, peers: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -174,40 +190,51 @@ def _drop_aliased_consumers(own_trust_domain: str, peers: dict[str, Any]) -> tup
     return kept, warnings
 
 
-def _cacerts(
+def render_cacerts(
     config: AgentConfig,
     bundle: Mapping[str, str],
-    key_pem: str | None,
+    *,
+    intermediate_key_pem: str | None,
     crl_pem: str | None,
     now: datetime | None,
-) -> tuple[Manifest, list[str]]:
-    if key_pem is None:
+) -> CacertsResult:
+    """Secret `cacerts` alone (as `render_all` renders it), checked as istiod would: BundleError if
+    it would be refused. Pure; also used to re-sign its CRLs while the CA service is unreachable."""
+    if intermediate_key_pem is None:
         raise BundleError("bundle given without intermediate_key_pem; cacerts needs the intermediate's key")
     ca_cert, chain, roots, root_crls = bundle_files(bundle)
-    warnings: list[str] = []
-    ca_crl: str | None = None
-    if crl_pem is None:
-        warnings.append(
-            "cacerts: no CRL signed by the intermediate was given, so ca-crl.pem is left out "
-            "(istiod refuses a CRL set without one from every CA in cert-chain.pem)"
-        )
-    elif not root_crls.strip():
-        warnings.append(
-            "cacerts: the bundle carries no root CRLs (crl.pem), so ca-crl.pem is left out "
-            "(istiod refuses a CRL set without one from every CA in cert-chain.pem)"
-        )
-    else:
-        ca_crl = compose_ca_crl(root_crls, crl_pem)
+    # ca.ca_crl: false — no ca-crl.pem, so Envoy checks no CRL (AGENT-CONFIG `ca.ca_crl`)
+    ca_crl, warnings = _ca_crl(root_crls, crl_pem) if config.ca.ca_crl else (None, [])
     check_cacerts_bundle(
-        ca_cert_pem=ca_cert, ca_key_pem=key_pem, cert_chain_pem=chain, root_cert_pem=roots, crl_pem=ca_crl, now=now
+        ca_cert_pem=ca_cert,
+        ca_key_pem=intermediate_key_pem,
+        cert_chain_pem=chain,
+        root_cert_pem=roots,
+        crl_pem=ca_crl,
+        now=now,
     )
     secret = render_cacerts_secret(
         config.istio.namespace,
         ca_cert_pem=ca_cert,
-        ca_key_pem=key_pem,
+        ca_key_pem=intermediate_key_pem,
         cert_chain_pem=chain,
         root_cert_pem=roots,
         crl_pem=ca_crl,
         cluster=config.cluster,
     )
-    return secret, warnings
+    return CacertsResult(secret, warnings, earliest_next_update(ca_crl) if ca_crl is not None else None)
+
+
+def _ca_crl(root_crls: str, crl_pem: str | None) -> tuple[str | None, list[str]]:
+    """ca-crl.pem, or None with the reason when a part is missing (a partial set makes istiod fail)."""
+    if crl_pem is None:
+        return None, [
+            "cacerts: no CRL signed by the intermediate was given, so ca-crl.pem is left out "
+            "(istiod refuses a CRL set without one from every CA in cert-chain.pem)"
+        ]
+    if not root_crls.strip():
+        return None, [
+            "cacerts: the bundle carries no root CRLs (crl.pem), so ca-crl.pem is left out "
+            "(istiod refuses a CRL set without one from every CA in cert-chain.pem)"
+        ]
+    return compose_ca_crl(root_crls, crl_pem), []

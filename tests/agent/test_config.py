@@ -129,6 +129,15 @@ def test_crl_validity_durations(value: object, expected: timedelta) -> None:
     assert parse_config(data).ca.crl_validity == expected
 
 
+def test_crl_settings_default_to_shipping_ca_crl_with_istios_24h_workload_ttl() -> None:
+    config = parse_config(example())
+    assert config.ca.ca_crl is True and config.ca.workload_cert_ttl == timedelta(hours=24)
+    data = example()
+    data["ca"].update(ca_crl=False, workload_cert_ttl="2d")
+    config = parse_config(data)
+    assert config.ca.ca_crl is False and config.ca.workload_cert_ttl == timedelta(days=2)
+
+
 def _set(data: dict[str, Any], path: str, value: object) -> None:
     keys = path.split(".")
     node: Any = data
@@ -155,7 +164,14 @@ BAD_INPUTS = [
     ("ca.renew_fraction", 1.5, "ca.renew_fraction:"),
     ("ca.crl_validity", "8d", "ca.crl_validity: must be more than 0 and at most 7 days"),
     ("ca.crl_validity", "soon", "ca.crl_validity: must be a duration"),
-    ("ca.trust_ancor", "x.pem", "ca.trust_ancor: unknown key; allowed here: bootstrap_token_file, crl_validity"),
+    ("ca.workload_cert_ttl", "91d", "ca.workload_cert_ttl: must be more than 0 and at most 90 days"),
+    ("ca.workload_cert_ttl", 0, "ca.workload_cert_ttl: must be more than 0 and at most 90 days"),
+    ("ca.ca_crl", "yes", "ca.ca_crl: "),
+    (
+        "ca.trust_ancor",
+        "x.pem",
+        "ca.trust_ancor: unknown key; allowed here: bootstrap_token_file, ca_crl, crl_validity",
+    ),
     ("istio.trust_domain", "spiffe://b.mesh", "istio.trust_domain: must be a valid trust domain"),
     ("istio.trust_domain", "B.Mesh", "istio.trust_domain: must be a valid trust domain"),
     ("istio.namespace", "Istio_System", "istio.namespace: must be a DNS label"),

@@ -21,6 +21,7 @@ from cluster_agent.render import (
     render_cacerts_secret,
     sign_intermediate_crl,
 )
+from cluster_agent.render.cacerts import earliest_next_update, sign_final_crl
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -357,6 +358,30 @@ def test_sign_intermediate_crl_refuses_bad_inputs(pki: PKI) -> None:
         sign_intermediate_crl(pki.ca, pki.ca_key, now=datetime(2026, 1, 1))
     with pytest.raises(BundleError, match="does not belong"):
         sign_intermediate_crl(pki.ca, ec.generate_private_key(ec.SECP256R1()), now=NOW)
+
+
+def test_final_crl_of_a_superseded_intermediate(pki: PKI) -> None:
+    """Signed once before the key is dropped; nextUpdate is the end of its keep period, which may be
+    longer than the 7 days of the re-signed CRL (Istio's MAX_WORKLOAD_CERT_TTL is 90 days)."""
+    old_key = ec.generate_private_key(ec.SECP256R1())
+    old = make_cert("cluster b", old_key, issuer=(pki.root, pki.root_key), path_length=0)
+    keep_until = NOW + timedelta(days=30)
+    final = x509.load_pem_x509_crl(sign_final_crl(old, old_key, now=NOW, keep_until=keep_until).encode())
+    assert final.is_signature_valid(old.public_key()) and final.next_update_utc == keep_until  # type: ignore[arg-type]
+    assert list(final) == []
+    aki = final.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    assert aki.key_identifier == old.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    with pytest.raises(ValueError, match="after now"):
+        sign_final_crl(old, old_key, now=NOW, keep_until=NOW)
+    # beside the current intermediate's CRL it passes istiod's check; expired, it is refused
+    own = sign_intermediate_crl(pki.ca, pki.ca_key, now=NOW)
+    root_crl = make_crl(pki.root, pki.root_key)
+    ca_crl = compose_ca_crl(root_crl, own + final.public_bytes(serialization.Encoding.PEM).decode())
+    check(pki.files(crl_pem=ca_crl), now=NOW + timedelta(days=6))
+    assert earliest_next_update(ca_crl) == NOW + timedelta(days=7)  # the root's and the own CRL's, not the final's
+    short = sign_final_crl(old, old_key, now=NOW, keep_until=NOW + timedelta(days=1))
+    with pytest.raises(BundleError, match=r"CRL 3 \(issuer .*cluster b.*\) expired"):
+        check(pki.files(crl_pem=compose_ca_crl(root_crl, own + short)), now=NOW + timedelta(days=2))
 
 
 def test_crl_needs_resign_at_half_its_validity(pki: PKI) -> None:

@@ -79,7 +79,9 @@ def test_revoke_one_certificate_enters_the_signed_crl(harness: Harness, tmp_path
     assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == x509.ReasonFlags.key_compromise
     assert crl.get_revoked_certificate_by_serial_number(int(agent.serial, 16)) is None
     assert crl.next_update_utc is not None and crl.last_update_utc is not None
-    assert timedelta(days=6) < crl.next_update_utc - crl.last_update_utc <= timedelta(days=7)
+    # past every intermediate the root may issue before the next re-sign (90 d + half of 7 d)
+    assert crl.next_update_utc - crl.last_update_utc == timedelta(days=90) + timedelta(days=3.5)
+    assert crl.next_update_utc >= agent.cert.not_valid_after_utc
     assert crl_number(crl) > crl_number(before)
     assert "verify OK" in openssl_crl_verify(tmp_path / "v", der, root_pem)
     assert pkilint_crl_errors(harness.client.get("/v1/crl?format=pem").text) == []
@@ -195,7 +197,7 @@ def test_crls_are_resigned_before_next_update_and_drop_expired_entries(harness: 
     assert crl_number(second) == crl_number(first) + 1
     assert second.next_update_utc is not None and first.next_update_utc is not None
     assert second.next_update_utc - first.next_update_utc >= timedelta(days=4) - timedelta(seconds=5)
-    assert second.next_update_utc > datetime.now(UTC) + harness.clock.offset + timedelta(days=6)
+    assert second.next_update_utc > datetime.now(UTC) + harness.clock.offset + timedelta(days=90)
     assert second.get_revoked_certificate_by_serial_number(int(revoked_serial, 16)) is not None
     # once the revoked certificate has expired its entry leaves the CRL (keeps ca-crl.pem small)
     harness.clock.advance(days=90)
@@ -204,3 +206,32 @@ def test_crls_are_resigned_before_next_update_and_drop_expired_entries(harness: 
     assert third.get_revoked_certificate_by_serial_number(int(revoked_serial, 16)) is None
     assert pem_crls(harness.client.get("/v1/crl?format=pem").text)[0] == third
     assert harness.chain_ok()
+
+
+def test_root_crls_outlive_a_ca_outage_while_the_intermediates_beside_them_are_valid(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """Envoy fails every handshake once a CRL of the chain is past nextUpdate (default_validator.cc,
+    CRL_CHECK|CRL_CHECK_ALL; envoyproxy/envoy#31320). A CA down for longer than the 7-day refresh
+    period must not expire the root CRL the agents hold: it covers every intermediate the root issued."""
+    agent = harness.enroll("a")
+    harness.authority.refresh_crls()
+    held = harness.client.get("/v1/crl", params={"format": "pem"}).text  # what the agent keeps
+    crl = pem_crls(held)[0]
+    assert crl.next_update_utc is not None and crl.next_update_utc >= agent.cert.not_valid_after_utc
+    # the CA is down from now on (no refresh): eight days later the CRL still verifies the chain
+    later = datetime.now(UTC) + timedelta(days=8)
+    (tmp_path / "crl.pem").write_text(held)
+    (tmp_path / "root.pem").write_text(harness.client.get("/v1/trust-bundle").text)
+    (tmp_path / "leaf.pem").write_text(agent.bundle["ca-cert.pem"])
+    res = openssl_verify(
+        tmp_path / "leaf.pem", cafile=tmp_path / "root.pem", crlfile=tmp_path / "crl.pem", attime=later
+    )
+    assert res.ok, res.output
+    # and until the intermediate's own notAfter
+    last = agent.cert.not_valid_after_utc - timedelta(minutes=1)
+    res = openssl_verify(tmp_path / "leaf.pem", cafile=tmp_path / "root.pem", crlfile=tmp_path / "crl.pem", attime=last)
+    assert res.ok, res.output
+    # once back, the CA still re-signs every half of crl_validity
+    harness.clock.advance(days=3.6)
+    assert harness.authority.refresh_crls() == 1

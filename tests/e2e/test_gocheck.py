@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cluster_agent.render.cacerts import sign_final_crl, sign_intermediate_crl
 from tests.e2e.gocheck import GoCheckFailed, run_cacerts_check, run_simulation
 from tests.e2e.testbin import GO_CHECKER_DIR
 
@@ -159,6 +160,22 @@ def test_cacerts_incomplete_rejected(bundle: dict[str, Any]) -> None:
     (d / "cert-chain.pem").unlink()
     with pytest.raises(GoCheckFailed, match="incomplete signing CA bundle"):
         run_cacerts_check(d)
+
+
+def test_cacerts_accepted_with_a_superseded_intermediates_final_crl(bundle: dict[str, Any]) -> None:
+    """After a renewal the agent's ca-crl.pem also holds the final CRL of the superseded
+    intermediate (same subject, another key): istiod's "CRL signed by every certificate of the
+    chain" check must still pass, and must not count that CRL for the new intermediate."""
+    old_key = ec.generate_private_key(ec.SECP256R1())
+    old = _ca("cluster a", old_key, bundle["root"], bundle["root_key"], 0, trust_domain="a.mesh")
+    assert old.subject == bundle["inter"].subject
+    final = sign_final_crl(old, old_key, now=NOW, keep_until=NOW + dt.timedelta(hours=25)).encode()
+    own = sign_intermediate_crl(bundle["inter"], bundle["int_key"], now=NOW).encode()
+    root_crl = _crl(bundle["root"], bundle["root_key"])
+    out = run_cacerts_check(_write_cacerts(bundle["tmp"] / "superseded", bundle, root_crl + own + final))
+    assert "istiod accepts the bundle" in out
+    with pytest.raises(GoCheckFailed, match="missing CRL signed by certificates"):
+        run_cacerts_check(_write_cacerts(bundle["tmp"] / "final-only", bundle, root_crl + final))
 
 
 def test_name_constraints_enforced(bundle: dict[str, Any]) -> None:
