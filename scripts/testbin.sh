@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the real binaries the e2e tests use (kube-apiserver, kubectl, etcd, CoreDNS, istioctl, helm,
-# zlint) and the prebuilt Go checkers of tests/e2e/go, from the Go module proxy only.
+# Builds the real binaries the e2e tests use (kube-apiserver, kubectl, etcd, CoreDNS, istioctl, istiod
+# (pilot-discovery), helm, zlint) and the prebuilt Go checkers of tests/e2e/go, from the Go module proxy only.
 #
 #   ${MESHBRIDGE_TESTBIN:-~/.cache/meshbridge/testbin/<hash>}/bin/
 #
@@ -92,6 +92,8 @@ build etcd           build_in_module testbin/etcd . "-s -w"
 build kube-apiserver build_in_module testbin/kube k8s.io/kubernetes/cmd/kube-apiserver "$(kube_ldflags)"
 build kubectl        build_in_module testbin/kube k8s.io/kubernetes/cmd/kubectl "$(kube_ldflags)"
 build istioctl       go_install "istio.io/istio/istioctl/cmd/istioctl@$ISTIO_MODULE_VERSION" \
+                       "-X istio.io/istio/pkg/version.buildVersion=$ISTIO_BUILD_VERSION+${ISTIO_MODULE_VERSION##*-}"
+build pilot-discovery go_install "istio.io/istio/pilot/cmd/pilot-discovery@$ISTIO_MODULE_VERSION" \
                        "-X istio.io/istio/pkg/version.buildVersion=$ISTIO_BUILD_VERSION+${ISTIO_MODULE_VERSION##*-}"
 build coredns        go_install "github.com/coredns/coredns@$COREDNS_VERSION"
 build helm           go_install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \

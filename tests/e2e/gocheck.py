@@ -123,3 +123,27 @@ def run_policy_verdicts(
         "MESHBRIDGE_VERDICT_DENY": ",".join(deny),
     }
     return _run("TestPolicyVerdicts", env)
+
+
+def run_issue_workload_cert(
+    *,
+    address: str,
+    roots: str | os.PathLike[str],
+    token: str | os.PathLike[str],
+    identity: str,
+    out_dir: str | os.PathLike[str],
+    ttl: int = 3600,
+) -> str:
+    """A workload certificate from a running istiod, requested as istio-agent requests it
+    (TestIssueWorkloadCert): writes key.pem, cert-chain.pem (leaf first) and root-cert.pem into
+    ``out_dir``. ``roots`` verifies istiod's serving certificate; ``token`` is a ServiceAccount token
+    with audience istio-ca."""
+    env = {
+        "MESHBRIDGE_ISTIOD_ADDR": address,
+        "MESHBRIDGE_ISTIOD_ROOTS": str(Path(roots).resolve()),
+        "MESHBRIDGE_ISTIOD_TOKEN": str(Path(token).resolve()),
+        "MESHBRIDGE_ISTIOD_IDENTITY": identity,
+        "MESHBRIDGE_ISTIOD_OUT": str(Path(out_dir).resolve()),
+        "MESHBRIDGE_ISTIOD_TTL": str(ttl),
+    }
+    return _run("TestIssueWorkloadCert", env, timeout=60)
