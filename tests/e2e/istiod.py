@@ -23,6 +23,7 @@ cluster's trust domain in meshConfig, `PILOT_ENABLE_CA_CRL` left at its default 
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import shutil
 import subprocess
@@ -40,6 +41,8 @@ from tests.e2e import gocheck
 from tests.e2e.clusters import Cluster, free_port, stop_processes
 from tests.e2e.testbin import require
 from tests.e2e.workload import Workload
+
+log = logging.getLogger(__name__)
 
 NAMESPACE = "istio-system"
 ISTIOD_SAN = "istiod.istio-system.svc"
@@ -106,8 +109,8 @@ class SecretProjection:
         while not self.stop.wait(self.interval):
             try:
                 self.sync()
-            except Exception:  # an API server restart: the next poll retries, as kubelet does
-                continue
+            except Exception as exc:  # an API server restart: the next poll retries, as kubelet does
+                log.warning("projecting Secret %s: %s", self.name, exc)
 
 
 @dataclass
@@ -176,14 +179,16 @@ class Istiod:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"istiod in {self.cluster.name} exited ({self.proc.returncode})\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['http']}/ready", timeout=2) as r:  # noqa: S310
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['http']}/ready", timeout=2) as r:
                     if r.status == 200:
                         return
                     last = f"HTTP {r.status}"
             except Exception as exc:
                 last = str(exc)
             time.sleep(0.2)
-        raise RuntimeError(f"istiod in {self.cluster.name} not ready after {READY_TIMEOUT}s ({last})\n{self.log_tail()}")
+        raise RuntimeError(
+            f"istiod in {self.cluster.name} not ready after {READY_TIMEOUT}s ({last})\n{self.log_tail()}"
+        )
 
     def stop(self, *, keep_projection: bool = False) -> None:
         if self.proc is not None:
@@ -221,7 +226,8 @@ class Istiod:
             if exc.status.code == 404:
                 return ""
             raise
-        return (cm.data or {}).get(key, "")
+        data: dict[str, str] = cm.data or {}
+        return data.get(key, "")
 
     def issue(self, service_account: str, *, namespace: str = NAMESPACE, ttl: int = 3600) -> Workload:
         """A workload certificate for `spiffe://<td>/ns/<namespace>/sa/<service_account>`, issued by this

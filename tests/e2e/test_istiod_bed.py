@@ -1,0 +1,290 @@
+"""Issue 12: a real istiod in each test cluster, and the trust lifecycle judged by what it serves.
+
+Two fresh control planes (their own kube-apiservers, not the session's), a real CA service, the
+agents writing `cacerts` through the API server, and one istiod per cluster (tests/e2e/istiod.py:
+pilot-discovery from the pinned Istio module, its CA directory projected from the Secret as kubelet
+does). Every workload certificate below is issued by istiod itself through its CA API with a real
+ServiceAccount token; the handshakes run under BoringSSL (grpcio) and OpenSSL with the trust bundle
+(`istio-ca-root-cert`) and, inside a cluster, the CRLs (`istio-ca-crl`) istiod publishes.
+"""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding
+from lightkube.resources.core_v1 import Secret
+
+from cluster_agent.loop import AgentLoop
+from tests.e2e import gocheck
+from tests.e2e.clusters import Cluster, start_clusters, stop_clusters
+from tests.e2e.istiod import Istiod
+from tests.e2e.test_agents_e2e import TD, agent_config, make_loop
+from tests.e2e.workload import Workload, grpc_handshake, mint, openssl_handshake
+from tests.support.caservice import CAService
+
+EGRESS_SA = "istio-egressgateway-service-account"
+INGRESS_SA = "istio-ingressgateway-service-account"
+# How long istiod may take to act on a cacerts change: projection poll (0.2 s), istiod's 100 ms
+# debounce (istio_ca.go handleCACertsFileWatch), the bundle reload and the ConfigMap writes.
+PICKUP_TIMEOUT = 20.0
+
+
+@dataclass
+class Bed:
+    ca: CAService
+    clusters: dict[str, Cluster]
+    loops: dict[str, AgentLoop]
+    istiod: dict[str, Istiod]
+
+    def settle(self) -> None:
+        for name in ("a", "b", "a", "b"):
+            loop = self.loops[name]
+            loop.revision = None
+            loop.step()
+
+    def cacerts_all(self, name: str) -> dict[str, str]:
+        """The `cacerts` Secret the agent wrote in cluster ``name``."""
+        secret = self.istiod[name].kube().get(Secret, "cacerts", namespace="istio-system")
+        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+    def cacerts(self, name: str, key: str) -> str:
+        return self.cacerts_all(name)[key]
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    work = tmp_path_factory.mktemp("istiod-bed")
+    t0 = time.monotonic()
+    clusters = {c.name: c for c in start_clusters(work / "clusters")}
+    ca = CAService(work / "ca").start()
+    istiods: dict[str, Istiod] = {}
+    try:
+        loops = {}
+        for name, cluster in clusters.items():
+            d = work / name
+            d.mkdir()
+            ca.add_cluster(name, TD[name], d / "bootstrap-token")
+            (d / "ca-root.pem").write_text((work / "ca" / "root-cert.pem").read_text())
+            (d / "agent.yaml").write_text(agent_config(name, ca.url, cluster.kubeconfig))
+            loops[name] = make_loop(d / "agent.yaml")
+        bed = Bed(ca, clusters, loops, istiods)
+        bed.settle()  # cacerts exist before istiod starts: it loads the plugged-in CA at once
+        for name, cluster in clusters.items():
+            istiods[name] = Istiod(cluster, TD[name], work / f"istiod-{name}").start()
+        print(f"\nistiod bed (2 API servers, CA, 2 agents, 2 istiods) ready in {time.monotonic() - t0:.1f}s")
+        yield bed
+    finally:
+        for i in istiods.values():
+            i.stop()
+        ca.stop()
+        stop_clusters(list(clusters.values()))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def certs(pem: bytes | str) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(pem.encode() if isinstance(pem, str) else pem)
+
+
+def leaf_issuer_is(w: Workload, ca_cert_pem: str) -> bool:
+    leaf = certs(w.chain_pem)[0]
+    ca = x509.load_pem_x509_certificate(ca_cert_pem.encode())
+    try:
+        leaf.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def openssl_verify(w: Workload, bundle: str, crls: str | None = None) -> tuple[bool, str]:
+    """`openssl verify` of the leaf with its chain as untrusted and ``bundle`` as the roots; with
+    ``crls``, checking every certificate of the chain as Envoy does (CRL_CHECK|CRL_CHECK_ALL)."""
+    with tempfile.TemporaryDirectory() as d:
+        dd = Path(d)
+        chain = certs(w.chain_pem)
+        (dd / "leaf.pem").write_bytes(chain[0].public_bytes(encoding=Encoding.PEM))
+        (dd / "chain.pem").write_bytes(b"".join(c.public_bytes(encoding=Encoding.PEM) for c in chain[1:]))
+        (dd / "roots.pem").write_text(bundle)
+        argv = ["openssl", "verify", "-CAfile", str(dd / "roots.pem"), "-untrusted", str(dd / "chain.pem")]
+        if crls is not None:
+            (dd / "crls.pem").write_text(crls)
+            argv += ["-crl_check_all", "-CRLfile", str(dd / "crls.pem")]
+        res = subprocess.run([*argv, str(dd / "leaf.pem")], capture_output=True, text=True, check=False)
+        return res.returncode == 0, (res.stdout + res.stderr).strip()
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = PICKUP_TIMEOUT) -> float:
+    t0 = time.monotonic()
+    while not check():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{what}: not within {timeout:.0f}s")
+        time.sleep(0.2)
+    return time.monotonic() - t0
+
+
+def serves(bed: Bed, name: str, roots: list[str]) -> Callable[[], bool]:
+    """Whether istiod in ``name`` publishes exactly ``roots`` as its trust bundle."""
+    want = {c for pem in roots for c in certs(pem)}
+    return lambda: set(certs(bed.istiod[name].served_bundle() or "")) == want
+
+
+def signs_with(istiod: Istiod, ca_cert_pem: str) -> Callable[[], bool]:
+    """Whether the next certificate ``istiod`` issues is signed by ``ca_cert_pem``."""
+    return lambda: leaf_issuer_is(istiod.issue(EGRESS_SA), ca_cert_pem)
+
+
+def cross_cluster(bed: Bed, client: Workload, server: Workload) -> None:
+    """a's egress (client) → b's ingress (server), each side trusting its own istiod's bundle.
+
+    OpenSSL runs the handshake between the two istiod-issued certificates, each side verifying the
+    other. BoringSSL (grpcio) verifies the istiod-issued client chain — the decision b's ingress
+    gateway makes — against a server certificate minted from b's cacerts with a DNS name: grpcio's
+    client insists on a host name match that Istio's URI-only workload certificates cannot meet
+    (Envoy matches the URI SAN instead), so that one certificate is not istiod's.
+    """
+    roots_a, roots_b = bed.istiod["a"].served_bundle(), bed.istiod["b"].served_bundle()
+    ok, detail = openssl_handshake(server=server, client=client, server_roots=roots_b, client_roots=roots_a)
+    assert ok, f"OpenSSL a-egress → b-ingress: {detail}"
+    named_server = mint(bed.cacerts_all("b"), server.uri, dns="ratings.bookinfo.remote")
+    ok, detail = grpc_handshake(server=named_server, client=client, server_roots=roots_b, client_roots=roots_a)
+    assert ok, f"BoringSSL a-egress → b-ingress: {detail}"
+
+
+def in_cluster(bed: Bed, name: str, client: Workload, server: Workload) -> None:
+    """Two workloads of one cluster, the server checking the client's whole chain against the CRLs
+    istiod publishes to sidecars (`istio-ca-crl`), as Envoy does with `ca-crl.pem`."""
+    istiod = bed.istiod[name]
+    roots, crls = istiod.served_bundle(), istiod.served_crls()
+    assert "BEGIN X509 CRL" in crls, f"istiod in {name} publishes no CRL"
+    ok, detail = openssl_handshake(
+        server=server, client=client, server_roots=roots, client_roots=roots, server_crls=crls
+    )
+    assert ok, f"OpenSSL in {name} with istiod's CRLs: {detail}"
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_istiod_serves_the_shared_root_and_signs_under_the_clusters_intermediate(bed: Bed) -> None:
+    for name in ("a", "b"):
+        istiod = bed.istiod[name]
+        served = istiod.served_bundle()
+        assert certs(served) == certs(bed.cacerts(name, "root-cert.pem")), f"{name}: istiod serves another bundle"
+        assert istiod.log_has("Use local CA certificate"), f"{name}: istiod did not load the plugged-in CA"
+        w = istiod.issue(EGRESS_SA)
+        leaf = certs(w.chain_pem)[0]
+        uris = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier
+        )
+        assert uris == [f"spiffe://{TD[name]}/ns/istio-system/sa/{EGRESS_SA}"]
+        assert leaf_issuer_is(w, bed.cacerts(name, "ca-cert.pem")), f"{name}: leaf not signed by the intermediate"
+        ok, detail = openssl_verify(w, served)
+        assert ok, detail
+        ok, detail = openssl_verify(w, served, crls=istiod.served_crls())
+        assert ok, f"{name}: istiod's own leaf fails the CRL check with istiod's CRLs: {detail}"
+
+
+def issue_with_token(istiod: Istiod, token: str, identity: str, out: Path) -> None:
+    (out / "token").write_text(token)
+    (out / "roots.pem").write_text(istiod.served_bundle())
+    gocheck.run_issue_workload_cert(
+        address=istiod.ca_address, roots=out / "roots.pem", token=out / "token", identity=identity, out_dir=out
+    )
+
+
+def test_istiod_issues_only_the_identity_its_token_proves(bed: Bed, tmp_path: Path) -> None:
+    """istiod's CA authenticates the caller by TokenReview and signs the caller's identity, whatever
+    the CSR asks for (security/pkg/server/ca/server.go CreateCertificate: `sans := caller.Identities`);
+    a token for another audience than istio-ca is refused."""
+    istiod, kubectl = bed.istiod["a"], bed.clusters["a"].kubectl
+    egress = f"spiffe://a.mesh/ns/istio-system/sa/{EGRESS_SA}"
+    wrong_audience = kubectl("create", "token", EGRESS_SA, "-n", "istio-system").stdout.strip()
+    with pytest.raises(gocheck.GoCheckFailed) as err:
+        issue_with_token(istiod, wrong_audience, egress, tmp_path)
+    assert "authenticate" in err.value.output
+    token = kubectl("create", "token", EGRESS_SA, "-n", "istio-system", "--audience", "istio-ca").stdout.strip()
+    issue_with_token(istiod, token, f"spiffe://a.mesh/ns/istio-system/sa/{INGRESS_SA}", tmp_path)
+    leaf = certs((tmp_path / "cert-chain.pem").read_bytes())[0]
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [egress]
+
+
+def test_cross_cluster_and_in_cluster_mtls_with_istiod_issued_certificates(bed: Bed) -> None:
+    egress_a = bed.istiod["a"].issue(EGRESS_SA)
+    ingress_b = bed.istiod["b"].issue(INGRESS_SA)
+    cross_cluster(bed, egress_a, ingress_b)
+    ratings_a = bed.istiod["a"].issue("bookinfo-ratings", namespace="bookinfo")
+    in_cluster(bed, "a", egress_a, ratings_a)
+
+
+def test_rest_rotate_reaches_running_istiod_and_old_certificates_still_verify(bed: Bed) -> None:
+    istiod = bed.istiod["a"]
+    assert istiod.proc is not None
+    pid = istiod.proc.pid
+    before = istiod.issue(EGRESS_SA)
+    old_ca = bed.cacerts("a", "ca-cert.pem")
+    bed.ca.authority.rotate("a", actor="e2e")
+    bed.settle()
+    new_ca = bed.cacerts("a", "ca-cert.pem")
+    assert new_ca != old_ca
+    took = wait_for("istiod in a signing with the new intermediate", signs_with(istiod, new_ca))
+    print(f"\nrotate → agent pass → istiod signs under the new intermediate: {took:.1f}s after the pass")
+    assert istiod.proc is not None and istiod.proc.pid == pid, "istiod was restarted"
+    after = istiod.issue(EGRESS_SA)
+    # A workload still holding its certificate from the previous intermediate keeps talking to one
+    # with the new, inside the cluster with the CRL check sidecars make, and across clusters.
+    in_cluster(bed, "a", before, after)
+    in_cluster(bed, "a", after, before)
+    cross_cluster(bed, before, bed.istiod["b"].issue(INGRESS_SA))
+
+
+def test_four_root_phases_with_istiod_issued_certificates(bed: Bed) -> None:
+    auth = bed.ca.authority
+    old = next(r for r in auth.list_roots() if r.status.value == "active")
+    issued: list[tuple[str, Workload, Workload]] = [
+        ("phase 1", bed.istiod["a"].issue(EGRESS_SA), bed.istiod["b"].issue(INGRESS_SA))
+    ]
+
+    def all_pairs_pass(phase: str) -> None:
+        for when, client, server in issued:
+            try:
+                cross_cluster(bed, client, server)
+            except AssertionError as exc:
+                raise AssertionError(f"{phase}: certificates issued in {when}: {exc}") from None
+
+    new = auth.add_root(key_type=None, actor="e2e")  # phase 2: bundle A+B
+    bed.settle()
+    for name in ("a", "b"):
+        wait_for(f"istiod in {name} serving A+B", serves(bed, name, [old.cert_pem, new.cert_pem]))
+    issued.append(("phase 2", bed.istiod["a"].issue(EGRESS_SA), bed.istiod["b"].issue(INGRESS_SA)))
+    all_pairs_pass("phase 2")
+
+    auth.activate_root(new.id, actor="e2e")  # phase 3: intermediates re-issued under B
+    bed.ca.server_cert.refresh()
+    bed.settle()
+    for name in ("a", "b"):
+        ca_b = bed.cacerts(name, "ca-cert.pem")
+        wait_for(f"istiod in {name} signing under root B", signs_with(bed.istiod[name], ca_b))
+    issued.append(("phase 3", bed.istiod["a"].issue(EGRESS_SA), bed.istiod["b"].issue(INGRESS_SA)))
+    all_pairs_pass("phase 3")
+
+    auth.retire_root(old.id, actor="e2e")  # phase 4: bundle B
+    bed.settle()
+    for name in ("a", "b"):
+        wait_for(f"istiod in {name} serving B alone", serves(bed, name, [new.cert_pem]))
+    # Certificates under A are dead once A left the bundles (why phase 4 waits a workload lifetime);
+    # those issued in phase 3 and after keep working.
+    issued = [i for i in issued if i[0] in ("phase 3",)]
+    issued.append(("phase 4", bed.istiod["a"].issue(EGRESS_SA), bed.istiod["b"].issue(INGRESS_SA)))
+    all_pairs_pass("phase 4")
