@@ -227,6 +227,43 @@ class DesiredOut(BaseModel):
     root_endorsements: list[str] = []
 
 
+class ServedCRL(Strict):
+    """One CRL in the `istio-ca-crl` ConfigMap istiod publishes to sidecars."""
+
+    issuer: str = Field(max_length=1024)  # RFC 4514
+    authority_key_id: str | None = Field(default=None, max_length=128, pattern=r"^[0-9a-f]*$")
+    number: int | None = Field(default=None, ge=0)
+    this_update: str = Field(max_length=64)
+    next_update: str | None = Field(default=None, max_length=64)
+
+
+class ServedIn(Strict):
+    """What the cluster's istiod serves, as the agent observed it from istiod's own outputs: the trust
+    bundle it publishes (`istio-ca-root-cert` in istio-system), the intermediate it signs with (the
+    issuer of its serving certificate) and the CRLs it publishes (`istio-ca-crl`), each with the time
+    the agent first saw it as it is now (RFC 3339)."""
+
+    observed_at: str = Field(max_length=64)
+    # SHA-256 of each root's DER, lowercase hex, as istiod publishes them
+    bundle: list[str] = Field(default_factory=list, max_length=16)
+    bundle_since: str | None = Field(default=None, max_length=64)
+    # serial (hex) of the intermediate istiod signs with; None when it could not be told
+    signing_serial: str | None = Field(default=None, max_length=64)
+    signing_since: str | None = Field(default=None, max_length=64)
+    crls: list[ServedCRL] = Field(default_factory=list, max_length=64)
+    crls_since: str | None = Field(default=None, max_length=64)
+    # why something could not be observed (istiod unreachable, ConfigMap missing, ...)
+    problems: list[str] = Field(default_factory=list, max_length=20)
+
+    @field_validator("bundle")
+    @classmethod
+    def _fingerprints(cls, v: list[str]) -> list[str]:
+        for fp in v:
+            if len(fp) != 64 or any(ch not in "0123456789abcdef" for ch in fp):
+                raise ValueError("each bundle entry must be a SHA-256 fingerprint in lowercase hex")
+        return v
+
+
 class StatusIn(Strict):
     installed_generation: int | None = Field(default=None, ge=0, le=2**53)
     installed_serial: str | None = Field(default=None, max_length=64)
@@ -235,6 +272,8 @@ class StatusIn(Strict):
     errors: list[str] = Field(default_factory=list, max_length=100)
     cacerts_not_after: str | None = Field(default=None, max_length=64)
     ca_reachable: bool | None = None
+    # what istiod serves (absent from agents that cannot observe it, e.g. render mode)
+    served: ServedIn | None = None
 
 
 class Problem(BaseModel):
