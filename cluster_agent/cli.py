@@ -95,13 +95,15 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from cluster_agent.istiod import LiveIstiodView
     from cluster_agent.kube import KubeApplier, LeaseElector, SecretStateStore, make_client
 
     cfg = load_config(Path(args.config))
     kube = make_client(cfg)
     applier = KubeApplier(kube, cfg)
     state = SecretStateStore(kube, cfg.istio.namespace)
-    reconciler = Reconciler(cfg, client=_client(cfg), applier=applier, state_store=state)
+    istiod = LiveIstiodView(applier.configmap_data, namespace=cfg.istio.namespace, address=cfg.istio.istiod)
+    reconciler = Reconciler(cfg, client=_client(cfg), applier=applier, state_store=state, istiod=istiod)
     metrics = AgentMetrics()
     elector = LeaseElector(kube, cfg.istio.namespace) if not args.no_leader_election else None
     loop = AgentLoop(reconciler, metrics=metrics, poll_wait=args.wait, is_leader=elector.is_leader if elector else None)

@@ -145,6 +145,13 @@ def _check_address(value: str) -> str:
     return value
 
 
+def _check_host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"must be host:port (got {value!r})")
+    return f"{_check_address(host)}:{int(port)}"
+
+
 def _check_selector(value: dict[str, str]) -> dict[str, str]:
     if not value:
         raise ValueError("must name at least one label, e.g. {istio: ingressgateway}")
@@ -297,6 +304,15 @@ class IstioConfig(_Model):
     authorization_mode: Literal["deny", "allow"] = "deny"
     ingress_gateway: IngressGatewayConfig = Field(default_factory=IngressGatewayConfig)
     egress_gateway: EgressGatewayConfig = Field(default_factory=_default_egress)
+    # istiod's secure gRPC address (host:port), where the agent reads which intermediate istiod
+    # signs with; default istiod.<namespace>.svc:15012.
+    istiod_address: Annotated[str, AfterValidator(_check_host_port)] | None = None
+
+    @property
+    def istiod(self) -> tuple[str, int]:
+        """istiod's secure gRPC (host, port)."""
+        host, _, port = (self.istiod_address or f"istiod.{self.namespace}.svc:15012").rpartition(":")
+        return host, int(port)
 
     @model_validator(mode="after")
     def _ports_apart(self) -> IstioConfig:

@@ -165,6 +165,11 @@ class KubeApplier:
         cm = _call(lambda: _get_or_none(self.client, ConfigMap, dns.coredns_configmap, dns.coredns_namespace))
         return None if cm is None else (cm.data or {}).get(dns.corefile_key)
 
+    def configmap_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A ConfigMap's data, or None when it does not exist (istiod's outputs, see served.py)."""
+        cm = _call(lambda: _get_or_none(self.client, ConfigMap, name, namespace))
+        return None if cm is None else dict(cm.data or {})
+
     def service_exports(self) -> list[dict[str, Any]]:
         """MCS ServiceExport objects, where the CRD is installed (consumers from an annotation)."""
         try:

@@ -11,11 +11,13 @@ applier are passed in, and their failures arrive as `ca_client.CAClientError` an
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from cryptography import x509
 from pydantic import ValidationError
 
 from cluster_agent.apply import Applier, ApplyReport
@@ -24,11 +26,18 @@ from cluster_agent.config import AgentConfig
 from cluster_agent.errors import BundleRejected, ExportsInvalid, validation_problems
 from cluster_agent.intermediate import Intermediate
 from cluster_agent.render import BundleError, CacertsResult, RenderResult, render_all, render_cacerts
+from cluster_agent.served import IstiodView, ServedTracker, bundle_fingerprints
 from cluster_agent.state import StateStore
 from cluster_agent.trust import TrustedRoots
-from meshbridge_wire.models import DesiredOut, ExportsIn, StatusIn
+from meshbridge_wire.models import DesiredOut, ExportsIn, ServedIn, StatusIn
 
 log = logging.getLogger("meshbridge.agent")
+
+# An unchanged status is sent again after this long, so the CA sees the report is fresh.
+STATUS_REFRESH_S = 300.0
+# While istiod does not serve what was installed, passes wait at most this long for the CA, so the
+# report catches up with istiod within seconds instead of a long-poll later.
+CONVERGE_WAIT_S = 2.0
 
 __all__ = ["PassResult", "ReconcileResult", "Reconciler"]
 
@@ -39,6 +48,13 @@ def utcnow() -> datetime:
 
 def _rfc3339(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _comparable(status: StatusIn | None) -> StatusIn | None:
+    """``status`` without the time of istiod's observation, which moves every pass."""
+    if status is None or status.served is None:
+        return status
+    return status.model_copy(update={"served": status.served.model_copy(update={"observed_at": ""})})
 
 
 @dataclass
@@ -67,8 +83,12 @@ class Reconciler:
         applier: Applier,
         state_store: StateStore,
         clock: Callable[[], datetime] = utcnow,
+        istiod: IstiodView | None = None,
     ) -> None:
         self.config = config
+        self.istiod = istiod
+        self.served_tracker = ServedTracker()
+        self.served: ServedIn | None = None
         self.client = client
         self.applier = applier
         self.state_store = state_store
@@ -87,6 +107,7 @@ class Reconciler:
         self.last_reconcile: datetime | None = None
         self._errors: list[str] = []
         self._status_sent: StatusIn | None = None
+        self._status_sent_at = 0.0
 
     # ------------------------------------------------------------------ the pass
     def run_pass(self, *, revision: str | None, wait: float, resync: Callable[[], bool]) -> PassResult:
@@ -95,14 +116,50 @@ class Reconciler:
         render is due anyway."""
         self.intermediate.ensure_enrolled()
         self.publish()
+        if not self.istiod_caught_up():
+            wait = min(wait, CONVERGE_WAIT_S)
         desired = self.client.desired(revision=revision, wait=wait)
         renewal = self.intermediate.renewal_due(desired)
         result = None
         if desired.revision != revision or resync() or renewal is not None:
             result = self._reconcile(desired, renewal)
         self._errors.clear()
+        self.observe_istiod()
         self.report_status()
         return PassResult(desired.revision, result)
+
+    # ------------------------------------------------------------------ what istiod serves
+    def observe_istiod(self) -> ServedIn | None:
+        """Read what istiod serves now (None without a view of istiod, e.g. in render mode)."""
+        if self.istiod is None:
+            return None
+        self.served = self.served_tracker.observe(self.istiod.read(), self._known_intermediates(), self.clock())
+        return self.served
+
+    def _known_intermediates(self) -> dict[str, x509.Certificate | bytes]:
+        """The intermediates this agent installed: the current one's certificate, and the key
+        identifier of each superseded one still kept (from its final CRL's authority key id)."""
+        known: dict[str, x509.Certificate | bytes] = {}
+        for entry in self.state.superseded_crls:
+            crl = x509.load_pem_x509_crl(entry["crl_pem"].encode())
+            try:
+                aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+            except x509.ExtensionNotFound:
+                continue
+            if aki is not None:
+                known[entry["serial"]] = aki
+        current = self.intermediate.certificate()
+        if current is not None and self.state.serial:
+            known[self.state.serial] = current
+        return known
+
+    def istiod_caught_up(self) -> bool:
+        """Whether istiod served what is installed when last observed (True without a view)."""
+        if self.istiod is None or not self.state.serial:
+            return True
+        served = self.served
+        installed_roots = bundle_fingerprints(self.state.bundle.get("root-cert.pem", ""))
+        return served is not None and served.signing_serial == self.state.serial and served.bundle == installed_roots
 
     def failed(self, message: str, *, tell_ca: bool = True) -> None:
         """A pass failed: keep ``message`` for the status report, and send that report when the CA
@@ -165,14 +222,18 @@ class Reconciler:
             imports_applied=len(self.state.vips),
             errors=self._errors[-10:],
             cacerts_not_after=_rfc3339(not_after) if not_after is not None else None,
+            served=self.served,
         )
 
     def report_status(self) -> None:
-        """PUT the status, when it differs from the one sent last."""
+        """PUT the status when it differs from the one sent last (the time of istiod's observation
+        aside), or when that was STATUS_REFRESH_S ago."""
         status = self.status_body()
-        if status != self._status_sent:
+        stale = time.monotonic() - self._status_sent_at > STATUS_REFRESH_S
+        if stale or _comparable(status) != _comparable(self._status_sent):
             self.client.put_status(status)
             self._status_sent = status
+            self._status_sent_at = time.monotonic()
 
     # ------------------------------------------------------------------ render and apply
     def reconcile(self, desired: DesiredOut) -> ReconcileResult:

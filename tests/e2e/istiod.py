@@ -17,7 +17,8 @@ What stands in for Kubernetes here:
 
 istiod's settings are the ones a meshbridge cluster needs: `ISTIO_MULTIROOT_MESH=true` (without it
 istiod ignores every cacerts change that alters root-cert.pem, istio_ca.go `handleEvent`), the
-cluster's trust domain in meshConfig, `PILOT_ENABLE_CA_CRL` left at its default (true).
+cluster's trust domain in meshConfig (the `istio` ConfigMap, which istiod reads when no mesh file
+is mounted), `PILOT_ENABLE_CA_CRL` left at its default (true).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightkube import ApiError, Client, KubeConfig
+from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import ConfigMap, Secret
 
+from cluster_agent.istiod import LiveIstiodView
 from tests.e2e import gocheck
 from tests.e2e.clusters import Cluster, free_port, stop_processes
 from tests.e2e.testbin import require
@@ -139,8 +142,7 @@ class Istiod:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.projection is None:
             self.projection = SecretProjection(self.kube(), self.cacerts_dir).start()
-        mesh = self.workdir / "mesh.yaml"
-        mesh.write_text(f"trustDomain: {self.trust_domain}\n")
+        self.write_mesh_config()
         self.ports = {k: free_port() for k in ("http", "https", "grpc", "secure_grpc", "monitoring")}
         env = {
             **{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR")},
@@ -155,7 +157,9 @@ class Istiod:
             str(require("pilot-discovery")),
             "discovery",
             f"--kubeconfig={self.cluster.kubeconfig}",
-            f"--meshConfig={mesh}",
+            # no such file: istiod then reads meshConfig from the `istio` ConfigMap, as in a cluster
+            # (pilot/pkg/bootstrap/mesh.go getConfigurationSources)
+            f"--meshConfig={self.workdir / 'no-mesh-file'}",
             f"--networksConfig={self.workdir / 'mesh-networks.yaml'}",
             f"--httpAddr=127.0.0.1:{self.ports['http']}",
             f"--httpsAddr=127.0.0.1:{self.ports['https']}",
@@ -170,6 +174,28 @@ class Istiod:
         log.close()
         self._wait_ready()
         return self
+
+    def write_mesh_config(self, trust_domain: str | None = None) -> None:
+        """The `istio` ConfigMap (key `mesh`) istiod reads its meshConfig from."""
+        cm = ConfigMap(
+            metadata=ObjectMeta(name="istio", namespace=NAMESPACE),
+            data={"mesh": f"trustDomain: {trust_domain or self.trust_domain}\n"},
+        )
+        self.kube().apply(cm, field_manager="meshbridge-e2e", force=True)
+
+    def view(self) -> LiveIstiodView:
+        """The agent's view of this istiod (its address on loopback instead of the Service)."""
+        kube = self.kube()
+
+        def configmap_data(namespace: str, name: str) -> dict[str, str] | None:
+            try:
+                return dict(kube.get(ConfigMap, name, namespace=namespace).data or {})
+            except ApiError as exc:
+                if exc.status.code == 404:
+                    return None
+                raise
+
+        return LiveIstiodView(configmap_data, namespace=NAMESPACE, address=("127.0.0.1", self.ports["secure_grpc"]))
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT

@@ -25,8 +25,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from lightkube.resources.core_v1 import Secret
 
 from cluster_agent.loop import AgentLoop
+from cluster_agent.served import bundle_fingerprints
+from meshbridge_wire.models import ServedIn
 from tests.e2e import gocheck
-from tests.e2e.clusters import Cluster, start_clusters, stop_clusters
+from tests.e2e.clusters import Cluster, free_port, start_clusters, stop_clusters
 from tests.e2e.istiod import Istiod
 from tests.e2e.test_agents_e2e import TD, agent_config, make_loop
 from tests.e2e.workload import Workload, grpc_handshake, mint, openssl_handshake
@@ -81,6 +83,8 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
         bed.settle()  # cacerts exist before istiod starts: it loads the plugged-in CA at once
         for name, cluster in clusters.items():
             istiods[name] = Istiod(cluster, TD[name], work / f"istiod-{name}").start()
+            loops[name].r.istiod = istiods[name].view()
+        bed.settle()  # the agents report what istiod serves
         print(f"\nistiod bed (2 API servers, CA, 2 agents, 2 istiods) ready in {time.monotonic() - t0:.1f}s")
         yield bed
     finally:
@@ -288,3 +292,51 @@ def test_four_root_phases_with_istiod_issued_certificates(bed: Bed) -> None:
     issued = [i for i in issued if i[0] in ("phase 3",)]
     issued.append(("phase 4", bed.istiod["a"].issue(EGRESS_SA), bed.istiod["b"].issue(INGRESS_SA)))
     all_pairs_pass("phase 4")
+
+
+def reported(bed: Bed, name: str) -> ServedIn:
+    """What cluster ``name``'s agent last reported to the CA about its istiod."""
+    cluster, _ = bed.ca.authority.get_cluster(name)
+    assert cluster.agent_status is not None and cluster.agent_status.get("served"), f"{name} reported nothing"
+    return ServedIn.model_validate(cluster.agent_status["served"])
+
+
+def test_agent_reports_what_istiod_serves(bed: Bed) -> None:
+    for name in ("a", "b"):
+        served = reported(bed, name)
+        assert served.problems == [], served.problems
+        assert served.bundle == bundle_fingerprints(bed.istiod[name].served_bundle())
+        assert served.bundle == bundle_fingerprints(bed.cacerts(name, "root-cert.pem"))
+        assert served.signing_serial == bed.loops[name].r.state.serial
+        issuers = {c.issuer for c in served.crls}
+        intermediate = x509.load_pem_x509_certificate(bed.cacerts(name, "ca-cert.pem").encode())
+        assert intermediate.subject.rfc4514_string() in issuers, f"{name}: istiod does not publish its CRL"
+
+
+def test_agent_sees_istiod_move_to_a_new_intermediate(bed: Bed) -> None:
+    before = reported(bed, "b")
+    bed.ca.authority.rotate("b", actor="e2e")
+    loop = bed.loops["b"]
+    loop.revision = None
+    loop.step()  # renews and writes cacerts; istiod follows within a second
+    new_serial = loop.r.state.serial
+    assert new_serial != before.signing_serial
+
+    def caught_up() -> bool:
+        loop.step()  # a quiet pass: the CA answers at once while istiod lags (CONVERGE_WAIT_S)
+        return reported(bed, "b").signing_serial == new_serial
+
+    took = wait_for("b's agent reporting istiod on the new intermediate", caught_up)
+    after = reported(bed, "b")
+    assert after.signing_since is not None and before.signing_since is not None
+    assert after.signing_since >= before.signing_since
+    assert after.bundle_since == before.bundle_since, "the bundle did not change; its first-seen time must not"
+    print(f"\nb: istiod's new intermediate reported {took:.1f}s after the agent's pass")
+
+
+def test_agent_reports_an_unreachable_istiod(bed: Bed) -> None:
+    view = bed.istiod["a"].view()
+    view.address = ("127.0.0.1", free_port())
+    served = bed.loops["a"].r.served_tracker.observe(view.read(), {}, bed.loops["a"].r.clock())
+    assert served.signing_serial is None
+    assert any("did not present its certificate" in p for p in served.problems)
