@@ -36,6 +36,11 @@ class AgentMetrics:
             "meshbridge_agent_ca_reachable", "1 when the CA service answered last time", registry=r
         )
         self.renewals = Counter("meshbridge_agent_renewals_total", "Intermediate renewals", registry=r)
+        self.istio_problems = Gauge(
+            "meshbridge_agent_istio_problems",
+            "Problems the last check of Istio's preconditions and the gateways found (listed in the status)",
+            registry=r,
+        )
 
     def reconciled(self, result: ReconcileResult) -> None:
         import time
@@ -49,6 +54,7 @@ class AgentMetrics:
         ):
             if items:
                 self.writes.labels(op).inc(len(items))
+        self.istio_problems.set(len(result.istio_problems))
         if result.renewed:
             self.renewals.inc()
         if result.cacerts_not_after is not None:
