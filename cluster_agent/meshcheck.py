@@ -21,7 +21,8 @@ Reported:
   `ISTIO_MULTIROOT_MESH=true`, istiod pods started before `cacerts` existed (they run the
   self-signed CA: `createIstioCA` reads /etc/cacerts only at start, and starts its file watcher
   only in plugged-in mode, so a restart and then a workload roll-out are needed);
-- a gateway Service that is missing, lacks a cross-cluster port, or maps it to another targetPort;
+- a gateway Service that is missing or lacks a cross-cluster port, an ingress Service that maps one
+  to another targetPort than the AuthorizationPolicy expects;
   gateway pods that are missing or run under another service account than the configured one;
 - whatever the injected DNS check finds in the parsed meshConfig.
 """
@@ -289,12 +290,13 @@ def _check_istiod(config: AgentConfig, facts: MeshFacts, report: MeshReport, roo
 
 
 # ------------------------------------------------------------------------------ gateways
-def _expected_target(gateway: IngressGatewayConfig | EgressGatewayConfig, port: int) -> int:
-    """The container port a cross-cluster Service port must lead to. Hook: when the configuration
-    names the gateway's target ports (`istio.ingress_gateway.target_port` / `tcp_target_port`),
-    return those here; until then the Service port itself, which is where istiod binds the Gateway
-    server's listener when the Service does not translate it (pilot/pkg/model/gateway.go
-    `resolvePorts`: the listener port is the matching Service port's targetPort)."""
+def _expected_target(gateway: IngressGatewayConfig, port: int) -> int:
+    """The container port an ingress cross-cluster Service port must lead to: istiod binds the
+    Gateway server's listener on the matching Service port's targetPort (pilot/pkg/model/gateway.go
+    `resolvePorts`), and the AuthorizationPolicy's `ports`/`notPorts` match that listener port.
+    Hook: when the configuration names the gateway's target ports
+    (`istio.ingress_gateway.target_port` / `tcp_target_port`), return those here; until then the
+    Service port itself, as the AuthorizationPolicy is rendered with it."""
     del gateway
     return port
 
@@ -351,6 +353,8 @@ def _check_service(
                 f"only)"
             )
             continue
+        if not isinstance(gateway, IngressGatewayConfig):
+            continue  # an egress Gateway server may listen anywhere (443 → 8443 in Istio's charts)
         target = _resolve_target(service_port, found.pods)
         expected = _expected_target(gateway, number)
         if target is None:
