@@ -34,11 +34,12 @@ HTTP_ONLY = Traffic(http_exports=True, egress={EGR: (True, False)})
 
 
 def config(**istio: Any) -> AgentConfig:
+    section: dict[str, Any] = {"trust_domain": "b.mesh", "ingress_gateway": {"address": "198.51.100.20"}, **istio}
     return parse_config(
         {
             "cluster": "b",
             "ca": {"url": "https://127.0.0.1:8443", "trust_anchor": "/ca-root.pem"},
-            "istio": {"trust_domain": "b.mesh", "ingress_gateway": {"address": "198.51.100.20"}, **istio},
+            "istio": section,
             "exports": [{"service": "ratings", "namespace": "bookinfo", "ports": [9080], "consumers": ["a"]}],
             "imports": [{"from": "a", "names": ["*"]}],
         }
