@@ -264,8 +264,8 @@ def _check_istiod(config: AgentConfig, facts: MeshFacts, report: MeshReport, roo
         )
         why = (
             f"istiod ignores every cacerts change whose root-cert.pem differs (root phases 2 to 4) unless "
-            f"{MULTIROOT_ENV}=true; set it in istiod's env (Helm: pilot.env.{MULTIROOT_ENV}=true) and restart "
-            f"istiod ({restart})"
+            f"{MULTIROOT_ENV}=true; set it in istiod's env (istiod Helm chart: env.{MULTIROOT_ENV}=true; "
+            f"istioctl: values.pilot.env.{MULTIROOT_ENV}=true) and restart istiod ({restart})"
         )
         if changes_roots:
             report.blocking.append(

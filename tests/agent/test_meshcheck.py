@@ -135,7 +135,7 @@ def test_istiod_without_multiroot_is_reported_and_blocks_a_root_change() -> None
     (line,) = found
     assert line.startswith("istio: istiod pod(s) istiod-1 run without ISTIO_MULTIROOT_MESH=true;")
     assert (
-        "pilot.env.ISTIO_MULTIROOT_MESH=true" in line
+        "istioctl: values.pilot.env.ISTIO_MULTIROOT_MESH=true" in line
         and "kubectl -n istio-system rollout restart deployment/istiod" in line
     )
     blocking, _ = problems(off, root=ROOT_AB)  # root phase 2: istiod would ignore the whole cacerts change

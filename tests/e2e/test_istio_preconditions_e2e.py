@@ -152,7 +152,7 @@ def test_the_agent_reads_what_istio_and_the_gateways_really_are(mesh: Cluster, t
     assert report.problems == [
         "istio: istiod pod(s) istiod-1 run without ISTIO_MULTIROOT_MESH=true; istiod ignores every cacerts change "
         "whose root-cert.pem differs (root phases 2 to 4) unless ISTIO_MULTIROOT_MESH=true; set it in istiod's env "
-        f"(Helm: pilot.env.ISTIO_MULTIROOT_MESH=true) and restart istiod (kubectl -n {NS} rollout restart "
+        f"(istiod Helm chart: env.ISTIO_MULTIROOT_MESH=true; istioctl: values.pilot.env.ISTIO_MULTIROOT_MESH=true) and restart istiod (kubectl -n {NS} rollout restart "
         "deployment/istiod), before a root rotation",
         f"istio: Service {GW_NS}/istio-ingress has no port 15443 (istio.cross_cluster_port): other clusters cannot "
         "reach the Gateway server there; add it to the gateway's Service (Istio's gateway charts expose 15021, 80 and "
