@@ -168,3 +168,19 @@ def test_b_config_puts_each_gateway_in_its_own_namespace(fleet: dict[str, Path])
     data = yaml.safe_load(fleet["b"].read_text())
     assert data["istio"]["ingress_gateway"]["namespace"] == "istio-ingress"
     assert data["imports"][0]["egress_gateway"]["service"] == "egress-to-a"
+
+
+def test_identities_stay_compatible_and_bounded() -> None:
+    from pydantic import ValidationError
+
+    from meshbridge_wire.models import Identities
+
+    old = Identities.model_validate({"ingress": B_INGRESS, "egress": B_EGRESS})  # an older agent's body
+    assert old.egress_additional is None and old.model_dump(exclude_none=True) == {
+        "ingress": B_INGRESS,
+        "egress": B_EGRESS,
+    }
+    with pytest.raises(ValidationError):
+        Identities.model_validate({"ingress": B_INGRESS, "egress": B_EGRESS, "egress_additional": [B_EGRESS] * 33})
+    with pytest.raises(ValidationError):
+        Identities.model_validate({"ingress": B_INGRESS, "egress": B_EGRESS, "egress_additional": ["short"]})
