@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cluster_agent.meshcheck import MeshFacts
 from cluster_agent.render.objects import CLUSTER_LABEL, MANAGED_BY, MANAGED_BY_LABEL, Manifest
 
 __all__ = ["Applier", "ApplyReport", "managed_by_labels", "prune_selector"]
@@ -43,6 +44,10 @@ class Applier(Protocol):
     def current_corefile(self) -> str | None: ...
 
     def service_exports(self) -> list[dict[str, Any]]: ...
+
+    def mesh_facts(self) -> MeshFacts | None:
+        """What `meshcheck.check_mesh` checks; None where there is no cluster to read (render mode)."""
+        ...
 
 
 def managed_by_labels() -> dict[str, str]:

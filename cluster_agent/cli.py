@@ -111,7 +111,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         host, _, port = args.health_listen.rpartition(":")
         serve_health(metrics, ready=loop.ready, host=host or "0.0.0.0", port=int(port))  # noqa: S104
     if args.once:
-        loop.step()
+        result = loop.step()
+        for problem in result.istio_problems if result is not None else []:
+            print(f"  problem: {problem}")
         return 0
     _install_signals(loop)
     loop.run()

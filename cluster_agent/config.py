@@ -257,6 +257,25 @@ class _GatewayBase(_Model):
     service_account: DnsName
     # Where the gateway's pods and Service live; defaults to istio.namespace.
     namespace: DnsLabel | None = None
+    # A gateway installed with Istio's Helm `gateway` chart under this release name: the defaults
+    # of service, service_account and selector follow the chart (keys given explicitly win).
+    helm_release: ServiceName | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _helm_layout(cls, data: object) -> object:
+        if isinstance(data, dict) and isinstance(data.get("helm_release"), str):
+            return {**helm_gateway_defaults(data["helm_release"]), **data}
+        return data
+
+
+def helm_gateway_defaults(release: str) -> dict[str, Any]:
+    """What Istio's Helm `gateway` chart names after its release (values `name` and `labels` left
+    unset): manifests/charts/gateway/templates/_helpers.tpl — `gateway.name` is the release name,
+    the Service (service.yaml) and the service account (`gateway.serviceAccountName`, with
+    `serviceAccount.create: true`, the chart's default) take it, and `gateway.selectorLabels`
+    labels the pods `istio: <release without a leading "istio-">` (and `app: <release>`)."""
+    return {"service": release, "service_account": release, "selector": {"istio": release.removeprefix("istio-")}}
 
 
 class IngressGatewayConfig(_GatewayBase):
@@ -290,6 +309,9 @@ def _default_egress() -> EgressGatewayConfig:
 
 class IstioConfig(_Model):
     namespace: DnsLabel = "istio-system"
+    # istiod's revision (`--set revision=R`): its ConfigMap is `istio-R` and its pods are labelled
+    # `istio.io/rev: R`; none: ConfigMap `istio`, label `istio.io/rev: default`.
+    revision: DnsLabel | None = None
     trust_domain: TrustDomain
     cluster_domain: DnsName = "cluster.local"
     # Port of the ingress Gateway server that other clusters' egress gateways connect to.
@@ -340,9 +362,22 @@ class IstioConfig(_Model):
         return address, self.ingress_gateway.port or self.cross_cluster_port
 
     def identity(self, gateway: _GatewayBase) -> str:
-        """SPIFFE identity of a gateway's workload certificate."""
+        """SPIFFE identity of a gateway's workload certificate: its own namespace and service
+        account, as istiod signs it (pkg/spiffe/spiffe.go `genSpiffeURI`: `spiffe://<td>/ns/<ns>/sa/<sa>`)."""
         ns = self.gateway_namespace(gateway)
         return f"spiffe://{self.trust_domain}/ns/{ns}/sa/{gateway.service_account}"
+
+    @property
+    def mesh_configmap(self) -> str:
+        """istiod's mesh ConfigMap (manifests/charts/istio-control/istio-discovery/templates/
+        configmap.yaml: `istio`, or `istio-<revision>`)."""
+        return f"istio-{self.revision}" if self.revision else "istio"
+
+    @property
+    def istiod_selector(self) -> dict[str, str]:
+        """Labels of istiod's pods (istio-discovery/templates/deployment.yaml: `app: istiod`,
+        `istio.io/rev: <revision or "default">`)."""
+        return {"app": "istiod", "istio.io/rev": self.revision or "default"}
 
 
 class DNSConfig(_Model):
@@ -501,19 +536,31 @@ class AgentConfig(_Model):
                 return rule
         return None
 
+    def egress_gateways(self) -> list[EgressGatewayConfig]:
+        """`istio.egress_gateway`, then each further gateway of `imports[].egress_gateway`, once."""
+        gateways = [self.istio.egress_gateway]
+        for rule in self.imports:
+            if rule.egress_gateway is not None and rule.egress_gateway not in gateways:
+                gateways.append(rule.egress_gateway)
+        return gateways
+
     def advisories(self) -> list[str]:
         """Valid but probably unintended settings, worded for an operator."""
-        notes: list[str] = []
-        default_sa = self.istio.egress_gateway.service_account
-        for i, rule in enumerate(self.imports):
-            gateway = rule.egress_gateway
-            if gateway is not None and gateway.service_account != default_sa:
-                notes.append(
-                    f"imports[{i}].egress_gateway.service_account: {gateway.service_account!r} differs from "
-                    f"istio.egress_gateway.service_account {default_sa!r}; cluster {rule.from_!r} admits only "
-                    f"the published egress identity, so give this gateway the same service account"
-                )
-        return notes
+        gateways: list[tuple[str, _GatewayBase]] = [
+            ("istio.ingress_gateway", self.istio.ingress_gateway),
+            ("istio.egress_gateway", self.istio.egress_gateway),
+        ]
+        gateways += [
+            (f"imports[{i}].egress_gateway", rule.egress_gateway)
+            for i, rule in enumerate(self.imports)
+            if rule.egress_gateway is not None
+        ]
+        return [
+            f"{path}.namespace: not set, so {self.istio.namespace!r} (istio.namespace); Istio's Helm gateway "
+            f"chart is installed in a namespace of its own (its release's), give that namespace here"
+            for path, gateway in gateways
+            if gateway.helm_release is not None and gateway.namespace is None
+        ]
 
 
 def _cross_problems(cfg: AgentConfig) -> Iterable[str]:

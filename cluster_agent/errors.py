@@ -5,6 +5,7 @@
     ├── ExportsInvalid        the exports to publish do not fit the CA service's model
     ├── BundleRejected        the bundle would fail istiod's own checks: nothing was written
     │   └── TrustRefused      an answer would change the agent's trust without proof: nothing changed
+    ├── IstioPreconditionFailed  istiod would misuse cacerts (trust domain, multi-root): nothing was written
     └── KubeError             a request to the Kubernetes API server failed
         ├── KubeRetryLater    429, 5xx or no answer: try again, after ``delay`` seconds when the server said
         ├── KubeConflict      409: written meanwhile by someone else (re-read, then write again)
@@ -23,6 +24,7 @@ __all__ = [
     "AgentError",
     "BundleRejected",
     "ExportsInvalid",
+    "IstioPreconditionFailed",
     "KubeConflict",
     "KubeError",
     "KubeForbidden",
@@ -53,6 +55,15 @@ class BundleRejected(AgentError):
 class TrustRefused(BundleRejected):
     """An answer would add a root no trusted root endorses, drop every trusted root, or install a
     chain that does not end at a trusted root: trust, cacerts and state were left unchanged."""
+
+
+class IstioPreconditionFailed(AgentError):
+    """istiod, as installed, would misuse what the agent is about to write (`meshcheck`: its trust
+    domain is not the cluster's, or it would ignore a root change): nothing was written."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
 class KubeError(AgentError):

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -35,11 +36,12 @@ from lightkube.core.exceptions import ConfigError as KubeConfigError
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.coordination_v1 import Lease
-from lightkube.resources.core_v1 import ConfigMap, Secret, Service
+from lightkube.resources.core_v1 import ConfigMap, Pod, Secret, Service
 
 from cluster_agent.apply import ApplyReport, managed_by_labels, prune_selector
-from cluster_agent.config import AgentConfig, ConfigError
+from cluster_agent.config import AgentConfig, ConfigError, EgressGatewayConfig, IngressGatewayConfig
 from cluster_agent.errors import KubeConflict, KubeError, KubeForbidden, KubeNotFound, KubeRetryLater
+from cluster_agent.meshcheck import MESH_KEY, GatewayFacts, MeshFacts, PodFacts, ServicePort
 from cluster_agent.state import AgentState
 from meshbridge_wire.protocols import Protocol, parse_protocol
 
@@ -206,6 +208,75 @@ class KubeApplier:
             for p in (svc.spec.ports if svc.spec and svc.spec.ports else [])
         ]
 
+    # ------------------------------------------------------------------ Istio's preconditions
+    def mesh_facts(self) -> MeshFacts:
+        """What `meshcheck.check_mesh` judges: the configured gateways' Services and running pods,
+        istiod's mesh ConfigMap and running pods, and Secret cacerts' age and roots. A read RBAC
+        refuses is listed in `unreadable` instead of failing the pass."""
+        istio = self.config.istio
+        unreadable: list[str] = []
+        configured: list[IngressGatewayConfig | EgressGatewayConfig] = [istio.ingress_gateway]
+        configured += self.config.egress_gateways()
+        gateways = {(istio.gateway_namespace(g), g.service): self._gateway_facts(g, unreadable) for g in configured}
+        ns = istio.namespace
+        cm = self._read(
+            f"configmap {ns}/{istio.mesh_configmap}",
+            unreadable,
+            lambda: _get_or_none(self.client, ConfigMap, istio.mesh_configmap, ns),
+        )
+        istiod = self._read(f"pods {ns}", unreadable, lambda: self._running_pods(ns, istio.istiod_selector)) or ()
+        cacerts = self._read(
+            f"secret {ns}/cacerts", unreadable, lambda: _get_or_none(self.client, Secret, "cacerts", ns)
+        )
+        root = (cacerts.data or {}).get("root-cert.pem") if cacerts is not None else None
+        return MeshFacts(
+            gateways=gateways,
+            mesh_config=None if cm is None else (cm.data or {}).get(MESH_KEY, ""),
+            istiod_pods=istiod,
+            cacerts_created=cacerts.metadata.creationTimestamp if cacerts is not None and cacerts.metadata else None,
+            cacerts_root_cert=base64.b64decode(root).decode() if root is not None else None,
+            now=datetime.now(UTC),
+            unreadable=tuple(dict.fromkeys(unreadable)),
+        )
+
+    def _gateway_facts(
+        self, gateway: IngressGatewayConfig | EgressGatewayConfig, unreadable: list[str]
+    ) -> GatewayFacts:
+        ns = self.config.istio.gateway_namespace(gateway)
+        ports = self._read(
+            f"service {ns}/{gateway.service}", unreadable, lambda: self._gateway_ports(ns, gateway.service)
+        )
+        pods = self._read(f"pods {ns}", unreadable, lambda: self._running_pods(ns, gateway.selector))
+        return GatewayFacts(ports, pods or ())
+
+    @staticmethod
+    def _read(what: str, unreadable: list[str], fn: Callable[[], T]) -> T | None:
+        try:
+            return _call(fn)
+        except KubeForbidden:
+            unreadable.append(what)
+            return None
+
+    def _gateway_ports(self, namespace: str, name: str) -> tuple[ServicePort, ...] | None:
+        svc = _get_or_none(self.client, Service, name, namespace)
+        if svc is None:
+            return None
+        return tuple(
+            ServicePort(p.port, p.targetPort, p.name or "")
+            for p in (svc.spec.ports if svc.spec and svc.spec.ports else [])
+        )
+
+    def _running_pods(self, namespace: str, selector: dict[str, str]) -> tuple[PodFacts, ...]:
+        """The pods ``selector`` selects that run or are about to (not finished, not being deleted)."""
+        pods = self.client.list(Pod, namespace=namespace, labels=dict(selector))
+        return tuple(
+            _pod_facts(p)
+            for p in pods
+            if p.metadata is not None
+            and p.metadata.deletionTimestamp is None
+            and (p.status is None or p.status.phase not in ("Succeeded", "Failed"))
+        )
+
     # ------------------------------------------------------------------ apply
     def apply(self, objects: list[dict[str, Any]], *, corefile_block: str | None = None) -> ApplyReport:
         report = ApplyReport()
@@ -263,14 +334,20 @@ class KubeApplier:
         except KubeNotFound:
             pass
 
-    def _namespaces(self) -> set[str]:
-        return {self.config.istio.namespace, self.config.dns.coredns_namespace}
+    def _namespaces(self, kind: str) -> set[str]:
+        """Where the agent writes objects of ``kind``: istio.namespace and the CoreDNS namespace;
+        AuthorizationPolicies also in the ingress gateway's namespace (`IstioContext.policy_namespace`)."""
+        istio = self.config.istio
+        namespaces = {istio.namespace, self.config.dns.coredns_namespace}
+        if kind == "AuthorizationPolicy":
+            namespaces.add(istio.gateway_namespace(istio.ingress_gateway))
+        return namespaces
 
     def _live_managed(self) -> dict[str, str]:
         """What this agent applied earlier (`prune_selector`), by key, with its content hash."""
         out: dict[str, str] = {}
         for kind, res in RESOURCES.items():
-            for ns in sorted(self._namespaces()):
+            for ns in sorted(self._namespaces(kind)):
                 try:
                     items = self._list_managed(res, ns)
                 except (KubeForbidden, KubeNotFound):
@@ -343,15 +420,11 @@ class SecretStateStore:
         return f"SecretStateStore({self.namespace}/{self.name})"
 
     def load(self) -> AgentState:
-        import base64
-
         s = _call(lambda: _get_or_none(self.client, Secret, self.name, self.namespace))
         raw = (s.data or {}).get("state.json") if s is not None else None
         return AgentState.from_json(base64.b64decode(raw).decode()) if raw else AgentState()
 
     def save(self, state: AgentState) -> None:
-        import base64
-
         data = {"state.json": base64.b64encode(state.to_json().encode()).decode()}
 
         def attempt() -> None:
@@ -434,6 +507,25 @@ class LeaseElector:
             return False
         self._held_until = time.monotonic() + self.duration
         return True
+
+
+def _pod_facts(pod: Any) -> PodFacts:
+    """A pod as `meshcheck` sees it: its service account (`serviceAccountName`, else the deprecated
+    `serviceAccount`, else `default`, as the ServiceAccount admission plugin fills it), start time,
+    the environment of istiod's `discovery` container (or of its first container) and the named
+    container ports."""
+    spec = pod.spec
+    containers = list(spec.containers or []) if spec is not None else []
+    main = next((c for c in containers if c.name == "discovery"), containers[0] if containers else None)
+    env = {e.name: (e.value if e.valueFrom is None else None) for e in ((main.env or []) if main else [])}
+    ports = {p.name: p.containerPort for c in containers for p in (c.ports or []) if p.name}
+    return PodFacts(
+        name=pod.metadata.name,
+        service_account=(spec.serviceAccountName or spec.serviceAccount or "default") if spec else "default",
+        started_at=pod.status.startTime if pod.status is not None else None,
+        env=env,
+        container_ports=ports,
+    )
 
 
 def _port_protocol(app_protocol_or_name: str) -> Protocol:

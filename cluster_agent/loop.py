@@ -13,7 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cluster_agent.ca_client import CAAnswerInvalid, CAAuthFailed, CARejected, CAUnreachable
-from cluster_agent.errors import BundleRejected, ExportsInvalid, KubeError, KubeRetryLater, NotEnrolled
+from cluster_agent.errors import (
+    BundleRejected,
+    ExportsInvalid,
+    IstioPreconditionFailed,
+    KubeError,
+    KubeRetryLater,
+    NotEnrolled,
+)
 from cluster_agent.metrics import AgentMetrics
 from cluster_agent.reconcile import Reconciler, ReconcileResult
 
@@ -116,6 +123,9 @@ class AgentLoop:
             except (CARejected, CAAnswerInvalid, ExportsInvalid, BundleRejected) as exc:
                 delay = self._failed(f"rejected: {exc}")
                 log.error("%s; retrying in %.1fs", exc, delay)
+            except IstioPreconditionFailed as exc:  # each problem reads "istio: …": the error kind is `istio`
+                delay = self._failed(str(exc))
+                log.error("%s; nothing written, retrying in %.1fs", exc, delay)
             except KubeError as exc:  # a conflict, pushback or outage of the API server: the next pass repairs it
                 delay = self._failed(f"kubernetes: {exc}", hint=exc.delay if isinstance(exc, KubeRetryLater) else None)
                 log.error("%s; retrying in %.1fs", exc, delay)

@@ -55,6 +55,12 @@ class AgentMetrics:
         self._ca_crl_next = math.nan
         self.ca_crl_expires_in.set_function(lambda: self._ca_crl_next - time.time())
 
+        self.istio_problems = Gauge(
+            "meshbridge_agent_istio_problems",
+            "Problems the last check of Istio's preconditions and the gateways found (listed in the status)",
+            registry=r,
+        )
+
     def ca_crl_installed(self, next_update: datetime | None) -> None:
         """The ca-crl.pem just applied: the earliest nextUpdate in it (None: none installed)."""
         self._ca_crl_next = next_update.timestamp() if next_update is not None else math.nan
@@ -70,6 +76,7 @@ class AgentMetrics:
         ):
             if items:
                 self.writes.labels(op).inc(len(items))
+        self.istio_problems.set(len(result.istio_problems))
         if result.renewed:
             self.renewals.inc()
         if result.cacerts_not_after is not None:

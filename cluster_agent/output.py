@@ -48,6 +48,10 @@ class DirectoryWriter:
     def current_corefile(self) -> str | None:
         return self.corefile.read_text() if self.corefile else None
 
+    def mesh_facts(self) -> None:
+        """Render mode reads no cluster: Istio's preconditions are not checked (`meshcheck`)."""
+        return None
+
     def service_exports(self) -> list[dict[str, Any]]:
         return list(self._service_exports)
 

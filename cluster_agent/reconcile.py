@@ -10,10 +10,11 @@ applier are passed in, and their failures arrive as `ca_client.CAClientError` an
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,8 +24,9 @@ from pydantic import ValidationError
 from cluster_agent.apply import Applier, ApplyReport
 from cluster_agent.ca_client import CAClient, CAClientError
 from cluster_agent.config import AgentConfig
-from cluster_agent.errors import BundleRejected, ExportsInvalid, validation_problems
+from cluster_agent.errors import BundleRejected, ExportsInvalid, IstioPreconditionFailed, validation_problems
 from cluster_agent.intermediate import Intermediate
+from cluster_agent.meshcheck import DnsCheck, MeshReport, check_mesh, traffic
 from cluster_agent.render import BundleError, CacertsResult, RenderResult, render_all, render_cacerts
 from cluster_agent.served import IstiodView, ServedTracker, bundle_fingerprints
 from cluster_agent.state import StateStore
@@ -66,6 +68,7 @@ class ReconcileResult:
     warnings: list[str]
     cacerts_not_after: datetime | None  # of the intermediate installed
     ca_crl_next_update: datetime | None = None  # the earliest nextUpdate in the ca-crl.pem applied
+    istio_problems: list[str] = field(default_factory=list)  # meshcheck's, reported in the status
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,10 @@ class Reconciler:
         state_store: StateStore,
         clock: Callable[[], datetime] = utcnow,
         istiod: IstiodView | None = None,
+        dns_check: DnsCheck | None = None,
     ) -> None:
+        """``dns_check``: called with istiod's parsed meshConfig on every full reconcile in run
+        mode; a string it returns is reported as a problem in the status."""
         self.config = config
         self.istiod = istiod
         self.served_tracker = ServedTracker()
@@ -108,6 +114,9 @@ class Reconciler:
         self._errors: list[str] = []
         self._status_sent: StatusIn | None = None
         self._status_sent_at = 0.0
+        self.dns_check = dns_check
+        # what the last check of Istio's preconditions found (`meshcheck`), kept in the status
+        self.istio_problems: list[str] = []
 
     # ------------------------------------------------------------------ the pass
     def run_pass(self, *, revision: str | None, wait: float, resync: Callable[[], bool]) -> PassResult:
@@ -187,13 +196,9 @@ class Reconciler:
             }
         for extra in self.applier.service_exports():
             services.setdefault(extra["name"], extra)
-        td, ns = cfg.istio.trust_domain, cfg.istio.namespace
         body = {
             "gateway": {"address": address, "port": port},
-            "identities": {
-                "ingress": f"spiffe://{td}/ns/{ns}/sa/{cfg.istio.ingress_gateway.service_account}",
-                "egress": f"spiffe://{td}/ns/{ns}/sa/{cfg.istio.egress_gateway.service_account}",
-            },
+            "identities": self.identities(),
             "services": [services[name] for name in sorted(services)],
         }
         try:
@@ -202,6 +207,19 @@ class Reconciler:
             raise ExportsInvalid(
                 f"exports not published, they do not fit the CA service's model: {validation_problems(exc)}"
             ) from None
+
+    def identities(self) -> dict[str, Any]:
+        """The gateways' identities as published: each gateway's own namespace and service account
+        (`IstioConfig.identity`); `egress_additional` lists the further egress gateways of
+        `imports[].egress_gateway` (left out when there are none, so an older CA service, whose
+        model does not know the key, still accepts the body)."""
+        istio = self.config.istio
+        egress = istio.identity(istio.egress_gateway)
+        additional = sorted({istio.identity(g) for g in self.config.egress_gateways()} - {egress})
+        identities: dict[str, Any] = {"ingress": istio.identity(istio.ingress_gateway), "egress": egress}
+        if additional:
+            identities["egress_additional"] = additional
+        return identities
 
     def publish(self) -> bool:
         """Publish the exports when they changed since the last publication (ServiceExports are
@@ -220,7 +238,7 @@ class Reconciler:
             installed_serial=self.state.serial,
             last_reconcile_at=_rfc3339(self.last_reconcile) if self.last_reconcile else None,
             imports_applied=len(self.state.vips),
-            errors=self._errors[-10:],
+            errors=self._errors[-10:] + self.istio_problems[:10],
             cacerts_not_after=_rfc3339(not_after) if not_after is not None else None,
             served=self.served,
         )
@@ -315,11 +333,35 @@ class Reconciler:
             self.state.trust_bundle = desired.trust_bundle
             self.state_store.save(self.state)
 
+    def _check_istio(self, desired: DesiredOut, result: RenderResult) -> MeshReport | None:
+        """Istio's preconditions and the gateways, checked against the cluster (run mode only):
+        problems go to the status; a blocking one raises IstioPreconditionFailed before anything is
+        written."""
+        facts = self.applier.mesh_facts()
+        if facts is None:
+            self.istio_problems = []
+            return None
+        published = self._published if self._published is not None else self.exports_body()
+        report = check_mesh(
+            self.config,
+            facts,
+            needs=traffic(self.config, published.services, desired.imports),
+            root_cert_to_install=_cacerts_root(result),
+            dns_check=self.dns_check,
+        )
+        self.istio_problems = report.problems  # a blocking one reaches the status as the pass's error
+        for problem in report.problems:
+            log.warning(problem, extra={"cluster": self.config.cluster})
+        if report.blocking:
+            raise IstioPreconditionFailed(report.blocking)
+        return report
+
     def _reconcile(self, desired: DesiredOut, renewal: str | None) -> ReconcileResult:
         self._follow_trust_bundle(desired)
         if renewal is not None:
             self.intermediate.renew(renewal)
         result = self._render(desired)
+        self._check_istio(desired, result)
         if result.vips != self.state.vips:
             self.state.vips = dict(result.vips)
             self.state_store.save(self.state)
@@ -336,4 +378,13 @@ class Reconciler:
             list(result.warnings),
             self.intermediate.not_after(),
             result.ca_crl_next_update,
+            list(self.istio_problems),
         )
+
+
+def _cacerts_root(result: RenderResult) -> str | None:
+    """root-cert.pem of the rendered Secret cacerts (None when none was rendered)."""
+    for obj in result.objects:
+        if obj["kind"] == "Secret" and obj["metadata"]["name"] == "cacerts":
+            return base64.b64decode(obj["data"]["root-cert.pem"]).decode()
+    return None

@@ -6,7 +6,7 @@ so a field or a protocol name cannot mean one thing on one side and another on t
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -166,9 +166,16 @@ class Port(Strict):
     name: str | None = Field(default=None, max_length=63)
 
 
+Identity = Annotated[str, Field(min_length=10, max_length=512)]
+
+
 class Identities(Strict):
-    ingress: str = Field(min_length=10, max_length=512)
-    egress: str = Field(min_length=10, max_length=512)
+    ingress: Identity
+    egress: Identity
+    # The identities of further egress gateways this cluster sends through (an agent's
+    # `imports[].egress_gateway`), which exporters admit too. Absent from older agents' bodies;
+    # an agent leaves it out when it has none, so an older CA service still accepts the body.
+    egress_additional: list[Identity] | None = Field(default=None, max_length=32)
 
 
 class ExportedService(Strict):

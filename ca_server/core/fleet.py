@@ -121,14 +121,17 @@ def desired_state(snap: FleetSnapshot, cluster: Cluster) -> dict[str, Any]:
 
 
 def _check_exports(cluster: Cluster, body: dict[str, Any]) -> list[str]:
-    """InvalidInput unless every identity is in the cluster's trust domain and service names are
-    unique; returns the service names."""
-    for role, ident in sorted(body.get("identities", {}).items()):
-        if not identity_in_trust_domain(ident, cluster.trust_domain):
-            raise InvalidInput(
-                f"identities.{role} must be a SPIFFE ID in the cluster's trust domain "
-                f"(spiffe://{cluster.trust_domain}/...)"
-            )
+    """InvalidInput unless every identity (ingress, egress and each of `egress_additional`) is in
+    the cluster's trust domain and service names are unique; returns the service names."""
+    for role, value in sorted(body.get("identities", {}).items()):
+        # `egress_additional` is a list (further egress gateways); every entry is checked alike
+        listed = value if isinstance(value, list) else [] if value is None else [value]
+        for i, ident in enumerate(listed):
+            if not identity_in_trust_domain(ident, cluster.trust_domain):
+                where = f"identities.{role}[{i}]" if isinstance(value, list) else f"identities.{role}"
+                raise InvalidInput(
+                    f"{where} must be a SPIFFE ID in the cluster's trust domain (spiffe://{cluster.trust_domain}/...)"
+                )
     names = [s["name"] for s in body.get("services", [])]
     if len(names) != len(set(names)):
         raise InvalidInput("services: each name may appear once")

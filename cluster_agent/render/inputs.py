@@ -208,7 +208,8 @@ def select_imports(config: AgentConfig, imports: Sequence[ImportSpec]) -> tuple[
 
 
 def parse_peers(raw: Iterable[Mapping[str, Any]]) -> tuple[dict[str, PeerSpec], list[str]]:
-    """`Desired.peers`; `identities.egress` may also be a list (several egress gateways)."""
+    """`Desired.peers`. A peer's egress identities are `identities.egress` (a string, or a list from
+    older peers) and every entry of `identities.egress_additional` (its further egress gateways)."""
     warnings: list[str] = []
     peers: dict[str, PeerSpec] = {}
     for item in raw:
@@ -219,11 +220,13 @@ def parse_peers(raw: Iterable[Mapping[str, Any]]) -> tuple[dict[str, PeerSpec], 
             warnings.append(f"peer {name!r}: malformed entry; left out")
             continue
         identities = item.get("identities")
-        egress = identities.get("egress") if isinstance(identities, Mapping) else None
-        uris = [egress] if isinstance(egress, str) else list(egress) if isinstance(egress, list) else []
+        uris: list[object] = []
+        for key in ("egress", "egress_additional"):  # the second: further egress gateways (imports')
+            value = identities.get(key) if isinstance(identities, Mapping) else None
+            uris += [value] if isinstance(value, str) else list(value) if isinstance(value, list) else []
         kept: list[str] = []
         for uri in uris:
-            if spiffe_trust_domain(uri) != trust_domain:
+            if not isinstance(uri, str) or spiffe_trust_domain(uri) != trust_domain:
                 warnings.append(
                     f"peer {name}: egress identity {uri!r} is not a spiffe:// URI of one workload in its trust domain "
                     f"{trust_domain!r}; left out"

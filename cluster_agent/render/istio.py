@@ -108,6 +108,11 @@ class IstioContext:
     cross_cluster_tcp_port: int
     authorization_mode: Literal["deny", "allow"]
     ingress_selector: Mapping[str, str]
+    # Where the export AuthorizationPolicies live: the ingress gateway's own namespace. A policy with
+    # a selector binds only to workloads of its own namespace, unless it sits in the root namespace
+    # (pilot/pkg/model/authorization.go `ListAuthorizationPolicies` looks in the mesh's
+    # RootNamespace and the workload's namespace only).
+    policy_namespace: str
     default_egress: EgressTarget
     egress_by_source: Mapping[str, EgressTarget]
 
@@ -134,6 +139,7 @@ class IstioContext:
             cross_cluster_tcp_port=istio.cross_cluster_tcp_port,
             authorization_mode=istio.authorization_mode,
             ingress_selector=dict(istio.ingress_gateway.selector),
+            policy_namespace=istio.gateway_namespace(istio.ingress_gateway),
             default_egress=default,
             egress_by_source=by_source,
         )
@@ -301,7 +307,7 @@ def render_export_authorization_policy(
         spec["action"] = "ALLOW"
         if principals:
             spec["rules"] = [{"from": [{"source": {"principals": list(principals)}}], **t} for t in targets]
-    meta = metadata(name, ctx.namespace, ctx.labels("export"), {NAME_ANNOTATION: export.name})
+    meta = metadata(name, ctx.policy_namespace, ctx.labels("export"), {NAME_ANNOTATION: export.name})
     return _manifest(SECURITY, "AuthorizationPolicy", meta, spec)
 
 

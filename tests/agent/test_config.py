@@ -288,14 +288,56 @@ def test_config_error_is_a_value_error_and_config_is_frozen() -> None:
         config.cluster = "c"
 
 
-def test_dedicated_egress_with_another_service_account_is_advised() -> None:
+def test_every_egress_gateway_is_listed_once() -> None:
+    """Issue 11 item 3: a dedicated egress gateway with its own service account is published too
+    (it used to draw an advisory: exporters admitted only `istio.egress_gateway`)."""
     config = parse_config(example())
-    notes = config.advisories()
-    assert len(notes) == 1
-    assert notes[0].startswith("imports[1].egress_gateway.service_account: 'egress-to-c' differs")
+    assert config.advisories() == []
+    assert [g.service for g in config.egress_gateways()] == ["istio-egressgateway", "egress-to-c"]
     data = example()
-    data["imports"][1]["egress_gateway"]["service_account"] = "istio-egressgateway-service-account"
-    assert parse_config(data).advisories() == []
+    data["imports"][0]["egress_gateway"] = data["imports"][1]["egress_gateway"]
+    assert [g.service for g in parse_config(data).egress_gateways()] == ["istio-egressgateway", "egress-to-c"]
+
+
+def test_helm_release_gives_the_gateway_charts_names() -> None:
+    """Istio's Helm `gateway` chart names the Service and service account after the release and labels
+    the pods `istio: <release without "istio-">` (manifests/charts/gateway/templates/_helpers.tpl)."""
+    data = example()
+    data["istio"]["ingress_gateway"] = {
+        "helm_release": "istio-ingress",
+        "namespace": "istio-ingress",
+        "address": "x.example",
+    }
+    data["istio"]["egress_gateway"] = {"helm_release": "egress", "namespace": "istio-egress", "service_account": "sa-e"}
+    istio = parse_config(data).istio
+    assert (istio.ingress_gateway.service, istio.ingress_gateway.service_account) == ("istio-ingress", "istio-ingress")
+    assert istio.ingress_gateway.selector == {"istio": "ingress"}
+    assert istio.egress_gateway.service == "egress" and istio.egress_gateway.selector == {"istio": "egress"}
+    assert istio.egress_gateway.service_account == "sa-e"  # an explicit key wins
+    assert istio.identity(istio.ingress_gateway) == "spiffe://b.mesh/ns/istio-ingress/sa/istio-ingress"
+
+
+def test_helm_release_without_a_namespace_is_advised_and_a_bad_release_names_its_key() -> None:
+    data = example()
+    data["istio"]["egress_gateway"] = {"helm_release": "istio-egress"}
+    (note,) = parse_config(data).advisories()
+    assert note.startswith("istio.egress_gateway.namespace: not set")
+    data["istio"]["egress_gateway"] = {"helm_release": "Bad_Name"}
+    assert any(
+        p.startswith("istio.egress_gateway.helm_release: must be a Kubernetes Service name") for p in problems_of(data)
+    )
+
+
+def test_revision_names_istiods_configmap_and_labels() -> None:
+    istio = parse_config(example()).istio
+    assert (istio.mesh_configmap, istio.istiod_selector) == ("istio", {"app": "istiod", "istio.io/rev": "default"})
+    data = example()
+    data["istio"]["revision"] = "canary"
+    istio = parse_config(data).istio
+    assert (istio.mesh_configmap, istio.istiod_selector) == (
+        "istio-canary",
+        {"app": "istiod", "istio.io/rev": "canary"},
+    )
 
 
 def test_model_is_the_public_type() -> None:

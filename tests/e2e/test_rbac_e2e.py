@@ -105,6 +105,9 @@ kubernetes: {{kubeconfig: {kubeconfig}}}
         )
         result = loop.step()
         assert result is not None and result.report.created
+        # Istio's preconditions were all readable with the chart's RBAC (nothing installed here to check)
+        assert not [p for p in result.istio_problems if "cannot read" in p], result.istio_problems
+        assert any(f"ConfigMap {NS}/istio not found" in p for p in result.istio_problems)
         secret = c.kubectl("get", "secret", "cacerts", "-n", NS, "-o", "jsonpath={.data}").stdout
         assert "ca-cert.pem" in secret and "ca-crl.pem" in secret
         # a second pass with nothing changed: zero writes against the real API server
@@ -124,4 +127,7 @@ kubernetes: {{kubeconfig: {kubeconfig}}}
     denied("create", "secret", "generic", "x", "-n", "default", "--from-literal=a=b")
     denied("get", "configmap", "kube-proxy", "-n", "kube-system")  # only the coredns ConfigMaps by name
     denied("delete", "configmap", "coredns", "-n", "kube-system")
-    denied("get", "pods", "-n", NS)
+    denied("get", "pod", "istiod-1", "-n", NS)  # pods are listed (meshcheck), never read one by one
+    denied("get", "pods", "-n", "default")
+    denied("get", "configmap", "istio-ca-root-cert", "-n", NS)  # of Istio's ConfigMaps only `istio`
+    denied("get", "service", "ratings", "-n", "bookinfo")  # of Services only the gateways', by name

@@ -66,14 +66,41 @@ Returns "pem", "configMap" or "secret"; fails otherwise.
 {{- if not (kindIs "invalid" .Values.ca.crlValidity) }}{{ $_ := set $ca "crl_validity" .Values.ca.crlValidity }}{{ end -}}
 {{- $i := .Values.istio -}}
 {{- $ingress := dict "selector" $i.ingressGateway.selector "service" $i.ingressGateway.service "service_account" $i.ingressGateway.serviceAccount -}}
+{{- if $i.ingressGateway.helmRelease }}{{ $ingress = dict "helm_release" $i.ingressGateway.helmRelease }}{{ end -}}
 {{- if $i.ingressGateway.namespace }}{{ $_ := set $ingress "namespace" $i.ingressGateway.namespace }}{{ end -}}
 {{- if $i.ingressGateway.address }}{{ $_ := set $ingress "address" $i.ingressGateway.address }}{{ end -}}
 {{- if not (kindIs "invalid" $i.ingressGateway.port) }}{{ $_ := set $ingress "port" (int $i.ingressGateway.port) }}{{ end -}}
 {{- $egress := dict "selector" $i.egressGateway.selector "service" $i.egressGateway.service "service_account" $i.egressGateway.serviceAccount "port" (int $i.egressGateway.port) -}}
+{{- if $i.egressGateway.helmRelease }}{{ $egress = dict "helm_release" $i.egressGateway.helmRelease "port" (int $i.egressGateway.port) }}{{ end -}}
 {{- if $i.egressGateway.namespace }}{{ $_ := set $egress "namespace" $i.egressGateway.namespace }}{{ end -}}
-{{- $istio := dict "namespace" $i.namespace "trust_domain" $i.trustDomain "cluster_domain" $i.clusterDomain "cross_cluster_port" (int $i.crossClusterPort) "authorization_mode" $i.authorizationMode "ingress_gateway" $ingress "egress_gateway" $egress -}}
+{{- $istio := dict "namespace" $i.namespace "trust_domain" $i.trustDomain "revision" ($i.revision | default nil) "cluster_domain" $i.clusterDomain "cross_cluster_port" (int $i.crossClusterPort) "authorization_mode" $i.authorizationMode "ingress_gateway" $ingress "egress_gateway" $egress -}}
 {{- $d := .Values.dns -}}
 {{- $dns := dict "suffix" $d.suffix "mode" $d.mode "vip_range" $d.vipRange "ttl" (int $d.ttl) "coredns_namespace" $d.corednsNamespace "coredns_configmap" $d.corednsConfigMap "corefile_key" $d.corefileKey -}}
 {{- $cfg := dict "cluster" .Values.cluster "ca" $ca "istio" $istio "dns" $dns "exports" .Values.exports "imports" .Values.imports "kubernetes" (dict "field_manager" .Values.kubernetes.fieldManager) -}}
 {{- toYaml $cfg -}}
+{{- end -}}
+
+{{/*
+The gateways the agent checks (meshcheck), as JSON: {"<namespace>": ["<Service>", …]}, from
+istio.ingressGateway, istio.egressGateway and every imports[].egress_gateway. A gateway given as a
+Helm release (Istio's `gateway` chart) has the release's name as its Service.
+*/}}
+{{- define "meshbridge-agent.gatewayServices" -}}
+{{- $i := .Values.istio -}}
+{{- $gateways := list (dict "namespace" $i.ingressGateway.namespace "service" ($i.ingressGateway.helmRelease | default $i.ingressGateway.service)) -}}
+{{- $gateways = append $gateways (dict "namespace" $i.egressGateway.namespace "service" ($i.egressGateway.helmRelease | default $i.egressGateway.service)) -}}
+{{- range .Values.imports }}{{ with .egress_gateway }}
+{{- $gateways = append $gateways (dict "namespace" .namespace "service" (.service | default .helm_release)) -}}
+{{- end }}{{ end -}}
+{{- $out := dict -}}
+{{- range $gateways }}
+{{- $ns := .namespace | default $i.namespace -}}
+{{- $_ := set $out $ns (append (get $out $ns | default list) .service | uniq) -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* istiod's mesh ConfigMap: `istio`, or `istio-<revision>` (istio-discovery's configmap.yaml). */}}
+{{- define "meshbridge-agent.meshConfigMap" -}}
+{{- if .Values.istio.revision }}istio-{{ .Values.istio.revision }}{{ else }}istio{{ end -}}
 {{- end -}}
