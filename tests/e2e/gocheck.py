@@ -5,6 +5,8 @@
   certificate signed by istiod's CA code and, optionally, a given workload chain.
 - ``run_simulation(a_dir, b_dir)``: Istio's xDS simulation of the import path a → b over the
   rendered objects of both clusters.
+- ``sidecar_clusters(a_dir, namespaces)``: what a sidecar in each namespace of cluster a builds
+  from a's rendered objects (clusters, those of `.remote` hosts, listeners).
 
 Both return the Go test output on success and raise ``GoCheckFailed`` (with that output) otherwise.
 A missing or stale binary fails the calling test with a hint to run `make testbin`.
@@ -98,3 +100,26 @@ def run_simulation(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str],
     for k, v in overrides.items():
         env[f"MESHBRIDGE_SIM_{k.upper()}"] = str(v)
     return _run("TestSimulation", env)
+
+
+_SIDECAR_LINE = re.compile(r"sidecar namespace=(\S+) clusters=(\d+) remote_clusters=(\d+) listeners=(\d+)")
+
+
+def sidecar_clusters(
+    a_dir: str | os.PathLike[str], namespaces: list[str], suffix: str = "remote"
+) -> dict[str, dict[str, int]]:
+    """Per namespace: ``{"clusters", "remote_clusters", "listeners"}`` of a sidecar there (no Sidecar
+    resource), from Istio's own xDS generation over the objects in ``a_dir`` (TestSidecarClusters)."""
+    env = {
+        "MESHBRIDGE_SIM_A_DIR": str(Path(a_dir).resolve()),
+        "MESHBRIDGE_SIDECAR_NAMESPACES": ",".join(namespaces),
+        "MESHBRIDGE_SIM_SUFFIX": suffix,
+    }
+    out = _run("TestSidecarClusters", env, timeout=900)
+    found = {
+        m[1]: {"clusters": int(m[2]), "remote_clusters": int(m[3]), "listeners": int(m[4])}
+        for m in _SIDECAR_LINE.finditer(out)
+    }
+    if sorted(found) != sorted(namespaces):
+        raise GoCheckFailed("TestSidecarClusters", 0, "no count for every namespace:\n" + _trim(out))
+    return found
