@@ -91,7 +91,9 @@ def run_simulation(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str],
     a_trust_domain / b_trust_domain (a.mesh, b.mesh), egress_service / egress_labels (a's egress
     gateway Service in istio-system and its pods' labels as "k=v,k=v"); the plain-TCP path: tcp_host
     (mongodb.bookinfo.remote, whose VIP is read from a's ServiceEntry), tcp_port (27017),
-    tcp_gateway_port (b's ingress TCP port, 15444), tcp_destination (mongodb.bookinfo.svc.cluster.local).
+    tcp_gateway_port (b's ingress TCP port, 15444), tcp_destination (mongodb.bookinfo.svc.cluster.local);
+    gateway_target_port / tcp_gateway_target_port: the container ports b's ingress Service maps the
+    two cross-cluster ports to (default: the same numbers), where its listeners bind.
     """
     env = {
         "MESHBRIDGE_SIM_A_DIR": str(Path(a_dir).resolve()),

@@ -34,6 +34,7 @@ type scenario struct {
 	refusedHost    string // a name b does not export
 	gwAddr         string // b's ingress gateway address
 	gwPort         int    // b's cross-cluster port
+	gwTargetPort   int    // its container port on b's ingress gateway pods (the listener's port)
 	destination    string // where b's ingress delivers host
 	aTrustDomain   string
 	bTrustDomain   string
@@ -46,10 +47,11 @@ type scenario struct {
 	ingressService string
 	// Plain TCP import (its own VIP, taken from a's ServiceEntry), exported by b on its second
 	// cross-cluster port.
-	tcpHost        string
-	tcpPort        int
-	tcpGwPort      int
-	tcpDestination string
+	tcpHost         string
+	tcpPort         int
+	tcpGwPort       int
+	tcpGwTargetPort int // container port behind tcpGwPort
+	tcpDestination  string
 }
 
 func parseLabels(t *testing.T, s string) map[string]string {
@@ -106,7 +108,10 @@ func loadScenario(t *testing.T) scenario {
 		tcpHost:        envOr("MESHBRIDGE_SIM_TCP_HOST", "mongodb.bookinfo.remote"),
 		tcpPort:        envInt(t, "MESHBRIDGE_SIM_TCP_PORT", 27017),
 		tcpGwPort:      envInt(t, "MESHBRIDGE_SIM_TCP_GATEWAY_PORT", 15444),
-		tcpDestination: envOr("MESHBRIDGE_SIM_TCP_DESTINATION", "mongodb.bookinfo.svc.cluster.local"),
+		// b's ingress Service maps its cross-cluster ports to these container ports.
+		gwTargetPort:    envInt(t, "MESHBRIDGE_SIM_GATEWAY_TARGET_PORT", 15443),
+		tcpGwTargetPort: envInt(t, "MESHBRIDGE_SIM_TCP_GATEWAY_TARGET_PORT", 15444),
+		tcpDestination:  envOr("MESHBRIDGE_SIM_TCP_DESTINATION", "mongodb.bookinfo.svc.cluster.local"),
 	}
 }
 
@@ -243,6 +248,28 @@ spec:
   selector: {app: db}
   ports: [{name: tcp-postgres, port: 5432, targetPort: 5432, protocol: TCP}]
 `
+
+// baseBFor is baseB with the ingress Service's cross-cluster ports mapped to the scenario's container
+// ports: the gateway's listeners bind those (model/gateway.go resolvePorts), so Envoy's RBAC sees them
+// as destination_port.
+func baseBFor(t *testing.T, sc scenario) string {
+	t.Helper()
+	out := baseB
+	for _, m := range []struct {
+		line   string
+		target int
+	}{
+		{"{name: tls, port: 15443, targetPort: 15443,", sc.gwTargetPort},
+		{"{name: tls-meshbridge-tcp, port: 15444, targetPort: 15444,", sc.tcpGwTargetPort},
+	} {
+		if !strings.Contains(out, m.line) {
+			t.Fatalf("baseB has no line %q", m.line)
+		}
+		port, _, _ := strings.Cut(m.line, " targetPort:")
+		out = strings.Replace(out, m.line, fmt.Sprintf("%s targetPort: %d,", port, m.target), 1)
+	}
+	return out
+}
 
 // Istio config b already has: ordinary north-south traffic through the same ingress gateway.
 const baseIstioB = `
@@ -634,7 +661,7 @@ func (p *simProxy) filterChainFor(t *testing.T, res simulation.Result, sni strin
 func TestSimulation(t *testing.T) {
 	sc := loadScenario(t)
 	a := newSimCluster(t, "a", sc.aDir, baseA(t, sc), "", sc.aTrustDomain)
-	b := newSimCluster(t, "b", sc.bDir, baseB, baseIstioB, sc.bTrustDomain)
+	b := newSimCluster(t, "b", sc.bDir, baseBFor(t, sc), baseIstioB, sc.bTrustDomain)
 	egressGW := a.proxy(t, model.Router, "istio-system", "10.1.0.20", sc.egressLabels, sc.istioVersion)
 	sidecar := a.proxy(t, model.SidecarProxy, "bookinfo", "10.1.1.5",
 		map[string]string{"app": "productpage"}, sc.istioVersion)
@@ -725,14 +752,14 @@ func TestSimulation(t *testing.T) {
 		for _, hh := range []string{sc.host, hostPort} {
 			in := toIngress[hh]
 			res := ingressGW.sim.Run(simulation.Call{
-				Port: sc.gwPort, Protocol: simulation.HTTP, TLS: simulation.MTLS, Sni: in.sni, HostHeader: in.host,
+				Port: sc.gwTargetPort, Protocol: simulation.HTTP, TLS: simulation.MTLS, Sni: in.sni, HostHeader: in.host,
 				CallMode: simulation.CallModeGateway,
 			})
 			want := fmt.Sprintf("outbound|%d||%s", sc.port, sc.destination)
 			if res.Error != nil || res.ClusterMatched != want {
 				ingressGW.dump(t, "ingress b")
 				t.Fatalf("mTLS SNI %s Host %s on %d: err=%v cluster %q, want %q (listener %q, chain %q, route %q)",
-					in.sni, in.host, sc.gwPort, res.Error, res.ClusterMatched, want, res.ListenerMatched,
+					in.sni, in.host, sc.gwTargetPort, res.Error, res.ClusterMatched, want, res.ListenerMatched,
 					res.FilterChainMatched, res.RouteConfigMatched)
 			}
 			t.Logf("SNI %s Host %s: listener %s, chain %q, route %s, vhost %s -> %s", in.sni, in.host,
@@ -743,7 +770,7 @@ func TestSimulation(t *testing.T) {
 			fc := ingressGW.filterChain(t, res)
 			consumer := fmt.Sprintf("spiffe://%s/ns/istio-system/sa/%s", sc.aTrustDomain, sc.egressSA)
 			stranger := fmt.Sprintf("spiffe://%s/ns/istio-system/sa/%s", "stranger.mesh", sc.egressSA)
-			req := rbacRequest{authority: in.host, path: "/ratings/0", port: sc.gwPort, sni: in.sni}
+			req := rbacRequest{authority: in.host, path: "/ratings/0", port: sc.gwTargetPort, sni: in.sni}
 			req.principal = consumer
 			if ok, why := evalRBAC(t, fc, req); !ok {
 				t.Errorf("RBAC on b's ingress denies the consumer %s for Host %s: %s", consumer, in.host, why)
@@ -767,7 +794,7 @@ func TestSimulation(t *testing.T) {
 
 	t.Run("4 b's ingress refuses names it does not export", func(t *testing.T) {
 		res := ingressGW.sim.Run(simulation.Call{
-			Port: sc.gwPort, Protocol: simulation.HTTP, TLS: simulation.MTLS, Sni: sc.refusedHost,
+			Port: sc.gwTargetPort, Protocol: simulation.HTTP, TLS: simulation.MTLS, Sni: sc.refusedHost,
 			HostHeader: sc.refusedHost, CallMode: simulation.CallModeGateway,
 		})
 		switch {
@@ -776,14 +803,14 @@ func TestSimulation(t *testing.T) {
 		case !errors.Is(res.Error, simulation.ErrNoFilterChain):
 			t.Errorf("SNI %s is refused only after the TLS handshake (%v): the ingress Gateway server on %d "+
 				"must list only the exported names in hosts, so that other SNIs match no filter chain",
-				sc.refusedHost, res.Error, sc.gwPort)
+				sc.refusedHost, res.Error, sc.gwTargetPort)
 		default:
 			t.Logf("SNI %s refused: %v", sc.refusedHost, res.Error)
 		}
 		// Exported SNI, but the Host header of a name not exported.
 		sni := toIngress[sc.host].sni
 		res = ingressGW.sim.Run(simulation.Call{
-			Port: sc.gwPort, Protocol: simulation.HTTP, TLS: simulation.MTLS, Sni: sni,
+			Port: sc.gwTargetPort, Protocol: simulation.HTTP, TLS: simulation.MTLS, Sni: sni,
 			HostHeader: sc.refusedHost, CallMode: simulation.CallModeGateway,
 		})
 		if res.Error == nil {
@@ -794,11 +821,11 @@ func TestSimulation(t *testing.T) {
 		// Without Istio mTLS (plain TLS, or plaintext) the cross-cluster port refuses.
 		for _, mode := range []simulation.TLSMode{simulation.TLS, simulation.Plaintext} {
 			res = ingressGW.sim.Run(simulation.Call{
-				Port: sc.gwPort, Protocol: simulation.HTTP, TLS: mode, Sni: sni,
+				Port: sc.gwTargetPort, Protocol: simulation.HTTP, TLS: mode, Sni: sni,
 				HostHeader: sc.host, CallMode: simulation.CallModeGateway,
 			})
 			if res.Error == nil {
-				t.Errorf("%s to port %d reached cluster %q, want refused", mode, sc.gwPort, res.ClusterMatched)
+				t.Errorf("%s to port %d reached cluster %q, want refused", mode, sc.gwTargetPort, res.ClusterMatched)
 			}
 		}
 	})
@@ -898,20 +925,20 @@ func TestSimulation(t *testing.T) {
 
 	t.Run("8 TCP: b's ingress delivers it to "+sc.tcpDestination+" for consumers only", func(t *testing.T) {
 		res := ingressGW.sim.Run(simulation.Call{
-			Port: sc.tcpGwPort, Protocol: simulation.TCP, TLS: simulation.MTLS, Sni: sc.tcpHost,
+			Port: sc.tcpGwTargetPort, Protocol: simulation.TCP, TLS: simulation.MTLS, Sni: sc.tcpHost,
 			CallMode: simulation.CallModeGateway,
 		})
 		want := fmt.Sprintf("outbound|%d||%s", sc.tcpPort, sc.tcpDestination)
 		if res.Error != nil || res.ClusterMatched != want {
 			ingressGW.dump(t, "ingress b")
-			t.Fatalf("mTLS SNI %s on %d: err=%v cluster %q, want %q (listener %q, chain %q)", sc.tcpHost, sc.tcpGwPort,
+			t.Fatalf("mTLS SNI %s on %d: err=%v cluster %q, want %q (listener %q, chain %q)", sc.tcpHost, sc.tcpGwTargetPort,
 				res.Error, res.ClusterMatched, want, res.ListenerMatched, res.FilterChainMatched)
 		}
-		t.Logf("SNI %s on %d: listener %s, chain %q -> %s", sc.tcpHost, sc.tcpGwPort, res.ListenerMatched,
+		t.Logf("SNI %s on %d: listener %s, chain %q -> %s", sc.tcpHost, sc.tcpGwTargetPort, res.ListenerMatched,
 			res.FilterChainMatched, res.ClusterMatched)
 		fc := ingressGW.filterChain(t, res)
 		consumer := fmt.Sprintf("spiffe://%s/ns/istio-system/sa/%s", sc.aTrustDomain, sc.egressSA)
-		req := rbacRequest{port: sc.tcpGwPort, sni: sc.tcpHost, principal: consumer}
+		req := rbacRequest{port: sc.tcpGwTargetPort, sni: sc.tcpHost, principal: consumer}
 		if ok, why := evalNetworkRBAC(t, fc, req); !ok {
 			t.Errorf("RBAC on b's ingress TCP chain denies the consumer %s: %s", consumer, why)
 		}
@@ -930,13 +957,13 @@ func TestSimulation(t *testing.T) {
 		// Names not exported as TCP (an HTTP export's SNI, a name not exported), plain TLS and
 		// plaintext: refused on the TCP port.
 		for _, call := range []simulation.Call{
-			{Port: sc.tcpGwPort, Protocol: simulation.TCP, TLS: simulation.MTLS, Sni: sc.host, CallMode: simulation.CallModeGateway},
-			{Port: sc.tcpGwPort, Protocol: simulation.TCP, TLS: simulation.MTLS, Sni: sc.refusedHost, CallMode: simulation.CallModeGateway},
-			{Port: sc.tcpGwPort, Protocol: simulation.TCP, TLS: simulation.TLS, Sni: sc.tcpHost, CallMode: simulation.CallModeGateway},
-			{Port: sc.tcpGwPort, Protocol: simulation.TCP, CallMode: simulation.CallModeGateway},
+			{Port: sc.tcpGwTargetPort, Protocol: simulation.TCP, TLS: simulation.MTLS, Sni: sc.host, CallMode: simulation.CallModeGateway},
+			{Port: sc.tcpGwTargetPort, Protocol: simulation.TCP, TLS: simulation.MTLS, Sni: sc.refusedHost, CallMode: simulation.CallModeGateway},
+			{Port: sc.tcpGwTargetPort, Protocol: simulation.TCP, TLS: simulation.TLS, Sni: sc.tcpHost, CallMode: simulation.CallModeGateway},
+			{Port: sc.tcpGwTargetPort, Protocol: simulation.TCP, CallMode: simulation.CallModeGateway},
 		} {
 			if r := ingressGW.sim.Run(call); r.Error == nil {
-				t.Errorf("TCP to b's ingress port %d (TLS %v, SNI %q) reached %q, want refused", sc.tcpGwPort, call.TLS,
+				t.Errorf("TCP to b's ingress port %d (TLS %v, SNI %q) reached %q, want refused", sc.tcpGwTargetPort, call.TLS,
 					call.Sni, r.ClusterMatched)
 			}
 		}
