@@ -308,11 +308,12 @@ def render_export_authorization_policy(
     pods, HTTP or TCP (core/networkfilter.go adds the RBAC network filter to each TCP chain), and on
     a TCP chain it cannot build the HTTP-only `hosts` (authz model/generator.go hostGenerator): for
     DENY it drops that one condition and keeps the rest (model.go checkError: "a wider deny"), so a
-    rule of `notPrincipals` + `hosts` alone would refuse every non-consumer on every TLS-passthrough,
-    TCP or AUTO_PASSTHROUGH chain of a shared ingress gateway. `ports` match Envoy's
-    `destination_port`, the port the listener accepted the connection on: the pods' container port
-    (the Service's targetPort), to which Istio translates a Gateway server's Service port
-    (model/gateway.go resolvePorts, called from MergeGateways), hence `ingress_target_port`.
+    rule of `notPrincipals` + `hosts` alone would refuse every non-consumer on every TLS-passthrough
+    or TCP chain of a shared ingress gateway. `ports` match Envoy's `destination_port`, the port the
+    connection arrived on (Envoy rbac/matchers.cc PortMatcher::matches: the downstream local
+    address's port), i.e. the listener's port: the pods' container port (the Service's
+    targetPort), to which Istio translates a Gateway server's Service port (model/gateway.go
+    resolvePorts, called from MergeGateways), hence `ingress_target_port`.
 
     deny mode: DENY everyone else for the host on that port; other traffic through a shared ingress
     gateway is left alone. allow mode: ALLOW the consumers for the host on that port. Once any ALLOW
