@@ -595,5 +595,6 @@ def render_import_side(ctx: IstioContext, imports: Sequence[ImportSpec], vips: M
 
 
 def _union_export_to(namespaces: set[str]) -> tuple[str, ...]:
-    """One `exportTo` covering several: `*` alone if any has it (Istio refuses `*` beside names)."""
+    """One `exportTo` covering several: `*` alone if any has it. Istio refuses `*` beside names and
+    duplicates (pkg/config/validation/validation.go validateExportTo)."""
     return EXPORT_TO_ALL if "*" in namespaces else tuple(sorted(namespaces))
