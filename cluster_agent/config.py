@@ -195,6 +195,16 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     return value
 
 
+def _check_consumer_namespaces(value: list[str]) -> list[str]:
+    for item in value:
+        if item != "*":
+            _check_dns_label(item)
+    _unique(value, "namespace")
+    if "*" in value and len(value) > 1:
+        raise ValueError("'*' already means every namespace; list either '*' or namespaces")
+    return value
+
+
 DnsLabel = Annotated[str, AfterValidator(_check_dns_label)]
 ServiceName = Annotated[str, AfterValidator(_check_service_name)]
 DnsName = Annotated[str, AfterValidator(_check_dns_name)]
@@ -204,6 +214,9 @@ Selector = Annotated[dict[str, str], AfterValidator(_check_selector)]
 RelPath = Annotated[Path, AfterValidator(_resolve_path)]
 CrlValidity = Annotated[timedelta, BeforeValidator(_parse_duration), AfterValidator(_check_crl_validity)]
 WorkloadCertTtl = Annotated[timedelta, BeforeValidator(_parse_duration), AfterValidator(_check_workload_cert_ttl)]
+# The namespaces whose sidecars see an import's ServiceEntry, VirtualService and DestinationRule
+# (their exportTo, besides the egress gateway's namespace): DNS labels, or "*" alone for all.
+ConsumerNamespaces = Annotated[list[str], Field(min_length=1), AfterValidator(_check_consumer_namespaces)]
 
 
 class _Model(BaseModel):
@@ -287,6 +300,11 @@ class IngressGatewayConfig(_GatewayBase):
     # Published to peers: where they reach the cross-cluster port from outside (LB address).
     address: Annotated[str, AfterValidator(_check_address)] | None = None
     port: Port | None = None
+    # The gateway pods' container ports (the Service's targetPort) behind istio.cross_cluster_port
+    # and istio.cross_cluster_tcp_port: Envoy listens there, so the AuthorizationPolicy's `ports`
+    # name them. Default: the Service ports themselves.
+    target_port: Port | None = None
+    tcp_target_port: Port | None = None
 
 
 class EgressGatewayConfig(_GatewayBase):
@@ -336,13 +354,18 @@ class IstioConfig(_Model):
         host, _, port = (self.istiod_address or f"istiod.{self.namespace}.svc:15012").rpartition(":")
         return host, int(port)
 
+    # Namespaces whose sidecars may call imported names, for every imports[] entry that does not
+    # set its own; unset: each imported name's own namespace (see ConsumerNamespaces).
+    consumer_namespaces: ConsumerNamespaces | None = None
+
     @model_validator(mode="after")
     def _ports_apart(self) -> IstioConfig:
         # Istio merges the TLS servers of the Gateways on one port into one listener and tells them
         # apart by SNI only (pilot/pkg/model/gateway.go mergeGateways: "We have another TLS server on
         # the same port. Can differentiate servers using SNI"): the TCP exports' TLS servers would sit
-        # beside the HTTP exports' mTLS server, and the HTTP DENY rule's `notPorts` for the TCP port
-        # would then exempt every HTTP export too (issue 11 item 2).
+        # beside the HTTP exports' mTLS server, and the HTTP DENY rule, held to its port but without
+        # its HTTP-only `hosts` on TCP chains (authz model.go checkError), would then refuse every
+        # non-consumer of an HTTP export on every TCP export too (issue 11 item 2).
         if self.cross_cluster_port == self.cross_cluster_tcp_port:
             raise ValueError(
                 f"cross_cluster_port and cross_cluster_tcp_port are both {self.cross_cluster_port}: give TCP "
@@ -352,6 +375,14 @@ class IstioConfig(_Model):
 
     def gateway_namespace(self, gateway: _GatewayBase) -> str:
         return gateway.namespace or self.namespace
+
+    def ingress_target_ports(self) -> tuple[int, int]:
+        """The ingress gateway's container ports (HTTP, TCP) behind the cross-cluster ports."""
+        gateway = self.ingress_gateway
+        return (
+            gateway.target_port or self.cross_cluster_port,
+            gateway.tcp_target_port or self.cross_cluster_tcp_port,
+        )
 
     def published_gateway(self) -> tuple[str, int]:
         """Where other clusters reach this cluster's exports: ingress_gateway.address and its port
@@ -494,6 +525,8 @@ class ImportConfig(_Model):
     names: list[ImportName] = Field(min_length=1)
     # A dedicated egress gateway for this source's traffic.
     egress_gateway: EgressGatewayConfig | None = None
+    # Namespaces whose sidecars may call this source's names; unset: istio.consumer_namespaces.
+    consumer_namespaces: ConsumerNamespaces | None = None
 
     @field_validator("names")
     @classmethod
@@ -544,6 +577,11 @@ class AgentConfig(_Model):
                 gateways.append(rule.egress_gateway)
         return gateways
 
+    def consumer_namespaces(self, rule: ImportConfig) -> tuple[str, ...] | None:
+        """The namespaces whose sidecars may call `rule`'s names; None: each name's own namespace."""
+        chosen = rule.consumer_namespaces or self.istio.consumer_namespaces
+        return tuple(chosen) if chosen is not None else None
+
     def advisories(self) -> list[str]:
         """Valid but probably unintended settings, worded for an operator."""
         gateways: list[tuple[str, _GatewayBase]] = [
@@ -555,12 +593,28 @@ class AgentConfig(_Model):
             for i, rule in enumerate(self.imports)
             if rule.egress_gateway is not None
         ]
-        return [
+        notes = [
             f"{path}.namespace: not set, so {self.istio.namespace!r} (istio.namespace); Istio's Helm gateway "
             f"chart is installed in a namespace of its own (its release's), give that namespace here"
             for path, gateway in gateways
             if gateway.helm_release is not None and gateway.namespace is None
         ]
+        for i, rule in enumerate(self.imports):
+            if self.consumer_namespaces(rule) is None:
+                notes.append(
+                    f"imports[{i}].consumer_namespaces: not set, so each name imported from {rule.from_!r} "
+                    f"(<service>.<namespace>) is visible only to sidecars in its own <namespace> (and the egress "
+                    f"gateway); workloads elsewhere get no route to it. List the calling namespaces, or ['*'] "
+                    f"for every namespace (then every sidecar builds a cluster per imported port)"
+                )
+        if self.istio.authorization_mode == "allow" and self.exports:
+            notes.append(
+                "istio.authorization_mode: 'allow' puts ALLOW policies on the ingress gateway pods: every "
+                "request they do not admit is refused, including other Gateways' traffic on the same pods "
+                "(public HTTPS, TLS passthrough, TCP) unless ALLOW policies of their own admit it. Use 'deny' "
+                "on a shared ingress gateway"
+            )
+        return notes
 
 
 def _cross_problems(cfg: AgentConfig) -> Iterable[str]:

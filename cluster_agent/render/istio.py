@@ -92,6 +92,7 @@ class EgressTarget:
     gateway_name: str
     gateway_ref: str  # <namespace>/<name>, as VirtualServices reference it
     selector: Mapping[str, str]
+    namespace: str  # of the gateway's pods: imports through it are exported there
     service_host: str  # FQDN of the gateway's Service
     port: int
     sni: str
@@ -115,6 +116,11 @@ class IstioContext:
     policy_namespace: str
     default_egress: EgressTarget
     egress_by_source: Mapping[str, EgressTarget]
+    # The ingress gateway pods' container ports behind cross_cluster_port / cross_cluster_tcp_port.
+    ingress_target_port: int
+    ingress_tcp_target_port: int
+    # Per source cluster: the namespaces whose sidecars may call its names (None: each name's own).
+    consumer_namespaces: Mapping[str, tuple[str, ...] | None]
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> IstioContext:
@@ -130,6 +136,7 @@ class IstioContext:
             if namespace != istio.namespace:
                 name = f"{EGRESS_GATEWAY}-{namespace}-{gateway.service}"
             by_source[rule.from_] = _egress_target(config, gateway, name)
+        target_port, tcp_target_port = istio.ingress_target_ports()
         return cls(
             cluster=config.cluster,
             namespace=istio.namespace,
@@ -142,6 +149,9 @@ class IstioContext:
             policy_namespace=istio.gateway_namespace(istio.ingress_gateway),
             default_egress=default,
             egress_by_source=by_source,
+            ingress_target_port=target_port,
+            ingress_tcp_target_port=tcp_target_port,
+            consumer_namespaces={rule.from_: config.consumer_namespaces(rule) for rule in config.imports},
         )
 
     def host(self, name: str) -> str:
@@ -149,6 +159,27 @@ class IstioContext:
 
     def egress_for(self, cluster: str) -> EgressTarget:
         return self.egress_by_source.get(cluster, self.default_egress)
+
+    def import_export_to(self, spec: ImportSpec, egress: EgressTarget) -> tuple[str, ...]:
+        """`exportTo` of an import's ServiceEntry, VirtualService and DestinationRule.
+
+        Without a Sidecar resource every sidecar builds a cluster per port of each ServiceEntry
+        exported to its namespace (pilot/pkg/model/push_context.go IsServiceVisible), so an import
+        goes only to its consumer namespaces (default: the namespace in its own name, as MCS
+        namespace sameness reads `<service>.<namespace>`) plus the egress gateway's namespace, whose
+        proxy needs all three: the `.remote` cluster, the VirtualService bound to its Gateway
+        (VirtualServicesForGateway looks them up by the proxy's namespace) and the DestinationRule
+        of the hop to the exporter. Namespaces are written by name, never `.`: a DestinationRule's
+        `.` stays a literal that getExportedDestinationRuleFromNamespace compares with the client's
+        namespace, so `[".", "ns"]` in the root namespace would hide it from a root-namespace egress
+        gateway (setDestinationRules keeps only single-namespace rules in rootNamespaceLocal).
+        """
+        namespaces = self.consumer_namespaces.get(spec.cluster)
+        if namespaces is None:
+            namespaces = (spec.name.split(".", 1)[1],)
+        if "*" in namespaces:
+            return EXPORT_TO_ALL
+        return tuple(sorted({*namespaces, egress.namespace}))
 
     def labels(self, component: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         return managed_labels(self.cluster, component, extra)
@@ -161,6 +192,7 @@ def _egress_target(config: AgentConfig, gateway: EgressGatewayConfig, name: str)
         gateway_name=name,
         gateway_ref=f"{istio.namespace}/{name}",
         selector=dict(gateway.selector),
+        namespace=namespace,
         service_host=f"{gateway.service}.{namespace}.svc.{istio.cluster_domain}",
         port=gateway.port,
         # One label before the suffix: never the host of an import (<service>.<namespace>.<suffix>).
@@ -272,28 +304,39 @@ def render_export_virtual_service(ctx: IstioContext, export: ExportSpec, name: s
 
 
 def render_export_authorization_policy(
-    ctx: IstioContext, export: ExportSpec, name: str, principals: Sequence[str], tcp_exports: bool = False
+    ctx: IstioContext, export: ExportSpec, name: str, principals: Sequence[str]
 ) -> Manifest:
     """Only `principals` (the consumers' egress gateways) reach this export's host.
 
-    deny mode: DENY everyone else for the host (with any port), leaving other traffic through a
-    shared ingress gateway alone. allow mode: ALLOW the consumers for the host; every ALLOW policy
-    on a workload turns the rest of its traffic into deny-by-default.
+    HTTP ports are matched on the Host on the cross-cluster port, a TCP port on the SNI
+    (`connection.sni`, the host) on the cross-cluster TCP port. Every rule names its port
+    (`to.operation.ports`), because Istio builds these rules for every filter chain of the selected
+    pods, HTTP or TCP (core/networkfilter.go adds the RBAC network filter to each TCP chain), and on
+    a TCP chain it cannot build the HTTP-only `hosts` (authz model/generator.go hostGenerator): for
+    DENY it drops that one condition and keeps the rest (model.go checkError: "a wider deny"), so a
+    rule of `notPrincipals` + `hosts` alone would refuse every non-consumer on every TLS-passthrough
+    or TCP chain of a shared ingress gateway. `ports` match Envoy's `destination_port`, the port the
+    connection arrived on (Envoy rbac/matchers.cc PortMatcher::matches: the downstream local
+    address's port), i.e. the listener's port: the pods' container port (the Service's
+    targetPort), to which Istio translates a Gateway server's Service port (model/gateway.go
+    resolvePorts, called from MergeGateways), hence `ingress_target_port`.
 
-    HTTP ports are matched on the Host, a TCP port on the SNI (`connection.sni`, the host). On TCP
-    filter chains Istio drops the HTTP-only `hosts` from a DENY rule, which would then refuse every
-    non-consumer of this export on every TCP export too: when this gateway carries TCP exports
-    (`tcp_exports`), the HTTP rule leaves out the cross-cluster TCP port (`notPorts`).
+    deny mode: DENY everyone else for the host on that port; other traffic through a shared ingress
+    gateway is left alone. allow mode: ALLOW the consumers for the host on that port. Once any ALLOW
+    policy selects a workload, Envoy refuses every request no ALLOW policy matches: on a shared
+    ingress gateway that refuses every other tenant's traffic (public HTTPS, passthrough, TCP)
+    unless their own ALLOW policies admit it, and an export without any published consumer (an
+    ALLOW policy without rules) refuses everything. Allow mode is kept for gateways dedicated to
+    meshbridge; `check-config` notes what it does, and deny stays the default.
     """
     host = ctx.host(export.name)
     targets: list[dict[str, Any]] = []
     if _http_ports(export.ports):
-        operation: dict[str, Any] = {"hosts": [host, f"{host}:*"]}
-        if tcp_exports:
-            operation["notPorts"] = [str(ctx.cross_cluster_tcp_port)]
-        targets.append({"to": [{"operation": operation}]})
+        http_operation = {"ports": [str(ctx.ingress_target_port)], "hosts": [host, f"{host}:*"]}
+        targets.append({"to": [{"operation": http_operation}]})
     if _tcp_ports(export.ports):
-        targets.append({"when": [{"key": "connection.sni", "values": [host]}]})
+        tcp_operation = {"ports": [str(ctx.ingress_tcp_target_port)]}
+        targets.append({"to": [{"operation": tcp_operation}], "when": [{"key": "connection.sni", "values": [host]}]})
     spec: dict[str, Any] = {"selector": {"matchLabels": dict(ctx.ingress_selector)}}
     if ctx.authorization_mode == "deny":
         rules: list[dict[str, Any]] = []
@@ -358,7 +401,7 @@ def render_export_side(
     for export in exports:
         name = names[export.name]
         objects.append(render_export_virtual_service(ctx, export, name))
-        objects.append(render_export_authorization_policy(ctx, export, name, principals[export.name], bool(tcp_hosts)))
+        objects.append(render_export_authorization_policy(ctx, export, name, principals[export.name]))
     return objects, warnings
 
 
@@ -382,14 +425,18 @@ def render_egress_gateway(
 
 
 def render_egress_destination_rule(
-    ctx: IstioContext, egress: EgressTarget, tcp_subsets: Mapping[str, str] | None = None
+    ctx: IstioContext,
+    egress: EgressTarget,
+    tcp_subsets: Mapping[str, str] | None = None,
+    export_to: Sequence[str] = EXPORT_TO_ALL,
 ) -> Manifest:
     """Sidecar → egress gateway: Istio mTLS with the SNI of the egress Gateway server.
 
     Only the `meshbridge` subset carries settings, so other users of the egress gateway keep auto
     mTLS. `useClientProtocol` keeps HTTP/2 (gRPC) as HTTP/2 on the HTTPS-named gateway port. Each
     TCP import has a subset whose SNI is its `.remote` host, the only thing that tells its
-    connections apart at the egress gateway.
+    connections apart at the egress gateway. `export_to`: the namespaces of the imports using this
+    gateway (every subset is a cluster in each sidecar that sees the rule).
     """
     tcp = [
         {"name": label, "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL", "sni": host}}}
@@ -397,7 +444,7 @@ def render_egress_destination_rule(
     ]
     spec = {
         "host": egress.service_host,
-        "exportTo": list(EXPORT_TO_ALL),
+        "exportTo": list(export_to),
         "subsets": [
             {
                 "name": EGRESS_SUBSET,
@@ -418,13 +465,15 @@ def _import_meta(ctx: IstioContext, spec: ImportSpec, name: str) -> dict[str, An
     return metadata(name, ctx.namespace, labels, {NAME_ANNOTATION: spec.name})
 
 
-def render_service_entry(ctx: IstioContext, spec: ImportSpec, name: str, vip: str) -> Manifest:
+def render_service_entry(
+    ctx: IstioContext, spec: ImportSpec, name: str, vip: str, export_to: Sequence[str] = EXPORT_TO_ALL
+) -> Manifest:
     """The `.remote` host: its VIP, the import's ports, every port reaching the remote ingress
     gateway's cross-cluster port."""
     body = {
         "hosts": [ctx.host(spec.name)],
         "addresses": [vip],
-        "exportTo": list(EXPORT_TO_ALL),
+        "exportTo": list(export_to),
         "location": "MESH_EXTERNAL",
         "resolution": "STATIC" if spec.gateway_is_ip else "DNS",
         "ports": [{"number": p.number, "name": p.name, "protocol": p.protocol.value} for p in spec.ports],
@@ -440,7 +489,12 @@ def render_service_entry(ctx: IstioContext, spec: ImportSpec, name: str, vip: st
 
 
 def render_import_virtual_service(
-    ctx: IstioContext, spec: ImportSpec, name: str, egress: EgressTarget, tcp_subset: str | None = None
+    ctx: IstioContext,
+    spec: ImportSpec,
+    name: str,
+    egress: EgressTarget,
+    tcp_subset: str | None = None,
+    export_to: Sequence[str] = EXPORT_TO_ALL,
 ) -> Manifest:
     host = ctx.host(spec.name)
     to_egress: list[dict[str, Any]] = []
@@ -490,7 +544,7 @@ def render_import_virtual_service(
     body: dict[str, Any] = {
         "hosts": [host],
         "gateways": ["mesh", egress.gateway_ref],
-        "exportTo": list(EXPORT_TO_ALL),
+        "exportTo": list(export_to),
     }
     if to_egress:
         body["http"] = to_egress + to_remote
@@ -499,12 +553,14 @@ def render_import_virtual_service(
     return _manifest(NETWORKING, "VirtualService", _import_meta(ctx, spec, name), body)
 
 
-def render_import_destination_rule(ctx: IstioContext, spec: ImportSpec, name: str) -> Manifest:
+def render_import_destination_rule(
+    ctx: IstioContext, spec: ImportSpec, name: str, export_to: Sequence[str] = EXPORT_TO_ALL
+) -> Manifest:
     """Egress gateway → remote ingress: ISTIO_MUTUAL, SNI = host, SAN = the exporter's ingress."""
     host = ctx.host(spec.name)
     body = {
         "host": host,
-        "exportTo": list(EXPORT_TO_ALL),
+        "exportTo": list(export_to),
         "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL", "sni": host, "subjectAltNames": [spec.identity]}},
     }
     return _manifest(NETWORKING, "DestinationRule", _import_meta(ctx, spec, name), body)
@@ -518,11 +574,14 @@ def render_import_side(ctx: IstioContext, imports: Sequence[ImportSpec], vips: M
     subsets = tcp_subsets([ctx.host(s.name) for s in imports if _tcp_ports(s.ports)])
     hosts_by_egress: dict[str, list[str]] = {}
     tcp_by_egress: dict[str, dict[str, str]] = {}
+    export_to_by_egress: dict[str, set[str]] = {}
     targets: dict[str, EgressTarget] = {}
     objects: list[Manifest] = []
     for spec in imports:
         egress = ctx.egress_for(spec.cluster)
         host = ctx.host(spec.name)
+        export_to = ctx.import_export_to(spec, egress)
+        export_to_by_egress.setdefault(egress.gateway_name, set()).update(export_to)
         targets[egress.gateway_name] = egress
         if _http_ports(spec.ports):
             hosts_by_egress.setdefault(egress.gateway_name, []).append(host)
@@ -530,11 +589,18 @@ def render_import_side(ctx: IstioContext, imports: Sequence[ImportSpec], vips: M
         if subset is not None:
             tcp_by_egress.setdefault(egress.gateway_name, {})[host] = subset
         name = names[spec.name]
-        objects.append(render_service_entry(ctx, spec, name, vips[spec.name]))
-        objects.append(render_import_virtual_service(ctx, spec, name, egress, subset))
-        objects.append(render_import_destination_rule(ctx, spec, name))
+        objects.append(render_service_entry(ctx, spec, name, vips[spec.name], export_to))
+        objects.append(render_import_virtual_service(ctx, spec, name, egress, subset, export_to))
+        objects.append(render_import_destination_rule(ctx, spec, name, export_to))
     for gateway_name, egress in sorted(targets.items()):
         tcp = tcp_by_egress.get(gateway_name)
         objects.append(render_egress_gateway(ctx, egress, hosts_by_egress.get(gateway_name, []), tcp))
-        objects.append(render_egress_destination_rule(ctx, egress, tcp))
+        egress_export_to = _union_export_to(export_to_by_egress[gateway_name])
+        objects.append(render_egress_destination_rule(ctx, egress, tcp, egress_export_to))
     return objects
+
+
+def _union_export_to(namespaces: set[str]) -> tuple[str, ...]:
+    """One `exportTo` covering several: `*` alone if any has it. Istio refuses `*` beside names and
+    duplicates (pkg/config/validation/validation.go validateExportTo)."""
+    return EXPORT_TO_ALL if "*" in namespaces else tuple(sorted(namespaces))

@@ -291,7 +291,9 @@ def test_config_error_is_a_value_error_and_config_is_frozen() -> None:
 def test_every_egress_gateway_is_listed_once() -> None:
     """Issue 11 item 3: a dedicated egress gateway with its own service account is published too
     (it used to draw an advisory: exporters admitted only `istio.egress_gateway`)."""
-    config = parse_config(example())
+    data = example()
+    data["istio"]["consumer_namespaces"] = ["bookinfo"]
+    config = parse_config(data)
     assert config.advisories() == []
     assert [g.service for g in config.egress_gateways()] == ["istio-egressgateway", "egress-to-c"]
     data = example()
@@ -319,6 +321,7 @@ def test_helm_release_gives_the_gateway_charts_names() -> None:
 
 def test_helm_release_without_a_namespace_is_advised_and_a_bad_release_names_its_key() -> None:
     data = example()
+    data["istio"]["consumer_namespaces"] = ["bookinfo"]
     data["istio"]["egress_gateway"] = {"helm_release": "istio-egress"}
     (note,) = parse_config(data).advisories()
     assert note.startswith("istio.egress_gateway.namespace: not set")
@@ -338,6 +341,57 @@ def test_revision_names_istiods_configmap_and_labels() -> None:
         "istio-canary",
         {"app": "istiod", "istio.io/rev": "canary"},
     )
+
+
+def test_consumer_namespaces_per_rule_over_the_cluster_default() -> None:
+    """Issue 11 item 10: imports are exported to the namespaces that call them, not to every one."""
+    data = example()
+    config = parse_config(data)
+    assert [config.consumer_namespaces(rule) for rule in config.imports] == [None, None]
+    notes = config.advisories()
+    assert notes[0].startswith("imports[0].consumer_namespaces: not set, so each name imported from 'a'")
+    assert "visible only to sidecars in its own <namespace>" in notes[0] and "['*']" in notes[0]
+    assert any(n.startswith("imports[1].consumer_namespaces: not set") for n in notes)
+    data["istio"]["consumer_namespaces"] = ["frontend", "bookinfo"]
+    data["imports"][1]["consumer_namespaces"] = ["*"]
+    config = parse_config(data)
+    assert [config.consumer_namespaces(rule) for rule in config.imports] == [("frontend", "bookinfo"), ("*",)]
+    assert not any("consumer_namespaces" in n for n in config.advisories())
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("imports.0.consumer_namespaces", [], "imports[0].consumer_namespaces: must not be empty"),
+        ("imports.0.consumer_namespaces", ["Front"], "imports[0].consumer_namespaces: must be a DNS label"),
+        ("imports.0.consumer_namespaces", ["a", "a"], "imports[0].consumer_namespaces: namespace 'a' is listed twice"),
+        ("imports.0.consumer_namespaces", ["*", "a"], "imports[0].consumer_namespaces: '*' already means every"),
+        ("istio.consumer_namespaces", "bookinfo", "istio.consumer_namespaces: must be a list"),
+        ("istio.ingress_gateway.target_port", 0, "istio.ingress_gateway.target_port: must be 1..65535"),
+        ("istio.ingress_gateway.tcp_target_port", "x", "istio.ingress_gateway.tcp_target_port: must be a whole"),
+    ],
+)
+def test_bad_consumer_namespaces_and_target_ports(path: str, value: object, expected: str) -> None:
+    data = copy.deepcopy(example())
+    _set(data, path, value)
+    problems = problems_of(data)
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_ingress_container_ports_default_to_the_service_ports() -> None:
+    data = example()
+    assert parse_config(data).istio.ingress_target_ports() == (15443, 15444)
+    data["istio"]["cross_cluster_tcp_port"] = 16444
+    data["istio"]["ingress_gateway"]["target_port"] = 8443
+    assert parse_config(data).istio.ingress_target_ports() == (8443, 16444)
+
+
+def test_allow_mode_on_the_ingress_gateway_is_advised() -> None:
+    data = example()
+    data["istio"]["authorization_mode"] = "allow"
+    notes = parse_config(data).advisories()
+    assert any(n.startswith("istio.authorization_mode: 'allow' puts ALLOW policies") for n in notes)
+    assert any("Use 'deny' on a shared ingress gateway" in n for n in notes)
 
 
 def test_model_is_the_public_type() -> None:

@@ -189,7 +189,14 @@ def test_deny_policy_admits_only_published_consumers(result: Any) -> None:
                 "from": [
                     {"source": {"notPrincipals": ["a.mesh/ns/istio-system/sa/istio-egressgateway-service-account"]}}
                 ],
-                "to": [{"operation": {"hosts": ["ratings.bookinfo.remote", "ratings.bookinfo.remote:*"]}}],
+                "to": [
+                    {
+                        "operation": {
+                            "ports": ["15443"],
+                            "hosts": ["ratings.bookinfo.remote", "ratings.bookinfo.remote:*"],
+                        }
+                    }
+                ],
             }
         ],
     }
@@ -213,7 +220,7 @@ def test_export_without_any_published_consumer_is_denied_to_everyone() -> None:
     spec = by_kind(out.objects, "AuthorizationPolicy")["meshbridge-export-ratings-bookinfo"]["spec"]
     assert spec["action"] == "DENY"
     assert spec["rules"] == [
-        {"to": [{"operation": {"hosts": ["ratings.bookinfo.remote", "ratings.bookinfo.remote:*"]}}]}
+        {"to": [{"operation": {"ports": ["15443"], "hosts": ["ratings.bookinfo.remote", "ratings.bookinfo.remote:*"]}}]}
     ]
 
 
@@ -226,7 +233,14 @@ def test_allow_mode() -> None:
         "rules": [
             {
                 "from": [{"source": {"principals": ["a.mesh/ns/istio-system/sa/istio-egressgateway-service-account"]}}],
-                "to": [{"operation": {"hosts": ["ratings.bookinfo.remote", "ratings.bookinfo.remote:*"]}}],
+                "to": [
+                    {
+                        "operation": {
+                            "ports": ["15443"],
+                            "hosts": ["ratings.bookinfo.remote", "ratings.bookinfo.remote:*"],
+                        }
+                    }
+                ],
             }
         ],
     }
@@ -286,7 +300,7 @@ def test_service_entry(result: Any) -> None:
     assert entry["spec"] == {
         "hosts": ["details.bookinfo.remote"],
         "addresses": ["240.240.0.2"],
-        "exportTo": ["*"],
+        "exportTo": ["bookinfo", "istio-system"],
         "location": "MESH_EXTERNAL",
         "resolution": "STATIC",
         "ports": [{"number": 9080, "name": "http-9080", "protocol": "HTTP"}],
@@ -349,7 +363,7 @@ def test_import_destination_rule_per_api(result: Any) -> None:
     rules = by_kind(result.objects, "DestinationRule")
     assert rules["meshbridge-import-details-bookinfo"]["spec"] == {
         "host": "details.bookinfo.remote",
-        "exportTo": ["*"],
+        "exportTo": ["bookinfo", "istio-system"],
         "trafficPolicy": {
             "tls": {"mode": "ISTIO_MUTUAL", "sni": "details.bookinfo.remote", "subjectAltNames": [INGRESS_A]}
         },
@@ -695,13 +709,17 @@ def test_tcp_export_has_its_own_ingress_server_route_and_policy(tcp_result: Any)
     policies = by_kind(tcp_result.objects, "AuthorizationPolicy")
     assert policies["meshbridge-export-mongodb-bookinfo"]["spec"]["rules"] == [
         {
+            "to": [{"operation": {"ports": ["15444"]}}],
             "when": [{"key": "connection.sni", "values": ["mongodb.bookinfo.remote"]}],
             "from": [{"source": {"notPrincipals": [EGRESS_A[len("spiffe://") :]]}}],
         }
     ]
-    # HTTP rules leave the TCP port alone: Istio drops `hosts` from DENY rules on TCP chains.
+    # HTTP rules hold to the HTTP port: Istio drops `hosts` from DENY rules on TCP chains.
     http_rule = policies["meshbridge-export-ratings-bookinfo"]["spec"]["rules"][0]
-    assert http_rule["to"][0]["operation"]["notPorts"] == ["15444"]
+    assert http_rule["to"][0]["operation"] == {
+        "ports": ["15443"],
+        "hosts": ["ratings.bookinfo.remote", "ratings.bookinfo.remote:*"],
+    }
 
 
 def test_tcp_export_allow_mode_and_custom_port() -> None:
@@ -713,6 +731,7 @@ def test_tcp_export_allow_mode_and_custom_port() -> None:
     assert spec["rules"] == [
         {
             "from": [{"source": {"principals": [EGRESS_A[len("spiffe://") :]]}}],
+            "to": [{"operation": {"ports": ["16000"]}}],
             "when": [{"key": "connection.sni", "values": ["mongodb.bookinfo.remote"]}],
         }
     ]
@@ -734,3 +753,98 @@ def test_tcp_objects_match_istio_1_30_crd_schemas(tcp_result: Any) -> None:
         if key in validators:
             errors = [e.message for e in validators[key].iter_errors(obj["spec"])]
             assert not errors, (obj["metadata"]["name"], errors)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 11 item 1: every policy rule held to meshbridge's own container ports
+
+
+def _rule_ports(spec: dict[str, Any]) -> list[list[str]]:
+    return [[p for to in rule["to"] for p in to["operation"]["ports"]] for rule in spec["rules"]]
+
+
+@pytest.mark.parametrize("mode", ["deny", "allow"])
+def test_every_policy_rule_names_the_gateway_container_port(mode: str) -> None:
+    """Istio drops the HTTP-only `hosts` of a DENY rule on TCP filter chains (authz model.go
+    checkError); only positive `ports` keep it off other tenants' chains. The ports are the pods'
+    container ports (Envoy's destination_port), which may differ from the Service ports."""
+    data = config_dict()
+    data["exports"].append(TCP_EXPORT)
+    data["istio"]["authorization_mode"] = mode
+    data["istio"]["ingress_gateway"].update(target_port=8443, tcp_target_port=18444)
+    out = render_all(parse_config(data), imports=[], peers=PEERS, vips={})
+    policies = by_kind(out.objects, "AuthorizationPolicy")
+    assert _rule_ports(policies["meshbridge-export-ratings-bookinfo"]["spec"]) == [["8443"]]
+    assert _rule_ports(policies["meshbridge-export-api-shop"]["spec"]) == [["8443"]]
+    assert _rule_ports(policies["meshbridge-export-mongodb-bookinfo"]["spec"]) == [["18444"]]
+    for policy in policies.values():
+        for rule in policy["spec"]["rules"]:
+            assert all("notPorts" not in to["operation"] for to in rule["to"])
+    # The Gateway servers keep the Service ports: Istio translates them to the container ports.
+    servers = by_kind(out.objects, "Gateway")["meshbridge-ingress"]["spec"]["servers"]
+    assert [s["port"]["number"] for s in servers] == [15443, 15444]
+
+
+def test_container_ports_default_to_the_service_ports() -> None:
+    out = render_all(tcp_config(cross_cluster_port=16443, cross_cluster_tcp_port=16444), imports=[], peers=[], vips={})
+    policies = by_kind(out.objects, "AuthorizationPolicy")
+    assert _rule_ports(policies["meshbridge-export-ratings-bookinfo"]["spec"]) == [["16443"]]
+    assert _rule_ports(policies["meshbridge-export-mongodb-bookinfo"]["spec"]) == [["16444"]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 11 item 10: imports are exported to their consumer namespaces and the egress gateway only
+
+
+def _export_to(objects: list[dict[str, Any]], name: str) -> dict[str, list[str]]:
+    return {
+        kind: by_kind(objects, kind)[name]["spec"]["exportTo"]
+        for kind in ("ServiceEntry", "VirtualService", "DestinationRule")
+    }
+
+
+def test_imports_go_to_their_own_namespace_and_the_egress_gateways_by_default(result: Any) -> None:
+    both = ["bookinfo", "istio-system"]
+    assert _export_to(result.objects, "meshbridge-import-details-bookinfo") == {
+        "ServiceEntry": both,
+        "VirtualService": both,
+        "DestinationRule": both,
+    }
+    assert by_kind(result.objects, "DestinationRule")["meshbridge-egress"]["spec"]["exportTo"] == both
+
+
+def test_consumer_namespaces_per_source_and_cluster_wide() -> None:
+    data = config_dict()
+    data["istio"]["consumer_namespaces"] = ["frontend"]
+    data["imports"][1]["consumer_namespaces"] = ["*"]
+    imports = [IMPORTS[0], imp("api.shop", "c", [(80, "HTTP")], identity=INGRESS_C), TCP_IMPORT]
+    data["imports"][1]["names"] = ["api.shop"]
+    out = render_all(parse_config(data), imports=imports, peers=[], vips={})
+    scoped = ["frontend", "istio-system"]
+    assert all(v == scoped for v in _export_to(out.objects, "meshbridge-import-details-bookinfo").values())
+    assert all(v == ["*"] for v in _export_to(out.objects, "meshbridge-import-api-shop").values())
+    rules = by_kind(out.objects, "DestinationRule")
+    # one egress rule per gateway, exported to every namespace its imports go to
+    assert rules["meshbridge-egress"]["spec"]["exportTo"] == scoped
+    assert rules["meshbridge-egress-egress-to-c"]["spec"]["exportTo"] == ["*"]
+    data["imports"][0]["consumer_namespaces"] = ["istio-system", "bookinfo", "shop"]
+    again = render_all(parse_config(data), imports=imports, peers=[], vips={})
+    assert all(
+        v == ["bookinfo", "istio-system", "shop"]
+        for v in _export_to(again.objects, "meshbridge-import-mongodb-bookinfo").values()
+    )
+
+
+def test_egress_gateway_in_its_own_namespace_gets_the_imports() -> None:
+    data = config_dict()
+    data["istio"]["egress_gateway"] = {
+        "selector": {"istio": "egress"},
+        "service": "egress",
+        "namespace": "istio-egress",
+        "service_account": "egress",
+    }
+    out = render_all(parse_config(data), imports=IMPORTS[:1], peers=[], vips={})
+    assert all(
+        v == ["bookinfo", "istio-egress"]
+        for v in _export_to(out.objects, "meshbridge-import-details-bookinfo").values()
+    )

@@ -7,6 +7,8 @@
   rendered objects of both clusters.
 - ``run_policy_verdicts(dir, host, admit=, deny=)``: whom one exporter's ingress gateway, as Istio
   builds it from the rendered objects, admits for one exported host.
+- ``sidecar_clusters(a_dir, namespaces)``: what a sidecar in each namespace of cluster a builds
+  from a's rendered objects (clusters, those of `.remote` hosts, listeners).
 
 All return the Go test output on success and raise ``GoCheckFailed`` (with that output) otherwise.
 A missing or stale binary fails the calling test with a hint to run `make testbin`.
@@ -91,7 +93,9 @@ def run_simulation(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str],
     a_trust_domain / b_trust_domain (a.mesh, b.mesh), egress_service / egress_labels (a's egress
     gateway Service in istio-system and its pods' labels as "k=v,k=v"); the plain-TCP path: tcp_host
     (mongodb.bookinfo.remote, whose VIP is read from a's ServiceEntry), tcp_port (27017),
-    tcp_gateway_port (b's ingress TCP port, 15444), tcp_destination (mongodb.bookinfo.svc.cluster.local).
+    tcp_gateway_port (b's ingress TCP port, 15444), tcp_destination (mongodb.bookinfo.svc.cluster.local);
+    gateway_target_port / tcp_gateway_target_port: the container ports b's ingress Service maps the
+    two cross-cluster ports to (default: the same numbers), where its listeners bind.
     """
     env = {
         "MESHBRIDGE_SIM_A_DIR": str(Path(a_dir).resolve()),
@@ -147,3 +151,26 @@ def run_issue_workload_cert(
         "MESHBRIDGE_ISTIOD_TTL": str(ttl),
     }
     return _run("TestIssueWorkloadCert", env, timeout=60)
+
+
+_SIDECAR_LINE = re.compile(r"sidecar namespace=(\S+) clusters=(\d+) remote_clusters=(\d+) listeners=(\d+)")
+
+
+def sidecar_clusters(
+    a_dir: str | os.PathLike[str], namespaces: list[str], suffix: str = "remote"
+) -> dict[str, dict[str, int]]:
+    """Per namespace: ``{"clusters", "remote_clusters", "listeners"}`` of a sidecar there (no Sidecar
+    resource), from Istio's own xDS generation over the objects in ``a_dir`` (TestSidecarClusters)."""
+    env = {
+        "MESHBRIDGE_SIM_A_DIR": str(Path(a_dir).resolve()),
+        "MESHBRIDGE_SIDECAR_NAMESPACES": ",".join(namespaces),
+        "MESHBRIDGE_SIM_SUFFIX": suffix,
+    }
+    out = _run("TestSidecarClusters", env, timeout=900)
+    found = {
+        m[1]: {"clusters": int(m[2]), "remote_clusters": int(m[3]), "listeners": int(m[4])}
+        for m in _SIDECAR_LINE.finditer(out)
+    }
+    if sorted(found) != sorted(namespaces):
+        raise GoCheckFailed("TestSidecarClusters", 0, "no count for every namespace:\n" + _trim(out))
+    return found

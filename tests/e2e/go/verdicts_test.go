@@ -44,7 +44,7 @@ func TestPolicyVerdicts(t *testing.T) {
 		t.Fatalf("mTLS SNI/Host %s on %d: err=%v cluster %q (listener %q, chain %q)", host, port, res.Error,
 			res.ClusterMatched, res.ListenerMatched, res.FilterChainMatched)
 	}
-	fc := ingress.filterChain(t, res)
+	fc := ingress.filterChainFor(t, res, host)
 	req := rbacRequest{authority: host, path: "/", port: port, sni: host}
 	for _, p := range admit {
 		req.principal = p

@@ -1,0 +1,90 @@
+"""The two clusters of tests/e2e/go's TestSimulation, rendered by the agent's own renderer.
+
+Cluster a (a.mesh) imports `ratings.bookinfo` (HTTP 9080, VIP 240.240.0.1) and `mongodb.bookinfo`
+(TCP 27017) from b; cluster b (b.mesh) exports both to a through its ingress gateway at
+198.51.100.20:15443 (TCP: 15444). The CA's desired state is fed in by hand, as in the golden tests,
+so the simulation runs without a CA service or an API server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cluster_agent.config import parse_config
+from cluster_agent.render import file_name, render_all, to_yaml
+
+INGRESS = "spiffe://{td}/ns/istio-system/sa/istio-ingressgateway-service-account"
+EGRESS = "spiffe://{td}/ns/istio-system/sa/istio-egressgateway-service-account"
+GATEWAY_B = "198.51.100.20"
+
+
+def _config(cluster: str, **istio: Any) -> dict[str, Any]:
+    return {
+        "cluster": cluster,
+        "ca": {"url": "https://127.0.0.1:8443", "trust_anchor": "/etc/meshbridge/ca-root.pem"},
+        "istio": {"trust_domain": f"{cluster}.mesh", "ingress_gateway": {"address": GATEWAY_B}, **istio},
+    }
+
+
+def _import(name: str, ports: list[tuple[int, str]]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "cluster": "b",
+        "ports": [{"number": n, "protocol": p} for n, p in ports],
+        "gateway": {"address": GATEWAY_B, "port": 15443},
+        "identity": INGRESS.format(td="b.mesh"),
+    }
+
+
+def _peer(name: str) -> dict[str, Any]:
+    td = f"{name}.mesh"
+    return {
+        "name": name,
+        "trust_domain": td,
+        "identities": {"ingress": INGRESS.format(td=td), "egress": EGRESS.format(td=td)},
+    }
+
+
+def write_objects(directory: Path, objects: Sequence[dict[str, Any]]) -> Path:
+    """One YAML file per object, as render mode names them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for obj in objects:
+        (directory / file_name(obj)).write_text(to_yaml(obj))
+    return directory
+
+
+def render_importer(
+    directory: Path,
+    extra_imports: int = 0,
+    consumer_namespaces: list[str] | None = None,
+) -> Path:
+    """Cluster a's objects: the two scenario imports plus `extra_imports` HTTP names
+    `svc<i>.bookinfo` (each its own ServiceEntry), with `imports[0].consumer_namespaces`."""
+    data = _config("a")
+    rule: dict[str, Any] = {"from": "b", "names": ["*"]}
+    if consumer_namespaces is not None:
+        rule["consumer_namespaces"] = consumer_namespaces
+    data["imports"] = [rule]
+    imports = [_import("ratings.bookinfo", [(9080, "HTTP")]), _import("mongodb.bookinfo", [(27017, "TCP")])]
+    imports += [_import(f"svc{i}.bookinfo", [(8080, "HTTP")]) for i in range(extra_imports)]
+    vips = {"ratings.bookinfo": "240.240.0.1", "mongodb.bookinfo": "240.240.0.2"}
+    result = render_all(parse_config(data), imports=imports, peers=[_peer("b")], vips=vips)
+    return write_objects(directory, result.objects)
+
+
+def render_exporter(directory: Path, **istio: Any) -> Path:
+    """Cluster b's objects: ratings.bookinfo (HTTP 9080) and mongodb.bookinfo (TCP 27017) for a."""
+    data = _config("b", **istio)
+    data["exports"] = [
+        {"service": "ratings", "namespace": "bookinfo", "ports": [9080], "consumers": ["a"]},
+        {
+            "service": "mongodb",
+            "namespace": "bookinfo",
+            "ports": [{"number": 27017, "protocol": "TCP"}],
+            "consumers": ["a"],
+        },
+    ]
+    result = render_all(parse_config(data), imports=[], peers=[_peer("a")], vips={})
+    return write_objects(directory, result.objects)
