@@ -20,6 +20,7 @@ import base64
 import concurrent.futures
 import datetime as dt
 import ipaddress
+import json
 import os
 import socket
 import ssl
@@ -620,3 +621,42 @@ def stop_processes(procs: list[subprocess.Popen[bytes]], grace: float = 3.0) -> 
             p.kill()
             p.wait()
     procs.clear()
+
+
+# ------------------------------------------------------------------------------ pods without a kubelet
+def apply(c: Cluster, *objects: dict[str, Any]) -> None:
+    """kubectl apply of ``objects`` as one List."""
+    c.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)}))
+
+
+def pod(
+    ns: str, name: str, labels: dict[str, str], sa: str, container: str, env: list[dict[str, str]]
+) -> dict[str, Any]:
+    """A Pod object with one container: what a workload's or istiod's Deployment would create."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {
+            "serviceAccountName": sa,
+            "containers": [{"name": container, "image": "docker.io/istio/pilot:1.30.3", "env": env}],
+        },
+    }
+
+
+def run_pod(c: Cluster, obj: dict[str, Any], started: dt.datetime) -> None:
+    """Create the pod and mark it Running since ``started``, as its kubelet would."""
+    apply(c, obj)
+    status = {"status": {"phase": "Running", "startTime": started.strftime("%Y-%m-%dT%H:%M:%SZ")}}
+    meta = obj["metadata"]
+    c.kubectl(
+        "patch",
+        "pod",
+        meta["name"],
+        "-n",
+        meta["namespace"],
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(status),
+    )

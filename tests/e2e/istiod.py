@@ -24,6 +24,7 @@ is mounted), `PILOT_ENABLE_CA_CRL` left at its default (true).
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import logging
 import os
 import shutil
@@ -41,7 +42,7 @@ from lightkube.resources.core_v1 import ConfigMap, Secret
 
 from cluster_agent.istiod import LiveIstiodView
 from tests.e2e import gocheck
-from tests.e2e.clusters import Cluster, free_port, stop_processes
+from tests.e2e.clusters import Cluster, apply, free_port, pod, run_pod, stop_processes
 from tests.e2e.testbin import require
 from tests.e2e.workload import Workload
 
@@ -125,6 +126,7 @@ class Istiod:
     proc: subprocess.Popen[bytes] | None = None
     ports: dict[str, int] = field(default_factory=dict)
     projection: SecretProjection | None = None
+    pod_name: str = ""
 
     @property
     def cacerts_dir(self) -> Path:
@@ -143,7 +145,8 @@ class Istiod:
         if self.projection is None:
             self.projection = SecretProjection(self.kube(), self.cacerts_dir).start()
         self.write_mesh_config()
-        self.ports = {k: free_port() for k in ("http", "https", "grpc", "secure_grpc", "monitoring")}
+        if not self.ports:  # kept across restarts, as a Service address is
+            self.ports = {k: free_port() for k in ("http", "https", "grpc", "secure_grpc", "monitoring")}
         env = {
             **{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR")},
             "POD_NAMESPACE": NAMESPACE,
@@ -172,8 +175,34 @@ class Istiod:
         log = open(self.workdir / "istiod.log", "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
+        self._register_pod(env)
         self._wait_ready()
         return self
+
+    def _register_pod(self, env: dict[str, str]) -> None:
+        """Describe the running process as the Pod istiod's Deployment would have made: its labels
+        (istio-discovery's deployment.yaml: app=istiod, istio.io/rev), its env and its start time —
+        what the agent's checks of Istio's preconditions read (cluster_agent/meshcheck.py)."""
+        self._delete_pod()
+        apply(
+            self.cluster,
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "istiod", "namespace": NAMESPACE}},
+        )
+        visible = [
+            {"name": k, "value": v}
+            for k, v in sorted(env.items())
+            if k.isupper() and k not in ("PATH", "HOME", "TMPDIR")
+        ]
+        self.pod_name = f"istiod-{self.cluster.name}-{self.proc.pid if self.proc else 0}"
+        labels = {"app": "istiod", "istio.io/rev": "default"}
+        run_pod(
+            self.cluster, pod(NAMESPACE, self.pod_name, labels, "istiod", "discovery", visible), dt.datetime.now(dt.UTC)
+        )
+
+    def _delete_pod(self) -> None:
+        if self.pod_name:
+            self.cluster.kubectl("delete", "pod", self.pod_name, "-n", NAMESPACE, "--ignore-not-found", "--wait=false")
+            self.pod_name = ""
 
     def write_mesh_config(self, trust_domain: str | None = None) -> None:
         """The `istio` ConfigMap (key `mesh`) istiod reads its meshConfig from."""
@@ -220,6 +249,7 @@ class Istiod:
         if self.proc is not None:
             stop_processes([self.proc], grace=5)
             self.proc = None
+            self._delete_pod()
         if self.projection is not None and not keep_projection:
             self.projection.stop.set()
             self.projection = None

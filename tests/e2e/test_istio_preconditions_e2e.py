@@ -24,7 +24,7 @@ from cluster_agent.kube import KubeApplier, SecretStateStore, make_client
 from cluster_agent.loop import AgentLoop
 from cluster_agent.meshcheck import Traffic, check_mesh
 from cluster_agent.reconcile import Reconciler
-from tests.e2e.clusters import Cluster, Clusters
+from tests.e2e.clusters import Cluster, Clusters, apply, pod, run_pod
 from tests.support.caservice import CAService
 
 NS = "istio-pre"
@@ -34,42 +34,6 @@ HELM_GATEWAY_PORTS = [  # Istio's Helm gateway chart's Service (manifests/charts
     {"name": "http2", "port": 80, "targetPort": 80, "protocol": "TCP"},
     {"name": "https", "port": 443, "targetPort": 443, "protocol": "TCP"},
 ]
-
-
-def apply(c: Cluster, *objects: dict[str, Any]) -> None:
-    c.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)}))
-
-
-def pod(
-    ns: str, name: str, labels: dict[str, str], sa: str, container: str, env: list[dict[str, str]]
-) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": ns, "labels": labels},
-        "spec": {
-            "serviceAccountName": sa,
-            "containers": [{"name": container, "image": "docker.io/istio/pilot:1.30.3", "env": env}],
-        },
-    }
-
-
-def run_pod(c: Cluster, obj: dict[str, Any], started: datetime) -> None:
-    """Create the pod and mark it Running since ``started``, as its kubelet would."""
-    apply(c, obj)
-    status = {"status": {"phase": "Running", "startTime": started.strftime("%Y-%m-%dT%H:%M:%SZ")}}
-    meta = obj["metadata"]
-    c.kubectl(
-        "patch",
-        "pod",
-        meta["name"],
-        "-n",
-        meta["namespace"],
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps(status),
-    )
 
 
 def mesh_configmap(trust_domain: str) -> dict[str, Any]:

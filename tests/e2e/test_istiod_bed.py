@@ -11,6 +11,8 @@ ServiceAccount token; the handshakes run under BoringSSL (grpcio) and OpenSSL wi
 from __future__ import annotations
 
 import base64
+import json
+import re
 import subprocess
 import tempfile
 import time
@@ -24,6 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 from lightkube.resources.core_v1 import Secret
 
+from cluster_agent.errors import IstioPreconditionFailed
 from cluster_agent.loop import AgentLoop
 from cluster_agent.served import bundle_fingerprints
 from meshbridge_wire.models import ServedIn
@@ -340,3 +343,119 @@ def test_agent_reports_an_unreachable_istiod(bed: Bed) -> None:
     served = bed.loops["a"].r.served_tracker.observe(view.read(), {}, bed.loops["a"].r.clock())
     assert served.signing_serial is None
     assert any("did not present its certificate" in p for p in served.problems)
+
+
+# ----------------------------------------------------------------------------- failure modes
+
+
+def leaf_uri(w: Workload) -> str:
+    san = certs(w.chain_pem)[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    (uri,) = san.get_values_for_type(x509.UniformResourceIdentifier)
+    return uri
+
+
+def names_workloads(istiod: Istiod, trust_domain: str) -> Callable[[], bool]:
+    return lambda: leaf_uri(istiod.issue(EGRESS_SA)).startswith(f"spiffe://{trust_domain}/")
+
+
+def test_trust_domain_mismatch_breaks_istiods_certificates_and_the_agent_refuses(bed: Bed) -> None:
+    """istiod names workloads after meshConfig.trustDomain; the intermediate is name-constrained to the
+    cluster's registered trust domain, so every certificate istiod then issues is refused by peers.
+    The agent reads the same ConfigMap and writes nothing while they differ."""
+    istiod, loop = bed.istiod["a"], bed.loops["a"]
+    istiod.write_mesh_config("wrong.mesh")
+    try:
+        wait_for("istiod in a naming workloads wrong.mesh", names_workloads(istiod, "wrong.mesh"))
+        ok, detail = openssl_verify(istiod.issue(EGRESS_SA), istiod.served_bundle())
+        assert not ok and "permitted subtree" in detail, detail
+        installed = bed.cacerts("a", "ca-cert.pem")
+        bed.ca.authority.rotate("a", actor="e2e")  # something for the agent to write
+        loop.revision = None
+        with pytest.raises(IstioPreconditionFailed, match=re.escape("meshConfig.trustDomain is 'wrong.mesh'")):
+            loop.step()
+        assert bed.cacerts("a", "ca-cert.pem") == installed, "cacerts was written"
+    finally:
+        istiod.write_mesh_config()
+    wait_for("istiod in a naming workloads a.mesh again", names_workloads(istiod, "a.mesh"))
+    bed.settle()  # now the rotation goes through
+    assert bed.cacerts("a", "ca-cert.pem") != installed
+    wait_for("istiod in a signing with the rotated intermediate", signs_with(istiod, bed.cacerts("a", "ca-cert.pem")))
+
+
+def test_without_multiroot_istiod_ignores_a_root_change_and_the_agent_holds_it_back(bed: Bed) -> None:
+    istiod, loop = bed.istiod["b"], bed.loops["b"]
+    istiod.env["ISTIO_MULTIROOT_MESH"] = "false"
+    istiod.restart()
+    before = bed.cacerts("b", "root-cert.pem")
+    try:
+        new = bed.ca.authority.add_root(key_type=None, actor="e2e")  # phase 2: the bundle changes
+        loop.revision = None
+        with pytest.raises(IstioPreconditionFailed, match="ISTIO_MULTIROOT_MESH"):
+            loop.step()
+        assert bed.cacerts("b", "root-cert.pem") == before, "cacerts was written"
+        # What istiod does with such a change when it is written anyway (behind the agent's back):
+        # pilot/pkg/bootstrap/istio_ca.go handleEvent drops it whole.
+        patch = {"data": {"root-cert.pem": base64.b64encode((before + new.cert_pem).encode()).decode()}}
+        bed.clusters["b"].kubectl(
+            "patch", "secret", "cacerts", "-n", "istio-system", "--type=merge", "-p", json.dumps(patch)
+        )
+        wait_for("istiod in b refusing the new bundle", lambda: istiod.log_has("Multi root is disabled"))
+        assert certs(istiod.served_bundle()) == certs(before), "istiod took a root change without multi-root"
+    finally:
+        restore = {"data": {"root-cert.pem": base64.b64encode(before.encode()).decode()}}
+        bed.clusters["b"].kubectl(
+            "patch", "secret", "cacerts", "-n", "istio-system", "--type=merge", "-p", json.dumps(restore)
+        )
+        istiod.env.pop("ISTIO_MULTIROOT_MESH")
+        istiod.restart()
+    bed.settle()  # with the flag back, the agent installs the new bundle and istiod serves it
+    for name in ("a", "b"):
+        roots = bed.ca.authority.trust_bundle_from(bed.ca.authority.list_roots())
+        wait_for(f"istiod in {name} serving the new root", serves(bed, name, [roots]))
+
+
+def minimal_config(name: str, td: str, url: str, kubeconfig: Path) -> str:
+    return f"""cluster: {name}
+ca: {{url: {url}, trust_anchor: ca-root.pem, bootstrap_token_file: bootstrap-token}}
+istio:
+  trust_domain: {td}
+  ingress_gateway: {{address: 127.0.0.13}}
+dns: {{mode: none}}
+kubernetes: {{kubeconfig: {kubeconfig}}}
+"""
+
+
+def test_first_adoption_of_cacerts_needs_an_istiod_restart(bed: Bed, tmp_path: Path) -> None:
+    """istiod started before cacerts existed runs its self-signed CA and never looks at cacerts
+    (istio_ca.go createIstioCA watches the directory only in plugged-in mode): the agent says so, and
+    after a restart istiod signs under the shared root."""
+    (c,) = start_clusters(tmp_path / "clusters", ["c"])
+    istiod = Istiod(c, "c.mesh", tmp_path / "istiod-c")
+    try:
+        istiod.start()
+        bed.ca.add_cluster("c", "c.mesh", tmp_path / "bootstrap-token")
+        (tmp_path / "ca-root.pem").write_text(bed.ca.authority.trust_bundle_from(bed.ca.authority.list_roots()))
+        (tmp_path / "agent.yaml").write_text(minimal_config("c", "c.mesh", bed.ca.url, c.kubeconfig))
+        loop = make_loop(tmp_path / "agent.yaml")
+        loop.r.istiod = istiod.view()
+        for _ in range(2):  # enroll and write cacerts; then the check sees istiod older than cacerts
+            loop.revision = None
+            loop.step()
+        assert any("started before cacerts existed" in p for p in loop.r.istio_problems), loop.r.istio_problems
+        served = loop.r.served
+        assert served is not None and served.signing_serial is None
+        assert "istiod signs with an intermediate this agent did not install" in served.problems
+        shared = bed.ca.authority.trust_bundle_from(bed.ca.authority.list_roots())
+        ok, _ = openssl_verify(istiod.issue(EGRESS_SA), shared)
+        assert not ok, "a self-signed istiod's certificate verified under the shared root"
+
+        istiod.restart()
+        loop.revision = None
+        loop.step()
+        assert not any("started before cacerts existed" in p for p in loop.r.istio_problems), loop.r.istio_problems
+        assert loop.r.served is not None and loop.r.served.signing_serial == loop.r.state.serial
+        ok, detail = openssl_verify(istiod.issue(EGRESS_SA), shared)
+        assert ok, detail
+    finally:
+        istiod.stop()
+        stop_clusters([c])
