@@ -117,7 +117,6 @@ class Reconciler:
     def exports_body(self) -> ExportsIn:
         """This cluster's exports as published: the configured ones, then MCS ServiceExports."""
         cfg = self.config
-        address, port = cfg.istio.published_gateway()
         services: dict[str, dict[str, Any]] = {}
         for e in cfg.exports:
             services[e.export_name] = {
@@ -131,7 +130,7 @@ class Reconciler:
             services.setdefault(extra["name"], extra)
         td, ns = cfg.istio.trust_domain, cfg.istio.namespace
         body = {
-            "gateway": {"address": address, "port": port},
+            "gateway": cfg.istio.published_gateway(),
             "identities": {
                 "ingress": f"spiffe://{td}/ns/{ns}/sa/{cfg.istio.ingress_gateway.service_account}",
                 "egress": f"spiffe://{td}/ns/{ns}/sa/{cfg.istio.egress_gateway.service_account}",
