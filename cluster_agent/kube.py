@@ -420,4 +420,3 @@ class LeaseElector:
             return False
         self._held_until = time.monotonic() + self.duration
         return True
-

@@ -152,6 +152,7 @@ def _import(raw: Mapping[str, Any], warnings: list[str]) -> ImportSpec | None:
     if not isinstance(address, str) or port is None or not _is_address(address):
         warnings.append(f"{where}: no usable gateway address and port ({gateway!r}); left out")
         return None
+    assert isinstance(gateway, Mapping)  # it held the address
     identity = raw.get("identity")
     if spiffe_trust_domain(identity) is None:
         warnings.append(

@@ -30,10 +30,11 @@ Retries: with no `retries` on a route Istio applies its default, 2 retries on
 `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes` (no status code listed)
 with the previous-hosts predicate (pilot/pkg/networking/core/route/retry/retry.go `DefaultPolicy`),
 set on every HTTP route (route.go `applyHTTPRouteDestination` → `retry.ConvertPolicy`). On three
-hops a gRPC UNAVAILABLE from the destination would be tried 3 × 3 × 3 = 27 times. Only the last
-hop, b's ingress gateway, keeps the default: it alone can pick another destination pod (the
-previous-hosts predicate), the failure retries are for (a pod restarting), without resending the
-request across clusters; the importer's two routes set `retries: {attempts: 0}`, which
+hops a gRPC UNAVAILABLE from the destination would be tried 3 * 3 * 3 = 27 times. Only the last
+hop, b's ingress gateway, keeps the default: it is the one hop that can pick another destination pod
+(the previous-hosts predicate) when one is restarting, the failure these retries are for, and its
+retries never resend a request across clusters; the importer's two routes set
+`retries: {attempts: 0}`, which
 `ConvertPolicy` turns into no retry policy at all ("explicitly disabling"). The destination's own
 sidecar keeps its inbound `reset-before-request` retries (`BuildDefaultHTTPInboundRoute`), which
 resend only requests that never left it.
@@ -319,9 +320,11 @@ def _export_tcp_route(ctx: IstioContext, target: str, port: int) -> dict[str, An
     }
 
 
-def render_export_virtual_service(ctx: IstioContext, export: ExportSpec, name: str) -> Manifest:
+def render_export_virtual_service(ctx: IstioContext, export: ExportSpec, name: str) -> Manifest | None:
     """The export's host at the ingress: HTTP ports by authority, rewritten to the destination's
-    own Host; the TCP port whose SNI is the host (a name's only one)."""
+    own Host; the TCP port whose SNI is the host (a name's only one). None when no port is left
+    for it (several TCP ports only: each has its own; Istio refuses a VirtualService without
+    routes)."""
     host = ctx.host(export.name)
     target = _export_target(ctx, export)
     routes: list[dict[str, Any]] = []
@@ -343,6 +346,8 @@ def render_export_virtual_service(ctx: IstioContext, export: ExportSpec, name: s
         "gateways": [f"{ctx.namespace}/{INGRESS_GATEWAY}"],
         "exportTo": list(EXPORT_TO_ALL),
     }
+    if not routes and not tcp_routes:
+        return None
     if routes:
         spec["http"] = routes
     if tcp_routes:
@@ -453,7 +458,8 @@ def render_export_side(
     objects = [render_ingress_gateway(ctx, http_hosts, snis)]
     for export in exports:
         name = names[export.name]
-        objects.append(render_export_virtual_service(ctx, export, name))
+        main = render_export_virtual_service(ctx, export, name)
+        objects += [main] if main is not None else []
         for number, sni in _own_tcp_snis(ctx.host(export.name), export.ports).items():
             key = _tcp_key(export.name, number)
             objects.append(render_export_tcp_virtual_service(ctx, export, names[key], number, sni))

@@ -806,6 +806,16 @@ def test_each_tcp_port_has_its_own_sni_server_and_route_at_the_ingress(multi_tcp
     assert when == [{"key": "connection.sni", "values": ["5432.pg.data.remote", "5433.pg.data.remote"]}]
 
 
+def test_a_name_with_only_several_tcp_ports_has_no_routeless_virtual_service() -> None:
+    data = config_dict()
+    data["exports"] = [{**MULTI_TCP_EXPORT, "ports": MULTI_TCP_EXPORT["ports"][1:]}]
+    out = render_all(parse_config(data), imports=[], peers=PEERS, vips={})
+    assert set(by_kind(out.objects, "VirtualService")) == {
+        "meshbridge-export-pg-data-tcp-5432",
+        "meshbridge-export-pg-data-tcp-5433",
+    }  # Istio refuses a VirtualService without http, tcp or tls routes
+
+
 def test_each_tcp_port_has_its_own_sni_subset_server_and_route_at_the_egress(multi_tcp: Any) -> None:
     subsets = by_kind(multi_tcp.objects, "DestinationRule")["meshbridge-egress"]["spec"]["subsets"]
     assert subsets[1:] == [

@@ -5,6 +5,9 @@
   certificate signed by istiod's CA code and, optionally, a given workload chain.
 - ``run_simulation(a_dir, b_dir)``: Istio's xDS simulation of the import path a → b over the
   rendered objects of both clusters.
+- ``run_dataplane_simulation(a_dir, b_dir)``: the same simulation of the data-plane details of
+  issue 11 item 11 (retries on one hop, the Host at the destination, several TCP ports per name,
+  the exporter's published TCP port) over ``tests/e2e/dataplane_fixture.render_clusters``.
 
 Both return the Go test output on success and raise ``GoCheckFailed`` (with that output) otherwise.
 A missing or stale binary fails the calling test with a hint to run `make testbin`.
@@ -98,3 +101,12 @@ def run_simulation(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str],
     for k, v in overrides.items():
         env[f"MESHBRIDGE_SIM_{k.upper()}"] = str(v)
     return _run("TestSimulation", env)
+
+
+def run_dataplane_simulation(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str]) -> str:
+    """TestDataplane (tests/e2e/go/dataplane_test.go) over a's and b's rendered objects."""
+    env = {
+        "MESHBRIDGE_SIM_A_DIR": str(Path(a_dir).resolve()),
+        "MESHBRIDGE_SIM_B_DIR": str(Path(b_dir).resolve()),
+    }
+    return _run("TestDataplane", env)
