@@ -129,8 +129,13 @@ class Reconciler:
         for extra in self.applier.service_exports():
             services.setdefault(extra["name"], extra)
         td, ns = cfg.istio.trust_domain, cfg.istio.namespace
+        gateway = cfg.istio.published_gateway()
+        if not any(str(p["protocol"]).upper() == "TCP" for s in services.values() for p in s["ports"]):
+            # Only TCP exports need it: without it, this agent still publishes to a CA service that
+            # predates the field (which refuses unknown fields).
+            del gateway["tcp_port"]
         body = {
-            "gateway": cfg.istio.published_gateway(),
+            "gateway": gateway,
             "identities": {
                 "ingress": f"spiffe://{td}/ns/{ns}/sa/{cfg.istio.ingress_gateway.service_account}",
                 "egress": f"spiffe://{td}/ns/{ns}/sa/{cfg.istio.egress_gateway.service_account}",

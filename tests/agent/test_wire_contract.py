@@ -158,6 +158,8 @@ def test_the_exporters_tcp_port_reaches_the_importers_service_entry(ca_service: 
         paths[name].write_text(text)
     a, _ = _agent(paths["a"])
     b, out_b = _agent(paths["b"])
+    assert a.r.exports_body().gateway.tcp_port == 16000
+    assert b.r.exports_body().gateway.tcp_port is None  # no TCP export: a CA service before the field accepts it
     _step(a)
     assert _step(b).imports_applied == 1
     (se,) = [o for o in (yaml.safe_load(p.read_text()) for p in out_b.glob("*.yaml")) if o["kind"] == "ServiceEntry"]
