@@ -305,6 +305,9 @@ class IngressGatewayConfig(_GatewayBase):
     # name them. Default: the Service ports themselves.
     target_port: Port | None = None
     tcp_target_port: Port | None = None
+    # Published too: where peers reach the cross-cluster TCP port at `address` (default
+    # istio.cross_cluster_tcp_port; differs when a load balancer maps ports).
+    tcp_port: Port | None = None
 
 
 class EgressGatewayConfig(_GatewayBase):
@@ -334,8 +337,8 @@ class IstioConfig(_Model):
     cluster_domain: DnsName = "cluster.local"
     # Port of the ingress Gateway server that other clusters' egress gateways connect to.
     cross_cluster_port: Port = 15443
-    # Port of the ingress Gateway's TLS servers for plain-TCP exports. Imports reach every exporter
-    # on this cluster's own value, so it must be the same in the whole fleet (as the default is).
+    # Port of the ingress Gateway's TLS servers for plain-TCP exports; published to peers (as
+    # `gateway.tcp_port`, or ingress_gateway.tcp_port when set), so each cluster may pick its own.
     cross_cluster_tcp_port: Port = 15444
     # deny: a DENY policy refuses every principal but an export's consumers for that export's host,
     #       leaving the gateway's other traffic alone (safe on a shared ingress gateway).
@@ -384,13 +387,18 @@ class IstioConfig(_Model):
             gateway.tcp_target_port or self.cross_cluster_tcp_port,
         )
 
-    def published_gateway(self) -> tuple[str, int]:
-        """Where other clusters reach this cluster's exports: ingress_gateway.address and its port
-        (cross_cluster_port unless set); ConfigError when the address is not set."""
-        address = self.ingress_gateway.address
-        if not address:
+    def published_gateway(self) -> dict[str, str | int]:
+        """Where other clusters reach this cluster's exports (`Gateway` of `PUT …/exports`):
+        ingress_gateway.address, its port (cross_cluster_port unless set) and its TCP port
+        (cross_cluster_tcp_port unless set); ConfigError when the address is not set."""
+        gateway = self.ingress_gateway
+        if not gateway.address:
             raise ConfigError(MISSING_GATEWAY_ADDRESS, [MISSING_GATEWAY_ADDRESS])
-        return address, self.ingress_gateway.port or self.cross_cluster_port
+        return {
+            "address": gateway.address,
+            "port": gateway.port or self.cross_cluster_port,
+            "tcp_port": gateway.tcp_port or self.cross_cluster_tcp_port,
+        }
 
     def identity(self, gateway: _GatewayBase) -> str:
         """SPIFFE identity of a gateway's workload certificate: its own namespace and service
@@ -457,7 +465,8 @@ class ExportPortConfig(_Model):
             carried = ", ".join(sorted(GATEWAY_CARRIED))
             raise ValueError(
                 f"protocol {value!r} cannot cross clusters: both gateways terminate mTLS and route HTTP "
-                f"on the authority or plain TCP on the SNI; use one of {carried}"
+                f"on the authority or plain TCP on the SNI; use one of {carried} (a TLS or HTTPS port "
+                f"crosses as TCP: the client's TLS travels inside the gateways' mTLS, untouched)"
             )
         return canonical
 
@@ -483,11 +492,6 @@ class ExportConfig(_Model):
     @classmethod
     def _unique_ports(cls, value: list[ExportPortConfig]) -> list[ExportPortConfig]:
         _unique((p.number for p in value), "port")
-        if sum(p.protocol == "TCP" for p in value) > 1:
-            raise ValueError(
-                "at most one TCP port per export: a TCP connection is told apart only by its SNI (the "
-                "exported name), so export further TCP ports under another Service name"
-            )
         return value
 
     @field_validator("consumers")

@@ -41,9 +41,9 @@ from lightkube.resources.core_v1 import ConfigMap, Pod, Secret, Service
 from cluster_agent.apply import ApplyReport, managed_by_labels, prune_selector
 from cluster_agent.config import AgentConfig, ConfigError, EgressGatewayConfig, IngressGatewayConfig
 from cluster_agent.errors import KubeConflict, KubeError, KubeForbidden, KubeNotFound, KubeRetryLater
+from cluster_agent.mcs import CONSUMERS_ANNOTATION, ServicePortView, service_export_entry
 from cluster_agent.meshcheck import MESH_KEY, GatewayFacts, MeshFacts, PodFacts, ServicePort
 from cluster_agent.state import AgentState
-from meshbridge_wire.protocols import Protocol, parse_protocol
 
 log = logging.getLogger("meshbridge.agent.kube")
 
@@ -158,6 +158,7 @@ class KubeApplier:
         self.config = config
         self.fm = config.kubernetes.field_manager
         self.write_calls = 0
+        self._warned: set[str] = set()  # ServiceExport warnings already logged
 
     # ------------------------------------------------------------------ reads the reconciler needs
     def current_corefile(self) -> str | None:
@@ -173,7 +174,9 @@ class KubeApplier:
         return None if cm is None else dict(cm.data or {})
 
     def service_exports(self) -> list[dict[str, Any]]:
-        """MCS ServiceExport objects, where the CRD is installed (consumers from an annotation)."""
+        """MCS ServiceExport objects, where the CRD is installed, as export entries
+        (`mcs.service_export_entry`: ports classified as Istio does, consumers from an annotation).
+        A port that cannot cross is logged once, naming the ServiceExport and the port."""
         try:
             items = _call(lambda: list(self.client.list(ServiceExport, namespace="*")))
         except (KubeForbidden, KubeNotFound):  # not allowed, or the CRD is not installed
@@ -182,29 +185,24 @@ class KubeApplier:
         for se in items:
             meta = se.metadata
             assert meta is not None and meta.name and meta.namespace
-            consumers = sorted(
-                c.strip() for c in (meta.annotations or {}).get("meshbridge.io/consumers", "").split(",") if c.strip()
-            )
             try:
                 ports = self._service_ports(meta.name, meta.namespace)
             except (KubeForbidden, KubeNotFound):
                 continue
-            if ports:
-                out.append(
-                    {
-                        "name": f"{meta.name}.{meta.namespace}",
-                        "namespace": meta.namespace,
-                        "service": meta.name,
-                        "ports": ports,
-                        "consumers": consumers,
-                    }
-                )
+            consumers = (meta.annotations or {}).get(CONSUMERS_ANNOTATION, "")
+            entry, warnings = service_export_entry(meta.name, meta.namespace, consumers, ports)
+            for warning in warnings:
+                if warning not in self._warned:
+                    self._warned.add(warning)
+                    log.warning(warning, extra={"cluster": self.config.cluster})
+            if entry is not None:
+                out.append(entry)
         return out
 
-    def _service_ports(self, name: str, namespace: str) -> list[dict[str, Any]]:
+    def _service_ports(self, name: str, namespace: str) -> list[ServicePortView]:
         svc = _call(lambda: self.client.get(Service, name, namespace=namespace))
         return [
-            {"number": p.port, "protocol": _port_protocol(p.appProtocol or p.name or "")}
+            ServicePortView(p.port, p.name, p.protocol, p.appProtocol)
             for p in (svc.spec.ports if svc.spec and svc.spec.ports else [])
         ]
 
@@ -526,9 +524,3 @@ def _pod_facts(pod: Any) -> PodFacts:
         env=env,
         container_ports=ports,
     )
-
-
-def _port_protocol(app_protocol_or_name: str) -> Protocol:
-    """A Service port's protocol from its appProtocol or its name's prefix (`grpc-web` reads as GRPC)."""
-    protocol = parse_protocol(app_protocol_or_name.split("-")[0])
-    return protocol if protocol is not None and protocol is not Protocol.GRPC_WEB else Protocol.HTTP

@@ -184,7 +184,6 @@ class Reconciler:
     def exports_body(self) -> ExportsIn:
         """This cluster's exports as published: the configured ones, then MCS ServiceExports."""
         cfg = self.config
-        address, port = cfg.istio.published_gateway()
         services: dict[str, dict[str, Any]] = {}
         for e in cfg.exports:
             services[e.export_name] = {
@@ -196,8 +195,13 @@ class Reconciler:
             }
         for extra in self.applier.service_exports():
             services.setdefault(extra["name"], extra)
+        gateway = cfg.istio.published_gateway()
+        if not any(str(p["protocol"]).upper() == "TCP" for s in services.values() for p in s["ports"]):
+            # Only TCP exports need it: without it, this agent still publishes to a CA service that
+            # predates the field (which refuses unknown fields).
+            del gateway["tcp_port"]
         body = {
-            "gateway": {"address": address, "port": port},
+            "gateway": gateway,
             "identities": self.identities(),
             "services": [services[name] for name in sorted(services)],
         }

@@ -196,8 +196,15 @@ class ExportedService(Strict):
         return sorted(set(v))
 
 
+class PublishedGateway(Gateway):
+    """Where peers reach an exporter's ingress gateway: `port` for HTTP exports, `tcp_port` for TCP
+    exports (absent from agents before it existed: importers then assume their own TCP port)."""
+
+    tcp_port: int | None = Field(default=None, ge=1, le=65535)
+
+
 class ExportsIn(Strict):
-    gateway: Gateway
+    gateway: PublishedGateway
     identities: Identities
     services: list[ExportedService] = Field(default_factory=list, max_length=2000)
 

@@ -21,7 +21,7 @@ class Protocol(StrEnum):
 
 # Both gateways terminate mTLS and route these on the HTTP authority.
 HTTP_ROUTED: frozenset[Protocol] = frozenset({Protocol.HTTP, Protocol.HTTP2, Protocol.GRPC, Protocol.GRPC_WEB})
-# Plain TCP crosses too, on its own gateway port, routed on the SNI (the `.remote` host).
+# Plain TCP crosses too, on its own gateway port, routed on the SNI of its own TLS server.
 GATEWAY_CARRIED: frozenset[Protocol] = HTTP_ROUTED | {Protocol.TCP}
 
 _BY_UPPER = {p.value.upper(): p for p in Protocol}

@@ -55,6 +55,9 @@ class ImportSpec:
     gateway_address: str
     gateway_port: int
     identity: str  # spiffe:// identity of the exporting cluster's ingress gateway
+    # The exporter's published cross-cluster TCP port (`Gateway.tcp_port`); None from an exporter
+    # whose agent predates it.
+    gateway_tcp_port: int | None = None
 
     @property
     def gateway_is_ip(self) -> bool:
@@ -127,12 +130,6 @@ def _ports(raw: object, where: str, warnings: list[str]) -> tuple[PortSpec, ...]
                 f"(they route HTTP on the authority and plain TCP on the SNI); that port is left out"
             )
             continue
-        if canonical == "TCP" and number not in ports and any(p.is_tcp for p in ports.values()):
-            warnings.append(
-                f"{where}: TCP port {number} left out: only one TCP port per name can cross (the SNI, "
-                f"the name itself, is all that tells TCP connections apart)"
-            )
-            continue
         ports.setdefault(number, PortSpec(number, canonical))
     if not ports:
         return None
@@ -155,6 +152,7 @@ def _import(raw: Mapping[str, Any], warnings: list[str]) -> ImportSpec | None:
     if not isinstance(address, str) or port is None or not _is_address(address):
         warnings.append(f"{where}: no usable gateway address and port ({gateway!r}); left out")
         return None
+    assert isinstance(gateway, Mapping)  # it held the address
     identity = raw.get("identity")
     if spiffe_trust_domain(identity) is None:
         warnings.append(
@@ -166,7 +164,18 @@ def _import(raw: Mapping[str, Any], warnings: list[str]) -> ImportSpec | None:
     ports = _ports(raw.get("ports"), where, warnings)
     if ports is None:
         return None
-    return ImportSpec(name, cluster, ports, address.lower().rstrip("."), port, identity)
+    tcp_port = _tcp_port(gateway, where, warnings) if any(p.is_tcp for p in ports) else None
+    return ImportSpec(name, cluster, ports, address.lower().rstrip("."), port, identity, tcp_port)
+
+
+def _tcp_port(gateway: Mapping[str, Any], where: str, warnings: list[str]) -> int | None:
+    """The exporter's published TCP port; None (the importer then assumes its own) when absent or
+    unusable."""
+    raw = gateway.get("tcp_port")
+    port = _port(raw)
+    if raw is not None and port is None:
+        warnings.append(f"{where}: gateway tcp_port {raw!r} is not a port; assuming this cluster's own")
+    return port
 
 
 def parse_imports(raw: Iterable[Mapping[str, Any]]) -> tuple[list[ImportSpec], list[str]]:

@@ -5,34 +5,69 @@ A call from a workload in cluster b to `ratings.bookinfo.remote:9080`, exported 
 1. b, sidecar: ServiceEntry `ratings.bookinfo.remote` (its VIP, port `http-9080`) makes the name
    routable; the import's VirtualService, bound to `mesh`, sends port 9080 to the egress gateway
    Service on its Gateway port (443), subset `meshbridge`, rewriting the authority to
-   `ratings.bookinfo.remote:9080` so the port survives every later hop whatever the client sent.
+   `ratings.bookinfo.remote:9080` so the port survives every later hop whatever the client sent,
+   with `retries: {attempts: 0}` (see Retries below).
 2. b, sidecar → egress: the egress DestinationRule's `meshbridge` subset speaks ISTIO_MUTUAL with
    SNI `meshbridge-egress.remote`, a name on the egress Gateway server (HTTPS, ISTIO_MUTUAL) that
    no import can take (imports have two labels before the suffix), so one subset serves every
    import instead of one cluster per import and egress port in every sidecar.
 3. b, egress gateway: the same VirtualService, bound to the egress Gateway, matches the authority
    `ratings.bookinfo.remote:9080` and routes to the `.remote` host on port 9080, whose endpoint
-   is a's ingress gateway address on the cross-cluster port; the import's DestinationRule makes
-   that hop ISTIO_MUTUAL with `sni: ratings.bookinfo.remote` and a's ingress identity as SAN.
+   is a's ingress gateway address on the cross-cluster port (`Import.gateway.port`); the import's
+   DestinationRule makes that hop ISTIO_MUTUAL with `sni: ratings.bookinfo.remote` and a's ingress
+   identity as SAN. This route too has `retries: {attempts: 0}`.
 4. a, ingress gateway: a Gateway server on the cross-cluster port (HTTPS, ISTIO_MUTUAL) lists only
    exported hosts; the export's VirtualService routes the authority's port to
-   `ratings.bookinfo.svc.cluster.local:9080`; an AuthorizationPolicy admits only the consumers'
-   egress identities for that host.
+   `ratings.bookinfo.svc.cluster.local:9080` and rewrites the authority to
+   `ratings.bookinfo.svc.cluster.local:9080` (no `:80` for port 80), the Host an in-cluster client
+   would send, so the destination (virtual hosts, Host checks, its own `hosts` policies) accepts
+   it: Istio turns `rewrite.authority` into Envoy's `host_rewrite_literal`
+   (pilot/pkg/networking/core/route/route.go `applyHTTPRouteDestination`), and the destination's
+   sidecar accepts any Host (`buildSidecarInboundHTTPRouteConfig`: domains `*`). An
+   AuthorizationPolicy admits only the consumers' egress identities for that host.
 
-Plain TCP (a port with protocol TCP; at most one per name) takes the same hops on TLS servers of
-their own ports, since Istio cannot mix HTTPS and TLS servers on one gateway port:
+Retries: with no `retries` on a route Istio applies its default, 2 retries on
+`connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes` (no status code listed)
+with the previous-hosts predicate (pilot/pkg/networking/core/route/retry/retry.go `DefaultPolicy`),
+set on every HTTP route (route.go `applyHTTPRouteDestination` → `retry.ConvertPolicy`). On three
+hops a gRPC UNAVAILABLE from the destination would be tried 3 * 3 * 3 = 27 times. Only the last
+hop, b's ingress gateway, keeps the default: it is the one hop that can pick another destination pod
+(the previous-hosts predicate) when one is restarting, the failure these retries are for, and its
+retries never resend a request across clusters; the importer's two routes set
+`retries: {attempts: 0}`, which
+`ConvertPolicy` turns into no retry policy at all ("explicitly disabling"). The destination's own
+sidecar keeps its inbound `reset-before-request` retries (`BuildDefaultHTTPInboundRoute`), which
+resend only requests that never left it.
+
+Plain TCP (a port with protocol TCP) takes the same hops on TLS servers of their own ports, since
+Istio cannot mix HTTPS and TLS servers on one gateway port. Each TCP port of a name crosses on an
+SNI of its own (`tcp_snis`): the `.remote` host itself when it is the name's only TCP port, else
+`<port>.<host>` for each (three or more labels before the suffix: never an imported name, two
+labels, nor the egress SNI, one). A terminated TLS server takes the `tcp` route of the first
+VirtualService whose hosts meet the server's, matching on port only
+(pilot/pkg/networking/core/gateway.go `buildGatewayNetworkFiltersFromTCPRoutes`), so each SNI has
+its own TLS server and its own VirtualService at both gateways:
 
 1. b, sidecar: the ServiceEntry's own VIP and the TCP port select the import's `tcp` route, which
-   sends the connection to the egress gateway's TCP port (`egress_gateway.tcp_port`, 15444), subset
-   `tcp-<name>`, whose ISTIO_MUTUAL SNI is the `.remote` host itself.
-2. b, egress gateway: one TLS server (ISTIO_MUTUAL) per TCP import on that port, hosts = the
-   `.remote` host, so the SNI picks the filter chain; the import's `tcp` route bound to the egress
-   Gateway sends it to the `.remote` host, whose endpoint port for TCP is the fleet-wide
-   `istio.cross_cluster_tcp_port` (15444; the CA's Import carries only the HTTP gateway port);
-   the import's DestinationRule (ISTIO_MUTUAL, `sni: <host>`, SAN) applies as for HTTP.
-3. a, ingress gateway: one TLS server (ISTIO_MUTUAL) per TCP export on `cross_cluster_tcp_port`;
-   the export's VirtualService `tcp` route delivers to `<svc>.<ns>.svc.cluster.local:<port>`; the
-   AuthorizationPolicy admits only the consumers for `connection.sni` = the host (TCP has no Host).
+   sends the connection to the egress gateway's TCP port (`egress_gateway.tcp_port`, 15444), the
+   subset of that port's SNI, whose ISTIO_MUTUAL `sni` is that SNI.
+2. b, egress gateway: one TLS server (ISTIO_MUTUAL) per SNI on that port, hosts = the SNI, so the
+   SNI picks the filter chain; the `tcp` route of the VirtualService for that SNI, bound to the
+   egress Gateway, sends it to the `.remote` host's TCP port, whose endpoint is the exporter's
+   published TCP port (`Import.gateway.tcp_port`); the import's DestinationRule (ISTIO_MUTUAL, SAN)
+   sets that port's `sni` (per port in `portLevelSettings` when it is not the host).
+3. a, ingress gateway: one TLS server (ISTIO_MUTUAL) per SNI on `cross_cluster_tcp_port`; the `tcp`
+   route of that SNI's VirtualService delivers to `<svc>.<ns>.svc.cluster.local:<port>`; the
+   AuthorizationPolicy admits only the consumers for `connection.sni` = the export's SNIs (TCP has
+   no Host).
+
+Gateway servers on one port: Istio merges every TLS server of a port into one listener with a
+filter chain per server, matched on the server's hosts as SNIs; a host may appear in one TLS server
+per port only (pilot/pkg/model/gateway.go `mergeGateways` → `CheckDuplicates` skips the later server:
+Envoy refuses two chains with the same match), while one server may list many hosts (the HTTPS
+server lists every HTTP export). A name's only TCP port crosses on the host, which the HTTPS server
+lists too when the name has HTTP ports: on one port `CheckDuplicates` would drop the TLS server,
+hence TCP on a port of its own (`cross_cluster_tcp_port`, `egress_gateway.tcp_port`).
 
 Gateways ignore the port in Host matching (`ignore_port_in_host_matching`), so
 `ratings.bookinfo.remote:9080` selects the `ratings.bookinfo.remote` virtual host and the route
@@ -66,12 +101,15 @@ __all__ = [
     "render_egress_gateway",
     "render_export_authorization_policy",
     "render_export_side",
+    "render_export_tcp_virtual_service",
     "render_export_virtual_service",
     "render_import_destination_rule",
     "render_import_side",
+    "render_import_tcp_virtual_service",
     "render_import_virtual_service",
     "render_ingress_gateway",
     "render_service_entry",
+    "tcp_snis",
     "tcp_subsets",
 ]
 
@@ -83,6 +121,9 @@ EGRESS_SUBSET = "meshbridge"
 SERVER_PORT_NAME = "https-meshbridge"
 TCP_SUBSET_PREFIX = "tcp"
 EXPORT_TO_ALL = ("*",)
+# `retries` of the importer's routes: Istio's default policy stays on the exporter's ingress only.
+NO_RETRIES = {"attempts": 0}
+HTTP_DEFAULT_PORT = 80
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +256,9 @@ def _server(name: str, port: int, hosts: list[str]) -> dict[str, Any]:
 
 
 def _tls_server(label: str, port: int, host: str) -> dict[str, Any]:
-    """One TLS server (Istio mTLS terminated, then plain TCP) per host: its SNI selects the chain."""
+    """One TLS server (Istio mTLS terminated, then plain TCP) per SNI: a host may sit in one TLS
+    server per port only (`mergeGateways` → `CheckDuplicates`), and the server's hosts decide which
+    VirtualService's `tcp` route it takes (`buildGatewayNetworkFiltersFromTCPRoutes`)."""
     return {
         "name": label,
         "port": {"number": port, "name": f"tls-{label}", "protocol": "TLS"},
@@ -224,9 +267,43 @@ def _tls_server(label: str, port: int, host: str) -> dict[str, Any]:
     }
 
 
-def tcp_subsets(hosts: Sequence[str]) -> dict[str, str]:
-    """Map each `.remote` host with a TCP port to a DNS label: its egress subset and server names."""
-    return object_names(hosts, prefix=TCP_SUBSET_PREFIX, max_len=63)
+def tcp_snis(host: str, ports: Sequence[PortSpec]) -> dict[int, str]:
+    """The SNI each TCP port of `host` crosses both gateways with, by port number.
+
+    A name's only TCP port keeps the host itself (what agents sent before a name could have several
+    TCP ports); with several, each is `<port>.<host>`, a DNS name with three or more labels before
+    the suffix, so never an imported host (two) nor the egress SNI (one). The AuthorizationPolicy's
+    `connection.sni` values for an export are these.
+    """
+    numbers = [p.number for p in ports if p.is_tcp]
+    if len(numbers) == 1:
+        return {numbers[0]: host}
+    return {number: f"{number}.{host}" for number in numbers}
+
+
+def tcp_subsets(snis: Sequence[str]) -> dict[str, str]:
+    """Map each TCP SNI to a DNS label: its egress subset and TLS server names."""
+    return object_names(snis, prefix=TCP_SUBSET_PREFIX, max_len=63)
+
+
+def _own_tcp_snis(host: str, ports: Sequence[PortSpec]) -> dict[int, str]:
+    """The TCP SNIs other than the host: each needs a VirtualService of its own at the gateway."""
+    return {number: sni for number, sni in tcp_snis(host, ports).items() if sni != host}
+
+
+def _tcp_key(name: str, port: int) -> str:
+    """The object-name key of the VirtualService of TCP port `port` of `name` (own SNI)."""
+    return f"{name}.tcp-{port}"
+
+
+def _object_keys(name: str, host: str, ports: Sequence[PortSpec]) -> list[str]:
+    """Object-name keys of one export or import: its name, one per TCP SNI of its own."""
+    return [name, *(_tcp_key(name, number) for number in _own_tcp_snis(host, ports))]
+
+
+def _destination_authority(target: str, port: PortSpec) -> str:
+    """The Host an in-cluster client sends for `target` on `port` (RFC 9110: no default port)."""
+    return target if port.number == HTTP_DEFAULT_PORT else f"{target}:{port.number}"
 
 
 def _http_ports(ports: Sequence[PortSpec]) -> list[PortSpec]:
@@ -253,52 +330,80 @@ def _authority_matches(host: str, port: PortSpec, gateway_ref: str | None = None
 # Exporting side
 
 
-def render_ingress_gateway(ctx: IstioContext, hosts: Sequence[str], tcp_hosts: Sequence[str] = ()) -> Manifest:
+def render_ingress_gateway(ctx: IstioContext, hosts: Sequence[str], tcp_snis: Sequence[str] = ()) -> Manifest:
     """The one ingress Gateway: only exported hosts, only from Istio-issued client certificates.
 
     Hosts carry the Gateway's namespace, so only VirtualServices there can bind them. HTTP exports
-    share one HTTPS server on the cross-cluster port; each TCP export has its own TLS server on the
-    cross-cluster TCP port.
+    share one HTTPS server on the cross-cluster port; each TCP SNI (`tcp_snis`) has its own TLS
+    server on the cross-cluster TCP port.
     """
     servers: list[dict[str, Any]] = []
     if hosts:
         server_hosts = [f"{ctx.namespace}/{h}" for h in sorted(hosts)]
         servers.append(_server(INGRESS_GATEWAY, ctx.cross_cluster_port, server_hosts))
-    labels = tcp_subsets(tcp_hosts)
-    servers += [_tls_server(labels[h], ctx.cross_cluster_tcp_port, f"{ctx.namespace}/{h}") for h in sorted(tcp_hosts)]
+    labels = tcp_subsets(tcp_snis)
+    servers += [_tls_server(labels[s], ctx.cross_cluster_tcp_port, f"{ctx.namespace}/{s}") for s in sorted(tcp_snis)]
     spec = {"selector": dict(ctx.ingress_selector), "servers": servers}
     return _manifest(NETWORKING, "Gateway", metadata(INGRESS_GATEWAY, ctx.namespace, ctx.labels("export")), spec)
 
 
-def render_export_virtual_service(ctx: IstioContext, export: ExportSpec, name: str) -> Manifest:
+def _export_target(ctx: IstioContext, export: ExportSpec) -> str:
+    return f"{export.service}.{export.namespace}.svc.{ctx.cluster_domain}"
+
+
+def _export_tcp_route(ctx: IstioContext, target: str, port: int) -> dict[str, Any]:
+    return {
+        "match": [{"port": ctx.cross_cluster_tcp_port}],
+        "route": [{"destination": {"host": target, "port": {"number": port}}}],
+    }
+
+
+def render_export_virtual_service(ctx: IstioContext, export: ExportSpec, name: str) -> Manifest | None:
+    """The export's host at the ingress: HTTP ports by authority, rewritten to the destination's
+    own Host; the TCP port whose SNI is the host (a name's only one). None when no port is left
+    for it (several TCP ports only: each has its own; Istio refuses a VirtualService without
+    routes)."""
     host = ctx.host(export.name)
-    target = f"{export.service}.{export.namespace}.svc.{ctx.cluster_domain}"
+    target = _export_target(ctx, export)
     routes: list[dict[str, Any]] = []
     http_ports = _http_ports(export.ports)
     for port in http_ports:
         route: dict[str, Any] = {
             "name": f"port-{port.number}",
+            "rewrite": {"authority": _destination_authority(target, port)},
             "route": [{"destination": {"host": target, "port": {"number": port.number}}}],
         }
         if len(http_ports) > 1:
             route["match"] = _authority_matches(host, port)
         routes.append(route)
     tcp_routes = [
-        {
-            "match": [{"port": ctx.cross_cluster_tcp_port}],
-            "route": [{"destination": {"host": target, "port": {"number": port.number}}}],
-        }
-        for port in _tcp_ports(export.ports)
+        _export_tcp_route(ctx, target, number) for number, sni in tcp_snis(host, export.ports).items() if sni == host
     ]
     spec: dict[str, Any] = {
         "hosts": [host],
         "gateways": [f"{ctx.namespace}/{INGRESS_GATEWAY}"],
         "exportTo": list(EXPORT_TO_ALL),
     }
+    if not routes and not tcp_routes:
+        return None
     if routes:
         spec["http"] = routes
     if tcp_routes:
         spec["tcp"] = tcp_routes
+    meta = metadata(name, ctx.namespace, ctx.labels("export"), {NAME_ANNOTATION: export.name})
+    return _manifest(NETWORKING, "VirtualService", meta, spec)
+
+
+def render_export_tcp_virtual_service(
+    ctx: IstioContext, export: ExportSpec, name: str, port: int, sni: str
+) -> Manifest:
+    """One TCP port with an SNI of its own: the ingress TLS server for `sni` takes this `tcp` route."""
+    spec = {
+        "hosts": [sni],
+        "gateways": [f"{ctx.namespace}/{INGRESS_GATEWAY}"],
+        "exportTo": list(EXPORT_TO_ALL),
+        "tcp": [_export_tcp_route(ctx, _export_target(ctx, export), port)],
+    }
     meta = metadata(name, ctx.namespace, ctx.labels("export"), {NAME_ANNOTATION: export.name})
     return _manifest(NETWORKING, "VirtualService", meta, spec)
 
@@ -308,8 +413,8 @@ def render_export_authorization_policy(
 ) -> Manifest:
     """Only `principals` (the consumers' egress gateways) reach this export's host.
 
-    HTTP ports are matched on the Host on the cross-cluster port, a TCP port on the SNI
-    (`connection.sni`, the host) on the cross-cluster TCP port. Every rule names its port
+    HTTP ports are matched on the Host on the cross-cluster port, TCP ports on their SNIs
+    (`connection.sni`, `tcp_snis`) on the cross-cluster TCP port. Every rule names its port
     (`to.operation.ports`), because Istio builds these rules for every filter chain of the selected
     pods, HTTP or TCP (core/networkfilter.go adds the RBAC network filter to each TCP chain), and on
     a TCP chain it cannot build the HTTP-only `hosts` (authz model/generator.go hostGenerator): for
@@ -335,8 +440,9 @@ def render_export_authorization_policy(
         http_operation = {"ports": [str(ctx.ingress_target_port)], "hosts": [host, f"{host}:*"]}
         targets.append({"to": [{"operation": http_operation}]})
     if _tcp_ports(export.ports):
+        snis = sorted(tcp_snis(host, export.ports).values())
         tcp_operation = {"ports": [str(ctx.ingress_tcp_target_port)]}
-        targets.append({"to": [{"operation": tcp_operation}], "when": [{"key": "connection.sni", "values": [host]}]})
+        targets.append({"to": [{"operation": tcp_operation}], "when": [{"key": "connection.sni", "values": snis}]})
     spec: dict[str, Any] = {"selector": {"matchLabels": dict(ctx.ingress_selector)}}
     if ctx.authorization_mode == "deny":
         rules: list[dict[str, Any]] = []
@@ -394,13 +500,18 @@ def render_export_side(
     if not exports:
         return [], []
     principals, warnings = consumer_principals(exports, peers)
-    names = object_names((e.name for e in exports), prefix="meshbridge-export")
+    keys = [k for e in exports for k in _object_keys(e.name, ctx.host(e.name), e.ports)]
+    names = object_names(keys, prefix="meshbridge-export")
     http_hosts = [ctx.host(e.name) for e in exports if _http_ports(e.ports)]
-    tcp_hosts = [ctx.host(e.name) for e in exports if _tcp_ports(e.ports)]
-    objects = [render_ingress_gateway(ctx, http_hosts, tcp_hosts)]
+    snis = [sni for e in exports for sni in tcp_snis(ctx.host(e.name), e.ports).values()]
+    objects = [render_ingress_gateway(ctx, http_hosts, snis)]
     for export in exports:
         name = names[export.name]
-        objects.append(render_export_virtual_service(ctx, export, name))
+        main = render_export_virtual_service(ctx, export, name)
+        objects += [main] if main is not None else []
+        for number, sni in _own_tcp_snis(ctx.host(export.name), export.ports).items():
+            key = _tcp_key(export.name, number)
+            objects.append(render_export_tcp_virtual_service(ctx, export, names[key], number, sni))
         objects.append(render_export_authorization_policy(ctx, export, name, principals[export.name]))
     return objects, warnings
 
@@ -415,11 +526,12 @@ def render_egress_gateway(
     hosts: Sequence[str],
     tcp_subsets: Mapping[str, str] | None = None,
 ) -> Manifest:
-    """HTTPS server for HTTP imports (and the shared SNI); one TLS server per TCP import host."""
+    """HTTPS server for HTTP imports (and the shared SNI); one TLS server per TCP SNI (`tcp_subsets`:
+    SNI → label)."""
     server_hosts = [f"{ctx.namespace}/{h}" for h in sorted({egress.sni, *hosts})]
     servers = [_server(egress.gateway_name, egress.port, server_hosts)]
-    for host, label in sorted((tcp_subsets or {}).items()):
-        servers.append(_tls_server(label, egress.tcp_port, f"{ctx.namespace}/{host}"))
+    for sni, label in sorted((tcp_subsets or {}).items()):
+        servers.append(_tls_server(label, egress.tcp_port, f"{ctx.namespace}/{sni}"))
     spec = {"selector": dict(egress.selector), "servers": servers}
     return _manifest(NETWORKING, "Gateway", metadata(egress.gateway_name, ctx.namespace, ctx.labels("egress")), spec)
 
@@ -434,13 +546,13 @@ def render_egress_destination_rule(
 
     Only the `meshbridge` subset carries settings, so other users of the egress gateway keep auto
     mTLS. `useClientProtocol` keeps HTTP/2 (gRPC) as HTTP/2 on the HTTPS-named gateway port. Each
-    TCP import has a subset whose SNI is its `.remote` host, the only thing that tells its
-    connections apart at the egress gateway. `export_to`: the namespaces of the imports using this
-    gateway (every subset is a cluster in each sidecar that sees the rule).
+    TCP SNI (`tcp_snis`) has a subset sending it, the only thing that tells its connections apart
+    at the egress gateway. `export_to`: the namespaces of the imports using this gateway (every
+    subset is a cluster in each sidecar that sees the rule).
     """
     tcp = [
-        {"name": label, "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL", "sni": host}}}
-        for host, label in sorted((tcp_subsets or {}).items())
+        {"name": label, "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL", "sni": sni}}}
+        for sni, label in sorted((tcp_subsets or {}).items())
     ]
     spec = {
         "host": egress.service_host,
@@ -468,8 +580,11 @@ def _import_meta(ctx: IstioContext, spec: ImportSpec, name: str) -> dict[str, An
 def render_service_entry(
     ctx: IstioContext, spec: ImportSpec, name: str, vip: str, export_to: Sequence[str] = EXPORT_TO_ALL
 ) -> Manifest:
-    """The `.remote` host: its VIP, the import's ports, every port reaching the remote ingress
-    gateway's cross-cluster port."""
+    """The `.remote` host: its VIP, the import's ports, HTTP ports reaching the exporter's
+    cross-cluster port and TCP ports its published TCP port."""
+    # An exporter whose agent predates `Gateway.tcp_port` publishes none: it listens on its
+    # `cross_cluster_tcp_port`, which then had to be the same fleet-wide, so this cluster's own.
+    tcp_port = spec.gateway_tcp_port or ctx.cross_cluster_tcp_port
     body = {
         "hosts": [ctx.host(spec.name)],
         "addresses": [vip],
@@ -480,7 +595,7 @@ def render_service_entry(
         "endpoints": [
             {
                 "address": spec.gateway_address,
-                "ports": {p.name: ctx.cross_cluster_tcp_port if p.is_tcp else spec.gateway_port for p in spec.ports},
+                "ports": {p.name: tcp_port if p.is_tcp else spec.gateway_port for p in spec.ports},
             }
         ],
         "subjectAltNames": [spec.identity],
@@ -488,14 +603,24 @@ def render_service_entry(
     return _manifest(NETWORKING, "ServiceEntry", _import_meta(ctx, spec, name), body)
 
 
+def _egress_tcp_route(egress: EgressTarget, host: str, port: int) -> dict[str, Any]:
+    """At the egress gateway: the TLS server's connection on to the `.remote` host's TCP port."""
+    return {
+        "match": [{"gateways": [egress.gateway_ref], "port": egress.tcp_port}],
+        "route": [{"destination": {"host": host, "port": {"number": port}}}],
+    }
+
+
 def render_import_virtual_service(
     ctx: IstioContext,
     spec: ImportSpec,
     name: str,
     egress: EgressTarget,
-    tcp_subset: str | None = None,
+    tcp_subsets: Mapping[str, str] | None = None,
     export_to: Sequence[str] = EXPORT_TO_ALL,
 ) -> Manifest:
+    """The `.remote` host for sidecars (`mesh`: to the egress gateway) and at the egress gateway (on
+    to the exporter); `tcp_subsets` maps each TCP SNI of this import to its egress subset."""
     host = ctx.host(spec.name)
     to_egress: list[dict[str, Any]] = []
     to_remote: list[dict[str, Any]] = []
@@ -507,6 +632,7 @@ def render_import_virtual_service(
                 "name": f"mesh-{port.number}",
                 "match": [{"gateways": ["mesh"], "port": port.number}],
                 "rewrite": {"authority": authority},
+                "retries": dict(NO_RETRIES),
                 "route": [
                     {
                         "destination": {
@@ -527,20 +653,23 @@ def render_import_virtual_service(
             {
                 "name": f"egress-{port.number}",
                 "match": match,
+                "retries": dict(NO_RETRIES),
                 "route": [{"destination": {"host": host, "port": {"number": port.number}}}],
             }
         )
     tcp_routes: list[dict[str, Any]] = []
-    for port in _tcp_ports(spec.ports):
-        assert tcp_subset is not None, "a TCP import needs its egress subset"
-        egress_destination = {"host": egress.service_host, "subset": tcp_subset, "port": {"number": egress.tcp_port}}
-        tcp_routes += [
-            {"match": [{"gateways": ["mesh"], "port": port.number}], "route": [{"destination": egress_destination}]},
-            {
-                "match": [{"gateways": [egress.gateway_ref], "port": egress.tcp_port}],
-                "route": [{"destination": {"host": host, "port": {"number": port.number}}}],
-            },
-        ]
+    for number, sni in tcp_snis(host, spec.ports).items():
+        assert tcp_subsets is not None and sni in tcp_subsets, "a TCP import needs its egress subsets"
+        egress_destination = {
+            "host": egress.service_host,
+            "subset": tcp_subsets[sni],
+            "port": {"number": egress.tcp_port},
+        }
+        tcp_routes.append(
+            {"match": [{"gateways": ["mesh"], "port": number}], "route": [{"destination": egress_destination}]}
+        )
+        if sni == host:
+            tcp_routes.append(_egress_tcp_route(egress, host, number))
     body: dict[str, Any] = {
         "hosts": [host],
         "gateways": ["mesh", egress.gateway_ref],
@@ -553,16 +682,41 @@ def render_import_virtual_service(
     return _manifest(NETWORKING, "VirtualService", _import_meta(ctx, spec, name), body)
 
 
+def render_import_tcp_virtual_service(
+    ctx: IstioContext,
+    spec: ImportSpec,
+    name: str,
+    egress: EgressTarget,
+    port: int,
+    sni: str,
+    export_to: Sequence[str] = EXPORT_TO_ALL,
+) -> Manifest:
+    """One TCP port with an SNI of its own: the egress TLS server for `sni` takes this `tcp` route."""
+    body = {
+        "hosts": [sni],
+        "gateways": [egress.gateway_ref],
+        "exportTo": list(export_to),
+        "tcp": [_egress_tcp_route(egress, ctx.host(spec.name), port)],
+    }
+    return _manifest(NETWORKING, "VirtualService", _import_meta(ctx, spec, name), body)
+
+
 def render_import_destination_rule(
     ctx: IstioContext, spec: ImportSpec, name: str, export_to: Sequence[str] = EXPORT_TO_ALL
 ) -> Manifest:
-    """Egress gateway → remote ingress: ISTIO_MUTUAL, SNI = host, SAN = the exporter's ingress."""
+    """Egress gateway → remote ingress: ISTIO_MUTUAL, SNI = host, SAN = the exporter's ingress;
+    a TCP port with an SNI of its own sends that one (`portLevelSettings` replace the whole TLS
+    setting for that port's cluster)."""
     host = ctx.host(spec.name)
-    body = {
-        "host": host,
-        "exportTo": list(export_to),
-        "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL", "sni": host, "subjectAltNames": [spec.identity]}},
-    }
+
+    def tls(sni: str) -> dict[str, Any]:
+        return {"mode": "ISTIO_MUTUAL", "sni": sni, "subjectAltNames": [spec.identity]}
+
+    policy: dict[str, Any] = {"tls": tls(host)}
+    own = _own_tcp_snis(host, spec.ports)
+    if own:
+        policy["portLevelSettings"] = [{"port": {"number": n}, "tls": tls(sni)} for n, sni in sorted(own.items())]
+    body = {"host": host, "exportTo": list(export_to), "trafficPolicy": policy}
     return _manifest(NETWORKING, "DestinationRule", _import_meta(ctx, spec, name), body)
 
 
@@ -570,8 +724,9 @@ def render_import_side(ctx: IstioContext, imports: Sequence[ImportSpec], vips: M
     """Everything one cluster needs to reach its imports; `vips` maps every import name to its VIP."""
     if not imports:
         return []
-    names = object_names((s.name for s in imports), prefix="meshbridge-import")
-    subsets = tcp_subsets([ctx.host(s.name) for s in imports if _tcp_ports(s.ports)])
+    keys = [k for s in imports for k in _object_keys(s.name, ctx.host(s.name), s.ports)]
+    names = object_names(keys, prefix="meshbridge-import")
+    subsets = tcp_subsets([sni for s in imports for sni in tcp_snis(ctx.host(s.name), s.ports).values()])
     hosts_by_egress: dict[str, list[str]] = {}
     tcp_by_egress: dict[str, dict[str, str]] = {}
     export_to_by_egress: dict[str, set[str]] = {}
@@ -585,12 +740,14 @@ def render_import_side(ctx: IstioContext, imports: Sequence[ImportSpec], vips: M
         targets[egress.gateway_name] = egress
         if _http_ports(spec.ports):
             hosts_by_egress.setdefault(egress.gateway_name, []).append(host)
-        subset = subsets.get(host)
-        if subset is not None:
-            tcp_by_egress.setdefault(egress.gateway_name, {})[host] = subset
+        own = {sni: subsets[sni] for sni in tcp_snis(host, spec.ports).values()}
+        tcp_by_egress.setdefault(egress.gateway_name, {}).update(own)
         name = names[spec.name]
         objects.append(render_service_entry(ctx, spec, name, vips[spec.name], export_to))
-        objects.append(render_import_virtual_service(ctx, spec, name, egress, subset, export_to))
+        objects.append(render_import_virtual_service(ctx, spec, name, egress, own, export_to))
+        for number, sni in _own_tcp_snis(host, spec.ports).items():
+            key = _tcp_key(spec.name, number)
+            objects.append(render_import_tcp_virtual_service(ctx, spec, names[key], egress, number, sni, export_to))
         objects.append(render_import_destination_rule(ctx, spec, name, export_to))
     for gateway_name, egress in sorted(targets.items()):
         tcp = tcp_by_egress.get(gateway_name)

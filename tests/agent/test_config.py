@@ -211,11 +211,6 @@ BAD_INPUTS = [
         [{"number": 5432, "protocol": "UDP"}],
         "exports[0].ports[0].protocol: protocol 'UDP' cannot cross clusters",
     ),
-    (
-        "exports.0.ports",
-        [{"number": 5432, "protocol": "TCP"}, {"number": 5433, "protocol": "tcp"}],
-        "exports[0].ports: at most one TCP port per export",
-    ),
     ("exports.0.extra", 1, "exports[0].extra: unknown key; allowed here: consumers, name, namespace, ports, service"),
     ("imports.0.names", ["ratings"], "imports[0].names[0]: must be '*' or <service>.<namespace>"),
     ("imports.0.names", ["*", "ratings.bookinfo"], "imports[0].names: '*' already selects every name"),
@@ -426,3 +421,23 @@ def test_equal_cross_cluster_ports_are_refused_at_load() -> None:
     assert any("cross_cluster_port and cross_cluster_tcp_port are both 16000" in p for p in problems_of(data))
     data["istio"]["cross_cluster_tcp_port"] = 16001
     assert parse_config(data).istio.cross_cluster_tcp_port == 16001
+
+
+def test_several_tcp_ports_per_export_load_and_the_ingress_tcp_port_is_published() -> None:
+    """Issue 11 item 11: several TCP ports per name (each crosses on an SNI of its own), and the TCP
+    port peers reach this cluster on travels with its exports (`gateway.tcp_port`)."""
+    data = example()
+    data["exports"] = [
+        {
+            "service": "db",
+            "namespace": "data",
+            "ports": [{"number": 5432, "protocol": "TCP"}, {"number": 5433, "protocol": "tcp"}],
+        }
+    ]
+    data["istio"]["cross_cluster_tcp_port"] = 16000
+    config = parse_config(data)
+    assert [p.protocol for p in config.exports[0].ports] == ["TCP", "TCP"]
+    published = config.istio.published_gateway()
+    assert published["tcp_port"] == 16000
+    data["istio"]["ingress_gateway"]["tcp_port"] = 31444  # a load balancer mapping the port
+    assert parse_config(data).istio.published_gateway()["tcp_port"] == 31444

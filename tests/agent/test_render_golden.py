@@ -187,7 +187,11 @@ CONFIG_B = {
 IMPORTS_B = [
     _import("details.bookinfo", "a", [(9080, "HTTP")], "203.0.113.10"),
     _import("productpage.bookinfo", "a", [(9080, "HTTP"), (80, "HTTP2")], "203.0.113.10"),
-    _import("reviews.bookinfo", "c", [(9080, "HTTP"), (3306, "TCP")], "ingress.c.example"),
+    {
+        # two TCP ports (each on an SNI of its own), c's published TCP port
+        **_import("reviews.bookinfo", "c", [(9080, "HTTP"), (3306, "TCP"), (3307, "TCP")], "ingress.c.example"),
+        "gateway": {"address": "ingress.c.example", "port": 15443, "tcp_port": 15544},
+    },
 ]
 PEERS_B = [_peer("a", "a.mesh"), _peer("c", "c.mesh")]
 

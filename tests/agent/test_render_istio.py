@@ -166,6 +166,7 @@ def test_export_virtual_service_routes_each_port_by_authority(result: Any) -> No
     assert single["http"] == [
         {
             "name": "port-9080",
+            "rewrite": {"authority": "ratings.bookinfo.svc.cluster.local:9080"},
             "route": [{"destination": {"host": "ratings.bookinfo.svc.cluster.local", "port": {"number": 9080}}}],
         }
     ]
@@ -175,6 +176,37 @@ def test_export_virtual_service_routes_each_port_by_authority(result: Any) -> No
         [{"authority": {"exact": "api.shop.remote:9090"}}],
     ]
     assert [r["route"][0]["destination"]["port"]["number"] for r in multi] == [80, 9090]
+
+
+def test_export_routes_rewrite_the_authority_to_the_destination_service(result: Any) -> None:
+    """Issue 11 item 11: the destination saw `<name>.remote:<port>`, a Host it does not serve; now the
+    Host an in-cluster client sends (no `:80` for the default port)."""
+    multi = by_kind(result.objects, "VirtualService")["meshbridge-export-api-shop"]["spec"]["http"]
+    assert [r["rewrite"] for r in multi] == [
+        {"authority": "api.shop.svc.cluster.local"},
+        {"authority": "api.shop.svc.cluster.local:9090"},
+    ]
+
+
+def test_only_the_exporters_ingress_route_retries(result: Any) -> None:
+    """Issue 11 item 11: Istio's default retry policy (2 retries) applied on all three hops, up to 27
+    attempts; the importer's sidecar and egress routes now disable it (`attempts: 0`)."""
+    services = by_kind(result.objects, "VirtualService")
+    imported = [
+        r
+        for o in services.values()
+        if o["metadata"]["labels"]["meshbridge.io/component"] == "import"
+        for r in o["spec"].get("http", [])
+    ]
+    exported = [
+        r
+        for o in services.values()
+        if o["metadata"]["labels"]["meshbridge.io/component"] == "export"
+        for r in o["spec"].get("http", [])
+    ]
+    assert len(imported) >= 4 and len(exported) >= 3
+    assert all(r["retries"] == {"attempts": 0} for r in imported)
+    assert not any("retries" in r for r in exported)  # Istio's default, once
 
 
 def test_deny_policy_admits_only_published_consumers(result: Any) -> None:
@@ -739,10 +771,145 @@ def test_tcp_export_allow_mode_and_custom_port() -> None:
     assert servers[1]["port"]["number"] == 16000
 
 
-def test_only_one_tcp_port_per_name_crosses() -> None:
+def test_several_tcp_ports_per_name_are_kept() -> None:
     specs, warnings = parse_imports([imp("a.b", "a", [(5432, "TCP"), (5433, "TCP"), (80, "HTTP")])])
-    assert [(p.number, p.protocol) for p in specs[0].ports] == [(80, "HTTP"), (5432, "TCP")]
-    assert any("TCP port 5433 left out" in w for w in warnings)
+    assert [(p.number, p.protocol) for p in specs[0].ports] == [(80, "HTTP"), (5432, "TCP"), (5433, "TCP")]
+    assert warnings == []
+
+
+MULTI_TCP_IMPORT = {
+    **imp("pg.data", "a", [(80, "HTTP"), (5432, "TCP"), (5433, "TCP")]),
+    "gateway": {"address": "203.0.113.10", "port": 15443, "tcp_port": 31444},
+}
+MULTI_TCP_EXPORT = {
+    "service": "pg",
+    "namespace": "data",
+    "ports": [80, {"number": 5432, "protocol": "TCP"}, {"number": 5433, "protocol": "TCP"}],
+    "consumers": ["a"],
+}
+
+
+@pytest.fixture(scope="module")
+def multi_tcp() -> Any:
+    data = config_dict()
+    data["exports"] = [MULTI_TCP_EXPORT]
+    return render_all(parse_config(data), imports=[MULTI_TCP_IMPORT], peers=PEERS, vips={"pg.data": "240.240.0.9"})
+
+
+def test_each_tcp_port_has_its_own_sni_server_and_route_at_the_ingress(multi_tcp: Any) -> None:
+    """Issue 11 item 11: several TCP ports per name, each on the SNI `<port>.<host>` (before: one TCP
+    port per name, its SNI the host)."""
+    servers = by_kind(multi_tcp.objects, "Gateway")["meshbridge-ingress"]["spec"]["servers"]
+    assert [(s["port"]["number"], s["hosts"]) for s in servers] == [
+        (15443, ["istio-system/pg.data.remote"]),
+        (15444, ["istio-system/5432.pg.data.remote"]),
+        (15444, ["istio-system/5433.pg.data.remote"]),
+    ]
+    services = by_kind(multi_tcp.objects, "VirtualService")
+    main = services["meshbridge-export-pg-data"]["spec"]
+    assert "tcp" not in main and [r["name"] for r in main["http"]] == ["port-80"]
+    for port in (5432, 5433):
+        assert services[f"meshbridge-export-pg-data-tcp-{port}"]["spec"] == {
+            "hosts": [f"{port}.pg.data.remote"],
+            "gateways": ["istio-system/meshbridge-ingress"],
+            "exportTo": ["*"],
+            "tcp": [
+                {
+                    "match": [{"port": 15444}],
+                    "route": [{"destination": {"host": "pg.data.svc.cluster.local", "port": {"number": port}}}],
+                }
+            ],
+        }
+    policy = by_kind(multi_tcp.objects, "AuthorizationPolicy")["meshbridge-export-pg-data"]["spec"]
+    (when,) = [r["when"] for r in policy["rules"] if "when" in r]
+    assert when == [{"key": "connection.sni", "values": ["5432.pg.data.remote", "5433.pg.data.remote"]}]
+
+
+def test_a_name_with_only_several_tcp_ports_has_no_routeless_virtual_service() -> None:
+    data = config_dict()
+    data["exports"] = [{**MULTI_TCP_EXPORT, "ports": MULTI_TCP_EXPORT["ports"][1:]}]
+    out = render_all(parse_config(data), imports=[], peers=PEERS, vips={})
+    assert set(by_kind(out.objects, "VirtualService")) == {
+        "meshbridge-export-pg-data-tcp-5432",
+        "meshbridge-export-pg-data-tcp-5433",
+    }  # Istio refuses a VirtualService without http, tcp or tls routes
+
+
+def test_each_tcp_port_has_its_own_sni_subset_server_and_route_at_the_egress(multi_tcp: Any) -> None:
+    subsets = by_kind(multi_tcp.objects, "DestinationRule")["meshbridge-egress"]["spec"]["subsets"]
+    assert subsets[1:] == [
+        {
+            "name": f"tcp-{p}-pg-data-remote",
+            "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL", "sni": f"{p}.pg.data.remote"}},
+        }
+        for p in (5432, 5433)
+    ]
+    servers = by_kind(multi_tcp.objects, "Gateway")["meshbridge-egress"]["spec"]["servers"]
+    assert [(s["name"], s["port"]["number"], s["hosts"]) for s in servers[1:]] == [
+        (f"tcp-{p}-pg-data-remote", 15444, [f"istio-system/{p}.pg.data.remote"]) for p in (5432, 5433)
+    ]
+    services = by_kind(multi_tcp.objects, "VirtualService")
+    main = services["meshbridge-import-pg-data"]["spec"]
+    assert main["tcp"] == [
+        {
+            "match": [{"gateways": ["mesh"], "port": p}],
+            "route": [
+                {
+                    "destination": {
+                        "host": "istio-egressgateway.istio-system.svc.cluster.local",
+                        "subset": f"tcp-{p}-pg-data-remote",
+                        "port": {"number": 15444},
+                    }
+                }
+            ],
+        }
+        for p in (5432, 5433)
+    ]
+    for p in (5432, 5433):
+        assert services[f"meshbridge-import-pg-data-tcp-{p}"]["spec"] == {
+            "hosts": [f"{p}.pg.data.remote"],
+            "gateways": ["istio-system/meshbridge-egress"],
+            "exportTo": ["data", "istio-system"],  # the import's consumer namespaces and the egress gateway's
+            "tcp": [
+                {
+                    "match": [{"gateways": ["istio-system/meshbridge-egress"], "port": 15444}],
+                    "route": [{"destination": {"host": "pg.data.remote", "port": {"number": p}}}],
+                }
+            ],
+        }
+    dr = by_kind(multi_tcp.objects, "DestinationRule")["meshbridge-import-pg-data"]["spec"]["trafficPolicy"]
+    assert dr["tls"]["sni"] == "pg.data.remote"
+    assert dr["portLevelSettings"] == [
+        {
+            "port": {"number": p},
+            "tls": {"mode": "ISTIO_MUTUAL", "sni": f"{p}.pg.data.remote", "subjectAltNames": [INGRESS_A]},
+        }
+        for p in (5432, 5433)
+    ]
+
+
+def test_tcp_ports_reach_the_exporters_published_tcp_port() -> None:
+    """Issue 11 item 11: the importer assumed its own cross_cluster_tcp_port for every exporter; it
+    now takes `Import.gateway.tcp_port`, and its own only from an exporter that publishes none."""
+    out = render_all(tcp_config(cross_cluster_tcp_port=16000), imports=[MULTI_TCP_IMPORT], peers=[], vips={})
+    entry = by_kind(out.objects, "ServiceEntry")["meshbridge-import-pg-data"]["spec"]
+    assert entry["endpoints"][0]["ports"] == {"http-80": 15443, "tcp-5432": 31444, "tcp-5433": 31444}
+    old = {**MULTI_TCP_IMPORT, "gateway": {"address": "203.0.113.10", "port": 15443}}
+    out = render_all(tcp_config(cross_cluster_tcp_port=16000), imports=[old], peers=[], vips={})
+    entry = by_kind(out.objects, "ServiceEntry")["meshbridge-import-pg-data"]["spec"]
+    assert entry["endpoints"][0]["ports"] == {"http-80": 15443, "tcp-5432": 16000, "tcp-5433": 16000}
+    bad = {**MULTI_TCP_IMPORT, "gateway": {"address": "203.0.113.10", "port": 15443, "tcp_port": 0}}
+    out = render_all(tcp_config(cross_cluster_tcp_port=16000), imports=[bad], peers=[], vips={})
+    assert any("gateway tcp_port 0 is not a port" in w for w in out.warnings)
+
+
+def test_multi_tcp_objects_match_istio_1_30_crd_schemas(multi_tcp: Any) -> None:
+    validators = _crd_validators()
+    for obj in multi_tcp.objects:
+        key = f"{obj['apiVersion']}/{obj['kind']}"
+        if key in validators:
+            errors = [e.message for e in validators[key].iter_errors(obj["spec"])]
+            assert not errors, (obj["metadata"]["name"], errors)
 
 
 def test_tcp_objects_match_istio_1_30_crd_schemas(tcp_result: Any) -> None:

@@ -129,3 +129,38 @@ def test_grpc_web_exports_are_published_and_imported_end_to_end(ca_service: CASe
     se = [o for o in entries if o["kind"] == "ServiceEntry"]
     assert [p["protocol"] for p in se[0]["spec"]["ports"]] == ["GRPC-Web"]
     assert se[0]["spec"]["hosts"] == ["chat.web.remote"]
+
+
+def test_the_exporters_tcp_port_reaches_the_importers_service_entry(ca_service: CAService, tmp_path: Path) -> None:
+    """Issue 11 item 11: a's TCP exports listen on its own cross_cluster_tcp_port (16000); b, whose own
+    is 15444, used to send TCP there; now a publishes it and b's ServiceEntry uses it, for each of the
+    two TCP ports of the name."""
+    paths = {}
+    for name, td, addr, exp, imp in (
+        (
+            "a",
+            "a.mesh",
+            "198.51.100.10",
+            "[{service: pg, namespace: data, ports: [{number: 5432, protocol: tcp}, {number: 5433, protocol: TCP}],"
+            " consumers: [b]}]",
+            "[]",
+        ),
+        ("b", "b.mesh", "198.51.100.20", "[]", '[{from: a, names: ["*"]}]'),
+    ):
+        (tmp_path / name).mkdir()
+        ca_service.add_cluster(name, td, tmp_path / name / "bootstrap-token")
+        paths[name] = tmp_path / name / "agent.yaml"
+        text = agent_yaml(name=name, td=td, url=ca_service.url, address=addr, exports=exp, imports=imp)
+        if name == "a":
+            text = text.replace(
+                "  namespace: istio-system\n", "  namespace: istio-system\n  cross_cluster_tcp_port: 16000\n"
+            )
+        paths[name].write_text(text)
+    a, _ = _agent(paths["a"])
+    b, out_b = _agent(paths["b"])
+    assert a.r.exports_body().gateway.tcp_port == 16000
+    assert b.r.exports_body().gateway.tcp_port is None  # no TCP export: a CA service before the field accepts it
+    _step(a)
+    assert _step(b).imports_applied == 1
+    (se,) = [o for o in (yaml.safe_load(p.read_text()) for p in out_b.glob("*.yaml")) if o["kind"] == "ServiceEntry"]
+    assert se["spec"]["endpoints"] == [{"address": "198.51.100.10", "ports": {"tcp-5432": 16000, "tcp-5433": 16000}}]

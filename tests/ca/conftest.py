@@ -205,9 +205,13 @@ class Harness:
         trust_domain: str,
         services: list[dict[str, Any]] | None = None,
         address: str = "198.51.100.1",
+        tcp_port: int | None = None,
     ) -> Any:
+        gateway: dict[str, Any] = {"address": address, "port": 15443}
+        if tcp_port is not None:
+            gateway["tcp_port"] = tcp_port
         body = {
-            "gateway": {"address": address, "port": 15443},
+            "gateway": gateway,
             "identities": {
                 "ingress": f"spiffe://{trust_domain}/ns/istio-system/sa/ingress",
                 "egress": f"spiffe://{trust_domain}/ns/istio-system/sa/egress",

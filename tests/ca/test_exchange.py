@@ -47,7 +47,7 @@ def test_exports_reach_their_consumers_only(harness: Harness) -> None:
     r = harness.publish(a, trust_domain="a.mesh", services=[RATINGS, REVIEWS], address="203.0.113.7")
     assert r.status_code == 200, r.text
     stored = r.json()
-    assert stored["gateway"] == {"address": "203.0.113.7", "port": 15443}
+    assert stored["gateway"] == {"address": "203.0.113.7", "port": 15443, "tcp_port": None}  # echo: defaults filled in
     assert [s["name"] for s in stored["services"]] == ["ratings.bookinfo", "reviews.bookinfo"]
     assert stored["services"][1]["consumers"] == ["b", "c", "nobody"]
     assert harness.cluster("a")["gateway"] == {"address": "203.0.113.7", "port": 15443}  # replaces registration
@@ -92,6 +92,25 @@ def test_exports_reach_their_consumers_only(harness: Harness) -> None:
         harness.publish(a, trust_domain="a.mesh", services=[RATINGS, REVIEWS], address="203.0.113.7").json() == stored
     )
     assert harness.audit_head() == head and harness.desired(b)["revision"] == revision
+
+
+def test_the_published_tcp_port_reaches_the_importers(harness: Harness) -> None:
+    """Issue 11 item 11: an exporter's cross-cluster TCP port travels in `Import.gateway.tcp_port`
+    (importers assumed their own before); an agent that does not send it publishes as before."""
+    a = harness.enroll("a", trust_domain="a.mesh")
+    b = harness.enroll("b", trust_domain="b.mesh")
+    db = {**RATINGS, "ports": [{"number": 5432, "protocol": "TCP"}, {"number": 5433, "protocol": "TCP"}]}
+    r = harness.publish(a, trust_domain="a.mesh", services=[db], tcp_port=31444)
+    assert r.status_code == 200, r.text
+    assert r.json()["gateway"] == {"address": "198.51.100.1", "port": 15443, "tcp_port": 31444}
+    assert harness.cluster("a")["gateway"] == {"address": "198.51.100.1", "port": 15443, "tcp_port": 31444}
+    (entry,) = imports(harness, b)
+    assert entry["gateway"] == {"address": "198.51.100.1", "port": 15443, "tcp_port": 31444}
+    assert [p["number"] for p in entry["ports"]] == [5432, 5433]
+    assert harness.publish(a, trust_domain="a.mesh", services=[db]).status_code == 200  # an older agent
+    (entry,) = imports(harness, b)
+    assert entry["gateway"] == {"address": "198.51.100.1", "port": 15443}
+    assert harness.publish(a, trust_domain="a.mesh", tcp_port=0).status_code == 400
 
 
 def test_identities_outside_the_trust_domain_are_refused(harness: Harness) -> None:

@@ -9,6 +9,9 @@
   builds it from the rendered objects, admits for one exported host.
 - ``sidecar_clusters(a_dir, namespaces)``: what a sidecar in each namespace of cluster a builds
   from a's rendered objects (clusters, those of `.remote` hosts, listeners).
+- ``run_dataplane_simulation(a_dir, b_dir)``: the same simulation of the data-plane details of
+  issue 11 item 11 (retries on one hop, the Host at the destination, several TCP ports per name,
+  the exporter's published TCP port) over ``tests/e2e/dataplane_fixture.render_clusters``.
 
 All return the Go test output on success and raise ``GoCheckFailed`` (with that output) otherwise.
 A missing or stale binary fails the calling test with a hint to run `make testbin`.
@@ -174,3 +177,12 @@ def sidecar_clusters(
     if sorted(found) != sorted(namespaces):
         raise GoCheckFailed("TestSidecarClusters", 0, "no count for every namespace:\n" + _trim(out))
     return found
+
+
+def run_dataplane_simulation(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str]) -> str:
+    """TestDataplane (tests/e2e/go/dataplane_test.go) over a's and b's rendered objects."""
+    env = {
+        "MESHBRIDGE_SIM_A_DIR": str(Path(a_dir).resolve()),
+        "MESHBRIDGE_SIM_B_DIR": str(Path(b_dir).resolve()),
+    }
+    return _run("TestDataplane", env)
