@@ -47,7 +47,7 @@ istio:
   trust_domain: {TD[name]}
   ingress_gateway: {{selector: {{istio: ingressgateway}}, service: istio-ingressgateway, service_account: istio-ingressgateway-service-account, address: {ADDR[name]}, port: 15443}}
   egress_gateway: {{selector: {{istio: egressgateway}}, service: istio-egressgateway, service_account: istio-egressgateway-service-account}}
-dns: {{suffix: remote, mode: coredns, vip_range: 240.240.0.0/16}}
+dns: {{suffix: remote, mode: coredns, vip_range: 241.0.0.0/16}}
 exports:
   - {{service: ratings, namespace: bookinfo, ports: [9080], consumers: [{peer}]}}
   - {{service: mongodb, namespace: bookinfo, ports: [{{number: 27017, protocol: TCP}}], consumers: [{peer}]}}
