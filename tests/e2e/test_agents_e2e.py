@@ -267,6 +267,13 @@ def test_real_coredns_answers_imported_names(fleet: Fleet, tmp_path: Path) -> No
         assert aaaa.rcode() == dns.rcode.NOERROR and not aaaa.answer
         other = ask("kubernetes.default.svc.cluster.local.", "A")
         assert other.rcode() == dns.rcode.NOERROR and other.answer  # the default block still serves
+        # a name under the suffix that is not imported: NXDOMAIN with the suffix's SOA (not SERVFAIL,
+        # which clients retry), for every type, and never forwarded to the (silent) upstream
+        for rdtype in ("A", "AAAA", "TXT"):
+            missing = ask("unknown.bookinfo.remote.", rdtype)
+            assert missing.rcode() == dns.rcode.NXDOMAIN, (rdtype, missing)
+            soa = [rr for rrset in missing.authority for rr in rrset]
+            assert [rr.rdtype for rr in soa] == [dns.rdatatype.SOA] and missing.authority[0].name.to_text() == "remote."
     finally:
         proc.terminate()
         proc.wait(10)
