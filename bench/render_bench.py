@@ -28,7 +28,7 @@ def build_inputs(
             "cluster": "hub",
             "ca": {"url": "https://ca.example:8443", "trust_anchor": "/dev/null"},
             "istio": {"trust_domain": "hub.mesh"},
-            "dns": {"vip_range": "240.0.0.0/12"},
+            "dns": {"mode": "coredns", "vip_range": "240.0.0.0/12"},  # coredns: measure the block too
             "exports": [
                 {"service": f"svc{i}", "namespace": "shop", "ports": [8080, 9090], "consumers": sources}
                 for i in range(exports)

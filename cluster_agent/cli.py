@@ -95,6 +95,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from cluster_agent.dnsmode import dns_check_for
     from cluster_agent.istiod import LiveIstiodView
     from cluster_agent.kube import KubeApplier, LeaseElector, SecretStateStore, make_client
 
@@ -103,7 +104,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     applier = KubeApplier(kube, cfg)
     state = SecretStateStore(kube, cfg.istio.namespace)
     istiod = LiveIstiodView(applier.configmap_data, namespace=cfg.istio.namespace, address=cfg.istio.istiod)
-    reconciler = Reconciler(cfg, client=_client(cfg), applier=applier, state_store=state, istiod=istiod)
+    # dns.mode istio relies on the sidecars' DNS proxy: say so when meshConfig does not turn it on
+    dns_check = dns_check_for(cfg.dns.mode)
+    reconciler = Reconciler(
+        cfg, client=_client(cfg), applier=applier, state_store=state, istiod=istiod, dns_check=dns_check
+    )
     metrics = AgentMetrics()
     elector = LeaseElector(kube, cfg.istio.namespace) if not args.no_leader_election else None
     loop = AgentLoop(reconciler, metrics=metrics, poll_wait=args.wait, is_leader=elector.is_leader if elector else None)

@@ -39,6 +39,8 @@ from meshbridge_wire.names import is_dns_label, is_dns_name, is_service_label, i
 from meshbridge_wire.protocols import GATEWAY_CARRIED, Protocol, parse_protocol
 
 __all__ = [
+    "DEFAULT_VIP_RANGE",
+    "ISTIO_AUTO_ALLOCATE_RANGE",
     "KEY_TYPES",
     "AgentConfig",
     "CAConfig",
@@ -51,6 +53,7 @@ __all__ = [
     "IngressGatewayConfig",
     "IstioConfig",
     "KubernetesConfig",
+    "NodeLocalDNSConfig",
     "load_config",
     "parse_config",
     "runtime_problems",
@@ -419,14 +422,74 @@ class IstioConfig(_Model):
         return {"app": "istiod", "istio.io/rev": self.revision or "default"}
 
 
+# Istio's own VIP auto-allocation range: the IP autoallocate controller (PILOT_ENABLE_IP_AUTOALLOCATE,
+# on from 1.25) takes ServiceEntry addresses from PILOT_IP_AUTOALLOCATE_IPV4_PREFIX, default
+# 240.240.0.0/16 (pilot/pkg/features/pilot.go), and the older allocator behind
+# ISTIO_META_DNS_AUTO_ALLOCATE hashes into 240.240.x.y, fixed (serviceregistry/serviceentry/
+# auto_allocation.go `autoAllocateIPs`). The controller counts addresses written in
+# ServiceEntry.addresses as taken but, on a clash, moves its own allocation only after the fact
+# (controllers/ipallocate/ipallocate.go `checkInSpecAddresses`, `resolveConflict`); the older
+# allocator does not look at them at all. The IPv6 range (2001:2::/48) does not matter: the VIPs
+# are IPv4.
+ISTIO_AUTO_ALLOCATE_RANGE = ipaddress.IPv4Network("240.240.0.0/16")
+# The default VIP range: class E like Istio's (never routed, so a VIP cannot shadow a real
+# address), a /16 as before, and outside Istio's range. A name's offset in the range is a hash
+# of the name, so names allocated under the old default 240.240.0.0/16 keep their host part:
+# 240.240.A.B becomes 241.0.A.B (vip.py `allocate_vips`).
+DEFAULT_VIP_RANGE = ipaddress.IPv4Network("241.0.0.0/16")
+# NodeLocal DNSCache's upstream for in-cluster names, filled in by node-cache from the
+# kube-dns-upstream Service (kubernetes cluster/addons/dns/nodelocaldns/README.md).
+NODELOCAL_CLUSTER_DNS = "__PILLAR__CLUSTER__DNS__"
+
+
+def _check_forward_target(value: str) -> str:
+    """NodeLocal's placeholder, or an address CoreDNS's `forward` takes: IP, IPv4:port, [IPv6]:port."""
+    if value == NODELOCAL_CLUSTER_DNS:
+        return value
+    if value.startswith("["):
+        host, _, port = value[1:].partition("]:")
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    else:
+        host, port = value, ""
+    try:
+        ipaddress.ip_address(host)
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(port)
+    except ValueError:
+        raise ValueError(
+            f"must be {NODELOCAL_CLUSTER_DNS} (node-cache fills in the cluster DNS upstream) or the cluster "
+            f"DNS Service IP, optionally with a port, e.g. 10.96.0.10 (got {value!r})"
+        ) from None
+    return value
+
+
+def _check_ip(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"must be an IP address such as 169.254.20.10 (got {value!r})") from None
+    return value
+
+
+class NodeLocalDNSConfig(_Model):
+    """The stanza to add to NodeLocal DNSCache's Corefile, shaped like its cluster.local block."""
+
+    # the `bind` line of the node-local-dns Corefile's cluster.local block: its link-local address
+    # and, with kube-proxy in iptables mode, the kube-dns Service IP
+    bind: list[Annotated[str, AfterValidator(_check_ip)]] = Field(min_length=1)
+    forward_to: Annotated[str, AfterValidator(_check_forward_target)] = NODELOCAL_CLUSTER_DNS
+
+
 class DNSConfig(_Model):
     suffix: DnsName = "remote"
-    mode: Literal["coredns", "none"] = "coredns"
-    vip_range: ipaddress.IPv4Network = ipaddress.IPv4Network("240.240.0.0/16")
+    mode: Literal["istio", "coredns", "none"] = "istio"
+    vip_range: ipaddress.IPv4Network = DEFAULT_VIP_RANGE
     ttl: Annotated[StrictInt, Field(ge=1, le=86400)] = 30
     coredns_namespace: DnsLabel = "kube-system"
     coredns_configmap: DnsName = "coredns"
     corefile_key: str = "Corefile"
+    nodelocal_dns: NodeLocalDNSConfig | None = None
 
     @field_validator("vip_range", mode="before")
     @classmethod
@@ -438,17 +501,23 @@ class DNSConfig(_Model):
                 parsed = ipaddress.ip_network(value, strict=True)
             except ValueError as exc:
                 raise ValueError(
-                    f"must be an IPv4 network such as 240.240.0.0/16 with the host bits zero ({exc})"
+                    f"must be an IPv4 network such as {DEFAULT_VIP_RANGE} with the host bits zero ({exc})"
                 ) from None
             if not isinstance(parsed, ipaddress.IPv4Network):
                 raise ValueError(f"must be an IPv4 network; got the IPv6 network {value!r}")
             network = parsed
         else:
-            raise ValueError("must be an IPv4 network written as a string, such as '240.240.0.0/16'")
+            raise ValueError(f"must be an IPv4 network written as a string, such as '{DEFAULT_VIP_RANGE}'")
         if network.prefixlen > 30:
             raise ValueError(
                 f"{network} has no room: it needs at least 2 usable addresses; use a prefix of /30 or "
-                f"shorter, sized for every imported name (the class E range 240.0.0.0/4 is unused)"
+                f"shorter, sized for every imported name (the default {DEFAULT_VIP_RANGE} holds 65,534)"
+            )
+        if network.overlaps(ISTIO_AUTO_ALLOCATE_RANGE):
+            raise ValueError(
+                f"{network} overlaps {ISTIO_AUTO_ALLOCATE_RANGE}, where Istio allocates ServiceEntry addresses "
+                f"itself (PILOT_ENABLE_IP_AUTOALLOCATE, on from Istio 1.25); two ServiceEntries would share "
+                f"an address. Use a range outside it, such as the default {DEFAULT_VIP_RANGE}"
             )
         return network
 
@@ -627,6 +696,11 @@ def _cross_problems(cfg: AgentConfig) -> Iterable[str]:
         yield (
             f"dns.suffix: {suffix!r} overlaps istio.cluster_domain {cluster_domain!r}; "
             f"pick a suffix of its own such as 'remote'"
+        )
+    if cfg.dns.nodelocal_dns is not None and cfg.dns.mode != "coredns":
+        yield (
+            f"dns.nodelocal_dns: needs dns.mode coredns (it is {cfg.dns.mode!r}): the stanza forwards the suffix "
+            f"to the cluster DNS, which answers it only with the meshbridge CoreDNS block"
         )
     seen_sources: set[str] = set()
     for i, rule in enumerate(cfg.imports):

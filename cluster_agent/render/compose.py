@@ -17,7 +17,7 @@ from cluster_agent.render.cacerts import (
     earliest_next_update,
     render_cacerts_secret,
 )
-from cluster_agent.render.coredns import render_coredns_configmaps
+from cluster_agent.render.coredns import render_coredns_configmaps, render_nodelocal_stanza, server_block_key
 from cluster_agent.render.errors import BundleError
 from cluster_agent.render.inputs import (
     exports_from_config,
@@ -150,19 +150,11 @@ def _render_all(
     objects = export_objects + render_import_side(ctx, selected, allocation)
     objects.append(render_state_configmap(allocation, namespace=ctx.namespace, cluster=config.cluster))
 
+    warnings += _renumbered(config, vips, allocation)
     server_block: str | None = None
     if config.dns.mode == "coredns":
-        dns_objects = render_coredns_configmaps(
-            config.dns.suffix,
-            allocation,
-            cluster=config.cluster,
-            namespace=config.dns.coredns_namespace,
-            ttl=config.dns.ttl,
-            corefile=corefile,
-            corefile_configmap=config.dns.coredns_configmap,
-            corefile_key=config.dns.corefile_key,
-        )
-        server_block = next(iter(dns_objects[0]["data"].values()))
+        dns_objects = _coredns_objects(config, allocation, corefile)
+        server_block = dns_objects[0]["data"][server_block_key(config.dns.suffix)]
         objects += dns_objects
 
     ca_crl_next_update: datetime | None = None
@@ -173,6 +165,46 @@ def _render_all(
         ca_crl_next_update = cacerts.ca_crl_next_update
 
     return RenderResult(sort_objects(objects), warnings, allocation, server_block, ca_crl_next_update)
+
+
+def _coredns_objects(config: AgentConfig, allocation: Mapping[str, str], corefile: str | None) -> list[Manifest]:
+    """`dns.mode: coredns`: ConfigMap `meshbridge-coredns` (with the NodeLocal DNSCache stanza when
+    `dns.nodelocal_dns` asks for it) and, given the live Corefile, the merged `coredns` ConfigMap."""
+    dns = config.dns
+    nodelocal = dns.nodelocal_dns
+    stanza = (
+        None
+        if nodelocal is None
+        else render_nodelocal_stanza(dns.suffix, bind=nodelocal.bind, forward_to=nodelocal.forward_to)
+    )
+    return render_coredns_configmaps(
+        dns.suffix,
+        allocation,
+        cluster=config.cluster,
+        namespace=dns.coredns_namespace,
+        ttl=dns.ttl,
+        corefile=corefile,
+        corefile_configmap=dns.coredns_configmap,
+        corefile_key=dns.corefile_key,
+        nodelocal_stanza=stanza,
+    )
+
+
+def _renumbered(config: AgentConfig, previous: Mapping[str, str], allocation: Mapping[str, str]) -> list[str]:
+    """A warning when names kept from the previous allocation got new addresses: the range changed
+    (e.g. the default moved off Istio's 240.240.0.0/16 on upgrade), so clients holding the old
+    answers or connections break once."""
+    moved = sorted(n for n, a in allocation.items() if n in previous and previous[n] != a)
+    if not moved:
+        return []
+    listing = ", ".join(f"{n} {previous[n]} -> {allocation[n]}" for n in moved[:5])
+    more = f" and {len(moved) - 5} more" if len(moved) > 5 else ""
+    return [
+        f"dns.vip_range {config.dns.vip_range}: {len(moved)} imported name(s) got a new address outside the "
+        f"previous allocation ({listing}{more}); clients re-resolve within dns.ttl and reconnect. A meshbridge "
+        f"block left in the Corefile by dns.mode coredns (the default before dns.mode istio) still answers the "
+        f"old addresses: set dns.mode coredns, or remove the block between its markers"
+    ]
 
 
 def _drop_aliased_consumers(own_trust_domain: str, peers: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -1,26 +1,59 @@
-"""CoreDNS: a server block for the import suffix, and merging it into a Corefile.
+"""CoreDNS: the server blocks for the import suffix, merging them into a Corefile, and the stanza
+for NodeLocal DNSCache.
 
-The block is a separate server (`remote:53 { … }`, ISTIO-NOTES "CoreDNS") that never forwards:
+Two server blocks for the suffix (`remote:53 { … }`, ISTIO-NOTES "CoreDNS"), never forwarded:
 
     remote:53 {
+        view meshbridge-imported {
+            expr name() in ['ratings.bookinfo.remote.']
+        }
         errors
         hosts {
-            240.240.18.7 ratings.bookinfo.remote
+            241.0.18.7 ratings.bookinfo.remote
             ttl 30
             no_reverse
         }
     }
+    remote:53 {
+        errors
+        template ANY ANY {
+            match ^(?:[^.]+[.])?remote[.]$
+            authority "remote. 30 IN SOA ns.dns.remote. hostmaster.remote. 1 7200 1800 86400 30"
+            fallthrough
+        }
+        template ANY ANY {
+            rcode NXDOMAIN
+            authority "remote. 30 IN SOA ns.dns.remote. hostmaster.remote. 1 7200 1800 86400 30"
+        }
+    }
 
-What CoreDNS's `hosts` plugin (plugin/hosts/hosts.go, `ServeDNS`) answers from it, without
-`fallthrough` and with no plugin after it:
-- A for an imported name: its VIP;
-- any other type (AAAA, MX, TXT, …) for an imported name: NOERROR with no data, because the name
-  has records (`otherRecordsExist`);
-- any query for a name under the suffix that is not imported: SERVFAIL. The plugin deliberately
-  answers SERVFAIL rather than NXDOMAIN (it has no SOA to put in the negative answer), and the
-  `template` plugin, the inline way to produce NXDOMAIN, runs *before* `hosts` in CoreDNS's plugin
-  order, so it cannot serve as a catch-all behind it. Nothing is forwarded upstream either way.
-One line per name (~45 bytes) keeps 10,000 imports near 450 KB, under the 1 MiB ConfigMap limit.
+Why two, read in CoreDNS's source (v1.15.0):
+- `hosts` alone (plugin/hosts/hosts.go `ServeDNS`) answers A for a listed name, NOERROR with no
+  data for its other types (`otherRecordsExist`), and SERVFAIL for any name it lacks ("we don't
+  have a SOA"), which clients retry; with `fallthrough` it hands that name on, but the plugin
+  that could answer NXDOMAIN inline, `template`, runs *before* `hosts` (plugin.cfg orders the
+  chain), so it cannot sit behind it in one block.
+- Server blocks for one zone and port are tried top to bottom, and a block whose `view` filter is
+  false is skipped (core/dnsserver/server.go `ServeDNS`, `passAllFilterFuncs`); a filtered block
+  may share its zone with an unfiltered one (core/dnsserver/register.go
+  `validateZonesAndListeningAddresses`). `view`'s `name()` is the lowercased query name with its
+  final dot (plugin/view, plugin/pkg/expression); expr compiles `in` over a list of string
+  constants into a set lookup (expr-lang optimizer/in_array.go). So the first block gets exactly
+  the imported names, and the second everything else under the suffix.
+- The second block's `template`s (plugin/template/template.go `ServeDNS`: the first template
+  whose regex matches answers, with `fallthrough` a non-matching one passes to the next): the
+  suffix itself and the namespace level (`bookinfo.remote`, empty non-terminals above imported
+  names) answer NOERROR with no data and the SOA, because an NXDOMAIN there would tell a
+  resolver that follows RFC 8020 that nothing below exists; any other name answers NXDOMAIN with
+  the SOA in the authority section, for every type. The SOA's TTL and minimum are `dns.ttl`, so
+  resolvers cache the negative answer that long (RFC 2308).
+A view's expression may hold at most 10,000 nodes (expr-lang parser/parser.go,
+`conf.DefaultMaxNodes`), so the names are listed 5,000 per block, in as many view blocks as that
+takes, before the catch-all; without imported names only the catch-all is written. `view` needs
+CoreDNS 1.10 or later (kubeadm ships it from Kubernetes 1.28).
+
+Each name costs a `hosts` line and a list entry, about twice its length plus 25 bytes: 10,000
+names of up to 35 characters (`reviews-v2.bookinfo-prod.remote`) fit the 1 MiB ConfigMap limit.
 """
 
 from __future__ import annotations
@@ -37,7 +70,9 @@ __all__ = [
     "END_MARKER",
     "PRUNE_ANNOTATION",
     "merge_into_corefile",
+    "nodelocal_stanza_key",
     "render_coredns_configmaps",
+    "render_nodelocal_stanza",
     "render_server_block",
     "server_block_key",
 ]
@@ -49,6 +84,10 @@ BLOCK_CONFIGMAP = "meshbridge-coredns"
 # update it, never delete it.
 PRUNE_ANNOTATION = "meshbridge.io/prune"
 
+# expr-lang refuses an expression of more than 10,000 nodes, each listed name being one
+# (expr-lang parser/parser.go, conf.DefaultMaxNodes): larger imports get one view block per slice.
+NAMES_PER_VIEW = 5000
+
 _SCHEMES = ("dns://", "tls://", "grpc://", "https://", "quic://")
 
 
@@ -57,13 +96,52 @@ def server_block_key(suffix: str) -> str:
     return f"{suffix}.server"
 
 
+def nodelocal_stanza_key(suffix: str) -> str:
+    """ConfigMap key of the NodeLocal DNSCache stanza in `meshbridge-coredns`."""
+    return f"nodelocaldns.{suffix}.server"
+
+
+def _soa(suffix: str, ttl: int) -> str:
+    # names and timers as the kubernetes plugin's SOA (plugin/backend_lookup.go `SOA`); TTL and
+    # minimum (the negative-caching TTL) from dns.ttl
+    return f"{suffix}. {ttl} IN SOA ns.dns.{suffix}. hostmaster.{suffix}. 1 7200 1800 86400 {ttl}"
+
+
 def render_server_block(suffix: str, vips: Mapping[str, str], *, ttl: int = 30) -> str:
-    """The server block answering `<name>.<suffix>` with each name's VIP (keys of `vips` are
-    import names such as `ratings.bookinfo`)."""
+    """The server blocks answering `<name>.<suffix>` with each name's VIP (keys of `vips` are
+    import names such as `ratings.bookinfo`) and any other name under the suffix NXDOMAIN."""
     entries = sorted((f"{name}.{suffix}", address) for name, address in vips.items())
     lines = [
-        f"# meshbridge: {len(entries)} imported name(s) under {suffix}.; answered here, never forwarded",
+        f"# meshbridge: {len(entries)} imported name(s) under {suffix}.; other names NXDOMAIN; never forwarded",
+    ]
+    for start in range(0, len(entries), NAMES_PER_VIEW):
+        lines += _imported_names_block(suffix, entries[start : start + NAMES_PER_VIEW], ttl)
+    zone = suffix.replace(".", "[.]")
+    soa = _soa(suffix, ttl)
+    lines += [
         f"{suffix}:53 {{",
+        "    errors",
+        "    template ANY ANY {",
+        f"        match ^(?:[^.]+[.])?{zone}[.]$",
+        f'        authority "{soa}"',
+        "        fallthrough",
+        "    }",
+        "    template ANY ANY {",
+        "        rcode NXDOMAIN",
+        f'        authority "{soa}"',
+        "    }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _imported_names_block(suffix: str, entries: list[tuple[str, str]], ttl: int) -> list[str]:
+    listed = ",".join(f"'{host}.'" for host, _ in entries)
+    return [
+        f"{suffix}:53 {{",
+        "    view meshbridge-imported {",
+        f"        expr name() in [{listed}]",
+        "    }",
         "    errors",
         "    hosts {",
         *(f"        {address} {host}" for host, address in entries),
@@ -72,7 +150,41 @@ def render_server_block(suffix: str, vips: Mapping[str, str], *, ttl: int = 30) 
         "    }",
         "}",
     ]
-    return "\n".join(lines) + "\n"
+
+
+def render_nodelocal_stanza(suffix: str, *, bind: Iterable[str], forward_to: str) -> str:
+    """The server block an operator adds to NodeLocal DNSCache's Corefile (ConfigMap
+    `node-local-dns`, which mounts only its `Corefile` key) so `<suffix>` reaches the cluster DNS.
+
+    NodeLocal forwards only the cluster domain and the reverse zones to the cluster DNS; `.` goes
+    to the node's upstream servers (kubernetes cluster/addons/dns/nodelocaldns/nodelocaldns.yaml),
+    so without this stanza no `*.<suffix>` query reaches the meshbridge block. It copies the
+    cluster domain's block there: the same cache, `bind` (both addresses node-local-dns listens
+    on) and `forward` to `__PILLAR__CLUSTER__DNS__` over TCP, which node-cache fills in with the
+    kube-dns-upstream Service (README.md there); `health` stays with the cluster domain's block.
+    """
+    return (
+        "\n".join(
+            [
+                "# meshbridge: add to NodeLocal DNSCache's Corefile, beside its cluster domain's block",
+                f"{suffix}:53 {{",
+                "    errors",
+                "    cache {",
+                "            success 9984 30",
+                "            denial 9984 5",
+                "    }",
+                "    reload",
+                "    loop",
+                f"    bind {' '.join(bind)}",
+                f"    forward . {forward_to} {{",
+                "            force_tcp",
+                "    }",
+                "    prometheus :9253",
+                "}",
+            ]
+        )
+        + "\n"
+    )
 
 
 def _marker_lines(lines: list[str], marker: str) -> list[int]:
@@ -172,16 +284,21 @@ def render_coredns_configmaps(
     corefile: str | None = None,
     corefile_configmap: str = "coredns",
     corefile_key: str = "Corefile",
+    nodelocal_stanza: str | None = None,
 ) -> list[Manifest]:
-    """ConfigMap `meshbridge-coredns` (key `<suffix>.server`) and, given the current Corefile,
-    the `coredns` ConfigMap with the block merged in."""
+    """ConfigMap `meshbridge-coredns` (key `<suffix>.server`, and `nodelocaldns.<suffix>.server`
+    when a NodeLocal DNSCache stanza is given) and, given the current Corefile, the `coredns`
+    ConfigMap with the block merged in."""
     block = render_server_block(suffix, vips, ttl=ttl)
+    data = {server_block_key(suffix): block}
+    if nodelocal_stanza is not None:
+        data[nodelocal_stanza_key(suffix)] = nodelocal_stanza
     objects: list[Manifest] = [
         {
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": metadata(BLOCK_CONFIGMAP, namespace, managed_labels(cluster, "dns")),
-            "data": {server_block_key(suffix): block},
+            "data": data,
         }
     ]
     if corefile is not None:

@@ -6,6 +6,11 @@ An address must never move while a name is imported, or clients holding the old 
 the previous allocation (persisted by the caller in ConfigMap `meshbridge-state` or the state
 directory) is always honoured first. New names get a deterministic address: a hash of the name
 into the range, probing forward on collision, so two agents rendering the same input agree.
+
+When `dns.vip_range` changes (the default moved from 240.240.0.0/16, Istio's own auto-allocation
+range, to 241.0.0.0/16), a previous address outside the new range cannot be kept; the name keeps
+its host part instead where that address is free (240.240.A.B → 241.0.A.B between two /16s), so
+the renumbering is predictable, and only then falls back to the hash.
 """
 
 from __future__ import annotations
@@ -49,16 +54,17 @@ def allocate_vips(
             f"dns.vip_range {network} has {count} usable addresses for {len(wanted)} imported names; "
             f"choose a larger range"
         )
-    wanted_set = set(wanted)
     taken: dict[int, str] = {}
     result: dict[str, str] = {}
-    for name in sorted(previous):
-        if name not in wanted_set:
-            continue
-        try:
-            address = int(ipaddress.IPv4Address(previous[name]))
-        except ValueError:
-            continue
+    kept = _previous_addresses(previous, set(wanted))
+    moved: dict[str, int] = {}
+    for name, address in kept.items():
+        if first <= address < first + count and address not in taken:
+            taken[address] = name
+            result[name] = str(ipaddress.IPv4Address(address))
+        elif address not in range(first, first + count):
+            moved[name] = int(network.network_address) | (address & int(network.hostmask))
+    for name, address in moved.items():
         if first <= address < first + count and address not in taken:
             taken[address] = name
             result[name] = str(ipaddress.IPv4Address(address))
@@ -71,6 +77,19 @@ def allocate_vips(
         taken[first + offset] = name
         result[name] = str(ipaddress.IPv4Address(first + offset))
     return {name: result[name] for name in wanted}
+
+
+def _previous_addresses(previous: Mapping[str, str], wanted: set[str]) -> dict[str, int]:
+    """The previous addresses of the wanted names, by name in sorted order; unreadable ones left out."""
+    addresses: dict[str, int] = {}
+    for name in sorted(previous):
+        if name not in wanted:
+            continue
+        try:
+            addresses[name] = int(ipaddress.IPv4Address(previous[name]))
+        except ValueError:
+            continue
+    return addresses
 
 
 def render_state_configmap(vips: Mapping[str, str], *, namespace: str, cluster: str) -> Manifest:

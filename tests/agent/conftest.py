@@ -31,7 +31,7 @@ istio:
   trust_domain: {td}
   ingress_gateway: {{selector: {{istio: ingressgateway}}, service: istio-ingressgateway, service_account: istio-ingressgateway-service-account, address: {address}, port: 15443}}
   egress_gateway: {{selector: {{istio: egressgateway}}, service: istio-egressgateway, service_account: istio-egressgateway-service-account}}
-dns: {{suffix: remote, mode: coredns, vip_range: 240.240.0.0/16}}
+dns: {{suffix: remote, mode: coredns, vip_range: 241.0.0.0/16}}
 exports: {exports}
 imports: {imports}
 """

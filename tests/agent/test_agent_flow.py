@@ -79,7 +79,7 @@ def test_enroll_exchange_and_render(ca_service: CAService, two_clusters: dict[st
     assert len(se) == 1 and se[0]["spec"]["hosts"] == ["ratings.bookinfo.remote"]
     assert se[0]["spec"]["endpoints"][0]["address"] == "198.51.100.10"
     vip = se[0]["spec"]["addresses"][0]
-    assert vip.startswith("240.240.")
+    assert vip.startswith("241.0.")
     drs = [
         o for o in objs_b.values() if o["kind"] == "DestinationRule" and o["spec"]["host"] == "ratings.bookinfo.remote"
     ]

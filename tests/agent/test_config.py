@@ -28,8 +28,8 @@ istio:
   egress_gateway: {selector: {istio: egressgateway}, service: istio-egressgateway, service_account: istio-egressgateway-service-account}
 dns:
   suffix: remote
-  mode: coredns                              # coredns | none (Istio DNS proxying answers from ServiceEntry addresses)
-  vip_range: 240.240.0.0/16                  # one stable address per imported name
+  mode: coredns                              # istio (default: sidecars' DNS proxy) | coredns | none
+  vip_range: 241.0.0.0/16                    # one stable address per imported name; not Istio's 240.240.0.0/16
 exports:
   - {service: ratings, namespace: bookinfo, ports: [9080], consumers: [a]}   # name ratings.bookinfo → ratings.bookinfo.remote
 imports:
@@ -64,7 +64,7 @@ def test_api_example_loads_with_paths_relative_to_the_file(tmp_path: Path) -> No
     assert config.istio.ingress_gateway.port == 15443
     assert config.istio.cross_cluster_port == 15443
     assert config.istio.egress_gateway.port == 443
-    assert config.dns.vip_range == ipaddress.IPv4Network("240.240.0.0/16")
+    assert config.dns.vip_range == ipaddress.IPv4Network("241.0.0.0/16")
     assert config.exports[0].export_name == "ratings.bookinfo"
     assert [(p.number, p.protocol) for p in config.exports[0].ports] == [(9080, "HTTP")]
     assert config.imports[0].from_ == "a" and config.imports[0].selects("anything.at-all")
@@ -98,7 +98,8 @@ def test_minimal_config_gets_istio_defaults() -> None:
     assert config.istio.identity(config.istio.egress_gateway) == (
         "spiffe://a.mesh/ns/istio-system/sa/istio-egressgateway-service-account"
     )
-    assert config.dns.suffix == "remote" and config.dns.mode == "coredns"
+    assert config.dns.suffix == "remote" and config.dns.mode == "istio"
+    assert config.dns.vip_range == ipaddress.IPv4Network("241.0.0.0/16") and config.dns.nodelocal_dns is None
     assert config.exports == [] and config.imports == []
 
 
@@ -190,8 +191,23 @@ BAD_INPUTS = [
     ),
     ("istio.cross_cluster_port", 99999, "istio.cross_cluster_port: must be 1..65535"),
     ("istio.authorization_mode", "permit", "istio.authorization_mode: must be one of 'deny' or 'allow'"),
-    ("dns.mode", "kube-dns", "dns.mode: must be one of 'coredns' or 'none' (got 'kube-dns')"),
-    ("dns.vip_range", "240.240.0.1/16", "dns.vip_range: must be an IPv4 network such as 240.240.0.0/16"),
+    ("dns.mode", "kube-dns", "dns.mode: must be one of 'istio', 'coredns' or 'none' (got 'kube-dns')"),
+    ("dns.vip_range", "241.0.0.1/16", "dns.vip_range: must be an IPv4 network such as 241.0.0.0/16"),
+    ("dns.vip_range", "240.240.0.0/16", "dns.vip_range: 240.240.0.0/16 overlaps 240.240.0.0/16, where Istio allocates"),
+    ("dns.vip_range", "240.240.128.0/24", "dns.vip_range: 240.240.128.0/24 overlaps 240.240.0.0/16"),
+    ("dns.vip_range", "240.0.0.0/4", "dns.vip_range: 240.0.0.0/4 overlaps 240.240.0.0/16"),
+    ("dns.nodelocal_dns", {"bind": []}, "dns.nodelocal_dns.bind: must not be empty"),
+    ("dns.nodelocal_dns", {"bind": ["node-local"]}, "dns.nodelocal_dns.bind[0]: must be an IP address"),
+    (
+        "dns.nodelocal_dns",
+        {"bind": ["169.254.20.10"], "forward_to": "kube-dns"},
+        "dns.nodelocal_dns.forward_to: must be __PILLAR__CLUSTER__DNS__",
+    ),
+    (
+        "dns.nodelocal_dns",
+        {"bind": ["169.254.20.10"], "forward_to": "10.96.0.10:0"},
+        "dns.nodelocal_dns.forward_to: must be __PILLAR__CLUSTER__DNS__",
+    ),
     ("dns.vip_range", "fd00::/64", "dns.vip_range: must be an IPv4 network; got the IPv6 network"),
     ("dns.vip_range", "240.240.0.0/31", "dns.vip_range: 240.240.0.0/31 has no room"),
     ("dns.vip_range", "nonsense", "dns.vip_range: must be an IPv4 network"),
@@ -441,3 +457,32 @@ def test_several_tcp_ports_per_export_load_and_the_ingress_tcp_port_is_published
     assert published["tcp_port"] == 16000
     data["istio"]["ingress_gateway"]["tcp_port"] = 31444  # a load balancer mapping the port
     assert parse_config(data).istio.published_gateway()["tcp_port"] == 31444
+
+
+@pytest.mark.parametrize("mode", ["istio", "none"])
+def test_nodelocal_dns_needs_the_coredns_block(mode: str) -> None:
+    data = example()
+    data["dns"].update(mode=mode, nodelocal_dns={"bind": ["169.254.20.10"]})
+    assert problems_of(data) == [
+        f"dns.nodelocal_dns: needs dns.mode coredns (it is {mode!r}): the stanza forwards the suffix to the "
+        f"cluster DNS, which answers it only with the meshbridge CoreDNS block"
+    ]
+
+
+@pytest.mark.parametrize(
+    "target", ["__PILLAR__CLUSTER__DNS__", "10.96.0.10", "10.96.0.10:53", "fd00::a", "[fd00::a]:53"]
+)
+def test_nodelocal_dns_forward_targets(target: str) -> None:
+    data = example()
+    data["dns"]["nodelocal_dns"] = {"bind": ["169.254.20.10", "10.96.0.10"], "forward_to": target}
+    nodelocal = parse_config(data).dns.nodelocal_dns
+    assert (
+        nodelocal is not None and nodelocal.forward_to == target and nodelocal.bind == ["169.254.20.10", "10.96.0.10"]
+    )
+
+
+@pytest.mark.parametrize("vip_range", ["240.241.0.0/16", "241.0.0.0/16", "240.0.0.0/9", "10.200.0.0/16"])
+def test_vip_ranges_beside_istios_are_accepted(vip_range: str) -> None:
+    data = example()
+    data["dns"]["vip_range"] = vip_range
+    assert str(parse_config(data).dns.vip_range) == vip_range

@@ -7,34 +7,58 @@ import glob
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import dns.exception
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
 import pytest
 
 from cluster_agent.render import CorefileError, merge_into_corefile, render_coredns_configmaps, render_server_block
 from cluster_agent.render.coredns import BEGIN_MARKER, END_MARKER, names_in_block
 from tests.support.corefile import KUBEADM_COREFILE
 
-VIPS = {"ratings.bookinfo": "240.240.0.7", "details.bookinfo": "240.240.3.1"}
+VIPS = {"ratings.bookinfo": "241.0.0.7", "details.bookinfo": "241.0.3.1"}
+TEN_THOUSAND = {f"service-{i:05d}.namespace-{i % 97:02d}": f"241.0.{i // 250}.{i % 250 + 1}" for i in range(10_000)}
 
 
 def test_block_answers_each_name_and_never_forwards() -> None:
     block = render_server_block("remote", VIPS, ttl=15)
     lines = block.splitlines()
-    assert "remote:53 {" in lines
-    assert "        240.240.3.1 details.bookinfo.remote" in lines
-    assert "        240.240.0.7 ratings.bookinfo.remote" in lines
+    assert lines.count("remote:53 {") == 2  # the imported names' view block, then the catch-all
+    assert "        expr name() in ['details.bookinfo.remote.','ratings.bookinfo.remote.']" in lines
+    assert "        241.0.3.1 details.bookinfo.remote" in lines
+    assert "        241.0.0.7 ratings.bookinfo.remote" in lines
     assert "        ttl 15" in lines
+    assert (
+        lines.count('        authority "remote. 15 IN SOA ns.dns.remote. hostmaster.remote. 1 7200 1800 86400 15"') == 2
+    )
+    assert "        rcode NXDOMAIN" in lines
     directives = [line.split()[0] for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    assert "forward" not in directives and "fallthrough" not in directives
+    assert "forward" not in directives
     assert dict(names_in_block(block)) == {
-        "details.bookinfo.remote": "240.240.3.1",
-        "ratings.bookinfo.remote": "240.240.0.7",
+        "details.bookinfo.remote": "241.0.3.1",
+        "ratings.bookinfo.remote": "241.0.0.7",
     }
+
+
+def test_block_regex_escapes_the_suffix_dots() -> None:
+    block = render_server_block("mesh.example", VIPS)
+    assert "        match ^(?:[^.]+[.])?mesh[.]example[.]$" in block.splitlines()
+    assert "mesh.example:53 {" in block.splitlines()
+
+
+def test_block_without_names_is_only_the_catch_all() -> None:
+    block = render_server_block("remote", {})
+    assert block.count("remote:53 {") == 1 and "view" not in block and "hosts" not in block
+    assert "rcode NXDOMAIN" in block
 
 
 def test_block_is_deterministic_and_sorted() -> None:
@@ -44,15 +68,14 @@ def test_block_is_deterministic_and_sorted() -> None:
     assert hosts == sorted(hosts)
 
 
-def test_ten_thousand_names_fit_a_configmap_twice() -> None:
-    vips = {
-        f"service-{i:05d}.namespace-{i % 97:02d}": f"240.{240 + i // 65536}.{i // 256 % 256}.{i % 256}"
-        for i in range(10_000)
-    }
-    block = render_server_block("remote", vips)
+def test_ten_thousand_names_fit_a_configmap() -> None:
+    block = render_server_block("remote", TEN_THOUSAND)
     merged = merge_into_corefile(KUBEADM_COREFILE, block)
-    assert len(block.encode()) < 600 * 1024
-    assert len(merged.encode()) < 1024 * 1024
+    assert len(merged.encode()) < 900 * 1024  # names of 33 characters; the limit is 1 MiB
+    # expr-lang refuses more than 10,000 nodes per expression: 5,000 names per view block
+    views = [line for line in block.splitlines() if line.startswith("        expr name() in [")]
+    assert [line.count("','") + 1 for line in views] == [5000, 5000]
+    assert dict(names_in_block(block)) == {f"{n}.remote": a for n, a in TEN_THOUSAND.items()}
 
 
 def test_merge_appends_between_markers_and_keeps_the_rest() -> None:
@@ -72,7 +95,7 @@ def test_merge_is_idempotent() -> None:
 def test_merge_replaces_only_the_marked_section() -> None:
     head = "# operator's comment\n.:53 {\n    forward . 8.8.8.8\n}\n"
     tail = "example.org:53 {\n    whoami\n}"  # no final newline: kept as it is
-    old_block = render_server_block("remote", {"a.b": "240.240.0.1"})
+    old_block = render_server_block("remote", {"a.b": "241.0.0.1"})
     text = f"{head}    {BEGIN_MARKER}\nstale text\n{END_MARKER}   \n{tail}"
     new_block = render_server_block("remote", VIPS)
     merged = merge_into_corefile(text, new_block)
@@ -160,36 +183,35 @@ def _coredns_binary() -> str | None:
 
 
 def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A port free for both UDP and TCP on loopback: CoreDNS listens on both."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+            udp.bind(("127.0.0.1", 0))
+            port: int = udp.getsockname()[1]
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
-QTYPES = {"A": 1, "MX": 15, "TXT": 16, "AAAA": 28}
+def _query(port: int, name: str, qtype: str) -> dns.message.Message:
+    return dns.query.udp(dns.message.make_query(name, qtype), "127.0.0.1", port=port, timeout=2)
 
 
-def _query(port: int, name: str, qtype: str) -> tuple[int, list[tuple[int, bytes]]]:
-    """(rcode, [(type, rdata)]) of one UDP query; a dozen lines of RFC 1035 instead of a dependency."""
-    question = b"".join(bytes([len(label)]) + label.encode() for label in name.rstrip(".").split(".")) + b"\0"
-    packet = struct.pack("!HHHHHH", 0x4D42, 0x0100, 1, 0, 0, 0) + question + struct.pack("!HH", QTYPES[qtype], 1)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(2)
-        s.sendto(packet, ("127.0.0.1", port))
-        reply, _ = s.recvfrom(4096)
-    _, flags, qdcount, ancount, _, _ = struct.unpack("!HHHHHH", reply[:12])
-    offset = 12 + len(question) + 4 * qdcount
-    answers = []
-    for _ in range(ancount):
-        offset = offset + 2 if reply[offset] & 0xC0 == 0xC0 else reply.index(b"\0", offset) + 1
-        rtype, _, _, rdlength = struct.unpack("!HHIH", reply[offset : offset + 10])
-        answers.append((rtype, reply[offset + 10 : offset + 10 + rdlength]))
-        offset += 10 + rdlength
-    return flags & 0xF, answers
+def _soa_only(reply: dns.message.Message, suffix: str = "remote.") -> bool:
+    """The authority section is exactly the suffix's SOA, whose minimum is the block's TTL."""
+    records = [(rrset.name.to_text(), rr) for rrset in reply.authority for rr in rrset]
+    return (
+        len(records) == 1
+        and records[0][0] == suffix
+        and records[0][1].rdtype == dns.rdatatype.SOA
+        and records[0][1].minimum == 30
+    )
 
 
-@pytest.fixture
-def coredns_with_block(tmp_path: Path) -> Iterator[tuple[int, socket.socket]]:
+@contextmanager
+def _coredns(tmp_path: Path, vips: dict[str, str]) -> Iterator[tuple[int, socket.socket]]:
     binary = _coredns_binary()
     if binary is None:  # never a skip: `make test` builds it first
         from tests.e2e.testbin import require
@@ -200,7 +222,7 @@ def coredns_with_block(tmp_path: Path) -> Iterator[tuple[int, socket.socket]]:
     upstream.bind(("127.0.0.1", 0))
     upstream.setblocking(False)
     base = f".:53 {{\n    forward . 127.0.0.1:{upstream.getsockname()[1]}\n}}\n"
-    block = render_server_block("remote", VIPS).replace("remote:53 {", f"remote:{port} {{")
+    block = render_server_block("remote", vips).replace("remote:53 {", f"remote:{port} {{")
     corefile = merge_into_corefile(base.replace(".:53", f".:{port}"), block)
     (tmp_path / "Corefile").write_text(corefile)
     proc = subprocess.Popen(
@@ -210,10 +232,11 @@ def coredns_with_block(tmp_path: Path) -> Iterator[tuple[int, socket.socket]]:
         deadline = time.monotonic() + 20
         while True:
             try:
-                _query(port, "ratings.bookinfo.remote", "A")
+                _query(port, "remote.", "SOA")
                 break
-            except OSError:
+            except (OSError, dns.exception.Timeout):
                 if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
                     out = proc.stdout.read().decode() if proc.stdout else ""
                     pytest.fail(f"coredns did not start: {out}")
                 time.sleep(0.2)
@@ -224,14 +247,68 @@ def coredns_with_block(tmp_path: Path) -> Iterator[tuple[int, socket.socket]]:
         upstream.close()
 
 
-def test_coredns_answers_from_the_block(coredns_with_block: tuple[int, socket.socket]) -> None:
+@pytest.fixture(scope="module")
+def coredns_with_block(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, socket.socket]]:
+    with _coredns(tmp_path_factory.mktemp("coredns"), VIPS) as running:
+        yield running
+
+
+def test_coredns_answers_imported_names_from_the_block(coredns_with_block: tuple[int, socket.socket]) -> None:
     port, upstream = coredns_with_block
-    rcode, answers = _query(port, "ratings.bookinfo.remote", "A")
-    assert rcode == 0 and answers == [(1, socket.inet_aton("240.240.0.7"))]
-    for qtype in ("AAAA", "TXT", "MX"):
-        assert _query(port, "details.bookinfo.remote", qtype) == (0, []), qtype  # NOERROR, no data
-    # A name under the suffix that is not imported: SERVFAIL from the hosts plugin, never forwarded.
-    assert _query(port, "unknown.bookinfo.remote", "A")[0] == 2
-    assert _query(port, "unknown.bookinfo.remote", "AAAA")[0] == 2
+    reply = _query(port, "ratings.bookinfo.remote.", "A")
+    assert reply.rcode() == dns.rcode.NOERROR and reply.flags & dns.flags.AA
+    assert [(rr.address, rrset.ttl) for rrset in reply.answer for rr in rrset] == [("241.0.0.7", 30)]
+    assert [rr.address for rrset in _query(port, "Details.BookInfo.Remote.", "A").answer for rr in rrset] == [
+        "241.0.3.1"
+    ]
+    for qtype in ("AAAA", "TXT", "MX"):  # the name exists: NOERROR, no data (hosts `otherRecordsExist`)
+        other = _query(port, "details.bookinfo.remote.", qtype)
+        assert other.rcode() == dns.rcode.NOERROR and not other.answer, qtype
     with pytest.raises(BlockingIOError):
         upstream.recvfrom(512)
+
+
+@pytest.mark.parametrize("qtype", ["A", "AAAA", "MX", "TXT", "SRV", "ANY"])
+@pytest.mark.parametrize("name", ["unknown.bookinfo.remote.", "ratings.other.remote.", "x.ratings.bookinfo.remote."])
+def test_coredns_answers_nxdomain_with_soa_for_names_not_imported(
+    coredns_with_block: tuple[int, socket.socket], name: str, qtype: str
+) -> None:
+    """Not SERVFAIL (which `hosts` answers for a name it lacks, and clients retry): NXDOMAIN with
+    the suffix's SOA in the authority section, so resolvers cache the negative answer dns.ttl long;
+    nothing is forwarded."""
+    port, upstream = coredns_with_block
+    reply = _query(port, name, qtype)
+    assert dns.rcode.to_text(reply.rcode()) == "NXDOMAIN" and not reply.answer
+    assert reply.flags & dns.flags.AA and _soa_only(reply)
+    with pytest.raises(BlockingIOError):
+        upstream.recvfrom(512)
+
+
+@pytest.mark.parametrize("name", ["remote.", "bookinfo.remote."])
+def test_coredns_answers_nodata_for_the_suffix_and_namespace_level(
+    coredns_with_block: tuple[int, socket.socket], name: str
+) -> None:
+    """Names above imported ones exist (empty non-terminals): NOERROR, no data, the SOA; an
+    NXDOMAIN there would tell an RFC 8020 resolver that nothing below exists."""
+    port, _ = coredns_with_block
+    for qtype in ("A", "AAAA"):
+        reply = _query(port, name, qtype)
+        assert reply.rcode() == dns.rcode.NOERROR and not reply.answer and _soa_only(reply), (name, qtype)
+
+
+def test_coredns_without_imported_names_answers_nxdomain(tmp_path: Path) -> None:
+    with _coredns(tmp_path, {}) as (port, upstream):
+        reply = _query(port, "ratings.bookinfo.remote.", "A")
+        assert reply.rcode() == dns.rcode.NXDOMAIN and _soa_only(reply)
+        with pytest.raises(BlockingIOError):
+            upstream.recvfrom(512)
+
+
+def test_coredns_loads_and_answers_ten_thousand_names(tmp_path: Path) -> None:
+    """One view expression of 10,000 names is refused by CoreDNS (expr-lang's node limit); the
+    names are split over view blocks, and every block answers its own."""
+    with _coredns(tmp_path, TEN_THOUSAND) as (port, _):
+        for name in ("service-00000.namespace-00", "service-05000.namespace-53", "service-09999.namespace-08"):
+            reply = _query(port, f"{name}.remote.", "A")
+            assert [rr.address for rrset in reply.answer for rr in rrset] == [TEN_THOUSAND[name]], name
+        assert _query(port, "service-10000.namespace-09.remote.", "A").rcode() == dns.rcode.NXDOMAIN

@@ -172,7 +172,7 @@ CONFIG_B = {
             "service_account": "istio-egressgateway-service-account",
         },
     },
-    "dns": {"suffix": "remote", "mode": "coredns", "vip_range": "240.240.0.0/16"},
+    "dns": {"suffix": "remote", "mode": "coredns", "nodelocal_dns": {"bind": ["169.254.20.10", "10.96.0.10"]}},
     "exports": [
         {"service": "ratings", "namespace": "bookinfo", "ports": [9080], "consumers": ["a"]},
         {
@@ -235,6 +235,7 @@ def test_golden_render_all_cluster_b() -> None:
         parse_config(CONFIG_B),
         imports=IMPORTS_B,
         peers=PEERS_B,
+        # allocated under the old default range, Istio's 240.240.0.0/16: moves to the same host part
         vips={"details.bookinfo": "240.240.0.10", "gone.bookinfo": "240.240.0.11"},
         bundle=bundle,
         intermediate_key_pem=pki["ca-key.pem"],
@@ -249,7 +250,7 @@ def test_golden_render_all_cluster_a_allow_mode_dedicated_egress_no_dns() -> Non
     assert_golden(GOLDEN / "render_all-a", _object_files(result))
 
 
-VIPS = {"details.bookinfo": "240.240.0.10", "reviews.bookinfo": "240.240.77.3", "ratings.bookinfo": "240.240.1.200"}
+VIPS = {"details.bookinfo": "241.0.0.10", "reviews.bookinfo": "241.0.77.3", "ratings.bookinfo": "241.0.1.200"}
 
 
 def test_golden_coredns() -> None:

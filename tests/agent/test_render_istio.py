@@ -31,7 +31,7 @@ def config_dict() -> dict[str, Any]:
         "cluster": "b",
         "ca": {"url": "https://127.0.0.1:8443", "trust_anchor": "/ca-root.pem"},
         "istio": {"trust_domain": "b.mesh", "ingress_gateway": {"address": "198.51.100.20", "port": 15443}},
-        "dns": {"suffix": "remote", "vip_range": "240.240.0.0/16"},
+        "dns": {"suffix": "remote", "mode": "coredns"},
         "exports": [
             {"service": "ratings", "namespace": "bookinfo", "ports": [9080], "consumers": ["a"]},
             {
@@ -107,7 +107,7 @@ def by_kind(objects: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any
 
 @pytest.fixture(scope="module")
 def result() -> Any:
-    return render_all(config(), imports=IMPORTS, peers=PEERS, vips={"details.bookinfo": "240.240.0.2"})
+    return render_all(config(), imports=IMPORTS, peers=PEERS, vips={"details.bookinfo": "241.0.0.2"})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,7 +322,7 @@ def test_only_configured_imports_are_rendered(result: Any) -> None:
         "or c has not published)" in result.warnings
     )
     assert any(w.startswith("import reviews.bookinfo: exported by a, c;") for w in result.warnings)
-    assert result.vips["details.bookinfo"] == "240.240.0.2"
+    assert result.vips["details.bookinfo"] == "241.0.0.2"
     assert set(result.vips) == {"details.bookinfo", "reviews.bookinfo"}
 
 
@@ -331,7 +331,7 @@ def test_service_entry(result: Any) -> None:
     assert entry["metadata"]["labels"]["meshbridge.io/source-cluster"] == "a"
     assert entry["spec"] == {
         "hosts": ["details.bookinfo.remote"],
-        "addresses": ["240.240.0.2"],
+        "addresses": ["241.0.0.2"],
         "exportTo": ["bookinfo", "istio-system"],
         "location": "MESH_EXTERNAL",
         "resolution": "STATIC",
@@ -497,11 +497,23 @@ def test_egress_gateway_in_another_namespace_and_other_cluster_domain() -> None:
     assert export_vs["http"][0]["route"][0]["destination"]["host"] == "ratings.bookinfo.svc.corp.local"
 
 
-def test_dns_mode_none_renders_no_coredns_objects() -> None:
-    out = render_all(config(dns__mode="none"), imports=IMPORTS, peers=[], vips={})
+@pytest.mark.parametrize("mode", ["istio", "none"])
+def test_dns_modes_istio_and_none_render_no_coredns_objects(mode: str) -> None:
+    data = config_dict()
+    del data["dns"]["mode"]
+    if mode == "none":
+        data["dns"]["mode"] = "none"
+    cfg = parse_config(data)
+    assert cfg.dns.mode == mode  # istio is the default
+    out = render_all(cfg, imports=IMPORTS, peers=[], vips={})
     assert not [o for o in out.objects if o["metadata"]["namespace"] == "kube-system"]
     assert out.server_block is None
     assert by_kind(out.objects, "ConfigMap")["meshbridge-state"]["data"]["vips"]
+    # the sidecars' DNS proxy answers from the ServiceEntry's own addresses (name_table.go BuildNameTable)
+    entry = by_kind(out.objects, "ServiceEntry")["meshbridge-import-details-bookinfo"]["spec"]
+    # the DNS proxy answers for the ServiceEntries the sidecar sees (pkg/dns/server/name_table.go
+    # BuildNameTable walks the SidecarScope's services): those of the namespaces it is exported to
+    assert entry["addresses"] == [out.vips["details.bookinfo"]] and entry["exportTo"] == ["bookinfo", "istio-system"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -664,17 +676,17 @@ def tcp_result() -> Any:
         tcp_config(),
         imports=[IMPORTS[0], TCP_IMPORT],
         peers=PEERS,
-        vips={"details.bookinfo": "240.240.0.2", "mongodb.bookinfo": "240.240.0.3"},
+        vips={"details.bookinfo": "241.0.0.2", "mongodb.bookinfo": "241.0.0.3"},
     )
 
 
 def test_tcp_import_keeps_its_own_vip_and_reaches_the_tcp_port(tcp_result: Any) -> None:
     spec = by_kind(tcp_result.objects, "ServiceEntry")["meshbridge-import-mongodb-bookinfo"]["spec"]
-    assert spec["addresses"] == ["240.240.0.3"]
+    assert spec["addresses"] == ["241.0.0.3"]
     assert spec["ports"] == [{"number": 27017, "name": "tcp-27017", "protocol": "TCP"}]
     assert spec["endpoints"] == [{"address": "203.0.113.10", "ports": {"tcp-27017": 15444}}]
     again = render_all(tcp_config(), imports=[TCP_IMPORT], peers=PEERS, vips=tcp_result.vips)
-    assert again.vips["mongodb.bookinfo"] == "240.240.0.3"
+    assert again.vips["mongodb.bookinfo"] == "241.0.0.3"
 
 
 def test_tcp_import_routes_mesh_to_egress_and_egress_to_remote(tcp_result: Any) -> None:
@@ -1015,3 +1027,28 @@ def test_egress_gateway_in_its_own_namespace_gets_the_imports() -> None:
         v == ["bookinfo", "istio-egress"]
         for v in _export_to(out.objects, "meshbridge-import-details-bookinfo").values()
     )
+
+
+def test_nodelocal_dns_stanza_is_rendered_beside_the_coredns_block() -> None:
+    data = config_dict()
+    data["dns"]["nodelocal_dns"] = {"bind": ["169.254.20.10", "10.96.0.10"]}
+    out = render_all(parse_config(data), imports=IMPORTS, peers=[], vips={})
+    block_cm = by_kind(out.objects, "ConfigMap")["meshbridge-coredns"]
+    assert sorted(block_cm["data"]) == ["nodelocaldns.remote.server", "remote.server"]
+    assert out.server_block == block_cm["data"]["remote.server"]  # only this is merged into the Corefile
+    stanza = block_cm["data"]["nodelocaldns.remote.server"].splitlines()
+    assert "remote:53 {" in stanza
+    assert "    bind 169.254.20.10 10.96.0.10" in stanza
+    assert "    forward . __PILLAR__CLUSTER__DNS__ {" in stanza and "            force_tcp" in stanza
+    without = render_all(config(), imports=IMPORTS, peers=[], vips={})
+    assert list(by_kind(without.objects, "ConfigMap")["meshbridge-coredns"]["data"]) == ["remote.server"]
+
+
+def test_names_renumbered_by_a_range_change_are_reported_once() -> None:
+    old = {"details.bookinfo": "240.240.0.2"}
+    out = render_all(config(), imports=IMPORTS, peers=[], vips=old)
+    assert out.vips["details.bookinfo"] == "241.0.0.2"
+    moved = [w for w in out.warnings if w.startswith("dns.vip_range 241.0.0.0/16: 1 imported name(s) got a new")]
+    assert len(moved) == 1 and "details.bookinfo 240.240.0.2 -> 241.0.0.2" in moved[0]
+    again = render_all(config(), imports=IMPORTS, peers=[], vips=out.vips)
+    assert not [w for w in again.warnings if w.startswith("dns.vip_range")]

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cluster_agent.config import DEFAULT_VIP_RANGE, ISTIO_AUTO_ALLOCATE_RANGE
 from cluster_agent.render import VipRangeExhausted, allocate_vips, render_state_configmap, vips_from_state
 
-RANGE = ipaddress.IPv4Network("240.240.0.0/16")
+RANGE = ipaddress.IPv4Network("240.240.0.0/16")  # the allocator takes any range; config refuses this one
 
 
 def names(n: int) -> list[str]:
@@ -130,3 +131,35 @@ def test_stability_property(before: set[str], after: set[str]) -> None:
     for address in second.values():
         ip = ipaddress.IPv4Address(address)
         assert ip in network and ip not in (network.network_address, network.broadcast_address)
+
+
+def test_the_default_range_moves_off_istios_and_keeps_each_names_host_part() -> None:
+    """Upgrade from the old default 240.240.0.0/16: every name moves once, to the same host part in
+    241.0.0.0/16, and stays there."""
+    assert not DEFAULT_VIP_RANGE.overlaps(ISTIO_AUTO_ALLOCATE_RANGE)
+    # addresses kept from earlier allocations, not where the hash would put them today
+    old = {name: f"240.240.{i}.{i + 1}" for i, name in enumerate(names(250))}
+    assert allocate_vips(names(250), vip_range=RANGE, previous=old) == old
+    new = allocate_vips(names(250), vip_range=DEFAULT_VIP_RANGE, previous=old)
+    for name, address in old.items():
+        assert new[name] == address.replace("240.240.", "241.0.", 1), name
+    assert allocate_vips(names(250), vip_range=DEFAULT_VIP_RANGE, previous=new) == new
+
+
+def test_a_moved_name_whose_host_part_is_taken_or_unusable_gets_a_hashed_address() -> None:
+    previous = {"a.x": "241.0.0.5", "b.x": "240.240.0.5", "c.x": "240.240.255.255", "d.x": "240.240.0.0"}
+    result = allocate_vips(["a.x", "b.x", "c.x", "d.x"], vip_range=DEFAULT_VIP_RANGE, previous=previous)
+    assert result["a.x"] == "241.0.0.5"  # kept: already in the range
+    assert len(set(result.values())) == 4
+    for name in ("b.x", "c.x", "d.x"):
+        address = ipaddress.IPv4Address(result[name])
+        assert address in DEFAULT_VIP_RANGE and address not in (
+            DEFAULT_VIP_RANGE.network_address,
+            DEFAULT_VIP_RANGE.broadcast_address,
+        )
+    assert result == allocate_vips(["d.x", "c.x", "b.x", "a.x"], vip_range=DEFAULT_VIP_RANGE, previous=previous)
+
+
+def test_a_smaller_new_range_keeps_the_host_bits_it_has() -> None:
+    result = allocate_vips(["a.x"], vip_range="241.0.7.0/24", previous={"a.x": "240.240.3.9"})
+    assert result["a.x"] == "241.0.7.9"

@@ -37,6 +37,7 @@ def test_the_istio_role_reads_exactly_what_meshcheck_needs(helm: Any) -> None:
     istio_role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == "istio-system")
     rules = rules_by_resource(istio_role)
     assert rules[("configmaps", ("istio",))] == {"get"}
+    assert rules[("configmaps", ("istio-ca-root-cert", "istio-ca-crl"))] == {"get"}  # what istiod serves
     assert rules[("pods", ())] == {"list"}
     assert rules[("services", ("istio-ingressgateway", "istio-egressgateway", "egress-to-c"))] == {"get"}
     assert not [k for k in rules if k[0] == "services" and not k[1]]  # Services only by name
@@ -45,7 +46,8 @@ def test_the_istio_role_reads_exactly_what_meshcheck_needs(helm: Any) -> None:
 def test_helm_gateways_get_a_role_in_their_namespaces(helm: Any, tmp_path: Path) -> None:
     docs = render(helm, AGENT, "--values", str(AGENT_MINIMAL), *HELM_LAYOUT)
     roles = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role"}
-    assert set(roles) == {"istio-system", "istio-ingress", "istio-egress", "kube-system"}
+    # dns.mode defaults to istio: no Role in kube-system (the coredns ConfigMap is not touched)
+    assert set(roles) == {"istio-system", "istio-ingress", "istio-egress"}
     assert rules_by_resource(roles["istio-ingress"]) == {
         ("services", ("istio-ingress",)): {"get"},
         ("pods", ()): {"list"},

@@ -263,9 +263,13 @@ def test_agent_cluster_role_is_read_only_and_optional(helm: Any) -> None:
     assert not [d for d in minimal if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
 
 
-def test_agent_without_coredns_gets_no_kube_system_access(helm: Any) -> None:
-    docs = render(helm, AGENT, "--values", str(AGENT_MINIMAL), "--set", "dns.mode=none")
+@pytest.mark.parametrize("mode", ["istio", "none", None])
+def test_agent_without_coredns_gets_no_kube_system_access(helm: Any, mode: str | None) -> None:
+    extra = ["--set", f"dns.mode={mode}"] if mode else []  # None: the chart's default, istio
+    docs = render(helm, AGENT, "--values", str(AGENT_MINIMAL), *extra)
     assert {d["metadata"]["namespace"] for d in docs if d["kind"] in ("Role", "RoleBinding")} == {"istio-system"}
+    config = yaml.safe_load(only(docs, "ConfigMap", "-config")["data"]["agent.yaml"])
+    assert config["dns"]["mode"] == (mode or "istio") and config["dns"]["vip_range"] == "241.0.0.0/16"
 
 
 # ----------------------------------------------------------------------------- agent: workload

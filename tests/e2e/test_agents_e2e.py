@@ -47,7 +47,7 @@ istio:
   trust_domain: {TD[name]}
   ingress_gateway: {{selector: {{istio: ingressgateway}}, service: istio-ingressgateway, service_account: istio-ingressgateway-service-account, address: {ADDR[name]}, port: 15443}}
   egress_gateway: {{selector: {{istio: egressgateway}}, service: istio-egressgateway, service_account: istio-egressgateway-service-account}}
-dns: {{suffix: remote, mode: coredns, vip_range: 240.240.0.0/16}}
+dns: {{suffix: remote, mode: coredns, vip_range: 241.0.0.0/16}}
 exports:
   - {{service: ratings, namespace: bookinfo, ports: [9080], consumers: [{peer}]}}
   - {{service: mongodb, namespace: bookinfo, ports: [{{number: 27017, protocol: TCP}}], consumers: [{peer}]}}
@@ -267,6 +267,13 @@ def test_real_coredns_answers_imported_names(fleet: Fleet, tmp_path: Path) -> No
         assert aaaa.rcode() == dns.rcode.NOERROR and not aaaa.answer
         other = ask("kubernetes.default.svc.cluster.local.", "A")
         assert other.rcode() == dns.rcode.NOERROR and other.answer  # the default block still serves
+        # a name under the suffix that is not imported: NXDOMAIN with the suffix's SOA (not SERVFAIL,
+        # which clients retry), for every type, and never forwarded to the (silent) upstream
+        for rdtype in ("A", "AAAA", "TXT"):
+            missing = ask("unknown.bookinfo.remote.", rdtype)
+            assert missing.rcode() == dns.rcode.NXDOMAIN, (rdtype, missing)
+            soa = [rr for rrset in missing.authority for rr in rrset]
+            assert [rr.rdtype for rr in soa] == [dns.rdatatype.SOA] and missing.authority[0].name.to_text() == "remote."
     finally:
         proc.terminate()
         proc.wait(10)

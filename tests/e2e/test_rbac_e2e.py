@@ -10,10 +10,11 @@ import yaml
 
 from cluster_agent.ca_client import CAClient
 from cluster_agent.config import load_config
+from cluster_agent.istiod import LiveIstiodView
 from cluster_agent.kube import KubeApplier, SecretStateStore, make_client
 from cluster_agent.loop import AgentLoop
 from cluster_agent.reconcile import Reconciler
-from tests.e2e.clusters import Clusters
+from tests.e2e.clusters import Clusters, free_port
 from tests.e2e.testbin import require
 from tests.support.caservice import CAService
 
@@ -31,6 +32,7 @@ def chart_values(tmp: Path) -> Path:
             "ingressGateway": {"address": "127.0.0.13", "port": 15443},
         },
         "exports": [{"service": "ratings", "namespace": "bookinfo", "ports": [9080], "consumers": ["b"]}],
+        "dns": {"mode": "coredns"},  # so the chart's kube-system Role (the coredns ConfigMap) is tested too
     }
     path = tmp / "values.yaml"
     path.write_text(yaml.safe_dump(values))
@@ -101,6 +103,8 @@ kubernetes: {{kubeconfig: {kubeconfig}}}
                 client=CAClient(ca.url, trust_pem=(d / "ca-root.pem").read_text(), cluster="rbac"),
                 applier=applier,
                 state_store=SecretStateStore(kube, NS),
+                # what istiod serves: its two ConfigMaps through the chart's RBAC (no istiod runs here)
+                istiod=LiveIstiodView(applier.configmap_data, namespace=NS, address=("127.0.0.1", free_port())),
             )
         )
         result = loop.step()
@@ -108,6 +112,10 @@ kubernetes: {{kubeconfig: {kubeconfig}}}
         # Istio's preconditions were all readable with the chart's RBAC (nothing installed here to check)
         assert not [p for p in result.istio_problems if "cannot read" in p], result.istio_problems
         assert any(f"ConfigMap {NS}/istio not found" in p for p in result.istio_problems)
+        served = loop.r.served
+        assert served is not None
+        assert not [p for p in served.problems if "forbidden" in p.lower()], served.problems
+        assert f"ConfigMap {NS}/istio-ca-root-cert has no root-cert.pem: istiod has not published it" in served.problems
         secret = c.kubectl("get", "secret", "cacerts", "-n", NS, "-o", "jsonpath={.data}").stdout
         assert "ca-cert.pem" in secret and "ca-crl.pem" in secret
         # a second pass with nothing changed: zero writes against the real API server
@@ -129,5 +137,5 @@ kubernetes: {{kubeconfig: {kubeconfig}}}
     denied("delete", "configmap", "coredns", "-n", "kube-system")
     denied("get", "pod", "istiod-1", "-n", NS)  # pods are listed (meshcheck), never read one by one
     denied("get", "pods", "-n", "default")
-    denied("get", "configmap", "istio-ca-root-cert", "-n", NS)  # of Istio's ConfigMaps only `istio`
+    denied("get", "configmap", "istio-sidecar-injector", "-n", NS)  # of Istio's ConfigMaps only those it reads
     denied("get", "service", "ratings", "-n", "bookinfo")  # of Services only the gateways', by name
