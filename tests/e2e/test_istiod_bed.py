@@ -456,6 +456,33 @@ def test_first_adoption_of_cacerts_needs_an_istiod_restart(bed: Bed, tmp_path: P
         assert loop.r.served is not None and loop.r.served.signing_serial == loop.r.state.serial
         ok, detail = openssl_verify(istiod.issue(EGRESS_SA), shared)
         assert ok, detail
+
+        # Revocation as istiod distributes it: once a's agent applied the CA's new root CRL, a's
+        # istiod publishes it (`istio-ca-crl`), and a verifier checking c's whole chain with it and
+        # c's own CRL (what istiod in c publishes) refuses c's workloads.
+        workload_c = istiod.issue(EGRESS_SA)
+        own_c = istiod.served_crls()
+        ok, detail = openssl_verify(workload_c, shared, crls=bed.istiod["a"].served_crls() + own_c)
+        assert ok, f"before the revocation: {detail}"
+        serial = int(loop.r.state.serial, 16)
+        bed.ca.authority.revoke_cluster("c", reason="keyCompromise", actor="e2e")
+        loop_a = bed.loops["a"]
+        loop_a.revision = None
+        loop_a.step()
+        wait_for("istiod in a publishing c's revocation", publishes_revoked(bed.istiod["a"], serial))
+        ok, detail = openssl_verify(workload_c, shared, crls=bed.istiod["a"].served_crls() + own_c)
+        assert not ok and "revoked" in detail, detail
     finally:
         istiod.stop()
         stop_clusters([c])
+
+
+def publishes_revoked(istiod: Istiod, serial: int) -> Callable[[], bool]:
+    """Whether a CRL ``istiod`` publishes lists ``serial``."""
+
+    def check() -> bool:
+        blocks = istiod.served_crls().split("-----END X509 CRL-----")[:-1]
+        crls = [x509.load_pem_x509_crl((b.strip() + "\n-----END X509 CRL-----\n").encode()) for b in blocks]
+        return any(crl.get_revoked_certificate_by_serial_number(serial) is not None for crl in crls)
+
+    return check
