@@ -142,8 +142,9 @@ class RootList(BaseModel):
 class RootPhaseIn(Strict):
     """Optional body of `POST /v1/roots/{id}/activate` and `/retire`."""
 
-    # proceed although some active clusters' istiod is not ready (audited with those clusters)
-    force: bool = False
+    # proceed although some active clusters' istiod is not ready (audited with those clusters);
+    # strict: only JSON true forces (not "yes", 1 or "true")
+    force: bool = Field(default=False, strict=True)
 
 
 class GateClusterOut(BaseModel):
