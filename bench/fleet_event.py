@@ -219,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     nofile = raise_nofile()
     if nofile < args.agents + 200:
         raise SystemExit(f"open-file limit {nofile} is too low for {args.agents} connections: raise `ulimit -n`")
-    serve_args = ["--workers", str(args.workers)] if args.workers else []
+    # the activation gate waits a workload certificate lifetime after every istiod serves the new
+    # root; the agents here report it as they re-poll, and the event starts after --settle
+    serve_args = ["--workload-cert-lifetime", "1s"]
+    serve_args += ["--workers", str(args.workers)] if args.workers else []
     ca = BenchCA(engine=args.engine, insecure_http=args.insecure_http, serve_args=serve_args)
     report: dict[str, Any] = {
         "engine": args.engine,

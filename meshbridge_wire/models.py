@@ -69,6 +69,7 @@ class ServedOut(BaseModel):
     received_at: str | None  # when the CA received the report, on the CA's clock
     report_age_s: int | None  # the CA's clock now minus received_at
     bundle_roots: list[str]  # root ids of istiod's trust bundle; "unknown:<16 hex>" for a root this CA lacks
+    bundle_since: str | None  # since when istiod serves that bundle, on the CA's clock
     signing_serial: str | None
     signing_generation: int | None  # None when the CA did not issue that serial to this cluster
     signing_root_id: str | None
@@ -151,7 +152,7 @@ class GateClusterOut(BaseModel):
     name: str
     ready: bool
     waiting_for: list[str]  # empty when ready
-    ready_at: str | None = None  # retire: when the workload-certificate wait ends (CA clock)
+    ready_at: str | None = None  # when the workload-certificate wait ends (CA clock), once it can be told
     overridable: bool = True  # False: `force` cannot override what it waits for
 
 

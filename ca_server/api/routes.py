@@ -116,6 +116,7 @@ def served_out(v: ServedView) -> w.ServedOut:
         received_at=iso(v.received_at) or None,
         report_age_s=max(0, int(v.report_age.total_seconds())) if v.report_age is not None else None,
         bundle_roots=v.bundle_roots,
+        bundle_since=iso(v.bundle_since) or None,
         signing_serial=v.signing_serial,
         signing_generation=rec.generation if rec is not None else None,
         signing_root_id=rec.root_id if rec is not None else None,

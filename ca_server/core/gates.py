@@ -10,6 +10,13 @@ Why "written into `cacerts`" is not enough (the pinned Istio module's source):
   (pilot/pkg/serviceregistry/kube/controller/namespacecontroller.go, ``reconcileCACertAndCRL``).
   So phase 3 waits until every istiod serves the new root: a cluster whose istiod does not would
   refuse every workload certificate signed under it elsewhere.
+- A workload takes istiod's bundle only with its next certificate: istiod appends its root bundle
+  to every signing answer (security/pkg/server/ca/server.go, ``CreateCertificate``), istio-agent
+  takes the answer's last element as the workload's ROOTCA (security/pkg/nodeagent/cache/
+  secretcache.go, ``generateNewSecret``; the Citadel client's ``GetRootCertBundle`` is empty) and
+  serves ROOTCA from that cached certificate (``getCachedSecret``), renewing it at about half its
+  lifetime (``rotateTime``, SECRET_GRACE_PERIOD_RATIO 0.5). So phase 3 also waits one workload
+  certificate lifetime (plus the margin) after every istiod serves the new root.
 - istiod signs each workload certificate with the intermediate it holds at that moment
   (security/pkg/pki/ca/ca.go, ``IstioCA.sign``) and gives it notAfter = its clock + the TTL the
   workload asked for, clamped to the intermediate's notAfter
@@ -17,13 +24,14 @@ Why "written into `cacerts`" is not enough (the pinned Istio module's source):
   SECRET_TTL, 24 h (pilot/cmd/pilot-agent/options/options.go), istiod's default and cap are
   DEFAULT_WORKLOAD_CERT_TTL 24 h and MAX_WORKLOAD_CERT_TTL 90 d (pilot/pkg/bootstrap/istio_ca.go).
   So a certificate under the old root lives up to one lifetime after istiod stopped signing under
-  it: phase 4 waits that long, plus a margin, after every istiod signs under another root.
+  it: phase 4 waits that long, plus the margin, after every istiod signs under another root.
 
 The agent is trusted for its own cluster only, and only to the extent that a false report can
 hurt nothing but its own cluster's traffic. Its times are read on the CA's clock: a signing time
 is moved later by as much as the agent's clock seems to run behind the CA's (the receipt time
 minus the observation time, never negative, so a clock running ahead cannot make a cluster ready
-early), and it is never taken as earlier than the CA issued that intermediate.
+early), and it is never taken as earlier than the CA issued that intermediate (a bundle: than the
+CA created the root).
 """
 
 from __future__ import annotations
@@ -64,8 +72,9 @@ def margin(lifetime: timedelta) -> timedelta:
     return lifetime * MARGIN_FRACTION
 
 
-def retire_wait(lifetime: timedelta) -> timedelta:
-    """How long after an istiod signs under another root the old root may leave its bundle."""
+def phase_wait(lifetime: timedelta) -> timedelta:
+    """How long after every istiod serves a new root it may sign (phase 3), and after every istiod
+    signs under another root the old one may leave the bundle (phase 4)."""
     return lifetime + margin(lifetime)
 
 
@@ -127,9 +136,18 @@ class Report:
     received_at: datetime | None  # the CA's clock
     observed_at: datetime | None  # the agent's clock
     bundle: frozenset[str]
+    bundle_since: datetime | None  # the agent's clock
     signing_serial: str | None
     signing_since: datetime | None  # the agent's clock
     problems: tuple[str, ...]
+
+    def on_ca_clock(self, at: datetime | None, *, not_before: datetime | None = None) -> datetime | None:
+        """``at`` (the agent's clock) on the CA's clock: moved later by ``behind``, never earlier
+        than ``not_before`` (when what it dates came to exist at the CA)."""
+        behind = self.behind
+        if at is None or behind is None:
+            return None
+        return max(at + behind, not_before) if not_before is not None else at + behind
 
     @property
     def behind(self) -> timedelta | None:
@@ -151,6 +169,7 @@ def report_of(status: Mapping[str, Any] | None) -> Report | None:
         received_at=parse_time(status.get("received_at")),
         observed_at=parse_time(served.get("observed_at")),
         bundle=frozenset(fp for fp in bundle if isinstance(fp, str)) if isinstance(bundle, list) else frozenset(),
+        bundle_since=parse_time(served.get("bundle_since")),
         signing_serial=normal_serial(served.get("signing_serial")),
         signing_since=parse_time(served.get("signing_since")),
         problems=tuple(str(p) for p in served.get("problems") or []),
@@ -158,12 +177,8 @@ def report_of(status: Mapping[str, Any] | None) -> Report | None:
 
 
 def signing_since(report: Report, rec: CertificateRecord) -> datetime | None:
-    """Since when istiod signs with ``rec``, on the CA's clock: the reported time moved later by
-    how far the agent's clock runs behind, and never before the CA issued ``rec``."""
-    behind = report.behind
-    if report.signing_since is None or behind is None:
-        return None
-    return max(report.signing_since + behind, rec.issued_at)
+    """Since when istiod signs with ``rec``, on the CA's clock (never before the CA issued it)."""
+    return report.on_ca_clock(report.signing_since, not_before=rec.issued_at)
 
 
 def signing_record(
@@ -186,6 +201,7 @@ class ServedView:
     received_at: datetime | None
     report_age: timedelta | None
     bundle_roots: list[str]
+    bundle_since: datetime | None  # on the CA's clock
     signing_serial: str | None
     signing: CertificateRecord | None
     signing_since: datetime | None
@@ -204,6 +220,7 @@ def served_view(
         received_at=report.received_at,
         report_age=now - report.received_at if report.received_at is not None else None,
         bundle_roots=sorted(roots_by_fp.get(fp, f"unknown:{fp[:16]}") for fp in report.bundle),
+        bundle_since=report.on_ca_clock(report.bundle_since),
         signing_serial=report.signing_serial,
         signing=rec,
         signing_since=signing_since(report, rec) if rec is not None else None,
@@ -250,25 +267,44 @@ def _no_report(cluster: Cluster) -> str:
     return "its agent to report what istiod serves (its last status has no `served`)"
 
 
-def _activation(cluster: Cluster, root: Root) -> ClusterGate:
+def _activation(cluster: Cluster, root: Root, *, now: datetime, wait: timedelta) -> ClusterGate:
     report = report_of(cluster.agent_status)
     if report is None:
         return ClusterGate(cluster.name, [_no_report(cluster)])
-    if root_fingerprint(root) in report.bundle:
-        return ClusterGate(cluster.name)
-    seen = f"; the agent reports {len(report.problems)} problem(s) observing istiod" if report.problems else ""
+    if root_fingerprint(root) not in report.bundle:
+        seen = f"; the agent reports {len(report.problems)} problem(s) observing istiod" if report.problems else ""
+        return ClusterGate(
+            cluster.name,
+            [
+                f"istiod to serve root {root.id} in its trust bundle (istio-ca-root-cert){seen}; without "
+                "ISTIO_MULTIROOT_MESH=true istiod keeps its old bundle until it restarts"
+            ],
+        )
+    since = report.on_ca_clock(report.bundle_since, not_before=root.created_at)
+    if since is None:
+        return ClusterGate(cluster.name, ["its agent to report readable times for istiod's trust bundle"])
+    ready_at = since + wait
+    if now >= ready_at:
+        return ClusterGate(cluster.name, ready_at=ready_at)
     return ClusterGate(
         cluster.name,
         [
-            f"istiod to serve root {root.id} in its trust bundle (istio-ca-root-cert){seen}; without "
-            "ISTIO_MULTIROOT_MESH=true istiod keeps its old bundle until it restarts"
+            f"workloads to take root {root.id} with their next certificate: istiod serves it since "
+            f"{_iso(since)} on the CA's clock{_ahead(since, now)}; ready at {_iso(ready_at)}"
         ],
+        ready_at=ready_at,
     )
 
 
-def activation_gate(tx: Tx, root: Root) -> Gate:
-    """Phase 3: every active cluster's istiod serves a bundle holding ``root``."""
-    return Gate(root.id, "activate", [_activation(c, root) for c in _active(tx)])
+def _ahead(since: datetime, now: datetime) -> str:
+    return " (the report's time lies ahead of the CA's clock)" if since > now else ""
+
+
+def activation_gate(tx: Tx, root: Root, *, now: datetime, lifetime: timedelta) -> Gate:
+    """Phase 3: every active cluster's istiod serves a bundle holding ``root``, and has for the
+    workload-certificate lifetime plus the margin (its workloads take the bundle as they renew)."""
+    wait = phase_wait(lifetime)
+    return Gate(root.id, "activate", [_activation(c, root, now=now, wait=wait) for c in _active(tx)])
 
 
 def holders(tx: Tx, root: Root) -> dict[str, CertificateRecord]:
@@ -321,10 +357,10 @@ def _signing_wait(
     ready_at = since + wait
     if now >= ready_at:
         return [], ready_at
-    ahead = " (the report's time lies ahead of the CA's clock)" if since > now else ""
     return [
         f"workload certificates under root {root.id} to expire: istiod signs with generation {rec.generation} "
-        f"under root {rec.root_id} since {_iso(since)} on the CA's clock{ahead}; ready at {_iso(ready_at)}"
+        f"under root {rec.root_id} since {_iso(since)} on the CA's clock{_ahead(since, now)}; "
+        f"ready at {_iso(ready_at)}"
     ], ready_at
 
 
@@ -333,7 +369,7 @@ def retirement_gate(tx: Tx, root: Root, *, now: datetime, lifetime: timedelta) -
     the workload-certificate lifetime plus the margin; clusters still holding an intermediate under
     ``root`` wait for a renewal (that part is not overridable)."""
     current = tx.current_certificates()
-    wait = retire_wait(lifetime)
+    wait = phase_wait(lifetime)
     return Gate(
         root.id,
         "retire",
@@ -396,7 +432,10 @@ class Gates:
             gates = []
             for r in roots:
                 if r.status == RootStatus.TRUSTED:
-                    gates += [activation_gate(tx, r), retirement_gate(tx, r, now=now, lifetime=lifetime)]
+                    gates += [
+                        activation_gate(tx, r, now=now, lifetime=lifetime),
+                        retirement_gate(tx, r, now=now, lifetime=lifetime),
+                    ]
             return RootGates(active_root(roots).id, lifetime, margin(lifetime), gates)
 
     def served(self, clusters: Sequence[Cluster]) -> dict[str, ServedView]:

@@ -178,15 +178,18 @@ class Roots:
         return root
 
     def activate_root(self, root_id: str, *, actor: str, force: bool = False) -> Root:
-        """Phase 3. Refused (FleetNotReady) until every active cluster's istiod serves ``root``
-        (``core.gates``), unless ``force``: then the lagging clusters are audited."""
+        """Phase 3. Refused (FleetNotReady) until every active cluster's istiod has served ``root``
+        for the workload-certificate lifetime plus the margin (``core.gates``), unless ``force``:
+        then the lagging clusters are audited."""
+        now = self.ctx.clock()
         with self.ctx.write() as tx:
             root = must_root(tx, root_id)
             if root.status == RootStatus.RETIRED:
                 raise Conflict("a retired root cannot be activated")
             if root.status == RootStatus.ACTIVE:
                 return root
-            forced = gates.passed(gates.activation_gate(tx, root), force=force)
+            gate = gates.activation_gate(tx, root, now=now, lifetime=self.ctx.policy.workload_cert_lifetime)
+            forced = gates.passed(gate, force=force)
             for other in tx.list_roots():
                 if other.status == RootStatus.ACTIVE:
                     tx.set_root_status(other.id, RootStatus.TRUSTED.value)

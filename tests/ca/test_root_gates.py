@@ -56,6 +56,7 @@ def to_phase_4(h: Harness, a: Agent, b: Agent) -> tuple[dict[str, Any], dict[str
     root_b = add_root(h)
     for agent in (a, b):
         h.report_served(agent)
+    h.clock.advance(seconds=WAIT.total_seconds())
     assert post(h, f"/v1/roots/{root_b['id']}/activate").status_code == 200
     for agent in (a, b):
         h.renew(agent)
@@ -64,7 +65,8 @@ def to_phase_4(h: Harness, a: Agent, b: Agent) -> tuple[dict[str, Any], dict[str
 
 # ----------------------------------------------------------------------------- phase 3
 @both_speedup_modes
-def test_activate_waits_until_every_active_istiod_serves_the_new_root(harness: Harness) -> None:
+def test_activate_waits_until_every_active_istiod_serves_the_new_root(short_lived: Harness) -> None:
+    harness = short_lived
     a = harness.enroll("a")
     b = harness.enroll("b")
     c = harness.enroll("c")
@@ -88,8 +90,17 @@ def test_activate_waits_until_every_active_istiod_serves_the_new_root(harness: H
     assert not g["ready"] and [(x["name"], x["ready"]) for x in g["clusters"]] == [("a", False), ("b", False)]
 
     harness.report_served(a)  # a's istiod now serves A+B
+    waits = lagging(post(harness, f"/v1/roots/{root_b['id']}/activate"))
+    assert sorted(waits) == ["a", "b"] and f"workloads to take root {root_b['id']}" in waits["a"]
+    harness.clock.advance(seconds=WAIT.total_seconds() / 2)
+    harness.report_served(b)  # b's istiod serves A+B from half the wait later
+    g = gate(harness, root_b["id"], "activate")
+    ready_at = {x["name"]: parse_time(x["ready_at"]) for x in g["clusters"]}
+    assert ready_at["a"] is not None and ready_at["b"] is not None
+    assert abs((ready_at["b"] - ready_at["a"]) - WAIT / 2) < timedelta(seconds=1)
+    harness.clock.advance(seconds=WAIT.total_seconds() / 2 + 1)
     assert sorted(lagging(post(harness, f"/v1/roots/{root_b['id']}/activate"))) == ["b"]
-    harness.report_served(b)
+    harness.clock.advance(seconds=WAIT.total_seconds() / 2)
     assert gate(harness, root_b["id"], "activate")["ready"] is True
     r = post(harness, f"/v1/roots/{root_b['id']}/activate")
     assert r.status_code == 200 and r.json()["status"] == "active"
@@ -108,9 +119,28 @@ def test_forced_activation_is_audited_with_the_lagging_clusters(harness: Harness
     r = post(harness, f"/v1/roots/{root_b['id']}/activate", {"force": True})
     assert r.status_code == 200 and r.json()["status"] == "active"
     details = last_audit(harness, "root.activate")["details"]
-    assert details["forced"] is True and details["lagging"] == ["b"]
-    assert "none yet" in details["waiting_for"]["b"] and "a" not in details["waiting_for"]
+    assert details["forced"] is True and details["lagging"] == ["a", "b"]
+    assert "none yet" in details["waiting_for"]["b"]
+    assert "workloads to take root" in details["waiting_for"]["a"]  # 24 h + 10 % from now
     assert harness.chain_ok()
+
+
+def test_activation_reads_bundle_times_on_the_ca_clock(short_lived: Harness) -> None:
+    h = short_lived
+    a = h.enroll("a")
+    root_b = add_root(h)
+    activate = f"/v1/roots/{root_b['id']}/activate"
+    created = h.clock()
+    h.clock.advance(seconds=WAIT.total_seconds() + 5)
+    now = h.clock()
+    # a clock running ahead: on its own clock istiod has served A+B for 200 s
+    h.report_served(a, observed_at=now + timedelta(seconds=1000), since=now + timedelta(seconds=800))
+    assert "ahead of the CA's clock" in lagging(post(h, activate))["a"]
+    # served since before the root existed: read as the root's creation, whose wait is over
+    h.report_served(a, since=datetime(1970, 1, 1, tzinfo=UTC))
+    ready_at = parse_time(gate(h, root_b["id"], "activate")["clusters"][0]["ready_at"])
+    assert ready_at is not None and abs(ready_at - created - WAIT) < timedelta(seconds=2)
+    assert post(h, activate).status_code == 200
 
 
 # ----------------------------------------------------------------------------- phase 4
@@ -246,9 +276,12 @@ def test_status_lists_both_gates_of_every_trusted_root(short_lived: Harness) -> 
     h.report_served(a)
     gates = h.client.get("/v1/roots/status", headers=h.admin).json()["gates"]
     assert [(g["root_id"], g["phase"], g["ready"]) for g in gates] == [
-        (root_b["id"], "activate", True),
-        (root_b["id"], "retire", False),  # ready once a's istiod has signed under A for the wait
+        (root_b["id"], "activate", False),  # a's workloads take B as they renew
+        (root_b["id"], "retire", False),  # and no workload certificate under B may be left
     ]
+    h.clock.advance(seconds=WAIT.total_seconds())
+    gates = h.client.get("/v1/roots/status", headers=h.admin).json()["gates"]
+    assert [g["ready"] for g in gates] == [True, True]
     assert check_problem(h.client.get("/v1/roots/status"), 401)
 
 
@@ -270,6 +303,7 @@ def test_cluster_shows_desired_installed_and_served(short_lived: Harness) -> Non
     assert shown["generation"] == 1 and shown["installed"] == {"generation": 1, "serial": a.serial}
     served = shown["served"]
     assert served["bundle_roots"] == sorted([root_a["id"], root_b["id"]])
+    assert served["bundle_since"] == served["signing_since"]
     assert served["signing_serial"] == a.serial and served["signing_generation"] == 1
     assert served["signing_root_id"] == root_a["id"] and served["problems"] == []
     assert served["signing_since"] == rfc3339(since)[:19] + "Z"

@@ -97,6 +97,7 @@ def test_root_rotation_in_four_phases(short_lived: Harness, tmp_path: Path) -> N
     # phase 3: B signs; every cluster under A must renew, once every istiod serves B
     for agent in (a, b):
         harness.report_served(agent)  # istiod serves A+B, signs under A
+    harness.clock.advance(seconds=111)  # every workload took A+B with its next certificate
     r = harness.client.post(f"/v1/roots/{root_b['id']}/activate", headers=harness.admin)
     assert r.status_code == 200 and r.json()["status"] == "active"
     statuses = {x["id"]: x["status"] for x in harness.roots()}
