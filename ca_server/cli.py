@@ -403,8 +403,8 @@ def print_root_status(out: dict[str, Any]) -> None:
     life, margin = out["workload_cert_lifetime_s"], out["margin_s"]
     print(
         f"active root {out['active_root']}; workload certificate lifetime {_duration_text(life)} + margin "
-        f"{_duration_text(margin)}: retiring a root waits {_duration_text(life + margin)} after every istiod "
-        "signs under another root"
+        f"{_duration_text(margin)}: activating waits {_duration_text(life + margin)} after every istiod serves "
+        "the root, retiring after every istiod signs under another root"
     )
     if not out["gates"]:
         print("no trusted root: no phase to gate (`root add` starts a rotation)")
@@ -454,8 +454,10 @@ renews under it; 4 `root retire OLD`: the old root leaves the trust bundle.
 
 Phases 3 and 4 are gated on what every active cluster's istiod serves, as its agent observes and
 reports it (not on what the agent wrote into cacerts: istiod may not have loaded it):
-  activate  refuses (409, listing the clusters) until every active cluster's istiod serves a
-            trust bundle (istio-ca-root-cert) holding the new root;
+  activate  refuses (409, listing the clusters) until every active cluster's istiod has served
+            a trust bundle (istio-ca-root-cert) holding the new root for the workload
+            certificate lifetime plus a 10 % margin (workloads take istiod's bundle only with
+            their next certificate);
   retire    refuses while any active cluster still holds an intermediate under the root (never
             overridable), and until every active cluster's istiod has signed under another root
             for the workload certificate lifetime plus a 10 % margin (serve
@@ -560,8 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=timedelta(hours=24),
         metavar="DURATION",
         help="the longest workload certificate istiod signs (its DEFAULT_WORKLOAD_CERT_TTL, or more if "
-        "workloads ask for more): `root retire` waits this plus 10 %% after every istiod signs under "
-        "another root (default 24h; e.g. 90m, 1h30m, 2d)",
+        "workloads ask for more): `root activate` waits this plus 10 %% after every istiod serves the "
+        "new root, `root retire` after every istiod signs under another root (default 24h; e.g. 90m, 1h30m, 2d)",
     )
     lim = s.add_argument_group("listener limits", "what a connection may do before the app sees it")
     lim.add_argument(
@@ -663,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in [
         ("list", "table of roots"),
         ("add", "phase 2: a new root joins the trust bundle"),
-        ("activate", "phase 3: the root signs; refused until every active cluster's istiod serves it"),
+        ("activate", "phase 3: the root signs; refused until every active cluster's istiod has served it long enough"),
         ("retire", "phase 4: the root leaves the bundle; refused until no istiod has signed under it for long enough"),
         ("status", "each trusted root's phase 3 and 4 gates: which clusters are ready, what the others wait for"),
     ]:

@@ -531,4 +531,4 @@ def test_workload_cert_lifetime_reaches_the_retirement_gate(tmp_path: Path) -> N
     for s in serve(d, "--workload-cert-lifetime", "90m"):
         status = json.loads(s.op("root", "status", "--json"))
         assert (status["workload_cert_lifetime_s"], status["margin_s"], status["gates"]) == (5400, 540, [])
-        assert "workload certificate lifetime 1h30m + margin 9m: retiring a root waits 1h39m" in s.op("root", "status")
+        assert "lifetime 1h30m + margin 9m: activating waits 1h39m after every istiod serves" in s.op("root", "status")
