@@ -13,7 +13,9 @@ the bottleneck; each holds its own keep-alive HTTPS connection and long-polls
 Like the real agent, each adds the trust bundle it is handed to its TLS trust anchors.
 
 Timed: ``POST /v1/roots`` (a new root joins the trust bundle: every long-poll answers, every agent
-re-polls), then, once all are waiting again, ``POST /v1/roots/{id}/activate``. From the activation
+reports that its istiod serves the new bundle, as an agent watching an istiod that loaded it would,
+and re-polls), then, once all are waiting again, ``POST /v1/roots/{id}/activate`` (gated on those
+reports). From the activation
 request we time (a) every long-poll answered with ``rotate_required: true`` and (b) every agent's
 renewal answered 201 with the new generation. Afterwards every cluster must show the new root,
 no rotation pending, and ``meshbridge-ca audit verify`` must pass.
@@ -30,6 +32,7 @@ import os
 import ssl
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BenchCA, CpuMeter, machine, raise_nofile, save_report
 
 from cluster_agent import pki
+from tests.support.served import fingerprints, rfc3339
 
 TARGETS = {"answered_s": 5.0, "renewed_s": 15.0}
 
@@ -52,6 +56,11 @@ def enroll_in_process(ca: BenchCA, names: list[str]) -> list[dict[str, Any]]:
 
     os.environ.update({k: v for k, v in ca.env.items() if k.startswith("MESHBRIDGE_")})
     authority = runtime.build_authority(ca.data, database_url_override=ca.db_url)
+    # the names `serve` will protect (its listen host): recorded before enrolling, so the
+    # intermediates exclude them and serve's start marks no cluster for rotation (which the
+    # simulated agents, reading rotate_required only from long-poll answers, would act on at
+    # `root add` instead of at the activation being timed)
+    authority.issuance.protect_server_names(["127.0.0.1"], actor="bench")
     agents = []
     for name in names:
         made = authority.create_cluster(name=name, trust_domain=f"{name}.mesh", gateway=None, actor="bench")
@@ -67,6 +76,7 @@ def enroll_in_process(ca: BenchCA, names: list[str]) -> list[dict[str, Any]]:
                 "csr": csr,
                 "proof": pki.prove(key, csr),
                 "generation": done.issued.generation,
+                "serial": done.issued.serial,
             }
         )
     authority.store.dispose()  # type: ignore[attr-defined]
@@ -127,6 +137,7 @@ async def _agent(client: httpx.AsyncClient, a: dict[str, Any], rec: dict[str, An
         r.raise_for_status()
         desired = r.json()
         trust(desired["trust_bundle"])
+        await report_served(client, a, auth, desired["trust_bundle"])
         rev = desired["revision"]
         events.put(("polling", name, rev))
         while True:
@@ -163,6 +174,7 @@ async def _agent(client: httpx.AsyncClient, a: dict[str, Any], rec: dict[str, An
                 events.put(("renewed", name, r.status_code))
                 continue
             if "rotate_at" not in rec:
+                await report_served(client, a, auth, desired["trust_bundle"])
                 events.put(("polling", name, rev))
     except Exception as exc:
         cause = exc.__cause__ or exc.__context__
@@ -171,6 +183,16 @@ async def _agent(client: httpx.AsyncClient, a: dict[str, Any], rec: dict[str, An
             f"{len(rec['answers'])} answer(s), {time.monotonic() - started:.1f} s after start"
         )
         events.put(("error", name, rec["error"]))
+
+
+async def report_served(client: httpx.AsyncClient, a: dict[str, Any], auth: dict[str, str], bundle: str) -> None:
+    """``PUT …/status`` as an agent whose istiod serves ``bundle`` and signs with its intermediate."""
+    now = rfc3339(datetime.now(UTC))
+    served = {"observed_at": now, "bundle": fingerprints(bundle), "bundle_since": now}
+    served |= {"signing_serial": a["serial"], "signing_since": now}
+    body = {"installed_generation": a["generation"], "installed_serial": a["serial"], "served": served}
+    r = await client.put(f"/v1/clusters/{a['name']}/status", json=body, headers=auth)
+    r.raise_for_status()
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -197,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     nofile = raise_nofile()
     if nofile < args.agents + 200:
         raise SystemExit(f"open-file limit {nofile} is too low for {args.agents} connections: raise `ulimit -n`")
-    serve_args = ["--workers", str(args.workers)] if args.workers else []
+    # the activation gate waits a workload certificate lifetime after every istiod serves the new
+    # root; the agents here report it as they re-poll, and the event starts after --settle
+    serve_args = ["--workload-cert-lifetime", "1s"]
+    serve_args += ["--workers", str(args.workers)] if args.workers else []
     ca = BenchCA(engine=args.engine, insecure_http=args.insecure_http, serve_args=serve_args)
     report: dict[str, Any] = {
         "engine": args.engine,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -26,6 +27,7 @@ examples:
   meshbridge-ca serve --data-dir ./.meshbridge --listen 127.0.0.1:8443
   meshbridge-ca cluster add a --trust-domain a.mesh --data-dir ./.meshbridge
   meshbridge-ca cluster list --data-dir ./.meshbridge
+  meshbridge-ca root status --data-dir ./.meshbridge
   meshbridge-ca audit verify --data-dir ./.meshbridge
 """
 
@@ -242,7 +244,8 @@ class Client:
             try:
                 p = r.json()
                 msg = f"{p.get('title', 'error')} ({r.status_code}): {p.get('detail', '')}"
-            except ValueError:
+                msg += "".join(f"\n  {x['cluster']}: waits for {x['waiting_for']}" for x in p.get("lagging") or [])
+            except (ValueError, KeyError, TypeError):
                 msg = f"HTTP {r.status_code}"
             raise CLIError(msg, code=1)
         return r.json()
@@ -261,30 +264,70 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+CLUSTER_COLUMNS = [
+    "NAME",
+    "STATUS",
+    "TRUST DOMAIN",
+    "DESIRED",
+    "INSTALLED",
+    "SERVED",
+    "ROTATING",
+    "SERIAL",
+    "DAYS LEFT",
+    "ERRORS",
+    "ISTIOD ROOTS",
+    "REPORT AGE",
+]
+
+
 def print_clusters(items: list[dict[str, Any]]) -> None:
     rows = []
     for c in items:
         st = c.get("agent_status") or {}
         inter = c.get("intermediate") or {}
+        installed = c.get("installed") or {}
         rows.append(
             [
                 c["name"],
                 c["status"],
                 c["trust_domain"],
                 str(c["generation"]),
-                str(st.get("installed_generation", "-")),
+                _or_dash(installed.get("generation")),
+                *_served_cells(c.get("served"))[:1],
                 "yes" if c["rotation_pending"] else "no",
                 inter.get("serial", "-")[:16],
                 _days_left(inter.get("not_after")),
                 str(len(st.get("errors") or [])) if st else "-",
+                *_served_cells(c.get("served"))[1:],
             ]
         )
-    print(
-        table(
-            rows,
-            ["NAME", "STATUS", "TRUST DOMAIN", "DESIRED", "INSTALLED", "ROTATING", "SERIAL", "DAYS LEFT", "ERRORS"],
-        )
-    )
+    print(table(rows, CLUSTER_COLUMNS))
+
+
+def _or_dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _served_cells(served: dict[str, Any] | None) -> list[str]:
+    """SERVED (the generation istiod signs with; "?" for an intermediate the CA did not issue to
+    the cluster), ISTIOD ROOTS (root ids of istiod's bundle, 8 digits each) and REPORT AGE."""
+    if not served:
+        return ["-", "-", "-"]
+    gen = served.get("signing_generation")
+    signing = str(gen) if gen is not None else ("?" if served.get("signing_serial") else "-")
+    roots = ",".join(r[:8] if not r.startswith("unknown:") else "unknown" for r in served.get("bundle_roots") or [])
+    age = served.get("report_age_s")
+    return [signing, roots or "none", _duration_text(age) if age is not None else "-"]
+
+
+def _duration_text(seconds: float) -> str:
+    """1d2h, 3h4m, 5m6s, 7s."""
+    s = int(seconds)
+    for big, small, b, sm in ((86400, 3600, "d", "h"), (3600, 60, "h", "m"), (60, 1, "m", "s")):
+        if s >= big:
+            rest = (s % big) // small
+            return f"{s // big}{b}{rest}{sm}" if rest else f"{s // big}{b}"
+    return f"{s}s"
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
@@ -340,16 +383,88 @@ def cmd_root(args: argparse.Namespace) -> int:
             return 0
     elif op == "add":
         out = c.call("POST", "/v1/roots", {"key_type": args.key_type} if args.key_type else {})
-    elif op == "activate":
-        out = c.call("POST", f"/v1/roots/{args.id}/activate")
-    elif op == "retire":
-        out = c.call("POST", f"/v1/roots/{args.id}/retire")
+    elif op in ("activate", "retire"):
+        out = c.call("POST", f"/v1/roots/{args.id}/{op}", {"force": True} if args.force else None)
+    elif op == "status":
+        out = c.call("GET", "/v1/roots/status")
+        if not args.json:
+            print_root_status(out)
+            return 0
     else:  # pragma: no cover
         raise CLIError(f"unknown root command {op}")
     if not args.json and "certificate" in out:
         out = {k: v for k, v in out.items() if k != "certificate"}
     print(json.dumps(out, indent=None if args.json else 2))
     return 0
+
+
+def print_root_status(out: dict[str, Any]) -> None:
+    """One table per gate: each active cluster, whether it is ready, what it waits for."""
+    life, margin = out["workload_cert_lifetime_s"], out["margin_s"]
+    print(
+        f"active root {out['active_root']}; workload certificate lifetime {_duration_text(life)} + margin "
+        f"{_duration_text(margin)}: activating waits {_duration_text(life + margin)} after every istiod serves "
+        "the root, retiring after every istiod signs under another root"
+    )
+    if not out["gates"]:
+        print("no trusted root: no phase to gate (`root add` starts a rotation)")
+    for g in out["gates"]:
+        ready = sum(1 for c in g["clusters"] if c["ready"])
+        verdict = "READY" if g["ready"] else "NOT READY"
+        number = 3 if g["phase"] == "activate" else 4
+        print(
+            f"\nphase {number}: root {g['phase']} {g['root_id']}: {verdict} "
+            f"({ready} of {len(g['clusters'])} active clusters ready)"
+        )
+        if g["clusters"]:
+            rows = [_gate_row(c) for c in g["clusters"]]
+            print(table(rows, ["CLUSTER", "READY", "READY AT", "WAITING FOR"]))
+
+
+def _gate_row(c: dict[str, Any]) -> list[str]:
+    why = "; ".join(c["waiting_for"]) or "-"
+    return [c["name"], "yes" if c["ready"] else "no", c.get("ready_at") or "-", why]
+
+
+def parse_duration(text: str) -> timedelta:
+    """``serve --workload-cert-lifetime``: e.g. 24h, 90m, 1h30m, 2d, 3600s or 3600 (seconds)."""
+    t = text.strip().lower()
+    parts = re.findall(r"(\d+)([dhms])", t)
+    if t.isdigit():
+        value = timedelta(seconds=int(t))
+    elif parts and "".join(n + u for n, u in parts) == t:
+        value = sum((timedelta(seconds=int(n) * _UNIT[u]) for n, u in parts), timedelta(0))
+    else:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write e.g. 24h, 90m, 1h30m, 2d or 3600s")
+    if not timedelta(seconds=1) <= value <= MAX_WORKLOAD_CERT_LIFETIME:
+        raise argparse.ArgumentTypeError(
+            "give a lifetime from 1s to 90d (a workload certificate never outlives its intermediate)"
+        )
+    return value
+
+
+_UNIT = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+# istiod clamps a workload certificate's notAfter to its intermediate's (genCertTemplateFromCSR,
+# security/pkg/pki/util/generate_cert.go), and intermediates live 90 days: a longer lifetime means nothing
+MAX_WORKLOAD_CERT_LIFETIME = timedelta(days=90)
+
+ROOT_HELP = """Root rotation in four phases: 1 one root signs; 2 `root add`: a new root joins every trust
+bundle, the old one still signs; 3 `root activate NEW`: the new root signs and every cluster
+renews under it; 4 `root retire OLD`: the old root leaves the trust bundle.
+
+Phases 3 and 4 are gated on what every active cluster's istiod serves, as its agent observes and
+reports it (not on what the agent wrote into cacerts: istiod may not have loaded it):
+  activate  refuses (409, listing the clusters) until every active cluster's istiod has served
+            a trust bundle (istio-ca-root-cert) holding the new root for the workload
+            certificate lifetime plus a 10 % margin (workloads take istiod's bundle only with
+            their next certificate);
+  retire    refuses while any active cluster still holds an intermediate under the root (never
+            overridable), and until every active cluster's istiod has signed under another root
+            for the workload certificate lifetime plus a 10 % margin (serve
+            --workload-cert-lifetime, default 24h), so no workload certificate under it is left.
+--force overrides the istiod part of either gate; the audit entry records `forced` and every
+lagging cluster with what it waited for. `root status` shows each gate, cluster by cluster.
+"""
 
 
 # ----------------------------------------------------------------------------- parser
@@ -441,6 +556,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="a token (32+ characters) that opens /metrics and nothing else, "
         "for a scraper; the admin token opens it too",
     )
+    s.add_argument(
+        "--workload-cert-lifetime",
+        type=parse_duration,
+        default=timedelta(hours=24),
+        metavar="DURATION",
+        help="the longest workload certificate istiod signs (its DEFAULT_WORKLOAD_CERT_TTL, or more if "
+        "workloads ask for more): `root activate` waits this plus 10 %% after every istiod serves the "
+        "new root, `root retire` after every istiod signs under another root (default 24h; e.g. 90m, 1h30m, 2d)",
+    )
     lim = s.add_argument_group("listener limits", "what a connection may do before the app sees it")
     lim.add_argument(
         "--head-timeout",
@@ -531,12 +655,30 @@ def build_parser() -> argparse.ArgumentParser:
         _client_opts(cp)
         cp.set_defaults(fn=cmd_cluster)
 
-    r = sub.add_parser("root", help="root rotation: list, add (phase 2), activate (3), retire (4)")
+    r = sub.add_parser(
+        "root",
+        help="root rotation: list, add (phase 2), activate (3), retire (4), status (the gates)",
+        description=ROOT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     rsub = r.add_subparsers(dest="root_cmd", required=True)
-    for name in ("list", "add", "activate", "retire"):
-        rp = rsub.add_parser(name)
+    for name, helptext in [
+        ("list", "table of roots"),
+        ("add", "phase 2: a new root joins the trust bundle"),
+        ("activate", "phase 3: the root signs; refused until every active cluster's istiod has served it long enough"),
+        ("retire", "phase 4: the root leaves the bundle; refused until no istiod has signed under it for long enough"),
+        ("status", "each trusted root's phase 3 and 4 gates: which clusters are ready, what the others wait for"),
+    ]:
+        rp = rsub.add_parser(
+            name, help=helptext, description=ROOT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         if name in ("activate", "retire"):
             rp.add_argument("id")
+            rp.add_argument(
+                "--force",
+                action="store_true",
+                help="proceed although some clusters' istiod is not ready (audited with those clusters)",
+            )
         if name == "add":
             rp.add_argument("--key-type")
         _client_opts(rp)

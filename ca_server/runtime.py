@@ -8,11 +8,13 @@ file (replicas share one, e.g. from a Kubernetes Secret); the anchors are ``D/au
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +120,9 @@ def build_authority(
     passphrase_file: Path | None = None,
     migrate: bool = True,
     prepared_statements: bool = True,
+    workload_cert_lifetime: timedelta | None = None,
 ) -> Authority:
+    """``workload_cert_lifetime``: ``serve --workload-cert-lifetime`` (None: Istio's default, 24 h)."""
     settings = load_settings(data_dir)
     store = open_store(
         database_url(data_dir, settings, database_url_override),
@@ -128,4 +132,6 @@ def build_authority(
     sealing.open_for_writing(store, audit_key_path(data_dir, settings), anchor_log(data_dir))
     keys = key_backend(data_dir, settings, passphrase_file=passphrase_file)
     policy = Policy(org=settings.org, root_key_type=KeyType(settings.root_key_type))
+    if workload_cert_lifetime is not None:
+        policy = dataclasses.replace(policy, workload_cert_lifetime=workload_cert_lifetime)
     return Authority(store, keys, policy=policy)

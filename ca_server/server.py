@@ -244,6 +244,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
         database_url_override=args.database_url,
         passphrase_file=Path(args.passphrase_file) if args.passphrase_file else None,
         prepared_statements=speedups.prepared_statements,
+        workload_cert_lifetime=args.workload_cert_lifetime,
     )
     host, port = split_listen(args.listen)
     names = list(dict.fromkeys([*args.server_name, host]))

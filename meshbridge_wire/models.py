@@ -55,6 +55,28 @@ class IntermediateOut(BaseModel):
     root_id: str
 
 
+class InstalledOut(BaseModel):
+    """What the agent reported it wrote into `cacerts` (its last status)."""
+
+    generation: int | None
+    serial: str | None
+
+
+class ServedOut(BaseModel):
+    """What the cluster's istiod serves, from the agent's last report, as the CA reads it."""
+
+    observed_at: str | None  # when the agent looked, on the agent's clock (as reported)
+    received_at: str | None  # when the CA received the report, on the CA's clock
+    report_age_s: int | None  # the CA's clock now minus received_at
+    bundle_roots: list[str]  # root ids of istiod's trust bundle; "unknown:<16 hex>" for a root this CA lacks
+    bundle_since: str | None  # since when istiod serves that bundle, on the CA's clock
+    signing_serial: str | None
+    signing_generation: int | None  # None when the CA did not issue that serial to this cluster
+    signing_root_id: str | None
+    signing_since: str | None  # on the CA's clock: corrected for the agent's clock, never before issuance
+    problems: list[str]
+
+
 class ClusterOut(BaseModel):
     name: str
     status: Literal["pending", "active", "revoked"]
@@ -64,6 +86,8 @@ class ClusterOut(BaseModel):
     rotation_pending: bool
     intermediate: IntermediateOut | None
     agent_status: dict[str, Any] | None
+    installed: InstalledOut | None = None
+    served: ServedOut | None = None
 
 
 class ClusterList(BaseModel):
@@ -114,6 +138,51 @@ class RootOut(BaseModel):
 
 class RootList(BaseModel):
     items: list[RootOut]
+
+
+class RootPhaseIn(Strict):
+    """Optional body of `POST /v1/roots/{id}/activate` and `/retire`."""
+
+    # proceed although some active clusters' istiod is not ready (audited with those clusters);
+    # strict: only JSON true forces (not "yes", 1 or "true")
+    force: bool = Field(default=False, strict=True)
+
+
+class GateClusterOut(BaseModel):
+    name: str
+    ready: bool
+    waiting_for: list[str]  # empty when ready
+    ready_at: str | None = None  # when the workload-certificate wait ends (CA clock), once it can be told
+    overridable: bool = True  # False: `force` cannot override what it waits for
+
+
+class RootGateOut(BaseModel):
+    root_id: str
+    phase: Literal["activate", "retire"]  # phase 3 and phase 4
+    ready: bool
+    clusters: list[GateClusterOut]  # every active cluster, by name
+
+
+class RootStatusOut(BaseModel):
+    active_root: str
+    workload_cert_lifetime_s: int
+    margin_s: int
+    gates: list[RootGateOut]
+
+
+class LaggingCluster(BaseModel):
+    cluster: str
+    waiting_for: str
+
+
+class FleetNotReadyProblem(BaseModel):
+    """The 409 of a refused root phase: a problem document with the lagging clusters."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    lagging: list[LaggingCluster]
 
 
 class AuditOut(BaseModel):

@@ -7,7 +7,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 from ca_server.core import errors as e
-from meshbridge_wire.models import Problem
+from meshbridge_wire.models import FleetNotReadyProblem, Problem
 
 STATUS: list[tuple[type[e.CAError], int]] = [
     (e.BadProof, 403),
@@ -57,7 +57,10 @@ def problem_for(exc: e.CAError) -> JSONResponse:
         headers["WWW-Authenticate"] = "Bearer"
     if isinstance(exc, e.RateLimited):
         headers["Retry-After"] = str(exc.retry_after)
-    return problem(status, exc.title, exc.detail, type_=type(exc).__name__.lower(), headers=headers or None)
+    extra: dict[str, Any] = {}
+    if isinstance(exc, e.FleetNotReady):  # an RFC 9457 extension member: every lagging cluster
+        extra["lagging"] = [{"cluster": name, "waiting_for": why} for name, why in exc.lagging]
+    return problem(status, exc.title, exc.detail, type_=type(exc).__name__.lower(), headers=headers or None, **extra)
 
 
 def problem_responses() -> dict[int | str, dict[str, Any]]:
@@ -76,3 +79,15 @@ def problem_responses() -> dict[int | str, dict[str, Any]]:
     ):
         out[status] = {"description": text, "content": {"application/problem+json": {"schema": schema}}}
     return out
+
+
+def fleet_not_ready_responses() -> dict[int | str, dict[str, Any]]:
+    """The 409 of a gated root phase: a problem document listing the lagging clusters."""
+    schema = FleetNotReadyProblem.model_json_schema()
+    return {
+        409: {
+            "description": "Retired or active root, clusters still holding intermediates under it, or "
+            "(`fleetnotready`) clusters whose istiod is not ready, listed in `lagging`",
+            "content": {"application/problem+json": {"schema": schema}},
+        }
+    }

@@ -17,8 +17,10 @@ from ca_server.api import ratelimit
 from ca_server.api.longpoll import DesiredWaiters as DesiredWaiters  # app.py builds routes.DesiredWaiters
 from ca_server.api.longpoll import long_poll_desired
 from ca_server.api.metrics import Metrics
+from ca_server.api.problems import fleet_not_ready_responses
 from ca_server.core.authority import Authority, Issued
 from ca_server.core.errors import CAError, Unauthenticated
+from ca_server.core.gates import RootGates, ServedView
 from ca_server.core.keytypes import parse_key_type
 from ca_server.core.models import CertificateRecord, Cluster, Root
 from ca_server.core.validation import require_dns_label
@@ -78,7 +80,7 @@ Admin = Annotated[str, Depends(admin)]
 Agent = Annotated[Cluster, Depends(agent)]
 
 
-def cluster_out(c: Cluster, cert: CertificateRecord | None) -> w.ClusterOut:
+def cluster_out(c: Cluster, cert: CertificateRecord | None, served: ServedView | None = None) -> w.ClusterOut:
     inter = None
     if cert is not None:
         inter = w.IntermediateOut(
@@ -93,6 +95,64 @@ def cluster_out(c: Cluster, cert: CertificateRecord | None) -> w.ClusterOut:
         rotation_pending=c.rotation_pending,
         intermediate=inter,
         agent_status=c.agent_status,
+        installed=installed_out(c.agent_status),
+        served=served_out(served) if served is not None else None,
+    )
+
+
+def installed_out(status: dict[str, Any] | None) -> w.InstalledOut | None:
+    if status is None:
+        return None
+    gen, serial = status.get("installed_generation"), status.get("installed_serial")
+    return w.InstalledOut(
+        generation=gen if isinstance(gen, int) else None, serial=serial if isinstance(serial, str) else None
+    )
+
+
+def served_out(v: ServedView) -> w.ServedOut:
+    rec = v.signing
+    return w.ServedOut(
+        observed_at=iso(v.observed_at) or None,
+        received_at=iso(v.received_at) or None,
+        report_age_s=max(0, int(v.report_age.total_seconds())) if v.report_age is not None else None,
+        bundle_roots=v.bundle_roots,
+        bundle_since=iso(v.bundle_since) or None,
+        signing_serial=v.signing_serial,
+        signing_generation=rec.generation if rec is not None else None,
+        signing_root_id=rec.root_id if rec is not None else None,
+        signing_since=iso(v.signing_since) or None,
+        problems=v.problems,
+    )
+
+
+def clusters_out(a: Authority, rows: list[tuple[Cluster, CertificateRecord | None]]) -> list[w.ClusterOut]:
+    served = a.served([c for c, _ in rows])
+    return [cluster_out(c, cert, served.get(c.name)) for c, cert in rows]
+
+
+def root_status_out(s: RootGates) -> w.RootStatusOut:
+    return w.RootStatusOut(
+        active_root=s.active_root,
+        workload_cert_lifetime_s=int(s.lifetime.total_seconds()),
+        margin_s=int(s.margin.total_seconds()),
+        gates=[
+            w.RootGateOut(
+                root_id=g.root_id,
+                phase=g.phase,
+                ready=g.ready,
+                clusters=[
+                    w.GateClusterOut(
+                        name=c.name,
+                        ready=c.ready,
+                        waiting_for=c.waiting_for,
+                        ready_at=iso(c.ready_at) or None,
+                        overridable=c.overridable,
+                    )
+                    for c in g.clusters
+                ],
+            )
+            for g in s.gates
+        ],
     )
 
 
@@ -162,13 +222,15 @@ def create_cluster(request: Request, body: w.ClusterCreate, actor: Admin) -> w.C
 
 @admin_api.get("/clusters", response_model=w.ClusterList)
 def list_clusters(request: Request, actor: Admin) -> w.ClusterList:
-    return w.ClusterList(items=[cluster_out(c, cert) for c, cert in authority(request).list_clusters()])
+    a = authority(request)
+    return w.ClusterList(items=clusters_out(a, a.list_clusters()))
 
 
 @admin_api.get("/clusters/{name}", response_model=w.ClusterOut)
 def get_cluster(request: Request, name: NamePath, actor: Admin) -> w.ClusterOut:
     require_dns_label(name, what="cluster name")
-    return cluster_out(*authority(request).get_cluster(name))
+    a = authority(request)
+    return clusters_out(a, [a.get_cluster(name)])[0]
 
 
 @admin_api.post("/clusters/{name}/bootstrap-token", status_code=201, response_model=w.BootstrapTokenOut)
@@ -190,7 +252,7 @@ def revoke_cluster(request: Request, name: NamePath, actor: Admin, body: w.Revok
     a = authority(request)
     a.revoke_cluster(name, reason=(body or w.RevokeIn()).reason, actor=actor)
     metrics(request).forget_cluster(name)
-    return cluster_out(*a.get_cluster(name))
+    return clusters_out(a, [a.get_cluster(name)])[0]
 
 
 @admin_api.post("/certificates/{serial}/revoke", response_model=w.CertRevoked)
@@ -215,14 +277,25 @@ def add_root(request: Request, actor: Admin, body: w.RootIn | None = None) -> w.
     return root_out(authority(request).add_root(key_type=kt, actor=actor))
 
 
-@admin_api.post("/roots/{root_id}/activate", response_model=w.RootOut)
-def activate_root(request: Request, root_id: Annotated[str, Path(max_length=64)], actor: Admin) -> w.RootOut:
-    return root_out(authority(request).activate_root(root_id, actor=actor))
+@admin_api.get("/roots/status", response_model=w.RootStatusOut)
+def root_status(request: Request, actor: Admin) -> w.RootStatusOut:
+    return root_status_out(authority(request).root_status())
 
 
-@admin_api.post("/roots/{root_id}/retire", response_model=w.RootOut)
-def retire_root(request: Request, root_id: Annotated[str, Path(max_length=64)], actor: Admin) -> w.RootOut:
-    return root_out(authority(request).retire_root(root_id, actor=actor))
+@admin_api.post("/roots/{root_id}/activate", response_model=w.RootOut, responses=fleet_not_ready_responses())
+def activate_root(
+    request: Request, root_id: Annotated[str, Path(max_length=64)], actor: Admin, body: w.RootPhaseIn | None = None
+) -> w.RootOut:
+    force = (body or w.RootPhaseIn()).force
+    return root_out(authority(request).activate_root(root_id, actor=actor, force=force))
+
+
+@admin_api.post("/roots/{root_id}/retire", response_model=w.RootOut, responses=fleet_not_ready_responses())
+def retire_root(
+    request: Request, root_id: Annotated[str, Path(max_length=64)], actor: Admin, body: w.RootPhaseIn | None = None
+) -> w.RootOut:
+    force = (body or w.RootPhaseIn()).force
+    return root_out(authority(request).retire_root(root_id, actor=actor, force=force))
 
 
 @admin_api.get("/audit", response_model=w.AuditList)

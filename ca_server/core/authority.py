@@ -3,7 +3,8 @@
 It authenticates callers and composes the concerns, each in its own module and sharing only a
 ``context.Context`` (the store, the audited write with its one revision bump, the clock, the
 policy): ``roots`` (root phases), ``crls``, ``clusters`` (lifecycle), ``issuance`` (enrollment and
-renewal) and ``fleet`` (snapshots, desired state, exports). Everything here is framework-free.
+renewal), ``fleet`` (snapshots, desired state, exports) and ``gates`` (what each istiod serves,
+and the root phases' gates on it). Everything here is framework-free.
 Each public method is one transaction: the change, its audit entry and the fleet revision bump
 commit together or not at all.
 """
@@ -22,6 +23,7 @@ from ca_server.core.context import Context, Policy, utcnow
 from ca_server.core.crls import Crls
 from ca_server.core.errors import Forbidden, InvalidInput, Unauthenticated
 from ca_server.core.fleet import Fleet, FleetSnapshot, build_fleet_index, desired_state
+from ca_server.core.gates import Gates, RootGates, ServedView
 from ca_server.core.issuance import Bundle, Enrolled, Issuance, Issued
 from ca_server.core.keytypes import KeyType
 from ca_server.core.models import AuditEntry, CertificateRecord, Cluster, ClusterStatus, Root
@@ -59,6 +61,7 @@ class Authority:
         self.clusters = Clusters(self.ctx, self.crls)
         self.issuance = Issuance(self.ctx, self.rootkeys, self._authenticate_agent)
         self.fleet = Fleet(self.ctx)
+        self.gates = Gates(self.ctx)
 
     @property
     def store(self) -> Store:
@@ -119,11 +122,21 @@ class Authority:
     def add_root(self, *, key_type: KeyType | None, actor: str) -> Root:
         return self.roots.add_root(key_type=key_type, actor=actor)
 
-    def activate_root(self, root_id: str, *, actor: str) -> Root:
-        return self.roots.activate_root(root_id, actor=actor)
+    def activate_root(self, root_id: str, *, actor: str, force: bool = False) -> Root:
+        """Phase 3, gated on every active cluster's istiod serving the root (see ``core.gates``)."""
+        return self.roots.activate_root(root_id, actor=actor, force=force)
 
-    def retire_root(self, root_id: str, *, actor: str) -> Root:
-        return self.roots.retire_root(root_id, actor=actor)
+    def retire_root(self, root_id: str, *, actor: str, force: bool = False) -> Root:
+        """Phase 4, gated on every active cluster's istiod signing elsewhere for long enough."""
+        return self.roots.retire_root(root_id, actor=actor, force=force)
+
+    def root_status(self) -> RootGates:
+        """Each trusted root's phase 3 and phase 4 gates: which active clusters are ready, what the others wait for."""
+        return self.gates.status()
+
+    def served(self, clusters: Sequence[Cluster]) -> dict[str, ServedView]:
+        """What each of ``clusters``' istiod serves, as the CA reads its agent's last report."""
+        return self.gates.served(clusters)
 
     def check_signing_key(self) -> None:
         """Raise Unavailable unless the active root's key can sign now (for /readyz)."""

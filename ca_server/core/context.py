@@ -23,6 +23,7 @@ log = logging.getLogger("meshbridge.ca.authority")
 
 CRL_VALIDITY = timedelta(days=7)
 BOOTSTRAP_TTL = timedelta(hours=1)
+WORKLOAD_CERT_LIFETIME = timedelta(hours=24)
 
 
 def utcnow() -> datetime:
@@ -37,6 +38,10 @@ class Policy:
     bootstrap_ttl: timedelta = BOOTSTRAP_TTL
     crl_validity: timedelta = CRL_VALIDITY
     root_key_type: KeyType = KeyType.ECDSA_P256
+    # the longest a workload certificate istiod signs may live: root retirement waits this long
+    # (plus a margin, see core.gates) after every istiod signs under another root. Istio's default
+    # is 24 h (DEFAULT_WORKLOAD_CERT_TTL, pilot/pkg/bootstrap/istio_ca.go; security/pkg/cmd/constants.go)
+    workload_cert_lifetime: timedelta = WORKLOAD_CERT_LIFETIME
 
 
 class _Pending(threading.local):

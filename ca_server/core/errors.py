@@ -11,6 +11,7 @@ The tree, translated to HTTP exactly once in ``ca_server.api.errors``::
     │   └── BadProof             renewal without valid proof of possession    → 403
     ├── NotFound                 unknown cluster, serial, root                → 404
     ├── Conflict                 state does not allow it (exists, revoked)    → 409
+    │   └── FleetNotReady        a root phase some clusters' istiod is not ready for → 409
     ├── PayloadTooLarge          body over the limit                          → 413
     ├── RateLimited              too many requests; ``retry_after`` seconds   → 429
     └── Unavailable              database or signing key not usable          → 503
@@ -59,6 +60,17 @@ class NotFound(CAError):
 
 class Conflict(CAError):
     title = "Conflict"
+
+
+class FleetNotReady(Conflict):
+    """A root phase refused because some active clusters' istiod is not ready for it; ``lagging``
+    holds (cluster, what it waits for), both safe to show."""
+
+    title = "Fleet not ready"
+
+    def __init__(self, detail: str, *, lagging: list[tuple[str, str]]) -> None:
+        super().__init__(detail)
+        self.lagging = lagging
 
 
 class PayloadTooLarge(CAError):

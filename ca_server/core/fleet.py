@@ -14,6 +14,7 @@ from ca_server.core.clusters import must_cluster
 from ca_server.core.context import Context
 from ca_server.core.crls import crl_pem_from
 from ca_server.core.errors import InvalidInput, NotFound
+from ca_server.core.gates import format_time
 from ca_server.core.models import Cluster, ClusterStatus
 from ca_server.core.ports import Tx
 from ca_server.core.rootkeys import root_endorsements_from, trust_bundle_from
@@ -232,8 +233,11 @@ class Fleet:
         return body
 
     def put_status(self, cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
+        """Store the agent's status with the CA's receipt time (``received_at``, the CA's clock:
+        what the root phases' gates read the agent's own times against); returns ``body``."""
+        received = format_time(self.ctx.clock())
         with self.ctx.write() as tx:
             locked = must_cluster(tx, cluster.name, for_update=True)
-            locked.agent_status = body
+            locked.agent_status = {**body, "received_at": received}
             tx.save_cluster(locked)
         return body

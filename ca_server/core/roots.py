@@ -8,6 +8,7 @@ from datetime import datetime
 
 from cryptography import x509
 
+from ca_server.core import gates
 from ca_server.core import tokens as tk
 from ca_server.core import x509profiles as xp
 from ca_server.core.context import Context, log
@@ -176,40 +177,47 @@ class Roots:
             self.ctx.changed(tx)
         return root
 
-    def activate_root(self, root_id: str, *, actor: str) -> Root:
+    def activate_root(self, root_id: str, *, actor: str, force: bool = False) -> Root:
+        """Phase 3. Refused (FleetNotReady) until every active cluster's istiod has served ``root``
+        for the workload-certificate lifetime plus the margin (``core.gates``), unless ``force``:
+        then the lagging clusters are audited."""
+        now = self.ctx.clock()
         with self.ctx.write() as tx:
             root = must_root(tx, root_id)
             if root.status == RootStatus.RETIRED:
                 raise Conflict("a retired root cannot be activated")
             if root.status == RootStatus.ACTIVE:
                 return root
+            gate = gates.activation_gate(tx, root, now=now, lifetime=self.ctx.policy.workload_cert_lifetime)
+            forced = gates.passed(gate, force=force)
             for other in tx.list_roots():
                 if other.status == RootStatus.ACTIVE:
                     tx.set_root_status(other.id, RootStatus.TRUSTED.value)
             tx.set_root_status(root.id, RootStatus.ACTIVE.value)
             root.status = RootStatus.ACTIVE
             moved = _rotate_clusters_off_other_roots(tx, root)
-            self.ctx.audit(tx, actor=actor, action="root.activate", subject=root.id, rotated=sorted(moved))
+            self.ctx.audit(tx, actor=actor, action="root.activate", subject=root.id, rotated=sorted(moved), **forced)
             self.ctx.changed(tx)
         return root
 
-    def retire_root(self, root_id: str, *, actor: str) -> Root:
+    def retire_root(self, root_id: str, *, actor: str, force: bool = False) -> Root:
+        """Phase 4. Refused while an active cluster still holds an intermediate under ``root``
+        (never overridable), and (FleetNotReady) until every active cluster's istiod has signed
+        under another root for the workload-certificate lifetime plus the margin (``core.gates``),
+        unless ``force``: then the lagging clusters are audited."""
+        now = self.ctx.clock()
         with self.ctx.write() as tx:
             root = must_root(tx, root_id)
             if root.status == RootStatus.RETIRED:
                 return root
             if root.status == RootStatus.ACTIVE:
                 raise Conflict("the active root cannot be retired: activate another root first")
-            current = tx.current_certificates()
-            clusters = {c.name: c for c in tx.list_clusters()}
-            still = sorted(
-                n for n, rec in current.items() if rec.root_id == root.id and clusters[n].status == ClusterStatus.ACTIVE
-            )
-            if still:
-                raise Conflict(f"clusters still hold intermediates under this root: {', '.join(still)}")
+            gates.refuse_holders(gates.holders(tx, root))
+            gate = gates.retirement_gate(tx, root, now=now, lifetime=self.ctx.policy.workload_cert_lifetime)
+            forced = gates.passed(gate, force=force)
             tx.set_root_status(root.id, RootStatus.RETIRED.value)
             root.status = RootStatus.RETIRED
-            self.ctx.audit(tx, actor=actor, action="root.retire", subject=root.id)
+            self.ctx.audit(tx, actor=actor, action="root.retire", subject=root.id, **forced)
             self.ctx.changed(tx)
         return root
 

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from ca_server.core.authority import Policy
 from tests.support.caservice import CAService
 from tests.support.corefile import KUBEADM_COREFILE
 
 COREFILE = KUBEADM_COREFILE
 
 
+# Agent tests play istiod's reports (tests/support/served.py) but do not wait out workload
+# certificates: with no lifetime, root retirement waits only for every istiod to sign under
+# another root. The wait itself is tested in tests/ca/test_root_gates.py on the harness's clock.
+NO_WORKLOAD_CERT_WAIT = Policy(workload_cert_lifetime=timedelta(0))
+
+
 @pytest.fixture
 def ca_service(tmp_path: Path) -> Iterator[CAService]:
-    svc = CAService(tmp_path / "ca").start()
+    svc = CAService(tmp_path / "ca", policy=NO_WORKLOAD_CERT_WAIT).start()
     yield svc
     svc.stop()
 

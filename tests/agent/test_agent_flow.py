@@ -22,6 +22,7 @@ from cluster_agent.reconcile import Reconciler
 from cluster_agent.state import DirStateStore
 from meshbridge_wire.models import DesiredOut
 from tests.support.caservice import CAService
+from tests.support.served import report_served
 
 
 def make_agent(
@@ -143,12 +144,14 @@ def test_four_root_phases(ca_service: CAService, two_clusters: dict[str, Path]) 
     step(a)
     bundle_ab = cacerts(out)["root-cert.pem"]
     assert bundle_ab.startswith(bundle_a) and bundle_ab.count("BEGIN CERTIFICATE") == 2  # superset, byte-stable
+    report_served(auth, "a", cacerts(out))  # a's istiod serves what the agent wrote: A+B
     auth.activate_root(new_root.id, actor="test")  # phase 3
     ca_service.server_cert.refresh()  # the CA's own TLS certificate moves to the new root
     res = step(a)
     assert res.renewed
     chain = cacerts(out)["cert-chain.pem"]
     assert chain.endswith(new_root.cert_pem)
+    report_served(auth, "a", cacerts(out))  # and signs with the intermediate under B
     auth.retire_root(old_root.id, actor="test")  # phase 4
     step(a)
     assert cacerts(out)["root-cert.pem"] == new_root.cert_pem

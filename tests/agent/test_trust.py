@@ -34,6 +34,7 @@ from cluster_agent.state import DirStateStore
 from cluster_agent.trust import endorsed
 from tests.agent.test_agent_flow import cacerts, make_agent, step
 from tests.support.caservice import CAService
+from tests.support.served import report_served
 
 Rewrite = Callable[[httpx.Request, dict[str, Any]], dict[str, Any]]
 
@@ -238,13 +239,16 @@ def test_agent_that_missed_phase_2_reconnects_after_activation(
     step(a)
     old_root = auth.list_roots()[0]
     new_root = auth.add_root(key_type=None, actor="test")  # phase 2: agent a is away
-    auth.activate_root(new_root.id, actor="test")  # phase 3
+    # phase 3: a's istiod does not serve the new root (a never fetched it), so activation is forced:
+    # since the gates, forcing is how an agent can miss phase 2
+    auth.activate_root(new_root.id, actor="test", force=True)
     ca_service.server_cert.refresh()
     a.r.client.close()
     a, out = make_agent(two_clusters["a"])  # a comes back: a new TLS connection, state from its state dir
     res = step(a)
     assert res.renewed and cacerts(out)["cert-chain.pem"].endswith(new_root.cert_pem)
     assert new_root.cert_pem in a.r.client.trust_pem and old_root.cert_pem in a.r.client.trust_pem
+    report_served(auth, "a", cacerts(out))  # a's istiod signs under the new root
     auth.retire_root(old_root.id, actor="test")  # phase 4
     step(a)
     assert a.r.client.trust_pem == new_root.cert_pem

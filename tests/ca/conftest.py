@@ -31,6 +31,7 @@ from ca_server.storage.migrate import upgrade
 from ca_server.storage.repository import SqlStore
 from cluster_agent import pki
 from tests.support.pgserver import PgServer
+from tests.support.served import served
 
 PASSPHRASE = b"correct horse battery staple 0451"
 
@@ -193,6 +194,36 @@ class Harness:
         agent.keys.append(new)
         return agent
 
+    def report_served(
+        self,
+        agent: Agent,
+        *,
+        bundle: str | None = None,
+        since: datetime | None = None,
+        observed_at: datetime | None = None,
+        signing_serial: str | None = None,
+        signing: bool = True,
+    ) -> Any:
+        """``agent`` reports that its istiod serves ``bundle`` (default: the trust bundle its desired
+        state carries, which the agent installs) and signs with its current intermediate (or
+        ``signing_serial``; none when not ``signing``) since ``since`` (default: now on the CA's
+        clock), observed at ``observed_at`` (default: now). Returns the response."""
+        now = self.clock()
+        body = {
+            "installed_generation": agent.generation,
+            "installed_serial": agent.serial,
+            "served": served(
+                bundle=bundle if bundle is not None else self.desired(agent)["trust_bundle"],
+                ca_cert=agent.bundle["ca-cert.pem"] if signing else None,
+                since=since or now,
+                observed_at=observed_at or now,
+                signing_serial=signing_serial,
+            ),
+        }
+        r = self.client.put(f"/v1/clusters/{agent.name}/status", json=body, headers=agent.headers)
+        assert r.status_code == 200, r.text
+        return r
+
     def desired(self, agent: Agent, **params: Any) -> dict[str, Any]:
         r = self.client.get(f"/v1/clusters/{agent.name}/desired", params=params, headers=agent.headers)
         assert r.status_code == 200, r.text
@@ -275,6 +306,17 @@ def make_harness(
 @pytest.fixture
 def harness(database_url: str, tmp_path: Path, speedups: Speedups) -> Iterator[Harness]:
     yield from make_harness(database_url, tmp_path / "ca", speedups=speedups)
+
+
+WORKLOAD_CERT_LIFETIME = timedelta(seconds=100)  # of the `short_lived` harness: retire waits 110 s
+
+
+@pytest.fixture
+def short_lived(database_url: str, tmp_path: Path, speedups: Speedups) -> Iterator[Harness]:
+    """A harness whose CA takes workload certificates to live 100 s, so a test can move its clock
+    past the retirement wait (110 s) while certificates stay valid at the real time."""
+    policy = Policy(workload_cert_lifetime=WORKLOAD_CERT_LIFETIME)
+    yield from make_harness(database_url, tmp_path / "ca", policy=policy, speedups=speedups)
 
 
 def pem_certs(text: str) -> list[x509.Certificate]:

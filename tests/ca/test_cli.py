@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 from cluster_agent import pki
 from tests.ca.certcheck import openssl_verify, pkilint_errors
 from tests.support.pgserver import PgServer, free_port
+from tests.support.served import served
 
 CLI = [sys.executable, "-m", "ca_server.cli"]
 IMPORT_PASSPHRASE = "import passphrase for tests"
@@ -101,7 +102,20 @@ def mode(path: Path) -> int:
 def days_left_column(table: str, name: str) -> tuple[dict[str, str], list[str]]:
     lines = table.strip().splitlines()
     header = lines[0]
-    cols = ["NAME", "STATUS", "TRUST DOMAIN", "DESIRED", "INSTALLED", "ROTATING", "SERIAL", "DAYS LEFT", "ERRORS"]
+    cols = [
+        "NAME",
+        "STATUS",
+        "TRUST DOMAIN",
+        "DESIRED",
+        "INSTALLED",
+        "SERVED",
+        "ROTATING",
+        "SERIAL",
+        "DAYS LEFT",
+        "ERRORS",
+        "ISTIOD ROOTS",
+        "REPORT AGE",
+    ]
     starts = [header.index(c) for c in cols]
     rows = {}
     for line in lines[1:]:
@@ -139,6 +153,7 @@ def test_init_serve_and_operate(tmp_path: Path) -> None:
             )
             assert r.status_code == 201, r.text
             agent = {"Authorization": f"Bearer {r.json()['agent_token']}"}
+            a_cert = r.json()["bundle"]["ca-cert.pem"]
             r = http.put("/v1/clusters/a/status", json={"installed_generation": 1, "errors": []}, headers=agent)
             assert r.status_code == 200
 
@@ -172,13 +187,43 @@ def test_init_serve_and_operate(tmp_path: Path) -> None:
         while len(x509.load_pem_x509_certificates((d / "root-cert.pem").read_bytes())) != 2:
             assert time.monotonic() < deadline, "root-cert.pem did not follow the trust bundle"
             time.sleep(0.2)
-        activated = json.loads(s.op("root", "activate", new["id"]))
+        # phase 3 is gated on what a's istiod serves: its agent has not said (no `served`)
+        refused = cli("root", "activate", new["id"], "--data-dir", str(d))
+        assert refused.returncode == 1 and "Fleet not ready (409)" in refused.stderr
+        assert "\n  a: waits for its agent to report what istiod serves" in refused.stderr
+        with s.http() as http:  # a's istiod serves the old root only
+            seen = served(bundle=roots[0]["certificate"], ca_cert=a_cert, since=datetime.now(UTC))
+            body = {"installed_generation": 1, "served": seen}
+            assert http.put("/v1/clusters/a/status", json=body, headers=agent).status_code == 200
+        status = s.op("root", "status")
+        assert f"active root {roots[0]['id']}; workload certificate lifetime 1d + margin 2h24m" in status
+        assert f"phase 3: root activate {new['id']}: NOT READY (0 of 1 active clusters ready)" in status
+        assert f"phase 4: root retire {new['id']}: NOT READY" in status
+        header = next(line for line in status.splitlines() if line.startswith("CLUSTER"))
+        assert header.split() == ["CLUSTER", "READY", "READY", "AT", "WAITING", "FOR"]
+        row_a = next(line for line in status.splitlines() if line.startswith("a "))
+        assert row_a.split()[:3] == ["a", "no", "-"] and f"istiod to serve root {new['id']}" in row_a
+        gates = json.loads(s.op("root", "status", "--json"))["gates"]
+        assert [(g["phase"], g["ready"], g["clusters"][0]["name"]) for g in gates] == [
+            ("activate", False, "a"),
+            ("retire", False, "a"),
+        ]
+        row, _ = days_left_column(s.op("cluster", "list"), "a")
+        assert row["INSTALLED"] == "1" and row["SERVED"] == "1" and row["ISTIOD ROOTS"] == roots[0]["id"][:8]
+        assert row["REPORT AGE"].endswith("s")
+        activated = json.loads(s.op("root", "activate", new["id"], "--force"))
         assert activated["status"] == "active" and "certificate" not in activated
+        with s.http() as http:
+            entries = http.get("/v1/audit", params={"limit": 1000}, headers={"Authorization": f"Bearer {admin_token}"})
+            [entry] = [e for e in entries.json()["items"] if e["action"] == "root.activate"]
+            assert entry["details"]["forced"] is True and entry["details"]["lagging"] == ["a"]
         table = s.op("root", "list")
         assert table.splitlines()[0].split() == ["ID", "STATUS", "NOT", "AFTER"]
         assert f"{roots[0]['id']}  trusted" in table and f"{new['id']}  active" in table
         refused = cli("root", "retire", roots[0]["id"], "--data-dir", str(d))
         assert refused.returncode == 1 and "(409)" in refused.stderr and "a" in refused.stderr
+        refused = cli("root", "retire", roots[0]["id"], "--force", "--data-dir", str(d))  # a holds one under it
+        assert refused.returncode == 1 and "Conflict (409)" in refused.stderr and ": a" in refused.stderr
         # MESHBRIDGE_ADMIN_TOKEN is given explicitly: it beats the D/admin-token default (as MESHBRIDGE_URL does)
         wrong = cli("cluster", "list", "--data-dir", str(d), env={"MESHBRIDGE_ADMIN_TOKEN": admin_token + "x"})
         assert wrong.returncode == 1 and "(401)" in wrong.stderr
@@ -466,3 +511,24 @@ def test_an_imported_ca_must_be_able_to_sign_crls() -> None:
     check_importable_ca(good, [], LocalKeySigner(good_key), now=now)
     with pytest.raises(InvalidInput, match="not valid now"):
         check_importable_ca(good, [], LocalKeySigner(good_key), now=now + timedelta(days=4000))
+
+
+def test_workload_cert_lifetime_reaches_the_retirement_gate(tmp_path: Path) -> None:
+    from ca_server.cli import parse_duration
+
+    assert [parse_duration(t) for t in ("24h", "1h30m", "2d", "3600", "90S")] == [
+        timedelta(hours=24),
+        timedelta(minutes=90),
+        timedelta(days=2),
+        timedelta(hours=1),
+        timedelta(seconds=90),
+    ]
+    d = tmp_path / "ca"
+    ok("init", "--data-dir", str(d))
+    for bad, why in [("forever", "is not a duration"), ("1h 30m", "is not a duration"), ("91d", "from 1s to 90d")]:
+        r = cli("serve", "--data-dir", str(d), "--workload-cert-lifetime", bad)
+        assert r.returncode == 2 and why in r.stderr, (bad, r.stderr)
+    for s in serve(d, "--workload-cert-lifetime", "90m"):
+        status = json.loads(s.op("root", "status", "--json"))
+        assert (status["workload_cert_lifetime_s"], status["margin_s"], status["gates"]) == (5400, 540, [])
+        assert "lifetime 1h30m + margin 9m: activating waits 1h39m after every istiod serves" in s.op("root", "status")

@@ -32,6 +32,7 @@ API_PATHS = {
     "/v1/clusters/{}/revoke": {"post"},
     "/v1/certificates/{}/revoke": {"post"},
     "/v1/roots": {"get", "post"},
+    "/v1/roots/status": {"get"},
     "/v1/roots/{}/activate": {"post"},
     "/v1/roots/{}/retire": {"post"},
     "/v1/audit": {"get"},
@@ -80,6 +81,10 @@ def test_openapi_lists_every_path_of_the_contract(harness: Harness) -> None:
     served = {re.sub(r"\{[^}]+\}", "{}", p): {m for m in ops if m != "parameters"} for p, ops in doc["paths"].items()}
     missing = {p: ms - served.get(p, set()) for p, ms in API_PATHS.items() if ms - served.get(p, set())}
     assert missing == {}
+    for phase in ("activate", "retire"):  # a gated root phase's 409 lists the lagging clusters
+        conflict = doc["paths"][f"/v1/roots/{{root_id}}/{phase}"]["post"]["responses"]["409"]
+        schema = conflict["content"]["application/problem+json"]["schema"]
+        assert "lagging" in schema["properties"], schema
 
 
 def test_health_and_public_documents(harness: Harness) -> None:

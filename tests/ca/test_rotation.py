@@ -65,7 +65,8 @@ def _verify(tmp: Path, bundle: dict[str, str], trust: str) -> None:
     assert res.ok, res.output
 
 
-def test_root_rotation_in_four_phases(harness: Harness, tmp_path: Path) -> None:
+def test_root_rotation_in_four_phases(short_lived: Harness, tmp_path: Path) -> None:
+    harness = short_lived
     a = harness.enroll("a", trust_domain="a.mesh")
     b = harness.enroll("b", trust_domain="b.mesh")
     bundle_a = harness.client.get("/v1/trust-bundle").text
@@ -93,7 +94,10 @@ def test_root_rotation_in_four_phases(harness: Harness, tmp_path: Path) -> None:
     harness.renew(a)  # renewals still come from A
     assert agent_root(a.bundle) == cert_a and a.bundle["root-cert.pem"] == bundle_ab
 
-    # phase 3: B signs; every cluster under A must renew
+    # phase 3: B signs; every cluster under A must renew, once every istiod serves B
+    for agent in (a, b):
+        harness.report_served(agent)  # istiod serves A+B, signs under A
+    harness.clock.advance(seconds=111)  # every workload took A+B with its next certificate
     r = harness.client.post(f"/v1/roots/{root_b['id']}/activate", headers=harness.admin)
     assert r.status_code == 200 and r.json()["status"] == "active"
     statuses = {x["id"]: x["status"] for x in harness.roots()}
@@ -118,7 +122,13 @@ def test_root_rotation_in_four_phases(harness: Harness, tmp_path: Path) -> None:
     assert r.status_code == 409 and "b" in r.json()["detail"] and "a," not in r.json()["detail"]
     harness.renew(b)
 
-    # phase 4: A leaves
+    # phase 4: A leaves once no workload certificate under it is left: every istiod has signed
+    # under B for the workload certificate lifetime plus the margin
+    for agent in (a, b):
+        harness.report_served(agent)
+    r = harness.client.post(f"/v1/roots/{root_a['id']}/retire", headers=harness.admin)
+    assert r.status_code == 409 and r.json()["type"].endswith("/fleetnotready")
+    harness.clock.advance(seconds=111)
     r = harness.client.post(f"/v1/roots/{root_a['id']}/retire", headers=harness.admin)
     assert r.status_code == 200 and r.json()["status"] == "retired"
     bundle_b = harness.client.get("/v1/trust-bundle").text

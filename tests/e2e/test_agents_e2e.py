@@ -11,11 +11,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ca_server.core.authority import Policy
 from cluster_agent.ca_client import CAClient
 from cluster_agent.config import load_config
 from cluster_agent.kube import KubeApplier, SecretStateStore, make_client
@@ -29,6 +31,7 @@ from tests.e2e.clusters import Clusters
 from tests.e2e.testbin import require
 from tests.e2e.workload import Workload, grpc_handshake, mint, openssl_handshake
 from tests.support.caservice import CAService
+from tests.support.served import report_served
 
 TD = {"a": "a.mesh", "b": "b.mesh"}
 ADDR = {"a": "127.0.0.11", "b": "127.0.0.12"}
@@ -115,7 +118,9 @@ def make_loop(cfg_path: Path) -> AgentLoop:
 @pytest.fixture(scope="module")
 def fleet(clusters: Clusters, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     work = tmp_path_factory.mktemp("fleet")
-    ca = CAService(work / "ca").start()
+    # no workload certificates to wait out at phase 4 (this bed has no istiod; the agents' istiod
+    # reports are played from their cacerts): the wait is tested in tests/ca/test_root_gates.py
+    ca = CAService(work / "ca", policy=Policy(workload_cert_lifetime=timedelta(0))).start()
     dirs = {}
     for name in ("a", "b"):
         d = work / name
@@ -333,6 +338,8 @@ def test_four_root_phases_keep_handshakes_passing(fleet: Fleet) -> None:
     for n in ("a", "b"):
         assert fleet.cacerts(n)["root-cert.pem"].count("BEGIN CERTIFICATE") == 2
     assert_handshakes_pass(fleet)
+    for n in ("a", "b"):  # each istiod serves what its agent wrote: A+B
+        report_served(auth, n, fleet.cacerts(n))
     auth.activate_root(new.id, actor="e2e")  # phase 3: intermediates re-issued under B
     fleet.ca.server_cert.refresh()
     fleet.step("a")  # a moves first: a mixed fleet (a under B, b under A) must still talk
@@ -341,6 +348,8 @@ def test_four_root_phases_keep_handshakes_passing(fleet: Fleet) -> None:
     fleet.settle()
     assert fleet.cacerts("b")["cert-chain.pem"].endswith(new.cert_pem)
     assert_handshakes_pass(fleet)
+    for n in ("a", "b"):  # each istiod signs under B
+        report_served(auth, n, fleet.cacerts(n))
     auth.retire_root(old.id, actor="e2e")  # phase 4: bundle B
     fleet.settle()
     for n in ("a", "b"):

@@ -22,14 +22,21 @@ from tests.support.pgserver import free_port
 
 
 class CAService:
-    def __init__(self, data_dir: Path, *, database_url: str | None = None, speedups: Speedups = ALL_ON) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        database_url: str | None = None,
+        speedups: Speedups = ALL_ON,
+        policy: Policy | None = None,
+    ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
         store = SqlStore(
             database_url or f"sqlite:///{data_dir / 'meshbridge.db'}", prepared_statements=speedups.prepared_statements
         )
         upgrade(store.engine)
-        self.authority = Authority(store, FileKeyBackend(data_dir, b"test passphrase"), policy=Policy())
+        self.authority = Authority(store, FileKeyBackend(data_dir, b"test passphrase"), policy=policy or Policy())
         _, self.admin_token = self.authority.init_root(key_type=KeyType.ECDSA_P256)
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
