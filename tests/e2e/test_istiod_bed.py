@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 from lightkube.resources.core_v1 import Secret
 
+from ca_server.core.authority import Policy
+from ca_server.core.errors import FleetNotReady
 from cluster_agent.errors import IstioPreconditionFailed
 from cluster_agent.loop import AgentLoop
 from cluster_agent.served import bundle_fingerprints
@@ -42,6 +45,9 @@ INGRESS_SA = "istio-ingressgateway-service-account"
 # How long istiod may take to act on a cacerts change: projection poll (0.2 s), istiod's 100 ms
 # debounce (istio_ca.go handleCACertsFileWatch), the bundle reload and the ConfigMap writes.
 PICKUP_TIMEOUT = 20.0
+# The workload certificate lifetime the CA's root phase gates wait for (istio-agent asks for 24 h;
+# the bed's workloads live seconds, so the gates can be seen opening).
+WORKLOAD_LIFETIME_S = 3
 
 
 @dataclass
@@ -71,7 +77,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     work = tmp_path_factory.mktemp("istiod-bed")
     t0 = time.monotonic()
     clusters = {c.name: c for c in start_clusters(work / "clusters")}
-    ca = CAService(work / "ca").start()
+    ca = CAService(work / "ca", policy=Policy(workload_cert_lifetime=timedelta(seconds=WORKLOAD_LIFETIME_S))).start()
     istiods: dict[str, Istiod] = {}
     try:
         loops = {}
@@ -277,7 +283,9 @@ def test_four_root_phases_with_istiod_issued_certificates(bed: Bed) -> None:
     issued.append(("phase 2", bed.istiod["a"].issue(EGRESS_SA), bed.istiod["b"].issue(INGRESS_SA)))
     all_pairs_pass("phase 2")
 
-    auth.activate_root(new.id, actor="e2e")  # phase 3: intermediates re-issued under B
+    # phase 3: intermediates re-issued under B, once every istiod has served A+B for a workload lifetime
+    refused = when_gate_opens(bed, lambda: auth.activate_root(new.id, actor="e2e"))
+    assert refused > 0, "activation went through before the istiods had served the new root for a lifetime"
     bed.ca.server_cert.refresh()
     bed.settle()
     for name in ("a", "b"):
@@ -286,7 +294,9 @@ def test_four_root_phases_with_istiod_issued_certificates(bed: Bed) -> None:
     issued.append(("phase 3", bed.istiod["a"].issue(EGRESS_SA), bed.istiod["b"].issue(INGRESS_SA)))
     all_pairs_pass("phase 3")
 
-    auth.retire_root(old.id, actor="e2e")  # phase 4: bundle B
+    # phase 4: bundle B, once every istiod has signed under B for a workload lifetime
+    refused = when_gate_opens(bed, lambda: auth.retire_root(old.id, actor="e2e"))
+    assert refused > 0, "retirement went through before the istiods had signed under B for a lifetime"
     bed.settle()
     for name in ("a", "b"):
         wait_for(f"istiod in {name} serving B alone", serves(bed, name, [new.cert_pem]))
@@ -295,6 +305,22 @@ def test_four_root_phases_with_istiod_issued_certificates(bed: Bed) -> None:
     issued = [i for i in issued if i[0] in ("phase 3",)]
     issued.append(("phase 4", bed.istiod["a"].issue(EGRESS_SA), bed.istiod["b"].issue(INGRESS_SA)))
     all_pairs_pass("phase 4")
+
+
+def when_gate_opens(bed: Bed, action: Callable[[], object], timeout: float = 60.0) -> int:
+    """Run a gated root phase as an operator would: retry while the CA answers 409 (the agents keep
+    reporting what their istiod serves); returns how often it was refused."""
+    refused = 0
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            action()
+            return refused
+        except FleetNotReady as exc:
+            refused += 1
+            assert time.monotonic() < deadline, f"the gate stayed shut: {exc}"
+            time.sleep(0.5)
+            bed.settle()
 
 
 def reported(bed: Bed, name: str) -> ServedIn:
