@@ -288,6 +288,14 @@ class Istiod:
     def issue(self, service_account: str, *, namespace: str = NAMESPACE, ttl: int = 3600) -> Workload:
         """A workload certificate for `spiffe://<td>/ns/<namespace>/sa/<service_account>`, issued by this
         istiod to a caller holding that ServiceAccount's token (TestIssueWorkloadCert)."""
+        return self.issue_with_roots(service_account, namespace=namespace, ttl=ttl)[0]
+
+    def issue_with_roots(
+        self, service_account: str, *, namespace: str = NAMESPACE, ttl: int = 3600
+    ) -> tuple[Workload, str]:
+        """`issue`, and the roots istiod answered with (the last element of its answer): what
+        istio-agent gives the workload as its trust bundle until its next certificate
+        (security/pkg/nodeagent/cache/secretcache.go generateNewSecret)."""
         identity = f"spiffe://{self.trust_domain}/ns/{namespace}/sa/{service_account}"
         token = self.cluster.kubectl(
             "create", "token", service_account, "-n", namespace, "--audience", "istio-ca", "--duration", "1h"
@@ -306,6 +314,7 @@ class Istiod:
                 out_dir=out,
                 ttl=ttl,
             )
-            return Workload(
+            workload = Workload(
                 key_pem=(out / "key.pem").read_bytes(), chain_pem=(out / "cert-chain.pem").read_bytes(), uri=identity
             )
+            return workload, (out / "root-cert.pem").read_text()
