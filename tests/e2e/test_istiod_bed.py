@@ -263,6 +263,26 @@ def test_rest_rotate_reaches_running_istiod_and_old_certificates_still_verify(be
     cross_cluster(bed, before, bed.istiod["b"].issue(INGRESS_SA))
 
 
+def test_the_agents_own_renewal_reaches_running_istiod(bed: Bed) -> None:
+    """Not a REST rotate: the agent renews because its intermediate reached `ca.renew_fraction` of its
+    life (made tiny here, for one pass), and the running istiod signs with the new one."""
+    loop, istiod = bed.loops["b"], bed.istiod["b"]
+    assert istiod.proc is not None
+    pid, generation, before = istiod.proc.pid, loop.r.state.generation, loop.r.state.serial
+    normal = loop.r.config
+    due = normal.model_copy(update={"ca": normal.ca.model_copy(update={"renew_fraction": 1e-9})})
+    loop.r.config = loop.r.intermediate.config = due
+    try:
+        loop.revision = None
+        result = loop.step()
+    finally:
+        loop.r.config = loop.r.intermediate.config = normal
+    assert result is not None and result.renewed
+    assert loop.r.state.serial != before and loop.r.state.generation == generation
+    wait_for("istiod in b signing with the renewed intermediate", signs_with(istiod, bed.cacerts("b", "ca-cert.pem")))
+    assert istiod.proc is not None and istiod.proc.pid == pid, "istiod was restarted"
+
+
 def test_four_root_phases_with_istiod_issued_certificates(bed: Bed) -> None:
     auth = bed.ca.authority
     old = next(r for r in auth.list_roots() if r.status.value == "active")
