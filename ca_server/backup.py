@@ -46,7 +46,19 @@ from ca_server.storage import tables as t
 from ca_server.storage.repository import SqlStore
 
 FORMAT = "meshbridge-backup/1"
-TABLES: list[Table] = [t.roots, t.clusters, t.certificates, t.bootstrap_tokens, t.admin_tokens, t.crls, t.audit, t.meta]
+TABLES: list[Table] = [
+    t.roots,
+    t.clusters,
+    t.certificates,
+    t.bootstrap_tokens,
+    t.admin_tokens,
+    t.crls,
+    t.audit,
+    t.meta,
+    t.server_names,
+]
+# Tables added after the archive format: an older archive lacks them and restores them empty.
+LATER_TABLES = frozenset({t.server_names.name})
 
 
 def _encode(value: Any) -> Any:
@@ -206,11 +218,9 @@ def restore(
         with store.engine.begin() as conn:
             conn.execute(delete(t.meta))
             for table in TABLES:
-                rows = [
-                    {k: _decode(v) for k, v in json.loads(line).items()}
-                    for line in members[f"db/{table.name}.jsonl"].decode().splitlines()
-                    if line
-                ]
+                member = f"db/{table.name}.jsonl"
+                body = members.get(member, b"") if table.name in LATER_TABLES else members[member]
+                rows = [{k: _decode(v) for k, v in json.loads(line).items()} for line in body.decode().splitlines() if line]
                 if rows:
                     conn.execute(insert(table), rows)
             if store.postgres:  # explicit ids were inserted: move the serial sequence past them

@@ -115,3 +115,23 @@ def test_restore_with_the_wrong_passphrase_leaves_nothing(tmp_path: Path, monkey
     with pytest.raises(Exception, match=r"passphrase|decrypt|usable"):
         restore(archive, dst)
     assert not dst.exists()
+
+
+def test_restore_keeps_the_protected_server_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The names `serve` protects (excluded from every intermediate) travel with the backup: a
+    restored CA serving under the same names rotates no cluster (before, every active cluster was
+    marked for rotation at the first `serve` after a restore)."""
+    src = tmp_path / "src"
+    init_ca(src)
+    authority = runtime.build_authority(src)
+    assert authority.issuance.protect_server_names(["ca.example"], actor="serve") == ["ca.example"]
+    enrolled(authority, "a")
+    archive = tmp_path / "ca-backup.tar.gz"
+    assert backup(src, archive)["tables"]["server_names"] == 1
+    monkeypatch.setenv("MESHBRIDGE_CA_KEY_PASSPHRASE", (src / "key-passphrase").read_text().strip())
+    monkeypatch.setenv("MESHBRIDGE_AUDIT_KEY_FILE", str(src / "audit-key"))
+    restore(archive, tmp_path / "dst")
+    restored = runtime.build_authority(tmp_path / "dst")
+    assert restored.issuance.protect_server_names(["ca.example"], actor="serve") == []  # already protected
+    cluster, _ = restored.get_cluster("a")
+    assert not cluster.rotation_pending
