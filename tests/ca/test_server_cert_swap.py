@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from ca_server.keys.base import KeyType
 from tests.support.caservice import CAService
 
 HANDSHAKE_THREADS = 4
 REFRESHES = 150
+ACTIVATIONS = 30
 
 
 @pytest.fixture
@@ -90,3 +92,36 @@ def test_no_handshake_fails_while_the_server_certificate_is_swapped(ca_service: 
     assert stale == []
     assert load.ok >= REFRESHES  # the load really ran alongside the swaps
     assert len(load.serials) > REFRESHES // 4  # and met many of the certificates in turn
+
+
+def test_no_handshake_fails_across_repeated_root_activations(ca_service: CAService) -> None:
+    """As ``serve`` does after ``root activate``: the certificate is due and re-issued under the
+    root just activated; handshakes keep succeeding, and the next one meets that root's
+    certificate. Two roots take turns; the clients trust both (as agents do after ``root add``)."""
+    auth = ca_service.authority
+    first = auth.list_roots()[0]
+    second = auth.add_root(key_type=KeyType.ECDSA_P256, actor="test")
+    ctx = client_context(ca_service)  # the bundle now holds both roots
+    load = Load(ctx, ca_service.port)
+    threads = [threading.Thread(target=load.run, daemon=True) for _ in range(HANDSHAKE_THREADS)]
+    for t in threads:
+        t.start()
+    wrong: list[str] = []
+    try:
+        for i in range(ACTIVATIONS):
+            root = (second, first)[i % 2]
+            auth.activate_root(root.id, actor="test")
+            assert ca_service.server_cert.due(None)  # another root is active
+            ca_service.server_cert.refresh()
+            assert ca_service.server_cert.root_id == root.id
+            served = ca_service.server_cert.cert
+            assert served is not None
+            if handshake(ctx, ca_service.port) != served.serial_number:
+                wrong.append(f"activation {i} of {root.id}: a new handshake met an older certificate")
+    finally:
+        load.stop.set()
+        for t in threads:
+            t.join(15)
+    assert load.failures == [], f"{len(load.failures)} of {load.ok + len(load.failures)} handshakes failed"
+    assert wrong == []
+    assert load.ok >= ACTIVATIONS
