@@ -20,6 +20,11 @@ request we time (a) every long-poll answered with ``rotate_required: true`` and 
 renewal answered 201 with the new generation. Afterwards every cluster must show the new root,
 no rotation pending, and ``meshbridge-ca audit verify`` must pass.
 
+Counting (``tally``): a failure is an agent whose renewal was not answered 2xx (an error, another
+status, or no renewal); the report lists every renewal status seen. What went wrong after a 2xx
+renewal is counted apart: errors on later requests (these fail the run too), a desired state
+still asking for rotation, another generation than the one asked for.
+
     python bench/fleet_event.py --agents 1000 [--engine sqlite|postgres] [--workers 2] [--json]
 """
 
@@ -203,6 +208,44 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))]
 
 
+def renewal_ok(rec: dict[str, Any]) -> bool:
+    """The agent's renewal was answered 2xx (the API answers 201)."""
+    status = rec.get("renew_status")
+    return isinstance(status, int) and 200 <= status < 300
+
+
+def _sample(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keys = ("name", "error", "renew_status", "want_generation", "renewed_generation", "after_renewal")
+    return [{k: v for k, v in r.items() if k in keys} for r in recs[:5]]
+
+
+def tally(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the agents saw, each kind counted once under its own name. A failure is an agent
+    whose renewal was not answered 2xx (an error or an answer other than 2xx, or no renewal at
+    all); what happened to an agent after its renewal succeeded is counted apart: an error on a
+    later request, a desired state still asking for rotation, a generation other than the one
+    it was asked to reach."""
+    statuses: dict[str, int] = {}
+    for x in results:
+        key = str(x.get("renew_status", "none"))
+        statuses[key] = statuses.get(key, 0) + 1
+    failures = [x for x in results if not renewal_ok(x)]
+    ok = [x for x in results if renewal_ok(x)]
+    errors_after = [x for x in ok if "error" in x or (x.get("after_renewal") or {}).get("status") != 200]
+    read_after = [x for x in ok if x not in errors_after]
+    pending_after = [x for x in read_after if x["after_renewal"].get("rotate_required") is not False]
+    other_generation = [x for x in ok if x.get("renewed_generation") != x.get("want_generation")]
+    return {
+        "renew_statuses": dict(sorted(statuses.items())),
+        "failures": len(failures),
+        "failure_samples": _sample(failures),
+        "errors_after_renewal": len(errors_after),
+        "pending_after_renewal": len(pending_after),
+        "other_generation": len(other_generation),
+        "after_renewal_samples": _sample(errors_after + pending_after + other_generation),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--agents", type=int, default=1000)
@@ -325,25 +368,11 @@ def main(argv: list[str] | None = None) -> int:
         answered = [x["rotate_at"] - t_act for x in results if "rotate_at" in x]
         bundle = [x["answers"][0] - t_add for x in results if x.get("answers")]
         report["add_root"]["all_answered_s"] = round(max(bundle), 3) if len(bundle) == len(agents) else None
-        renewed = [
-            x["renewed_at"] - t_act
-            for x in results
-            if x.get("renew_status") == 201 and x.get("renewed_generation") == x.get("want_generation")
-        ]
-        failures = [
-            x
-            for x in results
-            if "error" in x
-            or x.get("renew_status") != 201
-            or x.get("renewed_generation") != x.get("want_generation")
-            or (x.get("after_renewal") or {}).get("rotate_required") is not False
-        ]
+        renewed = [x["renewed_at"] - t_act for x in results if renewal_ok(x)]
         missing = len(agents) - len(results)
         report["event"] = {
             "answered": len(answered),
             "renewed": len(renewed),
-            "failures": len(failures),
-            "missing": missing,
             "all_answered_s": round(max(answered), 3) if len(answered) == len(agents) else None,
             "all_renewed_s": round(max(renewed), 3) if len(renewed) == len(agents) else None,
             "answer_p50_s": round(pct(answered, 50), 3),
@@ -351,12 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             "renew_p50_s": round(pct(renewed, 50), 3),
             "renew_p99_s": round(pct(renewed, 99), 3),
             "renewals_per_s": round(len(renewed) / max(renewed), 1) if renewed else 0,
-            "failure_samples": [
-                {k: v for k, v in f.items() if k in ("name", "error", "renew_status", "after_renewal")}
-                for f in failures[:5]
-            ],
-            # long-poll answers an agent got after its renewal (other clusters' renewals move the
-            # fleet revision, but only changes to its own desired state should answer it)
+            **tally(results),
+            "missing": missing,
             "answers_after_renewal": sum(
                 max(len([t for t in x["answers"] if t > x["renewed_at"]]), 0) for x in results if "renewed_at" in x
             ),
@@ -391,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = (
         ev["failures"] == 0
         and ev["missing"] == 0
+        and ev["errors_after_renewal"] == 0
         and ch["clusters_on_new_root"] == args.agents
         and ch["rotation_pending"] == 0
         and ch["audit_verify"]
@@ -433,8 +459,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"  after renewing, every agent long-polls again: {ev['answers_after_renewal']} answers to them")
         print(
-            f"  failures {ev['failures']}, missing {ev['missing']}"
-            + (f" e.g. {ev['failure_samples']}" if ev["failure_samples"] else "")
+            f"  renewals answered {ev['renew_statuses']}; failures (renewal not 2xx) {ev['failures']}, "
+            f"missing {ev['missing']}" + (f" e.g. {ev['failure_samples']}" if ev["failure_samples"] else "")
+        )
+        print(
+            f"  after a 2xx renewal: errors {ev['errors_after_renewal']}, desired state still rotating "
+            f"{ev['pending_after_renewal']}, other generation {ev['other_generation']}"
+            + (f" e.g. {ev['after_renewal_samples']}" if ev["after_renewal_samples"] else "")
         )
         print(
             f"  checks: {ch['clusters_on_new_root']}/{args.agents} on the new root, {ch['rotation_pending']} "

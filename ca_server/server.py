@@ -48,14 +48,40 @@ def split_listen(listen: str) -> tuple[str, int]:
 
 
 class ServerCertificate:
-    """Issues and re-issues the CA service's own TLS certificate into one SSLContext."""
+    """Issues and re-issues the CA service's own TLS certificate, and swaps it atomically.
+
+    ``ctx`` is the context the listener wraps every connection with; it gets the first certificate
+    (before any connection exists) and is never loaded again. Each ``refresh`` builds a complete new
+    context (certificate and key) and publishes it with one reference assignment; ``ctx``'s SNI
+    callback moves every handshake onto the context published when its ClientHello arrives. So a
+    handshake meets the old certificate and key or the new ones, never a certificate whose key is
+    still being loaded (what ``load_cert_chain`` on the live context did: certificate first, key
+    second).
+
+    Why this is atomic: OpenSSL calls the servername callback for every ClientHello, with or
+    without SNI (``ssl/statem/extensions.c`` ``final_server_name``, before the certificate and
+    cipher are chosen; Python clients send no SNI for an IP address), and CPython's
+    ``SSLObject.context`` setter (``Modules/_ssl.c``) calls ``SSL_set_SSL_CTX``, which gives the
+    connection a copy of the new context's certificate and key together (``ssl/ssl_lib.c``
+    ``SSL_set_SSL_CTX``, ``ssl_cert_dup``). Swapping the context uvicorn was given is not possible:
+    asyncio and uvloop keep the one passed to ``create_server`` (uvicorn ``server.py``
+    ``Server.startup``) and wrap every accepted connection with it.
+    """
 
     def __init__(self, authority: Authority, *, names: list[str]) -> None:
         self.authority = authority
         self.names = names
         self.ctx = harden_tls(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        self.ctx.sni_callback = self._select
+        self._current: ssl.SSLContext | None = None  # the newest complete context
         self.cert: x509.Certificate | None = None
         self.root_id = ""
+
+    def _select(self, conn: ssl.SSLObject, _server_name: str | None, _outer: ssl.SSLContext) -> None:
+        """Per ClientHello: serve it from the newest complete context (one reference read)."""
+        current = self._current
+        if current is not None:
+            conn.context = current
 
     def _split(self) -> tuple[list[str], list[str]]:
         dns, ips = [], []
@@ -85,7 +111,11 @@ class ServerCertificate:
                 ),
             )
             os.close(fd)
-            self.ctx.load_cert_chain(cpath, kpath)
+            fresh = harden_tls(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+            fresh.load_cert_chain(cpath, kpath)
+            if self._current is None:  # the first: no listener uses ``ctx`` yet
+                self.ctx.load_cert_chain(cpath, kpath)
+        self._current = fresh  # the swap: handshakes from now on are served from ``fresh``
         self.cert, self.root_id = cert, root.id
         log.info("server certificate issued", extra={"root": root.id})
 

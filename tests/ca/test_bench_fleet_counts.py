@@ -1,0 +1,56 @@
+"""bench/fleet_event.py counts honestly (issue 15, item 3): a renewal answered 2xx is a success,
+whatever happens to the agent afterwards, and the statuses it saw are reported."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def fleet_event() -> ModuleType:
+    sys.path.insert(0, str(BENCH))  # it imports its sibling ``common``
+    spec = importlib.util.spec_from_file_location("fleet_event_under_test", BENCH / "fleet_event.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def agent(name: str, status: int | None = 201, **extra: Any) -> dict[str, Any]:
+    rec: dict[str, Any] = {"name": name, "polls": 3, "answers": [1.0], "want_generation": 2}
+    if status is not None:
+        rec |= {"renew_status": status, "after_renewal": {"status": 200, "rotate_required": False}}
+        if status == 201:
+            rec["renewed_generation"] = 2
+    return rec | extra
+
+
+def test_a_2xx_renewal_is_no_failure_and_what_came_after_is_counted_apart() -> None:
+    results = [
+        agent("ok"),
+        # renewed, then a later long-poll failed: the old count called this a failed renewal
+        agent("later-error", error="ReadTimeout: after 4 long-poll(s)"),
+        # renewed, then read a desired state still asking for rotation
+        agent("stale", after_renewal={"status": 200, "rotate_required": True, "generation": 2}),
+        agent("refused", 409),
+        agent("never", None, error="ConnectError: handshake closed"),
+    ]
+    t = fleet_event().tally(results)
+    assert t["renew_statuses"] == {"201": 3, "409": 1, "none": 1}
+    assert t["failures"] == 2
+    assert {s["name"] for s in t["failure_samples"]} == {"refused", "never"}
+    assert t["errors_after_renewal"] == 1
+    assert t["pending_after_renewal"] == 1
+    assert t["other_generation"] == 0
+    assert {s["name"] for s in t["after_renewal_samples"]} == {"later-error", "stale"}
+
+
+def test_every_agent_renewed_is_zero_failures() -> None:
+    t = fleet_event().tally([agent(f"a{i}") for i in range(1000)])
+    assert t["renew_statuses"] == {"201": 1000}
+    assert (t["failures"], t["errors_after_renewal"], t["pending_after_renewal"]) == (0, 0, 0)
