@@ -220,7 +220,9 @@ def restore(
             for table in TABLES:
                 member = f"db/{table.name}.jsonl"
                 body = members.get(member, b"") if table.name in LATER_TABLES else members[member]
-                rows = [{k: _decode(v) for k, v in json.loads(line).items()} for line in body.decode().splitlines() if line]
+                rows = [
+                    {k: _decode(v) for k, v in json.loads(line).items()} for line in body.decode().splitlines() if line
+                ]
                 if rows:
                     conn.execute(insert(table), rows)
             if store.postgres:  # explicit ids were inserted: move the serial sequence past them
