@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import httpx
 
 from ca_server.core.errors import CAError
+from ca_server.fleetcheck import duration_text as _duration_text
 
 if TYPE_CHECKING:
     from ca_server.core.audit import ChainReport
@@ -234,6 +235,13 @@ class Client:
         self.http = httpx.Client(base_url=url, verify=verify, timeout=30, headers={"Authorization": f"Bearer {token}"})
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
+        return self.request(method, path, body).json()
+
+    def text(self, path: str) -> str:
+        """The body of ``GET path`` as text (PEM endpoints)."""
+        return self.request("GET", path).text
+
+    def request(self, method: str, path: str, body: Any = None) -> httpx.Response:
         try:
             r = self.http.request(method, path, json=body)
         except httpx.HTTPError as exc:
@@ -248,7 +256,7 @@ class Client:
             except (ValueError, KeyError, TypeError):
                 msg = f"HTTP {r.status_code}"
             raise CLIError(msg, code=1)
-        return r.json()
+        return r
 
 
 def _days_left(not_after: str | None) -> str:
@@ -320,16 +328,6 @@ def _served_cells(served: dict[str, Any] | None) -> list[str]:
     return [signing, roots or "none", _duration_text(age) if age is not None else "-"]
 
 
-def _duration_text(seconds: float) -> str:
-    """1d2h, 3h4m, 5m6s, 7s."""
-    s = int(seconds)
-    for big, small, b, sm in ((86400, 3600, "d", "h"), (3600, 60, "h", "m"), (60, 1, "m", "s")):
-        if s >= big:
-            rest = (s % big) // small
-            return f"{s // big}{b}{rest}{sm}" if rest else f"{s // big}{b}"
-    return f"{s}s"
-
-
 def cmd_cluster(args: argparse.Namespace) -> int:
     c = Client(args)
     op = args.cluster_cmd
@@ -370,6 +368,18 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         raise CLIError(f"unknown cluster command {op}")
     print(json.dumps(out, indent=None if args.json else 2))
     return 0
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    """`fleet check`: every check's result, exit 1 if any failed (fleetcheck.py holds the checks)."""
+    from ca_server import fleetcheck
+
+    c = Client(args)
+    data = fleetcheck.gather(lambda path: c.call("GET", path), c.text)
+    limits = fleetcheck.Limits(max_report_age=args.max_report_age, min_days=args.min_days)
+    results = fleetcheck.check_fleet(data, now=fleetcheck.now_utc(), limits=limits)
+    print(fleetcheck.as_json(results) if args.json else fleetcheck.render(results))
+    return fleetcheck.exit_code(results)
 
 
 def cmd_root(args: argparse.Namespace) -> int:
@@ -428,6 +438,16 @@ def _gate_row(c: dict[str, Any]) -> list[str]:
 
 def parse_duration(text: str) -> timedelta:
     """``serve --workload-cert-lifetime``: e.g. 24h, 90m, 1h30m, 2d, 3600s or 3600 (seconds)."""
+    value = parse_any_duration(text)
+    if not timedelta(seconds=1) <= value <= MAX_WORKLOAD_CERT_LIFETIME:
+        raise argparse.ArgumentTypeError(
+            "give a lifetime from 1s to 90d (a workload certificate never outlives its intermediate)"
+        )
+    return value
+
+
+def parse_any_duration(text: str) -> timedelta:
+    """A duration, e.g. 24h, 90m, 1h30m, 2d, 3600s or 3600 (seconds)."""
     t = text.strip().lower()
     parts = re.findall(r"(\d+)([dhms])", t)
     if t.isdigit():
@@ -436,10 +456,6 @@ def parse_duration(text: str) -> timedelta:
         value = sum((timedelta(seconds=int(n) * _UNIT[u]) for n, u in parts), timedelta(0))
     else:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write e.g. 24h, 90m, 1h30m, 2d or 3600s")
-    if not timedelta(seconds=1) <= value <= MAX_WORKLOAD_CERT_LIFETIME:
-        raise argparse.ArgumentTypeError(
-            "give a lifetime from 1s to 90d (a workload certificate never outlives its intermediate)"
-        )
     return value
 
 
@@ -464,6 +480,22 @@ reports it (not on what the agent wrote into cacerts: istiod may not have loaded
             --workload-cert-lifetime, default 24h), so no workload certificate under it is left.
 --force overrides the istiod part of either gate; the audit entry records `forced` and every
 lagging cluster with what it waited for. `root status` shows each gate, cluster by cluster.
+"""
+
+
+FLEET_HELP = """Checks, from the REST API (GET /v1/clusters, /v1/trust-bundle, /v1/crl):
+  fleet-wide  ca-crl (each root's CRL: nextUpdate at least --min-days away);
+              gateway-reachability (not checked: agents do not report peer reachability)
+  per active  agent-report (the CA received its last status within --max-report-age),
+  cluster     generation (installed == desired), intermediate (--min-days left),
+              istiod-signing (istiod signs with the installed intermediate), trust-bundle
+              (istiod serves exactly the CA's trust bundle), istiod-crl (the CRLs istiod publishes:
+              nextUpdate at least --min-days away), exports (every consumer registered and active),
+              agent-errors (none reported)
+A cluster whose agent does not report what istiod serves gets a warning instead of the istiod
+checks; a pending cluster a warning; a revoked one is not checked.
+Exit status: 0 when nothing failed (warnings alone: 0), 1 when a check failed, 2 bad usage,
+3 the CA service cannot be reached. Times are this machine's clock against the CA's receipt times.
 """
 
 
@@ -683,6 +715,31 @@ def build_parser() -> argparse.ArgumentParser:
             rp.add_argument("--key-type")
         _client_opts(rp)
         rp.set_defaults(fn=cmd_root)
+
+    f = sub.add_parser("fleet", help="fleet-wide checks")
+    fsub = f.add_subparsers(dest="fleet_cmd", required=True)
+    fc = fsub.add_parser(
+        "check",
+        help="one line per check and cluster; exit 1 when any check failed (warnings alone: 0)",
+        description=FLEET_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fc.add_argument(
+        "--max-report-age",
+        type=parse_any_duration,
+        default=timedelta(minutes=10),
+        metavar="DURATION",
+        help="an agent whose last report the CA received longer ago fails (default 10m)",
+    )
+    fc.add_argument(
+        "--min-days",
+        type=float,
+        default=14.0,
+        metavar="DAYS",
+        help="an intermediate or CRL expiring (nextUpdate) sooner fails (default 14)",
+    )
+    _client_opts(fc)
+    fc.set_defaults(fn=cmd_fleet)
 
     a = sub.add_parser("audit", help="audit log")
     asub = a.add_subparsers(dest="audit_cmd", required=True)

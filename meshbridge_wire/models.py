@@ -88,6 +88,8 @@ class ClusterOut(BaseModel):
     agent_status: dict[str, Any] | None
     installed: InstalledOut | None = None
     served: ServedOut | None = None
+    # the cluster's last `PUT …/exports` body (gateway, identities, services with their consumers), or None
+    exports: dict[str, Any] | None = None
 
 
 class ClusterList(BaseModel):

@@ -97,6 +97,7 @@ def cluster_out(c: Cluster, cert: CertificateRecord | None, served: ServedView |
         agent_status=c.agent_status,
         installed=installed_out(c.agent_status),
         served=served_out(served) if served is not None else None,
+        exports=c.exports,
     )
 
 
