@@ -7,7 +7,8 @@ import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -249,14 +250,30 @@ class Client:
                 f"cannot reach the CA service at {self.http.base_url}: {type(exc).__name__}: {exc}", code=3
             ) from exc
         if r.status_code >= 400:
-            try:
-                p = r.json()
-                msg = f"{p.get('title', 'error')} ({r.status_code}): {p.get('detail', '')}"
-                msg += "".join(f"\n  {x['cluster']}: waits for {x['waiting_for']}" for x in p.get("lagging") or [])
-            except (ValueError, KeyError, TypeError):
-                msg = f"HTTP {r.status_code}"
-            raise CLIError(msg, code=1)
+            raise _refusal(r)
         return r
+
+
+def _refusal(r: httpx.Response) -> CLIError:
+    """The CLI error for an error response: a 409 `fleetnotready` as FleetNotReadyError."""
+    try:
+        p = r.json()
+        msg = f"{p.get('title', 'error')} ({r.status_code}): {p.get('detail', '')}"
+        lagging = [(str(x["cluster"]), str(x["waiting_for"])) for x in p.get("lagging") or []]
+        msg += "".join(f"\n  {name}: waits for {why}" for name, why in lagging)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return CLIError(f"HTTP {r.status_code}", code=1)
+    if r.status_code == 409 and str(p.get("type", "")).endswith("/fleetnotready"):
+        return FleetNotReadyError(msg, lagging)
+    return CLIError(msg, code=1)
+
+
+class FleetNotReadyError(CLIError):
+    """A root phase refused (409 `fleetnotready`) with the lagging clusters and what each waits for."""
+
+    def __init__(self, message: str, lagging: list[tuple[str, str]]) -> None:
+        super().__init__(message, code=1)
+        self.lagging = lagging
 
 
 def _days_left(not_after: str | None) -> str:
@@ -393,6 +410,8 @@ def cmd_root(args: argparse.Namespace) -> int:
             return 0
     elif op == "add":
         out = c.call("POST", "/v1/roots", {"key_type": args.key_type} if args.key_type else {})
+    elif op in ("activate", "retire") and args.wait:
+        out = phase_waiting(c, op, args.id, timeout=args.timeout.total_seconds(), interval=args.interval)
     elif op in ("activate", "retire"):
         out = c.call("POST", f"/v1/roots/{args.id}/{op}", {"force": True} if args.force else None)
     elif op == "status":
@@ -406,6 +425,36 @@ def cmd_root(args: argparse.Namespace) -> int:
         out = {k: v for k, v in out.items() if k != "certificate"}
     print(json.dumps(out, indent=None if args.json else 2))
     return 0
+
+
+def phase_waiting(
+    c: Client,
+    op: str,
+    root_id: str,
+    *,
+    timeout: float,
+    interval: timedelta,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> Any:
+    """`root activate|retire --wait`: the phase, retried every ``interval`` while it is refused with
+    409 `fleetnotready`, printing each time (to stderr) which clusters lag and what they wait for;
+    a CLIError once ``timeout`` seconds have passed. Any other refusal ends the wait at once."""
+    deadline = clock() + timeout
+    while True:
+        try:
+            return c.call("POST", f"/v1/roots/{root_id}/{op}")
+        except FleetNotReadyError as exc:
+            left = deadline - clock()
+            if left <= 0:
+                raise CLIError(f"gave up waiting after {_duration_text(timeout)}: {exc}", code=1) from exc
+            print(_progress(op, root_id, exc.lagging, left), file=sys.stderr, flush=True)
+            sleep(min(interval.total_seconds(), left))
+
+
+def _progress(op: str, root_id: str, lagging: list[tuple[str, str]], left: float) -> str:
+    head = f"waiting to {op} root {root_id}: {len(lagging)} cluster(s) not ready ({_duration_text(left)} left)"
+    return head + "".join(f"\n  {name}: waits for {why}" for name, why in lagging)
 
 
 def print_root_status(out: dict[str, Any]) -> None:
@@ -443,6 +492,14 @@ def parse_duration(text: str) -> timedelta:
         raise argparse.ArgumentTypeError(
             "give a lifetime from 1s to 90d (a workload certificate never outlives its intermediate)"
         )
+    return value
+
+
+def parse_positive_duration(text: str) -> timedelta:
+    """A duration of at least one second (``--wait``'s timeout and interval, ``fleet check``'s report age)."""
+    value = parse_any_duration(text)
+    if value < timedelta(seconds=1):
+        raise argparse.ArgumentTypeError(f"{text!r}: give at least 1s")
     return value
 
 
@@ -706,10 +763,30 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name in ("activate", "retire"):
             rp.add_argument("id")
-            rp.add_argument(
+            how = rp.add_mutually_exclusive_group()
+            how.add_argument(
                 "--force",
                 action="store_true",
                 help="proceed although some clusters' istiod is not ready (audited with those clusters)",
+            )
+            how.add_argument(
+                "--wait",
+                action="store_true",
+                help="while refused because clusters are not ready, show them and retry until it goes through",
+            )
+            rp.add_argument(
+                "--timeout",
+                type=parse_positive_duration,
+                default=timedelta(hours=1),
+                metavar="DURATION",
+                help="with --wait: give up (exit 1) after this long (default 1h)",
+            )
+            rp.add_argument(
+                "--interval",
+                type=parse_positive_duration,
+                default=timedelta(seconds=30),
+                metavar="DURATION",
+                help="with --wait: retry this often (default 30s)",
             )
         if name == "add":
             rp.add_argument("--key-type")
@@ -726,7 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fc.add_argument(
         "--max-report-age",
-        type=parse_any_duration,
+        type=parse_positive_duration,
         default=timedelta(minutes=10),
         metavar="DURATION",
         help="an agent whose last report the CA received longer ago fails (default 10m)",

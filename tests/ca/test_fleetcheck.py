@@ -204,3 +204,42 @@ def test_the_command_against_a_served_ca(tmp_path: Path) -> None:
         assert strict.returncode == 1 and "PROBLEMS: " in strict.stdout
         bad = cli("fleet", "check", "--data-dir", str(d), "--max-report-age", "soon")
         assert bad.returncode == 2 and "is not a duration" in bad.stderr
+
+
+def test_root_activate_wait_shows_the_lagging_clusters_until_the_fleet_has_moved(tmp_path: Path) -> None:
+    d = tmp_path / "ca"
+    ok("init", "--data-dir", str(d))
+    for s in serve(d, "--workload-cert-lifetime", "3s"):  # activation waits 3.3 s after istiod serves the root
+        added = json.loads(s.op("cluster", "add", "a", "--trust-domain", "a.mesh", "--json"))
+        key = pki.new_key()
+        with s.http() as http:
+            r = http.post(
+                "/v1/enroll",
+                json={"cluster": "a", "bootstrap_token": added["bootstrap_token"], "csr": pki.make_csr(key, "a")},
+            )
+            assert r.status_code == 201, r.text
+            agent = {"Authorization": f"Bearer {r.json()['agent_token']}"}
+            ca_cert = r.json()["bundle"]["ca-cert.pem"]
+        new = json.loads(s.op("root", "add", "--json"))["id"]
+        wait = ["root", "activate", new, "--data-dir", str(d), "--wait", "--interval", "1s"]
+
+        gave_up = cli(*wait, "--timeout", "2s")  # the agent never reports what istiod serves
+        assert gave_up.returncode == 1, gave_up.stdout + gave_up.stderr
+        assert f"waiting to activate root {new}: 1 cluster(s) not ready" in gave_up.stderr
+        assert "\n  a: waits for a status report from its agent (none yet)" in gave_up.stderr
+        assert "gave up waiting after 2s: fleet not ready (409)" in gave_up.stderr.lower()
+
+        with s.http() as http:
+            bundle = http.get("/v1/clusters/a/desired", headers=agent).json()["trust_bundle"]
+            body = {
+                "installed_generation": 1,
+                "served": served(bundle=bundle, ca_cert=ca_cert, since=datetime.now(UTC)),
+            }
+            assert http.put("/v1/clusters/a/status", json=body, headers=agent).status_code == 200
+        moved = cli(*wait, "--timeout", "60s", "--json")
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        assert "a: waits for workloads to take root" in moved.stderr
+        assert json.loads(moved.stdout)["status"] == "active"
+
+        both = cli(*wait, "--force")
+        assert both.returncode == 2 and "not allowed with argument" in both.stderr
