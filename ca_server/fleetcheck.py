@@ -10,7 +10,11 @@ workloads trust the bundle istiod publishes in `istio-ca-root-cert`
 what the agent wrote into `cacerts`, and istiod keeps its old bundle and intermediate on a root
 change without ISTIO_MULTIROOT_MESH (pilot/pkg/bootstrap/istio_ca.go, ``handleEvent``); istiod
 signs with the intermediate it holds (security/pkg/pki/ca/ca.go, ``IstioCA.sign``). So the checks
-compare what the agent reports istiod serves, not only what it installed.
+compare what the agent reports istiod serves, not only what it installed. The CRLs istiod publishes
+to sidecars are the `istio-ca-crl` ConfigMap (same ``reconcileCACertAndCRL``, key ``ca-crl.pem``,
+pkg/config/constants/constants.go), on unless PILOT_ENABLE_CA_CRL=false (pilot/pkg/features/pilot.go,
+``EnableCACRL``); a proxy fails every chain whose CRL is past nextUpdate (envoyproxy/envoy#31320, as
+ca_server/core/crls.py notes), hence the --min-days margin on them.
 """
 
 from __future__ import annotations
@@ -112,6 +116,9 @@ def _cluster(
     else:
         yield _signing(c)
         yield _bundle(name, served, data.trust_bundle)
+        problems = [str(p) for p in served.get("problems") or []]
+        if problems:
+            yield Result(name, "served", "warn", f"observing istiod: {'; '.join(problems)}")
         yield from _served_crls(name, served, now, limits)
     yield from _exports(name, c.get("exports"), names)
     yield _errors(name, st)

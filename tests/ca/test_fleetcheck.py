@@ -130,6 +130,18 @@ def test_served_crls_near_their_next_update_fail(harness: Harness) -> None:
     assert "istio-ca-crl of CN=root: 3.0 days left" in one(rs, "a", "istiod-crl").detail
 
 
+def test_problems_observing_istiod_are_a_warning(harness: Harness) -> None:
+    agent = harness.enroll("a")
+    now = harness.clock()
+    body = served(bundle=harness.desired(agent)["trust_bundle"], ca_cert=agent.bundle["ca-cert.pem"], since=now)
+    body["problems"] = ["configmap istio-ca-crl not found"]
+    status = {"installed_generation": 1, "installed_serial": agent.serial, "served": body}
+    assert harness.client.put("/v1/clusters/a/status", json=status, headers=agent.headers).status_code == 200
+    rs = results(harness)
+    assert one(rs, "a", "served") == Result("a", "served", "warn", "observing istiod: configmap istio-ca-crl not found")
+    assert fleetcheck.exit_code(rs) == 0
+
+
 def test_an_istiod_without_the_new_root_fails_the_bundle_check(harness: Harness) -> None:
     healthy(harness, "a")
     r = harness.client.post("/v1/roots", json={}, headers=harness.admin)
