@@ -30,6 +30,7 @@ examples:
   meshbridge-ca cluster add a --trust-domain a.mesh --data-dir ./.meshbridge
   meshbridge-ca cluster list --data-dir ./.meshbridge
   meshbridge-ca root status --data-dir ./.meshbridge
+  meshbridge-ca fleet check --data-dir ./.meshbridge
   meshbridge-ca audit verify --data-dir ./.meshbridge
 """
 
