@@ -216,7 +216,9 @@ def restore(
             if tx.list_roots():
                 raise Conflict("the target database already holds a CA; restore into an empty database")
         with store.engine.begin() as conn:
+            # Rows a CA-less database may still hold (a wiped or half-restored one): the archive's replace them.
             conn.execute(delete(t.meta))
+            conn.execute(delete(t.server_names))
             for table in TABLES:
                 member = f"db/{table.name}.jsonl"
                 body = members.get(member, b"") if table.name in LATER_TABLES else members[member]
