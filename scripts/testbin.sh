@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the real binaries the e2e tests use (kube-apiserver, kubectl, etcd, CoreDNS, istioctl, istiod
-# (pilot-discovery), helm, zlint) and the prebuilt Go checkers of tests/e2e/go, from the Go module proxy only.
+# (pilot-discovery), helm, zlint, promtool) and the prebuilt Go checkers of tests/e2e/go, from the Go module proxy only.
 #
 #   ${MESHBRIDGE_TESTBIN:-~/.cache/meshbridge/testbin/<hash>}/bin/
 #
