@@ -56,10 +56,8 @@ def _dashboard_exprs(panels: list[dict[str, Any]]) -> Iterator[str]:
         yield from _dashboard_exprs(panel.get("panels", []))
 
 
-def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(require("promtool")), *args], cwd=RULES_DIR, capture_output=True, text=True, timeout=120
-    )
+def _promtool(*args: str, cwd: Path = RULES_DIR) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(require("promtool")), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def test_promtool_check_rules() -> None:
@@ -80,13 +78,7 @@ def test_promtool_test_rules_catches_a_wrong_expectation(tmp_path: Path) -> None
     assert wrong != RULES_TEST.read_text()
     (tmp_path / "meshbridge-rules.yaml").write_text(RULES.read_text())
     (tmp_path / RULES_TEST.name).write_text(wrong)
-    r = subprocess.run(
-        [str(require("promtool")), "test", "rules", RULES_TEST.name],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = _promtool("test", "rules", RULES_TEST.name, cwd=tmp_path)
     assert r.returncode != 0 and "MeshbridgeIntermediateExpiringSoon" in r.stdout + r.stderr
 
 
