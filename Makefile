@@ -22,7 +22,7 @@ venv: $(VENV)/.installed
 sysdeps:
 	bash scripts/sysdeps.sh
 
-# Real kube-apiserver, etcd, kubectl, CoreDNS, istioctl, helm, zlint built from the Go module proxy, cached
+# Real kube-apiserver, etcd, kubectl, CoreDNS, istioctl, helm, zlint, promtool built from the Go module proxy, cached
 # under ~/.cache/meshbridge/testbin/<version>/ (versions pinned in testbin/versions.env).
 testbin:
 	bash scripts/testbin.sh

@@ -61,7 +61,7 @@ def create_app(
     tasks = [*(background or []), *([limiter.sync_forever] if limiter is not None else [])]
     watcher = RevisionWatcher(authority, interval=watch_interval)
     authority.on_change.append(watcher.poke)
-    metrics = Metrics(not_after_source=authority.intermediate_not_after)
+    metrics = Metrics(not_after_source=authority.intermediate_not_after, roots_source=authority.list_roots)
 
     app_class = ShortcutApp if renewal_shortcut else FastAPI
     app = app_class(

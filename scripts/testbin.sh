@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the real binaries the e2e tests use (kube-apiserver, kubectl, etcd, CoreDNS, istioctl, istiod
-# (pilot-discovery), helm, zlint) and the prebuilt Go checkers of tests/e2e/go, from the Go module proxy only.
+# (pilot-discovery), helm, zlint, promtool) and the prebuilt Go checkers of tests/e2e/go, from the Go module proxy only.
 #
 #   ${MESHBRIDGE_TESTBIN:-~/.cache/meshbridge/testbin/<hash>}/bin/
 #
@@ -99,6 +99,15 @@ build coredns        go_install "github.com/coredns/coredns@$COREDNS_VERSION"
 build helm           go_install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
                        "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 build zlint          go_install "github.com/zmap/zlint/v3/cmd/zlint@$ZLINT_VERSION"
+# promtool (tests/deploy: `promtool check rules` / `promtool test rules` over deploy/prometheus/),
+# built via testbin/promtool/ because the prometheus module's go.mod has replace directives, which
+# `go install module@version` refuses. Pinned here, not in testbin/versions.env, on purpose:
+# versions.env and the HASH_FILES name the cache directory, so a pin there would force a full
+# rebuild of every binary above for one tool. testbin/promtool/ is deliberately not in HASH_FILES.
+# Module v0.311.3 is Prometheus 3.11.3 (release 3.x is tagged v0.3xx.y).
+PROMTOOL_VERSION=v0.311.3
+check_pin testbin/promtool/go.mod github.com/prometheus/prometheus "$PROMTOOL_VERSION"
+build promtool       build_in_module testbin/promtool github.com/prometheus/prometheus/cmd/promtool "-s -w"
 
 # Prebuilt Go checkers (tests/e2e/go): named by a hash of their sources, so an edit rebuilds them.
 # Keep the hash in step with tests/e2e/testbin.py (go_checker_name).

@@ -164,5 +164,6 @@ def request_guards(
     middleware factory (``app.add_middleware(request_guards, ...)``)."""
     outer: ASGIApp = CountResponses(operator(app) if operator is not None else app, metrics=metrics)
     if limiter is not None:
-        outer = RateLimit(outer, limiter=limiter)
+        # Refused here before any handler: counted like the 429 of ``authenticated()``.
+        outer = RateLimit(outer, limiter=limiter, on_refusal=metrics.errors.labels("RateLimited").inc)
     return BodyLimit(outer)

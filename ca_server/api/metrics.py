@@ -2,27 +2,38 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ca_server.core.models import Root, RootStatus
 
 if TYPE_CHECKING:
     from ca_server.core.authority import Issued
 
 
 log = logging.getLogger("meshbridge.ca.metrics")
+T = TypeVar("T")
 
 
 class Metrics:
-    def __init__(self, *, not_after_source: Callable[[], dict[str, datetime]] | None = None) -> None:
-        """``not_after_source`` gives every active cluster's current intermediate notAfter from the
-        store, read at each scrape: a replica shows the whole fleet, not only what it issued itself."""
+    def __init__(
+        self,
+        *,
+        not_after_source: Callable[[], dict[str, datetime]] | None = None,
+        roots_source: Callable[[], list[Root]] | None = None,
+    ) -> None:
+        """``not_after_source`` gives every active cluster's current intermediate notAfter and
+        ``roots_source`` every root, from the store, read at each scrape: a replica shows the whole
+        fleet, not only what it issued itself."""
         self.not_after_source = not_after_source
+        self.roots_source = roots_source
         self.registry = CollectorRegistry()
         self.issuances = Counter(
             "meshbridge_ca_issuances_total", "Intermediate certificates issued", ["kind"], registry=self.registry
@@ -50,6 +61,9 @@ class Metrics:
         self.up = Gauge(
             "meshbridge_ca_ready", "1 when the database and the signing key are usable", registry=self.registry
         )
+        # A root rotation left half-way (a root trusted but not signing: phase 2 or 3) shows as a
+        # lasting trusted count; deploy/prometheus alerts on it (MeshbridgeRootRotationStuck).
+        self.roots = Gauge("meshbridge_ca_roots", "Roots by status", ["status"], registry=self.registry)
 
     def issued(self, kind: str, seconds: float, issued: Issued) -> None:
         count, duration = self._by_kind.get(kind) or self._kind(kind)
@@ -67,17 +81,34 @@ class Metrics:
             self.not_after.remove(name)
 
     def _refresh_not_after(self) -> None:
-        if self.not_after_source is None:
-            return
-        try:
-            current = self.not_after_source()
-        except Exception as exc:  # the store is down: keep the last values; /readyz says why
-            log.warning("cannot read intermediate expiries for the metrics: %s", type(exc).__name__)
+        current = _read(self.not_after_source, "intermediate expiries")
+        if current is None:
             return
         self.not_after.clear()
         for cluster, not_after in current.items():
             self.not_after.labels(cluster).set(not_after.timestamp())
 
+    def _refresh_roots(self) -> None:
+        roots = _read(self.roots_source, "roots")
+        if roots is None:
+            return
+        counts = collections.Counter(root.status for root in roots)
+        for status in RootStatus:
+            self.roots.labels(status.value).set(counts[status])
+
     def render(self) -> tuple[bytes, str]:
         self._refresh_not_after()
+        self._refresh_roots()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _read(source: Callable[[], T] | None, what: str) -> T | None:
+    """What ``source`` reads from the store now; None without a source or when the store is down
+    (the gauges keep their last values; /readyz says why)."""
+    if source is None:
+        return None
+    try:
+        return source()
+    except Exception as exc:
+        log.warning("cannot read %s for the metrics: %s", what, type(exc).__name__)
+        return None

@@ -213,11 +213,13 @@ def authenticated() -> None:
 class RateLimit:
     """ASGI middleware answering 429 (problem details, Retry-After) over a limit: the address's
     request limit and budget of failures, and the credential's limit (checked here, spent by
-    ``authenticated()``); a 401 answer spends one of the address's failures."""
+    ``authenticated()``); a 401 answer spends one of the address's failures. ``on_refusal`` is
+    called for each 429 answered here (the metrics count it)."""
 
-    def __init__(self, app: ASGIApp, limiter: RateLimiter) -> None:
+    def __init__(self, app: ASGIApp, limiter: RateLimiter, on_refusal: Callable[[], None] | None = None) -> None:
         self.app = app
         self.limiter = limiter
+        self.on_refusal = on_refusal
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path", "") in EXEMPT:
@@ -228,6 +230,8 @@ class RateLimit:
         cred = credential_key(scope.get("headers", []))
         retry = self._refusal(address, cred)
         if retry is not None:
+            if self.on_refusal is not None:
+                self.on_refusal()
             resp = problem(
                 429,
                 "Too many requests",

@@ -134,6 +134,26 @@ def test_metrics_count_issuances_and_show_each_clusters_not_after(harness: Harne
     assert metric(text, "meshbridge_ca_intermediate_not_after_seconds", cluster="a") is not None
 
 
+def test_metrics_count_roots_by_status_through_a_rotation(harness: Harness) -> None:
+    """meshbridge_ca_roots{status} follows the phases (read from the store at each scrape), so a
+    rotation left half-way shows as a lasting trusted root (MeshbridgeRootRotationStuck)."""
+
+    def roots() -> dict[str, float | None]:
+        text = harness.client.get("/metrics", headers=harness.admin).text
+        return {s: metric(text, "meshbridge_ca_roots", status=s) for s in ("trusted", "active", "retired")}
+
+    assert roots() == {"trusted": 0, "active": 1, "retired": 0}
+    (old,) = harness.client.get("/v1/roots", headers=harness.admin).json()["items"]
+    new = harness.client.post("/v1/roots", json={}, headers=harness.admin).json()
+    assert roots() == {"trusted": 1, "active": 1, "retired": 0}  # phase 2
+    r = harness.client.post(f"/v1/roots/{new['id']}/activate", json={"force": True}, headers=harness.admin)
+    assert r.status_code == 200
+    assert roots() == {"trusted": 1, "active": 1, "retired": 0}  # phase 3: the old root still trusted
+    r = harness.client.post(f"/v1/roots/{old['id']}/retire", json={"force": True}, headers=harness.admin)
+    assert r.status_code == 200
+    assert roots() == {"trusted": 0, "active": 1, "retired": 1}  # phase 4
+
+
 def test_metrics_of_a_fresh_replica_show_every_cluster(harness: Harness) -> None:
     """Issued elsewhere (another replica, before a restart): the notAfter gauge comes from the store."""
     from tests.ca.test_revocation import _second_replica

@@ -79,3 +79,21 @@ def test_http_429_with_retry_after_and_exempt_probes(tmp_path: Path) -> None:
         other = {"Authorization": "Bearer mbadmin.fedcba9876543210.not-a-real-token"}
         assert c.get("/v1/clusters", headers=other).status_code == 401  # another credential: own budget
     store.dispose()
+
+
+def test_every_429_is_counted_as_rate_limited(tmp_path: Path) -> None:
+    """The 429s the middleware answers before any handler (address limit, then the credential's
+    spent limit) count in meshbridge_ca_errors_total{type="RateLimited"} like the handler's own, so
+    the MeshbridgeCaRateLimited alert (deploy/prometheus) sees them."""
+    store = SqlStore(f"sqlite:///{tmp_path / 'rl.db'}")
+    upgrade(store.engine)
+    authority = Authority(store, FileKeyBackend(tmp_path, b"rate limit test"))
+    _, admin = authority.init_root(key_type=KeyType.ECDSA_P256)
+    app = create_app(authority, rate_limits=Limits(per_credential=2, per_address=5, window=60.0))
+    with TestClient(app) as c:
+        h = {"Authorization": f"Bearer {admin}"}
+        codes = [c.get("/v1/clusters", headers=h).status_code for _ in range(7)]
+        assert codes == [200, 200, 429, 429, 429, 429, 429]
+        refused = app.state.metrics.registry.get_sample_value("meshbridge_ca_errors_total", {"type": "RateLimited"})
+        assert refused == 5
+    store.dispose()

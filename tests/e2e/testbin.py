@@ -26,7 +26,7 @@ HASH_FILES = (
     "testbin/kube/go.mod",
     "testbin/kube/go.sum",
 )
-TOOLS = ("etcd", "kube-apiserver", "kubectl", "istioctl", "coredns", "helm", "zlint")
+TOOLS = ("etcd", "kube-apiserver", "kubectl", "istioctl", "coredns", "helm", "zlint", "promtool")
 HINT = "run `make testbin` (bash scripts/testbin.sh) to build the real binaries the e2e tests need"
 
 
