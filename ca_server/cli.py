@@ -28,6 +28,7 @@ examples:
   meshbridge-ca cluster add a --trust-domain a.mesh --data-dir ./.meshbridge
   meshbridge-ca cluster list --data-dir ./.meshbridge
   meshbridge-ca root status --data-dir ./.meshbridge
+  meshbridge-ca token create oncall --role viewer --expires-in 30d --data-dir ./.meshbridge
   meshbridge-ca audit verify --data-dir ./.meshbridge
 """
 
@@ -398,6 +399,37 @@ def cmd_root(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """Operator tokens of the admin API: create (the secret printed once), list (no secrets), revoke."""
+    c = Client(args)
+    op = args.token_cmd
+    if op == "create":
+        body: dict[str, Any] = {"name": args.name, "role": args.role}
+        if args.expires_in is not None:
+            body["expires_in_s"] = int(args.expires_in.total_seconds())
+        out = c.call("POST", "/v1/admin-tokens", body)
+        if args.token_out:
+            from ca_server.runtime import write_private
+
+            write_private(Path(args.token_out), out["token"] + "\n")
+            out = {**out, "token": f"<written to {args.token_out}>"}
+    elif op == "list":
+        out = c.call("GET", "/v1/admin-tokens")
+        if not args.json:
+            rows = [
+                [t["id"], t["name"], t["role"], t["state"], t["created_at"], _or_dash(t["expires_at"])]
+                for t in out["items"]
+            ]
+            print(table(rows, ["ID", "NAME", "ROLE", "STATE", "CREATED", "EXPIRES"]))
+            return 0
+    elif op == "revoke":
+        out = c.call("POST", f"/v1/admin-tokens/{args.ref}/revoke", {})
+    else:  # pragma: no cover - argparse restricts choices
+        raise CLIError(f"unknown token command {op}")
+    print(json.dumps(out, indent=None if args.json else 2))
+    return 0
+
+
 def print_root_status(out: dict[str, Any]) -> None:
     """One table per gate: each active cluster, whether it is ready, what it waits for."""
     life, margin = out["workload_cert_lifetime_s"], out["margin_s"]
@@ -426,20 +458,32 @@ def _gate_row(c: dict[str, Any]) -> list[str]:
     return [c["name"], "yes" if c["ready"] else "no", c.get("ready_at") or "-", why]
 
 
-def parse_duration(text: str) -> timedelta:
-    """``serve --workload-cert-lifetime``: e.g. 24h, 90m, 1h30m, 2d, 3600s or 3600 (seconds)."""
+def _duration(text: str) -> timedelta:
+    """e.g. 24h, 90m, 1h30m, 2d, 3600s or 3600 (seconds)."""
     t = text.strip().lower()
     parts = re.findall(r"(\d+)([dhms])", t)
     if t.isdigit():
-        value = timedelta(seconds=int(t))
-    elif parts and "".join(n + u for n, u in parts) == t:
-        value = sum((timedelta(seconds=int(n) * _UNIT[u]) for n, u in parts), timedelta(0))
-    else:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write e.g. 24h, 90m, 1h30m, 2d or 3600s")
+        return timedelta(seconds=int(t))
+    if parts and "".join(n + u for n, u in parts) == t:
+        return sum((timedelta(seconds=int(n) * _UNIT[u]) for n, u in parts), timedelta(0))
+    raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write e.g. 24h, 90m, 1h30m, 2d or 3600s")
+
+
+def parse_duration(text: str) -> timedelta:
+    """``serve --workload-cert-lifetime``: e.g. 24h, 90m, 1h30m, 2d, 3600s or 3600 (seconds)."""
+    value = _duration(text)
     if not timedelta(seconds=1) <= value <= MAX_WORKLOAD_CERT_LIFETIME:
         raise argparse.ArgumentTypeError(
             "give a lifetime from 1s to 90d (a workload certificate never outlives its intermediate)"
         )
+    return value
+
+
+def parse_token_lifetime(text: str) -> timedelta:
+    """``token create --expires-in``: a duration from 60s to 3650d (the API's bounds)."""
+    value = _duration(text)
+    if not timedelta(seconds=60) <= value <= timedelta(days=3650):
+        raise argparse.ArgumentTypeError("give a lifetime from 60s to 3650d, or leave --expires-in out: never expires")
     return value
 
 
@@ -683,6 +727,31 @@ def build_parser() -> argparse.ArgumentParser:
             rp.add_argument("--key-type")
         _client_opts(rp)
         rp.set_defaults(fn=cmd_root)
+
+    t = sub.add_parser("token", help="operator tokens of the admin API: create, list, revoke (roles admin, viewer)")
+    tsub = t.add_subparsers(dest="token_cmd", required=True)
+    for name, helptext in [
+        ("create", "a named token; its secret is printed once (or written with --token-out)"),
+        ("list", "table of tokens: id, name, role, state, expiry (never a secret)"),
+        ("revoke", "revoke a token by id or name (the last admin token is refused)"),
+    ]:
+        tp = tsub.add_parser(name, help=helptext)
+        if name == "create":
+            tp.add_argument("name", help="a DNS label, unique among the live tokens, e.g. oncall")
+            tp.add_argument(
+                "--role",
+                choices=["admin", "viewer"],
+                required=True,
+                help="viewer: the admin API's GET endpoints, /metrics and /openapi.json; admin: everything",
+            )
+            tp.add_argument(
+                "--expires-in", type=parse_token_lifetime, help="e.g. 12h, 30d (60s to 3650d); default: never"
+            )
+            tp.add_argument("--token-out", help="write the token to this file (0600) instead of printing it")
+        if name == "revoke":
+            tp.add_argument("ref", help="the token's id or name")
+        _client_opts(tp)
+        tp.set_defaults(fn=cmd_token)
 
     a = sub.add_parser("audit", help="audit log")
     asub = a.add_subparsers(dest="audit_cmd", required=True)
