@@ -36,6 +36,8 @@ API_PATHS = {
     "/v1/roots/{}/activate": {"post"},
     "/v1/roots/{}/retire": {"post"},
     "/v1/audit": {"get"},
+    "/v1/admin-tokens": {"get", "post"},
+    "/v1/admin-tokens/{}/revoke": {"post"},
     "/v1/enroll": {"post"},
     "/v1/clusters/{}/intermediate": {"post"},
     "/v1/clusters/{}/desired": {"get"},
