@@ -94,7 +94,7 @@ class Operators:
             raise InvalidInput("expires_in_s must be between 60 seconds and 10 years (or null: never)")
         now = self.ctx.clock()
         with self.ctx.write() as tx:
-            if any(r.name == name and is_live(r, now) for r in tx.list_admin_tokens()):
+            if any(r.name == name and is_live(r, now) for r in tx.list_admin_tokens(for_update=True)):
                 raise Conflict(f"a live token is already named {name!r}; revoke it or choose another name")
             expires = now + lifetime if lifetime is not None else None
             issued = add_token(self.ctx, tx, name=name, role=role, expires_at=expires, now=now, actor=actor)
@@ -110,7 +110,8 @@ class Operators:
         """Revoke the token whose id or live name is ``ref``; refused for the last live admin token."""
         now = self.ctx.clock()
         with self.ctx.write() as tx:
-            recs = tx.list_admin_tokens()
+            # locked: two revocations at once must not leave no admin token between them
+            recs = tx.list_admin_tokens(for_update=True)
             rec = _find(recs, ref, now)
             if rec.revoked_at is not None:
                 raise Conflict(f"token {rec.name!r} ({rec.token_id}) is already revoked")

@@ -444,9 +444,13 @@ class SqlTx:
         r = self.c.execute(select(t.admin_tokens).where(t.admin_tokens.c.token_id == token_id)).first()
         return _admin_token(r) if r else None
 
-    def list_admin_tokens(self) -> list[AdminToken]:
+    def list_admin_tokens(self, *, for_update: bool = False) -> list[AdminToken]:
+        """Oldest first; ``for_update`` locks them (PostgreSQL), so two revocations see each other."""
         at = t.admin_tokens.c
-        return [_admin_token(r) for r in self.c.execute(select(t.admin_tokens).order_by(at.created_at, at.token_id))]
+        q = select(t.admin_tokens).order_by(at.created_at, at.token_id)
+        if for_update and self.postgres:
+            q = q.with_for_update()
+        return [_admin_token(r) for r in self.c.execute(q)]
 
     def revoke_admin_token(self, token_id: str, at: datetime) -> None:
         self.c.execute(update(t.admin_tokens).where(t.admin_tokens.c.token_id == token_id).values(revoked_at=at))
