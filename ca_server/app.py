@@ -30,6 +30,7 @@ from ca_server.api.watcher import RevisionWatcher
 from ca_server.core import tokens
 from ca_server.core.authority import Authority
 from ca_server.core.errors import CAError, Forbidden, Unauthenticated, Unavailable
+from ca_server.core.operators import VIEWER
 from ca_server.storage.capabilities import SharesRateCounters
 
 log = logging.getLogger("meshbridge.ca.http")
@@ -54,7 +55,7 @@ def create_app(
     middleware stack (the default); False: by the FastAPI route, with the guards added as FastAPI
     middleware — the framework's own path, for when an upgrade breaks the shortcut.
 
-    /metrics and /openapi.json answer the admin token only (/metrics also ``metrics_token``); there
+    /metrics and /openapi.json answer an operator token, admin or viewer (/metrics also ``metrics_token``); there
     is no /docs or /redoc (they load their scripts from a CDN), and no redirect to the same path
     with or without a trailing slash (it would be built from the Host header)."""
     limiter = _rate_limiter(authority, rate_limits)
@@ -132,8 +133,9 @@ def _lifespan(
 
 
 def _operator_check(authority: Authority, metrics_token: str | None) -> Callable[[str, str | None], None]:
-    """Whether ``authorization`` opens the operator endpoint ``path``: the admin token opens all,
-    ``metrics_token`` /metrics. Raises Unauthenticated otherwise."""
+    """Whether ``authorization`` opens the operator endpoint ``path``: an operator token (admin or
+    viewer: both documents are read-only) opens all, ``metrics_token`` /metrics. Raises
+    Unauthenticated otherwise."""
     metrics_hash = tokens.hash_secret(metrics_token) if metrics_token else None
 
     def authorize(path: str, authorization: str | None) -> None:
@@ -146,7 +148,8 @@ def _operator_check(authority: Authority, metrics_token: str | None) -> Callable
             and hmac.compare_digest(tokens.hash_secret(presented), metrics_hash)
         ):
             return
-        authority.authenticate_admin(presented)
+        # read-only documents: a viewer token opens them too (docs/api.md, "Roles")
+        authority.authorize_operator(presented, role=VIEWER, what=f"GET {path}")
 
     return authorize
 

@@ -61,6 +61,15 @@ TABLES: list[Table] = [
 LATER_TABLES = frozenset({t.server_names.name})
 
 
+def _later_columns(table: Table, row: dict[str, Any]) -> dict[str, Any]:
+    """A row of an archive made before a column existed, completed as the migration that added it
+    completes the rows it finds: an operator token from before migration 0005 is the admin token
+    ``initial-<id>`` (the columns' server defaults fill in the rest)."""
+    if table is t.admin_tokens and not row.get("name"):
+        return {**row, "name": f"initial-{row['token_id']}"}
+    return row
+
+
 def _encode(value: Any) -> Any:
     if isinstance(value, datetime):
         return {"$dt": value.astimezone(UTC).isoformat()}
@@ -223,7 +232,9 @@ def restore(
                 member = f"db/{table.name}.jsonl"
                 body = members.get(member, b"") if table.name in LATER_TABLES else members[member]
                 rows = [
-                    {k: _decode(v) for k, v in json.loads(line).items()} for line in body.decode().splitlines() if line
+                    _later_columns(table, {k: _decode(v) for k, v in json.loads(line).items()})
+                    for line in body.decode().splitlines()
+                    if line
                 ]
                 if rows:
                     conn.execute(insert(table), rows)

@@ -31,6 +31,7 @@ examples:
   meshbridge-ca cluster list --data-dir ./.meshbridge
   meshbridge-ca root status --data-dir ./.meshbridge
   meshbridge-ca fleet check --data-dir ./.meshbridge
+  meshbridge-ca token create oncall --role viewer --expires-in 30d --data-dir ./.meshbridge
   meshbridge-ca audit verify --data-dir ./.meshbridge
 """
 
@@ -458,6 +459,37 @@ def _progress(op: str, root_id: str, lagging: list[tuple[str, str]], left: float
     return head + "".join(f"\n  {name}: waits for {why}" for name, why in lagging)
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """Operator tokens of the admin API: create (the secret printed once), list (no secrets), revoke."""
+    c = Client(args)
+    op = args.token_cmd
+    if op == "create":
+        body: dict[str, Any] = {"name": args.name, "role": args.role}
+        if args.expires_in is not None:
+            body["expires_in_s"] = int(args.expires_in.total_seconds())
+        out = c.call("POST", "/v1/admin-tokens", body)
+        if args.token_out:
+            from ca_server.runtime import write_private
+
+            write_private(Path(args.token_out), out["token"] + "\n")
+            out = {**out, "token": f"<written to {args.token_out}>"}
+    elif op == "list":
+        out = c.call("GET", "/v1/admin-tokens")
+        if not args.json:
+            rows = [
+                [t["id"], t["name"], t["role"], t["state"], t["created_at"], _or_dash(t["expires_at"])]
+                for t in out["items"]
+            ]
+            print(table(rows, ["ID", "NAME", "ROLE", "STATE", "CREATED", "EXPIRES"]))
+            return 0
+    elif op == "revoke":
+        out = c.call("POST", f"/v1/admin-tokens/{args.ref}/revoke", {})
+    else:  # pragma: no cover - argparse restricts choices
+        raise CLIError(f"unknown token command {op}")
+    print(json.dumps(out, indent=None if args.json else 2))
+    return 0
+
+
 def print_root_status(out: dict[str, Any]) -> None:
     """One table per gate: each active cluster, whether it is ready, what it waits for."""
     life, margin = out["workload_cert_lifetime_s"], out["margin_s"]
@@ -514,6 +546,14 @@ def parse_any_duration(text: str) -> timedelta:
         value = sum((timedelta(seconds=int(n) * _UNIT[u]) for n, u in parts), timedelta(0))
     else:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write e.g. 24h, 90m, 1h30m, 2d or 3600s")
+    return value
+
+
+def parse_token_lifetime(text: str) -> timedelta:
+    """``token create --expires-in``: a duration from 60s to 3650d (the API's bounds)."""
+    value = parse_any_duration(text)
+    if not timedelta(seconds=60) <= value <= timedelta(days=3650):
+        raise argparse.ArgumentTypeError("give a lifetime from 60s to 3650d, or leave --expires-in out: never expires")
     return value
 
 
@@ -818,6 +858,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _client_opts(fc)
     fc.set_defaults(fn=cmd_fleet)
+    t = sub.add_parser("token", help="operator tokens of the admin API: create, list, revoke (roles admin, viewer)")
+    tsub = t.add_subparsers(dest="token_cmd", required=True)
+    for name, helptext in [
+        ("create", "a named token; its secret is printed once (or written with --token-out)"),
+        ("list", "table of tokens: id, name, role, state, expiry (never a secret)"),
+        ("revoke", "revoke a token by id or name (the last admin token is refused)"),
+    ]:
+        tp = tsub.add_parser(name, help=helptext)
+        if name == "create":
+            tp.add_argument("name", help="a DNS label, unique among the live tokens, e.g. oncall")
+            tp.add_argument(
+                "--role",
+                choices=["admin", "viewer"],
+                required=True,
+                help="viewer: the admin API's GET endpoints, /metrics and /openapi.json; admin: everything",
+            )
+            tp.add_argument(
+                "--expires-in", type=parse_token_lifetime, help="e.g. 12h, 30d (60s to 3650d); default: never"
+            )
+            tp.add_argument("--token-out", help="write the token to this file (0600) instead of printing it")
+        if name == "revoke":
+            tp.add_argument("ref", help="the token's id or name")
+        _client_opts(tp)
+        tp.set_defaults(fn=cmd_token)
 
     a = sub.add_parser("audit", help="audit log")
     asub = a.add_subparsers(dest="audit_cmd", required=True)

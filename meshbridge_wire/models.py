@@ -187,6 +187,34 @@ class FleetNotReadyProblem(BaseModel):
     lagging: list[LaggingCluster]
 
 
+class AdminTokenIn(Strict):
+    """A new operator token of the admin API (issue 14): ``viewer`` reads, ``admin`` does all."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL)
+    role: Literal["admin", "viewer"]
+    expires_in_s: int | None = Field(default=None, ge=60, le=3650 * 86400)  # None: never expires
+
+
+class AdminTokenOut(BaseModel):
+    """An operator token as listed: never its secret nor its hash."""
+
+    id: str
+    name: str
+    role: str
+    created_at: str
+    expires_at: str | None
+    revoked_at: str | None
+    state: Literal["live", "expired", "revoked"]
+
+
+class AdminTokenCreated(AdminTokenOut):
+    token: str  # the plaintext, shown this once
+
+
+class AdminTokenList(BaseModel):
+    items: list[AdminTokenOut]
+
+
 class AuditOut(BaseModel):
     id: int
     at: str

@@ -6,7 +6,7 @@ import functools
 import json
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
@@ -22,7 +22,8 @@ from ca_server.core.authority import Authority, Issued
 from ca_server.core.errors import CAError, Unauthenticated
 from ca_server.core.gates import RootGates, ServedView
 from ca_server.core.keytypes import parse_key_type
-from ca_server.core.models import CertificateRecord, Cluster, Root
+from ca_server.core.models import AdminToken, CertificateRecord, Cluster, Root
+from ca_server.core.operators import ADMIN, VIEWER, state_of
 from ca_server.core.validation import require_dns_label
 from meshbridge_wire import models as w
 
@@ -65,9 +66,16 @@ def _spending(call: Callable[[], T]) -> T:
     return result
 
 
-def admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
-    token = _bearer(authorization)
-    return _spending(lambda: authority(request).authenticate_admin(token))
+def _operator(role: str) -> Callable[..., str]:
+    """The dependency admitting an operator token whose role has ``role``'s rights (core/operators.py);
+    any other operator token is refused 403, audited with the request's method and path."""
+
+    def dependency(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+        token = _bearer(authorization)
+        what = f"{request.method} {request.url.path}"
+        return _spending(lambda: authority(request).authorize_operator(token, role=role, what=what))
+
+    return dependency
 
 
 def agent(request: Request, name: NamePath, authorization: Annotated[str | None, Header()] = None) -> Cluster:
@@ -76,7 +84,8 @@ def agent(request: Request, name: NamePath, authorization: Annotated[str | None,
     return _spending(lambda: authority(request).authenticate_agent(token, name))
 
 
-Admin = Annotated[str, Depends(admin)]
+Admin = Annotated[str, Depends(_operator(ADMIN))]  # the admin API's writes
+Viewer = Annotated[str, Depends(_operator(VIEWER))]  # its reads (GET): viewer and admin tokens
 Agent = Annotated[Cluster, Depends(agent)]
 
 
@@ -222,13 +231,13 @@ def create_cluster(request: Request, body: w.ClusterCreate, actor: Admin) -> w.C
 
 
 @admin_api.get("/clusters", response_model=w.ClusterList)
-def list_clusters(request: Request, actor: Admin) -> w.ClusterList:
+def list_clusters(request: Request, actor: Viewer) -> w.ClusterList:
     a = authority(request)
     return w.ClusterList(items=clusters_out(a, a.list_clusters()))
 
 
 @admin_api.get("/clusters/{name}", response_model=w.ClusterOut)
-def get_cluster(request: Request, name: NamePath, actor: Admin) -> w.ClusterOut:
+def get_cluster(request: Request, name: NamePath, actor: Viewer) -> w.ClusterOut:
     require_dns_label(name, what="cluster name")
     a = authority(request)
     return clusters_out(a, [a.get_cluster(name)])[0]
@@ -268,7 +277,7 @@ def revoke_certificate(
 
 
 @admin_api.get("/roots", response_model=w.RootList)
-def list_roots(request: Request, actor: Admin) -> w.RootList:
+def list_roots(request: Request, actor: Viewer) -> w.RootList:
     return w.RootList(items=[root_out(r) for r in authority(request).list_roots()])
 
 
@@ -279,7 +288,7 @@ def add_root(request: Request, actor: Admin, body: w.RootIn | None = None) -> w.
 
 
 @admin_api.get("/roots/status", response_model=w.RootStatusOut)
-def root_status(request: Request, actor: Admin) -> w.RootStatusOut:
+def root_status(request: Request, actor: Viewer) -> w.RootStatusOut:
     return root_status_out(authority(request).root_status())
 
 
@@ -302,7 +311,7 @@ def retire_root(
 @admin_api.get("/audit", response_model=w.AuditList)
 def audit(
     request: Request,
-    actor: Admin,
+    actor: Viewer,
     after: Annotated[int, Query(ge=0, le=2**53)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> w.AuditList:
@@ -320,6 +329,41 @@ def audit(
             )
             for e in items
         ]
+    )
+
+
+@admin_api.post("/admin-tokens", status_code=201, response_model=w.AdminTokenCreated)
+def create_admin_token(request: Request, body: w.AdminTokenIn, actor: Admin) -> w.AdminTokenCreated:
+    lifetime = timedelta(seconds=body.expires_in_s) if body.expires_in_s is not None else None
+    a = authority(request)
+    rec, plaintext = a.create_admin_token(name=body.name, role=body.role, lifetime=lifetime, actor=actor)
+    return w.AdminTokenCreated(**admin_token_out(rec, a.now()).model_dump(), token=plaintext)
+
+
+@admin_api.get("/admin-tokens", response_model=w.AdminTokenList)
+def list_admin_tokens(request: Request, actor: Viewer) -> w.AdminTokenList:
+    a = authority(request)
+    now = a.now()
+    return w.AdminTokenList(items=[admin_token_out(r, now) for r in a.list_admin_tokens()])
+
+
+@admin_api.post("/admin-tokens/{ref}/revoke", response_model=w.AdminTokenOut)
+def revoke_admin_token(
+    request: Request, ref: Annotated[str, Path(min_length=1, max_length=63)], actor: Admin, body: w.Empty | None = None
+) -> w.AdminTokenOut:
+    a = authority(request)
+    return admin_token_out(a.revoke_admin_token(ref, actor=actor), a.now())
+
+
+def admin_token_out(r: AdminToken, now: datetime) -> w.AdminTokenOut:
+    return w.AdminTokenOut(
+        id=r.token_id,
+        name=r.name,
+        role=r.role,
+        created_at=iso(r.created_at),
+        expires_at=iso(r.expires_at) or None,
+        revoked_at=iso(r.revoked_at) or None,
+        state=state_of(r, now),
     )
 
 

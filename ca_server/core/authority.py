@@ -12,7 +12,7 @@ commit together or not at all.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography import x509
@@ -26,7 +26,8 @@ from ca_server.core.fleet import Fleet, FleetSnapshot, build_fleet_index, desire
 from ca_server.core.gates import Gates, RootGates, ServedView
 from ca_server.core.issuance import Bundle, Enrolled, Issuance, Issued
 from ca_server.core.keytypes import KeyType
-from ca_server.core.models import AuditEntry, CertificateRecord, Cluster, ClusterStatus, Root
+from ca_server.core.models import AdminToken, AuditEntry, CertificateRecord, Cluster, ClusterStatus, Root
+from ca_server.core.operators import ADMIN, Operators
 from ca_server.core.ports import KeyBackend, Store
 from ca_server.core.rootkeys import RootKeys, trust_bundle_from
 from ca_server.core.roots import Roots
@@ -62,6 +63,7 @@ class Authority:
         self.issuance = Issuance(self.ctx, self.rootkeys, self._authenticate_agent)
         self.fleet = Fleet(self.ctx)
         self.gates = Gates(self.ctx)
+        self.operators = Operators(self.ctx)
 
     @property
     def store(self) -> Store:
@@ -72,19 +74,21 @@ class Authority:
         """Called after every committed change that bumped the fleet revision."""
         return self.ctx.on_change
 
+    def now(self) -> datetime:
+        """The authority's clock (a test moves it)."""
+        return self.ctx.clock()
+
     def notify_changed(self) -> None:
         self.ctx.notify_changed()
 
     # ------------------------------------------------------------------ authentication
     def authenticate_admin(self, presented: str) -> str:
-        tok = tk.parse_token(presented)
-        if tok is None or tok.kind != "admin":
-            raise Unauthenticated("admin token required")
-        with self.store.read() as tx:
-            rec = tx.get_admin_token(tok.token_id)
-        if not tk.secret_matches(tok, rec.token_hash if rec else None):
-            raise Unauthenticated("admin token is not valid")
-        return f"admin:{tok.token_id}"
+        """The actor of an admin-role token (Unauthenticated, or Forbidden audited, otherwise)."""
+        return self.operators.authorize(presented, role=ADMIN, what="admin API")
+
+    def authorize_operator(self, presented: str, *, role: str, what: str) -> str:
+        """The actor of ``presented`` when its role has ``role``'s rights (see ``core.operators``)."""
+        return self.operators.authorize(presented, role=role, what=what)
 
     def authenticate_agent(self, presented: str, cluster_name: str) -> Cluster:
         return self._authenticate_agent(self._parse_agent_token(presented), cluster_name)
@@ -225,6 +229,20 @@ class Authority:
 
     def put_status(self, cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
         return self.fleet.put_status(cluster, body)
+
+    # ------------------------------------------------------------------ operator tokens
+    def create_admin_token(
+        self, *, name: str, role: str, lifetime: timedelta | None, actor: str
+    ) -> tuple[AdminToken, str]:
+        """A named operator token; returns its record and its plaintext (shown once)."""
+        return self.operators.create(name=name, role=role, lifetime=lifetime, actor=actor)
+
+    def list_admin_tokens(self) -> list[AdminToken]:
+        return self.operators.list()
+
+    def revoke_admin_token(self, ref: str, *, actor: str) -> AdminToken:
+        """By id or name; the last live admin token is refused (Conflict)."""
+        return self.operators.revoke(ref, actor=actor)
 
     # ------------------------------------------------------------------ audit
     def audit(self, *, after: int, limit: int) -> list[AuditEntry]:

@@ -78,10 +78,16 @@ class BootstrapToken:
 
 @dataclass
 class AdminToken:
+    """An operator token of the admin API: ``role`` is ``admin`` or ``viewer`` (core/operators.py)."""
+
     token_id: str
     token_hash: str
     created_at: datetime
     description: str = ""
+    name: str = ""
+    role: str = "admin"
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
 
 
 @dataclass

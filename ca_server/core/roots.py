@@ -16,7 +16,8 @@ from ca_server.core.crls import Crls
 from ca_server.core.errors import Conflict, InvalidInput, NotFound
 from ca_server.core.importca import check_importable_ca
 from ca_server.core.keytypes import KeyType
-from ca_server.core.models import AdminToken, CertificateRecord, ClusterStatus, Root, RootStatus
+from ca_server.core.models import CertificateRecord, ClusterStatus, Root, RootStatus
+from ca_server.core.operators import first_admin_token
 from ca_server.core.ports import Tx
 from ca_server.core.rootkeys import RootKeys, active_root
 
@@ -43,7 +44,7 @@ class Roots:
             root = self._generate_root(
                 tx, key_type=key_type, status=RootStatus.ACTIVE, now=now, actor=actor, created=created
             )
-            admin = self._first_admin_token(tx, now=now, actor=actor)
+            admin = first_admin_token(self.ctx, tx, now=now, actor=actor)
             self.crls.sign(tx, root, now=now, actor=actor)
             self.ctx.changed(tx)
         return root, admin.plaintext
@@ -63,16 +64,10 @@ class Roots:
             root = _imported_root(cert, chain, key_ref, now=now)
             tx.add_root(root)
             self.ctx.audit(tx, actor=actor, action="root.import", subject=root.id, self_signed=not chain)
-            admin = self._first_admin_token(tx, now=now, actor=actor)
+            admin = first_admin_token(self.ctx, tx, now=now, actor=actor)
             self.crls.sign(tx, root, now=now, actor=actor)
             self.ctx.changed(tx)
         return root, admin.plaintext
-
-    def _first_admin_token(self, tx: Tx, *, now: datetime, actor: str) -> tk.IssuedToken:
-        admin = tk.new_token("admin")
-        tx.add_admin_token(AdminToken(admin.token_id, admin.token_hash, now, "initial admin token"))
-        self.ctx.audit(tx, actor=actor, action="admin_token.create", subject=admin.token_id)
-        return admin
 
     @contextlib.contextmanager
     def _new_key_discarded_on_failure(self) -> Iterator[list[tuple[str, str]]]:

@@ -433,12 +433,27 @@ class SqlTx:
                 token_hash=token.token_hash,
                 created_at=token.created_at,
                 description=token.description,
+                name=token.name,
+                role=token.role,
+                expires_at=token.expires_at,
+                revoked_at=token.revoked_at,
             )
         )
 
     def get_admin_token(self, token_id: str) -> AdminToken | None:
         r = self.c.execute(select(t.admin_tokens).where(t.admin_tokens.c.token_id == token_id)).first()
-        return AdminToken(r.token_id, r.token_hash, r.created_at, r.description) if r else None
+        return _admin_token(r) if r else None
+
+    def list_admin_tokens(self, *, for_update: bool = False) -> list[AdminToken]:
+        """Oldest first; ``for_update`` locks them (PostgreSQL), so two revocations see each other."""
+        at = t.admin_tokens.c
+        q = select(t.admin_tokens).order_by(at.created_at, at.token_id)
+        if for_update and self.postgres:
+            q = q.with_for_update()
+        return [_admin_token(r) for r in self.c.execute(q)]
+
+    def revoke_admin_token(self, token_id: str, at: datetime) -> None:
+        self.c.execute(update(t.admin_tokens).where(t.admin_tokens.c.token_id == token_id).values(revoked_at=at))
 
     # certificates
     def add_certificate(self, rec: CertificateRecord) -> None:
@@ -778,3 +793,7 @@ class SqlStore:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _admin_token(r: Any) -> AdminToken:
+    return AdminToken(r.token_id, r.token_hash, r.created_at, r.description, r.name, r.role, r.expires_at, r.revoked_at)

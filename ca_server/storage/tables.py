@@ -117,6 +117,11 @@ admin_tokens = Table(
     Column("token_hash", String(64), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("description", Text, nullable=False, default=""),
+    # issue 14: a named operator token with a role, an optional expiry, revoked in place (kept for the audit)
+    Column("name", String(63), nullable=False, server_default=""),
+    Column("role", String(16), nullable=False, server_default="admin"),
+    Column("expires_at", UTCDateTime, nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=True),
 )
 
 crls = Table(

@@ -135,3 +135,45 @@ def test_restore_keeps_the_protected_server_names(tmp_path: Path, monkeypatch: p
     assert restored.issuance.protect_server_names(["ca.example"], actor="serve") == []  # already protected
     cluster, _ = restored.get_cluster("a")
     assert not cluster.rotation_pending
+
+
+def test_an_archive_from_before_roles_restores_its_token_as_a_working_admin_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: an archive whose admin_tokens rows have no name, role, expiry or revocation (made
+    before migration 0005) restores the init token as the admin token ``initial-<id>``."""
+    src = tmp_path / "src"
+    init_ca(src)
+    archive = tmp_path / "ca-backup.tar.gz"
+    backup(src, archive)
+    old_archive = tmp_path / "old-backup.tar.gz"
+    _strip_columns(archive, old_archive, "db/admin_tokens.jsonl", {"name", "role", "expires_at", "revoked_at"})
+    monkeypatch.setenv("MESHBRIDGE_CA_KEY_PASSPHRASE", (src / "key-passphrase").read_text().strip())
+    monkeypatch.setenv("MESHBRIDGE_AUDIT_KEY_FILE", str(src / "audit-key"))
+    restore(old_archive, tmp_path / "dst")
+    restored = runtime.build_authority(tmp_path / "dst")
+    token = (src / "admin-token").read_text().strip()
+    token_id = token.split(".")[1]
+    [rec] = restored.list_admin_tokens()
+    assert (rec.name, rec.role, rec.expires_at, rec.revoked_at) == (f"initial-{token_id}", "admin", None, None)
+    assert restored.authorize_operator(token, role="admin", what="test") == f"admin:initial-{token_id}/{token_id}"
+
+
+def _strip_columns(src: Path, dst: Path, member: str, columns: set[str]) -> None:
+    """``src`` with ``columns`` removed from each row of ``member``, its digest in the manifest updated."""
+    import hashlib
+    import io
+    import json
+
+    with tarfile.open(src, "r:gz") as tar:
+        files = {m.name: (m, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+    rows = [json.loads(line) for line in files[member][1].decode().splitlines() if line]
+    body = "".join(json.dumps({k: v for k, v in r.items() if k not in columns}) + "\n" for r in rows).encode()
+    manifest = json.loads(files["manifest.json"][1])
+    manifest["sha256"][member] = hashlib.sha256(body).hexdigest()
+    new = {**{n: d for n, (_, d) in files.items()}, member: body, "manifest.json": json.dumps(manifest).encode()}
+    with tarfile.open(dst, "w:gz") as tar:
+        for name, data in new.items():
+            info = files[name][0]
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

@@ -532,3 +532,43 @@ def test_workload_cert_lifetime_reaches_the_retirement_gate(tmp_path: Path) -> N
         status = json.loads(s.op("root", "status", "--json"))
         assert (status["workload_cert_lifetime_s"], status["margin_s"], status["gates"]) == (5400, 540, [])
         assert "lifetime 1h30m + margin 9m: activating waits 1h39m after every istiod serves" in s.op("root", "status")
+
+
+def test_token_create_list_revoke_round_trip(tmp_path: Path) -> None:
+    """Issue 14: on-call gets a viewer token, the init admin token is rotated; the server's log and
+    the token list never show a secret."""
+    d = tmp_path / "ca"
+    ok("init", "--data-dir", str(d))
+    initial = (d / "admin-token").read_text().strip()
+    for s in serve(d):
+        made = json.loads(s.op("token", "create", "oncall", "--role", "viewer", "--expires-in", "30d", "--json"))
+        assert made["role"] == "viewer" and made["state"] == "live" and made["token"].startswith("mbadmin.")
+        expires = datetime.strptime(made["expires_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        assert timedelta(days=29.9) < expires - datetime.now(UTC) <= timedelta(days=30)
+        viewer_file = tmp_path / "viewer-token"
+        viewer_file.write_text(made["token"] + "\n")
+        as_viewer = ("--data-dir", str(d), "--token-file", str(viewer_file))
+        assert "NAME" in ok("cluster", "list", *as_viewer)
+        refused = cli("cluster", "add", "a", *as_viewer)
+        assert refused.returncode == 1 and "(403)" in refused.stderr and "needs the admin role" in refused.stderr
+        # the init token is the only admin token: revoking it is refused with what to do instead
+        last = cli("token", "revoke", "initial", "--data-dir", str(d))
+        assert last.returncode == 1 and "last admin token" in last.stderr and "token create" in last.stderr
+        s.op("token", "create", "ops", "--role", "admin", "--token-out", str(tmp_path / "ops-token"))
+        assert mode(tmp_path / "ops-token") == 0o600
+        as_ops = ("--data-dir", str(d), "--token-file", str(tmp_path / "ops-token"))
+        revoked = json.loads(ok("token", "revoke", "initial", *as_ops, "--json"))
+        assert revoked["name"] == "initial" and revoked["state"] == "revoked"
+        gone = cli("cluster", "list", "--data-dir", str(d))  # D/admin-token is the revoked one now
+        assert gone.returncode == 1 and "(401)" in gone.stderr
+        listing = ok("token", "list", *as_ops)
+        rows = {line.split()[1]: line.split() for line in listing.splitlines()[1:]}
+        assert rows["initial"][2:4] == ["admin", "revoked"] and rows["oncall"][2:4] == ["viewer", "live"]
+        assert rows["ops"][2:4] == ["admin", "live"]
+        ops = (tmp_path / "ops-token").read_text().strip()
+        log = s.log.read_text()
+        for token in (initial, made["token"], ops):
+            secret = token.split(".")[2]
+            assert secret not in listing and secret not in log
+    bad = cli("token", "create", "x", "--role", "viewer", "--expires-in", "10s", "--data-dir", str(d))
+    assert bad.returncode == 2 and "60s to 3650d" in bad.stderr

@@ -36,6 +36,8 @@ API_PATHS = {
     "/v1/roots/{}/activate": {"post"},
     "/v1/roots/{}/retire": {"post"},
     "/v1/audit": {"get"},
+    "/v1/admin-tokens": {"get", "post"},
+    "/v1/admin-tokens/{}/revoke": {"post"},
     "/v1/enroll": {"post"},
     "/v1/clusters/{}/intermediate": {"post"},
     "/v1/clusters/{}/desired": {"get"},
@@ -182,9 +184,15 @@ def test_readyz_is_503_when_the_database_is_gone(harness: Harness, pg_server: An
     else:
         path = Path(str(make_url(harness.database_url).database))
         harness.store.engine.dispose()
-        for p in path.parent.glob(path.name + "*"):
-            p.unlink()
-        path.mkdir()  # nothing can open it as a database any more
+        for _ in range(50):  # the revision watcher may reopen (and so recreate) the file in between
+            for p in path.parent.glob(path.name + "*"):
+                p.unlink()
+            try:
+                path.mkdir()  # nothing can open it as a database any more
+                break
+            except FileExistsError:
+                time.sleep(0.01)
+        assert path.is_dir()
     time.sleep(READY_CACHE_SECONDS)  # /readyz keeps its outcome that long
     r = harness.client.get("/readyz")
     body = check_problem(r, 503)
