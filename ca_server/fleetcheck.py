@@ -19,17 +19,14 @@ ca_server/core/crls.py notes), hence the --min-days margin on them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
-
 from ca_server.core.gates import parse_time
+from meshbridge_wire.pem import certificate_fingerprints, load_crls
 
 Status = Literal["ok", "warn", "fail", "skip"]
 SYMBOL: dict[Status, str] = {"ok": "✓", "warn": "!", "fail": "✗", "skip": "-"}
@@ -63,22 +60,13 @@ def gather(get_json: Callable[[str], Any], get_text: Callable[[str], str]) -> Fl
     """What the checks read, through the operator's client (``get_json``/``get_text`` of a path)."""
     return FleetData(
         clusters=list(get_json("/v1/clusters")["items"]),
-        trust_bundle=frozenset(bundle_fingerprints(get_text("/v1/trust-bundle"))),
+        trust_bundle=frozenset(certificate_fingerprints(get_text("/v1/trust-bundle"))),
         crls=crl_next_updates(get_text("/v1/crl?format=pem")),
     )
 
 
-def bundle_fingerprints(pem: str) -> list[str]:
-    """SHA-256 of each certificate's DER, lowercase hex: the form an agent reports `served.bundle` in."""
-    certs = x509.load_pem_x509_certificates(pem.encode()) if pem.strip() else []
-    return [hashlib.sha256(c.public_bytes(Encoding.DER)).hexdigest() for c in certs]
-
-
 def crl_next_updates(pem: str) -> list[tuple[str, datetime | None]]:
-    end = "-----END X509 CRL-----"
-    blocks = [b + end + "\n" for b in pem.split(end) if "-----BEGIN X509 CRL-----" in b]
-    crls = [x509.load_pem_x509_crl(b.encode()) for b in blocks]
-    return [(c.issuer.rfc4514_string(), c.next_update_utc) for c in crls]
+    return [(c.issuer.rfc4514_string(), c.next_update_utc) for c in load_crls(pem)]
 
 
 # ----------------------------------------------------------------------------- the checks

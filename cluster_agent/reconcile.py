@@ -28,10 +28,11 @@ from cluster_agent.errors import BundleRejected, ExportsInvalid, IstioPreconditi
 from cluster_agent.intermediate import Intermediate
 from cluster_agent.meshcheck import DnsCheck, MeshReport, check_mesh, traffic
 from cluster_agent.render import BundleError, CacertsResult, RenderResult, render_all, render_cacerts
-from cluster_agent.served import IstiodView, ServedTracker, bundle_fingerprints
+from cluster_agent.served import IstiodView, ServedTracker, authority_key_id
 from cluster_agent.state import StateStore
 from cluster_agent.trust import TrustedRoots
 from meshbridge_wire.models import DesiredOut, ExportsIn, ServedIn, StatusIn
+from meshbridge_wire.pem import certificate_fingerprints
 
 log = logging.getLogger("meshbridge.agent")
 
@@ -150,11 +151,7 @@ class Reconciler:
         identifier of each superseded one still kept (from its final CRL's authority key id)."""
         known: dict[str, x509.Certificate | bytes] = {}
         for entry in self.state.superseded_crls:
-            crl = x509.load_pem_x509_crl(entry["crl_pem"].encode())
-            try:
-                aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
-            except x509.ExtensionNotFound:
-                continue
+            aki = authority_key_id(x509.load_pem_x509_crl(entry["crl_pem"].encode()))
             if aki is not None:
                 known[entry["serial"]] = aki
         current = self.intermediate.certificate()
@@ -167,7 +164,7 @@ class Reconciler:
         if self.istiod is None or not self.state.serial:
             return True
         served = self.served
-        installed_roots = bundle_fingerprints(self.state.bundle.get("root-cert.pem", ""))
+        installed_roots = certificate_fingerprints(self.state.bundle.get("root-cert.pem", ""))
         return served is not None and served.signing_serial == self.state.serial and served.bundle == installed_roots
 
     def failed(self, message: str, *, tell_ca: bool = True) -> None:

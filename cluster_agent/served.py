@@ -19,7 +19,6 @@ anything: it is reported, never used to verify a peer.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,15 +26,15 @@ from typing import Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshbridge_wire.models import ServedCRL, ServedIn
+from meshbridge_wire.pem import certificate_fingerprints, load_crls
 
 __all__ = [
     "IstiodOutputs",
     "IstiodView",
     "ServedTracker",
-    "bundle_fingerprints",
+    "authority_key_id",
     "crl_entries",
     "signing_intermediate",
 ]
@@ -61,13 +60,8 @@ def _rfc3339(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def bundle_fingerprints(pem: str) -> list[str]:
-    """SHA-256 of each certificate's DER in ``pem``, lowercase hex, in the bundle's order."""
-    certs = x509.load_pem_x509_certificates(pem.encode()) if "BEGIN CERTIFICATE" in pem else []
-    return [hashlib.sha256(c.public_bytes(Encoding.DER)).hexdigest() for c in certs]
-
-
-def _aki(ext_owner: x509.Certificate | x509.CertificateRevocationList) -> bytes | None:
+def authority_key_id(ext_owner: x509.Certificate | x509.CertificateRevocationList) -> bytes | None:
+    """The key identifier of the CA that signed ``ext_owner`` (None without the extension)."""
     try:
         value = ext_owner.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     except x509.ExtensionNotFound:
@@ -78,13 +72,12 @@ def _aki(ext_owner: x509.Certificate | x509.CertificateRevocationList) -> bytes 
 def crl_entries(pem: str) -> list[ServedCRL]:
     """One entry per CRL in ``pem`` (a `ca-crl.pem` as istiod publishes it)."""
     out: list[ServedCRL] = []
-    for block in pem.split("-----END X509 CRL-----")[:-1]:
-        crl = x509.load_pem_x509_crl((block.strip() + "\n-----END X509 CRL-----\n").encode())
+    for crl in load_crls(pem):
         try:
             number: int | None = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
         except x509.ExtensionNotFound:
             number = None
-        aki = _aki(crl)
+        aki = authority_key_id(crl)
         next_update = crl.next_update_utc
         out.append(
             ServedCRL(
@@ -106,7 +99,7 @@ def signing_intermediate(serving_der: bytes, known: Mapping[str, x509.Certificat
     ones, from their final CRLs: matched against the certificate's authority key identifier).
     """
     leaf = x509.load_der_x509_certificate(serving_der)
-    aki = _aki(leaf)
+    aki = authority_key_id(leaf)
     for serial, what in known.items():
         if isinstance(what, bytes):
             if aki is not None and aki == what:
@@ -128,7 +121,7 @@ class ServedTracker:
 
     def observe(self, outputs: IstiodOutputs, known: Mapping[str, x509.Certificate | bytes], now: datetime) -> ServedIn:
         problems = list(outputs.problems)
-        bundle = bundle_fingerprints(outputs.bundle_pem) if outputs.bundle_pem else []
+        bundle = certificate_fingerprints(outputs.bundle_pem) if outputs.bundle_pem else []
         signing: str | None = None
         if outputs.serving_cert_der is not None:
             signing = signing_intermediate(outputs.serving_cert_der, known)

@@ -37,15 +37,11 @@ CA created the root).
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
-
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from ca_server.core.auditsize import capped
 from ca_server.core.context import Context
@@ -53,6 +49,7 @@ from ca_server.core.errors import Conflict, FleetNotReady
 from ca_server.core.models import CertificateRecord, Cluster, ClusterStatus, Root, RootStatus
 from ca_server.core.ports import Tx
 from ca_server.core.rootkeys import active_root
+from meshbridge_wire.pem import certificate_fingerprints
 
 Phase = Literal["activate", "retire"]
 
@@ -121,7 +118,7 @@ def normal_serial(value: object) -> str | None:
 @functools.lru_cache(maxsize=256)
 def fingerprint(pem: str) -> str:
     """SHA-256 of the first certificate's DER, lowercase hex (what `served.bundle` holds)."""
-    return hashlib.sha256(x509.load_pem_x509_certificate(pem.encode()).public_bytes(Encoding.DER)).hexdigest()
+    return certificate_fingerprints(pem)[0]
 
 
 def root_fingerprint(root: Root) -> str:

@@ -32,8 +32,8 @@ from ca_server.core.authority import Policy
 from ca_server.core.errors import Conflict, FleetNotReady
 from cluster_agent.errors import IstioPreconditionFailed
 from cluster_agent.loop import AgentLoop
-from cluster_agent.served import bundle_fingerprints
 from meshbridge_wire.models import ServedIn
+from meshbridge_wire.pem import certificate_fingerprints, load_crls
 from tests.e2e import gocheck
 from tests.e2e.clusters import Cluster, free_port, start_clusters, stop_clusters
 from tests.e2e.istiod import Istiod
@@ -305,7 +305,7 @@ def test_four_root_phases_with_istiod_issued_certificates(bed: Bed) -> None:
     all_pairs_pass("phase 2")
 
     # phase 3: intermediates re-issued under B, once every istiod has served A+B for a workload lifetime
-    refused = when_gate_opens(bed, lambda: auth.activate_root(new.id, actor="e2e"))
+    refused = when_gate_opens(lambda: auth.activate_root(new.id, actor="e2e"), between=bed.settle)
     assert refused > 0, "activation went through before the istiods had served the new root for a lifetime"
     bed.ca.server_cert.refresh()
     bed.settle()
@@ -316,7 +316,7 @@ def test_four_root_phases_with_istiod_issued_certificates(bed: Bed) -> None:
     all_pairs_pass("phase 3")
 
     # phase 4: bundle B, once every istiod has signed under B for a workload lifetime
-    refused = when_gate_opens(bed, lambda: auth.retire_root(old.id, actor="e2e"))
+    refused = when_gate_opens(lambda: auth.retire_root(old.id, actor="e2e"), between=bed.settle)
     assert refused > 0, "retirement went through before the istiods had signed under B for a lifetime"
     bed.settle()
     for name in ("a", "b"):
@@ -328,20 +328,27 @@ def test_four_root_phases_with_istiod_issued_certificates(bed: Bed) -> None:
     all_pairs_pass("phase 4")
 
 
-def when_gate_opens(bed: Bed, action: Callable[[], object], timeout: float = 60.0) -> int:
-    """Run a gated root phase as an operator would: retry while the CA answers 409 (the agents keep
-    reporting what their istiod serves); returns how often it was refused."""
-    refused = 0
-    deadline = time.monotonic() + timeout
+def when_gate_opens(
+    action: Callable[[], object],
+    *,
+    between: Callable[[], None] = lambda: None,
+    refused_by: type[Conflict] = FleetNotReady,
+    pause: float = 0.5,
+    timeout: float = 60.0,
+) -> int:
+    """Run a gated root phase as an operator would: retry while the CA refuses it with ``refused_by``
+    (409), calling ``between`` after each pause (the agents' passes, when the test drives them);
+    returns how often it was refused."""
+    refused, deadline = 0, time.monotonic() + timeout
     while True:
         try:
             action()
             return refused
-        except FleetNotReady as exc:
+        except refused_by as exc:
             refused += 1
             assert time.monotonic() < deadline, f"the gate stayed shut: {exc}"
-            time.sleep(0.5)
-            bed.settle()
+            time.sleep(pause)
+            between()
 
 
 def reported(bed: Bed, name: str) -> ServedIn:
@@ -356,8 +363,8 @@ def test_agent_reports_what_istiod_serves(bed: Bed) -> None:
     for name in ("a", "b"):
         served = reported(bed, name)
         assert served.problems == [], served.problems
-        assert served.bundle == bundle_fingerprints(bed.istiod[name].served_bundle())
-        assert served.bundle == bundle_fingerprints(bed.cacerts(name, "root-cert.pem"))
+        assert served.bundle == certificate_fingerprints(bed.istiod[name].served_bundle())
+        assert served.bundle == certificate_fingerprints(bed.cacerts(name, "root-cert.pem"))
         assert served.signing_serial == bed.loops[name].r.state.serial
         issuers = {c.issuer for c in served.crls}
         intermediate = x509.load_pem_x509_certificate(bed.cacerts(name, "ca-cert.pem").encode())
@@ -529,8 +536,7 @@ def publishes_revoked(istiod: Istiod, serial: int) -> Callable[[], bool]:
     """Whether a CRL ``istiod`` publishes lists ``serial``."""
 
     def check() -> bool:
-        blocks = istiod.served_crls().split("-----END X509 CRL-----")[:-1]
-        crls = [x509.load_pem_x509_crl((b.strip() + "\n-----END X509 CRL-----\n").encode()) for b in blocks]
+        crls = load_crls(istiod.served_crls())
         return any(crl.get_revoked_certificate_by_serial_number(serial) is not None for crl in crls)
 
     return check
@@ -601,18 +607,10 @@ def stop_agents(bed: Bed, threads: list[threading.Thread]) -> None:
         t.join(30)
 
 
-def gated(action: Callable[[], object], timeout: float = 90.0) -> int:
+def gated(action: Callable[[], object]) -> int:
     """`when_gate_opens` while the agents run their own loops; a retirement refused because a cluster
     still holds an intermediate under the root (its agent has not renewed yet) is waited out too."""
-    refused, deadline = 0, time.monotonic() + timeout
-    while True:
-        try:
-            action()
-            return refused
-        except Conflict as exc:
-            refused += 1
-            assert time.monotonic() < deadline, f"the gate stayed shut: {exc}"
-            time.sleep(0.25)
+    return when_gate_opens(action, refused_by=Conflict, pause=0.25, timeout=90.0)
 
 
 def test_zero_failed_handshakes_through_a_gated_root_rotation(bed: Bed) -> None:
