@@ -53,7 +53,7 @@ istio:
 dns:
   suffix: remote
   mode: coredns
-  vip_range: 240.240.0.0/16
+  vip_range: 241.0.0.0/16
 exports: {exports}
 imports: {imports}
 """
