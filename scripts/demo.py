@@ -1,6 +1,6 @@
 """`make demo`: a CA and two agents in render mode; cluster a exports ratings.bookinfo to b.
 
-Everything runs on loopback in a temporary directory (kept under ./demo-out for a look).
+Everything runs on loopback; the files are kept under ./demo-out (or $MESHBRIDGE_DEMO_OUT) for a look.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "demo-out"
+OUT = Path(os.environ.get("MESHBRIDGE_DEMO_OUT") or ROOT / "demo-out")
 BIN = Path(sys.executable).parent
 
 
