@@ -344,6 +344,32 @@ def test_agent_config_carries_the_values(helm: Any) -> None:
     assert config["imports"][1]["egress_gateway"]["service"] == "egress-to-c"
 
 
+def test_agent_chart_reaches_every_later_key(helm: Any) -> None:
+    """The keys added to the agent after the chart was written (CRL set, TCP port, target ports,
+    consumer namespaces, istiod address, NodeLocal DNSCache) are set from values, as the agent reads them."""
+    config = agent_config(render(helm, AGENT, "--values", str(AGENT_FULL)))
+    parsed = parse_config(config, source="rendered agent.yaml")
+    assert parsed.ca.ca_crl is False
+    assert parsed.ca.workload_cert_ttl.total_seconds() == 36 * 3600
+    assert parsed.istio.cross_cluster_tcp_port == 15446
+    assert parsed.istio.consumer_namespaces == ["bookinfo", "frontend"]
+    assert parsed.istio.istiod_address == "istiod-canary.istio-system.svc:15012"
+    assert parsed.istio.ingress_target_ports() == (16443, 16446)
+    assert parsed.istio.ingress_gateway.tcp_port == 31446
+    assert parsed.dns.nodelocal_dns is not None
+    assert parsed.dns.nodelocal_dns.bind == ["169.254.20.10", "10.96.0.10"]
+
+
+def test_agent_chart_defaults_leave_the_agent_defaults(helm: Any) -> None:
+    config = agent_config(render(helm, AGENT, "--values", str(AGENT_MINIMAL)))
+    assert config["ca"]["ca_crl"] is True
+    assert "workload_cert_ttl" not in config["ca"]
+    assert "consumer_namespaces" not in config["istio"]
+    assert "istiod_address" not in config["istio"]
+    assert "nodelocal_dns" not in config["dns"]
+    assert config["istio"]["cross_cluster_tcp_port"] == 15444
+
+
 # ----------------------------------------------------------------------------- CA service
 
 

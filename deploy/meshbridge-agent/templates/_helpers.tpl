@@ -64,18 +64,26 @@ Returns "pem", "configMap" or "secret"; fails otherwise.
 {{- $ca := dict "url" .Values.ca.url "trust_anchor" "/etc/meshbridge/trust-anchor/root-cert.pem" "bootstrap_token_file" "/etc/meshbridge/bootstrap/token" "key_type" .Values.ca.keyType -}}
 {{- if not (kindIs "invalid" .Values.ca.renewFraction) }}{{ $_ := set $ca "renew_fraction" .Values.ca.renewFraction }}{{ end -}}
 {{- if not (kindIs "invalid" .Values.ca.crlValidity) }}{{ $_ := set $ca "crl_validity" .Values.ca.crlValidity }}{{ end -}}
+{{- if not (kindIs "invalid" .Values.ca.caCrl) }}{{ $_ := set $ca "ca_crl" .Values.ca.caCrl }}{{ end -}}
+{{- if not (kindIs "invalid" .Values.ca.workloadCertTtl) }}{{ $_ := set $ca "workload_cert_ttl" .Values.ca.workloadCertTtl }}{{ end -}}
 {{- $i := .Values.istio -}}
 {{- $ingress := dict "selector" $i.ingressGateway.selector "service" $i.ingressGateway.service "service_account" $i.ingressGateway.serviceAccount -}}
 {{- if $i.ingressGateway.helmRelease }}{{ $ingress = dict "helm_release" $i.ingressGateway.helmRelease }}{{ end -}}
 {{- if $i.ingressGateway.namespace }}{{ $_ := set $ingress "namespace" $i.ingressGateway.namespace }}{{ end -}}
 {{- if $i.ingressGateway.address }}{{ $_ := set $ingress "address" $i.ingressGateway.address }}{{ end -}}
 {{- if not (kindIs "invalid" $i.ingressGateway.port) }}{{ $_ := set $ingress "port" (int $i.ingressGateway.port) }}{{ end -}}
+{{- range $value, $key := dict "tcpPort" "tcp_port" "targetPort" "target_port" "tcpTargetPort" "tcp_target_port" }}
+{{- $port := get $i.ingressGateway $value }}{{ if not (kindIs "invalid" $port) }}{{ $_ := set $ingress $key (int $port) }}{{ end }}
+{{- end -}}
 {{- $egress := dict "selector" $i.egressGateway.selector "service" $i.egressGateway.service "service_account" $i.egressGateway.serviceAccount "port" (int $i.egressGateway.port) -}}
 {{- if $i.egressGateway.helmRelease }}{{ $egress = dict "helm_release" $i.egressGateway.helmRelease "port" (int $i.egressGateway.port) }}{{ end -}}
 {{- if $i.egressGateway.namespace }}{{ $_ := set $egress "namespace" $i.egressGateway.namespace }}{{ end -}}
-{{- $istio := dict "namespace" $i.namespace "trust_domain" $i.trustDomain "revision" ($i.revision | default nil) "cluster_domain" $i.clusterDomain "cross_cluster_port" (int $i.crossClusterPort) "authorization_mode" $i.authorizationMode "ingress_gateway" $ingress "egress_gateway" $egress -}}
+{{- $istio := dict "namespace" $i.namespace "trust_domain" $i.trustDomain "revision" ($i.revision | default nil) "cluster_domain" $i.clusterDomain "cross_cluster_port" (int $i.crossClusterPort) "cross_cluster_tcp_port" (int ($i.crossClusterTcpPort | default 15444)) "authorization_mode" $i.authorizationMode "ingress_gateway" $ingress "egress_gateway" $egress -}}
+{{- if $i.consumerNamespaces }}{{ $_ := set $istio "consumer_namespaces" $i.consumerNamespaces }}{{ end -}}
+{{- if $i.istiodAddress }}{{ $_ := set $istio "istiod_address" $i.istiodAddress }}{{ end -}}
 {{- $d := .Values.dns -}}
 {{- $dns := dict "suffix" $d.suffix "mode" $d.mode "vip_range" $d.vipRange "ttl" (int $d.ttl) "coredns_namespace" $d.corednsNamespace "coredns_configmap" $d.corednsConfigMap "corefile_key" $d.corefileKey -}}
+{{- with $d.nodelocalDns }}{{ $nl := dict "bind" .bind }}{{ if .forwardTo }}{{ $_ := set $nl "forward_to" .forwardTo }}{{ end }}{{ $_ := set $dns "nodelocal_dns" $nl }}{{ end -}}
 {{- $cfg := dict "cluster" .Values.cluster "ca" $ca "istio" $istio "dns" $dns "exports" .Values.exports "imports" .Values.imports "kubernetes" (dict "field_manager" .Values.kubernetes.fieldManager) -}}
 {{- toYaml $cfg -}}
 {{- end -}}
