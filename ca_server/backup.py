@@ -187,6 +187,21 @@ def _accept_rollback(
         os.replace(own, own.with_name(f"{own.name}.superseded-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"))
 
 
+def _remove_added(data_dir: Path, already_there: set[str], *, created_dir: bool) -> None:
+    """Leave the target as a refused restore found it: the directory gone if the restore made it,
+    otherwise only what the restore added (SQLite file, key files, their directories) removed."""
+    if created_dir:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        return
+    for path in data_dir.iterdir():
+        if path.name in already_there:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def restore(
     archive: Path,
     data_dir: Path,
@@ -209,6 +224,7 @@ def restore(
     own_anchors = runtime.anchor_log(data_dir)
     anchors = sealing.read_anchors([*([own_anchors.path] if own_anchors.exists() else []), *anchors_files])
     created_dir = not data_dir.exists()
+    already_there = set() if created_dir else {p.name for p in data_dir.iterdir()}
     datadir.make_private_dir(data_dir)
     settings = runtime.CASettings(
         **{k: v for k, v in json.loads(members["ca.json"]).items() if k in runtime.CASettings.__dataclass_fields__}
@@ -285,10 +301,10 @@ def restore(
         with store.engine.begin() as conn:  # leave nothing half-restored
             for table in reversed(TABLES):
                 conn.execute(delete(table))
-        for path in written:
+        store.dispose()
+        for path in written:  # key files, even inside a directory that was there before
             path.unlink(missing_ok=True)
-        if created_dir:
-            shutil.rmtree(data_dir, ignore_errors=True)
+        _remove_added(data_dir, already_there, created_dir=created_dir)
         raise
     finally:
         store.dispose()

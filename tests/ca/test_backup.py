@@ -117,6 +117,22 @@ def test_restore_with_the_wrong_passphrase_leaves_nothing(tmp_path: Path, monkey
     assert not dst.exists()
 
 
+def test_a_refused_restore_into_an_existing_directory_leaves_it_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "src"
+    init_ca(src)
+    archive = tmp_path / "b.tar.gz"
+    backup(src, archive)
+    monkeypatch.setenv("MESHBRIDGE_CA_KEY_PASSPHRASE", "not the passphrase")
+    dst = tmp_path / "dst"
+    dst.mkdir(mode=0o700)
+    (dst / "operator-notes.txt").write_text("kept\n")
+    with pytest.raises(Exception, match=r"passphrase|decrypt|usable"):
+        restore(archive, dst)
+    assert sorted(p.name for p in dst.iterdir()) == ["operator-notes.txt"]
+
+
 def test_restore_keeps_the_protected_server_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The names `serve` protects (excluded from every intermediate) travel with the backup: a
     restored CA serving under the same names rotates no cluster (before, every active cluster was
