@@ -42,7 +42,10 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-CSS = resources.files("ca_server.ui").joinpath("static/ui.css").read_bytes()
+STATIC = {  # the dashboard's only files: read once, served from memory
+    name: (resources.files("ca_server.ui").joinpath(f"static/{name}").read_bytes(), media)
+    for name, media in (("ui.css", "text/css; charset=utf-8"), ("favicon.svg", "image/svg+xml"))
+}
 
 ui = APIRouter(prefix="/ui", include_in_schema=False)
 
@@ -209,4 +212,14 @@ def logout() -> Response:
 
 @ui.get("/static/ui.css")
 def stylesheet() -> Response:
-    return Response(CSS, media_type="text/css; charset=utf-8", headers={**HEADERS, "Cache-Control": "no-cache"})
+    return static("ui.css")
+
+
+@ui.get("/static/favicon.svg")
+def favicon() -> Response:
+    return static("favicon.svg")
+
+
+def static(name: str) -> Response:
+    body, media = STATIC[name]
+    return Response(body, media_type=media, headers={**HEADERS, "Cache-Control": "no-cache"})

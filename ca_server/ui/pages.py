@@ -31,7 +31,8 @@ def layout(title: str, body: str, *, active: str = "", signed_in: bool = True) -
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f'<title>{escape(title)} · meshbridge</title><link rel="stylesheet" href="/ui/static/ui.css"></head>'
+        f'<title>{escape(title)} · meshbridge</title><link rel="stylesheet" href="/ui/static/ui.css">'
+        '<link rel="icon" href="/ui/static/favicon.svg"></head>'
         f"<body><header><h1>meshbridge</h1>{nav}</header><main><h2>{escape(title)}</h2>{body}</main></body></html>"
     )
 

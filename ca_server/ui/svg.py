@@ -14,7 +14,7 @@ from urllib.parse import quote
 from ca_server.ui.view import Edge
 
 NODE_R = 26
-GRAPH_W, GRAPH_H = 640, 520
+GRAPH_W, GRAPH_H = 640, 460
 TIMELINE_W, LABEL_W, ROW_H = 760, 170, 22
 
 
@@ -59,6 +59,14 @@ def _segment(a: tuple[float, float], b: tuple[float, float], shift: float) -> tu
     )
 
 
+def _label_at(x1: float, y1: float, x2: float, y2: float) -> tuple[float, float]:
+    """Where an arrow's label goes: a third of the way from its exporter, off to its right (the
+    labels of the two directions between a pair then stand apart)."""
+    dx, dy = x2 - x1, y2 - y1
+    length = math.hypot(dx, dy) or 1.0
+    return round(x1 + dx / 3 - dy / length * 12, 1), round(y1 + dy / 3 + dx / length * 12 + 4, 1)
+
+
 def graph(names: list[str], edges: list[Edge], *, selected: str | None = None) -> str:
     """Clusters as nodes (each a link selecting it), one arrow per exporter → consumer pair labelled
     with the services; with ``selected``, its exports are class ``out``, its imports ``in``, the
@@ -78,11 +86,12 @@ def graph(names: list[str], edges: list[Edge], *, selected: str | None = None) -
         x1, y1, x2, y2 = _segment(pos[src], pos[dst], 5 if (dst, src) in services else 0)
         label = ", ".join(sorted(svcs))
         cls = _edge_class(src, dst, selected)
+        lx, ly = _label_at(x1, y1, x2, y2)
         parts.append(
             f"<g {_attrs(class_=cls, data_from=src, data_to=dst, data_services=label)}>"
             f"<title>{escape(f'{src} exports {label} to {dst}')}</title>"
             f'<line {_attrs(x1=x1, y1=y1, x2=x2, y2=y2)} marker-end="url(#arrow)"/>'
-            f"<text {_attrs(x=round((x1 + x2) / 2, 1), y=round((y1 + y2) / 2 - 4, 1))}>{escape(label)}</text></g>"
+            f"<text {_attrs(x=lx, y=ly)}>{escape(label)}</text></g>"
         )
     for name, (x, y) in pos.items():
         cls = "node selected" if name == selected else "node"
@@ -108,9 +117,12 @@ def days_left(end: datetime, now: datetime) -> float:
 
 def timeline(items: list[Expiry], *, now: datetime, min_days: float) -> str:
     """One bar per item from now to its expiry, on a shared day axis; bars with fewer than
-    ``min_days`` left are class ``short`` (the threshold of `fleet check`), expired ones ``expired``;
+    ``min_days`` left are class ``short`` (the threshold of `fleet check`), expired ones ``expired``,
+    ones past the axis's end ``beyond`` (cut at the end, their days still written);
     a dashed line marks ``min_days`` from now."""
-    span = max([1.0, min_days * 1.1, *(days_left(i.not_after, now) for i in items)])
+    # the axis fits the intermediates (months); a root's bar (years) runs off its end, class "beyond"
+    fitted = [i for i in items if i.kind == "intermediate"] or items
+    span = max([1.0, min_days * 1.1, *(days_left(i.not_after, now) * 1.05 for i in fitted)])
     scale = (TIMELINE_W - LABEL_W - 60) / span
     height = 30 + ROW_H * max(1, len(items))
     parts = [
@@ -127,8 +139,9 @@ def timeline(items: list[Expiry], *, now: datetime, min_days: float) -> str:
     for row, item in enumerate(sorted(items, key=lambda i: i.not_after)):
         left = days_left(item.not_after, now)
         cls = "expired" if left < 0 else "short" if left < min_days else "ok"
+        cls += " beyond" if left > span else ""
         y = 8 + row * ROW_H
-        width = round(max(0.0, left) * scale, 1)
+        width = round(min(max(0.0, left), span) * scale, 1)
         parts.append(
             f"<g {_attrs(class_=f'bar {item.kind} {cls}', data_label=item.label, data_days=f'{left:.1f}')}>"
             f'<text class="label" {_attrs(x=LABEL_W - 6, y=y + 12)}>{escape(item.label)}</text>'

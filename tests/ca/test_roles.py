@@ -54,6 +54,7 @@ AGENT_OR_PUBLIC = {
     "/ui/login",  # the sign-in form and its POST: they take the token
     "/ui/logout",
     "/ui/static/ui.css",
+    "/ui/static/favicon.svg",
 }
 
 

@@ -81,7 +81,7 @@ def test_the_fleet_page_shows_the_fleet_to_a_viewer(harness: Harness, fleet: UIF
     assert "agent-errors: 1 error(s): kube: 503" in field(b, "problems")
     assert field(row(page, "c"), "report") == "never"
     # the expiry timeline: one bar per active cluster's intermediate and per root not retired
-    bars = re.findall(r'<g class="bar (\w+) (\w+)" data-label="([^"]+)" data-days="([\d.-]+)"', page)
+    bars = re.findall(r'<g class="bar (\w+) ([\w ]+)" data-label="([^"]+)" data-days="([\d.-]+)"', page)
     labels = {label: (kind, float(days)) for kind, _, label, days in bars}
     assert labels["a"][0] == "intermediate" and abs(labels["a"][1] - left) < 0.05
     assert sum(1 for k, _ in labels.values() if k == "root") == 2
