@@ -38,10 +38,8 @@ HEADERS = {
     # no script, style, font or image from anywhere but this origin; no framing; forms post here only
     "Content-Security-Policy": "default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
     "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-}
+}  # Cache-Control: no-store and X-Content-Type-Options: nosniff are on every response (server.RESPONSE_HEADERS)
 STATIC = {  # the dashboard's only files: read once, served from memory
     name: (resources.files("ca_server.ui").joinpath(f"static/{name}").read_bytes(), media)
     for name, media in (("ui.css", "text/css; charset=utf-8"), ("favicon.svg", "image/svg+xml"))
@@ -222,4 +220,4 @@ def favicon() -> Response:
 
 def static(name: str) -> Response:
     body, media = STATIC[name]
-    return Response(body, media_type=media, headers={**HEADERS, "Cache-Control": "no-cache"})
+    return Response(body, media_type=media, headers=HEADERS)

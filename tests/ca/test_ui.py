@@ -50,7 +50,7 @@ def check_headers(r: Any) -> None:
     assert r.headers["content-security-policy"].startswith("default-src 'self';")
     assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
     assert r.headers["x-frame-options"] == "DENY"
-    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["referrer-policy"] == "no-referrer"
 
 
 def test_no_token_or_a_wrong_one_gets_401_and_no_data(harness: Harness, fleet: UIFleet) -> None:
