@@ -26,6 +26,7 @@ from ca_server.api.guards import OperatorOnly, request_guards
 from ca_server.api.metrics import Metrics
 from ca_server.api.problems import problem, problem_for, problem_responses, status_of
 from ca_server.api.ratelimit import Limits, RateLimiter
+from ca_server.api.ui import ui
 from ca_server.api.watcher import RevisionWatcher
 from ca_server.core import tokens
 from ca_server.core.authority import Authority
@@ -84,6 +85,7 @@ def create_app(
     app.state.check_ready = _readiness(authority, metrics, ready_check)
 
     error_response = _error_responder(metrics)
+    app.state.error_response = error_response  # the dashboard's refusals are logged and counted alike
     _handle_errors(app, metrics, error_response)
     operator = functools.partial(
         OperatorOnly, authorize=_operator_check(authority, metrics_token), on_error=error_response
@@ -101,6 +103,7 @@ def create_app(
     app.include_router(routes.public)
     app.include_router(routes.admin_api)
     app.include_router(routes.agent_api)
+    app.include_router(ui)
     return app
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test-suite and benchmarks need, only those missing.
 set -euo pipefail
-want=(postgresql softhsm2 wrk openssl libsofthsm2)
+want=(postgresql softhsm2 wrk openssl libsofthsm2 chromium)  # chromium: the dashboard's browser test
 missing=()
 for p in "${want[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

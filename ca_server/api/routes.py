@@ -22,7 +22,7 @@ from ca_server.core.authority import Authority, Issued
 from ca_server.core.errors import CAError, Unauthenticated
 from ca_server.core.gates import RootGates, ServedView
 from ca_server.core.keytypes import parse_key_type
-from ca_server.core.models import AdminToken, CertificateRecord, Cluster, Root
+from ca_server.core.models import AdminToken, AuditEntry, CertificateRecord, Cluster, Root
 from ca_server.core.operators import ADMIN, VIEWER, state_of
 from ca_server.core.validation import require_dns_label
 from meshbridge_wire import models as w
@@ -52,7 +52,7 @@ def _bearer(authorization: str | None) -> str:
 T = TypeVar("T")
 
 
-def _spending(call: Callable[[], T]) -> T:
+def spending(call: Callable[[], T]) -> T:
     """``call()``, which authenticates the request's token first; the token's rate budget is
     spent unless it did not authenticate (a wrong secret spends only its address's failures)."""
     try:
@@ -73,7 +73,7 @@ def _operator(role: str) -> Callable[..., str]:
     def dependency(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
         token = _bearer(authorization)
         what = f"{request.method} {request.url.path}"
-        return _spending(lambda: authority(request).authorize_operator(token, role=role, what=what))
+        return spending(lambda: authority(request).authorize_operator(token, role=role, what=what))
 
     return dependency
 
@@ -81,7 +81,7 @@ def _operator(role: str) -> Callable[..., str]:
 def agent(request: Request, name: NamePath, authorization: Annotated[str | None, Header()] = None) -> Cluster:
     require_dns_label(name, what="cluster name")
     token = _bearer(authorization)
-    return _spending(lambda: authority(request).authenticate_agent(token, name))
+    return spending(lambda: authority(request).authenticate_agent(token, name))
 
 
 Admin = Annotated[str, Depends(_operator(ADMIN))]  # the admin API's writes
@@ -315,20 +315,12 @@ def audit(
     after: Annotated[int, Query(ge=0, le=2**53)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> w.AuditList:
-    items = authority(request).audit(after=after, limit=limit)
-    return w.AuditList(
-        items=[
-            w.AuditOut(
-                id=e.id,
-                at=e.at.isoformat(),
-                actor=e.actor,
-                action=e.action,
-                subject=e.subject,
-                details=e.details,
-                hash=e.hash,
-            )
-            for e in items
-        ]
+    return w.AuditList(items=[audit_out(e) for e in authority(request).audit(after=after, limit=limit)])
+
+
+def audit_out(e: AuditEntry) -> w.AuditOut:
+    return w.AuditOut(
+        id=e.id, at=e.at.isoformat(), actor=e.actor, action=e.action, subject=e.subject, details=e.details, hash=e.hash
     )
 
 
@@ -397,7 +389,7 @@ async def renewal_answer(state: Any, name: str, authorization: str | None, body:
         a.renew, cluster_name=name, agent_token=_bearer(authorization), csr_pem=body.csr, proof_b64=body.proof
     )
     started = time.perf_counter()
-    issued = _spending(call) if a.renewal_is_cpu_bound else await run_in_threadpool(_spending, call)
+    issued = spending(call) if a.renewal_is_cpu_bound else await run_in_threadpool(spending, call)
     m.issued("renew", time.perf_counter() - started, issued)
     out = {"generation": issued.generation, "bundle": issued.bundle.as_files()}
     return Response(json.dumps(out, separators=(",", ":")).encode(), status_code=201, media_type="application/json")

@@ -34,6 +34,11 @@ MATRIX: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/v1/admin-tokens/{ref}/revoke", {}),
     ("GET", "/metrics", None),
     ("GET", "/openapi.json", None),
+    # the dashboard's pages (tests/ca/test_ui.py: a browser's refusal is the sign-in page instead)
+    ("GET", "/ui/", None),
+    ("GET", "/ui/roots", None),
+    ("GET", "/ui/graph", None),
+    ("GET", "/ui/audit", None),
 ]
 AGENT_OR_PUBLIC = {
     "/healthz",
@@ -46,6 +51,10 @@ AGENT_OR_PUBLIC = {
     "/v1/clusters/{name}/exports",
     "/v1/clusters/{name}/imports",
     "/v1/clusters/{name}/status",
+    "/ui/login",  # the sign-in form and its POST: they take the token
+    "/ui/logout",
+    "/ui/static/ui.css",
+    "/ui/static/favicon.svg",
 }
 
 
