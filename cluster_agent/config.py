@@ -591,6 +591,18 @@ def _check_import_name(value: str) -> str:
 
 
 ImportName = Annotated[str, AfterValidator(_check_import_name)]
+MAX_PRIORITY = 15
+# A Kubernetes label value (apimachinery validation.go IsValidLabelValue), non-empty.
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+
+
+def _check_locality(value: str) -> str:
+    """Istio's `region/zone/subzone` (pkg/util/locality: split on "/"): one to three non-empty
+    segments, each a label value Kubernetes accepts on a node."""
+    parts = value.split("/")
+    if len(parts) > 3 or not all(_LABEL_VALUE.fullmatch(p) for p in parts):
+        raise ValueError(f"must be region, region/zone or region/zone/subzone, such as 'eu-west1/b' (got {value!r})")
+    return value
 
 
 class ImportConfig(_Model):
@@ -600,6 +612,12 @@ class ImportConfig(_Model):
     egress_gateway: EgressGatewayConfig | None = None
     # Namespaces whose sidecars may call this source's names; unset: istio.consumer_namespaces.
     consumer_namespaces: ConsumerNamespaces | None = None
+    # When several sources export one name: lower is preferred; sources of equal priority share
+    # the traffic, a lower one takes it only while every preferred one is ejected (render/failover.py).
+    priority: Annotated[int, Field(ge=0, le=MAX_PRIORITY)] = 0
+    # This source's locality (region[/zone[/subzone]]), the `locality` of its endpoints: with equal
+    # priorities, Istio prefers the sources nearest the egress gateway.
+    locality: Annotated[str, AfterValidator(_check_locality)] | None = None
 
     @field_validator("names")
     @classmethod

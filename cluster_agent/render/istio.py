@@ -81,7 +81,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cluster_agent.config import AgentConfig, EgressGatewayConfig
-from cluster_agent.render.inputs import ExportSpec, ImportSpec, PeerSpec, PortSpec
+from cluster_agent.render.failover import failover_policy, import_endpoints, resolution
+from cluster_agent.render.inputs import Exporter, ExportSpec, ImportSpec, PeerSpec, PortSpec
 from cluster_agent.render.objects import (
     NAME_ANNOTATION,
     SOURCE_CLUSTER_LABEL,
@@ -580,25 +581,24 @@ def _import_meta(ctx: IstioContext, spec: ImportSpec, name: str) -> dict[str, An
 def render_service_entry(
     ctx: IstioContext, spec: ImportSpec, name: str, vip: str, export_to: Sequence[str] = EXPORT_TO_ALL
 ) -> Manifest:
-    """The `.remote` host: its VIP, the import's ports, HTTP ports reaching the exporter's
-    cross-cluster port and TCP ports its published TCP port."""
-    # An exporter whose agent predates `Gateway.tcp_port` publishes none: it listens on its
-    # `cross_cluster_tcp_port`, which then had to be the same fleet-wide, so this cluster's own.
-    tcp_port = spec.gateway_tcp_port or ctx.cross_cluster_tcp_port
+    """The `.remote` host: its VIP, the import's ports, and one endpoint per address of each
+    exporter (render/failover.py), HTTP ports reaching its cross-cluster port and TCP ports its
+    published TCP port."""
+
+    def port_of(port: PortSpec, exporter: Exporter) -> int:
+        # An exporter whose agent predates `Gateway.tcp_port` publishes none: it listens on its
+        # `cross_cluster_tcp_port`, which then had to be the same fleet-wide, so this cluster's own.
+        return (exporter.tcp_port or ctx.cross_cluster_tcp_port) if port.is_tcp else exporter.port
+
     body = {
         "hosts": [ctx.host(spec.name)],
         "addresses": [vip],
         "exportTo": list(export_to),
         "location": "MESH_EXTERNAL",
-        "resolution": "STATIC" if spec.gateway_is_ip else "DNS",
+        "resolution": resolution(spec),
         "ports": [{"number": p.number, "name": p.name, "protocol": p.protocol.value} for p in spec.ports],
-        "endpoints": [
-            {
-                "address": spec.gateway_address,
-                "ports": {p.name: tcp_port if p.is_tcp else spec.gateway_port for p in spec.ports},
-            }
-        ],
-        "subjectAltNames": [spec.identity],
+        "endpoints": import_endpoints(spec, port_of),
+        "subjectAltNames": list(spec.identities),
     }
     return _manifest(NETWORKING, "ServiceEntry", _import_meta(ctx, spec, name), body)
 
@@ -704,18 +704,24 @@ def render_import_tcp_virtual_service(
 def render_import_destination_rule(
     ctx: IstioContext, spec: ImportSpec, name: str, export_to: Sequence[str] = EXPORT_TO_ALL
 ) -> Manifest:
-    """Egress gateway → remote ingress: ISTIO_MUTUAL, SNI = host, SAN = the exporter's ingress;
-    a TCP port with an SNI of its own sends that one (`portLevelSettings` replace the whole TLS
+    """Egress gateway → remote ingress: ISTIO_MUTUAL, SNI = host, SANs = every exporter's ingress
+    (any of them may answer), with the failover settings of render/failover.py; a TCP port with an SNI of its own sends that one (`portLevelSettings` replace the whole TLS
     setting for that port's cluster)."""
     host = ctx.host(spec.name)
 
     def tls(sni: str) -> dict[str, Any]:
-        return {"mode": "ISTIO_MUTUAL", "sni": sni, "subjectAltNames": [spec.identity]}
+        return {"mode": "ISTIO_MUTUAL", "sni": sni, "subjectAltNames": list(spec.identities)}
 
-    policy: dict[str, Any] = {"tls": tls(host)}
+    failover = failover_policy(spec)
+    policy: dict[str, Any] = {"tls": tls(host), **failover}
     own = _own_tcp_snis(host, spec.ports)
     if own:
-        policy["portLevelSettings"] = [{"port": {"number": n}, "tls": tls(sni)} for n, sni in sorted(own.items())]
+        # A port's settings replace the whole policy for its cluster, outlier detection and load
+        # balancer included, even when unset there (pilot/pkg/model/destination_rule.go
+        # `MergeTrafficPolicy` with hasPortLevel): each repeats the failover settings.
+        policy["portLevelSettings"] = [
+            {"port": {"number": n}, "tls": tls(sni), **failover} for n, sni in sorted(own.items())
+        ]
     body = {"host": host, "exportTo": list(export_to), "trafficPolicy": policy}
     return _manifest(NETWORKING, "DestinationRule", _import_meta(ctx, spec, name), body)
 
