@@ -302,6 +302,11 @@ class IngressGatewayConfig(_GatewayBase):
     service_account: DnsName = "istio-ingressgateway-service-account"
     # Published to peers: where they reach the cross-cluster port from outside (LB address).
     address: Annotated[str, AfterValidator(_check_address)] | None = None
+    # Instead of `address`: several (IPs or DNS names), each an endpoint of its own at importers,
+    # so one ejected address does not take the cluster out.
+    addresses: (
+        Annotated[list[Annotated[str, AfterValidator(_check_address)]], Field(min_length=1, max_length=16)] | None
+    ) = None
     port: Port | None = None
     # The gateway pods' container ports (the Service's targetPort) behind istio.cross_cluster_port
     # and istio.cross_cluster_tcp_port: Envoy listens there, so the AuthorizationPolicy's `ports`
@@ -311,6 +316,18 @@ class IngressGatewayConfig(_GatewayBase):
     # Published too: where peers reach the cross-cluster TCP port at `address` (default
     # istio.cross_cluster_tcp_port; differs when a load balancer maps ports).
     tcp_port: Port | None = None
+
+    @model_validator(mode="after")
+    def _one_address_key(self) -> IngressGatewayConfig:
+        if self.address is not None and self.addresses is not None:
+            raise ValueError("give either address or addresses (a list, the first is also published as address)")
+        if self.addresses is not None:
+            _unique(self.addresses, "address")
+        return self
+
+    @property
+    def published_addresses(self) -> list[str]:
+        return list(self.addresses) if self.addresses else [self.address] if self.address else []
 
 
 class EgressGatewayConfig(_GatewayBase):
@@ -390,18 +407,24 @@ class IstioConfig(_Model):
             gateway.tcp_target_port or self.cross_cluster_tcp_port,
         )
 
-    def published_gateway(self) -> dict[str, str | int]:
+    def published_gateway(self) -> dict[str, Any]:
         """Where other clusters reach this cluster's exports (`Gateway` of `PUT …/exports`):
         ingress_gateway.address, its port (cross_cluster_port unless set) and its TCP port
         (cross_cluster_tcp_port unless set); ConfigError when the address is not set."""
         gateway = self.ingress_gateway
-        if not gateway.address:
+        addresses = gateway.published_addresses
+        if not addresses:
             raise ConfigError(MISSING_GATEWAY_ADDRESS, [MISSING_GATEWAY_ADDRESS])
-        return {
-            "address": gateway.address,
+        published: dict[str, Any] = {
+            "address": addresses[0],
             "port": gateway.port or self.cross_cluster_port,
             "tcp_port": gateway.tcp_port or self.cross_cluster_tcp_port,
         }
+        if len(addresses) > 1:
+            # Only then: a CA service predating `addresses` refuses unknown keys, and still gets
+            # the exports of every agent with one address.
+            published["addresses"] = addresses
+        return published
 
     def identity(self, gateway: _GatewayBase) -> str:
         """SPIFFE identity of a gateway's workload certificate: its own namespace and service
@@ -786,7 +809,7 @@ def load_config(path: str | Path) -> AgentConfig:
 def runtime_problems(config: AgentConfig) -> list[str]:
     """What a valid document still lacks for a running agent. A Helm chart may render the file
     before the gateway's address is known; the agent publishes its exports with it on every pass."""
-    return [] if config.istio.ingress_gateway.address else [MISSING_GATEWAY_ADDRESS]
+    return [] if config.istio.ingress_gateway.published_addresses else [MISSING_GATEWAY_ADDRESS]
 
 
 def parse_config(data: object, *, base_dir: Path | None = None, source: str = "config") -> AgentConfig:

@@ -8,6 +8,7 @@ import pytest
 
 from cluster_agent.config import AgentConfig, ConfigError, parse_config
 from cluster_agent.render import render_all
+from meshbridge_wire.models import PublishedGateway
 
 INGRESS = "spiffe://{}.mesh/ns/istio-system/sa/istio-ingressgateway-service-account"
 
@@ -165,3 +166,48 @@ def test_bad_priority_or_locality_names_the_key(rule: dict[str, Any], message: s
     with pytest.raises(ConfigError) as err:
         config(a=rule)
     assert message in str(err.value)
+
+
+def _istio(ingress: dict[str, Any]) -> AgentConfig:
+    return parse_config(
+        {
+            "cluster": "b",
+            "ca": {"url": "https://127.0.0.1:8443", "trust_anchor": "/ca-root.pem"},
+            "istio": {"trust_domain": "b.mesh", "ingress_gateway": ingress},
+        }
+    )
+
+
+def test_several_ingress_addresses_are_published_with_address_first() -> None:
+    cfg = _istio({"addresses": ["198.51.100.20", "gw.b.example"]})
+    published = cfg.istio.published_gateway()
+    assert published == {
+        "address": "198.51.100.20",
+        "addresses": ["198.51.100.20", "gw.b.example"],
+        "port": 15443,
+        "tcp_port": 15444,
+    }
+    PublishedGateway.model_validate(published)  # the CA service's model accepts it
+
+
+def test_one_address_is_published_without_addresses_for_older_ca_services() -> None:
+    assert "addresses" not in _istio({"address": "198.51.100.20"}).istio.published_gateway()
+
+
+@pytest.mark.parametrize(
+    ("ingress", "message"),
+    [
+        ({"address": "198.51.100.20", "addresses": ["198.51.100.21"]}, "either address or addresses"),
+        ({"addresses": ["198.51.100.20", "198.51.100.20"]}, "198.51.100.20"),
+        ({"addresses": ["not an address"]}, "istio.ingress_gateway.addresses"),
+    ],
+)
+def test_bad_addresses_are_config_errors(ingress: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        _istio(ingress)
+    assert message in str(err.value)
+
+
+def test_the_wire_gateway_keeps_address_the_first_of_addresses() -> None:
+    with pytest.raises(ValueError, match="addresses\\[0\\] must be address"):
+        PublishedGateway.model_validate({"address": "a.example", "addresses": ["b.example"], "port": 1})
