@@ -102,6 +102,8 @@ class ClusterOut(BaseModel):
     served: ServedOut | None = None
     # the cluster's last `PUT …/exports` body (gateway, identities, services with their consumers), or None
     exports: dict[str, Any] | None = None
+    # per name this cluster imports, the clusters exporting it to it (several: its agent fails over)
+    imports: dict[str, list[str]] = {}
 
 
 class ClusterList(BaseModel):

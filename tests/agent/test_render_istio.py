@@ -88,7 +88,9 @@ IMPORTS = [
         address="gw.c.example",
         identity=INGRESS_C,
     ),
-    imp("reviews.bookinfo", "a", [(9080, "HTTP")]),  # the same name from a second cluster with other ports: c is left out
+    imp(
+        "reviews.bookinfo", "a", [(9080, "HTTP")]
+    ),  # the same name from a second cluster with other ports: c is left out
     imp("ignored.bookinfo", "e", [(80, "HTTP")]),  # e is not configured as a source
 ]
 PEERS = [
