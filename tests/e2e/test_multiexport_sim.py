@@ -1,0 +1,100 @@
+"""Issue 13 items 4 and 5 through Istio's own xDS generation (TestMultiExport): every exporter and
+every gateway address of an imported name is an endpoint of a's egress cluster, with the Envoy
+priority its exporter's `imports[].priority` rank gives, outlier detection on, and every exporter's
+ingress identity pinned; over STATIC (EDS) and DNS (STRICT_DNS) ServiceEntries alike."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster_agent.config import parse_config
+from cluster_agent.render import render_all, to_yaml
+from tests.e2e.clusters import Clusters
+from tests.e2e.gocheck import GoCheckFailed, run_multi_export
+from tests.e2e.testbin import require
+from tests.support.multiscenario import render_multi_importer
+from tests.support.simscenario import INGRESS
+
+RATINGS = "ratings.bookinfo.remote"
+DETAILS = "details.bookinfo.remote"
+SANS = {h: [INGRESS.format(td="b.mesh"), INGRESS.format(td="c.mesh")] for h in (RATINGS, DETAILS)}
+
+
+def test_exporters_are_endpoints_with_their_priorities(tmp_path: Path) -> None:
+    expect = {
+        RATINGS: ["198.51.100.20:15443@0", "198.51.100.21:15443@0", "198.51.100.30:15443@1"],
+        DETAILS: ["gw.b.example:15443@0", "198.51.100.30:15443@1"],
+    }
+    out = run_multi_export(render_multi_importer(tmp_path / "a"), expect, SANS)
+    assert "--- PASS: TestMultiExport/ratings.bookinfo.remote" in out, out
+    assert "--- PASS: TestMultiExport/details.bookinfo.remote" in out, out
+
+
+def test_preferring_c_swaps_the_priorities(tmp_path: Path) -> None:
+    expect = {
+        RATINGS: ["198.51.100.20:15443@1", "198.51.100.21:15443@1", "198.51.100.30:15443@0"],
+        DETAILS: ["gw.b.example:15443@1", "198.51.100.30:15443@0"],
+    }
+    run_multi_export(render_multi_importer(tmp_path / "a", {"b": 7, "c": 2}), expect, SANS)
+
+
+def test_equal_priorities_share_priority_zero(tmp_path: Path) -> None:
+    expect = {
+        RATINGS: ["198.51.100.20:15443@0", "198.51.100.21:15443@0", "198.51.100.30:15443@0"],
+        DETAILS: ["gw.b.example:15443@0", "198.51.100.30:15443@0"],
+    }
+    run_multi_export(render_multi_importer(tmp_path / "a", {"b": 0, "c": 0}), expect, SANS)
+
+
+def test_the_check_can_fail(tmp_path: Path) -> None:
+    """A wrong expectation (c preferred while b is) is refused: the check reads the priorities."""
+    expect = {RATINGS: ["198.51.100.20:15443@1", "198.51.100.21:15443@1", "198.51.100.30:15443@0"]}
+    with pytest.raises(GoCheckFailed) as failed:
+        run_multi_export(render_multi_importer(tmp_path / "a"), expect, SANS)
+    assert "endpoints@priority" in failed.value.output
+
+
+def test_rendered_objects_pass_the_api_server_and_istioctl_validate(clusters: Clusters, tmp_path: Path) -> None:
+    """The CRDs' schemas and CEL rules (a real kube-apiserver, server-side dry run) and istiod's
+    admission validation (`istioctl validate`) accept endpoints with labels and locality, mixed
+    IP/DNS endpoints, outlier detection and failoverPriority."""
+    directory = render_multi_importer(tmp_path / "a")
+    (tmp_path / "a" / "extra.yaml").write_text(to_yaml(_with_locality()))
+    istioctl = require("istioctl")
+    for f in sorted(directory.glob("*.yaml")):
+        clusters["a"].kubectl("apply", "--server-side", "--dry-run=server", "--force-conflicts", "-f", str(f))
+        res = subprocess.run([str(istioctl), "validate", "-f", str(f)], capture_output=True, text=True)
+        assert res.returncode == 0 and "Warning" not in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def _with_locality() -> dict[str, Any]:
+    """A ServiceEntry as rendered for exporters with `imports[].locality`."""
+    cfg = parse_config(
+        {
+            "cluster": "a",
+            "ca": {"url": "https://127.0.0.1:8443", "trust_anchor": "/etc/meshbridge/ca-root.pem"},
+            "istio": {"trust_domain": "a.mesh", "ingress_gateway": {"address": "198.51.100.10"}},
+            "imports": [
+                {"from": "b", "names": ["*"], "locality": "eu-west1/b/rack-1"},
+                {"from": "c", "names": ["*"], "locality": "us-east1"},
+            ],
+        }
+    )
+    imports = [
+        {
+            "name": "reviews.bookinfo",
+            "cluster": c,
+            "ports": [{"number": 9080, "protocol": "HTTP"}],
+            "gateway": {"address": f"198.51.100.{i}", "port": 15443},
+            "identity": INGRESS.format(td=f"{c}.mesh"),
+        }
+        for i, c in ((20, "b"), (30, "c"))
+    ]
+    result = render_all(cfg, imports=imports, peers=[], vips={})
+    (entry,) = [o for o in result.objects if o["kind"] == "ServiceEntry"]
+    assert [e["locality"] for e in entry["spec"]["endpoints"]] == ["eu-west1/b/rack-1", "us-east1"]
+    return entry
