@@ -705,8 +705,9 @@ def render_import_destination_rule(
     ctx: IstioContext, spec: ImportSpec, name: str, export_to: Sequence[str] = EXPORT_TO_ALL
 ) -> Manifest:
     """Egress gateway → remote ingress: ISTIO_MUTUAL, SNI = host, SANs = every exporter's ingress
-    (any of them may answer), with the failover settings of render/failover.py; a TCP port with an SNI of its own sends that one (`portLevelSettings` replace the whole TLS
-    setting for that port's cluster)."""
+    (any of them may answer), with the failover settings of render/failover.py; a TCP port with an
+    SNI of its own sends that one (`portLevelSettings` replace the whole TLS setting for that port's
+    cluster)."""
     host = ctx.host(spec.name)
 
     def tls(sni: str) -> dict[str, Any]:

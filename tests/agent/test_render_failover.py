@@ -38,7 +38,7 @@ def imp(cluster: str, gateway: dict[str, Any], ports: list[tuple[int, str]] | No
 
 def objects(cfg: AgentConfig, imports: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     out = render_all(cfg, imports=imports, peers=[], vips={})
-    by = {(o["kind"], o["metadata"]["name"]): o.get("spec") for o in out.objects}
+    by: dict[tuple[str, str], Any] = {(o["kind"], o["metadata"]["name"]): o.get("spec") for o in out.objects}
     name = "meshbridge-import-ratings-bookinfo"
     return by[("ServiceEntry", name)], by[("DestinationRule", name)], out.warnings
 
