@@ -614,6 +614,15 @@ def _check_import_name(value: str) -> str:
 
 
 ImportName = Annotated[str, AfterValidator(_check_import_name)]
+
+
+def _check_service_name_key(value: str) -> str:
+    if not is_service_name(value):
+        raise ValueError(f"must be <service>.<namespace> such as 'ratings.bookinfo' (got {value!r})")
+    return value
+
+
+ServiceNameKey = Annotated[str, AfterValidator(_check_service_name_key)]
 MAX_PRIORITY = 15
 # A Kubernetes label value (apimachinery validation.go IsValidLabelValue), non-empty.
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
@@ -641,6 +650,9 @@ class ImportConfig(_Model):
     # This source's locality (region[/zone[/subzone]]), the `locality` of its endpoints: with equal
     # priorities, Istio prefers the sources nearest the egress gateway.
     locality: Annotated[str, AfterValidator(_check_locality)] | None = None
+    # Local names: {<name>: <alias>} serves an imported <name> as <alias>.<suffix> instead (its VIP,
+    # DNS and routes), while the exporter still sees <name>.
+    aliases: dict[ServiceNameKey, ServiceNameKey] = Field(default_factory=dict)
 
     @field_validator("names")
     @classmethod
@@ -681,6 +693,13 @@ class AgentConfig(_Model):
         for rule in self.imports:
             if rule.from_ == cluster:
                 return rule
+        return None
+
+    def alias_for(self, name: str) -> str | None:
+        """The alias of an imported name (`imports[].aliases`; the configuration makes it unique)."""
+        for rule in self.imports:
+            if name in rule.aliases:
+                return rule.aliases[name]
         return None
 
     def egress_gateways(self) -> list[EgressGatewayConfig]:
@@ -750,6 +769,7 @@ def _cross_problems(cfg: AgentConfig) -> Iterable[str]:
         if rule.from_ in seen_sources:
             yield f"imports[{i}].from: {rule.from_!r} appears twice; merge its names into one entry"
         seen_sources.add(rule.from_)
+    yield from _alias_problems(cfg)
     seen_exports: set[str] = set()
     for i, export in enumerate(cfg.exports):
         if export.export_name in seen_exports:
@@ -759,6 +779,29 @@ def _cross_problems(cfg: AgentConfig) -> Iterable[str]:
             if consumer == cfg.cluster:
                 yield f"exports[{i}].consumers[{j}]: {consumer!r} is this cluster; list other clusters only"
     yield from _gateway_conflicts(cfg)
+
+
+def _alias_problems(cfg: AgentConfig) -> Iterable[str]:
+    """An alias must name a host no other import takes: not a name listed in any `names`, not
+    another alias; a name has one alias (the same in every rule that gives one), which its rule
+    must select."""
+    listed = {n for rule in cfg.imports for n in rule.names if n != "*"}
+    claimed: dict[str, tuple[str, str]] = {}  # alias -> (name, key path)
+    alias_of: dict[str, str] = {}
+    for i, rule in enumerate(cfg.imports):
+        for name, alias in rule.aliases.items():
+            path = f"imports[{i}].aliases.{name}"
+            if not rule.selects(name):
+                yield f"{path}: {name!r} is not among imports[{i}].names; alias only names this rule imports"
+            if alias == name:
+                yield f"{path}: the alias is the name itself; leave it out"
+            elif alias in listed:
+                yield f"{path}: alias {alias!r} collides with an imported name; pick another alias"
+            first = claimed.setdefault(alias, (name, path))
+            if first[0] != name:
+                yield f"{path}: alias {alias!r} is already the alias of {first[0]!r} ({first[1]}); one host, one import"
+            if alias_of.setdefault(name, alias) != alias:
+                yield f"{path}: {name!r} already has the alias {alias_of[name]!r} in another rule; give it one alias"
 
 
 def _gateway_conflicts(cfg: AgentConfig) -> Iterable[str]:

@@ -141,7 +141,7 @@ def _render_all(
         export_specs, export_warnings = parse_exports(exports)
     warnings += import_warnings + selection_warnings + peer_warnings + export_warnings
 
-    allocation = allocate_vips((s.name for s in selected), vip_range=config.dns.vip_range, previous=vips)
+    allocation = allocate_vips((s.local for s in selected), vip_range=config.dns.vip_range, previous=vips)
 
     peer_specs, alias_warnings = _drop_aliased_consumers(config.istio.trust_domain, peer_specs)
     warnings += alias_warnings

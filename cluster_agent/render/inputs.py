@@ -68,9 +68,15 @@ class Exporter:
 class ImportSpec:
     """One imported name and every cluster serving it, preferred first (priority, then name)."""
 
-    name: str  # <service>.<namespace>
+    name: str  # <service>.<namespace>, as exported
     ports: tuple[PortSpec, ...]
     exporters: tuple[Exporter, ...]
+    alias: str | None = None  # `imports[].aliases`: the name this cluster serves it under instead
+
+    @property
+    def local(self) -> str:
+        """The name this cluster's workloads call (`<local>.<suffix>`): the alias, else the name."""
+        return self.alias or self.name
 
     @property
     def cluster(self) -> str:
@@ -238,7 +244,26 @@ def select_imports(config: AgentConfig, imports: Sequence[ImportSpec]) -> tuple[
         if name != "*" and (rule.from_, name) not in offered
     ]
     joined = [_join(config, by_name[name], warnings) for name in sorted(by_name)]
-    return joined, warnings
+    return _aliased(config, joined, warnings), warnings
+
+
+def _aliased(config: AgentConfig, specs: list[ImportSpec], warnings: list[str]) -> list[ImportSpec]:
+    """Each import under its alias (`imports[].aliases`), unless the alias is a name imported as
+    itself (offered through `*`; the configuration refuses the names it lists): then the alias is
+    dropped with a warning, so no two imports claim one host."""
+    taken = {s.name for s in specs if config.alias_for(s.name) is None}
+    out: list[ImportSpec] = []
+    for spec in specs:
+        alias = config.alias_for(spec.name)
+        if alias is not None and alias in taken:
+            warnings.append(
+                f"imports: alias {alias} of {spec.name} is itself imported (from "
+                f"{next(s.cluster for s in specs if s.name == alias)}); {spec.name} keeps its own name. "
+                f"Pick another alias"
+            )
+            alias = None
+        out.append(replace(spec, alias=alias))
+    return out
 
 
 def _join(config: AgentConfig, specs: Sequence[ImportSpec], warnings: list[str]) -> ImportSpec:

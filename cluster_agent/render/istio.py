@@ -218,7 +218,7 @@ class IstioContext:
         """
         namespaces = self.consumer_namespaces.get(spec.cluster)
         if namespaces is None:
-            namespaces = (spec.name.split(".", 1)[1],)
+            namespaces = (spec.local.split(".", 1)[1],)
         if "*" in namespaces:
             return EXPORT_TO_ALL
         return tuple(sorted({*namespaces, egress.namespace}))
@@ -591,7 +591,7 @@ def render_service_entry(
         return (exporter.tcp_port or ctx.cross_cluster_tcp_port) if port.is_tcp else exporter.port
 
     body = {
-        "hosts": [ctx.host(spec.name)],
+        "hosts": [ctx.host(spec.local)],
         "addresses": [vip],
         "exportTo": list(export_to),
         "location": "MESH_EXTERNAL",
@@ -620,8 +620,10 @@ def render_import_virtual_service(
     export_to: Sequence[str] = EXPORT_TO_ALL,
 ) -> Manifest:
     """The `.remote` host for sidecars (`mesh`: to the egress gateway) and at the egress gateway (on
-    to the exporter); `tcp_subsets` maps each TCP SNI of this import to its egress subset."""
-    host = ctx.host(spec.name)
+    to the exporter); `tcp_subsets` maps each TCP SNI of this import to its egress subset. Under an
+    alias, the egress route rewrites the authority to the exported name, the one the exporter's
+    ingress routes."""
+    host = ctx.host(spec.local)
     to_egress: list[dict[str, Any]] = []
     to_remote: list[dict[str, Any]] = []
     http_ports = _http_ports(spec.ports)
@@ -649,14 +651,15 @@ def render_import_virtual_service(
             if len(http_ports) == 1
             else _authority_matches(host, port, egress.gateway_ref)
         )
-        to_remote.append(
-            {
-                "name": f"egress-{port.number}",
-                "match": match,
-                "retries": dict(NO_RETRIES),
-                "route": [{"destination": {"host": host, "port": {"number": port.number}}}],
-            }
-        )
+        onward: dict[str, Any] = {
+            "name": f"egress-{port.number}",
+            "match": match,
+            "retries": dict(NO_RETRIES),
+            "route": [{"destination": {"host": host, "port": {"number": port.number}}}],
+        }
+        if spec.alias is not None:
+            onward["rewrite"] = {"authority": f"{ctx.host(spec.name)}:{port.number}"}
+        to_remote.append(onward)
     tcp_routes: list[dict[str, Any]] = []
     for number, sni in tcp_snis(host, spec.ports).items():
         assert tcp_subsets is not None and sni in tcp_subsets, "a TCP import needs its egress subsets"
@@ -696,7 +699,7 @@ def render_import_tcp_virtual_service(
         "hosts": [sni],
         "gateways": [egress.gateway_ref],
         "exportTo": list(export_to),
-        "tcp": [_egress_tcp_route(egress, ctx.host(spec.name), port)],
+        "tcp": [_egress_tcp_route(egress, ctx.host(spec.local), port)],
     }
     return _manifest(NETWORKING, "VirtualService", _import_meta(ctx, spec, name), body)
 
@@ -707,15 +710,15 @@ def render_import_destination_rule(
     """Egress gateway → remote ingress: ISTIO_MUTUAL, SNI = host, SANs = every exporter's ingress
     (any of them may answer), with the failover settings of render/failover.py; a TCP port with an
     SNI of its own sends that one (`portLevelSettings` replace the whole TLS setting for that port's
-    cluster)."""
-    host = ctx.host(spec.name)
+    cluster). Under an alias the host is the alias and the SNIs are the exported name's."""
+    host, remote = ctx.host(spec.local), ctx.host(spec.name)
 
     def tls(sni: str) -> dict[str, Any]:
         return {"mode": "ISTIO_MUTUAL", "sni": sni, "subjectAltNames": list(spec.identities)}
 
     failover = failover_policy(spec)
-    policy: dict[str, Any] = {"tls": tls(host), **failover}
-    own = _own_tcp_snis(host, spec.ports)
+    policy: dict[str, Any] = {"tls": tls(remote), **failover}
+    own = _own_tcp_snis(remote, spec.ports)
     if own:
         # A port's settings replace the whole policy for its cluster, outlier detection and load
         # balancer included, even when unset there (pilot/pkg/model/destination_rule.go
@@ -731,9 +734,9 @@ def render_import_side(ctx: IstioContext, imports: Sequence[ImportSpec], vips: M
     """Everything one cluster needs to reach its imports; `vips` maps every import name to its VIP."""
     if not imports:
         return []
-    keys = [k for s in imports for k in _object_keys(s.name, ctx.host(s.name), s.ports)]
+    keys = [k for s in imports for k in _object_keys(s.local, ctx.host(s.local), s.ports)]
     names = object_names(keys, prefix="meshbridge-import")
-    subsets = tcp_subsets([sni for s in imports for sni in tcp_snis(ctx.host(s.name), s.ports).values()])
+    subsets = tcp_subsets([sni for s in imports for sni in tcp_snis(ctx.host(s.local), s.ports).values()])
     hosts_by_egress: dict[str, list[str]] = {}
     tcp_by_egress: dict[str, dict[str, str]] = {}
     export_to_by_egress: dict[str, set[str]] = {}
@@ -741,7 +744,7 @@ def render_import_side(ctx: IstioContext, imports: Sequence[ImportSpec], vips: M
     objects: list[Manifest] = []
     for spec in imports:
         egress = ctx.egress_for(spec.cluster)
-        host = ctx.host(spec.name)
+        host = ctx.host(spec.local)
         export_to = ctx.import_export_to(spec, egress)
         export_to_by_egress.setdefault(egress.gateway_name, set()).update(export_to)
         targets[egress.gateway_name] = egress
@@ -749,11 +752,11 @@ def render_import_side(ctx: IstioContext, imports: Sequence[ImportSpec], vips: M
             hosts_by_egress.setdefault(egress.gateway_name, []).append(host)
         own = {sni: subsets[sni] for sni in tcp_snis(host, spec.ports).values()}
         tcp_by_egress.setdefault(egress.gateway_name, {}).update(own)
-        name = names[spec.name]
-        objects.append(render_service_entry(ctx, spec, name, vips[spec.name], export_to))
+        name = names[spec.local]
+        objects.append(render_service_entry(ctx, spec, name, vips[spec.local], export_to))
         objects.append(render_import_virtual_service(ctx, spec, name, egress, own, export_to))
         for number, sni in _own_tcp_snis(host, spec.ports).items():
-            key = _tcp_key(spec.name, number)
+            key = _tcp_key(spec.local, number)
             objects.append(render_import_tcp_virtual_service(ctx, spec, names[key], egress, number, sni, export_to))
         objects.append(render_import_destination_rule(ctx, spec, name, export_to))
     for gateway_name, egress in sorted(targets.items()):

@@ -211,3 +211,107 @@ def test_bad_addresses_are_config_errors(ingress: dict[str, Any], message: str) 
 def test_the_wire_gateway_keeps_address_the_first_of_addresses() -> None:
     with pytest.raises(ValueError, match="addresses\\[0\\] must be address"):
         PublishedGateway.model_validate({"address": "a.example", "addresses": ["b.example"], "port": 1})
+
+
+# ------------------------------------------------------------------------------------------------
+# Aliases (issue 13 item 5)
+
+
+def _by_kind(cfg: AgentConfig, imports: list[dict[str, Any]]) -> tuple[dict[tuple[str, str], Any], Any]:
+    out = render_all(cfg, imports=imports, peers=[], vips={})
+    return {(o["kind"], o["metadata"]["name"]): o.get("spec") for o in out.objects}, out
+
+
+def test_an_alias_is_the_local_host_and_the_exported_name_goes_on_to_the_exporter() -> None:
+    cfg = config(a={"aliases": {"ratings.bookinfo": "stars.shop"}})
+    tcp = [(9080, "HTTP"), (5432, "TCP"), (5433, "TCP")]
+    by, out = _by_kind(cfg, [imp("a", {"address": "203.0.113.10", "port": 15443}, tcp)])
+    name = "meshbridge-import-stars-shop"
+    se, vs, dr = by[("ServiceEntry", name)], by[("VirtualService", name)], by[("DestinationRule", name)]
+    assert se["hosts"] == ["stars.shop.remote"] and dr["host"] == "stars.shop.remote"
+    assert set(out.vips) == {"stars.shop"}
+    assert se["exportTo"] == ["istio-system", "shop"]  # the alias's namespace calls it
+    assert vs["hosts"] == ["stars.shop.remote"]
+    (onward,) = [r for r in vs["http"] if r["name"] == "egress-9080"]
+    assert onward["rewrite"] == {"authority": "ratings.bookinfo.remote:9080"}
+    assert onward["route"][0]["destination"]["host"] == "stars.shop.remote"
+    # to the exporter: the exported name's SNIs, per TCP port too
+    assert dr["trafficPolicy"]["tls"]["sni"] == "ratings.bookinfo.remote"
+    assert [p["tls"]["sni"] for p in dr["trafficPolicy"]["portLevelSettings"]] == [
+        "5432.ratings.bookinfo.remote",
+        "5433.ratings.bookinfo.remote",
+    ]
+    # inside this cluster: the alias's SNIs (sidecar → egress gateway → its TLS servers)
+    egress = by[("Gateway", "meshbridge-egress")]
+    tls_hosts = [s["hosts"] for s in egress["servers"] if s["port"]["protocol"] == "TLS"]
+    assert tls_hosts == [["istio-system/5432.stars.shop.remote"], ["istio-system/5433.stars.shop.remote"]]
+    assert ("ServiceEntry", "meshbridge-import-ratings-bookinfo") not in by
+
+
+def test_without_alias_the_egress_route_does_not_rewrite() -> None:
+    by, _ = _by_kind(config(), [imp("a", {"address": "203.0.113.10", "port": 15443})])
+    vs = by[("VirtualService", "meshbridge-import-ratings-bookinfo")]
+    assert all("rewrite" not in r for r in vs["http"] if r["name"].startswith("egress-"))
+
+
+def test_an_alias_taken_by_a_name_imported_through_star_is_dropped_with_a_warning() -> None:
+    cfg = parse_config(
+        {
+            "cluster": "b",
+            "ca": {"url": "https://127.0.0.1:8443", "trust_anchor": "/ca-root.pem"},
+            "istio": {"trust_domain": "b.mesh", "ingress_gateway": {"address": "198.51.100.20"}},
+            "imports": [
+                {"from": "a", "names": ["ratings.bookinfo"], "aliases": {"ratings.bookinfo": "stars.shop"}},
+                {"from": "c", "names": ["*"]},
+            ],
+        }
+    )
+    other = {**imp("c", {"address": "203.0.113.30", "port": 15443}), "name": "stars.shop"}
+    by, out = _by_kind(cfg, [imp("a", {"address": "203.0.113.10", "port": 15443}), other])
+    assert by[("ServiceEntry", "meshbridge-import-stars-shop")]["endpoints"][0]["address"] == "203.0.113.30"
+    assert by[("ServiceEntry", "meshbridge-import-ratings-bookinfo")]["hosts"] == ["ratings.bookinfo.remote"]
+    assert any(
+        w.startswith("imports: alias stars.shop of ratings.bookinfo is itself imported (from c)") for w in out.warnings
+    )
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        (
+            {"a": {"aliases": {"ratings.bookinfo": "ratings.bookinfo"}}},
+            "imports[0].aliases.ratings.bookinfo: the alias is the name itself",
+        ),
+        (
+            {"a": {"aliases": {"details.bookinfo": "x.shop"}}},
+            "imports[0].aliases.details.bookinfo: 'details.bookinfo' is not among imports[0].names",
+        ),
+        (
+            {"a": {"aliases": {"ratings.bookinfo": "x.shop"}}, "c": {"aliases": {"ratings.bookinfo": "y.shop"}}},
+            "imports[1].aliases.ratings.bookinfo: 'ratings.bookinfo' already has the alias 'x.shop'",
+        ),
+        (
+            {
+                "a": {
+                    "names": ["ratings.bookinfo", "reviews.bookinfo"],
+                    "aliases": {"ratings.bookinfo": "x.shop", "reviews.bookinfo": "x.shop"},
+                }
+            },
+            "alias 'x.shop' is already the alias of 'ratings.bookinfo'",
+        ),
+        (
+            {
+                "a": {
+                    "names": ["ratings.bookinfo", "reviews.bookinfo"],
+                    "aliases": {"ratings.bookinfo": "reviews.bookinfo"},
+                }
+            },
+            "alias 'reviews.bookinfo' collides with an imported name",
+        ),
+        ({"a": {"aliases": {"ratings.bookinfo": "not a name"}}}, "imports[0].aliases"),
+    ],
+)
+def test_bad_aliases_are_config_errors_naming_the_key(rules: dict[str, dict[str, Any]], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config(**rules)
+    assert message in str(err.value)

@@ -36,10 +36,14 @@ def _import(name: str, cluster: str) -> dict[str, Any]:
     }
 
 
-def render_multi_importer(directory: Path, priorities: dict[str, int] | None = None) -> Path:
-    """Cluster a's objects; `priorities`: `imports[].priority` per source cluster (default PRIORITY)."""
+def render_multi_importer(
+    directory: Path, priorities: dict[str, int] | None = None, aliases: dict[str, str] | None = None
+) -> Path:
+    """Cluster a's objects; `priorities`: `imports[].priority` per source cluster (default
+    PRIORITY); `aliases`: `imports[].aliases` of every rule."""
     chosen = PRIORITY if priorities is None else priorities
-    rules = [{"from": c, "names": ["ratings.bookinfo", "details.bookinfo"], "priority": p} for c, p in chosen.items()]
+    names = ["ratings.bookinfo", "details.bookinfo"]
+    rules = [{"from": c, "names": names, "priority": p, "aliases": aliases or {}} for c, p in chosen.items()]
     data = {
         "cluster": "a",
         "ca": {"url": "https://127.0.0.1:8443", "trust_anchor": "/etc/meshbridge/ca-root.pem"},

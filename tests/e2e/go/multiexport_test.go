@@ -23,11 +23,15 @@ import (
 //
 // MESHBRIDGE_MULTI_EXPECT: "host=addr:port@priority,...;host=..." (the endpoints, any order)
 // MESHBRIDGE_MULTI_SANS:   "host=san,san;host=..." (the identities each host's egress cluster pins)
+// MESHBRIDGE_MULTI_REMOTE: "host=exported;..." (a host served under an alias, issue 13 item 5):
+// the egress gateway must send the exported name on, as SNI and authority, the two things the
+// exporter's ingress routes on (TestSimulation step 3).
 // MESHBRIDGE_SIM_A_DIR:    a's rendered objects.
 func TestMultiExport(t *testing.T) {
 	sc := loadScenario(t)
 	expect := parseMulti(t, os.Getenv("MESHBRIDGE_MULTI_EXPECT"))
 	sans := parseMulti(t, os.Getenv("MESHBRIDGE_MULTI_SANS"))
+	remote := parseMulti(t, os.Getenv("MESHBRIDGE_MULTI_REMOTE"))
 	if len(expect) == 0 {
 		t.Fatal("MESHBRIDGE_MULTI_EXPECT is empty")
 	}
@@ -62,7 +66,14 @@ func TestMultiExport(t *testing.T) {
 				t.Fatalf("egress: err=%v cluster %q, want %q", res.Error, res.ClusterMatched, want)
 			}
 			c := egressGW.cluster(t, want)
-			checkIstioMTLS(t, c, host, sans[host])
+			exported := host
+			if r, ok := remote[host]; ok {
+				exported = r[0]
+			}
+			checkIstioMTLS(t, c, exported, sans[host])
+			if onward, wantHost := egressGW.hostAfter(t, res, after), fmt.Sprintf("%s:%d", exported, sc.port); onward != wantHost {
+				t.Errorf("egress gateway sends Host %q on to the exporter, want %q", onward, wantHost)
+			}
 			checkOutlierDetection(t, c)
 			got := egressGW.prioritizedEndpoints(t, c)
 			sort.Strings(got)
@@ -71,8 +82,8 @@ func TestMultiExport(t *testing.T) {
 			if strings.Join(got, " ") != strings.Join(wantEPs, " ") {
 				t.Errorf("cluster %s (%s): endpoints@priority %v, want %v", c.Name, c.GetType(), got, wantEPs)
 			}
-			t.Logf("%s: cluster %s type %s, endpoints@priority %v, outlier detection %v", host, c.Name,
-				clusterKind(c), got, c.GetOutlierDetection())
+			t.Logf("%s: cluster %s type %s, SNI and Host on to the exporter %s, endpoints@priority %v, outlier detection %v",
+				host, c.Name, clusterKind(c), exported, got, c.GetOutlierDetection())
 		})
 	}
 }
