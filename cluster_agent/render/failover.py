@@ -56,7 +56,15 @@ from typing import Any
 
 from cluster_agent.render.inputs import Exporter, ImportSpec, PortSpec
 
-__all__ = ["RANK_LABEL", "endpoint_count", "failover_policy", "import_endpoints", "ranks", "resolution"]
+__all__ = [
+    "RANK_LABEL",
+    "describe_exporters",
+    "endpoint_count",
+    "failover_policy",
+    "import_endpoints",
+    "ranks",
+    "resolution",
+]
 
 RANK_LABEL = "meshbridge.io/rank-below-{}"
 OUTLIER_DETECTION: dict[str, Any] = {
@@ -103,6 +111,13 @@ def import_endpoints(spec: ImportSpec, port_of: Callable[[PortSpec, Exporter], i
                 endpoint["locality"] = exporter.locality
             endpoints.append(endpoint)
     return endpoints
+
+
+def describe_exporters(spec: ImportSpec) -> str:
+    """The exporters of an import for operators: `a@0 [203.0.113.10, gw2.a.example], c@1 [...]`
+    (each with its Envoy priority, the rank, and its addresses)."""
+    rank_of = ranks(spec)
+    return ", ".join(f"{e.cluster}@{rank_of[e.cluster]} [{', '.join(e.addresses)}]" for e in spec.exporters)
 
 
 def failover_policy(spec: ImportSpec) -> dict[str, Any]:

@@ -315,3 +315,16 @@ def test_bad_aliases_are_config_errors_naming_the_key(rules: dict[str, dict[str,
     with pytest.raises(ConfigError) as err:
         config(**rules)
     assert message in str(err.value)
+
+
+def test_render_shows_each_imports_mode_and_exporters_with_their_priorities() -> None:
+    cfg = config(a={"priority": 3, "aliases": {"ratings.bookinfo": "stars.bookinfo"}}, c={"priority": 1})
+    two = {"address": "203.0.113.10", "addresses": ["203.0.113.10", "gw2.a.example"], "port": 15443}
+    out = render_all(
+        cfg, imports=[imp("a", two), imp("c", {"address": "203.0.113.30", "port": 15443})], peers=[], vips={}
+    )
+    assert out.imports == {
+        "stars.bookinfo.remote": (
+            "hop-by-hop (alias of ratings.bookinfo.remote): c@0 [203.0.113.30], a@1 [203.0.113.10, gw2.a.example]"
+        )
+    }

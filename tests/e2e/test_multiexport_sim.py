@@ -51,18 +51,19 @@ def test_equal_priorities_share_priority_zero(tmp_path: Path) -> None:
 
 
 def test_an_alias_is_called_locally_and_the_exported_name_goes_on(tmp_path: Path) -> None:
-    """Issue 13 item 5: ratings.bookinfo served in a as stars.shop.remote; a's egress gateway sends
+    """Issue 13 item 5: ratings.bookinfo served in a as stars.bookinfo.remote (the alias's namespace
+    is the simulated caller's); a's egress gateway sends
     SNI and Host ratings.bookinfo.remote on to the exporters, which route on them (TestSimulation)."""
-    stars = "stars.shop.remote"
+    stars = "stars.bookinfo.remote"
     expect = {
         stars: ["198.51.100.20:15443@0", "198.51.100.21:15443@0", "198.51.100.30:15443@1"],
         DETAILS: ["gw.b.example:15443@0", "198.51.100.30:15443@1"],
     }
-    directory = render_multi_importer(tmp_path / "a", aliases={"ratings.bookinfo": "stars.shop"})
+    directory = render_multi_importer(tmp_path / "a", aliases={"ratings.bookinfo": "stars.bookinfo"})
     out = run_multi_export(directory, expect, {stars: SANS[RATINGS], DETAILS: SANS[DETAILS]}, remote={stars: RATINGS})
     assert "SNI and Host on to the exporter ratings.bookinfo.remote" in out, out
     with pytest.raises(GoCheckFailed) as failed:  # without the rewrite/SNI the check refuses it
-        run_multi_export(directory, expect, {stars: SANS[RATINGS]}, remote={stars: "stars.shop.remote.example"})
+        run_multi_export(directory, expect, {stars: SANS[RATINGS]}, remote={stars: "stars.bookinfo.remote.example"})
     assert "SNI" in failed.value.output
 
 
