@@ -22,16 +22,18 @@ failover) only when the cluster has `outlierDetection` (`LocalityLBSettings.Appl
 "Failover should only be applied with outlier detection, or traffic will never failover"). The
 settings, as `applyOutlierDetection` (core/cluster_traffic_policy.go) maps them:
 - `consecutiveGatewayErrors: 3` → Envoy `consecutive_gateway_failure` enforced at 100 %: 502, 503,
-  504 and, with local-origin errors not split (Istio's default), connect failures and resets to
-  the remote gateway, which Envoy counts as 503 (Envoy outlier_detection_impl.cc
-  `DetectorHostMonitorImpl::putResult`: a local-origin result is mapped to an HTTP code unless
-  `split_external_local_origin_errors`);
+  504 and, with local-origin errors not split (Istio's default), connection failures and timeouts
+  to the remote gateway (Envoy source/common/upstream/outlier_detection_impl.cc
+  `putResultNoLocalExternalSplit` → `resultToHttpCode`: LocalOriginConnectFailed is 503,
+  LocalOriginTimeout 504, then `putHttpResponseCode` counts 502/503/504 as gateway failures; the
+  tcp_proxy filter reports connect failures the same way, so TCP imports fail over too). A
+  destination answering 503 itself counts as well: the price of one outlier setting per host;
 - `consecutive5xxErrors: 0` → `consecutive_5xx` 0 with enforcement 0: Envoy's default (5, enforced)
   would otherwise eject a healthy exporter for its destination's HTTP 500s;
 - `interval: 5s`, `baseEjectionTime: 30s` (an ejected exporter comes back after 30 s times the
   number of its ejections, and is ejected again at once if still dead), `maxEjectionPercent: 100`
-  so every endpoint of a dead exporter can go (Istio issue 52435: with the 10 % default one
-  ejected east-west endpoint left the rest in place only by Envoy's "at least one" rule);
+  so every address of a dead exporter can go (Envoy's default, 10 %, would keep all but one of a
+  dead exporter's addresses in the preferred priority);
 - no `minHealthPercent`: Istio then sets `healthy_panic_threshold` 0 (panic off), so Envoy never
   sends to an ejected exporter because too few are healthy.
 A lone endpoint gets none of this: with nowhere to fail over to, ejecting it only blackholes.
@@ -43,7 +45,9 @@ how much of region/zone/subzone they share with the egress gateway (`applyLocali
 `failoverPriority` decides alone (`ApplyLocalityLoadBalancer` adds locality failover only with an
 explicit `failover` list, which would need the gateway's region).
 
-Addresses. A ServiceEntry has one `resolution`: `STATIC` when every address is an IP, else `DNS`
+Addresses. Each published gateway address is an endpoint of its own: a cluster behind one address
+is one endpoint, and ejecting it on a few errors takes the whole cluster out (Istio issue 52435,
+whose answer is several addresses for the east-west gateway). A ServiceEntry has one `resolution`: `STATIC` when every address is an IP, else `DNS`
 (Envoy STRICT_DNS: every endpoint resolved, IPs included; ServiceEntry validation accepts an IP or
 an FQDN per endpoint under DNS, pkg/config/validation/validation.go `ValidateServiceEntry`;
 `DNS_ROUND_ROBIN` would allow one endpoint only).

@@ -243,6 +243,13 @@ def select_imports(config: AgentConfig, imports: Sequence[ImportSpec]) -> tuple[
         for name in rule.names
         if name != "*" and (rule.from_, name) not in offered
     ]
+    sources = {cluster for cluster, _ in offered}
+    warnings += [
+        f"imports[{i}].priority: {rule.from_} exports nothing to {config.cluster}, so its priority orders nothing "
+        f"(check the name, or that {rule.from_} lists {config.cluster} among its consumers)"
+        for i, rule in enumerate(config.imports)
+        if rule.priority and rule.names == ["*"] and rule.from_ not in sources
+    ]
     joined = [_join(config, by_name[name], warnings) for name in sorted(by_name)]
     return _aliased(config, joined, warnings), warnings
 

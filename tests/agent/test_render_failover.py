@@ -328,3 +328,13 @@ def test_render_shows_each_imports_mode_and_exporters_with_their_priorities() ->
             "hop-by-hop (alias of ratings.bookinfo.remote): c@0 [203.0.113.30], a@1 [203.0.113.10, gw2.a.example]"
         )
     }
+
+
+def test_a_priority_for_a_source_that_exports_nothing_here_is_reported() -> None:
+    cfg = config(c={"names": ["*"], "priority": 2})
+    _, _, warnings = objects(cfg, [imp("a", {"address": "203.0.113.10", "port": 15443})])
+    assert any(
+        w.startswith("imports[1].priority: c exports nothing to b, so its priority orders nothing") for w in warnings
+    )
+    _, _, listed = objects(config(c={"priority": 2}), [imp("a", {"address": "203.0.113.10", "port": 15443})])
+    assert "imports: ratings.bookinfo from c is configured but not offered by the CA service" in " ".join(listed)
