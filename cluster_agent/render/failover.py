@@ -107,7 +107,7 @@ def import_endpoints(spec: ImportSpec, port_of: Callable[[PortSpec, Exporter], i
     for exporter in spec.exporters:
         ports = {p.name: port_of(p, exporter) for p in spec.ports}
         for address in exporter.addresses:
-            endpoint: dict[str, Any] = {"address": address, "ports": ports}
+            endpoint: dict[str, Any] = {"address": address, "ports": dict(ports)}  # unshared: no YAML anchors
             labels = _rank_labels(rank_of[exporter.cluster], count)
             if labels:
                 endpoint["labels"] = labels

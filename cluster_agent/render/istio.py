@@ -720,15 +720,14 @@ def render_import_destination_rule(
     def tls(sni: str) -> dict[str, Any]:
         return {"mode": "ISTIO_MUTUAL", "sni": sni, "subjectAltNames": list(spec.identities)}
 
-    failover = failover_policy(spec)
-    policy: dict[str, Any] = {"tls": tls(remote), **failover}
+    policy: dict[str, Any] = {"tls": tls(remote), **failover_policy(spec)}
     own = _own_tcp_snis(remote, spec.ports)
     if own:
         # A port's settings replace the whole policy for its cluster, outlier detection and load
         # balancer included, even when unset there (pilot/pkg/model/destination_rule.go
         # `MergeTrafficPolicy` with hasPortLevel): each repeats the failover settings.
         policy["portLevelSettings"] = [
-            {"port": {"number": n}, "tls": tls(sni), **failover} for n, sni in sorted(own.items())
+            {"port": {"number": n}, "tls": tls(sni), **failover_policy(spec)} for n, sni in sorted(own.items())
         ]
     body = {"host": host, "exportTo": list(export_to), "trafficPolicy": policy}
     return _manifest(NETWORKING, "DestinationRule", _import_meta(ctx, spec, name), body)

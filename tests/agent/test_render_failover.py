@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from cluster_agent.config import AgentConfig, ConfigError, parse_config
-from cluster_agent.render import render_all
+from cluster_agent.render import render_all, to_yaml
 from meshbridge_wire.models import PublishedGateway
 
 INGRESS = "spiffe://{}.mesh/ns/istio-system/sa/istio-ingressgateway-service-account"
@@ -338,3 +338,11 @@ def test_a_priority_for_a_source_that_exports_nothing_here_is_reported() -> None
     )
     _, _, listed = objects(config(c={"priority": 2}), [imp("a", {"address": "203.0.113.10", "port": 15443})])
     assert "imports: ratings.bookinfo from c is configured but not offered by the CA service" in " ".join(listed)
+
+
+def test_rendered_yaml_has_no_anchors_shared_between_endpoints_or_ports() -> None:
+    ports = [(5432, "TCP"), (5433, "TCP")]
+    two = {"address": "203.0.113.10", "addresses": ["203.0.113.10", "203.0.113.11"], "port": 15443}
+    out = render_all(config(a={"priority": 1}), imports=[imp("a", two, ports), imp("c", two, ports)], peers=[], vips={})
+    text = "".join(to_yaml(o) for o in out.objects)
+    assert "&id" not in text and "*id" not in text
