@@ -20,6 +20,7 @@ from meshbridge_wire.protocols import GATEWAY_CARRIED, Protocol, parse_protocol
 __all__ = [
     "ExportSpec",
     "Exporter",
+    "exporter_order",
     "ImportSpec",
     "PeerSpec",
     "PortSpec",
@@ -273,11 +274,17 @@ def _aliased(config: AgentConfig, specs: list[ImportSpec], warnings: list[str]) 
     return out
 
 
+def exporter_order(config: AgentConfig, cluster: str) -> tuple[int, str]:
+    """How exporters of one name are ordered, preferred first: `imports[].priority`, then name."""
+    rule = config.import_rule(cluster)
+    return (rule.priority if rule is not None else 0, cluster)
+
+
 def _join(config: AgentConfig, specs: Sequence[ImportSpec], warnings: list[str]) -> ImportSpec:
     """One name's exporters behind one host, preferred first; the ports are the preferred
     exporter's (one ServiceEntry has one port list): an exporter publishing other ports is left
     out, with a warning."""
-    ordered = sorted(specs, key=lambda s: (s.exporters[0].priority, s.cluster))
+    ordered = sorted(specs, key=lambda s: exporter_order(config, s.cluster))
     first = ordered[0]
     kept = [s for s in ordered if s.ports == first.ports]
     for other in ordered:
