@@ -47,10 +47,11 @@ explicit `failover` list, which would need the gateway's region).
 
 Addresses. Each published gateway address is an endpoint of its own: a cluster behind one address
 is one endpoint, and ejecting it on a few errors takes the whole cluster out (Istio issue 52435,
-whose answer is several addresses for the east-west gateway). A ServiceEntry has one `resolution`: `STATIC` when every address is an IP, else `DNS`
-(Envoy STRICT_DNS: every endpoint resolved, IPs included; ServiceEntry validation accepts an IP or
-an FQDN per endpoint under DNS, pkg/config/validation/validation.go `ValidateServiceEntry`;
-`DNS_ROUND_ROBIN` would allow one endpoint only).
+whose answer is several addresses for the east-west gateway). A ServiceEntry has one `resolution`:
+`STATIC` when every address is an IP, else `DNS` (Envoy STRICT_DNS: every endpoint resolved, IPs
+included; ServiceEntry validation accepts an IP or an FQDN per endpoint under DNS,
+pkg/config/validation/validation.go `ValidateServiceEntry`; `DNS_ROUND_ROBIN` would allow one
+endpoint only).
 """
 
 from __future__ import annotations

@@ -20,10 +20,10 @@ from meshbridge_wire.protocols import GATEWAY_CARRIED, Protocol, parse_protocol
 __all__ = [
     "ExportSpec",
     "Exporter",
-    "exporter_order",
     "ImportSpec",
     "PeerSpec",
     "PortSpec",
+    "exporter_order",
     "exports_from_config",
     "parse_exports",
     "parse_imports",
