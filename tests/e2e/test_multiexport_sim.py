@@ -50,6 +50,24 @@ def test_equal_priorities_share_priority_zero(tmp_path: Path) -> None:
     run_multi_export(render_multi_importer(tmp_path / "a", {"b": 0, "c": 0}), expect, SANS)
 
 
+def test_equal_priorities_follow_the_egress_gateways_locality(tmp_path: Path) -> None:
+    """`imports[].locality` with equal priorities: Istio's default locality failover (outlier
+    detection on, mesh localityLbSetting enabled) prefers the exporter sharing the egress gateway's
+    region (loadbalancer.go applyLocalityFailover)."""
+    localities = {"b": "eu-west1/b", "c": "us-east1/a"}
+    directory = render_multi_importer(tmp_path / "a", {"b": 0, "c": 0}, localities=localities)
+    in_us = {
+        RATINGS: ["198.51.100.20:15443@1", "198.51.100.21:15443@1", "198.51.100.30:15443@0"],
+        DETAILS: ["gw.b.example:15443@1", "198.51.100.30:15443@0"],
+    }
+    run_multi_export(directory, in_us, SANS, egress_locality="us-east1/a")
+    in_eu = {
+        RATINGS: ["198.51.100.20:15443@0", "198.51.100.21:15443@0", "198.51.100.30:15443@1"],
+        DETAILS: ["gw.b.example:15443@0", "198.51.100.30:15443@1"],
+    }
+    run_multi_export(directory, in_eu, SANS, egress_locality="eu-west1/b")
+
+
 def test_an_alias_is_called_locally_and_the_exported_name_goes_on(tmp_path: Path) -> None:
     """Issue 13 item 5: ratings.bookinfo served in a as stars.bookinfo.remote (the alias's namespace
     is the simulated caller's); a's egress gateway sends

@@ -37,13 +37,21 @@ def _import(name: str, cluster: str) -> dict[str, Any]:
 
 
 def render_multi_importer(
-    directory: Path, priorities: dict[str, int] | None = None, aliases: dict[str, str] | None = None
+    directory: Path,
+    priorities: dict[str, int] | None = None,
+    aliases: dict[str, str] | None = None,
+    localities: dict[str, str] | None = None,
 ) -> Path:
     """Cluster a's objects; `priorities`: `imports[].priority` per source cluster (default
-    PRIORITY); `aliases`: `imports[].aliases` of every rule."""
+    PRIORITY); `aliases`: `imports[].aliases` of every rule; `localities`: `imports[].locality`."""
     chosen = PRIORITY if priorities is None else priorities
     names = ["ratings.bookinfo", "details.bookinfo"]
-    rules = [{"from": c, "names": names, "priority": p, "aliases": aliases or {}} for c, p in chosen.items()]
+    rules: list[dict[str, Any]] = [
+        {"from": c, "names": names, "priority": p, "aliases": aliases or {}} for c, p in chosen.items()
+    ]
+    for rule in rules:
+        if localities and rule["from"] in localities:
+            rule["locality"] = localities[rule["from"]]
     data = {
         "cluster": "a",
         "ca": {"url": "https://127.0.0.1:8443", "trust_anchor": "/etc/meshbridge/ca-root.pem"},

@@ -8,10 +8,12 @@ import (
 	"testing"
 
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 
 	"istio.io/istio/pilot/pkg/model"
 	"istio.io/istio/pilot/pkg/simulation"
+	"istio.io/istio/pilot/test/xdstest"
 )
 
 // TestMultiExport (issue 13 items 4 and 5) simulates cluster a's side of imports served by several
@@ -26,6 +28,7 @@ import (
 // MESHBRIDGE_MULTI_REMOTE: "host=exported;..." (a host served under an alias, issue 13 item 5):
 // the egress gateway must send the exported name on, as SNI and authority, the two things the
 // exporter's ingress routes on (TestSimulation step 3).
+// MESHBRIDGE_MULTI_EGRESS_LOCALITY: "region[/zone]" of a's egress gateway (locality failover).
 // MESHBRIDGE_SIM_A_DIR:    a's rendered objects.
 func TestMultiExport(t *testing.T) {
 	sc := loadScenario(t)
@@ -37,6 +40,9 @@ func TestMultiExport(t *testing.T) {
 	}
 	a := newSimCluster(t, "a", sc.aDir, baseA(t, sc), "", "a.mesh")
 	egressGW := a.proxy(t, model.Router, "istio-system", "10.1.0.20", sc.egressLabels, sc.istioVersion)
+	if loc := os.Getenv("MESHBRIDGE_MULTI_EGRESS_LOCALITY"); loc != "" {
+		egressGW = a.proxyAt(t, egressGW.proxy, loc)
+	}
 	sidecar := a.proxy(t, model.SidecarProxy, "bookinfo", "10.1.1.5", map[string]string{"app": "productpage"}, sc.istioVersion)
 	hosts := make([]string, 0, len(expect))
 	for h := range expect {
@@ -86,6 +92,18 @@ func TestMultiExport(t *testing.T) {
 				host, c.Name, clusterKind(c), exported, got, c.GetOutlierDetection())
 		})
 	}
+}
+
+// proxyAt rebuilds a proxy's simulation as if it ran at locality "region[/zone[/subzone]]" (what
+// istiod takes from the node's topology labels; the fake discovery server leaves it empty).
+func (c *simCluster) proxyAt(t *testing.T, p *model.Proxy, locality string) *simProxy {
+	t.Helper()
+	parts := append(strings.Split(locality, "/"), "", "")
+	p.Locality = &core.Locality{Region: parts[0], Zone: parts[1], SubZone: parts[2]}
+	p = c.fake.SetupProxy(p)
+	sim := simulation.NewSimulation(t, c.fake, p)
+	xdstest.ValidateClusters(t, sim.Clusters)
+	return &simProxy{c: c, proxy: p, sim: sim}
 }
 
 // parseMulti reads "key=v,v;key=v".
