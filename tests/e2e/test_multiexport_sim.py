@@ -98,23 +98,26 @@ def test_rendered_objects_pass_the_api_server_and_istioctl_validate(clusters: Cl
     admission validation (`istioctl validate`) accept endpoints with labels and locality, mixed
     IP/DNS endpoints, outlier detection and failoverPriority."""
     directory = render_multi_importer(tmp_path / "a")
-    (tmp_path / "a" / "extra.yaml").write_text(to_yaml(_with_locality()))
+    for i, obj in enumerate(_with_locality_and_tcp()):
+        (tmp_path / "a" / f"extra-{i}.yaml").write_text(to_yaml(obj))
+    aliased = render_multi_importer(tmp_path / "alias", aliases={"ratings.bookinfo": "stars.bookinfo"})
     istioctl = require("istioctl")
-    for f in sorted(directory.glob("*.yaml")):
+    for f in sorted([*directory.glob("*.yaml"), *aliased.glob("*stars*.yaml")]):
         clusters["a"].kubectl("apply", "--server-side", "--dry-run=server", "--force-conflicts", "-f", str(f))
         res = subprocess.run([str(istioctl), "validate", "-f", str(f)], capture_output=True, text=True)
         assert res.returncode == 0 and "Warning" not in res.stdout + res.stderr, res.stdout + res.stderr
 
 
-def _with_locality() -> dict[str, Any]:
-    """A ServiceEntry as rendered for exporters with `imports[].locality`."""
+def _with_locality_and_tcp() -> list[dict[str, Any]]:
+    """The ServiceEntry and DestinationRule of a name with two TCP ports (so `portLevelSettings`
+    repeating the failover settings) from exporters with `imports[].locality` and priorities."""
     cfg = parse_config(
         {
             "cluster": "a",
             "ca": {"url": "https://127.0.0.1:8443", "trust_anchor": "/etc/meshbridge/ca-root.pem"},
             "istio": {"trust_domain": "a.mesh", "ingress_gateway": {"address": "198.51.100.10"}},
             "imports": [
-                {"from": "b", "names": ["*"], "locality": "eu-west1/b/rack-1"},
+                {"from": "b", "names": ["*"], "locality": "eu-west1/b/rack-1", "priority": 1},
                 {"from": "c", "names": ["*"], "locality": "us-east1"},
             ],
         }
@@ -123,13 +126,15 @@ def _with_locality() -> dict[str, Any]:
         {
             "name": "reviews.bookinfo",
             "cluster": c,
-            "ports": [{"number": 9080, "protocol": "HTTP"}],
-            "gateway": {"address": f"198.51.100.{i}", "port": 15443},
+            "ports": [{"number": n, "protocol": p} for n, p in ((9080, "HTTP"), (5432, "TCP"), (5433, "TCP"))],
+            "gateway": {"address": f"198.51.100.{i}", "port": 15443, "tcp_port": 15444},
             "identity": INGRESS.format(td=f"{c}.mesh"),
         }
         for i, c in ((20, "b"), (30, "c"))
     ]
     result = render_all(cfg, imports=imports, peers=[], vips={})
     (entry,) = [o for o in result.objects if o["kind"] == "ServiceEntry"]
-    assert [e["locality"] for e in entry["spec"]["endpoints"]] == ["eu-west1/b/rack-1", "us-east1"]
-    return entry
+    assert [e["locality"] for e in entry["spec"]["endpoints"]] == ["us-east1", "eu-west1/b/rack-1"]
+    (rule,) = [o for o in result.objects if o["kind"] == "DestinationRule" and "import" in o["metadata"]["name"]]
+    assert all("loadBalancer" in level for level in rule["spec"]["trafficPolicy"]["portLevelSettings"])
+    return [entry, rule]
