@@ -329,6 +329,12 @@ def print_clusters(items: list[dict[str, Any]]) -> None:
             ]
         )
     print(table(rows, CLUSTER_COLUMNS))
+    served = [
+        [c["name"], name, ", ".join(exporters)] for c in items for name, exporters in (c.get("imports") or {}).items()
+    ]
+    if served:
+        print()
+        print(table(served, ["CONSUMER", "IMPORTS", "EXPORTED BY"]))
 
 
 def _or_dash(value: Any) -> str:

@@ -302,6 +302,11 @@ class IngressGatewayConfig(_GatewayBase):
     service_account: DnsName = "istio-ingressgateway-service-account"
     # Published to peers: where they reach the cross-cluster port from outside (LB address).
     address: Annotated[str, AfterValidator(_check_address)] | None = None
+    # Instead of `address`: several (IPs or DNS names), each an endpoint of its own at importers,
+    # so one ejected address does not take the cluster out.
+    addresses: (
+        Annotated[list[Annotated[str, AfterValidator(_check_address)]], Field(min_length=1, max_length=16)] | None
+    ) = None
     port: Port | None = None
     # The gateway pods' container ports (the Service's targetPort) behind istio.cross_cluster_port
     # and istio.cross_cluster_tcp_port: Envoy listens there, so the AuthorizationPolicy's `ports`
@@ -311,6 +316,18 @@ class IngressGatewayConfig(_GatewayBase):
     # Published too: where peers reach the cross-cluster TCP port at `address` (default
     # istio.cross_cluster_tcp_port; differs when a load balancer maps ports).
     tcp_port: Port | None = None
+
+    @model_validator(mode="after")
+    def _one_address_key(self) -> IngressGatewayConfig:
+        if self.address is not None and self.addresses is not None:
+            raise ValueError("give either address or addresses (a list, the first is also published as address)")
+        if self.addresses is not None:
+            _unique(self.addresses, "address")
+        return self
+
+    @property
+    def published_addresses(self) -> list[str]:
+        return list(self.addresses) if self.addresses else [self.address] if self.address else []
 
 
 class EgressGatewayConfig(_GatewayBase):
@@ -390,18 +407,24 @@ class IstioConfig(_Model):
             gateway.tcp_target_port or self.cross_cluster_tcp_port,
         )
 
-    def published_gateway(self) -> dict[str, str | int]:
+    def published_gateway(self) -> dict[str, Any]:
         """Where other clusters reach this cluster's exports (`Gateway` of `PUT …/exports`):
         ingress_gateway.address, its port (cross_cluster_port unless set) and its TCP port
         (cross_cluster_tcp_port unless set); ConfigError when the address is not set."""
         gateway = self.ingress_gateway
-        if not gateway.address:
+        addresses = gateway.published_addresses
+        if not addresses:
             raise ConfigError(MISSING_GATEWAY_ADDRESS, [MISSING_GATEWAY_ADDRESS])
-        return {
-            "address": gateway.address,
+        published: dict[str, Any] = {
+            "address": addresses[0],
             "port": gateway.port or self.cross_cluster_port,
             "tcp_port": gateway.tcp_port or self.cross_cluster_tcp_port,
         }
+        if len(addresses) > 1:
+            # Only then: a CA service predating `addresses` refuses unknown keys, and still gets
+            # the exports of every agent with one address.
+            published["addresses"] = addresses
+        return published
 
     def identity(self, gateway: _GatewayBase) -> str:
         """SPIFFE identity of a gateway's workload certificate: its own namespace and service
@@ -593,6 +616,27 @@ def _check_import_name(value: str) -> str:
 ImportName = Annotated[str, AfterValidator(_check_import_name)]
 
 
+def _check_service_name_key(value: str) -> str:
+    if not is_service_name(value):
+        raise ValueError(f"must be <service>.<namespace> such as 'ratings.bookinfo' (got {value!r})")
+    return value
+
+
+ServiceNameKey = Annotated[str, AfterValidator(_check_service_name_key)]
+MAX_PRIORITY = 15
+# A Kubernetes label value (apimachinery validation.go IsValidLabelValue), non-empty.
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+
+
+def _check_locality(value: str) -> str:
+    """Istio's `region/zone/subzone` (pkg/util/locality: split on "/"): one to three non-empty
+    segments, each a label value Kubernetes accepts on a node."""
+    parts = value.split("/")
+    if len(parts) > 3 or not all(_LABEL_VALUE.fullmatch(p) for p in parts):
+        raise ValueError(f"must be region, region/zone or region/zone/subzone, such as 'eu-west1/b' (got {value!r})")
+    return value
+
+
 class ImportConfig(_Model):
     from_: DnsLabel = Field(alias="from")
     names: list[ImportName] = Field(min_length=1)
@@ -600,6 +644,15 @@ class ImportConfig(_Model):
     egress_gateway: EgressGatewayConfig | None = None
     # Namespaces whose sidecars may call this source's names; unset: istio.consumer_namespaces.
     consumer_namespaces: ConsumerNamespaces | None = None
+    # When several sources export one name: lower is preferred; sources of equal priority share
+    # the traffic, a lower one takes it only while every preferred one is ejected (render/failover.py).
+    priority: Annotated[int, Field(ge=0, le=MAX_PRIORITY)] = 0
+    # This source's locality (region[/zone[/subzone]]), the `locality` of its endpoints: with equal
+    # priorities, Istio prefers the sources nearest the egress gateway.
+    locality: Annotated[str, AfterValidator(_check_locality)] | None = None
+    # Local names: {<name>: <alias>} serves an imported <name> as <alias>.<suffix> instead (its VIP,
+    # DNS and routes), while the exporter still sees <name>.
+    aliases: dict[ServiceNameKey, ServiceNameKey] = Field(default_factory=dict)
 
     @field_validator("names")
     @classmethod
@@ -640,6 +693,13 @@ class AgentConfig(_Model):
         for rule in self.imports:
             if rule.from_ == cluster:
                 return rule
+        return None
+
+    def alias_for(self, name: str) -> str | None:
+        """The alias of an imported name (`imports[].aliases`; the configuration makes it unique)."""
+        for rule in self.imports:
+            if name in rule.aliases:
+                return rule.aliases[name]
         return None
 
     def egress_gateways(self) -> list[EgressGatewayConfig]:
@@ -709,6 +769,7 @@ def _cross_problems(cfg: AgentConfig) -> Iterable[str]:
         if rule.from_ in seen_sources:
             yield f"imports[{i}].from: {rule.from_!r} appears twice; merge its names into one entry"
         seen_sources.add(rule.from_)
+    yield from _alias_problems(cfg)
     seen_exports: set[str] = set()
     for i, export in enumerate(cfg.exports):
         if export.export_name in seen_exports:
@@ -718,6 +779,29 @@ def _cross_problems(cfg: AgentConfig) -> Iterable[str]:
             if consumer == cfg.cluster:
                 yield f"exports[{i}].consumers[{j}]: {consumer!r} is this cluster; list other clusters only"
     yield from _gateway_conflicts(cfg)
+
+
+def _alias_problems(cfg: AgentConfig) -> Iterable[str]:
+    """An alias must name a host no other import takes: not a name listed in any `names`, not
+    another alias; a name has one alias (the same in every rule that gives one), which its rule
+    must select."""
+    listed = {n for rule in cfg.imports for n in rule.names if n != "*"}
+    claimed: dict[str, tuple[str, str]] = {}  # alias -> (name, key path)
+    alias_of: dict[str, str] = {}
+    for i, rule in enumerate(cfg.imports):
+        for name, alias in rule.aliases.items():
+            path = f"imports[{i}].aliases.{name}"
+            if not rule.selects(name):
+                yield f"{path}: {name!r} is not among imports[{i}].names; alias only names this rule imports"
+            if alias == name:
+                yield f"{path}: the alias is the name itself; leave it out"
+            elif alias in listed:
+                yield f"{path}: alias {alias!r} collides with an imported name; pick another alias"
+            first = claimed.setdefault(alias, (name, path))
+            if first[0] != name:
+                yield f"{path}: alias {alias!r} is already the alias of {first[0]!r} ({first[1]}); one host, one import"
+            if alias_of.setdefault(name, alias) != alias:
+                yield f"{path}: {name!r} already has the alias {alias_of[name]!r} in another rule; give it one alias"
 
 
 def _gateway_conflicts(cfg: AgentConfig) -> Iterable[str]:
@@ -768,7 +852,7 @@ def load_config(path: str | Path) -> AgentConfig:
 def runtime_problems(config: AgentConfig) -> list[str]:
     """What a valid document still lacks for a running agent. A Helm chart may render the file
     before the gateway's address is known; the agent publishes its exports with it on every pass."""
-    return [] if config.istio.ingress_gateway.address else [MISSING_GATEWAY_ADDRESS]
+    return [] if config.istio.ingress_gateway.published_addresses else [MISSING_GATEWAY_ADDRESS]
 
 
 def parse_config(data: object, *, base_dir: Path | None = None, source: str = "config") -> AgentConfig:

@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from cluster_agent.config import AgentConfig, EgressGatewayConfig, IngressGatewayConfig
+from cluster_agent.render.inputs import exporter_order
 from meshbridge_wire.models import ExportedService, ImportOut
 from meshbridge_wire.protocols import Protocol, parse_protocol
 
@@ -132,10 +133,17 @@ def traffic(config: AgentConfig, services: Sequence[ExportedService], imports: S
     if config.imports:
         for gateway in config.egress_gateways():
             egress[(istio.gateway_namespace(gateway), gateway.service)] = (False, False)
+    carried: dict[str, ImportOut] = {}  # per name, the preferred exporter's: its rule's gateway carries it
     for item in imports:
         rule = config.import_rule(item.cluster)
         if rule is None or not rule.selects(item.name):
             continue
+        held = carried.get(item.name)
+        if held is None or exporter_order(config, item.cluster) < exporter_order(config, held.cluster):
+            carried[item.name] = item
+    for item in carried.values():
+        rule = config.import_rule(item.cluster)
+        assert rule is not None  # selected above
         gateway = rule.egress_gateway or istio.egress_gateway
         key = (istio.gateway_namespace(gateway), gateway.service)
         tcp = [parse_protocol(str(p.get("protocol") or "HTTP")) == Protocol.TCP for p in item.ports]

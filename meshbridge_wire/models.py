@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from meshbridge_wire.names import DNS_LABEL as _LABEL
 from meshbridge_wire.names import DNS_NAME as _NAME
@@ -24,9 +24,21 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+GatewayAddress = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:\-]+$")]
+
+
 class Gateway(Strict):
-    address: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:\-]+$")
+    address: GatewayAddress  # the first of `addresses` when both are given: what older agents use
     port: int = Field(ge=1, le=65535)
+    # Every address (IP or DNS name) peers reach the gateway at, each an endpoint of its own at
+    # importers; absent from older agents, and sent only when there are several.
+    addresses: list[GatewayAddress] | None = Field(default=None, min_length=1, max_length=16)
+
+    @model_validator(mode="after")
+    def _first_is_address(self) -> Gateway:
+        if self.addresses is not None and self.addresses[0] != self.address:
+            raise ValueError("addresses[0] must be address (older agents read address alone)")
+        return self
 
 
 class ClusterCreate(Strict):
@@ -90,6 +102,8 @@ class ClusterOut(BaseModel):
     served: ServedOut | None = None
     # the cluster's last `PUT …/exports` body (gateway, identities, services with their consumers), or None
     exports: dict[str, Any] | None = None
+    # per name this cluster imports, the clusters exporting it to it (several: its agent fails over)
+    imports: dict[str, list[str]] = {}
 
 
 class ClusterList(BaseModel):

@@ -89,7 +89,12 @@ Viewer = Annotated[str, Depends(_operator(VIEWER))]  # its reads (GET): viewer a
 Agent = Annotated[Cluster, Depends(agent)]
 
 
-def cluster_out(c: Cluster, cert: CertificateRecord | None, served: ServedView | None = None) -> w.ClusterOut:
+def cluster_out(
+    c: Cluster,
+    cert: CertificateRecord | None,
+    served: ServedView | None = None,
+    imports: dict[str, list[str]] | None = None,
+) -> w.ClusterOut:
     inter = None
     if cert is not None:
         inter = w.IntermediateOut(
@@ -107,6 +112,7 @@ def cluster_out(c: Cluster, cert: CertificateRecord | None, served: ServedView |
         installed=installed_out(c.agent_status),
         served=served_out(served) if served is not None else None,
         exports=c.exports,
+        imports=imports or {},
     )
 
 
@@ -137,7 +143,7 @@ def served_out(v: ServedView) -> w.ServedOut:
 
 def clusters_out(a: Authority, rows: list[tuple[Cluster, CertificateRecord | None]]) -> list[w.ClusterOut]:
     served = a.served([c for c, _ in rows])
-    return [cluster_out(c, cert, served.get(c.name)) for c, cert in rows]
+    return [cluster_out(c, cert, served.get(c.name), a.exporters_by_name(c.name)) for c, cert in rows]
 
 
 def root_status_out(s: RootGates) -> w.RootStatusOut:

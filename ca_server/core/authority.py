@@ -22,7 +22,7 @@ from ca_server.core.clusters import Clusters, NewCluster
 from ca_server.core.context import Context, Policy, utcnow
 from ca_server.core.crls import Crls
 from ca_server.core.errors import Forbidden, InvalidInput, Unauthenticated
-from ca_server.core.fleet import Fleet, FleetSnapshot, build_fleet_index, desired_state
+from ca_server.core.fleet import Fleet, FleetSnapshot, build_fleet_index, desired_state, exporters_by_name
 from ca_server.core.gates import Gates, RootGates, ServedView
 from ca_server.core.issuance import Bundle, Enrolled, Issuance, Issued
 from ca_server.core.keytypes import KeyType
@@ -223,6 +223,9 @@ class Authority:
 
     def imports(self, cluster_name: str) -> list[dict[str, Any]]:
         return self.fleet.imports(cluster_name)
+
+    def exporters_by_name(self, consumer: str) -> dict[str, list[str]]:
+        return exporters_by_name(self.fleet.snapshot(), consumer)
 
     def put_exports(self, cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
         return self.fleet.put_exports(cluster, body)

@@ -94,6 +94,14 @@ def _import_entry(exporter: Cluster, exports: dict[str, Any], svc: dict[str, Any
     }
 
 
+def exporters_by_name(snap: FleetSnapshot, consumer: str) -> dict[str, list[str]]:
+    """Per name ``consumer`` imports, the clusters exporting it there, by name (the fleet view)."""
+    served: dict[str, list[str]] = {}
+    for entry in snap.imports_for.get(consumer, []):  # sorted by (cluster, name)
+        served.setdefault(entry["name"], []).append(entry["cluster"])
+    return {name: served[name] for name in sorted(served)}
+
+
 def _peers(snap: FleetSnapshot, names: set[str]) -> list[dict[str, Any]]:
     """The published clusters among ``names``, by name, as a peer entry of desired state."""
     out = []

@@ -19,14 +19,16 @@ from cluster_agent.render.cacerts import (
 )
 from cluster_agent.render.coredns import render_coredns_configmaps, render_nodelocal_stanza, server_block_key
 from cluster_agent.render.errors import BundleError
+from cluster_agent.render.failover import describe_exporters
 from cluster_agent.render.inputs import (
+    ImportSpec,
     exports_from_config,
     parse_exports,
     parse_imports,
     parse_peers,
     select_imports,
 )
-from cluster_agent.render.istio import IstioContext, render_export_side, render_import_side
+from cluster_agent.render.istio import IMPORT_MODE, IstioContext, render_export_side, render_import_side
 from cluster_agent.render.objects import Manifest, sort_objects
 from cluster_agent.render.vip import allocate_vips, render_state_configmap
 
@@ -43,6 +45,8 @@ class RenderResult:
     vips: dict[str, str] = field(default_factory=dict)
     server_block: str | None = None
     ca_crl_next_update: datetime | None = None  # the earliest nextUpdate in cacerts' ca-crl.pem
+    # per imported host: its mode and exporters, for operators (`render` prints them)
+    imports: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ def _render_all(
         export_specs, export_warnings = parse_exports(exports)
     warnings += import_warnings + selection_warnings + peer_warnings + export_warnings
 
-    allocation = allocate_vips((s.name for s in selected), vip_range=config.dns.vip_range, previous=vips)
+    allocation = allocate_vips((s.local for s in selected), vip_range=config.dns.vip_range, previous=vips)
 
     peer_specs, alias_warnings = _drop_aliased_consumers(config.istio.trust_domain, peer_specs)
     warnings += alias_warnings
@@ -164,7 +168,13 @@ def _render_all(
         warnings += cacerts.warnings
         ca_crl_next_update = cacerts.ca_crl_next_update
 
-    return RenderResult(sort_objects(objects), warnings, allocation, server_block, ca_crl_next_update)
+    routes = {ctx.host(s.local): _describe(ctx, s) for s in selected}
+    return RenderResult(sort_objects(objects), warnings, allocation, server_block, ca_crl_next_update, routes)
+
+
+def _describe(ctx: IstioContext, spec: ImportSpec) -> str:
+    alias = f" (alias of {ctx.host(spec.name)})" if spec.alias else ""
+    return f"{IMPORT_MODE}{alias}: {describe_exporters(spec)}"
 
 
 def _coredns_objects(config: AgentConfig, allocation: Mapping[str, str], corefile: str | None) -> list[Manifest]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -19,9 +19,11 @@ from meshbridge_wire.protocols import GATEWAY_CARRIED, Protocol, parse_protocol
 
 __all__ = [
     "ExportSpec",
+    "Exporter",
     "ImportSpec",
     "PeerSpec",
     "PortSpec",
+    "exporter_order",
     "exports_from_config",
     "parse_exports",
     "parse_imports",
@@ -48,20 +50,48 @@ class PortSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class ImportSpec:
-    name: str  # <service>.<namespace>
+class Exporter:
+    """One cluster serving an imported name: its ingress gateway's addresses (IPs or DNS names, each
+    an endpoint of its own), ports, identity, and the importer's preference for it."""
+
     cluster: str
-    ports: tuple[PortSpec, ...]
-    gateway_address: str
-    gateway_port: int
+    addresses: tuple[str, ...]
+    port: int
     identity: str  # spiffe:// identity of the exporting cluster's ingress gateway
     # The exporter's published cross-cluster TCP port (`Gateway.tcp_port`); None from an exporter
     # whose agent predates it.
-    gateway_tcp_port: int | None = None
+    tcp_port: int | None = None
+    priority: int = 0  # `imports[].priority` of its rule: lower is preferred
+    locality: str | None = None  # `imports[].locality`: region[/zone[/subzone]]
+
+
+@dataclass(frozen=True, slots=True)
+class ImportSpec:
+    """One imported name and every cluster serving it, preferred first (priority, then name)."""
+
+    name: str  # <service>.<namespace>, as exported
+    ports: tuple[PortSpec, ...]
+    exporters: tuple[Exporter, ...]
+    alias: str | None = None  # `imports[].aliases`: the name this cluster serves it under instead
 
     @property
-    def gateway_is_ip(self) -> bool:
-        return _is_ip(self.gateway_address)
+    def local(self) -> str:
+        """The name this cluster's workloads call (`<local>.<suffix>`): the alias, else the name."""
+        return self.alias or self.name
+
+    @property
+    def cluster(self) -> str:
+        """The preferred exporter: its rule picks the egress gateway and consumer namespaces."""
+        return self.exporters[0].cluster
+
+    @property
+    def identities(self) -> tuple[str, ...]:
+        """The SANs to pin: every exporter's ingress identity."""
+        return tuple(sorted({e.identity for e in self.exporters}))
+
+    @property
+    def all_ips(self) -> bool:
+        return all(_is_ip(a) for e in self.exporters for a in e.addresses)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +169,18 @@ def _ports(raw: object, where: str, warnings: list[str]) -> tuple[PortSpec, ...]
     return tuple(ports[n] for n in sorted(ports))
 
 
+def _addresses(gateway: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """`Gateway.addresses` when published (several), else the single `address` (older agents);
+    None when any is unusable."""
+    listed = gateway.get("addresses")
+    raw = listed if isinstance(listed, list) and listed else [gateway.get("address")]
+    if not all(isinstance(a, str) and _is_address(a) for a in raw):
+        return None
+    return tuple(dict.fromkeys(str(a).lower().rstrip(".") for a in raw))
+
+
 def _import(raw: Mapping[str, Any], warnings: list[str]) -> ImportSpec | None:
+    """One `Import` entry: one name as one exporter serves it."""
     name, cluster = raw.get("name"), raw.get("cluster")
     if not is_service_name(name) or not isinstance(cluster, str) or not is_dns_label(cluster):
         warnings.append(f"import {name!r} from {cluster!r}: malformed name or cluster; left out")
@@ -147,9 +188,9 @@ def _import(raw: Mapping[str, Any], warnings: list[str]) -> ImportSpec | None:
     assert isinstance(name, str)  # narrowed by is_service_name
     where = f"import {name} from {cluster}"
     gateway = raw.get("gateway")
-    address = gateway.get("address") if isinstance(gateway, Mapping) else None
+    addresses = _addresses(gateway) if isinstance(gateway, Mapping) else None
     port = _port(gateway.get("port")) if isinstance(gateway, Mapping) else None
-    if not isinstance(address, str) or port is None or not _is_address(address):
+    if addresses is None or port is None:
         warnings.append(f"{where}: no usable gateway address and port ({gateway!r}); left out")
         return None
     assert isinstance(gateway, Mapping)  # it held the address
@@ -165,7 +206,7 @@ def _import(raw: Mapping[str, Any], warnings: list[str]) -> ImportSpec | None:
     if ports is None:
         return None
     tcp_port = _tcp_port(gateway, where, warnings) if any(p.is_tcp for p in ports) else None
-    return ImportSpec(name, cluster, ports, address.lower().rstrip("."), port, identity, tcp_port)
+    return ImportSpec(name, ports, (Exporter(cluster, addresses, port, identity, tcp_port),))
 
 
 def _tcp_port(gateway: Mapping[str, Any], where: str, warnings: list[str]) -> int | None:
@@ -179,32 +220,22 @@ def _tcp_port(gateway: Mapping[str, Any], where: str, warnings: list[str]) -> in
 
 
 def parse_imports(raw: Iterable[Mapping[str, Any]]) -> tuple[list[ImportSpec], list[str]]:
-    """Check `Import` entries; one per name (the host is the same whichever cluster exports it).
-
-    When two clusters export the same name, the one whose cluster name sorts first is kept.
-    """
+    """Check `Import` entries: one spec per entry (one exporter each), by name then cluster;
+    `select_imports` joins the exporters of a name."""
     warnings: list[str] = []
-    by_name: dict[str, list[ImportSpec]] = {}
-    for item in raw:
-        spec = _import(item, warnings) if isinstance(item, Mapping) else None
-        if spec is not None:
-            by_name.setdefault(spec.name, []).append(spec)
-    chosen: list[ImportSpec] = []
-    for name in sorted(by_name):
-        candidates = sorted(by_name[name], key=lambda s: s.cluster)
-        chosen.append(candidates[0])
-        others = sorted({s.cluster for s in candidates[1:]} - {candidates[0].cluster})
-        if others:
-            warnings.append(
-                f"import {name}: exported by {', '.join([candidates[0].cluster, *others])}; one host "
-                f"cannot lead to several clusters, using {candidates[0].cluster}"
-            )
-    return chosen, warnings
+    specs = [spec for item in raw if isinstance(item, Mapping) and (spec := _import(item, warnings)) is not None]
+    return sorted(specs, key=lambda s: (s.name, s.cluster)), warnings
 
 
 def select_imports(config: AgentConfig, imports: Sequence[ImportSpec]) -> tuple[list[ImportSpec], list[str]]:
-    """Keep the imports the configuration asks for; warn about named ones nobody offers."""
-    selected = [spec for spec in imports if (rule := config.import_rule(spec.cluster)) and rule.selects(spec.name)]
+    """Keep the imports the configuration asks for, joined per name with each exporter's priority
+    and locality from its rule; warn about named ones nobody offers."""
+    by_name: dict[str, list[ImportSpec]] = {}
+    for spec in imports:
+        rule = config.import_rule(spec.cluster)
+        if rule is not None and rule.selects(spec.name):
+            exporter = replace(spec.exporters[0], priority=rule.priority, locality=rule.locality)
+            by_name.setdefault(spec.name, []).append(replace(spec, exporters=(exporter,)))
     offered = {(spec.cluster, spec.name) for spec in imports}
     warnings = [
         f"imports: {name} from {rule.from_} is configured but not offered by the CA service "
@@ -213,7 +244,64 @@ def select_imports(config: AgentConfig, imports: Sequence[ImportSpec]) -> tuple[
         for name in rule.names
         if name != "*" and (rule.from_, name) not in offered
     ]
-    return selected, warnings
+    sources = {cluster for cluster, _ in offered}
+    warnings += [
+        f"imports[{i}].priority: {rule.from_} exports nothing to {config.cluster}, so its priority orders nothing "
+        f"(check the name, or that {rule.from_} lists {config.cluster} among its consumers)"
+        for i, rule in enumerate(config.imports)
+        if rule.priority and rule.names == ["*"] and rule.from_ not in sources
+    ]
+    joined = [_join(config, by_name[name], warnings) for name in sorted(by_name)]
+    return _aliased(config, joined, warnings), warnings
+
+
+def _aliased(config: AgentConfig, specs: list[ImportSpec], warnings: list[str]) -> list[ImportSpec]:
+    """Each import under its alias (`imports[].aliases`), unless the alias is a name imported as
+    itself (offered through `*`; the configuration refuses the names it lists): then the alias is
+    dropped with a warning, so no two imports claim one host."""
+    taken = {s.name for s in specs if config.alias_for(s.name) is None}
+    out: list[ImportSpec] = []
+    for spec in specs:
+        alias = config.alias_for(spec.name)
+        if alias is not None and alias in taken:
+            warnings.append(
+                f"imports: alias {alias} of {spec.name} is itself imported (from "
+                f"{next(s.cluster for s in specs if s.name == alias)}); {spec.name} keeps its own name. "
+                f"Pick another alias"
+            )
+            alias = None
+        out.append(replace(spec, alias=alias))
+    return out
+
+
+def exporter_order(config: AgentConfig, cluster: str) -> tuple[int, str]:
+    """How exporters of one name are ordered, preferred first: `imports[].priority`, then name."""
+    rule = config.import_rule(cluster)
+    return (rule.priority if rule is not None else 0, cluster)
+
+
+def _join(config: AgentConfig, specs: Sequence[ImportSpec], warnings: list[str]) -> ImportSpec:
+    """One name's exporters behind one host, preferred first; the ports are the preferred
+    exporter's (one ServiceEntry has one port list): an exporter publishing other ports is left
+    out, with a warning."""
+    ordered = sorted(specs, key=lambda s: exporter_order(config, s.cluster))
+    first = ordered[0]
+    kept = [s for s in ordered if s.ports == first.ports]
+    for other in ordered:
+        if other.ports != first.ports:
+            warnings.append(
+                f"import {first.name}: {other.cluster} exports other ports than {first.cluster} (the preferred "
+                f"exporter); one host has one port list, so {other.cluster} is left out of it"
+            )
+    egress = {c: config.import_rule(c) for c in (s.cluster for s in kept)}
+    gateways = {c: rule.egress_gateway if rule else None for c, rule in egress.items()}
+    if len({repr(g) for g in gateways.values()}) > 1:
+        warnings.append(
+            f"import {first.name}: exported by {', '.join(gateways)}, whose imports[] rules name different egress "
+            f"gateways; one host is routed through one, so all of it goes through {first.cluster}'s (the "
+            f"preferred exporter's)"
+        )
+    return ImportSpec(first.name, first.ports, tuple(s.exporters[0] for s in kept))
 
 
 def parse_peers(raw: Iterable[Mapping[str, Any]]) -> tuple[dict[str, PeerSpec], list[str]]:

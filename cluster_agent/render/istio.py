@@ -81,7 +81,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cluster_agent.config import AgentConfig, EgressGatewayConfig
-from cluster_agent.render.inputs import ExportSpec, ImportSpec, PeerSpec, PortSpec
+from cluster_agent.render.failover import failover_policy, import_endpoints, resolution
+from cluster_agent.render.inputs import Exporter, ExportSpec, ImportSpec, PeerSpec, PortSpec
 from cluster_agent.render.objects import (
     NAME_ANNOTATION,
     SOURCE_CLUSTER_LABEL,
@@ -93,6 +94,7 @@ from cluster_agent.render.objects import (
 
 __all__ = [
     "EGRESS_SUBSET",
+    "IMPORT_MODE",
     "INGRESS_GATEWAY",
     "EgressTarget",
     "IstioContext",
@@ -118,6 +120,9 @@ SECURITY = "security.istio.io/v1"
 INGRESS_GATEWAY = "meshbridge-ingress"
 EGRESS_GATEWAY = "meshbridge-egress"
 EGRESS_SUBSET = "meshbridge"
+# How this module carries an import (shown per import by `render`): through both gateways, each
+# terminating mTLS.
+IMPORT_MODE = "hop-by-hop"
 SERVER_PORT_NAME = "https-meshbridge"
 TCP_SUBSET_PREFIX = "tcp"
 EXPORT_TO_ALL = ("*",)
@@ -217,7 +222,7 @@ class IstioContext:
         """
         namespaces = self.consumer_namespaces.get(spec.cluster)
         if namespaces is None:
-            namespaces = (spec.name.split(".", 1)[1],)
+            namespaces = (spec.local.split(".", 1)[1],)
         if "*" in namespaces:
             return EXPORT_TO_ALL
         return tuple(sorted({*namespaces, egress.namespace}))
@@ -580,25 +585,24 @@ def _import_meta(ctx: IstioContext, spec: ImportSpec, name: str) -> dict[str, An
 def render_service_entry(
     ctx: IstioContext, spec: ImportSpec, name: str, vip: str, export_to: Sequence[str] = EXPORT_TO_ALL
 ) -> Manifest:
-    """The `.remote` host: its VIP, the import's ports, HTTP ports reaching the exporter's
-    cross-cluster port and TCP ports its published TCP port."""
-    # An exporter whose agent predates `Gateway.tcp_port` publishes none: it listens on its
-    # `cross_cluster_tcp_port`, which then had to be the same fleet-wide, so this cluster's own.
-    tcp_port = spec.gateway_tcp_port or ctx.cross_cluster_tcp_port
+    """The `.remote` host: its VIP, the import's ports, and one endpoint per address of each
+    exporter (render/failover.py), HTTP ports reaching its cross-cluster port and TCP ports its
+    published TCP port."""
+
+    def port_of(port: PortSpec, exporter: Exporter) -> int:
+        # An exporter whose agent predates `Gateway.tcp_port` publishes none: it listens on its
+        # `cross_cluster_tcp_port`, which then had to be the same fleet-wide, so this cluster's own.
+        return (exporter.tcp_port or ctx.cross_cluster_tcp_port) if port.is_tcp else exporter.port
+
     body = {
-        "hosts": [ctx.host(spec.name)],
+        "hosts": [ctx.host(spec.local)],
         "addresses": [vip],
         "exportTo": list(export_to),
         "location": "MESH_EXTERNAL",
-        "resolution": "STATIC" if spec.gateway_is_ip else "DNS",
+        "resolution": resolution(spec),
         "ports": [{"number": p.number, "name": p.name, "protocol": p.protocol.value} for p in spec.ports],
-        "endpoints": [
-            {
-                "address": spec.gateway_address,
-                "ports": {p.name: tcp_port if p.is_tcp else spec.gateway_port for p in spec.ports},
-            }
-        ],
-        "subjectAltNames": [spec.identity],
+        "endpoints": import_endpoints(spec, port_of),
+        "subjectAltNames": list(spec.identities),
     }
     return _manifest(NETWORKING, "ServiceEntry", _import_meta(ctx, spec, name), body)
 
@@ -620,8 +624,10 @@ def render_import_virtual_service(
     export_to: Sequence[str] = EXPORT_TO_ALL,
 ) -> Manifest:
     """The `.remote` host for sidecars (`mesh`: to the egress gateway) and at the egress gateway (on
-    to the exporter); `tcp_subsets` maps each TCP SNI of this import to its egress subset."""
-    host = ctx.host(spec.name)
+    to the exporter); `tcp_subsets` maps each TCP SNI of this import to its egress subset. Under an
+    alias, the egress route rewrites the authority to the exported name, the one the exporter's
+    ingress routes."""
+    host = ctx.host(spec.local)
     to_egress: list[dict[str, Any]] = []
     to_remote: list[dict[str, Any]] = []
     http_ports = _http_ports(spec.ports)
@@ -649,14 +655,15 @@ def render_import_virtual_service(
             if len(http_ports) == 1
             else _authority_matches(host, port, egress.gateway_ref)
         )
-        to_remote.append(
-            {
-                "name": f"egress-{port.number}",
-                "match": match,
-                "retries": dict(NO_RETRIES),
-                "route": [{"destination": {"host": host, "port": {"number": port.number}}}],
-            }
-        )
+        onward: dict[str, Any] = {
+            "name": f"egress-{port.number}",
+            "match": match,
+            "retries": dict(NO_RETRIES),
+            "route": [{"destination": {"host": host, "port": {"number": port.number}}}],
+        }
+        if spec.alias is not None:
+            onward["rewrite"] = {"authority": f"{ctx.host(spec.name)}:{port.number}"}
+        to_remote.append(onward)
     tcp_routes: list[dict[str, Any]] = []
     for number, sni in tcp_snis(host, spec.ports).items():
         assert tcp_subsets is not None and sni in tcp_subsets, "a TCP import needs its egress subsets"
@@ -696,7 +703,7 @@ def render_import_tcp_virtual_service(
         "hosts": [sni],
         "gateways": [egress.gateway_ref],
         "exportTo": list(export_to),
-        "tcp": [_egress_tcp_route(egress, ctx.host(spec.name), port)],
+        "tcp": [_egress_tcp_route(egress, ctx.host(spec.local), port)],
     }
     return _manifest(NETWORKING, "VirtualService", _import_meta(ctx, spec, name), body)
 
@@ -704,18 +711,24 @@ def render_import_tcp_virtual_service(
 def render_import_destination_rule(
     ctx: IstioContext, spec: ImportSpec, name: str, export_to: Sequence[str] = EXPORT_TO_ALL
 ) -> Manifest:
-    """Egress gateway → remote ingress: ISTIO_MUTUAL, SNI = host, SAN = the exporter's ingress;
-    a TCP port with an SNI of its own sends that one (`portLevelSettings` replace the whole TLS
-    setting for that port's cluster)."""
-    host = ctx.host(spec.name)
+    """Egress gateway → remote ingress: ISTIO_MUTUAL, SNI = host, SANs = every exporter's ingress
+    (any of them may answer), with the failover settings of render/failover.py; a TCP port with an
+    SNI of its own sends that one (`portLevelSettings` replace the whole TLS setting for that port's
+    cluster). Under an alias the host is the alias and the SNIs are the exported name's."""
+    host, remote = ctx.host(spec.local), ctx.host(spec.name)
 
     def tls(sni: str) -> dict[str, Any]:
-        return {"mode": "ISTIO_MUTUAL", "sni": sni, "subjectAltNames": [spec.identity]}
+        return {"mode": "ISTIO_MUTUAL", "sni": sni, "subjectAltNames": list(spec.identities)}
 
-    policy: dict[str, Any] = {"tls": tls(host)}
-    own = _own_tcp_snis(host, spec.ports)
+    policy: dict[str, Any] = {"tls": tls(remote), **failover_policy(spec)}
+    own = _own_tcp_snis(remote, spec.ports)
     if own:
-        policy["portLevelSettings"] = [{"port": {"number": n}, "tls": tls(sni)} for n, sni in sorted(own.items())]
+        # A port's settings replace the whole policy for its cluster, outlier detection and load
+        # balancer included, even when unset there (pilot/pkg/model/destination_rule.go
+        # `MergeTrafficPolicy` with hasPortLevel): each repeats the failover settings.
+        policy["portLevelSettings"] = [
+            {"port": {"number": n}, "tls": tls(sni), **failover_policy(spec)} for n, sni in sorted(own.items())
+        ]
     body = {"host": host, "exportTo": list(export_to), "trafficPolicy": policy}
     return _manifest(NETWORKING, "DestinationRule", _import_meta(ctx, spec, name), body)
 
@@ -724,9 +737,9 @@ def render_import_side(ctx: IstioContext, imports: Sequence[ImportSpec], vips: M
     """Everything one cluster needs to reach its imports; `vips` maps every import name to its VIP."""
     if not imports:
         return []
-    keys = [k for s in imports for k in _object_keys(s.name, ctx.host(s.name), s.ports)]
+    keys = [k for s in imports for k in _object_keys(s.local, ctx.host(s.local), s.ports)]
     names = object_names(keys, prefix="meshbridge-import")
-    subsets = tcp_subsets([sni for s in imports for sni in tcp_snis(ctx.host(s.name), s.ports).values()])
+    subsets = tcp_subsets([sni for s in imports for sni in tcp_snis(ctx.host(s.local), s.ports).values()])
     hosts_by_egress: dict[str, list[str]] = {}
     tcp_by_egress: dict[str, dict[str, str]] = {}
     export_to_by_egress: dict[str, set[str]] = {}
@@ -734,7 +747,7 @@ def render_import_side(ctx: IstioContext, imports: Sequence[ImportSpec], vips: M
     objects: list[Manifest] = []
     for spec in imports:
         egress = ctx.egress_for(spec.cluster)
-        host = ctx.host(spec.name)
+        host = ctx.host(spec.local)
         export_to = ctx.import_export_to(spec, egress)
         export_to_by_egress.setdefault(egress.gateway_name, set()).update(export_to)
         targets[egress.gateway_name] = egress
@@ -742,11 +755,11 @@ def render_import_side(ctx: IstioContext, imports: Sequence[ImportSpec], vips: M
             hosts_by_egress.setdefault(egress.gateway_name, []).append(host)
         own = {sni: subsets[sni] for sni in tcp_snis(host, spec.ports).values()}
         tcp_by_egress.setdefault(egress.gateway_name, {}).update(own)
-        name = names[spec.name]
-        objects.append(render_service_entry(ctx, spec, name, vips[spec.name], export_to))
+        name = names[spec.local]
+        objects.append(render_service_entry(ctx, spec, name, vips[spec.local], export_to))
         objects.append(render_import_virtual_service(ctx, spec, name, egress, own, export_to))
         for number, sni in _own_tcp_snis(host, spec.ports).items():
-            key = _tcp_key(spec.name, number)
+            key = _tcp_key(spec.local, number)
             objects.append(render_import_tcp_virtual_service(ctx, spec, names[key], egress, number, sni, export_to))
         objects.append(render_import_destination_rule(ctx, spec, name, export_to))
     for gateway_name, egress in sorted(targets.items()):

@@ -290,3 +290,10 @@ def test_traffic_follows_the_exports_and_the_selected_imports() -> None:
         ("istio-system", "istio-egressgateway"): (True, False),
         ("istio-system", "to-c"): (False, True),
     }
+    # issue 13: db.shop exported by a too, which is preferred (priority 0 against 0, sorts first):
+    # all of db.shop goes through a's gateway, so c's dedicated one carries nothing
+    both = traffic(cfg, services, [offered("db.shop", "a", "TCP"), offered("db.shop", "c", "TCP")])
+    assert both.egress == {
+        ("istio-system", "istio-egressgateway"): (False, True),
+        ("istio-system", "to-c"): (False, False),
+    }

@@ -210,10 +210,18 @@ CONFIG_A = {
                 "service": "egress-to-b",
                 "service_account": "istio-egressgateway-service-account",
             },
-        }
+        },
+        # issue 13: ratings.bookinfo from c too, as the fallback (priority 1), each at its locality
+        {"from": "c", "names": ["ratings.bookinfo"], "priority": 1, "locality": "us-east1"},
     ],
 }
-IMPORTS_A = [_import("ratings.bookinfo", "b", [(9080, "HTTP")], "lb.b.example")]
+IMPORTS_A = [
+    {  # b publishes two gateway addresses, one a DNS name
+        **_import("ratings.bookinfo", "b", [(9080, "HTTP")], "lb.b.example"),
+        "gateway": {"address": "lb.b.example", "addresses": ["lb.b.example", "198.51.100.21"], "port": 15443},
+    },
+    _import("ratings.bookinfo", "c", [(9080, "HTTP")], "203.0.113.30"),
+]
 PEERS_A = [_peer("b", "cluster.local"), _peer("d", "cluster.local")]
 
 

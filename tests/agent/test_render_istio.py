@@ -88,7 +88,9 @@ IMPORTS = [
         address="gw.c.example",
         identity=INGRESS_C,
     ),
-    imp("reviews.bookinfo", "a", [(9080, "HTTP")]),  # the same name from a second cluster: a wins (sorts first)
+    imp(
+        "reviews.bookinfo", "a", [(9080, "HTTP")]
+    ),  # the same name from a second cluster with other ports: c is left out
     imp("ignored.bookinfo", "e", [(80, "HTTP")]),  # e is not configured as a source
 ]
 PEERS = [
@@ -321,7 +323,11 @@ def test_only_configured_imports_are_rendered(result: Any) -> None:
         "imports: missing.bookinfo from c is configured but not offered by the CA service (not exported to b, "
         "or c has not published)" in result.warnings
     )
-    assert any(w.startswith("import reviews.bookinfo: exported by a, c;") for w in result.warnings)
+    # c publishes other ports for reviews.bookinfo than a (preferred: same priority, sorts first)
+    assert any(
+        w.startswith("import reviews.bookinfo: c exports other ports than a (the preferred exporter)")
+        for w in result.warnings
+    )
     assert result.vips["details.bookinfo"] == "241.0.0.2"
     assert set(result.vips) == {"details.bookinfo", "reviews.bookinfo"}
 

@@ -237,8 +237,11 @@ class Harness:
         services: list[dict[str, Any]] | None = None,
         address: str = "198.51.100.1",
         tcp_port: int | None = None,
+        addresses: list[str] | None = None,
     ) -> Any:
         gateway: dict[str, Any] = {"address": address, "port": 15443}
+        if addresses is not None:
+            gateway["addresses"] = addresses
         if tcp_port is not None:
             gateway["tcp_port"] = tcp_port
         body = {

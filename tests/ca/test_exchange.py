@@ -3,11 +3,15 @@ clusters drop out, status is echoed, and the desired-state long-poll wakes on ch
 
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from ca_server.cli import print_clusters
 from ca_server.core.authority import Authority
 from ca_server.keys.file import FileKeyBackend
 from ca_server.storage.repository import SqlStore
@@ -47,7 +51,12 @@ def test_exports_reach_their_consumers_only(harness: Harness) -> None:
     r = harness.publish(a, trust_domain="a.mesh", services=[RATINGS, REVIEWS], address="203.0.113.7")
     assert r.status_code == 200, r.text
     stored = r.json()
-    assert stored["gateway"] == {"address": "203.0.113.7", "port": 15443, "tcp_port": None}  # echo: defaults filled in
+    assert stored["gateway"] == {
+        "address": "203.0.113.7",
+        "port": 15443,
+        "tcp_port": None,
+        "addresses": None,
+    }  # echo: defaults filled in
     assert [s["name"] for s in stored["services"]] == ["ratings.bookinfo", "reviews.bookinfo"]
     assert stored["services"][1]["consumers"] == ["b", "c", "nobody"]
     assert harness.cluster("a")["gateway"] == {"address": "203.0.113.7", "port": 15443}  # replaces registration
@@ -102,7 +111,7 @@ def test_the_published_tcp_port_reaches_the_importers(harness: Harness) -> None:
     db = {**RATINGS, "ports": [{"number": 5432, "protocol": "TCP"}, {"number": 5433, "protocol": "TCP"}]}
     r = harness.publish(a, trust_domain="a.mesh", services=[db], tcp_port=31444)
     assert r.status_code == 200, r.text
-    assert r.json()["gateway"] == {"address": "198.51.100.1", "port": 15443, "tcp_port": 31444}
+    assert r.json()["gateway"] == {"address": "198.51.100.1", "port": 15443, "tcp_port": 31444, "addresses": None}
     assert harness.cluster("a")["gateway"] == {"address": "198.51.100.1", "port": 15443, "tcp_port": 31444}
     (entry,) = imports(harness, b)
     assert entry["gateway"] == {"address": "198.51.100.1", "port": 15443, "tcp_port": 31444}
@@ -111,6 +120,30 @@ def test_the_published_tcp_port_reaches_the_importers(harness: Harness) -> None:
     (entry,) = imports(harness, b)
     assert entry["gateway"] == {"address": "198.51.100.1", "port": 15443}
     assert harness.publish(a, trust_domain="a.mesh", tcp_port=0).status_code == 400
+
+
+def test_every_exporter_of_a_name_reaches_the_consumer_and_the_fleet_view(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 13 items 4-6: two exporters of one name both reach its consumer (one entry each, with
+    every gateway address), and the cluster list shows per name which exporters serve it."""
+    a = harness.enroll("a", trust_domain="a.mesh")
+    b = harness.enroll("b", trust_domain="b.mesh")
+    c = harness.enroll("c", trust_domain="c.mesh")
+    two = ["198.51.100.1", "gw2.a.example"]
+    assert harness.publish(a, trust_domain="a.mesh", services=[RATINGS], addresses=two).status_code == 200
+    assert harness.publish(c, trust_domain="c.mesh", services=[RATINGS], address="198.51.100.3").status_code == 200
+    entries = imports(harness, b)
+    assert [(e["name"], e["cluster"]) for e in entries] == [("ratings.bookinfo", "a"), ("ratings.bookinfo", "c")]
+    assert entries[0]["gateway"]["addresses"] == two
+    assert entries[1]["identity"] == "spiffe://c.mesh/ns/istio-system/sa/ingress"
+    listed = {i["name"]: i for i in harness.client.get("/v1/clusters", headers=harness.admin).json()["items"]}
+    assert listed["b"]["imports"] == {"ratings.bookinfo": ["a", "c"]}
+    assert listed["a"]["imports"] == {}
+    print_clusters(list(listed.values()))
+    assert re.search(r"^b\s+ratings\.bookinfo\s+a, c$", capsys.readouterr().out, re.MULTILINE)
+    bad = harness.publish(a, trust_domain="a.mesh", addresses=["198.51.100.9"])  # not led by `address`
+    assert bad.status_code == 400 and "addresses[0] must be address" in bad.text
 
 
 def test_identities_outside_the_trust_domain_are_refused(harness: Harness) -> None:

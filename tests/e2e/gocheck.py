@@ -186,3 +186,26 @@ def run_dataplane_simulation(a_dir: str | os.PathLike[str], b_dir: str | os.Path
         "MESHBRIDGE_SIM_B_DIR": str(Path(b_dir).resolve()),
     }
     return _run("TestDataplane", env)
+
+
+def run_multi_export(
+    a_dir: str | os.PathLike[str],
+    expect: Mapping[str, Sequence[str]],
+    sans: Mapping[str, Sequence[str]],
+    remote: Mapping[str, str] | None = None,
+    egress_locality: str | None = None,
+) -> str:
+    """Istio's build of cluster a's egress gateway for imports with several exporters
+    (TestMultiExport): per host, ``expect`` lists its egress cluster's endpoints as
+    ``address:port@priority`` and ``sans`` the identities it must pin; the cluster must carry
+    meshbridge's outlier detection. ``remote`` maps a host served under an alias to the exported
+    host the egress gateway must send on (SNI and authority); ``egress_locality`` places a's egress
+    gateway (region[/zone]) for Istio's locality failover."""
+    env = {
+        "MESHBRIDGE_SIM_A_DIR": str(Path(a_dir).resolve()),
+        "MESHBRIDGE_MULTI_EXPECT": ";".join(f"{h}={','.join(v)}" for h, v in expect.items()),
+        "MESHBRIDGE_MULTI_SANS": ";".join(f"{h}={','.join(v)}" for h, v in sans.items()),
+        "MESHBRIDGE_MULTI_REMOTE": ";".join(f"{h}={r}" for h, r in (remote or {}).items()),
+        "MESHBRIDGE_MULTI_EGRESS_LOCALITY": egress_locality or "",
+    }
+    return _run("TestMultiExport", env)
