@@ -360,6 +360,19 @@ def test_agent_chart_reaches_every_later_key(helm: Any) -> None:
     assert parsed.dns.nodelocal_dns.bind == ["169.254.20.10", "10.96.0.10"]
 
 
+def test_agent_chart_takes_several_gateway_addresses(helm: Any) -> None:
+    docs = render(
+        helm,
+        AGENT,
+        "--values",
+        str(AGENT_MINIMAL),
+        "--set-json",
+        'istio.ingressGateway.addresses=["198.51.100.20","gw-b.example.net"]',
+    )
+    parsed = parse_config(agent_config(docs), source="rendered agent.yaml")
+    assert parsed.istio.ingress_gateway.published_addresses == ["198.51.100.20", "gw-b.example.net"]
+
+
 def test_agent_chart_defaults_leave_the_agent_defaults(helm: Any) -> None:
     config = agent_config(render(helm, AGENT, "--values", str(AGENT_MINIMAL)))
     assert config["ca"]["ca_crl"] is True

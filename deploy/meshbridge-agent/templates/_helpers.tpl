@@ -71,6 +71,7 @@ Returns "pem", "configMap" or "secret"; fails otherwise.
 {{- if $i.ingressGateway.helmRelease }}{{ $ingress = dict "helm_release" $i.ingressGateway.helmRelease }}{{ end -}}
 {{- if $i.ingressGateway.namespace }}{{ $_ := set $ingress "namespace" $i.ingressGateway.namespace }}{{ end -}}
 {{- if $i.ingressGateway.address }}{{ $_ := set $ingress "address" $i.ingressGateway.address }}{{ end -}}
+{{- if $i.ingressGateway.addresses }}{{ $_ := set $ingress "addresses" $i.ingressGateway.addresses }}{{ end -}}
 {{- if not (kindIs "invalid" $i.ingressGateway.port) }}{{ $_ := set $ingress "port" (int $i.ingressGateway.port) }}{{ end -}}
 {{- range $value, $key := dict "tcpPort" "tcp_port" "targetPort" "target_port" "tcpTargetPort" "tcp_target_port" }}
 {{- $port := get $i.ingressGateway $value }}{{ if not (kindIs "invalid" $port) }}{{ $_ := set $ingress $key (int $port) }}{{ end }}
