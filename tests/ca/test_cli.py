@@ -75,13 +75,10 @@ def serve(data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Ite
         deadline = time.monotonic() + 60
         while True:
             assert proc.poll() is None, log.read_text()
-            if (data_dir / "server-url").exists():
-                try:
-                    with served.http() as c:
-                        if c.get("/healthz").status_code == 200:
-                            break
-                except httpx.HTTPError:
-                    pass
+            if (data_dir / "server-url").exists():  # written once it listens: it answers at once
+                with served.http() as c:
+                    assert c.get("/healthz").status_code == 200
+                break
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
         assert (data_dir / "server-url").read_text().strip() == served.url
@@ -211,8 +208,9 @@ def test_init_serve_and_operate(tmp_path: Path) -> None:
         row, _ = days_left_column(s.op("cluster", "list"), "a")
         assert row["INSTALLED"] == "1" and row["SERVED"] == "1" and row["ISTIOD ROOTS"] == roots[0]["id"][:8]
         assert row["REPORT AGE"].endswith("s")
-        activated = json.loads(s.op("root", "activate", new["id"], "--force"))
-        assert activated["status"] == "active" and "certificate" not in activated
+        activated = s.op("root", "activate", new["id"], "--force")
+        assert activated.startswith(f"root {new['id']} activated: it signs") and "CERTIFICATE" not in activated
+        assert "\nstatus:    active\n" in activated
         with s.http() as http:
             entries = http.get("/v1/audit", params={"limit": 1000}, headers={"Authorization": f"Bearer {admin_token}"})
             [entry] = [e for e in entries.json()["items"] if e["action"] == "root.activate"]
