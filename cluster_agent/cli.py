@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: Output | int = args.fn(args)
     except ConfigError as exc:
-        return fail(PROG, f"config error: {exc}", 2, as_json=as_json)
+        return fail(PROG, f"config error: {exc}", 2, as_json=as_json, extra={"problems": exc.problems})
     except (CAClientError, AgentError) as exc:
         return fail(PROG, str(exc), 1, as_json=as_json)
     except FileNotFoundError as exc:
