@@ -333,13 +333,23 @@ def cmd_restore(args: argparse.Namespace) -> Output:
 
 
 def add_commands(sub: Any) -> None:
-    b = sub.add_parser("backup", help="archive the database and key material (not the passphrase)")
+    b = sub.add_parser(
+        "backup",
+        help="archive the database and key material (not the passphrase)",
+        epilog="Prints where the archive went and how many rows it holds; --json: the rows per table. "
+        "Errors: one line on stderr; with --json also {error, exit_code} on stdout.",
+    )
     b.add_argument("--data-dir", required=True)
     b.add_argument("--database-url")
     b.add_argument("--out", required=True, help="archive path (.tar.gz), written 0600")
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(fn=cmd_backup)
-    r = sub.add_parser("restore", help="restore a backup into an empty data directory and database")
+    r = sub.add_parser(
+        "restore",
+        help="restore a backup into an empty data directory and database",
+        epilog="Prints where it restored and the audit entries checked; --json: {restored, audit_entries, "
+        "data_dir, rollback_accepted}. Errors: one line on stderr; with --json also {error, exit_code} on stdout.",
+    )
     r.add_argument("--data-dir", required=True)
     r.add_argument("--in", dest="input", required=True)
     r.add_argument("--database-url")
@@ -362,5 +372,5 @@ def add_commands(sub: Any) -> None:
         action="store_true",
         help="restore a backup older than the anchors record (recorded in the audit log)",
     )
-    r.add_argument("--json", action="store_true")
+    r.add_argument("--json", action="store_true", help="print the result as JSON")
     r.set_defaults(fn=cmd_restore)

@@ -493,12 +493,52 @@ Exit status: 0 when nothing failed (warnings alone: 0), 1 when a check failed, 2
 
 
 # ----------------------------------------------------------------------------- parser
+JSON_ERRORS = (
+    "Errors: one line on stderr and a non-zero exit; with --json also "
+    '{"error", "exit_code", ...} on stdout (docs/api.md, Output).'
+)
+# what each command prints (its --help epilog); the --json keys are listed in docs/api.md
+PRINTS = {
+    "init": "Prints where the trust anchor, admin token, key passphrase and audit key are (never the "
+    "token itself); --json: {data_dir, root_id, root_cert, admin_token_file, key, database, "
+    "audit_key_file[, passphrase_file, warning]}.",
+    "serve": "Prints nothing on stdout (its log: JSON lines on stderr). Binds --listen first: an "
+    "address it cannot bind is one line on stderr naming it, exit 1; D/server-url is written only "
+    "once it listens.",
+    "cluster add": "Prints the registration and its one-time bootstrap token once (or where "
+    "--token-out wrote it); --json: the API's ClusterCreated.",
+    "cluster list": "Prints a table of clusters; --json: the API's {items: [Cluster, ...]}.",
+    "cluster show": "Prints the cluster as key: value lines; --json: the API's Cluster.",
+    "cluster rotate": "Prints one line with the generation its agent renews to; --json: {generation}.",
+    "cluster revoke": "Prints one line; --json: the API's Cluster (status revoked).",
+    "cluster token": "Prints the new one-time bootstrap token once (or where --token-out wrote it); "
+    "--json: {bootstrap_token, bootstrap_expires_at}.",
+    "root list": "Prints a table of roots; --json: the API's {items: [Root, ...]}.",
+    "root add": "Prints the new root's id, status and notAfter; --json: the API's Root (with its certificate).",
+    "root activate": "Prints the root's id, status and notAfter; --json: the API's Root.",
+    "root retire": "Prints the root's id, status and notAfter; --json: the API's Root.",
+    "root status": "Prints each gate as a table of clusters; --json: the API's root status.",
+    "fleet check": "Prints one line per check and cluster and a verdict; --json: a list of "
+    "{cluster, check, status, detail}.",
+    "token create": "Prints the token's id, role and expiry and the token itself once (or where "
+    "--token-out wrote it); --json: the API's AdminToken plus token.",
+    "token list": "Prints a table of tokens (never a secret); --json: the API's {items: [AdminToken, ...]}.",
+    "token revoke": "Prints one line; --json: the API's AdminToken (state revoked).",
+    "audit verify": "Prints one line: the chain intact (stdout, exit 0) or where it breaks (stderr, "
+    "exit 1); --json: {ok, checked, problem}.",
+}
+
+
+def _epilog(command: str) -> str:
+    return PRINTS[command] if command == "serve" else f"{PRINTS[command]}\n{JSON_ERRORS}"
+
+
 def _client_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="CA service URL (default: MESHBRIDGE_URL or D/server-url)")
     p.add_argument("--ca-bundle", help="trust anchor PEM for the CA service (default: D/root-cert.pem)")
     p.add_argument("--token-file", help="admin token file (default: MESHBRIDGE_ADMIN_TOKEN or D/admin-token)")
     p.add_argument("--data-dir", help="a CA data directory to take the three defaults from")
-    p.add_argument("--json", action="store_true", help="print what the API returned, as JSON")
+    p.add_argument("--json", action="store_true", help="print what the API returned, as JSON, instead of the summary")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -510,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    i = sub.add_parser("init", help="create the root CA, database and admin token")
+    i = sub.add_parser("init", help="create the root CA, database and admin token", epilog=_epilog("init"))
     i.add_argument("--data-dir", required=True)
     i.add_argument("--key-type", default="ecdsa-p256", help="ecdsa-p256 (default), ecdsa-p384, rsa-3072, rsa-4096")
     i.add_argument("--key-backend", choices=["file", "pkcs11"], default="file")
@@ -533,10 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the key that seals the audit chain (else MESHBRIDGE_AUDIT_KEY_FILE, "
         "else D/audit-key); created (0600) when missing; a given path is recorded in ca.json",
     )
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="print the result as JSON")
     i.set_defaults(fn=cmd_init)
 
-    s = sub.add_parser("serve", help="serve the REST API over HTTPS")
+    s = sub.add_parser("serve", help="serve the REST API over HTTPS", epilog=_epilog("serve"))
     s.add_argument("--data-dir", required=True)
     s.add_argument("--listen", default="127.0.0.1:8443")
     s.add_argument("--database-url")
@@ -657,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("revoke", "revoke the cluster: intermediates into the CRL, token dead"),
         ("token", "a new one-time bootstrap token (re-enrollment)"),
     ]:
-        cp = csub.add_parser(name, help=helptext)
+        cp = csub.add_parser(name, help=helptext, epilog=_epilog(f"cluster {name}"))
         if name != "list":
             cp.add_argument("name")
         if name == "add":
@@ -695,7 +735,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", "each trusted root's phase 3 and 4 gates: which clusters are ready, what the others wait for"),
     ]:
         rp = rsub.add_parser(
-            name, help=helptext, description=ROOT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+            name,
+            help=helptext,
+            description=ROOT_HELP,
+            epilog=_epilog(f"root {name}"),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         if name in ("activate", "retire"):
             rp.add_argument("id")
@@ -735,6 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="one line per check and cluster; exit 1 when any check failed (warnings alone: 0)",
         description=FLEET_HELP,
+        epilog=_epilog("fleet check"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fc.add_argument(
@@ -760,7 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("list", "table of tokens: id, name, role, state, expiry (never a secret)"),
         ("revoke", "revoke a token by id or name (the last admin token is refused)"),
     ]:
-        tp = tsub.add_parser(name, help=helptext)
+        tp = tsub.add_parser(name, help=helptext, epilog=_epilog(f"token {name}"))
         if name == "create":
             tp.add_argument("name", help="a DNS label, unique among the live tokens, e.g. oncall")
             tp.add_argument(
@@ -780,7 +825,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("audit", help="audit log")
     asub = a.add_subparsers(dest="audit_cmd", required=True)
-    av = asub.add_parser("verify", help="check the hash chain straight from the database")
+    av = asub.add_parser(
+        "verify", help="check the hash chain straight from the database", epilog=_epilog("audit verify")
+    )
     av.add_argument("--data-dir", required=True)
     av.add_argument("--database-url")
     av.add_argument(
@@ -795,7 +842,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a further anchors file to check against, e.g. a copy kept off this host "
         "(D/audit-anchors is always read); repeatable",
     )
-    av.add_argument("--json", action="store_true")
+    av.add_argument("--json", action="store_true", help="print the verdict as JSON")
     av.set_defaults(fn=cmd_audit_verify)
 
     from ca_server import backup

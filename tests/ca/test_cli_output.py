@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ca_server.cli import PRINTS, main
 from cluster_agent import pki
 from tests.ca.test_cli import cli, ok, serve
 
@@ -181,3 +182,12 @@ def test_unreachable_service_with_json_is_a_json_error(tmp_path: Path, command: 
     r = cli(*command, "--url", "https://127.0.0.1:1", "--token-file", str(token), "--json")
     assert r.returncode == 3 and r.stderr.startswith("meshbridge-ca: cannot reach the CA service")
     assert json.loads(r.stdout)["exit_code"] == 3
+
+
+def test_every_command_says_in_its_help_what_it_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in [*PRINTS, "backup", "restore"]:
+        with pytest.raises(SystemExit) as done:
+            main([*command.split(), "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert done.value.code == 0 and "Prints " in text, command
+        assert command == "serve" or "--json" in text.split("Prints ", 1)[1], command
