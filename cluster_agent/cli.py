@@ -114,6 +114,11 @@ def cmd_check(args: argparse.Namespace) -> Output:
     return cli_views.config_output(args.config, load_config(Path(args.config)))
 
 
+PASS_PRINTS = (
+    "With --once it prints one summary line (created, updated, unchanged, pruned, imports), then "
+    "warning: and problem: lines; --json prints the pass as JSON instead. Errors: one line on stderr "
+    "and a non-zero exit; with --json also {error, exit_code} on stdout."
+)
 JSON_PASS_HELP = (
     "with --once: print the pass as JSON: {created, updated, unchanged, pruned, imports, renewed, "
     "warnings, istio_problems, revision} (render --dry-run adds diff); default: a one-line summary "
@@ -132,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    r = sub.add_parser("run", help="apply to the cluster (in-cluster credentials or kubernetes.kubeconfig)")
+    r = sub.add_parser(
+        "run",
+        help="apply to the cluster (in-cluster credentials or kubernetes.kubeconfig)",
+        description=f"Without --once it runs until stopped and prints nothing on stdout (its log: JSON lines "
+        f"on stderr). {PASS_PRINTS}",
+    )
     r.add_argument("--config", required=True)
     r.add_argument("--once", action="store_true", help="one pass, then exit")
     r.add_argument("--wait", type=float, default=25, help="long-poll wait in seconds (max 60)")
@@ -141,7 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help=JSON_PASS_HELP)
     r.set_defaults(fn=cmd_run)
 
-    d = sub.add_parser("render", help="write the objects as YAML into a directory instead of applying them")
+    d = sub.add_parser(
+        "render",
+        help="write the objects as YAML into a directory instead of applying them",
+        description=f"{PASS_PRINTS} --dry-run prints the diff first (with --json: the diff key).",
+    )
     d.add_argument("--config", required=True)
     d.add_argument("--out", required=True)
     d.add_argument("--once", action="store_true", help="one pass, then exit")

@@ -82,3 +82,11 @@ def test_check_config_both_forms_and_errors(two_clusters: dict[str, Path], capsy
     assert [p.split(":")[0] for p in error["problems"]] == ["dns.mode"]
     code, text, err = run(capsys, "check-config", "--config", str(cfg))
     assert code == 2 and text == "" and "dns.mode" in err
+
+
+def test_every_command_says_in_its_help_what_it_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("run", "render", "check-config"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "prints" in text.lower() and "--json" in text, command

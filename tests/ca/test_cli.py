@@ -75,13 +75,13 @@ def serve(data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Ite
         deadline = time.monotonic() + 60
         while True:
             assert proc.poll() is None, log.read_text()
-            if (data_dir / "server-url").exists():  # written once it listens: it answers at once
-                with served.http() as c:
+            url_file = data_dir / "server-url"  # may still name an earlier serve of data_dir
+            if url_file.exists() and url_file.read_text().strip() == served.url:
+                with served.http() as c:  # written once it listens: it answers at once
                     assert c.get("/healthz").status_code == 200
                 break
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
-        assert (data_dir / "server-url").read_text().strip() == served.url
         yield served
     finally:
         proc.terminate()
