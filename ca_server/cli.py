@@ -110,26 +110,7 @@ def cmd_init(args: argparse.Namespace) -> Output:
     if dir_warning:
         out["warning"] = dir_warning
         print(f"warning: {dir_warning}", file=sys.stderr)
-    return Output(out, _init_text(out, root.id, key_type.value, data_dir, passphrase_file))
-
-
-def _init_text(out: dict[str, str], root_id: str, key_type: str, data_dir: Path, passphrase_file: Path | None) -> str:
-    lines = [
-        f"CA initialised in {data_dir}",
-        f"  root {root_id} ({key_type}), key: {out['key']}",
-        f"  trust anchor: {out['root_cert']}",
-        f"  admin token:  {out['admin_token_file']} (mode 0600)",
-    ]
-    if passphrase_file is not None:
-        lines.append(f"  key passphrase: {passphrase_file} — back it up separately")
-        if passphrase_file.resolve().is_relative_to(data_dir.resolve()):
-            lines.append(
-                "    it lies beside the key it unlocks: a copy of the data directory carries both; "
-                "keep it elsewhere and pass --passphrase-file (docs/security.md)"
-            )
-    lines.append(f"  audit key: {out['audit_key_file']} — back it up separately (backups do not hold it)")
-    lines.append(f"  database: {out['database']}")
-    return "\n".join(lines)
+    return Output(out, views.init_text(out, root.id, key_type.value, data_dir, passphrase_file))
 
 
 def _path(p: str | None) -> Path | None:

@@ -5,6 +5,7 @@ the API object itself, see docs/api.md)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from ca_server.fleetcheck import duration_text
@@ -35,6 +36,27 @@ def days_left(not_after: str | None) -> str:
         return "-"
     end = datetime.strptime(not_after, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     return f"{(end - datetime.now(UTC)).total_seconds() / 86400:.1f}"
+
+
+# ----------------------------------------------------------------------------- init
+def init_text(out: dict[str, str], root_id: str, key_type: str, data_dir: Path, passphrase_file: Path | None) -> str:
+    """`init`: where everything went (never the admin token itself)."""
+    lines = [
+        f"CA initialised in {data_dir}",
+        f"  root {root_id} ({key_type}), key: {out['key']}",
+        f"  trust anchor: {out['root_cert']}",
+        f"  admin token:  {out['admin_token_file']} (mode 0600)",
+    ]
+    if passphrase_file is not None:
+        lines.append(f"  key passphrase: {passphrase_file} — back it up separately")
+        if passphrase_file.resolve().is_relative_to(data_dir.resolve()):
+            lines.append(
+                "    it lies beside the key it unlocks: a copy of the data directory carries both; "
+                "keep it elsewhere and pass --passphrase-file (docs/security.md)"
+            )
+    lines.append(f"  audit key: {out['audit_key_file']} — back it up separately (backups do not hold it)")
+    lines.append(f"  database: {out['database']}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- clusters
