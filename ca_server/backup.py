@@ -44,6 +44,7 @@ from ca_server.core.audit import Anchor, AuditKey, ChainReport, is_unkeyed, veri
 from ca_server.core.errors import Conflict, InvalidInput
 from ca_server.storage import tables as t
 from ca_server.storage.repository import SqlStore
+from meshbridge_wire.cliout import Output
 
 FORMAT = "meshbridge-backup/1"
 TABLES: list[Table] = [
@@ -316,20 +317,19 @@ def restore(
     }
 
 
-def cmd_backup(args: argparse.Namespace) -> int:
+def cmd_backup(args: argparse.Namespace) -> Output:
+    """``--json``: the rows per table, ``{"<table>": N, …}``."""
     manifest = backup(Path(args.data_dir), Path(args.out), database_url=args.database_url)
-    if args.json:
-        print(json.dumps(manifest["tables"]))
-    else:
-        total = sum(manifest["tables"].values())
-        print(
-            f"backup written to {args.out} (mode 0600): {total} rows, {len(manifest['key_refs'])} root key reference(s)"
-        )
-        print("  not included: the key passphrase / PKCS#11 PIN and the admin token — keep them separately")
-    return 0
+    total = sum(manifest["tables"].values())
+    summary = (
+        f"backup written to {args.out} (mode 0600): {total} rows, {len(manifest['key_refs'])} root key reference(s)\n"
+        "  not included: the key passphrase / PKCS#11 PIN and the admin token — keep them separately"
+    )
+    return Output(manifest["tables"], summary)
 
 
-def cmd_restore(args: argparse.Namespace) -> int:
+def cmd_restore(args: argparse.Namespace) -> Output:
+    """``--json``: ``{"restored": {"<table>": N, …}, "audit_entries", "data_dir", "rollback_accepted"}``."""
     out = restore(
         Path(args.input),
         Path(args.data_dir),
@@ -339,26 +339,33 @@ def cmd_restore(args: argparse.Namespace) -> int:
         anchors_files=[Path(p) for p in args.anchors],
         accept_rollback=args.accept_rollback,
     )
-    if args.json:
-        print(json.dumps(out))
-    else:
-        print(
-            f"restored into {out['data_dir']}: {sum(out['restored'].values())} rows, audit chain intact "
-            f"({out['audit_entries']} entries)"
-        )
-        if out["rollback_accepted"]:
-            print(f"  rollback accepted and audited: {out['rollback_accepted']}")
-    return 0
+    summary = (
+        f"restored into {out['data_dir']}: {sum(out['restored'].values())} rows, audit chain intact "
+        f"({out['audit_entries']} entries)"
+    )
+    if out["rollback_accepted"]:
+        summary += f"\n  rollback accepted and audited: {out['rollback_accepted']}"
+    return Output(out, summary)
 
 
 def add_commands(sub: Any) -> None:
-    b = sub.add_parser("backup", help="archive the database and key material (not the passphrase)")
+    b = sub.add_parser(
+        "backup",
+        help="archive the database and key material (not the passphrase)",
+        epilog="Prints where the archive went and how many rows it holds; --json: the rows per table. "
+        "Errors: one line on stderr; with --json also {error, exit_code} on stdout.",
+    )
     b.add_argument("--data-dir", required=True)
     b.add_argument("--database-url")
     b.add_argument("--out", required=True, help="archive path (.tar.gz), written 0600")
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.set_defaults(fn=cmd_backup)
-    r = sub.add_parser("restore", help="restore a backup into an empty data directory and database")
+    r = sub.add_parser(
+        "restore",
+        help="restore a backup into an empty data directory and database",
+        epilog="Prints where it restored and the audit entries checked; --json: {restored, audit_entries, "
+        "data_dir, rollback_accepted}. Errors: one line on stderr; with --json also {error, exit_code} on stdout.",
+    )
     r.add_argument("--data-dir", required=True)
     r.add_argument("--in", dest="input", required=True)
     r.add_argument("--database-url")
@@ -381,5 +388,5 @@ def add_commands(sub: Any) -> None:
         action="store_true",
         help="restore a backup older than the anchors record (recorded in the audit log)",
     )
-    r.add_argument("--json", action="store_true")
+    r.add_argument("--json", action="store_true", help="print the result as JSON")
     r.set_defaults(fn=cmd_restore)

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from ca_server import cli_views as views
 from ca_server.core.errors import CAError
 from ca_server.fleetcheck import duration_text as _duration_text
+from meshbridge_wire.cliout import Output, emit, fail
 
 if TYPE_CHECKING:
     from ca_server.core.audit import ChainReport
@@ -37,15 +38,17 @@ examples:
 
 
 class CLIError(Exception):
-    """A message for the operator saying what to fix; exit code 2 unless given."""
+    """A message for the operator saying what to fix; exit code 2 unless given. ``extra``: more
+    keys for the ``--json`` error object."""
 
-    def __init__(self, message: str, code: int = 2) -> None:
+    def __init__(self, message: str, code: int = 2, extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.extra = extra or {}
 
 
 # ----------------------------------------------------------------------------- init / serve / audit
-def cmd_init(args: argparse.Namespace) -> int:
+def cmd_init(args: argparse.Namespace) -> Output:
     from ca_server import datadir, runtime
     from ca_server.core.authority import Authority, Policy
     from ca_server.keys.base import parse_key_type
@@ -106,25 +109,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         out["passphrase_file"] = str(passphrase_file)
     if dir_warning:
         out["warning"] = dir_warning
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        print(f"CA initialised in {data_dir}")
-        print(f"  root {root.id} ({key_type.value}), key: {out['key']}")
-        print(f"  trust anchor: {out['root_cert']}")
-        print(f"  admin token:  {out['admin_token_file']} (mode 0600)")
-        if passphrase_file is not None:
-            print(f"  key passphrase: {passphrase_file} — back it up separately")
-            if passphrase_file.resolve().is_relative_to(data_dir.resolve()):
-                print(
-                    "    it lies beside the key it unlocks: a copy of the data directory carries both; "
-                    "keep it elsewhere and pass --passphrase-file (docs/security.md)"
-                )
-        print(f"  audit key: {audit_key_path} — back it up separately (backups do not hold it)")
-        print(f"  database: {out['database']}")
-        if dir_warning:
-            print(f"  warning: {dir_warning}", file=sys.stderr)
-    return 0
+        print(f"warning: {dir_warning}", file=sys.stderr)
+    return Output(out, views.init_text(out, root.id, key_type.value, data_dir, passphrase_file))
 
 
 def _path(p: str | None) -> Path | None:
@@ -151,12 +137,15 @@ def _anchor_init(store: SqlStore, data_dir: Path) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ca_server.server import serve
+    from ca_server.server import ListenError, serve
 
-    return serve(args)
+    try:
+        return serve(args)
+    except ListenError as exc:
+        raise CLIError(str(exc), code=1) from exc
 
 
-def cmd_audit_verify(args: argparse.Namespace) -> int:
+def cmd_audit_verify(args: argparse.Namespace) -> Output:
     from ca_server import runtime, sealing
     from ca_server.core.audit import ChainReport, is_unkeyed, verify_chain
 
@@ -169,7 +158,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     try:  # the anchors before the head: an anchor is never ahead of the head read after it
         anchors = sealing.read_anchors([*([own] if own.exists() else []), *_existing(args.anchors)])
     except CAError as exc:  # a line that is no anchor: the file was altered
-        return _print_report(ChainReport(False, 0, exc.detail), args.json, own)
+        return _report(ChainReport(False, 0, exc.detail), own)
     if key is None:
         last = store.last_audit_entry()
         if anchors or (last is not None and not is_unkeyed(last)):
@@ -177,9 +166,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
                 f"no audit key at {key_path}: this chain is sealed with one; give --audit-key-file or "
                 "MESHBRIDGE_AUDIT_KEY_FILE"
             )
-    return _print_report(
-        verify_chain(store.iter_audit(), head=store.audit_head(), key=key, anchors=anchors), args.json, own
-    )
+    return _report(verify_chain(store.iter_audit(), head=store.audit_head(), key=key, anchors=anchors), own)
 
 
 def _existing(files: list[str]) -> list[Path]:
@@ -189,16 +176,14 @@ def _existing(files: list[str]) -> list[Path]:
     return [Path(f) for f in files]
 
 
-def _print_report(report: ChainReport, as_json: bool, anchors_file: Path) -> int:
-    if as_json:
-        print(json.dumps({"ok": report.ok, "checked": report.checked, "problem": report.problem}))
-    elif report.ok:
-        print(f"audit chain intact: {report.checked} entries; {_sealing_note(report, anchors_file)}")
-    elif report.rollback:
-        print(f"audit chain BEHIND ITS ANCHORS after {report.checked} good entries: {report.problem}", file=sys.stderr)
-    else:
-        print(f"audit chain BROKEN after {report.checked} good entries: {report.problem}", file=sys.stderr)
-    return 0 if report.ok else 1
+def _report(report: ChainReport, anchors_file: Path) -> Output:
+    """Exit 0 for an intact chain; the default form of a broken one goes to stderr, exit 1."""
+    data = {"ok": report.ok, "checked": report.checked, "problem": report.problem}
+    if report.ok:
+        return Output(data, f"audit chain intact: {report.checked} entries; {_sealing_note(report, anchors_file)}")
+    what = "BEHIND ITS ANCHORS" if report.rollback else "BROKEN"
+    text = f"audit chain {what} after {report.checked} good entries: {report.problem}"
+    return Output(data, text, code=1, text_to_stderr=True)
 
 
 def _sealing_note(report: ChainReport, anchors_file: Path) -> str:
@@ -267,135 +252,69 @@ def _refusal(r: httpx.Response) -> CLIError:
         return CLIError(f"HTTP {r.status_code}", code=1)
     if r.status_code == 409 and str(p.get("type", "")).endswith("/fleetnotready"):
         return FleetNotReadyError(msg, lagging)
-    return CLIError(msg, code=1)
+    return CLIError(msg, code=1, extra={"status": r.status_code})
 
 
 class FleetNotReadyError(CLIError):
     """A root phase refused (409 `fleetnotready`) with the lagging clusters and what each waits for."""
 
     def __init__(self, message: str, lagging: list[tuple[str, str]]) -> None:
-        super().__init__(message, code=1)
+        extra = {"status": 409, "lagging": [{"cluster": n, "waiting_for": w} for n, w in lagging]}
+        super().__init__(message, code=1, extra=extra)
         self.lagging = lagging
 
 
-def _days_left(not_after: str | None) -> str:
-    if not not_after:
-        return "-"
-    end = datetime.strptime(not_after, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    return f"{(end - datetime.now(UTC)).total_seconds() / 86400:.1f}"
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in [header, *rows]]
-    return "\n".join(lines)
-
-
-CLUSTER_COLUMNS = [
-    "NAME",
-    "STATUS",
-    "TRUST DOMAIN",
-    "DESIRED",
-    "INSTALLED",
-    "SERVED",
-    "ROTATING",
-    "SERIAL",
-    "DAYS LEFT",
-    "ERRORS",
-    "ISTIOD ROOTS",
-    "REPORT AGE",
-]
-
-
-def print_clusters(items: list[dict[str, Any]]) -> None:
-    rows = []
-    for c in items:
-        st = c.get("agent_status") or {}
-        inter = c.get("intermediate") or {}
-        installed = c.get("installed") or {}
-        rows.append(
-            [
-                c["name"],
-                c["status"],
-                c["trust_domain"],
-                str(c["generation"]),
-                _or_dash(installed.get("generation")),
-                *_served_cells(c.get("served"))[:1],
-                "yes" if c["rotation_pending"] else "no",
-                inter.get("serial", "-")[:16],
-                _days_left(inter.get("not_after")),
-                str(len(st.get("errors") or [])) if st else "-",
-                *_served_cells(c.get("served"))[1:],
-            ]
-        )
-    print(table(rows, CLUSTER_COLUMNS))
-    served = [
-        [c["name"], name, ", ".join(exporters)] for c in items for name, exporters in (c.get("imports") or {}).items()
-    ]
-    if served:
-        print()
-        print(table(served, ["CONSUMER", "IMPORTS", "EXPORTED BY"]))
-
-
-def _or_dash(value: Any) -> str:
-    return "-" if value is None else str(value)
-
-
-def _served_cells(served: dict[str, Any] | None) -> list[str]:
-    """SERVED (the generation istiod signs with; "?" for an intermediate the CA did not issue to
-    the cluster), ISTIOD ROOTS (root ids of istiod's bundle, 8 digits each) and REPORT AGE."""
-    if not served:
-        return ["-", "-", "-"]
-    gen = served.get("signing_generation")
-    signing = str(gen) if gen is not None else ("?" if served.get("signing_serial") else "-")
-    roots = ",".join(r[:8] if not r.startswith("unknown:") else "unknown" for r in served.get("bundle_roots") or [])
-    age = served.get("report_age_s")
-    return [signing, roots or "none", _duration_text(age) if age is not None else "-"]
-
-
-def cmd_cluster(args: argparse.Namespace) -> int:
+def cmd_cluster(args: argparse.Namespace) -> Output:
     c = Client(args)
     op = args.cluster_cmd
     if op == "add":
-        body: dict[str, Any] = {"name": args.name, "trust_domain": args.trust_domain}
-        if args.share_trust_domain:
-            body["share_trust_domain"] = True
-        if args.gateway:
-            host, _, port = args.gateway.rpartition(":")
-            if not host or not port.isdigit():
-                raise CLIError("--gateway must be ADDRESS:PORT, e.g. 203.0.113.10:15443")
-            body["gateway"] = {"address": host, "port": int(port)}
-        out = c.call("POST", "/v1/clusters", body)
-        if args.token_out:
-            from ca_server.runtime import write_private
-
-            write_private(Path(args.token_out), out["bootstrap_token"] + "\n")
-            out = {**out, "bootstrap_token": f"<written to {args.token_out}>"}
-    elif op == "list":
+        out = c.call("POST", "/v1/clusters", _cluster_body(args))
+        out, written = _secret_out(out, "bootstrap_token", args.token_out)
+        return Output(out, views.bootstrap_text(args.name, out, written_to=written, registered=True))
+    if op == "list":
         out = c.call("GET", "/v1/clusters")
-        if not args.json:
-            print_clusters(out["items"])
-            return 0
-    elif op == "show":
+        return Output(out, views.cluster_table(out["items"]))
+    if op == "show":
         out = c.call("GET", f"/v1/clusters/{args.name}")
-    elif op == "rotate":
+        return Output(out, views.cluster_text(out))
+    if op == "rotate":
         out = c.call("POST", f"/v1/clusters/{args.name}/rotate", {})
-    elif op == "revoke":
+        text = f"cluster {args.name}: rotation requested; its agent renews to generation {out['generation']}"
+        return Output(out, text)
+    if op == "revoke":
         out = c.call("POST", f"/v1/clusters/{args.name}/revoke", {"reason": args.reason})
-    elif op == "token":
+        return Output(out, f"cluster {args.name} revoked ({args.reason}): its intermediates are in the CRL")
+    if op == "token":
         out = c.call("POST", f"/v1/clusters/{args.name}/bootstrap-token")
-        if args.token_out:
-            from ca_server.runtime import write_private
-
-            write_private(Path(args.token_out), out["bootstrap_token"] + "\n")
-            out = {**out, "bootstrap_token": f"<written to {args.token_out}>"}
-    else:  # pragma: no cover - argparse restricts choices
-        raise CLIError(f"unknown cluster command {op}")
-    print(json.dumps(out, indent=None if args.json else 2))
-    return 0
+        out, written = _secret_out(out, "bootstrap_token", args.token_out)
+        return Output(out, views.bootstrap_text(args.name, out, written_to=written, registered=False))
+    raise CLIError(f"unknown cluster command {op}")  # pragma: no cover - argparse restricts choices
 
 
-def cmd_fleet(args: argparse.Namespace) -> int:
+def _cluster_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"name": args.name, "trust_domain": args.trust_domain}
+    if args.share_trust_domain:
+        body["share_trust_domain"] = True
+    if args.gateway:
+        host, _, port = args.gateway.rpartition(":")
+        if not host or not port.isdigit():
+            raise CLIError("--gateway must be ADDRESS:PORT, e.g. 203.0.113.10:15443")
+        body["gateway"] = {"address": host, "port": int(port)}
+    return body
+
+
+def _secret_out(out: dict[str, Any], key: str, token_out: str | None) -> tuple[dict[str, Any], str | None]:
+    """``--token-out F``: the secret ``out[key]`` written to F (0600) and ``<written to F>`` in its
+    place, so it is printed nowhere; without F the result is unchanged (printed once by ``emit``)."""
+    if not token_out:
+        return out, None
+    from ca_server.runtime import write_private
+
+    write_private(Path(token_out), out[key] + "\n")
+    return {**out, key: f"<written to {token_out}>"}, token_out
+
+
+def cmd_fleet(args: argparse.Namespace) -> Output:
     """`fleet check`: every check's result, exit 1 if any failed (fleetcheck.py holds the checks)."""
     from ca_server import fleetcheck
 
@@ -403,36 +322,27 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     data = fleetcheck.gather(lambda path: c.call("GET", path), c.text)
     limits = fleetcheck.Limits(max_report_age=args.max_report_age, min_days=args.min_days)
     results = fleetcheck.check_fleet(data, now=fleetcheck.now_utc(), limits=limits)
-    print(fleetcheck.as_json(results) if args.json else fleetcheck.render(results))
-    return fleetcheck.exit_code(results)
+    return Output(fleetcheck.as_data(results), fleetcheck.render(results), code=fleetcheck.exit_code(results))
 
 
-def cmd_root(args: argparse.Namespace) -> int:
+def cmd_root(args: argparse.Namespace) -> Output:
     c = Client(args)
     op = args.root_cmd
     if op == "list":
         out = c.call("GET", "/v1/roots")
-        if not args.json:
-            rows = [[r["id"], r["status"], r["not_after"]] for r in out["items"]]
-            print(table(rows, ["ID", "STATUS", "NOT AFTER"]))
-            return 0
-    elif op == "add":
+        return Output(out, views.roots_table(out["items"]))
+    if op == "status":
+        out = c.call("GET", "/v1/roots/status")
+        return Output(out, views.root_status_text(out))
+    if op == "add":
         out = c.call("POST", "/v1/roots", {"key_type": args.key_type} if args.key_type else {})
     elif op in ("activate", "retire") and args.wait:
         out = phase_waiting(c, op, args.id, timeout=args.timeout.total_seconds(), interval=args.interval)
     elif op in ("activate", "retire"):
         out = c.call("POST", f"/v1/roots/{args.id}/{op}", {"force": True} if args.force else None)
-    elif op == "status":
-        out = c.call("GET", "/v1/roots/status")
-        if not args.json:
-            print_root_status(out)
-            return 0
-    else:  # pragma: no cover
+    else:  # pragma: no cover - argparse restricts choices
         raise CLIError(f"unknown root command {op}")
-    if not args.json and "certificate" in out:
-        out = {k: v for k, v in out.items() if k != "certificate"}
-    print(json.dumps(out, indent=None if args.json else 2))
-    return 0
+    return Output(out, views.root_text(op, out))
 
 
 def phase_waiting(
@@ -465,7 +375,7 @@ def _progress(op: str, root_id: str, lagging: list[tuple[str, str]], left: float
     return head + "".join(f"\n  {name}: waits for {why}" for name, why in lagging)
 
 
-def cmd_token(args: argparse.Namespace) -> int:
+def cmd_token(args: argparse.Namespace) -> Output:
     """Operator tokens of the admin API: create (the secret printed once), list (no secrets), revoke."""
     c = Client(args)
     op = args.token_cmd
@@ -473,55 +383,15 @@ def cmd_token(args: argparse.Namespace) -> int:
         body: dict[str, Any] = {"name": args.name, "role": args.role}
         if args.expires_in is not None:
             body["expires_in_s"] = int(args.expires_in.total_seconds())
-        out = c.call("POST", "/v1/admin-tokens", body)
-        if args.token_out:
-            from ca_server.runtime import write_private
-
-            write_private(Path(args.token_out), out["token"] + "\n")
-            out = {**out, "token": f"<written to {args.token_out}>"}
-    elif op == "list":
+        out, written = _secret_out(c.call("POST", "/v1/admin-tokens", body), "token", args.token_out)
+        return Output(out, views.token_created_text(out, written_to=written))
+    if op == "list":
         out = c.call("GET", "/v1/admin-tokens")
-        if not args.json:
-            rows = [
-                [t["id"], t["name"], t["role"], t["state"], t["created_at"], _or_dash(t["expires_at"])]
-                for t in out["items"]
-            ]
-            print(table(rows, ["ID", "NAME", "ROLE", "STATE", "CREATED", "EXPIRES"]))
-            return 0
-    elif op == "revoke":
+        return Output(out, views.tokens_table(out["items"]))
+    if op == "revoke":
         out = c.call("POST", f"/v1/admin-tokens/{args.ref}/revoke", {})
-    else:  # pragma: no cover - argparse restricts choices
-        raise CLIError(f"unknown token command {op}")
-    print(json.dumps(out, indent=None if args.json else 2))
-    return 0
-
-
-def print_root_status(out: dict[str, Any]) -> None:
-    """One table per gate: each active cluster, whether it is ready, what it waits for."""
-    life, margin = out["workload_cert_lifetime_s"], out["margin_s"]
-    print(
-        f"active root {out['active_root']}; workload certificate lifetime {_duration_text(life)} + margin "
-        f"{_duration_text(margin)}: activating waits {_duration_text(life + margin)} after every istiod serves "
-        "the root, retiring after every istiod signs under another root"
-    )
-    if not out["gates"]:
-        print("no trusted root: no phase to gate (`root add` starts a rotation)")
-    for g in out["gates"]:
-        ready = sum(1 for c in g["clusters"] if c["ready"])
-        verdict = "READY" if g["ready"] else "NOT READY"
-        number = 3 if g["phase"] == "activate" else 4
-        print(
-            f"\nphase {number}: root {g['phase']} {g['root_id']}: {verdict} "
-            f"({ready} of {len(g['clusters'])} active clusters ready)"
-        )
-        if g["clusters"]:
-            rows = [_gate_row(c) for c in g["clusters"]]
-            print(table(rows, ["CLUSTER", "READY", "READY AT", "WAITING FOR"]))
-
-
-def _gate_row(c: dict[str, Any]) -> list[str]:
-    why = "; ".join(c["waiting_for"]) or "-"
-    return [c["name"], "yes" if c["ready"] else "no", c.get("ready_at") or "-", why]
+        return Output(out, views.token_revoked_text(out))
+    raise CLIError(f"unknown token command {op}")  # pragma: no cover - argparse restricts choices
 
 
 def parse_duration(text: str) -> timedelta:
@@ -604,12 +474,52 @@ Exit status: 0 when nothing failed (warnings alone: 0), 1 when a check failed, 2
 
 
 # ----------------------------------------------------------------------------- parser
+JSON_ERRORS = (
+    "Errors: one line on stderr and a non-zero exit; with --json also "
+    '{"error", "exit_code", ...} on stdout (docs/api.md, Output).'
+)
+# what each command prints (its --help epilog); the --json keys are listed in docs/api.md
+PRINTS = {
+    "init": "Prints where the trust anchor, admin token, key passphrase and audit key are (never the "
+    "token itself); --json: {data_dir, root_id, root_cert, admin_token_file, key, database, "
+    "audit_key_file[, passphrase_file, warning]}.",
+    "serve": "Prints nothing on stdout (its log: JSON lines on stderr). Binds --listen first: an "
+    "address it cannot bind is one line on stderr naming it, exit 1; D/server-url is written only "
+    "once it listens.",
+    "cluster add": "Prints the registration and its one-time bootstrap token once (or where "
+    "--token-out wrote it); --json: the API's ClusterCreated.",
+    "cluster list": "Prints a table of clusters; --json: the API's {items: [Cluster, ...]}.",
+    "cluster show": "Prints the cluster as key: value lines; --json: the API's Cluster.",
+    "cluster rotate": "Prints one line with the generation its agent renews to; --json: {generation}.",
+    "cluster revoke": "Prints one line; --json: the API's Cluster (status revoked).",
+    "cluster token": "Prints the new one-time bootstrap token once (or where --token-out wrote it); "
+    "--json: {bootstrap_token, bootstrap_expires_at}.",
+    "root list": "Prints a table of roots; --json: the API's {items: [Root, ...]}.",
+    "root add": "Prints the new root's id, status and notAfter; --json: the API's Root (with its certificate).",
+    "root activate": "Prints the root's id, status and notAfter; --json: the API's Root.",
+    "root retire": "Prints the root's id, status and notAfter; --json: the API's Root.",
+    "root status": "Prints each gate as a table of clusters; --json: the API's root status.",
+    "fleet check": "Prints one line per check and cluster and a verdict; --json: a list of "
+    "{cluster, check, status, detail}.",
+    "token create": "Prints the token's id, role and expiry and the token itself once (or where "
+    "--token-out wrote it); --json: the API's AdminToken plus token.",
+    "token list": "Prints a table of tokens (never a secret); --json: the API's {items: [AdminToken, ...]}.",
+    "token revoke": "Prints one line; --json: the API's AdminToken (state revoked).",
+    "audit verify": "Prints one line: the chain intact (stdout, exit 0) or where it breaks (stderr, "
+    "exit 1); --json: {ok, checked, problem}.",
+}
+
+
+def _epilog(command: str) -> str:
+    return PRINTS[command] if command == "serve" else f"{PRINTS[command]}\n{JSON_ERRORS}"
+
+
 def _client_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="CA service URL (default: MESHBRIDGE_URL or D/server-url)")
     p.add_argument("--ca-bundle", help="trust anchor PEM for the CA service (default: D/root-cert.pem)")
     p.add_argument("--token-file", help="admin token file (default: MESHBRIDGE_ADMIN_TOKEN or D/admin-token)")
     p.add_argument("--data-dir", help="a CA data directory to take the three defaults from")
-    p.add_argument("--json", action="store_true", help="print what the API returned, as JSON")
+    p.add_argument("--json", action="store_true", help="print what the API returned, as JSON, instead of the summary")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -621,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    i = sub.add_parser("init", help="create the root CA, database and admin token")
+    i = sub.add_parser("init", help="create the root CA, database and admin token", epilog=_epilog("init"))
     i.add_argument("--data-dir", required=True)
     i.add_argument("--key-type", default="ecdsa-p256", help="ecdsa-p256 (default), ecdsa-p384, rsa-3072, rsa-4096")
     i.add_argument("--key-backend", choices=["file", "pkcs11"], default="file")
@@ -644,10 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the key that seals the audit chain (else MESHBRIDGE_AUDIT_KEY_FILE, "
         "else D/audit-key); created (0600) when missing; a given path is recorded in ca.json",
     )
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="print the result as JSON")
     i.set_defaults(fn=cmd_init)
 
-    s = sub.add_parser("serve", help="serve the REST API over HTTPS")
+    s = sub.add_parser("serve", help="serve the REST API over HTTPS", epilog=_epilog("serve"))
     s.add_argument("--data-dir", required=True)
     s.add_argument("--listen", default="127.0.0.1:8443")
     s.add_argument("--database-url")
@@ -768,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("revoke", "revoke the cluster: intermediates into the CRL, token dead"),
         ("token", "a new one-time bootstrap token (re-enrollment)"),
     ]:
-        cp = csub.add_parser(name, help=helptext)
+        cp = csub.add_parser(name, help=helptext, epilog=_epilog(f"cluster {name}"))
         if name != "list":
             cp.add_argument("name")
         if name == "add":
@@ -806,7 +716,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", "each trusted root's phase 3 and 4 gates: which clusters are ready, what the others wait for"),
     ]:
         rp = rsub.add_parser(
-            name, help=helptext, description=ROOT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+            name,
+            help=helptext,
+            description=ROOT_HELP,
+            epilog=_epilog(f"root {name}"),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         if name in ("activate", "retire"):
             rp.add_argument("id")
@@ -846,6 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="one line per check and cluster; exit 1 when any check failed (warnings alone: 0)",
         description=FLEET_HELP,
+        epilog=_epilog("fleet check"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fc.add_argument(
@@ -871,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("list", "table of tokens: id, name, role, state, expiry (never a secret)"),
         ("revoke", "revoke a token by id or name (the last admin token is refused)"),
     ]:
-        tp = tsub.add_parser(name, help=helptext)
+        tp = tsub.add_parser(name, help=helptext, epilog=_epilog(f"token {name}"))
         if name == "create":
             tp.add_argument("name", help="a DNS label, unique among the live tokens, e.g. oncall")
             tp.add_argument(
@@ -891,7 +806,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("audit", help="audit log")
     asub = a.add_subparsers(dest="audit_cmd", required=True)
-    av = asub.add_parser("verify", help="check the hash chain straight from the database")
+    av = asub.add_parser(
+        "verify", help="check the hash chain straight from the database", epilog=_epilog("audit verify")
+    )
     av.add_argument("--data-dir", required=True)
     av.add_argument("--database-url")
     av.add_argument(
@@ -906,7 +823,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a further anchors file to check against, e.g. a copy kept off this host "
         "(D/audit-anchors is always read); repeatable",
     )
-    av.add_argument("--json", action="store_true")
+    av.add_argument("--json", action="store_true", help="print the verdict as JSON")
     av.set_defaults(fn=cmd_audit_verify)
 
     from ca_server import backup
@@ -915,24 +832,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def die(message: str, code: int) -> NoReturn:
-    print(f"meshbridge-ca: {message}", file=sys.stderr)
-    sys.exit(code)
+PROG = "meshbridge-ca"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command: print its result (``--json``: as JSON) and return its exit status; an error
+    is one line on stderr (and a JSON error object on stdout with ``--json``), exit 1, 2 or 3."""
     args = build_parser().parse_args(argv)
+    as_json = bool(getattr(args, "json", False))
     try:
-        rc: int = args.fn(args)
-        return rc
+        result: Output | int = args.fn(args)
     except CLIError as exc:
-        die(str(exc), exc.code)
+        return fail(PROG, str(exc), exc.code, as_json=as_json, extra=exc.extra)
     except CAError as exc:
-        die(exc.detail, 2)
+        return fail(PROG, exc.detail, 2, as_json=as_json)
     except FileNotFoundError as exc:
-        die(f"file not found: {exc.filename}", 2)
+        return fail(PROG, f"file not found: {exc.filename}", 2, as_json=as_json)
     except KeyboardInterrupt:
         return 130
+    return result if isinstance(result, int) else emit(result, as_json=as_json)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ ca_server/core/crls.py notes), hence the --min-days margin on them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -232,8 +231,9 @@ def exit_code(results: list[Result]) -> int:
     return 1 if any(r.status == "fail" for r in results) else 0
 
 
-def as_json(results: list[Result]) -> str:
-    return json.dumps([asdict(r) for r in results], indent=2)
+def as_data(results: list[Result]) -> list[dict[str, str]]:
+    """``fleet check --json``: one ``{"cluster", "check", "status", "detail"}`` per result."""
+    return [asdict(r) for r in results]
 
 
 def render(results: list[Result]) -> str:

@@ -20,6 +20,7 @@ import socket
 import ssl
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -37,6 +38,47 @@ from ca_server.storage.capabilities import Checkpoints, Disposable
 from meshbridge_wire import logs
 
 log = logging.getLogger("meshbridge.ca.server")
+
+
+class ListenError(Exception):
+    """``--listen`` cannot be bound (taken, not an address of this host, not permitted)."""
+
+
+def bind_listeners(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for ``host:port``, one per address it resolves to, as uvicorn's own bind
+    would make them (asyncio ``BaseEventLoop.create_server``, Lib/asyncio/base_events.py: getaddrinfo
+    with AI_PASSIVE, SO_REUSEADDR, IPV6_V6ONLY on IPv6 sockets; ``socket.create_server`` sets the
+    same options). Bound here, before uvicorn starts, so that a taken port is one clear error and
+    ``D/server-url`` is written only for a server that listens. None is left open on failure."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    socks: list[socket.socket] = []
+    try:
+        for family, addr in dict.fromkeys((fam, sa[:2]) for fam, _, _, _, sa in infos):
+            socks.append(socket.create_server(addr, family=family, backlog=4096))
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise ListenError(f"cannot listen on {shown}: {exc.strerror or exc}") from exc
+    return socks
+
+
+class AnnouncingServer(uvicorn.Server):
+    """uvicorn's server calling ``on_listening`` once its startup is complete: the app's lifespan
+    has started and every socket is serving (uvicorn ``Server.startup``, uvicorn/server.py, sets
+    ``started`` last, after ``loop.create_server`` for each socket; a failed lifespan exits before)."""
+
+    def __init__(self, config: uvicorn.Config, on_listening: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_listening = on_listening
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self._on_listening()
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -199,9 +241,9 @@ def _serve_workers(args: argparse.Namespace, workers: int) -> int:
     ).store
     if isinstance(store, Disposable):
         store.dispose()
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=4096)
-    sock.set_inheritable(True)
+    socks = bind_listeners(host, port)
+    for sock in socks:
+        sock.set_inheritable(True)
     children: dict[int, int] = {}
     stopping = False
 
@@ -212,7 +254,7 @@ def _serve_workers(args: argparse.Namespace, workers: int) -> int:
             try:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                code = _serve(args, sock)
+                code = _serve(args, socks)
             except BaseException:
                 log.exception("worker failed")
             finally:
@@ -242,7 +284,8 @@ def _serve_workers(args: argparse.Namespace, workers: int) -> int:
             time.sleep(1)
             if not stopping:
                 spawn(slot_or_none)
-    sock.close()
+    for sock in socks:
+        sock.close()
     return 0
 
 
@@ -266,7 +309,9 @@ async def keep_wal_small(store: Checkpoints) -> None:
             log.warning("WAL checkpoint failed: %s", type(exc).__name__)
 
 
-def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
+def _serve(args: argparse.Namespace, socks: list[socket.socket] | None = None) -> int:
+    """Serve until stopped; ``socks``: the listening sockets (``--workers``: the parent's), else
+    bound here once the authority and the server certificate are ready."""
     data_dir = Path(args.data_dir)
     speedups = speedups_of(args)
     authority = runtime.build_authority(
@@ -327,7 +372,6 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
     url_host = args.server_name[0] if args.server_name else host
     if ":" in url_host:
         url_host = f"[{url_host}]"
-    runtime.write_public(data_dir / "server-url", f"{scheme}://{url_host}:{port}\n")
     write_trust_bundle(authority.snapshot())
     config = uvicorn.Config(
         app,
@@ -353,6 +397,11 @@ def _serve(args: argparse.Namespace, sock: socket.socket | None = None) -> int:
         harden_tls(config.ssl)
     if speedups.off():
         log.warning("speed-ups turned off: %s", ", ".join(speedups.off()))
-    log.info("serving", extra={"path": f"{scheme}://{host}:{port}"})
-    uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
+    listening = socks if socks is not None else bind_listeners(host, port)
+
+    def announce() -> None:  # only now does D/server-url name a server that answers (atomic write)
+        runtime.write_public(data_dir / "server-url", f"{scheme}://{url_host}:{port}\n")
+        log.info("serving", extra={"path": f"{scheme}://{host}:{port}"})
+
+    AnnouncingServer(config, announce).run(sockets=listening)
     return 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import logging
 import signal
 import sys
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cluster_agent import cli_views
 from cluster_agent.ca_client import CAClient, CAClientError
 from cluster_agent.config import AgentConfig, ConfigError, load_config
 from cluster_agent.errors import AgentError
@@ -18,6 +19,7 @@ from cluster_agent.loop import AgentLoop
 from cluster_agent.metrics import AgentMetrics, serve_health
 from cluster_agent.reconcile import Reconciler
 from cluster_agent.state import DirStateStore
+from meshbridge_wire.cliout import Output, emit, fail
 
 EPILOG = """\
 examples:
@@ -53,51 +55,34 @@ def _install_signals(loop: AgentLoop) -> None:
     signal.signal(signal.SIGINT, stop)
 
 
-def cmd_render(args: argparse.Namespace) -> int:
+def cmd_render(args: argparse.Namespace) -> Output | int:
     from cluster_agent.output import DirectoryWriter
 
     cfg = load_config(Path(args.config))
     out = Path(args.out)
     state_dir = Path(args.state_dir) if args.state_dir else (cfg.state_dir or out / ".meshbridge")
+    # --dry-run's diff: printed before the summary, or with --json the ``diff`` key (stdout stays JSON)
+    diff = io.StringIO() if args.dry_run and args.once else None
     writer = DirectoryWriter(
-        out, state_dir=Path(state_dir), corefile=Path(args.corefile) if args.corefile else None, dry_run=args.dry_run
+        out,
+        state_dir=Path(state_dir),
+        corefile=Path(args.corefile) if args.corefile else None,
+        dry_run=args.dry_run,
+        stream=diff if diff is not None else sys.stdout,
     )
     reconciler = Reconciler(cfg, client=_client(cfg), applier=writer, state_store=DirStateStore(Path(state_dir)))
     loop = AgentLoop(reconciler, poll_wait=args.wait)
     if args.once:
         loop.revision = None
         result = loop.step()
-        assert result is not None
-        rep = result.report
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "created": rep.created,
-                        "updated": rep.updated,
-                        "unchanged": rep.unchanged,
-                        "pruned": rep.pruned,
-                        "imports": result.imports_applied,
-                        "import_modes": result.imports,
-                        "renewed": result.renewed,
-                        "warnings": result.warnings,
-                        "revision": result.desired_revision,
-                    }
-                )
-            )
-        elif not args.dry_run:
-            print(f"{cfg.cluster}: {rep.summary()} in {out} ({result.imports_applied} imports)")
-            for host, how in sorted(result.imports.items()):
-                print(f"  import {host}: {how}")
-            for w in result.warnings:
-                print(f"  warning: {w}")
-        return 0
+        text = diff.getvalue() if diff is not None else None
+        return cli_views.pass_output(cfg.cluster, result, where=f"in {out}", diff=text)
     _install_signals(loop)
     loop.run()
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace) -> Output | int:
     from cluster_agent.dnsmode import dns_check_for
     from cluster_agent.istiod import LiveIstiodView
     from cluster_agent.kube import KubeApplier, LeaseElector, SecretStateStore, make_client
@@ -119,21 +104,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         host, _, port = args.health_listen.rpartition(":")
         serve_health(metrics, ready=loop.ready, host=host or "0.0.0.0", port=int(port))  # noqa: S104
     if args.once:
-        result = loop.step()
-        for problem in result.istio_problems if result is not None else []:
-            print(f"  problem: {problem}")
-        return 0
+        return cli_views.pass_output(cfg.cluster, loop.step(), where="in the cluster")
     _install_signals(loop)
     loop.run()
     return 0
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    cfg = load_config(Path(args.config))
-    for note in cfg.advisories():
-        print(f"note: {note}")
-    print(f"{args.config}: valid (cluster {cfg.cluster}, {len(cfg.exports)} exports, {len(cfg.imports)} import rules)")
-    return 0
+def cmd_check(args: argparse.Namespace) -> Output:
+    return cli_views.config_output(args.config, load_config(Path(args.config)))
+
+
+PASS_PRINTS = (
+    "With --once it prints one summary line (created, updated, unchanged, pruned, imports), then "
+    "warning: and problem: lines; --json prints the pass as JSON instead. Errors: one line on stderr "
+    "and a non-zero exit; with --json also {error, exit_code} on stdout."
+)
+JSON_PASS_HELP = (
+    "with --once: print the pass as JSON: {created, updated, unchanged, pruned, imports, renewed, "
+    "warnings, istio_problems, revision} (render --dry-run adds diff); default: a one-line summary "
+    "with warnings and problems below it"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,15 +137,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    r = sub.add_parser("run", help="apply to the cluster (in-cluster credentials or kubernetes.kubeconfig)")
+    r = sub.add_parser(
+        "run",
+        help="apply to the cluster (in-cluster credentials or kubernetes.kubeconfig)",
+        description=f"Without --once it runs until stopped and prints nothing on stdout (its log: JSON lines "
+        f"on stderr). {PASS_PRINTS}",
+    )
     r.add_argument("--config", required=True)
     r.add_argument("--once", action="store_true", help="one pass, then exit")
     r.add_argument("--wait", type=float, default=25, help="long-poll wait in seconds (max 60)")
     r.add_argument("--health-listen", default="0.0.0.0:9090", help="/healthz, /readyz, /metrics; '' to disable")
     r.add_argument("--no-leader-election", action="store_true")
+    r.add_argument("--json", action="store_true", help=JSON_PASS_HELP)
     r.set_defaults(fn=cmd_run)
 
-    d = sub.add_parser("render", help="write the objects as YAML into a directory instead of applying them")
+    d = sub.add_parser(
+        "render",
+        help="write the objects as YAML into a directory instead of applying them",
+        description=f"{PASS_PRINTS} --dry-run prints the diff first (with --json: the diff key).",
+    )
     d.add_argument("--config", required=True)
     d.add_argument("--out", required=True)
     d.add_argument("--once", action="store_true", help="one pass, then exit")
@@ -163,30 +163,40 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--corefile", help="also write the coredns ConfigMap: this Corefile with the block merged in")
     d.add_argument("--dry-run", action="store_true", help="print a diff against DIR, write nothing")
     d.add_argument("--wait", type=float, default=25)
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--json", action="store_true", help=JSON_PASS_HELP)
     d.set_defaults(fn=cmd_render)
 
-    c = sub.add_parser("check-config", help="validate the config file and exit")
+    c = sub.add_parser(
+        "check-config",
+        help="validate the config file and exit",
+        description="Prints any advisory notes, then `FILE: valid (cluster C, N exports, M import rules)`; "
+        "--json: {config, valid, cluster, exports, import_rules, notes}. An invalid file: one line on "
+        "stderr naming the key, exit 2.",
+    )
     c.add_argument("--config", required=True)
+    c.add_argument("--json", action="store_true", help="print the result as JSON")
     c.set_defaults(fn=cmd_check)
     return p
 
 
+PROG = "meshbridge-agent"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its result printed (``--json``: as JSON); an error is one line on stderr
+    (with ``--json`` also a JSON error object on stdout): exit 2 for a config error, 1 otherwise."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
+    as_json = bool(getattr(args, "json", False))
     try:
-        rc: int = args.fn(args)
-        return rc
+        result: Output | int = args.fn(args)
     except ConfigError as exc:
-        print(f"meshbridge-agent: config error: {exc}", file=sys.stderr)
-        return 2
+        return fail(PROG, f"config error: {exc}", 2, as_json=as_json, extra={"problems": exc.problems})
     except (CAClientError, AgentError) as exc:
-        print(f"meshbridge-agent: {exc}", file=sys.stderr)
-        return 1
+        return fail(PROG, str(exc), 1, as_json=as_json)
     except FileNotFoundError as exc:
-        print(f"meshbridge-agent: file not found: {exc.filename}", file=sys.stderr)
-        return 2
+        return fail(PROG, f"file not found: {exc.filename}", 2, as_json=as_json)
+    return result if isinstance(result, int) else emit(result, as_json=as_json)
 
 
 if __name__ == "__main__":
