@@ -1,7 +1,7 @@
 # meshbridge: one image for the CA service (`meshbridge-ca`) and the cluster agent (`meshbridge-agent`).
-#   docker build -t meshbridge:0.1.0 .
-#   docker run --rm meshbridge:0.1.0                                   # meshbridge-ca --help
-#   docker run --rm meshbridge:0.1.0 meshbridge-agent --help
+#   docker build -t localhost/meshbridge:0.1.0 .
+#   docker run --rm localhost/meshbridge:0.1.0                         # meshbridge-ca --help
+#   docker run --rm localhost/meshbridge:0.1.0 meshbridge-agent --help
 # Without a registry: `bash scripts/image.sh build` builds this file with buildah on a Debian base
 # made by mmdebstrap (docs/image.md). The tag is always meshbridge:<version in pyproject.toml>, the
 # charts' default image (tests/deploy/test_image.py holds the three in step).
@@ -22,6 +22,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/meshbridge/venv \
     PATH=/opt/meshbridge/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
+# uid/gid 10001, as the charts' securityContext expects. /data is created owned by it, so a fresh
+# named volume mounted there (docker-compose.yml) starts out writable by the CA service.
+RUN groupadd --system --gid 10001 meshbridge \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin meshbridge \
+ && mkdir -p /data \
+ && chown 10001:10001 /data \
+ && chmod 0700 /data
+
 # Only what the package needs: no tests, no local data directories (which may hold root keys).
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
@@ -31,20 +40,15 @@ COPY cluster_agent ./cluster_agent
 # PIP_CERT (optional): a CA bundle for pip behind a TLS-intercepting proxy, bind-mounted for the
 # build only (scripts/image.sh does so); as an ARG it is never part of the image's environment.
 ARG PIP_CERT
-# constraints.txt pins the frameworks whose internals the speed-ups hook (bench/RESULTS.md)
+# constraints.txt pins the frameworks whose internals the speed-ups hook (bench/RESULTS.md).
+# The RUN's working directory is /, not /src: buildah makes a RUN's working directory anew after
+# it, so `rm -rf /src` from within /src would leave an empty /src in the image.
+WORKDIR /
 RUN python3 -m venv "$VIRTUAL_ENV" \
+ && cd /src \
  && pip install -c constraints.txt . \
  && cd / \
  && rm -rf /src
-
-# uid/gid 10001, as the charts' securityContext expects. /data is created owned by it, so a fresh
-# named volume mounted there (docker-compose.yml) starts out writable by the CA service.
-RUN groupadd --system --gid 10001 meshbridge \
- && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
-      --shell /usr/sbin/nologin meshbridge \
- && mkdir -p /data \
- && chown 10001:10001 /data \
- && chmod 0700 /data
 
 USER 10001:10001
 WORKDIR /data

@@ -5,7 +5,7 @@
 #   scripts/image.sh base            # the Debian base (mmdebstrap), cached; prints its name
 #   scripts/image.sh build           # the repository's Dockerfile on that base; prints the image name
 #   scripts/image.sh name            # the image name the build tags and the charts default to
-#   scripts/image.sh run ARGS...     # podman run --rm ARGS..., with this script's storage and runtime
+#   scripts/image.sh run ARGS...     # podman run ARGS..., with this script's storage, runtime, ulimits
 #   scripts/image.sh podman ARGS...  # podman ARGS..., with this script's storage and runtime
 #
 # Environment:
@@ -131,10 +131,11 @@ build() {
   mapfile -t s < <(storage_opts)
   mapfile -t r < <(runtime_opts)
   mapfile -t u < <(ulimit_opts)
-  # --layers=false: one layer on top of the base; the CA bundle is a read-only bind mount of the
-  # build's RUN steps, so no trust store of this machine ends up in the image.
+  # --layers=false: one layer on top of the base. The CA bundle is a read-only bind mount of the
+  # build's RUN steps, so no trust store of this machine ends up in the image; it goes under /dev,
+  # a tmpfs in every RUN, because a mount point elsewhere (/run) stays in the image as an empty file.
   buildah "${s[@]}" build --quiet --layers=false "${r[@]}" "${u[@]}" --network host \
-    --volume "$ca:/run/meshbridge-build-ca.pem:ro" --build-arg PIP_CERT=/run/meshbridge-build-ca.pem \
+    --volume "$ca:/dev/meshbridge-build-ca.pem:ro" --build-arg PIP_CERT=/dev/meshbridge-build-ca.pem \
     --build-arg BASE_IMAGE="$from" --tag "$name" --file Dockerfile . >&2
   # The previous build of the same tag is left untagged: drop it (own storage only).
   if [ "$STORAGE" != system ]; then
@@ -147,7 +148,7 @@ run() {
   need podman
   local r
   mapfile -t r < <(ulimit_opts)
-  podman_ run --rm "${r[@]}" "$@"
+  podman_ run "${r[@]}" "$@"
 }
 
 case "${1:-}" in

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test-suite and benchmarks need, only those missing.
 set -euo pipefail
-want=(postgresql softhsm2 wrk openssl libsofthsm2)
+# buildah podman mmdebstrap runc: tests/deploy/test_image.py builds and runs the image (scripts/image.sh)
+want=(postgresql softhsm2 wrk openssl libsofthsm2 buildah podman mmdebstrap runc)
 missing=()
 for p in "${want[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
