@@ -37,9 +37,7 @@ HARDENED = ("--rm", "--read-only", "--user", f"{UID}:{UID}", "--cap-drop", "ALL"
 
 
 def image_sh(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["bash", str(IMAGE_SH), *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
+    return subprocess.run(["bash", str(IMAGE_SH), *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def ok(proc: subprocess.CompletedProcess[str]) -> str:
@@ -81,15 +79,14 @@ def test_the_build_tags_the_image_the_charts_and_compose_default_to(helm: Any) -
     for chart in (CA, AGENT):
         assert yaml.safe_load((chart / "Chart.yaml").read_text())["appVersion"] == version
         docs = render(helm, chart, *(["--values", str(AGENT_MINIMAL)] if chart == AGENT else []))
-        images = {
-            c["image"]
-            for d in docs
-            if d["kind"] == "Deployment"
-            for c in d["spec"]["template"]["spec"]["containers"] + d["spec"]["template"]["spec"].get("initContainers", [])
-        }
-        assert images == {name}, chart.name
+        assert _images(docs) == {name}, chart.name
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     assert compose["services"]["ca"]["image"] == name
+
+
+def _images(docs: list[dict[str, Any]]) -> set[str]:
+    pods = [d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"]
+    return {c["image"] for pod in pods for c in pod["containers"] + pod.get("initContainers", [])}
 
 
 # ----------------------------------------------------------------------------- the built image
@@ -159,13 +156,15 @@ def test_ca_init_and_serve_as_uid_10001_on_a_read_only_root(image: str, data_dir
     assert {(s.st_uid, s.st_gid) for s in written.values()} == {(UID, UID)}
 
     port, name = _free_port(), f"meshbridge-image-test-{os.getpid()}"
-    serve = ("meshbridge-ca", "serve", "--data-dir", "/data", "--listen", f"127.0.0.1:{port}", "--server-name", "localhost")
+    listen = ("--listen", f"127.0.0.1:{port}", "--server-name", "localhost")  # loopback, host network
     detached = ("-d", "--name", name, *HARDENED[1:])  # no --rm: its logs outlive a crash
+    serve = ("meshbridge-ca", "serve", "--data-dir", "/data", *listen)
     ok(image_sh("run", *detached, "--network", "host", *volume, image, *serve))
     try:
         ready = _wait_ready(f"https://localhost:{port}", data_dir / "root-cert.pem", name)
         assert ready.json() == {"status": "ready"}
-        health = httpx.get(f"https://localhost:{port}/healthz", verify=_trusting(data_dir / "root-cert.pem"), timeout=10)
+        anchor = _trusting(data_dir / "root-cert.pem")
+        health = httpx.get(f"https://localhost:{port}/healthz", verify=anchor, timeout=10)
         assert (health.status_code, health.json()) == (200, {"status": "ok"})
     finally:
         image_sh("podman", "rm", "--force", "--time", "5", name)
