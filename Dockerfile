@@ -41,8 +41,8 @@ COPY cluster_agent ./cluster_agent
 # build only (scripts/image.sh does so); as an ARG it is never part of the image's environment.
 ARG PIP_CERT
 # constraints.txt pins the frameworks whose internals the speed-ups hook (bench/RESULTS.md).
-# The RUN's working directory is /, not /src: buildah makes a RUN's working directory anew after
-# it, so `rm -rf /src` from within /src would leave an empty /src in the image.
+# The RUN's working directory is /, not /src: with /src as its working directory, buildah 1.28
+# left an empty /src in the image after `rm -rf /src` (tests/deploy/test_image.py saw it).
 WORKDIR /
 RUN python3 -m venv "$VIRTUAL_ENV" \
  && cd /src \
