@@ -70,7 +70,7 @@ def _free_port() -> int:
 
 def test_the_build_tags_the_image_the_charts_and_compose_default_to(helm: Any) -> None:
     """One source of truth: pyproject's version. Before: the charts said `meshbridge:0.1.0`, which
-    Kubernetes reads as docker.io/library/meshbridge (k8s.io/kubernetes pkg/util/parsers/parsers.go
+    Kubernetes reads as Docker Hub's library/meshbridge (k8s.io/kubernetes pkg/util/parsers/parsers.go
     ParseImageName → github.com/distribution/reference normalize.go splitDockerDomain: a one-element
     name is Docker Hub's library/, "localhost/" is kept as a domain), never the local build."""
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
