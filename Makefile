@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv: $(VENV)/.installed
 
-# Debian packages the tests use: PostgreSQL (storage on both engines), SoftHSM2 (PKCS#11), wrk (bench), openssl.
+# Debian packages the tests use: PostgreSQL (storage on both engines), SoftHSM2 (PKCS#11), wrk (bench), openssl,
+# buildah, podman, mmdebstrap and runc (the image, built and run without a registry: docs/image.md).
 sysdeps:
 	bash scripts/sysdeps.sh
 

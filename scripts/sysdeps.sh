@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test-suite and benchmarks need, only those missing.
 set -euo pipefail
-want=(postgresql softhsm2 wrk openssl libsofthsm2 chromium)  # chromium: the dashboard's browser test
+# chromium: the dashboard's browser test; buildah podman mmdebstrap runc containers-storage:
+# tests/deploy/test_image.py builds and runs the image (scripts/image.sh)
+want=(postgresql softhsm2 wrk openssl libsofthsm2 chromium buildah podman mmdebstrap runc containers-storage)
 missing=()
 for p in "${want[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -294,7 +294,7 @@ def test_agent_deployment(helm: Any) -> None:
     pod = deploy["spec"]["template"]["spec"]
     assert_hardened(pod)
     (agent,) = pod["containers"]
-    assert agent["image"] == "meshbridge:0.1.0"
+    assert agent["image"] == "localhost/meshbridge:0.1.0"
     assert agent["command"] == ["meshbridge-agent"]
     assert "run" in agent["args"] and "--config=/etc/meshbridge/agent.yaml" in agent["args"]
     assert "--no-leader-election" not in agent["args"]
