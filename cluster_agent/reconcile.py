@@ -188,13 +188,14 @@ class Reconciler:
                 "namespace": e.namespace,
                 "service": e.service,
                 "ports": [{"number": p.number, "protocol": p.protocol} for p in e.ports],
-                "consumers": sorted(e.consumers),
+                "consumers": sorted(e.consumer_clusters),
+                **e.end_to_end_fields(cfg.istio.trust_domain),
             }
         for extra in self.applier.service_exports():
             services.setdefault(extra["name"], extra)
         gateway = cfg.istio.published_gateway()
-        if not any(str(p["protocol"]).upper() == "TCP" for s in services.values() for p in s["ports"]):
-            # Only TCP exports need it: without it, this agent still publishes to a CA service that
+        if not any(str(p["protocol"]).upper() == "TCP" or "mode" in s for s in services.values() for p in s["ports"]):
+            # Only TCP and end-to-end exports need it: without it, this agent still publishes to a CA service that
             # predates the field (which refuses unknown fields).
             del gateway["tcp_port"]
         body = {

@@ -18,6 +18,7 @@ from cluster_agent.render.cacerts import (
     render_cacerts_secret,
 )
 from cluster_agent.render.coredns import render_coredns_configmaps, render_nodelocal_stanza, server_block_key
+from cluster_agent.render.endtoend import render_e2e_export_side, render_e2e_import_side
 from cluster_agent.render.errors import BundleError
 from cluster_agent.render.inputs import (
     exports_from_config,
@@ -145,9 +146,12 @@ def _render_all(
 
     peer_specs, alias_warnings = _drop_aliased_consumers(config.istio.trust_domain, peer_specs)
     warnings += alias_warnings
-    export_objects, policy_warnings = render_export_side(ctx, export_specs, peer_specs)
-    warnings += policy_warnings
-    objects = export_objects + render_import_side(ctx, selected, allocation)
+    hop_exports = [e for e in export_specs if not e.end_to_end]
+    export_objects, policy_warnings = render_export_side(ctx, hop_exports, peer_specs)
+    e2e_objects, e2e_warnings = render_e2e_export_side(ctx, [e for e in export_specs if e.end_to_end], peer_specs)
+    warnings += policy_warnings + e2e_warnings
+    objects = export_objects + e2e_objects + render_import_side(ctx, [s for s in selected if not s.end_to_end], allocation)
+    objects += render_e2e_import_side(ctx, [s for s in selected if s.end_to_end], allocation)
     objects.append(render_state_configmap(allocation, namespace=ctx.namespace, cluster=config.cluster))
 
     warnings += _renumbered(config, vips, allocation)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from cluster_agent.config import AgentConfig
+from cluster_agent.config import END_TO_END, AgentConfig
 from meshbridge_wire.names import is_dns_label, is_dns_name, workload_identity
 from meshbridge_wire.names import is_service_name as _is_service_name
 from meshbridge_wire.protocols import GATEWAY_CARRIED, Protocol, parse_protocol
@@ -29,6 +29,7 @@ __all__ = [
     "select_imports",
 ]
 
+HOP_BY_HOP = "hop-by-hop"
 # ServiceEntry endpoints map at most 128 port names (CRD: endpoints[].ports maxProperties).
 MAX_PORTS = 128
 
@@ -58,10 +59,17 @@ class ImportSpec:
     # The exporter's published cross-cluster TCP port (`Gateway.tcp_port`); None from an exporter
     # whose agent predates it.
     gateway_tcp_port: int | None = None
+    mode: str = HOP_BY_HOP
+    # end-to-end: the destination workloads' spiffe:// identities, in the exporter's trust domain
+    workload_identities: tuple[str, ...] = ()
 
     @property
     def gateway_is_ip(self) -> bool:
         return _is_ip(self.gateway_address)
+
+    @property
+    def end_to_end(self) -> bool:
+        return self.mode == END_TO_END
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +86,14 @@ class ExportSpec:
     namespace: str
     ports: tuple[PortSpec, ...]
     consumers: tuple[str, ...]
+    mode: str = HOP_BY_HOP
+    workload_identities: tuple[str, ...] = ()
+    # consumer cluster → `ns/<ns>/sa/<sa>` of its admitted workloads (end-to-end; absent: all of them)
+    consumer_principals: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def end_to_end(self) -> bool:
+        return self.mode == END_TO_END
 
 
 def is_service_name(value: object) -> bool:
@@ -164,8 +180,30 @@ def _import(raw: Mapping[str, Any], warnings: list[str]) -> ImportSpec | None:
     ports = _ports(raw.get("ports"), where, warnings)
     if ports is None:
         return None
-    tcp_port = _tcp_port(gateway, where, warnings) if any(p.is_tcp for p in ports) else None
-    return ImportSpec(name, cluster, ports, address.lower().rstrip("."), port, identity, tcp_port)
+    mode = raw.get("mode") or HOP_BY_HOP
+    if mode not in (HOP_BY_HOP, END_TO_END):
+        warnings.append(f"{where}: unknown mode {mode!r}; left out")
+        return None
+    workloads = _workload_identities(raw, identity, where, warnings) if mode == END_TO_END else ()
+    if workloads is None:
+        return None
+    needs_tcp_port = mode == END_TO_END or any(p.is_tcp for p in ports)
+    tcp_port = _tcp_port(gateway, where, warnings) if needs_tcp_port else None
+    return ImportSpec(name, cluster, ports, address.lower().rstrip("."), port, identity, tcp_port, mode, workloads)
+
+
+def _workload_identities(raw: Mapping[str, Any], identity: str, where: str, warnings: list[str]) -> tuple[str, ...] | None:
+    """An end-to-end import's destination identities: workloads in the exporter's trust domain (that of
+    its ingress identity), or None (left out: the sidecars would have nothing to pin)."""
+    listed = raw.get("workload_identities")
+    domain = spiffe_trust_domain(identity)
+    if not isinstance(listed, list) or not listed or any(spiffe_trust_domain(u) != domain for u in listed):
+        warnings.append(
+            f"{where}: end-to-end without workload identities in the exporter's trust domain {domain} "
+            f"({listed!r}); left out"
+        )
+        return None
+    return tuple(sorted(set(listed)))
 
 
 def _tcp_port(gateway: Mapping[str, Any], where: str, warnings: list[str]) -> int | None:
@@ -261,7 +299,10 @@ def parse_exports(raw: Iterable[Mapping[str, Any]]) -> tuple[list[ExportSpec], l
         consumers_raw = item.get("consumers") or []
         consumers = tuple(sorted({c for c in consumers_raw if isinstance(c, str) and is_dns_label(c)}))
         if ports is not None and name not in exports:
-            exports[name] = ExportSpec(name, service, namespace, ports, consumers)
+            mode = str(item.get("mode") or HOP_BY_HOP)
+            identities = tuple(sorted(item.get("workload_identities") or ()))
+            principals = {c: tuple(sorted(p)) for c, p in (item.get("consumer_principals") or {}).items()}
+            exports[name] = ExportSpec(name, service, namespace, ports, consumers, mode, identities, principals)
     return [exports[n] for n in sorted(exports)], warnings
 
 
@@ -272,7 +313,10 @@ def exports_from_config(config: AgentConfig) -> list[ExportSpec]:
             service=e.service,
             namespace=e.namespace,
             ports=tuple(sorted((PortSpec(p.number, p.protocol) for p in e.ports), key=lambda p: p.number)),
-            consumers=tuple(sorted(set(e.consumers))),
+            consumers=tuple(sorted(set(e.consumer_clusters))),
+            mode=e.mode,
+            workload_identities=tuple(e.workload_identities(config.istio.trust_domain)),
+            consumer_principals={c: tuple(sorted(p)) for c, p in e.consumer_principals.items()},
         )
         for e in config.exports
     ]
