@@ -88,3 +88,57 @@ def render_exporter(directory: Path, **istio: Any) -> Path:
     ]
     result = render_all(parse_config(data), imports=[], peers=[_peer("a")], vips={})
     return write_objects(directory, result.objects)
+
+
+# End-to-end mode (tests/e2e/go TestEndToEnd): b exports ratings.bookinfo (HTTP 9080) and
+# mongodb.bookinfo (TCP 27017) end to end; a's bookinfo-productpage workload is the one consumer
+# workload admitted for ratings, the whole of a for mongodb.
+E2E_WORKLOADS = {
+    "ratings.bookinfo": "spiffe://b.mesh/ns/bookinfo/sa/bookinfo-ratings",
+    "mongodb.bookinfo": "spiffe://b.mesh/ns/bookinfo/sa/bookinfo-mongodb",
+}
+
+
+def render_e2e_importer(directory: Path) -> Path:
+    """Cluster a's objects for the two end-to-end imports."""
+    data = _config("a")
+    data["imports"] = [{"from": "b", "names": ["*"]}]
+    imports = [
+        {
+            **_import(name, ports),
+            "gateway": {"address": GATEWAY_B, "port": 15443, "tcp_port": 15444},
+            "mode": "end-to-end",
+            "workload_identities": [E2E_WORKLOADS[name]],
+        }
+        for name, ports in (("ratings.bookinfo", [(9080, "HTTP")]), ("mongodb.bookinfo", [(27017, "TCP")]))
+    ]
+    vips = {"ratings.bookinfo": "240.240.0.1", "mongodb.bookinfo": "240.240.0.2"}
+    result = render_all(parse_config(data), imports=imports, peers=[_peer("b")], vips=vips)
+    return write_objects(directory, result.objects)
+
+
+def render_e2e_exporter(directory: Path, ratings_consumers: list[Any] | None = None, **istio: Any) -> Path:
+    """Cluster b's objects: both exports end to end to a (ratings: a's productpage workload only,
+    unless `ratings_consumers` says otherwise)."""
+    data = _config("b", **istio)
+    consumers = ratings_consumers or [{"cluster": "a", "principals": ["ns/bookinfo/sa/bookinfo-productpage"]}]
+    data["exports"] = [
+        {
+            "service": "ratings",
+            "namespace": "bookinfo",
+            "ports": [9080],
+            "mode": "end-to-end",
+            "service_accounts": ["bookinfo-ratings"],
+            "consumers": consumers,
+        },
+        {
+            "service": "mongodb",
+            "namespace": "bookinfo",
+            "ports": [{"number": 27017, "protocol": "TCP"}],
+            "mode": "end-to-end",
+            "service_accounts": ["bookinfo-mongodb"],
+            "consumers": ["a"],
+        },
+    ]
+    result = render_all(parse_config(data), imports=[], peers=[_peer("a")], vips={})
+    return write_objects(directory, result.objects)

@@ -1,0 +1,52 @@
+"""End-to-end mode proven hop by hop with Istio's simulation over the rendered objects (issue 13
+item 3; tests/e2e/go TestEndToEnd): sidecar a → egress a (TLS forwarded on SNI) → b's ingress
+(forwarded on SNI, unexported SNIs refused) → b's destination sidecar, which terminates the mTLS and
+sees a's caller principal: admitted for the declared consumer workload, denied for another workload
+of a and for another cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.gocheck import GoCheckFailed, run_end_to_end
+from tests.support.simscenario import render_e2e_exporter, render_e2e_importer
+
+STEPS = ("1_sidecar_in_a", "2_egress_gateway_in_a", "3_b's_ingress", "4_b's_destination_sidecar")
+
+
+def test_http_export_end_to_end_admits_only_the_declared_workload(tmp_path: Path) -> None:
+    out = run_end_to_end(render_e2e_importer(tmp_path / "a"), render_e2e_exporter(tmp_path / "b"))
+    for step in STEPS:
+        assert f"--- PASS: TestEndToEnd/{step}" in out, out
+    assert "caller spiffe://a.mesh/ns/bookinfo/sa/bookinfo-productpage: admitted" in out
+    assert "caller spiffe://a.mesh/ns/bookinfo/sa/bookinfo-other: denied" in out
+    assert "unexported SNI outbound_.9080_._.ratings.bookinfo.svc.cluster.local: refused" in out
+
+
+def test_tcp_export_end_to_end_admits_the_whole_consumer_cluster(tmp_path: Path) -> None:
+    out = run_end_to_end(
+        render_e2e_importer(tmp_path / "a"),
+        render_e2e_exporter(tmp_path / "b"),
+        host="mongodb.bookinfo.remote",
+        port=27017,
+        protocol="TCP",
+        sni="27017.mongodb.bookinfo.b.mb-e2e",
+        workload="spiffe://b.mesh/ns/bookinfo/sa/bookinfo-mongodb",
+        destination="mongodb.bookinfo.svc.cluster.local",
+        destination_ip="10.2.1.6",
+        destination_app="mongodb",
+        allowed="spiffe://a.mesh/ns/bookinfo/sa/bookinfo-productpage,spiffe://a.mesh/ns/other/sa/anyone",
+        denied="spiffe://c.mesh/ns/bookinfo/sa/bookinfo-productpage,spiffe://b.mesh/ns/bookinfo/sa/x",
+        refused_sni="27017.ratings.bookinfo.b.mb-e2e,outbound_.27017_._.mongodb.bookinfo.svc.cluster.local",
+    )
+    assert "--- PASS: TestEndToEnd/4_" in out, out
+
+
+def test_the_check_fails_when_the_whole_consumer_cluster_is_admitted(tmp_path: Path) -> None:
+    """Consumers without `principals` admit every workload of a: the simulation must notice."""
+    b = render_e2e_exporter(tmp_path / "b", ratings_consumers=["a"])
+    with pytest.raises(GoCheckFailed) as failed:
+        run_end_to_end(render_e2e_importer(tmp_path / "a"), b)
+    assert "the destination admits spiffe://a.mesh/ns/bookinfo/sa/bookinfo-other" in failed.value.output
