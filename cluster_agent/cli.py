@@ -78,6 +78,7 @@ def cmd_render(args: argparse.Namespace) -> int:
                         "unchanged": rep.unchanged,
                         "pruned": rep.pruned,
                         "imports": result.imports_applied,
+                        "import_modes": result.import_modes,
                         "renewed": result.renewed,
                         "warnings": result.warnings,
                         "revision": result.desired_revision,
@@ -86,6 +87,8 @@ def cmd_render(args: argparse.Namespace) -> int:
             )
         elif not args.dry_run:
             print(f"{cfg.cluster}: {rep.summary()} in {out} ({result.imports_applied} imports)")
+            for name, mode in sorted(result.import_modes.items()):
+                print(f"  import {name}: {mode}")
             for w in result.warnings:
                 print(f"  warning: {w}")
         return 0

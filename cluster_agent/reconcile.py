@@ -70,6 +70,7 @@ class ReconcileResult:
     cacerts_not_after: datetime | None  # of the intermediate installed
     ca_crl_next_update: datetime | None = None  # the earliest nextUpdate in the ca-crl.pem applied
     istio_problems: list[str] = field(default_factory=list)  # meshcheck's, reported in the status
+    import_modes: dict[str, str] = field(default_factory=dict)  # `<name> from <cluster>` → mode
 
 
 @dataclass(frozen=True)
@@ -381,6 +382,7 @@ class Reconciler:
             self.intermediate.not_after(),
             result.ca_crl_next_update,
             list(self.istio_problems),
+            dict(result.import_modes),
         )
 
 

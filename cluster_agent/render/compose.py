@@ -44,6 +44,7 @@ class RenderResult:
     vips: dict[str, str] = field(default_factory=dict)
     server_block: str | None = None
     ca_crl_next_update: datetime | None = None  # the earliest nextUpdate in cacerts' ca-crl.pem
+    import_modes: dict[str, str] = field(default_factory=dict)  # `<name> from <cluster>` → its mode
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,8 @@ def _render_all(
         warnings += cacerts.warnings
         ca_crl_next_update = cacerts.ca_crl_next_update
 
-    return RenderResult(sort_objects(objects), warnings, allocation, server_block, ca_crl_next_update)
+    modes = {f"{s.name} from {s.cluster}": s.mode for s in selected}
+    return RenderResult(sort_objects(objects), warnings, allocation, server_block, ca_crl_next_update, modes)
 
 
 def _coredns_objects(config: AgentConfig, allocation: Mapping[str, str], corefile: str | None) -> list[Manifest]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.gocheck import GoCheckFailed, run_end_to_end
-from tests.support.simscenario import render_e2e_exporter, render_e2e_importer
+from tests.e2e.gocheck import GoCheckFailed, run_end_to_end, run_simulation
+from tests.support.simscenario import render_e2e_exporter, render_e2e_importer, render_exporter, render_importer
 
 STEPS = ("1_sidecar_in_a", "2_egress_gateway_in_a", "3_b's_ingress", "4_b's_destination_sidecar")
 
@@ -50,3 +50,27 @@ def test_the_check_fails_when_the_whole_consumer_cluster_is_admitted(tmp_path: P
     with pytest.raises(GoCheckFailed) as failed:
         run_end_to_end(render_e2e_importer(tmp_path / "a"), b)
     assert "the destination admits spiffe://a.mesh/ns/bookinfo/sa/bookinfo-other" in failed.value.output
+
+
+def test_end_to_end_and_hop_by_hop_exports_share_the_gateways(tmp_path: Path) -> None:
+    """details.bookinfo end to end beside ratings (HTTP) and mongodb (TCP) hop by hop: the
+    PASSTHROUGH servers share port 15444 with the hop-by-hop TLS servers (Istio merges them into one
+    listener split by SNI), every hop-by-hop step still passes, and the end-to-end call goes through."""
+    a = render_importer(tmp_path / "a", e2e_details=True)
+    b = render_exporter(tmp_path / "b", e2e_details=True)
+    out = run_simulation(a, b)
+    assert "--- PASS: TestSimulation/8_" in out and "--- PASS: TestSimulation/9_" in out, out
+    out = run_end_to_end(
+        a,
+        b,
+        host="details.bookinfo.remote",
+        sni="9080.details.bookinfo.b.mb-e2e",
+        workload="spiffe://b.mesh/ns/bookinfo/sa/bookinfo-details",
+        destination="details.bookinfo.svc.cluster.local",
+        destination_ip="10.2.1.7",
+        destination_app="details",
+        allowed="spiffe://a.mesh/ns/bookinfo/sa/bookinfo-productpage",
+        denied="spiffe://c.mesh/ns/bookinfo/sa/bookinfo-productpage",
+        refused_sni="9080.ratings.bookinfo.b.mb-e2e,mongodb.bookinfo.remote.example",
+    )
+    assert "--- PASS: TestEndToEnd/4_" in out, out

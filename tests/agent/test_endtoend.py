@@ -1,0 +1,183 @@
+"""End-to-end mode on the agent's side (issue 13 items 1, 2 and 6): the config, what is published,
+what an importer accepts, and the workload policy the exporter renders."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cluster_agent.config import ConfigError, parse_config
+from cluster_agent.render import render_all
+from cluster_agent.render.endtoend import e2e_sni
+from tests.agent.conftest import agent_yaml
+from tests.agent.test_agent_pass import recording_reconciler
+from tests.support.caservice import CAService
+
+BASE: dict[str, Any] = {
+    "cluster": "b",
+    "ca": {"url": "https://ca.example", "trust_anchor": "/etc/meshbridge/ca-root.pem"},
+    "istio": {"trust_domain": "b.mesh"},
+    "dns": {"mode": "none"},
+}
+RATINGS: dict[str, Any] = {
+    "service": "ratings",
+    "namespace": "bookinfo",
+    "ports": [9080],
+    "mode": "end-to-end",
+    "service_accounts": ["bookinfo-ratings"],
+    "consumers": [{"cluster": "a", "principals": ["ns/shop/sa/checkout"]}, "c"],
+}
+
+
+def _config(**export: Any) -> dict[str, Any]:
+    data = copy.deepcopy(BASE)
+    data["exports"] = [{**copy.deepcopy(RATINGS), **export}]
+    return data
+
+
+def _problems(data: dict[str, Any]) -> tuple[str, ...]:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    return exc.value.problems
+
+
+@pytest.mark.parametrize(
+    ("export", "expected"),
+    [
+        ({"service_accounts": []}, "exports[0].service_accounts: an end-to-end export needs the service accounts"),
+        ({"mode": "hop-by-hop"}, "exports[0].service_accounts: only for mode end-to-end"),
+        (
+            {"mode": "hop-by-hop", "service_accounts": []},
+            "exports[0].consumers[0].principals: only for mode end-to-end",
+        ),
+        ({"consumers": [{"cluster": "a", "principals": ["shop/checkout"]}]}, "exports[0].consumers[0].principals[0]: "),
+        ({"consumers": [{"cluster": "a", "principals": ["ns/shop/sa/x", "ns/shop/sa/x"]}]}, "exports[0].consumers[0]"),
+        ({"consumers": ["a", {"cluster": "a"}]}, "exports[0].consumers: consumer 'a' is listed twice"),
+        ({"mode": "end-to-middle"}, "exports[0].mode: "),
+        ({"service_accounts": ["Bad_Name"]}, "exports[0].service_accounts[0]: "),
+    ],
+)
+def test_bad_end_to_end_config_names_its_key(export: dict[str, Any], expected: str) -> None:
+    problems = _problems(_config(**export))
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_end_to_end_export_publishes_its_workload_identities() -> None:
+    export = parse_config(_config()).exports[0]
+    assert export.consumer_clusters == ["a", "c"]
+    assert export.end_to_end_fields("b.mesh") == {
+        "mode": "end-to-end",
+        "workload_identities": ["spiffe://b.mesh/ns/bookinfo/sa/bookinfo-ratings"],
+        "consumer_principals": {"a": ["ns/shop/sa/checkout"]},
+    }
+    assert parse_config(_config(mode="hop-by-hop", service_accounts=[], consumers=["a"])).exports[0].end_to_end_fields(
+        "b.mesh"
+    ) == {}
+
+
+def _peer(name: str) -> dict[str, Any]:
+    td = f"{name}.mesh"
+    return {
+        "name": name,
+        "trust_domain": td,
+        "identities": {
+            "ingress": f"spiffe://{td}/ns/istio-system/sa/ingress",
+            "egress": f"spiffe://{td}/ns/istio-system/sa/egress",
+        },
+    }
+
+
+def _policy(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    [policy] = [o for o in objects if o["kind"] == "AuthorizationPolicy"]
+    return policy
+
+
+def test_workload_policy_admits_declared_workloads_and_whole_clusters_only() -> None:
+    result = render_all(parse_config(_config()), imports=[], peers=[_peer("a"), _peer("c")], vips={})
+    policy = _policy(result.objects)
+    assert policy["metadata"]["namespace"] == "bookinfo" and "selector" not in policy["spec"]
+    [rule] = policy["spec"]["rules"]
+    assert policy["spec"]["action"] == "DENY"
+    assert rule["from"] == [{"source": {"notPrincipals": ["a.mesh/ns/shop/sa/checkout", "c.mesh/*"]}}]
+    assert rule["when"] == [{"key": "connection.sni", "values": [e2e_sni(9080, "ratings.bookinfo", "b")]}]
+
+
+def test_a_consumer_not_yet_published_is_refused_with_a_warning() -> None:
+    result = render_all(parse_config(_config()), imports=[], peers=[_peer("a")], vips={})
+    [rule] = _policy(result.objects)["spec"]["rules"]
+    assert rule["from"] == [{"source": {"notPrincipals": ["a.mesh/ns/shop/sa/checkout"]}}]
+    assert any("consumer c has not published yet" in w for w in result.warnings), result.warnings
+    alone = render_all(parse_config(_config(consumers=["c"])), imports=[], peers=[], vips={})
+    [rule] = _policy(alone.objects)["spec"]["rules"]
+    assert "from" not in rule  # no one admitted: every end-to-end caller is refused
+
+
+IMPORTER: dict[str, Any] = {**BASE, "cluster": "a", "istio": {"trust_domain": "a.mesh"}, "imports": [{"from": "b", "names": ["*"]}]}
+
+
+def _import(**fields: Any) -> dict[str, Any]:
+    return {
+        "name": "ratings.bookinfo",
+        "cluster": "b",
+        "ports": [{"number": 9080, "protocol": "HTTP"}],
+        "gateway": {"address": "198.51.100.20", "port": 15443, "tcp_port": 15444},
+        "identity": "spiffe://b.mesh/ns/istio-system/sa/ingress",
+        "mode": "end-to-end",
+        "workload_identities": ["spiffe://b.mesh/ns/bookinfo/sa/bookinfo-ratings"],
+        **fields,
+    }
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ({"workload_identities": None}, "end-to-end without workload identities"),
+        ({"workload_identities": ["spiffe://evil.mesh/ns/bookinfo/sa/x"]}, "in the exporter's trust domain b.mesh"),
+        ({"mode": "sideways"}, "unknown mode 'sideways'"),
+    ],
+)
+def test_an_end_to_end_import_without_pinnable_identities_is_left_out(fields: dict[str, Any], why: str) -> None:
+    result = render_all(parse_config(IMPORTER), imports=[_import(**fields)], peers=[], vips={})
+    assert not [o for o in result.objects if o["kind"] == "DestinationRule"]
+    assert any(why in w and "left out" in w for w in result.warnings), result.warnings
+
+
+def test_render_tells_each_imports_mode() -> None:
+    hop = {k: v for k, v in _import(name="details.bookinfo").items() if k not in ("mode", "workload_identities")}
+    result = render_all(parse_config(IMPORTER), imports=[_import(), hop], peers=[], vips={})
+    assert result.import_modes == {"details.bookinfo from b": "hop-by-hop", "ratings.bookinfo from b": "end-to-end"}
+    [dr] = [o for o in result.objects if o["kind"] == "DestinationRule" and o["spec"]["host"] == "ratings.bookinfo.remote"]
+    assert dr["spec"]["trafficPolicy"]["tls"] == {
+        "mode": "ISTIO_MUTUAL",
+        "sni": "9080.ratings.bookinfo.b.mb-e2e",
+        "subjectAltNames": ["spiffe://b.mesh/ns/bookinfo/sa/bookinfo-ratings"],
+    }
+
+
+def test_end_to_end_export_travels_through_the_ca_to_the_importer(ca_service: CAService, tmp_path: Path) -> None:
+    exports = yaml.safe_dump([RATINGS | {"consumers": ["b"]}], default_flow_style=True).strip()
+    paths = {}
+    for name, td, addr, exp, imp in (
+        ("a", "a.mesh", "198.51.100.10", exports, "[]"),
+        ("b", "b.mesh", "198.51.100.20", "[]", '[{from: a, names: ["*"]}]'),
+    ):
+        d = tmp_path / name
+        d.mkdir()
+        ca_service.add_cluster(name, td, d / "bootstrap-token")
+        (d / "agent.yaml").write_text(agent_yaml(name=name, td=td, url=ca_service.url, address=addr, exports=exp, imports=imp))
+        paths[name] = d / "agent.yaml"
+    a = recording_reconciler(paths["a"], [])
+    a.run_pass(revision=None, wait=0, resync=lambda: True)
+    [published] = a.exports_body().services
+    assert published.mode == "end-to-end" and a.exports_body().gateway.tcp_port is not None
+    b = recording_reconciler(paths["b"], [])
+    result = b.run_pass(revision=None, wait=0, resync=lambda: True).reconciled
+    assert result is not None and result.import_modes == {"ratings.bookinfo from a": "end-to-end"}
+    rules = [yaml.safe_load(p.read_text()) for p in (paths["b"].parent / "out").glob("destinationrule-*e2e*.yaml")]
+    assert [r["spec"]["trafficPolicy"]["tls"]["subjectAltNames"] for r in rules] == [
+        ["spiffe://a.mesh/ns/bookinfo/sa/bookinfo-ratings"]
+    ]
