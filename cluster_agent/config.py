@@ -40,13 +40,13 @@ from meshbridge_wire.protocols import GATEWAY_CARRIED, Protocol, parse_protocol
 
 __all__ = [
     "DEFAULT_VIP_RANGE",
+    "END_TO_END",
     "ISTIO_AUTO_ALLOCATE_RANGE",
     "KEY_TYPES",
     "AgentConfig",
     "CAConfig",
     "ConfigError",
     "DNSConfig",
-    "END_TO_END",
     "EgressGatewayConfig",
     "ExportConfig",
     "ExportConsumerConfig",
@@ -562,15 +562,17 @@ def _check_principal(value: str) -> str:
 
 def _check_service_account(value: str) -> str:
     if not is_dns_name(value):
-        raise ValueError(f"must be a Kubernetes service account name (a DNS subdomain) such as 'ratings' (got {value!r})")
+        raise ValueError(
+            f"must be a Kubernetes service account name (a DNS subdomain) such as 'ratings' (got {value!r})"
+        )
     return value
 
 
 Principal = Annotated[str, AfterValidator(_check_principal)]
 ServiceAccount = Annotated[str, AfterValidator(_check_service_account)]
-END_TO_END = "end-to-end"
-HOP_BY_HOP = "hop-by-hop"
 ExportMode = Literal["hop-by-hop", "end-to-end"]
+END_TO_END: ExportMode = "end-to-end"
+HOP_BY_HOP: ExportMode = "hop-by-hop"
 
 
 class ExportConsumerConfig(_Model):

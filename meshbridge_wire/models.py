@@ -279,9 +279,7 @@ class Identities(Strict):
 
 ExportMode = Literal["hop-by-hop", "end-to-end"]
 # `ns/<namespace>/sa/<service account>` or `ns/<namespace>/sa/*`: Istio's principal minus the trust domain.
-ConsumerPrincipal = Annotated[
-    str, Field(min_length=7, max_length=330, pattern=rf"^ns/{_LABEL}/sa/(\*|{_NAME})$")
-]
+ConsumerPrincipal = Annotated[str, Field(min_length=7, max_length=330, pattern=rf"^ns/{_LABEL}/sa/(\*|{_NAME})$")]
 
 
 class ExportedService(Strict):

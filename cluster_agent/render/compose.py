@@ -151,7 +151,9 @@ def _render_all(
     export_objects, policy_warnings = render_export_side(ctx, hop_exports, peer_specs)
     e2e_objects, e2e_warnings = render_e2e_export_side(ctx, [e for e in export_specs if e.end_to_end], peer_specs)
     warnings += policy_warnings + e2e_warnings
-    objects = export_objects + e2e_objects + render_import_side(ctx, [s for s in selected if not s.end_to_end], allocation)
+    objects = (
+        export_objects + e2e_objects + render_import_side(ctx, [s for s in selected if not s.end_to_end], allocation)
+    )
     objects += render_e2e_import_side(ctx, [s for s in selected if s.end_to_end], allocation)
     objects.append(render_state_configmap(allocation, namespace=ctx.namespace, cluster=config.cluster))
 

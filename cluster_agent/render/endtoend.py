@@ -84,8 +84,9 @@ def _manifest(api_version: str, kind: str, meta: dict[str, Any], spec: dict[str,
     return {"apiVersion": api_version, "kind": kind, "metadata": meta, "spec": spec}
 
 
-def _passthrough_gateway(ctx: IstioContext, name: str, selector: Mapping[str, str], port: int, snis: Sequence[str],
-                         component: str) -> Manifest:
+def _passthrough_gateway(
+    ctx: IstioContext, name: str, selector: Mapping[str, str], port: int, snis: Sequence[str], component: str
+) -> Manifest:
     """One PASSTHROUGH server: its hosts (the SNIs) become the filter chains' `server_names`. It sits
     on the same port as the hop-by-hop TLS servers: Istio merges TLS servers of one port into one
     listener split by SNI (pilot/pkg/model/gateway.go `mergeGateways`), and our SNIs never meet theirs."""
@@ -220,9 +221,7 @@ def render_e2e_export_side(
         warnings += policy_warnings
         objects.append(render_workload_policy(ctx, export, names[export.name], principals))
     objects.append(
-        _passthrough_gateway(
-            ctx, INGRESS_GATEWAY, ctx.ingress_selector, ctx.cross_cluster_tcp_port, all_snis, "export"
-        )
+        _passthrough_gateway(ctx, INGRESS_GATEWAY, ctx.ingress_selector, ctx.cross_cluster_tcp_port, all_snis, "export")
     )
     if ctx.authorization_mode == "allow":
         objects.append(_ingress_allow_policy(ctx, all_snis))

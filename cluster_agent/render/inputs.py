@@ -192,7 +192,9 @@ def _import(raw: Mapping[str, Any], warnings: list[str]) -> ImportSpec | None:
     return ImportSpec(name, cluster, ports, address.lower().rstrip("."), port, identity, tcp_port, mode, workloads)
 
 
-def _workload_identities(raw: Mapping[str, Any], identity: str, where: str, warnings: list[str]) -> tuple[str, ...] | None:
+def _workload_identities(
+    raw: Mapping[str, Any], identity: str, where: str, warnings: list[str]
+) -> tuple[str, ...] | None:
     """An end-to-end import's destination identities: workloads in the exporter's trust domain (that of
     its ingress identity), or None (left out: the sidecars would have nothing to pin)."""
     listed = raw.get("workload_identities")

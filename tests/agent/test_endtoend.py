@@ -74,9 +74,12 @@ def test_end_to_end_export_publishes_its_workload_identities() -> None:
         "workload_identities": ["spiffe://b.mesh/ns/bookinfo/sa/bookinfo-ratings"],
         "consumer_principals": {"a": ["ns/shop/sa/checkout"]},
     }
-    assert parse_config(_config(mode="hop-by-hop", service_accounts=[], consumers=["a"])).exports[0].end_to_end_fields(
-        "b.mesh"
-    ) == {}
+    assert (
+        parse_config(_config(mode="hop-by-hop", service_accounts=[], consumers=["a"]))
+        .exports[0]
+        .end_to_end_fields("b.mesh")
+        == {}
+    )
 
 
 def _peer(name: str) -> dict[str, Any]:
@@ -116,7 +119,12 @@ def test_a_consumer_not_yet_published_is_refused_with_a_warning() -> None:
     assert "from" not in rule  # no one admitted: every end-to-end caller is refused
 
 
-IMPORTER: dict[str, Any] = {**BASE, "cluster": "a", "istio": {"trust_domain": "a.mesh"}, "imports": [{"from": "b", "names": ["*"]}]}
+IMPORTER: dict[str, Any] = {
+    **BASE,
+    "cluster": "a",
+    "istio": {"trust_domain": "a.mesh"},
+    "imports": [{"from": "b", "names": ["*"]}],
+}
 
 
 def _import(**fields: Any) -> dict[str, Any]:
@@ -150,7 +158,9 @@ def test_render_tells_each_imports_mode() -> None:
     hop = {k: v for k, v in _import(name="details.bookinfo").items() if k not in ("mode", "workload_identities")}
     result = render_all(parse_config(IMPORTER), imports=[_import(), hop], peers=[], vips={})
     assert result.import_modes == {"details.bookinfo from b": "hop-by-hop", "ratings.bookinfo from b": "end-to-end"}
-    [dr] = [o for o in result.objects if o["kind"] == "DestinationRule" and o["spec"]["host"] == "ratings.bookinfo.remote"]
+    [dr] = [
+        o for o in result.objects if o["kind"] == "DestinationRule" and o["spec"]["host"] == "ratings.bookinfo.remote"
+    ]
     assert dr["spec"]["trafficPolicy"]["tls"] == {
         "mode": "ISTIO_MUTUAL",
         "sni": "9080.ratings.bookinfo.b.mb-e2e",
@@ -168,7 +178,9 @@ def test_end_to_end_export_travels_through_the_ca_to_the_importer(ca_service: CA
         d = tmp_path / name
         d.mkdir()
         ca_service.add_cluster(name, td, d / "bootstrap-token")
-        (d / "agent.yaml").write_text(agent_yaml(name=name, td=td, url=ca_service.url, address=addr, exports=exp, imports=imp))
+        (d / "agent.yaml").write_text(
+            agent_yaml(name=name, td=td, url=ca_service.url, address=addr, exports=exp, imports=imp)
+        )
         paths[name] = d / "agent.yaml"
     a = recording_reconciler(paths["a"], [])
     a.run_pass(revision=None, wait=0, resync=lambda: True)

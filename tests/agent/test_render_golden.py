@@ -287,7 +287,9 @@ E2E_IMPORTS = [
 
 
 def test_golden_render_end_to_end_exporter() -> None:
-    result = render_all(parse_config(E2E_EXPORTER), imports=[], peers=[_peer("a", "a.mesh"), _peer("c", "c.mesh")], vips={})
+    result = render_all(
+        parse_config(E2E_EXPORTER), imports=[], peers=[_peer("a", "a.mesh"), _peer("c", "c.mesh")], vips={}
+    )
     assert_golden(GOLDEN / "render_all-e2e-exporter", _object_files(result))
 
 
