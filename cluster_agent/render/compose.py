@@ -18,7 +18,7 @@ from cluster_agent.render.cacerts import (
     render_cacerts_secret,
 )
 from cluster_agent.render.coredns import render_coredns_configmaps, render_nodelocal_stanza, server_block_key
-from cluster_agent.render.endtoend import render_e2e_export_side, render_e2e_import_side
+from cluster_agent.render.endtoend import crl_warning, render_e2e_export_side, render_e2e_import_side
 from cluster_agent.render.errors import BundleError
 from cluster_agent.render.inputs import (
     exports_from_config,
@@ -155,6 +155,9 @@ def _render_all(
         export_objects + e2e_objects + render_import_side(ctx, [s for s in selected if not s.end_to_end], allocation)
     )
     objects += render_e2e_import_side(ctx, [s for s in selected if s.end_to_end], allocation)
+    end_to_end = [e.name for e in export_specs if e.end_to_end] + [s.name for s in selected if s.end_to_end]
+    if end_to_end and config.ca.ca_crl:
+        warnings.append(crl_warning(end_to_end))
     objects.append(render_state_configmap(allocation, namespace=ctx.namespace, cluster=config.cluster))
 
     warnings += _renumbered(config, vips, allocation)

@@ -55,6 +55,7 @@ from cluster_agent.render.objects import NAME_ANNOTATION, SOURCE_CLUSTER_LABEL, 
 
 __all__ = [
     "E2E_SUFFIX",
+    "crl_warning",
     "e2e_principals",
     "e2e_sni",
     "render_e2e_export_side",
@@ -78,6 +79,24 @@ def e2e_sni(port: int, name: str, exporter: str) -> str:
     characters, a valid host for Gateway servers and ServiceEntries.
     """
     return f"{port}.{name}.{exporter}.{E2E_SUFFIX}"
+
+
+def crl_warning(names: Sequence[str]) -> str:
+    """The one thing end-to-end mode needs that meshbridge does not distribute yet: peers' CRLs.
+
+    Sidecars verify a peer's chain with CRL_CHECK | CRL_CHECK_ALL against their own cluster's
+    `ca-crl.pem` (docs/istio-notes.md "CRLs in the data plane": istio-agent puts `istio-ca-crl` on
+    ROOTCA, Envoy's `default_validator.cc`), so every CA in the peer's chain, the peer cluster's
+    intermediate included, needs a CRL there. Hop by hop, sidecars only ever see their own
+    cluster's gateways; end to end they see the other cluster's workloads.
+    """
+    return (
+        f"end-to-end {', '.join(sorted(names))}: sidecars check the peer's chain with CRL_CHECK_ALL against this "
+        f"cluster's ca-crl.pem, which holds the roots' CRLs and this cluster's own intermediates' CRLs only; the "
+        f"peer cluster's intermediate CRL is not distributed yet, so these handshakes fail (unable to get "
+        f"certificate CRL) while ca.ca_crl is on. Set ca.ca_crl: false on both clusters to run end to end without "
+        f"data-plane CRL checks (docs/security.md, end-to-end mode)"
+    )
 
 
 def _manifest(api_version: str, kind: str, meta: dict[str, Any], spec: dict[str, Any]) -> Manifest:
