@@ -74,3 +74,17 @@ def test_end_to_end_and_hop_by_hop_exports_share_the_gateways(tmp_path: Path) ->
         refused_sni="9080.ratings.bookinfo.b.mb-e2e,mongodb.bookinfo.remote.example",
     )
     assert "--- PASS: TestEndToEnd/4_" in out, out
+
+
+def test_routing_the_passthrough_straight_to_the_service_would_wrap_the_tls_again(tmp_path: Path) -> None:
+    """Why b's ingress forwards to a MESH_EXTERNAL host named by the SNI: a `tls` route straight to
+    `ratings.bookinfo.svc.cluster.local` takes that Service's own cluster, to which auto mTLS adds
+    Istio mTLS for sidecar endpoints (cluster_tls.go applyUpstreamTLSSettings, tlsMode-istio match)."""
+    b = render_e2e_exporter(tmp_path / "b")
+    [vs] = b.glob("virtualservice-*-meshbridge-e2e-export-ratings-bookinfo.yaml")
+    vs.write_text(
+        vs.read_text().replace("host: 9080.ratings.bookinfo.b.mb-e2e", "host: ratings.bookinfo.svc.cluster.local")
+    )
+    with pytest.raises(GoCheckFailed) as failed:
+        run_end_to_end(render_e2e_importer(tmp_path / "a"), b, refused_sni="9080.details.bookinfo.b.mb-e2e")
+    assert "originates TLS" in failed.value.output and "wrapped again" in failed.value.output, failed.value.output
