@@ -88,3 +88,28 @@ def test_routing_the_passthrough_straight_to_the_service_would_wrap_the_tls_agai
     with pytest.raises(GoCheckFailed) as failed:
         run_end_to_end(render_e2e_importer(tmp_path / "a"), b, refused_sni="9080.details.bookinfo.b.mb-e2e")
     assert "originates TLS" in failed.value.output and "wrapped again" in failed.value.output, failed.value.output
+
+
+def test_allow_mode_admits_the_exported_snis_at_a_shared_ingress(tmp_path: Path) -> None:
+    """`authorization_mode: allow`: the hop-by-hop exports' ALLOW policies select the ingress pods, so
+    Envoy refuses every connection no ALLOW rule admits, passthrough chains included; the end-to-end
+    exports' own ALLOW policy (SNIs on the TCP container port) lets them through. Without it, refused."""
+    a = render_importer(tmp_path / "a", e2e_details=True)
+    b = render_exporter(tmp_path / "b", e2e_details=True, authorization_mode="allow")
+    details = {
+        "host": "details.bookinfo.remote",
+        "sni": "9080.details.bookinfo.b.mb-e2e",
+        "workload": "spiffe://b.mesh/ns/bookinfo/sa/bookinfo-details",
+        "destination": "details.bookinfo.svc.cluster.local",
+        "destination_ip": "10.2.1.7",
+        "destination_app": "details",
+        "allowed": "spiffe://a.mesh/ns/bookinfo/sa/bookinfo-productpage",
+        "denied": "spiffe://c.mesh/ns/bookinfo/sa/bookinfo-productpage",
+        "refused_sni": "9080.ratings.bookinfo.b.mb-e2e",
+    }
+    assert "--- PASS: TestEndToEnd/4_" in run_end_to_end(a, b, **details)
+    [policy] = b.glob("authorizationpolicy-istio-system-meshbridge-ingress-e2e.yaml")
+    policy.unlink()
+    with pytest.raises(GoCheckFailed) as failed:
+        run_end_to_end(a, b, **details)
+    assert "RBAC on b's ingress refuses the exported SNI" in failed.value.output
