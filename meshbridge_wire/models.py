@@ -318,6 +318,11 @@ class ExportsIn(Strict):
     gateway: PublishedGateway
     identities: Identities
     services: list[ExportedService] = Field(default_factory=list, max_length=2000)
+    # PEM CRLs signed by this cluster's intermediates (its current one's, then superseded ones' final
+    # CRLs): peers it meets end to end add them to their `ca-crl.pem`, since their sidecars check this
+    # cluster's workload chains with CRL_CHECK_ALL. Sent only by clusters with end-to-end exports or
+    # imports, so older CA services still accept every other body.
+    crl: str | None = Field(default=None, min_length=1, max_length=262144)
 
 
 class ImportOut(BaseModel):
@@ -338,6 +343,10 @@ class ImportList(BaseModel):
 
 
 class PeerOut(BaseModel):
+    # A peer that published `crl` (end-to-end mode) carries it as an extra field `crl`, present only
+    # then, so other entries (and the revision of desired state) stay as they were.
+    model_config = ConfigDict(extra="allow")
+
     name: str
     trust_domain: str
     identities: dict[str, Any]

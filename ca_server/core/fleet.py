@@ -12,7 +12,7 @@ from typing import Any
 from ca_server.core.auditsize import capped
 from ca_server.core.clusters import must_cluster
 from ca_server.core.context import Context
-from ca_server.core.crls import crl_pem_from
+from ca_server.core.crls import check_published_crls, crl_pem_from
 from ca_server.core.errors import InvalidInput, NotFound
 from ca_server.core.gates import format_time
 from ca_server.core.models import Cluster, ClusterStatus
@@ -108,7 +108,10 @@ def _peers(snap: FleetSnapshot, names: set[str]) -> list[dict[str, Any]]:
         if not _published(pc):
             continue
         assert pc.exports is not None
-        out.append({"name": p, "trust_domain": pc.trust_domain, "identities": pc.exports.get("identities", {})})
+        peer = {"name": p, "trust_domain": pc.trust_domain, "identities": pc.exports.get("identities", {})}
+        if pc.exports.get("crl"):  # end-to-end peers' sidecars need it in their ca-crl.pem
+            peer["crl"] = pc.exports["crl"]
+        out.append(peer)
     return out
 
 
@@ -253,6 +256,8 @@ class Fleet:
             locked = must_cluster(tx, cluster.name, for_update=True)
             if _canon(locked.exports) == _canon(body) and locked.gateway == body.get("gateway"):
                 return body
+            if body.get("crl"):
+                check_published_crls(body["crl"], [c.cert_pem for c in tx.cluster_certificates(cluster.name)])
             locked.exports = body
             locked.gateway = body.get("gateway")
             tx.save_cluster(locked)

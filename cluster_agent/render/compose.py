@@ -18,7 +18,7 @@ from cluster_agent.render.cacerts import (
     render_cacerts_secret,
 )
 from cluster_agent.render.coredns import render_coredns_configmaps, render_nodelocal_stanza, server_block_key
-from cluster_agent.render.endtoend import crl_warning, render_e2e_export_side, render_e2e_import_side
+from cluster_agent.render.endtoend import end_to_end_peer_crls, render_e2e_export_side, render_e2e_import_side
 from cluster_agent.render.errors import BundleError
 from cluster_agent.render.inputs import (
     exports_from_config,
@@ -45,6 +45,7 @@ class RenderResult:
     server_block: str | None = None
     ca_crl_next_update: datetime | None = None  # the earliest nextUpdate in cacerts' ca-crl.pem
     import_modes: dict[str, str] = field(default_factory=dict)  # `<name> from <cluster>` → its mode
+    peer_crls: str = ""  # the end-to-end peers' CRLs added to ca-crl.pem
 
 
 @dataclass(frozen=True)
@@ -155,9 +156,11 @@ def _render_all(
         export_objects + e2e_objects + render_import_side(ctx, [s for s in selected if not s.end_to_end], allocation)
     )
     objects += render_e2e_import_side(ctx, [s for s in selected if s.end_to_end], allocation)
-    end_to_end = [e.name for e in export_specs if e.end_to_end] + [s.name for s in selected if s.end_to_end]
-    if end_to_end and config.ca.ca_crl:
-        warnings.append(crl_warning(end_to_end))
+    e2e_peers = {c for e in export_specs if e.end_to_end for c in e.consumers}
+    e2e_peers |= {s.cluster for s in selected if s.end_to_end}
+    peer_crls, crl_warnings = end_to_end_peer_crls(sorted(e2e_peers), peer_specs)
+    if config.ca.ca_crl:
+        warnings += crl_warnings
     objects.append(render_state_configmap(allocation, namespace=ctx.namespace, cluster=config.cluster))
 
     warnings += _renumbered(config, vips, allocation)
@@ -169,13 +172,16 @@ def _render_all(
 
     ca_crl_next_update: datetime | None = None
     if bundle is not None:
-        cacerts = render_cacerts(config, bundle, intermediate_key_pem=intermediate_key_pem, crl_pem=crl_pem, now=now)
+        own_and_peers = None if crl_pem is None else crl_pem + peer_crls
+        cacerts = render_cacerts(
+            config, bundle, intermediate_key_pem=intermediate_key_pem, crl_pem=own_and_peers, now=now
+        )
         objects.append(cacerts.secret)
         warnings += cacerts.warnings
         ca_crl_next_update = cacerts.ca_crl_next_update
 
     modes = {f"{s.name} from {s.cluster}": s.mode for s in selected}
-    return RenderResult(sort_objects(objects), warnings, allocation, server_block, ca_crl_next_update, modes)
+    return RenderResult(sort_objects(objects), warnings, allocation, server_block, ca_crl_next_update, modes, peer_crls)
 
 
 def _coredns_objects(config: AgentConfig, allocation: Mapping[str, str], corefile: str | None) -> list[Manifest]:

@@ -55,9 +55,9 @@ from cluster_agent.render.objects import NAME_ANNOTATION, SOURCE_CLUSTER_LABEL, 
 
 __all__ = [
     "E2E_SUFFIX",
-    "crl_warning",
     "e2e_principals",
     "e2e_sni",
+    "end_to_end_peer_crls",
     "render_e2e_export_side",
     "render_e2e_import_side",
     "render_workload_policy",
@@ -81,22 +81,33 @@ def e2e_sni(port: int, name: str, exporter: str) -> str:
     return f"{port}.{name}.{exporter}.{E2E_SUFFIX}"
 
 
-def crl_warning(names: Sequence[str]) -> str:
-    """The one thing end-to-end mode needs that meshbridge does not distribute yet: peers' CRLs.
+def end_to_end_peer_crls(peers: Sequence[str], specs: Mapping[str, PeerSpec]) -> tuple[str, list[str]]:
+    """The CRLs of the peers this cluster meets end to end, for its `ca-crl.pem`, and a warning per
+    peer that has not published any.
 
     Sidecars verify a peer's chain with CRL_CHECK | CRL_CHECK_ALL against their own cluster's
     `ca-crl.pem` (docs/istio-notes.md "CRLs in the data plane": istio-agent puts `istio-ca-crl` on
     ROOTCA, Envoy's `default_validator.cc`), so every CA in the peer's chain, the peer cluster's
-    intermediate included, needs a CRL there. Hop by hop, sidecars only ever see their own
-    cluster's gateways; end to end they see the other cluster's workloads.
+    intermediate included, needs a CRL there. Hop by hop, sidecars only ever meet their own cluster's
+    gateways; end to end they meet the other cluster's workloads. istiod accepts CRLs of other issuers
+    in `ca-crl.pem`: its check only wants one signed by each certificate of `cert-chain.pem`
+    (security/pkg/pki/util/keycertbundle.go `Verify`). The CA service takes a cluster's published
+    CRLs only when its own intermediates signed them.
     """
-    return (
-        f"end-to-end {', '.join(sorted(names))}: sidecars check the peer's chain with CRL_CHECK_ALL against this "
-        f"cluster's ca-crl.pem, which holds the roots' CRLs and this cluster's own intermediates' CRLs only; the "
-        f"peer cluster's intermediate CRL is not distributed yet, so these handshakes fail (unable to get "
-        f"certificate CRL) while ca.ca_crl is on. Set ca.ca_crl: false on both clusters to run end to end without "
-        f"data-plane CRL checks (docs/security.md, end-to-end mode)"
-    )
+    crls: list[str] = []
+    warnings: list[str] = []
+    for name in peers:
+        spec = specs.get(name)
+        if spec is None or not spec.crl:
+            warnings.append(
+                f"end-to-end peer {name} has not published its intermediate's CRL: sidecars here check its "
+                f"workloads' chains with CRL_CHECK_ALL against ca-crl.pem, so handshakes with it fail "
+                f"(unable to get certificate CRL) until it does (its agent publishes it once it has an "
+                f"end-to-end export or import)"
+            )
+            continue
+        crls.append(spec.crl if spec.crl.endswith("\n") else spec.crl + "\n")
+    return "".join(crls), warnings
 
 
 def _manifest(api_version: str, kind: str, meta: dict[str, Any], spec: dict[str, Any]) -> Manifest:

@@ -77,6 +77,7 @@ class PeerSpec:
     name: str
     trust_domain: str
     egress_identities: tuple[str, ...]  # spiffe:// URIs
+    crl: str | None = None  # its intermediates' CRLs (PEM), published for end-to-end peers
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +283,8 @@ def parse_peers(raw: Iterable[Mapping[str, Any]]) -> tuple[dict[str, PeerSpec], 
                 )
             else:
                 kept.append(uri)
-        peers[name] = PeerSpec(name, trust_domain, tuple(sorted(set(kept))))
+        crl = item.get("crl")
+        peers[name] = PeerSpec(name, trust_domain, tuple(sorted(set(kept))), crl if isinstance(crl, str) else None)
     return peers, warnings
 
 

@@ -3,6 +3,7 @@ what an importer accepts, and the workload policy the exporter renders."""
 
 from __future__ import annotations
 
+import base64
 import copy
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import yaml
 from cluster_agent.config import ConfigError, parse_config
 from cluster_agent.render import render_all
 from cluster_agent.render.endtoend import e2e_sni
+from meshbridge_wire.pem import load_crls
 from tests.agent.conftest import agent_yaml
 from tests.agent.test_agent_pass import recording_reconciler
 from tests.support.caservice import CAService
@@ -184,8 +186,9 @@ def test_end_to_end_export_travels_through_the_ca_to_the_importer(ca_service: CA
         paths[name] = d / "agent.yaml"
     a = recording_reconciler(paths["a"], [])
     a.run_pass(revision=None, wait=0, resync=lambda: True)
-    [published] = a.exports_body().services
-    assert published.mode == "end-to-end" and a.exports_body().gateway.tcp_port is not None
+    body = a.exports_body()
+    assert body.services[0].mode == "end-to-end" and body.gateway.tcp_port is not None
+    assert body.crl and "BEGIN X509 CRL" in body.crl  # an exporter end to end publishes its CRLs
     b = recording_reconciler(paths["b"], [])
     result = b.run_pass(revision=None, wait=0, resync=lambda: True).reconciled
     assert result is not None and result.import_modes == {"ratings.bookinfo from a": "end-to-end"}
@@ -193,3 +196,23 @@ def test_end_to_end_export_travels_through_the_ca_to_the_importer(ca_service: CA
     assert [r["spec"]["trafficPolicy"]["tls"]["subjectAltNames"] for r in rules] == [
         ["spiffe://a.mesh/ns/bookinfo/sa/bookinfo-ratings"]
     ]
+    # each side's ca-crl.pem gets the other's intermediate CRL (the importer publishes its own once
+    # its desired state showed an end-to-end import, on its next pass)
+    b.run_pass(revision=None, wait=0, resync=lambda: True)
+    a.run_pass(revision=None, wait=0, resync=lambda: True)
+    for me, peer in (("a", "b"), ("b", "a")):
+        out = paths[me].parent / "out"
+        secret = yaml.safe_load((out / "secret-istio-system-cacerts.yaml").read_text())
+        crls = load_crls(base64.b64decode(secret["data"]["ca-crl.pem"]).decode())
+        issuers = {c.issuer.rfc4514_string() for c in crls}
+        assert f"CN={peer},OU={peer}.mesh,O=meshbridge" in issuers, (me, issuers)
+
+
+def test_hop_by_hop_peers_crls_stay_out_of_ca_crl() -> None:
+    """Only peers met end to end: a hop-by-hop peer's sidecars never verify this cluster's workloads."""
+    crl = "-----BEGIN X509 CRL-----\nMA==\n-----END X509 CRL-----\n"
+    peers = [{**_peer("a"), "crl": crl}, {**_peer("c"), "crl": crl.replace("MA==", "MQ==")}]
+    data = _config(consumers=["a"])
+    data["exports"].append({"service": "details", "namespace": "bookinfo", "ports": [9080], "consumers": ["c"]})
+    result = render_all(parse_config(data), imports=[], peers=peers, vips={})
+    assert result.peer_crls == crl and not [w for w in result.warnings if "has not published" in w]

@@ -7,8 +7,8 @@ in its DestinationRule; the CAs, intermediates and CRLs come from a real CA serv
 
 OpenSSL with `VERIFY_CRL_CHECK_CHAIN` (CRL_CHECK|CRL_CHECK_ALL) against each side's `ca-crl.pem`
 reproduces Envoy's decision (docs/istio-notes.md "CRLs in the data plane"): with the CRL sets the
-agents write, the handshake fails for want of the peer intermediate's CRL — the requirement
-docs/security.md states — and passes once each side also holds the peer's.
+agents write (each holding the peer intermediate's CRL, relayed by the CA service) the handshake
+passes; without the peer's CRL it fails.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from meshbridge_wire.pem import load_crls
 from tests.agent.conftest import NO_WORKLOAD_CERT_WAIT, agent_yaml
 from tests.agent.test_agent_pass import recording_reconciler
 from tests.e2e.workload import Workload, mint
@@ -57,8 +60,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]
                 agent_yaml(name=name, td=f"{name}.mesh", url=ca.url, address=addr, exports=exp, imports=imp)
             )
             paths[name] = d / "agent.yaml"
-        for name in ("b", "a", "b"):
-            recording_reconciler(paths[name], []).run_pass(revision=None, wait=0, resync=lambda: True)
+        # a learns of its end-to-end import in its first pass and publishes its CRL in the second
+        agents = {name: recording_reconciler(path, []) for name, path in paths.items()}
+        for name in ("b", "a", "a", "b"):
+            agents[name].run_pass(revision=None, wait=0, resync=lambda: True)
         yield {name: path.parent / "out" for name, path in paths.items()}
     finally:
         ca.stop()
@@ -140,6 +145,7 @@ def handshake(
             ok = data == b"ok" and seen.get("caller") == CALLER
             return ok, f"destination saw {seen.get('caller')}; client saw {peer}", ingress.seen
         except (ssl.SSLError, OSError) as exc:
+            server.join(5)  # the server's own reason (e.g. its CRL check), once it has one
             return False, f"client: {exc}; {seen.get('server', '')}", ingress.seen
         finally:
             listener.close()
@@ -170,10 +176,15 @@ def test_the_rendered_sidecar_settings_name_the_destination_workload(fleet: dict
     }
 
 
-def test_with_each_clusters_own_crl_set_the_handshake_fails(fleet: dict[str, Path]) -> None:
-    """What the agents write today: no CRL of the peer's intermediate, so CRL_CHECK_ALL refuses."""
+def _without_issuer(crls: str, issuer_pem: str) -> str:
+    """`crls` without the CRLs `issuer_pem` signed."""
+    issuer = x509.load_pem_x509_certificate(issuer_pem.encode()).subject
+    return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in load_crls(crls) if c.issuer != issuer)
+
+
+def test_the_caller_reaches_the_workload_with_the_crl_sets_the_agents_wrote(fleet: dict[str, Path]) -> None:
     p = _parties(fleet)
-    ok, detail, _ = handshake(
+    ok, detail, seen = handshake(
         caller=p["caller"],
         destination=p["destination"],
         roots=p["roots"],
@@ -183,35 +194,40 @@ def test_with_each_clusters_own_crl_set_the_handshake_fails(fleet: dict[str, Pat
         pinned=p["pinned"],
         exported=[p["sni"]],
     )
-    assert not ok and "unable to get certificate CRL" in detail, detail
-
-
-def test_with_the_peers_crls_the_caller_reaches_the_workload_through_both_relays(fleet: dict[str, Path]) -> None:
-    p = _parties(fleet)
-    both = p["a"]["ca-crl.pem"] + p["b"]["ca-crl.pem"]
-    ok, detail, seen = handshake(
-        caller=p["caller"],
-        destination=p["destination"],
-        roots=p["roots"],
-        caller_crls=both,
-        destination_crls=both,
-        sni=p["sni"],
-        pinned=p["pinned"],
-        exported=[p["sni"]],
-    )
     assert ok, detail
     assert f"destination saw {CALLER}" in detail and seen == [(p["sni"], True)]
 
 
+@pytest.mark.parametrize("side", ["caller", "destination"])
+def test_without_the_peers_intermediate_crl_the_handshake_fails(fleet: dict[str, Path], side: str) -> None:
+    """What end-to-end mode needs the CA service to relay: drop the peer intermediate's CRL from one
+    side's ca-crl.pem and CRL_CHECK_ALL refuses the peer's chain."""
+    p = _parties(fleet)
+    crls = {"caller": p["a"]["ca-crl.pem"], "destination": p["b"]["ca-crl.pem"]}
+    peer = "b" if side == "caller" else "a"
+    crls[side] = _without_issuer(crls[side], p[peer]["ca-cert.pem"])
+    ok, detail, _ = handshake(
+        caller=p["caller"],
+        destination=p["destination"],
+        roots=p["roots"],
+        caller_crls=crls["caller"],
+        destination_crls=crls["destination"],
+        sni=p["sni"],
+        pinned=p["pinned"],
+        exported=[p["sni"]],
+    )
+    assert not ok and "unable to get certificate CRL" in detail, detail
+
+
 def test_an_unexported_sni_is_refused_at_the_ingress_relay(fleet: dict[str, Path]) -> None:
     p = _parties(fleet)
-    both = p["a"]["ca-crl.pem"] + p["b"]["ca-crl.pem"]
+    both = p["a"]["ca-crl.pem"]
     ok, _, seen = handshake(
         caller=p["caller"],
         destination=p["destination"],
         roots=p["roots"],
         caller_crls=both,
-        destination_crls=both,
+        destination_crls=p["b"]["ca-crl.pem"],
         sni=p["sni"],
         pinned=p["pinned"],
         exported=["9080.details.bookinfo.b.mb-e2e"],
@@ -221,14 +237,14 @@ def test_an_unexported_sni_is_refused_at_the_ingress_relay(fleet: dict[str, Path
 
 def test_another_workload_of_b_is_not_accepted_as_the_destination(fleet: dict[str, Path]) -> None:
     p = _parties(fleet)
-    both = p["a"]["ca-crl.pem"] + p["b"]["ca-crl.pem"]
+    both = p["a"]["ca-crl.pem"]
     impostor = mint(p["b"], "spiffe://b.mesh/ns/bookinfo/sa/bookinfo-details")
     ok, detail, _ = handshake(
         caller=p["caller"],
         destination=impostor,
         roots=p["roots"],
         caller_crls=both,
-        destination_crls=both,
+        destination_crls=p["b"]["ca-crl.pem"],
         sni=p["sni"],
         pinned=p["pinned"],
         exported=[p["sni"]],
