@@ -12,7 +12,8 @@ A call from a workload in cluster a to `ratings.bookinfo.remote:9080`, exported 
    provided SNI if set", SANs from `tls.SubjectAltNames` before the service accounts), and
    `buildUpstreamClusterTLSContext` offers ALPN `istio-peer-exchange, istio` (`util.ALPNInMeshWithMxc`;
    with `h2` for HTTP/2 clusters) and validates the peer against the SANs and the SDS ROOTCA, which
-   carries this cluster's `ca-crl.pem` (CRL_CHECK_ALL, see docs/istio-notes.md "CRLs in the data plane").
+   carries this cluster's `ca-crl.pem` (CRL_CHECK_ALL, see docs/istio-notes.md "CRLs in the data plane"),
+   hence b's intermediate CRL there too (`end_to_end_peer_crls`).
 2. a, egress gateway: a Gateway server `tls.mode: PASSTHROUGH` on the TCP port whose hosts are those
    SNIs, and a VirtualService `tls` route per SNI (`match.sniHosts`) to a host named by the SNI: a
    MESH_EXTERNAL ServiceEntry whose endpoint is b's ingress gateway (`Import.gateway.tcp_port`).
