@@ -40,6 +40,7 @@ from meshbridge_wire.protocols import GATEWAY_CARRIED, Protocol, parse_protocol
 
 __all__ = [
     "DEFAULT_VIP_RANGE",
+    "END_TO_END",
     "ISTIO_AUTO_ALLOCATE_RANGE",
     "KEY_TYPES",
     "AgentConfig",
@@ -48,6 +49,7 @@ __all__ = [
     "DNSConfig",
     "EgressGatewayConfig",
     "ExportConfig",
+    "ExportConsumerConfig",
     "ExportPortConfig",
     "ImportConfig",
     "IngressGatewayConfig",
@@ -563,12 +565,74 @@ class ExportPortConfig(_Model):
         return canonical
 
 
+def _check_principal(value: str) -> str:
+    """`ns/<namespace>/sa/<service account>` (or `sa/*`): a workload of a consumer cluster, written as
+    Istio's principal without the trust domain, which comes from that cluster's registration."""
+    parts = value.split("/")
+    if (
+        len(parts) != 4
+        or parts[0] != "ns"
+        or parts[2] != "sa"
+        or not is_dns_label(parts[1])
+        or not (parts[3] == "*" or is_dns_name(parts[3]))
+    ):
+        raise ValueError(
+            f"must be ns/<namespace>/sa/<service account> (or ns/<namespace>/sa/* for a whole namespace), "
+            f"without the trust domain, e.g. 'ns/reviews/sa/reviews' (got {value!r})"
+        )
+    return value
+
+
+def _check_service_account(value: str) -> str:
+    if not is_dns_name(value):
+        raise ValueError(
+            f"must be a Kubernetes service account name (a DNS subdomain) such as 'ratings' (got {value!r})"
+        )
+    return value
+
+
+Principal = Annotated[str, AfterValidator(_check_principal)]
+ServiceAccount = Annotated[str, AfterValidator(_check_service_account)]
+ExportMode = Literal["hop-by-hop", "end-to-end"]
+END_TO_END: ExportMode = "end-to-end"
+HOP_BY_HOP: ExportMode = "hop-by-hop"
+
+
+class ExportConsumerConfig(_Model):
+    """A consumer cluster; with `principals`, only those of its workloads (end-to-end exports)."""
+
+    cluster: DnsLabel
+    principals: list[Principal] = Field(default_factory=list)
+
+    @field_validator("principals")
+    @classmethod
+    def _unique_principals(cls, value: list[str]) -> list[str]:
+        _unique(value, "principal")
+        return value
+
+
+def _consumer_entry(value: object) -> object:
+    """`consumers: [a]` is the short form of `[{cluster: a}]`."""
+    if isinstance(value, str):
+        return {"cluster": _check_dns_label(value)}
+    return value
+
+
+ConsumerEntry = Annotated[ExportConsumerConfig, BeforeValidator(_consumer_entry)]
+
+
 class ExportConfig(_Model):
     service: ServiceName
     namespace: DnsLabel
     ports: list[ExportPortConfig] = Field(min_length=1)
-    consumers: list[DnsLabel] = Field(default_factory=list)
+    consumers: list[ConsumerEntry] = Field(default_factory=list)
     name: str | None = None
+    # hop-by-hop: the gateways terminate mTLS, the destination sees this cluster's ingress gateway.
+    # end-to-end: callers' sidecars speak mTLS to the destination workloads, gateways forward on SNI.
+    mode: ExportMode = HOP_BY_HOP
+    # The destination workloads' service accounts (in `namespace`): their SPIFFE identities are
+    # published, and importers' sidecars accept only them (end-to-end mode).
+    service_accounts: list[ServiceAccount] = Field(default_factory=list)
 
     @field_validator("ports", mode="before")
     @classmethod
@@ -588,9 +652,38 @@ class ExportConfig(_Model):
 
     @field_validator("consumers")
     @classmethod
-    def _unique_consumers(cls, value: list[str]) -> list[str]:
-        _unique(value, "consumer")
+    def _unique_consumers(cls, value: list[ExportConsumerConfig]) -> list[ExportConsumerConfig]:
+        _unique((c.cluster for c in value), "consumer")
         return value
+
+    @field_validator("service_accounts")
+    @classmethod
+    def _unique_service_accounts(cls, value: list[str]) -> list[str]:
+        _unique(value, "service account")
+        return value
+
+    @property
+    def consumer_clusters(self) -> list[str]:
+        return [c.cluster for c in self.consumers]
+
+    @property
+    def consumer_principals(self) -> dict[str, list[str]]:
+        """The consumers that name workloads: cluster → `ns/<ns>/sa/<sa>` entries."""
+        return {c.cluster: list(c.principals) for c in self.consumers if c.principals}
+
+    def end_to_end_fields(self, trust_domain: str) -> dict[str, Any]:
+        """The published fields of an end-to-end export (`ExportedService.mode` and what goes with it);
+        none for hop-by-hop, so the body stays what a CA service predating the mode accepts."""
+        if self.mode != END_TO_END:
+            return {}
+        fields: dict[str, Any] = {"mode": self.mode, "workload_identities": self.workload_identities(trust_domain)}
+        if self.consumer_principals:
+            fields["consumer_principals"] = self.consumer_principals
+        return fields
+
+    def workload_identities(self, trust_domain: str) -> list[str]:
+        """The SPIFFE identities of the destination workloads (Istio's `spiffe://<td>/ns/<ns>/sa/<sa>`)."""
+        return [f"spiffe://{trust_domain}/ns/{self.namespace}/sa/{sa}" for sa in sorted(self.service_accounts)]
 
     @field_validator("name")
     @classmethod
@@ -775,9 +868,10 @@ def _cross_problems(cfg: AgentConfig) -> Iterable[str]:
         if export.export_name in seen_exports:
             yield f"exports[{i}]: {export.export_name!r} is exported twice; merge the entries"
         seen_exports.add(export.export_name)
-        for j, consumer in enumerate(export.consumers):
+        for j, consumer in enumerate(export.consumer_clusters):
             if consumer == cfg.cluster:
                 yield f"exports[{i}].consumers[{j}]: {consumer!r} is this cluster; list other clusters only"
+        yield from _mode_problems(i, export)
     yield from _gateway_conflicts(cfg)
 
 
@@ -802,6 +896,25 @@ def _alias_problems(cfg: AgentConfig) -> Iterable[str]:
                 yield f"{path}: alias {alias!r} is already the alias of {first[0]!r} ({first[1]}); one host, one import"
             if alias_of.setdefault(name, alias) != alias:
                 yield f"{path}: {name!r} already has the alias {alias_of[name]!r} in another rule; give it one alias"
+
+
+def _mode_problems(i: int, export: ExportConfig) -> Iterable[str]:
+    """An end-to-end export needs its workloads' identities; workload principals need end-to-end."""
+    if export.mode == END_TO_END and not export.service_accounts:
+        yield (
+            f"exports[{i}].service_accounts: an end-to-end export needs the service accounts of the workloads "
+            f"behind {export.service}.{export.namespace} (callers' sidecars accept only their SPIFFE identities), "
+            f"e.g. service_accounts: [{export.service}]"
+        )
+    if export.mode != END_TO_END:
+        if export.service_accounts:
+            yield f"exports[{i}].service_accounts: only for mode end-to-end (this export is {export.mode})"
+        for j, consumer in enumerate(export.consumers):
+            if consumer.principals:
+                yield (
+                    f"exports[{i}].consumers[{j}].principals: only for mode end-to-end: in {export.mode} mode the "
+                    f"destination sees this cluster's ingress gateway, not the caller's workload"
+                )
 
 
 def _gateway_conflicts(cfg: AgentConfig) -> Iterable[str]:

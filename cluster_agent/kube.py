@@ -39,7 +39,7 @@ from lightkube.resources.coordination_v1 import Lease
 from lightkube.resources.core_v1 import ConfigMap, Pod, Secret, Service
 
 from cluster_agent.apply import ApplyReport, managed_by_labels, prune_selector
-from cluster_agent.config import AgentConfig, ConfigError, EgressGatewayConfig, IngressGatewayConfig
+from cluster_agent.config import END_TO_END, AgentConfig, ConfigError, EgressGatewayConfig, IngressGatewayConfig
 from cluster_agent.errors import KubeConflict, KubeError, KubeForbidden, KubeNotFound, KubeRetryLater
 from cluster_agent.mcs import CONSUMERS_ANNOTATION, ServicePortView, service_export_entry
 from cluster_agent.meshcheck import MESH_KEY, GatewayFacts, MeshFacts, PodFacts, ServicePort
@@ -339,6 +339,8 @@ class KubeApplier:
         namespaces = {istio.namespace, self.config.dns.coredns_namespace}
         if kind == "AuthorizationPolicy":
             namespaces.add(istio.gateway_namespace(istio.ingress_gateway))
+            # end-to-end exports' workload policies sit beside their workloads
+            namespaces.update(e.namespace for e in self.config.exports if e.mode == END_TO_END)
         return namespaces
 
     def _live_managed(self) -> dict[str, str]:

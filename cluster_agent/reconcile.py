@@ -112,6 +112,11 @@ class Reconciler:
             config, client=client, state=self.state, state_store=state_store, clock=clock, trust=self.trust
         )
         self._published: ExportsIn | None = None
+        # End-to-end: whether the last desired state had end-to-end imports (then this cluster's
+        # CRLs are published too), and the peers' CRLs last added to ca-crl.pem (kept for the
+        # offline CRL refresh, which has no desired state)
+        self._imports_end_to_end = False
+        self._peer_crls = ""
         self.last_reconcile: datetime | None = None
         self._errors: list[str] = []
         self._status_sent: StatusIn | None = None
@@ -189,13 +194,14 @@ class Reconciler:
                 "namespace": e.namespace,
                 "service": e.service,
                 "ports": [{"number": p.number, "protocol": p.protocol} for p in e.ports],
-                "consumers": sorted(e.consumers),
+                "consumers": sorted(e.consumer_clusters),
+                **e.end_to_end_fields(cfg.istio.trust_domain),
             }
         for extra in self.applier.service_exports():
             services.setdefault(extra["name"], extra)
         gateway = cfg.istio.published_gateway()
-        if not any(str(p["protocol"]).upper() == "TCP" for s in services.values() for p in s["ports"]):
-            # Only TCP exports need it: without it, this agent still publishes to a CA service that
+        if not any(str(p["protocol"]).upper() == "TCP" or "mode" in s for s in services.values() for p in s["ports"]):
+            # Only TCP and end-to-end exports need it: without it, this agent still publishes to a CA service that
             # predates the field (which refuses unknown fields).
             del gateway["tcp_port"]
         body = {
@@ -203,6 +209,11 @@ class Reconciler:
             "identities": self.identities(),
             "services": [services[name] for name in sorted(services)],
         }
+        if self._imports_end_to_end or any("mode" in s for s in services.values()):
+            # end to end, peers' sidecars check this cluster's workload chains with CRL_CHECK_ALL
+            crl = self.intermediate.crl_set() if self.state.key_pem else ""
+            if crl:
+                body["crl"] = crl
         try:
             return ExportsIn.model_validate(body)
         except ValidationError as exc:
@@ -281,8 +292,9 @@ class Reconciler:
         self._keep_root_crls(desired)
         bundle = self._cacerts_bundle(desired.trust_bundle)
         published = self._published if self._published is not None else self.exports_body()
+        self._imports_end_to_end = any((i.model_extra or {}).get("mode") == "end-to-end" for i in desired.imports)
         try:
-            return render_all(
+            result = render_all(
                 self.config,
                 imports=[i.model_dump() for i in desired.imports],
                 peers=[p.model_dump() for p in desired.peers],
@@ -296,6 +308,8 @@ class Reconciler:
             )
         except BundleError as exc:
             raise BundleRejected(f"cacerts would fail istiod's checks, nothing written: {exc}") from exc
+        self._peer_crls = result.peer_crls
+        return result
 
     def refresh_crls_offline(self) -> CacertsResult | None:
         """The CA service is unreachable: when this cluster's CRLs are due (the own CRL at half its
@@ -310,7 +324,8 @@ class Reconciler:
                 self.config,
                 self._cacerts_bundle(self.state.trust_bundle),
                 intermediate_key_pem=self.state.key_pem,
-                crl_pem=self.intermediate.crl_set(),
+                # the end-to-end peers' CRLs of the last render stay (they are theirs to re-sign)
+                crl_pem=self.intermediate.crl_set() + self._peer_crls,
                 now=self.clock(),
             )
         except BundleError as exc:

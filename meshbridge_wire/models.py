@@ -291,6 +291,11 @@ class Identities(Strict):
     egress_additional: list[Identity] | None = Field(default=None, max_length=32)
 
 
+ExportMode = Literal["hop-by-hop", "end-to-end"]
+# `ns/<namespace>/sa/<service account>` or `ns/<namespace>/sa/*`: Istio's principal minus the trust domain.
+ConsumerPrincipal = Annotated[str, Field(min_length=7, max_length=330, pattern=rf"^ns/{_LABEL}/sa/(\*|{_NAME})$")]
+
+
 class ExportedService(Strict):
     name: str = Field(
         min_length=3, max_length=127, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\.[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -299,6 +304,13 @@ class ExportedService(Strict):
     service: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL)
     ports: list[Port] = Field(min_length=1, max_length=32)
     consumers: list[str] = Field(default_factory=list, max_length=1000)
+    # Absent (hop-by-hop): the gateways terminate mTLS. end-to-end: callers' sidecars speak mTLS to
+    # the destination workloads, whose SPIFFE identities `workload_identities` lists (the CA checks
+    # they are in the exporter's trust domain); `consumer_principals` narrows a consumer to some of
+    # its workloads (`ns/<ns>/sa/<sa>`, the trust domain being the consumer's).
+    mode: ExportMode | None = None
+    workload_identities: list[Identity] | None = Field(default=None, min_length=1, max_length=64)
+    consumer_principals: dict[str, list[ConsumerPrincipal]] | None = Field(default=None, max_length=1000)
 
     @field_validator("consumers")
     @classmethod
@@ -320,9 +332,19 @@ class ExportsIn(Strict):
     gateway: PublishedGateway
     identities: Identities
     services: list[ExportedService] = Field(default_factory=list, max_length=2000)
+    # PEM CRLs signed by this cluster's intermediates (its current one's, then superseded ones' final
+    # CRLs): peers it meets end to end add them to their `ca-crl.pem`, since their sidecars check this
+    # cluster's workload chains with CRL_CHECK_ALL. Sent only by clusters with end-to-end exports or
+    # imports, so older CA services still accept every other body.
+    crl: str | None = Field(default=None, min_length=1, max_length=262144)
 
 
 class ImportOut(BaseModel):
+    # Entries of end-to-end exports also carry `mode: end-to-end` and `workload_identities` (the
+    # destination workloads' SPIFFE IDs the importer's sidecars pin). They are kept as extra fields,
+    # present only then, so every other entry (and the revision of desired state) stays as it was.
+    model_config = ConfigDict(extra="allow")
+
     name: str
     cluster: str
     ports: list[dict[str, Any]]
@@ -335,6 +357,10 @@ class ImportList(BaseModel):
 
 
 class PeerOut(BaseModel):
+    # A peer that published `crl` (end-to-end mode) carries it as an extra field `crl`, present only
+    # then, so other entries (and the revision of desired state) stay as they were.
+    model_config = ConfigDict(extra="allow")
+
     name: str
     trust_domain: str
     identities: dict[str, Any]

@@ -16,14 +16,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca_server.core import x509profiles as xp
 from ca_server.core.context import Context
-from ca_server.core.errors import Unavailable
+from ca_server.core.errors import InvalidInput, Unavailable
 from ca_server.core.models import CRLRecord, Root, RootStatus
 from ca_server.core.ports import Tx
 from ca_server.core.rootkeys import RootKeys, active_root, bundle_roots
+from meshbridge_wire.pem import load_crls
 
 
 def crl_pem_from(tx: Tx, roots: Sequence[Root]) -> str:
@@ -108,3 +110,22 @@ class Crls:
                 if c.root_id == active.id:
                     return c.der
         raise Unavailable("no CRL has been signed yet")
+
+
+def check_published_crls(pem: str, intermediates_pem: Sequence[str]) -> None:
+    """InvalidInput unless every CRL in `pem` names one of the cluster's own intermediates as its
+    issuer and is signed by it (`intermediates_pem`, every certificate the CA issued to it). Peers
+    put these CRLs in their `ca-crl.pem`, where verifiers pick a CRL by its issuer name: one naming
+    another cluster's intermediate, signed with another key, would make OpenSSL/BoringSSL fail that
+    cluster's chains ("CRL signature failure") in every peer."""
+    try:
+        crls = load_crls(pem)
+    except ValueError as exc:
+        raise InvalidInput(f"crl: not PEM CRLs ({exc})") from None
+    if not crls:
+        raise InvalidInput("crl: no CRL in it")
+    certs = [x509.load_pem_x509_certificate(c.encode()) for c in intermediates_pem]
+    for i, crl in enumerate(crls):
+        # verifiers pick a CRL by its issuer name, so the name must be the signer's own too
+        if not any(c.subject == crl.issuer and crl.is_signature_valid(c.public_key()) for c in certs):  # type: ignore[arg-type]
+            raise InvalidInput(f"crl[{i}]: not signed by one of this cluster's intermediates")

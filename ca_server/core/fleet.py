@@ -12,13 +12,16 @@ from typing import Any
 from ca_server.core.auditsize import capped
 from ca_server.core.clusters import must_cluster
 from ca_server.core.context import Context
-from ca_server.core.crls import crl_pem_from
+from ca_server.core.crls import check_published_crls, crl_pem_from
 from ca_server.core.errors import InvalidInput, NotFound
 from ca_server.core.gates import format_time
 from ca_server.core.models import Cluster, ClusterStatus
 from ca_server.core.ports import Tx
 from ca_server.core.rootkeys import root_endorsements_from, trust_bundle_from
 from ca_server.core.validation import identity_in_trust_domain
+from meshbridge_wire.names import workload_identity
+
+END_TO_END = "end-to-end"
 
 
 @dataclass
@@ -85,13 +88,16 @@ def build_fleet_index(snap: FleetSnapshot) -> None:
 
 def _import_entry(exporter: Cluster, exports: dict[str, Any], svc: dict[str, Any]) -> dict[str, Any]:
     """One exported service as an import entry of a consumer's desired state."""
-    return {
+    entry = {
         "name": svc["name"],
         "cluster": exporter.name,
         "ports": svc.get("ports", []),
         "gateway": exports.get("gateway"),
         "identity": exports.get("identities", {}).get("ingress"),
     }
+    if svc.get("mode") == END_TO_END:  # only then: hop-by-hop entries (and revisions) stay as they were
+        entry.update(mode=END_TO_END, workload_identities=svc.get("workload_identities", []))
+    return entry
 
 
 def exporters_by_name(snap: FleetSnapshot, consumer: str) -> dict[str, list[str]]:
@@ -110,7 +116,10 @@ def _peers(snap: FleetSnapshot, names: set[str]) -> list[dict[str, Any]]:
         if not _published(pc):
             continue
         assert pc.exports is not None
-        out.append({"name": p, "trust_domain": pc.trust_domain, "identities": pc.exports.get("identities", {})})
+        peer = {"name": p, "trust_domain": pc.trust_domain, "identities": pc.exports.get("identities", {})}
+        if pc.exports.get("crl"):  # end-to-end peers' sidecars need it in their ca-crl.pem
+            peer["crl"] = pc.exports["crl"]
+        out.append(peer)
     return out
 
 
@@ -144,7 +153,35 @@ def _check_exports(cluster: Cluster, body: dict[str, Any]) -> list[str]:
     names = [s["name"] for s in body.get("services", [])]
     if len(names) != len(set(names)):
         raise InvalidInput("services: each name may appear once")
+    for i, svc in enumerate(body.get("services", [])):
+        _check_end_to_end(cluster, i, svc)
     return names
+
+
+def _check_end_to_end(cluster: Cluster, i: int, svc: dict[str, Any]) -> None:
+    """An end-to-end export names its workloads, each the SPIFFE ID of one workload in the cluster's
+    trust domain; per-workload consumers are among its consumers; neither field without the mode."""
+    if svc.get("mode") != END_TO_END:
+        for key in ("workload_identities", "consumer_principals"):
+            if svc.get(key) is not None:
+                raise InvalidInput(f"services[{i}].{key}: only for mode end-to-end")
+        return
+    identities = svc.get("workload_identities")
+    if not identities:
+        raise InvalidInput(
+            f"services[{i}].workload_identities: an end-to-end export needs the SPIFFE identities of its "
+            f"destination workloads (spiffe://{cluster.trust_domain}/ns/<ns>/sa/<sa>)"
+        )
+    for j, ident in enumerate(identities):
+        parsed = workload_identity(ident)
+        if parsed is None or parsed[0] != cluster.trust_domain:
+            raise InvalidInput(
+                f"services[{i}].workload_identities[{j}] must be the SPIFFE ID of one workload in the cluster's "
+                f"trust domain (spiffe://{cluster.trust_domain}/ns/<ns>/sa/<sa>)"
+            )
+    for consumer in sorted(svc.get("consumer_principals") or {}):
+        if consumer not in svc.get("consumers", []):
+            raise InvalidInput(f"services[{i}].consumer_principals.{consumer}: not one of the export's consumers")
 
 
 class Fleet:
@@ -227,6 +264,8 @@ class Fleet:
             locked = must_cluster(tx, cluster.name, for_update=True)
             if _canon(locked.exports) == _canon(body) and locked.gateway == body.get("gateway"):
                 return body
+            if body.get("crl"):
+                check_published_crls(body["crl"], [c.cert_pem for c in tx.cluster_certificates(cluster.name)])
             locked.exports = body
             locked.gateway = body.get("gateway")
             tx.save_cluster(locked)

@@ -18,6 +18,7 @@ from cluster_agent.render.cacerts import (
     render_cacerts_secret,
 )
 from cluster_agent.render.coredns import render_coredns_configmaps, render_nodelocal_stanza, server_block_key
+from cluster_agent.render.endtoend import end_to_end_peer_crls, render_e2e_export_side, render_e2e_import_side
 from cluster_agent.render.errors import BundleError
 from cluster_agent.render.failover import describe_exporters
 from cluster_agent.render.inputs import (
@@ -28,7 +29,7 @@ from cluster_agent.render.inputs import (
     parse_peers,
     select_imports,
 )
-from cluster_agent.render.istio import IMPORT_MODE, IstioContext, render_export_side, render_import_side
+from cluster_agent.render.istio import IstioContext, render_export_side, render_import_side
 from cluster_agent.render.objects import Manifest, sort_objects
 from cluster_agent.render.vip import allocate_vips, render_state_configmap
 
@@ -47,6 +48,7 @@ class RenderResult:
     ca_crl_next_update: datetime | None = None  # the earliest nextUpdate in cacerts' ca-crl.pem
     # per imported host: its mode and exporters, for operators (`render` prints them)
     imports: dict[str, str] = field(default_factory=dict)
+    peer_crls: str = ""  # the end-to-end peers' CRLs added to ca-crl.pem
 
 
 @dataclass(frozen=True)
@@ -149,9 +151,19 @@ def _render_all(
 
     peer_specs, alias_warnings = _drop_aliased_consumers(config.istio.trust_domain, peer_specs)
     warnings += alias_warnings
-    export_objects, policy_warnings = render_export_side(ctx, export_specs, peer_specs)
-    warnings += policy_warnings
-    objects = export_objects + render_import_side(ctx, selected, allocation)
+    hop_exports = [e for e in export_specs if not e.end_to_end]
+    export_objects, policy_warnings = render_export_side(ctx, hop_exports, peer_specs)
+    e2e_objects, e2e_warnings = render_e2e_export_side(ctx, [e for e in export_specs if e.end_to_end], peer_specs)
+    warnings += policy_warnings + e2e_warnings
+    objects = (
+        export_objects + e2e_objects + render_import_side(ctx, [s for s in selected if not s.end_to_end], allocation)
+    )
+    objects += render_e2e_import_side(ctx, [s for s in selected if s.end_to_end], allocation)
+    e2e_peers = {c for e in export_specs if e.end_to_end for c in e.consumers}
+    e2e_peers |= {e.cluster for s in selected if s.end_to_end for e in s.exporters}
+    peer_crls, crl_warnings = end_to_end_peer_crls(sorted(e2e_peers), peer_specs)
+    if config.ca.ca_crl:
+        warnings += crl_warnings
     objects.append(render_state_configmap(allocation, namespace=ctx.namespace, cluster=config.cluster))
 
     warnings += _renumbered(config, vips, allocation)
@@ -163,18 +175,23 @@ def _render_all(
 
     ca_crl_next_update: datetime | None = None
     if bundle is not None:
-        cacerts = render_cacerts(config, bundle, intermediate_key_pem=intermediate_key_pem, crl_pem=crl_pem, now=now)
+        own_and_peers = None if crl_pem is None else crl_pem + peer_crls
+        cacerts = render_cacerts(
+            config, bundle, intermediate_key_pem=intermediate_key_pem, crl_pem=own_and_peers, now=now
+        )
         objects.append(cacerts.secret)
         warnings += cacerts.warnings
         ca_crl_next_update = cacerts.ca_crl_next_update
 
     routes = {ctx.host(s.local): _describe(ctx, s) for s in selected}
-    return RenderResult(sort_objects(objects), warnings, allocation, server_block, ca_crl_next_update, routes)
+    return RenderResult(
+        sort_objects(objects), warnings, allocation, server_block, ca_crl_next_update, routes, peer_crls
+    )
 
 
 def _describe(ctx: IstioContext, spec: ImportSpec) -> str:
     alias = f" (alias of {ctx.host(spec.name)})" if spec.alias else ""
-    return f"{IMPORT_MODE}{alias}: {describe_exporters(spec)}"
+    return f"{spec.mode}{alias}: {describe_exporters(spec)}"
 
 
 def _coredns_objects(config: AgentConfig, allocation: Mapping[str, str], corefile: str | None) -> list[Manifest]:

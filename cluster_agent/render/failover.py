@@ -56,7 +56,7 @@ endpoint only).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cluster_agent.render.inputs import Exporter, ImportSpec, PortSpec
@@ -99,16 +99,19 @@ def _rank_labels(rank: int, count: int) -> dict[str, str]:
     return {RANK_LABEL.format(k): "true" for k in range(rank + 1, count)}
 
 
-def import_endpoints(spec: ImportSpec, port_of: Callable[[PortSpec, Exporter], int]) -> list[dict[str, Any]]:
+def import_endpoints(
+    spec: ImportSpec, port_of: Callable[[PortSpec, Exporter], int], ports: Sequence[PortSpec] | None = None
+) -> list[dict[str, Any]]:
     """ServiceEntry `endpoints`: one per address of each exporter, preferred first, each port name
-    mapped to `port_of(port, exporter)`, with its rank labels and locality."""
+    (of `ports`, default the import's own) mapped to `port_of(port, exporter)`, with its rank labels
+    and locality."""
     rank_of = ranks(spec)
     count = len(set(rank_of.values()))
     endpoints: list[dict[str, Any]] = []
     for exporter in spec.exporters:
-        ports = {p.name: port_of(p, exporter) for p in spec.ports}
+        ports_of = {p.name: port_of(p, exporter) for p in (spec.ports if ports is None else ports)}
         for address in exporter.addresses:
-            endpoint: dict[str, Any] = {"address": address, "ports": dict(ports)}  # unshared: no YAML anchors
+            endpoint: dict[str, Any] = {"address": address, "ports": dict(ports_of)}  # unshared: no YAML anchors
             labels = _rank_labels(rank_of[exporter.cluster], count)
             if labels:
                 endpoint["labels"] = labels

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
-from cluster_agent.config import AgentConfig
+from cluster_agent.config import END_TO_END, AgentConfig
 from meshbridge_wire.names import is_dns_label, is_dns_name, workload_identity
 from meshbridge_wire.names import is_service_name as _is_service_name
 from meshbridge_wire.protocols import GATEWAY_CARRIED, Protocol, parse_protocol
@@ -31,6 +31,7 @@ __all__ = [
     "select_imports",
 ]
 
+HOP_BY_HOP = "hop-by-hop"
 # ServiceEntry endpoints map at most 128 port names (CRD: endpoints[].ports maxProperties).
 MAX_PORTS = 128
 
@@ -63,16 +64,29 @@ class Exporter:
     tcp_port: int | None = None
     priority: int = 0  # `imports[].priority` of its rule: lower is preferred
     locality: str | None = None  # `imports[].locality`: region[/zone[/subzone]]
+    mode: str = HOP_BY_HOP  # the export's `mode`, as this exporter publishes it
+    # end-to-end: the destination workloads' spiffe:// identities, in the exporter's trust domain
+    workload_identities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class ImportSpec:
-    """One imported name and every cluster serving it, preferred first (priority, then name)."""
+    """One imported name and every cluster serving it, preferred first (priority, then name), all
+    in one mode (`select_imports` keeps the exporters in the preferred exporter's mode)."""
 
     name: str  # <service>.<namespace>, as exported
     ports: tuple[PortSpec, ...]
     exporters: tuple[Exporter, ...]
     alias: str | None = None  # `imports[].aliases`: the name this cluster serves it under instead
+
+    @property
+    def mode(self) -> str:
+        return self.exporters[0].mode
+
+    @property
+    def workload_identities(self) -> tuple[str, ...]:
+        """End to end, the SANs the caller's sidecar pins: every exporter's destination workloads."""
+        return tuple(sorted({u for e in self.exporters for u in e.workload_identities}))
 
     @property
     def local(self) -> str:
@@ -93,12 +107,17 @@ class ImportSpec:
     def all_ips(self) -> bool:
         return all(_is_ip(a) for e in self.exporters for a in e.addresses)
 
+    @property
+    def end_to_end(self) -> bool:
+        return self.mode == END_TO_END
+
 
 @dataclass(frozen=True, slots=True)
 class PeerSpec:
     name: str
     trust_domain: str
     egress_identities: tuple[str, ...]  # spiffe:// URIs
+    crl: str | None = None  # its intermediates' CRLs (PEM), published for end-to-end peers
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +127,14 @@ class ExportSpec:
     namespace: str
     ports: tuple[PortSpec, ...]
     consumers: tuple[str, ...]
+    mode: str = HOP_BY_HOP
+    workload_identities: tuple[str, ...] = ()
+    # consumer cluster → `ns/<ns>/sa/<sa>` of its admitted workloads (end-to-end; absent: all of them)
+    consumer_principals: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def end_to_end(self) -> bool:
+        return self.mode == END_TO_END
 
 
 def is_service_name(value: object) -> bool:
@@ -205,8 +232,33 @@ def _import(raw: Mapping[str, Any], warnings: list[str]) -> ImportSpec | None:
     ports = _ports(raw.get("ports"), where, warnings)
     if ports is None:
         return None
-    tcp_port = _tcp_port(gateway, where, warnings) if any(p.is_tcp for p in ports) else None
-    return ImportSpec(name, ports, (Exporter(cluster, addresses, port, identity, tcp_port),))
+    mode = raw.get("mode") or HOP_BY_HOP
+    if mode not in (HOP_BY_HOP, END_TO_END):
+        warnings.append(f"{where}: unknown mode {mode!r}; left out")
+        return None
+    workloads = _workload_identities(raw, identity, where, warnings) if mode == END_TO_END else ()
+    if workloads is None:
+        return None
+    needs_tcp_port = mode == END_TO_END or any(p.is_tcp for p in ports)
+    tcp_port = _tcp_port(gateway, where, warnings) if needs_tcp_port else None
+    exporter = Exporter(cluster, addresses, port, identity, tcp_port, mode=mode, workload_identities=workloads)
+    return ImportSpec(name, ports, (exporter,))
+
+
+def _workload_identities(
+    raw: Mapping[str, Any], identity: str, where: str, warnings: list[str]
+) -> tuple[str, ...] | None:
+    """An end-to-end import's destination identities: workloads in the exporter's trust domain (that of
+    its ingress identity), or None (left out: the sidecars would have nothing to pin)."""
+    listed = raw.get("workload_identities")
+    domain = spiffe_trust_domain(identity)
+    if not isinstance(listed, list) or not listed or any(spiffe_trust_domain(u) != domain for u in listed):
+        warnings.append(
+            f"{where}: end-to-end without workload identities in the exporter's trust domain {domain} "
+            f"({listed!r}); left out"
+        )
+        return None
+    return tuple(sorted(set(listed)))
 
 
 def _tcp_port(gateway: Mapping[str, Any], where: str, warnings: list[str]) -> int | None:
@@ -282,16 +334,21 @@ def exporter_order(config: AgentConfig, cluster: str) -> tuple[int, str]:
 
 def _join(config: AgentConfig, specs: Sequence[ImportSpec], warnings: list[str]) -> ImportSpec:
     """One name's exporters behind one host, preferred first; the ports are the preferred
-    exporter's (one ServiceEntry has one port list): an exporter publishing other ports is left
-    out, with a warning."""
+    exporter's (one ServiceEntry has one port list), and so is the mode (one host is reached one
+    way): an exporter publishing other ports or another mode is left out, with a warning."""
     ordered = sorted(specs, key=lambda s: exporter_order(config, s.cluster))
     first = ordered[0]
-    kept = [s for s in ordered if s.ports == first.ports]
+    kept = [s for s in ordered if s.ports == first.ports and s.mode == first.mode]
     for other in ordered:
         if other.ports != first.ports:
             warnings.append(
                 f"import {first.name}: {other.cluster} exports other ports than {first.cluster} (the preferred "
                 f"exporter); one host has one port list, so {other.cluster} is left out of it"
+            )
+        elif other.mode != first.mode:
+            warnings.append(
+                f"import {first.name}: {other.cluster} exports it {other.mode}, {first.cluster} (the preferred "
+                f"exporter) {first.mode}; one host is reached one way, so {other.cluster} is left out of it"
             )
     egress = {c: config.import_rule(c) for c in (s.cluster for s in kept)}
     gateways = {c: rule.egress_gateway if rule else None for c, rule in egress.items()}
@@ -330,7 +387,8 @@ def parse_peers(raw: Iterable[Mapping[str, Any]]) -> tuple[dict[str, PeerSpec], 
                 )
             else:
                 kept.append(uri)
-        peers[name] = PeerSpec(name, trust_domain, tuple(sorted(set(kept))))
+        crl = item.get("crl")
+        peers[name] = PeerSpec(name, trust_domain, tuple(sorted(set(kept))), crl if isinstance(crl, str) else None)
     return peers, warnings
 
 
@@ -349,7 +407,10 @@ def parse_exports(raw: Iterable[Mapping[str, Any]]) -> tuple[list[ExportSpec], l
         consumers_raw = item.get("consumers") or []
         consumers = tuple(sorted({c for c in consumers_raw if isinstance(c, str) and is_dns_label(c)}))
         if ports is not None and name not in exports:
-            exports[name] = ExportSpec(name, service, namespace, ports, consumers)
+            mode = str(item.get("mode") or HOP_BY_HOP)
+            identities = tuple(sorted(item.get("workload_identities") or ()))
+            principals = {c: tuple(sorted(p)) for c, p in (item.get("consumer_principals") or {}).items()}
+            exports[name] = ExportSpec(name, service, namespace, ports, consumers, mode, identities, principals)
     return [exports[n] for n in sorted(exports)], warnings
 
 
@@ -360,7 +421,10 @@ def exports_from_config(config: AgentConfig) -> list[ExportSpec]:
             service=e.service,
             namespace=e.namespace,
             ports=tuple(sorted((PortSpec(p.number, p.protocol) for p in e.ports), key=lambda p: p.number)),
-            consumers=tuple(sorted(set(e.consumers))),
+            consumers=tuple(sorted(set(e.consumer_clusters))),
+            mode=e.mode,
+            workload_identities=tuple(e.workload_identities(config.istio.trust_domain)),
+            consumer_principals={c: tuple(sorted(p)) for c, p in e.consumer_principals.items()},
         )
         for e in config.exports
     ]

@@ -227,7 +227,11 @@ BAD_INPUTS = [
         [{"number": 5432, "protocol": "UDP"}],
         "exports[0].ports[0].protocol: protocol 'UDP' cannot cross clusters",
     ),
-    ("exports.0.extra", 1, "exports[0].extra: unknown key; allowed here: consumers, name, namespace, ports, service"),
+    (
+        "exports.0.extra",
+        1,
+        "exports[0].extra: unknown key; allowed here: consumers, mode, name, namespace, ports, service, service_accounts",
+    ),
     ("imports.0.names", ["ratings"], "imports[0].names[0]: must be '*' or <service>.<namespace>"),
     ("imports.0.names", ["*", "ratings.bookinfo"], "imports[0].names: '*' already selects every name"),
     ("imports.0.names", [], "imports[0].names: must not be empty"),

@@ -258,6 +258,54 @@ def test_golden_render_all_cluster_a_allow_mode_dedicated_egress_no_dns() -> Non
     assert_golden(GOLDEN / "render_all-a", _object_files(result))
 
 
+E2E_EXPORTER = {
+    "cluster": "b",
+    "ca": {"url": "https://ca.example", "trust_anchor": "/etc/meshbridge/ca-root.pem"},
+    "istio": {"trust_domain": "b.mesh"},
+    "dns": {"mode": "none"},
+    "exports": [
+        # end to end: a's reviews workloads only, the whole of c
+        {
+            "service": "ratings",
+            "namespace": "bookinfo",
+            "ports": [9080, {"number": 3306, "protocol": "TCP"}],
+            "mode": "end-to-end",
+            "service_accounts": ["bookinfo-ratings"],
+            "consumers": [{"cluster": "a", "principals": ["ns/bookinfo/sa/bookinfo-reviews"]}, "c"],
+        },
+        {"service": "details", "namespace": "bookinfo", "ports": [9080], "consumers": ["a"]},
+    ],
+}
+E2E_IMPORTER = {
+    "cluster": "a",
+    "ca": {"url": "https://ca.example", "trust_anchor": "/etc/meshbridge/ca-root.pem"},
+    "istio": {"trust_domain": "a.mesh"},
+    "dns": {"mode": "none"},
+    "imports": [{"from": "b", "names": ["*"]}],
+}
+E2E_IMPORTS = [
+    {
+        **_import("ratings.bookinfo", "b", [(9080, "HTTP"), (3306, "TCP")], "198.51.100.20"),
+        "gateway": {"address": "198.51.100.20", "port": 15443, "tcp_port": 15444},
+        "mode": "end-to-end",
+        "workload_identities": ["spiffe://b.mesh/ns/bookinfo/sa/bookinfo-ratings"],
+    },
+    _import("details.bookinfo", "b", [(9080, "HTTP")], "198.51.100.20"),
+]
+
+
+def test_golden_render_end_to_end_exporter() -> None:
+    result = render_all(
+        parse_config(E2E_EXPORTER), imports=[], peers=[_peer("a", "a.mesh"), _peer("c", "c.mesh")], vips={}
+    )
+    assert_golden(GOLDEN / "render_all-e2e-exporter", _object_files(result))
+
+
+def test_golden_render_end_to_end_importer() -> None:
+    result = render_all(parse_config(E2E_IMPORTER), imports=E2E_IMPORTS, peers=[_peer("b", "b.mesh")], vips={})
+    assert_golden(GOLDEN / "render_all-e2e-importer", _object_files(result))
+
+
 VIPS = {"details.bookinfo": "241.0.0.10", "reviews.bookinfo": "241.0.77.3", "ratings.bookinfo": "241.0.1.200"}
 
 
@@ -296,5 +344,7 @@ def test_golden_directories_hold_nothing_else() -> None:
         "pki",
         "render_all-a",
         "render_all-b",
+        "render_all-e2e-exporter",
+        "render_all-e2e-importer",
         "state-cacerts",
     ]

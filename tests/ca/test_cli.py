@@ -165,7 +165,10 @@ def test_init_serve_and_operate(tmp_path: Path) -> None:
         assert [c["name"] for c in listed["items"]] == ["a", "b"]
 
         shown = json.loads(s.op("cluster", "show", "a", "--json"))
-        assert shown["gateway"] == {"address": "203.0.113.10", "addresses": None, "port": 15443} and shown["generation"] == 1
+        assert (
+            shown["gateway"] == {"address": "203.0.113.10", "addresses": None, "port": 15443}
+            and shown["generation"] == 1
+        )
         assert json.loads(s.op("cluster", "rotate", "a", "--json")) == {"generation": 2}
         row, _ = days_left_column(s.op("cluster", "list"), "a")
         assert row["DESIRED"] == "2" and row["ROTATING"] == "yes"

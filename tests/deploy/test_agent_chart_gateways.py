@@ -70,3 +70,35 @@ def test_helm_gateways_get_a_role_in_their_namespaces(helm: Any, tmp_path: Path)
     istio = parse_config(yaml.safe_load(yaml.safe_dump(config))).istio
     assert istio.identity(istio.ingress_gateway) == f"spiffe://{istio.trust_domain}/ns/istio-ingress/sa/istio-ingress"
     assert istio.egress_gateway.selector == {"istio": "egress"}
+
+
+def test_end_to_end_exports_get_a_policy_role_in_their_namespaces(helm: Any, tmp_path: Path) -> None:
+    """Issue 13: the agent writes an end-to-end export's workload AuthorizationPolicy in the export's
+    own namespace; the chart grants exactly that there, and nothing for hop-by-hop exports."""
+    values = tmp_path / "exports.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "exports": [
+                    {"service": "ratings", "namespace": "bookinfo", "ports": [9080], "consumers": ["c"]},
+                    {
+                        "service": "reviews",
+                        "namespace": "shop",
+                        "ports": [9080],
+                        "consumers": [{"cluster": "c", "principals": ["ns/web/sa/frontend"]}],
+                        "mode": "end-to-end",
+                        "service_accounts": ["reviews"],
+                    },
+                ]
+            }
+        )
+    )
+    docs = render(helm, AGENT, "--values", str(AGENT_MINIMAL), "--values", str(values))
+    roles = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role"}
+    assert "bookinfo" not in roles
+    assert rules_by_resource(roles["shop"]) == {
+        ("authorizationpolicies", ()): {"get", "list", "create", "patch", "delete"},
+    }
+    [binding] = [d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["namespace"] == "shop"]
+    assert binding["roleRef"]["name"] == roles["shop"]["metadata"]["name"]
+    parse_config(agent_config(docs))  # the rendered config file still loads

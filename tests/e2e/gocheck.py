@@ -109,6 +109,20 @@ def run_simulation(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str],
     return _run("TestSimulation", env)
 
 
+def run_end_to_end(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str], **overrides: str | int) -> str:
+    """Follows an end-to-end export's call hop by hop over the rendered objects of a (importer) and b
+    (exporter) (TestEndToEnd). ``overrides`` map to MESHBRIDGE_E2E_<NAME>: host, port, protocol
+    (HTTP or TCP), sni, workload (the destination's SPIFFE ID), destination, destination_ip,
+    destination_app, allowed / denied (callers' SPIFFE IDs, comma-separated), refused_sni."""
+    env = {
+        "MESHBRIDGE_SIM_A_DIR": str(Path(a_dir).resolve()),
+        "MESHBRIDGE_SIM_B_DIR": str(Path(b_dir).resolve()),
+    }
+    for k, v in overrides.items():
+        env[f"MESHBRIDGE_E2E_{k.upper()}"] = str(v)
+    return _run("TestEndToEnd", env)
+
+
 def run_policy_verdicts(
     directory: str | os.PathLike[str],
     host: str,

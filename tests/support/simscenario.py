@@ -59,9 +59,11 @@ def render_importer(
     directory: Path,
     extra_imports: int = 0,
     consumer_namespaces: list[str] | None = None,
+    e2e_details: bool = False,
 ) -> Path:
     """Cluster a's objects: the two scenario imports plus `extra_imports` HTTP names
-    `svc<i>.bookinfo` (each its own ServiceEntry), with `imports[0].consumer_namespaces`."""
+    `svc<i>.bookinfo` (each its own ServiceEntry), with `imports[0].consumer_namespaces`;
+    `e2e_details`: details.bookinfo imported end to end too."""
     data = _config("a")
     rule: dict[str, Any] = {"from": "b", "names": ["*"]}
     if consumer_namespaces is not None:
@@ -69,13 +71,16 @@ def render_importer(
     data["imports"] = [rule]
     imports = [_import("ratings.bookinfo", [(9080, "HTTP")]), _import("mongodb.bookinfo", [(27017, "TCP")])]
     imports += [_import(f"svc{i}.bookinfo", [(8080, "HTTP")]) for i in range(extra_imports)]
+    if e2e_details:
+        imports.append(_e2e_import("details.bookinfo", [(9080, "HTTP")], E2E_DETAILS))
     vips = {"ratings.bookinfo": "240.240.0.1", "mongodb.bookinfo": "240.240.0.2"}
     result = render_all(parse_config(data), imports=imports, peers=[_peer("b")], vips=vips)
     return write_objects(directory, result.objects)
 
 
-def render_exporter(directory: Path, **istio: Any) -> Path:
-    """Cluster b's objects: ratings.bookinfo (HTTP 9080) and mongodb.bookinfo (TCP 27017) for a."""
+def render_exporter(directory: Path, e2e_details: bool = False, **istio: Any) -> Path:
+    """Cluster b's objects: ratings.bookinfo (HTTP 9080) and mongodb.bookinfo (TCP 27017) for a;
+    `e2e_details`: details.bookinfo exported end to end to a too (on the same gateway ports)."""
     data = _config("b", **istio)
     data["exports"] = [
         {"service": "ratings", "namespace": "bookinfo", "ports": [9080], "consumers": ["a"]},
@@ -83,6 +88,76 @@ def render_exporter(directory: Path, **istio: Any) -> Path:
             "service": "mongodb",
             "namespace": "bookinfo",
             "ports": [{"number": 27017, "protocol": "TCP"}],
+            "consumers": ["a"],
+        },
+    ]
+    if e2e_details:
+        data["exports"].append(
+            {
+                "service": "details",
+                "namespace": "bookinfo",
+                "ports": [9080],
+                "mode": "end-to-end",
+                "service_accounts": ["bookinfo-details"],
+                "consumers": ["a"],
+            }
+        )
+    result = render_all(parse_config(data), imports=[], peers=[_peer("a")], vips={})
+    return write_objects(directory, result.objects)
+
+
+# End-to-end mode (tests/e2e/go TestEndToEnd): b exports ratings.bookinfo (HTTP 9080) and
+# mongodb.bookinfo (TCP 27017) end to end; a's bookinfo-productpage workload is the one consumer
+# workload admitted for ratings, the whole of a for mongodb.
+E2E_WORKLOADS = {
+    "ratings.bookinfo": "spiffe://b.mesh/ns/bookinfo/sa/bookinfo-ratings",
+    "mongodb.bookinfo": "spiffe://b.mesh/ns/bookinfo/sa/bookinfo-mongodb",
+}
+E2E_DETAILS = "spiffe://b.mesh/ns/bookinfo/sa/bookinfo-details"
+
+
+def _e2e_import(name: str, ports: list[tuple[int, str]], workload: str) -> dict[str, Any]:
+    return {
+        **_import(name, ports),
+        "gateway": {"address": GATEWAY_B, "port": 15443, "tcp_port": 15444},
+        "mode": "end-to-end",
+        "workload_identities": [workload],
+    }
+
+
+def render_e2e_importer(directory: Path) -> Path:
+    """Cluster a's objects for the two end-to-end imports."""
+    data = _config("a")
+    data["imports"] = [{"from": "b", "names": ["*"]}]
+    imports = [
+        _e2e_import(name, ports, E2E_WORKLOADS[name])
+        for name, ports in (("ratings.bookinfo", [(9080, "HTTP")]), ("mongodb.bookinfo", [(27017, "TCP")]))
+    ]
+    vips = {"ratings.bookinfo": "240.240.0.1", "mongodb.bookinfo": "240.240.0.2"}
+    result = render_all(parse_config(data), imports=imports, peers=[_peer("b")], vips=vips)
+    return write_objects(directory, result.objects)
+
+
+def render_e2e_exporter(directory: Path, ratings_consumers: list[Any] | None = None, **istio: Any) -> Path:
+    """Cluster b's objects: both exports end to end to a (ratings: a's productpage workload only,
+    unless `ratings_consumers` says otherwise)."""
+    data = _config("b", **istio)
+    consumers = ratings_consumers or [{"cluster": "a", "principals": ["ns/bookinfo/sa/bookinfo-productpage"]}]
+    data["exports"] = [
+        {
+            "service": "ratings",
+            "namespace": "bookinfo",
+            "ports": [9080],
+            "mode": "end-to-end",
+            "service_accounts": ["bookinfo-ratings"],
+            "consumers": consumers,
+        },
+        {
+            "service": "mongodb",
+            "namespace": "bookinfo",
+            "ports": [{"number": 27017, "protocol": "TCP"}],
+            "mode": "end-to-end",
+            "service_accounts": ["bookinfo-mongodb"],
             "consumers": ["a"],
         },
     ]

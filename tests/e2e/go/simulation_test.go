@@ -210,6 +210,13 @@ spec:
   selector: {app: details}
   ports: [{name: http, port: 9080, targetPort: 9080, protocol: TCP}]
 ---
+# details' pod: the destination of TestEndToEnd's end-to-end export beside the hop-by-hop ones.
+apiVersion: v1
+kind: Pod
+metadata: {name: details-0, namespace: bookinfo, labels: {app: details}}
+spec: {serviceAccountName: bookinfo-details, containers: [{name: details, image: details}]}
+status: {phase: Running, podIP: 10.2.1.7, podIPs: [{ip: 10.2.1.7}], conditions: [{type: Ready, status: "True"}]}
+---
 apiVersion: v1
 kind: Service
 metadata: {name: mongodb, namespace: bookinfo, labels: {app: mongodb}}
@@ -936,7 +943,8 @@ func TestSimulation(t *testing.T) {
 		}
 		t.Logf("SNI %s on %d: listener %s, chain %q -> %s", sc.tcpHost, sc.tcpGwTargetPort, res.ListenerMatched,
 			res.FilterChainMatched, res.ClusterMatched)
-		fc := ingressGW.filterChain(t, res)
+		// by SNI: end-to-end exports' passthrough chains share the port (and the empty chain name)
+		fc := ingressGW.filterChainFor(t, res, sc.tcpHost)
 		consumer := fmt.Sprintf("spiffe://%s/ns/istio-system/sa/%s", sc.aTrustDomain, sc.egressSA)
 		req := rbacRequest{port: sc.tcpGwTargetPort, sni: sc.tcpHost, principal: consumer}
 		if ok, why := evalNetworkRBAC(t, fc, req); !ok {
