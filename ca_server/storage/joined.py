@@ -64,7 +64,8 @@ class Joiner:
         max_batch: int = MAX_BATCH,
     ) -> None:
         """``open_write``: a write transaction (committed when its context ends); ``translate``: the
-        store's translation of a job's database error (other errors pass through it unchanged)."""
+        store's translation of a database error raised by a job or by the batch's transaction
+        (other errors pass through it unchanged)."""
         self._open_write = open_write
         self._translate = translate
         self._max = max_batch
@@ -75,6 +76,8 @@ class Joiner:
         self._cv = threading.Condition()
         self._queue: deque[_Job[Any]] = deque()
         self._thread: threading.Thread | None = None
+        self.batches = 0  # transactions run by this process (committed or not)
+        self.jobs = 0  # jobs run in them
 
     def run(self, fn: Callable[[Any], T]) -> T:
         """``fn(tx)``'s result once the transaction it ran in has committed; its error, or the
@@ -105,15 +108,17 @@ class Joiner:
                 yield self._queue.popleft()
 
     def _run_batch(self, batch: list[_Job[Any]]) -> None:
+        self.batches, self.jobs = self.batches + 1, self.jobs + len(batch)
         try:
             with self._open_write() as tx:
                 for job in batch:
                     self._run_job(tx, job)
                 tx.before_commit()
         except Exception as exc:
+            failed = self._translate(exc)
             for job in batch:
                 if job.error is None:
-                    job.error, job.result = exc, None
+                    job.error, job.result = failed, None
         finally:
             for job in batch:
                 job.done.set()

@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Connection, Dialect, Engine, bindparam, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Row
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, PendingRollbackError
 from sqlalchemy.pool import QueuePool
 
 from ca_server.core.audit import GENESIS, AuditKey, EntryHasher, entry_hash
@@ -815,15 +815,21 @@ class SqlStore:
         with self._write() as tx:
             return job(tx)
 
+    def group_commit_stats(self) -> tuple[int, int]:
+        """(transactions, jobs) run by group commit in this process: (0, 0) when it is off."""
+        return (self._joiner.batches, self._joiner.jobs) if self._joiner is not None else (0, 0)
+
     @contextmanager
     def _joined_write(self) -> Iterator[SqlTx]:
         with self._tx(write=True) as tx:
             yield tx.join()
 
     def _translate_job_error(self, exc: Exception) -> Exception:
-        """A job's error as ``_tx`` would have raised it (database errors translated, once)."""
+        """A job's (or the batch's) error as ``_tx`` would have raised it: database errors translated, once."""
         if isinstance(exc, DBAPIError):
             return _translate(exc)
+        if isinstance(exc, PendingRollbackError):  # a statement lost the connection: the savepoint went with it
+            return Unavailable("the database is not reachable")
         if isinstance(exc, self._dbapi.Error):
             return _translate_dbapi(exc, self._dbapi)
         return exc
