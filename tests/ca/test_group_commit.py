@@ -22,7 +22,7 @@ from ca_server.core.ports import Tx
 from ca_server.storage.migrate import upgrade
 from ca_server.storage.repository import SqlStore
 from cluster_agent import pki
-from tests.ca.conftest import Harness, make_harness
+from tests.ca.conftest import Agent, Harness, make_harness
 from tests.support.pgserver import PgServer
 
 _names = itertools.count(1)
@@ -150,7 +150,8 @@ def test_a_failing_job_is_rolled_back_alone(store: SqlStore) -> None:
     assert isinstance(results[0], int) and results[0] == results[4]  # both good ones, in one transaction
     assert sorted(subjects(store)) == ["first", "good1", "good2"]  # "bad"'s entry rolled back with it
     with store.read() as tx:
-        assert tx.c.execute(text("SELECT count(*) FROM certificates WHERE public_key_fp = 'fp1'")).scalar() == 1  # type: ignore[attr-defined]
+        fp1 = tx.c.execute(text("SELECT count(*) FROM certificates WHERE public_key_fp = 'fp1'")).scalar()
+    assert fp1 == 1
     chain_ok(store)  # ids without a gap: the rolled-back entry's id went to good2
 
 
@@ -170,39 +171,40 @@ def test_when_the_transaction_fails_every_job_of_it_fails_and_nothing_is_stored(
     assert isinstance(store.write_joined(audited("after")), int)  # the next batch has a new connection
 
 
-def test_concurrent_renewals_share_commits_and_keep_one_linear_chain(pg_url: str, tmp_path: Path) -> None:
-    harness: Harness
-    for harness in make_harness(pg_url, tmp_path / "ca"):
-        agents = [harness.enroll(f"c{i}") for i in range(8)]
-        store, authority = harness.store, harness.authority
-        before = store.group_commit_stats()
-        head = store.audit_head()
-        assert head is not None
+@pytest.fixture
+def pg_harness(pg_url: str, tmp_path: Path) -> Iterator[Harness]:
+    yield from make_harness(pg_url, tmp_path / "ca")
 
-        def renewal(i: int) -> Callable[[], Any]:
-            def renew() -> Any:
-                key = pki.new_key()
-                csr = pki.make_csr(key, agents[i].name)
-                return authority.renew(
-                    cluster_name=agents[i].name,
-                    agent_token=agents[i].token,
-                    csr_pem=csr,
-                    proof_b64=pki.prove(agents[i].key, csr),
-                )
 
-            return renew
+def test_concurrent_renewals_share_commits_and_keep_one_linear_chain(pg_harness: Harness) -> None:
+    agents = [pg_harness.enroll(f"c{i}") for i in range(8)]
+    store, authority = pg_harness.store, pg_harness.authority
+    before = store.group_commit_stats()
+    head = store.audit_head()
+    assert head is not None
 
-        issued = _concurrently(store, [renewal(i) for i in range(8)])
-        assert all(not isinstance(r, Exception) for r in issued), issued
-        batches, jobs = (a - b for a, b in zip(store.group_commit_stats(), before, strict=True))
-        assert jobs == 8 and batches < 8  # commits shared
-        with store.read() as tx:
-            entries = tx.list_audit(after=head[0], limit=100)
-            stored = [tx.get_certificate(r.serial) for r in issued]
-        assert sorted(e.details["serial"] for e in entries) == sorted(r.serial for r in issued)
-        assert all(s is not None for s in stored)
-        assert len({r.serial for r in issued}) == 8
-        assert harness.chain_ok()
+    def renewal(agent: Agent) -> Callable[[], Any]:
+        def renew() -> Any:
+            key = pki.new_key()
+            csr = pki.make_csr(key, agent.name)
+            return authority.renew(
+                cluster_name=agent.name, agent_token=agent.token, csr_pem=csr, proof_b64=pki.prove(agent.key, csr)
+            )
+
+        return renew
+
+    issued = _concurrently(store, [renewal(a) for a in agents])
+    assert all(not isinstance(r, Exception) for r in issued), issued
+    batches, jobs = (a - b for a, b in zip(store.group_commit_stats(), before, strict=True))
+    assert jobs == 8 and batches < 8  # commits shared
+    with store.read() as tx:
+        entries = tx.list_audit(after=head[0], limit=100)
+        stored = [tx.get_certificate(r.serial) for r in issued]
+    assert sorted(e.details["serial"] for e in entries) == sorted(r.serial for r in issued)
+    assert all(s is not None for s in stored)
+    assert len({r.serial for r in issued}) == 8
+    assert [e.id for e in entries] == list(range(head[0] + 1, head[0] + 9))
+    assert pg_harness.chain_ok()
 
 
 def _concurrently(store: SqlStore, calls: list[Callable[[], Any]]) -> list[Any]:
