@@ -325,6 +325,13 @@ class SqlTx:
         self._joined = False  # a group commit's transaction: the audit head row is written once, at the end
         self._head_written = True  # the audit head row holds self.audit_head
 
+    def lock_audit_head(self) -> None:
+        """PostgreSQL: serialise writers on the audit head's row lock (a linear chain across
+        replicas); the locked row is kept for the first audit entry, saving a second read."""
+        head = self._hot.first("audit_head_for_update", {})
+        if head is not None:
+            self.audit_head = (head.int_value, head.str_value)
+
     # group commit (storage/joined.py)
     def join(self) -> SqlTx:
         """Make this the transaction of a group commit (``Joiner``): jobs run in savepoints and the
@@ -771,11 +778,7 @@ class SqlStore:
                 elif self.postgres:
                     with conn.begin():
                         tx = self._new_tx(conn, write=True)
-                        # serialise writers on the audit head: linear chain across replicas; the
-                        # locked row is kept for the first audit entry, saving a second read
-                        head = conn.execute(_Q.audit_head_for_update).first()
-                        if head is not None:
-                            tx.audit_head = (head.int_value, head.str_value)
+                        tx.lock_audit_head()
                         yield tx
                 else:
                     raw: Any = conn.connection.driver_connection
