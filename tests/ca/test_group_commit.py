@@ -224,3 +224,30 @@ def _concurrently(store: SqlStore, calls: list[Callable[[], Any]]) -> list[Any]:
         time.sleep(2 * QUEUED)  # signing before the transaction takes a few ms each
     joined(threads)
     return results
+
+
+def test_a_rolled_back_job_leaves_no_revision_bump_and_no_audit_head_behind(store: SqlStore) -> None:
+    with store.read() as tx:
+        revision = tx.get_revision()
+
+    def bumps_then_fails(tx: Tx) -> None:
+        tx.get_revision()  # cached for the transaction
+        tx.bump_revision()
+        tx.append_audit(at=datetime.now(UTC), actor="test", action="test.job", subject="bad", details={})
+        raise Conflict("after the bump")
+
+    def reads(tx: Tx) -> Any:
+        return tx.get_revision(), tx.append_audit(
+            at=datetime.now(UTC), actor="test", action="test.job", subject="good", details={}
+        ).id
+
+    with head_locked(store):
+        _, t1 = submit(store, [audited("first")])
+        results, t2 = submit(store, [bumps_then_fails, reads])
+    joined(t1 + t2)
+    assert store.group_commit_stats() == (2, 3)
+    assert isinstance(results[0], Conflict)
+    assert results[1] == (revision, 2)  # the revision and the audit id the failed job had taken, given back
+    with store.read() as tx:
+        assert tx.get_revision() == revision
+    chain_ok(store)
