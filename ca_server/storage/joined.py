@@ -114,11 +114,13 @@ class Joiner:
                 for job in batch:
                     self._run_job(tx, job)
                 tx.before_commit()
-        except Exception as exc:
-            failed = self._translate(exc)
+        except BaseException as exc:  # every job not failed already gets the batch's error
+            failed = self._translate(exc) if isinstance(exc, Exception) else exc
             for job in batch:
                 if job.error is None:
                     job.error, job.result = failed, None
+            if not isinstance(exc, Exception):
+                raise  # (KeyboardInterrupt, SystemExit) ends this thread: the next run() starts another
         finally:
             for job in batch:
                 job.done.set()
@@ -129,4 +131,4 @@ class Joiner:
             job.result = job.fn(tx)
         except Exception as exc:
             job.error = self._translate(exc)
-            tx.rollback_to(mark)  # when this fails, the batch fails (translated by open_write)
+            tx.rollback_to(mark)  # when this fails, the whole batch fails (_run_batch)
