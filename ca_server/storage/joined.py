@@ -26,8 +26,9 @@ from typing import Any, Generic, Protocol, TypeVar
 T = TypeVar("T")
 
 # jobs per transaction: each savepoint that writes takes a subtransaction id, and PostgreSQL caches
-# at most 64 of them per backend (PGPROC_MAX_CACHED_SUBXIDS); past that, other sessions' snapshots
-# must consult pg_subtrans
+# at most 64 of them per backend (PGPROC_MAX_CACHED_SUBXIDS, src/include/storage/proc.h); past that
+# the backend's subxid cache overflows and other sessions' snapshots must consult pg_subtrans
+# (GetSnapshotData, src/backend/storage/ipc/procarray.c)
 MAX_BATCH = 32
 
 

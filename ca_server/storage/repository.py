@@ -344,8 +344,11 @@ class SqlTx:
         return self.audit_head, self._revision, self._head_written
 
     def rollback_to(self, mark: tuple[tuple[int, str] | None, int | None, bool]) -> None:
-        # to the newest savepoint of that name: the one the failed job began with (a job's
-        # savepoint is never released, which would cost a round trip; they end with the transaction)
+        # to the newest savepoint of that name: the one the failed job began with. PostgreSQL keeps
+        # older savepoints of a reused name and rolls back to the most recent one (SQL reference,
+        # SAVEPOINT: "If savepoints with the same name already exist, they will be inaccessible
+        # until newer identically-named savepoints are released"), so a job's savepoint is never
+        # released (that would cost a round trip); they all end with the transaction
         self._driver_execute("ROLLBACK TO SAVEPOINT joined")
         self.audit_head, self._revision, self._head_written = mark
 
