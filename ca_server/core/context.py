@@ -14,12 +14,13 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from ca_server.core.keytypes import KeyType
 from ca_server.core.ports import Clock, KeyBackend, Store, Tx
 
 log = logging.getLogger("meshbridge.ca.authority")
+T = TypeVar("T")
 
 CRL_VALIDITY = timedelta(days=7)
 BOOTSTRAP_TTL = timedelta(hours=1)
@@ -42,6 +43,12 @@ class Policy:
     # (plus a margin, see core.gates) after every istiod signs under another root. Istio's default
     # is 24 h (DEFAULT_WORKLOAD_CERT_TTL, pilot/pkg/bootstrap/istio_ca.go; security/pkg/cmd/constants.go)
     workload_cert_lifetime: timedelta = WORKLOAD_CERT_LIFETIME
+
+
+def _log_committed(events: list[tuple[str, str, str, Any]]) -> None:
+    """Identifiers only: never a token or key."""
+    for action, subject, actor, extra in events:
+        log.info("%s %s", action, subject, extra={"actor": actor, **({"serial": extra} if extra else {})})
 
 
 class _Pending(threading.local):
@@ -72,13 +79,33 @@ class Context:
         try:
             with self.store.write() as tx:
                 yield tx
-            for action, subject, actor, extra in pending.events:
-                log.info("%s %s", action, subject, extra={"actor": actor, **({"serial": extra} if extra else {})})
+            _log_committed(pending.events)
             changed = pending.changed
         finally:
             pending.events, pending.changed = None, False
         if changed:
             self.notify_changed()
+
+    def write_joined(self, job: Callable[[Tx], T]) -> T:
+        """``job(tx)`` as in ``write``, in a transaction the store may share with other callers'
+        jobs (group commit, ``Store.write_joined``): it may run on another thread, so its audited
+        events and revision bump are collected around it there, and logged and announced here once
+        its transaction committed."""
+
+        def collected(tx: Tx) -> tuple[T, list[tuple[str, str, str, Any]], bool]:
+            pending = self._pending
+            events: list[tuple[str, str, str, Any]] = []
+            pending.events, pending.changed = events, False
+            try:
+                return job(tx), events, pending.changed
+            finally:
+                pending.events, pending.changed = None, False
+
+        result, events, changed = self.store.write_joined(collected)
+        _log_committed(events)
+        if changed:
+            self.notify_changed()
+        return result
 
     def audit(self, tx: Tx, *, actor: str, action: str, subject: str, **details: Any) -> None:
         """Append an audit entry in ``tx``; it is logged once ``tx`` commits."""

@@ -203,21 +203,23 @@ class Issuance:
             if pki is not None
             else None
         )
-        with self.ctx.write() as tx:
+
+        def record(tx: Tx) -> Issued:
             locked = must_cluster(tx, cluster_name, for_update=True)
             self._require_agent(tok, locked)
             roots, crl_pem, server_names = self._pki_state(tx)
             self._confirm_prover(tx, locked, proved_by, now=now, roots=roots)
+            signed = draft
             if (
-                draft is None
+                signed is None
                 or pki is None
                 or pki[3] != server_names
-                or not self._draft_holds(draft, known.trust_domain, locked, roots)
+                or not self._draft_holds(signed, known.trust_domain, locked, roots)
             ):
-                draft = self._sign_intermediate(
+                signed = self._sign_intermediate(
                     locked.name, locked.trust_domain, csr, csr_key, roots, server_names, now=now
                 )
-            cert, root = draft
+            cert, root = signed
             ended = locked.rotation_pending
             locked.rotation_pending = False
             issued = self._record_issue(
@@ -235,6 +237,9 @@ class Issuance:
             if ended:
                 tx.save_cluster(locked)
                 self.ctx.changed(tx)
+            return issued
+
+        issued = self.ctx.write_joined(record)  # on PostgreSQL, committed with concurrent renewals
         self._remember_issue(issued, csr_key, fingerprint)  # the agent proves with this key next time
         return issued
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ca_server.core.keytypes import KeyType, Signer
 from ca_server.core.models import (
@@ -17,6 +17,8 @@ from ca_server.core.models import (
     CRLRecord,
     Root,
 )
+
+T = TypeVar("T")
 
 
 class Clock(Protocol):
@@ -80,6 +82,11 @@ class Store(Protocol):
     embedded: bool  # the database runs inside this process (no network round trips)
 
     def write(self) -> AbstractContextManager[Tx]: ...
+    def write_joined(self, job: Callable[[Tx], T]) -> T:
+        """``job(tx)`` in a write transaction, once that has committed; the transaction may be
+        shared with other callers' jobs (group commit), each rolled back alone when it fails."""
+        ...
+
     def read(self) -> AbstractContextManager[Tx]: ...
     def iter_audit(self) -> Iterator[AuditEntry]: ...
     def audit_head(self) -> tuple[int, str] | None: ...

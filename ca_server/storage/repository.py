@@ -12,15 +12,15 @@ import json
 import os
 import threading
 from collections import namedtuple
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Connection, Dialect, Engine, bindparam, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Row
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, PendingRollbackError
 from sqlalchemy.pool import QueuePool
 
 from ca_server.core.audit import GENESIS, AuditKey, EntryHasher, entry_hash
@@ -36,8 +36,12 @@ from ca_server.core.models import (
     Root,
     RootStatus,
 )
+from ca_server.core.ports import Tx
 from ca_server.storage import tables as t
+from ca_server.storage.joined import Joiner
 from ca_server.storage.ratecounters import SqlRateCounters
+
+T = TypeVar("T")
 
 
 def sqlite_url(data_dir: Path) -> str:
@@ -305,15 +309,58 @@ class SqlTx:
         postgres: bool,
         prepared: dict[str, _Prepared] | None,
         hasher: EntryHasher = entry_hash,
+        write: bool = False,
     ) -> None:
         """``prepared``: the store's compiled hot statements, or None to run them through Core;
-        ``hasher``: how appended audit entries are hashed (keyed, or 0.1.0's unkeyed scheme)."""
+        ``hasher``: how appended audit entries are hashed (keyed, or 0.1.0's unkeyed scheme);
+        ``write``: a write transaction (it reads the revision once: no other writer can change it)."""
         self.c = conn
+        self._writing = write
         self.postgres = postgres
         self._hasher = hasher
         self._dbapi: Any = conn.dialect.loaded_dbapi
         self.audit_head: tuple[int, str] | None = None  # (id, hash) when this transaction holds it locked
         self._hot: _Hot = _HotOnDBAPI(prepared, conn) if prepared is not None else _HotThroughCore(conn)
+        self._revision: int | None = None  # read once per write transaction (see get_revision)
+        self._joined = False  # a group commit's transaction: the audit head row is written once, at the end
+        self._head_written = True  # the audit head row holds self.audit_head
+
+    def lock_audit_head(self) -> None:
+        """PostgreSQL: serialise writers on the audit head's row lock (a linear chain across
+        replicas); the locked row is kept for the first audit entry, saving a second read."""
+        head = self._hot.first("audit_head_for_update", {})
+        if head is not None:
+            self.audit_head = (head.int_value, head.str_value)
+
+    # group commit (storage/joined.py)
+    def join(self) -> SqlTx:
+        """Make this the transaction of a group commit (``Joiner``): jobs run in savepoints and the
+        audit head row is written once, by ``before_commit``."""
+        self._joined = True
+        return self
+
+    def savepoint(self) -> tuple[tuple[int, str] | None, int | None, bool]:
+        self._driver_execute("SAVEPOINT joined")
+        return self.audit_head, self._revision, self._head_written
+
+    def rollback_to(self, mark: tuple[tuple[int, str] | None, int | None, bool]) -> None:
+        # to the newest savepoint of that name: the one the failed job began with. PostgreSQL keeps
+        # older savepoints of a reused name and rolls back to the most recent one (SQL reference,
+        # SAVEPOINT: "If savepoints with the same name already exist, they will be inaccessible
+        # until newer identically-named savepoints are released"), so a job's savepoint is never
+        # released (that would cost a round trip); they all end with the transaction
+        self._driver_execute("ROLLBACK TO SAVEPOINT joined")
+        self.audit_head, self._revision, self._head_written = mark
+
+    def _driver_execute(self, sql: str) -> None:
+        raw: Any = self.c.connection.driver_connection  # a statement SQLAlchemy need not track
+        raw.execute(sql)
+
+    def before_commit(self) -> None:
+        if not self._head_written and self.audit_head is not None:
+            new_id, new_hash = self.audit_head
+            self._hot.run("set_audit_head", {"new_id": new_id, "new_hash": new_hash})
+            self._head_written = True
 
     # roots
     def list_roots(self) -> list[Root]:
@@ -572,7 +619,10 @@ class SqlTx:
                 hash=h,
             ),
         )
-        self._hot.run("set_audit_head", {"new_id": new_id, "new_hash": h})
+        if self._joined:
+            self._head_written = False
+        else:
+            self._hot.run("set_audit_head", {"new_id": new_id, "new_hash": h})
         self.audit_head = (new_id, h)
         return AuditEntry(new_id, at, actor, action, subject, details, prev_hash, h)
 
@@ -586,11 +636,19 @@ class SqlTx:
 
     def bump_revision(self) -> int:
         self.c.execute(_Q.bump_revision)
+        self._revision = None
         return self.get_revision()
 
     def get_revision(self) -> int:
+        if self._revision is not None:
+            # a write transaction sees no other writer's revision bump: on PostgreSQL every writer
+            # takes the audit head's row lock first, on SQLite BEGIN IMMEDIATE holds the write lock
+            return self._revision
         if self.audit_head is not None:
-            return int(self._hot.first("revision", {}).int_value)
+            revision = int(self._hot.first("revision", {}).int_value)
+            if self._writing:
+                self._revision = revision
+            return revision
         # one statement for both rows: a write transaction that reads the revision appends to the
         # audit chain next (SQLite's BEGIN IMMEDIATE already holds the writer lock, so both are stable)
         revision = 0
@@ -599,6 +657,8 @@ class SqlTx:
                 revision = int(row.int_value)
             else:
                 self.audit_head = (row.int_value, row.str_value)
+        if self._writing:
+            self._revision = revision
         return revision
 
 
@@ -676,10 +736,20 @@ class _WriterGate:
 
 
 class SqlStore:
-    def __init__(self, url: str, *, prepared_statements: bool = True, audit_key: AuditKey | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prepared_statements: bool = True,
+        audit_key: AuditKey | None = None,
+        group_commit: bool = True,
+    ) -> None:
         """``prepared_statements``: run the hot-path statements on the DBAPI connection, compiled
         once (``_Prepared``, the default); False: through SQLAlchemy Core like the others
         (``serve --no-prepared-statements``, for when a SQLAlchemy upgrade breaks ``_Prepared``).
+
+        ``group_commit``: on PostgreSQL, ``write_joined`` jobs of concurrent callers share a
+        transaction (``joined.Joiner``); False: each its own (for comparison in tests and benches).
 
         ``audit_key``: the key audit entries are sealed with (HMAC-SHA256). None writes 0.1.0's
         unkeyed chain, for tools and tests that hold no key: ``runtime`` always gives one (and
@@ -692,10 +762,13 @@ class SqlStore:
         self._prepared = _prepare_hot(self.engine.dialect) if prepared_statements else None
         self._dbapi: Any = self.engine.dialect.loaded_dbapi  # sqlite3 or psycopg
         self._gate = _WriterGate(None if self.postgres else self.engine.url.database)
+        # SQLite commits without waiting for the disk's flush (WAL, synchronous=NORMAL) and its
+        # renewals run inline on the event loop: there a group would only add a thread hand-off
+        self._joiner = Joiner(self._joined_write, self._translate_job_error) if self.postgres and group_commit else None
 
-    def _new_tx(self, conn: Connection) -> SqlTx:
+    def _new_tx(self, conn: Connection, *, write: bool) -> SqlTx:
         hasher = self.audit_key.entry_hash if self.audit_key is not None else entry_hash
-        return SqlTx(conn, postgres=self.postgres, prepared=self._prepared, hasher=hasher)
+        return SqlTx(conn, postgres=self.postgres, prepared=self._prepared, hasher=hasher, write=write)
 
     @contextmanager
     def _tx(self, *, write: bool) -> Iterator[SqlTx]:
@@ -704,21 +777,17 @@ class SqlStore:
                 if self.postgres and not write:
                     # READ COMMITTED gives each statement its own snapshot with or without
                     # BEGIN/COMMIT: autocommit saves those two round trips per read
-                    yield self._new_tx(conn.execution_options(isolation_level="AUTOCOMMIT"))
+                    yield self._new_tx(conn.execution_options(isolation_level="AUTOCOMMIT"), write=False)
                 elif self.postgres:
                     with conn.begin():
-                        tx = self._new_tx(conn)
-                        # serialise writers on the audit head: linear chain across replicas; the
-                        # locked row is kept for the first audit entry, saving a second read
-                        head = conn.execute(_Q.audit_head_for_update).first()
-                        if head is not None:
-                            tx.audit_head = (head.int_value, head.str_value)
+                        tx = self._new_tx(conn, write=True)
+                        tx.lock_audit_head()
                         yield tx
                 else:
                     raw: Any = conn.connection.driver_connection
                     raw.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                     try:
-                        yield self._new_tx(conn)
+                        yield self._new_tx(conn, write=write)
                     except BaseException:
                         # SQLite may already have rolled back (SQLITE_FULL, SQLITE_IOERR): keep the
                         # original error rather than "cannot rollback - no transaction is active"
@@ -742,6 +811,34 @@ class SqlStore:
 
     def write(self) -> Any:
         return self._write()
+
+    def write_joined(self, job: Callable[[Tx], T]) -> T:
+        """``job(tx)`` in a write transaction, returning once that has committed. On PostgreSQL with
+        group commit on, the transaction may hold other callers' jobs too (``joined.Joiner``: each
+        in its own savepoint, one commit for all); else it is the caller's own."""
+        if self._joiner is not None:
+            return self._joiner.run(job)
+        with self._write() as tx:
+            return job(tx)
+
+    def group_commit_stats(self) -> tuple[int, int]:
+        """(transactions, jobs) run by group commit in this process: (0, 0) when it is off."""
+        return (self._joiner.batches, self._joiner.jobs) if self._joiner is not None else (0, 0)
+
+    @contextmanager
+    def _joined_write(self) -> Iterator[SqlTx]:
+        with self._tx(write=True) as tx:
+            yield tx.join()
+
+    def _translate_job_error(self, exc: Exception) -> Exception:
+        """A job's (or the batch's) error as ``_tx`` would have raised it: database errors translated, once."""
+        if isinstance(exc, DBAPIError):
+            return _translate(exc)
+        if isinstance(exc, PendingRollbackError):  # a statement lost the connection: the savepoint went with it
+            return Unavailable("the database is not reachable")
+        if isinstance(exc, self._dbapi.Error):
+            return _translate_dbapi(exc, self._dbapi)
+        return exc
 
     def rate_counters(self) -> SqlRateCounters:
         """The shared rate-limit counters, writing through the same writer serialisation."""

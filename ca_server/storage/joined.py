@@ -1,0 +1,135 @@
+"""Group commit: the write jobs of concurrent callers run in one transaction, each in a savepoint.
+
+On PostgreSQL every write transaction takes the audit head's row lock first and holds it through its
+commit, whose WAL flush waits for the disk: the deployment commits one transaction at a time, so
+renewals queue behind each other's disk flushes (bench/RESULTS.md). Here the jobs that arrived
+while a batch was committing are run together in the next one: one lock, one audit head update, one
+commit (one WAL flush) for all of them. The chain stays one linear chain, written in the order the
+jobs ran.
+
+Each job runs in its own savepoint: a job that fails (its own error, or a statement the database
+refused) is rolled back to where it began and gets its error, the others go on. A caller returns
+only once the batch holding its job has committed; when the commit (or a rollback to a savepoint)
+fails, every job of the batch gets that error — nothing of it was stored. No job waits for others to
+arrive: a batch is whatever queued while the previous one ran (at most ``MAX_BATCH``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any, Generic, Protocol, TypeVar
+
+T = TypeVar("T")
+
+# jobs per transaction: each savepoint that writes takes a subtransaction id, and PostgreSQL caches
+# at most 64 of them per backend (PGPROC_MAX_CACHED_SUBXIDS, src/include/storage/proc.h); past that
+# the backend's subxid cache overflows and other sessions' snapshots must consult pg_subtrans
+# (GetSnapshotData, src/backend/storage/ipc/procarray.c)
+MAX_BATCH = 32
+
+
+class JoinableTx(Protocol):
+    """What the joiner needs of a write transaction."""
+
+    def savepoint(self) -> Any:
+        """Mark where the next job begins; returns the state ``rollback_to`` restores."""
+        ...
+
+    def rollback_to(self, mark: Any) -> None: ...
+
+    def before_commit(self) -> None: ...
+
+
+class _Job(Generic[T]):
+    __slots__ = ("done", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[[Any], T]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: T | None = None
+        self.error: BaseException | None = None
+
+
+class Joiner:
+    """Runs write jobs in shared transactions, from one thread per process (started on first use)."""
+
+    def __init__(
+        self,
+        open_write: Callable[[], AbstractContextManager[JoinableTx]],
+        translate: Callable[[Exception], Exception],
+        *,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        """``open_write``: a write transaction (committed when its context ends); ``translate``: the
+        store's translation of a database error raised by a job or by the batch's transaction
+        (other errors pass through it unchanged)."""
+        self._open_write = open_write
+        self._translate = translate
+        self._max = max_batch
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._cv = threading.Condition()
+        self._queue: deque[_Job[Any]] = deque()
+        self._thread: threading.Thread | None = None
+        self.batches = 0  # transactions run by this process (committed or not)
+        self.jobs = 0  # jobs run in them
+
+    def run(self, fn: Callable[[Any], T]) -> T:
+        """``fn(tx)``'s result once the transaction it ran in has committed; its error, or the
+        batch's, otherwise."""
+        if self._pid != os.getpid():  # a forked worker: the parent's thread does not exist here
+            self._reset()
+        job: _Job[T] = _Job(fn)
+        with self._cv:
+            self._queue.append(job)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="meshbridge-group-commit", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result  # type: ignore[return-value]  # set, as error is not
+
+    def _loop(self) -> None:
+        while True:
+            self._run_batch(list(self._next_batch()))
+
+    def _next_batch(self) -> Iterator[_Job[Any]]:
+        with self._cv:
+            while not self._queue:
+                self._cv.wait()
+            for _ in range(min(self._max, len(self._queue))):
+                yield self._queue.popleft()
+
+    def _run_batch(self, batch: list[_Job[Any]]) -> None:
+        self.batches, self.jobs = self.batches + 1, self.jobs + len(batch)
+        try:
+            with self._open_write() as tx:
+                for job in batch:
+                    self._run_job(tx, job)
+                tx.before_commit()
+        except BaseException as exc:  # every job not failed already gets the batch's error
+            failed = self._translate(exc) if isinstance(exc, Exception) else exc
+            for job in batch:
+                if job.error is None:
+                    job.error, job.result = failed, None
+            if not isinstance(exc, Exception):
+                raise  # (KeyboardInterrupt, SystemExit) ends this thread: the next run() starts another
+        finally:
+            for job in batch:
+                job.done.set()
+
+    def _run_job(self, tx: JoinableTx, job: _Job[Any]) -> None:
+        mark = tx.savepoint()
+        try:
+            job.result = job.fn(tx)
+        except Exception as exc:
+            job.error = self._translate(exc)
+            tx.rollback_to(mark)  # when this fails, the whole batch fails (_run_batch)

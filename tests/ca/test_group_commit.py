@@ -1,0 +1,253 @@
+"""Issue 15 item 1: on PostgreSQL, concurrent writes (renewals) share one transaction and one commit
+(``ca_server/storage/joined.py``), each in its own savepoint, and the audit chain stays one chain."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from ca_server.core.audit import verify_chain
+from ca_server.core.errors import Conflict, Unavailable
+from ca_server.core.models import CertificateRecord
+from ca_server.core.ports import Tx
+from ca_server.storage.migrate import upgrade
+from ca_server.storage.repository import SqlStore
+from cluster_agent import pki
+from tests.ca.conftest import Agent, Harness, make_harness
+from tests.support.pgserver import PgServer
+
+_names = itertools.count(1)
+QUEUED = 0.4  # seconds for started threads to reach the joiner's queue (they only append to it)
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> str:
+    return pg_server.create_database(f"group_commit_{next(_names)}")
+
+
+@pytest.fixture
+def store(pg_url: str) -> Iterator[SqlStore]:
+    s = SqlStore(pg_url)
+    upgrade(s.engine)
+    yield s
+    s.dispose()
+
+
+@contextmanager
+def head_locked(store: SqlStore) -> Iterator[None]:
+    """Another session holds the audit head's row lock (as a replica's transaction does): the
+    group commit's next transaction waits for it at its start while more jobs queue."""
+    with store.engine.connect() as conn, conn.begin():
+        conn.execute(text("SELECT 1 FROM meta WHERE key = 'audit_head' FOR UPDATE"))
+        yield
+
+
+def submit(store: SqlStore, jobs: list[Callable[[Tx], Any]]) -> tuple[list[Any], list[threading.Thread]]:
+    """Each job from its own thread; ``results[i]`` becomes its result or error."""
+    results: list[Any] = [None] * len(jobs)
+
+    def call(i: int) -> None:
+        try:
+            results[i] = store.write_joined(jobs[i])
+        except Exception as exc:  # the job's answer, asserted by the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(jobs))]
+    for th in threads:
+        th.start()
+    time.sleep(QUEUED)
+    return results, threads
+
+
+def joined(threads: list[threading.Thread]) -> None:
+    for th in threads:
+        th.join(30)
+    assert not any(th.is_alive() for th in threads)
+
+
+def audited(name: str, *, fail: Exception | None = None) -> Callable[[Tx], Any]:
+    """A job appending one audit entry, then returning the transaction's id (or raising ``fail``)."""
+
+    def job(tx: Tx) -> Any:
+        tx.append_audit(at=datetime.now(UTC), actor="test", action="test.job", subject=name, details={})
+        if fail is not None:
+            raise fail
+        return tx.c.execute(text("SELECT txid_current()")).scalar()  # type: ignore[attr-defined]
+
+    return job
+
+
+def certificate(fp: str) -> Callable[[Tx], Any]:
+    now = datetime.now(UTC)
+    rec = CertificateRecord(
+        serial=f"s-{fp}",
+        cluster="nobody",
+        root_id="r",
+        generation=1,
+        cert_pem="-",
+        public_key_fp=fp,
+        not_before=now,
+        not_after=now + timedelta(days=1),
+        issued_at=now,
+    )
+
+    def job(tx: Tx) -> Any:
+        tx.add_certificate(rec)
+
+    return job
+
+
+def subjects(store: SqlStore) -> list[str]:
+    with store.read() as tx:
+        return [e.subject for e in tx.list_audit(limit=1000)]
+
+
+def chain_ok(store: SqlStore) -> None:
+    report = verify_chain(store.iter_audit(), head=store.audit_head())
+    assert report.ok, report.problem
+
+
+def test_jobs_queued_while_a_transaction_runs_share_the_next_one(store: SqlStore) -> None:
+    with head_locked(store):
+        first, t1 = submit(store, [audited("first")])
+        rest, t2 = submit(store, [audited(f"job{i}") for i in range(10)])
+    joined(t1 + t2)
+    assert all(isinstance(r, int) for r in first + rest), first + rest
+    assert len(set(rest)) == 1 and first[0] not in rest  # the ten in one transaction, after the first's
+    assert store.group_commit_stats() == (2, 11)
+    # one linear chain, one entry per job, the head written once for the ten
+    assert sorted(subjects(store)) == sorted(["first", *[f"job{i}" for i in range(10)]])
+    assert store.audit_head() == (11, store.last_audit_entry().hash)  # type: ignore[union-attr]
+    chain_ok(store)
+
+
+def test_a_failing_job_is_rolled_back_alone(store: SqlStore) -> None:
+    with head_locked(store):
+        _, t1 = submit(store, [audited("first")])
+        jobs = [
+            audited("good1"),
+            audited("bad", fail=Conflict("refused by the job")),
+            certificate("fp1"),
+            certificate("fp1"),  # the database refuses it: the transaction would be aborted without a savepoint
+            audited("good2"),
+        ]
+        results, t2 = submit(store, jobs)
+    joined(t1 + t2)
+    assert store.group_commit_stats() == (2, 6)
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert [type(e) for e in errors] == [Conflict, Conflict], results
+    assert str(errors[0]) == "refused by the job"
+    assert "exists already" in str(errors[1])
+    assert isinstance(results[0], int) and results[0] == results[4]  # both good ones, in one transaction
+    assert sorted(subjects(store)) == ["first", "good1", "good2"]  # "bad"'s entry rolled back with it
+    with store.read() as tx:
+        fp1 = tx.c.execute(text("SELECT count(*) FROM certificates WHERE public_key_fp = 'fp1'")).scalar()
+    assert fp1 == 1
+    chain_ok(store)  # ids without a gap: the rolled-back entry's id went to good2
+
+
+def test_when_the_transaction_fails_every_job_of_it_fails_and_nothing_is_stored(store: SqlStore) -> None:
+    def kills_its_session(tx: Tx) -> None:
+        tx.c.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))  # type: ignore[attr-defined]
+
+    head = store.audit_head()
+    with head_locked(store):
+        _, t1 = submit(store, [audited("first")])
+        results, t2 = submit(store, [audited("a"), kills_its_session, audited("b")])
+    joined(t1 + t2)
+    assert [type(r) for r in results] == [Unavailable, Unavailable, Unavailable], results
+    assert subjects(store) == ["first"]
+    assert store.audit_head() is not None and store.audit_head() != head
+    chain_ok(store)
+    assert isinstance(store.write_joined(audited("after")), int)  # the next batch has a new connection
+
+
+@pytest.fixture
+def pg_harness(pg_url: str, tmp_path: Path) -> Iterator[Harness]:
+    yield from make_harness(pg_url, tmp_path / "ca")
+
+
+def test_concurrent_renewals_share_commits_and_keep_one_linear_chain(pg_harness: Harness) -> None:
+    agents = [pg_harness.enroll(f"c{i}") for i in range(8)]
+    store, authority = pg_harness.store, pg_harness.authority
+    before = store.group_commit_stats()
+    head = store.audit_head()
+    assert head is not None
+
+    def renewal(agent: Agent) -> Callable[[], Any]:
+        def renew() -> Any:
+            key = pki.new_key()
+            csr = pki.make_csr(key, agent.name)
+            return authority.renew(
+                cluster_name=agent.name, agent_token=agent.token, csr_pem=csr, proof_b64=pki.prove(agent.key, csr)
+            )
+
+        return renew
+
+    issued = _concurrently(store, [renewal(a) for a in agents])
+    assert all(not isinstance(r, Exception) for r in issued), issued
+    batches, jobs = (a - b for a, b in zip(store.group_commit_stats(), before, strict=True))
+    assert jobs == 8 and batches < 8  # commits shared
+    with store.read() as tx:
+        entries = tx.list_audit(after=head[0], limit=100)
+        stored = [tx.get_certificate(r.serial) for r in issued]
+    assert sorted(e.details["serial"] for e in entries) == sorted(r.serial for r in issued)
+    assert all(s is not None for s in stored)
+    assert len({r.serial for r in issued}) == 8
+    assert [e.id for e in entries] == list(range(head[0] + 1, head[0] + 9))
+    assert pg_harness.chain_ok()
+
+
+def _concurrently(store: SqlStore, calls: list[Callable[[], Any]]) -> list[Any]:
+    """Run ``calls`` from threads while another session holds the audit head, then release it."""
+    results: list[Any] = [None] * len(calls)
+
+    def call(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except Exception as exc:  # asserted by the test
+            results[i] = exc
+
+    with head_locked(store):
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
+        for th in threads:
+            th.start()
+        time.sleep(2 * QUEUED)  # signing before the transaction takes a few ms each
+    joined(threads)
+    return results
+
+
+def test_a_rolled_back_job_leaves_no_revision_bump_and_no_audit_head_behind(store: SqlStore) -> None:
+    with store.read() as tx:
+        revision = tx.get_revision()
+
+    def bumps_then_fails(tx: Tx) -> None:
+        tx.get_revision()  # cached for the transaction
+        tx.bump_revision()
+        tx.append_audit(at=datetime.now(UTC), actor="test", action="test.job", subject="bad", details={})
+        raise Conflict("after the bump")
+
+    def reads(tx: Tx) -> Any:
+        return tx.get_revision(), tx.append_audit(
+            at=datetime.now(UTC), actor="test", action="test.job", subject="good", details={}
+        ).id
+
+    with head_locked(store):
+        _, t1 = submit(store, [audited("first")])
+        results, t2 = submit(store, [bumps_then_fails, reads])
+    joined(t1 + t2)
+    assert store.group_commit_stats() == (2, 3)
+    assert isinstance(results[0], Conflict)
+    assert results[1] == (revision, 2)  # the revision and the audit id the failed job had taken, given back
+    with store.read() as tx:
+        assert tx.get_revision() == revision
+    chain_ok(store)
