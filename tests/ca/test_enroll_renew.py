@@ -92,7 +92,7 @@ def test_enroll_returns_istio_bundle_that_openssl_and_pkilint_accept(harness: Ha
     assert shown["status"] == "active" and shown["generation"] == 1 and shown["trust_domain"] == "a.mesh"
     assert shown["intermediate"]["serial"] == agent.serial
     assert shown["intermediate"]["root_id"] == harness.roots()[0]["id"]
-    assert shown["gateway"] == {"address": "203.0.113.10", "port": 15443}
+    assert shown["gateway"] == {"address": "203.0.113.10", "addresses": None, "port": 15443}
     # the certificate is stored
     assert harness.count(t.certificates) == 1
 
