@@ -223,3 +223,21 @@ def run_multi_export(
         "MESHBRIDGE_MULTI_EGRESS_LOCALITY": egress_locality or "",
     }
     return _run("TestMultiExport", env)
+
+
+def run_multi_export_end_to_end(
+    a_dir: str | os.PathLike[str],
+    expect: Mapping[str, Sequence[str]],
+    sans: Mapping[str, Sequence[str]],
+    snis: Mapping[str, str],
+) -> str:
+    """TestMultiExportEndToEnd: per host, the SNI a's sidecar must send (``snis``), the destination
+    workloads it must pin (``sans``), and the endpoints ``address:port@priority`` of the cluster a's
+    egress gateway forwards that SNI to, unopened, with outlier detection (``expect``)."""
+    env = {
+        "MESHBRIDGE_SIM_A_DIR": str(Path(a_dir).resolve()),
+        "MESHBRIDGE_MULTI_EXPECT": ";".join(f"{h}={','.join(v)}" for h, v in expect.items()),
+        "MESHBRIDGE_MULTI_SANS": ";".join(f"{h}={','.join(v)}" for h, v in sans.items()),
+        "MESHBRIDGE_MULTI_SNI": ";".join(f"{h}={s}" for h, s in snis.items()),
+    }
+    return _run("TestMultiExportEndToEnd", env)

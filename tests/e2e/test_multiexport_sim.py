@@ -14,9 +14,9 @@ import pytest
 from cluster_agent.config import parse_config
 from cluster_agent.render import render_all, to_yaml
 from tests.e2e.clusters import Clusters
-from tests.e2e.gocheck import GoCheckFailed, run_multi_export
+from tests.e2e.gocheck import GoCheckFailed, run_multi_export, run_multi_export_end_to_end
 from tests.e2e.testbin import require
-from tests.support.multiscenario import render_multi_importer
+from tests.support.multiscenario import render_multi_importer, workload
 from tests.support.simscenario import INGRESS
 
 RATINGS = "ratings.bookinfo.remote"
@@ -138,3 +138,28 @@ def _with_locality_and_tcp() -> list[dict[str, Any]]:
     (rule,) = [o for o in result.objects if o["kind"] == "DestinationRule" and "import" in o["metadata"]["name"]]
     assert all("loadBalancer" in level for level in rule["spec"]["trafficPolicy"]["portLevelSettings"])
     return [entry, rule]
+
+
+def test_end_to_end_exporters_are_endpoints_of_the_forwarded_sni(tmp_path: Path) -> None:
+    """Issue 13 item 4 in end-to-end mode: one SNI per name whichever exporter answers, every
+    exporter's workloads pinned, and a's egress gateway forwarding the SNI unopened to every address
+    of b (priority 0) and c (priority 1), each on the TCP port it published."""
+    expect = {
+        RATINGS: ["198.51.100.20:15444@0", "198.51.100.21:15444@0", "198.51.100.30:15446@1"],
+        DETAILS: ["gw.b.example:15444@0", "198.51.100.30:15446@1"],
+    }
+    sans = {
+        h: [workload("b", n), workload("c", n)]
+        for h, n in ((RATINGS, "ratings.bookinfo"), (DETAILS, "details.bookinfo"))
+    }
+    snis = {RATINGS: "9080.ratings.bookinfo.mb-e2e", DETAILS: "9080.details.bookinfo.mb-e2e"}
+    out = run_multi_export_end_to_end(render_multi_importer(tmp_path / "a", mode="end-to-end"), expect, sans, snis)
+    assert "--- PASS: TestMultiExportEndToEnd/ratings.bookinfo.remote" in out, out
+    swapped = {
+        RATINGS: ["198.51.100.20:15444@1", "198.51.100.21:15444@1", "198.51.100.30:15446@0"],
+        DETAILS: ["gw.b.example:15444@1", "198.51.100.30:15446@0"],
+    }
+    directory = render_multi_importer(tmp_path / "swapped", {"b": 5, "c": 1}, mode="end-to-end")
+    run_multi_export_end_to_end(directory, swapped, sans, snis)
+    with pytest.raises(GoCheckFailed, match="endpoints@priority"):
+        run_multi_export_end_to_end(directory, expect, sans, snis)

@@ -26,14 +26,26 @@ GATEWAYS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
-def _import(name: str, cluster: str) -> dict[str, Any]:
-    return {
+TCP_PORT = {"b": 15444, "c": 15446}  # what each exporter publishes as `Gateway.tcp_port`
+
+
+def workload(cluster: str, name: str) -> str:
+    """The destination workload identity an end-to-end exporter publishes for `name`."""
+    service, namespace = name.split(".")
+    return f"spiffe://{cluster}.mesh/ns/{namespace}/sa/bookinfo-{service}"
+
+
+def _import(name: str, cluster: str, mode: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {
         "name": name,
         "cluster": cluster,
         "ports": [{"number": 9080, "protocol": "HTTP"}],
-        "gateway": {**GATEWAYS[(name, cluster)], "port": 15443},
+        "gateway": {**GATEWAYS[(name, cluster)], "port": 15443, "tcp_port": TCP_PORT[cluster]},
         "identity": INGRESS.format(td=f"{cluster}.mesh"),
     }
+    if mode == "end-to-end":
+        entry |= {"mode": mode, "workload_identities": [workload(cluster, name)]}
+    return entry
 
 
 def render_multi_importer(
@@ -41,9 +53,11 @@ def render_multi_importer(
     priorities: dict[str, int] | None = None,
     aliases: dict[str, str] | None = None,
     localities: dict[str, str] | None = None,
+    mode: str = "hop-by-hop",
 ) -> Path:
     """Cluster a's objects; `priorities`: `imports[].priority` per source cluster (default
-    PRIORITY); `aliases`: `imports[].aliases` of every rule; `localities`: `imports[].locality`."""
+    PRIORITY); `aliases`: `imports[].aliases` of every rule; `localities`: `imports[].locality`;
+    `mode`: how both exporters export both names (`end-to-end` adds their workload identities)."""
     chosen = PRIORITY if priorities is None else priorities
     names = ["ratings.bookinfo", "details.bookinfo"]
     rules: list[dict[str, Any]] = [
@@ -58,7 +72,7 @@ def render_multi_importer(
         "istio": {"trust_domain": "a.mesh", "ingress_gateway": {"address": "198.51.100.10"}},
         "imports": rules,
     }
-    imports = [_import(name, cluster) for name, cluster in GATEWAYS]
+    imports = [_import(name, cluster, mode) for name, cluster in GATEWAYS]
     vips = {"ratings.bookinfo": "240.240.0.1", "details.bookinfo": "240.240.0.3"}
     result = render_all(parse_config(data), imports=imports, peers=[], vips=vips)
     return write_objects(directory, result.objects)

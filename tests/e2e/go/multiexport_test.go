@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -180,4 +181,81 @@ func describeAssignment(cla *endpoint.ClusterLoadAssignment) []string {
 		}
 	}
 	return out
+}
+
+// TestMultiExportEndToEnd: the same imports exported end to end (exports[].mode: end-to-end) by b
+// and c. a's sidecar originates Istio mTLS with the one SNI of the name (the same at every
+// exporter) and pins every exporter's workload identities; a's egress gateway forwards that SNI
+// unopened (no transport socket on the forwarding cluster) to every address of every exporter,
+// with the Envoy priority of its exporter's rank and outlier detection (eject a dead exporter).
+//
+// Env: MESHBRIDGE_SIM_A_DIR; MESHBRIDGE_MULTI_EXPECT (host=address:port@priority,…;…),
+// MESHBRIDGE_MULTI_SANS (host=spiffe ids of the destination workloads), MESHBRIDGE_MULTI_SNI (host=sni).
+func TestMultiExportEndToEnd(t *testing.T) {
+	sc := loadScenario(t)
+	expect := parseMulti(t, os.Getenv("MESHBRIDGE_MULTI_EXPECT"))
+	sans := parseMulti(t, os.Getenv("MESHBRIDGE_MULTI_SANS"))
+	snis := parseMulti(t, os.Getenv("MESHBRIDGE_MULTI_SNI"))
+	if len(expect) == 0 {
+		t.Fatal("MESHBRIDGE_MULTI_EXPECT is empty")
+	}
+	a := newSimCluster(t, "a", sc.aDir, baseA(t, sc), "", "a.mesh")
+	egressGW := a.proxy(t, model.Router, "istio-system", "10.1.0.20", sc.egressLabels, sc.istioVersion)
+	sidecar := a.proxy(t, model.SidecarProxy, "bookinfo", "10.1.1.5", map[string]string{"app": "productpage"}, sc.istioVersion)
+	hosts := make([]string, 0, len(expect))
+	for h := range expect {
+		hosts = append(hosts, h)
+	}
+	sort.Strings(hosts)
+	for _, host := range hosts {
+		host := host
+		t.Run(host, func(t *testing.T) {
+			res := sidecar.sim.Run(simulation.Call{
+				Address: serviceEntryVIP(t, sc.aDir, host), Port: sc.port, Protocol: simulation.HTTP,
+				HostHeader: fmt.Sprintf("%s:%d", host, sc.port), CallMode: simulation.CallModeOutbound,
+			})
+			if res.Error != nil {
+				sidecar.dump(t, "sidecar a")
+				t.Fatalf("sidecar: %v", res.Error)
+			}
+			c := sidecar.cluster(t, res.ClusterMatched)
+			sni := checkIstioMTLS(t, c, snis[host][0], sans[host])
+			eps := sidecar.endpointsOf(t, c)
+			if len(eps) != 1 || !strings.HasPrefix(eps[0], sc.egressService+":") {
+				t.Fatalf("cluster %s endpoints %v, want a's egress gateway Service", c.Name, eps)
+			}
+			_, p, _ := strings.Cut(eps[0], ":")
+			n, err := strconv.Atoi(p)
+			if err != nil {
+				t.Fatalf("endpoint %s: %v", eps[0], err)
+			}
+			lport, ok := egressTargetPort[n]
+			if !ok {
+				t.Fatalf("the sidecar sends to egress port %d, which %s does not expose", n, sc.egressName)
+			}
+			res = egressGW.sim.Run(simulation.Call{Port: lport, Protocol: simulation.TCP, TLS: simulation.MTLS, Sni: sni,
+				CallMode: simulation.CallModeGateway})
+			if res.Error != nil {
+				egressGW.dump(t, "egress a")
+				t.Fatalf("egress: SNI %s on %d: %v", sni, lport, res.Error)
+			}
+			fwd := egressGW.cluster(t, res.ClusterMatched)
+			if !strings.HasSuffix(fwd.Name, "||"+sni) {
+				t.Errorf("egress a forwards SNI %s to cluster %s, want the forwarding host named by the SNI", sni, fwd.Name)
+			}
+			if fwd.GetTransportSocket() != nil || len(fwd.GetTransportSocketMatches()) > 0 {
+				t.Errorf("cluster %s adds TLS: the caller's mTLS must pass unopened", fwd.Name)
+			}
+			checkOutlierDetection(t, fwd)
+			got := egressGW.prioritizedEndpoints(t, fwd)
+			sort.Strings(got)
+			want := append([]string(nil), expect[host]...)
+			sort.Strings(want)
+			if strings.Join(got, " ") != strings.Join(want, " ") {
+				t.Errorf("cluster %s (%s): endpoints@priority %v, want %v", fwd.Name, clusterKind(fwd), got, want)
+			}
+			t.Logf("%s: SNI %s pinned %v; egress forwards to %s (%s), endpoints@priority %v",
+				host, sni, sans[host], fwd.Name, clusterKind(fwd), got)
+		})
+	}
 }
