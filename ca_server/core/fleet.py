@@ -188,12 +188,11 @@ class Fleet:
         if not entries or len(entries) > _MAX_DELTA or any(e.action not in _CLUSTER_ACTIONS for e in entries):
             return None
         clusters = dict(prev.clusters)
-        for name in {e.subject for e in entries}:
-            cluster = tx.get_cluster(name)
-            if cluster is None:
-                clusters.pop(name, None)
-            else:
-                clusters[name] = cluster
+        names = {e.subject for e in entries}
+        found = {c.name: c for c in tx.get_clusters(names)}  # one query, not one per cluster
+        for name in names - found.keys():
+            clusters.pop(name, None)
+        clusters.update(found)
         return FleetSnapshot(
             revision=revision,
             trust_bundle=prev.trust_bundle,
