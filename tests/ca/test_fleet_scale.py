@@ -9,6 +9,7 @@ be seen by it."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 from collections.abc import Iterator
@@ -19,7 +20,9 @@ from typing import Any
 import pytest
 from sqlalchemy import event, insert, select
 
-from ca_server.core.fleet import Fleet
+from ca_server.api import longpoll
+from ca_server.api.longpoll import DesiredWaiters
+from ca_server.core.fleet import Fleet, FleetSnapshot
 from ca_server.speedups import ALL_OFF
 from ca_server.storage import tables as t
 from tests.ca.conftest import Harness
@@ -176,3 +179,60 @@ def test_one_activation_is_one_change_notification(harness: Harness) -> None:
     harness.authority.on_change.append(lambda: calls.append(1))
     activate_counted(harness, root_id)
     assert len(calls) == 1  # one wake-up of this replica's watcher, not one per cluster
+
+
+def test_renewals_and_rotations_keep_the_fleet_index_and_name_what_changed(harness: Harness) -> None:
+    a, b, c = (harness.enroll(n) for n in ("a", "b", "c"))
+    service = {
+        "name": "reviews.bookinfo",
+        "namespace": "bookinfo",
+        "service": "reviews",
+        "ports": [{"number": 9080, "protocol": "HTTP"}],
+        "consumers": ["a"],
+    }
+    assert harness.publish(b, trust_domain="b.test", services=[service]).status_code == 200
+    fleet = Fleet(harness.authority.ctx)
+    s1 = fleet.snapshot()
+    assert s1.imports_for["a"][0]["cluster"] == "b"
+    harness.rotate("c")
+    s2 = fleet.snapshot()
+    # was rebuilt from every cluster's exports on every change: O(fleet) per renewal
+    assert s2.imports_for is s1.imports_for and s2.peers_for is s1.peers_for
+    assert s2.changed_since(s1) == {"c"} and s2.changed_since(s2) == frozenset()
+    moved = {**service, "ports": [{"number": 9081, "protocol": "HTTP"}]}
+    assert harness.publish(b, trust_domain="b.test", services=[moved]).status_code == 200
+    s3 = fleet.snapshot()
+    assert s3.imports_for["a"][0]["ports"][0]["number"] == 9081  # the exporter's change reaches the index
+    assert s3.changed_since(s2) == {"a", "b"}  # a imports from b: its desired state differs too
+    assert s3.changed_since(s1) == {"a", "b", "c"}
+    del a, c
+    harness.client.post("/v1/roots", json={}, headers=harness.admin)  # not a cluster's own change
+    s4 = fleet.snapshot()
+    assert s4.changed_since(s3) is None and s4.changes == ()
+
+
+def test_a_waiter_is_woken_only_when_its_cluster_changed_without_comparing_every_waiter(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for n in ("a", "b", "c"):
+        harness.enroll(n)
+    fleet = Fleet(harness.authority.ctx)
+    waiters = DesiredWaiters()
+    compared: list[str] = []
+    real = longpoll._same_desired_inputs
+
+    def counting(x: FleetSnapshot, y: FleetSnapshot, name: str) -> bool:
+        compared.append(name)
+        return real(x, y, name)
+
+    monkeypatch.setattr(longpoll, "_same_desired_inputs", counting)
+
+    async def run() -> dict[str, bool]:
+        waiters.on_snapshot(fleet.snapshot())
+        with waiters.watch("a") as ev_a, waiters.watch("b") as ev_b, waiters.watch("c") as ev_c:
+            harness.rotate("b")
+            waiters.on_snapshot(fleet.snapshot())
+            return {"a": ev_a.is_set(), "b": ev_b.is_set(), "c": ev_c.is_set()}
+
+    assert asyncio.run(run()) == {"a": False, "b": True, "c": False}
+    assert compared == []  # the snapshot named b: no other waiter was looked at (was one comparison each)
