@@ -198,13 +198,13 @@ def test_renewals_and_rotations_keep_the_fleet_index_and_name_what_changed(harne
     s2 = fleet.snapshot()
     # was rebuilt from every cluster's exports on every change: O(fleet) per renewal
     assert s2.imports_for is s1.imports_for and s2.peers_for is s1.peers_for
-    assert s2.changed_since(s1) == {"c"} and s2.changed_since(s2) == frozenset()
+    assert s2.changed_since(s1) == frozenset({"c"}) and s2.changed_since(s2) == frozenset()
     moved = {**service, "ports": [{"number": 9081, "protocol": "HTTP"}]}
     assert harness.publish(b, trust_domain="b.test", services=[moved]).status_code == 200
     s3 = fleet.snapshot()
     assert s3.imports_for["a"][0]["ports"][0]["number"] == 9081  # the exporter's change reaches the index
-    assert s3.changed_since(s2) == {"a", "b"}  # a imports from b: its desired state differs too
-    assert s3.changed_since(s1) == {"a", "b", "c"}
+    assert s3.changed_since(s2) == frozenset({"a", "b"})  # a imports from b: its desired state differs too
+    assert s3.changed_since(s1) == frozenset({"a", "b", "c"})
     del a, c
     harness.client.post("/v1/roots", json={}, headers=harness.admin)  # not a cluster's own change
     s4 = fleet.snapshot()
