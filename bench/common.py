@@ -266,18 +266,32 @@ class BenchCA:
         return self
 
     def save_setup(self, to: Path) -> None:
-        """Keep the data dir as it is now (a SQLite CA, not serving) for ``adopt_setup``."""
-        if self.engine != "sqlite":
-            raise SystemExit("a saved setup holds a SQLite data dir only")
-        shutil.copytree(self.data, to)
+        """Keep the data dir (and a PostgreSQL database's dump) as they are now, for ``adopt_setup``."""
+        shutil.copytree(self.data, to / "ca")
+        if self.pg is not None:
+            self._pg_tool("pg_dump", "-Fc", "-f", str(to / "db.dump"), "meshbridge_bench")
 
     def adopt_setup(self, saved: Path) -> BenchCA:
-        """Instead of ``init``: a copy of a data dir ``save_setup`` kept (not timed: setup only)."""
-        if self.engine != "sqlite":
-            raise SystemExit("a saved setup holds a SQLite data dir only")
+        """Instead of ``init``: a copy of what ``save_setup`` kept (not timed: setup only); on
+        PostgreSQL a new server with the dump restored, and the data dir's settings pointed at it."""
         self.env = {**os.environ, "MESHBRIDGE_CA_KEY_PASSPHRASE": "bench-passphrase-not-secret"}
-        shutil.copytree(saved, self.data)
+        shutil.copytree(saved / "ca", self.data)
+        if self.engine == "postgres":
+            from ca_server.runtime import SETTINGS_FILE
+            from tests.support.pgserver import PgServer
+
+            self.pg = PgServer().start()
+            self.db_url = self.pg.create_database("meshbridge_bench")
+            self._pg_tool("pg_restore", "-d", "meshbridge_bench", str(saved / "db.dump"))
+            settings = self.data / SETTINGS_FILE
+            settings.write_text(json.dumps({**json.loads(settings.read_text()), "database_url": self.db_url}))
         return self
+
+    def _pg_tool(self, tool: str, *args: str) -> None:
+        pg = self.pg
+        subprocess.run(
+            [str(pg.bindir / tool), "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", *args], check=True
+        )
 
     def replica(self) -> BenchCA:
         """Another `serve` of the same data dir and database (start it; stop it, never clean it up)."""

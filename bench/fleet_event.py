@@ -30,9 +30,9 @@ processes alternate between them (half the long-polls each); the activation goes
 Each replica's resident memory is reported: its peak (the sum of each of its processes' VmHWM)
 and what it holds after the event.
 
-``--setup-cache DIR`` (SQLite only) keeps the enrolled data dir and the pre-built requests in
-``DIR/sqlite-<N>`` the first time and starts later runs from a copy of it: enrolling 10,000
-clusters takes minutes and is not what is measured.
+``--setup-cache DIR`` keeps the enrolled data dir (PostgreSQL: and a dump of the database) and the
+pre-built requests in ``DIR/<engine>-<N>`` the first time and starts later runs from a copy of it:
+enrolling 10,000 clusters takes minutes and is not what is measured.
 
     python bench/fleet_event.py --agents 1000 [--engine sqlite|postgres] [--workers 2] [--replicas 2] [--json]
 """
@@ -103,13 +103,13 @@ def setup(ca: BenchCA, n: int, cache: Path | None) -> list[dict[str, Any]]:
     """A CA with ``n`` enrolled clusters (from ``cache`` when it holds them) and their requests."""
     saved = cache / f"{ca.engine}-{n}" if cache is not None else None
     if saved is not None and (saved / "agents.json").exists():
-        ca.adopt_setup(saved / "ca")
+        ca.adopt_setup(saved)
         agents: list[dict[str, Any]] = json.loads((saved / "agents.json").read_text())
         return agents
     ca.init()
     agents = enroll_in_process(ca, [f"f{i:05d}" for i in range(n)])
     if saved is not None:
-        ca.save_setup(saved / "ca")
+        ca.save_setup(saved)
         (saved / "agents.json").write_text(json.dumps(agents))
     return agents
 
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procs", type=int, default=4, help="client processes the agents are spread over")
     p.add_argument("--workers", type=int, default=0, help="pass --workers N to serve (0: its default)")
     p.add_argument("--replicas", type=int, default=1, help="`serve` processes sharing the data dir and database")
-    p.add_argument("--setup-cache", type=Path, help="keep and reuse the enrolled setup here (SQLite)")
+    p.add_argument("--setup-cache", type=Path, help="keep and reuse the enrolled setup here")
     p.add_argument("--insecure-http", action="store_true")
     p.add_argument("--settle", type=float, default=2.0, help="seconds to let re-polls reach the server")
     p.add_argument("--deadline", type=float, default=60.0, help="give up on the event after this many seconds")
