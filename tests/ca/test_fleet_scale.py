@@ -27,7 +27,8 @@ from ca_server.speedups import ALL_OFF
 from ca_server.storage import tables as t
 from tests.ca.conftest import Harness
 
-pytestmark = pytest.mark.parametrize("speedups", [pytest.param(ALL_OFF, id="speedups-off")], indirect=True)
+# the tests with a harness run with the speed-ups off
+speedups_off = pytest.mark.parametrize("speedups", [pytest.param(ALL_OFF, id="speedups-off")], indirect=True)
 
 STATEMENT_BOUND = 12  # one activation issues 8 (SQLite, speed-ups off), whatever the fleet size
 
@@ -113,6 +114,7 @@ def activate_counted(h: Harness, root_id: str | None = None) -> tuple[list[str],
     return seen, root_id
 
 
+@speedups_off
 def test_activation_issues_a_bounded_number_of_statements_whatever_the_fleet_size(harness: Harness) -> None:
     costs = {}
     for n, prefix in ((10, "a"), (1000, "b")):
@@ -128,6 +130,7 @@ def test_activation_issues_a_bounded_number_of_statements_whatever_the_fleet_siz
     assert len(rotated.details["rotated"]) == 1010  # the 10 of the first round are still pending: named again
 
 
+@speedups_off
 def test_activation_moves_only_active_clusters_off_other_roots_and_never_twice(harness: Harness) -> None:
     a, b, c = seed_clusters(harness, 3)
     with harness.store.engine.begin() as conn:
@@ -143,6 +146,7 @@ def test_activation_moves_only_active_clusters_off_other_roots_and_never_twice(h
     assert entry.subject == root_id and entry.details["rotated"] == [a, c]
 
 
+@speedups_off
 def test_a_cluster_already_under_the_new_root_is_not_rotated(harness: Harness) -> None:
     agent = harness.enroll("x")
     r = harness.client.post("/v1/roots", json={}, headers=harness.admin)
@@ -159,6 +163,7 @@ def test_a_cluster_already_under_the_new_root_is_not_rotated(harness: Harness) -
     assert harness.cluster("x")["generation"] == gen + 1 and harness.cluster("x")["rotation_pending"] is True
 
 
+@speedups_off
 def test_a_new_snapshot_reads_the_changed_clusters_in_one_query(harness: Harness) -> None:
     agents = [harness.enroll(f"c{i}") for i in range(6)]
     fleet = Fleet(harness.authority.ctx)  # its own: the app's watcher reads the harness's in another thread
@@ -172,6 +177,7 @@ def test_a_new_snapshot_reads_the_changed_clusters_in_one_query(harness: Harness
     assert len(reads) == 1, reads  # was one per changed cluster
 
 
+@speedups_off
 def test_one_activation_is_one_change_notification(harness: Harness) -> None:
     seed_clusters(harness, 50)
     root_id = new_root(harness)
@@ -181,6 +187,7 @@ def test_one_activation_is_one_change_notification(harness: Harness) -> None:
     assert len(calls) == 1  # one wake-up of this replica's watcher, not one per cluster
 
 
+@speedups_off
 def test_renewals_and_rotations_keep_the_fleet_index_and_name_what_changed(harness: Harness) -> None:
     a, b, c = (harness.enroll(n) for n in ("a", "b", "c"))
     service = {
@@ -211,6 +218,7 @@ def test_renewals_and_rotations_keep_the_fleet_index_and_name_what_changed(harne
     assert s4.changed_since(s3) is None and s4.changes == ()
 
 
+@speedups_off
 def test_a_waiter_is_woken_only_when_its_cluster_changed_without_comparing_every_waiter(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -236,3 +244,15 @@ def test_a_waiter_is_woken_only_when_its_cluster_changed_without_comparing_every
 
     assert asyncio.run(run()) == {"a": False, "b": True, "c": False}
     assert compared == []  # the snapshot named b: no other waiter was looked at (was one comparison each)
+
+
+def test_changes_older_than_the_deltas_kept_are_unknown() -> None:
+    def snap(revision: int, changes: tuple[tuple[int, int, frozenset[str]], ...]) -> FleetSnapshot:
+        return FleetSnapshot(revision=revision, trust_bundle="", crl_pem="", clusters={}, changes=changes)
+
+    links = tuple((r, r + 1, frozenset({f"c{r}"})) for r in range(100, 164))  # 64 deltas: 100 → 164
+    latest = snap(164, links)
+    assert latest.changed_since(snap(100, ())) == frozenset(f"c{r}" for r in range(100, 164))
+    assert latest.changed_since(snap(163, ())) == frozenset({"c163"})
+    assert latest.changed_since(snap(99, ())) is None  # before the oldest delta kept: anything may differ
+    assert latest.changed_since(snap(170, ())) is None  # a later snapshot than this one: not a delta of it
