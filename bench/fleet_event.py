@@ -44,6 +44,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import random
 import ssl
 import sys
 import time
@@ -164,11 +165,7 @@ async def _agent(client: httpx.AsyncClient, a: dict[str, Any], rec: dict[str, An
     path = f"/v1/clusters/{name}/desired"
     started = time.monotonic()
     try:
-        r = await client.get(path, headers=auth)
-        r.raise_for_status()
-        desired = r.json()
-        trust(desired["trust_bundle"])
-        await report_served(client, a, auth, desired["trust_bundle"])
+        desired = await _first_contact(client, a, auth, trust)
         rev = desired["revision"]
         events.put(("polling", name, rev))
         while True:
@@ -214,6 +211,29 @@ async def _agent(client: httpx.AsyncClient, a: dict[str, Any], rec: dict[str, An
             f"{len(rec['answers'])} answer(s), {time.monotonic() - started:.1f} s after start"
         )
         events.put(("error", name, rec["error"]))
+
+
+FIRST_CONTACT_TRIES = 8
+
+
+async def _first_contact(client: httpx.AsyncClient, a: dict[str, Any], auth: dict[str, str], trust: Any) -> Any:
+    """The first desired state and status report, retried (before the timed event) as the real
+    agent's loop retries a CA it cannot reach (``cluster_agent.loop``: backoff on CAUnreachable):
+    ten thousand agents connecting at the same instant is the bench's doing, not a fleet's."""
+    for attempt in range(FIRST_CONTACT_TRIES):
+        try:
+            r = await client.get(f"/v1/clusters/{a['name']}/desired", headers=auth)
+            r.raise_for_status()
+            desired = r.json()
+            trust(desired["trust_bundle"])
+            await report_served(client, a, auth, desired["trust_bundle"])
+            return desired
+        except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+            retry = isinstance(exc, httpx.TransportError) or exc.response.status_code in (429, 503)
+            if not retry or attempt == FIRST_CONTACT_TRIES - 1:
+                raise
+            await asyncio.sleep(min(2**attempt, 30) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
 
 
 async def report_served(client: httpx.AsyncClient, a: dict[str, Any], auth: dict[str, str], bundle: str) -> None:
@@ -293,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     # the activation gate waits a workload certificate lifetime after every istiod serves the new
     # root; the agents here report it as they re-poll, and the event starts after --settle
     serve_args = ["--workload-cert-lifetime", "1s"]
+    # one keep-alive connection per agent: a replica holds its share of the fleet's long-polls
+    # (serve's default cap, 2,048 per worker process, is below 10,000; see docs/api.md)
+    # (workers share a socket unevenly: each may take a whole replica's share)
+    serve_args += ["--max-connections", str(-(-args.agents // args.replicas) + 256)]
     serve_args += ["--workers", str(args.workers)] if args.workers else []
     ca = BenchCA(engine=args.engine, insecure_http=args.insecure_http, serve_args=serve_args)
     report: dict[str, Any] = {
