@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
 
         first: dict[str, str] = {}
         t0 = time.monotonic()
-        wait_polling(first, 90)
+        wait_polling(first, max(90.0, args.agents * 0.03))  # 10,000 TLS handshakes take a while
         report["connect_all_s"] = round(time.monotonic() - t0, 1)
         time.sleep(args.settle)
 
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         r.raise_for_status()
         root_id = r.json()["id"]
         second: dict[str, str] = {}
-        wait_polling(second, 60)
+        wait_polling(second, max(60.0, args.agents * 0.02))
         report["add_root"] = {
             "request_s": round(add_request_s, 3),
             "all_repolling_s": round(time.monotonic() - t_add, 2),
