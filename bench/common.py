@@ -72,6 +72,33 @@ def proc_tree_cpu(pid: int) -> float:
     return sum(stats[p][1] for p in tree if p in stats)
 
 
+def proc_tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with suppress(OSError), open(f"/proc/{entry}/stat") as f:
+                raw = f.read()
+                parents[int(entry)] = int(raw[raw.rindex(")") + 2 :].split()[1])
+    tree, frontier = [pid], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [c for c, pp in parents.items() if pp == parent and c not in tree]
+        tree += children
+        frontier += children
+    return tree
+
+
+def proc_tree_rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of ``pid`` and its descendants, MiB: ``VmRSS`` now, or ``VmHWM`` (each
+    process's own peak: their sum bounds the tree's peak from above)."""
+    kib = 0
+    for p in proc_tree(pid):
+        with suppress(OSError), open(f"/proc/{p}/status") as f:
+            kib += sum(int(line.split()[1]) for line in f if line.startswith(f"{field}:"))
+    return round(kib / 1024, 1)
+
+
 def machine_busy() -> float:
     """CPU seconds all cores have spent not idle since boot (from /proc/stat)."""
     with open("/proc/stat") as f:
@@ -96,8 +123,10 @@ class CpuMeter:
     """Where the CPU went during a measured interval: the server's process tree, this process's
     waited-for children (the load generator), and everything else on the machine."""
 
-    def __init__(self, server_pid: int, db_pid: int | None = None, client_pids: list[int] | None = None) -> None:
-        self.pid = server_pid
+    def __init__(
+        self, server_pid: int | list[int], db_pid: int | None = None, client_pids: list[int] | None = None
+    ) -> None:
+        self.pids = server_pid if isinstance(server_pid, list) else [server_pid]  # every replica's
         self.db_pid = db_pid
         self.client_pids = client_pids  # live client processes, else this process's waited-for children
 
@@ -107,9 +136,12 @@ class CpuMeter:
         r = resource.getrusage(resource.RUSAGE_CHILDREN)
         return r.ru_utime + r.ru_stime
 
+    def _server_cpu(self) -> float:
+        return sum(proc_tree_cpu(p) for p in self.pids)
+
     def __enter__(self) -> CpuMeter:
         self.t0 = time.monotonic()
-        self.s0 = proc_tree_cpu(self.pid)
+        self.s0 = self._server_cpu()
         self.d0 = proc_tree_cpu(self.db_pid) if self.db_pid else 0.0
         self.c0 = self._client_cpu()
         self.b0 = machine_busy()
@@ -119,7 +151,7 @@ class CpuMeter:
 
     def __exit__(self, *_: Any) -> None:
         self.seconds = time.monotonic() - self.t0
-        self.server = proc_tree_cpu(self.pid) - self.s0
+        self.server = self._server_cpu() - self.s0
         self.db = (proc_tree_cpu(self.db_pid) - self.d0) if self.db_pid else 0.0
         self.client = self._client_cpu() - self.c0
         self.busy = machine_busy() - self.b0
@@ -232,6 +264,45 @@ class BenchCA:
             cmd += ["--database-url", self.db_url]
         subprocess.run(cmd, check=True, capture_output=True, env=self.env)
         return self
+
+    def save_setup(self, to: Path) -> None:
+        """Keep the data dir (and a PostgreSQL database's dump) as they are now, for ``adopt_setup``."""
+        shutil.copytree(self.data, to / "ca")
+        if self.pg is not None:
+            self._pg_tool("pg_dump", "-Fc", "-f", str(to / "db.dump"), "meshbridge_bench")
+
+    def adopt_setup(self, saved: Path) -> BenchCA:
+        """Instead of ``init``: a copy of what ``save_setup`` kept (not timed: setup only); on
+        PostgreSQL a new server with the dump restored, and the data dir's settings pointed at it."""
+        self.env = {**os.environ, "MESHBRIDGE_CA_KEY_PASSPHRASE": "bench-passphrase-not-secret"}
+        shutil.copytree(saved / "ca", self.data)
+        if self.engine == "postgres":
+            from ca_server.runtime import SETTINGS_FILE
+            from tests.support.pgserver import PgServer
+
+            self.pg = PgServer().start()
+            self.db_url = self.pg.create_database("meshbridge_bench")
+            self._pg_tool("pg_restore", "-d", "meshbridge_bench", str(saved / "db.dump"))
+            settings = self.data / SETTINGS_FILE
+            settings.write_text(json.dumps({**json.loads(settings.read_text()), "database_url": self.db_url}))
+        return self
+
+    def _pg_tool(self, tool: str, *args: str) -> None:
+        pg = self.pg
+        subprocess.run(
+            [str(pg.bindir / tool), "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", *args], check=True
+        )
+
+    def replica(self) -> BenchCA:
+        """Another `serve` of the same data dir and database (start it; stop it, never clean it up)."""
+        return BenchCA(
+            engine=self.engine,
+            insecure_http=self.insecure_http,
+            serve_args=self.serve_args,
+            workdir=self.workdir,
+            db_url=self.db_url,
+            env=self.env,
+        )
 
     @property
     def admin_token(self) -> str:

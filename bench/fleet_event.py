@@ -25,15 +25,26 @@ status, or no renewal); the report lists every renewal status seen. What went wr
 renewal is counted apart: errors on later requests (these fail the run too), a desired state
 still asking for rotation, another generation than the one asked for.
 
-    python bench/fleet_event.py --agents 1000 [--engine sqlite|postgres] [--workers 2] [--json]
+With ``--replicas 2`` a second `serve` of the same data dir and database starts and the client
+processes alternate between them (half the long-polls each); the activation goes to the first.
+Each replica's resident memory is reported: its peak (the sum of each of its processes' VmHWM)
+and what it holds after the event.
+
+``--setup-cache DIR`` keeps the enrolled data dir (PostgreSQL: and a dump of the database) and the
+pre-built requests in ``DIR/<engine>-<N>`` the first time and starts later runs from a copy of it:
+enrolling 10,000 clusters takes minutes and is not what is measured.
+
+    python bench/fleet_event.py --agents 1000 [--engine sqlite|postgres] [--workers 2] [--replicas 2] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing as mp
 import os
+import random
 import ssl
 import sys
 import time
@@ -45,12 +56,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BenchCA, CpuMeter, machine, raise_nofile, save_report
+from common import BenchCA, CpuMeter, machine, proc_tree_cpu, proc_tree_rss_mib, raise_nofile, save_report
 
 from cluster_agent import pki
 from tests.support.served import fingerprints, rfc3339
 
-TARGETS = {"answered_s": 5.0, "renewed_s": 15.0}
+# issue 15, item 2 (at 10,000 clusters; issue 2 asked renewals within 15 s at 1,000)
+TARGETS = {"answered_s": 5.0, "activate_s": 1.0, "renewed_s": 30.0, "rss_mib": 1024.0}
 
 
 # ----------------------------------------------------------------------------- setup
@@ -85,6 +97,21 @@ def enroll_in_process(ca: BenchCA, names: list[str]) -> list[dict[str, Any]]:
             }
         )
     authority.store.dispose()  # type: ignore[attr-defined]
+    return agents
+
+
+def setup(ca: BenchCA, n: int, cache: Path | None) -> list[dict[str, Any]]:
+    """A CA with ``n`` enrolled clusters (from ``cache`` when it holds them) and their requests."""
+    saved = cache / f"{ca.engine}-{n}" if cache is not None else None
+    if saved is not None and (saved / "agents.json").exists():
+        ca.adopt_setup(saved)
+        agents: list[dict[str, Any]] = json.loads((saved / "agents.json").read_text())
+        return agents
+    ca.init()
+    agents = enroll_in_process(ca, [f"f{i:05d}" for i in range(n)])
+    if saved is not None:
+        ca.save_setup(saved)
+        (saved / "agents.json").write_text(json.dumps(agents))
     return agents
 
 
@@ -138,11 +165,7 @@ async def _agent(client: httpx.AsyncClient, a: dict[str, Any], rec: dict[str, An
     path = f"/v1/clusters/{name}/desired"
     started = time.monotonic()
     try:
-        r = await client.get(path, headers=auth)
-        r.raise_for_status()
-        desired = r.json()
-        trust(desired["trust_bundle"])
-        await report_served(client, a, auth, desired["trust_bundle"])
+        desired = await _first_contact(client, a, auth, trust)
         rev = desired["revision"]
         events.put(("polling", name, rev))
         while True:
@@ -188,6 +211,29 @@ async def _agent(client: httpx.AsyncClient, a: dict[str, Any], rec: dict[str, An
             f"{len(rec['answers'])} answer(s), {time.monotonic() - started:.1f} s after start"
         )
         events.put(("error", name, rec["error"]))
+
+
+FIRST_CONTACT_TRIES = 8
+
+
+async def _first_contact(client: httpx.AsyncClient, a: dict[str, Any], auth: dict[str, str], trust: Any) -> Any:
+    """The first desired state and status report, retried (before the timed event) as the real
+    agent's loop retries a CA it cannot reach (``cluster_agent.loop``: backoff on CAUnreachable):
+    ten thousand agents connecting at the same instant is the bench's doing, not a fleet's."""
+    for attempt in range(FIRST_CONTACT_TRIES):
+        try:
+            r = await client.get(f"/v1/clusters/{a['name']}/desired", headers=auth)
+            r.raise_for_status()
+            desired = r.json()
+            trust(desired["trust_bundle"])
+            await report_served(client, a, auth, desired["trust_bundle"])
+            return desired
+        except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+            retry = isinstance(exc, httpx.TransportError) or exc.response.status_code in (429, 503)
+            if not retry or attempt == FIRST_CONTACT_TRIES - 1:
+                raise
+            await asyncio.sleep(min(2**attempt, 30) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
 
 
 async def report_served(client: httpx.AsyncClient, a: dict[str, Any], auth: dict[str, str], bundle: str) -> None:
@@ -252,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", choices=["sqlite", "postgres"], default="sqlite")
     p.add_argument("--procs", type=int, default=4, help="client processes the agents are spread over")
     p.add_argument("--workers", type=int, default=0, help="pass --workers N to serve (0: its default)")
+    p.add_argument("--replicas", type=int, default=1, help="`serve` processes sharing the data dir and database")
+    p.add_argument("--setup-cache", type=Path, help="keep and reuse the enrolled setup here")
     p.add_argument("--insecure-http", action="store_true")
     p.add_argument("--settle", type=float, default=2.0, help="seconds to let re-polls reach the server")
     p.add_argument("--deadline", type=float, default=60.0, help="give up on the event after this many seconds")
@@ -265,33 +313,41 @@ def main(argv: list[str] | None = None) -> int:
     # the activation gate waits a workload certificate lifetime after every istiod serves the new
     # root; the agents here report it as they re-poll, and the event starts after --settle
     serve_args = ["--workload-cert-lifetime", "1s"]
+    # one keep-alive connection per agent: a replica holds its share of the fleet's long-polls
+    # (serve's default cap, 2,048 per worker process, is below 10,000; see docs/api.md)
+    # (workers share a socket unevenly: each may take a whole replica's share)
+    serve_args += ["--max-connections", str(-(-args.agents // args.replicas) + 256)]
     serve_args += ["--workers", str(args.workers)] if args.workers else []
     ca = BenchCA(engine=args.engine, insecure_http=args.insecure_http, serve_args=serve_args)
     report: dict[str, Any] = {
         "engine": args.engine,
         "agents": args.agents,
         "client_procs": args.procs,
+        "replicas": args.replicas,
         "serve_args": serve_args,
         "transport": "http" if args.insecure_http else "https",
         "machine": machine(),
         "nofile": nofile,
     }
     procs: list[Any] = []
+    replicas: list[BenchCA] = []
     try:
-        ca.init()
         t0 = time.monotonic()
-        agents = enroll_in_process(ca, [f"f{i:04d}" for i in range(args.agents)])
+        agents = setup(ca, args.agents, args.setup_cache)
         report["setup_enroll_s"] = round(time.monotonic() - t0, 1)
         ca.start()
+        replicas = [ca] + [ca.replica().start() for _ in range(args.replicas - 1)]
         events: Any = mp.Queue()
         out: Any = mp.Queue()
         stop = mp.Event()
         slices = [agents[i :: args.procs] for i in range(args.procs)]
         procs = [
             mp.Process(
-                target=client_proc, args=(ca.url, str(ca.data / "root-cert.pem"), s, events, out, stop), daemon=True
+                target=client_proc,
+                args=(replicas[i % len(replicas)].url, str(ca.data / "root-cert.pem"), s, events, out, stop),
+                daemon=True,
             )
-            for s in slices
+            for i, s in enumerate(slices)
             if s
         ]
         for pr in procs:
@@ -315,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
 
         first: dict[str, str] = {}
         t0 = time.monotonic()
-        wait_polling(first, 90)
+        wait_polling(first, max(90.0, args.agents * 0.03))  # 10,000 TLS handshakes take a while
         report["connect_all_s"] = round(time.monotonic() - t0, 1)
         time.sleep(args.settle)
 
@@ -332,18 +388,20 @@ def main(argv: list[str] | None = None) -> int:
         r.raise_for_status()
         root_id = r.json()["id"]
         second: dict[str, str] = {}
-        wait_polling(second, 60)
+        wait_polling(second, max(60.0, args.agents * 0.02))
         report["add_root"] = {
             "request_s": round(add_request_s, 3),
             "all_repolling_s": round(time.monotonic() - t_add, 2),
         }
         time.sleep(args.settle)
 
-        assert ca.proc is not None
-        with CpuMeter(ca.proc.pid, ca.db_pid, client_pids=[pr.pid for pr in procs]) as meter:
+        server_pids = [r.proc.pid for r in replicas if r.proc is not None]
+        with CpuMeter(server_pids, ca.db_pid, client_pids=[pr.pid for pr in procs]) as meter:
+            cpu0 = sum(proc_tree_cpu(pid) for pid in server_pids)
             t_act = time.monotonic()
             r = admin("POST", f"/v1/roots/{root_id}/activate")
             t_act_done = time.monotonic()
+            activate_cpu_s = sum(proc_tree_cpu(pid) for pid in server_pids) - cpu0
             r.raise_for_status()
             done: set[str] = set()
             deadline = time.monotonic() + args.deadline
@@ -364,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception:
                 break
         report["activate_request_s"] = round(t_act_done - t_act, 3)
+        report["activate_server_cpu_s"] = round(activate_cpu_s, 3)  # every replica's, while it ran
 
         answered = [x["rotate_at"] - t_act for x in results if "rotate_at" in x]
         bundle = [x["answers"][0] - t_add for x in results if x.get("answers")]
@@ -387,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
         report["event"].update(meter.report(len(renewed)))
+        report["rss_mib"] = [
+            {"peak": proc_tree_rss_mib(pid, "VmHWM"), "after": proc_tree_rss_mib(pid)} for pid in server_pids
+        ]
 
         # afterwards: every cluster on the new root, nothing pending, audit chain intact
         items = admin("GET", "/v1/clusters").json()["items"]
@@ -394,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         pending = sum(1 for c in items if c["rotation_pending"])
         for pr in procs:
             pr.join(5)
-        ca.stop()
+        for r in replicas:
+            r.stop()
         ok_audit, msg = ca.audit_verify()
         report["checks"] = {
             "clusters_on_new_root": on_new,
@@ -406,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         for pr in procs:
             if pr.is_alive():
                 pr.kill()
+        for r in replicas[1:]:
+            r.stop()
         if args.keep:
             report["workdir"] = str(ca.workdir)
             ca.stop()
@@ -425,15 +490,17 @@ def main(argv: list[str] | None = None) -> int:
         ok
         and ev["all_answered_s"] is not None
         and ev["all_answered_s"] < TARGETS["answered_s"]
+        and report["activate_request_s"] < TARGETS["activate_s"]
         and ev["all_renewed_s"] is not None
         and ev["all_renewed_s"] < TARGETS["renewed_s"]
+        and all(r["peak"] < TARGETS["rss_mib"] for r in report["rss_mib"])
     )
     report["pass"], report["targets_met"] = ok, met
     if not save_report(report, args.out, args.json):
         m = report["machine"]
         print(
             f"fleet event: {args.agents} agents, engine={args.engine}, transport={report['transport']}, "
-            f"serve_args={' '.join(serve_args) or '-'}, {args.procs} client processes  "
+            f"serve_args={' '.join(serve_args) or '-'}, {args.replicas} replica(s), {args.procs} client processes  "
             f"[{m['nproc']} cpu {m['cpu']}, Python {m['python']}]"
         )
         ar = report["add_root"]
@@ -442,7 +509,10 @@ def main(argv: list[str] | None = None) -> int:
             f"  add root (trust bundle changes): request {ar['request_s']} s, every long-poll answered "
             f"{ar['all_answered_s']} s, all re-polling {ar['all_repolling_s']} s"
         )
-        print(f"  activate: request took {report['activate_request_s']} s")
+        print(
+            f"  activate: request took {report['activate_request_s']} s (target < {TARGETS['activate_s']:g} s), "
+            f"server CPU meanwhile {report['activate_server_cpu_s']} s"
+        )
         print(
             f"  every long-poll answered rotate_required: {ev['all_answered_s']} s "
             f"(p50 {ev['answer_p50_s']}, p99 {ev['answer_p99_s']}; target < {TARGETS['answered_s']:g} s)"
@@ -457,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{ev['client_cores']} cores; db {ev['db_cores']}; others {ev['other_cores']}; "
             f"loadavg {ev['loadavg']}"
         )
+        rss = ", ".join(f"peak {r['peak']:g} MiB, after {r['after']:g} MiB" for r in report["rss_mib"])
+        print(f"  server RSS per replica: {rss} (target < {TARGETS['rss_mib']:g} MiB)")
         print(f"  after renewing, every agent long-polls again: {ev['answers_after_renewal']} answers to them")
         print(
             f"  renewals answered {ev['renew_statuses']}; failures (renewal not 2xx) {ev['failures']}, "

@@ -36,6 +36,21 @@ class FleetSnapshot:
     imports_for: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     peers_for: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     audit_id: int = -1  # every audited change up to this entry is reflected (-1: unknown)
+    # the last deltas this snapshot was built through: (from revision, to revision, the clusters
+    # whose desired state may differ between the two); empty after a full read
+    changes: tuple[tuple[int, int, frozenset[str]], ...] = ()
+
+    def changed_since(self, earlier: FleetSnapshot) -> frozenset[str] | None:
+        """The clusters whose desired state may differ from ``earlier``'s; None when that is not
+        known (a full read since, or ``earlier`` older than the deltas kept): then any may."""
+        if earlier.revision == self.revision:
+            return frozenset()
+        names: set[str] = set()
+        for start, _end, changed in reversed(self.changes):
+            names |= changed
+            if start == earlier.revision:
+                return frozenset(names)
+        return None
 
 
 # Audit actions whose only effect on desired state is the row of the cluster named as their
@@ -51,6 +66,7 @@ _CLUSTER_ACTIONS = frozenset(
     }
 )
 _MAX_DELTA = 256
+_CHANGES_KEPT = 64  # deltas a snapshot remembers, for ``changed_since``
 
 
 def _canon(obj: Any) -> str:
@@ -59,6 +75,19 @@ def _canon(obj: Any) -> str:
 
 def _published(c: Cluster) -> bool:
     return c.status == ClusterStatus.ACTIVE and c.exports is not None
+
+
+def _index_inputs(c: Cluster | None) -> tuple[Any, ...]:
+    """What of a cluster's row the imports and peers of every cluster are built from."""
+    return (None,) if c is None else (c.status, c.trust_domain, _canon(c.exports))
+
+
+def _index_changes(prev: FleetSnapshot, snap: FleetSnapshot) -> set[str]:
+    """The clusters whose imports or peers differ between the two indexed snapshots."""
+    out = set()
+    for before, after in ((prev.imports_for, snap.imports_for), (prev.peers_for, snap.peers_for)):
+        out |= {n for n in before.keys() | after.keys() if before.get(n) != after.get(n)}
+    return out
 
 
 def build_fleet_index(snap: FleetSnapshot) -> None:
@@ -202,9 +231,12 @@ class Fleet:
             prev = self._snapshot
             if prev is not None and prev.revision == revision:
                 return prev
-            delta = self._snapshot_delta(tx, prev, revision) if prev is not None and prev.audit_id >= 0 else None
+            delta = None
+            if prev is not None and prev.audit_id >= 0:
+                delta = self._snapshot_delta(tx, prev, revision)
             snap = delta if delta is not None else self._full_snapshot(tx, revision, head)
-        build_fleet_index(snap)
+        if delta is None:
+            build_fleet_index(snap)
         with self._lock:
             if self._snapshot is None or self._snapshot.revision <= snap.revision:
                 self._snapshot = snap
@@ -233,13 +265,12 @@ class Fleet:
         if not entries or len(entries) > _MAX_DELTA or any(e.action not in _CLUSTER_ACTIONS for e in entries):
             return None
         clusters = dict(prev.clusters)
-        for name in {e.subject for e in entries}:
-            cluster = tx.get_cluster(name)
-            if cluster is None:
-                clusters.pop(name, None)
-            else:
-                clusters[name] = cluster
-        return FleetSnapshot(
+        names = {e.subject for e in entries}
+        found = {c.name: c for c in tx.get_clusters(names)}  # one query, not one per cluster
+        for name in names - found.keys():
+            clusters.pop(name, None)
+        clusters.update(found)
+        snap = FleetSnapshot(
             revision=revision,
             trust_bundle=prev.trust_bundle,
             crl_pem=prev.crl_pem,
@@ -247,6 +278,15 @@ class Fleet:
             root_endorsements=prev.root_endorsements,
             audit_id=entries[-1].id,
         )
+        changed = set(names)
+        if all(_index_inputs(prev.clusters.get(n)) == _index_inputs(found.get(n)) for n in names):
+            # renewals and rotations: the fleet index (O(fleet) to build) stays as it was
+            snap.imports_for, snap.peers_for = prev.imports_for, prev.peers_for
+        else:
+            build_fleet_index(snap)
+            changed |= _index_changes(prev, snap)
+        snap.changes = (*prev.changes, (prev.revision, revision, frozenset(changed)))[-_CHANGES_KEPT:]
+        return snap
 
     def desired(self, cluster_name: str) -> dict[str, Any]:
         snap = self.snapshot()

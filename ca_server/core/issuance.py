@@ -23,7 +23,7 @@ from ca_server.core.errors import BadProof, Conflict, Forbidden, Unauthenticated
 from ca_server.core.models import BootstrapToken, CertificateRecord, Cluster, ClusterStatus, Root, RootStatus
 from ca_server.core.ports import Tx
 from ca_server.core.rootkeys import RootKeys, active_root, trust_bundle_from
-from ca_server.core.roots import rotate_clusters_where
+from ca_server.core.roots import rotate_clusters
 from ca_server.core.validation import require_dns_label
 
 _KEY_CACHE = 20_000  # parsed intermediate public keys (and other per-key entries) kept per process
@@ -486,7 +486,7 @@ class Issuance:
             now = self.ctx.clock()
             for name in added:
                 tx.add_server_name(name, now)
-            rotated = rotate_clusters_where(tx, lambda _rec: True)
+            rotated = rotate_clusters(tx)
             self.ctx.audit(tx, actor=actor, action="server_names.protect", subject="ca", names=added, rotated=rotated)
         log.warning(
             "the CA service's names %s are now excluded from cluster intermediates; clusters "

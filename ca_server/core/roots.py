@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 
 from cryptography import x509
@@ -16,7 +16,7 @@ from ca_server.core.crls import Crls
 from ca_server.core.errors import Conflict, InvalidInput, NotFound
 from ca_server.core.importca import check_importable_ca
 from ca_server.core.keytypes import KeyType
-from ca_server.core.models import CertificateRecord, ClusterStatus, Root, RootStatus
+from ca_server.core.models import Root, RootStatus
 from ca_server.core.operators import first_admin_token
 from ca_server.core.ports import Tx
 from ca_server.core.rootkeys import RootKeys, active_root
@@ -190,8 +190,8 @@ class Roots:
                     tx.set_root_status(other.id, RootStatus.TRUSTED.value)
             tx.set_root_status(root.id, RootStatus.ACTIVE.value)
             root.status = RootStatus.ACTIVE
-            moved = _rotate_clusters_off_other_roots(tx, root)
-            self.ctx.audit(tx, actor=actor, action="root.activate", subject=root.id, rotated=sorted(moved), **forced)
+            moved = rotate_clusters(tx, off_root=root.id)
+            self.ctx.audit(tx, actor=actor, action="root.activate", subject=root.id, rotated=moved, **forced)
             self.ctx.changed(tx)
         return root
 
@@ -232,26 +232,10 @@ def _imported_root(cert: x509.Certificate, chain: list[x509.Certificate], key_re
     )
 
 
-def _rotate_clusters_off_other_roots(tx: Tx, root: Root) -> list[str]:
-    """Mark every active cluster whose current intermediate is under another root as due for
-    rotation; returns their names."""
-    return rotate_clusters_where(tx, lambda rec: rec.root_id != root.id)
-
-
-def rotate_clusters_where(tx: Tx, needs_rotation: Callable[[CertificateRecord], bool]) -> list[str]:
-    """Mark every active cluster whose current intermediate ``needs_rotation`` as due for rotation
-    (one generation up, unless already pending); returns their names."""
-    current = tx.current_certificates()
-    moved = []
-    for c in tx.list_clusters():
-        rec = current.get(c.name)
-        if c.status != ClusterStatus.ACTIVE or rec is None or not needs_rotation(rec):
-            continue
-        locked = tx.get_cluster(c.name, for_update=True)
-        assert locked is not None
-        if not locked.rotation_pending:
-            locked.generation += 1
-            locked.rotation_pending = True
-            tx.save_cluster(locked)
-        moved.append(c.name)
-    return moved
+def rotate_clusters(tx: Tx, *, off_root: str | None = None) -> list[str]:
+    """Mark every active cluster whose current intermediate is under another root than
+    ``off_root`` (every active cluster holding one, when None) as due for rotation: one generation
+    up, unless already pending. One set-based update in the store, whatever the fleet size (a
+    loop of per-cluster locked reads and writes took 17.5 s at 10,000 clusters); returns their
+    names, sorted."""
+    return tx.mark_rotation(off_root=off_root)

@@ -12,7 +12,7 @@ import json
 import os
 import threading
 from collections import namedtuple
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -548,6 +548,31 @@ class SqlTx:
         latest = select(func.max(t.certificates.c.id)).group_by(t.certificates.c.cluster).scalar_subquery()
         q = select(t.certificates).where(t.certificates.c.id.in_(latest))
         return {r.cluster: _cert(r) for r in self.c.execute(q)}
+
+    def mark_rotation(self, *, off_root: str | None = None) -> list[str]:
+        """Set-based, whatever the fleet size: every active cluster holding a current intermediate
+        (under another root than ``off_root`` when given) goes one generation up with its rotation
+        pending, unless it already is pending. Two statements (the names, one UPDATE); returns
+        the names of all such clusters, sorted (those already pending included)."""
+        latest = select(func.max(t.certificates.c.id)).group_by(t.certificates.c.cluster).scalar_subquery()
+        current = select(t.certificates.c.cluster).where(t.certificates.c.id.in_(latest))
+        if off_root is not None:
+            current = current.where(t.certificates.c.root_id != off_root)
+        due = (t.clusters.c.status == ClusterStatus.ACTIVE.value, t.clusters.c.name.in_(current))
+        names = [r.name for r in self.c.execute(select(t.clusters.c.name).where(*due).order_by(t.clusters.c.name))]
+        if names:
+            self.c.execute(
+                update(t.clusters)
+                .where(*due, t.clusters.c.rotation_pending.is_(False))
+                .values(generation=t.clusters.c.generation + 1, rotation_pending=True)
+            )
+        return names
+
+    def get_clusters(self, names: Collection[str]) -> list[Cluster]:
+        """The clusters among ``names`` that exist, in one query."""
+        if not names:
+            return []
+        return [_cluster(r) for r in self.c.execute(select(t.clusters).where(t.clusters.c.name.in_(sorted(names))))]
 
     def revoke_certificate(self, serial: str, *, at: datetime, reason: str) -> None:
         self.c.execute(
