@@ -101,8 +101,11 @@ def test_rendered_objects_pass_the_api_server_and_istioctl_validate(clusters: Cl
     for i, obj in enumerate(_with_locality_and_tcp()):
         (tmp_path / "a" / f"extra-{i}.yaml").write_text(to_yaml(obj))
     aliased = render_multi_importer(tmp_path / "alias", aliases={"ratings.bookinfo": "stars.bookinfo"})
+    e2e = render_multi_importer(tmp_path / "e2e", mode="end-to-end")
     istioctl = require("istioctl")
-    for f in sorted([*directory.glob("*.yaml"), *aliased.glob("*stars*.yaml")]):
+    forwarding = sorted(e2e.glob("*e2e-import*forward*.yaml"))
+    assert len(forwarding) == 6  # per name: the egress route, the forwarding host, its failover DestinationRule
+    for f in sorted([*directory.glob("*.yaml"), *aliased.glob("*stars*.yaml"), *forwarding]):
         clusters["a"].kubectl("apply", "--server-side", "--dry-run=server", "--force-conflicts", "-f", str(f))
         res = subprocess.run([str(istioctl), "validate", "-f", str(f)], capture_output=True, text=True)
         assert res.returncode == 0 and "Warning" not in res.stdout + res.stderr, res.stdout + res.stderr
