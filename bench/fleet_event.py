@@ -265,6 +265,12 @@ def _sample(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k in keys} for r in recs[:5]]
 
 
+def event_deadline(given: float | None, agents: int) -> float:
+    """Seconds the event may take before the agents are stopped: as given, else 60 s or 15 ms per
+    agent, whichever is more (10,000 agents renewed in 63 s on a quiet 2-core machine)."""
+    return given if given is not None else max(60.0, 0.015 * agents)
+
+
 def tally(results: list[dict[str, Any]]) -> dict[str, Any]:
     """What the agents saw, each kind counted once under its own name. A failure is an agent
     whose renewal was not answered 2xx (an error or an answer other than 2xx, or no renewal at
@@ -277,8 +283,10 @@ def tally(results: list[dict[str, Any]]) -> dict[str, Any]:
         statuses[key] = statuses.get(key, 0) + 1
     failures = [x for x in results if not renewal_ok(x)]
     ok = [x for x in results if renewal_ok(x)]
-    errors_after = [x for x in ok if "error" in x or (x.get("after_renewal") or {}).get("status") != 200]
-    read_after = [x for x in ok if x not in errors_after]
+    # renewed, no error, but the read after it had not been answered when the deadline stopped the agents
+    unfinished = [x for x in ok if "error" not in x and "after_renewal" not in x]
+    errors_after = [x for x in ok if x not in unfinished and ("error" in x or x["after_renewal"].get("status") != 200)]
+    read_after = [x for x in ok if x not in errors_after and x not in unfinished]
     pending_after = [x for x in read_after if x["after_renewal"].get("rotate_required") is not False]
     other_generation = [x for x in ok if x.get("renewed_generation") != x.get("want_generation")]
     return {
@@ -286,6 +294,7 @@ def tally(results: list[dict[str, Any]]) -> dict[str, Any]:
         "failures": len(failures),
         "failure_samples": _sample(failures),
         "errors_after_renewal": len(errors_after),
+        "unfinished_after_renewal": len(unfinished),
         "pending_after_renewal": len(pending_after),
         "other_generation": len(other_generation),
         "after_renewal_samples": _sample(errors_after + pending_after + other_generation),
@@ -302,7 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setup-cache", type=Path, help="keep and reuse the enrolled setup here")
     p.add_argument("--insecure-http", action="store_true")
     p.add_argument("--settle", type=float, default=2.0, help="seconds to let re-polls reach the server")
-    p.add_argument("--deadline", type=float, default=60.0, help="give up on the event after this many seconds")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="give up on the event after this many seconds (default: 60, or 15 ms per agent)",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", help="also write the JSON report to this file")
     p.add_argument("--keep", action="store_true")
@@ -404,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             activate_cpu_s = sum(proc_tree_cpu(pid) for pid in server_pids) - cpu0
             r.raise_for_status()
             done: set[str] = set()
-            deadline = time.monotonic() + args.deadline
+            deadline = time.monotonic() + event_deadline(args.deadline, len(agents))
             while len(done) < len(agents) and time.monotonic() < deadline:
                 try:
                     kind, name, _ = events.get(timeout=1.0)
@@ -482,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         ev["failures"] == 0
         and ev["missing"] == 0
         and ev["errors_after_renewal"] == 0
+        and ev["unfinished_after_renewal"] == 0
         and ch["clusters_on_new_root"] == args.agents
         and ch["rotation_pending"] == 0
         and ch["audit_verify"]
@@ -535,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
             f"missing {ev['missing']}" + (f" e.g. {ev['failure_samples']}" if ev["failure_samples"] else "")
         )
         print(
-            f"  after a 2xx renewal: errors {ev['errors_after_renewal']}, desired state still rotating "
+            f"  after a 2xx renewal: errors {ev['errors_after_renewal']}, unanswered at the deadline "
+            f"{ev['unfinished_after_renewal']}, desired state still rotating "
             f"{ev['pending_after_renewal']}, other generation {ev['other_generation']}"
             + (f" e.g. {ev['after_renewal_samples']}" if ev["after_renewal_samples"] else "")
         )

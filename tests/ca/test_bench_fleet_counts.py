@@ -54,3 +54,19 @@ def test_every_agent_renewed_is_zero_failures() -> None:
     t = fleet_event().tally([agent(f"a{i}") for i in range(1000)])
     assert t["renew_statuses"] == {"201": 1000}
     assert (t["failures"], t["errors_after_renewal"], t["pending_after_renewal"]) == (0, 0, 0)
+
+
+def test_a_read_after_renewal_cut_short_by_the_deadline_is_unfinished_not_an_error() -> None:
+    """At 10,000 agents the bench's 60 s deadline stopped the agents while their reads after a 201
+    renewal were still waiting: all 10,000 were reported as errors after renewal, none had one."""
+    unanswered = agent("cut-short")
+    del unanswered["after_renewal"]
+    t = fleet_event().tally([agent("ok"), unanswered, agent("broken", error="ReadTimeout")])
+    assert (t["failures"], t["errors_after_renewal"], t["unfinished_after_renewal"]) == (0, 1, 1)
+
+
+def test_the_deadline_grows_with_the_fleet() -> None:
+    module = fleet_event()
+    assert module.event_deadline(None, 1000) == 60.0
+    assert module.event_deadline(None, 10000) == 150.0
+    assert module.event_deadline(30.0, 10000) == 30.0
