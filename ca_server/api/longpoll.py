@@ -18,11 +18,6 @@ from ca_server.core.errors import NotFound
 from ca_server.core.fleet import FleetSnapshot, desired_state
 
 MAX_WAIT = 60.0  # seconds a long-poll waits at most, whatever it asks for
-# Long-polls woken per turn of the event loop. A root activation changes every cluster's desired
-# state: woken all at once, 10,000 long-polls each build and send their answer before anything else
-# on this loop runs again, the activation's own response included (12.9 s at 10,000, issue 15).
-# In batches, other requests wait for one batch's answers at most.
-WAKE_BATCH = 256
 
 
 class DesiredWaiters:
@@ -36,7 +31,6 @@ class DesiredWaiters:
     def __init__(self) -> None:
         self._events: dict[str, set[asyncio.Event]] = {}
         self._prev: FleetSnapshot | None = None
-        self._waking: set[asyncio.Task[None]] = set()
 
     def on_snapshot(self, snap: FleetSnapshot) -> None:
         prev, self._prev = self._prev, snap
@@ -45,13 +39,9 @@ class DesiredWaiters:
             names: Iterable[str] = [n for n in changed if n in self._events]
         else:
             names = [n for n in self._events if prev is None or not _same_desired_inputs(prev, snap, n)]
-        due = [ev for name in names for ev in self._events[name]]
-        if len(due) <= WAKE_BATCH:
-            _set_all(due)
-            return
-        task = asyncio.get_running_loop().create_task(_wake_in_batches(due))
-        self._waking.add(task)
-        task.add_done_callback(self._waking.discard)
+        for name in names:
+            for ev in self._events[name]:
+                ev.set()
 
     @contextlib.contextmanager
     def watch(self, name: str) -> Iterator[asyncio.Event]:
@@ -65,19 +55,6 @@ class DesiredWaiters:
                 events.discard(ev)
                 if not events:
                     del self._events[name]
-
-
-def _set_all(events: Iterable[asyncio.Event]) -> None:
-    for ev in events:
-        ev.set()
-
-
-async def _wake_in_batches(events: list[asyncio.Event]) -> None:
-    """Set ``events`` WAKE_BATCH at a time, letting the loop run the woken long-polls and whatever
-    else is ready (other requests) between batches."""
-    for start in range(0, len(events), WAKE_BATCH):
-        _set_all(events[start : start + WAKE_BATCH])
-        await asyncio.sleep(0)
 
 
 def _same_desired_inputs(a: FleetSnapshot, b: FleetSnapshot, name: str) -> bool:
