@@ -159,18 +159,22 @@ def _forward_virtual_service(
 
 
 def _forward_service_entry(
-    meta: dict[str, Any], hosts: Sequence[str], address: str, port: int, is_ip: bool, export_to: Sequence[str]
+    meta: dict[str, Any],
+    hosts: Sequence[str],
+    port: int,
+    endpoints: list[dict[str, Any]],
+    resolution: str,
+    export_to: Sequence[str],
 ) -> Manifest:
-    """A gateway's next hop for `hosts` (SNIs): plain TCP to `address:target_port`, no TLS added
-    (MESH_EXTERNAL, no DestinationRule)."""
-    name = f"tls-{port}"
+    """A gateway's next hop for `hosts` (SNIs): plain TCP to `endpoints` on `port` (an endpoint may
+    map the port elsewhere), no TLS added (MESH_EXTERNAL, no TLS in any DestinationRule)."""
     spec = {
         "hosts": sorted(hosts),
         "exportTo": list(export_to),
         "location": "MESH_EXTERNAL",
-        "resolution": "STATIC" if is_ip else "DNS",
-        "ports": [{"number": port, "name": name, "protocol": "TLS"}],
-        "endpoints": [{"address": address}],
+        "resolution": resolution,
+        "ports": [{"number": port, "name": f"tls-{port}", "protocol": "TLS"}],
+        "endpoints": endpoints,
     }
     return _manifest(NETWORKING, "ServiceEntry", meta, spec)
 
@@ -254,7 +258,7 @@ def render_e2e_export_side(
         for sni, number in sorted(routes.items()):
             key = f"{export.name}.{number}"
             se_meta = metadata(names[key], ctx.namespace, ctx.labels("export"), {NAME_ANNOTATION: export.name})
-            objects.append(_forward_service_entry(se_meta, [sni], target, number, False, forward_to))
+            objects.append(_forward_service_entry(se_meta, [sni], number, [{"address": target}], "DNS", forward_to))
         principals, policy_warnings = e2e_principals(export, peers)
         warnings += policy_warnings
         objects.append(render_workload_policy(ctx, export, names[export.name], principals))
@@ -354,15 +358,9 @@ def _forward_to_exporters(
     objects = [_forward_virtual_service(forward, gateway_ref, egress.tcp_port, routes, [egress.namespace])]
     tls_port = PortSpec(local_port, Protocol.TLS)
     endpoints = import_endpoints(spec, lambda _p, e: e.tcp_port or local_port, ports=(tls_port,))
-    body = {
-        "hosts": sorted(routes),
-        "exportTo": [egress.namespace],
-        "location": "MESH_EXTERNAL",
-        "resolution": resolution(spec),
-        "ports": [{"number": local_port, "name": tls_port.name, "protocol": "TLS"}],
-        "endpoints": endpoints,
-    }
-    objects.append(_manifest(NETWORKING, "ServiceEntry", forward, body))
+    objects.append(
+        _forward_service_entry(forward, sorted(routes), local_port, endpoints, resolution(spec), [egress.namespace])
+    )
     policy = failover_policy(spec)
     if policy:
         for port, sni in zip(spec.ports, snis, strict=True):

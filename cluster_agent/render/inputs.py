@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
-from cluster_agent.config import END_TO_END, AgentConfig
+from cluster_agent.config import END_TO_END, HOP_BY_HOP, AgentConfig
 from meshbridge_wire.names import is_dns_label, is_dns_name, workload_identity
 from meshbridge_wire.names import is_service_name as _is_service_name
 from meshbridge_wire.protocols import GATEWAY_CARRIED, Protocol, parse_protocol
@@ -31,7 +31,6 @@ __all__ = [
     "select_imports",
 ]
 
-HOP_BY_HOP = "hop-by-hop"
 # ServiceEntry endpoints map at most 128 port names (CRD: endpoints[].ports maxProperties).
 MAX_PORTS = 128
 

@@ -94,7 +94,6 @@ from cluster_agent.render.objects import (
 
 __all__ = [
     "EGRESS_SUBSET",
-    "IMPORT_MODE",
     "INGRESS_GATEWAY",
     "EgressTarget",
     "IstioContext",
@@ -120,9 +119,6 @@ SECURITY = "security.istio.io/v1"
 INGRESS_GATEWAY = "meshbridge-ingress"
 EGRESS_GATEWAY = "meshbridge-egress"
 EGRESS_SUBSET = "meshbridge"
-# How this module carries an import (shown per import by `render`): through both gateways, each
-# terminating mTLS.
-IMPORT_MODE = "hop-by-hop"
 SERVER_PORT_NAME = "https-meshbridge"
 TCP_SUBSET_PREFIX = "tcp"
 EXPORT_TO_ALL = ("*",)
