@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 
@@ -49,7 +50,7 @@ func TestEndToEnd(t *testing.T) {
 		map[string]string{"app": "istio-ingressgateway", "istio": "ingressgateway"}, sc.istioVersion)
 	dest := b.proxy(t, model.SidecarProxy, "bookinfo", destIP, map[string]string{"app": destApp}, sc.istioVersion)
 	vip := serviceEntryVIP(t, sc.aDir, host)
-	egressPort := 0
+	lport := 0 // a's egress gateway listener the sidecar's cluster leads to
 
 	t.Run(fmt.Sprintf("1 sidecar in a originates Istio mTLS to %s with SNI %s", workload, sni), func(t *testing.T) {
 		call := simulation.Call{Address: vip, Port: port, Protocol: proto, CallMode: simulation.CallModeOutbound}
@@ -69,27 +70,14 @@ func TestEndToEnd(t *testing.T) {
 				t.Errorf("cluster %s offers ALPN %v, without istio: the destination's inbound mTLS chains match on it", c.Name, alpn)
 			}
 		}
-		eps := sidecar.endpointsOf(t, c)
-		if len(eps) != 1 || !strings.HasPrefix(eps[0], sc.egressService+":") {
-			t.Fatalf("cluster %s endpoints %v, want a's egress gateway Service", c.Name, eps)
-		}
-		_, p, _ := strings.Cut(eps[0], ":")
-		n, err := strconv.Atoi(p)
-		if err != nil {
-			t.Fatalf("endpoint %s: %v", eps[0], err)
-		}
-		egressPort = n
-		t.Logf("VIP %s:%d -> cluster %s (SNI %s, SAN %s) -> %s", vip, port, c.Name, sni, workload, eps[0])
+		lport = egressListenPort(t, sidecar, c, sc)
+		t.Logf("VIP %s:%d -> cluster %s (SNI %s, SAN %s) -> a's egress gateway, listener port %d", vip, port, c.Name, sni, workload, lport)
 	})
 	if t.Failed() {
 		return
 	}
 
 	t.Run("2 egress gateway in a forwards the TLS unopened on its SNI to b's ingress", func(t *testing.T) {
-		lport, ok := egressTargetPort[egressPort]
-		if !ok {
-			t.Fatalf("the sidecar sends to egress port %d, which %s does not expose", egressPort, sc.egressName)
-		}
 		res := egressGW.sim.Run(simulation.Call{Port: lport, Protocol: simulation.TCP, TLS: simulation.MTLS, Sni: sni,
 			CallMode: simulation.CallModeGateway})
 		if res.Error != nil {
@@ -272,4 +260,24 @@ func checkTerminatesIstioMTLS(t *testing.T, fc *listener.FilterChain) {
 	}
 	t.Logf("inbound chain %q: transport %q, ALPN %v, no SNI match, terminates Istio mTLS, client certificate required",
 		fc.GetName(), fc.GetFilterChainMatch().GetTransportProtocol(), fc.GetFilterChainMatch().GetApplicationProtocols())
+}
+
+// egressListenPort checks that a sidecar cluster's one endpoint is a's egress gateway Service and
+// returns the gateway pods' listener port behind that Service port.
+func egressListenPort(t *testing.T, sidecar *simProxy, c *cluster.Cluster, sc scenario) int {
+	t.Helper()
+	eps := sidecar.endpointsOf(t, c)
+	if len(eps) != 1 || !strings.HasPrefix(eps[0], sc.egressService+":") {
+		t.Fatalf("cluster %s endpoints %v, want a's egress gateway Service", c.Name, eps)
+	}
+	_, p, _ := strings.Cut(eps[0], ":")
+	n, err := strconv.Atoi(p)
+	if err != nil {
+		t.Fatalf("endpoint %s: %v", eps[0], err)
+	}
+	lport, ok := egressTargetPort[n]
+	if !ok {
+		t.Fatalf("the sidecar sends to egress port %d, which %s does not expose", n, sc.egressName)
+	}
+	return lport
 }

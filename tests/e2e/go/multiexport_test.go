@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"os"
 	"sort"
-	"strconv"
 	"strings"
 	"testing"
 
@@ -31,25 +30,45 @@ import (
 // exporter's ingress routes on (TestSimulation step 3).
 // MESHBRIDGE_MULTI_EGRESS_LOCALITY: "region[/zone]" of a's egress gateway (locality failover).
 // MESHBRIDGE_SIM_A_DIR:    a's rendered objects.
-func TestMultiExport(t *testing.T) {
+// multiBed is cluster a of the multi-exporter scenario: its egress gateway and a bookinfo sidecar,
+// with the expected endpoints (MESHBRIDGE_MULTI_EXPECT) and pinned identities (MESHBRIDGE_MULTI_SANS).
+type multiBed struct {
+	sc       scenario
+	egressGW *simProxy
+	sidecar  *simProxy
+	expect   map[string][]string
+	sans     map[string][]string
+	hosts    []string // expect's hosts, sorted
+}
+
+func newMultiBed(t *testing.T) *multiBed {
+	t.Helper()
 	sc := loadScenario(t)
-	expect := parseMulti(t, os.Getenv("MESHBRIDGE_MULTI_EXPECT"))
-	sans := parseMulti(t, os.Getenv("MESHBRIDGE_MULTI_SANS"))
-	remote := parseMulti(t, os.Getenv("MESHBRIDGE_MULTI_REMOTE"))
-	if len(expect) == 0 {
+	b := &multiBed{
+		sc:     sc,
+		expect: parseMulti(t, os.Getenv("MESHBRIDGE_MULTI_EXPECT")),
+		sans:   parseMulti(t, os.Getenv("MESHBRIDGE_MULTI_SANS")),
+	}
+	if len(b.expect) == 0 {
 		t.Fatal("MESHBRIDGE_MULTI_EXPECT is empty")
 	}
 	a := newSimCluster(t, "a", sc.aDir, baseA(t, sc), "", "a.mesh")
-	egressGW := a.proxy(t, model.Router, "istio-system", "10.1.0.20", sc.egressLabels, sc.istioVersion)
+	b.egressGW = a.proxy(t, model.Router, "istio-system", "10.1.0.20", sc.egressLabels, sc.istioVersion)
 	if loc := os.Getenv("MESHBRIDGE_MULTI_EGRESS_LOCALITY"); loc != "" {
-		egressGW = a.proxyAt(t, egressGW.proxy, loc)
+		b.egressGW = a.proxyAt(t, b.egressGW.proxy, loc)
 	}
-	sidecar := a.proxy(t, model.SidecarProxy, "bookinfo", "10.1.1.5", map[string]string{"app": "productpage"}, sc.istioVersion)
-	hosts := make([]string, 0, len(expect))
-	for h := range expect {
-		hosts = append(hosts, h)
+	b.sidecar = a.proxy(t, model.SidecarProxy, "bookinfo", "10.1.1.5", map[string]string{"app": "productpage"}, sc.istioVersion)
+	for h := range b.expect {
+		b.hosts = append(b.hosts, h)
 	}
-	sort.Strings(hosts)
+	sort.Strings(b.hosts)
+	return b
+}
+
+func TestMultiExport(t *testing.T) {
+	bed := newMultiBed(t)
+	sc, egressGW, sidecar, expect, sans, hosts := bed.sc, bed.egressGW, bed.sidecar, bed.expect, bed.sans, bed.hosts
+	remote := parseMulti(t, os.Getenv("MESHBRIDGE_MULTI_REMOTE"))
 	for _, host := range hosts {
 		host := host
 		t.Run(host, func(t *testing.T) {
@@ -192,21 +211,9 @@ func describeAssignment(cla *endpoint.ClusterLoadAssignment) []string {
 // Env: MESHBRIDGE_SIM_A_DIR; MESHBRIDGE_MULTI_EXPECT (host=address:port@priority,…;…),
 // MESHBRIDGE_MULTI_SANS (host=spiffe ids of the destination workloads), MESHBRIDGE_MULTI_SNI (host=sni).
 func TestMultiExportEndToEnd(t *testing.T) {
-	sc := loadScenario(t)
-	expect := parseMulti(t, os.Getenv("MESHBRIDGE_MULTI_EXPECT"))
-	sans := parseMulti(t, os.Getenv("MESHBRIDGE_MULTI_SANS"))
+	bed := newMultiBed(t)
+	sc, egressGW, sidecar, expect, sans, hosts := bed.sc, bed.egressGW, bed.sidecar, bed.expect, bed.sans, bed.hosts
 	snis := parseMulti(t, os.Getenv("MESHBRIDGE_MULTI_SNI"))
-	if len(expect) == 0 {
-		t.Fatal("MESHBRIDGE_MULTI_EXPECT is empty")
-	}
-	a := newSimCluster(t, "a", sc.aDir, baseA(t, sc), "", "a.mesh")
-	egressGW := a.proxy(t, model.Router, "istio-system", "10.1.0.20", sc.egressLabels, sc.istioVersion)
-	sidecar := a.proxy(t, model.SidecarProxy, "bookinfo", "10.1.1.5", map[string]string{"app": "productpage"}, sc.istioVersion)
-	hosts := make([]string, 0, len(expect))
-	for h := range expect {
-		hosts = append(hosts, h)
-	}
-	sort.Strings(hosts)
 	for _, host := range hosts {
 		host := host
 		t.Run(host, func(t *testing.T) {
@@ -220,19 +227,7 @@ func TestMultiExportEndToEnd(t *testing.T) {
 			}
 			c := sidecar.cluster(t, res.ClusterMatched)
 			sni := checkIstioMTLS(t, c, snis[host][0], sans[host])
-			eps := sidecar.endpointsOf(t, c)
-			if len(eps) != 1 || !strings.HasPrefix(eps[0], sc.egressService+":") {
-				t.Fatalf("cluster %s endpoints %v, want a's egress gateway Service", c.Name, eps)
-			}
-			_, p, _ := strings.Cut(eps[0], ":")
-			n, err := strconv.Atoi(p)
-			if err != nil {
-				t.Fatalf("endpoint %s: %v", eps[0], err)
-			}
-			lport, ok := egressTargetPort[n]
-			if !ok {
-				t.Fatalf("the sidecar sends to egress port %d, which %s does not expose", n, sc.egressName)
-			}
+			lport := egressListenPort(t, sidecar, c, sc)
 			res = egressGW.sim.Run(simulation.Call{Port: lport, Protocol: simulation.TCP, TLS: simulation.MTLS, Sni: sni,
 				CallMode: simulation.CallModeGateway})
 			if res.Error != nil {
