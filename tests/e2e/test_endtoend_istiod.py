@@ -10,20 +10,15 @@ own istiod publishes to sidecars (`istio-ca-root-cert`, `istio-ca-crl`), as Envo
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
-from datetime import timedelta
 
 import pytest
 
-from ca_server.core.authority import Policy
 from meshbridge_wire.pem import load_crls
-from tests.e2e.clusters import start_clusters, stop_clusters
-from tests.e2e.istiod import Istiod
-from tests.e2e.test_agents_e2e import PEER, TD, agent_config, make_loop
+from tests.e2e.clusters import Cluster
+from tests.e2e.test_agents_e2e import PEER, TD
 from tests.e2e.test_endtoend_handshake import handshake
-from tests.e2e.test_istiod_bed import Bed
-from tests.support.caservice import CAService
+from tests.e2e.test_istiod_bed import Bed, istiod_bed
 
 RATINGS = "{{service: ratings, namespace: bookinfo, ports: [9080], consumers: [{peer}]}}"
 RATINGS_E2E = (
@@ -32,43 +27,31 @@ RATINGS_E2E = (
 )
 
 
+def _end_to_end_exports(name: str, config: str) -> str:
+    old, new = RATINGS.format(peer=PEER[name]), RATINGS_E2E.format(peer=PEER[name])
+    assert old in config
+    return config.replace(old, new)
+
+
+def _service_accounts(cluster: Cluster) -> None:
+    existing = cluster.kubectl("get", "serviceaccounts", "-n", "bookinfo", "-o", "name").stdout.split()
+    for sa in ("bookinfo-productpage", "bookinfo-ratings"):
+        if f"serviceaccount/{sa}" not in existing:
+            cluster.kubectl("create", "serviceaccount", sa, "-n", "bookinfo")
+
+
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    work = tmp_path_factory.mktemp("istiod-e2e-bed")
-    t0 = time.monotonic()
-    clusters = {c.name: c for c in start_clusters(work / "clusters")}
-    ca = CAService(work / "ca", policy=Policy(workload_cert_lifetime=timedelta(0))).start()
-    istiods: dict[str, Istiod] = {}
-    try:
-        loops = {}
-        for name, cluster in clusters.items():
-            d = work / name
-            d.mkdir()
-            ca.add_cluster(name, TD[name], d / "bootstrap-token")
-            (d / "ca-root.pem").write_text((work / "ca" / "root-cert.pem").read_text())
-            config = agent_config(name, ca.url, cluster.kubeconfig)
-            old, new = RATINGS.format(peer=PEER[name]), RATINGS_E2E.format(peer=PEER[name])
-            assert old in config
-            (d / "agent.yaml").write_text(config.replace(old, new))
-            loops[name] = make_loop(d / "agent.yaml")
-            existing = cluster.kubectl("get", "serviceaccounts", "-n", "bookinfo", "-o", "name").stdout.split()
-            for sa in ("bookinfo-productpage", "bookinfo-ratings"):
-                if f"serviceaccount/{sa}" not in existing:
-                    cluster.kubectl("create", "serviceaccount", sa, "-n", "bookinfo")
-        bed = Bed(ca, clusters, loops, istiods)
-        bed.settle()  # cacerts exist before istiod starts; both agents see their end-to-end imports
-        bed.settle()  # ... and publish their CRLs, which each adds to its ca-crl.pem
-        for name, cluster in clusters.items():
-            istiods[name] = Istiod(cluster, TD[name], work / f"istiod-{name}").start()
-            loops[name].r.istiod = istiods[name].view()
-        bed.settle()
-        print(f"\nistiod end-to-end bed ready in {time.monotonic() - t0:.1f}s")
-        yield bed
-    finally:
-        for i in istiods.values():
-            i.stop()
-        ca.stop()
-        stop_clusters(list(clusters.values()))
+    # two passes before istiod: both agents see their end-to-end imports, then publish their CRLs,
+    # which each adds to its ca-crl.pem
+    yield from istiod_bed(
+        tmp_path_factory.mktemp("istiod-e2e-bed"),
+        workload_lifetime_s=0,
+        edit_config=_end_to_end_exports,
+        prepare=_service_accounts,
+        settles_before_istiod=2,
+        label="istiod end-to-end bed",
+    )
 
 
 def _sidecar_tls(bed: Bed, name: str) -> dict[str, object]:

@@ -75,10 +75,25 @@ class Bed:
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    work = tmp_path_factory.mktemp("istiod-bed")
+    yield from istiod_bed(tmp_path_factory.mktemp("istiod-bed"), workload_lifetime_s=WORKLOAD_LIFETIME_S)
+
+
+def istiod_bed(
+    work: Path,
+    *,
+    workload_lifetime_s: int,
+    edit_config: Callable[[str, str], str] = lambda _name, config: config,
+    prepare: Callable[[Cluster], None] = lambda _cluster: None,
+    settles_before_istiod: int = 1,
+    label: str = "istiod bed (2 API servers, CA, 2 agents, 2 istiods)",
+) -> Iterator[Bed]:
+    """Two API servers, a CA service, an agent per cluster in run mode and, once the agents have
+    written `cacerts` (``settles_before_istiod`` passes), one real istiod per cluster; everything
+    stopped afterwards. ``edit_config`` rewrites a cluster's agent configuration, ``prepare`` runs
+    on each cluster before the agents' first pass."""
     t0 = time.monotonic()
     clusters = {c.name: c for c in start_clusters(work / "clusters")}
-    ca = CAService(work / "ca", policy=Policy(workload_cert_lifetime=timedelta(seconds=WORKLOAD_LIFETIME_S))).start()
+    ca = CAService(work / "ca", policy=Policy(workload_cert_lifetime=timedelta(seconds=workload_lifetime_s))).start()
     istiods: dict[str, Istiod] = {}
     try:
         loops = {}
@@ -87,15 +102,17 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
             d.mkdir()
             ca.add_cluster(name, TD[name], d / "bootstrap-token")
             (d / "ca-root.pem").write_text((work / "ca" / "root-cert.pem").read_text())
-            (d / "agent.yaml").write_text(agent_config(name, ca.url, cluster.kubeconfig))
+            (d / "agent.yaml").write_text(edit_config(name, agent_config(name, ca.url, cluster.kubeconfig)))
             loops[name] = make_loop(d / "agent.yaml")
+            prepare(cluster)
         bed = Bed(ca, clusters, loops, istiods)
-        bed.settle()  # cacerts exist before istiod starts: it loads the plugged-in CA at once
+        for _ in range(settles_before_istiod):
+            bed.settle()  # cacerts exist before istiod starts: it loads the plugged-in CA at once
         for name, cluster in clusters.items():
             istiods[name] = Istiod(cluster, TD[name], work / f"istiod-{name}").start()
             loops[name].r.istiod = istiods[name].view()
         bed.settle()  # the agents report what istiod serves
-        print(f"\nistiod bed (2 API servers, CA, 2 agents, 2 istiods) ready in {time.monotonic() - t0:.1f}s")
+        print(f"\n{label} ready in {time.monotonic() - t0:.1f}s")
         yield bed
     finally:
         for i in istiods.values():
