@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Scope
 from ca_server.api import routes
 from ca_server.api.fastpath import RenewalShortcut, ShortcutApp
 from ca_server.api.guards import OperatorOnly, request_guards
+from ca_server.api.longpoll import agent_threads
 from ca_server.api.metrics import Metrics
 from ca_server.api.problems import problem, problem_for, problem_responses, status_of
 from ca_server.api.ratelimit import Limits, RateLimiter
@@ -81,6 +82,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.watcher = watcher
     app.state.desired_waiters = routes.DesiredWaiters()
+    app.state.agent_threads = agent_threads()
     watcher.listeners.append(app.state.desired_waiters.on_snapshot)
     app.state.check_ready = _readiness(authority, metrics, ready_check)
 

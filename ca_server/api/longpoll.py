@@ -10,12 +10,14 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
-from fastapi.concurrency import run_in_threadpool
+import anyio
 
+from ca_server.api import ratelimit
+from ca_server.api.ratelimit import spending
 from ca_server.api.watcher import RevisionWatcher
 from ca_server.core.authority import Authority
-from ca_server.core.errors import NotFound
 from ca_server.core.fleet import FleetSnapshot, desired_state
+from ca_server.core.models import Cluster
 
 MAX_WAIT = 60.0  # seconds a long-poll waits at most, whatever it asks for
 
@@ -70,30 +72,76 @@ def _same_desired_inputs(a: FleetSnapshot, b: FleetSnapshot, name: str) -> bool:
     )
 
 
-class _DesiredReads:
-    """One long-poll's looks at a cluster's desired state: the first reads the store's revision, so
-    a client sees its own writes at once; later ones take the watcher's snapshot, never one older
-    than what this request already read, and rebuild the body only when its inputs may differ."""
+AGENT_THREADS = 40  # threads the agents' store reads and renewals may hold at once (``agent_threads``)
 
-    def __init__(self, authority: Authority, watcher: RevisionWatcher, name: str) -> None:
+
+def agent_threads() -> anyio.CapacityLimiter:
+    """A thread limit of the agents' own, apart from the default one the operator API's routes
+    share: a fleet re-polling at once (every long-poll of a fleet event ends within the same
+    minute) queues its store reads here, not ahead of ``root activate``."""
+    return anyio.CapacityLimiter(AGENT_THREADS)
+
+
+class _DesiredReads:
+    """One long-poll's looks at a cluster's desired state. The first is authenticated and read at
+    the store's revision (one thread hop), so a client sees its own writes at once, unless the
+    watcher's snapshot already gives the body the client holds: then there is nothing to answer
+    yet, and the request waits without touching the store. Later looks take the watcher's
+    snapshot, never one older than what this request already read, and rebuild the body only when
+    its inputs may differ."""
+
+    def __init__(
+        self, authority: Authority, watcher: RevisionWatcher, name: str, threads: anyio.CapacityLimiter
+    ) -> None:
         self.authority = authority
         self.watcher = watcher
         self.name = name
+        self.threads = threads
         self.seen: FleetSnapshot | None = None
         self.body: dict[str, Any] = {}
 
-    async def look(self) -> FleetSnapshot:
-        """Read the snapshot (updating ``body``) and return it."""
-        snap = None if self.seen is None else self.watcher.snapshot
-        if snap is None:
-            snap = await run_in_threadpool(self.authority.snapshot)
-        elif self.seen is not None and snap.revision < self.seen.revision:
-            snap = self.seen  # the watcher lags behind what this request read: never answer with older state
-        if self.seen is None or not _same_desired_inputs(self.seen, snap, self.name):
-            current = snap.clusters.get(self.name)
-            if current is None:
-                raise NotFound(f"no cluster named {self.name}")
-            self.body = desired_state(snap, current)
+    async def first(self, token: str, revision: str | None, waiting: bool) -> FleetSnapshot:
+        """Authenticate ``token`` for this cluster (spending its rate budget) and read its state."""
+        held = self.watcher.snapshot
+        if waiting and revision is not None and held is not None and self._holds(held, token, revision):
+            return held
+        snap, cluster = await anyio.to_thread.run_sync(self._view, token, limiter=self.threads)
+        self.seen, self.body = snap, desired_state(snap, cluster)
+        return snap
+
+    def _holds(self, snap: FleetSnapshot, token: str, revision: str) -> bool:
+        """Whether ``snap`` admits ``token`` and gives the body the client holds (``revision``):
+        then nothing is to be answered yet, and ``snap`` is this request's first look."""
+        cluster = self.authority.agent_in(snap, token, self.name)
+        if cluster is None:
+            return False
+        ratelimit.authenticated()
+        body = desired_state(snap, cluster)
+        if body["revision"] != revision:
+            return False
+        self.seen, self.body = snap, body
+        return True
+
+    def _view(self, token: str) -> tuple[FleetSnapshot, Cluster]:
+        return spending(lambda: self.authority.agent_view(token, self.name))
+
+    async def look(self, token: str) -> FleetSnapshot:
+        """The watcher's snapshot (updating ``body``); never older than the last one seen. A snapshot
+        in which ``token`` no longer admits this cluster (revoked, or enrolled again since) is not
+        answered from: the store then gives the refusal."""
+        seen = self.seen
+        assert seen is not None
+        held = self.watcher.snapshot
+        # the watcher lags behind what this request read: never answer with older state
+        snap = seen if held is None or held.revision < seen.revision else held
+        if not _same_desired_inputs(seen, snap, self.name):
+            admitted = self.authority.agent_in(snap, token, self.name)
+            snap, cluster = (
+                (snap, admitted)
+                if admitted is not None
+                else await anyio.to_thread.run_sync(self._view, token, limiter=self.threads)
+            )
+            self.body = desired_state(snap, cluster)
         self.seen = snap
         return snap
 
@@ -116,22 +164,26 @@ async def long_poll_desired(
     waiters: DesiredWaiters | None,
     name: str,
     *,
+    token: str,
     revision: str | None,
     wait: float,
     is_disconnected: Callable[[], Awaitable[bool]],
+    threads: anyio.CapacityLimiter,
 ) -> dict[str, Any]:
-    """``name``'s desired state once its revision differs from ``revision`` (at once when None),
-    else after ``wait`` seconds (at most MAX_WAIT) or when the client went away."""
+    """``name``'s desired state, for the agent token ``token``, once its revision differs from
+    ``revision`` (at once when None), else after ``wait`` seconds (at most MAX_WAIT) or when the
+    client went away."""
     deadline = time.monotonic() + min(wait, MAX_WAIT)
-    reads = _DesiredReads(authority, watcher, name)
+    reads = _DesiredReads(authority, watcher, name, threads)
     watching = waiters is not None and watcher.snapshot is not None and wait > 0  # the watcher runs
     with waiters.watch(name) if waiters is not None and watching else contextlib.nullcontext() as woken:
+        snap = await reads.first(token, revision, waiting=wait > 0)
         while True:
-            if woken is not None:
-                woken.clear()
-            snap = await reads.look()
             remaining = deadline - time.monotonic()
             if revision is None or reads.body["revision"] != revision or remaining <= 0:
                 return reads.body
             if not await _woken(woken, watcher, snap.revision, remaining) and await is_disconnected():
                 return reads.body
+            if woken is not None:
+                woken.clear()
+            snap = await reads.look(token)

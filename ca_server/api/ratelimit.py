@@ -26,12 +26,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ca_server.api.problems import problem
-from ca_server.core.errors import RateLimited
+from ca_server.core.errors import CAError, RateLimited, Unauthenticated
+
+T = TypeVar("T")
 
 log = logging.getLogger("meshbridge.ca.ratelimit")
 
@@ -208,6 +210,20 @@ def authenticated() -> None:
         retry = limiter.writes.take(request.credential)
     if retry is not None:
         raise RateLimited(f"rate limit of this token reached; retry in {retry} s", retry_after=retry)
+
+
+def spending(call: Callable[[], T]) -> T:
+    """``call()``, which authenticates the request's token first; the token's rate budget is
+    spent unless it did not authenticate (a wrong secret spends only its address's failures)."""
+    try:
+        result = call()
+    except Unauthenticated:
+        raise
+    except CAError:
+        authenticated()
+        raise
+    authenticated()
+    return result
 
 
 class RateLimit:

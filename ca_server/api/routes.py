@@ -7,19 +7,19 @@ import json
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from ca_server.api import ratelimit
 from ca_server.api.longpoll import DesiredWaiters as DesiredWaiters  # app.py builds routes.DesiredWaiters
 from ca_server.api.longpoll import long_poll_desired
 from ca_server.api.metrics import Metrics
 from ca_server.api.problems import fleet_not_ready_responses
+from ca_server.api.ratelimit import spending
 from ca_server.core.authority import Authority, Issued
-from ca_server.core.errors import CAError, Unauthenticated
+from ca_server.core.errors import Unauthenticated
 from ca_server.core.gates import RootGates, ServedView
 from ca_server.core.keytypes import parse_key_type
 from ca_server.core.models import AdminToken, AuditEntry, CertificateRecord, Cluster, Root
@@ -47,23 +47,6 @@ def _bearer(authorization: str | None) -> str:
     if not authorization or not authorization.lower().startswith("bearer "):
         raise Unauthenticated("an 'Authorization: Bearer <token>' header is required")
     return authorization[7:].strip()
-
-
-T = TypeVar("T")
-
-
-def spending(call: Callable[[], T]) -> T:
-    """``call()``, which authenticates the request's token first; the token's rate budget is
-    spent unless it did not authenticate (a wrong secret spends only its address's failures)."""
-    try:
-        result = call()
-    except Unauthenticated:
-        raise
-    except CAError:
-        ratelimit.authenticated()
-        raise
-    ratelimit.authenticated()
-    return result
 
 
 def _operator(role: str) -> Callable[..., str]:
@@ -395,7 +378,10 @@ async def renewal_answer(state: Any, name: str, authorization: str | None, body:
         a.renew, cluster_name=name, agent_token=_bearer(authorization), csr_pem=body.csr, proof_b64=body.proof
     )
     started = time.perf_counter()
-    issued = spending(call) if a.renewal_is_cpu_bound else await run_in_threadpool(spending, call)
+    if a.renewal_is_cpu_bound:
+        issued = spending(call)
+    else:  # on the agents' own threads: a renewal storm does not queue ahead of the operator API
+        issued = await anyio.to_thread.run_sync(spending, call, limiter=state.agent_threads)
     m.issued("renew", time.perf_counter() - started, issued)
     out = {"generation": issued.generation, "bundle": issued.bundle.as_files()}
     return Response(json.dumps(out, separators=(",", ":")).encode(), status_code=201, media_type="application/json")
@@ -405,19 +391,24 @@ async def renewal_answer(state: Any, name: str, authorization: str | None, body:
 async def desired(
     request: Request,
     name: NamePath,
-    cluster: Agent,
     revision: Annotated[str | None, Query(max_length=64)] = None,
     wait: Annotated[float, Query(ge=0)] = 0,
+    authorization: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
+    # authenticated by long_poll_desired against the fleet snapshot it answers from (the `Agent`
+    # dependency would cost every long-poll a thread hop and a store read of its own)
+    require_dns_label(name, what="cluster name")
     state = request.app.state
     return await long_poll_desired(
         authority(request),
         state.watcher,
         getattr(state, "desired_waiters", None),
         name,
+        token=_bearer(authorization),
         revision=revision,
         wait=wait,
         is_disconnected=request.is_disconnected,
+        threads=state.agent_threads,
     )
 
 

@@ -25,6 +25,7 @@ from starlette.types import Scope
 from ca_server import fleetcheck
 from ca_server.api import routes
 from ca_server.api.problems import problem_for
+from ca_server.api.ratelimit import spending
 from ca_server.core.authority import Authority
 from ca_server.core.errors import InvalidInput, Unauthenticated
 from ca_server.core.operators import VIEWER
@@ -71,7 +72,7 @@ def operator(request: Request) -> str:
             "the dashboard needs an operator token: sign in at /ui/login or send 'Authorization: Bearer <token>'"
         )
     what = f"GET {request.url.path}"
-    return routes.spending(lambda: routes.authority(request).authorize_operator(token, role=VIEWER, what=what))
+    return spending(lambda: routes.authority(request).authorize_operator(token, role=VIEWER, what=what))
 
 
 def refused(request: Request, exc: Unauthenticated) -> Response:
@@ -190,7 +191,7 @@ async def login(request: Request) -> Response:
         if not token:
             raise Unauthenticated("enter an operator token")
         await run_in_threadpool(
-            routes.spending,
+            spending,
             lambda: routes.authority(request).authorize_operator(token, role=VIEWER, what="POST /ui/login"),
         )
     except Unauthenticated as exc:

@@ -22,7 +22,15 @@ from ca_server.core.clusters import Clusters, NewCluster
 from ca_server.core.context import Context, Policy, utcnow
 from ca_server.core.crls import Crls
 from ca_server.core.errors import Forbidden, InvalidInput, Unauthenticated
-from ca_server.core.fleet import Fleet, FleetSnapshot, build_fleet_index, desired_state, exporters_by_name
+from ca_server.core.fleet import (
+    Fleet,
+    FleetSnapshot,
+    agent_in_snapshot,
+    build_fleet_index,
+    desired_state,
+    exporters_by_name,
+    must_be_in,
+)
 from ca_server.core.gates import Gates, RootGates, ServedView
 from ca_server.core.issuance import Bundle, Enrolled, Issuance, Issued
 from ca_server.core.keytypes import KeyType
@@ -99,6 +107,25 @@ class Authority:
         if tok is None or tok.kind != "agent":
             raise Unauthenticated("agent token required")
         return tok
+
+    def agent_view(self, presented: str, cluster_name: str) -> tuple[FleetSnapshot, Cluster]:
+        """The fleet snapshot at the store's current revision and the cluster ``presented``
+        authenticates as, read from it: as fresh as a read of the cluster's row (revoking a cluster
+        or re-enrolling it moves the revision), in one hop instead of two. A token the snapshot
+        does not admit is looked up in the store, which gives the precise refusal."""
+        tok = self._parse_agent_token(presented)
+        snap = self.fleet.snapshot()
+        cluster = agent_in_snapshot(snap, tok, cluster_name)
+        if cluster is None:  # refused below; or admitted by a row newer than this snapshot
+            self._authenticate_agent(tok, cluster_name)
+            snap = self.fleet.snapshot()
+            cluster = must_be_in(snap, cluster_name)
+        return snap, cluster
+
+    def agent_in(self, snap: FleetSnapshot, presented: str, cluster_name: str) -> Cluster | None:
+        """The cluster ``presented`` authenticates as by ``snap``'s rows (no store read); None when
+        ``snap`` does not admit it, which may be a stale snapshot: then ask ``agent_view``."""
+        return agent_in_snapshot(snap, self._parse_agent_token(presented), cluster_name)
 
     def _authenticate_agent(self, tok: tk.PresentedToken, cluster_name: str) -> Cluster:
         with self.store.read() as tx:

@@ -1,0 +1,141 @@
+"""The agents' reads on a busy server (issue 15, item 2): a long-poll with nothing new to answer
+waits without touching the store, the agents' thread work never holds the threads the operator API
+needs (10,000 long-polls ending within one minute queued `root activate` behind them for 16 s), a
+long-poll woken after its cluster was revoked is refused rather than answered, and a renewal storm
+at fleet scale keeps its snapshots deltas."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from ca_server.core.fleet import Fleet
+from tests.ca.conftest import Harness
+from tests.ca.test_fleet_scale import seed_clusters, speedups_off
+
+WATCHER = "asyncio_"  # the revision watcher reads from asyncio's executor, whose threads are named so
+
+
+@contextmanager
+def store_reads_on_workers(h: Harness) -> Iterator[list[str]]:
+    """The store reads opened inside the block by any thread but the revision watcher's."""
+    seen: list[str] = []
+    real = h.store.read
+
+    def read() -> Any:
+        name = threading.current_thread().name
+        if not name.startswith(WATCHER):
+            seen.append(name)
+        return real()
+
+    h.store.read = read  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        h.store.read = real  # type: ignore[method-assign]
+
+
+def test_a_long_poll_with_nothing_new_waits_without_reading_the_store(harness: Harness) -> None:
+    agent = harness.enroll("a")
+    current = harness.desired(agent)
+    with store_reads_on_workers(harness) as reads:
+        again = harness.desired(agent, revision=current["revision"], wait=0.3)
+    assert again["revision"] == current["revision"]
+    assert reads == []  # it was two: the token's row and the store's revision
+
+
+def test_a_long_poll_behind_the_store_is_answered_with_the_newer_state_promptly(harness: Harness) -> None:
+    agent = harness.enroll("a")
+    before = harness.desired(agent)["revision"]
+    harness.rotate("a")  # the watcher may not have seen it yet: then the long-poll waits for it
+    started = time.monotonic()
+    after = harness.desired(agent, revision=before, wait=30)
+    assert after["rotate_required"] is True and after["revision"] != before
+    assert time.monotonic() - started < 5
+
+
+def test_a_wrong_agent_token_is_still_refused_with_its_reason(harness: Harness) -> None:
+    a, b = harness.enroll("a"), harness.enroll("b")
+    revision = harness.desired(a)["revision"]
+    r = harness.client.get("/v1/clusters/a/desired", params={"revision": revision, "wait": 1}, headers=b.headers)
+    assert r.status_code == 403 and "another cluster" in r.json()["detail"]
+    bad = {"Authorization": a.headers["Authorization"][:-4] + "AAAA"}
+    r = harness.client.get("/v1/clusters/a/desired", params={"revision": revision, "wait": 1}, headers=bad)
+    assert r.status_code == 401
+
+
+def test_a_long_poll_woken_after_its_cluster_was_revoked_is_refused(harness: Harness) -> None:
+    agent = harness.enroll("a")
+    revision = harness.desired(agent)["revision"]
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(
+            harness.client.get,
+            "/v1/clusters/a/desired",
+            params={"revision": revision, "wait": 20},
+            headers=agent.headers,
+        )
+        threading.Event().wait(0.5)  # the long-poll is waiting
+        r = harness.client.post("/v1/clusters/a/revoke", json={"reason": "keyCompromise"}, headers=harness.admin)
+        assert r.status_code == 200, r.text
+        answer = waiting.result(timeout=20)
+    # it was answered 200 with the revoked cluster's desired state
+    assert answer.status_code == 401 and "not valid" in answer.json()["detail"]
+
+
+def _blocking(monkeypatch: pytest.MonkeyPatch, h: Harness, gate: threading.Event, entered: list[int]) -> None:
+    """Make every agent authentication (the store-side paths, old and new) wait for ``gate``."""
+
+    def hold(real: Callable[..., Any]) -> Callable[..., Any]:
+        def held(*args: Any, **kw: Any) -> Any:
+            entered.append(1)
+            gate.wait(30)
+            return real(*args, **kw)
+
+        return held
+
+    for attr in ("agent_view", "authenticate_agent"):
+        if hasattr(h.authority, attr):
+            monkeypatch.setattr(h.authority, attr, hold(getattr(h.authority, attr)))
+
+
+def test_agents_holding_every_agent_thread_do_not_hold_up_the_operator_api(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent = harness.enroll("a")
+    gate, entered = threading.Event(), []
+    _blocking(monkeypatch, harness, gate, entered)
+    n = 45  # more than a thread limiter's 40 tokens
+    with ThreadPoolExecutor(n + 1) as pool:
+        polls = [pool.submit(harness.client.get, "/v1/clusters/a/desired", headers=agent.headers) for _ in range(n)]
+        try:
+            for _ in range(100):
+                if len(entered) >= 40:
+                    break
+                threading.Event().wait(0.05)
+            assert len(entered) >= 40  # every agent thread is taken
+            listed = pool.submit(harness.client.get, "/v1/clusters", headers=harness.admin)
+            # it waited for the agents' threads before (the operator API shared their 40)
+            assert listed.result(timeout=10).status_code == 200
+        finally:
+            gate.set()
+        assert all(p.result(timeout=30).status_code == 200 for p in polls)
+
+
+@speedups_off
+def test_a_renewal_wave_over_a_quarter_of_a_large_fleet_keeps_snapshots_deltas(harness: Harness) -> None:
+    names = seed_clusters(harness, 2000)
+    fleet = Fleet(harness.authority.ctx)  # its own: the app's watcher reads the harness's in another thread
+    fleet.snapshot()
+    for name in names[:300]:  # more than the 256 entries a delta covered whatever the fleet's size
+        harness.authority.rotate(name, actor="test")
+    snap = fleet.snapshot()
+    assert snap.changes, "a full read of the fleet"
+    assert snap.changes[-1][2] == frozenset(names[:300])
+    assert all(snap.clusters[n].rotation_pending for n in names[:300])
+    assert not any(snap.clusters[n].rotation_pending for n in names[300:])
