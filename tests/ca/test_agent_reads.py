@@ -108,7 +108,7 @@ def test_agents_holding_every_agent_thread_do_not_hold_up_the_operator_api(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     agent = harness.enroll("a")
-    gate, entered = threading.Event(), []
+    gate, entered = threading.Event(), list[int]()
     _blocking(monkeypatch, harness, gate, entered)
     n = 45  # more than a thread limiter's 40 tokens
     with ThreadPoolExecutor(n + 1) as pool:
