@@ -20,6 +20,7 @@ from ca_server.core.fleet import FleetSnapshot, desired_state
 from ca_server.core.models import Cluster
 
 MAX_WAIT = 60.0  # seconds a long-poll waits at most, whatever it asks for
+FRESH_WAIT = 5.0  # seconds a read waits for the watcher to reach the store's revision, then reads it itself
 
 
 class DesiredWaiters:
@@ -84,9 +85,10 @@ def agent_threads() -> anyio.CapacityLimiter:
 
 class _DesiredReads:
     """One long-poll's looks at a cluster's desired state. The first is authenticated and read at
-    the store's revision (one thread hop), so a client sees its own writes at once, unless the
-    watcher's snapshot already gives the body the client holds: then there is nothing to answer
-    yet, and the request waits without touching the store. Later looks take the watcher's
+    the store's revision (one thread hop to read that number, then the watcher's snapshot once it
+    reaches it), so a client sees its own writes at once, unless the watcher's snapshot already
+    gives the body the client holds: then there is nothing to answer yet, and the request waits
+    without touching the store. Later looks take the watcher's
     snapshot, never one older than what this request already read, and rebuild the body only when
     its inputs may differ."""
 
@@ -105,9 +107,16 @@ class _DesiredReads:
         held = self.watcher.snapshot
         if waiting and revision is not None and held is not None and self._holds(held, token, revision):
             return held
-        snap, cluster = await anyio.to_thread.run_sync(self._view, token, limiter=self.threads)
-        self.seen, self.body = snap, desired_state(snap, cluster)
-        return snap
+        revision_now = await anyio.to_thread.run_sync(self.authority.revision, limiter=self.threads)
+        fresh = await self.watcher.at_least(revision_now, timeout=FRESH_WAIT)
+        admitted = self.authority.agent_in(fresh, token, self.name) if fresh is not None else None
+        if fresh is not None and admitted is not None:
+            ratelimit.authenticated()
+            view = (fresh, admitted)
+        else:  # refused (the store names why), or no watcher to wait for: read it all here
+            view = await anyio.to_thread.run_sync(self._view, token, limiter=self.threads)
+        self.seen, self.body = view[0], desired_state(*view)
+        return view[0]
 
     def _holds(self, snap: FleetSnapshot, token: str, revision: str) -> bool:
         """Whether ``snap`` admits ``token`` and gives the body the client holds (``revision``):

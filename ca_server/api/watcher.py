@@ -60,6 +60,28 @@ class RevisionWatcher:
                 pass
             self._poke.clear()
 
+    async def at_least(self, revision: int, *, timeout: float) -> FleetSnapshot | None:
+        """The watcher's snapshot once it reflects ``revision`` (poked to look now), or None when it
+        did not within ``timeout`` (the store is slow or down) or the watcher does not run. Requests
+        that must see the store's revision wait here instead of each building a snapshot: in a
+        renewal wave every read after a renewal found the revision moved and built its own."""
+        snap = self.snapshot
+        if snap is not None and snap.revision >= revision:
+            return snap
+        if self._cond is None or self._poke is None:
+            return None
+        self._poke.set()
+
+        def reached() -> bool:
+            return self.snapshot is not None and self.snapshot.revision >= revision
+
+        async with self._cond:
+            try:
+                await asyncio.wait_for(self._cond.wait_for(reached), timeout=timeout)
+            except TimeoutError:
+                return None
+        return self.snapshot
+
     async def wait_for_change(self, revision: int, *, timeout: float) -> bool:
         """True once the watcher holds a snapshot newer than ``revision``. Newer, not merely
         different: a caller may already have read a newer revision from the store than the watcher

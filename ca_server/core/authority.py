@@ -108,6 +108,10 @@ class Authority:
             raise Unauthenticated("agent token required")
         return tok
 
+    def revision(self) -> int:
+        """The fleet revision as the store has it now (one row)."""
+        return self.fleet.revision()
+
     def agent_view(self, presented: str, cluster_name: str) -> tuple[FleetSnapshot, Cluster]:
         """The fleet snapshot at the store's current revision and the cluster ``presented``
         authenticates as, read from it: as fresh as a read of the cluster's row (revoking a cluster

@@ -245,6 +245,10 @@ class Fleet:
         self._snapshot: FleetSnapshot | None = None
         self._lock = threading.Lock()
 
+    def revision(self) -> int:
+        with self.ctx.store.read() as tx:
+            return tx.get_revision()
+
     def snapshot(self) -> FleetSnapshot:
         with self.ctx.store.read() as tx:
             revision = tx.get_revision()

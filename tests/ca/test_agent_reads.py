@@ -89,7 +89,8 @@ def test_a_long_poll_woken_after_its_cluster_was_revoked_is_refused(harness: Har
 
 
 def _blocking(monkeypatch: pytest.MonkeyPatch, h: Harness, gate: threading.Event, entered: list[int]) -> None:
-    """Make every agent authentication (the store-side paths, old and new) wait for ``gate``."""
+    """Make every store-side step of an agent read (before and since reads wait for the watcher) wait
+    for ``gate``."""
 
     def hold(real: Callable[..., Any]) -> Callable[..., Any]:
         def held(*args: Any, **kw: Any) -> Any:
@@ -99,7 +100,7 @@ def _blocking(monkeypatch: pytest.MonkeyPatch, h: Harness, gate: threading.Event
 
         return held
 
-    for attr in ("agent_view", "authenticate_agent"):
+    for attr in ("revision", "agent_view", "authenticate_agent"):
         if hasattr(h.authority, attr):
             monkeypatch.setattr(h.authority, attr, hold(getattr(h.authority, attr)))
 
@@ -139,3 +140,26 @@ def test_a_renewal_wave_over_a_quarter_of_a_large_fleet_keeps_snapshots_deltas(h
     assert snap.changes[-1][2] == frozenset(names[:300])
     assert all(snap.clusters[n].rotation_pending for n in names[:300])
     assert not any(snap.clusters[n].rotation_pending for n in names[300:])
+
+
+def test_reads_after_changes_take_the_watchers_snapshot_instead_of_each_building_one(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent = harness.enroll("a")
+    built: list[str] = []
+    for attr in ("_snapshot_delta", "_full_snapshot"):
+        real = getattr(Fleet, attr)
+
+        def counting(*args: Any, _real: Callable[..., Any] = real, **kw: Any) -> Any:
+            if threading.current_thread().name.startswith(WATCHER):
+                time.sleep(0.1)  # a busy watcher, as in a renewal wave: readers find it behind
+            else:
+                built.append(threading.current_thread().name)
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(Fleet, attr, staticmethod(counting))
+    for _ in range(5):
+        generation = harness.rotate("a")
+        desired = harness.desired(agent)  # what an agent reads right after a change: it must see it
+        assert desired["generation"] == generation and desired["rotate_required"] is True
+    assert built == []  # each read built the snapshot of the revision it found (5)
