@@ -107,11 +107,7 @@ class _DesiredReads:
         held = self.watcher.snapshot
         if waiting and revision is not None and held is not None and self._holds(held, token, revision):
             return held
-        revision_now = (
-            self.authority.revision()
-            if self.authority.reads_are_local
-            else await anyio.to_thread.run_sync(self.authority.revision, limiter=self.threads)
-        )
+        revision_now = await anyio.to_thread.run_sync(self.authority.revision, limiter=self.threads)
         fresh = await self.watcher.at_least(revision_now, timeout=FRESH_WAIT)
         admitted = self.authority.agent_in(fresh, token, self.name) if fresh is not None else None
         if fresh is not None and admitted is not None:

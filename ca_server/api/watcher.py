@@ -39,11 +39,7 @@ class RevisionWatcher:
         self._poke = asyncio.Event()
         while True:
             try:
-                snap = (
-                    self.authority.snapshot()
-                    if self.authority.reads_are_local
-                    else await asyncio.to_thread(self.authority.snapshot)
-                )
+                snap = await asyncio.to_thread(self.authority.snapshot)
                 self.healthy = True
                 if self.snapshot is None or snap.revision != self.snapshot.revision:
                     self.snapshot = snap

@@ -108,14 +108,6 @@ class Authority:
             raise Unauthenticated("agent token required")
         return tok
 
-    @property
-    def reads_are_local(self) -> bool:
-        """Whether a store read is a short local call (the embedded database): an event loop then
-        makes it inline. A thread hand-off would cost more, and under load far more: each of the
-        read's calls into SQLite gives up the GIL and waits up to the switch interval for it back
-        from the busy loop (a 200-cluster snapshot delta took 18 s so in a 10,000-cluster rotation)."""
-        return self.ctx.store.embedded
-
     def revision(self) -> int:
         """The fleet revision as the store has it now (one row)."""
         return self.fleet.revision()

@@ -19,46 +19,35 @@ from ca_server.core.fleet import Fleet
 from tests.ca.conftest import Harness
 from tests.ca.test_fleet_scale import seed_clusters, speedups_off
 
-WORKER = "AnyIO worker thread"  # the name anyio gives the threads of `to_thread.run_sync`
+WATCHER = "asyncio_"  # the revision watcher reads from asyncio's executor, whose threads are named so
 
 
 @contextmanager
-def request_reads(h: Harness) -> Iterator[list[str]]:
-    """The store reads requests make inside the block: those from anyio's worker threads (where
-    FastAPI runs sync dependencies), and every call of the authority's request-side reads (made
-    inline on the event loop with SQLite). The revision watcher's own reads are not counted."""
+def store_reads_on_workers(h: Harness) -> Iterator[list[str]]:
+    """The store reads opened inside the block by any thread but the revision watcher's."""
     seen: list[str] = []
-    real_read = h.store.read
+    real = h.store.read
 
     def read() -> Any:
-        if threading.current_thread().name.startswith(WORKER):
-            seen.append("store.read")
-        return real_read()
+        name = threading.current_thread().name
+        if not name.startswith(WATCHER):
+            seen.append(name)
+        return real()
 
     h.store.read = read  # type: ignore[method-assign]
-    patched = [(attr, getattr(h.authority, attr)) for attr in ("revision", "agent_view") if hasattr(h.authority, attr)]
-    for attr, real in patched:
-
-        def counting(*args: Any, _attr: str = attr, _real: Callable[..., Any] = real, **kw: Any) -> Any:
-            seen.append(_attr)
-            return _real(*args, **kw)
-
-        setattr(h.authority, attr, counting)
     try:
         yield seen
     finally:
-        h.store.read = real_read  # type: ignore[method-assign]
-        for attr, _ in patched:
-            delattr(h.authority, attr)
+        h.store.read = real  # type: ignore[method-assign]
 
 
 def test_a_long_poll_with_nothing_new_waits_without_reading_the_store(harness: Harness) -> None:
     agent = harness.enroll("a")
     current = harness.desired(agent)
-    with request_reads(harness) as reads:
+    with store_reads_on_workers(harness) as reads:
         again = harness.desired(agent, revision=current["revision"], wait=0.3)
     assert again["revision"] == current["revision"]
-    assert reads == []  # it was two: the token's row and the store's revision, each in a thread
+    assert reads == []  # it was two: the token's row and the store's revision
 
 
 def test_a_long_poll_behind_the_store_is_answered_with_the_newer_state_promptly(harness: Harness) -> None:
@@ -120,7 +109,6 @@ def test_agents_holding_every_agent_thread_do_not_hold_up_the_operator_api(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     agent = harness.enroll("a")
-    monkeypatch.setattr(harness.store, "embedded", False)  # SQLite reads inline: take the threads' path
     gate, entered = threading.Event(), list[int]()
     _blocking(monkeypatch, harness, gate, entered)
     n = 45  # more than a thread limiter's 40 tokens
@@ -163,10 +151,10 @@ def test_reads_after_changes_take_the_watchers_snapshot_instead_of_each_building
         real = getattr(Fleet, attr)
 
         def counting(*args: Any, _real: Callable[..., Any] = real, **kw: Any) -> Any:
-            if threading.current_thread().name.startswith(WORKER):  # a request's thread, not the watcher
-                built.append(threading.current_thread().name)
-            else:
+            if threading.current_thread().name.startswith(WATCHER):
                 time.sleep(0.1)  # a busy watcher, as in a renewal wave: readers find it behind
+            else:
+                built.append(threading.current_thread().name)
             return _real(*args, **kw)
 
         monkeypatch.setattr(Fleet, attr, staticmethod(counting))
