@@ -381,7 +381,7 @@ async def renewal_answer(state: Any, name: str, authorization: str | None, body:
     if a.renewal_is_cpu_bound:
         issued = spending(call)
     else:  # on the agents' own threads: a renewal storm does not queue ahead of the operator API
-        issued = await anyio.to_thread.run_sync(spending, call, limiter=state.agent_threads)
+        issued = await anyio.to_thread.run_sync(spending, call, limiter=state.agent_threads.writes)
     m.issued("renew", time.perf_counter() - started, issued)
     out = {"generation": issued.generation, "bundle": issued.bundle.as_files()}
     return Response(json.dumps(out, separators=(",", ":")).encode(), status_code=201, media_type="application/json")
@@ -408,7 +408,7 @@ async def desired(
         revision=revision,
         wait=wait,
         is_disconnected=request.is_disconnected,
-        threads=state.agent_threads,
+        threads=state.agent_threads.reads,
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from ca_server.api import longpoll
 from ca_server.core.fleet import Fleet
 from tests.ca.conftest import Harness
 from tests.ca.test_fleet_scale import seed_clusters, speedups_off
@@ -111,15 +112,16 @@ def test_agents_holding_every_agent_thread_do_not_hold_up_the_operator_api(
     agent = harness.enroll("a")
     gate, entered = threading.Event(), list[int]()
     _blocking(monkeypatch, harness, gate, entered)
-    n = 45  # more than a thread limiter's 40 tokens
+    n = 45  # more than the default thread limiter's 40 tokens, which the operator API uses
     with ThreadPoolExecutor(n + 1) as pool:
         polls = [pool.submit(harness.client.get, "/v1/clusters/a/desired", headers=agent.headers) for _ in range(n)]
         try:
             for _ in range(100):
-                if len(entered) >= 40:
+                if len(entered) >= longpoll.READ_THREADS:
                     break
                 threading.Event().wait(0.05)
-            assert len(entered) >= 40  # every agent thread is taken
+            threading.Event().wait(0.3)  # the rest queue (before: on the operator API's threads)
+            assert len(entered) >= longpoll.READ_THREADS  # every agent read thread is taken
             listed = pool.submit(harness.client.get, "/v1/clusters", headers=harness.admin)
             # it waited for the agents' threads before (the operator API shared their 40)
             assert listed.result(timeout=10).status_code == 200
