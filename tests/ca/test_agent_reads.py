@@ -6,6 +6,7 @@ at fleet scale keeps its snapshots deltas."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +17,8 @@ from typing import Any
 import pytest
 
 from ca_server.api import longpoll
-from ca_server.core.fleet import Fleet
+from ca_server.api.watcher import RevisionWatcher
+from ca_server.core.fleet import Fleet, FleetSnapshot
 from tests.ca.conftest import Harness
 from tests.ca.test_fleet_scale import seed_clusters, speedups_off
 
@@ -165,3 +167,38 @@ def test_reads_after_changes_take_the_watchers_snapshot_instead_of_each_building
         desired = harness.desired(agent)  # what an agent reads right after a change: it must see it
         assert desired["generation"] == generation and desired["rotate_required"] is True
     assert built == []  # each read built the snapshot of the revision it found (5)
+
+
+class _CountingAuthority:
+    """Just enough of an Authority for a RevisionWatcher: every look finds the fleet moved on."""
+
+    def __init__(self) -> None:
+        self.revision = 0
+
+    def snapshot(self) -> FleetSnapshot:
+        self.revision += 1
+        return FleetSnapshot(revision=self.revision, trust_bundle="", crl_pem="", clusters={})
+
+
+def test_the_watcher_keeps_publishing_while_thousands_of_reads_wait_on_it() -> None:
+    """Reads waiting for a revision the watcher has not reached yet do not hold it up: with an
+    asyncio.Condition each publish waited for every waiter to re-take its lock in turn."""
+
+    async def run() -> int:
+        authority = _CountingAuthority()
+        watcher = RevisionWatcher(authority, interval=0.001)  # type: ignore[arg-type]
+        task = asyncio.create_task(watcher.run())
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.create_task(watcher.at_least(10**9, timeout=5)) for _ in range(3000)]
+        await asyncio.sleep(0.05)
+        start = authority.revision
+        await asyncio.sleep(0.5)
+        published = authority.revision - start
+        task.cancel()
+        for w in waiting:
+            w.cancel()
+        await asyncio.gather(task, *waiting, return_exceptions=True)
+        return published
+
+    published = asyncio.run(run())
+    assert published >= 150, published  # it was 10-45
