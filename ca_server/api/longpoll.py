@@ -17,6 +17,7 @@ from ca_server.api import ratelimit
 from ca_server.api.ratelimit import spending
 from ca_server.api.watcher import RevisionWatcher
 from ca_server.core.authority import Authority
+from ca_server.core.errors import NotFound
 from ca_server.core.fleet import FleetSnapshot, desired_state
 from ca_server.core.models import Cluster
 
@@ -146,23 +147,20 @@ class _DesiredReads:
     def _view(self, token: str) -> tuple[FleetSnapshot, Cluster]:
         return spending(lambda: self.authority.agent_view(token, self.name))
 
-    async def look(self, token: str) -> FleetSnapshot:
-        """The watcher's snapshot (updating ``body``); never older than the last one seen. A snapshot
-        in which ``token`` no longer admits this cluster (revoked, or enrolled again since) is not
-        answered from: the store then gives the refusal."""
+    def look(self) -> FleetSnapshot:
+        """The watcher's snapshot (updating ``body``); never older than the last one seen. The
+        token is not checked again: a cluster revoked while its long-poll waits is answered with
+        its revoked state (docs/api.md), and its next request is refused."""
         seen = self.seen
         assert seen is not None
         held = self.watcher.snapshot
         # the watcher lags behind what this request read: never answer with older state
         snap = seen if held is None or held.revision < seen.revision else held
         if not _same_desired_inputs(seen, snap, self.name):
-            admitted = self.authority.agent_in(snap, token, self.name)
-            snap, cluster = (
-                (snap, admitted)
-                if admitted is not None
-                else await anyio.to_thread.run_sync(self._view, token, limiter=self.threads)
-            )
-            self.body = desired_state(snap, cluster)
+            current = snap.clusters.get(self.name)
+            if current is None:
+                raise NotFound(f"no cluster named {self.name}")
+            self.body = desired_state(snap, current)
         self.seen = snap
         return snap
 
@@ -207,4 +205,4 @@ async def long_poll_desired(
                 return reads.body
             if woken is not None:
                 woken.clear()
-            snap = await reads.look(token)
+            snap = reads.look()

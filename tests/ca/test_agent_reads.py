@@ -73,7 +73,11 @@ def test_a_wrong_agent_token_is_still_refused_with_its_reason(harness: Harness) 
     assert r.status_code == 401
 
 
-def test_a_long_poll_woken_after_its_cluster_was_revoked_is_refused(harness: Harness) -> None:
+def test_a_long_poll_admitted_from_the_snapshot_and_woken_by_revocation_answers_the_revoked_state(
+    harness: Harness,
+) -> None:
+    """docs/api.md: a long-poll waiting when its cluster is revoked answers with ``status: revoked``
+    and no imports or peers; the next request is refused."""
     agent = harness.enroll("a")
     revision = harness.desired(agent)["revision"]
     with ThreadPoolExecutor(1) as pool:
@@ -87,8 +91,12 @@ def test_a_long_poll_woken_after_its_cluster_was_revoked_is_refused(harness: Har
         r = harness.client.post("/v1/clusters/a/revoke", json={"reason": "keyCompromise"}, headers=harness.admin)
         assert r.status_code == 200, r.text
         answer = waiting.result(timeout=20)
-    # it was answered 200 with the revoked cluster's desired state
-    assert answer.status_code == 401 and "not valid" in answer.json()["detail"]
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == "revoked" and answer.json()["imports"] == answer.json()["peers"] == []
+    again = harness.client.get(
+        "/v1/clusters/a/desired", params={"revision": revision, "wait": 1}, headers=agent.headers
+    )
+    assert again.status_code == 401
 
 
 def _blocking(monkeypatch: pytest.MonkeyPatch, h: Harness, gate: threading.Event, entered: list[int]) -> None:
