@@ -122,9 +122,8 @@ class _DesiredReads:
             return held
         revision_now = await anyio.to_thread.run_sync(self.authority.revision, limiter=self.threads)
         fresh = await self.watcher.at_least(revision_now, timeout=FRESH_WAIT)
-        admitted = self.authority.agent_in(fresh, token, self.name) if fresh is not None else None
+        admitted = self._admitted(fresh, token) if fresh is not None else None
         if fresh is not None and admitted is not None:
-            ratelimit.authenticated()
             view = (fresh, admitted)
         else:  # refused (the store names why), or no watcher to wait for: read it all here
             view = await anyio.to_thread.run_sync(self._view, token, limiter=self.threads)
@@ -134,15 +133,21 @@ class _DesiredReads:
     def _holds(self, snap: FleetSnapshot, token: str, revision: str) -> bool:
         """Whether ``snap`` admits ``token`` and gives the body the client holds (``revision``):
         then nothing is to be answered yet, and ``snap`` is this request's first look."""
-        cluster = self.authority.agent_in(snap, token, self.name)
+        cluster = self._admitted(snap, token)
         if cluster is None:
             return False
-        ratelimit.authenticated()
         body = desired_state(snap, cluster)
         if body["revision"] != revision:
             return False
         self.seen, self.body = snap, body
         return True
+
+    def _admitted(self, snap: FleetSnapshot, token: str) -> Cluster | None:
+        """This cluster's row when ``snap`` admits ``token`` (its rate budget then spent), else None."""
+        cluster = self.authority.agent_in(snap, token, self.name)
+        if cluster is not None:
+            ratelimit.authenticated()
+        return cluster
 
     def _view(self, token: str) -> tuple[FleetSnapshot, Cluster]:
         return spending(lambda: self.authority.agent_view(token, self.name))
