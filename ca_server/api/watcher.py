@@ -17,6 +17,8 @@ from ca_server.core.authority import Authority, FleetSnapshot
 
 log = logging.getLogger("meshbridge.ca.watcher")
 
+_COMPACT_MIN = 1024  # waiting futures at which finished ones are first dropped
+
 
 class RevisionWatcher:
     def __init__(self, authority: Authority, *, interval: float = 0.25) -> None:
@@ -30,6 +32,7 @@ class RevisionWatcher:
         # published no snapshot for 40 s
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
+        self._compact_at = _COMPACT_MIN  # a read that timed out leaves its future until then
         self._poke: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.listeners: list[Callable[[FleetSnapshot], None]] = []
@@ -72,6 +75,13 @@ class RevisionWatcher:
             if not waiter.done():
                 waiter.set_result(None)
 
+    def _compact(self) -> None:
+        """Drop the futures of reads that stopped waiting (timed out, or their client left): in a
+        fleet that does not change they are not popped by a publish, and would pile up."""
+        self._waiting = [w for w in self._waiting if not w[2].done()]
+        heapq.heapify(self._waiting)
+        self._compact_at = max(_COMPACT_MIN, 2 * len(self._waiting))
+
     async def at_least(self, revision: int, *, timeout: float) -> FleetSnapshot | None:
         """The watcher's snapshot once it reflects ``revision`` (poked to look now), or None when it
         did not within ``timeout`` (the store is slow or down) or the watcher does not run. Requests
@@ -98,6 +108,8 @@ class RevisionWatcher:
         if self._loop is None:
             return False
         waiter: asyncio.Future[None] = self._loop.create_future()
+        if len(self._waiting) >= self._compact_at:
+            self._compact()
         heapq.heappush(self._waiting, (revision, next(self._order), waiter))
         try:
             await asyncio.wait_for(waiter, timeout=timeout)

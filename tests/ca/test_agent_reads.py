@@ -210,3 +210,24 @@ def test_the_watcher_keeps_publishing_while_thousands_of_reads_wait_on_it() -> N
 
     published = asyncio.run(run())
     assert published >= 150, published  # it was 10-45
+
+
+class _StillAuthority:
+    """A fleet that does not change: every look finds revision 1."""
+
+    def snapshot(self) -> FleetSnapshot:
+        return FleetSnapshot(revision=1, trust_bundle="", crl_pem="", clusters={})
+
+
+def test_reads_that_stopped_waiting_do_not_pile_up_in_a_fleet_that_does_not_change() -> None:
+    async def run() -> int:
+        watcher = RevisionWatcher(_StillAuthority(), interval=0.01)  # type: ignore[arg-type]
+        task = asyncio.create_task(watcher.run())
+        await asyncio.sleep(0.05)
+        for _ in range(4):  # four rounds of long-polls that time out with nothing new
+            assert not any(await asyncio.gather(*(watcher.wait_for_change(1, timeout=0.01) for _ in range(1000))))
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return len(watcher._waiting)
+
+    assert asyncio.run(run()) <= 1024  # it kept all 4,000
