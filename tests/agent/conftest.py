@@ -45,19 +45,15 @@ imports: {imports}
 """
 
 
-@pytest.fixture
-def two_clusters(ca_service: CAService, tmp_path: Path) -> dict[str, Path]:
-    """Cluster a exports ratings.bookinfo to b; b imports everything a offers. Returns config paths."""
+def configure_agents(
+    ca_service: CAService, tmp_path: Path, exports_to_b: str, *, b_imports: str = '[{from: a, names: ["*"]}]'
+) -> dict[str, Path]:
+    """Clusters a (exporting ``exports_to_b``) and b (importing ``b_imports``), each registered at
+    ``ca_service`` with its bootstrap token and agent config under ``tmp_path / name``; the configs' paths."""
     paths = {}
     for name, td, addr, exp, imp in (
-        (
-            "a",
-            "a.mesh",
-            "198.51.100.10",
-            "[{service: ratings, namespace: bookinfo, ports: [9080], consumers: [b]}]",
-            "[]",
-        ),
-        ("b", "b.mesh", "198.51.100.20", "[]", '[{from: a, names: ["*"]}]'),
+        ("a", "a.mesh", "198.51.100.10", exports_to_b, "[]"),
+        ("b", "b.mesh", "198.51.100.20", "[]", b_imports),
     ):
         d = tmp_path / name
         d.mkdir()
@@ -66,5 +62,14 @@ def two_clusters(ca_service: CAService, tmp_path: Path) -> dict[str, Path]:
             agent_yaml(name=name, td=td, url=ca_service.url, address=addr, exports=exp, imports=imp)
         )
         paths[name] = d / "agent.yaml"
+    return paths
+
+
+@pytest.fixture
+def two_clusters(ca_service: CAService, tmp_path: Path) -> dict[str, Path]:
+    """Cluster a exports ratings.bookinfo to b; b imports everything a offers. Returns config paths."""
+    paths = configure_agents(
+        ca_service, tmp_path, "[{service: ratings, namespace: bookinfo, ports: [9080], consumers: [b]}]"
+    )
     (tmp_path / "Corefile").write_text(COREFILE)
     return paths

@@ -15,7 +15,7 @@ from cluster_agent.config import ConfigError, parse_config
 from cluster_agent.render import render_all
 from cluster_agent.render.endtoend import e2e_sni
 from meshbridge_wire.pem import load_crls
-from tests.agent.conftest import agent_yaml
+from tests.agent.conftest import configure_agents
 from tests.agent.test_agent_pass import recording_reconciler
 from tests.support.caservice import CAService
 
@@ -227,18 +227,7 @@ def test_exporters_in_different_modes_keep_the_preferred_ones_mode() -> None:
 
 def test_end_to_end_export_travels_through_the_ca_to_the_importer(ca_service: CAService, tmp_path: Path) -> None:
     exports = yaml.safe_dump([RATINGS | {"consumers": ["b"]}], default_flow_style=True).strip()
-    paths = {}
-    for name, td, addr, exp, imp in (
-        ("a", "a.mesh", "198.51.100.10", exports, "[]"),
-        ("b", "b.mesh", "198.51.100.20", "[]", '[{from: a, names: ["*"]}]'),
-    ):
-        d = tmp_path / name
-        d.mkdir()
-        ca_service.add_cluster(name, td, d / "bootstrap-token")
-        (d / "agent.yaml").write_text(
-            agent_yaml(name=name, td=td, url=ca_service.url, address=addr, exports=exp, imports=imp)
-        )
-        paths[name] = d / "agent.yaml"
+    paths = configure_agents(ca_service, tmp_path, exports)
     a = recording_reconciler(paths["a"], [])
     a.run_pass(revision=None, wait=0, resync=lambda: True)
     body = a.exports_body()
