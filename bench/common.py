@@ -50,7 +50,11 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def proc_tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by ``pid`` and every live descendant."""
+    """CPU seconds (user + system) used so far by ``pid`` and its descendants: the live ones' own,
+    plus what the ended ones used, which their parents' reaping added to the parents' ``cutime``
+    and ``cstime`` (proc(5)). Without those, a PostgreSQL backend that ended during the measured
+    interval (its connection closed) took its CPU out of the total, and the database's figure came
+    out negative."""
     stats: dict[int, tuple[int, float]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -61,7 +65,7 @@ def proc_tree_cpu(pid: int) -> float:
         except OSError:
             continue
         fields = raw[raw.rindex(")") + 2 :].split()
-        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK)
+        stats[int(entry)] = (int(fields[1]), sum(int(x) for x in fields[11:15]) / CLK_TCK)
     tree, frontier = {pid}, [pid]
     while frontier:
         parent = frontier.pop()

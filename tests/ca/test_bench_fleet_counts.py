@@ -70,3 +70,36 @@ def test_the_deadline_grows_with_the_fleet() -> None:
     assert module.event_deadline(None, 1000) == 60.0
     assert module.event_deadline(None, 10000) == 150.0
     assert module.event_deadline(30.0, 10000) == 30.0
+
+
+def test_the_cpu_of_a_process_tree_keeps_what_its_ended_children_used() -> None:
+    """A PostgreSQL backend whose connection closed during a measurement took its CPU out of
+    ``proc_tree_cpu``'s total (only live descendants were summed), and the database's CPU came out
+    negative in the report: the ended children's CPU, reaped into the parent's ``cutime``, counts."""
+    import multiprocessing
+    import os
+
+    sys.path.insert(0, str(BENCH))
+    import common
+
+    before, own_before = common.proc_tree_cpu(os.getpid()), _own_cpu()
+    child = multiprocessing.get_context("fork").Process(target=_burn, args=(0.3,))
+    child.start()
+    child.join()  # reaped: its CPU now shows in this process's cutime, not under a live child
+    children = common.proc_tree_cpu(os.getpid()) - before - (_own_cpu() - own_before)
+    assert children >= 0.25
+
+
+def _burn(seconds: float) -> None:
+    import time
+
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def _own_cpu() -> float:
+    import os
+
+    t = os.times()
+    return t.user + t.system
