@@ -204,6 +204,8 @@ class Issuance:
             else None
         )
 
+        bumped: list[int] = []  # the revision this renewal's transaction commits, when it ends a rotation
+
         def record(tx: Tx) -> Issued:
             locked = must_cluster(tx, cluster_name, for_update=True)
             self._require_agent(tok, locked)
@@ -237,10 +239,13 @@ class Issuance:
             if ended:
                 tx.save_cluster(locked)
                 self.ctx.changed(tx)
+                bumped[:] = [tx.get_revision() + 1]  # one bump per transaction, writers serialised
             return issued
 
         issued = self.ctx.write_joined(record)  # on PostgreSQL, committed with concurrent renewals
         self._remember_issue(issued, csr_key, fingerprint)  # the agent proves with this key next time
+        if bumped:
+            self._carry_pki(bumped[0])
         return issued
 
     def _new_key_fingerprint(self, csr_key: Any) -> str:
@@ -332,6 +337,15 @@ class Issuance:
         server_names = tuple(tx.list_server_names())
         self._pki = (revision, roots, crl_pem, server_names)
         return roots, crl_pem, server_names
+
+    def _carry_pki(self, revision: int) -> None:
+        """After a renewal's transaction moved the revision to ``revision`` by ending a rotation: it
+        changed no root, CRL or server name, so what ``_pki_state`` cached for the revision before
+        holds for this one too. Without it, every renewal of a fleet-wide rotation found the cache
+        stale (the one before it had moved the revision) and read them all again."""
+        cached = self._pki
+        if cached is not None and cached[0] == revision - 1:
+            self._pki = (revision, cached[1], cached[2], cached[3])
 
     def _prover(self, cluster: str, csr_der: bytes, proof: bytes, *, now: datetime) -> str:
         """The serial of the proof candidate whose key made ``proof``, found before any signing or

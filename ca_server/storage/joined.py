@@ -12,6 +12,15 @@ refused) is rolled back to where it began and gets its error, the others go on. 
 only once the batch holding its job has committed; when the commit (or a rollback to a savepoint)
 fails, every job of the batch gets that error — nothing of it was stored. No job waits for others to
 arrive: a batch is whatever queued while the previous one ran (at most ``MAX_BATCH``).
+
+The jobs run one after another on the batch's connection, so their round trips add up: a job's
+statements whose results it does not read (its savepoint, inserts and updates) are sent without
+waiting (``JoinableTx.pipelined``), and the job waits once, at its end, for all of them
+(``settle``), so an error is still the job's own: three waits for a renewal instead of six. Each
+wait is the database's round trip (network latency, for a PostgreSQL on another host), and then
+the interpreter lock, which a busy event loop holds: during a 1,000-agent fleet event on two cores
+the batch thread spent most of a wait for PostgreSQL's answer waiting for that lock
+(bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -42,6 +51,15 @@ class JoinableTx(Protocol):
     def rollback_to(self, mark: Any) -> None: ...
 
     def before_commit(self) -> None: ...
+
+    def pipelined(self) -> AbstractContextManager[Any]:
+        """A stretch in which statements whose results nobody reads are sent without waiting for
+        the database's answer (the jobs' round trips are the batch's cost: each is a wait)."""
+        ...
+
+    def settle(self) -> None:
+        """Wait for every statement sent; raises the first one's error (the job that sent it failed)."""
+        ...
 
 
 class _Job(Generic[T]):
@@ -112,8 +130,9 @@ class Joiner:
         self.batches, self.jobs = self.batches + 1, self.jobs + len(batch)
         try:
             with self._open_write() as tx:
-                for job in batch:
-                    self._run_job(tx, job)
+                with tx.pipelined():
+                    for job in batch:
+                        self._run_job(tx, job)
                 tx.before_commit()
         except BaseException as exc:  # every job not failed already gets the batch's error
             failed = self._translate(exc) if isinstance(exc, Exception) else exc
@@ -129,7 +148,9 @@ class Joiner:
     def _run_job(self, tx: JoinableTx, job: _Job[Any]) -> None:
         mark = tx.savepoint()
         try:
-            job.result = job.fn(tx)
+            result = job.fn(tx)
+            tx.settle()  # the job's writes were sent without waiting: their errors are its own
+            job.result = result
         except Exception as exc:
             job.error = self._translate(exc)
             tx.rollback_to(mark)  # when this fails, the whole batch fails (_run_batch)

@@ -51,6 +51,10 @@ def sqlite_url(data_dir: Path) -> str:
 WAL_BACKSTOP_PAGES = 20_000  # ~80 MB of WAL
 
 
+PG_POOL = 20  # PostgreSQL connections a process keeps open
+PG_OVERFLOW = 10  # opened past them under a burst, closed when returned
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
@@ -76,7 +80,25 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    # kept open: the agents' read threads (READ_THREADS), the renewals' threads reading before their
+    # group commit (a proof's candidates, on a process that did not issue the newest intermediate),
+    # the group commit and the revision watcher. With 10, a fleet's renewal wave opened ~35
+    # connections a second past the pool (each a new PostgreSQL backend, its statements prepared
+    # again) and PostgreSQL spent 0.46 cores against 0.2 (bench/RESULTS.md)
+    engine = create_engine(url, pool_size=PG_POOL, max_overflow=PG_OVERFLOW, pool_pre_ping=True)
+    event.listen(engine, "after_cursor_execute", _settle_in_pipeline)
+    return engine
+
+
+PIPELINE = "meshbridge.pipeline"  # the connection's info key holding psycopg's Pipeline while SqlTx.pipelined
+
+
+def _settle_in_pipeline(conn: Connection, cursor: Any, *_: Any) -> None:
+    """A statement SQLAlchemy Core ran in pipeline mode: wait for its answer before Core reads the
+    result's description (in pipeline mode psycopg has none until the answer arrived)."""
+    pipeline = conn.info.get(PIPELINE)
+    if pipeline is not None:
+        pipeline.sync()
 
 
 def _root(r: Row[Any]) -> Root:
@@ -151,6 +173,7 @@ class _Q:
     cluster_for_update = cluster.with_for_update()
     cluster_by_token = select(t.clusters).where(t.clusters.c.agent_token_id == bindparam("token_id"))
     save_cluster = update(t.clusters).where(t.clusters.c.name == bindparam("b_name"))
+    save_cluster_values = save_cluster.values({c.name: bindparam(c.name) for c in t.clusters.c if c.name != "name"})
     certificate = select(t.certificates).where(t.certificates.c.serial == bindparam("serial"))
     add_certificate_values = insert(t.certificates).values(
         {c.name: bindparam(c.name) for c in t.certificates.c if c.name != "id"}
@@ -184,6 +207,10 @@ class _Q:
     )
     bump_revision = update(t.meta).where(t.meta.c.key == "revision").values(int_value=t.meta.c.int_value + 1)
 
+
+# where a group commit's job began: the audit head, the revision read, whether the head row holds it,
+# whether the revision is to be bumped
+_Mark = tuple[tuple[int, str] | None, int | None, bool, bool]
 
 _JSON_SCALARS = (str, int, bool, type(None))  # values that come back from JSON as they went in
 
@@ -253,6 +280,7 @@ _HOT = (
     "add_certificate_values",
     "add_audit_values",
     "set_audit_head",
+    "save_cluster_values",
 )
 
 
@@ -322,6 +350,8 @@ class SqlTx:
         self.audit_head: tuple[int, str] | None = None  # (id, hash) when this transaction holds it locked
         self._hot: _Hot = _HotOnDBAPI(prepared, conn) if prepared is not None else _HotThroughCore(conn)
         self._revision: int | None = None  # read once per write transaction (see get_revision)
+        self._bump = False  # the fleet revision moves by one when this transaction commits
+        self._pipeline: Any = None  # psycopg's Pipeline while ``pipelined``
         self._joined = False  # a group commit's transaction: the audit head row is written once, at the end
         self._head_written = True  # the audit head row holds self.audit_head
 
@@ -339,28 +369,54 @@ class SqlTx:
         self._joined = True
         return self
 
-    def savepoint(self) -> tuple[tuple[int, str] | None, int | None, bool]:
+    def savepoint(self) -> _Mark:
         self._driver_execute("SAVEPOINT joined")
-        return self.audit_head, self._revision, self._head_written
+        return self.audit_head, self._revision, self._head_written, self._bump
 
-    def rollback_to(self, mark: tuple[tuple[int, str] | None, int | None, bool]) -> None:
+    def rollback_to(self, mark: _Mark) -> None:
         # to the newest savepoint of that name: the one the failed job began with. PostgreSQL keeps
         # older savepoints of a reused name and rolls back to the most recent one (SQL reference,
         # SAVEPOINT: "If savepoints with the same name already exist, they will be inaccessible
         # until newer identically-named savepoints are released"), so a job's savepoint is never
         # released (that would cost a round trip); they all end with the transaction
         self._driver_execute("ROLLBACK TO SAVEPOINT joined")
-        self.audit_head, self._revision, self._head_written = mark
+        self.audit_head, self._revision, self._head_written, self._bump = mark
+
+    @contextmanager
+    def pipelined(self) -> Iterator[None]:
+        """PostgreSQL: psycopg's pipeline mode for the stretch (statements are sent at once, a read
+        waits for its own answer only, ``settle`` for all; psycopg docs, "Pipeline mode support").
+        Elsewhere nothing changes."""
+        if not self.postgres:
+            yield
+            return
+        raw: Any = self.c.connection.driver_connection
+        with raw.pipeline() as self._pipeline:
+            self.c.info[PIPELINE] = self._pipeline
+            try:
+                yield
+            finally:
+                self._pipeline = None
+                del self.c.info[PIPELINE]
+
+    def settle(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline.sync()  # a refused insert is translated as add_certificate's own (_translate_driver)
 
     def _driver_execute(self, sql: str) -> None:
         raw: Any = self.c.connection.driver_connection  # a statement SQLAlchemy need not track
         raw.execute(sql)
 
     def before_commit(self) -> None:
+        """The writes deferred to the end of a write transaction: a joined transaction's audit head
+        row, and the one revision bump however many changes the transaction holds."""
         if not self._head_written and self.audit_head is not None:
             new_id, new_hash = self.audit_head
             self._hot.run("set_audit_head", {"new_id": new_id, "new_hash": new_hash})
             self._head_written = True
+        if self._bump:
+            self.c.execute(_Q.bump_revision)
+            self._bump = False
 
     # roots
     def list_roots(self) -> list[Root]:
@@ -409,7 +465,7 @@ class SqlTx:
     def save_cluster(self, cluster: Cluster) -> None:
         values = self._cluster_values(cluster)
         del values["name"]
-        self.c.execute(_Q.save_cluster, {"b_name": cluster.name, **values})
+        self._hot.run("save_cluster_values", {"b_name": cluster.name, **values})
 
     @staticmethod
     def _cluster_values(c: Cluster) -> dict[str, Any]:
@@ -524,9 +580,7 @@ class SqlTx:
                 ),
             )
         except (IntegrityError, self._dbapi.IntegrityError):
-            raise Conflict(
-                "a certificate for this CSR's public key exists already: every enrollment and renewal needs a new key"
-            ) from None
+            raise _key_certified() from None
 
     def get_certificate(self, serial: str) -> CertificateRecord | None:
         r = self._hot.first("certificate", {"serial": serial})
@@ -659,12 +713,16 @@ class SqlTx:
         r = self.c.execute(select(t.audit).order_by(t.audit.c.id.desc()).limit(1)).first()
         return _audit(r) if r else None
 
-    def bump_revision(self) -> int:
-        self.c.execute(_Q.bump_revision)
-        self._revision = None
-        return self.get_revision()
+    def bump_revision(self) -> None:
+        """The fleet revision moves by one when this transaction commits (``before_commit``), once
+        however many changes call this: a group commit of renewals that each end a rotation bumps
+        it once, not once per renewal (a write and a read each, and every later renewal of the batch
+        would find the roots it caches per revision stale and read them again)."""
+        self._bump = True
 
     def get_revision(self) -> int:
+        """The revision committed when this transaction began (a write transaction's own bump is
+        not counted until it commits)."""
         if self._revision is not None:
             # a write transaction sees no other writer's revision bump: on PostgreSQL every writer
             # takes the audit head's row lock first, on SQLite BEGIN IMMEDIATE holds the write lock
@@ -697,6 +755,8 @@ def _translate(exc: DBAPIError) -> CAError:
 
 def _translate_driver(orig: BaseException | None, *, integrity: bool, unreachable: bool) -> CAError:
     text = str(orig).lower() if orig is not None else ""
+    if integrity and _KEY_UNIQUE in text:  # the constraint's name is in the message (psycopg, sqlite3)
+        return _key_certified()
     if integrity:
         return Conflict("the change conflicts with a concurrent one; retry")
     if "readonly" in text or "read-only" in text or "read only" in text:
@@ -706,6 +766,15 @@ def _translate_driver(orig: BaseException | None, *, integrity: bool, unreachabl
     if unreachable:
         return Unavailable("the database is not reachable")
     return Unavailable("the database failed")
+
+
+_KEY_UNIQUE = "unique_key_fp"  # in the name of the certificates' unique constraint on it (migration 0004)
+
+
+def _key_certified() -> Conflict:
+    return Conflict(
+        "a certificate for this CSR's public key exists already: every enrollment and renewal needs a new key"
+    )
 
 
 def _translate_dbapi(exc: Exception, dbapi: Any) -> CAError:
@@ -808,11 +877,15 @@ class SqlStore:
                         tx = self._new_tx(conn, write=True)
                         tx.lock_audit_head()
                         yield tx
+                        tx.before_commit()
                 else:
                     raw: Any = conn.connection.driver_connection
                     raw.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                     try:
-                        yield self._new_tx(conn, write=write)
+                        sqlite_tx = self._new_tx(conn, write=write)
+                        yield sqlite_tx
+                        if write:
+                            sqlite_tx.before_commit()
                     except BaseException:
                         # SQLite may already have rolled back (SQLITE_FULL, SQLITE_IOERR): keep the
                         # original error rather than "cannot rollback - no transaction is active"

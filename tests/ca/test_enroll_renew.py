@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from ca_server.core.authority import Policy
 from ca_server.speedups import Speedups
 from ca_server.storage import tables as t
+from ca_server.storage.repository import SqlTx
 from cluster_agent import pki
 from tests.ca.certcheck import openssl_verify, openssl_verify_certs, pkilint_crl_errors, pkilint_errors
 from tests.ca.conftest import Agent, Harness, both_speedup_modes, make_harness, pem_certs
@@ -356,3 +357,27 @@ def test_what_was_signed_is_verified_before_it_is_returned(harness: Harness) -> 
     assert harness.state() == before
     harness.authority.rootkeys.signers[root.id] = good
     harness.enroll("a", token=token)
+
+
+def test_renewals_ending_a_fleet_rotation_read_the_roots_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every renewal that ends a rotation moves the fleet revision, and the roots, CRLs and server
+    names a renewal needs are cached per revision: each renewal of a fleet-wide rotation found the
+    cache stale and read them all again. It changed none of them, so the cache moves with it."""
+    agents = [harness.enroll(f"c{i}") for i in range(5)]
+    for a in agents:
+        harness.rotate(a.name)
+    harness.renew(agents[0])  # reads them for the revision after the rotations
+    reads: list[str] = []
+    list_server_names = SqlTx.list_server_names  # read by renewals only, not by fleet snapshots
+
+    def counted(tx: SqlTx) -> list[str]:
+        reads.append("server names")
+        return list_server_names(tx)
+
+    monkeypatch.setattr(SqlTx, "list_server_names", counted)
+    for a in agents[1:]:
+        harness.renew(a)
+    assert reads == []
+    assert not any(c.rotation_pending for c, _ in harness.authority.list_clusters())

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,15 +13,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from ca_server.core.audit import verify_chain
 from ca_server.core.errors import Conflict, Unavailable
 from ca_server.core.models import CertificateRecord
 from ca_server.core.ports import Tx
 from ca_server.storage.migrate import upgrade
-from ca_server.storage.repository import SqlStore
+from ca_server.storage.repository import SqlStore, SqlTx
 from cluster_agent import pki
 from tests.ca.conftest import Agent, Harness, make_harness
 from tests.support.pgserver import PgServer
@@ -87,9 +89,11 @@ def audited(name: str, *, fail: Exception | None = None) -> Callable[[Tx], Any]:
 
 
 def certificate(fp: str) -> Callable[[Tx], Any]:
+    """A job storing a certificate for the key ``fp`` (a serial of its own: a second job for the
+    same key is refused for the key, as a renewal reusing its CSR's key is)."""
     now = datetime.now(UTC)
     rec = CertificateRecord(
-        serial=f"s-{fp}",
+        serial=f"s-{fp}-{next(_SERIALS)}",
         cluster="nobody",
         root_id="r",
         generation=1,
@@ -104,6 +108,9 @@ def certificate(fp: str) -> Callable[[Tx], Any]:
         tx.add_certificate(rec)
 
     return job
+
+
+_SERIALS = itertools.count()
 
 
 def subjects(store: SqlStore) -> list[str]:
@@ -251,3 +258,106 @@ def test_a_rolled_back_job_leaves_no_revision_bump_and_no_audit_head_behind(stor
     with store.read() as tx:
         assert tx.get_revision() == revision
     chain_ok(store)
+
+
+def _renewals(harness: Harness, agents: list[Agent]) -> list[Callable[[], Any]]:
+    def renewal(agent: Agent) -> Callable[[], Any]:
+        key = pki.new_key()
+        csr = pki.make_csr(key, agent.name)
+        proof = pki.prove(agent.key, csr)
+        return lambda: harness.authority.renew(
+            cluster_name=agent.name, agent_token=agent.token, csr_pem=csr, proof_b64=proof
+        )
+
+    return [renewal(a) for a in agents]
+
+
+def test_renewals_ending_rotations_move_the_revision_once_per_commit_and_read_the_roots_once(
+    pg_harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every renewal that ends a rotation bumps the fleet revision. Each used to write it (and read
+    it back) at once, so the next renewal of the same batch found the roots it caches per revision
+    stale and read the roots, CRLs and server names again: now the bump is written once, when the
+    transaction commits, and a batch reads them at most once."""
+    agents = [pg_harness.enroll(f"r{i}") for i in range(8)]
+    for a in agents:
+        pg_harness.rotate(a.name)
+    store = pg_harness.store
+    with store.read() as tx:
+        revision = tx.get_revision()
+    roots_read: list[int] = []
+    list_roots = SqlTx.list_roots
+
+    def counted(tx: SqlTx) -> Any:
+        roots_read.append(1)
+        return list_roots(tx)
+
+    monkeypatch.setattr(SqlTx, "list_roots", counted)
+    before = store.group_commit_stats()
+    issued = _concurrently(store, _renewals(pg_harness, agents))
+    assert all(not isinstance(r, Exception) for r in issued), issued
+    batches, jobs = (a - b for a, b in zip(store.group_commit_stats(), before, strict=True))
+    assert jobs == 8 and batches < 8
+    with store.read() as tx:
+        assert tx.get_revision() == revision + batches  # was + 8: one per renewal
+        assert not any(c.rotation_pending for c in tx.list_clusters())
+    assert len(roots_read) <= batches
+    assert pg_harness.chain_ok()
+
+
+def test_a_batch_of_changes_moves_the_revision_by_one(store: SqlStore) -> None:
+    with store.read() as tx:
+        revision = tx.get_revision()
+
+    def changes(tx: Tx) -> int:
+        tx.bump_revision()
+        tx.bump_revision()
+        return tx.get_revision()  # what is committed: this transaction's bump counts once it commits
+
+    with head_locked(store):
+        _, t1 = submit(store, [audited("first")])
+        results, t2 = submit(store, [changes] * 5)
+    joined(t1 + t2)
+    assert results == [revision] * 5
+    with store.read() as tx:
+        assert tx.get_revision() == revision + 1
+
+
+def test_a_renewal_in_a_batch_waits_for_the_database_three_times(pg_harness: Harness) -> None:
+    """The statements whose answers a renewal does not read (its savepoint, the certificate and
+    audit inserts, the cluster's update) are pipelined: it waits for the cluster row, for its proof
+    candidates and once at its end; before, it waited for each of its six statements. Counted in
+    libpq's own trace of the batches' connections: every wait for the server's answer follows a
+    Sync (or, in pipeline mode, a Flush) the client sent."""
+    agents = [pg_harness.enroll(f"w{i}") for i in range(8)]
+    store = pg_harness.store
+    traced: list[tuple[Any, Any]] = []
+
+    def on_checkout(dbapi_conn: Any, *_: Any) -> None:
+        if threading.current_thread().name == "meshbridge-group-commit":
+            out = tempfile.TemporaryFile()  # noqa: SIM115  # read and closed below
+            dbapi_conn.pgconn.trace(out.fileno())
+            dbapi_conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+            traced.append((dbapi_conn, out))
+
+    def on_checkin(dbapi_conn: Any, *_: Any) -> None:
+        if any(conn is dbapi_conn for conn, _ in traced):
+            dbapi_conn.pgconn.untrace()
+
+    event.listen(store.engine, "checkout", on_checkout)
+    event.listen(store.engine, "checkin", on_checkin)
+    before = store.group_commit_stats()
+    issued = _concurrently(store, _renewals(pg_harness, agents))
+    assert all(not isinstance(r, Exception) for r in issued), issued
+    batches, jobs = (a - b for a, b in zip(store.group_commit_stats(), before, strict=True))
+    waits = 0
+    for _, out in traced:
+        out.seek(0)
+        sent = [line.split("\t") for line in out.read().decode().splitlines()]
+        waits += sum(1 for m in sent if len(m) > 2 and m[0] == "F" and m[2] in ("Sync", "Flush", "Query"))
+        out.close()
+    assert traced and batches == len(traced)
+    # per batch besides: the pool's ping, BEGIN, the audit head's lock, the revision, the roots, the
+    # CRLs, the server names, the audit head's update and the commit
+    assert waits <= 3 * jobs + 9 * batches, (waits, jobs, batches)
+    assert pg_harness.chain_ok()
