@@ -340,8 +340,9 @@ class Issuance:
 
     def _carry_pki(self, revision: int) -> None:
         """After a renewal's transaction moved the revision to ``revision`` by ending a rotation: it
-        changed no root, CRL or server name, so what ``_pki_state`` cached for the revision before
-        holds for this one too. Without it, every renewal of a fleet-wide rotation found the cache
+        changed no root, CRL or server name (nor did the others of its group commit: renewals are
+        its only jobs), so what ``_pki_state`` cached for the revision before holds for this one
+        too. Without it, every renewal of a fleet-wide rotation found the cache
         stale (the one before it had moved the revision) and read them all again."""
         cached = self._pki
         if cached is not None and cached[0] == revision - 1:
