@@ -50,8 +50,6 @@ class JoinableTx(Protocol):
 
     def rollback_to(self, mark: Any) -> None: ...
 
-    def before_commit(self) -> None: ...
-
     def pipelined(self) -> AbstractContextManager[Any]:
         """A stretch in which statements whose results nobody reads are sent without waiting for
         the database's answer (the jobs' round trips are the batch's cost: each is a wait)."""
@@ -82,7 +80,8 @@ class Joiner:
         *,
         max_batch: int = MAX_BATCH,
     ) -> None:
-        """``open_write``: a write transaction (committed when its context ends); ``translate``: the
+        """``open_write``: a write transaction (its deferred writes made and committed when its context
+        ends: the audit head row written once, the revision bumped once); ``translate``: the
         store's translation of a database error raised by a job or by the batch's transaction
         (other errors pass through it unchanged)."""
         self._open_write = open_write
@@ -129,11 +128,9 @@ class Joiner:
     def _run_batch(self, batch: list[_Job[Any]]) -> None:
         self.batches, self.jobs = self.batches + 1, self.jobs + len(batch)
         try:
-            with self._open_write() as tx:
-                with tx.pipelined():
-                    for job in batch:
-                        self._run_job(tx, job)
-                tx.before_commit()
+            with self._open_write() as tx, tx.pipelined():
+                for job in batch:
+                    self._run_job(tx, job)
         except BaseException as exc:  # every job not failed already gets the batch's error
             failed = self._translate(exc) if isinstance(exc, Exception) else exc
             for job in batch:

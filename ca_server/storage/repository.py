@@ -172,8 +172,11 @@ class _Q:
     cluster = select(t.clusters).where(t.clusters.c.name == bindparam("name"))
     cluster_for_update = cluster.with_for_update()
     cluster_by_token = select(t.clusters).where(t.clusters.c.agent_token_id == bindparam("token_id"))
-    save_cluster = update(t.clusters).where(t.clusters.c.name == bindparam("b_name"))
-    save_cluster_values = save_cluster.values({c.name: bindparam(c.name) for c in t.clusters.c if c.name != "name"})
+    save_cluster = (
+        update(t.clusters)
+        .where(t.clusters.c.name == bindparam("b_name"))
+        .values({c.name: bindparam(c.name) for c in t.clusters.c if c.name != "name"})
+    )
     certificate = select(t.certificates).where(t.certificates.c.serial == bindparam("serial"))
     add_certificate_values = insert(t.certificates).values(
         {c.name: bindparam(c.name) for c in t.certificates.c if c.name != "id"}
@@ -280,7 +283,7 @@ _HOT = (
     "add_certificate_values",
     "add_audit_values",
     "set_audit_head",
-    "save_cluster_values",
+    "save_cluster",
 )
 
 
@@ -465,7 +468,7 @@ class SqlTx:
     def save_cluster(self, cluster: Cluster) -> None:
         values = self._cluster_values(cluster)
         del values["name"]
-        self._hot.run("save_cluster_values", {"b_name": cluster.name, **values})
+        self._hot.run("save_cluster", {"b_name": cluster.name, **values})
 
     @staticmethod
     def _cluster_values(c: Cluster) -> dict[str, Any]:
