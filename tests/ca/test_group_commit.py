@@ -185,22 +185,12 @@ def pg_harness(pg_url: str, tmp_path: Path) -> Iterator[Harness]:
 
 def test_concurrent_renewals_share_commits_and_keep_one_linear_chain(pg_harness: Harness) -> None:
     agents = [pg_harness.enroll(f"c{i}") for i in range(8)]
-    store, authority = pg_harness.store, pg_harness.authority
+    store = pg_harness.store
     before = store.group_commit_stats()
     head = store.audit_head()
     assert head is not None
 
-    def renewal(agent: Agent) -> Callable[[], Any]:
-        def renew() -> Any:
-            key = pki.new_key()
-            csr = pki.make_csr(key, agent.name)
-            return authority.renew(
-                cluster_name=agent.name, agent_token=agent.token, csr_pem=csr, proof_b64=pki.prove(agent.key, csr)
-            )
-
-        return renew
-
-    issued = _concurrently(store, [renewal(a) for a in agents])
+    issued = _concurrently(store, _renewals(pg_harness, agents))
     assert all(not isinstance(r, Exception) for r in issued), issued
     batches, jobs = (a - b for a, b in zip(store.group_commit_stats(), before, strict=True))
     assert jobs == 8 and batches < 8  # commits shared
