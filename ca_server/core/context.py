@@ -86,11 +86,16 @@ class Context:
         if changed:
             self.notify_changed()
 
-    def write_joined(self, job: Callable[[Tx], T]) -> T:
+    def write_unaudited(self) -> contextlib.AbstractContextManager[Tx]:
+        """A write transaction for a change that is neither audited nor announced (an agent's status
+        report: ``Store.write_unaudited``); ``audit`` and ``changed`` refuse it."""
+        return self.store.write_unaudited()
+
+    def write_joined(self, job: Callable[[Tx], T], *, cluster: str | None = None) -> T:
         """``job(tx)`` as in ``write``, in a transaction the store may share with other callers'
         jobs (group commit, ``Store.write_joined``): it may run on another thread, so its audited
         events and revision bump are collected around it there, and logged and announced here once
-        its transaction committed."""
+        its transaction committed. ``cluster``: the one the job works on."""
 
         def collected(tx: Tx) -> tuple[T, list[tuple[str, str, str, Any]], bool]:
             pending = self._pending
@@ -101,7 +106,7 @@ class Context:
             finally:
                 pending.events, pending.changed = None, False
 
-        result, events, changed = self.store.write_joined(collected)
+        result, events, changed = self.store.write_joined(collected, cluster=cluster)
         _log_committed(events)
         if changed:
             self.notify_changed()

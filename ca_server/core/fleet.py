@@ -351,7 +351,9 @@ class Fleet:
         """Store the agent's status with the CA's receipt time (``received_at``, the CA's clock:
         what the root phases' gates read the agent's own times against); returns ``body``."""
         received = format_time(self.ctx.clock())
-        with self.ctx.write() as tx:
+        # not audited (a report, not a change the CA made): it need not queue behind every
+        # audited writer on the audit head's row lock, as a fleet's reports during a rotation did
+        with self.ctx.write_unaudited() as tx:
             locked = must_cluster(tx, cluster.name, for_update=True)
             locked.agent_status = {**body, "received_at": received}
             tx.save_cluster(locked)

@@ -242,7 +242,8 @@ class Issuance:
                 bumped[:] = [tx.get_revision() + 1]  # one bump per transaction, writers serialised
             return issued
 
-        issued = self.ctx.write_joined(record)  # on PostgreSQL, committed with concurrent renewals
+        # on PostgreSQL, committed with concurrent renewals, which read their clusters all at once
+        issued = self.ctx.write_joined(record, cluster=cluster_name)
         self._remember_issue(issued, csr_key, fingerprint)  # the agent proves with this key next time
         if bumped:
             self._carry_pki(bumped[0])

@@ -87,9 +87,15 @@ class Store(Protocol):
     embedded: bool  # the database runs inside this process (no network round trips)
 
     def write(self) -> AbstractContextManager[Tx]: ...
-    def write_joined(self, job: Callable[[Tx], T]) -> T:
+    def write_unaudited(self) -> AbstractContextManager[Tx]:
+        """A write transaction that appends no audit entry and moves no revision (an agent's status
+        report): it does not queue behind the audited writers, its row locks are its only ones."""
+        ...
+
+    def write_joined(self, job: Callable[[Tx], T], *, cluster: str | None = None) -> T:
         """``job(tx)`` in a write transaction, once that has committed; the transaction may be
-        shared with other callers' jobs (group commit), each rolled back alone when it fails."""
+        shared with other callers' jobs (group commit), each rolled back alone when it fails.
+        ``cluster``: the one the job works on (a shared transaction reads its jobs' at once)."""
         ...
 
     def read(self) -> AbstractContextManager[Tx]: ...

@@ -16,11 +16,13 @@ arrive: a batch is whatever queued while the previous one ran (at most ``MAX_BAT
 The jobs run one after another on the batch's connection, so their round trips add up: a job's
 statements whose results it does not read (its savepoint, inserts and updates) are sent without
 waiting (``JoinableTx.pipelined``), and the job waits once, at its end, for all of them
-(``settle``), so an error is still the job's own: three waits for a renewal instead of six. Each
-wait is the database's round trip (network latency, for a PostgreSQL on another host), and then
-the interpreter lock, which a busy event loop holds: during a 1,000-agent fleet event on two cores
-the batch thread spent most of a wait for PostgreSQL's answer waiting for that lock
-(bench/RESULTS.md).
+(``settle``), so an error is still the job's own. What the jobs will read (``ahead``: for a
+renewal, its cluster) the batch reads for all of them first, in one go (``JoinableTx.read_ahead``):
+a renewal in a batch waits once, not six times as it began. Each wait is the database's round trip
+(network latency, for a PostgreSQL on another host), and then the interpreter lock, which a busy
+event loop holds: during a 1,000-agent fleet event on two cores the batch thread spent most of a
+wait for PostgreSQL's answer waiting for that lock, while holding the audit head's row lock every
+other replica's batch waits for (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -50,6 +52,10 @@ class JoinableTx(Protocol):
 
     def rollback_to(self, mark: Any) -> None: ...
 
+    def read_ahead(self, keys: Collection[str]) -> None:
+        """Read, in one go, what the batch's jobs said they will read (their ``ahead`` keys)."""
+        ...
+
     def pipelined(self) -> AbstractContextManager[Any]:
         """A stretch in which statements whose results nobody reads are sent without waiting for
         the database's answer (the jobs' round trips are the batch's cost: each is a wait)."""
@@ -61,10 +67,11 @@ class JoinableTx(Protocol):
 
 
 class _Job(Generic[T]):
-    __slots__ = ("done", "error", "fn", "result")
+    __slots__ = ("ahead", "done", "error", "fn", "result")
 
-    def __init__(self, fn: Callable[[Any], T]) -> None:
+    def __init__(self, fn: Callable[[Any], T], ahead: str | None) -> None:
         self.fn = fn
+        self.ahead = ahead
         self.done = threading.Event()
         self.result: T | None = None
         self.error: BaseException | None = None
@@ -97,12 +104,13 @@ class Joiner:
         self.batches = 0  # transactions run by this process (committed or not)
         self.jobs = 0  # jobs run in them
 
-    def run(self, fn: Callable[[Any], T]) -> T:
+    def run(self, fn: Callable[[Any], T], *, ahead: str | None = None) -> T:
         """``fn(tx)``'s result once the transaction it ran in has committed; its error, or the
-        batch's, otherwise."""
+        batch's, otherwise. ``ahead``: what ``fn`` will read, read for the whole batch at once
+        before its jobs run (``JoinableTx.read_ahead``)."""
         if self._pid != os.getpid():  # a forked worker: the parent's thread does not exist here
             self._reset()
-        job: _Job[T] = _Job(fn)
+        job: _Job[T] = _Job(fn, ahead)
         with self._cv:
             self._queue.append(job)
             if self._thread is None or not self._thread.is_alive():
@@ -129,6 +137,7 @@ class Joiner:
         self.batches, self.jobs = self.batches + 1, self.jobs + len(batch)
         try:
             with self._open_write() as tx, tx.pipelined():
+                tx.read_ahead([job.ahead for job in batch if job.ahead is not None])
                 for job in batch:
                     self._run_job(tx, job)
         except BaseException as exc:  # every job not failed already gets the batch's error

@@ -37,9 +37,11 @@ from ca_server.core.models import (
     RootStatus,
 )
 from ca_server.core.ports import Tx
+from ca_server.storage import liveness
 from ca_server.storage import tables as t
 from ca_server.storage.joined import Joiner
 from ca_server.storage.ratecounters import SqlRateCounters
+from ca_server.storage.readahead import CANDIDATES_AHEAD, PROOF_CANDIDATES, ReadAhead
 
 T = TypeVar("T")
 
@@ -85,7 +87,8 @@ def make_engine(url: str) -> Engine:
     # the group commit and the revision watcher. With 10, a fleet's renewal wave opened ~35
     # connections a second past the pool (each a new PostgreSQL backend, its statements prepared
     # again) and PostgreSQL spent 0.46 cores against 0.2 (bench/RESULTS.md)
-    engine = create_engine(url, pool_size=PG_POOL, max_overflow=PG_OVERFLOW, pool_pre_ping=True)
+    engine = create_engine(url, pool_size=PG_POOL, max_overflow=PG_OVERFLOW)
+    liveness.watch(engine)  # what pool_pre_ping did, without its round trip per checkout
     event.listen(engine, "after_cursor_execute", _settle_in_pipeline)
     return engine
 
@@ -200,7 +203,7 @@ class _Q:
             t.certificates.c.id >= bindparam("floor"),
         )
         .order_by(t.certificates.c.id.desc())
-        .limit(2)
+        .limit(PROOF_CANDIDATES)
     )
     latest_certificate = (
         select(t.certificates)
@@ -209,6 +212,20 @@ class _Q:
         .limit(1)
     )
     bump_revision = update(t.meta).where(t.meta.c.key == "revision").values(int_value=t.meta.c.int_value + 1)
+
+
+def _candidates_ahead(names: list[str]) -> Any:
+    """The newest ``CANDIDATES_AHEAD`` unrevoked certificates at or above its proof floor of each of
+    the clusters ``names`` (expired ones included: each job filters by its own clock)."""
+    c = t.certificates.c
+    rank = func.row_number().over(partition_by=c.cluster, order_by=c.id.desc()).label("ahead_rank")
+    ranked = (
+        select(t.certificates, rank)
+        .join(t.clusters, t.clusters.c.name == c.cluster)
+        .where(c.cluster.in_(names), c.revoked_at.is_(None), c.id >= func.coalesce(t.clusters.c.proof_floor, 0))
+        .subquery()
+    )
+    return select(*(ranked.c[col.name] for col in t.certificates.c)).where(ranked.c.ahead_rank <= CANDIDATES_AHEAD)
 
 
 # where a group commit's job began: the audit head, the revision read, whether the head row holds it,
@@ -341,12 +358,16 @@ class SqlTx:
         prepared: dict[str, _Prepared] | None,
         hasher: EntryHasher = entry_hash,
         write: bool = False,
+        audited: bool = True,
     ) -> None:
         """``prepared``: the store's compiled hot statements, or None to run them through Core;
         ``hasher``: how appended audit entries are hashed (keyed, or 0.1.0's unkeyed scheme);
-        ``write``: a write transaction (it reads the revision once: no other writer can change it)."""
+        ``write``: an audited write transaction (it reads the revision once: no other writer can
+        change it); ``audited=False``: a write that may neither append to the audit chain nor move
+        the revision (on PostgreSQL it does not hold the audit head's lock they need)."""
         self.c = conn
         self._writing = write
+        self._audited = audited
         self.postgres = postgres
         self._hasher = hasher
         self._dbapi: Any = conn.dialect.loaded_dbapi
@@ -357,6 +378,7 @@ class SqlTx:
         self._pipeline: Any = None  # psycopg's Pipeline while ``pipelined``
         self._joined = False  # a group commit's transaction: the audit head row is written once, at the end
         self._head_written = True  # the audit head row holds self.audit_head
+        self._ahead = ReadAhead()  # a group commit's reads for all its jobs (read_ahead)
 
     def lock_audit_head(self) -> None:
         """PostgreSQL: serialise writers on the audit head's row lock (a linear chain across
@@ -372,6 +394,19 @@ class SqlTx:
         self._joined = True
         return self
 
+    def read_ahead(self, clusters: Collection[str]) -> None:
+        """Read the ``clusters`` (locked, in name order: the same order every batch takes them) and
+        their proof candidates in two statements, for the jobs of a group commit about to run:
+        ``get_cluster`` and ``proof_candidates`` answer from them until this transaction changes
+        them (``readahead.ReadAhead``)."""
+        names = sorted(set(clusters))
+        if not names:
+            return
+        q = select(t.clusters).where(t.clusters.c.name.in_(names)).order_by(t.clusters.c.name)
+        found = [_cluster(r) for r in self.c.execute(q.with_for_update() if self.postgres else q)]
+        held = [_cert(r) for r in self.c.execute(_candidates_ahead([c.name for c in found]))] if found else []
+        self._ahead.hold(found, held)
+
     def savepoint(self) -> _Mark:
         self._driver_execute("SAVEPOINT joined")
         return self.audit_head, self._revision, self._head_written, self._bump
@@ -384,6 +419,7 @@ class SqlTx:
         # released (that would cost a round trip); they all end with the transaction
         self._driver_execute("ROLLBACK TO SAVEPOINT joined")
         self.audit_head, self._revision, self._head_written, self._bump = mark
+        self._ahead.forget()  # what the failed job wrote is gone: read again
 
     @contextmanager
     def pipelined(self) -> Iterator[None]:
@@ -456,6 +492,9 @@ class SqlTx:
 
     # clusters
     def get_cluster(self, name: str, *, for_update: bool = False) -> Cluster | None:
+        ahead = self._ahead.cluster(name)  # read ahead, locked, by this group commit
+        if ahead is not None:
+            return ahead
         r = self._hot.first("cluster_for_update" if for_update and self.postgres else "cluster", {"name": name})
         return _cluster(r) if r else None
 
@@ -463,12 +502,14 @@ class SqlTx:
         return [_cluster(r) for r in self.c.execute(select(t.clusters))]
 
     def add_cluster(self, cluster: Cluster) -> None:
+        self._ahead.forget_clusters()
         self.c.execute(insert(t.clusters).values(**self._cluster_values(cluster)))
 
     def save_cluster(self, cluster: Cluster) -> None:
         values = self._cluster_values(cluster)
         del values["name"]
         self._hot.run("save_cluster", {"b_name": cluster.name, **values})
+        self._ahead.cluster_saved(cluster)
 
     @staticmethod
     def _cluster_values(c: Cluster) -> dict[str, Any]:
@@ -564,6 +605,7 @@ class SqlTx:
     # certificates
     def add_certificate(self, rec: CertificateRecord) -> None:
         """Conflict when a certificate for the same public key exists (``unique_key_fp``)."""
+        self._ahead.forget_candidates(rec.cluster)
         try:
             self._hot.run(
                 "add_certificate_values",
@@ -595,6 +637,9 @@ class SqlTx:
 
     def proof_candidates(self, cluster: str, *, now: datetime, floor: int) -> list[CertificateRecord]:
         """The cluster's two newest unrevoked, unexpired certificates with an id of at least ``floor``."""
+        ahead = self._ahead.proof_candidates(cluster, now=now, floor=floor)
+        if ahead is not None:
+            return ahead
         return [_cert(r) for r in self._hot.rows("proof_candidates", {"cluster": cluster, "now": now, "floor": floor})]
 
     def latest_certificate(self, cluster: str) -> CertificateRecord | None:
@@ -618,6 +663,7 @@ class SqlTx:
         due = (t.clusters.c.status == ClusterStatus.ACTIVE.value, t.clusters.c.name.in_(current))
         names = [r.name for r in self.c.execute(select(t.clusters.c.name).where(*due).order_by(t.clusters.c.name))]
         if names:
+            self._ahead.forget_clusters()
             self.c.execute(
                 update(t.clusters)
                 .where(*due, t.clusters.c.rotation_pending.is_(False))
@@ -632,6 +678,7 @@ class SqlTx:
         return [_cluster(r) for r in self.c.execute(select(t.clusters).where(t.clusters.c.name.in_(sorted(names))))]
 
     def revoke_certificate(self, serial: str, *, at: datetime, reason: str) -> None:
+        self._ahead.forget_candidates()
         self.c.execute(
             update(t.certificates)
             .where(t.certificates.c.serial == serial, t.certificates.c.revoked_at.is_(None))
@@ -678,6 +725,7 @@ class SqlTx:
     def append_audit(
         self, *, at: datetime, actor: str, action: str, subject: str, details: dict[str, Any]
     ) -> AuditEntry:
+        self._require_audited()
         if self.audit_head is None:
             row = self._hot.first("audit_head_for_update" if self.postgres else "audit_head", {})
             self.audit_head = (row.int_value, row.str_value)
@@ -721,7 +769,14 @@ class SqlTx:
         however many changes call this: a group commit of renewals that each end a rotation bumps
         it once, not once per renewal (a write and a read each, and every later renewal of the batch
         would find the roots it caches per revision stale and read them again)."""
+        self._require_audited()
         self._bump = True
+
+    def _require_audited(self) -> None:
+        """A programming error otherwise: without the audit head's lock, taken first, an audit entry
+        or revision bump would take it after row locks, the other writers' order reversed."""
+        if not self._audited:
+            raise RuntimeError("an unaudited write transaction cannot append to the audit chain or move the revision")
 
     def get_revision(self) -> int:
         """The revision committed when this transaction began (a write transaction's own bump is
@@ -863,12 +918,19 @@ class SqlStore:
         # renewals run inline on the event loop: there a group would only add a thread hand-off
         self._joiner = Joiner(self._joined_write, self._translate_job_error) if self.postgres and group_commit else None
 
-    def _new_tx(self, conn: Connection, *, write: bool) -> SqlTx:
+    def _new_tx(self, conn: Connection, *, write: bool, audited: bool = True) -> SqlTx:
         hasher = self.audit_key.entry_hash if self.audit_key is not None else entry_hash
-        return SqlTx(conn, postgres=self.postgres, prepared=self._prepared, hasher=hasher, write=write)
+        return SqlTx(
+            conn,
+            postgres=self.postgres,
+            prepared=self._prepared,
+            hasher=hasher,
+            write=write and audited,
+            audited=audited,
+        )
 
     @contextmanager
-    def _tx(self, *, write: bool) -> Iterator[SqlTx]:
+    def _tx(self, *, write: bool, audited: bool = True) -> Iterator[SqlTx]:
         try:
             with self.engine.connect() as conn:
                 if self.postgres and not write:
@@ -877,15 +939,16 @@ class SqlStore:
                     yield self._new_tx(conn.execution_options(isolation_level="AUTOCOMMIT"), write=False)
                 elif self.postgres:
                     with conn.begin():
-                        tx = self._new_tx(conn, write=True)
-                        tx.lock_audit_head()
+                        tx = self._new_tx(conn, write=True, audited=audited)
+                        if audited:
+                            tx.lock_audit_head()
                         yield tx
                         tx.before_commit()
                 else:
                     raw: Any = conn.connection.driver_connection
                     raw.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                     try:
-                        sqlite_tx = self._new_tx(conn, write=write)
+                        sqlite_tx = self._new_tx(conn, write=write, audited=audited)
                         yield sqlite_tx
                         if write:
                             sqlite_tx.before_commit()
@@ -902,23 +965,31 @@ class SqlStore:
             raise _translate_dbapi(exc, self._dbapi) from exc
 
     @contextmanager
-    def _write(self) -> Iterator[SqlTx]:
+    def _write(self, *, audited: bool = True) -> Iterator[SqlTx]:
         if self.postgres:
-            with self._tx(write=True) as tx:
+            with self._tx(write=True, audited=audited) as tx:
                 yield tx
         else:
-            with self._gate.hold(), self._tx(write=True) as tx:
+            with self._gate.hold(), self._tx(write=True, audited=audited) as tx:
                 yield tx
 
     def write(self) -> Any:
         return self._write()
 
-    def write_joined(self, job: Callable[[Tx], T]) -> T:
+    def write_unaudited(self) -> Any:
+        """A write that appends no audit entry and moves no revision (``SqlTx(audited=False)``). On
+        PostgreSQL it takes no audit head lock, so it neither waits for the audited writers (a
+        group commit of renewals holds that lock until it commits) nor makes them wait; SQLite has
+        one writer at a time either way."""
+        return self._write(audited=False)
+
+    def write_joined(self, job: Callable[[Tx], T], *, cluster: str | None = None) -> T:
         """``job(tx)`` in a write transaction, returning once that has committed. On PostgreSQL with
         group commit on, the transaction may hold other callers' jobs too (``joined.Joiner``: each
-        in its own savepoint, one commit for all); else it is the caller's own."""
+        in its own savepoint, one commit for all), and reads the ``cluster`` each job works on
+        (locked, with its proof candidates) for all of them at once; else it is the caller's own."""
         if self._joiner is not None:
-            return self._joiner.run(job)
+            return self._joiner.run(job, ahead=cluster)
         with self._write() as tx:
             return job(tx)
 

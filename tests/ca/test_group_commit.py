@@ -19,7 +19,7 @@ from sqlalchemy import event, text
 
 from ca_server.core.audit import verify_chain
 from ca_server.core.errors import Conflict, Unavailable
-from ca_server.core.models import CertificateRecord
+from ca_server.core.models import CertificateRecord, Cluster, ClusterStatus
 from ca_server.core.ports import Tx
 from ca_server.storage.migrate import upgrade
 from ca_server.storage.repository import SqlStore, SqlTx
@@ -313,12 +313,14 @@ def test_a_batch_of_changes_moves_the_revision_by_one(store: SqlStore) -> None:
         assert tx.get_revision() == revision + 1
 
 
-def test_a_renewal_in_a_batch_waits_for_the_database_three_times(pg_harness: Harness) -> None:
+def test_a_renewal_in_a_batch_waits_for_the_database_once(pg_harness: Harness) -> None:
     """The statements whose answers a renewal does not read (its savepoint, the certificate and
-    audit inserts, the cluster's update) are pipelined: it waits for the cluster row, for its proof
-    candidates and once at its end; before, it waited for each of its six statements. Counted in
-    libpq's own trace of the batches' connections: every wait for the server's answer follows a
-    Sync (or, in pipeline mode, a Flush) the client sent."""
+    audit inserts, the cluster's update) are pipelined, and the cluster rows and proof candidates
+    of the whole batch are read before its renewals run (``SqlTx.read_ahead``): a renewal waits
+    once, at its end. It waited for each of its six statements at first, then three times (its
+    cluster, its candidates, its end: 40 waits here). Counted in libpq's own trace of the batches'
+    connections: every wait for the server's answer follows a Sync (or, in pipeline mode, a Flush)
+    the client sent."""
     agents = [pg_harness.enroll(f"w{i}") for i in range(8)]
     store = pg_harness.store
     traced: list[tuple[Any, Any]] = []
@@ -347,7 +349,179 @@ def test_a_renewal_in_a_batch_waits_for_the_database_three_times(pg_harness: Har
         waits += sum(1 for m in sent if len(m) > 2 and m[0] == "F" and m[2] in ("Sync", "Flush", "Query"))
         out.close()
     assert traced and batches == len(traced)
-    # per batch besides: the pool's ping, BEGIN, the audit head's lock, the revision, the roots, the
-    # CRLs, the server names, the audit head's update and the commit
-    assert waits <= 3 * jobs + 9 * batches, (waits, jobs, batches)
+    # per batch besides: the pool's ping, BEGIN, the audit head's lock, the clusters and candidates
+    # read ahead, the revision, the roots, the CRLs, the server names, the audit head's update and
+    # the commit
+    assert batches <= 3 and waits <= jobs + 11 * batches, (waits, jobs, batches)
     assert pg_harness.chain_ok()
+
+
+def _cluster(name: str, *, floor: int | None = None) -> Cluster:
+    return Cluster(
+        name=name,
+        trust_domain=f"{name}.local",
+        status=ClusterStatus.ACTIVE,
+        generation=1,
+        rotation_pending=False,
+        gateway=None,
+        created_at=datetime.now(UTC),
+        proof_floor=floor,
+    )
+
+
+def _issued(tx: Tx, cluster: str, *, expires: datetime, revoked: bool = False) -> int:
+    """Store a certificate of ``cluster``; its id."""
+    now = datetime.now(UTC)
+    serial = f"{cluster}-{next(_SERIALS)}"
+    tx.add_certificate(
+        CertificateRecord(
+            serial=serial,
+            cluster=cluster,
+            root_id="r",
+            generation=1,
+            cert_pem="-",
+            public_key_fp=serial,
+            not_before=now - timedelta(days=2),
+            not_after=expires,
+            issued_at=now,
+            revoked_at=now if revoked else None,
+            revocation_reason="superseded" if revoked else None,
+        )
+    )
+    rec = tx.get_certificate(serial)
+    assert rec is not None and rec.id is not None
+    return rec.id
+
+
+def test_candidates_read_ahead_are_the_ones_each_job_would_read(store: SqlStore) -> None:
+    """What a batch reads ahead answers a renewal's reads exactly as the database would, whatever
+    its clock: certificates expired, revoked, below the proof floor, or more than the three read
+    ahead (then the read goes to the database)."""
+    now = datetime.now(UTC)
+    hour = timedelta(hours=1)
+    with store.write() as tx:
+        for name in ("plain", "expiring", "floored", "single", "none"):
+            tx.add_cluster(_cluster(name))
+        _issued(tx, "plain", expires=now + 5 * hour)
+        _issued(tx, "plain", expires=now + 6 * hour)
+        _issued(tx, "plain", expires=now + 7 * hour, revoked=True)
+        _issued(tx, "plain", expires=now + 8 * hour)
+        # the newest three expire in turn, the older ones last: past them the read-ahead runs out
+        for hours in (30, 20, 10, 3, 2, 1):
+            _issued(tx, "expiring", expires=now + hours * hour)
+        low = _issued(tx, "floored", expires=now + 9 * hour)
+        floor = _issued(tx, "floored", expires=now + 9 * hour)
+        _issued(tx, "floored", expires=now + 9 * hour)
+        tx.save_cluster(_cluster("floored", floor=floor))
+        _issued(tx, "single", expires=now + hour)
+    assert low < floor
+    names = ["plain", "expiring", "floored", "single", "none"]
+    with store.read() as tx:
+        floors = {c.name: c.proof_floor or 0 for c in tx.list_clusters()}
+    clocks = [now + k * hour / 2 for k in range(0, 64)]
+    with store.write() as tx:
+        expected = {
+            (n, at): [r.serial for r in tx.proof_candidates(n, now=at, floor=floors[n])] for n in names for at in clocks
+        }
+        tx.read_ahead(names)
+        for (n, at), serials in expected.items():
+            assert [r.serial for r in tx.proof_candidates(n, now=at, floor=floors[n])] == serials, (n, at - now)
+    assert expected["expiring", now] and expected["expiring", now + 25 * hour] and expected["floored", now]
+    assert not expected["single", now + 2 * hour] and not expected["none", now]
+
+
+def test_a_job_reads_what_an_earlier_job_of_its_batch_wrote_not_what_was_read_ahead(store: SqlStore) -> None:
+    """The read-ahead goes stale with the batch's own writes: a job sees an earlier job's new
+    certificate among its cluster's candidates and its saved cluster row, and after a job fails,
+    what it wrote is gone for the next one too."""
+    now = datetime.now(UTC)
+    with store.write() as tx:
+        tx.add_cluster(_cluster("x"))
+        first = _issued(tx, "x", expires=now + timedelta(days=1))
+
+    def renews(tx: Tx) -> int:
+        cluster = tx.get_cluster("x", for_update=True)
+        assert cluster is not None
+        cluster.generation += 1
+        tx.save_cluster(cluster)
+        return _issued(tx, "x", expires=now + timedelta(days=1))
+
+    def renews_then_fails(tx: Tx) -> None:
+        renews(tx)
+        raise Conflict("refused after writing")
+
+    def reads(tx: Tx) -> tuple[int, list[int | None]]:
+        cluster = tx.get_cluster("x", for_update=True)
+        assert cluster is not None
+        return cluster.generation, [r.id for r in tx.proof_candidates("x", now=now, floor=0)]
+
+    with head_locked(store):
+        _, t1 = submit(store, [audited("first")])
+        results: list[Any] = [None] * 4
+        jobs = [renews, reads, renews_then_fails, reads]
+
+        def call(i: int) -> None:
+            try:
+                results[i] = store.write_joined(jobs[i], cluster="x")
+            except Exception as exc:  # asserted below
+                results[i] = exc
+
+        threads = []
+        for i in range(len(jobs)):  # one after another into the queue, so they run in this order
+            threads.append(threading.Thread(target=call, args=(i,)))
+            threads[-1].start()
+            time.sleep(QUEUED / 4)
+        time.sleep(QUEUED)
+    joined(t1 + threads)
+    assert store.group_commit_stats() == (2, 5)
+    second = results[0]
+    assert isinstance(second, int) and second > first
+    assert results[1] == (2, [second, first])
+    assert isinstance(results[2], Conflict)
+    assert results[3] == (2, [second, first])  # not generation 3 nor the failed job's certificate
+
+
+def test_a_status_report_does_not_queue_behind_the_audited_writers(pg_harness: Harness) -> None:
+    """An agent's status report is not audited: it used to take the audit head's row lock like every
+    write, and so waited for each group commit of renewals (and made them wait) during a rotation."""
+    agent = pg_harness.enroll("s1")
+    store = pg_harness.store
+    with store.read() as tx:
+        cluster = tx.get_cluster(agent.name)
+    assert cluster is not None
+    done = threading.Event()
+
+    def report() -> None:
+        pg_harness.authority.put_status(cluster, {"state": "ok", "generation": 1})
+        done.set()
+
+    with head_locked(store):
+        th = threading.Thread(target=report)
+        th.start()
+        stored_while_held = done.wait(10)
+    th.join(30)
+    assert stored_while_held
+    with store.read() as tx:
+        stored = tx.get_cluster(agent.name)
+    assert stored is not None and stored.agent_status is not None and stored.agent_status["state"] == "ok"
+
+
+def test_an_unaudited_write_can_neither_audit_nor_move_the_revision(store: SqlStore) -> None:
+    """Taking the audit head's lock after row locks would reverse every other writer's order."""
+    head, revision = store.audit_head(), None
+    with store.read() as tx:
+        revision = tx.get_revision()
+
+    def audits(tx: Tx) -> None:
+        tx.append_audit(at=datetime.now(UTC), actor="t", action="t.x", subject="s", details={})
+
+    def bumps(tx: Tx) -> None:
+        tx.bump_revision()
+
+    for attempt in (audits, bumps):
+        with pytest.raises(RuntimeError, match="unaudited"), store.write_unaudited() as tx:
+            tx.add_cluster(_cluster("never"))
+            attempt(tx)
+    assert store.audit_head() == head
+    with store.read() as tx:
+        assert tx.get_revision() == revision and tx.get_cluster("never") is None
