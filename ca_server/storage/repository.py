@@ -18,7 +18,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Connection, Dialect, Engine, bindparam, create_engine, event, func, insert, select, update
+from sqlalchemy import (
+    ARRAY,
+    Connection,
+    Dialect,
+    Engine,
+    String,
+    any_,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, PendingRollbackError
 from sqlalchemy.pool import QueuePool
@@ -166,6 +180,29 @@ def _audit(r: Row[Any]) -> AuditEntry:
     )
 
 
+def _read_ahead_statements() -> tuple[Any, Any]:
+    """A group commit's reads for all its jobs (``SqlTx.read_ahead``; PostgreSQL only: ``= ANY(array)``
+    gives one statement text whatever the batch's size, so psycopg prepares it once): the clusters,
+    locked, and each one's newest ``CANDIDATES_AHEAD`` unrevoked certificates at or above its proof
+    floor (expired ones included: each job filters by its own clock)."""
+    names = any_(bindparam("names", type_=ARRAY(String)))
+    clusters = select(t.clusters).where(t.clusters.c.name == names).order_by(t.clusters.c.name).with_for_update()
+    cert = t.certificates.c
+    ranked = (
+        select(
+            t.certificates,
+            func.row_number().over(partition_by=cert.cluster, order_by=cert.id.desc()).label("ahead_rank"),
+        )
+        .join(t.clusters, t.clusters.c.name == cert.cluster)
+        .where(cert.cluster == names, cert.revoked_at.is_(None), cert.id >= func.coalesce(t.clusters.c.proof_floor, 0))
+        .subquery()
+    )
+    candidates = select(*(ranked.c[col.name] for col in t.certificates.c)).where(
+        ranked.c.ahead_rank <= CANDIDATES_AHEAD
+    )
+    return clusters, candidates
+
+
 class _Q:
     """Statements of the hot paths (authentication, renewal, audit), built once: building a
     statement costs several times more than executing its cached compiled form."""
@@ -213,19 +250,8 @@ class _Q:
     )
     bump_revision = update(t.meta).where(t.meta.c.key == "revision").values(int_value=t.meta.c.int_value + 1)
 
-
-def _candidates_ahead(names: list[str]) -> Any:
-    """The newest ``CANDIDATES_AHEAD`` unrevoked certificates at or above its proof floor of each of
-    the clusters ``names`` (expired ones included: each job filters by its own clock)."""
-    c = t.certificates.c
-    rank = func.row_number().over(partition_by=c.cluster, order_by=c.id.desc()).label("ahead_rank")
-    ranked = (
-        select(t.certificates, rank)
-        .join(t.clusters, t.clusters.c.name == c.cluster)
-        .where(c.cluster.in_(names), c.revoked_at.is_(None), c.id >= func.coalesce(t.clusters.c.proof_floor, 0))
-        .subquery()
-    )
-    return select(*(ranked.c[col.name] for col in t.certificates.c)).where(ranked.c.ahead_rank <= CANDIDATES_AHEAD)
+    # a group commit's reads for all its jobs (SqlTx.read_ahead)
+    clusters_ahead, candidates_ahead = _read_ahead_statements()
 
 
 # where a group commit's job began: the audit head, the revision read, whether the head row holds it,
@@ -272,19 +298,23 @@ class _Prepared:
         return cur
 
     def rows(self, dbapi_conn: Any, values: dict[str, Any]) -> list[Any]:
+        return self.fetched(self.execute(dbapi_conn, values))
+
+    def first(self, dbapi_conn: Any, values: dict[str, Any]) -> Any:
+        rows = self.rows(dbapi_conn, values)
+        return rows[0] if rows else None
+
+    def fetched(self, cur: Any) -> list[Any]:
+        """The rows of ``execute``'s cursor, converted."""
         assert self.row_type is not None
         out = []
-        for raw in self.execute(dbapi_conn, values).fetchall():
+        for raw in cur.fetchall():
             if self.result_procs:
                 raw = list(raw)
                 for i, proc in self.result_procs:
                     raw[i] = proc(raw[i])
             out.append(self.row_type(*raw))
         return out
-
-    def first(self, dbapi_conn: Any, values: dict[str, Any]) -> Any:
-        rows = self.rows(dbapi_conn, values)
-        return rows[0] if rows else None
 
 
 _HOT = (
@@ -304,8 +334,12 @@ _HOT = (
 )
 
 
+_HOT_POSTGRES = ("clusters_ahead", "candidates_ahead")
+
+
 def _prepare_hot(dialect: Dialect) -> dict[str, _Prepared]:
-    return {name: _Prepared(getattr(_Q, name), dialect) for name in _HOT}
+    names = _HOT + _HOT_POSTGRES if dialect.name == "postgresql" else _HOT
+    return {name: _Prepared(getattr(_Q, name), dialect) for name in names}
 
 
 class _Hot(Protocol):
@@ -314,6 +348,10 @@ class _Hot(Protocol):
     def first(self, name: str, values: dict[str, Any]) -> Any: ...
     def rows(self, name: str, values: dict[str, Any]) -> list[Any]: ...
     def run(self, name: str, values: dict[str, Any]) -> None: ...
+    def together(self, calls: list[tuple[str, dict[str, Any]]]) -> list[list[Any]]:
+        """Each statement's rows, every statement sent before any answer is read: in psycopg's
+        pipeline mode, one wait for all of them."""
+        ...
 
 
 class _HotOnDBAPI:
@@ -332,6 +370,10 @@ class _HotOnDBAPI:
     def run(self, name: str, values: dict[str, Any]) -> None:
         self._prepared[name].execute(self._raw, values)
 
+    def together(self, calls: list[tuple[str, dict[str, Any]]]) -> list[list[Any]]:
+        sent = [(self._prepared[name], self._prepared[name].execute(self._raw, values)) for name, values in calls]
+        return [stmt.fetched(cur) for stmt, cur in sent]
+
 
 class _HotThroughCore:
     """The plain path: the same ``_Q`` statements executed by SQLAlchemy Core."""
@@ -347,6 +389,9 @@ class _HotThroughCore:
 
     def run(self, name: str, values: dict[str, Any]) -> None:
         self._c.execute(getattr(_Q, name), values)
+
+    def together(self, calls: list[tuple[str, dict[str, Any]]]) -> list[list[Any]]:
+        return [self.rows(name, values) for name, values in calls]  # Core waits for each
 
 
 class SqlTx:
@@ -395,17 +440,16 @@ class SqlTx:
         return self
 
     def read_ahead(self, clusters: Collection[str]) -> None:
-        """Read the ``clusters`` (locked, in name order: the same order every batch takes them) and
-        their proof candidates in two statements, for the jobs of a group commit about to run:
-        ``get_cluster`` and ``proof_candidates`` answer from them until this transaction changes
-        them (``readahead.ReadAhead``)."""
+        """PostgreSQL: read the ``clusters`` (locked, in name order: the same order every batch takes
+        them) and their proof candidates, two statements sent together, for the jobs of a group
+        commit about to run: ``get_cluster`` and ``proof_candidates`` answer from them until this
+        transaction changes them (``readahead.ReadAhead``). SQLite has no group commit: each
+        renewal reads its own."""
         names = sorted(set(clusters))
-        if not names:
+        if not names or not self.postgres:
             return
-        q = select(t.clusters).where(t.clusters.c.name.in_(names)).order_by(t.clusters.c.name)
-        found = [_cluster(r) for r in self.c.execute(q.with_for_update() if self.postgres else q)]
-        held = [_cert(r) for r in self.c.execute(_candidates_ahead([c.name for c in found]))] if found else []
-        self._ahead.hold(found, held)
+        found, held = self._hot.together([("clusters_ahead", {"names": names}), ("candidates_ahead", {"names": names})])
+        self._ahead.hold([_cluster(r) for r in found], [_cert(r) for r in held])
 
     def savepoint(self) -> _Mark:
         self._driver_execute("SAVEPOINT joined")
