@@ -15,7 +15,7 @@ import anyio
 
 from ca_server.api import ratelimit
 from ca_server.api.ratelimit import spending
-from ca_server.api.watcher import RevisionWatcher
+from ca_server.api.watcher import RevisionWatcher, within
 from ca_server.core.authority import Authority
 from ca_server.core.errors import NotFound
 from ca_server.core.fleet import FleetSnapshot, desired_state
@@ -175,11 +175,7 @@ async def _woken(woken: asyncio.Event | None, watcher: RevisionWatcher, revision
     ``revision``, without per-cluster wake-ups); False when ``timeout`` passed first."""
     if woken is None:
         return await watcher.wait_for_change(revision, timeout=timeout)
-    try:
-        await asyncio.wait_for(woken.wait(), timeout=timeout)
-    except TimeoutError:
-        return False
-    return True
+    return await within(woken.wait(), timeout)
 
 
 async def long_poll_desired(

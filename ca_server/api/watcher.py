@@ -11,13 +11,27 @@ import asyncio
 import heapq
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ca_server.core.authority import Authority, FleetSnapshot
 
 log = logging.getLogger("meshbridge.ca.watcher")
 
 _COMPACT_MIN = 1024  # waiting futures at which finished ones are first dropped
+
+
+async def within(aw: Awaitable[object], timeout: float) -> bool:
+    """True once ``aw`` finished, False when ``timeout`` passed first. Not ``asyncio.wait_for``:
+    Python 3.11's returns the inner result when the inner wait finishes in the loop iteration its
+    caller is cancelled in (Lib/asyncio/tasks.py, ``wait_for``: ``except CancelledError: if
+    fut.done(): return fut.result()``), and the cancellation is lost; ``asyncio.timeout`` tells
+    its own cancellation from another's (``Timeout.__aexit__`` counts them with ``uncancel``)."""
+    try:
+        async with asyncio.timeout(timeout):
+            await aw
+    except TimeoutError:
+        return False
+    return True
 
 
 class RevisionWatcher:
@@ -63,10 +77,7 @@ class RevisionWatcher:
                 if self.healthy:
                     log.warning("cannot read the fleet revision: %s", type(exc).__name__)
                 self.healthy = False
-            try:
-                await asyncio.wait_for(self._poke.wait(), timeout=self.interval)
-            except TimeoutError:
-                pass
+            await within(self._poke.wait(), self.interval)
             self._poke.clear()
 
     def _resolve(self, revision: int) -> None:
@@ -111,8 +122,4 @@ class RevisionWatcher:
         if len(self._waiting) >= self._compact_at:
             self._compact()
         heapq.heappush(self._waiting, (revision, next(self._order), waiter))
-        try:
-            await asyncio.wait_for(waiter, timeout=timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await within(waiter, timeout)

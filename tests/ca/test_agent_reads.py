@@ -231,3 +231,28 @@ def test_reads_that_stopped_waiting_do_not_pile_up_in_a_fleet_that_does_not_chan
         return len(watcher._waiting)
 
     assert asyncio.run(run()) <= 1024  # it kept all 4,000
+
+
+def test_the_watcher_stops_when_cancelled_however_a_poke_falls() -> None:
+    """The app's shutdown cancels the watcher and waits for it: a poke landing in the same loop
+    iteration as the cancellation must not swallow it. Python 3.11's ``asyncio.wait_for`` returns
+    the inner result when the inner wait finished as the outer task was cancelled
+    (Lib/asyncio/tasks.py, ``wait_for``: ``except CancelledError: if fut.done(): return
+    fut.result()``), and the watcher's loop went on forever: a test's teardown hung on it."""
+
+    async def stops(steps: int) -> bool:
+        watcher = RevisionWatcher(_StillAuthority(), interval=60)  # type: ignore[arg-type]
+        task = asyncio.create_task(watcher.run())
+        while watcher.snapshot is None:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.01)  # waiting for a poke now
+        watcher.poke()
+        for _ in range(steps):  # the cancellation lands this many loop iterations after the poke
+            await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=1)
+        if not done:
+            task.cancel()  # once more, so the test's loop can close
+        return bool(done)
+
+    assert [steps for steps in range(8) if not asyncio.run(stops(steps))] == []
