@@ -15,10 +15,11 @@ arrive: a batch is whatever queued while the previous one ran (at most ``MAX_BAT
 
 The jobs run one after another on the batch's connection, so their round trips add up: a job's
 statements whose results it does not read (its savepoint, inserts and updates) are sent without
-waiting (``JoinableTx.pipelined``), and the job waits once, at its end, for all of them
-(``settle``), so an error is still the job's own. What the jobs will read (``ahead``: for a
-renewal, its cluster) the batch reads for all of them first, in one go (``JoinableTx.read_ahead``):
-a renewal in a batch waits once, not six times as it began. Each wait is the database's round trip
+waiting (the store's transaction pipelines them: ``SqlStore._joined_write``), and the job waits
+once, at its end, for all of them (``settle``), so an error is still the job's own. What the jobs
+will read (``ahead``: for a renewal, its cluster) the batch reads for all of them first, in one go
+with the transaction's locks (``JoinableTx.read_ahead``): a renewal in a batch waits once, not six
+times as it began. Each wait is the database's round trip
 (network latency, for a PostgreSQL on another host), and then the interpreter lock, which a busy
 event loop holds: during a 1,000-agent fleet event on two cores the batch thread spent most of a
 wait for PostgreSQL's answer waiting for that lock, while holding the audit head's row lock every
@@ -53,12 +54,9 @@ class JoinableTx(Protocol):
     def rollback_to(self, mark: Any) -> None: ...
 
     def read_ahead(self, keys: Collection[str]) -> None:
-        """Read, in one go, what the batch's jobs said they will read (their ``ahead`` keys)."""
-        ...
-
-    def pipelined(self) -> AbstractContextManager[Any]:
-        """A stretch in which statements whose results nobody reads are sent without waiting for
-        the database's answer (the jobs' round trips are the batch's cost: each is a wait)."""
+        """Read, in one go, what the batch's jobs said they will read (their ``ahead`` keys), and
+        take the transaction's locks in the same go. Called once per batch, first, with no keys
+        when no job gave one."""
         ...
 
     def settle(self) -> None:
@@ -87,10 +85,10 @@ class Joiner:
         *,
         max_batch: int = MAX_BATCH,
     ) -> None:
-        """``open_write``: a write transaction (its deferred writes made and committed when its context
-        ends: the audit head row written once, the revision bumped once); ``translate``: the
-        store's translation of a database error raised by a job or by the batch's transaction
-        (other errors pass through it unchanged)."""
+        """``open_write``: a write transaction whose locks ``read_ahead`` takes (its deferred writes
+        made and committed when its context ends: the audit head row written once, the revision
+        bumped once); ``translate``: the store's translation of a database error raised by a job or
+        by the batch's transaction (other errors pass through it unchanged)."""
         self._open_write = open_write
         self._translate = translate
         self._max = max_batch
@@ -136,7 +134,7 @@ class Joiner:
     def _run_batch(self, batch: list[_Job[Any]]) -> None:
         self.batches, self.jobs = self.batches + 1, self.jobs + len(batch)
         try:
-            with self._open_write() as tx, tx.pipelined():
+            with self._open_write() as tx:
                 tx.read_ahead([job.ahead for job in batch if job.ahead is not None])
                 for job in batch:
                     self._run_job(tx, job)

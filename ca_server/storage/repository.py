@@ -423,12 +423,16 @@ class SqlTx:
         self._pipeline: Any = None  # psycopg's Pipeline while ``pipelined``
         self._joined = False  # a group commit's transaction: the audit head row is written once, at the end
         self._head_written = True  # the audit head row holds self.audit_head
+        self._head_locked = False  # this transaction holds the audit head's row lock
         self._ahead = ReadAhead()  # a group commit's reads for all its jobs (read_ahead)
 
     def lock_audit_head(self) -> None:
         """PostgreSQL: serialise writers on the audit head's row lock (a linear chain across
         replicas); the locked row is kept for the first audit entry, saving a second read."""
-        head = self._hot.first("audit_head_for_update", {})
+        self._hold_head(self._hot.first("audit_head_for_update", {}))
+
+    def _hold_head(self, head: Any) -> None:
+        self._head_locked = True
         if head is not None:
             self.audit_head = (head.int_value, head.str_value)
 
@@ -443,13 +447,25 @@ class SqlTx:
         """PostgreSQL: read the ``clusters`` (locked, in name order: the same order every batch takes
         them) and their proof candidates, two statements sent together, for the jobs of a group
         commit about to run: ``get_cluster`` and ``proof_candidates`` answer from them until this
-        transaction changes them (``readahead.ReadAhead``). SQLite has no group commit: each
+        transaction changes them (``readahead.ReadAhead``). A transaction that does not hold the
+        audit head's lock yet (``SqlStore._joined_write``) takes it in the same go, first (every
+        writer takes it before any row lock), with the revision. SQLite has no group commit: each
         renewal reads its own."""
-        names = sorted(set(clusters))
-        if not names or not self.postgres:
+        if not self.postgres:
             return
-        found, held = self._hot.together([("clusters_ahead", {"names": names}), ("candidates_ahead", {"names": names})])
-        self._ahead.hold([_cluster(r) for r in found], [_cert(r) for r in held])
+        names = sorted(set(clusters))
+        locking = self._audited and not self._head_locked
+        calls: list[tuple[str, dict[str, Any]]] = [("audit_head_for_update", {}), ("revision", {})] if locking else []
+        if names:
+            calls += [("clusters_ahead", {"names": names}), ("candidates_ahead", {"names": names})]
+        answers = self._hot.together(calls)
+        if locking:
+            head, revision = answers.pop(0), answers.pop(0)
+            self._hold_head(head[0] if head else None)
+            self._revision = int(revision[0].int_value)
+        if names:
+            found, held = answers
+            self._ahead.hold([_cluster(r) for r in found], [_cert(r) for r in held])
 
     def savepoint(self) -> _Mark:
         self._driver_execute("SAVEPOINT joined")
@@ -1043,8 +1059,18 @@ class SqlStore:
 
     @contextmanager
     def _joined_write(self) -> Iterator[SqlTx]:
-        with self._tx(write=True) as tx:
-            yield tx.join()
+        """A group commit's transaction (PostgreSQL), in psycopg's pipeline mode from its first
+        statement to its commit: the audit head is locked with the batch's reads ahead (``read_ahead``,
+        one wait), and the head's update and the revision bump are sent with the COMMIT, which
+        waits for all three (psycopg's ``commit`` in a pipeline syncs it): from BEGIN to COMMIT,
+        three waits besides the jobs' own, where there were seven. Database errors reach the
+        ``Joiner``, which translates them (``_translate_job_error``)."""
+        with self.engine.connect() as conn, conn.begin() as transaction:
+            tx = self._new_tx(conn, write=True).join()
+            with tx.pipelined():
+                yield tx
+                tx.before_commit()
+                transaction.commit()
 
     def _translate_job_error(self, exc: Exception) -> Exception:
         """A job's (or the batch's) error as ``_tx`` would have raised it: database errors translated, once."""
