@@ -353,8 +353,8 @@ class Fleet:
         received = format_time(self.ctx.clock())
         # not audited (a report, not a change the CA made): it need not queue behind every
         # audited writer on the audit head's row lock, as a fleet's reports during a rotation did
+        # and one statement: the report replaces one column, so nothing need be read and locked first
         with self.ctx.write_unaudited() as tx:
-            locked = must_cluster(tx, cluster.name, for_update=True)
-            locked.agent_status = {**body, "received_at": received}
-            tx.save_cluster(locked)
+            if not tx.set_agent_status(cluster.name, {**body, "received_at": received}):
+                raise NotFound(f"no cluster named {cluster.name}")
         return body

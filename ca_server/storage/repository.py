@@ -217,6 +217,9 @@ class _Q:
         .where(t.clusters.c.name == bindparam("b_name"))
         .values({c.name: bindparam(c.name) for c in t.clusters.c if c.name != "name"})
     )
+    set_agent_status = (
+        update(t.clusters).where(t.clusters.c.name == bindparam("b_name")).values(agent_status=bindparam("status"))
+    )
     certificate = select(t.certificates).where(t.certificates.c.serial == bindparam("serial"))
     add_certificate_values = insert(t.certificates).values(
         {c.name: bindparam(c.name) for c in t.certificates.c if c.name != "id"}
@@ -331,6 +334,7 @@ _HOT = (
     "add_audit_values",
     "set_audit_head",
     "save_cluster",
+    "set_agent_status",
 )
 
 
@@ -347,7 +351,10 @@ class _Hot(Protocol):
 
     def first(self, name: str, values: dict[str, Any]) -> Any: ...
     def rows(self, name: str, values: dict[str, Any]) -> list[Any]: ...
-    def run(self, name: str, values: dict[str, Any]) -> None: ...
+    def run(self, name: str, values: dict[str, Any]) -> int:
+        """Rows the statement changed (-1 in a pipeline, before its sync)."""
+        ...
+
     def together(self, calls: list[tuple[str, dict[str, Any]]]) -> list[list[Any]]:
         """Each statement's rows, every statement sent before any answer is read: in psycopg's
         pipeline mode, one wait for all of them."""
@@ -367,8 +374,8 @@ class _HotOnDBAPI:
     def rows(self, name: str, values: dict[str, Any]) -> list[Any]:
         return self._prepared[name].rows(self._raw, values)
 
-    def run(self, name: str, values: dict[str, Any]) -> None:
-        self._prepared[name].execute(self._raw, values)
+    def run(self, name: str, values: dict[str, Any]) -> int:
+        return int(self._prepared[name].execute(self._raw, values).rowcount)
 
     def together(self, calls: list[tuple[str, dict[str, Any]]]) -> list[list[Any]]:
         sent = [(self._prepared[name], self._prepared[name].execute(self._raw, values)) for name, values in calls]
@@ -387,8 +394,8 @@ class _HotThroughCore:
     def rows(self, name: str, values: dict[str, Any]) -> list[Any]:
         return list(self._c.execute(getattr(_Q, name), values))
 
-    def run(self, name: str, values: dict[str, Any]) -> None:
-        self._c.execute(getattr(_Q, name), values)
+    def run(self, name: str, values: dict[str, Any]) -> int:
+        return self._c.execute(getattr(_Q, name), values).rowcount
 
     def together(self, calls: list[tuple[str, dict[str, Any]]]) -> list[list[Any]]:
         return [self.rows(name, values) for name, values in calls]  # Core waits for each
@@ -570,6 +577,10 @@ class SqlTx:
         del values["name"]
         self._hot.run("save_cluster", {"b_name": cluster.name, **values})
         self._ahead.cluster_saved(cluster)
+
+    def set_agent_status(self, name: str, status: dict[str, Any]) -> bool:
+        self._ahead.forget_clusters()
+        return self._hot.run("set_agent_status", {"b_name": name, "status": status}) > 0
 
     @staticmethod
     def _cluster_values(c: Cluster) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 from sqlalchemy import event, text
 
 from ca_server.core.audit import verify_chain
-from ca_server.core.errors import Conflict, Unavailable
+from ca_server.core.errors import Conflict, NotFound, Unavailable
 from ca_server.core.models import CertificateRecord, Cluster, ClusterStatus
 from ca_server.core.ports import Tx
 from ca_server.storage.migrate import upgrade
@@ -506,6 +507,80 @@ def test_a_status_report_does_not_queue_behind_the_audited_writers(pg_harness: H
     with store.read() as tx:
         stored = tx.get_cluster(agent.name)
     assert stored is not None and stored.agent_status is not None and stored.agent_status["state"] == "ok"
+
+
+@contextmanager
+def statements_from_this_thread(store: SqlStore) -> Iterator[list[str]]:
+    """What the store's connections send from this thread inside the block, a line per statement
+    executed: SQLite's own trace callback (the statement's text), or on PostgreSQL libpq's trace
+    (each Execute of the extended protocol, whose text a prepared statement does not resend, and
+    each simple Query: BEGIN, COMMIT)."""
+    sent: list[str] = []
+    traces: list[tuple[Any, Any]] = []
+    me = threading.current_thread()
+
+    def on_checkout(dbapi_conn: Any, *_: Any) -> None:
+        if threading.current_thread() is not me:
+            return
+        if store.postgres:
+            out = tempfile.TemporaryFile()  # noqa: SIM115  # read and closed below
+            dbapi_conn.pgconn.trace(out.fileno())
+            dbapi_conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+            traces.append((dbapi_conn, out))
+        else:
+            dbapi_conn.set_trace_callback(sent.append)
+            traces.append((dbapi_conn, None))
+
+    def on_checkin(dbapi_conn: Any, *_: Any) -> None:
+        for conn, _out in traces:
+            if conn is dbapi_conn:
+                if store.postgres:
+                    conn.pgconn.untrace()
+                else:
+                    conn.set_trace_callback(None)
+
+    event.listen(store.engine, "checkout", on_checkout)
+    event.listen(store.engine, "checkin", on_checkin)
+    try:
+        yield sent
+    finally:
+        event.remove(store.engine, "checkout", on_checkout)
+        event.remove(store.engine, "checkin", on_checkin)
+        for _conn, out in traces:
+            if out is not None:
+                out.seek(0)
+                for line in out.read().decode().splitlines():
+                    m = line.split("\t")
+                    if len(m) > 2 and m[0] == "F" and m[2] in ("Execute", "Query"):
+                        sent.append(" ".join(m[2:]))
+                out.close()
+
+
+def test_a_status_report_is_one_statement(harness: Harness) -> None:
+    """A report replaces the cluster's ``agent_status`` column and nothing else: one UPDATE, where
+    it read the cluster's row locked and wrote every column back (two statements, two waits on
+    PostgreSQL, for each of a fleet's thousands of reports). A report for a cluster that is not
+    there is refused and stores nothing."""
+    agent = harness.enroll("s2")
+    store = harness.store
+    with store.read() as tx:
+        cluster = tx.get_cluster(agent.name)
+    assert cluster is not None
+    with statements_from_this_thread(store) as sent:
+        harness.authority.put_status(cluster, {"state": "ok", "generation": 1})
+    work = [s for s in sent if not any(word in s for word in ("BEGIN", "COMMIT", "PRAGMA"))]
+    assert len(work) == 1, sent
+    assert store.postgres or work[0].startswith("UPDATE clusters SET agent_status"), work
+    with store.read() as tx:
+        stored = tx.get_cluster(agent.name)
+    assert stored is not None and stored.agent_status is not None
+    assert stored.agent_status["state"] == "ok" and "received_at" in stored.agent_status
+    assert stored.generation == cluster.generation and stored.agent_token_hash == cluster.agent_token_hash
+    ghost = replace(cluster, name="ghost")
+    with pytest.raises(NotFound, match="no cluster named ghost"):
+        harness.authority.put_status(ghost, {"state": "ok"})
+    with store.read() as tx:
+        assert tx.get_cluster("ghost") is None
 
 
 def test_an_unaudited_write_can_neither_audit_nor_move_the_revision(store: SqlStore) -> None:
