@@ -33,13 +33,6 @@ def must_cluster(tx: Tx, name: str, *, for_update: bool = False) -> Cluster:
     return cluster
 
 
-def _trust_domain_holders(tx: Tx, trust_domain: str) -> list[str]:
-    """The clusters, other than revoked ones, registered with `trust_domain`."""
-    return sorted(
-        c.name for c in tx.list_clusters() if c.trust_domain == trust_domain and c.status != ClusterStatus.REVOKED
-    )
-
-
 class Clusters:
     def __init__(self, ctx: Context, crls: Crls) -> None:
         self.ctx = ctx
@@ -63,7 +56,7 @@ class Clusters:
             self.ctx.changed(tx)  # first: the revision row's lock serialises registrations (replicas included)
             if tx.get_cluster(name) is not None:
                 raise Conflict(f"cluster {name} exists")
-            holders = _trust_domain_holders(tx, trust_domain)
+            holders = tx.trust_domain_holders(trust_domain)  # a query, not a read of the whole fleet
             if holders and not share_trust_domain:
                 raise Conflict(
                     f"trust domain {trust_domain} is held by cluster(s) {', '.join(holders)}: give each cluster "

@@ -742,6 +742,15 @@ class SqlTx:
             )
         return names
 
+    def trust_domain_holders(self, trust_domain: str) -> list[str]:
+        c = t.clusters.c
+        q = (
+            select(c.name)
+            .where(c.trust_domain == trust_domain, c.status != ClusterStatus.REVOKED.value)
+            .order_by(c.name)
+        )
+        return list(self.c.execute(q).scalars())
+
     def get_clusters(self, names: Collection[str]) -> list[Cluster]:
         """The clusters among ``names`` that exist, in one query."""
         if not names:
