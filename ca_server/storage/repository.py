@@ -218,7 +218,7 @@ class _Q:
         .values({c.name: bindparam(c.name) for c in t.clusters.c if c.name != "name"})
     )
     set_agent_status = (
-        update(t.clusters).where(t.clusters.c.name == bindparam("b_name")).values(agent_status=bindparam("status"))
+        update(t.clusters).where(t.clusters.c.name == bindparam("b_name")).values(agent_status=bindparam("b_status"))
     )
     certificate = select(t.certificates).where(t.certificates.c.serial == bindparam("serial"))
     add_certificate_values = insert(t.certificates).values(
@@ -580,7 +580,7 @@ class SqlTx:
 
     def set_agent_status(self, name: str, status: dict[str, Any]) -> bool:
         self._ahead.forget_clusters()
-        return self._hot.run("set_agent_status", {"b_name": name, "status": status}) > 0
+        return self._hot.run("set_agent_status", {"b_name": name, "b_status": status}) > 0
 
     @staticmethod
     def _cluster_values(c: Cluster) -> dict[str, Any]:

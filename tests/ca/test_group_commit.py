@@ -25,7 +25,7 @@ from ca_server.core.ports import Tx
 from ca_server.storage.migrate import upgrade
 from ca_server.storage.repository import SqlStore, SqlTx
 from cluster_agent import pki
-from tests.ca.conftest import Agent, Harness, make_harness
+from tests.ca.conftest import Agent, Harness, both_speedup_modes, make_harness
 from tests.support.pgserver import PgServer
 
 _names = itertools.count(1)
@@ -556,6 +556,7 @@ def statements_from_this_thread(store: SqlStore) -> Iterator[list[str]]:
                 out.close()
 
 
+@both_speedup_modes
 def test_a_status_report_is_one_statement(harness: Harness) -> None:
     """A report replaces the cluster's ``agent_status`` column and nothing else: one UPDATE, where
     it read the cluster's row locked and wrote every column back (two statements, two waits on
