@@ -247,8 +247,13 @@ async def _retried(call: Callable[[], Awaitable[T]]) -> T:
             retry = isinstance(exc, httpx.TransportError) or exc.response.status_code in (429, 503)
             if not retry or attempt == FIRST_CONTACT_TRIES - 1:
                 raise
-            await asyncio.sleep(min(2**attempt, 30) * (0.5 + random.random()))
+            await asyncio.sleep(_backoff(attempt))
     raise AssertionError("unreachable")
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds before try ``attempt + 1``: doubling up to 30, jittered so a fleet spreads out."""
+    return min(2.0**attempt, 30.0) * (0.5 + random.random())
 
 
 async def renewed(
@@ -266,7 +271,7 @@ async def renewed(
             return r
         rec["renew_refused"] = rec.get("renew_refused", 0) + 1
         given = r.headers.get("Retry-After", "")
-        await asyncio.sleep(float(given) if given.isdigit() else min(2**attempt, 30) * (0.5 + random.random()))
+        await asyncio.sleep(float(given) if given.isdigit() else _backoff(attempt))
     raise AssertionError("unreachable")
 
 

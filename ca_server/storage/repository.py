@@ -1082,8 +1082,8 @@ class SqlStore:
         """A group commit's transaction (PostgreSQL), in psycopg's pipeline mode from its first
         statement to its commit: the audit head is locked with the batch's reads ahead (``read_ahead``,
         one wait), and the head's update and the revision bump are sent with the COMMIT, which
-        waits for all three (psycopg's ``commit`` in a pipeline syncs it): from BEGIN to COMMIT,
-        three waits besides the jobs' own, where there were seven. Database errors reach the
+        waits for all three (psycopg's ``commit`` in a pipeline syncs it): from BEGIN to the
+        pipeline's closing sync, four waits besides the jobs' own, where there were seven. Database errors reach the
         ``Joiner``, which translates them (``_translate_job_error``)."""
         with self.engine.connect() as conn, conn.begin() as transaction:
             tx = self._new_tx(conn, write=True).join()

@@ -319,36 +319,17 @@ def test_a_renewal_in_a_batch_waits_for_the_database_once(pg_harness: Harness) -
     audit inserts, the cluster's update) are pipelined, and the cluster rows and proof candidates
     of the whole batch are read before its renewals run (``SqlTx.read_ahead``): a renewal waits
     once, at its end. It waited for each of its six statements at first, then three times (its
-    cluster, its candidates, its end: 40 waits here). A batch waits three times besides. Counted in libpq's own trace of the batches'
-    connections: every wait for the server's answer follows a Sync (or, in pipeline mode, a Flush)
-    the client sent."""
+    cluster, its candidates, its end: 40 waits here). A batch waits four times besides. Counted in
+    libpq's own trace of the batches' connections: every wait for the server's answer follows a
+    Sync (or, in pipeline mode, a Flush) the client sent."""
     agents = [pg_harness.enroll(f"w{i}") for i in range(8)]
     store = pg_harness.store
-    traced: list[tuple[Any, Any]] = []
-
-    def on_checkout(dbapi_conn: Any, *_: Any) -> None:
-        if threading.current_thread().name == "meshbridge-group-commit":
-            out = tempfile.TemporaryFile()  # noqa: SIM115  # read and closed below
-            dbapi_conn.pgconn.trace(out.fileno())
-            dbapi_conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
-            traced.append((dbapi_conn, out))
-
-    def on_checkin(dbapi_conn: Any, *_: Any) -> None:
-        if any(conn is dbapi_conn for conn, _ in traced):
-            dbapi_conn.pgconn.untrace()
-
-    event.listen(store.engine, "checkout", on_checkout)
-    event.listen(store.engine, "checkin", on_checkin)
     before = store.group_commit_stats()
-    issued = _concurrently(store, _renewals(pg_harness, agents))
+    with client_messages(store, lambda: threading.current_thread().name == "meshbridge-group-commit") as traced:
+        issued = _concurrently(store, _renewals(pg_harness, agents))
     assert all(not isinstance(r, Exception) for r in issued), issued
     batches, jobs = (a - b for a, b in zip(store.group_commit_stats(), before, strict=True))
-    waits = 0
-    for _, out in traced:
-        out.seek(0)
-        sent = [line.split("\t") for line in out.read().decode().splitlines()]
-        waits += sum(1 for m in sent if len(m) > 2 and m[0] == "F" and m[2] in ("Sync", "Flush", "Query"))
-        out.close()
+    waits = sum(1 for sent in traced for m in sent if len(m) > 2 and m[0] == "F" and m[2] in ("Sync", "Flush", "Query"))
     assert traced and batches == len(traced)
     # per batch besides: BEGIN, the audit head's lock with the revision and the clusters and
     # candidates read ahead, the commit with the audit head's update, and the pipeline's end (its
@@ -510,34 +491,62 @@ def test_a_status_report_does_not_queue_behind_the_audited_writers(pg_harness: H
 
 
 @contextmanager
+def client_messages(store: SqlStore, traced: Callable[[], bool]) -> Iterator[list[list[list[str]]]]:
+    """PostgreSQL: what the client sent on each connection checked out inside the block by a thread
+    for which ``traced()`` holds, in libpq's own trace: a list per connection of its lines, each
+    split into its tab-separated fields ("F", length, message, …). Filled when the block ends."""
+    files: list[tuple[Any, Any]] = []
+
+    def on_checkout(dbapi_conn: Any, *_: Any) -> None:
+        if traced():
+            out = tempfile.TemporaryFile()  # noqa: SIM115  # read and closed when the block ends
+            dbapi_conn.pgconn.trace(out.fileno())
+            dbapi_conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+            files.append((dbapi_conn, out))
+
+    def on_checkin(dbapi_conn: Any, *_: Any) -> None:
+        if any(conn is dbapi_conn for conn, _ in files):
+            dbapi_conn.pgconn.untrace()
+
+    connections: list[list[list[str]]] = []
+    event.listen(store.engine, "checkout", on_checkout)
+    event.listen(store.engine, "checkin", on_checkin)
+    try:
+        yield connections
+    finally:
+        event.remove(store.engine, "checkout", on_checkout)
+        event.remove(store.engine, "checkin", on_checkin)
+        for _, out in files:
+            out.seek(0)
+            connections.append([line.split("\t") for line in out.read().decode().splitlines()])
+            out.close()
+
+
+@contextmanager
 def statements_from_this_thread(store: SqlStore) -> Iterator[list[str]]:
     """What the store's connections send from this thread inside the block, a line per statement
     executed: SQLite's own trace callback (the statement's text), or on PostgreSQL libpq's trace
     (each Execute of the extended protocol, whose text a prepared statement does not resend, and
     each simple Query: BEGIN, COMMIT)."""
     sent: list[str] = []
-    traces: list[tuple[Any, Any]] = []
     me = threading.current_thread()
+    if store.postgres:
+        with client_messages(store, lambda: threading.current_thread() is me) as traced:
+            yield sent
+        sent += [
+            " ".join(m[2:]) for c in traced for m in c if len(m) > 2 and m[0] == "F" and m[2] in ("Execute", "Query")
+        ]
+        return
+    traced_conns: list[Any] = []
 
     def on_checkout(dbapi_conn: Any, *_: Any) -> None:
-        if threading.current_thread() is not me:
-            return
-        if store.postgres:
-            out = tempfile.TemporaryFile()  # noqa: SIM115  # read and closed below
-            dbapi_conn.pgconn.trace(out.fileno())
-            dbapi_conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
-            traces.append((dbapi_conn, out))
-        else:
+        if threading.current_thread() is me:
             dbapi_conn.set_trace_callback(sent.append)
-            traces.append((dbapi_conn, None))
+            traced_conns.append(dbapi_conn)
 
     def on_checkin(dbapi_conn: Any, *_: Any) -> None:
-        for conn, _out in traces:
-            if conn is dbapi_conn:
-                if store.postgres:
-                    conn.pgconn.untrace()
-                else:
-                    conn.set_trace_callback(None)
+        if any(conn is dbapi_conn for conn in traced_conns):
+            dbapi_conn.set_trace_callback(None)
 
     event.listen(store.engine, "checkout", on_checkout)
     event.listen(store.engine, "checkin", on_checkin)
@@ -546,14 +555,6 @@ def statements_from_this_thread(store: SqlStore) -> Iterator[list[str]]:
     finally:
         event.remove(store.engine, "checkout", on_checkout)
         event.remove(store.engine, "checkin", on_checkin)
-        for _conn, out in traces:
-            if out is not None:
-                out.seek(0)
-                for line in out.read().decode().splitlines():
-                    m = line.split("\t")
-                    if len(m) > 2 and m[0] == "F" and m[2] in ("Execute", "Query"):
-                        sent.append(" ".join(m[2:]))
-                out.close()
 
 
 @both_speedup_modes
