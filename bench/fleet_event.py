@@ -46,10 +46,14 @@ import json
 import multiprocessing as mp
 import os
 import random
+import shutil
 import ssl
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -285,6 +289,92 @@ async def report_served(client: httpx.AsyncClient, a: dict[str, Any], auth: dict
     r.raise_for_status()
 
 
+# ----------------------------------------------------------------------------- the Go client
+GO_CLIENT = Path(__file__).resolve().parent / "fleetagents"
+
+
+def build_go_client() -> Path:
+    """``bench/fleetagents`` (Go, standard library only) built into the user's cache; ``go build``
+    redoes nothing when nothing changed."""
+    go = shutil.which("go")
+    if go is None:
+        raise SystemExit("--client go needs the Go toolchain on PATH (or pass --client python)")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    binary = cache / "meshbridge" / "bench" / "fleetagents"
+    env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=mod"}
+    subprocess.run([go, "build", "-o", str(binary), "."], cwd=GO_CLIENT, env=env, check=True)
+    return binary
+
+
+class GoClient:
+    """One ``fleetagents`` process simulating ``agents``, in the shape the orchestration expects of
+    a client process (``start``, ``pid``, ``is_alive``, ``join``, ``kill``): its event lines go to
+    ``events`` as they come, and once ``stop`` is set (it closes the process's standard input) the
+    agents' records go to ``out``, their Unix times mapped onto ``time.monotonic``."""
+
+    def __init__(
+        self, binary: Path, workdir: Path, url: str, anchor: str, agents: list[dict[str, Any]], *queues: Any
+    ) -> None:
+        self.binary, self.agents = binary, agents
+        self.events, self.out, self.stop = queues
+        self.spec = workdir / f"fleetagents-{id(self)}.json"
+        self.results = self.spec.with_suffix(".out.json")
+        # the agents' bearer tokens: readable by this user only, removed with the workdir
+        fd = os.open(self.spec, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"url": url, "anchor": anchor, "agents": agents}, f)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = [str(self.binary), "-spec", str(self.spec), "-out", str(self.results)]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        threading.Thread(target=self._relay, daemon=True).start()
+        threading.Thread(target=self._stopper, daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def is_alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def join(self, timeout: float) -> None:
+        if self.proc is not None:
+            with suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+
+    def _stopper(self) -> None:
+        self.stop.wait()
+        assert self.proc is not None and self.proc.stdin is not None
+        with suppress(OSError):
+            self.proc.stdin.close()
+
+    def _relay(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            kind, name, detail = json.loads(line)
+            self.events.put((kind, name, detail))
+        rc = self.proc.wait()
+        try:
+            records: list[dict[str, Any]] = json.loads(self.results.read_text())
+        except (OSError, ValueError) as exc:
+            failed = f"Go client exited {rc} without its records: {type(exc).__name__}"
+            records = [{"name": a["name"], "error": failed} for a in self.agents]
+        self.out.put([monotonic_times(r, time.time() - time.monotonic()) for r in records])
+
+
+def monotonic_times(rec: dict[str, Any], offset: float) -> dict[str, Any]:
+    """``rec`` with its Unix times (the Go client's clock) moved onto ``time.monotonic``'s, the
+    orchestration's: ``offset`` is Unix time minus monotonic time, read now."""
+    moved = {k: rec[k] - offset for k in ("rotate_at", "renewed_at") if k in rec}
+    return rec | moved | {"answers": [t - offset for t in rec.get("answers", [])]}
+
+
 # ----------------------------------------------------------------------------- orchestration
 def pct(values: list[float], q: float) -> float:
     if not values:
@@ -345,7 +435,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--agents", type=int, default=1000)
     p.add_argument("--engine", choices=["sqlite", "postgres"], default="sqlite")
-    p.add_argument("--procs", type=int, default=4, help="client processes the agents are spread over")
+    p.add_argument(
+        "--client",
+        choices=["go", "python"],
+        default="go",
+        help="the simulated agents: bench/fleetagents (Go; default) or asyncio tasks with httpx",
+    )
+    p.add_argument(
+        "--procs",
+        type=int,
+        default=0,
+        help="client processes the agents are spread over (default: one per replica for go, 4 for python)",
+    )
     p.add_argument("--workers", type=int, default=0, help="pass --workers N to serve (0: its default)")
     p.add_argument("--replicas", type=int, default=1, help="`serve` processes sharing the data dir and database")
     p.add_argument("--setup-cache", type=Path, help="keep and reuse the enrolled setup here")
@@ -376,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "engine": args.engine,
         "agents": args.agents,
-        "client_procs": args.procs,
+        "client": args.client,
         "replicas": args.replicas,
         "serve_args": serve_args,
         "transport": "http" if args.insecure_http else "https",
@@ -385,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     procs: list[Any] = []
     replicas: list[BenchCA] = []
+    go_binary = build_go_client() if args.client == "go" else None
     try:
         t0 = time.monotonic()
         agents = setup(ca, args.agents, args.setup_cache)
@@ -394,12 +496,15 @@ def main(argv: list[str] | None = None) -> int:
         events: Any = mp.Queue()
         out: Any = mp.Queue()
         stop = mp.Event()
-        slices = [agents[i :: args.procs] for i in range(args.procs)]
-        procs = [
-            mp.Process(
-                target=client_proc,
-                args=(replicas[i % len(replicas)].url, str(ca.data / "root-cert.pem"), s, events, out, stop),
-                daemon=True,
+        nprocs = args.procs or (len(replicas) if args.client == "go" else 4)
+        report["client_procs"] = nprocs
+        slices = [agents[i::nprocs] for i in range(nprocs)]
+        anchor = str(ca.data / "root-cert.pem")
+        procs: list[Any] = [
+            GoClient(go_binary, ca.workdir, replicas[i % len(replicas)].url, anchor, s, events, out, stop)
+            if go_binary is not None
+            else mp.Process(
+                target=client_proc, args=(replicas[i % len(replicas)].url, anchor, s, events, out, stop), daemon=True
             )
             for i, s in enumerate(slices)
             if s
@@ -555,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
         m = report["machine"]
         print(
             f"fleet event: {args.agents} agents, engine={args.engine}, transport={report['transport']}, "
-            f"serve_args={' '.join(serve_args) or '-'}, {args.replicas} replica(s), {args.procs} client processes  "
+            f"serve_args={' '.join(serve_args) or '-'}, {args.replicas} replica(s), "
+            f"{report['client_procs']} {args.client} client process(es)  "
             f"[{m['nproc']} cpu {m['cpu']}, Python {m['python']}]"
         )
         ar = report["add_root"]

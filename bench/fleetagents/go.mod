@@ -1,0 +1,3 @@
+module meshbridge.local/bench/fleetagents
+
+go 1.22
