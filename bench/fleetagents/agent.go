@@ -245,6 +245,10 @@ func (a *agent) doHeaders(ctx context.Context, method, path string, body []byte)
 		req.Header.Set("Content-Type", "application/json")
 	}
 	resp, err := a.http.Do(req)
+	var distrust *untrusted
+	if errors.As(err, &distrust) {
+		return answer{}, nil, distrust
+	}
 	if err != nil {
 		return answer{}, nil, &transportError{err}
 	}

@@ -56,8 +56,17 @@ func (t *trust) verify(cs tls.ConnectionState, host string) error {
 	_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{
 		Roots: t.pool.Load(), Intermediates: inter, DNSName: host,
 	})
-	return err
+	if err != nil {
+		return &untrusted{err}
+	}
+	return nil
 }
+
+// untrusted is a server the agent does not trust: not retried (a CA it cannot reach is).
+type untrusted struct{ err error }
+
+func (e *untrusted) Error() string { return "the CA's certificate is not trusted: " + e.err.Error() }
+func (e *untrusted) Unwrap() error { return e.err }
 
 // newClient is one agent's HTTP client: its own transport, so its own keep-alive connection, as
 // each cluster's agent has. Go's verification against fixed roots is replaced by trust.verify (the
