@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         report["client_procs"] = nprocs
         slices = [agents[i::nprocs] for i in range(nprocs)]
         anchor = str(ca.data / "root-cert.pem")
-        procs: list[Any] = [
+        procs = [
             GoClient(go_binary, ca.workdir, replicas[i % len(replicas)].url, anchor, s, events, out, stop)
             if go_binary is not None
             else mp.Process(

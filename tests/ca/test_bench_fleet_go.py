@@ -102,8 +102,9 @@ def scripted(tmp_path: Path) -> Iterator[tuple[str, ScriptedCA, Path]]:
         def _serve(self) -> None:
             size = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(size)) if size else None
+            headers: dict[str, str] = {}
             if self.headers.get("Authorization") != "Bearer tok-a1":
-                status, headers, answer = 401, {}, {"title": "bad token"}
+                status, answer = 401, {"title": "bad token"}
             else:
                 status, headers, answer = script.answer(self.command, self.path, body)
             data = b"" if answer is None else json.dumps(answer).encode()
