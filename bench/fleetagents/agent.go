@@ -31,6 +31,7 @@ type record struct {
 	RenewedGeneration json.RawMessage `json:"renewed_generation,omitempty"`
 	AfterRenewal      *afterRenewal   `json:"after_renewal,omitempty"`
 	RenewRefused      int             `json:"renew_refused,omitempty"`
+	ReadsRefused      int             `json:"reads_refused,omitempty"`
 	Error             string          `json:"error,omitempty"`
 }
 
@@ -85,7 +86,7 @@ func (a *agent) live(ctx context.Context) error {
 	rotated := false
 	for {
 		a.rec.Polls++
-		status, body, err := a.do(ctx, http.MethodGet, a.desiredPath()+"?wait=60&revision="+url.QueryEscape(param(rev)), nil)
+		status, body, err := a.read(ctx, a.desiredPath()+"?wait=60&revision="+url.QueryEscape(param(rev)))
 		t := now()
 		if err != nil {
 			return err
@@ -138,7 +139,7 @@ func (a *agent) rotate(ctx context.Context, t float64, d desired) (json.RawMessa
 		}
 		a.rec.RenewedGeneration = issued.Generation
 	}
-	st, body, err := a.do(ctx, http.MethodGet, a.desiredPath(), nil)
+	st, body, err := a.read(ctx, a.desiredPath())
 	if err != nil {
 		return nil, err
 	}
@@ -152,19 +153,30 @@ func (a *agent) rotate(ctx context.Context, t float64, d desired) (json.RawMessa
 	return after.Revision, nil
 }
 
-// renew posts the renewal, again after a 429 or 503 (after Retry-After when given), counting each
-// refusal; the last answer is returned.
+// read GETs path, again after a 429 or 503 as the agent's loop does (after Retry-After when given),
+// counting each refusal; the last answer is returned.
+func (a *agent) read(ctx context.Context, path string) (int, []byte, error) {
+	return a.untilAdmitted(ctx, http.MethodGet, path, nil, &a.rec.ReadsRefused)
+}
+
+// renew posts the renewal, again after a 429 or 503, counting each refusal.
 func (a *agent) renew(ctx context.Context) (int, []byte, error) {
 	body, _ := json.Marshal(map[string]string{"csr": a.spec.CSR, "proof": a.spec.Proof})
+	return a.untilAdmitted(ctx, http.MethodPost, "/v1/clusters/"+a.spec.Name+"/intermediate", body, &a.rec.RenewRefused)
+}
+
+// untilAdmitted sends a request until it is answered other than 429 or 503 (waiting Retry-After
+// when given, else a backoff) or tries run out, adding each refusal to refusals.
+func (a *agent) untilAdmitted(ctx context.Context, method, path string, body []byte, refusals *int) (int, []byte, error) {
 	for attempt := 0; ; attempt++ {
-		status, resp, err := a.doHeaders(ctx, http.MethodPost, "/v1/clusters/"+a.spec.Name+"/intermediate", body)
+		status, resp, err := a.doHeaders(ctx, method, path, body)
 		if err != nil {
 			return 0, nil, err
 		}
 		if !refused(status.code) || attempt == tries-1 {
 			return status.code, resp, nil
 		}
-		a.rec.RenewRefused++
+		*refusals++
 		wait := backoff(attempt)
 		if s, err := strconv.Atoi(status.retryAfter); err == nil && s >= 0 {
 			wait = time.Duration(s) * time.Second

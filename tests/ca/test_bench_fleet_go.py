@@ -57,7 +57,7 @@ def self_signed(dir: Path, name: str) -> tuple[Path, Path]:
 
 class ScriptedCA:
     """One agent's conversation with a CA, scripted: first desired state (revision 1), a long-poll
-    answered with rotate_required (revision 2), the renewal refused once with 429 then issued, the
+    refused once (503), then answered with rotate_required (revision 2), the renewal refused once with 429 then issued, the
     desired state after it (revision 3, rotation done), and a last long-poll held until stopped."""
 
     def __init__(self, anchor: str) -> None:
@@ -81,6 +81,8 @@ class ScriptedCA:
         if path == "/v1/clusters/a1/desired":
             return 200, {}, self.desired("3" if self.renewals else "1", False, 2 if self.renewals else 1)
         if path == "/v1/clusters/a1/desired?wait=60&revision=1":
+            if sum(1 for r in self.requests if r[1] == path) == 1:  # the first long-poll: refused
+                return 503, {"Retry-After": "0"}, {"title": "Overloaded"}
             return 200, {}, self.desired("2", True, 2)
         if path == "/v1/clusters/a1/desired?wait=60&revision=3":
             self.stopped.wait(30)
@@ -152,7 +154,7 @@ def run_agent(tmp_path: Path, url: str, anchor: Path, until: str) -> tuple[list[
     return seen, records[0]
 
 
-def test_a_go_agent_renews_with_proof_retries_a_refusal_and_records_what_it_saw(
+def test_a_go_agent_renews_with_proof_retries_refusals_and_records_what_it_saw(
     tmp_path: Path, scripted: tuple[str, ScriptedCA, Path]
 ) -> None:
     url, script, anchor = scripted
@@ -166,7 +168,8 @@ def test_a_go_agent_renews_with_proof_retries_a_refusal_and_records_what_it_saw(
     assert (status["installed_generation"], status["installed_serial"]) == (1, "ab")
     assert [r[2] for r in script.requests if r[0] == "POST"] == [{"csr": "CSR", "proof": "PROOF"}] * 2
     # what it recorded, in the keys and clock of the Python client
-    assert rec["renew_status"] == 201 and rec["renew_refused"] == 1
+    assert rec["renew_status"] == 201 and rec["renew_refused"] == 1 and rec["reads_refused"] == 1
+    assert rec["polls"] == 2  # the refused long-poll was sent again, and counted once
     assert (rec["want_generation"], rec["renewed_generation"]) == (2, 2)
     assert rec["after_renewal"] == {"status": 200, "rotate_required": False, "generation": 2}
     assert "error" not in rec
