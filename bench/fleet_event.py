@@ -304,9 +304,10 @@ GO_CLIENT = Path(__file__).resolve().parent / "fleetagents"
 def build_go_client() -> Path:
     """``bench/fleetagents`` (Go, standard library only) built into the user's cache; ``go build``
     redoes nothing when nothing changed."""
-    go = shutil.which("go")
-    if go is None:
-        raise SystemExit("--client go needs the Go toolchain on PATH (or pass --client python)")
+    # found as scripts/testbin.sh finds it: $GO, else on PATH, else where the Go tarball installs
+    go = os.environ.get("GO") or shutil.which("go") or "/usr/local/go/bin/go"
+    if not os.access(go, os.X_OK):
+        raise SystemExit("--client go needs the Go toolchain (set GO=/path/to/go, or pass --client python)")
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     binary = cache / "meshbridge" / "bench" / "fleetagents"
     env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=mod"}
