@@ -7,8 +7,10 @@ postgres``), N clusters registered and enrolled in-process, the server started, 
 cluster a renewal request pre-built (fresh CSR + proof signed by its enrolled intermediate key),
 so the simulated agents spend no time on key generation during the event.
 
-The agents are asyncio tasks with httpx, spread over ``--procs`` processes so the client is not
-the bottleneck; each holds its own keep-alive HTTPS connection and long-polls
+The agents are ``bench/fleetagents`` (Go, the default: one process per replica, a twentieth of a
+core for 10,000 agents) or, with ``--client python``, asyncio tasks with httpx spread over
+``--procs`` processes (which took most of a core of a 2-core machine: the bench measured itself).
+Either way each holds its own keep-alive HTTPS connection and long-polls
 ``GET /v1/clusters/{name}/desired?revision=R&wait=60``, re-polling whenever the revision moves.
 Like the real agent, each adds the trust bundle it is handed to its TLS trust anchors.
 
