@@ -376,7 +376,8 @@ class GoClient:
         except (OSError, ValueError) as exc:
             failed = f"Go client exited {rc} without its records: {type(exc).__name__}"
             records = [{"name": a["name"], "error": failed} for a in self.agents]
-        self.out.put([monotonic_times(r, time.time() - time.monotonic()) for r in records])
+        offset = time.time() - time.monotonic()
+        self.out.put([monotonic_times(r, offset) for r in records])
 
 
 def monotonic_times(rec: dict[str, Any], offset: float) -> dict[str, Any]:

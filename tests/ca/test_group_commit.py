@@ -491,6 +491,20 @@ def test_a_status_report_does_not_queue_behind_the_audited_writers(pg_harness: H
 
 
 @contextmanager
+def pool_listeners(
+    store: SqlStore, on_checkout: Callable[..., None], on_checkin: Callable[..., None]
+) -> Iterator[None]:
+    """``on_checkout`` and ``on_checkin`` hear the store's pool inside the block, and only there."""
+    event.listen(store.engine, "checkout", on_checkout)
+    event.listen(store.engine, "checkin", on_checkin)
+    try:
+        yield
+    finally:
+        event.remove(store.engine, "checkout", on_checkout)
+        event.remove(store.engine, "checkin", on_checkin)
+
+
+@contextmanager
 def client_messages(store: SqlStore, traced: Callable[[], bool]) -> Iterator[list[list[list[str]]]]:
     """PostgreSQL: what the client sent on each connection checked out inside the block by a thread
     for which ``traced()`` holds, in libpq's own trace: a list per connection of its lines, each
@@ -509,13 +523,10 @@ def client_messages(store: SqlStore, traced: Callable[[], bool]) -> Iterator[lis
             dbapi_conn.pgconn.untrace()
 
     connections: list[list[list[str]]] = []
-    event.listen(store.engine, "checkout", on_checkout)
-    event.listen(store.engine, "checkin", on_checkin)
     try:
-        yield connections
+        with pool_listeners(store, on_checkout, on_checkin):
+            yield connections
     finally:
-        event.remove(store.engine, "checkout", on_checkout)
-        event.remove(store.engine, "checkin", on_checkin)
         for _, out in files:
             out.seek(0)
             connections.append([line.split("\t") for line in out.read().decode().splitlines()])
@@ -548,13 +559,8 @@ def statements_from_this_thread(store: SqlStore) -> Iterator[list[str]]:
         if any(conn is dbapi_conn for conn in traced_conns):
             dbapi_conn.set_trace_callback(None)
 
-    event.listen(store.engine, "checkout", on_checkout)
-    event.listen(store.engine, "checkin", on_checkin)
-    try:
+    with pool_listeners(store, on_checkout, on_checkin):
         yield sent
-    finally:
-        event.remove(store.engine, "checkout", on_checkout)
-        event.remove(store.engine, "checkin", on_checkin)
 
 
 @both_speedup_modes
