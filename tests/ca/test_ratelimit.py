@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, event
 from starlette.testclient import TestClient
 
 from ca_server.api.ratelimit import Limits, RateLimiter, credential_key
@@ -53,6 +54,45 @@ def test_counts_are_shared_between_replicas(database_url: str) -> None:
     assert one.hit([("cred:mbagent.0123456789abcdef", 5)]) == 1
     assert two.hit([("cred:mbagent.0123456789abcdef", 5)]) == 1
     engine.dispose()
+    store.dispose()
+
+
+def test_a_sync_is_two_statements_whatever_the_number_of_keys(database_url: str) -> None:
+    """The shared counters are written and read set-based: one upsert (of the keys whose count
+    moved) and one read, each with a fixed number of parameters. The first version sent an
+    executemany of one row per key seen in the window and an IN list of one parameter per key:
+    300 ms of Python per sync at 10,000 agents on PostgreSQL, five times a second."""
+    store = SqlStore(database_url)
+    upgrade(store.engine)
+    counters = SqlRateCounters(store.engine)
+    sent: list[tuple[str, int, bool]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        if "rate_counters" in statement:
+            sent.append((statement.split()[0], len(params), many))
+
+    event.listen(store.engine, "before_cursor_execute", record)
+    keys = {f"cred:mbagent.{i:016x}": 1 + i % 3 for i in range(2000)}
+    keys["addr:2001:db8::1"] = 0  # seen here earlier, nothing new: read, not written
+    got = counters.add_and_read(7, keys)
+    assert len(sent) == 2 and all(n <= 4 and not many for _, n, many in sent), sent
+    assert [verb for verb, _, _ in sent] == ["INSERT", "SELECT"]
+    assert got == {k: v for k, v in keys.items() if v}  # a key never written has no row yet
+    event.remove(store.engine, "before_cursor_execute", record)
+    store.dispose()
+
+
+def test_counts_add_up_for_any_key_text(database_url: str) -> None:
+    """Keys travel as one JSON array: quotes, backslashes, non-ASCII and keys cut to the column's
+    128 characters (two that differ only after it are one row, counted once each) come back as
+    stored, and a second sync adds to the first."""
+    store = SqlStore(database_url)
+    upgrade(store.engine)
+    counters = SqlRateCounters(store.engine)
+    odd = ['cred:"quoted"', "cred:back\\slash", "addr:fe80::1%eth0", "cred:\u00e9t\u00e9", "x" * 130, "x" * 128 + "yz"]
+    assert counters.add_and_read(9, dict.fromkeys(odd, 2)) == {**dict.fromkeys(odd[:4], 2), "x" * 128: 4}
+    assert counters.add_and_read(9, {odd[0]: 1, odd[3]: 0}) == {odd[0]: 3, odd[3]: 2}
+    assert counters.add_and_read(10, {odd[0]: 1}) == {odd[0]: 1}  # a new window starts from zero
     store.dispose()
 
 
