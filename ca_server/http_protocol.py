@@ -3,12 +3,17 @@
 uvicorn writes the status line and headers as soon as the app sends ``http.response.start`` and
 the body when it sends ``http.response.body``: two TLS records and two ``write`` calls, each waking
 the client. On a 2-core machine that second system call is several percent of a renewal's cost.
-Here the transport gathers the writes made in one event-loop step and sends them together at the
-end of that step (a response's start and body are sent in the same step), so nothing waits longer
-than the step that produced it.
+Here the transport gathers a response's writes and sends them together once the response is
+whole (uvicorn calls the protocol's ``on_response_complete`` right after the last body write), and
+whatever else is written in a loop step at the end of that step. Not only at the step's end: one
+step runs every request that arrived in one poll, and with renewals answered inline (SQLite, key
+in memory: milliseconds of CPU each) a step under a fleet-wide rotation lasted seconds, every
+answer waiting for the last (a 10,000-agent event's renewal answers had their median at 28.9 s
+of 29.6 s).
 
 It relies on uvicorn internals: ``HttpToolsProtocol.connection_made`` keeps the transport it is
-given and writes every response through its ``write``. It extends the listener's guarded protocol
+given and writes every response through its ``write``, and ``RequestResponseCycle.send`` calls
+``on_response_complete`` after a response's last write. It extends the listener's guarded protocol
 (ca_server/listener.py: connection cap, head and body deadlines, head size cap), which is used with
 or without it. ``serve --no-joined-writes`` serves with that protocol alone, and does not import
 this module.
@@ -57,5 +62,9 @@ class CoalescingTransport:
 
 class CoalescingHttpToolsProtocol(GuardedHttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        coalescing: Any = CoalescingTransport(transport, asyncio.get_running_loop())
-        super().connection_made(coalescing)
+        self._coalescing = CoalescingTransport(transport, asyncio.get_running_loop())
+        super().connection_made(self._coalescing)  # type: ignore[arg-type]
+
+    def on_response_complete(self) -> None:
+        self._coalescing.flush()  # the response is whole: send it now, not after the step's other requests
+        super().on_response_complete()
