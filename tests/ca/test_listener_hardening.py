@@ -11,7 +11,6 @@ with the joined-writes speed-up and without it.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 import select
@@ -20,21 +19,17 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from ca_server.api.problems import PROBLEM_BASE
 from cluster_agent import pki
 from tests.ca.conftest import Harness
 from tests.ca.test_cli import CLI, Served, ok, serve
 from tests.support.pgserver import free_port
+from tests.support.tlsfiles import loopback_cert_files
 
 HEAD_TIMEOUT = 1.5
 BODY_TIMEOUT = 2.0
@@ -340,25 +335,8 @@ def test_tls_offers_no_cbc_suite_and_nothing_below_tls_1_2(served: Served) -> No
 def test_a_given_certificate_gets_the_same_tls_settings(tmp_path: Path) -> None:
     """``serve --tls-cert``: uvicorn's own context offered its default suites ("TLSv1": CBC with
     SHA-1 included); the service's settings hold for it too."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(key, hashes.SHA256())
-    )
     cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    loopback_cert_files(cert_file, key_file)
     d = tmp_path / "ca"
     ok("init", "--data-dir", str(d))
     port = free_port()
