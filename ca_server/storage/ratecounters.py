@@ -5,8 +5,9 @@ Each is one statement whatever the number of keys, with the keys (and counts) pa
 parameter: a JSON array, read by the database's own JSON functions. The first
 version ran an ``executemany`` of one upsert per key (every key seen in the window, moved or not)
 and an ``IN`` list of one bound parameter per key: at 10,000 active agents a sync cost about
-300 ms of Python CPU on PostgreSQL and 110 ms on SQLite, holding the SQLite writer all along, five
-times a second (``bench/RESULTS.md``, "Rate-limit counters set-based").
+300 ms of Python CPU on PostgreSQL and 100 ms on SQLite, holding the SQLite writer all along, five
+times a second (``bench/rate_counters.py``; ``bench/RESULTS.md``, "Rate-limit sync, answers sent
+when whole").
 """
 
 from __future__ import annotations
@@ -114,5 +115,6 @@ def _merged(deltas: dict[str, int]) -> list[tuple[str, int]]:
     merged: dict[str, int] = {}
     for key, count in deltas.items():
         if count:
-            merged[key[:_KEY_CHARS]] = merged.get(key[:_KEY_CHARS], 0) + count
+            stored = key[:_KEY_CHARS]
+            merged[stored] = merged.get(stored, 0) + count
     return sorted(merged.items())
