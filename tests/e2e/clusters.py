@@ -22,6 +22,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import random
 import socket
 import ssl
 import subprocess
@@ -72,10 +73,33 @@ KUBEADM_COREFILE = """\
 """
 
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def ephemeral_low() -> int:
+    """The lowest port the kernel gives an outgoing connection as its source port (0: unknown)."""
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port free now, below the kernel's ephemeral range when that is known. A port
+    from the range (``bind(0)`` gives one) can become the source port of any outgoing connection,
+    and this suite opens thousands to its kube-apiservers: one took the port an istiod was about to
+    bind ("listen tcp 127.0.0.1:35955: bind: address already in use"; istiod keeps its ports across
+    restarts). Below the range only another listener can take it."""
+    low = ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low) if low > 2048 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError(f"no free loopback port below the ephemeral range ({low})")
 
 
 # ---------------------------------------------------------------------------------------------
