@@ -21,7 +21,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Scope
 
 from ca_server.api import routes
-from ca_server.api.fastpath import RenewalShortcut, ShortcutApp
+from ca_server.api.fastpath import AgentAnswers, AgentShortcut, ShortcutApp
 from ca_server.api.guards import OperatorOnly, request_guards
 from ca_server.api.longpoll import agent_threads
 from ca_server.api.metrics import Metrics
@@ -50,12 +50,13 @@ def create_app(
     background: list[Background] | None = None,
     watch_interval: float = 0.25,
     rate_limits: Limits | None = None,
-    renewal_shortcut: bool = True,
+    agent_shortcut: bool = True,
     metrics_token: str | None = None,
 ) -> FastAPI:
-    """``renewal_shortcut``: well-formed renewals are answered by api/fastpath.py outside FastAPI's
-    middleware stack (the default); False: by the FastAPI route, with the guards added as FastAPI
-    middleware — the framework's own path, for when an upgrade breaks the shortcut.
+    """``agent_shortcut``: well-formed renewals, status reports and desired-state long-polls are
+    answered by api/fastpath.py outside FastAPI's middleware stack (the default); False: by the
+    FastAPI routes, with the guards added as FastAPI middleware — the framework's own path, for
+    when an upgrade breaks the shortcut.
 
     /metrics and /openapi.json answer an operator token, admin or viewer (/metrics also ``metrics_token``); there
     is no /docs or /redoc (they load their scripts from a CDN), and no redirect to the same path
@@ -66,7 +67,7 @@ def create_app(
     authority.on_change.append(watcher.poke)
     metrics = Metrics(not_after_source=authority.intermediate_not_after, roots_source=authority.list_roots)
 
-    app_class = ShortcutApp if renewal_shortcut else FastAPI
+    app_class = ShortcutApp if agent_shortcut else FastAPI
     app = app_class(
         title="meshbridge CA service",
         version="1.0.0",
@@ -93,10 +94,14 @@ def create_app(
         OperatorOnly, authorize=_operator_check(authority, metrics_token), on_error=error_response
     )
     if isinstance(app, ShortcutApp):
-        answer = functools.partial(routes.renewal_answer, app.state)
+        answers = AgentAnswers(
+            renewal=functools.partial(routes.renewal_answer, app.state),
+            status=functools.partial(routes.status_answer, app.state),
+            desired=functools.partial(routes.desired_answer, app.state),
+        )
 
         def outer_layers(inner: ASGIApp) -> ASGIApp:
-            shortcut = RenewalShortcut(inner, answer=answer, on_error=error_response)
+            shortcut = AgentShortcut(inner, answers=answers, on_error=error_response)
             return request_guards(shortcut, metrics=metrics, limiter=limiter, operator=operator)
 
         app.outer_layers = outer_layers

@@ -646,11 +646,13 @@ def build_parser() -> argparse.ArgumentParser:
         "constraints.txt); turn one off if an upgrade of that framework breaks it",
     )
     fast.add_argument(
+        "--no-agent-shortcut",
         "--no-renewal-shortcut",
-        dest="renewal_shortcut",
+        dest="agent_shortcut",
         action="store_false",
-        help="answer renewals through FastAPI's route and middleware stack (the shortcut overrides "
-        "FastAPI.build_middleware_stack)",
+        help="answer the agents' renewals, status reports and desired-state long-polls through "
+        "FastAPI's routes and middleware stack (the shortcut overrides FastAPI.build_middleware_stack; "
+        "--no-renewal-shortcut is its older name)",
     )
     fast.add_argument(
         "--no-joined-writes",

@@ -175,7 +175,7 @@ class ServerCertificate:
 def speedups_of(args: argparse.Namespace) -> Speedups:
     """The speed-ups ``serve``'s ``--no-…`` flags leave on."""
     return Speedups(
-        renewal_shortcut=args.renewal_shortcut,
+        agent_shortcut=args.agent_shortcut,
         joined_writes=args.joined_writes,
         prepared_statements=args.prepared_statements,
     )
@@ -364,7 +364,7 @@ def _serve(args: argparse.Namespace, socks: list[socket.socket] | None = None) -
         authority,
         background=background,
         rate_limits=limits,
-        renewal_shortcut=speedups.renewal_shortcut,
+        agent_shortcut=speedups.agent_shortcut,
         metrics_token=_metrics_token(args),
     )
     app.state.watcher.listeners.append(write_trust_bundle)

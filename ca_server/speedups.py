@@ -14,9 +14,10 @@ from typing import Final
 
 @dataclass(frozen=True)
 class Speedups:
-    # api/fastpath.py: well-formed renewals answered outside FastAPI's middleware stack, through an
-    # override of FastAPI.build_middleware_stack; off: the FastAPI route, guards added by add_middleware
-    renewal_shortcut: bool = True
+    # api/fastpath.py: the agents' well-formed renewals, status reports and desired-state long-polls
+    # answered outside FastAPI's middleware stack, through an override of
+    # FastAPI.build_middleware_stack; off: the FastAPI routes, guards added by add_middleware
+    agent_shortcut: bool = True
     # http_protocol.py: the listener's protocol with a transport that joins a response's writes;
     # off: the listener's guarded protocol alone (listener.py, always used: connection cap, head and
     # body deadlines, head size cap), writing as uvicorn's httptools protocol does
@@ -31,4 +32,4 @@ class Speedups:
 
 
 ALL_ON: Final = Speedups()
-ALL_OFF: Final = Speedups(renewal_shortcut=False, joined_writes=False, prepared_statements=False)  # the plain paths
+ALL_OFF: Final = Speedups(agent_shortcut=False, joined_writes=False, prepared_statements=False)  # the plain paths

@@ -5,12 +5,13 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from pydantic import BaseModel
 from starlette.responses import Response
 
 from ca_server.api.longpoll import DesiredWaiters as DesiredWaiters  # app.py builds routes.DesiredWaiters
@@ -362,8 +363,9 @@ def enroll(request: Request, body: w.EnrollIn) -> w.EnrollOut:
 async def renew(
     request: Request, name: NamePath, body: w.RenewIn, authorization: Annotated[str | None, Header()] = None
 ) -> Response:
-    # well-formed requests are answered by api/fastpath.RenewalShortcut with the same function;
-    # this route documents the operation and answers what the shortcut hands over
+    # well-formed requests to this route, the desired state's and the status report's are answered
+    # by api/fastpath.AgentShortcut with the same functions; these routes document the operations
+    # and answer what the shortcut hands over
     return await renewal_answer(request.app.state, name, authorization, body)
 
 
@@ -394,22 +396,34 @@ async def desired(
     revision: Annotated[str | None, Query(max_length=64)] = None,
     wait: Annotated[float, Query(ge=0)] = 0,
     authorization: Annotated[str | None, Header()] = None,
-) -> dict[str, Any]:
-    # authenticated by long_poll_desired against the fleet snapshot it answers from (the `Agent`
-    # dependency would cost every long-poll a thread hop and a store read of its own)
+) -> Response:
+    return await desired_answer(request.app.state, name, authorization, revision, wait, request.is_disconnected)
+
+
+async def desired_answer(
+    state: Any,
+    name: str,
+    authorization: str | None,
+    revision: str | None,
+    wait: float,
+    is_disconnected: Callable[[], Awaitable[bool]],
+) -> Response:
+    """The desired-state long-poll, authenticated by ``long_poll_desired`` against the fleet
+    snapshot it answers from (the `Agent` dependency would cost every long-poll a thread hop and a
+    store read of its own)."""
     require_dns_label(name, what="cluster name")
-    state = request.app.state
-    return await long_poll_desired(
-        authority(request),
+    body = await long_poll_desired(
+        state.authority,
         state.watcher,
         getattr(state, "desired_waiters", None),
         name,
         token=_bearer(authorization),
         revision=revision,
         wait=wait,
-        is_disconnected=request.is_disconnected,
+        is_disconnected=is_disconnected,
         threads=state.agent_threads.reads,
     )
+    return _model_response(w.DesiredOut, body)
 
 
 @agent_api.put("/clusters/{name}/exports", response_model=w.ExportsIn)
@@ -423,5 +437,29 @@ def imports(request: Request, cluster: Agent) -> dict[str, Any]:
 
 
 @agent_api.put("/clusters/{name}/status", response_model=w.StatusIn)
-def put_status(request: Request, body: w.StatusIn, cluster: Agent) -> dict[str, Any]:
-    return authority(request).put_status(cluster, body.model_dump())
+def put_status(request: Request, body: w.StatusIn, cluster: Agent) -> Response:
+    return _status_stored(authority(request), cluster, body)
+
+
+async def status_answer(state: Any, name: str, authorization: str | None, body: w.StatusIn) -> Response:
+    """The status report as the shortcut answers it: the token authenticated (as the `Agent`
+    dependency does) and the report stored in one hop to the agents' own threads."""
+    require_dns_label(name, what="cluster name")
+    a: Authority = state.authority
+    token = _bearer(authorization)
+
+    def report() -> Response:
+        return _status_stored(a, spending(lambda: a.authenticate_agent(token, name)), body)
+
+    return await anyio.to_thread.run_sync(report, limiter=state.agent_threads.writes)
+
+
+def _status_stored(a: Authority, cluster: Cluster, body: w.StatusIn) -> Response:
+    return _model_response(w.StatusIn, a.put_status(cluster, body.model_dump()))
+
+
+def _model_response(model: type[BaseModel], content: dict[str, Any]) -> Response:
+    """``content`` as FastAPI renders a route's ``response_model``: validated by the model, then
+    serialised by pydantic (the same bytes from the shortcut and from the route)."""
+    body = model.model_validate(content, from_attributes=True).model_dump_json(by_alias=True)
+    return Response(body, media_type="application/json")

@@ -298,7 +298,7 @@ def make_harness(
     clock = Clock()
     authority = Authority(store, FileKeyBackend(data_dir, PASSPHRASE), policy=policy, clock=clock)
     _, admin = authority.init_root(key_type=key_type)
-    app = create_app(authority, watch_interval=watch_interval, renewal_shortcut=speedups.renewal_shortcut)
+    app = create_app(authority, watch_interval=watch_interval, agent_shortcut=speedups.agent_shortcut)
     try:
         with TestClient(app) as client:
             yield Harness(authority, store, client, admin, clock, data_dir, database_url, speedups)

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from sqlalchemy import event
 from starlette.middleware.errors import ServerErrorMiddleware
 
-from ca_server.api.fastpath import RenewalShortcut
+from ca_server.api.fastpath import AgentShortcut
 from ca_server.api.guards import BodyLimit
 from ca_server.cli import build_parser
 from ca_server.http_protocol import CoalescingHttpToolsProtocol
@@ -27,15 +27,17 @@ from tests.ca.conftest import make_harness
 from tests.ca.test_cli import ok, serve
 
 SERVE = ["serve", "--data-dir", "d"]
-FLAGS = ["--no-renewal-shortcut", "--no-joined-writes", "--no-prepared-statements"]
+FLAGS = ["--no-agent-shortcut", "--no-joined-writes", "--no-prepared-statements"]
 
 
 def test_serve_flags_turn_each_speedup_off(capsys: pytest.CaptureFixture[str]) -> None:
     parser = build_parser()
     assert speedups_of(parser.parse_args(SERVE)) == ALL_ON
     assert speedups_of(parser.parse_args([*SERVE, *FLAGS])) == ALL_OFF
-    for flag, name in zip(FLAGS, ["renewal_shortcut", "joined_writes", "prepared_statements"], strict=True):
+    for flag, name in zip(FLAGS, ["agent_shortcut", "joined_writes", "prepared_statements"], strict=True):
         assert speedups_of(parser.parse_args([*SERVE, flag])).off() == [name]
+    # the shortcut's older name, from when it answered renewals only
+    assert speedups_of(parser.parse_args([*SERVE, "--no-renewal-shortcut"])).off() == ["agent_shortcut"]
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--help"])
     usage = capsys.readouterr().out
@@ -52,15 +54,15 @@ def _layers(app: Any) -> list[type]:
 
 
 @pytest.mark.parametrize("speedups", [ALL_ON, ALL_OFF], ids=["on", "off"])
-def test_renewal_shortcut_switch(tmp_path: Path, speedups: Speedups) -> None:
+def test_agent_shortcut_switch(tmp_path: Path, speedups: Speedups) -> None:
     for h in make_harness(f"sqlite:///{tmp_path / 'ca.db'}", tmp_path / "ca", speedups=speedups):
         app = h.client.app
         assert isinstance(app, FastAPI)
         layers = _layers(app.build_middleware_stack())
-        if speedups.renewal_shortcut:  # guards and shortcut outside FastAPI's stack
-            assert layers.index(BodyLimit) < layers.index(RenewalShortcut) < layers.index(ServerErrorMiddleware)
+        if speedups.agent_shortcut:  # guards and shortcut outside FastAPI's stack
+            assert layers.index(BodyLimit) < layers.index(AgentShortcut) < layers.index(ServerErrorMiddleware)
         else:  # FastAPI as it comes, the guards added as its middleware
-            assert type(app) is FastAPI and RenewalShortcut not in layers
+            assert type(app) is FastAPI and AgentShortcut not in layers
             assert layers.index(ServerErrorMiddleware) < layers.index(BodyLimit)
 
 
@@ -121,4 +123,4 @@ def test_serve_with_every_speedup_off(tmp_path: Path) -> None:
                 headers={"Authorization": f"Bearer {r.json()['agent_token']}"},
             )
             assert r.status_code == 201, r.text
-        assert "speed-ups turned off: renewal_shortcut, joined_writes, prepared_statements" in s.log.read_text()
+        assert "speed-ups turned off: agent_shortcut, joined_writes, prepared_statements" in s.log.read_text()

@@ -42,7 +42,7 @@ class CAService:
         self.url = f"https://127.0.0.1:{self.port}"
         self.server_cert = ServerCertificate(self.authority, names=["127.0.0.1"])
         self.server_cert.refresh()
-        self.app = create_app(self.authority, watch_interval=0.1, renewal_shortcut=speedups.renewal_shortcut)
+        self.app = create_app(self.authority, watch_interval=0.1, agent_shortcut=speedups.agent_shortcut)
         config = uvicorn.Config(
             self.app,
             host="127.0.0.1",
