@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca_server import runtime
+from ca_server import gcsettings, runtime
 from ca_server.app import create_app
 from ca_server.core.authority import Authority, FleetSnapshot
 from ca_server.listener import GuardedHttpToolsProtocol, ListenerLimits
@@ -403,5 +403,6 @@ def _serve(args: argparse.Namespace, socks: list[socket.socket] | None = None) -
         runtime.write_public(data_dir / "server-url", f"{scheme}://{url_host}:{port}\n")
         log.info("serving", extra={"path": f"{scheme}://{host}:{port}"})
 
+    gcsettings.tune()  # after start-up: what it built is never garbage
     AnnouncingServer(config, announce).run(sockets=listening)
     return 0
