@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench`: renewal throughput of `meshbridge-ca serve` on SQLite and on PostgreSQL, over HTTPS
 # (the default) and plain HTTP (as behind a TLS terminator), at concurrency 4 and 16; the cost of
-# one rate-limit sync; then the 1,000-agent fleet event (root rotation), its agents simulated by
+# one rate-limit sync; the CPU of a long-poll answer and a status report; then the 1,000-agent fleet event (root rotation), its agents simulated by
 # bench/fleetagents (Go, built on first use; needs the Go toolchain, as `make testbin` does).
 # Tables on stdout, JSON reports in $OUT.
 # Environment: WORKERS (serve --workers, default nproc), DURATION (seconds per wrk run, default 10),
@@ -32,6 +32,9 @@ for engine in $ENGINES; do
 done
 echo "== rate-limit sync: ${ENGINES// /,}"
 "$PY" bench/rate_counters.py --engine "${ENGINES// /,}" --out "$OUT/rate-counters.json" || rc=1
+echo
+echo "== agent routes, shortcut and FastAPI: ${ENGINES// /,}"
+"$PY" bench/agent_routes.py --engine "${ENGINES// /,}" --out "$OUT/agent-routes.json" || rc=1
 echo
 for engine in $ENGINES; do
   echo "== fleet event: $AGENTS agents, $engine, https, serve --workers $WORKERS"
