@@ -20,11 +20,17 @@ thresholds: they are small, and most garbage cycles die there. In the same event
 collection until the fleet had renewed, and ``root activate`` answered in 1.03 s with a 0.2 s
 middle collection inside. Raising the young threshold as well (50,000, 20, 100) was tried: each
 young collection then took 20 to 650 ms (30 of them, 3.4 s, in a PostgreSQL 10,000 event).
+
+``paused()``: the collector off through one request that reads the whole fleet (``root activate``,
+``root retire``), so the collections its own allocations set off run after its answer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import threading
+from collections.abc import Iterator
 
 YOUNG = 700  # CPython's
 MIDDLE = 10  # CPython's
@@ -34,3 +40,30 @@ OLD = 1000  # CPython's is 10
 def tune() -> None:
     gc.freeze()
     gc.set_threshold(YOUNG, MIDDLE, OLD)
+
+
+_lock = threading.Lock()
+_pausing = 0  # requests inside paused() now
+_resume = False  # whether the collector was on when the first of them began
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """The collector off while a request that reads the whole fleet runs (``root activate`` and
+    ``root retire`` check every cluster's reported state: at 10,000 clusters hundreds of thousands
+    of new objects, and the collections they set off ran inside the request: 0.2 s of a 1.03 s
+    activate, 0.93 s of a 1.79 s one). What they leave is collected after. Nested and concurrent
+    uses keep it off until the last ends; a collector turned off elsewhere stays off."""
+    global _pausing, _resume
+    with _lock:
+        if _pausing == 0:
+            _resume = gc.isenabled()
+            gc.disable()
+        _pausing += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _pausing -= 1
+            if _pausing == 0 and _resume:
+                gc.enable()

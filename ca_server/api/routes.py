@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from ca_server import gcsettings
 from ca_server.api.longpoll import DesiredWaiters as DesiredWaiters  # app.py builds routes.DesiredWaiters
 from ca_server.api.longpoll import long_poll_desired
 from ca_server.api.metrics import Metrics
@@ -287,7 +288,8 @@ def activate_root(
     request: Request, root_id: Annotated[str, Path(max_length=64)], actor: Admin, body: w.RootPhaseIn | None = None
 ) -> w.RootOut:
     force = (body or w.RootPhaseIn()).force
-    return root_out(authority(request).activate_root(root_id, actor=actor, force=force))
+    with gcsettings.paused():  # it reads every cluster's reported state
+        return root_out(authority(request).activate_root(root_id, actor=actor, force=force))
 
 
 @admin_api.post("/roots/{root_id}/retire", response_model=w.RootOut, responses=fleet_not_ready_responses())
@@ -295,7 +297,8 @@ def retire_root(
     request: Request, root_id: Annotated[str, Path(max_length=64)], actor: Admin, body: w.RootPhaseIn | None = None
 ) -> w.RootOut:
     force = (body or w.RootPhaseIn()).force
-    return root_out(authority(request).retire_root(root_id, actor=actor, force=force))
+    with gcsettings.paused():  # it reads every cluster's reported state
+        return root_out(authority(request).retire_root(root_id, actor=actor, force=force))
 
 
 @admin_api.get("/audit", response_model=w.AuditList)

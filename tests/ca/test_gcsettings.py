@@ -16,6 +16,7 @@ import pytest
 from ca_server import gcsettings
 from ca_server import server as server_module
 from ca_server.cli import build_parser
+from tests.ca.conftest import Harness
 from tests.ca.test_cli import ok
 
 
@@ -91,3 +92,37 @@ def test_serve_tunes_the_collector_before_it_serves(tmp_path: Path, monkeypatch:
     args = build_parser().parse_args(["serve", "--data-dir", str(d), "--listen", "127.0.0.1:0"])
     assert server_module._serve(args) == 0
     assert seen == [(gcsettings.YOUNG, gcsettings.MIDDLE, gcsettings.OLD)]
+
+
+@pytest.mark.usefixtures("restored_gc")
+def test_paused_keeps_the_collector_off_until_the_last_pause_ends() -> None:
+    gc.enable()
+    with gcsettings.paused():
+        assert not gc.isenabled()
+        with gcsettings.paused():  # nested, as two concurrent requests would be
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()  # turned off elsewhere: stays off
+    try:
+        with gcsettings.paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+@pytest.mark.usefixtures("restored_gc")
+def test_root_activate_runs_with_the_collector_off(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bool] = []
+    real = harness.authority.activate_root
+
+    def activate(*args: Any, **kw: Any) -> Any:
+        seen.append(gc.isenabled())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(harness.authority, "activate_root", activate)
+    root = harness.client.post("/v1/roots", json={}, headers=harness.admin).json()
+    r = harness.client.post(f"/v1/roots/{root['id']}/activate", json={"force": True}, headers=harness.admin)
+    assert r.status_code == 200, r.text
+    assert seen == [False] and gc.isenabled()
