@@ -38,6 +38,7 @@ from ca_server.keys.file import FileKeyBackend
 from ca_server.storage.migrate import upgrade
 from ca_server.storage.repository import SqlStore
 from cluster_agent import pki
+from tests.support.asgi import http_scope, request
 
 ROUNDS = 5
 STATUS = json.dumps({"installed_generation": 1, "errors": []}).encode()
@@ -68,51 +69,18 @@ def enroll(client: TestClient, admin: str, name: str) -> str:
     return str(r.json()["agent_token"])
 
 
-def _scope(method: str, name: str, route: str, query: bytes, token: str, body: bytes) -> dict[str, Any]:
-    path = f"/v1/clusters/{name}/{route}"
-    headers = [(b"host", b"ca"), (b"authorization", f"Bearer {token}".encode())]
-    if body:
-        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "https",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": query,
-        "root_path": "",
-        "headers": headers,
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8443),
-        "state": {},
-    }
-
-
-async def _call(app: Any, scope: dict[str, Any], body: bytes) -> int:
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-    status = 0
-
-    async def receive() -> dict[str, Any]:
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        status = message.get("status", status)
-
-    await app(scope, receive, send)
-    return status
-
-
 def cpu_per_request(client: TestClient, agents: dict[str, str], route: str) -> float:
     """Median CPU ms per request over ROUNDS rounds of one request per agent."""
-    method, query, body = ("GET", b"wait=0", b"") if route == "desired" else ("PUT", b"", STATUS)
+    method, query, body = ("GET", "?wait=0", b"") if route == "desired" else ("PUT", "", STATUS)
 
     async def one_round() -> float:
         cpu = time.process_time()
         for name, token in agents.items():
-            status = await _call(client.app, _scope(method, name, route, query, token, body), body)
+            headers = {"host": "ca", "authorization": f"Bearer {token}"}
+            if body:
+                headers |= {"content-type": "application/json", "content-length": str(len(body))}
+            sent = await request(client.app, http_scope(method, f"/v1/clusters/{name}/{route}{query}", headers), body)
+            status = sent[0]["status"]
             if status != 200:
                 raise SystemExit(f"{method} {route} for {name} answered {status}")
         return (time.process_time() - cpu) * 1000 / len(agents)

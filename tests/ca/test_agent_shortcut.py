@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from ca_server.api.fastpath import AgentShortcut
 from cluster_agent import pki
 from tests.ca.conftest import Agent, Harness
+from tests.support.asgi import http_scope, request
 
 STATUS = {"installed_generation": 1, "errors": ["x"], "ca_reachable": True}
 
@@ -38,38 +39,9 @@ def _shortcut(h: Harness) -> AgentShortcut:
 def _call(h: Harness, app: Callable[..., Awaitable[None]], method: str, target: str, **kw: Any) -> Answer:
     """One request to the ASGI ``app``, run in the test client's event loop (where the revision
     watcher runs). ``kw``: ``headers`` (dict), ``body`` (bytes)."""
-    path, _, query = target.partition("?")
-    headers = [(k.lower().encode(), v.encode()) for k, v in kw.get("headers", {}).items()]
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "https",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": query.encode(),
-        "root_path": "",
-        "headers": headers,
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8443),
-        "state": {},
-        "app": h.client.app,  # set by FastAPI.__call__ before its middleware stack
-    }
-    messages = [{"type": "http.request", "body": kw.get("body", b""), "more_body": False}]
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    async def run() -> None:
-        await app(scope, receive, send)
-
+    scope = http_scope(method, target, kw.get("headers", {}), app=h.client.app)
     assert h.client.portal is not None
-    h.client.portal.call(run)
+    sent = h.client.portal.call(request, app, scope, kw.get("body", b""))
     head = dict(sent[0]["headers"])
     return Answer(sent[0]["status"], head[b"content-type"].decode(), b"".join(m.get("body", b"") for m in sent[1:]))
 
