@@ -8,9 +8,8 @@ in ``Modules/gcmodule.c``, thresholds 700, 10, 10): a fleet event promotes that 
 few seconds, so full collections followed each other, each scanning every object with the event
 loop stopped. Measured in a SQLite 10,000-agent fleet event (``bench/fleet_event.py``, a
 ``gc.callbacks`` timer in ``serve``): 28 full collections of 0.5 to 1.1 s each, 16 s in all, and
-nearly nothing freed.
-
-One of them, 0.93 s, fell inside a ``root activate`` request (1.79 s instead of about 0.8 s).
+nearly nothing freed; one of them, 0.93 s, inside a ``root activate`` request (1.79 s instead of
+about 0.8 s).
 
 ``tune()``, called once the app is built: ``gc.freeze()`` moves what start-up made (modules,
 classes, the app and its routes; never garbage) out of every later collection, and a full
