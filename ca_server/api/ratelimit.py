@@ -18,13 +18,14 @@ credential of their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import math
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -215,15 +216,22 @@ def authenticated() -> None:
 def spending(call: Callable[[], T]) -> T:
     """``call()``, which authenticates the request's token first; the token's rate budget is
     spent unless it did not authenticate (a wrong secret spends only its address's failures)."""
+    with budget_spent():
+        return call()
+
+
+@contextlib.contextmanager
+def budget_spent() -> Iterator[None]:
+    """``spending`` around a block (one that awaits): the block authenticates the request's token
+    first; the budget is spent when it ends, unless the token did not authenticate."""
     try:
-        result = call()
+        yield
     except Unauthenticated:
         raise
     except CAError:
         authenticated()
         raise
     authenticated()
-    return result
 
 
 class RateLimit:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
@@ -19,10 +21,12 @@ from ca_server.api.longpoll import DesiredWaiters as DesiredWaiters  # app.py bu
 from ca_server.api.longpoll import long_poll_desired
 from ca_server.api.metrics import Metrics
 from ca_server.api.problems import fleet_not_ready_responses
-from ca_server.api.ratelimit import spending
+from ca_server.api.ratelimit import budget_spent, spending
 from ca_server.core.authority import Authority, Issued
+from ca_server.core.context import Joined
 from ca_server.core.errors import Unauthenticated
 from ca_server.core.gates import RootGates, ServedView
+from ca_server.core.issuance import RenewalDraft
 from ca_server.core.keytypes import parse_key_type
 from ca_server.core.models import AdminToken, AuditEntry, CertificateRecord, Cluster, Root
 from ca_server.core.operators import ADMIN, VIEWER, state_of
@@ -379,17 +383,36 @@ async def renewal_answer(state: Any, name: str, authorization: str | None, body:
     require_dns_label(name, what="cluster name")
     a: Authority = state.authority
     m: Metrics = state.metrics
-    call = functools.partial(
-        a.renew, cluster_name=name, agent_token=_bearer(authorization), csr_pem=body.csr, proof_b64=body.proof
-    )
+    request = {"cluster_name": name, "agent_token": _bearer(authorization), "csr_pem": body.csr}
+    request["proof_b64"] = body.proof
     started = time.perf_counter()
     if a.renewal_is_cpu_bound:
-        issued = spending(call)
-    else:  # on the agents' own threads: a renewal storm does not queue ahead of the operator API
-        issued = await anyio.to_thread.run_sync(spending, call, limiter=state.agent_threads.writes)
+        issued = spending(functools.partial(a.renew, **request))
+    else:
+        with budget_spent():
+            draft = functools.partial(a.draft_renewal, **request)
+            issued = await _renewed_off_loop(a, state.agent_threads.writes, draft)
     m.issued("renew", time.perf_counter() - started, issued)
     out = {"generation": issued.generation, "bundle": issued.bundle.as_files()}
     return Response(json.dumps(out, separators=(",", ":")).encode(), status_code=201, media_type="application/json")
+
+
+async def _renewed_off_loop(a: Authority, threads: anyio.CapacityLimiter, draft: Callable[[], RenewalDraft]) -> Issued:
+    """A renewal checked and signed on the agents' own threads (a renewal storm does not queue ahead
+    of the operator API; the checks may read the store), whose write is then awaited holding no
+    thread: on PostgreSQL it waits for its group commit, and a thread per waiting renewal only made
+    32 threads take turns at the interpreter lock (bench/RESULTS.md). Not cancelled while its write
+    is under way, as the thread it replaces was not."""
+    drafted, written = await anyio.to_thread.run_sync(_submitted, a, draft, limiter=threads)
+    with anyio.CancelScope(shield=True):
+        outcome = await asyncio.wrap_future(written)
+    return a.finish_renewal(drafted, outcome)
+
+
+def _submitted(a: Authority, draft: Callable[[], RenewalDraft]) -> tuple[RenewalDraft, Future[Joined[Issued]]]:
+    """The drafted renewal and its write (SQLite's done on this thread, PostgreSQL's in a group commit)."""
+    drafted = draft()
+    return drafted, a.submit_renewal(drafted)
 
 
 @agent_api.get("/clusters/{name}/desired", response_model=w.DesiredOut)

@@ -12,6 +12,7 @@ commit together or not at all.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,7 +20,7 @@ from cryptography import x509
 
 from ca_server.core import tokens as tk
 from ca_server.core.clusters import Clusters, NewCluster
-from ca_server.core.context import Context, Policy, utcnow
+from ca_server.core.context import Context, Joined, Policy, utcnow
 from ca_server.core.crls import Crls
 from ca_server.core.errors import Forbidden, InvalidInput, Unauthenticated
 from ca_server.core.fleet import (
@@ -32,7 +33,7 @@ from ca_server.core.fleet import (
     must_be_in,
 )
 from ca_server.core.gates import Gates, RootGates, ServedView
-from ca_server.core.issuance import Bundle, Enrolled, Issuance, Issued
+from ca_server.core.issuance import Bundle, Enrolled, Issuance, Issued, RenewalDraft
 from ca_server.core.keytypes import KeyType
 from ca_server.core.models import AdminToken, AuditEntry, CertificateRecord, Cluster, ClusterStatus, Root
 from ca_server.core.operators import ADMIN, Operators
@@ -236,6 +237,20 @@ class Authority:
         """A new intermediate for an enrolled cluster's agent token and proof (see ``Issuance.renew``)."""
         tok = self._parse_agent_token(agent_token)
         return self.issuance.renew(tok, cluster_name=cluster_name, csr_pem=csr_pem, proof_b64=proof_b64)
+
+    def draft_renewal(self, *, cluster_name: str, agent_token: str, csr_pem: str, proof_b64: str) -> RenewalDraft:
+        """``renew`` up to its write: checked and signed (``Issuance.draft_renewal``)."""
+        tok = self._parse_agent_token(agent_token)
+        return self.issuance.draft_renewal(tok, cluster_name=cluster_name, csr_pem=csr_pem, proof_b64=proof_b64)
+
+    def submit_renewal(self, draft: RenewalDraft) -> Future[Joined[Issued]]:
+        """A drafted renewal's write, done once committed: its outcome goes to ``finish_renewal``.
+        With group commit (PostgreSQL) nothing waits for it meanwhile, no thread either."""
+        return self.ctx.submit_joined(draft.record, cluster=draft.cluster)
+
+    def finish_renewal(self, draft: RenewalDraft, outcome: Joined[Issued]) -> Issued:
+        """The renewal a committed ``submit_renewal`` issued (a failed one's future raised its error)."""
+        return draft.finish(self.ctx.joined_result(outcome))
 
     def issue_server_certificate(
         self, public_key: Any, *, dns_names: Sequence[str], ip_addresses: Sequence[str]

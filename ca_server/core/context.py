@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -21,6 +22,10 @@ from ca_server.core.ports import Clock, KeyBackend, Store, Tx
 
 log = logging.getLogger("meshbridge.ca.authority")
 T = TypeVar("T")
+# an audited event as logged once committed: (action, subject, actor, serial or generation)
+CommittedEvent = tuple[str, str, str, Any]
+# a joined job's outcome: its result, its audited events, whether it moved the revision
+Joined = tuple[T, list[CommittedEvent], bool]
 
 CRL_VALIDITY = timedelta(days=7)
 BOOTSTRAP_TTL = timedelta(hours=1)
@@ -45,7 +50,7 @@ class Policy:
     workload_cert_lifetime: timedelta = WORKLOAD_CERT_LIFETIME
 
 
-def _log_committed(events: list[tuple[str, str, str, Any]]) -> None:
+def _log_committed(events: list[CommittedEvent]) -> None:
     """Identifiers only: never a token or key."""
     for action, subject, actor, extra in events:
         log.info("%s %s", action, subject, extra={"actor": actor, **({"serial": extra} if extra else {})})
@@ -54,7 +59,7 @@ def _log_committed(events: list[tuple[str, str, str, Any]]) -> None:
 class _Pending(threading.local):
     """This thread's open write: its audited events awaiting commit and whether it bumped the revision."""
 
-    events: list[tuple[str, str, str, Any]] | None = None
+    events: list[CommittedEvent] | None = None
     changed: bool = False
 
 
@@ -96,17 +101,26 @@ class Context:
         jobs (group commit, ``Store.write_joined``): it may run on another thread, so its audited
         events and revision bump are collected around it there, and logged and announced here once
         its transaction committed. ``cluster``: the one the job works on."""
+        return self.joined_result(self.submit_joined(job, cluster=cluster).result())
 
-        def collected(tx: Tx) -> tuple[T, list[tuple[str, str, str, Any]], bool]:
+    def submit_joined(self, job: Callable[[Tx], T], *, cluster: str | None = None) -> Future[Joined[T]]:
+        """``write_joined`` without waiting (``Store.submit_joined``): the future's outcome goes to
+        ``joined_result`` once done, which logs and announces what the job did."""
+
+        def collected(tx: Tx) -> Joined[T]:
             pending = self._pending
-            events: list[tuple[str, str, str, Any]] = []
+            events: list[CommittedEvent] = []
             pending.events, pending.changed = events, False
             try:
                 return job(tx), events, pending.changed
             finally:
                 pending.events, pending.changed = None, False
 
-        result, events, changed = self.store.write_joined(collected, cluster=cluster)
+        return self.store.submit_joined(collected, cluster=cluster)
+
+    def joined_result(self, outcome: Joined[T]) -> T:
+        """The job's result, its committed events logged and its revision bump announced."""
+        result, events, changed = outcome
         _log_committed(events)
         if changed:
             self.notify_changed()

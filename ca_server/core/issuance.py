@@ -58,6 +58,17 @@ class Issued:
 
 
 @dataclass(frozen=True)
+class RenewalDraft:
+    """A renewal checked and signed ahead of its write (``Issuance.draft_renewal``): ``record`` is
+    its write job, for ``Context.write_joined`` or ``submit_joined``; ``finish`` takes what the
+    job returned once its transaction committed, and returns it."""
+
+    cluster: str
+    record: Callable[[Tx], Issued]
+    finish: Callable[[Issued], Issued]
+
+
+@dataclass(frozen=True)
 class Enrolled:
     issued: Issued
     agent_token: str
@@ -178,6 +189,12 @@ class Issuance:
         return self.ctx.store.embedded and self.ctx.keys.in_memory
 
     def renew(self, tok: tk.PresentedToken, *, cluster_name: str, csr_pem: str, proof_b64: str) -> Issued:
+        """A new intermediate for an enrolled cluster (``draft_renewal``, its write, its ``finish``)."""
+        draft = self.draft_renewal(tok, cluster_name=cluster_name, csr_pem=csr_pem, proof_b64=proof_b64)
+        # on PostgreSQL, committed with concurrent renewals, which read their clusters all at once
+        return draft.finish(self.ctx.write_joined(draft.record, cluster=cluster_name))
+
+    def draft_renewal(self, tok: tk.PresentedToken, *, cluster_name: str, csr_pem: str, proof_b64: str) -> RenewalDraft:
         """A new intermediate for an enrolled cluster, for its agent token and a proof of possession
         of the key of one of the cluster's proof candidates (``_candidates``).
 
@@ -242,12 +259,13 @@ class Issuance:
                 bumped[:] = [tx.get_revision() + 1]  # one bump per transaction, writers serialised
             return issued
 
-        # on PostgreSQL, committed with concurrent renewals, which read their clusters all at once
-        issued = self.ctx.write_joined(record, cluster=cluster_name)
-        self._remember_issue(issued, csr_key, fingerprint)  # the agent proves with this key next time
-        if bumped:
-            self._carry_pki(bumped[0])
-        return issued
+        def finish(issued: Issued) -> Issued:
+            self._remember_issue(issued, csr_key, fingerprint)  # the agent proves with this key next time
+            if bumped:
+                self._carry_pki(bumped[0])
+            return issued
+
+        return RenewalDraft(cluster_name, record, finish)
 
     def _new_key_fingerprint(self, csr_key: Any) -> str:
         """The key's SPKI fingerprint; Conflict when this process certified the key already (the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
@@ -104,6 +105,11 @@ class Store(Protocol):
         """``job(tx)`` in a write transaction, once that has committed; the transaction may be
         shared with other callers' jobs (group commit), each rolled back alone when it fails.
         ``cluster``: the one the job works on (a shared transaction reads its jobs' at once)."""
+        ...
+
+    def submit_joined(self, job: Callable[[Tx], T], *, cluster: str | None = None) -> Future[T]:
+        """``write_joined`` as a future, done once the transaction has committed (or failed): with
+        group commit the caller holds no thread while it waits; else the job runs here, now."""
         ...
 
     def read(self) -> AbstractContextManager[Tx]: ...

@@ -32,6 +32,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -70,9 +71,19 @@ class _Job(Generic[T]):
     def __init__(self, fn: Callable[[Any], T], ahead: str | None) -> None:
         self.fn = fn
         self.ahead = ahead
-        self.done = threading.Event()
+        self.done: Future[T] = Future()
         self.result: T | None = None
         self.error: BaseException | None = None
+
+    def settle(self) -> None:
+        """Hand the outcome to whoever waits for it (the batch committed or failed); a future its
+        waiter cancelled takes none (the job ran all the same, as a thread's would have)."""
+        if self.done.cancelled():
+            return
+        if self.error is not None:
+            self.done.set_exception(self.error)
+        else:
+            self.done.set_result(self.result)  # type: ignore[arg-type]  # set, as error is not
 
 
 class Joiner:
@@ -106,6 +117,12 @@ class Joiner:
         """``fn(tx)``'s result once the transaction it ran in has committed; its error, or the
         batch's, otherwise. ``ahead``: what ``fn`` will read, read for the whole batch at once
         before its jobs run (``JoinableTx.read_ahead``)."""
+        return self.submit(fn, ahead=ahead).result()
+
+    def submit(self, fn: Callable[[Any], T], *, ahead: str | None = None) -> Future[T]:
+        """``run`` without waiting: the future is done once the transaction ``fn`` ran in has
+        committed (its result) or failed (the error ``run`` raises). Its callbacks run on the
+        batch thread; a caller that awaits it holds no thread meanwhile (``asyncio.wrap_future``)."""
         if self._pid != os.getpid():  # a forked worker: the parent's thread does not exist here
             self._reset()
         job: _Job[T] = _Job(fn, ahead)
@@ -115,10 +132,7 @@ class Joiner:
                 self._thread = threading.Thread(target=self._loop, name="meshbridge-group-commit", daemon=True)
                 self._thread.start()
             self._cv.notify()
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result  # type: ignore[return-value]  # set, as error is not
+        return job.done
 
     def _loop(self) -> None:
         while True:
@@ -147,7 +161,7 @@ class Joiner:
                 raise  # (KeyboardInterrupt, SystemExit) ends this thread: the next run() starts another
         finally:
             for job in batch:
-                job.done.set()
+                job.settle()
 
     def _run_job(self, tx: JoinableTx, job: _Job[Any]) -> None:
         mark = tx.savepoint()

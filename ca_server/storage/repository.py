@@ -13,6 +13,7 @@ import os
 import threading
 from collections import namedtuple
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -1072,6 +1073,18 @@ class SqlStore:
             return self._joiner.run(job, ahead=cluster)
         with self._write() as tx:
             return job(tx)
+
+    def submit_joined(self, job: Callable[[Tx], T], *, cluster: str | None = None) -> Future[T]:
+        """``write_joined`` as a future: with group commit, done on the batch thread once the batch
+        committed; else run here and now (SQLite's writes are its caller's own)."""
+        if self._joiner is not None:
+            return self._joiner.submit(job, ahead=cluster)
+        done: Future[T] = Future()
+        try:
+            done.set_result(self.write_joined(job, cluster=cluster))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
 
     def group_commit_stats(self) -> tuple[int, int]:
         """(transactions, jobs) run by group commit in this process: (0, 0) when it is off."""

@@ -610,3 +610,57 @@ def test_an_unaudited_write_can_neither_audit_nor_move_the_revision(store: SqlSt
     assert store.audit_head() == head
     with store.read() as tx:
         assert tx.get_revision() == revision and tx.get_cluster("never") is None
+
+
+def test_a_submitted_job_is_waited_for_without_a_thread(store: SqlStore) -> None:
+    """``submit_joined`` returns at once with a future; the caller's thread is free while the batch
+    waits (here for another session's audit head lock), and the futures give each job's result."""
+    with head_locked(store):
+        futures = [store.submit_joined(audited(f"job{i}")) for i in range(5)]  # one thread submits all
+        time.sleep(QUEUED)
+        assert not any(f.done() for f in futures)  # waiting for the lock, and nothing waits with them
+    txids = [f.result(timeout=30) for f in futures]
+    assert all(isinstance(t, int) for t in txids)
+    assert store.group_commit_stats()[1] == 5 and store.group_commit_stats()[0] <= 2
+    assert subjects(store) == [f"job{i}" for i in range(5)]
+    chain_ok(store)
+
+
+def test_a_job_whose_waiter_gave_up_still_runs_and_the_others_get_their_results(store: SqlStore) -> None:
+    with head_locked(store):
+        first = store.submit_joined(audited("first"))
+        time.sleep(QUEUED)
+        abandoned, kept = store.submit_joined(audited("abandoned")), store.submit_joined(audited("kept"))
+        assert abandoned.cancel()  # as asyncio.wrap_future does when the awaiting task is cancelled
+    assert isinstance(first.result(timeout=30), int) and isinstance(kept.result(timeout=30), int)
+    assert abandoned.cancelled()
+    assert subjects(store) == ["first", "abandoned", "kept"]  # ran and committed, as a thread's job would have
+    chain_ok(store)
+
+
+def test_renewals_through_the_api_wait_for_their_commit_without_holding_a_renewal_thread(pg_harness: Harness) -> None:
+    """With one renewal thread, six renewals sent at once are all drafted and queued for the group
+    commit while the audit head is locked: they share one or two commits. Before, each held the
+    thread until its commit, so they ran one per transaction."""
+    agents = [pg_harness.enroll(f"t{i}") for i in range(6)]
+    store = pg_harness.store
+    writes = pg_harness.client.app.state.agent_threads.writes  # type: ignore[attr-defined]
+    writes.total_tokens, before = 1, store.group_commit_stats()
+    answers: list[Any] = [None] * len(agents)
+
+    def renew(i: int) -> None:
+        answers[i] = pg_harness.renew_response(agents[i])[0].status_code
+
+    try:
+        with head_locked(store):
+            threads = [threading.Thread(target=renew, args=(i,)) for i in range(len(agents))]
+            for th in threads:
+                th.start()
+            time.sleep(4 * QUEUED)  # six drafts (signing) on the one thread
+        joined(threads)
+    finally:
+        writes.total_tokens = 32
+    batches, jobs = (a - b for a, b in zip(store.group_commit_stats(), before, strict=True))
+    assert answers == [201] * 6
+    assert jobs == 6 and batches <= 2, (batches, jobs)
+    assert pg_harness.chain_ok()
