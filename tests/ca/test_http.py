@@ -238,7 +238,8 @@ def test_renewal_shortcut_and_fastapi_route_give_the_same_answers(harness: Harne
     def boom(**_: Any) -> Any:
         raise RuntimeError("secret detail")
 
-    monkeypatch.setattr(harness.authority, "renew", boom)
+    monkeypatch.setattr(harness.authority, "renew", boom)  # SQLite's inline renewal
+    monkeypatch.setattr(harness.authority, "draft_renewal", boom)  # PostgreSQL's, drafted then awaited
     # FastAPI's route (speed-ups off) re-raises after its 500 for the server to log, as uvicorn does
     client = TestClient(harness.client.app, raise_server_exceptions=False)
     r = client.post(path, json={"csr": "x", "proof": ""}, headers=a.headers)
