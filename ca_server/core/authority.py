@@ -233,15 +233,27 @@ class Authority:
         """Whether a renewal is pure CPU work here (an event loop then runs it inline)."""
         return self.issuance.renewal_is_cpu_bound
 
-    def renew(self, *, cluster_name: str, agent_token: str, csr_pem: str, proof_b64: str) -> Issued:
-        """A new intermediate for an enrolled cluster's agent token and proof (see ``Issuance.renew``)."""
+    def renew(
+        self, *, cluster_name: str, agent_token: str, csr_pem: str, proof_b64: str, seen: FleetSnapshot | None = None
+    ) -> Issued:
+        """A new intermediate for an enrolled cluster's agent token and proof (see ``Issuance.renew``).
+        ``seen``: the latest fleet snapshot, whose row for the cluster may spare the token's
+        pre-filter a store read (the write transaction checks the token on the row it locks)."""
         tok = self._parse_agent_token(agent_token)
-        return self.issuance.renew(tok, cluster_name=cluster_name, csr_pem=csr_pem, proof_b64=proof_b64)
+        admitted = agent_in_snapshot(seen, tok, cluster_name) if seen is not None else None
+        return self.issuance.renew(
+            tok, cluster_name=cluster_name, csr_pem=csr_pem, proof_b64=proof_b64, admitted=admitted
+        )
 
-    def draft_renewal(self, *, cluster_name: str, agent_token: str, csr_pem: str, proof_b64: str) -> RenewalDraft:
+    def draft_renewal(
+        self, *, cluster_name: str, agent_token: str, csr_pem: str, proof_b64: str, seen: FleetSnapshot | None = None
+    ) -> RenewalDraft:
         """``renew`` up to its write: checked and signed (``Issuance.draft_renewal``)."""
         tok = self._parse_agent_token(agent_token)
-        return self.issuance.draft_renewal(tok, cluster_name=cluster_name, csr_pem=csr_pem, proof_b64=proof_b64)
+        admitted = agent_in_snapshot(seen, tok, cluster_name) if seen is not None else None
+        return self.issuance.draft_renewal(
+            tok, cluster_name=cluster_name, csr_pem=csr_pem, proof_b64=proof_b64, admitted=admitted
+        )
 
     def submit_renewal(self, draft: RenewalDraft) -> Future[Joined[Issued]]:
         """A drafted renewal's write, done once committed: its outcome goes to ``finish_renewal``.

@@ -188,15 +188,35 @@ class Issuance:
         then runs it inline, as a thread pool hand-off would cost more than it frees."""
         return self.ctx.store.embedded and self.ctx.keys.in_memory
 
-    def renew(self, tok: tk.PresentedToken, *, cluster_name: str, csr_pem: str, proof_b64: str) -> Issued:
+    def renew(
+        self,
+        tok: tk.PresentedToken,
+        *,
+        cluster_name: str,
+        csr_pem: str,
+        proof_b64: str,
+        admitted: Cluster | None = None,
+    ) -> Issued:
         """A new intermediate for an enrolled cluster (``draft_renewal``, its write, its ``finish``)."""
-        draft = self.draft_renewal(tok, cluster_name=cluster_name, csr_pem=csr_pem, proof_b64=proof_b64)
+        draft = self.draft_renewal(
+            tok, cluster_name=cluster_name, csr_pem=csr_pem, proof_b64=proof_b64, admitted=admitted
+        )
         # on PostgreSQL, committed with concurrent renewals, which read their clusters all at once
         return draft.finish(self.ctx.write_joined(draft.record, cluster=cluster_name))
 
-    def draft_renewal(self, tok: tk.PresentedToken, *, cluster_name: str, csr_pem: str, proof_b64: str) -> RenewalDraft:
+    def draft_renewal(
+        self,
+        tok: tk.PresentedToken,
+        *,
+        cluster_name: str,
+        csr_pem: str,
+        proof_b64: str,
+        admitted: Cluster | None = None,
+    ) -> RenewalDraft:
         """A new intermediate for an enrolled cluster, for its agent token and a proof of possession
-        of the key of one of the cluster's proof candidates (``_candidates``).
+        of the key of one of the cluster's proof candidates (``_candidates``). ``admitted``: the
+        cluster's row in a fleet snapshot that admits the token (read from the store earlier), which
+        the pre-filter takes instead of reading the store when the token is not in its cache.
 
         Checked in order of cost: the token (from the cache of tokens the store confirmed), the
         CSR, whose key must never have been certified, and the proof (``_prover``: at most two
@@ -207,7 +227,7 @@ class Issuance:
         intermediate is still a candidate, and the active root — a draft made under a root that is
         no longer active is signed again. Nothing is signed for a bad proof, nothing returned or
         stored that the transaction did not confirm."""
-        known = self._agent_for_draft(tok, cluster_name)
+        known = self._agent_for_draft(tok, cluster_name, admitted)
         csr, csr_key = xp.parse_csr_and_key(csr_pem)
         fingerprint = self._new_key_fingerprint(csr_key)
         proof = _decode_proof(proof_b64)
@@ -285,12 +305,14 @@ class Issuance:
         rec = tx.get_certificate(serial)
         return rec.id if rec is not None else None
 
-    def _agent_for_draft(self, tok: tk.PresentedToken, cluster_name: str) -> _KnownAgent:
+    def _agent_for_draft(self, tok: tk.PresentedToken, cluster_name: str, admitted: Cluster | None) -> _KnownAgent:
         """Authenticate before any signing happens: from the token last confirmed by the store,
-        else from the store. Only a pre-filter: the write transaction decides."""
+        else from the snapshot row that ``admitted`` it, else from the store. Only a pre-filter:
+        the write transaction decides (``_require_agent``), so a stale row costs at most a draft."""
         known = self._known_agents.get(tok.token_id)
         if known is None:
-            cluster = self._authenticate_agent(tok, cluster_name)
+            usable = admitted is not None and admitted.name == cluster_name and admitted.agent_token_id == tok.token_id
+            cluster = admitted if usable and admitted is not None else self._authenticate_agent(tok, cluster_name)
             known = _KnownAgent(cluster.name, cluster.trust_domain, cluster.agent_token_hash or "")
             self._known_agents[tok.token_id] = known
         elif not tk.secret_matches(tok, known.token_hash):

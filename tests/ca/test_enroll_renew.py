@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -14,6 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from fastapi.testclient import TestClient
 
 from ca_server.core.authority import Policy
+from ca_server.core.errors import Unauthenticated
 from ca_server.speedups import Speedups
 from ca_server.storage import tables as t
 from ca_server.storage.repository import SqlTx
@@ -381,3 +383,45 @@ def test_renewals_ending_a_fleet_rotation_read_the_roots_once(
         harness.renew(a)
     assert reads == []
     assert not any(c.rotation_pending for c, _ in harness.authority.list_clusters())
+
+
+def test_a_renewal_takes_the_token_from_the_fleet_snapshot_not_a_store_read(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that has not seen the token yet (restarted, or another replica enrolled it) checks
+    it against the watcher's snapshot before drafting, instead of reading the store; without a
+    snapshot (the CLI, direct calls) it reads the store."""
+    a = harness.enroll("a")
+    issuance = harness.authority.issuance
+    reads: list[str] = []
+    read = issuance._authenticate_agent
+
+    def counted(tok: Any, name: str) -> Any:
+        reads.append(name)
+        return read(tok, name)
+
+    monkeypatch.setattr(issuance, "_authenticate_agent", counted)
+    harness.desired(a)  # the watcher's snapshot holds the cluster's row, as during a long-poll
+    issuance._known_agents.clear()
+    a = harness.renew(a)
+    assert reads == []
+    issuance._known_agents.clear()
+    csr = pki.make_csr(pki.new_key(), "a")
+    harness.authority.renew(cluster_name="a", agent_token=a.token, csr_pem=csr, proof_b64=pki.prove(a.key, csr))
+    assert reads == ["a"]
+
+
+def test_a_token_revoked_since_the_snapshot_is_refused_by_the_renewals_transaction(harness: Harness) -> None:
+    a = harness.enroll("a")
+    stale = harness.authority.snapshot()  # admits a's token
+    harness.authority.revoke_cluster("a", reason="keyCompromise", actor="test")
+    harness.authority.issuance._known_agents.clear()
+    csr = pki.make_csr(pki.new_key(), "a")
+    with harness.store.read() as tx:
+        before = len(tx.cluster_certificates("a"))
+    with pytest.raises(Unauthenticated):
+        harness.authority.renew(
+            cluster_name="a", agent_token=a.token, csr_pem=csr, proof_b64=pki.prove(a.key, csr), seen=stale
+        )
+    with harness.store.read() as tx:
+        assert len(tx.cluster_certificates("a")) == before
