@@ -379,19 +379,19 @@ async def renew(
 async def renewal_answer(state: Any, name: str, authorization: str | None, body: w.RenewIn) -> Response:
     """The renewal. The authority authenticates the agent token itself, inside the renewal's write
     transaction; with an embedded database and an in-memory key the renewal runs inline (pure CPU
-    work, a thread hand-off would cost more than it frees), else in the thread pool."""
+    work, a thread hand-off would cost more than it frees), else it is drafted on the agents'
+    renewal threads and its write awaited (``_renewed_off_loop``)."""
     require_dns_label(name, what="cluster name")
     a: Authority = state.authority
     m: Metrics = state.metrics
-    request = {"cluster_name": name, "agent_token": _bearer(authorization), "csr_pem": body.csr}
-    request["proof_b64"] = body.proof
+    fields = dict(cluster_name=name, agent_token=_bearer(authorization), csr_pem=body.csr, proof_b64=body.proof)
     seen = state.watcher.snapshot  # its row for the cluster spares the token's pre-filter a store read
     started = time.perf_counter()
     if a.renewal_is_cpu_bound:
-        issued = spending(functools.partial(a.renew, **request, seen=seen))
+        issued = spending(functools.partial(a.renew, **fields, seen=seen))
     else:
         with budget_spent():
-            draft = functools.partial(a.draft_renewal, **request, seen=seen)
+            draft = functools.partial(a.draft_renewal, **fields, seen=seen)
             issued = await _renewed_off_loop(a, state.agent_threads.writes, draft)
     m.issued("renew", time.perf_counter() - started, issued)
     out = {"generation": issued.generation, "bundle": issued.bundle.as_files()}

@@ -239,8 +239,7 @@ class Authority:
         """A new intermediate for an enrolled cluster's agent token and proof (see ``Issuance.renew``).
         ``seen``: the latest fleet snapshot, whose row for the cluster may spare the token's
         pre-filter a store read (the write transaction checks the token on the row it locks)."""
-        tok = self._parse_agent_token(agent_token)
-        admitted = agent_in_snapshot(seen, tok, cluster_name) if seen is not None else None
+        tok, admitted = self._presented(agent_token, cluster_name, seen)
         return self.issuance.renew(
             tok, cluster_name=cluster_name, csr_pem=csr_pem, proof_b64=proof_b64, admitted=admitted
         )
@@ -249,11 +248,17 @@ class Authority:
         self, *, cluster_name: str, agent_token: str, csr_pem: str, proof_b64: str, seen: FleetSnapshot | None = None
     ) -> RenewalDraft:
         """``renew`` up to its write: checked and signed (``Issuance.draft_renewal``)."""
-        tok = self._parse_agent_token(agent_token)
-        admitted = agent_in_snapshot(seen, tok, cluster_name) if seen is not None else None
+        tok, admitted = self._presented(agent_token, cluster_name, seen)
         return self.issuance.draft_renewal(
             tok, cluster_name=cluster_name, csr_pem=csr_pem, proof_b64=proof_b64, admitted=admitted
         )
+
+    def _presented(
+        self, agent_token: str, cluster_name: str, seen: FleetSnapshot | None
+    ) -> tuple[tk.PresentedToken, Cluster | None]:
+        """The parsed agent token, and the cluster's row in ``seen`` when that admits it."""
+        tok = self._parse_agent_token(agent_token)
+        return tok, agent_in_snapshot(seen, tok, cluster_name) if seen is not None else None
 
     def submit_renewal(self, draft: RenewalDraft) -> Future[Joined[Issued]]:
         """A drafted renewal's write, done once committed: its outcome goes to ``finish_renewal``.

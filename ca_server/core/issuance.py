@@ -311,8 +311,10 @@ class Issuance:
         the write transaction decides (``_require_agent``), so a stale row costs at most a draft."""
         known = self._known_agents.get(tok.token_id)
         if known is None:
-            usable = admitted is not None and admitted.name == cluster_name and admitted.agent_token_id == tok.token_id
-            cluster = admitted if usable and admitted is not None else self._authenticate_agent(tok, cluster_name)
+            if admitted is not None and admitted.name == cluster_name and admitted.agent_token_id == tok.token_id:
+                cluster = admitted
+            else:
+                cluster = self._authenticate_agent(tok, cluster_name)
             known = _KnownAgent(cluster.name, cluster.trust_domain, cluster.agent_token_hash or "")
             self._known_agents[tok.token_id] = known
         elif not tk.secret_matches(tok, known.token_hash):
