@@ -65,7 +65,11 @@ def create_app(
     tasks = [*(background or []), *([limiter.sync_forever] if limiter is not None else [])]
     watcher = RevisionWatcher(authority, interval=watch_interval)
     authority.on_change.append(watcher.poke)
-    metrics = Metrics(not_after_source=authority.intermediate_not_after, roots_source=authority.list_roots)
+    metrics = Metrics(
+        not_after_source=authority.intermediate_not_after,
+        roots_source=authority.list_roots,
+        group_commit_source=authority.store.group_commit_stats,
+    )
 
     app_class = ShortcutApp if agent_shortcut else FastAPI
     app = app_class(

@@ -5,11 +5,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ca_server.core.models import Root, RootStatus
@@ -28,10 +29,12 @@ class Metrics:
         *,
         not_after_source: Callable[[], dict[str, datetime]] | None = None,
         roots_source: Callable[[], list[Root]] | None = None,
+        group_commit_source: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
         """``not_after_source`` gives every active cluster's current intermediate notAfter and
         ``roots_source`` every root, from the store, read at each scrape: a replica shows the whole
-        fleet, not only what it issued itself."""
+        fleet, not only what it issued itself. ``group_commit_source``: this process's group-commit
+        (transactions, writes) so far (``Store.group_commit_stats``)."""
         self.not_after_source = not_after_source
         self.roots_source = roots_source
         self.registry = CollectorRegistry()
@@ -64,6 +67,8 @@ class Metrics:
         # A root rotation left half-way (a root trusted but not signing: phase 2 or 3) shows as a
         # lasting trusted count; deploy/prometheus alerts on it (MeshbridgeRootRotationStuck).
         self.roots = Gauge("meshbridge_ca_roots", "Roots by status", ["status"], registry=self.registry)
+        if group_commit_source is not None:
+            self.registry.register(_GroupCommits(group_commit_source))
 
     def issued(self, kind: str, seconds: float, issued: Issued) -> None:
         count, duration = self._by_kind.get(kind) or self._kind(kind)
@@ -100,6 +105,23 @@ class Metrics:
         self._refresh_not_after()
         self._refresh_roots()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _GroupCommits:
+    """The group commit's counters (PostgreSQL), read from the store at each scrape: writes per
+    transaction is how many renewals shared a commit (0 and 0 where group commit is off)."""
+
+    def __init__(self, source: Callable[[], tuple[int, int]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        transactions, writes = self.source()
+        yield CounterMetricFamily(
+            "meshbridge_ca_group_commit_transactions", "Group-commit transactions run by this process", transactions
+        )
+        yield CounterMetricFamily(
+            "meshbridge_ca_group_commit_writes", "Writes (renewals) run in group-commit transactions", writes
+        )
 
 
 def _read(source: Callable[[], T] | None, what: str) -> T | None:

@@ -136,6 +136,27 @@ def test_metrics_count_issuances_and_show_each_clusters_not_after(harness: Harne
     assert metric(text, "meshbridge_ca_intermediate_not_after_seconds", cluster="a") is not None
 
 
+def test_metrics_count_the_group_commits_renewals_shared(harness: Harness) -> None:
+    """meshbridge_ca_group_commit_{transactions,writes}_total: how many renewals shared a commit
+    (PostgreSQL); always 0 where there is no group commit (SQLite)."""
+
+    def counts() -> tuple[float | None, float | None]:
+        text = harness.client.get("/metrics", headers=harness.admin).text
+        return (
+            metric(text, "meshbridge_ca_group_commit_transactions_total"),
+            metric(text, "meshbridge_ca_group_commit_writes_total"),
+        )
+
+    a = harness.enroll("a")
+    before = counts()
+    harness.renew(harness.renew(a))
+    transactions, writes = (after - first for after, first in zip(counts(), before, strict=True))  # type: ignore[operator]
+    if harness.postgres:
+        assert writes == 2 and transactions == 2  # one after the other: a commit each
+    else:
+        assert counts() == (0, 0) and (transactions, writes) == (0, 0)
+
+
 def test_metrics_count_roots_by_status_through_a_rotation(harness: Harness) -> None:
     """meshbridge_ca_roots{status} follows the phases (read from the store at each scrape), so a
     rotation left half-way shows as a lasting trusted root (MeshbridgeRootRotationStuck)."""
