@@ -444,6 +444,21 @@ def tally(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _group_commits(replica: BenchCA, admin_token: str) -> dict[str, float]:
+    """The replica's group-commit counters from its /metrics (how many renewals shared a commit)."""
+    with replica.client(timeout=60, headers={"Authorization": f"Bearer {admin_token}"}) as c:
+        text = c.get("/metrics").text
+    found = {
+        name: float(value)
+        for name, _, value in (line.partition(" ") for line in text.splitlines())
+        if name in ("meshbridge_ca_group_commit_transactions_total", "meshbridge_ca_group_commit_writes_total")
+    }
+    return {
+        "transactions": found.get("meshbridge_ca_group_commit_transactions_total", -1.0),
+        "writes": found.get("meshbridge_ca_group_commit_writes_total", -1.0),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--agents", type=int, default=1000)
@@ -632,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
             {"peak": proc_tree_rss_mib(pid, "VmHWM"), "after": proc_tree_rss_mib(pid)} for pid in server_pids
         ]
 
+        report["group_commit"] = [_group_commits(r, ca.admin_token) for r in replicas]
+
         # afterwards: every cluster on the new root, nothing pending, audit chain intact
         items = admin("GET", "/v1/clusters").json()["items"]
         on_new = sum(1 for c in items if (c.get("intermediate") or {}).get("root_id") == root_id)
@@ -711,6 +728,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{ev['client_cores']} cores; db {ev['db_cores']}; others {ev['other_cores']}; "
             f"loadavg {ev['loadavg']}"
         )
+        commits = ", ".join(f"{g['writes']:g} writes in {g['transactions']:g}" for g in report["group_commit"])
+        print(f"  group commit per replica (PostgreSQL; renewals in transactions): {commits}")
         rss = ", ".join(f"peak {r['peak']:g} MiB, after {r['after']:g} MiB" for r in report["rss_mib"])
         print(f"  server RSS per replica: {rss} (target < {TARGETS['rss_mib']:g} MiB)")
         print(f"  after renewing, every agent long-polls again: {ev['answers_after_renewal']} answers to them")

@@ -179,6 +179,7 @@ def test_a_fleet_event_with_the_go_agents_renews_every_cluster(tmp_path: Path) -
     assert ev["renew_statuses"] == {"201": 30} and ev["failures"] == 0
     assert ev["all_answered_s"] is not None and ev["all_renewed_s"] is not None
     assert report["checks"]["clusters_on_new_root"] == 30 and report["checks"]["audit_verify"] is True
+    assert report["group_commit"] == [{"transactions": 0, "writes": 0}]  # SQLite: no group commit
 
 
 def test_times_move_from_the_unix_clock_to_the_monotonic_one() -> None:
