@@ -236,29 +236,24 @@ class Authority:
     def renew(
         self, *, cluster_name: str, agent_token: str, csr_pem: str, proof_b64: str, seen: FleetSnapshot | None = None
     ) -> Issued:
-        """A new intermediate for an enrolled cluster's agent token and proof (see ``Issuance.renew``).
-        ``seen``: the latest fleet snapshot, whose row for the cluster may spare the token's
-        pre-filter a store read (the write transaction checks the token on the row it locks)."""
-        tok, admitted = self._presented(agent_token, cluster_name, seen)
-        return self.issuance.renew(
-            tok, cluster_name=cluster_name, csr_pem=csr_pem, proof_b64=proof_b64, admitted=admitted
+        """A new intermediate for an enrolled cluster's agent token and proof, returned once stored:
+        ``draft_renewal``, its write, ``finish_renewal``. ``seen``: the latest fleet snapshot, whose
+        row for the cluster may spare the token's pre-filter a store read (the write transaction
+        checks the token on the row it locks)."""
+        draft = self.draft_renewal(
+            cluster_name=cluster_name, agent_token=agent_token, csr_pem=csr_pem, proof_b64=proof_b64, seen=seen
         )
+        return self.finish_renewal(draft, self.submit_renewal(draft).result())
 
     def draft_renewal(
         self, *, cluster_name: str, agent_token: str, csr_pem: str, proof_b64: str, seen: FleetSnapshot | None = None
     ) -> RenewalDraft:
         """``renew`` up to its write: checked and signed (``Issuance.draft_renewal``)."""
-        tok, admitted = self._presented(agent_token, cluster_name, seen)
+        tok = self._parse_agent_token(agent_token)
+        admitted = agent_in_snapshot(seen, tok, cluster_name) if seen is not None else None
         return self.issuance.draft_renewal(
             tok, cluster_name=cluster_name, csr_pem=csr_pem, proof_b64=proof_b64, admitted=admitted
         )
-
-    def _presented(
-        self, agent_token: str, cluster_name: str, seen: FleetSnapshot | None
-    ) -> tuple[tk.PresentedToken, Cluster | None]:
-        """The parsed agent token, and the cluster's row in ``seen`` when that admits it."""
-        tok = self._parse_agent_token(agent_token)
-        return tok, agent_in_snapshot(seen, tok, cluster_name) if seen is not None else None
 
     def submit_renewal(self, draft: RenewalDraft) -> Future[Joined[Issued]]:
         """A drafted renewal's write, done once committed: its outcome goes to ``finish_renewal``.

@@ -60,7 +60,8 @@ class Issued:
 @dataclass(frozen=True)
 class RenewalDraft:
     """A renewal checked and signed ahead of its write (``Issuance.draft_renewal``): ``record`` is
-    its write job, for ``Context.write_joined`` or ``submit_joined``; ``finish`` takes what the
+    its write job, for ``Context.write_joined`` or ``submit_joined`` (on PostgreSQL committed with
+    concurrent renewals, which read their ``cluster`` rows all at once); ``finish`` takes what the
     job returned once its transaction committed, and returns it."""
 
     cluster: str
@@ -188,22 +189,6 @@ class Issuance:
         then runs it inline, as a thread pool hand-off would cost more than it frees."""
         return self.ctx.store.embedded and self.ctx.keys.in_memory
 
-    def renew(
-        self,
-        tok: tk.PresentedToken,
-        *,
-        cluster_name: str,
-        csr_pem: str,
-        proof_b64: str,
-        admitted: Cluster | None = None,
-    ) -> Issued:
-        """A new intermediate for an enrolled cluster (``draft_renewal``, its write, its ``finish``)."""
-        draft = self.draft_renewal(
-            tok, cluster_name=cluster_name, csr_pem=csr_pem, proof_b64=proof_b64, admitted=admitted
-        )
-        # on PostgreSQL, committed with concurrent renewals, which read their clusters all at once
-        return draft.finish(self.ctx.write_joined(draft.record, cluster=cluster_name))
-
     def draft_renewal(
         self,
         tok: tk.PresentedToken,
@@ -215,8 +200,9 @@ class Issuance:
     ) -> RenewalDraft:
         """A new intermediate for an enrolled cluster, for its agent token and a proof of possession
         of the key of one of the cluster's proof candidates (``_candidates``). ``admitted``: the
-        cluster's row in a fleet snapshot that admits the token (read from the store earlier), which
-        the pre-filter takes instead of reading the store when the token is not in its cache.
+        cluster's row in a fleet snapshot that admits the token (``fleet.agent_in_snapshot``, read
+        from the store earlier), which the pre-filter takes instead of reading the store when the
+        token is not in its cache.
 
         Checked in order of cost: the token (from the cache of tokens the store confirmed), the
         CSR, whose key must never have been certified, and the proof (``_prover``: at most two
@@ -311,10 +297,7 @@ class Issuance:
         the write transaction decides (``_require_agent``), so a stale row costs at most a draft."""
         known = self._known_agents.get(tok.token_id)
         if known is None:
-            if admitted is not None and admitted.name == cluster_name and admitted.agent_token_id == tok.token_id:
-                cluster = admitted
-            else:
-                cluster = self._authenticate_agent(tok, cluster_name)
+            cluster = admitted if admitted is not None else self._authenticate_agent(tok, cluster_name)
             known = _KnownAgent(cluster.name, cluster.trust_domain, cluster.agent_token_hash or "")
             self._known_agents[tok.token_id] = known
         elif not tk.secret_matches(tok, known.token_hash):
