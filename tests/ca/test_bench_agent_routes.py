@@ -3,19 +3,13 @@ and reports the CPU of each route."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.benchrun import bench_report
 
 
 def test_the_bench_reports_both_paths_on_both_engines(tmp_path: Path) -> None:
-    out = tmp_path / "report.json"
-    cmd = [sys.executable, str(ROOT / "bench/agent_routes.py"), "--clusters", "5", "--engine", "sqlite,postgres"]
-    subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, timeout=300)
-    report = json.loads(out.read_text())
+    report = bench_report("agent_routes.py", ["--clusters", "5", "--engine", "sqlite,postgres"], tmp_path)
     assert report["machine"]["nproc"] >= 1 and report["clusters"] == 5
     for engine in ("sqlite", "postgres"):
         rows = report["results"][engine]
