@@ -237,13 +237,13 @@ class Authority:
         self, *, cluster_name: str, agent_token: str, csr_pem: str, proof_b64: str, seen: FleetSnapshot | None = None
     ) -> Issued:
         """A new intermediate for an enrolled cluster's agent token and proof, returned once stored:
-        ``draft_renewal``, its write, ``finish_renewal``. ``seen``: the latest fleet snapshot, whose
+        ``draft_renewal``, its write, its ``finish``. ``seen``: the latest fleet snapshot, whose
         row for the cluster may spare the token's pre-filter a store read (the write transaction
         checks the token on the row it locks)."""
         draft = self.draft_renewal(
             cluster_name=cluster_name, agent_token=agent_token, csr_pem=csr_pem, proof_b64=proof_b64, seen=seen
         )
-        return self.finish_renewal(draft, self.submit_renewal(draft).result())
+        return draft.finish(self.ctx.write_joined(draft.record, cluster=draft.cluster))
 
     def draft_renewal(
         self, *, cluster_name: str, agent_token: str, csr_pem: str, proof_b64: str, seen: FleetSnapshot | None = None

@@ -101,11 +101,16 @@ class Context:
         jobs (group commit, ``Store.write_joined``): it may run on another thread, so its audited
         events and revision bump are collected around it there, and logged and announced here once
         its transaction committed. ``cluster``: the one the job works on."""
-        return self.joined_result(self.submit_joined(job, cluster=cluster).result())
+        return self.joined_result(self.store.write_joined(self._collecting(job), cluster=cluster))
 
     def submit_joined(self, job: Callable[[Tx], T], *, cluster: str | None = None) -> Future[Joined[T]]:
         """``write_joined`` without waiting (``Store.submit_joined``): the future's outcome goes to
         ``joined_result`` once done, which logs and announces what the job did."""
+        return self.store.submit_joined(self._collecting(job), cluster=cluster)
+
+    def _collecting(self, job: Callable[[Tx], T]) -> Callable[[Tx], Joined[T]]:
+        """``job``, returning with its result the audited events and revision bump it made (on
+        whichever thread runs it)."""
 
         def collected(tx: Tx) -> Joined[T]:
             pending = self._pending
@@ -116,7 +121,7 @@ class Context:
             finally:
                 pending.events, pending.changed = None, False
 
-        return self.store.submit_joined(collected, cluster=cluster)
+        return collected
 
     def joined_result(self, outcome: Joined[T]) -> T:
         """The job's result, its committed events logged and its revision bump announced."""
