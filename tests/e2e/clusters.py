@@ -84,21 +84,32 @@ def ephemeral_low() -> int:
         return 0
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A loopback TCP port free now, below the kernel's ephemeral range when that is known. A port
-    from the range (``bind(0)`` gives one) can become the source port of any outgoing connection,
-    and this suite opens thousands to its kube-apiservers: one took the port an istiod was about to
-    bind ("listen tcp 127.0.0.1:35955: bind: address already in use"; istiod keeps its ports across
-    restarts). Below the range only another listener can take it."""
+    """A loopback TCP port free now, below the kernel's ephemeral range when that is known, and never
+    handed out before by this process. A port from the range (``bind(0)`` gives one) can become the
+    source port of any outgoing connection, and this suite opens thousands to its kube-apiservers:
+    one took the port an istiod was about to bind ("listen tcp 127.0.0.1:35955: bind: address
+    already in use"; istiod keeps its ports across restarts). Below the range only another listener
+    can take it, and the ones this suite starts are kept apart by remembering what was handed out:
+    istiod's five ports are chosen before any is bound, and a port free while its istiod restarts
+    is still that istiod's (one CI run's istiod bed failed to bind a port handed out twice)."""
     low = ephemeral_low()
     for _ in range(200):
         port = random.randrange(max(1024, low - 12000), low) if low > 2048 else 0
+        if port in _HANDED_OUT:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return int(s.getsockname()[1])
+            chosen = int(s.getsockname()[1])
+        if chosen not in _HANDED_OUT:
+            _HANDED_OUT.add(chosen)
+            return chosen
     raise RuntimeError(f"no free loopback port below the ephemeral range ({low})")
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
+from tests.e2e import clusters
 from tests.e2e.clusters import ephemeral_low, free_port
 
 
@@ -16,3 +19,17 @@ def test_ports_are_below_the_ephemeral_range_and_free() -> None:
     assert len(set(ports)) > 40  # chosen at random, not one port handed out again and again
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", ports[-1]))  # free when handed out
+
+
+def test_a_port_is_never_handed_out_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """istiod's five ports are chosen before any is bound, and a port is free while its istiod
+    restarts: the random pick must not hand it to another listener (a CI run's istiod bed failed
+    with "bind: address already in use"). Fails before the handed-out ports were remembered: the
+    second call returned the first port again."""
+    low = ephemeral_low()
+    first = free_port()
+    picks = iter([first, first, first - 1 if first - 1 >= max(1024, low - 12000) else first + 1])
+    monkeypatch.setattr(clusters.random, "randrange", lambda *_: next(picks))
+    second = free_port()
+    assert second != first
+    assert second in (first - 1, first + 1)
