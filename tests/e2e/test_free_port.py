@@ -3,11 +3,11 @@ connection's source port can take them between choosing and binding (or across a
 
 from __future__ import annotations
 
+import random
 import socket
 
 import pytest
 
-from tests.e2e import clusters
 from tests.e2e.clusters import ephemeral_low, free_port
 
 
@@ -29,7 +29,7 @@ def test_a_port_is_never_handed_out_twice(monkeypatch: pytest.MonkeyPatch) -> No
     low = ephemeral_low()
     first = free_port()
     picks = iter([first, first, first - 1 if first - 1 >= max(1024, low - 12000) else first + 1])
-    monkeypatch.setattr(clusters.random, "randrange", lambda *_: next(picks))
+    monkeypatch.setattr(random, "randrange", lambda *_: next(picks))
     second = free_port()
     assert second != first
     assert second in (first - 1, first + 1)
