@@ -24,6 +24,17 @@ times as it began. Each wait is the database's round trip
 event loop holds: during a 1,000-agent fleet event on two cores the batch thread spent most of a
 wait for PostgreSQL's answer waiting for that lock, while holding the audit head's row lock every
 other replica's batch waits for (bench/RESULTS.md).
+
+So a batch is first tried with its jobs' writes deferred (``open_write(True)``): every job reads
+only what the batch read ahead and its writes are kept in the transaction, not sent; they go at
+the end, a few statements for the whole batch, and are settled before the COMMIT is sent. A job
+runs without a single wait, so the batch thread gives the interpreter lock up once per batch, not
+four times per job (each wait gives it up, and getting it back from a busy event loop took up to the
+switch interval: a renewal held the batch thread, and the audit head's lock, for 1.7 ms; bench/
+RESULTS.md). When a job needs anything else (a read that was not read ahead, a statement that
+cannot wait) or the deferred writes are refused, the transaction raises ``Replay`` before
+anything is committed: the batch is rolled back and run again as described above, each job's
+statements sent and settled in turn, so that an error is again one job's own.
 """
 
 from __future__ import annotations
@@ -43,6 +54,11 @@ T = TypeVar("T")
 # the backend's subxid cache overflows and other sessions' snapshots must consult pg_subtrans
 # (GetSnapshotData, src/backend/storage/ipc/procarray.c)
 MAX_BATCH = 32
+
+
+class Replay(Exception):
+    """A batch tried with deferred writes must be run again with each job's writes settled in turn
+    (raised by the transaction before anything of the batch is committed)."""
 
 
 class JoinableTx(Protocol):
@@ -91,15 +107,17 @@ class Joiner:
 
     def __init__(
         self,
-        open_write: Callable[[], AbstractContextManager[JoinableTx]],
+        open_write: Callable[[bool], AbstractContextManager[JoinableTx]],
         translate: Callable[[Exception], Exception],
         *,
         max_batch: int = MAX_BATCH,
     ) -> None:
-        """``open_write``: a write transaction whose locks ``read_ahead`` takes (its deferred writes
-        made and committed when its context ends: the audit head row written once, the revision
-        bumped once); ``translate``: the store's translation of a database error raised by a job or
-        by the batch's transaction (other errors pass through it unchanged)."""
+        """``open_write(deferred)``: a write transaction whose locks ``read_ahead`` takes (its deferred
+        writes made and committed when its context ends: the audit head row written once, the
+        revision bumped once); with ``deferred``, the jobs' own writes are deferred too and the
+        transaction raises ``Replay`` when they cannot be; ``translate``: the store's translation of
+        a database error raised by a job or by the batch's transaction (other errors pass through
+        it unchanged)."""
         self._open_write = open_write
         self._translate = translate
         self._max = max_batch
@@ -112,6 +130,7 @@ class Joiner:
         self._thread: threading.Thread | None = None
         self.batches = 0  # transactions run by this process (committed or not)
         self.jobs = 0  # jobs run in them
+        self.replays = 0  # batches run again with each job's writes settled in turn
 
     def run(self, fn: Callable[[Any], T], *, ahead: str | None = None) -> T:
         """``fn(tx)``'s result once the transaction it ran in has committed; its error, or the
@@ -148,10 +167,13 @@ class Joiner:
     def _run_batch(self, batch: list[_Job[Any]]) -> None:
         self.batches, self.jobs = self.batches + 1, self.jobs + len(batch)
         try:
-            with self._open_write() as tx:
-                tx.read_ahead([job.ahead for job in batch if job.ahead is not None])
+            try:
+                self._attempt(batch, deferred=True)
+            except Replay:
+                self.replays += 1
                 for job in batch:
-                    self._run_job(tx, job)
+                    job.result, job.error = None, None
+                self._attempt(batch, deferred=False)
         except BaseException as exc:  # every job not failed already gets the batch's error
             failed = self._translate(exc) if isinstance(exc, Exception) else exc
             for job in batch:
@@ -163,12 +185,20 @@ class Joiner:
             for job in batch:
                 job.settle()
 
+    def _attempt(self, batch: list[_Job[Any]], *, deferred: bool) -> None:
+        with self._open_write(deferred) as tx:
+            tx.read_ahead([job.ahead for job in batch if job.ahead is not None])
+            for job in batch:
+                self._run_job(tx, job)
+
     def _run_job(self, tx: JoinableTx, job: _Job[Any]) -> None:
         mark = tx.savepoint()
         try:
             result = job.fn(tx)
             tx.settle()  # the job's writes were sent without waiting: their errors are its own
             job.result = result
+        except Replay:
+            raise
         except Exception as exc:
             job.error = self._translate(exc)
             tx.rollback_to(mark)  # when this fails, the whole batch fails (_run_batch)

@@ -16,8 +16,9 @@ from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import (
     ARRAY,
@@ -54,7 +55,7 @@ from ca_server.core.models import (
 from ca_server.core.ports import Tx
 from ca_server.storage import liveness
 from ca_server.storage import tables as t
-from ca_server.storage.joined import Joiner
+from ca_server.storage.joined import Joiner, Replay
 from ca_server.storage.ratecounters import SqlRateCounters
 from ca_server.storage.readahead import CANDIDATES_AHEAD, PROOF_CANDIDATES, ReadAhead
 
@@ -259,8 +260,8 @@ class _Q:
 
 
 # where a group commit's job began: the audit head, the revision read, whether the head row holds it,
-# whether the revision is to be bumped
-_Mark = tuple[tuple[int, str] | None, int | None, bool, bool]
+# whether the revision is to be bumped, how many writes were deferred
+_Mark = tuple[tuple[int, str] | None, int | None, bool, bool, int]
 
 _JSON_SCALARS = (str, int, bool, type(None))  # values that come back from JSON as they went in
 
@@ -361,6 +362,29 @@ class _Hot(Protocol):
         pipeline mode, one wait for all of them."""
         ...
 
+    def insert_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """The ``name`` insert (``_MULTI_ROW``) of every row, as one statement."""
+        ...
+
+
+# the inserts a group commit's deferred writes send as one statement for the whole batch
+_MULTI_ROW = {
+    "add_certificate_values": (t.certificates, [c for c in t.certificates.c if c.name != "id"]),
+    "add_audit_values": (t.audit, list(t.audit.c)),
+}
+
+
+@lru_cache(maxsize=2 * 64)
+def _insert_rows(name: str, n: int) -> Any:
+    """``name``'s insert of ``n`` rows in one VALUES list, its parameters ``<column>_<row>`` (each
+    typed as its column, for the column's own bind conversion); rows inserted in list order."""
+    table, columns = _MULTI_ROW[name]
+    return insert(table).values([{c.name: bindparam(f"{c.name}_{i}", type_=c.type) for c in columns} for i in range(n)])
+
+
+def _row_params(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {f"{key}_{i}": value for i, row in enumerate(rows) for key, value in row.items()}
+
 
 class _HotOnDBAPI:
     """The speed-up: the statements compiled once (``_Prepared``), run on the DBAPI connection."""
@@ -368,6 +392,7 @@ class _HotOnDBAPI:
     def __init__(self, prepared: dict[str, _Prepared], conn: Connection) -> None:
         self._prepared = prepared
         self._raw = conn.connection.driver_connection
+        self._dialect = conn.dialect
 
     def first(self, name: str, values: dict[str, Any]) -> Any:
         return self._prepared[name].first(self._raw, values)
@@ -381,6 +406,13 @@ class _HotOnDBAPI:
     def together(self, calls: list[tuple[str, dict[str, Any]]]) -> list[list[Any]]:
         sent = [(self._prepared[name], self._prepared[name].execute(self._raw, values)) for name, values in calls]
         return [stmt.fetched(cur) for stmt, cur in sent]
+
+    def insert_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
+        key = f"{name}*{len(rows)}"  # compiled once per batch size (the store's dict: one batch thread)
+        stmt = self._prepared.get(key)
+        if stmt is None:
+            stmt = self._prepared[key] = _Prepared(_insert_rows(name, len(rows)), self._dialect)
+        stmt.execute(self._raw, _row_params(rows))
 
 
 class _HotThroughCore:
@@ -400,6 +432,46 @@ class _HotThroughCore:
 
     def together(self, calls: list[tuple[str, dict[str, Any]]]) -> list[list[Any]]:
         return [self.rows(name, values) for name, values in calls]  # Core waits for each
+
+    def insert_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
+        self._c.execute(_insert_rows(name, len(rows)), _row_params(rows))
+
+
+class _Deferring:
+    """A group commit's statements while its jobs run with their writes deferred (``SqlTx.join``):
+    the writes below are kept, in order, to be sent by ``before_commit``; anything else would need
+    the database now, so the batch is run again with each job's writes settled in turn."""
+
+    WRITES = ("save_cluster", "add_certificate_values", "add_audit_values")  # the order they are sent in
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[str, dict[str, Any]]] = []
+
+    def first(self, name: str, values: dict[str, Any]) -> Any:
+        raise Replay(f"{name}: not read ahead")
+
+    def rows(self, name: str, values: dict[str, Any]) -> list[Any]:
+        raise Replay(f"{name}: not read ahead")
+
+    def together(self, calls: list[tuple[str, dict[str, Any]]]) -> list[list[Any]]:
+        raise Replay("a read not made ahead")
+
+    def run(self, name: str, values: dict[str, Any]) -> int:
+        if name not in self.WRITES:
+            raise Replay(f"{name}: not deferred")
+        self.writes.append((name, values))
+        return -1
+
+    def insert_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
+        raise Replay(f"{name}: not deferred")
+
+
+class _NoStatements:
+    """The transaction's connection while its jobs' writes are deferred: any statement outside the
+    hot ones (say, the roots read again for a new revision) needs the database now."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise Replay(f"connection.{name} while writes are deferred")
 
 
 class SqlTx:
@@ -433,6 +505,9 @@ class SqlTx:
         self._head_written = True  # the audit head row holds self.audit_head
         self._head_locked = False  # this transaction holds the audit head's row lock
         self._ahead = ReadAhead()  # a group commit's reads for all its jobs (read_ahead)
+        self._defer_jobs = False  # a group commit's first try: its jobs' writes deferred (join)
+        self._deferring: _Deferring | None = None  # while they are
+        self._live: tuple[Connection, _Hot] | None = None  # the connection and statements meanwhile set aside
 
     def lock_audit_head(self) -> None:
         """PostgreSQL: serialise writers on the audit head's row lock (a linear chain across
@@ -445,10 +520,15 @@ class SqlTx:
             self.audit_head = (head.int_value, head.str_value)
 
     # group commit (storage/joined.py)
-    def join(self) -> SqlTx:
+    def join(self, *, deferred: bool = False) -> SqlTx:
         """Make this the transaction of a group commit (``Joiner``): jobs run in savepoints and the
-        audit head row is written once, by ``before_commit``."""
+        audit head row is written once, by ``before_commit``. ``deferred`` (PostgreSQL): from the
+        end of ``read_ahead`` the jobs may only read what it read and their writes (``_Deferring``)
+        are kept for ``before_commit`` to send, a statement per kind for the whole batch, and
+        settle before the COMMIT; their savepoints are marks in that list. Whatever else a job
+        needs, or a refusal of the writes, raises ``Replay`` before anything is committed."""
         self._joined = True
+        self._defer_jobs = deferred and self.postgres
         return self
 
     def read_ahead(self, clusters: Collection[str]) -> None:
@@ -474,19 +554,40 @@ class SqlTx:
         if names:
             found, held = answers
             self._ahead.hold([_cluster(r) for r in found], [_cert(r) for r in held])
+        if self._defer_jobs:
+            self._live, self._deferring = (self.c, self._hot), _Deferring()
+            self.c, self._hot = cast(Connection, _NoStatements()), self._deferring
+
+    def _deferred_writes(self) -> list[tuple[str, dict[str, Any]]]:
+        """End deferring: the connection and statements back, the writes kept meanwhile."""
+        deferring, live = self._deferring, self._live
+        if deferring is None or live is None:
+            return []
+        self.c, self._hot = live
+        self._deferring = self._live = None
+        return deferring.writes
 
     def savepoint(self) -> _Mark:
+        if self._deferring is not None:
+            return self.audit_head, self._revision, self._head_written, self._bump, len(self._deferring.writes)
         self._driver_execute("SAVEPOINT joined")
-        return self.audit_head, self._revision, self._head_written, self._bump
+        return self.audit_head, self._revision, self._head_written, self._bump, 0
 
     def rollback_to(self, mark: _Mark) -> None:
+        if self._deferring is not None:
+            writes = self._deferring.writes
+            if len(writes) > mark[4]:
+                del writes[mark[4] :]
+                self._ahead.forget()  # the failed job's writes changed what was read ahead
+            self.audit_head, self._revision, self._head_written, self._bump, _ = mark
+            return
         # to the newest savepoint of that name: the one the failed job began with. PostgreSQL keeps
         # older savepoints of a reused name and rolls back to the most recent one (SQL reference,
         # SAVEPOINT: "If savepoints with the same name already exist, they will be inaccessible
         # until newer identically-named savepoints are released"), so a job's savepoint is never
         # released (that would cost a round trip); they all end with the transaction
         self._driver_execute("ROLLBACK TO SAVEPOINT joined")
-        self.audit_head, self._revision, self._head_written, self._bump = mark
+        self.audit_head, self._revision, self._head_written, self._bump, _ = mark
         self._ahead.forget()  # what the failed job wrote is gone: read again
 
     @contextmanager
@@ -497,17 +598,18 @@ class SqlTx:
         if not self.postgres:
             yield
             return
-        raw: Any = self.c.connection.driver_connection
+        conn = self.c  # (set aside while a group commit's writes are deferred)
+        raw: Any = conn.connection.driver_connection
         with raw.pipeline() as self._pipeline:
-            self.c.info[PIPELINE] = self._pipeline
+            conn.info[PIPELINE] = self._pipeline
             try:
                 yield
             finally:
                 self._pipeline = None
-                del self.c.info[PIPELINE]
+                del conn.info[PIPELINE]
 
     def settle(self) -> None:
-        if self._pipeline is not None:
+        if self._pipeline is not None and self._deferring is None:
             self._pipeline.sync()  # a refused insert is translated as add_certificate's own (_translate_driver)
 
     def _driver_execute(self, sql: str) -> None:
@@ -515,8 +617,10 @@ class SqlTx:
         raw.execute(sql)
 
     def before_commit(self) -> None:
-        """The writes deferred to the end of a write transaction: a joined transaction's audit head
-        row, and the one revision bump however many changes the transaction holds."""
+        """The writes deferred to the end of a write transaction: a group commit's deferred jobs'
+        writes, a joined transaction's audit head row, and the one revision bump however many
+        changes the transaction holds."""
+        self._send_deferred()
         if not self._head_written and self.audit_head is not None:
             new_id, new_hash = self.audit_head
             self._hot.run("set_audit_head", {"new_id": new_id, "new_hash": new_hash})
@@ -524,6 +628,25 @@ class SqlTx:
         if self._bump:
             self.c.execute(_Q.bump_revision)
             self._bump = False
+
+    def _send_deferred(self) -> None:
+        """The deferred jobs' writes: each cluster saved, then every certificate in one insert and
+        every audit entry in another (none of these statements reads what another writes), settled
+        here so that a refusal replays the batch before its COMMIT is sent."""
+        writes = self._deferred_writes()
+        if not writes:
+            return
+        try:
+            for kind in _Deferring.WRITES:
+                rows = [values for name, values in writes if name == kind]
+                if kind in _MULTI_ROW and rows:
+                    self._hot.insert_rows(kind, rows)
+                else:
+                    for values in rows:
+                        self._hot.run(kind, values)
+            self.settle()
+        except (DBAPIError, self._dbapi.Error) as exc:
+            raise Replay("the batch's writes were refused") from exc
 
     # roots
     def list_roots(self) -> list[Root]:
@@ -1090,16 +1213,22 @@ class SqlStore:
         """(transactions, jobs) run by group commit in this process: (0, 0) when it is off."""
         return (self._joiner.batches, self._joiner.jobs) if self._joiner is not None else (0, 0)
 
+    def group_commit_replays(self) -> int:
+        """Group-commit batches run again with each job's writes settled in turn (``joined.Replay``)."""
+        return self._joiner.replays if self._joiner is not None else 0
+
     @contextmanager
-    def _joined_write(self) -> Iterator[SqlTx]:
+    def _joined_write(self, deferred: bool) -> Iterator[SqlTx]:
         """A group commit's transaction (PostgreSQL), in psycopg's pipeline mode from its first
         statement to its commit: the audit head is locked with the batch's reads ahead (``read_ahead``,
         one wait), and the head's update and the revision bump are sent with the COMMIT, which
         waits for all three (psycopg's ``commit`` in a pipeline syncs it): from BEGIN to the
-        pipeline's closing sync, four waits besides the jobs' own, where there were seven. Database errors reach the
-        ``Joiner``, which translates them (``_translate_job_error``)."""
+        pipeline's closing sync, four waits besides the jobs' own, where there were seven;
+        ``deferred``: the jobs' own writes too, settled before the COMMIT (``SqlTx.join``): no
+        wait while the jobs run. Database errors reach the ``Joiner``, which translates them
+        (``_translate_job_error``)."""
         with self.engine.connect() as conn, conn.begin() as transaction:
-            tx = self._new_tx(conn, write=True).join()
+            tx = self._new_tx(conn, write=True).join(deferred=deferred)
             with tx.pipelined():
                 yield tx
                 tx.before_commit()
