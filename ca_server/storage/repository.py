@@ -28,6 +28,7 @@ from sqlalchemy import (
     String,
     any_,
     bindparam,
+    column,
     create_engine,
     event,
     func,
@@ -35,6 +36,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, PendingRollbackError
 from sqlalchemy.pool import QueuePool
@@ -344,8 +346,11 @@ _HOT_POSTGRES = ("clusters_ahead", "candidates_ahead")
 
 
 def _prepare_hot(dialect: Dialect) -> dict[str, _Prepared]:
-    names = _HOT + _HOT_POSTGRES if dialect.name == "postgresql" else _HOT
-    return {name: _Prepared(getattr(_Q, name), dialect) for name in names}
+    hot = {name: _Prepared(getattr(_Q, name), dialect) for name in _HOT}
+    if dialect.name == "postgresql":
+        hot |= {name: _Prepared(getattr(_Q, name), dialect) for name in _HOT_POSTGRES}
+        hot |= {f"{name}*": _Prepared(_insert_rows(name), dialect) for name in _MULTI_ROW}
+    return hot
 
 
 class _Hot(Protocol):
@@ -374,16 +379,38 @@ _MULTI_ROW = {
 }
 
 
-@lru_cache(maxsize=2 * 64)
-def _insert_rows(name: str, n: int) -> Any:
-    """``name``'s insert of ``n`` rows in one VALUES list, its parameters ``<column>_<row>`` (each
-    typed as its column, for the column's own bind conversion); rows inserted in list order."""
+@lru_cache(maxsize=len(_MULTI_ROW))
+def _insert_rows(name: str) -> Any:
+    """``name``'s insert of any number of rows from one JSON array parameter, ``rows`` (PostgreSQL's
+    ``jsonb_to_recordset``, each field cast to its column's type): one short statement whatever the
+    batch's size, which psycopg converts once and may prepare (it converts a statement longer than
+    4,096 bytes or with over 50 parameters, a VALUES list of a batch, again at every execution:
+    ``MAX_CACHED_STATEMENT_LENGTH`` / ``_PARAMS`` in psycopg/_queries.py)."""
     table, columns = _MULTI_ROW[name]
-    return insert(table).values([{c.name: bindparam(f"{c.name}_{i}", type_=c.type) for c in columns} for i in range(n)])
+    rows = (
+        func.jsonb_to_recordset(bindparam("rows", type_=JSONB))
+        .table_valued(*(column(c.name, c.type) for c in columns))
+        .render_derived(name="r", with_types=True)
+    )
+    return insert(table).from_select([c.name for c in columns], select(*(rows.c[c.name] for c in columns)))
 
 
-def _row_params(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return {f"{key}_{i}": value for i, row in enumerate(rows) for key, value in row.items()}
+def _json_rows(name: str, rows: list[dict[str, Any]], dialect: Dialect) -> dict[str, Any]:
+    """``_insert_rows``' parameter: each value as its column's bind conversion gives it to the
+    driver (a timestamp as naive UTC), a timestamp then in ISO 8601, which PostgreSQL's cast reads
+    back to the microsecond."""
+    procs = _json_binds(name, dialect)
+    return {"rows": [{key: _jsonable(procs[key](v) if key in procs else v) for key, v in row.items()} for row in rows]}
+
+
+@lru_cache(maxsize=2 * len(_MULTI_ROW))
+def _json_binds(name: str, dialect: Dialect) -> dict[str, Callable[[Any], Any]]:
+    _, columns = _MULTI_ROW[name]
+    return {c.name: proc for c in columns if (proc := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None}
+
+
+def _jsonable(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
 
 
 class _HotOnDBAPI:
@@ -408,11 +435,7 @@ class _HotOnDBAPI:
         return [stmt.fetched(cur) for stmt, cur in sent]
 
     def insert_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
-        key = f"{name}*{len(rows)}"  # compiled once per batch size (the store's dict: one batch thread)
-        stmt = self._prepared.get(key)
-        if stmt is None:
-            stmt = self._prepared[key] = _Prepared(_insert_rows(name, len(rows)), self._dialect)
-        stmt.execute(self._raw, _row_params(rows))
+        self._prepared[f"{name}*"].execute(self._raw, _json_rows(name, rows, self._dialect))
 
 
 class _HotThroughCore:
@@ -434,7 +457,7 @@ class _HotThroughCore:
         return [self.rows(name, values) for name, values in calls]  # Core waits for each
 
     def insert_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
-        self._c.execute(_insert_rows(name, len(rows)), _row_params(rows))
+        self._c.execute(_insert_rows(name), _json_rows(name, rows, self._c.dialect))
 
 
 class _Deferring:
