@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from cryptography import x509
@@ -243,7 +244,9 @@ class Authority:
         draft = self.draft_renewal(
             cluster_name=cluster_name, agent_token=agent_token, csr_pem=csr_pem, proof_b64=proof_b64, seen=seen
         )
-        return draft.finish(self.ctx.write_joined(draft.record, cluster=draft.cluster))
+        issued = self.ctx.write_joined(draft.record, cluster=draft.cluster)
+        draft.committed()
+        return draft.finish(issued)
 
     def draft_renewal(
         self, *, cluster_name: str, agent_token: str, csr_pem: str, proof_b64: str, seen: FleetSnapshot | None = None
@@ -257,8 +260,14 @@ class Authority:
 
     def submit_renewal(self, draft: RenewalDraft) -> Future[Joined[Issued]]:
         """A drafted renewal's write, done once committed: its outcome goes to ``finish_renewal``.
-        With group commit (PostgreSQL) nothing waits for it meanwhile, no thread either."""
-        return self.ctx.submit_joined(draft.record, cluster=draft.cluster)
+        With group commit (PostgreSQL) nothing waits for it meanwhile, no thread either. The
+        draft's ``committed`` runs as the future is done, on the group commit's thread: the
+        fleet revision a batch of renewals moved to by ending rotations carries the roots cached
+        for the one before before the next batch begins (run by ``finish_renewal`` on the event
+        loop, it came too late for the next batch, which found the cache stale and ran again)."""
+        done = self.ctx.submit_joined(draft.record, cluster=draft.cluster)
+        done.add_done_callback(partial(_on_commit, draft))
+        return done
 
     def finish_renewal(self, draft: RenewalDraft, outcome: Joined[Issued]) -> Issued:
         """The renewal a committed ``submit_renewal`` issued (a failed one's future raised its error)."""
@@ -313,3 +322,8 @@ class Authority:
             raise InvalidInput("after must be 0 or more")
         with self.store.read() as tx:
             return tx.list_audit(after=after, limit=limit)
+
+
+def _on_commit(draft: RenewalDraft, done: Future[Joined[Issued]]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        draft.committed()

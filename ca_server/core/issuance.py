@@ -62,11 +62,14 @@ class RenewalDraft:
     """A renewal checked and signed ahead of its write (``Issuance.draft_renewal``): ``record`` is
     its write job, for ``Context.write_joined`` or ``submit_joined`` (on PostgreSQL committed with
     concurrent renewals, which read their ``cluster`` rows all at once); ``finish`` takes what the
-    job returned once its transaction committed, and returns it."""
+    job returned once its transaction committed, and returns it; ``committed`` is what the process
+    learns the moment that transaction committed, called by whoever sees the commit first (a group
+    commit's thread, before its next batch begins)."""
 
     cluster: str
     record: Callable[[Tx], Issued]
     finish: Callable[[Issued], Issued]
+    committed: Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -267,11 +270,13 @@ class Issuance:
 
         def finish(issued: Issued) -> Issued:
             self._remember_issue(issued, csr_key, fingerprint)  # the agent proves with this key next time
-            if bumped:
-                self._carry_pki(bumped[0])
             return issued
 
-        return RenewalDraft(cluster_name, record, finish)
+        def committed() -> None:
+            if bumped:
+                self._carry_pki(bumped[0])
+
+        return RenewalDraft(cluster_name, record, finish, committed)
 
     def _new_key_fingerprint(self, csr_key: Any) -> str:
         """The key's SPKI fingerprint; Conflict when this process certified the key already (the

@@ -22,6 +22,7 @@ from ca_server.core.audit import verify_chain
 from ca_server.core.errors import Conflict, NotFound, Unavailable
 from ca_server.core.models import CertificateRecord, Cluster, ClusterStatus
 from ca_server.core.ports import Tx
+from ca_server.storage.joined import MAX_BATCH
 from ca_server.storage.migrate import upgrade
 from ca_server.storage.repository import SqlStore, SqlTx
 from cluster_agent import pki
@@ -293,6 +294,43 @@ def test_renewals_ending_rotations_move_the_revision_once_per_commit_and_read_th
         assert tx.get_revision() == revision + batches  # was + 8: one per renewal
         assert not any(c.rotation_pending for c in tx.list_clusters())
     assert len(roots_read) <= batches
+    assert pg_harness.chain_ok()
+
+
+def test_the_batch_after_one_that_ended_rotations_finds_the_roots_cached(pg_harness: Harness) -> None:
+    """Renewals that end rotations move the fleet revision; what ``Issuance`` caches for the
+    revision before (roots, CRLs, server names) is carried to the new one as the batch commits, on
+    the group commit's thread (``RenewalDraft.committed``), so the next batch, which begins at once,
+    finds it cached. Carried by ``finish`` on the event loop, it came too late: the next batch's
+    renewals read the roots while their writes were deferred and the batch ran again (fails before:
+    a replay of each batch after the first). Here the renewals are submitted and nobody finishes
+    them until every batch ran."""
+    warm, *agents = [pg_harness.enroll(f"b{i}") for i in range(MAX_BATCH + 5)]
+    for a in [warm, *agents]:
+        pg_harness.rotate(a.name)
+    authority, store = pg_harness.authority, pg_harness.store
+    assert not isinstance(_concurrently(store, _renewals(pg_harness, [warm]))[0], Exception)  # caches the roots
+    drafts = []
+    for a in agents:
+        key = pki.new_key()
+        csr = pki.make_csr(key, a.name)
+        drafts.append(
+            authority.draft_renewal(
+                cluster_name=a.name, agent_token=a.token, csr_pem=csr, proof_b64=pki.prove(a.key, csr)
+            )
+        )
+    replays, before = store.group_commit_replays(), store.group_commit_stats()
+    with head_locked(store):
+        futures = [authority.submit_renewal(d) for d in drafts]
+        time.sleep(QUEUED)
+    outcomes = [f.result(30) for f in futures]
+    batches, jobs = (a - b for a, b in zip(store.group_commit_stats(), before, strict=True))
+    assert jobs == MAX_BATCH + 4 and batches >= 2  # (the first submitted may begin a batch of its own)
+    assert store.group_commit_replays() == replays
+    issued = [authority.finish_renewal(d, o) for d, o in zip(drafts, outcomes, strict=True)]
+    assert len({i.serial for i in issued}) == len(agents)
+    with store.read() as tx:
+        assert not any(c.rotation_pending for c in tx.list_clusters())
     assert pg_harness.chain_ok()
 
 
