@@ -255,7 +255,12 @@ class Authority:
         tok = self._parse_agent_token(agent_token)
         admitted = agent_in_snapshot(seen, tok, cluster_name) if seen is not None else None
         return self.issuance.draft_renewal(
-            tok, cluster_name=cluster_name, csr_pem=csr_pem, proof_b64=proof_b64, admitted=admitted
+            tok,
+            cluster_name=cluster_name,
+            csr_pem=csr_pem,
+            proof_b64=proof_b64,
+            admitted=admitted,
+            revision=seen.revision if seen is not None else None,
         )
 
     def submit_renewal(self, draft: RenewalDraft) -> Future[Joined[Issued]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -130,6 +131,7 @@ class Issuance:
         # caches for the renewal hot path (see renew): each only guides work the write transaction
         # confirms against the store
         self._pki: tuple[int, list[Root], str, tuple[str, ...]] | None = None
+        self._pki_refresh = threading.Lock()  # one draft reads them again for a new revision, the others wait
         self._keys: dict[str, Any] = {}  # intermediate serial -> public key, for proof checks
         self._newest: dict[str, str] = {}  # cluster -> serial of its newest intermediate, as last seen
         self._certified: dict[str, None] = {}  # SPKI fingerprints certified by this process (a replay filter)
@@ -200,12 +202,14 @@ class Issuance:
         csr_pem: str,
         proof_b64: str,
         admitted: Cluster | None = None,
+        revision: int | None = None,
     ) -> RenewalDraft:
         """A new intermediate for an enrolled cluster, for its agent token and a proof of possession
         of the key of one of the cluster's proof candidates (``_candidates``). ``admitted``: the
         cluster's row in a fleet snapshot that admits the token (``fleet.agent_in_snapshot``, read
         from the store earlier), which the pre-filter takes instead of reading the store when the
-        token is not in its cache.
+        token is not in its cache. ``revision``: the fleet revision the process has seen (its
+        snapshot's); roots cached for an older one are read again before the draft is signed.
 
         Checked in order of cost: the token (from the cache of tokens the store confirmed), the
         CSR, whose key must never have been certified, and the proof (``_prover``: at most two
@@ -223,7 +227,7 @@ class Issuance:
         csr_der = csr.public_bytes(serialization.Encoding.DER)
         now = self.ctx.clock()
         proved_by = self._prover(known.cluster, csr_der, proof, now=now)
-        pki = self._pki
+        pki = self._pki_for_draft(revision)
         draft = (
             self._sign_intermediate(known.cluster, known.trust_domain, csr, csr_key, pki[1], pki[3], now=now)
             if pki is not None
@@ -368,6 +372,21 @@ class Issuance:
         server_names = tuple(tx.list_server_names())
         self._pki = (revision, roots, crl_pem, server_names)
         return roots, crl_pem, server_names
+
+    def _pki_for_draft(self, revision: int | None) -> tuple[int, list[Root], str, tuple[str, ...]] | None:
+        """The cached roots, CRLs and server names, read again first when the fleet has moved past
+        the revision they were read at. Left stale after a root's activation, every renewal of
+        the fleet was drafted under the old root and signed again inside its write, and the first
+        batch found the cache stale with its writes deferred and ran again (``joined.Replay``)."""
+        pki = self._pki
+        if revision is None or (pki is not None and pki[0] >= revision):
+            return pki
+        with self._pki_refresh:
+            pki = self._pki
+            if pki is None or pki[0] < revision:
+                with self.ctx.store.read() as tx:
+                    self._pki_state(tx)
+            return self._pki
 
     def _carry_pki(self, revision: int) -> None:
         """After a renewal's transaction moved the revision to ``revision`` by ending a rotation: it

@@ -20,6 +20,7 @@ from sqlalchemy import event, text
 
 from ca_server.core.audit import verify_chain
 from ca_server.core.errors import Conflict, NotFound, Unavailable
+from ca_server.core.fleet import FleetSnapshot
 from ca_server.core.models import CertificateRecord, Cluster, ClusterStatus
 from ca_server.core.ports import Tx
 from ca_server.storage.joined import MAX_BATCH
@@ -332,6 +333,29 @@ def test_the_batch_after_one_that_ended_rotations_finds_the_roots_cached(pg_harn
     with store.read() as tx:
         assert not any(c.rotation_pending for c in tx.list_clusters())
     assert pg_harness.chain_ok()
+
+
+def test_a_draft_for_a_new_revision_reads_the_roots_before_its_batch_does(pg_harness: Harness) -> None:
+    """A renewal drafted with a fleet snapshot of a revision newer than the roots cached (after a
+    root's activation, or here any change) reads them again first (``Issuance._pki_for_draft``, one
+    draft for all), so its batch finds them cached and the draft signed under the root the batch
+    would sign with. Before: the draft signed under whatever was cached, and the batch found the
+    cache stale while its writes were deferred and ran again (fails before: one replay)."""
+    warm, agent = pg_harness.enroll("d0"), pg_harness.enroll("d1")
+    assert not isinstance(_concurrently(pg_harness.store, _renewals(pg_harness, [warm]))[0], Exception)
+    pg_harness.rotate(agent.name)  # the revision moves: the roots cached are for the one before
+    authority, store = pg_harness.authority, pg_harness.store
+    with store.read() as tx:
+        seen = FleetSnapshot(revision=tx.get_revision(), trust_bundle="", crl_pem="", clusters={})
+    key = pki.new_key()
+    csr = pki.make_csr(key, agent.name)
+    draft = authority.draft_renewal(
+        cluster_name=agent.name, agent_token=agent.token, csr_pem=csr, proof_b64=pki.prove(agent.key, csr), seen=seen
+    )
+    replays = store.group_commit_replays()
+    issued = authority.finish_renewal(draft, authority.submit_renewal(draft).result(30))
+    assert store.group_commit_replays() == replays
+    assert issued.cluster == agent.name and pg_harness.chain_ok()
 
 
 def test_a_batch_of_changes_moves_the_revision_by_one(store: SqlStore) -> None:
