@@ -68,7 +68,7 @@ def create_app(
     metrics = Metrics(
         not_after_source=authority.intermediate_not_after,
         roots_source=authority.list_roots,
-        group_commit_source=authority.store.group_commit_stats,
+        group_commit_source=lambda: (*authority.store.group_commit_stats(), authority.store.group_commit_replays()),
     )
 
     app_class = ShortcutApp if agent_shortcut else FastAPI

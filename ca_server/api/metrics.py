@@ -29,12 +29,12 @@ class Metrics:
         *,
         not_after_source: Callable[[], dict[str, datetime]] | None = None,
         roots_source: Callable[[], list[Root]] | None = None,
-        group_commit_source: Callable[[], tuple[int, int]] | None = None,
+        group_commit_source: Callable[[], tuple[int, int, int]] | None = None,
     ) -> None:
         """``not_after_source`` gives every active cluster's current intermediate notAfter and
         ``roots_source`` every root, from the store, read at each scrape: a replica shows the whole
         fleet, not only what it issued itself. ``group_commit_source``: this process's group-commit
-        (transactions, writes) so far (``Store.group_commit_stats``)."""
+        (transactions, writes, replays) so far (``Store.group_commit_stats``, ``group_commit_replays``)."""
         self.not_after_source = not_after_source
         self.roots_source = roots_source
         self.registry = CollectorRegistry()
@@ -109,18 +109,25 @@ class Metrics:
 
 class _GroupCommits:
     """The group commit's counters (PostgreSQL), read from the store at each scrape: writes per
-    transaction is how many renewals shared a commit (0 and 0 where group commit is off)."""
+    transaction is how many renewals shared a commit, replays how many transactions were run again
+    the slow way (0 where group commit is off)."""
 
-    def __init__(self, source: Callable[[], tuple[int, int]]) -> None:
+    def __init__(self, source: Callable[[], tuple[int, int, int]]) -> None:
         self.source = source
 
     def collect(self) -> Iterator[Metric]:
-        transactions, writes = self.source()
+        transactions, writes, replays = self.source()
         yield CounterMetricFamily(
             "meshbridge_ca_group_commit_transactions", "Group-commit transactions run by this process", transactions
         )
         yield CounterMetricFamily(
             "meshbridge_ca_group_commit_writes", "Writes (renewals) run in group-commit transactions", writes
+        )
+        yield CounterMetricFamily(
+            "meshbridge_ca_group_commit_replays",
+            "Group-commit transactions run again with each write settled in turn (a read or write "
+            "that could not be deferred)",
+            replays,
         )
 
 

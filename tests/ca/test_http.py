@@ -137,24 +137,32 @@ def test_metrics_count_issuances_and_show_each_clusters_not_after(harness: Harne
 
 
 def test_metrics_count_the_group_commits_renewals_shared(harness: Harness) -> None:
-    """meshbridge_ca_group_commit_{transactions,writes}_total: how many renewals shared a commit
-    (PostgreSQL); always 0 where there is no group commit (SQLite)."""
+    """meshbridge_ca_group_commit_{transactions,writes,replays}_total: how many renewals shared a
+    commit and how many transactions ran again the slow way (PostgreSQL); always 0 where there is
+    no group commit (SQLite). A replay is forced here by making the roots the authority caches
+    claim a revision the store has not reached: the renewal's deferred job must read them."""
 
-    def counts() -> tuple[float | None, float | None]:
+    def counts() -> tuple[float | None, float | None, float | None]:
         text = harness.client.get("/metrics", headers=harness.admin).text
         return (
             metric(text, "meshbridge_ca_group_commit_transactions_total"),
             metric(text, "meshbridge_ca_group_commit_writes_total"),
+            metric(text, "meshbridge_ca_group_commit_replays_total"),
         )
 
     a = harness.enroll("a")
+    harness.renew(a)  # the roots cached
     before = counts()
     harness.renew(harness.renew(a))
-    transactions, writes = (after - first for after, first in zip(counts(), before, strict=True))  # type: ignore[operator]
+    cached = harness.authority.issuance._pki
+    assert cached is not None
+    harness.authority.issuance._pki = (cached[0] + 5, *cached[1:])
+    harness.renew(a)
+    transactions, writes, replays = (after - first for after, first in zip(counts(), before, strict=True))  # type: ignore[operator]
     if harness.postgres:
-        assert writes == 2 and transactions == 2  # one after the other: a commit each
+        assert writes == 3 and transactions == 3 and replays == 1  # one after the other: a commit each
     else:
-        assert counts() == (0, 0) and (transactions, writes) == (0, 0)
+        assert counts() == (0, 0, 0) and (transactions, writes, replays) == (0, 0, 0)
 
 
 def test_metrics_count_roots_by_status_through_a_rotation(harness: Harness) -> None:
