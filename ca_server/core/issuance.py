@@ -226,7 +226,7 @@ class Issuance:
         proof = _decode_proof(proof_b64)
         csr_der = csr.public_bytes(serialization.Encoding.DER)
         now = self.ctx.clock()
-        proved_by = self._prover(known.cluster, csr_der, proof, now=now)
+        proved_by = self._prover(known.cluster, csr_der, proof, now=now, row=admitted)
         pki = self._pki_for_draft(revision)
         draft = (
             self._sign_intermediate(known.cluster, known.trust_domain, csr, csr_key, pki[1], pki[3], now=now)
@@ -398,11 +398,14 @@ class Issuance:
         if cached is not None and cached[0] == revision - 1:
             self._pki = (revision, cached[1], cached[2], cached[3])
 
-    def _prover(self, cluster: str, csr_der: bytes, proof: bytes, *, now: datetime) -> str:
+    def _prover(self, cluster: str, csr_der: bytes, proof: bytes, *, now: datetime, row: Cluster | None = None) -> str:
         """The serial of the proof candidate whose key made ``proof``, found before any signing or
         writing; BadProof when none did. First the newest intermediate this process knows of the
-        cluster (no read: almost always the one), else the candidates the store holds (one read).
-        Two signature checks at most, three when the process's newest is out of date."""
+        cluster (no read: almost always the one), else the candidates the store holds (one read,
+        with the cluster's proof floor from ``row``, its fleet snapshot row, when given: a floor
+        raised since costs at most a draft, as the write transaction confirms the prover on the row
+        it locks, ``_confirm_prover``). Two signature checks at most, three when the process's
+        newest is out of date."""
         newest = self._newest.get(cluster)
         key = self._keys.get(newest) if newest is not None else None
         tried = newest if key is not None else None
@@ -410,7 +413,10 @@ class Issuance:
             return tried
         with self.ctx.store.read() as tx:
             candidates = self._candidates(
-                tx, must_cluster(tx, cluster), now=now, roots=self._pki[1] if self._pki is not None else tx.list_roots()
+                tx,
+                row if row is not None else must_cluster(tx, cluster),
+                now=now,
+                roots=self._pki[1] if self._pki is not None else tx.list_roots(),
             )
         for rec in candidates:
             if rec.serial != tried and xp.verify_proof(self._public_key(rec), csr_der, proof):

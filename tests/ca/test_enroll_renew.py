@@ -411,6 +411,35 @@ def test_a_renewal_takes_the_token_from_the_fleet_snapshot_not_a_store_read(
     assert reads == ["a"]
 
 
+def test_a_process_new_to_a_cluster_takes_its_proof_floor_from_the_fleet_snapshot(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that has not seen the cluster's newest intermediate (restarted, another replica
+    renewed it: in a fleet event, every renewal of a fresh replica) reads its proof candidates;
+    the cluster's proof floor comes from the snapshot row that admitted the token, not from a
+    second read (fails before: the cluster read again). The write transaction still confirms the
+    prover on the row it locks."""
+    a = harness.enroll("a")
+    issuance = harness.authority.issuance
+    seen = harness.authority.snapshot()
+    clusters_read: list[str] = []
+    get_cluster = SqlTx.get_cluster
+
+    def counted(tx: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+        clusters_read.append(name)
+        return get_cluster(tx, name, *args, **kwargs)
+
+    monkeypatch.setattr(SqlTx, "get_cluster", counted)
+    issuance._newest.clear()  # the newest intermediate of the cluster: unknown here
+    csr = pki.make_csr(pki.new_key(), "a")
+    draft = harness.authority.draft_renewal(
+        cluster_name="a", agent_token=a.token, csr_pem=csr, proof_b64=pki.prove(a.key, csr), seen=seen
+    )
+    assert clusters_read == []
+    issued = harness.authority.finish_renewal(draft, harness.authority.submit_renewal(draft).result(30))
+    assert issued.cluster == "a"
+
+
 def test_a_token_revoked_since_the_snapshot_is_refused_by_the_renewals_transaction(harness: Harness) -> None:
     a = harness.enroll("a")
     stale = harness.authority.snapshot()  # admits a's token
