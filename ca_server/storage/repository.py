@@ -591,26 +591,25 @@ class SqlTx:
         return deferring.writes
 
     def savepoint(self) -> _Mark:
-        if self._deferring is not None:
-            return self.audit_head, self._revision, self._head_written, self._bump, len(self._deferring.writes)
-        self._driver_execute("SAVEPOINT joined")
-        return self.audit_head, self._revision, self._head_written, self._bump, 0
+        deferring = self._deferring
+        if deferring is None:
+            self._driver_execute("SAVEPOINT joined")
+        kept = len(deferring.writes) if deferring is not None else 0
+        return self.audit_head, self._revision, self._head_written, self._bump, kept
 
     def rollback_to(self, mark: _Mark) -> None:
-        if self._deferring is not None:
-            writes = self._deferring.writes
-            if len(writes) > mark[4]:
-                del writes[mark[4] :]
-                self._ahead.forget()  # the failed job's writes changed what was read ahead
-            self.audit_head, self._revision, self._head_written, self._bump, _ = mark
-            return
-        # to the newest savepoint of that name: the one the failed job began with. PostgreSQL keeps
-        # older savepoints of a reused name and rolls back to the most recent one (SQL reference,
-        # SAVEPOINT: "If savepoints with the same name already exist, they will be inaccessible
-        # until newer identically-named savepoints are released"), so a job's savepoint is never
-        # released (that would cost a round trip); they all end with the transaction
-        self._driver_execute("ROLLBACK TO SAVEPOINT joined")
-        self.audit_head, self._revision, self._head_written, self._bump, _ = mark
+        self.audit_head, self._revision, self._head_written, self._bump, kept = mark
+        if self._deferring is None:
+            # to the newest savepoint of that name: the one the failed job began with. PostgreSQL keeps
+            # older savepoints of a reused name and rolls back to the most recent one (SQL reference,
+            # SAVEPOINT: "If savepoints with the same name already exist, they will be inaccessible
+            # until newer identically-named savepoints are released"), so a job's savepoint is never
+            # released (that would cost a round trip); they all end with the transaction
+            self._driver_execute("ROLLBACK TO SAVEPOINT joined")
+        elif len(self._deferring.writes) > kept:
+            del self._deferring.writes[kept:]
+        else:
+            return  # the failed job deferred no write: what was read ahead still holds
         self._ahead.forget()  # what the failed job wrote is gone: read again
 
     @contextmanager
