@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from cluster_agent.config import load_config
 from cluster_agent.errors import ExportsInvalid, KubeConflict, KubeRetryLater
 from cluster_agent.loop import AgentLoop, Backoff
 from cluster_agent.output import DirectoryWriter
-from cluster_agent.reconcile import PassResult, Reconciler
+from cluster_agent.reconcile import PassResult, Reconciler, utcnow
 from cluster_agent.state import DirStateStore
 from meshbridge_wire.models import DesiredOut, EnrollIn, EnrollOut, ExportsIn, RenewIn, RenewOut, StatusIn
 from tests.support.caservice import CAService
@@ -67,7 +69,10 @@ class RecordingWriter(DirectoryWriter):
 
 
 def recording_reconciler(
-    cfg_path: Path, calls: list[str], service_exports: list[dict[str, Any]] | None = None
+    cfg_path: Path,
+    calls: list[str],
+    service_exports: list[dict[str, Any]] | None = None,
+    clock: Callable[[], datetime] = utcnow,
 ) -> Reconciler:
     cfg = load_config(cfg_path)
     out = cfg_path.parent / "out"
@@ -75,7 +80,7 @@ def recording_reconciler(
     writer = RecordingWriter(
         calls, out, state_dir=out / ".meshbridge", stream=io.StringIO(), service_exports=service_exports
     )
-    rec = Reconciler(cfg, client=client, applier=writer, state_store=DirStateStore(out / ".meshbridge"))
+    rec = Reconciler(cfg, client=client, applier=writer, state_store=DirStateStore(out / ".meshbridge"), clock=clock)
     real = rec.intermediate.renewal_due
 
     def counted(desired: DesiredOut) -> str | None:
@@ -88,7 +93,10 @@ def recording_reconciler(
 
 def test_the_pass_runs_its_steps_in_order_each_once(ca_service: CAService, two_clusters: dict[str, Path]) -> None:
     calls: list[str] = []
-    rec = recording_reconciler(two_clusters["a"], calls)
+    # The status carries the last reconcile's time to the second: with the wall clock, a pass crossing a second
+    # reports once more (CI saw it). The clock stands still here and moves only where the test moves it.
+    now = [utcnow()]
+    rec = recording_reconciler(two_clusters["a"], calls, clock=lambda: now[0])
 
     first = rec.run_pass(revision=None, wait=0, resync=lambda: False)
     assert calls == [
@@ -119,7 +127,12 @@ def test_the_pass_runs_its_steps_in_order_each_once(ca_service: CAService, two_c
 
     calls.clear()
     rec.run_pass(revision=settled.revision, wait=0, resync=lambda: True)
-    assert calls == ["service_exports", "desired", "renewal_due", "current_corefile", "apply"]
+    assert calls == ["service_exports", "desired", "renewal_due", "current_corefile", "apply"]  # same second
+
+    calls.clear()
+    now[0] += timedelta(seconds=1)
+    rec.run_pass(revision=settled.revision, wait=0, resync=lambda: True)
+    assert calls == ["service_exports", "desired", "renewal_due", "current_corefile", "apply", "put_status"]
 
 
 def test_exports_that_do_not_fit_the_model_are_refused_here_not_by_the_ca(
