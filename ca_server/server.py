@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca_server import gcsettings, runtime
+from ca_server import allocator, gcsettings, runtime
 from ca_server.app import create_app
 from ca_server.core.authority import Authority, FleetSnapshot
 from ca_server.listener import GuardedHttpToolsProtocol, ListenerLimits
@@ -404,5 +404,6 @@ def _serve(args: argparse.Namespace, socks: list[socket.socket] | None = None) -
         log.info("serving", extra={"path": f"{scheme}://{host}:{port}"})
 
     gcsettings.tune()  # after start-up: what it built is never garbage
+    allocator.keep_large_buffers_mapped()  # before the first connection's TLS buffer
     AnnouncingServer(config, announce).run(sockets=listening)
     return 0
