@@ -22,10 +22,14 @@ from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import (
     ARRAY,
+    JSON,
+    Column,
     Connection,
     Dialect,
     Engine,
     String,
+    Table,
+    Text,
     any_,
     bindparam,
     column,
@@ -36,6 +40,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, PendingRollbackError
@@ -349,7 +354,7 @@ def _prepare_hot(dialect: Dialect) -> dict[str, _Prepared]:
     hot = {name: _Prepared(getattr(_Q, name), dialect) for name in _HOT}
     if dialect.name == "postgresql":
         hot |= {name: _Prepared(getattr(_Q, name), dialect) for name in _HOT_POSTGRES}
-        hot |= {f"{name}*": _Prepared(_insert_rows(name), dialect) for name in _MULTI_ROW}
+        hot |= {f"{name}*": _Prepared(_multi_row(name), dialect) for name in _MULTI_ROW}
     return hot
 
 
@@ -367,46 +372,63 @@ class _Hot(Protocol):
         pipeline mode, one wait for all of them."""
         ...
 
-    def insert_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
-        """The ``name`` insert (``_MULTI_ROW``) of every row, as one statement."""
+    def write_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """The ``name`` write (``_MULTI_ROW``) of every row, as one statement."""
         ...
 
 
-# the inserts a group commit's deferred writes send as one statement for the whole batch
-_MULTI_ROW = {
-    "add_certificate_values": (t.certificates, [c for c in t.certificates.c if c.name != "id"]),
-    "add_audit_values": (t.audit, list(t.audit.c)),
+# a group commit's deferred writes, each sent as one statement for the whole batch: the table, the
+# columns a row carries, and for an update the column that picks the row (bound as ``b_<column>``)
+_MULTI_ROW: dict[str, tuple[Table, list[Column[Any]], str | None]] = {
+    "save_cluster": (t.clusters, [c for c in t.clusters.c if c.name != "name"], "name"),
+    "add_certificate_values": (t.certificates, [c for c in t.certificates.c if c.name != "id"], None),
+    "add_audit_values": (t.audit, list(t.audit.c), None),
 }
 
 
 @lru_cache(maxsize=len(_MULTI_ROW))
-def _insert_rows(name: str) -> Any:
-    """``name``'s insert of any number of rows from one JSON array parameter, ``rows`` (PostgreSQL's
+def _multi_row(name: str) -> Any:
+    """``name``'s write of any number of rows from one JSON array parameter, ``rows`` (PostgreSQL's
     ``jsonb_to_recordset``, each field cast to its column's type): one short statement whatever the
     batch's size, which psycopg converts once and may prepare (it converts a statement longer than
     4,096 bytes or with over 50 parameters, a VALUES list of a batch, again at every execution:
-    ``MAX_CACHED_STATEMENT_LENGTH`` / ``_PARAMS`` in psycopg/_queries.py)."""
-    table, columns = _MULTI_ROW[name]
+    ``MAX_CACHED_STATEMENT_LENGTH`` / ``_PARAMS`` in psycopg/_queries.py). An insert, or an
+    ``UPDATE … FROM`` the rows joined on the key column (each row must name a different one). A JSON
+    column's field is the JSON's text, cast to the column: ``jsonb`` would reorder its keys, and the
+    text is kept exactly as a single row's write stores it."""
+    table, columns, key = _MULTI_ROW[name]
+    fields = [column(c.name, Text() if isinstance(c.type, JSON) else c.type) for c in columns]
+    if key is not None:
+        fields.insert(0, column(f"b_{key}", table.c[key].type))
     rows = (
         func.jsonb_to_recordset(bindparam("rows", type_=JSONB))
-        .table_valued(*(column(c.name, c.type) for c in columns))
+        .table_valued(*fields)
         .render_derived(name="r", with_types=True)
     )
-    return insert(table).from_select([c.name for c in columns], select(*(rows.c[c.name] for c in columns)))
+    values = {c.name: sql_cast(rows.c[c.name], c.type) if isinstance(c.type, JSON) else rows.c[c.name] for c in columns}
+    if key is None:
+        return insert(table).from_select(list(values), select(*values.values()))
+    return update(table).where(table.c[key] == rows.c[f"b_{key}"]).values(values)
 
 
 def _json_rows(name: str, rows: list[dict[str, Any]], dialect: Dialect) -> dict[str, Any]:
-    """``_insert_rows``' parameter: each value as its column's bind conversion gives it to the
+    """``_multi_row``'s parameter: each value as its column's bind conversion gives it to the
     driver (a timestamp as naive UTC), a timestamp then in ISO 8601, which PostgreSQL's cast reads
-    back to the microsecond."""
+    back to the microsecond; a JSON column's value as the text a single row's write sends."""
     procs = _json_binds(name, dialect)
     return {"rows": [{key: _jsonable(procs[key](v) if key in procs else v) for key, v in row.items()} for row in rows]}
 
 
 @lru_cache(maxsize=2 * len(_MULTI_ROW))
 def _json_binds(name: str, dialect: Dialect) -> dict[str, Callable[[Any], Any]]:
-    _, columns = _MULTI_ROW[name]
-    return {c.name: proc for c in columns if (proc := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None}
+    _, columns, _ = _MULTI_ROW[name]
+    return {c.name: proc for c in columns if (proc := _json_bind(c, dialect)) is not None}
+
+
+def _json_bind(c: Column[Any], dialect: Dialect) -> Callable[[Any], Any] | None:
+    if isinstance(c.type, JSON):
+        return json.dumps  # what psycopg's Json dumper sends for the column's own bind (None: JSON null)
+    return c.type.dialect_impl(dialect).bind_processor(dialect)
 
 
 def _jsonable(value: Any) -> Any:
@@ -434,7 +456,7 @@ class _HotOnDBAPI:
         sent = [(self._prepared[name], self._prepared[name].execute(self._raw, values)) for name, values in calls]
         return [stmt.fetched(cur) for stmt, cur in sent]
 
-    def insert_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
+    def write_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
         self._prepared[f"{name}*"].execute(self._raw, _json_rows(name, rows, self._dialect))
 
 
@@ -456,8 +478,8 @@ class _HotThroughCore:
     def together(self, calls: list[tuple[str, dict[str, Any]]]) -> list[list[Any]]:
         return [self.rows(name, values) for name, values in calls]  # Core waits for each
 
-    def insert_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
-        self._c.execute(_insert_rows(name), _json_rows(name, rows, self._c.dialect))
+    def write_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
+        self._c.execute(_multi_row(name), _json_rows(name, rows, self._c.dialect))
 
 
 class _Deferring:
@@ -485,7 +507,7 @@ class _Deferring:
         self.writes.append((name, values))
         return -1
 
-    def insert_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
+    def write_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
         raise Replay(f"{name}: not deferred")
 
 
@@ -652,20 +674,20 @@ class SqlTx:
             self._bump = False
 
     def _send_deferred(self) -> None:
-        """The deferred jobs' writes: each cluster saved, then every certificate in one insert and
-        every audit entry in another (none of these statements reads what another writes), settled
-        here so that a refusal replays the batch before its COMMIT is sent."""
+        """The deferred jobs' writes: the clusters saved in one update (each as its last save left it),
+        every certificate in one insert and every audit entry in another (none of these statements
+        reads what another writes), settled here so that a refusal replays the batch before its
+        COMMIT is sent."""
         writes = self._deferred_writes()
         if not writes:
             return
         try:
             for kind in _Deferring.WRITES:
                 rows = [values for name, values in writes if name == kind]
-                if kind in _MULTI_ROW and rows:
-                    self._hot.insert_rows(kind, rows)
-                else:
-                    for values in rows:
-                        self._hot.run(kind, values)
+                if kind == "save_cluster":
+                    rows = list({values["b_name"]: values for values in rows}.values())
+                if rows:
+                    self._hot.write_rows(kind, rows)
             self.settle()
         except (DBAPIError, self._dbapi.Error) as exc:
             raise Replay("the batch's writes were refused") from exc

@@ -298,6 +298,62 @@ def test_renewals_ending_rotations_move_the_revision_once_per_commit_and_read_th
     assert pg_harness.chain_ok()
 
 
+CLUSTER_TEXT = text(
+    "SELECT name, trust_domain, status, generation, rotation_pending, gateway::text, created_at, agent_token_id,"
+    " agent_token_hash, exports::text, agent_status::text, revoked_at, proof_floor FROM clusters ORDER BY name"
+)
+
+
+@contextmanager
+def driver_statements(monkeypatch: pytest.MonkeyPatch, thread: str) -> Iterator[list[str]]:
+    """The SQL text of every statement psycopg is asked to execute on the thread named ``thread``."""
+    sent: list[str] = []
+    execute = psycopg.Cursor.execute
+
+    def recorded(cur: psycopg.Cursor[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == thread:
+            sent.append(str(query))
+        return execute(cur, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", recorded)
+    yield sent
+    monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+
+
+def test_renewals_ending_rotations_save_their_clusters_in_one_statement_per_batch(
+    pg_harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a root rotation every renewal ends its cluster's rotation and saves the cluster: with the
+    batch's writes deferred, those saves go as one ``UPDATE … FROM jsonb_to_recordset`` per batch
+    (each one was its own statement, one more wait of the batch thread per renewal: 32 in a full
+    batch of a fleet event). The rows are stored exactly as one save each stored them: the JSON
+    columns' text too (through ``jsonb`` their keys would be reordered)."""
+    agents = [pg_harness.enroll(f"s{i}") for i in range(9)]
+    for a in agents:
+        assert pg_harness.publish(a, trust_domain=f"{a.name}.test").status_code == 200
+        pg_harness.report_served(a)
+        pg_harness.rotate(a.name)
+    store = pg_harness.store
+    # the roots, CRLs and server names are read by one renewal first (not ahead: that batch is run again)
+    assert not isinstance(_concurrently(store, _renewals(pg_harness, agents[:1]))[0], Exception)
+    agents = agents[1:]
+    with store.engine.connect() as conn:
+        before = [r._asdict() for r in conn.execute(CLUSTER_TEXT)]
+    assert all('"identities"' in r["exports"] and r["agent_status"] and r["rotation_pending"] for r in before[1:])
+    stats, replays = store.group_commit_stats(), store.group_commit_replays()
+    with driver_statements(monkeypatch, "meshbridge-group-commit") as sent:
+        issued = _concurrently(store, _renewals(pg_harness, agents))
+    assert all(not isinstance(r, Exception) for r in issued), issued
+    batches, jobs = (a - b for a, b in zip(store.group_commit_stats(), stats, strict=True))
+    assert jobs == 8 and batches < 8 and store.group_commit_replays() == replays
+    saves = [q for q in sent if q.lstrip().startswith("UPDATE clusters")]
+    assert len(saves) == batches, saves  # before: one per renewal
+    with store.engine.connect() as conn:
+        after = [r._asdict() for r in conn.execute(CLUSTER_TEXT)]
+    assert after[1:] == [{**r, "rotation_pending": False} for r in before[1:]]
+    assert pg_harness.chain_ok()
+
+
 def test_the_batch_after_one_that_ended_rotations_finds_the_roots_cached(pg_harness: Harness) -> None:
     """Renewals that end rotations move the fleet revision; what ``Issuance`` caches for the
     revision before (roots, CRLs, server names) is carried to the new one as the batch commits, on
@@ -604,6 +660,44 @@ def test_a_job_reads_what_an_earlier_job_of_its_batch_wrote_not_what_was_read_ah
     assert results[1] == (2, [second, first])
     assert isinstance(results[2], Conflict)
     assert results[3] == (2, [second, first])  # not generation 3 nor the failed job's certificate
+
+
+def test_a_cluster_saved_twice_in_a_deferred_batch_is_stored_as_its_last_save(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's cluster saves go as one ``UPDATE … FROM`` the rows, where two rows for one
+    cluster would leave either (PostgreSQL's UPDATE: "only one of the join rows will be used to
+    update the target row, but which one will be used is not readily predictable"): each cluster
+    goes once, as its last save left it, and a JSON column keeps its text (keys unsorted)."""
+    with store.write() as tx:
+        tx.add_cluster(_cluster("twice"))
+
+    def saves(generation: int, exports: dict[str, Any]) -> Callable[[Tx], None]:
+        def job(tx: Tx) -> None:
+            cluster = tx.get_cluster("twice", for_update=True)
+            assert cluster is not None
+            cluster.generation, cluster.exports = generation, exports
+            tx.save_cluster(cluster)
+
+        return job
+
+    jobs = [saves(2, {"services": [], "a": 1}), saves(3, {"zeta": {"y": 1, "x": 2}, "b": None})]
+    with driver_statements(monkeypatch, "meshbridge-group-commit") as sent:
+        with head_locked(store):
+            _, t1 = submit(store, [deferrable("first")])  # the first batch, waiting for the head
+            threads = [
+                threading.Thread(target=store.write_joined, args=(job,), kwargs={"cluster": "twice"}) for job in jobs
+            ]
+            for th in threads:  # one after another into the queue, so they run in this order
+                th.start()
+                time.sleep(QUEUED / 4)
+            time.sleep(QUEUED)
+        joined(t1 + threads)
+    assert store.group_commit_stats() == (2, 3) and store.group_commit_replays() == 0
+    assert len([q for q in sent if q.lstrip().startswith("UPDATE clusters")]) == 1, sent
+    with store.engine.connect() as conn:
+        row = conn.execute(text("SELECT generation, exports::text FROM clusters WHERE name = 'twice'")).one()
+    assert tuple(row) == (3, '{"zeta": {"y": 1, "x": 2}, "b": null}')
 
 
 def test_a_status_report_does_not_queue_behind_the_audited_writers(pg_harness: Harness) -> None:
