@@ -6,11 +6,11 @@ Every TLS connection ``serve`` holds has a 256 KiB receive buffer of its own: uv
 start) with a mapping of its own, whose untouched pages cost no memory and which goes back to the
 kernel whole when freed; but freeing such a chunk raises the threshold to that chunk's size
 (``__libc_free`` in glibc's ``malloc/malloc.c``: "See if the dynamic brk/mmap threshold needs
-adjusting", skipped only when ``mp_.no_dyn_threshold``). After the first connection closes, every later connection's
-buffer comes from the heap instead, among small allocations whose pages were touched, and the heap
-cannot shrink below a live buffer. A fleet of long-polling agents keeps thousands of these buffers
+adjusting", skipped only when ``mp_.no_dyn_threshold``). After the first connection closes, every
+later connection's buffer comes from the heap instead, among small allocations whose pages were
+touched, and the heap cannot shrink below a live buffer. A fleet of long-polling agents keeps thousands of these buffers
 alive through an event, so the server's RSS climbed through it: PostgreSQL 10,000 agents peaked at
-1,013 MiB (``bench/fleet_event.py``), 870 MiB with the threshold held at 128 KiB (see
+985 to 1,013 MiB (``bench/fleet_event.py``), 870 to 935 MiB with the threshold held at 128 KiB (see
 ``bench/RESULTS.md``).
 
 ``keep_large_buffers_mapped()`` sets the threshold explicitly: ``mallopt(M_MMAP_THRESHOLD, …)``
