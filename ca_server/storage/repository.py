@@ -243,9 +243,6 @@ class _Q:
     )
     revision = select(t.meta.c.int_value).where(t.meta.c.key == "revision")
     revision_and_audit_head = select(t.meta).where(t.meta.c.key.in_(["revision", "audit_head"]))
-    # both locked, the head first (every audited writer takes the head before anything else, and only
-    # they move the revision): PostgreSQL locks the rows as the sorted rows come out (LockRows above Sort)
-    audit_head_and_revision_for_update = revision_and_audit_head.order_by(t.meta.c.key).with_for_update()
     proof_candidates = (
         select(t.certificates)
         .where(
@@ -341,7 +338,6 @@ _HOT = (
     "revision_and_audit_head",
     "audit_head",
     "audit_head_for_update",
-    "audit_head_and_revision_for_update",
     "proof_candidates",
     "add_certificate_values",
     "add_audit_values",
@@ -586,20 +582,20 @@ class SqlTx:
         commit about to run: ``get_cluster`` and ``proof_candidates`` answer from them until this
         transaction changes them (``readahead.ReadAhead``). A transaction that does not hold the
         audit head's lock yet (``SqlStore._joined_write``) takes it in the same go, first (every
-        writer takes it before any row lock), and the revision's row with it, in one statement.
-        SQLite has no group commit: each renewal reads its own."""
+        writer takes it before any row lock), with the revision. SQLite has no group commit: each
+        renewal reads its own."""
         if not self.postgres:
             return
         names = sorted(set(clusters))
         locking = self._audited and not self._head_locked
-        calls: list[tuple[str, dict[str, Any]]] = [("audit_head_and_revision_for_update", {})] if locking else []
+        calls: list[tuple[str, dict[str, Any]]] = [("audit_head_for_update", {}), ("revision", {})] if locking else []
         if names:
             calls += [("clusters_ahead", {"names": names}), ("candidates_ahead", {"names": names})]
         answers = self._hot.together(calls)
         if locking:
-            meta = {row.key: row for row in answers.pop(0)}
-            self._hold_head(meta.get("audit_head"))
-            self._revision = int(meta["revision"].int_value)
+            head, revision = answers.pop(0), answers.pop(0)
+            self._hold_head(head[0] if head else None)
+            self._revision = int(revision[0].int_value)
         if names:
             found, held = answers
             self._ahead.hold([_cluster(r) for r in found], [_cert(r) for r in held])

@@ -700,23 +700,6 @@ def test_a_cluster_saved_twice_in_a_deferred_batch_is_stored_as_its_last_save(
     assert tuple(row) == (3, '{"zeta": {"y": 1, "x": 2}, "b": null}')
 
 
-def test_a_batch_takes_the_audit_head_and_reads_the_revision_in_one_statement(
-    store: SqlStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The batch's first statement locks the audit head and the revision's row together (each was
-    its own statement: one more wait of the batch thread per batch); the batches still queue on the
-    head (the first waits for another session's lock on it) and the chain stays linear."""
-    with driver_statements(monkeypatch, "meshbridge-group-commit") as sent:
-        with head_locked(store):
-            _, t1 = submit(store, [deferrable("first")])
-            results, t2 = submit(store, [deferrable("second"), deferrable("third")])
-        joined(t1 + t2)
-    assert store.group_commit_stats() == (2, 3) and results == [2, 3]
-    reads = [q for q in sent if "FROM meta" in q and not q.lstrip().startswith("UPDATE")]
-    assert len(reads) == 2 and all("FOR UPDATE" in q for q in reads), reads  # before: 4, two per batch
-    chain_ok(store)
-
-
 def test_a_status_report_does_not_queue_behind_the_audited_writers(pg_harness: Harness) -> None:
     """An agent's status report is not audited: it used to take the audit head's row lock like every
     write, and so waited for each group commit of renewals (and made them wait) during a rotation."""
