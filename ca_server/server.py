@@ -353,10 +353,21 @@ def _serve(args: argparse.Namespace, socks: list[socket.socket] | None = None) -
             except Exception as exc:
                 log.warning("server certificate refresh failed: %s", type(exc).__name__)
 
+    async def warm_proof_keys() -> None:
+        """Once, at start: every cluster's newest intermediate key, so that a root rotation's renewals
+        do not each read and parse it (``Issuance.warm_proof_keys``; the cache is only a hint)."""
+        started = time.monotonic()
+        try:
+            n = await asyncio.to_thread(authority.warm_proof_keys)
+        except Exception as exc:
+            log.warning("proof keys not learnt ahead: %s", type(exc).__name__)
+            return
+        log.info("learnt %d cluster(s)' newest intermediate key in %.1f s", n, time.monotonic() - started)
+
     from ca_server.api.ratelimit import Limits
 
     limits = Limits(per_credential=args.rate_limit_credential, per_address=args.rate_limit_address)
-    background = [keep_crls_fresh, keep_server_cert_fresh]
+    background = [keep_crls_fresh, keep_server_cert_fresh, warm_proof_keys]
     background.append(runtime.audit_anchoring(data_dir, authority.store))  # D/audit-anchors
     if isinstance(authority.store, Checkpoints):
         background.append(functools.partial(keep_wal_small, authority.store))

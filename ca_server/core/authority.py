@@ -234,6 +234,11 @@ class Authority:
         """Whether a renewal is pure CPU work here (an event loop then runs it inline)."""
         return self.issuance.renewal_is_cpu_bound
 
+    def warm_proof_keys(self) -> int:
+        """Learn every cluster's newest intermediate key ahead of its next renewal
+        (``Issuance.warm_proof_keys``); returns how many."""
+        return self.issuance.warm_proof_keys()
+
     def renew(
         self, *, cluster_name: str, agent_token: str, csr_pem: str, proof_b64: str, seen: FleetSnapshot | None = None
     ) -> Issued:

@@ -423,6 +423,31 @@ class Issuance:
                 return rec.serial
         raise BadProof("proof does not verify with the key of the cluster's current (or previous) intermediate")
 
+    def warm_proof_keys(self) -> int:
+        """Learn each cluster's newest intermediate and parse its key, so that a renewal proved with
+        it (nearly every one) reads nothing in ``_prover``: a process that has not renewed a cluster
+        since it started read the cluster's candidates and parsed their certificates at its next
+        renewal, in a root rotation the whole fleet's at once. Kept only when it is the cluster's
+        newest proof candidate (unrevoked, unexpired, at or above the proof floor, under a root not
+        retired: ``_candidates``' first), and never over what this process learnt meanwhile. A hint
+        like the rest of the cache: the renewal's transaction still confirms the prover. Returns
+        how many clusters it learnt."""
+        now = self.ctx.clock()
+        with self.ctx.store.read() as tx:
+            floors = {c.name: c.proof_floor or 0 for c in tx.list_clusters()}
+            newest = tx.current_certificates()
+            roots = tx.list_roots()
+        learnt = 0
+        for name, rec in newest.items():
+            if name in self._newest or name not in floors:
+                continue
+            if rec.revoked_at is not None or rec.not_after <= now or (rec.id or 0) < floors[name]:
+                continue
+            if self._may_prove(rec, roots):
+                self._public_key(rec)
+                learnt += self._newest.setdefault(name, rec.serial) == rec.serial
+        return learnt
+
     def _confirm_prover(self, tx: Tx, cluster: Cluster, serial: str, *, now: datetime, roots: Sequence[Root]) -> None:
         """BadProof unless the intermediate ``serial`` (whose key made the proof) is still one of the
         cluster's proof candidates in ``tx`` (no signature check: each key is certified once)."""

@@ -440,6 +440,49 @@ def test_a_process_new_to_a_cluster_takes_its_proof_floor_from_the_fleet_snapsho
     assert issued.cluster == "a"
 
 
+def test_a_process_that_learnt_the_newest_keys_at_start_reads_no_proof_candidates(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``serve`` learns every cluster's newest intermediate key once at start
+    (``warm_proof_keys``): a renewal proved with it then reads no candidates and parses no
+    certificate (a fresh replica's root rotation read and parsed one per cluster). A revoked
+    cluster's key is not learnt, nor is what the process knows already overwritten."""
+    a, b = harness.enroll("a"), harness.enroll("b")
+    b = harness.renew(b)
+    harness.enroll("c")
+    harness.enroll("d")
+    harness.authority.revoke_cluster("c", reason="keyCompromise", actor="test")
+    issuance = harness.authority.issuance
+    issuance._newest.clear()  # a fresh process: nothing learnt yet
+    issuance._keys.clear()
+    issuance._newest["d"] = "learnt-meanwhile"
+    assert harness.authority.warm_proof_keys() == 2
+    assert sorted(issuance._newest) == ["a", "b", "d"] and issuance._newest["d"] == "learnt-meanwhile"
+    assert issuance._newest["b"] == b.serial
+    candidates_read: list[str] = []
+    proof_candidates = SqlTx.proof_candidates
+
+    def counted(tx: Any, name: str, **kwargs: Any) -> Any:
+        candidates_read.append(name)
+        return proof_candidates(tx, name, **kwargs)
+
+    monkeypatch.setattr(SqlTx, "proof_candidates", counted)
+    seen = harness.authority.snapshot()
+    for agent in (a, b):
+        csr = pki.make_csr(pki.new_key(), agent.name)
+        draft = harness.authority.draft_renewal(
+            cluster_name=agent.name,
+            agent_token=agent.token,
+            csr_pem=csr,
+            proof_b64=pki.prove(agent.key, csr),
+            seen=seen,
+        )
+        assert candidates_read == []  # before: the draft read them
+        issued = harness.authority.finish_renewal(draft, harness.authority.submit_renewal(draft).result(30))
+        assert issued.cluster == agent.name
+        candidates_read.clear()  # the write transaction confirms the prover on what it reads
+
+
 def test_a_token_revoked_since_the_snapshot_is_refused_by_the_renewals_transaction(harness: Harness) -> None:
     a = harness.enroll("a")
     stale = harness.authority.snapshot()  # admits a's token
