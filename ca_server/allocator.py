@@ -10,7 +10,7 @@ adjusting", skipped only when ``mp_.no_dyn_threshold``). After the first connect
 later connection's buffer comes from the heap instead, among small allocations whose pages were
 touched, and the heap cannot shrink below a live buffer. A fleet of long-polling agents keeps thousands of these buffers
 alive through an event, so the server's RSS climbed through it: PostgreSQL 10,000 agents peaked at
-985 to 1,013 MiB (``bench/fleet_event.py``), 870 to 935 MiB with the threshold held at 128 KiB (see
+985 to 1,013 MiB (``bench/fleet_event.py``), 859 to 987 MiB with the threshold held at 128 KiB (see
 ``bench/RESULTS.md``).
 
 ``keep_large_buffers_mapped()`` sets the threshold explicitly: ``mallopt(M_MMAP_THRESHOLD, …)``
