@@ -345,9 +345,14 @@ def test_renewals_ending_rotations_save_their_clusters_in_one_statement_per_batc
         issued = _concurrently(store, _renewals(pg_harness, agents))
     assert all(not isinstance(r, Exception) for r in issued), issued
     batches, jobs = (a - b for a, b in zip(store.group_commit_stats(), stats, strict=True))
-    assert jobs == 8 and batches < 8 and store.group_commit_replays() == replays
+    replayed = store.group_commit_replays() - replays
+    assert jobs == 8 and batches < 8 and replayed < batches
+    # one save per batch that kept its writes deferred; a batch run again (one CI run replayed one)
+    # saves its clusters one statement each, as every batch did before
     saves = [q for q in sent if q.lstrip().startswith("UPDATE clusters")]
-    assert len(saves) == batches, saves  # before: one per renewal
+    merged = [q for q in saves if "jsonb_to_recordset" in q]
+    assert len(merged) == batches - replayed >= 1, saves  # before: none
+    assert len(saves) - len(merged) <= (jobs if replayed else 0), saves
     with store.engine.connect() as conn:
         after = [r._asdict() for r in conn.execute(CLUSTER_TEXT)]
     assert after[1:] == [{**r, "rotation_pending": False} for r in before[1:]]
