@@ -243,15 +243,14 @@ class Authority:
         self, *, cluster_name: str, agent_token: str, csr_pem: str, proof_b64: str, seen: FleetSnapshot | None = None
     ) -> Issued:
         """A new intermediate for an enrolled cluster's agent token and proof, returned once stored:
-        ``draft_renewal``, its write, its ``finish``. ``seen``: the latest fleet snapshot, whose
+        ``draft_renewal``, its write (``submit_renewal``: the draft's ``committed`` runs on the
+        thread that committed it, before that thread's next batch), its ``finish``. ``seen``: the latest fleet snapshot, whose
         row for the cluster may spare the token's pre-filter a store read (the write transaction
         checks the token on the row it locks)."""
         draft = self.draft_renewal(
             cluster_name=cluster_name, agent_token=agent_token, csr_pem=csr_pem, proof_b64=proof_b64, seen=seen
         )
-        issued = self.ctx.write_joined(draft.record, cluster=draft.cluster)
-        draft.committed()
-        return draft.finish(issued)
+        return self.finish_renewal(draft, self.submit_renewal(draft).result())
 
     def draft_renewal(
         self, *, cluster_name: str, agent_token: str, csr_pem: str, proof_b64: str, seen: FleetSnapshot | None = None

@@ -396,6 +396,40 @@ def test_the_batch_after_one_that_ended_rotations_finds_the_roots_cached(pg_harn
     assert pg_harness.chain_ok()
 
 
+def test_renewals_through_renew_ending_rotations_carry_the_roots_before_the_next_batch(
+    pg_harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Authority.renew`` (the renewal a caller waits for, as the SQLite route and the tests do)
+    carries the roots to the revision its batch committed on the group commit's thread, before
+    that thread's next batch, as ``submit_renewal`` does. It used to run the draft's ``committed``
+    on the caller's thread once ``write_joined`` returned: whenever the next batch began first, it
+    found the roots cached for the old revision while its writes were deferred and ran again
+    (fails before: carried on the callers' threads; the replay itself is a race, rarely lost here)."""
+    warm, *agents = [pg_harness.enroll(f"t{i}") for i in range(MAX_BATCH + 5)]
+    for a in [warm, *agents]:
+        pg_harness.rotate(a.name)
+    store, issuance = pg_harness.store, pg_harness.authority.issuance
+    assert not isinstance(_concurrently(store, _renewals(pg_harness, [warm]))[0], Exception)  # caches the roots
+    carried_on: list[str] = []
+    carry = issuance._carry_pki
+
+    def recorded(revision: int) -> None:
+        carried_on.append(threading.current_thread().name)
+        carry(revision)
+
+    monkeypatch.setattr(issuance, "_carry_pki", recorded)
+    replays, before = store.group_commit_replays(), store.group_commit_stats()
+    issued = _concurrently(store, _renewals(pg_harness, agents))
+    assert len(carried_on) == len(agents) and set(carried_on) == {"meshbridge-group-commit"}, carried_on
+    assert all(not isinstance(r, Exception) for r in issued), issued
+    batches, jobs = (a - b for a, b in zip(store.group_commit_stats(), before, strict=True))
+    assert jobs == MAX_BATCH + 4 and batches >= 2
+    assert store.group_commit_replays() == replays
+    with store.read() as tx:
+        assert not any(c.rotation_pending for c in tx.list_clusters())
+    assert pg_harness.chain_ok()
+
+
 def test_a_draft_for_a_new_revision_reads_the_roots_before_its_batch_does(pg_harness: Harness) -> None:
     """A renewal drafted with a fleet snapshot of a revision newer than the roots cached (after a
     root's activation, or here any change) reads them again first (``Issuance._pki_for_draft``, one
