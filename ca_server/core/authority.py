@@ -244,9 +244,9 @@ class Authority:
     ) -> Issued:
         """A new intermediate for an enrolled cluster's agent token and proof, returned once stored:
         ``draft_renewal``, its write (``submit_renewal``: the draft's ``committed`` runs on the
-        thread that committed it, before that thread's next batch), its ``finish``. ``seen``: the latest fleet snapshot, whose
-        row for the cluster may spare the token's pre-filter a store read (the write transaction
-        checks the token on the row it locks)."""
+        thread that committed it, before that thread's next batch), its ``finish``. ``seen``: the
+        latest fleet snapshot, whose row for the cluster may spare the token's pre-filter a store
+        read (the write transaction checks the token on the row it locks)."""
         draft = self.draft_renewal(
             cluster_name=cluster_name, agent_token=agent_token, csr_pem=csr_pem, proof_b64=proof_b64, seen=seen
         )
