@@ -356,10 +356,7 @@ def issue_intermediate(
     ``excluded_names``, the CA service's own DNS names and IPs). ``csr_key``: the CSR's public key
     when the caller already holds it (each ``csr.public_key()`` parses it again)."""
     public_key = _ca_public_key(csr_key if csr_key is not None else csr.public_key())
-    name_constraints = x509.NameConstraints(
-        permitted_subtrees=[x509.UniformResourceIdentifier(validate_trust_domain(trust_domain))],
-        excluded_subtrees=excluded_subtrees(excluded_names) or None,
-    )
+    name_constraints = _intermediate_name_constraints(trust_domain, tuple(excluded_names))
     not_before, not_after = _validity_window(issuer, now, validity, backdate)
     builder = (
         _builder(
@@ -369,12 +366,44 @@ def issue_intermediate(
             not_before=not_before,
             not_after=not_after,
         )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_CA_KEY_USAGE, critical=True)
-        .add_extension(_authority_key_identifier(issuer), critical=False)
+        .add_extension(_INTERMEDIATE_BASIC_CONSTRAINTS, critical=True)
+        .add_extension(_CA_KEY_USAGE_ENCODED, critical=True)
+        .add_extension(_encoded_authority_key_identifier(issuer), critical=False)
         .add_extension(name_constraints, critical=True)
     )
     return signer.sign_certificate(builder)
+
+
+# A renewal's intermediate carries the same extensions as the cluster's last one, apart from its
+# key identifier: they are encoded once (``_encoded``). Given typed, ``CertificateBuilder.sign``
+# checked and encoded them at every signing, with the trust domain validated and the CA service's
+# names parsed again: 220 us per intermediate against 110 us encoded (this VM), all of it holding
+# the interpreter lock that the renewals' event loop and group commit share (bench/RESULTS.md).
+def _encoded(value: x509.ExtensionType) -> x509.UnrecognizedExtension:
+    """``value`` as its DER encoding (``ExtensionType.public_bytes``), which the builder copies as is
+    under the same OID: the certificate's bytes are those the typed value gives."""
+    return x509.UnrecognizedExtension(value.oid, value.public_bytes())
+
+
+_INTERMEDIATE_BASIC_CONSTRAINTS = _encoded(x509.BasicConstraints(ca=True, path_length=0))
+_CA_KEY_USAGE_ENCODED = _encoded(_CA_KEY_USAGE)
+
+
+@functools.lru_cache(maxsize=64)  # per issuing CA certificate
+def _encoded_authority_key_identifier(issuer: x509.Certificate) -> x509.UnrecognizedExtension:
+    return _encoded(_authority_key_identifier(issuer))
+
+
+@functools.lru_cache(maxsize=16_384)  # per trust domain (a cluster's own, usually) and CA service names
+def _intermediate_name_constraints(trust_domain: str, excluded_names: tuple[str, ...]) -> x509.UnrecognizedExtension:
+    """nameConstraints permitting ``trust_domain`` and excluding ``excluded_names``, encoded;
+    InvalidInput (not cached) for a bad trust domain or name."""
+    return _encoded(
+        x509.NameConstraints(
+            permitted_subtrees=[x509.UniformResourceIdentifier(validate_trust_domain(trust_domain))],
+            excluded_subtrees=excluded_subtrees(excluded_names) or None,
+        )
+    )
 
 
 # Names the cluster intermediates must keep signing: istiod's serving certificate and the DNS

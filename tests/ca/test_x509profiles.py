@@ -279,6 +279,46 @@ def test_csr_subject_and_extensions_are_ignored() -> None:
     assert inter.public_key() == key.public_key()
 
 
+@pytest.mark.parametrize("root_type", [KeyType.ECDSA_P256, KeyType.RSA_3072])
+def test_an_intermediate_is_byte_for_byte_what_its_typed_extensions_give(root_type: KeyType) -> None:
+    """The intermediate's extensions are encoded once and copied (``_encoded``): its to-be-signed
+    bytes must be exactly those the builder gives the typed extensions, each name constraint too,
+    and another trust domain or excluded name must not be answered from the cache of the first."""
+    key = csr_key("ecdsa-p256")
+    issuer = root_of(root_type)
+    for trust_domain, excluded in [("a.mesh", ()), ("a.mesh", ("ca.example.com", "10.0.0.7")), ("b.mesh", ("::1",))]:
+        cert = xp.issue_intermediate(
+            csr=make_csr(key),
+            issuer=issuer,
+            signer=signer_of(root_type),
+            subject=xp.intermediate_subject("a", trust_domain, ORG),
+            trust_domain=trust_domain,
+            now=NOW,
+            excluded_names=excluded,
+        )
+        constraints = x509.NameConstraints(
+            permitted_subtrees=[x509.UniformResourceIdentifier(trust_domain)],
+            excluded_subtrees=xp.excluded_subtrees(excluded) or None,
+        )
+        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        typed = signer_of(root_type).sign_certificate(
+            x509.CertificateBuilder()
+            .subject_name(cert.subject)
+            .issuer_name(issuer.subject)
+            .public_key(key.public_key())
+            .serial_number(cert.serial_number)
+            .not_valid_before(cert.not_valid_before_utc)
+            .not_valid_after(cert.not_valid_after_utc)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+            .add_extension(constraints, critical=True)
+        )
+        assert cert.tbs_certificate_bytes == typed.tbs_certificate_bytes, (trust_domain, excluded)
+        assert ext(cert, x509.NameConstraints).value == constraints
+
+
 def test_intermediate_rejects_a_bad_trust_domain() -> None:
     with pytest.raises(InvalidInput, match="trust domain"):
         issue(trust_domain="spiffe://a.mesh")
