@@ -6,11 +6,12 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import itertools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -27,7 +28,9 @@ from ca_server.core.rootkeys import RootKeys, active_root, trust_bundle_from
 from ca_server.core.roots import rotate_clusters
 from ca_server.core.validation import require_dns_label
 
-_KEY_CACHE = 20_000  # parsed intermediate public keys (and other per-key entries) kept per process
+_KEY_CACHE = 20_000  # entries each per-process cache keeps: clusters' newest keys and serials, certified keys
+K = TypeVar("K")
+V = TypeVar("V")
 _ALREADY_CERTIFIED = (
     "a certificate for this CSR's public key exists already: every enrollment and renewal needs a new key"
 )
@@ -291,9 +294,15 @@ class Issuance:
         return fingerprint
 
     def _remember_issue(self, issued: Issued, csr_key: Any, fingerprint: str) -> None:
+        """The new intermediate becomes the cluster's newest, its key kept for the cluster's next
+        proof; the key it supersedes is dropped (a retry proved with it, after a lost answer,
+        reads the candidates), so the keys kept follow the fleet's size, not its renewals."""
+        superseded = self._newest.get(issued.cluster)
         self._remember_key(issued.serial, csr_key)
-        self._newest[issued.cluster] = issued.serial
-        self._certified[fingerprint] = None
+        _put(self._newest, issued.cluster, issued.serial)
+        _put(self._certified, fingerprint, None)
+        if superseded is not None and superseded != issued.serial:
+            self._keys.pop(superseded, None)
 
     @staticmethod
     def _id_of(tx: Tx, serial: str) -> int | None:
@@ -354,10 +363,7 @@ class Issuance:
         return key
 
     def _remember_key(self, serial: str, key: Any) -> None:
-        for cache in (self._keys, self._newest, self._certified):
-            if len(cache) >= _KEY_CACHE:
-                cache.clear()
-        self._keys[serial] = key
+        _put(self._keys, serial, key)
 
     def _pki_state(self, tx: Tx) -> tuple[list[Root], str, tuple[str, ...]]:
         """The roots, the trust bundle's PEM CRLs and the CA service's own names, read once per fleet
@@ -427,25 +433,23 @@ class Issuance:
         """Learn each cluster's newest intermediate and parse its key, so that a renewal proved with
         it (nearly every one) reads nothing in ``_prover``: a process that has not renewed a cluster
         since it started read the cluster's candidates and parsed their certificates at its next
-        renewal, in a root rotation the whole fleet's at once. Kept only when it is the cluster's
-        newest proof candidate (unrevoked, unexpired, at or above the proof floor, under a root not
-        retired: ``_candidates``' first), and never over what this process learnt meanwhile. A hint
+        renewal, in a root rotation the whole fleet's at once. What it learns is each cluster's
+        newest proof candidate, read in one statement by the terms of ``Tx.proof_candidates``
+        (``Tx.newest_proof_candidates``), under a root not retired: ``_candidates``' first. Never
+        over what this process learnt meanwhile, and never past the caches' bound. A hint
         like the rest of the cache: the renewal's transaction still confirms the prover. Returns
         how many clusters it learnt."""
-        now = self.ctx.clock()
         with self.ctx.store.read() as tx:
-            floors = {c.name: c.proof_floor or 0 for c in tx.list_clusters()}
-            newest = tx.current_certificates()
+            newest = tx.newest_proof_candidates(now=self.ctx.clock())
             roots = tx.list_roots()
         learnt = 0
         for name, rec in newest.items():
-            if name in self._newest or name not in floors:
+            if len(self._newest) >= _KEY_CACHE:
+                break  # learning makes no room: what renewals put in stays
+            if name in self._newest or not self._may_prove(rec, roots):
                 continue
-            if rec.revoked_at is not None or rec.not_after <= now or (rec.id or 0) < floors[name]:
-                continue
-            if self._may_prove(rec, roots):
-                self._public_key(rec)
-                learnt += self._newest.setdefault(name, rec.serial) == rec.serial
+            self._public_key(rec)
+            learnt += self._newest.setdefault(name, rec.serial) == rec.serial
         return learnt
 
     def _confirm_prover(self, tx: Tx, cluster: Cluster, serial: str, *, now: datetime, roots: Sequence[Root]) -> None:
@@ -465,7 +469,7 @@ class Issuance:
             if self._may_prove(rec, roots)
         ]
         if candidates:
-            self._newest[cluster.name] = candidates[0].serial
+            _put(self._newest, cluster.name, candidates[0].serial)
         return candidates
 
     def _sign_intermediate(
@@ -599,3 +603,17 @@ class Issuance:
         still trusts only the older root can build a path to it."""
         issuing = root.cert_pem if root.chain_pem else ""
         return xp.cert_pem(cert) + issuing + root.endorsement_pem
+
+
+def _put(cache: dict[K, V], key: K, value: V) -> None:
+    """``cache[key] = value`` in a cache of at most ``_KEY_CACHE`` entries: when full, its oldest
+    quarter goes first (a dict keeps insertion order, and a key put again moves to its end). Each
+    cache used to be cleared whole when any one was full: at 10,000 clusters that fell near the end
+    of a root rotation, and the renewals after it read and parsed their candidates again. Safe
+    across threads: ``list(islice(...))`` walks the dict in C without giving up the interpreter
+    lock (its keys are strings), and an entry another thread dropped first is skipped."""
+    cache.pop(key, None)
+    if len(cache) >= _KEY_CACHE:
+        for stale in list(itertools.islice(cache, _KEY_CACHE // 4)):
+            cache.pop(stale, None)
+    cache[key] = value

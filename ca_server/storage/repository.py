@@ -189,6 +189,19 @@ def _audit(r: Row[Any]) -> AuditEntry:
     )
 
 
+def _candidate_terms(floor: Any, now: Any | None) -> list[Any]:
+    """What makes a certificate one of its cluster's proof candidates (``SqlTx.proof_candidates``):
+    unrevoked, with an id at or above the cluster's proof ``floor`` and, with ``now``, unexpired."""
+    cert = t.certificates.c
+    terms = [cert.revoked_at.is_(None), cert.id >= floor]
+    return terms if now is None else [*terms, cert.not_after > now]
+
+
+def _cluster_floor() -> Any:
+    """The certificate's cluster's proof floor, in a statement joining ``clusters``."""
+    return func.coalesce(t.clusters.c.proof_floor, 0)
+
+
 def _read_ahead_statements() -> tuple[Any, Any]:
     """A group commit's reads for all its jobs (``SqlTx.read_ahead``; PostgreSQL only: ``= ANY(array)``
     gives one statement text whatever the batch's size, so psycopg prepares it once): the clusters,
@@ -203,7 +216,7 @@ def _read_ahead_statements() -> tuple[Any, Any]:
             func.row_number().over(partition_by=cert.cluster, order_by=cert.id.desc()).label("ahead_rank"),
         )
         .join(t.clusters, t.clusters.c.name == cert.cluster)
-        .where(cert.cluster == names, cert.revoked_at.is_(None), cert.id >= func.coalesce(t.clusters.c.proof_floor, 0))
+        .where(cert.cluster == names, *_candidate_terms(_cluster_floor(), None))
         .subquery()
     )
     candidates = select(*(ranked.c[col.name] for col in t.certificates.c)).where(
@@ -246,10 +259,7 @@ class _Q:
     proof_candidates = (
         select(t.certificates)
         .where(
-            t.certificates.c.cluster == bindparam("cluster"),
-            t.certificates.c.revoked_at.is_(None),
-            t.certificates.c.not_after > bindparam("now"),
-            t.certificates.c.id >= bindparam("floor"),
+            t.certificates.c.cluster == bindparam("cluster"), *_candidate_terms(bindparam("floor"), bindparam("now"))
         )
         .order_by(t.certificates.c.id.desc())
         .limit(PROOF_CANDIDATES)
@@ -884,6 +894,19 @@ class SqlTx:
     def latest_certificate(self, cluster: str) -> CertificateRecord | None:
         r = self.c.execute(_Q.latest_certificate, {"cluster": cluster}).first()
         return _cert(r) if r else None
+
+    def newest_proof_candidates(self, *, now: datetime) -> dict[str, CertificateRecord]:
+        """Each cluster's newest proof candidate at ``now`` (``proof_candidates``' first, by the same
+        terms), for the clusters that have one: one statement for the fleet."""
+        cert = t.certificates.c
+        newest = (
+            select(func.max(cert.id))
+            .join(t.clusters, t.clusters.c.name == cert.cluster)
+            .where(*_candidate_terms(_cluster_floor(), now))
+            .group_by(cert.cluster)
+            .scalar_subquery()
+        )
+        return {r.cluster: _cert(r) for r in self.c.execute(select(t.certificates).where(cert.id.in_(newest)))}
 
     def current_certificates(self) -> dict[str, CertificateRecord]:
         latest = select(func.max(t.certificates.c.id)).group_by(t.certificates.c.cluster).scalar_subquery()

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from fastapi.testclient import TestClient
 
+from ca_server.core import issuance as issuance_module
 from ca_server.core.authority import Policy
 from ca_server.core.errors import Unauthenticated
 from ca_server.speedups import Speedups
@@ -481,6 +482,39 @@ def test_a_process_that_learnt_the_newest_keys_at_start_reads_no_proof_candidate
         issued = harness.authority.finish_renewal(draft, harness.authority.submit_renewal(draft).result(30))
         assert issued.cluster == agent.name
         candidates_read.clear()  # the write transaction confirms the prover on what it reads
+
+
+def test_renewing_more_clusters_than_the_caches_hold_keeps_the_newest_keys(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process keeps each cluster's newest key, dropping the one a renewal supersedes, and a
+    full cache loses its oldest entries, not all (``issuance._put``). Each cache used to be cleared
+    whole once any held ``_KEY_CACHE`` entries, so the renewals after that read and parsed their
+    candidates again: at 10,000 clusters near the end of a root rotation (fails before: the last
+    round reads candidates)."""
+    monkeypatch.setattr(issuance_module, "_KEY_CACHE", 8)
+    agents = [harness.enroll(f"k{i}") for i in range(6)]
+    for _ in range(2):
+        agents = [harness.renew(a) for a in agents]  # 18 issued in all, two and a half times the bound
+    issuance = harness.authority.issuance
+    assert len(issuance._keys) == 6 and len(issuance._certified) <= 8
+    candidates_read: list[str] = []
+    proof_candidates = SqlTx.proof_candidates
+
+    def counted(tx: Any, name: str, **kwargs: Any) -> Any:
+        candidates_read.append(name)
+        return proof_candidates(tx, name, **kwargs)
+
+    monkeypatch.setattr(SqlTx, "proof_candidates", counted)
+    for agent in agents:
+        csr = pki.make_csr(pki.new_key(), agent.name)
+        harness.authority.draft_renewal(
+            cluster_name=agent.name, agent_token=agent.token, csr_pem=csr, proof_b64=pki.prove(agent.key, csr)
+        )
+    assert candidates_read == []
+    for i in range(20):
+        issuance_module._put(issuance._certified, f"fingerprint-{i}", None)
+    assert 6 <= len(issuance._certified) <= 8 and "fingerprint-19" in issuance._certified
 
 
 def test_a_token_revoked_since_the_snapshot_is_refused_by_the_renewals_transaction(harness: Harness) -> None:
