@@ -354,6 +354,7 @@ _HOT = (
     "set_audit_head",
     "save_cluster",
     "set_agent_status",
+    "bump_revision",
 )
 
 
@@ -563,6 +564,7 @@ class SqlTx:
         self._defer_jobs = False  # a group commit's first try: its jobs' writes deferred (join)
         self._deferring: _Deferring | None = None  # while they are
         self._live: tuple[Connection, _Hot] | None = None  # the connection and statements meanwhile set aside
+        self.sent_deferred = False  # the deferred writes were sent (unanswered until the commit's Sync)
 
     def lock_audit_head(self) -> None:
         """PostgreSQL: serialise writers on the audit head's row lock (a linear chain across
@@ -680,17 +682,43 @@ class SqlTx:
             self._hot.run("set_audit_head", {"new_id": new_id, "new_hash": new_hash})
             self._head_written = True
         if self._bump:
-            self.c.execute(_Q.bump_revision)
+            self._hot.run("bump_revision", {})  # (through Core, in a pipeline it would wait: _settle_in_pipeline)
             self._bump = False
+
+    def begin_in_pipeline(self) -> None:
+        """PostgreSQL, in ``pipelined`` on a connection in autocommit: the transaction's BEGIN sent
+        unanswered ahead of its first statements. psycopg begins a transaction itself with a Sync
+        in a pipeline (``_start_query``: the BEGIN, then ``_sync_gen``), a wait of its own before
+        the first statement is sent; in autocommit it sends no BEGIN (``_start_query`` returns),
+        and this one opens the transaction block the statements after it run in."""
+        raw: Any = self.c.connection.driver_connection
+        raw.execute("BEGIN ISOLATION LEVEL READ COMMITTED", prepare=False)
+
+    def commit_in_pipeline(self) -> None:
+        """PostgreSQL, in ``pipelined``: the COMMIT sent behind the transaction's last statements,
+        unanswered; the pipeline's closing Sync then waits once for all of them. psycopg's own
+        ``commit`` in a pipeline syncs (``_commit_gen``), and the pipeline's exit syncs again
+        (``Pipeline.__exit__``, ``_exit_gen``): two waits where one does. When any statement before
+        it fails, every later command up to the Sync is aborted unexecuted, this COMMIT with them
+        (libpq's "Pipeline Mode" docs, and ``pqPipelineSyncInternal``'s comment in fe-exec.c:
+        "every subsequent command up to and including the result to the Sync ... gets set to
+        PGRES_PIPELINE_ABORTED"): the transaction is left failed, nothing is committed, and the
+        error is raised as the pipeline ends (``tests/ca/test_group_commit.py``). Afterwards
+        the driver's ``commit`` finds no transaction open and sends nothing (``_commit_gen``:
+        ``transaction_status == IDLE``)."""
+        raw: Any = self.c.connection.driver_connection
+        raw.execute("COMMIT", prepare=False)
 
     def _send_deferred(self) -> None:
         """The deferred jobs' writes: the clusters saved in one update (each as its last save left it),
         every certificate in one insert and every audit entry in another (none of these statements
-        reads what another writes), settled here so that a refusal replays the batch before its
-        COMMIT is sent."""
+        reads what another writes), sent unanswered: they are settled with the COMMIT behind them
+        (``commit_in_pipeline``), and a refusal then fails the COMMIT too and replays the batch
+        (``SqlStore._joined_write``)."""
         writes = self._deferred_writes()
         if not writes:
             return
+        self.sent_deferred = True
         try:
             for kind in _Deferring.WRITES:
                 rows = [values for name, values in writes if name == kind]
@@ -698,7 +726,6 @@ class SqlTx:
                     rows = list({values["b_name"]: values for values in rows}.values())
                 if rows:
                     self._hot.write_rows(kind, rows)
-            self.settle()
         except (DBAPIError, self._dbapi.Error) as exc:
             raise Replay("the batch's writes were refused") from exc
 
@@ -1288,18 +1315,29 @@ class SqlStore:
     def _joined_write(self, deferred: bool) -> Iterator[SqlTx]:
         """A group commit's transaction (PostgreSQL), in psycopg's pipeline mode from its first
         statement to its commit: the audit head is locked with the batch's reads ahead (``read_ahead``,
-        one wait), and the head's update and the revision bump are sent with the COMMIT, which
-        waits for all three (psycopg's ``commit`` in a pipeline syncs it): from BEGIN to the
-        pipeline's closing sync, four waits besides the jobs' own, where there were seven;
-        ``deferred``: the jobs' own writes too, settled before the COMMIT (``SqlTx.join``): no
-        wait while the jobs run. Database errors reach the ``Joiner``, which translates them
+        one wait), and the head's update, the revision bump and the COMMIT are sent together and
+        settled by the pipeline's closing Sync, one wait (``SqlTx.commit_in_pipeline``): two waits
+        besides the jobs' own, where there were seven, then four. ``deferred``: the jobs' own writes
+        go with them too (``SqlTx.join``): no wait while the jobs run, two per batch in all; when
+        one of those writes (or the COMMIT) is refused, nothing was committed and the batch is run
+        again (``Replay``). Database errors reach the ``Joiner``, which translates them
         (``_translate_job_error``)."""
-        with self.engine.connect() as conn, conn.begin() as transaction:
+        # in autocommit the driver begins nothing itself (begin_in_pipeline does); on an error the
+        # transaction's rollback still reaches it, and it sends ROLLBACK unless the session is idle
+        autocommit = {"isolation_level": "AUTOCOMMIT"}
+        with self.engine.connect().execution_options(**autocommit) as conn, conn.begin() as transaction:
             tx = self._new_tx(conn, write=True).join(deferred=deferred)
-            with tx.pipelined():
-                yield tx
-                tx.before_commit()
-                transaction.commit()
+            try:
+                with tx.pipelined():
+                    tx.begin_in_pipeline()
+                    yield tx
+                    tx.before_commit()
+                    tx.commit_in_pipeline()
+            except (DBAPIError, self._dbapi.Error) as exc:
+                if tx.sent_deferred:
+                    raise Replay("the batch's writes were refused") from exc
+                raise
+            transaction.commit()  # (the driver finds nothing left to commit)
 
     def _translate_job_error(self, exc: Exception) -> Exception:
         """A job's (or the batch's) error as ``_tx`` would have raised it: database errors translated, once."""
