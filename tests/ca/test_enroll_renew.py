@@ -441,6 +441,19 @@ def test_a_process_new_to_a_cluster_takes_its_proof_floor_from_the_fleet_snapsho
     assert issued.cluster == "a"
 
 
+def candidate_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The clusters whose proof candidates the store is asked for from now on, in order."""
+    read: list[str] = []
+    proof_candidates = SqlTx.proof_candidates
+
+    def counted(tx: Any, name: str, **kwargs: Any) -> Any:
+        read.append(name)
+        return proof_candidates(tx, name, **kwargs)
+
+    monkeypatch.setattr(SqlTx, "proof_candidates", counted)
+    return read
+
+
 def test_a_process_that_learnt_the_newest_keys_at_start_reads_no_proof_candidates(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -460,14 +473,7 @@ def test_a_process_that_learnt_the_newest_keys_at_start_reads_no_proof_candidate
     assert harness.authority.warm_proof_keys() == 2
     assert sorted(issuance._newest) == ["a", "b", "d"] and issuance._newest["d"] == "learnt-meanwhile"
     assert issuance._newest["b"] == b.serial
-    candidates_read: list[str] = []
-    proof_candidates = SqlTx.proof_candidates
-
-    def counted(tx: Any, name: str, **kwargs: Any) -> Any:
-        candidates_read.append(name)
-        return proof_candidates(tx, name, **kwargs)
-
-    monkeypatch.setattr(SqlTx, "proof_candidates", counted)
+    candidates_read = candidate_reads(monkeypatch)
     seen = harness.authority.snapshot()
     for agent in (a, b):
         csr = pki.make_csr(pki.new_key(), agent.name)
@@ -498,14 +504,7 @@ def test_renewing_more_clusters_than_the_caches_hold_keeps_the_newest_keys(
         agents = [harness.renew(a) for a in agents]  # 18 issued in all, two and a half times the bound
     issuance = harness.authority.issuance
     assert len(issuance._keys) == 6 and len(issuance._certified) <= 8
-    candidates_read: list[str] = []
-    proof_candidates = SqlTx.proof_candidates
-
-    def counted(tx: Any, name: str, **kwargs: Any) -> Any:
-        candidates_read.append(name)
-        return proof_candidates(tx, name, **kwargs)
-
-    monkeypatch.setattr(SqlTx, "proof_candidates", counted)
+    candidates_read = candidate_reads(monkeypatch)
     for agent in agents:
         csr = pki.make_csr(pki.new_key(), agent.name)
         harness.authority.draft_renewal(
