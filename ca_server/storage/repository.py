@@ -690,7 +690,9 @@ class SqlTx:
         unanswered ahead of its first statements. psycopg begins a transaction itself with a Sync
         in a pipeline (``_start_query``: the BEGIN, then ``_sync_gen``), a wait of its own before
         the first statement is sent; in autocommit it sends no BEGIN (``_start_query`` returns),
-        and this one opens the transaction block the statements after it run in."""
+        and this one opens the transaction block the statements after it run in. READ COMMITTED
+        whatever the server's default: what the writers' design relies on (the audit head's row
+        lock orders them, and each statement sees what committed before it)."""
         raw: Any = self.c.connection.driver_connection
         raw.execute("BEGIN ISOLATION LEVEL READ COMMITTED", prepare=False)
 
