@@ -668,9 +668,12 @@ class SqlTx:
         if self._pipeline is not None and self._deferring is None:
             self._pipeline.sync()  # a refused insert is translated as add_certificate's own (_translate_driver)
 
-    def _driver_execute(self, sql: str) -> None:
+    def _driver_execute(self, sql: str, *, prepare: bool | None = None) -> None:
         raw: Any = self.c.connection.driver_connection  # a statement SQLAlchemy need not track
-        raw.execute(sql)
+        if prepare is None:  # (psycopg prepares a statement once run often enough; sqlite3 takes no such flag)
+            raw.execute(sql)
+        else:
+            raw.execute(sql, prepare=prepare)
 
     def before_commit(self) -> None:
         """The writes deferred to the end of a write transaction: a group commit's deferred jobs'
@@ -693,8 +696,7 @@ class SqlTx:
         and this one opens the transaction block the statements after it run in. READ COMMITTED
         whatever the server's default: what the writers' design relies on (the audit head's row
         lock orders them, and each statement sees what committed before it)."""
-        raw: Any = self.c.connection.driver_connection
-        raw.execute("BEGIN ISOLATION LEVEL READ COMMITTED", prepare=False)
+        self._driver_execute("BEGIN ISOLATION LEVEL READ COMMITTED", prepare=False)
 
     def commit_in_pipeline(self) -> None:
         """PostgreSQL, in ``pipelined``: the COMMIT sent behind the transaction's last statements,
@@ -708,8 +710,7 @@ class SqlTx:
         error is raised as the pipeline ends (``tests/ca/test_group_commit.py``). Afterwards
         the driver's ``commit`` finds no transaction open and sends nothing (``_commit_gen``:
         ``transaction_status == IDLE``)."""
-        raw: Any = self.c.connection.driver_connection
-        raw.execute("COMMIT", prepare=False)
+        self._driver_execute("COMMIT", prepare=False)
 
     def _send_deferred(self) -> None:
         """The deferred jobs' writes: the clusters saved in one update (each as its last save left it),
