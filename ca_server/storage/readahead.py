@@ -11,6 +11,13 @@ Nothing here is trusted beyond the transaction that read it: the clusters were r
 (the batch holds every row until it commits) and the certificates under the audit head's lock
 that every writer takes first, so only the transaction's own writes can change them, and each of
 those (``forget_*``, ``cluster_saved``) is reported here by ``SqlTx``.
+
+The roots, CRLs and server names (what a renewal signs under and hands out, ``Pki``) are read ahead
+only when the fleet revision has moved since the process last had them: another replica's batch
+moves it with every renewal that ends a rotation. Read by a job instead, with its writes deferred,
+they made the batch run again, each job's statements settled in turn, while it held the audit
+head's lock the other replica waits for: with two replicas in a 1,000-cluster fleet event, a
+third of all batches (bench/RESULTS.md). A batch with deferred writes can write none of them.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from ca_server.core.models import CertificateRecord, Cluster
+from ca_server.core.models import CertificateRecord, Cluster, CRLRecord, Root
 
 PROOF_CANDIDATES = 2  # a cluster's proof candidates: its newest intermediate and the one before
 # candidates read ahead per cluster: one more than a renewal takes, so that one of them expiring
@@ -33,12 +40,35 @@ class _Candidates:
     complete: bool  # every such certificate (fewer than CANDIDATES_AHEAD exist)
 
 
+@dataclass(frozen=True)
+class Pki:
+    """The roots, CRLs and CA service names as a group commit read them ahead."""
+
+    roots: tuple[Root, ...]
+    crls: tuple[CRLRecord, ...]
+    server_names: tuple[str, ...]
+
+
 class ReadAhead:
     """The clusters and proof candidates a group commit read ahead, answering its jobs' reads."""
 
     def __init__(self) -> None:
         self._clusters: dict[str, Cluster] = {}
         self._candidates: dict[str, _Candidates] = {}
+        self._pki: Pki | None = None
+
+    def hold_pki(self, pki: Pki) -> None:
+        self._pki = pki
+
+    def roots(self) -> list[Root] | None:
+        """The roots as read ahead (copies the caller may change), or None: read them."""
+        return [replace(r) for r in self._pki.roots] if self._pki is not None else None
+
+    def crls(self) -> list[CRLRecord] | None:
+        return [replace(c) for c in self._pki.crls] if self._pki is not None else None
+
+    def server_names(self) -> list[str] | None:
+        return list(self._pki.server_names) if self._pki is not None else None
 
     def hold(self, clusters: list[Cluster], certificates: list[CertificateRecord]) -> None:
         """``certificates``: for each of ``clusters``, its newest ``CANDIDATES_AHEAD`` unrevoked

@@ -27,6 +27,7 @@ from sqlalchemy import (
     Connection,
     Dialect,
     Engine,
+    Integer,
     String,
     Table,
     Text,
@@ -64,7 +65,7 @@ from ca_server.storage import liveness
 from ca_server.storage import tables as t
 from ca_server.storage.joined import Joiner, Replay
 from ca_server.storage.ratecounters import SqlRateCounters
-from ca_server.storage.readahead import CANDIDATES_AHEAD, PROOF_CANDIDATES, ReadAhead
+from ca_server.storage.readahead import CANDIDATES_AHEAD, PROOF_CANDIDATES, Pki, ReadAhead
 
 T = TypeVar("T")
 
@@ -159,6 +160,10 @@ def _cluster(r: Row[Any]) -> Cluster:
     )
 
 
+def _crl(r: Row[Any]) -> CRLRecord:
+    return CRLRecord(r.root_id, r.number, bytes(r.der), r.pem, r.this_update, r.next_update)
+
+
 def _cert(r: Row[Any]) -> CertificateRecord:
     return CertificateRecord(
         serial=r.serial,
@@ -225,12 +230,24 @@ def _read_ahead_statements() -> tuple[Any, Any]:
     return clusters, candidates
 
 
+def _pki_ahead_statements(*reads: Any) -> tuple[Any, ...]:
+    """``reads`` (the roots, CRLs and server names), each returning its rows only when the fleet
+    revision is not ``known``: a group commit reads them ahead when the process may hold them for
+    an older revision (``SqlTx.read_ahead``), and sends them anyway, at no extra wait, otherwise.
+    Every writer of them moves the revision under the audit head's lock, which the batch already
+    holds when these run."""
+    revision = select(t.meta.c.int_value).where(t.meta.c.key == "revision").scalar_subquery()
+    moved = revision != bindparam("known", type_=Integer)
+    return tuple(read.where(moved) for read in reads)
+
+
 class _Q:
     """Statements of the hot paths (authentication, renewal, audit), built once: building a
     statement costs several times more than executing its cached compiled form."""
 
     roots = select(t.roots)
     crls = select(t.crls)
+    server_names = select(t.server_names.c.name).order_by(t.server_names.c.name)
     cluster = select(t.clusters).where(t.clusters.c.name == bindparam("name"))
     cluster_for_update = cluster.with_for_update()
     cluster_by_token = select(t.clusters).where(t.clusters.c.agent_token_id == bindparam("token_id"))
@@ -274,6 +291,7 @@ class _Q:
 
     # a group commit's reads for all its jobs (SqlTx.read_ahead)
     clusters_ahead, candidates_ahead = _read_ahead_statements()
+    roots_ahead, crls_ahead, server_names_ahead = _pki_ahead_statements(roots, crls, server_names)
 
 
 # where a group commit's job began: the audit head, the revision read, whether the head row holds it,
@@ -358,7 +376,7 @@ _HOT = (
 )
 
 
-_HOT_POSTGRES = ("clusters_ahead", "candidates_ahead")
+_HOT_POSTGRES = ("clusters_ahead", "candidates_ahead", "roots_ahead", "crls_ahead", "server_names_ahead")
 
 
 def _prepare_hot(dialect: Dialect) -> dict[str, _Prepared]:
@@ -565,6 +583,8 @@ class SqlTx:
         self._deferring: _Deferring | None = None  # while they are
         self._live: tuple[Connection, _Hot] | None = None  # the connection and statements meanwhile set aside
         self.sent_deferred = False  # the deferred writes were sent (unanswered until the commit's Sync)
+        self._pki_known: int | None = None  # the revision whose roots, CRLs, server names the process has
+        self.pki_revision: int | None = None  # the same once this commits, when known (before_commit)
 
     def lock_audit_head(self) -> None:
         """PostgreSQL: serialise writers on the audit head's row lock (a linear chain across
@@ -577,15 +597,18 @@ class SqlTx:
             self.audit_head = (head.int_value, head.str_value)
 
     # group commit (storage/joined.py)
-    def join(self, *, deferred: bool = False) -> SqlTx:
+    def join(self, *, deferred: bool = False, pki_known: int | None = None) -> SqlTx:
         """Make this the transaction of a group commit (``Joiner``): jobs run in savepoints and the
         audit head row is written once, by ``before_commit``. ``deferred`` (PostgreSQL): from the
         end of ``read_ahead`` the jobs may only read what it read and their writes (``_Deferring``)
         are kept for ``before_commit`` to send, a statement per kind for the whole batch, and
         settle before the COMMIT; their savepoints are marks in that list. Whatever else a job
-        needs, or a refusal of the writes, raises ``Replay`` before anything is committed."""
+        needs, or a refusal of the writes, raises ``Replay`` before anything is committed.
+        ``pki_known``: the revision whose roots, CRLs and server names the process holds (the
+        previous batch's ``pki_revision``): ``read_ahead`` reads them when the revision moved."""
         self._joined = True
         self._defer_jobs = deferred and self.postgres
+        self._pki_known = pki_known
         return self
 
     def read_ahead(self, clusters: Collection[str]) -> None:
@@ -601,6 +624,10 @@ class SqlTx:
         names = sorted(set(clusters))
         locking = self._audited and not self._head_locked
         calls: list[tuple[str, dict[str, Any]]] = [("audit_head_for_update", {}), ("revision", {})] if locking else []
+        pki = locking and self._defer_jobs  # (a batch run again reads them as its jobs need them)
+        if pki:
+            known = {"known": -1 if self._pki_known is None else self._pki_known}
+            calls += [("roots_ahead", known), ("crls_ahead", known), ("server_names_ahead", known)]
         if names:
             calls += [("clusters_ahead", {"names": names}), ("candidates_ahead", {"names": names})]
         answers = self._hot.together(calls)
@@ -608,6 +635,11 @@ class SqlTx:
             head, revision = answers.pop(0), answers.pop(0)
             self._hold_head(head[0] if head else None)
             self._revision = int(revision[0].int_value)
+        if pki:
+            roots, crls, server_names = answers.pop(0), answers.pop(0), answers.pop(0)
+            if self._revision != self._pki_known:  # (the statements' own test: they returned the rows)
+                pki_rows = Pki(tuple(map(_root, roots)), tuple(map(_crl, crls)), tuple(r.name for r in server_names))
+                self._ahead.hold_pki(pki_rows)
         if names:
             found, held = answers
             self._ahead.hold([_cluster(r) for r in found], [_cert(r) for r in held])
@@ -679,6 +711,7 @@ class SqlTx:
         """The writes deferred to the end of a write transaction: a group commit's deferred jobs'
         writes, a joined transaction's audit head row, and the one revision bump however many
         changes the transaction holds."""
+        self.pki_revision = self._pki_revision_at_commit()
         self._send_deferred()
         if not self._head_written and self.audit_head is not None:
             new_id, new_hash = self.audit_head
@@ -687,6 +720,14 @@ class SqlTx:
         if self._bump:
             self._hot.run("bump_revision", {})  # (through Core, in a pipeline it would wait: _settle_in_pipeline)
             self._bump = False
+
+    def _pki_revision_at_commit(self) -> int | None:
+        """The revision this transaction commits, when none of its writes can have changed the roots,
+        CRLs or server names (a group commit's, deferred: those are not among the writes it can
+        defer) and it read the revision under the audit head's lock; else None."""
+        if not self._defer_jobs or self._revision is None or not self._head_locked:
+            return None
+        return self._revision + 1 if self._bump else self._revision
 
     def begin_in_pipeline(self) -> None:
         """PostgreSQL, in ``pipelined`` on a connection in autocommit: the transaction's BEGIN sent
@@ -734,7 +775,8 @@ class SqlTx:
 
     # roots
     def list_roots(self) -> list[Root]:
-        return [_root(r) for r in self.c.execute(_Q.roots)]
+        ahead = self._ahead.roots()
+        return ahead if ahead is not None else [_root(r) for r in self.c.execute(_Q.roots)]
 
     def get_root(self, root_id: str) -> Root | None:
         r = self.c.execute(select(t.roots).where(t.roots.c.id == root_id)).first()
@@ -760,7 +802,8 @@ class SqlTx:
 
     # the CA service's own names
     def list_server_names(self) -> list[str]:
-        return [r.name for r in self.c.execute(select(t.server_names.c.name).order_by(t.server_names.c.name))]
+        ahead = self._ahead.server_names()
+        return ahead if ahead is not None else [r.name for r in self.c.execute(_Q.server_names)]
 
     def add_server_name(self, name: str, at: datetime) -> None:
         self.c.execute(insert(t.server_names).values(name=name, added_at=at))
@@ -1017,10 +1060,8 @@ class SqlTx:
             self.c.execute(insert(t.crls).values(root_id=crl.root_id, **values))
 
     def list_crls(self) -> list[CRLRecord]:
-        return [
-            CRLRecord(r.root_id, r.number, bytes(r.der), r.pem, r.this_update, r.next_update)
-            for r in self.c.execute(_Q.crls)
-        ]
+        ahead = self._ahead.crls()
+        return ahead if ahead is not None else [_crl(r) for r in self.c.execute(_Q.crls)]
 
     # audit and revision
     def append_audit(
@@ -1218,6 +1259,7 @@ class SqlStore:
         # SQLite commits without waiting for the disk's flush (WAL, synchronous=NORMAL) and its
         # renewals run inline on the event loop: there a group would only add a thread hand-off
         self._joiner = Joiner(self._joined_write, self._translate_job_error) if self.postgres and group_commit else None
+        self._pki_known: int | None = None  # the revision of the roots, CRLs, server names the batches hold
 
     def _new_tx(self, conn: Connection, *, write: bool, audited: bool = True) -> SqlTx:
         hasher = self.audit_key.entry_hash if self.audit_key is not None else entry_hash
@@ -1329,7 +1371,7 @@ class SqlStore:
         # transaction's rollback still reaches it, and it sends ROLLBACK unless the session is idle
         autocommit = {"isolation_level": "AUTOCOMMIT"}
         with self.engine.connect().execution_options(**autocommit) as conn, conn.begin() as transaction:
-            tx = self._new_tx(conn, write=True).join(deferred=deferred)
+            tx = self._new_tx(conn, write=True).join(deferred=deferred, pki_known=self._pki_known)
             try:
                 with tx.pipelined():
                     tx.begin_in_pipeline()
@@ -1341,6 +1383,7 @@ class SqlStore:
                     raise Replay("the batch's writes were refused") from exc
                 raise
             transaction.commit()  # (the driver finds nothing left to commit)
+            self._pki_known = tx.pki_revision
 
     def _translate_job_error(self, exc: Exception) -> Exception:
         """A job's (or the batch's) error as ``_tx`` would have raised it: database errors translated, once."""

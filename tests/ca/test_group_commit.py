@@ -16,18 +16,23 @@ from typing import Any
 
 import psycopg
 import pytest
+from cryptography import x509
 from sqlalchemy import event, text
 
 from ca_server.core.audit import verify_chain
+from ca_server.core.authority import Authority, Issued
+from ca_server.core.crls import crl_pem_from
 from ca_server.core.errors import Conflict, NotFound, Unavailable
 from ca_server.core.fleet import FleetSnapshot
 from ca_server.core.models import CertificateRecord, Cluster, ClusterStatus
 from ca_server.core.ports import Tx
+from ca_server.core.rootkeys import trust_bundle_from
+from ca_server.keys.file import FileKeyBackend
 from ca_server.storage.joined import MAX_BATCH
 from ca_server.storage.migrate import upgrade
 from ca_server.storage.repository import SqlStore, SqlTx
 from cluster_agent import pki
-from tests.ca.conftest import Agent, Harness, both_speedup_modes, make_harness
+from tests.ca.conftest import PASSPHRASE, Agent, Harness, both_speedup_modes, make_harness
 from tests.support.pgserver import PgServer
 
 _names = itertools.count(1)
@@ -253,16 +258,16 @@ def test_a_rolled_back_job_leaves_no_revision_bump_and_no_audit_head_behind(stor
     chain_ok(store)
 
 
-def _renewals(harness: Harness, agents: list[Agent]) -> list[Callable[[], Any]]:
-    def renewal(agent: Agent) -> Callable[[], Any]:
-        key = pki.new_key()
-        csr = pki.make_csr(key, agent.name)
-        proof = pki.prove(agent.key, csr)
-        return lambda: harness.authority.renew(
-            cluster_name=agent.name, agent_token=agent.token, csr_pem=csr, proof_b64=proof
-        )
+def _renewal(authority: Authority, agent: Agent) -> Callable[[], Issued]:
+    """The agent's renewal, its key, CSR and proof made now, sent when called."""
+    key = pki.new_key()
+    csr = pki.make_csr(key, agent.name)
+    proof = pki.prove(agent.key, csr)
+    return lambda: authority.renew(cluster_name=agent.name, agent_token=agent.token, csr_pem=csr, proof_b64=proof)
 
-    return [renewal(a) for a in agents]
+
+def _renewals(harness: Harness, agents: list[Agent]) -> list[Callable[[], Any]]:
+    return [_renewal(harness.authority, a) for a in agents]
 
 
 def test_renewals_ending_rotations_move_the_revision_once_per_commit_and_read_the_roots_once(
@@ -454,6 +459,67 @@ def test_a_draft_for_a_new_revision_reads_the_roots_before_its_batch_does(pg_har
     issued = authority.finish_renewal(draft, authority.submit_renewal(draft).result(30))
     assert store.group_commit_replays() == replays
     assert issued.cluster == agent.name and pg_harness.chain_ok()
+
+
+@contextmanager
+def replica_of(harness: Harness) -> Iterator[Authority]:
+    """Another replica: its own store (and group commit) and authority on the same database."""
+    second = harness.replica_store()
+    try:
+        yield Authority(second, FileKeyBackend(harness.data_dir, PASSPHRASE))
+    finally:
+        second.dispose()
+
+
+def _renew(authority: Authority, agent: Agent) -> Issued:
+    return _renewal(authority, agent)()
+
+
+def test_another_replicas_renewals_moving_the_revision_run_no_batch_here_again(pg_harness: Harness) -> None:
+    """Each renewal that ends a rotation on another replica moves the fleet revision, and this
+    replica's roots, CRLs and server names, cached per revision, look stale to its next batch. Read
+    by a renewal whose writes were deferred, they made the batch run again, every job's statements
+    settled in turn while it held the audit head's lock the other replica waits for: with two
+    replicas in a 1,000-cluster fleet event, a third of the batches (bench/RESULTS.md). The batch
+    now reads them ahead, in the wait it has anyway, whenever the revision moved since the
+    process last had them (fails before: a replay after each of the other replica's renewals)."""
+    agents = [pg_harness.enroll(f"p{i}") for i in range(6)]
+    for a in agents:
+        pg_harness.rotate(a.name)
+    store = pg_harness.store
+    with replica_of(pg_harness) as replica:
+        _renew(pg_harness.authority, agents[0])  # (this replica's first batch)
+        replays = store.group_commit_replays()
+        for theirs, mine in [(agents[1], agents[2]), (agents[3], agents[4])]:
+            with store.read() as tx:
+                revision = tx.get_revision()
+            _renew(replica, theirs)
+            issued = _renew(pg_harness.authority, mine)
+            with store.read() as tx:
+                assert tx.get_revision() == revision + 2  # each renewal ended its cluster's rotation
+                assert issued.bundle.root_cert == trust_bundle_from(tx.list_roots())
+                assert issued.bundle.crl == crl_pem_from(tx, tx.list_roots())
+        assert store.group_commit_replays() == replays
+    assert pg_harness.chain_ok()
+
+
+def test_a_batch_signs_under_what_another_replica_changed_that_it_read_ahead(pg_harness: Harness) -> None:
+    """What the batch reads ahead is what it signs under: another replica records a new name of the
+    CA service (every intermediate from then on must exclude it, ``protect_server_names``), and the
+    renewal drafted here under the names cached before is signed again in its batch, excluding it,
+    from the names the batch read ahead, with no replay."""
+    warm, agent = pg_harness.enroll("n0"), pg_harness.enroll("n1")
+    store = pg_harness.store
+    _renew(pg_harness.authority, warm)  # caches the roots, CRLs and server names here
+    replays = store.group_commit_replays()
+    with replica_of(pg_harness) as replica:
+        assert replica.issuance.protect_server_names(["ca.replica.example"], actor="serve") == ["ca.replica.example"]
+    issued = _renew(pg_harness.authority, agent)
+    cert = x509.load_pem_x509_certificate(issued.bundle.ca_cert.encode())
+    excluded = cert.extensions.get_extension_for_class(x509.NameConstraints).value.excluded_subtrees or []
+    assert x509.DNSName("ca.replica.example") in excluded
+    assert store.group_commit_replays() == replays
+    assert pg_harness.chain_ok()
 
 
 def test_a_batch_of_changes_moves_the_revision_by_one(store: SqlStore) -> None:
