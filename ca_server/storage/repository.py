@@ -27,7 +27,6 @@ from sqlalchemy import (
     Connection,
     Dialect,
     Engine,
-    Integer,
     String,
     Table,
     Text,
@@ -230,17 +229,6 @@ def _read_ahead_statements() -> tuple[Any, Any]:
     return clusters, candidates
 
 
-def _pki_ahead_statements(*reads: Any) -> tuple[Any, ...]:
-    """``reads`` (the roots, CRLs and server names), each returning its rows only when the fleet
-    revision is not ``known``: a group commit reads them ahead when the process may hold them for
-    an older revision (``SqlTx.read_ahead``), and sends them anyway, at no extra wait, otherwise.
-    Every writer of them moves the revision under the audit head's lock, which the batch already
-    holds when these run."""
-    revision = select(t.meta.c.int_value).where(t.meta.c.key == "revision").scalar_subquery()
-    moved = revision != bindparam("known", type_=Integer)
-    return tuple(read.where(moved) for read in reads)
-
-
 class _Q:
     """Statements of the hot paths (authentication, renewal, audit), built once: building a
     statement costs several times more than executing its cached compiled form."""
@@ -291,7 +279,6 @@ class _Q:
 
     # a group commit's reads for all its jobs (SqlTx.read_ahead)
     clusters_ahead, candidates_ahead = _read_ahead_statements()
-    roots_ahead, crls_ahead, server_names_ahead = _pki_ahead_statements(roots, crls, server_names)
 
 
 # where a group commit's job began: the audit head, the revision read, whether the head row holds it,
@@ -376,7 +363,7 @@ _HOT = (
 )
 
 
-_HOT_POSTGRES = ("clusters_ahead", "candidates_ahead", "roots_ahead", "crls_ahead", "server_names_ahead")
+_HOT_POSTGRES = ("clusters_ahead", "candidates_ahead", "roots", "crls", "server_names")
 
 
 def _prepare_hot(dialect: Dialect) -> dict[str, _Prepared]:
@@ -624,10 +611,6 @@ class SqlTx:
         names = sorted(set(clusters))
         locking = self._audited and not self._head_locked
         calls: list[tuple[str, dict[str, Any]]] = [("audit_head_for_update", {}), ("revision", {})] if locking else []
-        pki = locking and self._defer_jobs  # (a batch run again reads them as its jobs need them)
-        if pki:
-            known = {"known": -1 if self._pki_known is None else self._pki_known}
-            calls += [("roots_ahead", known), ("crls_ahead", known), ("server_names_ahead", known)]
         if names:
             calls += [("clusters_ahead", {"names": names}), ("candidates_ahead", {"names": names})]
         answers = self._hot.together(calls)
@@ -635,17 +618,22 @@ class SqlTx:
             head, revision = answers.pop(0), answers.pop(0)
             self._hold_head(head[0] if head else None)
             self._revision = int(revision[0].int_value)
-        if pki:
-            roots, crls, server_names = answers.pop(0), answers.pop(0), answers.pop(0)
-            if self._revision != self._pki_known:  # (the statements' own test: they returned the rows)
-                pki_rows = Pki(tuple(map(_root, roots)), tuple(map(_crl, crls)), tuple(r.name for r in server_names))
-                self._ahead.hold_pki(pki_rows)
         if names:
             found, held = answers
             self._ahead.hold([_cluster(r) for r in found], [_cert(r) for r in held])
+        if locking and self._defer_jobs and self._revision != self._pki_known:
+            self._read_pki_ahead()
         if self._defer_jobs:
             self._live, self._deferring = (self.c, self._hot), _Deferring()
             self.c, self._hot = cast(Connection, _NoStatements()), self._deferring
+
+    def _read_pki_ahead(self) -> None:
+        """The roots, CRLs and server names, for the jobs of a group commit whose writes are deferred
+        (none of those can change them), when the fleet revision moved since the process last had
+        them (``join``'s ``pki_known``): a second wait, in a batch after another replica's (one
+        replica's own batches carry them to the revision they commit: ``pki_revision``)."""
+        roots, crls, names = self._hot.together([("roots", {}), ("crls", {}), ("server_names", {})])
+        self._ahead.hold_pki(Pki(tuple(map(_root, roots)), tuple(map(_crl, crls)), tuple(r.name for r in names)))
 
     def _deferred_writes(self) -> list[tuple[str, dict[str, Any]]]:
         """End deferring: the connection and statements back, the writes kept meanwhile."""
