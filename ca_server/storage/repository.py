@@ -529,7 +529,7 @@ class _Deferring:
 
 class _NoStatements:
     """The transaction's connection while its jobs' writes are deferred: any statement outside the
-    hot ones (say, the roots read again for a new revision) needs the database now."""
+    hot ones (say, a read of a cluster the batch did not read ahead) needs the database now."""
 
     def __getattr__(self, name: str) -> Any:
         raise Replay(f"connection.{name} while writes are deferred")
