@@ -17,7 +17,8 @@ the jobs, in a second wait, only when the fleet revision has moved since the pro
 them: another replica's batch moves it with every renewal that ends a rotation. Read by a job
 instead, with its writes deferred, they made the batch run again, each job's statements settled in
 turn, while it held the audit head's lock the other replica waits for: with two replicas in a
-1,000-cluster fleet event, a third of all batches (bench/RESULTS.md). A batch with deferred writes can write none of them.
+1,000-cluster fleet event, a third of all batches (bench/RESULTS.md). A batch with deferred writes
+can write none of them.
 """
 
 from __future__ import annotations
