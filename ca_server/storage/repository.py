@@ -1247,7 +1247,7 @@ class SqlStore:
         # SQLite commits without waiting for the disk's flush (WAL, synchronous=NORMAL) and its
         # renewals run inline on the event loop: there a group would only add a thread hand-off
         self._joiner = Joiner(self._joined_write, self._translate_job_error) if self.postgres and group_commit else None
-        self._pki_known: int | None = None  # the revision of the roots, CRLs, server names the batches hold
+        self._pki_known: int | None = None  # the revision the last group commit read or carried the PKI at
 
     def _new_tx(self, conn: Connection, *, write: bool, audited: bool = True) -> SqlTx:
         hasher = self.audit_key.entry_hash if self.audit_key is not None else entry_hash

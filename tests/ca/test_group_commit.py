@@ -481,8 +481,8 @@ def test_another_replicas_renewals_moving_the_revision_run_no_batch_here_again(p
     by a renewal whose writes were deferred, they made the batch run again, every job's statements
     settled in turn while it held the audit head's lock the other replica waits for: with two
     replicas in a 1,000-cluster fleet event, a third of the batches (bench/RESULTS.md). The batch
-    now reads them ahead, in the wait it has anyway, whenever the revision moved since the
-    process last had them (fails before: a replay after each of the other replica's renewals)."""
+    now reads them itself, in a second wait before its jobs run, whenever the revision moved since
+    the process last had them (fails before: a replay after each of the other replica's renewals)."""
     agents = [pg_harness.enroll(f"p{i}") for i in range(6)]
     for a in agents:
         pg_harness.rotate(a.name)
